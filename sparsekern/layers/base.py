@@ -1,0 +1,116 @@
+"""What every sparsekern layer shares: a back end, constants cached per device and
+dtype, input checks, and the way back to the module it replaced."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+
+
+class SparsekernLayer(torch.nn.Module):
+    """Base class. Subclasses keep the parameter names and shapes of the module they
+    replace, so optimizers, ``named_parameters`` and checkpoints see no change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backend = "torch"
+        # Constants (Clebsch-Gordan blocks, index tables) live outside the state dict:
+        # they are rebuilt for each (device, dtype) on first use.
+        self._const_cache: Dict[Tuple[str, torch.device, torch.dtype], object] = {}
+        # The module this layer replaced, kept unregistered (its parameters are ours).
+        self._replaced = None
+
+    @classmethod
+    def _new_from(cls, module: torch.nn.Module):
+        """Build from an existing module, sharing its Parameter objects."""
+        self = cls.__new__(cls)
+        SparsekernLayer.__init__(self)
+        self._init_from(module)
+        return self
+
+    def _init_from(self, module: torch.nn.Module) -> None:
+        raise NotImplementedError
+
+    def set_backend(self, backend: str) -> "SparsekernLayer":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        self.backend = backend
+        return self
+
+    def _const(self, name: str, like: torch.Tensor, build: Callable[[], object]):
+        key = (name, like.device, like.dtype)
+        value = self._const_cache.get(key)
+        if value is None:
+            value = _to(build(), like)
+            self._const_cache[key] = value
+        return value
+
+    def _check_features(self, x: torch.Tensor, dim: int, what: str) -> None:
+        if not torch.is_tensor(x):
+            raise TypeError(f"{type(self).__name__}: {what} must be a tensor, got {type(x).__name__}")
+        if x.shape[-1] != dim:
+            raise ValueError(
+                f"{type(self).__name__}: {what} has last dimension {x.shape[-1]}, "
+                f"but its irreps {self._irreps_of(what)} have dimension {dim}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__}: {what} must be floating point, got {x.dtype}")
+
+    def _irreps_of(self, what: str) -> str:
+        return str(getattr(self, {"x": "irreps_in", "x1": "irreps_in1", "x2": "irreps_in2"}.get(what, "irreps_in"), "?"))
+
+    def _check_same(self, ref: torch.Tensor, other: torch.Tensor, what: str) -> None:
+        if other.dtype != ref.dtype:
+            raise TypeError(f"{type(self).__name__}: {what} has dtype {other.dtype}, expected {ref.dtype}")
+        if other.device != ref.device:
+            raise ValueError(f"{type(self).__name__}: {what} is on {other.device}, expected {ref.device}")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_const_cache"] = {}
+        return state
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend}"
+
+    def to_replaced(self) -> torch.nn.Module:
+        """The original module, holding this layer's current parameters."""
+        if self._replaced is None:
+            raise RuntimeError(f"{type(self).__name__} was not built from an existing module")
+        orig = self._replaced
+        for name, param in self.named_parameters():
+            _set_by_path(orig, name, param)
+        ref = next(self.parameters(), None)
+        if ref is not None:
+            orig.to(device=ref.device)
+            _match_float_dtype(orig, ref.dtype)
+        return orig
+
+
+def _to(value, like: torch.Tensor):
+    if torch.is_tensor(value):
+        return value.to(device=like.device, dtype=like.dtype if value.is_floating_point() else value.dtype)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, like) for v in value)
+    return value
+
+
+def _set_by_path(module: torch.nn.Module, path: str, param: torch.nn.Parameter) -> None:
+    *parents, leaf = path.split(".")
+    for p in parents:
+        module = getattr(module, p) if not p.isdigit() else module[int(p)]
+    if isinstance(module, torch.nn.ParameterList):
+        module[int(leaf)] = param
+    else:
+        setattr(module, leaf, param)
+
+
+def _match_float_dtype(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Bring floating buffers (e.g. Clebsch-Gordan constants) to the parameters' dtype."""
+    for sub in module.modules():
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                sub._buffers[name] = buf.to(dtype)

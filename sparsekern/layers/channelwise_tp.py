@@ -1,0 +1,156 @@
+"""Channelwise 'uvu' tensor product with external per-edge weights (MACE's and
+SevenNet's ``conv_tp``), and the fused convolution that gathers senders and
+scatters to receivers (the ``conv_fusion`` contract of MACE)."""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional
+
+import torch
+from e3nn import o3
+
+from .base import SparsekernLayer
+from .linear import _cat_slots
+
+
+class TPPath(NamedTuple):
+    i_in1: int
+    i_in2: int
+    i_out: int
+    mul: int
+    path_weight: float
+    weight_offset: int
+
+
+class ChannelwiseTP(SparsekernLayer):
+    """out[e, path, u, k] = path_weight * w[e, path, u] * sum_ij C[i, j, k] x1[e, u, i] x2[e, j]
+
+    with C e3nn's ``wigner_3j``. Paths sharing an input block of x1 are computed
+    together: one contraction of x2 with their stacked Clebsch-Gordan blocks, then
+    one batched matrix product with x1."""
+
+    def __init__(self, irreps_in1, irreps_in2, irreps_out, instructions):
+        super().__init__()
+        self._init_from(o3.TensorProduct(irreps_in1, irreps_in2, irreps_out, instructions,
+                                         shared_weights=False, internal_weights=False))
+
+    @classmethod
+    def unsupported_reason(cls, module: torch.nn.Module) -> Optional[str]:
+        if module.internal_weights or module.shared_weights:
+            return "internal or shared weights (expected per-edge external weights)"
+        for ins in module.instructions:
+            if ins.connection_mode != "uvu" or not ins.has_weight:
+                return f"instruction mode {ins.connection_mode!r} (only weighted 'uvu' is supported)"
+            if o3.Irreps(module.irreps_in2)[ins.i_in2].mul != 1:
+                return "second operand with multiplicity > 1"
+        return None
+
+    @classmethod
+    def from_e3nn(cls, module: torch.nn.Module) -> "ChannelwiseTP":
+        reason = cls.unsupported_reason(module)
+        if reason:
+            raise ValueError(f"cannot replace {module}: {reason}")
+        return cls._new_from(module)
+
+    def _init_from(self, ref) -> None:
+        self.irreps_in1 = o3.Irreps(ref.irreps_in1)
+        self.irreps_in2 = o3.Irreps(ref.irreps_in2)
+        self.irreps_out = o3.Irreps(ref.irreps_out)
+        paths: List[TPPath] = []
+        offset = 0
+        for ins in ref.instructions:
+            mul = self.irreps_in1[ins.i_in1].mul
+            if mul and self.irreps_in2[ins.i_in2].dim and self.irreps_out[ins.i_out].dim:
+                paths.append(TPPath(ins.i_in1, ins.i_in2, ins.i_out, mul, float(ins.path_weight), offset))
+            offset += mul
+        self.paths = paths
+        self.weight_numel = offset
+        self._replaced = ref
+        # Group paths by their x1 block; for each group, the column range of each path
+        # in the stacked output index K.
+        groups = {}
+        for t, p in enumerate(self.paths):
+            groups.setdefault(p.i_in1, []).append(t)
+        self.groups = list(groups.items())
+
+    def _cg_blocks(self):
+        """For each x1 block: C of shape (dim2, d1 * K), K = sum of the paths' d_out."""
+        blocks = []
+        s2 = self.irreps_in2.slices()
+        for i1, ts in self.groups:
+            l1 = self.irreps_in1[i1].ir.l
+            d1 = 2 * l1 + 1
+            k_total = sum(self.irreps_out[self.paths[t].i_out].ir.dim for t in ts)
+            c = torch.zeros(self.irreps_in2.dim, d1, k_total, dtype=torch.float64)
+            k = 0
+            for t in ts:
+                p = self.paths[t]
+                l2, lo = self.irreps_in2[p.i_in2].ir.l, self.irreps_out[p.i_out].ir.l
+                w3j = o3.wigner_3j(l1, l2, lo, dtype=torch.float64)  # (d1, d2, d_out)
+                c[s2[p.i_in2], :, k:k + 2 * lo + 1] = p.path_weight * w3j.transpose(0, 1)
+                k += 2 * lo + 1
+            blocks.append(c.reshape(self.irreps_in2.dim, d1 * k_total))
+        return blocks
+
+    def _check(self, x1, x2, weight, n1: int) -> None:
+        self._check_features(x1, self.irreps_in1.dim, "x1")
+        self._check_features(x2, self.irreps_in2.dim, "x2")
+        self._check_same(x1, x2, "x2")
+        self._check_same(x1, weight, "weight")
+        if weight.shape != (x2.shape[0], self.weight_numel):
+            raise ValueError(
+                f"{type(self).__name__}: weight must have shape ({x2.shape[0]}, {self.weight_numel}), "
+                f"got {tuple(weight.shape)}")
+        if x1.dim() != 2 or x2.dim() != 2 or x1.shape[0] != n1:
+            raise ValueError(f"{type(self).__name__}: x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)} must be "
+                             f"2-D with {n1} and {x2.shape[0]} rows")
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        self._check(x1, x2, weight, x2.shape[0])
+        return self._messages(x1, x2, weight)
+
+    def _messages(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        e = x1.shape[0]
+        cg = self._const("cg", x1, self._cg_blocks)
+        s1 = self.irreps_in1.slices()
+        outs: List[Optional[torch.Tensor]] = [None] * len(self.irreps_out)
+        for (i1, ts), c in zip(self.groups, cg):
+            mul, d1 = self.irreps_in1[i1].mul, self.irreps_in1[i1].ir.dim
+            z = torch.matmul(x2, c).view(e, d1, -1)  # (E, d1, K)
+            xi = x1[:, s1[i1]].reshape(e, mul, d1)
+            prod = torch.bmm(xi, z)  # (E, mul, K)
+            k = 0
+            for t in ts:
+                p = self.paths[t]
+                do = self.irreps_out[p.i_out].ir.dim
+                w = weight.narrow(1, p.weight_offset, mul).unsqueeze(-1)
+                y = (prod[:, :, k:k + do] * w).reshape(e, mul * do)
+                k += do
+                outs[p.i_out] = y if outs[p.i_out] is None else outs[p.i_out] + y
+        return _cat_slots(outs, self.irreps_out, x1)
+
+    def to_e3nn(self):
+        return self.to_replaced()
+
+    def extra_repr(self) -> str:
+        return (f"{self.irreps_in1} x {self.irreps_in2} -> {self.irreps_out}, {len(self.paths)} paths, "
+                f"weight_numel={self.weight_numel}, backend={self.backend}")
+
+
+class ChannelwiseConv(ChannelwiseTP):
+    """Fused convolution: ``forward(node_feats, edge_attrs, tp_weights, edge_index)``
+    returns sum over edges e with receiver(e) = n of the channelwise product of
+    node_feats[sender(e)]; ``edge_index[0]`` holds senders, ``edge_index[1]`` receivers."""
+
+    def forward(self, node_feats, edge_attrs, tp_weights, edge_index):  # type: ignore[override]
+        n = node_feats.shape[0]
+        if edge_index.dim() != 2 or edge_index.shape[0] != 2 or edge_index.shape[1] != edge_attrs.shape[0]:
+            raise ValueError(f"ChannelwiseConv: edge_index must have shape (2, {edge_attrs.shape[0]}), "
+                             f"got {tuple(edge_index.shape)}")
+        if edge_index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"ChannelwiseConv: edge_index must be an integer tensor, got {edge_index.dtype}")
+        self._check(node_feats, edge_attrs, tp_weights, n)
+        sender, receiver = edge_index[0].long(), edge_index[1].long()
+        messages = self._messages(node_feats.index_select(0, sender), edge_attrs, tp_weights)
+        out = messages.new_zeros(n, messages.shape[1])
+        return out.index_add(0, receiver, messages)

@@ -1,0 +1,146 @@
+"""Element-indexed linear: replaces ``FullyConnectedTensorProduct(x, one_hot(Z))``
+(MACE's ``skip_tp``, SevenNet's self-connection) by one linear map per element,
+instead of e3nn's dense product over the one-hot (n_elements times the FLOPs)."""
+
+from __future__ import annotations
+
+from math import sqrt
+from typing import List, NamedTuple, Optional
+
+import torch
+from e3nn import o3
+
+from .base import SparsekernLayer
+from .linear import _cat_slots
+
+
+class ElementPath(NamedTuple):
+    i_in: int
+    i_out: int
+    mul_in: int
+    mul_out: int
+    scale: float  # e3nn's path weight times the (l, 0, l) Clebsch-Gordan value 1/sqrt(2l+1)
+    weight_offset: int
+
+
+class ElementLinear(SparsekernLayer):
+    """y[n] = sum_paths scale * x[n] W_path[:, z_n, :] for one-hot node attributes.
+
+    ``weight`` keeps e3nn's flat layout, each path a (mul_in, n_elements, mul_out)
+    block, so the layer is a drop-in replacement of the tensor product."""
+
+    def __init__(self, irreps_in, num_elements: int, irreps_out):
+        super().__init__()
+        self._init_from(o3.FullyConnectedTensorProduct(irreps_in, f"{num_elements}x0e", irreps_out))
+
+    @classmethod
+    def unsupported_reason(cls, module: torch.nn.Module) -> Optional[str]:
+        irreps2 = o3.Irreps(module.irreps_in2)
+        if len(irreps2) != 1 or irreps2[0].ir != o3.Irrep("0e"):
+            return f"second operand {irreps2} is not one block of scalars (node attributes)"
+        if not module.internal_weights or not module.shared_weights:
+            return "external or per-sample weights"
+        if any(ins.connection_mode != "uvw" or not ins.has_weight for ins in module.instructions):
+            return "instructions other than weighted 'uvw'"
+        return None
+
+    @classmethod
+    def from_e3nn(cls, module: torch.nn.Module) -> "ElementLinear":
+        reason = cls.unsupported_reason(module)
+        if reason:
+            raise ValueError(f"cannot replace {module}: {reason}")
+        return cls._new_from(module)
+
+    def _init_from(self, ref) -> None:
+        self.irreps_in = o3.Irreps(ref.irreps_in1)
+        self.irreps_out = o3.Irreps(ref.irreps_out)
+        self.num_elements = o3.Irreps(ref.irreps_in2)[0].mul
+        paths: List[ElementPath] = []
+        offset = 0
+        for ins in ref.instructions:
+            mul_in, mul_out = self.irreps_in[ins.i_in1].mul, self.irreps_out[ins.i_out].mul
+            numel = mul_in * self.num_elements * mul_out
+            if numel:
+                d = self.irreps_out[ins.i_out].ir.dim
+                paths.append(ElementPath(ins.i_in1, ins.i_out, mul_in, mul_out, ins.path_weight / sqrt(d), offset))
+            offset += numel
+        self.paths = paths
+        self.weight_numel = offset
+        self.weight = ref.weight
+        self._replaced = ref
+
+    def path_weight_view(self, p: ElementPath, weight: torch.Tensor) -> torch.Tensor:
+        """The (n_elements, mul_in, mul_out) block of one path."""
+        w = weight.narrow(-1, p.weight_offset, p.mul_in * self.num_elements * p.mul_out)
+        return w.view(p.mul_in, self.num_elements, p.mul_out).transpose(0, 1)
+
+    def species(self, node_attrs: torch.Tensor) -> torch.Tensor:
+        """Element index per node; refuses attributes that are not one-hot, since the
+        per-element linear would silently differ from the tensor product on them."""
+        if node_attrs.dim() != 2 or node_attrs.shape[1] != self.num_elements:
+            raise ValueError(
+                f"ElementLinear: node_attrs must have shape (num_nodes, {self.num_elements}), "
+                f"got {tuple(node_attrs.shape)}"
+            )
+        if not torch.compiler.is_compiling() and node_attrs.shape[0]:
+            ones = node_attrs.sum(-1) == 1
+            binary = ((node_attrs == 0) | (node_attrs == 1)).all(-1)
+            if not bool((ones & binary).all()):
+                raise ValueError("ElementLinear: node_attrs must be one-hot (one 1 per row, zeros elsewhere)")
+        return node_attrs.argmax(-1)
+
+    def forward(self, x: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
+        self._check_features(x, self.irreps_in.dim, "x")
+        self._check_same(self.weight, x, "x")
+        if node_attrs.device != x.device:
+            raise ValueError(f"ElementLinear: node_attrs on {node_attrs.device}, x on {x.device}")
+        if node_attrs.shape[0] != x.shape[0]:
+            raise ValueError(f"ElementLinear: {x.shape[0]} nodes in x but {node_attrs.shape[0]} in node_attrs")
+        species = self.species(node_attrs)
+        if self.backend == "cuda" and x.is_cuda:
+            return self._forward_cuda(x, species)
+        return self._forward_torch(x, species)
+
+    def _forward_torch(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        # Sort nodes by element once: each element is then one contiguous GEMM.
+        order = torch.argsort(species, stable=True)
+        counts = torch.bincount(species, minlength=self.num_elements).tolist()
+        xs = x.index_select(0, order)
+        in_slices = self.irreps_in.slices()
+        outs: List[Optional[torch.Tensor]] = [None] * len(self.irreps_out)
+        for p in self.paths:
+            d = self.irreps_in[p.i_in].ir.dim
+            xi = xs[:, in_slices[p.i_in]].reshape(n, p.mul_in, d).transpose(1, 2)
+            w = self.path_weight_view(p, self.weight) * p.scale
+            blocks, start = [], 0
+            for z, c in enumerate(counts):
+                if c:
+                    blocks.append(torch.matmul(xi[start:start + c], w[z]))
+                    start += c
+            yi = torch.cat(blocks, 0) if blocks else xi.new_zeros(0, d, p.mul_out)
+            yi = yi.transpose(1, 2).reshape(n, p.mul_out * d)
+            outs[p.i_out] = yi if outs[p.i_out] is None else outs[p.i_out] + yi
+        ys = _cat_slots(outs, self.irreps_out, x)
+        return torch.empty_like(ys).index_copy(0, order, ys) if n else ys
+
+    def _forward_cuda(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        from ..kernels import cuda
+
+        n = x.shape[0]
+        in_slices = self.irreps_in.slices()
+        outs: List[Optional[torch.Tensor]] = [None] * len(self.irreps_out)
+        for p in self.paths:
+            d = self.irreps_in[p.i_in].ir.dim
+            xi = x[:, in_slices[p.i_in]].reshape(n, p.mul_in, d)
+            yi = cuda.element_linear(xi, self.path_weight_view(p, self.weight), species, p.scale)
+            yi = yi.reshape(n, p.mul_out * d)
+            outs[p.i_out] = yi if outs[p.i_out] is None else outs[p.i_out] + yi
+        return _cat_slots(outs, self.irreps_out, x)
+
+    def to_e3nn(self):
+        return self.to_replaced()
+
+    def extra_repr(self) -> str:
+        return (f"{self.irreps_in} x {self.num_elements} elements -> {self.irreps_out}, "
+                f"{self.weight_numel} weights, backend={self.backend}")

@@ -1,0 +1,108 @@
+"""Irrep linear (replaces ``e3nn.o3.Linear``): block-diagonal over irreps."""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional
+
+import torch
+from e3nn import o3
+
+from .base import SparsekernLayer
+
+
+class LinearPath(NamedTuple):
+    i_in: int
+    i_out: int
+    mul_in: int
+    mul_out: int
+    path_weight: float
+    weight_offset: int
+
+
+class IrrepsLinear(SparsekernLayer):
+    """y_i = sum over paths into i of path_weight * x_in W_path, e3nn's layout and
+    normalisation. ``weight`` is flat in instruction order, as in ``o3.Linear``."""
+
+    def __init__(self, irreps_in, irreps_out, instructions=None, biases=False, path_normalization="element"):
+        super().__init__()
+        self._init_from(o3.Linear(irreps_in, irreps_out, instructions=instructions, biases=biases,
+                                  path_normalization=path_normalization))
+
+    @classmethod
+    def unsupported_reason(cls, module: o3.Linear) -> Optional[str]:
+        if not module.internal_weights or not module.shared_weights:
+            return "external or per-sample weights"
+        if getattr(module, "f_in", None) is not None or getattr(module, "f_out", None) is not None:
+            return "f_in/f_out feature dimensions"
+        return None
+
+    @classmethod
+    def from_e3nn(cls, module: o3.Linear) -> "IrrepsLinear":
+        reason = cls.unsupported_reason(module)
+        if reason:
+            raise ValueError(f"cannot replace {module}: {reason}")
+        return cls._new_from(module)
+
+    def _init_from(self, ref: o3.Linear) -> None:
+        self.weight = ref.weight if isinstance(ref.weight, torch.nn.Parameter) else None
+        self.bias = ref.bias if isinstance(ref.bias, torch.nn.Parameter) else None
+        self._replaced = ref
+        self.irreps_in = o3.Irreps(ref.irreps_in)
+        self.irreps_out = o3.Irreps(ref.irreps_out)
+        paths: List[LinearPath] = []
+        bias_paths = []
+        offset = bias_offset = 0
+        for ins in ref.instructions:
+            if ins.i_in == -1:
+                bias_paths.append((ins.i_out, bias_offset))
+                bias_offset += self.irreps_out[ins.i_out].dim
+                continue
+            mul_in, mul_out = self.irreps_in[ins.i_in].mul, self.irreps_out[ins.i_out].mul
+            if mul_in * mul_out == 0:
+                continue
+            paths.append(LinearPath(ins.i_in, ins.i_out, mul_in, mul_out, float(ins.path_weight), offset))
+            offset += mul_in * mul_out
+        self.paths = paths
+        self.bias_paths = bias_paths
+        self.weight_numel = offset
+
+    def path_weight_view(self, p: LinearPath, weight: torch.Tensor) -> torch.Tensor:
+        """The (mul_in, mul_out) block of one path."""
+        return weight.narrow(-1, p.weight_offset, p.mul_in * p.mul_out).view(p.mul_in, p.mul_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_features(x, self.irreps_in.dim, "x")
+        if self.weight is not None:
+            self._check_same(self.weight, x, "x")
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.irreps_in.dim)
+        n = x.shape[0]
+        outs: List[Optional[torch.Tensor]] = [None] * len(self.irreps_out)
+        in_slices = self.irreps_in.slices()
+        for p in self.paths:
+            d = self.irreps_in[p.i_in].ir.dim
+            xi = x[:, in_slices[p.i_in]].reshape(n, p.mul_in, d)
+            w = self.path_weight_view(p, self.weight) * p.path_weight
+            yi = torch.matmul(xi.transpose(1, 2), w).transpose(1, 2).reshape(n, p.mul_out * d)
+            outs[p.i_out] = yi if outs[p.i_out] is None else outs[p.i_out] + yi
+        for i_out, off in self.bias_paths:
+            dim = self.irreps_out[i_out].dim
+            b = self.bias.narrow(0, off, dim).expand(n, dim)
+            outs[i_out] = b if outs[i_out] is None else outs[i_out] + b
+        y = _cat_slots(outs, self.irreps_out, x)
+        return y.reshape(*lead, self.irreps_out.dim)
+
+    def to_e3nn(self) -> o3.Linear:
+        return self.to_replaced()
+
+    def extra_repr(self) -> str:
+        return f"{self.irreps_in} -> {self.irreps_out}, {self.weight_numel} weights, backend={self.backend}"
+
+
+def _cat_slots(outs, irreps_out, like: torch.Tensor) -> torch.Tensor:
+    """Concatenate per-irrep outputs, zeros where no path writes."""
+    n = like.shape[0]
+    parts = [o if o is not None else like.new_zeros(n, mul_ir.dim) for o, mul_ir in zip(outs, irreps_out)]
+    if not parts:
+        return like.new_zeros(n, 0)
+    return torch.cat(parts, dim=1)

@@ -1,0 +1,111 @@
+"""MACE's symmetric contraction (the product basis), both parametrisations
+(``use_reduced_cg`` on and off: they differ only in the U tensors and weight shapes).
+
+For the element z of each node, out[c, m] = sum_nu sum_k W_nu[z, k, c] U_nu[m, i_1..i_nu, k]
+prod_j x[c, i_j]. Per element present we fold W into U once (A_nu[c, m, i...]) and
+evaluate the polynomial in Horner form, channel by channel as a batched product:
+nodes of one element share A, so the cost is one GEMM chain per element instead
+of contracting U with per-node weights."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from e3nn import o3
+
+from .base import SparsekernLayer
+from .element_linear import ElementLinear
+
+
+class SymmetricContraction(SparsekernLayer):
+    """Drop-in for ``mace.modules.symmetric_contraction.SymmetricContraction``:
+    ``forward(x, node_attrs)`` with x of shape (nodes, channels, sum of irrep dims).
+    Holds MACE's own ``contractions`` modules (weights ``weights_max``, ``weights.i``
+    and the U buffers), so names, shapes and the state dict are unchanged."""
+
+    @classmethod
+    def unsupported_reason(cls, module: torch.nn.Module):
+        if not getattr(module, "internal_weights", True):
+            return "external weights"
+        return None
+
+    @classmethod
+    def from_mace(cls, module: torch.nn.Module) -> "SymmetricContraction":
+        reason = cls.unsupported_reason(module)
+        if reason:
+            raise ValueError(f"cannot replace {module}: {reason}")
+        return cls._new_from(module)
+
+    def _init_from(self, ref) -> None:
+        self.irreps_in = o3.Irreps(ref.irreps_in)
+        self.irreps_out = o3.Irreps(ref.irreps_out)
+        self.contractions = ref.contractions
+        self.num_features = self.irreps_in.count((0, 1))
+        self.coupling_dim = sum(ir.dim for _, ir in self.irreps_in)
+        first = self.contractions[0]
+        self.num_elements = first.weights_max.shape[0]
+        widest = max(u.numel() // u.shape[-1] for con in self.contractions for u in self.u_by_degree(con))
+        self._chunk = max(1, 2 ** 24 // (self.num_features * widest // self.coupling_dim))
+        self._replaced = ref
+
+    @staticmethod
+    def weights_by_degree(contraction) -> List[torch.Tensor]:
+        """[W_1, ..., W_correlation], each (n_elements, n_coupling_nu, channels)."""
+        return list(reversed(list(contraction.weights))) + [contraction.weights_max]
+
+    @staticmethod
+    def u_by_degree(contraction) -> List[torch.Tensor]:
+        return [contraction.U_tensors(nu) for nu in range(1, contraction.correlation + 1)]
+
+    def forward(self, x: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1] != self.num_features or x.shape[2] != self.coupling_dim:
+            raise ValueError(
+                f"SymmetricContraction: x must have shape (nodes, {self.num_features}, {self.coupling_dim}) "
+                f"for irreps {self.irreps_in}, got {tuple(x.shape)}")
+        self._check_same(self.contractions[0].weights_max, x, "x")
+        if node_attrs.shape[0] != x.shape[0]:
+            raise ValueError(f"SymmetricContraction: {x.shape[0]} nodes in x but {node_attrs.shape[0]} in node_attrs")
+        species = ElementLinear.species(self, node_attrs)
+        n = x.shape[0]
+        order = torch.argsort(species, stable=True)
+        counts = torch.bincount(species, minlength=self.num_elements).tolist()
+        xs = x.index_select(0, order).permute(1, 2, 0)  # (c, i, nodes): channels are the batch
+        blocks = []
+        start = 0
+        for z, cnt in enumerate(counts):
+            for lo in range(start, start + cnt, self._chunk):  # bounds the (c, m d^(nu-1), nodes) temporaries
+                blocks.append(self._element_block(xs[:, :, lo:min(lo + self._chunk, start + cnt)], z))
+            start += cnt
+        if not blocks:
+            return x.new_zeros(0, self.irreps_out.dim)
+        ys = torch.cat(blocks, 0)
+        return torch.empty_like(ys).index_copy(0, order, ys)
+
+    def _element_block(self, xz: torch.Tensor, z: int) -> torch.Tensor:
+        """Outputs (nodes, irreps_out.dim) for nodes of element z; xz is (c, i, nodes)."""
+        c, d, b = xz.shape
+        outs = []
+        for contraction in self.contractions:
+            us = self.u_by_degree(contraction)
+            ws = self.weights_by_degree(contraction)
+            m = us[0].shape[0] if us[0].dim() == 3 else 1  # U_1 is (m, i, k), or (i, k) for l = 0
+            t = None
+            for nu in range(len(us), 0, -1):
+                r = m * d ** (nu - 1)
+                # A_nu[c, (m, i_1..i_nu-1), i_nu] = sum_k U_nu[..., k] W_nu[z, k, c]
+                a = torch.matmul(us[nu - 1].reshape(-1, us[nu - 1].shape[-1]), ws[nu - 1][z])
+                ax = torch.bmm(a.t().reshape(c, r, d), xz)  # (c, r, b)
+                if t is None:
+                    t = ax
+                else:  # T <- (T + A) . x, contracting the last coupling index
+                    t = (t.view(c, r, d, b) * xz.unsqueeze(1)).sum(2) + ax
+            outs.append(t.permute(2, 0, 1).reshape(b, c * m))  # mul_ir layout
+        return torch.cat(outs, 1)
+
+    def to_mace(self):
+        return self.to_replaced()
+
+    def extra_repr(self) -> str:
+        return (f"{self.irreps_in} -> {self.irreps_out}, {self.num_elements} elements, "
+                f"backend={self.backend}")
