@@ -14,6 +14,8 @@ class SparsekernLayer(torch.nn.Module):
     """Base class. Subclasses keep the parameter names and shapes of the module they
     replace, so optimizers, ``named_parameters`` and checkpoints see no change."""
 
+    implemented_backends = ("torch",)
+
     def __init__(self) -> None:
         super().__init__()
         self.backend = "torch"
@@ -35,8 +37,9 @@ class SparsekernLayer(torch.nn.Module):
         raise NotImplementedError
 
     def set_backend(self, backend: str) -> "SparsekernLayer":
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        if backend not in self.implemented_backends:
+            raise ValueError(f"{type(self).__name__} has no {backend!r} back end; "
+                             f"it implements {self.implemented_backends}")
         self.backend = backend
         return self
 

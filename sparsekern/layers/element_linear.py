@@ -29,6 +29,8 @@ class ElementLinear(SparsekernLayer):
     ``weight`` keeps e3nn's flat layout, each path a (mul_in, n_elements, mul_out)
     block, so the layer is a drop-in replacement of the tensor product."""
 
+    implemented_backends = ("torch", "cuda")
+
     def __init__(self, irreps_in, num_elements: int, irreps_out):
         super().__init__()
         self._init_from(o3.FullyConnectedTensorProduct(irreps_in, f"{num_elements}x0e", irreps_out))
