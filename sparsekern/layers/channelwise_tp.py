@@ -72,6 +72,7 @@ class ChannelwiseTP(SparsekernLayer):
         for t, p in enumerate(self.paths):
             groups.setdefault(p.i_in1, []).append(t)
         self.groups = list(groups.items())
+        self._w3j = _module_w3j(ref)
 
     def _cg_blocks(self):
         """For each x1 block: C of shape (dim2, d1 * K), K = sum of the paths' d_out."""
@@ -86,11 +87,22 @@ class ChannelwiseTP(SparsekernLayer):
             for t in ts:
                 p = self.paths[t]
                 l2, lo = self.irreps_in2[p.i_in2].ir.l, self.irreps_out[p.i_out].ir.l
-                w3j = o3.wigner_3j(l1, l2, lo, dtype=torch.float64)  # (d1, d2, d_out)
+                w3j = self._cg(l1, l2, lo)  # (d1, d2, d_out)
                 c[s2[p.i_in2], :, k:k + 2 * lo + 1] = p.path_weight * w3j.transpose(0, 1)
                 k += 2 * lo + 1
             blocks.append(c.reshape(self.irreps_in2.dim, d1 * k_total))
         return blocks
+
+    def _cg(self, l1: int, l2: int, lo: int) -> torch.Tensor:
+        """The coefficients e3nn itself uses: exact identities where its specialised code
+        skips wigner_3j (an l = 0 operand), otherwise the module's own w3j buffer (a
+        float32-built model moved to float64 keeps float32-rounded values)."""
+        if 0 in (l1, l2, lo):
+            d = 2 * max(l1, l2, lo) + 1
+            eye = torch.eye(d, dtype=torch.float64) / d ** 0.5  # two of the three dims are d
+            return eye.reshape(2 * l1 + 1, 2 * l2 + 1, 2 * lo + 1)
+        w3j = self._w3j.get((l1, l2, lo))
+        return w3j if w3j is not None else o3.wigner_3j(l1, l2, lo, dtype=torch.float64)
 
     def _check(self, x1, x2, weight, n1: int) -> None:
         self._check_features(x1, self.irreps_in1.dim, "x1")
@@ -116,7 +128,7 @@ class ChannelwiseTP(SparsekernLayer):
         outs: List[Optional[torch.Tensor]] = [None] * len(self.irreps_out)
         for (i1, ts), c in zip(self.groups, cg):
             mul, d1 = self.irreps_in1[i1].mul, self.irreps_in1[i1].ir.dim
-            z = torch.matmul(x2, c).view(e, d1, -1)  # (E, d1, K)
+            z = torch.matmul(x2, c).view(e, d1, c.shape[1] // d1)  # (E, d1, K)
             xi = x1[:, s1[i1]].reshape(e, mul, d1)
             prod = torch.bmm(xi, z)  # (E, mul, K)
             k = 0
@@ -135,6 +147,17 @@ class ChannelwiseTP(SparsekernLayer):
     def extra_repr(self) -> str:
         return (f"{self.irreps_in1} x {self.irreps_in2} -> {self.irreps_out}, {len(self.paths)} paths, "
                 f"weight_numel={self.weight_numel}, backend={self.backend}")
+
+
+def _module_w3j(module: torch.nn.Module):
+    """Wigner 3j buffers of an e3nn tensor product, by (l1, l2, l_out), in float64."""
+    found = {}
+    for name, buf in module.named_buffers():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf.startswith("_w3j_"):
+            l1, l2, lo = (int(v) for v in leaf[len("_w3j_"):].split("_"))
+            found[(l1, l2, lo)] = buf.detach().to("cpu", torch.float64)
+    return found
 
 
 class ChannelwiseConv(ChannelwiseTP):

@@ -40,7 +40,7 @@ class ElementLinear(SparsekernLayer):
         irreps2 = o3.Irreps(module.irreps_in2)
         if len(irreps2) != 1 or irreps2[0].ir != o3.Irrep("0e"):
             return f"second operand {irreps2} is not one block of scalars (node attributes)"
-        if not module.internal_weights or not module.shared_weights:
+        if module.weight_numel and (not module.internal_weights or not module.shared_weights):
             return "external or per-sample weights"
         if any(ins.connection_mode != "uvw" or not ins.has_weight for ins in module.instructions):
             return "instructions other than weighted 'uvw'"

@@ -1,0 +1,36 @@
+"""Shared test utilities: random irreps, relative errors, random O(3) elements."""
+
+import random
+
+import torch
+from e3nn import o3
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def random_irreps(rng: random.Random, lmax: int = 3, max_mul: int = 5, max_blocks: int = 4) -> o3.Irreps:
+    blocks = []
+    for _ in range(rng.randint(1, max_blocks)):
+        l = rng.randint(0, lmax)
+        blocks.append((rng.randint(1, max_mul), (l, rng.choice([-1, 1]))))
+    return o3.Irreps(blocks)
+
+
+def random_o3(dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    """A random rotation composed with inversion (det = -1)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    q = q * torch.sign(torch.det(q))  # a proper rotation
+    return (-q).to(dtype)
+
+
+def one_hot(n: int, num_elements: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randint(0, num_elements, (n,), generator=g)
+    return torch.nn.functional.one_hot(z, num_elements).to(dtype)
