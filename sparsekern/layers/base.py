@@ -93,6 +93,24 @@ class SparsekernLayer(torch.nn.Module):
         return orig
 
 
+def split_segments(t: torch.Tensor, segments, dim: int = -1):
+    """The pieces of ``t`` at (offset, size) segments, sorted by offset, by one split:
+    its backward is one concatenation, where slicing zero-fills a full-size gradient
+    per piece."""
+    sizes, keep, pos = [], [], 0
+    for off, size in segments:
+        if off > pos:
+            sizes.append(off - pos)
+            keep.append(False)
+        sizes.append(size)
+        keep.append(True)
+        pos = off + size
+    if pos < t.shape[dim]:
+        sizes.append(t.shape[dim] - pos)
+        keep.append(False)
+    return [piece for piece, k in zip(t.split(sizes, dim), keep) if k]
+
+
 def _to(value, like: torch.Tensor):
     if torch.is_tensor(value):
         return value.to(device=like.device, dtype=like.dtype if value.is_floating_point() else value.dtype)

@@ -9,7 +9,7 @@ from typing import List, NamedTuple, Optional
 import torch
 from e3nn import o3
 
-from .base import SparsekernLayer
+from .base import SparsekernLayer, split_segments
 from .linear import _cat_slots
 
 
@@ -124,20 +124,24 @@ class ChannelwiseTP(SparsekernLayer):
     def _messages(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         e = x1.shape[0]
         cg = self._const("cg", x1, self._cg_blocks)
-        s1 = self.irreps_in1.slices()
+        # split, not slicing: their backward is one concatenation, not a zero-filled
+        # full-size gradient per slice
+        x1_blocks = x1.split([mul_ir.dim for mul_ir in self.irreps_in1], dim=1)
+        w_paths = split_segments(weight, [(p.weight_offset, p.mul) for p in self.paths], dim=1)
         outs: List[Optional[torch.Tensor]] = [None] * len(self.irreps_out)
         for (i1, ts), c in zip(self.groups, cg):
             mul, d1 = self.irreps_in1[i1].mul, self.irreps_in1[i1].ir.dim
             z = torch.matmul(x2, c).view(e, d1, c.shape[1] // d1)  # (E, d1, K)
-            xi = x1[:, s1[i1]].reshape(e, mul, d1)
-            prod = torch.bmm(xi, z)  # (E, mul, K)
-            k = 0
-            for t in ts:
+            xi = x1_blocks[i1].reshape(e, mul, d1)
+            # sum over the d1 <= 7 components as broadcast products: batched GEMMs
+            # with inner dimension d1 are far slower on CPUs
+            prod = xi[:, :, 0, None] * z[:, None, 0, :]
+            for i in range(1, d1):
+                prod = prod + xi[:, :, i, None] * z[:, None, i, :]
+            dims = [self.irreps_out[self.paths[t].i_out].ir.dim for t in ts]
+            for t, part in zip(ts, prod.split(dims, dim=2)):
                 p = self.paths[t]
-                do = self.irreps_out[p.i_out].ir.dim
-                w = weight.narrow(1, p.weight_offset, mul).unsqueeze(-1)
-                y = (prod[:, :, k:k + do] * w).reshape(e, mul * do)
-                k += do
+                y = (part * w_paths[t].unsqueeze(-1)).reshape(e, mul * part.shape[2])
                 outs[p.i_out] = y if outs[p.i_out] is None else outs[p.i_out] + y
         return _cat_slots(outs, self.irreps_out, x1)
 

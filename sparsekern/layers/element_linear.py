@@ -10,7 +10,7 @@ from typing import List, NamedTuple, Optional
 import torch
 from e3nn import o3
 
-from .base import SparsekernLayer
+from .base import SparsekernLayer, split_segments
 from .linear import _cat_slots
 
 
@@ -71,10 +71,11 @@ class ElementLinear(SparsekernLayer):
         self.weight = ref.weight
         self._replaced = ref
 
-    def path_weight_view(self, p: ElementPath, weight: torch.Tensor) -> torch.Tensor:
-        """The (n_elements, mul_in, mul_out) block of one path."""
-        w = weight.narrow(-1, p.weight_offset, p.mul_in * self.num_elements * p.mul_out)
-        return w.view(p.mul_in, self.num_elements, p.mul_out).transpose(0, 1)
+    def path_weights(self, weight: torch.Tensor) -> List[torch.Tensor]:
+        """The (n_elements, mul_in, mul_out) block of each path."""
+        n_el = self.num_elements
+        pieces = split_segments(weight, [(p.weight_offset, p.mul_in * n_el * p.mul_out) for p in self.paths])
+        return [w.view(p.mul_in, n_el, p.mul_out).transpose(0, 1) for w, p in zip(pieces, self.paths)]
 
     def species(self, node_attrs: torch.Tensor) -> torch.Tensor:
         """Element index per node; refuses attributes that are not one-hot, since the
@@ -108,18 +109,16 @@ class ElementLinear(SparsekernLayer):
         # Sort nodes by element once: each element is then one contiguous GEMM.
         order = torch.argsort(species, stable=True)
         counts = torch.bincount(species, minlength=self.num_elements).tolist()
-        xs = x.index_select(0, order)
-        in_slices = self.irreps_in.slices()
+        present = [z for z, c in enumerate(counts) if c]
+        sizes = [counts[z] for z in present]
+        x_blocks = x.index_select(0, order).split([mul_ir.dim for mul_ir in self.irreps_in], dim=1)
         outs: List[Optional[torch.Tensor]] = [None] * len(self.irreps_out)
-        for p in self.paths:
+        for p, w in zip(self.paths, self.path_weights(self.weight) if self.paths else []):
             d = self.irreps_in[p.i_in].ir.dim
-            xi = xs[:, in_slices[p.i_in]].reshape(n, p.mul_in, d).transpose(1, 2)
-            w = self.path_weight_view(p, self.weight) * p.scale
-            blocks, start = [], 0
-            for z, c in enumerate(counts):
-                if c:
-                    blocks.append(torch.matmul(xi[start:start + c], w[z]))
-                    start += c
+            xi = x_blocks[p.i_in].reshape(n, p.mul_in, d).transpose(1, 2)
+            w = w * p.scale
+            w_el = w.unbind(0)  # one stacked gradient, not one zero-filled tensor per element
+            blocks = [torch.matmul(xz, w_el[z]) for xz, z in zip(xi.split(sizes, 0), present)]
             yi = torch.cat(blocks, 0) if blocks else xi.new_zeros(0, d, p.mul_out)
             yi = yi.transpose(1, 2).reshape(n, p.mul_out * d)
             outs[p.i_out] = yi if outs[p.i_out] is None else outs[p.i_out] + yi
@@ -130,12 +129,12 @@ class ElementLinear(SparsekernLayer):
         from ..kernels import cuda
 
         n = x.shape[0]
-        in_slices = self.irreps_in.slices()
+        x_blocks = x.split([mul_ir.dim for mul_ir in self.irreps_in], dim=1)
         outs: List[Optional[torch.Tensor]] = [None] * len(self.irreps_out)
-        for p in self.paths:
+        for p, w in zip(self.paths, self.path_weights(self.weight) if self.paths else []):
             d = self.irreps_in[p.i_in].ir.dim
-            xi = x[:, in_slices[p.i_in]].reshape(n, p.mul_in, d)
-            yi = cuda.element_linear(xi, self.path_weight_view(p, self.weight), species, p.scale)
+            xi = x_blocks[p.i_in].reshape(n, p.mul_in, d)
+            yi = cuda.element_linear(xi, w, species, p.scale)
             yi = yi.reshape(n, p.mul_out * d)
             outs[p.i_out] = yi if outs[p.i_out] is None else outs[p.i_out] + yi
         return _cat_slots(outs, self.irreps_out, x)

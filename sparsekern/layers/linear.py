@@ -7,7 +7,7 @@ from typing import List, NamedTuple, Optional
 import torch
 from e3nn import o3
 
-from .base import SparsekernLayer
+from .base import SparsekernLayer, split_segments
 
 
 class LinearPath(NamedTuple):
@@ -66,9 +66,10 @@ class IrrepsLinear(SparsekernLayer):
         self.bias_paths = bias_paths
         self.weight_numel = offset
 
-    def path_weight_view(self, p: LinearPath, weight: torch.Tensor) -> torch.Tensor:
-        """The (mul_in, mul_out) block of one path."""
-        return weight.narrow(-1, p.weight_offset, p.mul_in * p.mul_out).view(p.mul_in, p.mul_out)
+    def path_weights(self, weight: torch.Tensor) -> List[torch.Tensor]:
+        """The (mul_in, mul_out) block of each path."""
+        pieces = split_segments(weight, [(p.weight_offset, p.mul_in * p.mul_out) for p in self.paths])
+        return [w.view(p.mul_in, p.mul_out) for w, p in zip(pieces, self.paths)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_features(x, self.irreps_in.dim, "x")
@@ -78,17 +79,19 @@ class IrrepsLinear(SparsekernLayer):
         x = x.reshape(-1, self.irreps_in.dim)
         n = x.shape[0]
         outs: List[Optional[torch.Tensor]] = [None] * len(self.irreps_out)
-        in_slices = self.irreps_in.slices()
-        for p in self.paths:
+        x_blocks = x.split([mul_ir.dim for mul_ir in self.irreps_in], dim=1)
+        ws = self.path_weights(self.weight) if self.paths else []
+        for p, w in zip(self.paths, ws):
             d = self.irreps_in[p.i_in].ir.dim
-            xi = x[:, in_slices[p.i_in]].reshape(n, p.mul_in, d)
-            w = self.path_weight_view(p, self.weight) * p.path_weight
+            xi = x_blocks[p.i_in].reshape(n, p.mul_in, d)
+            w = w * p.path_weight
             yi = torch.matmul(xi.transpose(1, 2), w).transpose(1, 2).reshape(n, p.mul_out * d)
             outs[p.i_out] = yi if outs[p.i_out] is None else outs[p.i_out] + yi
-        for i_out, off in self.bias_paths:
-            dim = self.irreps_out[i_out].dim
-            b = self.bias.narrow(0, off, dim).expand(n, dim)
-            outs[i_out] = b if outs[i_out] is None else outs[i_out] + b
+        if self.bias_paths:
+            dims = [self.irreps_out[i_out].dim for i_out, _ in self.bias_paths]
+            for (i_out, _), b in zip(self.bias_paths, split_segments(self.bias, zip([o for _, o in self.bias_paths], dims))):
+                b = b.expand(n, b.shape[0])
+                outs[i_out] = b if outs[i_out] is None else outs[i_out] + b
         y = _cat_slots(outs, self.irreps_out, x)
         return y.reshape(*lead, self.irreps_out.dim)
 

@@ -70,13 +70,13 @@ class SymmetricContraction(SparsekernLayer):
         n = x.shape[0]
         order = torch.argsort(species, stable=True)
         counts = torch.bincount(species, minlength=self.num_elements).tolist()
-        xs = x.index_select(0, order).permute(1, 2, 0)  # (c, i, nodes): channels are the batch
-        blocks = []
-        start = 0
-        for z, cnt in enumerate(counts):
-            for lo in range(start, start + cnt, self._chunk):  # bounds the (c, m d^(nu-1), nodes) temporaries
-                blocks.append(self._element_block(xs[:, :, lo:min(lo + self._chunk, start + cnt)], z))
-            start += cnt
+        # (c, i, nodes), contiguous: channels are the batch of every product below
+        xs = x.index_select(0, order).permute(1, 2, 0).contiguous()
+        # chunks bound the (c, m d^(nu-1), nodes) temporaries; split (not slicing) keeps
+        # the backward to one concatenation instead of one zero-filled tensor per chunk
+        elements = [z for z, cnt in enumerate(counts) for _ in range(0, cnt, self._chunk)]
+        sizes = [min(self._chunk, cnt - lo) for cnt in counts for lo in range(0, cnt, self._chunk)]
+        blocks = [self._element_block(xz, z) for xz, z in zip(xs.split(sizes, dim=2), elements)]
         if not blocks:
             return x.new_zeros(0, self.irreps_out.dim)
         ys = torch.cat(blocks, 0)

@@ -1,0 +1,30 @@
+# Two environments, because mace-torch pins e3nn 0.4.4 and sevenn needs e3nn >= 0.5.
+# Each is a venv inside the repo (ignored by git), made on first use.
+PY ?= python3
+TORCH := torch==2.13.0
+SRC := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
+
+.PHONY: demo test test-mace test-sevenn clean
+
+demo: .venv-sevenn/.installed
+	.venv-sevenn/bin/python -m sparsekern.demo
+
+test: test-mace test-sevenn
+
+test-mace: .venv-mace/.installed
+	.venv-mace/bin/python -m pytest tests -q -p no:cacheprovider
+
+test-sevenn: .venv-sevenn/.installed
+	.venv-sevenn/bin/python -m pytest tests -q -p no:cacheprovider
+
+# torch first and pinned (an unpinned torch pulls several GB of CUDA wheels); then the
+# package, which builds its CUDA extension when nvcc is present (a compile error fails).
+.venv-%/.installed: $(SRC)
+	test -x .venv-$*/bin/python || $(PY) -m venv .venv-$*
+	.venv-$*/bin/pip install -q --upgrade pip
+	.venv-$*/bin/pip install -q $(TORCH)
+	.venv-$*/bin/pip install -q -e ".[$*,test]"
+	touch $@
+
+clean:
+	rm -rf .venv-mace .venv-sevenn build sparsekern/_C*.so
