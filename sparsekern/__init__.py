@@ -7,7 +7,11 @@ import torch
 with torch.serialization.safe_globals([slice]):
     import e3nn.o3  # noqa: F401
 
-from .patching import patch, patched_layers, unpatch  # noqa: E402
-
 __version__ = "0.1.0"
-__all__ = ["patch", "unpatch", "patched_layers"]
+
+from .patching import patch, patched_layers, unpatch  # noqa: E402
+from .finetune import (SparseConfig, load_adapter, merge, prepare, save_adapter, stats,  # noqa: E402
+                       to_fast, unmerge)
+
+__all__ = ["patch", "unpatch", "patched_layers", "SparseConfig", "prepare", "stats", "save_adapter",
+           "load_adapter", "merge", "unmerge", "to_fast"]

@@ -108,6 +108,11 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     current parameters) and return the same model object."""
     if isinstance(model, SparsekernLayer):
         raise ValueError("unpatch takes the model that contains sparsekern layers, not a layer")
+    for name, layer in patched_layers(model):
+        deltas = layer._modules.get("deltas")
+        if deltas is not None and not all(d.merged for d in deltas.values()):
+            raise ValueError(f"unpatch: {name} holds sparse deltas that are not merged; call "
+                             "sparsekern.merge(model) first (or save_adapter), or they would be lost")
 
     def visit(parent: torch.nn.Module) -> None:
         for name, child in list(parent.named_children()):

@@ -3,11 +3,42 @@ dtype, input checks, and the way back to the module it replaced."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class WeightGroup:
+    """One block of path weights inside a parameter, seen as (G, R, C) matrices:
+    G elements (1 where the weight is shared), R x C the path's weight matrix.
+    Sparse deltas, their tiles, statistics and adapters are all defined on groups."""
+
+    param: str  # parameter name inside the layer
+    offset: int  # start in the flattened parameter
+    shape: Tuple[int, int, int]  # (G, R, C)
+    layout: str  # memory order of the flat segment: "grc", or "rgc" for e3nn's element-indexed products
+    label: str  # e.g. "64x1o->64x1o", "0e nu=3", "radial layer 3"
+    l: Optional[int]  # irrep order of the path; None for radial MLPs
+    per_element: bool
+
+    @property
+    def numel(self) -> int:
+        g, r, c = self.shape
+        return g * r * c
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        """The (G, R, C) view of this group's segment of a flattened parameter."""
+        g, r, c = self.shape
+        seg = flat.narrow(0, self.offset, self.numel)
+        return seg.view(g, r, c) if self.layout == "grc" else seg.view(r, g, c).transpose(0, 1)
+
+    def flatten(self, grc: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``view``: the segment in memory order, flattened."""
+        return (grc if self.layout == "grc" else grc.transpose(0, 1)).reshape(-1)
 
 
 class SparsekernLayer(torch.nn.Module):
@@ -35,6 +66,19 @@ class SparsekernLayer(torch.nn.Module):
 
     def _init_from(self, module: torch.nn.Module) -> None:
         raise NotImplementedError
+
+    def weight_groups(self) -> List[WeightGroup]:
+        """The path weights of this layer that a sparse delta may change."""
+        return []
+
+    def effective(self, name: str) -> torch.Tensor:
+        """Parameter ``name`` with its sparse delta applied (W0 + dW), if one is attached."""
+        base = _get_by_path(self, name)
+        deltas = self._modules.get("deltas")
+        delta = deltas._modules.get(name.replace(".", "__")) if deltas is not None else None
+        if delta is None or delta.merged:
+            return base
+        return base + delta().view_as(base)
 
     def set_backend(self, backend: str) -> "SparsekernLayer":
         if backend not in self.implemented_backends:
@@ -85,7 +129,8 @@ class SparsekernLayer(torch.nn.Module):
             raise RuntimeError(f"{type(self).__name__} was not built from an existing module")
         orig = self._replaced
         for name, param in self.named_parameters():
-            _set_by_path(orig, name, param)
+            if not name.startswith("deltas."):
+                _set_by_path(orig, name, param)
         ref = next(self.parameters(), None)
         if ref is not None:
             orig.to(device=ref.device)
@@ -117,6 +162,13 @@ def _to(value, like: torch.Tensor):
     if isinstance(value, (list, tuple)):
         return type(value)(_to(v, like) for v in value)
     return value
+
+
+def _get_by_path(module: torch.nn.Module, path: str) -> torch.Tensor:
+    """Like get_parameter, but also sees tensors that torch.func.functional_call swapped in."""
+    for p in path.split("."):
+        module = module[int(p)] if p.isdigit() else getattr(module, p)
+    return module
 
 
 def _set_by_path(module: torch.nn.Module, path: str, param: torch.nn.Parameter) -> None:

@@ -10,7 +10,7 @@ from typing import List, NamedTuple, Optional
 import torch
 from e3nn import o3
 
-from .base import SparsekernLayer, split_segments
+from .base import SparsekernLayer, WeightGroup, split_segments
 from .linear import _cat_slots
 
 
@@ -113,14 +113,15 @@ class ElementLinear(SparsekernLayer):
         sizes = [counts[z] for z in present]
         x_blocks = x.index_select(0, order).split([mul_ir.dim for mul_ir in self.irreps_in], dim=1)
         outs: List[Optional[torch.Tensor]] = [None] * len(self.irreps_out)
-        for p, w in zip(self.paths, self.path_weights(self.weight) if self.paths else []):
+        for p, w in zip(self.paths, self.path_weights(self.effective("weight")) if self.paths else []):
             d = self.irreps_in[p.i_in].ir.dim
-            xi = x_blocks[p.i_in].reshape(n, p.mul_in, d).transpose(1, 2)
+            xi = x_blocks[p.i_in].reshape(n, p.mul_in, d).transpose(1, 2).reshape(n * d, p.mul_in)
             w = w * p.scale
             w_el = w.unbind(0)  # one stacked gradient, not one zero-filled tensor per element
-            blocks = [torch.matmul(xz, w_el[z]) for xz, z in zip(xi.split(sizes, 0), present)]
-            yi = torch.cat(blocks, 0) if blocks else xi.new_zeros(0, d, p.mul_out)
-            yi = yi.transpose(1, 2).reshape(n, p.mul_out * d)
+            # 2-D products (see IrrepsLinear.forward)
+            blocks = [torch.mm(xz, w_el[z]) for xz, z in zip(xi.split([c * d for c in sizes], 0), present)]
+            yi = torch.cat(blocks, 0) if blocks else xi.new_zeros(0, p.mul_out)
+            yi = yi.view(n, d, p.mul_out).transpose(1, 2).reshape(n, p.mul_out * d)
             outs[p.i_out] = yi if outs[p.i_out] is None else outs[p.i_out] + yi
         ys = _cat_slots(outs, self.irreps_out, x)
         return torch.empty_like(ys).index_copy(0, order, ys) if n else ys
@@ -131,13 +132,18 @@ class ElementLinear(SparsekernLayer):
         n = x.shape[0]
         x_blocks = x.split([mul_ir.dim for mul_ir in self.irreps_in], dim=1)
         outs: List[Optional[torch.Tensor]] = [None] * len(self.irreps_out)
-        for p, w in zip(self.paths, self.path_weights(self.weight) if self.paths else []):
+        for p, w in zip(self.paths, self.path_weights(self.effective("weight")) if self.paths else []):
             d = self.irreps_in[p.i_in].ir.dim
             xi = x_blocks[p.i_in].reshape(n, p.mul_in, d)
             yi = cuda.element_linear(xi, w, species, p.scale)
             yi = yi.reshape(n, p.mul_out * d)
             outs[p.i_out] = yi if outs[p.i_out] is None else outs[p.i_out] + yi
         return _cat_slots(outs, self.irreps_out, x)
+
+    def weight_groups(self) -> List[WeightGroup]:
+        return [WeightGroup("weight", p.weight_offset, (self.num_elements, p.mul_in, p.mul_out), "rgc",
+                            f"{self.irreps_in[p.i_in]}->{self.irreps_out[p.i_out]}",
+                            self.irreps_in[p.i_in].ir.l, True) for p in self.paths]
 
     def to_e3nn(self):
         return self.to_replaced()

@@ -7,7 +7,7 @@ from typing import List, NamedTuple, Optional
 import torch
 from e3nn import o3
 
-from .base import SparsekernLayer, split_segments
+from .base import SparsekernLayer, WeightGroup, split_segments
 
 
 class LinearPath(NamedTuple):
@@ -80,12 +80,15 @@ class IrrepsLinear(SparsekernLayer):
         n = x.shape[0]
         outs: List[Optional[torch.Tensor]] = [None] * len(self.irreps_out)
         x_blocks = x.split([mul_ir.dim for mul_ir in self.irreps_in], dim=1)
-        ws = self.path_weights(self.weight) if self.paths else []
+        ws = self.path_weights(self.effective("weight")) if self.paths else []
         for p, w in zip(self.paths, ws):
             d = self.irreps_in[p.i_in].ir.dim
             xi = x_blocks[p.i_in].reshape(n, p.mul_in, d)
             w = w * p.path_weight
-            yi = torch.matmul(xi.transpose(1, 2), w).transpose(1, 2).reshape(n, p.mul_out * d)
+            # one 2-D product: torch.matmul on 3-D operands picks its summation order by
+            # requires_grad, which would make results depend on what is being trained
+            yi = torch.mm(xi.transpose(1, 2).reshape(n * d, p.mul_in), w)
+            yi = yi.view(n, d, p.mul_out).transpose(1, 2).reshape(n, p.mul_out * d)
             outs[p.i_out] = yi if outs[p.i_out] is None else outs[p.i_out] + yi
         if self.bias_paths:
             dims = [self.irreps_out[i_out].dim for i_out, _ in self.bias_paths]
@@ -94,6 +97,11 @@ class IrrepsLinear(SparsekernLayer):
                 outs[i_out] = b if outs[i_out] is None else outs[i_out] + b
         y = _cat_slots(outs, self.irreps_out, x)
         return y.reshape(*lead, self.irreps_out.dim)
+
+    def weight_groups(self) -> List[WeightGroup]:
+        return [WeightGroup("weight", p.weight_offset, (1, p.mul_in, p.mul_out), "grc",
+                            f"{self.irreps_in[p.i_in]}->{self.irreps_out[p.i_out]}",
+                            self.irreps_in[p.i_in].ir.l, False) for p in self.paths]
 
     def to_e3nn(self) -> o3.Linear:
         return self.to_replaced()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import SparsekernLayer
+from typing import List
+
+from .base import SparsekernLayer, WeightGroup
 
 
 class _Dense(torch.nn.Module):
@@ -20,11 +22,11 @@ class _Dense(torch.nn.Module):
         self.h_in, self.h_out = weight.shape
         self.var_in, self.var_out = var_in, var_out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
-            x = x @ (self.weight / (self.h_in * self.var_in) ** 0.5)
+            x = x @ (weight / (self.h_in * self.var_in) ** 0.5)
             return self.act(x) * self.var_out ** 0.5
-        return x @ (self.weight / (self.h_in * self.var_in / self.var_out) ** 0.5)
+        return x @ (weight / (self.h_in * self.var_in / self.var_out) ** 0.5)
 
     def extra_repr(self) -> str:
         return f"{self.h_in} -> {self.h_out}, act={self.act is not None}"
@@ -57,8 +59,12 @@ class RadialMLP(SparsekernLayer):
         if x.shape[-1] != self.hs[0]:
             raise ValueError(f"RadialMLP: input has last dimension {x.shape[-1]}, expected {self.hs[0]}")
         for i in range(self.num_layers):
-            x = getattr(self, f"layer{i}")(x)
+            x = getattr(self, f"layer{i}")(x, self.effective(f"layer{i}.weight"))
         return x
+
+    def weight_groups(self) -> List[WeightGroup]:
+        return [WeightGroup(f"layer{i}.weight", 0, (1, h_in, h_out), "grc", f"radial layer {i}", None, False)
+                for i, (h_in, h_out) in enumerate(zip(self.hs, self.hs[1:]))]
 
     def to_e3nn(self):
         return self.to_replaced()

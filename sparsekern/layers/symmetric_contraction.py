@@ -14,7 +14,7 @@ from typing import List
 import torch
 from e3nn import o3
 
-from .base import SparsekernLayer
+from .base import SparsekernLayer, WeightGroup
 from .element_linear import ElementLinear
 
 
@@ -50,9 +50,21 @@ class SymmetricContraction(SparsekernLayer):
         self._replaced = ref
 
     @staticmethod
-    def weights_by_degree(contraction) -> List[torch.Tensor]:
-        """[W_1, ..., W_correlation], each (n_elements, n_coupling_nu, channels)."""
-        return list(reversed(list(contraction.weights))) + [contraction.weights_max]
+    def weight_names(index: int, contraction) -> List[str]:
+        """Names of [W_1, ..., W_correlation], each (n_elements, n_coupling_nu, channels)."""
+        prefix = f"contractions.{index}."
+        lower = [f"{prefix}weights.{j}" for j in range(len(contraction.weights))]
+        return list(reversed(lower)) + [f"{prefix}weights_max"]
+
+    def weight_groups(self) -> List[WeightGroup]:
+        groups = []
+        for index, (contraction, ir_out) in enumerate(zip(self.contractions, self.irreps_out)):
+            for nu, name in enumerate(self.weight_names(index, contraction), start=1):
+                w = self.get_parameter(name)
+                if w.numel() and type(w).__name__ != "EmptyParam":  # MACE's zeroed paths hold no weights
+                    groups.append(WeightGroup(name, 0, tuple(w.shape), "grc", f"{ir_out.ir} nu={nu}",
+                                              ir_out.ir.l, True))
+        return groups
 
     @staticmethod
     def u_by_degree(contraction) -> List[torch.Tensor]:
@@ -86,9 +98,9 @@ class SymmetricContraction(SparsekernLayer):
         """Outputs (nodes, irreps_out.dim) for nodes of element z; xz is (c, i, nodes)."""
         c, d, b = xz.shape
         outs = []
-        for contraction in self.contractions:
+        for index, contraction in enumerate(self.contractions):
             us = self.u_by_degree(contraction)
-            ws = self.weights_by_degree(contraction)
+            ws = [self.effective(name) for name in self.weight_names(index, contraction)]
             m = us[0].shape[0] if us[0].dim() == 3 else 1  # U_1 is (m, i, k), or (i, k) for l = 0
             t = None
             for nu in range(len(us), 0, -1):

@@ -1,0 +1,128 @@
+"""Adapters: the active delta entries of a fine-tuned model and a fingerprint of its
+base, in one safetensors file (kilobytes for a few % of changed weights)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from .. import __version__
+from ..patching import patch, patched_layers
+from .api import _key, iter_deltas, target_groups
+from .delta import FixedDelta
+
+FORMAT = "sparsekern-adapter"
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over the names, shapes and float64 values of the base path weights (the
+    same for a model patched or not, float32 or moved to float64)."""
+    h = hashlib.sha256()
+    params = []
+    for name, layer in patched_layers(model):
+        for param in target_groups(layer):
+            params.append((f"{name}.{param}", layer.get_parameter(param)))
+    for name, p in sorted(params, key=lambda np_: np_[0]):
+        if any(d.merged for *_, d in iter_deltas(model)):
+            raise ValueError("fingerprint: the model has merged deltas; unmerge it first")
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_adapter(model: torch.nn.Module, path) -> Path:
+    """Write the nonzero delta entries and the base's fingerprint, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors: Dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for layer_name, _, param, delta in iter_deltas(model):
+            if delta.merged:
+                raise ValueError("save_adapter: unmerge the model first (merged deltas are folded into W0)")
+            d = delta().view(-1)
+            index = torch.nonzero(d, as_tuple=True)[0]
+            tensors[f"{layer_name}.{param}.index"] = index.to(torch.int32).cpu().contiguous()
+            tensors[f"{layer_name}.{param}.values"] = d[index].detach().cpu().contiguous()
+    if not tensors:
+        raise ValueError("save_adapter: the model has no sparse deltas (call sparsekern.prepare first)")
+    config = getattr(model, "sparsekern_config", None)
+    metadata = {"format": FORMAT, "version": "1", "sparsekern": __version__, "fingerprint": fingerprint(model),
+                "config": json.dumps(config.to_dict() if config is not None else None)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_adapter(path):
+    """(tensors, metadata) of an adapter file; a clear error for anything else."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable sparsekern adapter (corrupt or another format): {exc}") from exc
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a sparsekern adapter (format {metadata.get('format')!r})")
+    return tensors, metadata
+
+
+def load_adapter(model: torch.nn.Module, path, trainable: bool = False) -> torch.nn.Module:
+    """Attach an adapter's deltas to a base model (patched here if needed). Refuses an
+    adapter made for another base model."""
+    tensors, metadata = read_adapter(path)
+    if not patched_layers(model):
+        patch(model)
+    if any(True for _ in iter_deltas(model)):
+        raise ValueError("load_adapter: the model already has deltas; load adapters into a clean base model")
+    expected, found = metadata.get("fingerprint"), fingerprint(model)
+    if expected != found:
+        raise ValueError(f"adapter {path} was made for a different base model "
+                         f"(its base fingerprint {expected[:12] if expected else None}..., this model's {found[:12]}...)")
+    layers = dict(patched_layers(model))
+    entries: Dict[str, List[str]] = {}
+    for key in tensors:
+        stem, kind = key.rsplit(".", 1)
+        entries.setdefault(stem, []).append(kind)
+    for stem in sorted(entries):
+        layer_name, param = _split(stem, layers)
+        layer = layers[layer_name]
+        groups = target_groups(layer).get(param)
+        index, values = tensors.get(f"{stem}.index"), tensors.get(f"{stem}.values")
+        base = layer.get_parameter(param)
+        if groups is None or index is None or values is None or index.shape != values.shape \
+                or (index.numel() and int(index.max()) >= base.numel()):
+            raise ValueError(f"adapter {path}: entry {stem!r} does not fit this model")
+        if layer._modules.get("deltas") is None:
+            layer.deltas = torch.nn.ModuleDict()
+        layer.deltas[_key(param)] = FixedDelta(groups, base.numel(), index.to(base.device),
+                                               values.to(device=base.device, dtype=base.dtype), trainable)
+    return model
+
+
+def _split(stem: str, layers) -> tuple:
+    """'interactions.0.skip_tp.weight' -> ('interactions.0.skip_tp', 'weight'), the
+    longest layer name that prefixes it."""
+    for name in sorted(layers, key=len, reverse=True):
+        if stem.startswith(name + "."):
+            return name, stem[len(name) + 1:]
+    raise ValueError(f"adapter entry {stem!r} names no sparsekern layer of this model")

@@ -1,0 +1,45 @@
+"""Settings of sparsity-promoting fine-tuning."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Tuple, Union
+
+MODES = ("str", "block", "lora")
+
+
+@dataclass
+class SparseConfig:
+    """density: target fraction of path weights that change (0.03 = 3 %).
+    mode: "str" (element-wise soft threshold, the paper), "block" (group soft threshold
+    over tiles, so kernels can skip inactive blocks) or "lora" (equivariant LoRA, the
+    baseline: rank ``lora_rank`` per path block).
+    tile: (rows, cols) of a block in "block" mode, or "path" for whole path matrices.
+    init_scale: std of the initial V relative to the std of the base weights."""
+
+    density: float = 0.03
+    mode: str = "str"
+    tile: Union[Tuple[int, int], str] = (8, 8)
+    init_scale: float = 1e-3
+    lora_rank: int = 4
+    lora_alpha: float = 1.0
+    include_radial: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"SparseConfig: mode must be one of {MODES}, got {self.mode!r}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"SparseConfig: density must be in (0, 1], got {self.density}")
+        if self.tile != "path":
+            tile = tuple(self.tile)
+            if len(tile) != 2 or min(tile) < 1:
+                raise ValueError(f"SparseConfig: tile must be (rows, cols) >= 1 or 'path', got {self.tile!r}")
+            self.tile = tile
+        if self.lora_rank < 1:
+            raise ValueError(f"SparseConfig: lora_rank must be >= 1, got {self.lora_rank}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tile"] = list(self.tile) if self.tile != "path" else "path"
+        return d

@@ -1,0 +1,148 @@
+"""Trainable deltas on frozen path weights. Each module returns the dense delta of one
+parameter, flattened (the torch back end adds it to W0; GPU kernels read the active
+blocks instead). Any pattern of zeros keeps equivariance: every weight multiplies all
+2l+1 components of one channel of one path alike."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Sequence
+
+import torch
+
+from ..layers.base import WeightGroup
+
+
+class Delta(torch.nn.Module):
+    """Base: ``forward()`` gives the flat delta of a parameter of ``numel`` entries."""
+
+    def __init__(self, groups: Sequence[WeightGroup], numel: int) -> None:
+        super().__init__()
+        self.groups: List[WeightGroup] = list(groups)
+        self.numel = numel
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"numel={self.numel}, groups={len(self.groups)}, merged={self.merged}"
+
+
+def soft_threshold(v: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """S(V, tau) = sign(V) max(|V| - tau, 0): exact zeros below the threshold."""
+    return torch.sign(v) * torch.relu(v.abs() - tau)
+
+
+class ThresholdDelta(Delta):
+    """STR (tile (1, 1): element-wise soft threshold, the paper) or block mode (group
+    soft threshold V_b max(1 - tau / rms(V_b), 0) over tiles, or whole paths).
+    tau = exp(log_tau + tau_shift): log_tau is learned per parameter, tau_shift is set
+    by the density controller for the whole model, so the allocation across layers is
+    learned while the total density stays on target."""
+
+    def __init__(self, groups, numel: int, base: torch.Tensor, tile, init_scale: float,
+                 generator: torch.Generator) -> None:
+        super().__init__(groups, numel)
+        scale = init_scale * (base.detach().float().std().item() if base.numel() > 1 else 1.0) or init_scale
+        v = torch.randn(numel, generator=generator, dtype=torch.float64) * scale
+        self.v = torch.nn.Parameter(v.to(dtype=base.dtype, device=base.device))
+        self.log_tau = torch.nn.Parameter(torch.tensor(math.log(scale), dtype=base.dtype, device=base.device))
+        self.register_buffer("tau_shift", torch.zeros((), dtype=base.dtype, device=base.device))
+        self.tile = tile
+
+    def tau(self) -> torch.Tensor:
+        return torch.exp(self.log_tau + self.tau_shift)
+
+    def forward(self) -> torch.Tensor:
+        if self.tile == (1, 1):
+            return soft_threshold(self.v, self.tau())
+        return self._blockwise(self.tau())
+
+    def _tiles(self, g: WeightGroup):
+        _, r, c = g.shape
+        return (r, c) if self.tile == "path" else (min(self.tile[0], r), min(self.tile[1], c))
+
+    def _tile_rms(self, vg: torch.Tensor, tr: int, tc: int) -> torch.Tensor:
+        """RMS of each (tr, tc) tile of a (G, R, C) view (ragged edge tiles counted right)."""
+        g, r, c = vg.shape
+        pr, pc = (-r) % tr, (-c) % tc
+        sq = torch.nn.functional.pad(vg * vg, (0, pc, 0, pr)).view(g, (r + pr) // tr, tr, (c + pc) // tc, tc)
+        ones = torch.nn.functional.pad(torch.ones(r, c, dtype=vg.dtype, device=vg.device), (0, pc, 0, pr))
+        count = ones.view((r + pr) // tr, tr, (c + pc) // tc, tc).sum((1, 3))
+        return (sq.sum((2, 4)) / count).sqrt()
+
+    def _expand(self, per_tile: torch.Tensor, tr: int, tc: int, r: int, c: int) -> torch.Tensor:
+        return per_tile.repeat_interleave(tr, 1).repeat_interleave(tc, 2)[:, :r, :c]
+
+    def _blockwise(self, tau: torch.Tensor) -> torch.Tensor:
+        pieces = []
+        for g in self.groups:
+            vg = g.view(self.v)
+            tr, tc = self._tiles(g)
+            rms = self._tile_rms(vg, tr, tc)
+            factor = torch.relu(1 - tau / rms.clamp_min(torch.finfo(rms.dtype).tiny))
+            pieces.append(g.flatten(vg * self._expand(factor, tr, tc, g.shape[1], g.shape[2])))
+        return _assemble(self.groups, pieces, self.v, self.numel)
+
+    @torch.no_grad()
+    def scores(self) -> torch.Tensor:
+        """Per weight entry: log of the magnitude the threshold is compared with, minus
+        log_tau. An entry changes iff score > tau_shift (used to calibrate the shift)."""
+        if self.tile == (1, 1):
+            mag = self.v.abs()
+        else:
+            parts = []
+            for g in self.groups:
+                tr, tc = self._tiles(g)
+                rms = self._tile_rms(g.view(self.v), tr, tc)
+                parts.append(g.flatten(self._expand(rms, tr, tc, g.shape[1], g.shape[2])))
+            mag = _assemble(self.groups, parts, self.v, self.numel)
+        return torch.log(mag.clamp_min(torch.finfo(mag.dtype).tiny)) - self.log_tau
+
+
+class FixedDelta(Delta):
+    """Fast mode, and loaded adapters: only the active entries are stored and trained;
+    gradients and optimizer state scale with them, not with the model."""
+
+    def __init__(self, groups, numel: int, index: torch.Tensor, values: torch.Tensor,
+                 trainable: bool = True) -> None:
+        super().__init__(groups, numel)
+        self.register_buffer("index", index.to(torch.int64))
+        self.values = torch.nn.Parameter(values.clone(), requires_grad=trainable)
+
+    def forward(self) -> torch.Tensor:
+        return self.values.new_zeros(self.numel).index_put((self.index,), self.values)
+
+
+class LoRADelta(Delta):
+    """Equivariant LoRA (the baseline): A_g B_g of rank r for every path block and
+    element; A random, B zero, so training starts at the base model."""
+
+    def __init__(self, groups, numel: int, base: torch.Tensor, rank: int, alpha: float,
+                 generator: torch.Generator) -> None:
+        super().__init__(groups, numel)
+        self.a = torch.nn.ParameterList()
+        self.b = torch.nn.ParameterList()
+        self.scale = alpha / rank
+        for g in groups:
+            n, r, c = g.shape
+            k = min(rank, r, c)
+            a = torch.randn(n, r, k, generator=generator, dtype=torch.float64) / math.sqrt(r)
+            self.a.append(torch.nn.Parameter(a.to(dtype=base.dtype, device=base.device)))
+            self.b.append(torch.nn.Parameter(torch.zeros(n, k, c, dtype=base.dtype, device=base.device)))
+
+    def forward(self) -> torch.Tensor:
+        pieces = [g.flatten(torch.bmm(a, b) * self.scale) for g, a, b in zip(self.groups, self.a, self.b)]
+        return _assemble(self.groups, pieces, self.a[0], self.numel)
+
+
+def _assemble(groups: Sequence[WeightGroup], pieces, like: torch.Tensor, numel: int) -> torch.Tensor:
+    """The flat delta from the groups' flattened pieces (zeros between and after groups)."""
+    ordered = sorted(zip(groups, pieces), key=lambda gp: gp[0].offset)
+    parts, pos = [], 0
+    for g, piece in ordered:
+        if g.offset > pos:
+            parts.append(like.new_zeros(g.offset - pos))
+        parts.append(piece)
+        pos = g.offset + g.numel
+    if pos < numel:
+        parts.append(like.new_zeros(numel - pos))
+    return torch.cat(parts)
