@@ -60,7 +60,12 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 def patch(model: torch.nn.Module, backend: str = "auto", verbose: bool = False) -> torch.nn.Module:
-    """Replace known layers in place and return the same model object."""
+    """Replace known layers in place and return the same model object. A MACE model
+    converted to cuequivariance is first turned back into e3nn layers (in place)."""
+    from . import cueq
+
+    if cueq.is_cueq_model(model):
+        cueq.to_e3nn_in_place(model)
     device = _model_device(model)
     if backend != "auto" and not backends.available(backend, device):
         backends.resolve(backend, ChannelwiseTP, device)  # raises the clear error
