@@ -29,6 +29,8 @@ class ChannelwiseTP(SparsekernLayer):
     together: one contraction of x2 with their stacked Clebsch-Gordan blocks, then
     one batched matrix product with x1."""
 
+    implemented_backends = ("torch", "triton")
+
     def __init__(self, irreps_in1, irreps_in2, irreps_out, instructions):
         super().__init__()
         self._init_from(o3.TensorProduct(irreps_in1, irreps_in2, irreps_out, instructions,
@@ -119,6 +121,10 @@ class ChannelwiseTP(SparsekernLayer):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         self._check(x1, x2, weight, x2.shape[0])
+        if self.backend == "triton":
+            from ..kernels.triton import channelwise_tp
+
+            return channelwise_tp(self, x1, x2, weight)
         return self._messages(x1, x2, weight)
 
     def _messages(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -133,15 +139,17 @@ class ChannelwiseTP(SparsekernLayer):
             mul, d1 = self.irreps_in1[i1].mul, self.irreps_in1[i1].ir.dim
             z = torch.matmul(x2, c).view(e, d1, c.shape[1] // d1)  # (E, d1, K)
             xi = x1_blocks[i1].reshape(e, mul, d1)
-            # sum over the d1 <= 7 components as broadcast products: batched GEMMs
-            # with inner dimension d1 are far slower on CPUs
-            prod = xi[:, :, 0, None] * z[:, None, 0, :]
-            for i in range(1, d1):
-                prod = prod + xi[:, :, i, None] * z[:, None, i, :]
             dims = [self.irreps_out[self.paths[t].i_out].ir.dim for t in ts]
-            for t, part in zip(ts, prod.split(dims, dim=2)):
+            for t, zt in zip(ts, z.split(dims, dim=2)):
                 p = self.paths[t]
-                y = (part * w_paths[t].unsqueeze(-1)).reshape(e, mul * part.shape[2])
+                # weight the small (E, mul, d1) operand first, then one pass over the
+                # (E, mul, d_out) output; broadcast products beat batched GEMMs with
+                # inner dimension d1 <= 7 on CPUs
+                wx = xi * w_paths[t].unsqueeze(-1)
+                y = wx[:, :, 0, None] * zt[:, None, 0, :]
+                for i in range(1, d1):
+                    y = y + wx[:, :, i, None] * zt[:, None, i, :]
+                y = y.reshape(e, mul * zt.shape[2])
                 outs[p.i_out] = y if outs[p.i_out] is None else outs[p.i_out] + y
         return _cat_slots(outs, self.irreps_out, x1)
 
@@ -177,6 +185,10 @@ class ChannelwiseConv(ChannelwiseTP):
         if edge_index.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"ChannelwiseConv: edge_index must be an integer tensor, got {edge_index.dtype}")
         self._check(node_feats, edge_attrs, tp_weights, n)
+        if self.backend == "triton":
+            from ..kernels.triton import conv_fused
+
+            return conv_fused(self, node_feats, edge_attrs, tp_weights, edge_index)
         sender, receiver = edge_index[0].long(), edge_index[1].long()
         messages = self._messages(node_feats.index_select(0, sender), edge_attrs, tp_weights)
         out = messages.new_zeros(n, messages.shape[1])

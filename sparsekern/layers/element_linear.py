@@ -29,7 +29,7 @@ class ElementLinear(SparsekernLayer):
     ``weight`` keeps e3nn's flat layout, each path a (mul_in, n_elements, mul_out)
     block, so the layer is a drop-in replacement of the tensor product."""
 
-    implemented_backends = ("torch", "cuda")
+    implemented_backends = ("torch", "cuda", "triton")
 
     def __init__(self, irreps_in, num_elements: int, irreps_out):
         super().__init__()
@@ -102,6 +102,8 @@ class ElementLinear(SparsekernLayer):
         species = self.species(node_attrs)
         if self.backend == "cuda" and x.is_cuda:
             return self._forward_cuda(x, species)
+        if self.backend == "triton":
+            return self._forward_triton(x, species)
         return self._forward_torch(x, species)
 
     def _forward_torch(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
@@ -125,6 +127,19 @@ class ElementLinear(SparsekernLayer):
             outs[p.i_out] = yi if outs[p.i_out] is None else outs[p.i_out] + yi
         ys = _cat_slots(outs, self.irreps_out, x)
         return torch.empty_like(ys).index_copy(0, order, ys) if n else ys
+
+    def _forward_triton(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """W0 + dW formed tile by tile in the kernel from the delta's active 16x16 blocks."""
+        from ..kernels.triton import element_linear_layer
+        from ..kernels.triton.element_linear import blocks_from_dense
+
+        blocks = None
+        deltas = self._modules.get("deltas")
+        delta = deltas._modules.get("weight") if deltas is not None else None
+        if delta is not None and not delta.merged:
+            flat = delta()
+            blocks = [blocks_from_dense(g.view(flat), 16) for g in self.weight_groups()]
+        return element_linear_layer(self, x, species, blocks)
 
     def _forward_cuda(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         from ..kernels import cuda
