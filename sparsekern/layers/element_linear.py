@@ -113,15 +113,18 @@ class ElementLinear(SparsekernLayer):
         counts = torch.bincount(species, minlength=self.num_elements).tolist()
         present = [z for z, c in enumerate(counts) if c]
         sizes = [counts[z] for z in present]
+        present_index = torch.tensor(present, dtype=torch.long, device=x.device)
         x_blocks = x.index_select(0, order).split([mul_ir.dim for mul_ir in self.irreps_in], dim=1)
         outs: List[Optional[torch.Tensor]] = [None] * len(self.irreps_out)
         for p, w in zip(self.paths, self.path_weights(self.effective("weight")) if self.paths else []):
             d = self.irreps_in[p.i_in].ir.dim
             xi = x_blocks[p.i_in].reshape(n, p.mul_in, d).transpose(1, 2).reshape(n * d, p.mul_in)
             w = w * p.scale
-            w_el = w.unbind(0)  # one stacked gradient, not one zero-filled tensor per element
+            # gather the present elements' matrices once (one gradient scatter, not one
+            # zero-filled tensor per element of the table)
+            w_el = w.index_select(0, present_index).unbind(0)
             # 2-D products (see IrrepsLinear.forward)
-            blocks = [torch.mm(xz, w_el[z]) for xz, z in zip(xi.split([c * d for c in sizes], 0), present)]
+            blocks = [torch.mm(xz, wz) for xz, wz in zip(xi.split([c * d for c in sizes], 0), w_el)]
             yi = torch.cat(blocks, 0) if blocks else xi.new_zeros(0, p.mul_out)
             yi = yi.view(n, d, p.mul_out).transpose(1, 2).reshape(n, p.mul_out * d)
             outs[p.i_out] = yi if outs[p.i_out] is None else outs[p.i_out] + yi
