@@ -6,7 +6,7 @@ are unchanged and an optimizer built before patching keeps working."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -27,23 +27,23 @@ class PatchReport:
         return "\n".join(lines)
 
 
-def _converters() -> List[Tuple[type, type, Callable]]:
-    """(exact class replaced, sparsekern class, builder)."""
+def _converters() -> List[Tuple[type, type]]:
+    """(exact class replaced, the sparsekern class that replaces it)."""
     from e3nn import nn as e3nn_nn
     from e3nn import o3
 
     table = [
-        (o3.Linear, IrrepsLinear, IrrepsLinear.from_e3nn),
-        (o3.FullyConnectedTensorProduct, ElementLinear, ElementLinear.from_e3nn),
-        (o3.TensorProduct, ChannelwiseTP, ChannelwiseTP.from_e3nn),
-        (e3nn_nn.FullyConnectedNet, RadialMLP, RadialMLP.from_e3nn),
+        (o3.Linear, IrrepsLinear),
+        (o3.FullyConnectedTensorProduct, ElementLinear),
+        (o3.TensorProduct, ChannelwiseTP),
+        (e3nn_nn.FullyConnectedNet, RadialMLP),
     ]
     try:
         from mace.modules.symmetric_contraction import SymmetricContraction as MaceSC
     except ImportError:
         pass
     else:
-        table.append((MaceSC, SymmetricContraction, SymmetricContraction.from_mace))
+        table.append((MaceSC, SymmetricContraction))
     return table
 
 
@@ -80,11 +80,11 @@ def patch(model: torch.nn.Module, backend: str = "auto", verbose: bool = False) 
                 continue
             entry = next((e for e in table if type(child) is e[0]), None)
             if entry is not None:
-                old_cls, new_cls, build = entry
+                old_cls, new_cls = entry
                 reason = new_cls.unsupported_reason(child)
                 if reason is None:
                     fused = new_cls is ChannelwiseTP and _uses_conv_fusion(parent, name)
-                    new = ChannelwiseConv.from_e3nn(child) if fused else build(child)
+                    new = ChannelwiseConv.from_e3nn(child) if fused else new_cls.from_e3nn(child)
                     new.set_backend(backends.resolve(backend, new, device))
                     if fused:
                         new.added_conv_fusion = True

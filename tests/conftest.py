@@ -1,7 +1,13 @@
 import os
 import sys
 
+import torch  # (importing torch does not import triton)
+
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
+if not torch.cuda.is_available():
+    # Triton binds its language functions when it is first imported, and e3nn >= 0.5,
+    # mace and sevenn import it: choose the interpreter before any of them loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sparsekern  # noqa: E402,F401  (first: lets e3nn 0.4.4 import under torch >= 2.6)
 

@@ -57,6 +57,21 @@ class SparsekernLayer(torch.nn.Module):
         self._replaced = None
 
     @classmethod
+    def unsupported_reason(cls, module: torch.nn.Module) -> Optional[str]:
+        """Why ``module`` cannot be replaced by this layer, or None."""
+        return None
+
+    @classmethod
+    def from_e3nn(cls, module: torch.nn.Module):
+        """The layer that replaces ``module`` (an e3nn or MACE module), sharing its parameters."""
+        reason = cls.unsupported_reason(module)
+        if reason:
+            raise ValueError(f"cannot replace {module}: {reason}")
+        return cls._new_from(module)
+
+    from_mace = from_e3nn
+
+    @classmethod
     def _new_from(cls, module: torch.nn.Module):
         """Build from an existing module, sharing its Parameter objects."""
         self = cls.__new__(cls)

@@ -47,13 +47,6 @@ class ChannelwiseTP(SparsekernLayer):
                 return "second operand with multiplicity > 1"
         return None
 
-    @classmethod
-    def from_e3nn(cls, module: torch.nn.Module) -> "ChannelwiseTP":
-        reason = cls.unsupported_reason(module)
-        if reason:
-            raise ValueError(f"cannot replace {module}: {reason}")
-        return cls._new_from(module)
-
     def _init_from(self, ref) -> None:
         self.irreps_in1 = o3.Irreps(ref.irreps_in1)
         self.irreps_in2 = o3.Irreps(ref.irreps_in2)

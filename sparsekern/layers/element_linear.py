@@ -46,13 +46,6 @@ class ElementLinear(SparsekernLayer):
             return "instructions other than weighted 'uvw'"
         return None
 
-    @classmethod
-    def from_e3nn(cls, module: torch.nn.Module) -> "ElementLinear":
-        reason = cls.unsupported_reason(module)
-        if reason:
-            raise ValueError(f"cannot replace {module}: {reason}")
-        return cls._new_from(module)
-
     def _init_from(self, ref) -> None:
         self.irreps_in = o3.Irreps(ref.irreps_in1)
         self.irreps_out = o3.Irreps(ref.irreps_out)

@@ -23,6 +23,8 @@ class IrrepsLinear(SparsekernLayer):
     """y_i = sum over paths into i of path_weight * x_in W_path, e3nn's layout and
     normalisation. ``weight`` is flat in instruction order, as in ``o3.Linear``."""
 
+    implemented_backends = ("torch", "triton")
+
     def __init__(self, irreps_in, irreps_out, instructions=None, biases=False, path_normalization="element"):
         super().__init__()
         self._init_from(o3.Linear(irreps_in, irreps_out, instructions=instructions, biases=biases,
@@ -35,13 +37,6 @@ class IrrepsLinear(SparsekernLayer):
         if getattr(module, "f_in", None) is not None or getattr(module, "f_out", None) is not None:
             return "f_in/f_out feature dimensions"
         return None
-
-    @classmethod
-    def from_e3nn(cls, module: o3.Linear) -> "IrrepsLinear":
-        reason = cls.unsupported_reason(module)
-        if reason:
-            raise ValueError(f"cannot replace {module}: {reason}")
-        return cls._new_from(module)
 
     def _init_from(self, ref: o3.Linear) -> None:
         self.weight = ref.weight if isinstance(ref.weight, torch.nn.Parameter) else None
@@ -78,6 +73,18 @@ class IrrepsLinear(SparsekernLayer):
         lead = x.shape[:-1]
         x = x.reshape(-1, self.irreps_in.dim)
         n = x.shape[0]
+        outs = self._paths_triton(x) if self.backend == "triton" else self._paths_torch(x)
+        if self.bias_paths:
+            dims = [self.irreps_out[i_out].dim for i_out, _ in self.bias_paths]
+            for (i_out, _), b in zip(self.bias_paths, split_segments(self.bias, zip([o for _, o in self.bias_paths], dims))):
+                b = b.expand(n, b.shape[0])
+                outs[i_out] = b if outs[i_out] is None else outs[i_out] + b
+        y = _cat_slots(outs, self.irreps_out, x)
+        return y.reshape(*lead, self.irreps_out.dim)
+
+    def _paths_torch(self, x: torch.Tensor) -> List[Optional[torch.Tensor]]:
+        """Per output irrep, the sum of its paths (None where none writes)."""
+        n = x.shape[0]
         outs: List[Optional[torch.Tensor]] = [None] * len(self.irreps_out)
         x_blocks = x.split([mul_ir.dim for mul_ir in self.irreps_in], dim=1)
         ws = self.path_weights(self.effective("weight")) if self.paths else []
@@ -90,13 +97,14 @@ class IrrepsLinear(SparsekernLayer):
             yi = torch.mm(xi.transpose(1, 2).reshape(n * d, p.mul_in), w)
             yi = yi.view(n, d, p.mul_out).transpose(1, 2).reshape(n, p.mul_out * d)
             outs[p.i_out] = yi if outs[p.i_out] is None else outs[p.i_out] + yi
-        if self.bias_paths:
-            dims = [self.irreps_out[i_out].dim for i_out, _ in self.bias_paths]
-            for (i_out, _), b in zip(self.bias_paths, split_segments(self.bias, zip([o for _, o in self.bias_paths], dims))):
-                b = b.expand(n, b.shape[0])
-                outs[i_out] = b if outs[i_out] is None else outs[i_out] + b
-        y = _cat_slots(outs, self.irreps_out, x)
-        return y.reshape(*lead, self.irreps_out.dim)
+        return outs
+
+    def _paths_triton(self, x: torch.Tensor) -> List[Optional[torch.Tensor]]:
+        """As ``_paths_torch`` on the element-linear kernel with one element: W0 + dW formed
+        tile by tile from the delta's active 16x16 blocks, never materialised."""
+        from ..kernels.triton.element_linear import attached_delta_blocks, irreps_linear_paths
+
+        return irreps_linear_paths(self, x, attached_delta_blocks(self, 16))
 
     def weight_groups(self) -> List[WeightGroup]:
         return [WeightGroup("weight", p.weight_offset, (1, p.mul_in, p.mul_out), "grc",

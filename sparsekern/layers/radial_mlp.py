@@ -39,14 +39,6 @@ class RadialMLP(SparsekernLayer):
         super().__init__()
         self._init_from(FullyConnectedNet(hs, act))
 
-    @classmethod
-    def unsupported_reason(cls, module: torch.nn.Module):
-        return None
-
-    @classmethod
-    def from_e3nn(cls, module: torch.nn.Module) -> "RadialMLP":
-        return cls._new_from(module)
-
     def _init_from(self, ref) -> None:
         self.hs = list(ref.hs)
         self.num_layers = len(self.hs) - 1

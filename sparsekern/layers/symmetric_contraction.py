@@ -30,13 +30,6 @@ class SymmetricContraction(SparsekernLayer):
             return "external weights"
         return None
 
-    @classmethod
-    def from_mace(cls, module: torch.nn.Module) -> "SymmetricContraction":
-        reason = cls.unsupported_reason(module)
-        if reason:
-            raise ValueError(f"cannot replace {module}: {reason}")
-        return cls._new_from(module)
-
     def _init_from(self, ref) -> None:
         self.irreps_in = o3.Irreps(ref.irreps_in)
         self.irreps_out = o3.Irreps(ref.irreps_out)

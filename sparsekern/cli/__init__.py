@@ -1,0 +1,37 @@
+"""``sparsekern COMMAND ...``: one module per command, each with its own ``main(argv)``,
+imported only when its command runs (mace-train imports MACE, finetune SevenNet)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import List, Optional
+
+COMMANDS = {
+    "finetune": ("finetune", "fine-tune a foundation model (sparse delta, full, LoRA) and evaluate it"),
+    "mace-train": ("mace_train", "MACE's own mace_run_train with the sparse-delta flags"),
+    "report": ("report", "where an adapter's update went: density by layer, path, l and element"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: sparsekern COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`sparsekern COMMAND --help` describes one command."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"sparsekern: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"{__name__}.{COMMANDS[argv[0]][0]}")
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
