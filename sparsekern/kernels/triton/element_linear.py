@@ -16,7 +16,7 @@ again element linears. Setting the tile T to a whole irrep, or n_el = 1 with all
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import triton
@@ -285,27 +285,62 @@ def element_linear(x: torch.Tensor, w0: Optional[torch.Tensor], species: torch.T
     return _El.apply(x, w0, block_values, plan, block_slot, float(scale), mul_out)
 
 
-def element_linear_layer(layer, x: torch.Tensor, species: torch.Tensor, deltas=None) -> torch.Tensor:
-    """``ElementLinear`` forward (x (N, irreps_in.dim) -> (N, irreps_out.dim)) on this kernel:
-    one call per path, W0 = the layer's (n_el, mul_in, mul_out) block, scale = its path
-    scale. ``deltas``: None, or per path (list aligned with ``layer.paths``, or a dict by
-    path index) None or a (block_slot, block_values) pair."""
+def path_linears(x: torch.Tensor, species: torch.Tensor, n_el: int, irreps_in, irreps_out, paths,
+                 weights, scales, deltas=None) -> List[Optional[torch.Tensor]]:
+    """Per output irrep of ``irreps_out``, the sum over ``paths`` into it (each with
+    i_in, i_out, mul_in, mul_out) of scale * x_in (W0 + dW)[z_n], or None where no path
+    writes: one kernel call per path, one row plan per irrep dimension. x (N,
+    irreps_in.dim); ``weights`` per path (n_el, mul_in, mul_out); ``deltas`` None, or per
+    path (list aligned with ``paths``, or a dict by path index) None or a (block_slot,
+    block_values) pair."""
     n = x.shape[0]
-    x_blocks = x.split([mul_ir.dim for mul_ir in layer.irreps_in], dim=1)
-    ws = layer.path_weights(layer.weight) if layer.paths else []
-    outs = [None] * len(layer.irreps_out)
+    x_blocks = x.split([mul_ir.dim for mul_ir in irreps_in], dim=1)
+    outs: List[Optional[torch.Tensor]] = [None] * len(irreps_out)
     plans = {}
-    for t, (p, w) in enumerate(zip(layer.paths, ws)):
-        d = layer.irreps_in[p.i_in].ir.dim
+    for t, (p, w, scale) in enumerate(zip(paths, weights, scales)):
+        d = irreps_in[p.i_in].ir.dim
         if d not in plans:
-            plans[d] = Plan.build(species, layer.num_elements, d)
+            plans[d] = Plan.build(species, n_el, d)
         delta = deltas.get(t) if isinstance(deltas, dict) else (deltas[t] if deltas is not None else None)
         slot, vals = delta if delta is not None else (None, None)
-        yi = element_linear(x_blocks[p.i_in].reshape(n, p.mul_in, d), w, species, p.scale, slot, vals,
+        yi = element_linear(x_blocks[p.i_in].reshape(n, p.mul_in, d), w, species, scale, slot, vals,
                             plan=plans[d]).reshape(n, p.mul_out * d)
         outs[p.i_out] = yi if outs[p.i_out] is None else outs[p.i_out] + yi
+    return outs
+
+
+def element_linear_layer(layer, x: torch.Tensor, species: torch.Tensor, deltas=None) -> torch.Tensor:
+    """``ElementLinear`` forward (x (N, irreps_in.dim) -> (N, irreps_out.dim)) on this kernel:
+    W0 = each path's (n_el, mul_in, mul_out) block, scale = its path scale; ``deltas`` as
+    in :func:`path_linears`."""
+    n = x.shape[0]
+    ws = layer.path_weights(layer.weight) if layer.paths else []
+    outs = path_linears(x, species, layer.num_elements, layer.irreps_in, layer.irreps_out, layer.paths, ws,
+                        [p.scale for p in layer.paths], deltas)
     parts = [o if o is not None else x.new_zeros(n, mul_ir.dim) for o, mul_ir in zip(outs, layer.irreps_out)]
     return torch.cat(parts, dim=1) if parts else x.new_zeros(n, 0)
+
+
+def irreps_linear_paths(layer, x: torch.Tensor, deltas=None) -> List[Optional[torch.Tensor]]:
+    """``IrrepsLinear``'s path sums (biases excluded) on this kernel, as the element linear
+    with one element: x (N, irreps_in.dim) -> per output irrep (N, dim) or None.
+    ``deltas`` as in :func:`path_linears`, on each path's (1, mul_in, mul_out) group."""
+    species = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    ws = [w.unsqueeze(0) for w in layer.path_weights(layer.weight)] if layer.paths else []
+    return path_linears(x, species, 1, layer.irreps_in, layer.irreps_out, layer.paths, ws,
+                        [p.path_weight for p in layer.paths], deltas)
+
+
+def attached_delta_blocks(layer, T: int = 16):
+    """The (block_slot, block_values) of each weight group (one per path) of the unmerged
+    delta attached to ``layer.weight`` by ``sparsekern.prepare``, or None: the kernels
+    then form W0 + dW from the active T x T blocks and train only those."""
+    deltas = layer._modules.get("deltas")
+    delta = deltas._modules.get("weight") if deltas is not None else None
+    if delta is None or delta.merged:
+        return None
+    flat = delta()
+    return [blocks_from_dense(g.view(flat), T) for g in layer.weight_groups()]
 
 
 def blocks_from_dense(delta: torch.Tensor, T: int):

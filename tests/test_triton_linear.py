@@ -1,0 +1,125 @@
+"""Triton irrep linear (the element-linear kernel with one element) against the torch
+back end of IrrepsLinear: outputs, gradients (x, W0, bias, delta), second derivatives,
+several paths into one output, empty irreps, biases, zero rows, non-contiguous input,
+a delta with inactive 16x16 blocks. Runs on CPU under TRITON_INTERPRET=1 (tiny shapes)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+triton = pytest.importorskip("triton")
+
+from e3nn import o3  # noqa: E402
+
+import sparsekern  # noqa: E402,F401
+from sparsekern.finetune.delta import FixedDelta  # noqa: E402
+from sparsekern.layers import IrrepsLinear  # noqa: E402
+from sparsekern.kernels.triton.element_linear import irreps_linear_paths  # noqa: E402
+from helpers import TOL, rel_err  # noqa: E402
+from test_triton_element_linear import DEVICE, dense_delta, random_delta, second_order  # noqa: E402
+
+# 20x0e and 3x0e both feed 18x0e (two paths into one output, 2 x 2 and 1 x 2 tiles of
+# 16); 0x1e is empty on both sides; 2x2e has no path in (zeros, or its bias-free zero).
+IRREPS_IN, IRREPS_OUT = o3.Irreps("20x0e+3x0e+2x1o+0x1e"), o3.Irreps("18x0e+0x1e+3x1o+2x2e")
+
+
+def make_layer(dtype, biases=True, seed=0):
+    torch.manual_seed(seed)
+    layer = IrrepsLinear(IRREPS_IN, IRREPS_OUT, biases=biases).to(DEVICE, dtype)
+    with torch.no_grad():
+        if layer.bias is not None:
+            layer.bias.normal_()
+    return layer
+
+
+def attach_delta(layer, seed=0):
+    """A FixedDelta (what fast mode and loaded adapters attach) touching 16x16 tiles
+    (0, 1) and (1, 0) of the 20x18 path and one entry of the 1o path: tiles (0, 0) and
+    (1, 1), and the whole 3x18 path, stay inactive."""
+    p0, _, p2 = layer.paths
+    entries = [(p0, 3, 17), (p0, 15, 16), (p0, 19, 2), (p0, 16, 0), (p2, 1, 2)]
+    index = torch.tensor([p.weight_offset + u * p.mul_out + v for p, u, v in entries])
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(len(entries), generator=g, dtype=layer.weight.dtype).to(DEVICE)
+    layer.deltas = torch.nn.ModuleDict({"weight": FixedDelta(layer.weight_groups(), layer.weight_numel,
+                                                            index.to(DEVICE), values)})
+    return layer.deltas["weight"].values
+
+
+def run(layer, backend, x):
+    layer.backend = backend
+    return layer(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_torch_with_delta(dtype):
+    layer = make_layer(dtype)
+    values = attach_delta(layer)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, IRREPS_IN.dim, generator=g, dtype=dtype).to(DEVICE).requires_grad_()
+    inputs = [x, layer.weight, layer.bias, values]
+    got = second_order(lambda x_, *_: run(layer, "triton", x_), inputs)
+    want = second_order(lambda x_, *_: run(layer, "torch", x_), inputs)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape and a.dtype == dtype
+        assert rel_err(a, b) <= TOL[dtype], k
+    assert got[0][:, -IRREPS_OUT[-1].dim:].abs().max() == 0  # 2x2e: no path, no bias
+
+
+def test_gradcheck_gradgradcheck():
+    layer = make_layer(torch.float64)
+    values = attach_delta(layer)
+    layer.backend = "triton"
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, IRREPS_IN.dim, generator=g, dtype=torch.float64).to(DEVICE)
+    names = ("weight", "bias", "deltas.weight.values")
+
+    def fn(x_, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x_,))
+
+    args = [t.detach().clone().requires_grad_() for t in (x, layer.weight, layer.bias, values)]
+    assert torch.autograd.gradcheck(fn, args, fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, args, fast_mode=True)
+
+
+def test_explicit_blocks_inactive_and_unused():
+    """irreps_linear_paths with explicit (block_slot, block_values): the delta's gradient
+    exists for active blocks only; a values row no slot points to gets none; a path may
+    carry no delta (None)."""
+    layer = make_layer(torch.float64, biases=False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, IRREPS_IN.dim, generator=g, dtype=torch.float64).to(DEVICE)
+    slot0, vals0 = random_delta(1, 20, 18, 16, torch.float64, density=0.5, seed=4)
+    assert 0 < (slot0 >= 0).sum() < slot0.numel()
+    vals0 = torch.cat([vals0, torch.randn(1, 16, 16, dtype=torch.float64, device=DEVICE)]).requires_grad_()
+    deltas = [(slot0, vals0), None, None]
+    outs = irreps_linear_paths(layer, x, deltas)
+    p0 = layer.paths[0]
+    w0 = layer.path_weights(layer.weight.detach())[0] + dense_delta(slot0, vals0.detach(), 20, 18)[0]
+    ref = p0.path_weight * x[:, :20] @ w0 + layer.paths[1].path_weight * x[:, 20:23] @ layer.path_weights(
+        layer.weight.detach())[1]
+    assert rel_err(outs[0], ref) <= 1e-12
+    assert outs[1] is None and outs[3] is None
+    (gv,) = torch.autograd.grad(outs[0].sum(), vals0)
+    assert gv[:-1].abs().amax((1, 2)).min() > 0 and not gv[-1].any()
+
+
+def test_zero_rows_lead_dims_noncontiguous_no_bias():
+    layer = make_layer(torch.float64, biases=False)
+    attach_delta(layer)
+    empty = torch.zeros(0, IRREPS_IN.dim, dtype=torch.float64, device=DEVICE).requires_grad_()
+    y = run(layer, "triton", empty)
+    assert y.shape == (0, IRREPS_OUT.dim)
+    y.sum().backward()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(IRREPS_IN.dim, 2, 3, generator=g, dtype=torch.float64).to(DEVICE).permute(1, 2, 0)
+    assert not x.is_contiguous()
+    args = [x.clone().requires_grad_(), layer.weight]
+    got = second_order(lambda x_, _w: run(layer, "triton", x_), args)
+    want = second_order(lambda x_, _w: run(layer, "torch", x_), args)
+    assert got[0].shape == (2, 3, IRREPS_OUT.dim)
+    assert all(rel_err(a, b) <= 1e-12 for a, b in zip(got, want))
+
