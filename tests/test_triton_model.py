@@ -1,5 +1,5 @@
-"""A whole small MACE model patched with backend="triton" (Triton interpreter on CPU)
-against the torch back end: energies, forces and force-loss gradients."""
+"""Whole small MACE and SevenNet models patched with backend="triton" (Triton interpreter
+on CPU) against the torch back end: energies, forces and force-loss gradients."""
 
 import copy
 import os
@@ -10,13 +10,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
-pytest.importorskip("mace")
+from ase import Atoms  # noqa: E402
 from ase.build import bulk  # noqa: E402
 from e3nn import o3  # noqa: E402
 
 import sparsekern  # noqa: E402
 from sparsekern.kernels import triton as tk  # noqa: E402
-from sparsekern.model_zoo import mace_batch, mace_mp0_shaped  # noqa: E402
 from helpers import rel_err  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not tk.available(torch.device("cpu")) and not torch.cuda.is_available(),
@@ -30,8 +29,34 @@ def _physics(model, batch):
     return out["energy"].detach(), out["forces"].detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
 
+def _triton_twin(base, sparse):
+    """(reference on the torch back end, its copy switched to triton), with the same
+    sparse deltas attached when ``sparse``."""
+    ref = sparsekern.patch(copy.deepcopy(base), backend="torch")
+    if sparse:
+        ref = sparsekern.prepare(ref, sparsekern.SparseConfig(density=0.2))
+    ours = copy.deepcopy(ref)
+    sparsekern.patch(ours, backend="triton")  # switches the back end of patched layers
+    assert any(m.backend == "triton" for _, m in sparsekern.patched_layers(ours))
+    return ref, ours
+
+
+def _assert_same(got, expected):
+    energy, forces, grads = got
+    assert rel_err(energy, expected[0]) <= 1e-12
+    assert rel_err(forces, expected[1]) <= 1e-12
+    assert any(g is not None for g in grads)
+    for a, b in zip(grads, expected[2]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(a, b) <= 1e-10
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_mace_triton_matches_torch(sparse):
+    pytest.importorskip("mace")
+    from sparsekern.model_zoo import mace_batch, mace_mp0_shaped
+
     base = mace_mp0_shaped("small", seed=21, num_elements=3, hidden_irreps=o3.Irreps("4x0e+4x1o"),
                            max_ell=2, correlation=2, r_max=3.0, radial_MLP=[8])
     atoms = bulk("C", "diamond", a=3.57)[:1] * (2, 1, 1)
@@ -41,16 +66,59 @@ def test_mace_triton_matches_torch(sparse):
     batch = mace_batch(base, [atoms])
     for p in base.parameters():
         p.requires_grad_(True)
-    ref = sparsekern.patch(copy.deepcopy(base), backend="torch")
-    if sparse:
-        ref = sparsekern.prepare(ref, sparsekern.SparseConfig(density=0.2))
-    ours = copy.deepcopy(ref)
-    sparsekern.patch(ours, backend="triton")  # switches the back end of patched layers
-    assert any(m.backend == "triton" for _, m in sparsekern.patched_layers(ours))
-    expected, got = _physics(ref, batch), _physics(ours, batch)
-    assert rel_err(got[0], expected[0]) <= 1e-12
-    assert rel_err(got[1], expected[1]) <= 1e-12
-    for a, b in zip(got[2], expected[2]):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert rel_err(a, b) <= 1e-10
+    ref, ours = _triton_twin(base, sparse)
+    _assert_same(_physics(ours, batch), _physics(ref, batch))
+
+
+def _tiny_sevennet():
+    """SevenNet's own builder (o3.Linear with biases, 'uvu' convolution with radial-MLP
+    weights, FullyConnectedNet, Gate, self-connection FCTP on the one-hot) with 4
+    channels, l <= 1, two convolutions, in float64."""
+    import sevenn._keys as KEY
+    from sevenn._const import DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG
+    from sevenn.model_build import build_E3_equivariant_model
+
+    cfg = copy.deepcopy(DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG)
+    cfg.update({KEY.CUTOFF: 3.0, KEY.NODE_FEATURE_MULTIPLICITY: 4, KEY.LMAX: 1, KEY.NUM_CONVOLUTION: 2,
+                KEY.CONVOLUTION_WEIGHT_NN_HIDDEN_NEURONS: [8], KEY.NUM_SPECIES: 2, KEY.TYPE_MAP: {1: 0, 8: 1},
+                KEY.CHEMICAL_SPECIES: ["H", "O"], KEY.CONV_DENOMINATOR: 4.0, KEY.SHIFT: 0.1, KEY.SCALE: 1.3,
+                KEY.USE_BIAS_IN_LINEAR: True})
+    torch.manual_seed(3)
+    model = build_E3_equivariant_model(cfg).double()
+    model.set_is_batch_data(False)
+
+    def to_float64(module, args, out):  # sevenn's one-hot embedding casts to float32
+        return {k: v.double() if torch.is_tensor(v) and v.dtype == torch.float32 else v for k, v in out.items()}
+
+    model.onehot_idx_to_onehot.register_forward_hook(to_float64)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _sevennet_physics(model, atoms):
+    import sevenn._keys as KEY
+    from sevenn.atom_graph_data import AtomGraphData
+    from sevenn.train.dataload import unlabeled_atoms_to_graph
+
+    data = AtomGraphData.from_numpy_dict(unlabeled_atoms_to_graph(atoms, 3.0))
+    for k, v in data.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            data[k] = v.double()
+    out = model(data)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = (out[KEY.PRED_FORCE] ** 2).sum() + out[KEY.PRED_TOTAL_ENERGY].sum()
+    return (out[KEY.PRED_TOTAL_ENERGY].detach(), out[KEY.PRED_FORCE].detach(),
+            torch.autograd.grad(loss, params, allow_unused=True))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_sevennet_triton_matches_torch(sparse):
+    pytest.importorskip("sevenn")
+    from sparsekern.layers import ChannelwiseTP, ElementLinear, IrrepsLinear
+
+    atoms = Atoms("H2OH", positions=[[0, 0, 0], [0.9, 0.2, 0.1], [0.1, 1.0, -0.2], [1.1, 1.1, 0.6]])
+    ref, ours = _triton_twin(_tiny_sevennet(), sparse)
+    on_triton = {type(m) for _, m in sparsekern.patched_layers(ours) if m.backend == "triton"}
+    assert {IrrepsLinear, ElementLinear, ChannelwiseTP} <= on_triton
+    _assert_same(_sevennet_physics(ours, atoms), _sevennet_physics(ref, atoms))
