@@ -8,16 +8,31 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from .. import __version__
 from ..patching import patch, patched_layers
-from .api import _key, iter_deltas, target_groups
+from ..layers.base import WeightGroup
+from .api import _key, element_labels, iter_deltas, target_groups
 from .delta import FixedDelta
 
 FORMAT = "sparsekern-adapter"
+# version 2 adds "groups" (each parameter's weight groups) and "element_labels" (the
+# names along the element axis of per-element groups, by its length); version 1 files
+# still load, and ``report`` then needs their base model.
+VERSION = "2"
+
+
+def group_to_dict(g: WeightGroup) -> dict:
+    return {"param": g.param, "offset": g.offset, "shape": list(g.shape), "layout": g.layout,
+            "label": g.label, "l": g.l, "per_element": g.per_element}
+
+
+def group_from_dict(d: dict) -> WeightGroup:
+    return WeightGroup(str(d["param"]), int(d["offset"]), tuple(int(n) for n in d["shape"]), str(d["layout"]),
+                       str(d["label"]), None if d["l"] is None else int(d["l"]), bool(d["per_element"]))
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -37,12 +52,16 @@ def fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def save_adapter(model: torch.nn.Module, path) -> Path:
-    """Write the nonzero delta entries and the base's fingerprint, atomically."""
+def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Write the nonzero delta entries and the base's fingerprint, atomically. The
+    metadata also describes each parameter's weight groups and names the elements, so
+    ``sparsekern report`` can break the update down without the base model."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tensors: Dict[str, torch.Tensor] = {}
+    groups: Dict[str, List[dict]] = {}
+    elements: Dict[str, List[str]] = {}
     with torch.no_grad():
         for layer_name, _, param, delta in iter_deltas(model):
             if delta.merged:
@@ -51,11 +70,20 @@ def save_adapter(model: torch.nn.Module, path) -> Path:
             index = torch.nonzero(d, as_tuple=True)[0]
             tensors[f"{layer_name}.{param}.index"] = index.to(torch.int32).cpu().contiguous()
             tensors[f"{layer_name}.{param}.values"] = d[index].detach().cpu().contiguous()
+            groups[f"{layer_name}.{param}"] = [group_to_dict(g) for g in delta.groups]
+            for g in delta.groups:
+                if g.per_element:
+                    elements[str(g.shape[0])] = element_labels(model, g.shape[0])
     if not tensors:
         raise ValueError("save_adapter: the model has no sparse deltas (call sparsekern.prepare first)")
     config = getattr(model, "sparsekern_config", None)
-    metadata = {"format": FORMAT, "version": "1", "sparsekern": __version__, "fingerprint": fingerprint(model),
-                "config": json.dumps(config.to_dict() if config is not None else None)}
+    metadata = {"format": FORMAT, "version": VERSION, "sparsekern": __version__, "fingerprint": fingerprint(model),
+                "config": json.dumps(config.to_dict() if config is not None else None),
+                "groups": json.dumps(groups), "element_labels": json.dumps(elements)}
+    clash = set(metadata) & set(extra_metadata or {})
+    if clash:
+        raise ValueError(f"save_adapter: extra_metadata may not set the adapter's own keys {sorted(clash)}")
+    metadata.update(extra_metadata or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -155,49 +155,65 @@ def _changed_mask(delta: Optional[Delta]) -> Optional[torch.Tensor]:
     return delta().view(-1) != 0
 
 
-@torch.no_grad()
-def stats(model: torch.nn.Module) -> dict:
-    """How many path weights the deltas change: totals and breakdowns by layer, by
-    irrep order l of the path, and by element."""
-    total = changed = 0
-    by_layer: Dict[str, Dict[str, float]] = {}
+def count_changes(entries: Iterable[Tuple[str, Sequence[WeightGroup], Optional[torch.Tensor]]],
+                  labels_for: Callable[[int], List[str]]) -> dict:
+    """The counting behind ``stats`` (and ``report``, which reads the groups from an
+    adapter): ``entries`` holds (layer name, the weight groups of one parameter, flat
+    changed mask or None); ``labels_for(G)`` names the G elements of per-element groups."""
+    layers: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
+    by_path: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
     by_l: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
     by_element: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
-    for name, layer in patched_layers(model):
-        deltas = layer._modules.get("deltas")
-        lt = lc = 0
-        for param, groups in target_groups(layer).items():
-            delta = deltas._modules.get(_key(param)) if deltas is not None else None
-            flat = _changed_mask(delta)
-            for g in groups:
-                nz = g.view(flat) if flat is not None else None
-                n_changed = int(nz.sum()) if nz is not None else 0
-                lt += g.numel
-                lc += n_changed
-                key = "radial" if g.l is None else str(g.l)
-                by_l[key][0] += g.numel
-                by_l[key][1] += n_changed
-                if g.per_element:
-                    labels = element_labels(model, g.shape[0])
-                    per = nz.sum((1, 2)).tolist() if nz is not None else [0] * g.shape[0]
-                    for label, c in zip(labels, per):
-                        by_element[label][0] += g.shape[1] * g.shape[2]
-                        by_element[label][1] += int(c)
-        if lt:
-            by_layer[name] = {"total": lt, "changed": lc, "density": lc / lt}
-            total += lt
-            changed += lc
+    by_element_l: Dict[str, Dict[str, List[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for name, groups, flat in entries:
+        seen: Dict[str, int] = defaultdict(int)
+        for g in groups:
+            nz = g.view(flat) if flat is not None else None
+            n_changed = int(nz.sum()) if nz is not None else 0
+            key = "radial" if g.l is None else str(g.l)
+            seen[g.label] += 1  # e.g. several 0e inputs of one linear: number the repeats
+            path = f"{name}.{g.param} {g.label}" + (f" ({seen[g.label]})" if seen[g.label] > 1 else "")
+            for counter in (layers[name], by_path[path], by_l[key]):
+                counter[0] += g.numel
+                counter[1] += n_changed
+            if g.per_element:
+                per = nz.sum((1, 2)).tolist() if nz is not None else [0] * g.shape[0]
+                for label, c in zip(labels_for(g.shape[0]), per):
+                    for counter in (by_element[label], by_element_l[label][key]):
+                        counter[0] += g.shape[1] * g.shape[2]
+                        counter[1] += int(c)
+    by_layer = {k: v for k, v in layers.items() if v[0]}
+    total = sum(t for t, _ in by_layer.values())
+    changed = sum(c for _, c in by_layer.values())
 
     def table(d):
         return {k: {"total": t, "changed": c, "density": c / t if t else 0.0} for k, (t, c) in d.items()}
 
     return {
         "total_params": total,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "changed_params": changed,
         "density": changed / total if total else 0.0,
-        "model_params": sum(p.numel() for n, p in model.named_parameters() if ".deltas." not in f".{n}"),
-        "by_layer": by_layer,
+        "by_layer": table(by_layer),
+        "by_path": table(by_path),
         "by_l": table(by_l),
         "by_element": table(by_element),
+        "by_element_l": {e: table(d) for e, d in by_element_l.items()},
+    }
+
+
+@torch.no_grad()
+def stats(model: torch.nn.Module) -> dict:
+    """How many path weights the deltas change: totals and breakdowns by layer, by
+    path, by irrep order l of the path, by element, and by element and l."""
+    entries = []
+    for name, layer in patched_layers(model):
+        deltas = layer._modules.get("deltas")
+        for param, groups in target_groups(layer).items():
+            delta = deltas._modules.get(_key(param)) if deltas is not None else None
+            entries.append((name, groups, _changed_mask(delta)))
+    counts = count_changes(entries, lambda count: element_labels(model, count))
+    return {
+        **counts,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "model_params": sum(p.numel() for n, p in model.named_parameters() if ".deltas." not in f".{n}"),
     }

@@ -1,0 +1,252 @@
+"""``sparsekern mace-train``: MACE's own training script (``mace_run_train`` of
+mace-torch 0.3.16, every flag of it) where only sparse deltas train.
+
+Three functions that ``mace.cli.run_train.run`` calls are wrapped while it runs:
+- ``configure_model``: remembers the foundation model it is given;
+- ``get_params_options``: the model arrives with the foundation weights loaded and
+  leaves prepared (patched, base frozen, deltas attached) before the optimizer is
+  built; the parameter groups then hold only trainable tensors: each delta sits in
+  the group of the base weight it changes (so MACE's learning-rate factors and its
+  weight decay, a pull towards the foundation, apply as to that weight), thresholds
+  in groups of their own without decay;
+- ``deepcopy``: run_train saves ``deepcopy(model)``; that copy is merged and unpatched
+  (plain MACE modules, loadable without sparsekern), and the adapter is written
+  beside the ``.model`` (``<name>.adapter.safetensors``, ``<name>_stagetwo...`` for
+  the stage-two model).
+With ``--lora True`` MACE's own LoRA runs and nothing of sparsekern is applied."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+SPARSE_PREFIX = "--sparse_"
+
+
+def _tile(text: str):
+    if text == "path":
+        return "path"
+    try:
+        rows, cols = (int(n) for n in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tile must be ROWSxCOLS (e.g. 8x8) or 'path', got {text!r}") from None
+    return (rows, cols)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mace import tools
+    from mace.tools.arg_parser import str2bool
+
+    parser = tools.build_default_arg_parser()
+    parser.prog = "sparsekern mace-train"
+    parser.description = ("MACE's mace_run_train with sparsity-promoting fine-tuning: the foundation model's "
+                          "weights stay frozen and a sparse delta (a few % of the path weights) trains. Saves a "
+                          "plain MACE .model (delta merged) and <name>.adapter.safetensors.")
+    group = parser.add_argument_group("sparsekern (sparse delta; ignored with --lora True)")
+    group.add_argument("--sparse_density", type=float, default=0.03,
+                       help="fraction of the path weights that change (default 0.03)")
+    group.add_argument("--sparse_mode", choices=("str", "block"), default="str",
+                       help="str: element-wise soft threshold (the paper); block: group soft threshold over tiles")
+    group.add_argument("--sparse_tile", type=_tile, default=(8, 8),
+                       help="block mode: tile as ROWSxCOLS (default 8x8) or 'path' for whole path matrices")
+    group.add_argument("--sparse_init_scale", type=float, default=1e-3,
+                       help="std of the initial delta relative to the base weights' std")
+    group.add_argument("--sparse_include_radial", type=str2bool, default=True,
+                       help="also put deltas on the radial MLPs that make the conv weights")
+    group.add_argument("--sparse_backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
+                       help="sparsekern kernel back end")
+    group.add_argument("--sparse_seed", type=int, default=None, help="seed of the delta's start (default: --seed)")
+    return parser
+
+
+def _sparse_config(args):
+    from ..finetune import SparseConfig
+
+    return SparseConfig(density=args.sparse_density, mode=args.sparse_mode, tile=args.sparse_tile,
+                        init_scale=args.sparse_init_scale, include_radial=args.sparse_include_radial,
+                        seed=args.seed if args.sparse_seed is None else args.sparse_seed)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import mace  # noqa: F401  (also lets e3nn 0.4.4 import under torch >= 2.6)
+    from mace.cli import run_train
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ours = {k: v for k, v in vars(args).items() if k.startswith("sparse_")}
+    for key in ours:
+        delattr(args, key)  # MACE's code sees its own arguments only
+    given = sorted({a.split("=")[0] for a in argv if a.startswith(SPARSE_PREFIX)})
+    if args.lora:
+        if given:
+            parser.error(f"--lora True runs MACE's LoRA; the sparse-delta flags {given} do not apply with it")
+        run_train.run(args)
+        return 0
+    if args.foundation_model is None:
+        parser.error("sparse deltas fine-tune a pretrained model: give --foundation_model "
+                     "(to train from scratch, use mace_run_train)")
+    if args.enable_cueq or args.only_cueq or args.enable_oeq:
+        parser.error("--enable_cueq/--only_cueq/--enable_oeq convert the model to other kernels; sparsekern "
+                     "replaces the same layers with its own (see --sparse_backend)")
+    config = _sparse_config(argparse.Namespace(**ours, seed=args.seed))
+    hooks = SparseHooks(config, ours["sparse_backend"], args)
+    with hooks.installed(run_train):
+        run_train.run(args)
+    return 0
+
+
+class SparseHooks:
+    """State shared by the wrapped functions during one ``run_train.run``."""
+
+    def __init__(self, config, backend: str, args) -> None:
+        self.config, self.backend, self.args = config, backend, args
+        self.foundation: Optional[torch.nn.Module] = None
+        self.model: Optional[torch.nn.Module] = None
+        self.exports = 0
+        self.base_model: Optional[str] = None  # what the adapter applies to
+
+    @contextmanager
+    def installed(self, run_train):
+        names = ("configure_model", "get_params_options", "deepcopy")
+        saved = {n: getattr(run_train, n) for n in names}
+        configure, options = saved["configure_model"], saved["get_params_options"]
+
+        def configure_model(*a, **k):
+            self.foundation = a[3] if len(a) > 3 else k.get("model_foundation")
+            return configure(*a, **k)
+
+        def get_params_options(args, model):
+            self.prepare(model)
+            result = options(args, model)
+            result["params"] = self.regroup(result["params"], model)
+            return result
+
+        def deepcopy(obj, memo=None):
+            if self.model is None or obj is not self.model:
+                return copy.deepcopy(obj, memo)
+            return self.export(obj)
+
+        run_train.configure_model, run_train.get_params_options, run_train.deepcopy = (
+            configure_model, get_params_options, deepcopy)
+        try:
+            yield self
+        finally:
+            for n, f in saved.items():
+                setattr(run_train, n, f)
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        from .. import prepare, stats
+
+        prepare(model, self.config, backend=self.backend)
+        self.model = model
+        s = stats(model)
+        logging.info(f"sparsekern: {s['trainable_params']} trainable delta parameters on {s['total_params']} "
+                     f"frozen path weights, target density {self.config.density} ({self.config.mode} mode)")
+
+    def regroup(self, groups, model: torch.nn.Module) -> list:
+        """MACE's parameter groups, holding trainable tensors only: a delta joins the
+        group of the base weight it changes, thresholds go to no-decay groups."""
+        from ..finetune import iter_deltas
+
+        groups = [dict(g, params=list(g["params"])) for g in groups]
+        home = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        placed = {}
+        for name, layer, param, delta in iter_deltas(model):
+            base = home.get(id(layer.get_parameter(param)))
+            if base is None:
+                raise ValueError(f"sparsekern mace-train: {name}.{param} is in none of MACE's parameter groups, "
+                                 "so MACE would not train it; its delta has no optimizer group")
+            for name, p in delta.named_parameters():
+                placed[id(p)] = (base, name == "log_tau")
+        out = [dict(g, params=[]) for g in groups]
+        thresholds = [dict(g, name=f"{g.get('name', i)}_thresholds", weight_decay=0.0, params=[])
+                      for i, g in enumerate(groups)]
+        for i, g in enumerate(groups):
+            for p in g["params"]:
+                if not p.requires_grad:
+                    continue  # the frozen base (and what --freeze froze)
+                at, is_threshold = placed.get(id(p), (i, False))
+                (thresholds if is_threshold else out)[at]["params"].append(p)
+        return [g for g in out + thresholds if g["params"]]
+
+    @torch.no_grad()
+    def export(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The plain MACE model to save (delta merged); writes the adapter beside it."""
+        from .. import merge, save_adapter, unpatch
+        from ..finetune import calibrate_density
+
+        calibrate_density(model)  # the saved (e.g. EMA-averaged) deltas, on the target density
+        model_dir = Path(self.args.model_dir)
+        stage = "" if self.exports == 0 else "_stagetwo"  # run_train saves stage one, then stage two
+        self.exports += 1
+        if self.base_model is None:
+            self.base_model = self._base_file(model, model_dir)
+        adapter = model_dir / f"{self.args.name}{stage}.adapter.safetensors"
+        save_adapter(model, adapter, extra_metadata={"base_model": self.base_model})
+        logging.info(f"sparsekern: saved the adapter to {adapter} (it applies to {self.base_model})")
+        merged = copy.deepcopy(model)
+        merge(merged)
+        unpatch(merged)
+        return _plain(merged)
+
+    def _base_file(self, model: torch.nn.Module, model_dir: Path) -> str:
+        """The foundation model, where MACE fine-tunes it as it is; else the base MACE
+        configured from it (element subset, E0s, scale and shift), saved beside the adapter."""
+        from .. import patched_layers, unpatch
+
+        base = copy.deepcopy(model)
+        for _, layer in patched_layers(base):
+            layer._modules.pop("deltas", None)
+        base = _plain(unpatch(base))
+        if self.foundation is not None and _same_state(base, self.foundation):
+            return str(self.args.foundation_model)
+        path = model_dir / f"{self.args.name}.base.model"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(base, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        logging.info("sparsekern: MACE adapted the foundation model to this data (element subset, E0s, scale/shift "
+                     f"or readouts), so the adapter applies to that base model, saved to {path}")
+        return str(path)
+
+
+def _plain(model: torch.nn.Module) -> torch.nn.Module:
+    """Drop what ``prepare`` added to the top module (density hook, config), so the
+    model pickles as plain MACE; parameters trainable again, as in MACE's own files."""
+    from ..finetune.api import _steer_density
+
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _steer_density:
+            del model._forward_pre_hooks[key]
+    model.__dict__.pop("sparsekern_config", None)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Same class and the same parameters and buffers, value for value (MACE keeps
+    per-head buffers, e.g. E0s of shape (1, n) where older models hold (n,))."""
+    sa, sb = a.state_dict(), b.state_dict()
+    if type(a) is not type(b) or sa.keys() != sb.keys():
+        return False
+
+    def flat(t):
+        return t.detach().cpu().reshape(-1).to(torch.float64 if t.is_floating_point() else t.dtype)
+
+    return all(sa[k].numel() == sb[k].numel() and torch.equal(flat(sa[k]), flat(sb[k])) for k in sa)

@@ -1,0 +1,45 @@
+"""``sparsekern report ADAPTER``: where an adapter's update went (PNG + JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def load_base(spec: str):
+    """A base model for an adapter that does not describe its weight groups."""
+    from ..model_zoo import load_mace, load_sevennet
+
+    return load_sevennet(spec) if spec.startswith("7net") else load_mace(spec)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sparsekern report",
+        description="Density of an adapter's update by layer, path, irrep order l and element (a PNG and a "
+                    "JSON), and whether l = 2 paths take a larger share of it for transition metals.")
+    parser.add_argument("adapter", help="adapter file (.safetensors) written by sparsekern")
+    parser.add_argument("--out", default=None, help="output folder (default: the adapter's folder)")
+    parser.add_argument("--model", default=None,
+                        help="base model (a MACE .model file, a MACE foundation name, or 7net-0); needed only "
+                             "for adapters written before they described their weight groups")
+    args = parser.parse_args(argv)
+
+    from ..finetune.report import build_report, verdict_line, write_report
+
+    adapter = Path(args.adapter)
+    try:
+        base = load_base(args.model) if args.model else None
+        report = build_report(adapter, base)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"sparsekern report: {exc}", file=sys.stderr)
+        return 1
+    stem = adapter.name.removesuffix(".safetensors") + ".report"
+    png, js = write_report(report, args.out or adapter.parent, stem)
+    print(f"{report['changed_params']} of {report['total_params']} path weights changed "
+          f"({100 * report['density']:.2f} %)")
+    print(verdict_line(report))
+    print(f"wrote {png} and {js}")
+    return 0

@@ -1,0 +1,173 @@
+"""Where an adapter's update went: density by layer, path, irrep order l and element,
+and whether l = 2 (d-like) paths take a larger share of the update for transition
+metals than for the other elements (the paper's signature)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .adapters import group_from_dict, load_adapter, read_adapter
+from .api import count_changes, stats
+
+# d-block, groups 3-12: Sc-Zn, Y-Cd, La, Hf-Hg, Ac, Rf-Cn.
+TRANSITION_METALS = frozenset(
+    list(range(21, 31)) + list(range(39, 49)) + [57] + list(range(72, 81)) + [89] + list(range(104, 113)))
+
+
+def is_transition_metal(label: str) -> Optional[bool]:
+    """True / False for a chemical symbol, None for a label that is not one."""
+    from ase.data import atomic_numbers
+
+    z = atomic_numbers.get(label)
+    return None if z is None else z in TRANSITION_METALS
+
+
+def adapter_stats(path, base: Optional[torch.nn.Module] = None) -> dict:
+    """``stats`` of the model the adapter makes, from the adapter alone where it
+    describes its weight groups (format version 2), else by loading it into ``base``
+    (which must be its base model; it is modified)."""
+    tensors, metadata = read_adapter(path)
+    if "groups" in metadata:
+        try:
+            groups = {stem: [group_from_dict(g) for g in gs] for stem, gs in json.loads(metadata["groups"]).items()}
+            labels: Dict[str, List[str]] = json.loads(metadata.get("element_labels", "{}"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"adapter {path}: its weight-group metadata is damaged ({exc})") from exc
+        return count_changes(_entries(path, tensors, groups), _labeller(labels))
+    if base is None:
+        raise ValueError(f"adapter {path} does not describe its weight groups (written by sparsekern before "
+                         "format version 2): give its base model (--model BASE) to report on it")
+    load_adapter(base, path)
+    return stats(base)
+
+
+def _entries(path, tensors, groups):
+    """(layer name, groups, changed mask) per parameter, from the stored indices."""
+    for stem, gs in groups.items():
+        index = tensors.get(f"{stem}.index")
+        if index is None or not gs:
+            raise ValueError(f"adapter {path}: weight groups of {stem!r} but no stored entries (damaged file)")
+        numel = max(g.offset + g.numel for g in gs)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= numel):
+            raise ValueError(f"adapter {path}: indices of {stem!r} fall outside its weight groups (damaged file)")
+        mask = torch.zeros(numel, dtype=torch.bool)
+        mask[index.long()] = True
+        param = gs[0].param
+        if not stem.endswith("." + param):
+            raise ValueError(f"adapter {path}: entry {stem!r} does not end in its parameter name {param!r}")
+        yield stem[: -len(param) - 1], gs, mask
+
+
+def _labeller(labels: Dict[str, List[str]]) -> Callable[[int], List[str]]:
+    def labels_for(count: int) -> List[str]:
+        names = labels.get(str(count))
+        return names if names is not None and len(names) == count else [f"element {i}" for i in range(count)]
+    return labels_for
+
+
+def d_shell_verdict(s: dict) -> dict:
+    """Do l = 2 paths take a larger share of the update for transition metals (TM)?
+    Pooled over the per-element weights of each set of elements: ``l2_density`` =
+    changed / total l = 2 weights decides (it compares like with like: every element
+    has the same per-element paths); ``l2_share`` = changed l = 2 weights / all changed
+    weights is reported too, but a set with few changes makes it noisy."""
+    pooled = {True: {"l2_changed": 0, "l2_total": 0, "changed": 0, "total": 0, "elements": []},
+              False: {"l2_changed": 0, "l2_total": 0, "changed": 0, "total": 0, "elements": []}}
+    for element, by_l in s["by_element_l"].items():
+        tm = is_transition_metal(element)
+        if tm is None:
+            continue
+        p = pooled[tm]
+        p["elements"].append(element)
+        p["changed"] += sum(v["changed"] for v in by_l.values())
+        p["total"] += sum(v["total"] for v in by_l.values())
+        if "2" in by_l:
+            p["l2_changed"] += by_l["2"]["changed"]
+            p["l2_total"] += by_l["2"]["total"]
+    sets = {}
+    for name, p in (("transition_metals", pooled[True]), ("other_elements", pooled[False])):
+        sets[name] = {**p, "l2_share": p["l2_changed"] / p["changed"] if p["changed"] else None,
+                      "l2_density": p["l2_changed"] / p["l2_total"] if p["l2_total"] else None}
+    tm, other = sets["transition_metals"], sets["other_elements"]
+    if not tm["elements"] or not other["elements"]:
+        answer, why = None, "the model has no per-element weights for " + (
+            "transition metals" if not tm["elements"] else "non-transition-metal elements")
+    elif not tm["l2_total"] or not other["l2_total"]:
+        answer, why = None, "the model has no per-element l = 2 paths"
+    else:
+        answer = tm["l2_density"] > other["l2_density"]
+        why = (f"{100 * tm['l2_density']:.2f} % of the transition metals' per-element l = 2 weights changed, "
+               f"{100 * other['l2_density']:.2f} % of the other elements'")
+    return {"l2_larger_share_for_transition_metals": answer, "reason": why, **sets}
+
+
+def build_report(path, base: Optional[torch.nn.Module] = None) -> dict:
+    _, metadata = read_adapter(path)
+    s = adapter_stats(path, base)
+    return {"adapter": str(path), "fingerprint": metadata.get("fingerprint"),
+            "config": json.loads(metadata.get("config", "null")), **s, "d_shell": d_shell_verdict(s)}
+
+
+def verdict_line(report: dict) -> str:
+    v = report["d_shell"]
+    answer = {True: "yes", False: "no", None: "undetermined"}[v["l2_larger_share_for_transition_metals"]]
+    return f"l = 2 paths take a larger share of the update for transition metals: {answer} ({v['reason']})"
+
+
+def write_report(report: dict, out_dir, stem: str) -> tuple:
+    """``stem``.json and ``stem``.png in ``out_dir``, each written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+    _atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
+    _atomic(png_path, lambda tmp: _plot(report, tmp))
+    return png_path, json_path
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _plot(report: dict, filename: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+
+    def bars(ax, table, title, colors=None, label_every=1):
+        names = list(table)
+        values = [100 * table[n]["density"] for n in names]
+        ax.bar(range(len(names)), values, color=colors or "tab:blue")
+        ticks = list(range(0, len(names), label_every))
+        ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=7)
+        ax.set_ylabel("changed weights (%)")
+        ax.set_title(title)
+
+    bars(axes[0, 0], report["by_layer"], "by layer")
+    paths = report["by_path"]
+    bars(axes[0, 1], paths, f"by path ({len(paths)} paths)", label_every=max(1, len(paths) // 40))
+    bars(axes[1, 0], report["by_l"], "by irrep order l of the path")
+    elements = report["by_element"]
+    colors = ["tab:red" if is_transition_metal(e) else "tab:blue" for e in elements]
+    bars(axes[1, 1], elements, "by element (per-element weights; red: transition metals)", colors,
+         label_every=max(1, len(elements) // 60))
+    fig.suptitle(f"{Path(report['adapter']).name}: {report['changed_params']} of {report['total_params']} "
+                 f"path weights changed ({100 * report['density']:.2f} %)\n{verdict_line(report)}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(filename, format="png", dpi=110)
+    plt.close(fig)
