@@ -1,0 +1,120 @@
+"""Labelled frames for fine-tuning (extended XYZ, MACE's key conventions) and the
+per-element energy references (E0s) chosen the way MACE's ``--E0s`` chooses them."""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Frame:
+    atoms: object  # ase.Atoms
+    energy: float  # eV
+    forces: np.ndarray  # (n, 3) eV/Å
+
+
+def _label(atoms, key: str, where: str, kind: str):
+    """MACE's lookup: ``atoms.info`` (energy) / ``atoms.arrays`` (forces); ASE moves plain
+    ``energy``/``forces`` columns into a SinglePointCalculator, so look there too."""
+    store = atoms.info if kind == "energy" else atoms.arrays
+    if key in store:
+        return store[key]
+    calc = atoms.calc
+    if calc is not None and key == kind and kind in getattr(calc, "results", {}):
+        return calc.results[kind]
+    raise KeyError(f"{where}: no {kind} under key {key!r} (use --{kind}_key to name it; "
+                   f"info keys: {sorted(atoms.info)}, array keys: {sorted(atoms.arrays)})")
+
+
+def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_forces",
+                limit: Optional[int] = None) -> List[Frame]:
+    """The first ``limit`` frames of an extended-XYZ file with their labels."""
+    from ase.io import read
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    index = ":" if limit is None else f":{int(limit)}"
+    try:
+        images = read(path, index=index)
+    except Exception as exc:
+        raise ValueError(f"could not read {path} as extended XYZ: {exc}") from exc
+    if not images:
+        raise ValueError(f"{path} holds no frames")
+    frames = []
+    for i, atoms in enumerate(images):
+        where = f"{path} frame {i}"
+        energy = float(_label(atoms, energy_key, where, "energy"))
+        forces = np.asarray(_label(atoms, forces_key, where, "forces"), dtype=np.float64)
+        if forces.shape != (len(atoms), 3):
+            raise ValueError(f"{where}: forces {forces_key!r} have shape {forces.shape}, expected ({len(atoms)}, 3)")
+        frames.append(Frame(atoms, energy, forces))
+    return frames
+
+
+def composition(frames: Sequence[Frame], zs: Sequence[int]) -> np.ndarray:
+    """(frames, elements) atom counts."""
+    return np.array([[np.count_nonzero(f.atoms.numbers == z) for z in zs] for f in frames], dtype=np.float64)
+
+
+def _lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    # minimum-norm solution, as MACE: with a single composition (one molecule) only the
+    # total per molecule is determined, and that is all the energies need
+    return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def _parse_e0s_dict(spec: str) -> Dict[int, float]:
+    if spec.endswith(".json"):
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"--E0s: JSON file not found: {spec}")
+        raw = json.loads(Path(spec).read_text())
+    else:
+        try:
+            raw = ast.literal_eval(spec)
+        except (ValueError, SyntaxError) as exc:
+            raise ValueError(f"--E0s: expected foundation, estimated, average, a .json file or a dict "
+                             f"like '{{1: -13.6, 8: -2041.8}}', got {spec!r}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"--E0s: expected a dict of atomic number -> energy, got {spec!r}")
+    return {int(k): float(v) for k, v in raw.items()}
+
+
+E0_CHOICES = ("foundation", "estimated", "average")
+
+
+def energy_shift(spec: str, frames: Sequence[Frame], zs: Sequence[int],
+                 model_e0s: Callable[[Sequence[int]], Dict[int, float]],
+                 predict_energies: Callable[[], np.ndarray]) -> Dict[int, float]:
+    """Per-element energy added to the model's predictions (fixed during training), by
+    MACE's ``--E0s`` rules:
+
+    - ``foundation``: keep the model's own reference (shift 0);
+    - ``estimated``: least squares of the training residuals E_ref - E_model on the
+      composition (MACE's ``estimate_e0s_from_foundation``): the foundation model's
+      reference is corrected to the data's (e.g. rMD17 molecules vs SevenNet-0);
+    - ``average``: least squares of the training energies themselves (MACE's
+      ``compute_average_E0s``), which replace the model's isolated-atom energies;
+    - a dict or ``.json`` file {Z: E0}: these replace the model's isolated-atom energies.
+    For the replacing options the shift is new E0 - the model's own E0 (``model_e0s``)."""
+    zs = [int(z) for z in zs]
+    if spec == "foundation":
+        return {z: 0.0 for z in zs}
+    energies = np.array([f.energy for f in frames])
+    if spec == "estimated":
+        coef = _lstsq(composition(frames, zs), energies - predict_energies())
+        return {z: float(c) for z, c in zip(zs, coef)}
+    if spec == "average":
+        new = dict(zip(zs, (float(c) for c in _lstsq(composition(frames, zs), energies))))
+    else:
+        new = _parse_e0s_dict(spec)
+        missing = [z for z in zs if z not in new]
+        if missing:
+            raise ValueError(f"--E0s: no energy given for atomic numbers {missing} present in the training data")
+    own = model_e0s(zs)
+    return {z: new[z] - own[z] for z in zs}
