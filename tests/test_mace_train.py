@@ -60,7 +60,7 @@ def _mace_train(d, name, *extra):
     args = ["--name", name, "--train_file", "train.xyz", "--valid_file", "valid.xyz",
             "--foundation_model", "foundation.model", "--foundation_model_elements", "True", "--E0s", "foundation",
             "--scaling", "no_scaling", "--max_num_epochs", "1", "--batch_size", "2", "--valid_batch_size", "2",
-            "--device", "cpu", "--default_dtype", "float64", "--lr", "0.01", "--seed", "1",
+            "--device", "cpu", "--default_dtype", "float64", "--lr", "0.01", "--seed", "1", "--plot", "False",
             "--work_dir", str(d / name), *extra]
     run = subprocess.run([sys.executable, "-m", "sparsekern", "mace-train", *args], cwd=d, capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -68,12 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sparse_config(args):
+def _sparse_config(ours: dict, seed: int):
     from ..finetune import SparseConfig
 
-    return SparseConfig(density=args.sparse_density, mode=args.sparse_mode, tile=args.sparse_tile,
-                        init_scale=args.sparse_init_scale, include_radial=args.sparse_include_radial,
-                        seed=args.seed if args.sparse_seed is None else args.sparse_seed)
+    return SparseConfig(density=ours["sparse_density"], mode=ours["sparse_mode"], tile=ours["sparse_tile"],
+                        init_scale=ours["sparse_init_scale"], include_radial=ours["sparse_include_radial"],
+                        seed=seed if ours["sparse_seed"] is None else ours["sparse_seed"])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -98,10 +98,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.enable_cueq or args.only_cueq or args.enable_oeq:
         parser.error("--enable_cueq/--only_cueq/--enable_oeq convert the model to other kernels; sparsekern "
                      "replaces the same layers with its own (see --sparse_backend)")
-    config = _sparse_config(argparse.Namespace(**ours, seed=args.seed))
+    try:
+        config = _sparse_config(ours, args.seed)
+    except ValueError as exc:
+        parser.error(str(exc))
     hooks = SparseHooks(config, ours["sparse_backend"], args)
     with hooks.installed(run_train):
         run_train.run(args)
+    if hooks.exports:
+        from .. import stats
+
+        s = stats(hooks.model)
+        logging.info(f"sparsekern: {s['changed_params']} of {s['total_params']} path weights changed "
+                     f"({100 * s['density']:.2f} %); plain MACE model and adapter in {args.model_dir}")
     return 0
 
 
@@ -126,8 +135,10 @@ class SparseHooks:
             return configure(*a, **k)
 
         def get_params_options(args, model):
+            self.args = args  # run_train's own (check_args has filled in its folders)
             self.prepare(model)
-            result = options(args, model)
+            result = options(args, model)  # --freeze freezes modules here, their deltas included
+            self.drop_frozen_deltas(model)
             result["params"] = self.regroup(result["params"], model)
             return result
 
@@ -152,6 +163,22 @@ class SparseHooks:
         s = stats(model)
         logging.info(f"sparsekern: {s['trainable_params']} trainable delta parameters on {s['total_params']} "
                      f"frozen path weights, target density {self.config.density} ({self.config.mode} mode)")
+
+    @staticmethod
+    def drop_frozen_deltas(model: torch.nn.Module) -> None:
+        """A delta that MACE froze (--freeze) must not change its module: remove it and
+        spread the target density over the deltas that train."""
+        from ..finetune import calibrate_density, iter_deltas
+        from ..finetune.api import _key
+
+        frozen = [(name, layer, param) for name, layer, param, d in iter_deltas(model)
+                  if not any(p.requires_grad for p in d.parameters())]
+        for name, layer, param in frozen:
+            del layer.deltas[_key(param)]
+        if frozen:
+            logging.info(f"sparsekern: no deltas on the {len(frozen)} weights MACE froze (--freeze), "
+                         f"e.g. {frozen[0][0]}.{frozen[0][2]}")
+            calibrate_density(model)
 
     def regroup(self, groups, model: torch.nn.Module) -> list:
         """MACE's parameter groups, holding trainable tensors only: a delta joins the
