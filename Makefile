@@ -1,21 +1,25 @@
-# Two environments, because mace-torch pins e3nn 0.4.4 and sevenn needs e3nn >= 0.5.
+# Three environments: mace-torch pins e3nn 0.4.4 and sevenn needs e3nn >= 0.5; MACE
+# changes its models when cuequivariance imports, so it is tested with and without.
 # Each is a venv inside the repo (ignored by git), made on first use.
 PY ?= python3
 TORCH := torch==2.13.0
 SRC := pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 
-.PHONY: demo test test-mace test-sevenn clean
+.PHONY: demo test test-mace test-sevenn test-cueq clean
 
 demo: .venv-sevenn/.installed
 	.venv-sevenn/bin/python -m sparsekern.demo
 
-test: test-mace test-sevenn
+test: test-mace test-sevenn test-cueq
 
 test-mace: .venv-mace/.installed
 	.venv-mace/bin/python -m pytest tests -q -p no:cacheprovider
 
 test-sevenn: .venv-sevenn/.installed
 	.venv-sevenn/bin/python -m pytest tests -q -p no:cacheprovider
+
+test-cueq: .venv-cueq/.installed
+	.venv-cueq/bin/python -m pytest tests/test_cueq.py tests/test_mace.py -q -p no:cacheprovider
 
 # torch first and pinned (an unpinned torch pulls several GB of CUDA wheels); then the
 # package, which builds its CUDA extension when nvcc is present (a compile error fails).
@@ -27,4 +31,4 @@ test-sevenn: .venv-sevenn/.installed
 	touch $@
 
 clean:
-	rm -rf .venv-mace .venv-sevenn build sparsekern/_C*.so
+	rm -rf .venv-mace .venv-sevenn .venv-cueq build sparsekern/_C*.so
