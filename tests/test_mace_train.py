@@ -135,3 +135,41 @@ def test_lora_runs_mace_own_lora_and_flags_do_not_mix(workdir, capsys):
     help_text = capsys.readouterr().out
     assert "--foundation_model" in help_text and "--sparse_density" in help_text and "--sparse_tile" in help_text
 
+
+
+@pytest.mark.parametrize("freeze", [None, 6])
+def test_optimizer_groups_hold_deltas_in_their_base_weights_group(workdir, freeze):
+    """MACE's groups (get_params_options) for the prepared model: only deltas, each in
+    the group of the weight it changes; thresholds without decay; --freeze 6 (all but
+    the readouts) leaves no delta on what it froze."""
+    from mace.tools.arg_parser import build_default_arg_parser
+    from mace.tools.scripts_utils import get_params_options
+
+    from sparsekern.cli.mace_train import SparseHooks
+    from sparsekern.finetune import iter_deltas
+
+    _, foundation = workdir
+    argv = ["--name", "x", "--train_file", "t.xyz"] + ([] if freeze is None else ["--freeze", str(freeze)])
+    args = build_default_arg_parser().parse_args(argv)
+    model = copy.deepcopy(foundation)
+    hooks = SparseHooks(sparsekern.SparseConfig(density=0.05), "auto", args)
+    groups = hooks.params_options(get_params_options, args, model)["params"]
+
+    in_groups = [p for g in groups for p in g["params"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(in_groups) == len({id(p) for p in in_groups}) == len(trainable)
+    assert {id(p) for p in in_groups} == {id(p) for p in trainable}
+    group_of = {id(p): g for g in groups for p in g["params"]}
+    for name, layer, param, delta in iter_deltas(model):
+        assert freeze is None or name.startswith("readouts."), name
+        assert group_of[id(delta.log_tau)]["name"].endswith("_thresholds")
+        assert group_of[id(delta.log_tau)]["weight_decay"] == 0.0
+        expected = "interactions_decay" if name.endswith(".linear") and name.startswith("interactions.") else None
+        if expected:
+            assert group_of[id(delta.v)]["name"] == expected
+    if freeze is None:
+        decayed = {g["name"] for g in groups if g["weight_decay"] > 0}
+        assert decayed == {"interactions_decay", "products"}
+    stats = sparsekern.stats(model)
+    changed = {k for k, v in stats["by_layer"].items() if v["changed"]}
+    assert changed and (freeze is None or all(k.startswith("readouts.") for k in changed))

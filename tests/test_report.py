@@ -4,6 +4,7 @@ old-format or corrupt adapters give clear errors."""
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -69,6 +70,9 @@ def test_report_equals_stats_and_verdict_follows_data(base, tmp_path, capsys, bo
     assert cli(["report", str(path), "--out", str(tmp_path / "out")]) == 0
     png, js = tmp_path / "out" / "a.report.png", tmp_path / "out" / "a.report.json"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in (path, png, js))  # as open() makes them
     report = json.loads(js.read_text())
     expected = sparsekern.stats(model)
     for key in BREAKDOWNS:

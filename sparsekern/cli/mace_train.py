@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
@@ -135,12 +133,7 @@ class SparseHooks:
             return configure(*a, **k)
 
         def get_params_options(args, model):
-            self.args = args  # run_train's own (check_args has filled in its folders)
-            self.prepare(model)
-            result = options(args, model)  # --freeze freezes modules here, their deltas included
-            self.drop_frozen_deltas(model)
-            result["params"] = self.regroup(result["params"], model)
-            return result
+            return self.params_options(options, args, model)
 
         def deepcopy(obj, memo=None):
             if self.model is None or obj is not self.model:
@@ -154,6 +147,15 @@ class SparseHooks:
         finally:
             for n, f in saved.items():
                 setattr(run_train, n, f)
+
+    def params_options(self, options, args, model: torch.nn.Module) -> dict:
+        """MACE's ``options(args, model)`` for the model prepared here."""
+        self.args = args  # run_train's own (check_args has filled in its folders)
+        self.prepare(model)
+        result = options(args, model)  # --freeze freezes modules here, their deltas included
+        self.drop_frozen_deltas(model)
+        result["params"] = self.regroup(result["params"], model)
+        return result
 
     def prepare(self, model: torch.nn.Module) -> None:
         from .. import prepare, stats
@@ -230,6 +232,7 @@ class SparseHooks:
         """The foundation model, where MACE fine-tunes it as it is; else the base MACE
         configured from it (element subset, E0s, scale and shift), saved beside the adapter."""
         from .. import patched_layers, unpatch
+        from ..files import atomic_write
 
         base = copy.deepcopy(model)
         for _, layer in patched_layers(base):
@@ -237,16 +240,7 @@ class SparseHooks:
         base = _plain(unpatch(base))
         if self.foundation is not None and _same_state(base, self.foundation):
             return str(self.args.foundation_model)
-        path = model_dir / f"{self.args.name}.base.model"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(base, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        path = atomic_write(model_dir / f"{self.args.name}.base.model", lambda tmp: torch.save(base, tmp))
         logging.info("sparsekern: MACE adapted the foundation model to this data (element subset, E0s, scale/shift "
                      f"or readouts), so the adapter applies to that base model, saved to {path}")
         return str(path)

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
 from .. import __version__
-from ..patching import patch, patched_layers
+from ..files import atomic_write
 from ..layers.base import WeightGroup
+from ..patching import patch, patched_layers
 from .api import _key, element_labels, iter_deltas, target_groups
 from .delta import FixedDelta
 
@@ -84,16 +83,7 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
     if clash:
         raise ValueError(f"save_adapter: extra_metadata may not set the adapter's own keys {sorted(clash)}")
     metadata.update(extra_metadata or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_adapter(path):

@@ -5,13 +5,12 @@ metals than for the other elements (the paper's signature)."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ..files import atomic_write
 from .adapters import group_from_dict, load_adapter, read_adapter
 from .api import count_changes, stats
 
@@ -110,7 +109,7 @@ def d_shell_verdict(s: dict) -> dict:
 def build_report(path, base: Optional[torch.nn.Module] = None) -> dict:
     _, metadata = read_adapter(path)
     s = adapter_stats(path, base)
-    return {"adapter": str(path), "fingerprint": metadata.get("fingerprint"),
+    return {"adapter": str(path), "fingerprint": metadata.get("fingerprint"), "base_model": metadata.get("base_model"),
             "config": json.loads(metadata.get("config", "null")), **s, "d_shell": d_shell_verdict(s)}
 
 
@@ -123,22 +122,10 @@ def verdict_line(report: dict) -> str:
 def write_report(report: dict, out_dir, stem: str) -> tuple:
     """``stem``.json and ``stem``.png in ``out_dir``, each written atomically."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
-    _atomic(json_path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
-    _atomic(png_path, lambda tmp: _plot(report, tmp))
+    text = json.dumps(report, indent=1) + "\n"
+    json_path = atomic_write(out_dir / f"{stem}.json", lambda tmp: Path(tmp).write_text(text))
+    png_path = atomic_write(out_dir / f"{stem}.png", lambda tmp: _plot(report, tmp))
     return png_path, json_path
-
-
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _plot(report: dict, filename: str) -> None:
