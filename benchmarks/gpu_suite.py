@@ -1,23 +1,28 @@
-"""The whole GPU suite in one call: ``python benchmarks/gpu_suite.py [--quick]``.
+"""The whole GPU suite in one call: ``python benchmarks/gpu_suite.py [--quick]``
+(``benchmarks/run_gpu.sh`` installs, builds, tests and then runs this).
 
-Layers of a MACE-MP-0-medium-shaped model (random weights; 128 channels, l <= 3):
-the two interaction convs and the element-indexed linears (skip_tp), on 5,000 atoms /
-150,000 edges and 300 atoms / 9,000 edges, float32. Back ends: e3nn (gather, TP,
-index_add, as MACE does without fusion), sparsekern's torch back end, the Triton
-kernels (also with half the conv paths masked, and with a block-sparse delta), and
-cuEquivariance's fused conv (MACE's ``conv_fusion``) where it imports ('n/a' otherwise).
-Modes: fwd, fwd+bwd (all input gradients), and force training's fwd + grad with
-create_graph + backward (``fwd+bwd+dbl``). Every entry is measured here: nothing is
-written that was not measured. Writes ``benchmarks/results/gpu_suite_<date>.json`` and
-``.md`` with the device name and date. A failing entry records its error and the suite
-goes on.
+1. The device's two ceilings, measured here: bandwidth of a large device-to-device copy
+   (bytes read + written) and the float32 matrix-product rate (no TF32, as the kernels
+   run float32 for 1e-5 parity).
+2. Kernels (``gpu_cases.py``): conv, skip_tp, irrep linear and symmetric contraction of
+   a MACE-MP-0-medium-shaped model on 5,000 atoms / 150,000 edges and 300 atoms / 9,000
+   edges, float32; e3nn vs the torch back end vs Triton (dense, 3 % block-sparse delta,
+   half the conv paths) vs cuEquivariance's fused conv where it imports; fwd, fwd+bwd and
+   (conv, contraction) fwd+bwd+dbl. Each forward's time is set against its floor
+   (compulsory bytes / measured bandwidth, FLOPs / measured rate).
+3. Parity in the same run (triton vs torch, float32; conv second derivatives in float64).
+4. End to end (``gpu_e2e.py``): energy + forces and one fine-tuning step, e3nn vs
+   sparsekern full vs sparsekern sparse (density 0.03).
+
+Every entry is measured here; an entry that fails records its error and the suite goes
+on. Results are rewritten (atomically) after each section, so a run cut short keeps
+what it measured: ``<out>/gpu_suite_<date>.json`` and ``.md``, with the device and date.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -29,13 +34,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import sparsekern  # noqa: E402,F401
-from sparsekern.layers import ChannelwiseConv, ElementLinear  # noqa: E402
-from sparsekern.model_zoo import mace_mp0_shaped  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_cases  # noqa: E402
+import gpu_e2e  # noqa: E402
+from gpu_cases import OPS, SIZES, SMOKE_SIZES, build_case, parity_error, run_mode  # noqa: E402
 
-SIZES = {"mp0_medium_5000at": (5000, 150000), "small_300at": (300, 9000)}
-MODES = ("fwd", "fwd+bwd", "fwd+bwd+dbl")
-DEV = "cuda"  # "cpu" only for --cpu-smoke (TRITON_INTERPRET=1, tiny shapes, nothing kept)
+import sparsekern  # noqa: E402,F401
+from sparsekern.layers import ChannelwiseConv  # noqa: E402
+
+DEV = "cuda"  # "cpu" only for --cpu-smoke (TRITON_INTERPRET=1, tiny shapes, not a benchmark)
 
 
 def timed(fn, warmup: int, reps: int) -> float:
@@ -60,159 +67,66 @@ def timed(fn, warmup: int, reps: int) -> float:
     return times[len(times) // 2]
 
 
-def run_mode(f, inputs, mode):
-    """One step of ``mode`` for ``out = f(*inputs)``."""
-    if mode == "fwd":
-        with torch.no_grad():
-            return f(*inputs)
-    args = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None for t in inputs]
-    diff = [a for a in args if a is not None and a.requires_grad]
-    out = f(*args)
-    if mode == "fwd+bwd":
-        return torch.autograd.grad(out, diff, torch.ones_like(out))
-    grads = torch.autograd.grad((out * out).sum(), diff, create_graph=True)
-    loss = sum((g * g).sum() for g in grads)
-    return torch.autograd.grad(loss, diff)
-
-
-def cueq_fused_conv(tp):
-    """cuEquivariance's fused conv as MACE builds it (``conv_fusion``), or the reason not."""
-    try:
-        import cuequivariance_torch  # noqa: F401
-        from mace.modules.wrapper_ops import CuEquivarianceConfig, TensorProduct
-    except Exception as exc:  # not installed / no ops package
-        return None, f"n/a ({type(exc).__name__}: {exc})"
-    try:
-        cfg = CuEquivarianceConfig(enabled=True, layout="mul_ir", group="O3_e3nn", optimize_all=True,
-                                   conv_fusion=True)
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float32)
-        try:
-            mod = TensorProduct(tp.irreps_in1, tp.irreps_in2, tp.irreps_out,
-                                [tuple(i)[:5] for i in tp.instructions], shared_weights=False,
-                                internal_weights=False, cueq_config=cfg)
-        finally:
-            torch.set_default_dtype(prev)
-        if not hasattr(mod, "original_forward"):
-            return None, "n/a (MACE did not build a fused cuEquivariance conv)"
-        return mod.to(DEV), None
-    except Exception as exc:
-        return None, f"n/a ({type(exc).__name__}: {exc})"
-
-
-def conv_bytes(conv, n_nodes, n_edges, itemsize=4):
-    """Compulsory forward traffic: per-edge weights and edge attributes once, node
-    features and output once (gathers and scatters assumed cached)."""
-    return itemsize * (n_edges * (conv.weight_numel + conv.irreps_in2.dim)
-                       + n_nodes * (conv.irreps_in1.dim + conv.irreps_out.dim))
-
-
-def bench_conv(model, size, n_nodes, n_edges, args, results, checks):
-    from sparsekern.kernels.triton import conv_fused
-
-    g = torch.Generator(device=DEV).manual_seed(0)
-    # neighbour-list order: edges grouped by sender, receivers random
-    sender = torch.arange(n_nodes, device=DEV).repeat_interleave(n_edges // n_nodes)
-    receiver = torch.randint(0, n_nodes, (sender.numel(),), device=DEV, generator=g)
-    edge_index = torch.stack([sender, receiver])
-    e = edge_index.shape[1]
-    for li, block in enumerate(model.interactions):
-        tp = block.conv_tp
-        conv = ChannelwiseConv.from_e3nn(tp)
-        x = torch.randn(n_nodes, conv.irreps_in1.dim, device=DEV, generator=g)
-        sh = torch.randn(e, conv.irreps_in2.dim, device=DEV, generator=g)
-        w = torch.randn(e, conv.weight_numel, device=DEV, generator=g)
-        half = [t % 2 == 0 for t in range(len(conv.paths))]
-
-        def e3nn_conv(a, b, c, tp=tp):
-            return torch.zeros(a.shape[0], tp.irreps_out.dim, device=a.device, dtype=a.dtype).index_add(
-                0, edge_index[1], tp(a[edge_index[0]], b, c))
-
-        backends = {
-            "e3nn": e3nn_conv,
-            "torch": lambda a, b, c, conv=conv: conv(a, b, c, edge_index),
-            "triton": lambda a, b, c, conv=conv: conv_fused(conv, a, b, c, edge_index),
-            "triton_half_paths": lambda a, b, c, conv=conv: conv_fused(conv, a, b, c, edge_index, path_mask=half),
-        }
-        cueq, why = cueq_fused_conv(tp)
-        if cueq is not None:
-            backends["cueq_fused"] = lambda a, b, c, m=cueq: m(a, b, c, edge_index)
-        # parity in the same run: triton vs the torch back end
-        try:
-            with torch.no_grad():
-                ref = conv(x, sh, w, edge_index)
-                ours = conv_fused(conv, x, sh, w, edge_index)
-            checks.append({"case": size, "layer": f"conv{li}", "dtype": "float32",
-                           "rel_err_triton_vs_torch": ((ours - ref).abs().max() / ref.abs().max()).item()})
-        except Exception as exc:
-            checks.append({"case": size, "layer": f"conv{li}", "error": repr(exc)})
-        floor_bytes = conv_bytes(conv, n_nodes, e)
-        for mode in MODES:
-            row = {"case": size, "op": f"conv{li}", "mode": mode, "edges": e, "nodes": n_nodes,
-                   "paths": len(conv.paths), "fwd_bytes_min": floor_bytes, "ms": {}}
-            for name, f in backends.items():
-                row["ms"][name] = measure(lambda f=f: run_mode(f, (x, sh, w), mode), args)
-            if cueq is None:
-                row["ms"]["cueq_fused"] = why
-            results.append(row)
-            print(json.dumps(row), flush=True)
-
-
-def bench_element_linear(model, size, n_nodes, args, results):
-    from sparsekern.kernels.triton import element_linear_layer
-
-    g = torch.Generator(device=DEV).manual_seed(1)
-    present = torch.randperm(89, device=DEV, generator=g)[:10]  # a 10-element system
-    species = present[torch.randint(0, 10, (n_nodes,), device=DEV, generator=g)]
-    for li, block in enumerate(model.interactions):
-        fctp = block.skip_tp
-        layer = ElementLinear.from_e3nn(fctp)
-        x = torch.randn(n_nodes, layer.irreps_in.dim, device=DEV, generator=g)
-        one_hot = torch.nn.functional.one_hot(species, layer.num_elements).float()
-        T = 16
-        deltas = []
-        for p in layer.paths:  # 3 % of the 16 x 16 blocks active, W0 frozen
-            shape = (layer.num_elements, math.ceil(p.mul_in / T), math.ceil(p.mul_out / T))
-            active = (torch.rand(shape, device=DEV, generator=g) < 0.03).nonzero()
-            slot = torch.full(shape, -1, dtype=torch.int32, device=DEV)
-            slot[tuple(active.t())] = torch.arange(len(active), dtype=torch.int32, device=DEV)
-            deltas.append((slot, torch.randn(len(active), T, T, device=DEV, generator=g) * 1e-2))
-        w = layer.weight
-
-        def with_delta(a, *vals):
-            w.requires_grad_(False)  # sparse fine-tuning: only x and the active blocks
-            try:
-                return element_linear_layer(layer, a, species, [(s, v) for (s, _), v in zip(deltas, vals)])
-            finally:
-                w.requires_grad_(True)
-
-        backends = {
-            "e3nn": (lambda a: fctp(a, one_hot), (x,)),
-            "torch": (lambda a: layer(a, one_hot), (x,)),
-            "triton": (lambda a: element_linear_layer(layer, a, species), (x,)),
-            "triton_delta3pct": (with_delta, (x, *[v for _, v in deltas])),
-        }
-        for mode in MODES[:2]:
-            row = {"case": size, "op": f"skip_tp{li}", "mode": mode, "nodes": n_nodes, "ms": {}}
-            for name, (f, inputs) in backends.items():
-                row["ms"][name] = measure(lambda f=f, inputs=inputs: run_mode(f, inputs, mode), args)
-            results.append(row)
-            print(json.dumps(row), flush=True)
-
-
 def measure(fn, args):
     try:
         return round(timed(fn, args.warmup, args.reps), 4)
     except Exception as exc:  # OOM, missing kernel support, ...
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
         return f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
-def fp64_parity(checks):
-    """Small float64 check on the GPU: triton vs the torch back end, with second derivatives."""
+def ceilings(args) -> dict:
+    """Measured: copy bandwidth (GB/s, read + written) and float32 GEMM rate (GFLOP/s)."""
+    n = (1 << 28) if DEV == "cuda" else (1 << 12)  # 1 GiB of float32 on the GPU
+    a = torch.empty(n, device=DEV, dtype=torch.float32).normal_()
+    b = torch.empty_like(a)
+    ms = timed(lambda: b.copy_(a), args.warmup, args.reps)
+    del a, b
+    k = 8192 if DEV == "cuda" else 64
+    x, y = torch.randn(k, k, device=DEV), torch.randn(k, k, device=DEV)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        mm = timed(lambda: x @ y, args.warmup, args.reps)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return {"copy_GBps": 2 * 4 * n / ms / 1e6, "fp32_gemm_GFLOPs": 2 * k ** 3 / mm / 1e6}
+
+
+def floor_ms(floor: dict, ceil: dict) -> float:
+    return max(floor.get("bytes", 0) / ceil["copy_GBps"] / 1e6, floor.get("flops", 0) / ceil["fp32_gemm_GFLOPs"] / 1e6)
+
+
+def bench_kernels(model, size, n_nodes, n_edges, ops, args, ceil, results, checks):
+    for op in ops:
+        try:
+            case = build_case(op, model, n_nodes, n_edges, DEV)
+        except Exception:
+            checks.append({"case": size, "op": op, "error": traceback.format_exc()[-1500:]})
+            continue
+        try:
+            checks.append({"case": size, "op": op, "dtype": "float32", "parity": case.parity,
+                           "rel_err": parity_error(case)})
+        except Exception as exc:
+            checks.append({"case": size, "op": op, "parity": case.parity, "error": repr(exc)[:300]})
+        for mode in case.modes:
+            row = {"case": size, "op": op, "mode": mode, "nodes": n_nodes, "edges": n_edges,
+                   "fwd_floor": case.floor, "fwd_floor_ms": floor_ms(case.floor, ceil), "ms": {}}
+            for name, b in case.backends.items():
+                row["ms"][name] = b if isinstance(b, str) else measure(
+                    lambda f=b[0], ins=b[1]: run_mode(f, ins, mode), args)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        del case
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+
+
+def fp64_parity(model, checks):
+    """Small float64 check on the device: triton vs the torch back end, second derivatives."""
     from sparsekern.kernels.triton import conv_fused
 
-    model = mace_mp0_shaped("medium", dtype=torch.float64, num_elements=3).to(DEV)
     conv = ChannelwiseConv.from_e3nn(model.interactions[1].conv_tp)
     g = torch.Generator(device=DEV).manual_seed(2)
     n, e = 20, 200
@@ -222,37 +136,59 @@ def fp64_parity(checks):
     ei = torch.randint(0, n, (2, e), device=DEV, generator=g)
     ours = run_mode(lambda a, b, c: conv_fused(conv, a, b, c, ei), ins, "fwd+bwd+dbl")
     ref = run_mode(lambda a, b, c: conv(a, b, c, ei), ins, "fwd+bwd+dbl")
-    checks.append({"case": "fp64_dbl_backward", "layer": "conv1", "dtype": "float64",
-                   "rel_err_triton_vs_torch": max(((a - b).abs().max() / b.abs().max()).item()
-                                                  for a, b in zip(ours, ref))})
+    checks.append({"case": "fp64_dbl_backward", "op": "conv1", "dtype": "float64",
+                   "rel_err": max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, ref))})
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else ("n/a" if str(v).startswith("n/a") else "err" if v else "")
 
 
 def markdown(meta, results, checks) -> str:
-    names = []
-    for r in results:
-        names += [k for k in r["ms"] if k not in names]
+    ceil = meta.get("ceilings", {})
     lines = [f"# GPU suite: {meta['device']}, {meta['date']}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, float32, median of {meta['reps']} runs (ms).", "",
-             "| case | op | mode | " + " | ".join(names) + " | e3nn / triton | cueq / triton |",
-             "|" + "---|" * (len(names) + 5)]
-    for r in results:
+             f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; float32; median of "
+             f"{meta['reps']} runs after {meta['warmup']} warm-ups, CUDA events (ms). Measured ceilings: "
+             f"copy {ceil.get('copy_GBps', 0):.0f} GB/s (read + write), float32 GEMM "
+             f"{ceil.get('fp32_gemm_GFLOPs', 0) / 1e3:.1f} TFLOP/s.", ""]
+    kern = [r for r in results if not r["case"].startswith("e2e")]
+    names = []
+    for r in kern:
+        names += [k for k in r["ms"] if k not in names]
+    lines += ["## Kernels", "",
+              "| case | op | mode | " + " | ".join(names) + " | e3nn / triton | cueq / triton | fwd floor (ms) | triton / floor |",
+              "|" + "---|" * (len(names) + 7)]
+    for r in kern:
         ms = r["ms"]
-        cells = [f"{ms[n]:.3f}" if isinstance(ms.get(n), float) else str(ms.get(n, ""))[:3] for n in names]
 
-        def ratio(a):
-            x, y = ms.get(a), ms.get("triton")
+        def ratio(a, b="triton"):
+            x, y = ms.get(a), ms.get(b)
             return f"{x / y:.2f}x" if isinstance(x, float) and isinstance(y, float) and y > 0 else "n/a"
-        lines.append(f"| {r['case']} | {r['op']} | {r['mode']} | " + " | ".join(cells)
-                     + f" | {ratio('e3nn')} | {ratio('cueq_fused')} |")
+        t = ms.get("triton")
+        vs_floor = f"{t / r['fwd_floor_ms']:.1f}x" if r["mode"] == "fwd" and isinstance(t, float) else ""
+        lines.append(f"| {r['case']} | {r['op']} | {r['mode']} | " + " | ".join(_fmt(ms.get(n, "")) for n in names)
+                     + f" | {ratio('e3nn')} | {ratio('cueq_fused')} | {r['fwd_floor_ms']:.4f} | {vs_floor} |")
+    e2e = [r for r in results if r["case"].startswith("e2e")]
+    if e2e:
+        lines += ["", "## End to end (MACE-MP-0-medium shape)", "",
+                  "| case | variant | atoms | edges | energy+forces (ms) | fine-tuning step (ms) | step speed-up vs e3nn |",
+                  "|---|---|---|---|---|---|---|"]
+        base = next((r["ms"]["finetune_step"] for r in e2e if r["mode"] == "e3nn"), None)
+        for r in e2e:
+            s = r["ms"]["finetune_step"]
+            up = f"{base / s:.2f}x" if isinstance(base, float) and isinstance(s, float) else "n/a"
+            lines.append(f"| {r['case']} | {r['mode']} | {r['nodes']} | {r['edges']} | "
+                         f"{_fmt(r['ms']['energy+forces'])} | {_fmt(s)} | {up} |")
     notes = sorted({f"{n}: {v}" for r in results for n, v in r["ms"].items() if isinstance(v, str)})
     lines += ["", "Entries not measured (n/a) or failed (err):", ""] + [f"- {t}" for t in notes]
-    lines += ["", "Forward bandwidth of the conv (compulsory bytes / triton time):", ""]
-    for r in results:
-        if r["op"].startswith("conv") and r["mode"] == "fwd" and isinstance(r["ms"].get("triton"), float):
-            lines.append(f"- {r['case']} {r['op']}: {r['fwd_bytes_min'] / 1e9:.3f} GB, "
-                         f"{r['fwd_bytes_min'] / r['ms']['triton'] / 1e6:.0f} GB/s")
-    lines += ["", "Parity checks (same run):", ""] + [f"- {json.dumps(c)}" for c in checks]
+    lines += ["", "Parity checks and errors (same run):", ""] + [f"- {json.dumps(c)}" for c in checks]
     return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main():
@@ -260,45 +196,63 @@ def main():
     ap.add_argument("--quick", action="store_true", help="only the 300-atom case, fewer repetitions")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    ap.add_argument("--e2e-atoms", type=int, default=5000, help="0: no end-to-end runs")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="check that the script runs: CPU, TRITON_INTERPRET=1, tiny shapes, output to a temp dir")
     args = ap.parse_args()
-    global DEV, SIZES
+    global DEV
+    sizes = SIZES
+    ops = [o for o in args.ops.split(",") if o]
+    if any(o not in OPS for o in ops):
+        sys.exit(f"gpu_suite: unknown op in --ops {args.ops!r}; expected some of {','.join(OPS)}")
     if args.cpu_smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("gpu_suite --cpu-smoke: set TRITON_INTERPRET=1")
-        DEV, SIZES = "cpu", {"smoke_20at": (20, 60)}
+        DEV, sizes = "cpu", SMOKE_SIZES
         args.warmup, args.reps, args.out = 0, 1, tempfile.mkdtemp(prefix="gpu_suite_smoke_")
+        args.e2e_atoms = min(args.e2e_atoms, 8)
     elif not torch.cuda.is_available():
         sys.exit("gpu_suite: no CUDA device; nothing measured, nothing written")
     if args.quick:
         args.reps = min(args.reps, 5)
+        sizes = {k: v for k, v in sizes.items() if k != "mp0_medium_5000at"}
     import triton
 
     now = datetime.datetime.now(datetime.timezone.utc)
-    meta = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu smoke test (not a benchmark)", "date": now.isoformat(timespec="seconds"),
-            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "cuda": torch.version.cuda, "warmup": args.warmup, "reps": args.reps}
+    meta = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu smoke test (not a benchmark)",
+            "date": now.isoformat(timespec="seconds"), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "cuda": torch.version.cuda, "warmup": args.warmup,
+            "reps": args.reps, "command": " ".join(sys.argv)}
     results, checks = [], []
-    model = mace_mp0_shaped("medium", dtype=torch.float32).to(DEV)
-    sizes = {k: v for k, v in SIZES.items() if not args.quick or k != "mp0_medium_5000at"}
-    for size, (n_nodes, n_edges) in sizes.items():
-        for bench, extra in ((bench_conv, (n_nodes, n_edges)), (bench_element_linear, (n_nodes,))):
-            try:
-                bench(model, size, *extra, args, results, checks) if bench is bench_conv else \
-                    bench(model, size, *extra, args, results)
-            except Exception:
-                checks.append({"case": size, "bench": bench.__name__, "error": traceback.format_exc()[-2000:]})
-    try:
-        fp64_parity(checks)
-    except Exception:
-        checks.append({"case": "fp64_dbl_backward", "error": traceback.format_exc()[-2000:]})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"gpu_suite_{now.strftime('%Y%m%d_%H%M%S')}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results, "checks": checks}, indent=1))
-    stem.with_suffix(".md").write_text(markdown(meta, results, checks))
+
+    def save():
+        write_atomic(stem.with_suffix(".json"), json.dumps({"meta": meta, "results": results, "checks": checks},
+                                                           indent=1))
+        write_atomic(stem.with_suffix(".md"), markdown(meta, results, checks))
+
+    meta["ceilings"] = ceilings(args)
+    print(json.dumps(meta), flush=True)
+    model = gpu_cases.model(args.cpu_smoke).to(DEV)
+    for size, (n_nodes, n_edges) in sizes.items():
+        bench_kernels(model, size, n_nodes, n_edges, ops, args, meta["ceilings"], results, checks)
+        save()
+    del model
+    try:
+        fp64_parity(gpu_cases.model(args.cpu_smoke, torch.float64).to(DEV), checks)
+    except Exception:
+        checks.append({"case": "fp64_dbl_backward", "error": traceback.format_exc()[-2000:]})
+    if args.e2e_atoms:
+        try:
+            gpu_e2e.run(gpu_cases.model(args.cpu_smoke).to(DEV), args.e2e_atoms, DEV, lambda fn: measure(fn, args),
+                        results, checks)
+        except Exception:
+            checks.append({"case": "e2e", "error": traceback.format_exc()[-2000:]})
+    save()
     print(markdown(meta, results, checks))
     print(f"wrote {stem}.json and {stem}.md")
 

@@ -1,0 +1,298 @@
+"""The kernel cases of the GPU suite, shared by ``gpu_suite.py`` (CUDA-event timing,
+JSON and markdown) and ``test_kernels_bench.py`` (pytest-benchmark).
+
+Layers of a MACE-MP-0-medium-shaped model (random weights; 128 channels, l <= 3): the
+two interaction convs, the element-indexed linears (skip_tp), the irrep linears after
+each conv, and the symmetric contractions, float32. Each case gives its back ends as
+callables: e3nn (as MACE runs it), sparsekern's torch back end, the Triton kernels (also
+with a block-sparse delta at 3 % density, W0 frozen, and, for the conv, half its paths
+masked), and cuEquivariance's fused conv where it imports. A back end that cannot run
+here is a string saying why. ``floor`` holds the forward pass's compulsory bytes and
+FLOPs (computed, see NOTES.md).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple, Union
+
+import torch
+
+import sparsekern  # noqa: F401  (e3nn 0.4.4 under torch >= 2.6)
+from sparsekern.layers import ChannelwiseConv, ElementLinear, IrrepsLinear, SymmetricContraction
+from sparsekern.model_zoo import mace_mp0_shaped
+
+SIZES = {"mp0_medium_5000at": (5000, 150000), "small_300at": (300, 9000)}
+SMOKE_SIZES = {"smoke_20at": (20, 60)}  # CPU check of the scripts (TRITON_INTERPRET=1)
+# the smoke check's model: MP-0's structure with tiny channels (the interpreter is slow)
+SMOKE_MODEL = dict(num_elements=3, hidden_irreps="4x0e+4x1o", max_ell=2, correlation=2, radial_MLP=[8])
+MODES = ("fwd", "fwd+bwd", "fwd+bwd+dbl")
+OPS = ("conv0", "conv1", "skip_tp0", "skip_tp1", "linear0", "linear1", "products0", "products1")
+DELTA_DENSITY, DELTA_TILE = 0.03, 16
+N_PRESENT = 10  # elements in the benchmark system (of the model's 89)
+
+Backend = Union[Tuple[Callable, tuple], str]
+
+
+@dataclass
+class OpCase:
+    op: str
+    backends: Dict[str, Backend]
+    modes: Tuple[str, ...] = MODES[:2]
+    floor: Dict[str, float] = field(default_factory=dict)  # fwd bytes and flops
+    parity: Optional[Tuple[str, str]] = ("triton", "torch")  # back ends compared in the same run
+
+
+def model(smoke: bool, dtype=torch.float32) -> torch.nn.Module:
+    """The MACE-MP-0-medium-shaped model of the benchmarks (the tiny one with ``smoke``)."""
+    from e3nn import o3
+
+    if not smoke:
+        return mace_mp0_shaped("medium", dtype=dtype)
+    kw = dict(SMOKE_MODEL, hidden_irreps=o3.Irreps(SMOKE_MODEL["hidden_irreps"]))
+    return mace_mp0_shaped("small", dtype=dtype, **kw)
+
+
+def run_mode(f, inputs, mode):
+    """One step of ``mode`` for ``out = f(*inputs)``: fwd; fwd+bwd (gradients of all
+    floating inputs); fwd+bwd+dbl (force training: grad with create_graph, then backward)."""
+    if mode == "fwd":
+        with torch.no_grad():
+            return f(*inputs)
+    args = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+    diff = [a for a in args if a.requires_grad]
+    out = f(*args)
+    if mode == "fwd+bwd":
+        return torch.autograd.grad(out, diff, torch.ones_like(out))
+    grads = torch.autograd.grad((out * out).sum(), diff, create_graph=True)
+    loss = sum((g * g).sum() for g in grads)
+    return torch.autograd.grad(loss, diff)
+
+
+def _species(n_nodes: int, n_el: int, dev, g) -> torch.Tensor:
+    present = torch.randperm(n_el, device=dev, generator=g)[:N_PRESENT]
+    return present[torch.randint(0, len(present), (n_nodes,), device=dev, generator=g)]
+
+
+def random_blocks(n_el: int, mul_in: int, mul_out: int, dev, g):
+    """(block_slot, block_values): DELTA_DENSITY of the DELTA_TILE^2 blocks active."""
+    T = DELTA_TILE
+    shape = (n_el, math.ceil(mul_in / T), math.ceil(mul_out / T))
+    active = (torch.rand(shape, device=dev, generator=g) < DELTA_DENSITY).nonzero()
+    slot = torch.full(shape, -1, dtype=torch.int32, device=dev)
+    slot[tuple(active.t())] = torch.arange(len(active), dtype=torch.int32, device=dev)
+    return slot, torch.randn(len(active), T, T, device=dev, generator=g) * 1e-2
+
+
+def _frozen(weight: torch.Tensor, f):
+    """``f`` run with ``weight`` frozen (sparse fine-tuning trains x and the blocks only)."""
+    def run(*args):
+        weight.requires_grad_(False)
+        try:
+            return f(*args)
+        finally:
+            weight.requires_grad_(True)
+    return run
+
+
+def cueq_fused_conv(tp, dev):
+    """cuEquivariance's fused conv as MACE builds it (``conv_fusion``), or why not."""
+    try:
+        import cuequivariance_torch  # noqa: F401
+        from mace.modules.wrapper_ops import CuEquivarianceConfig, TensorProduct
+    except Exception as exc:  # not installed / no ops package
+        return f"n/a ({type(exc).__name__}: {exc})"
+    try:
+        cfg = CuEquivarianceConfig(enabled=True, layout="mul_ir", group="O3_e3nn", optimize_all=True,
+                                   conv_fusion=True)
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            mod = TensorProduct(tp.irreps_in1, tp.irreps_in2, tp.irreps_out,
+                                [tuple(i)[:5] for i in tp.instructions], shared_weights=False,
+                                internal_weights=False, cueq_config=cfg)
+        finally:
+            torch.set_default_dtype(prev)
+        if not hasattr(mod, "original_forward"):
+            return "n/a (MACE did not build a fused cuEquivariance conv)"
+        return mod.to(dev)
+    except Exception as exc:
+        return f"n/a ({type(exc).__name__}: {exc})"
+
+
+def conv_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
+    from sparsekern.kernels.triton import conv_fused
+
+    g = torch.Generator(device=dev).manual_seed(li)
+    # neighbour-list order: edges grouped by sender, receivers random
+    sender = torch.arange(n_nodes, device=dev).repeat_interleave(max(1, n_edges // n_nodes))
+    receiver = torch.randint(0, n_nodes, (sender.numel(),), device=dev, generator=g)
+    edge_index = torch.stack([sender, receiver])
+    e = edge_index.shape[1]
+    tp = model.interactions[li].conv_tp
+    conv = ChannelwiseConv.from_e3nn(tp)
+    x = torch.randn(n_nodes, conv.irreps_in1.dim, device=dev, generator=g)
+    sh = torch.randn(e, conv.irreps_in2.dim, device=dev, generator=g)
+    w = torch.randn(e, conv.weight_numel, device=dev, generator=g)
+    half = [t % 2 == 0 for t in range(len(conv.paths))]
+
+    def e3nn_conv(a, b, c):
+        return torch.zeros(a.shape[0], tp.irreps_out.dim, device=a.device, dtype=a.dtype).index_add(
+            0, edge_index[1], tp(a[edge_index[0]], b, c))
+
+    ins = (x, sh, w)
+    backends: Dict[str, Backend] = {
+        "e3nn": (e3nn_conv, ins),
+        "torch": (lambda a, b, c: conv(a, b, c, edge_index), ins),
+        "triton": (lambda a, b, c: conv_fused(conv, a, b, c, edge_index), ins),
+        "triton_half_paths": (lambda a, b, c: conv_fused(conv, a, b, c, edge_index, path_mask=half), ins),
+    }
+    cueq = cueq_fused_conv(tp, dev)
+    backends["cueq_fused"] = cueq if isinstance(cueq, str) else (lambda a, b, c: cueq(a, b, c, edge_index), ins)
+    return OpCase(f"conv{li}", backends, MODES, conv_floor(conv, n_nodes, e))
+
+
+def conv_floor(conv, n_nodes: int, n_edges: int, itemsize: int = 4) -> Dict[str, float]:
+    """Forward: per-edge weights, edge attributes and the edge index read once, node
+    features read and output written once (gathers and scatters hit the cache); FLOPs: a
+    multiply-add per nonzero Clebsch-Gordan entry, weight product and scatter-add, per
+    edge, path and channel."""
+    nbytes = (itemsize * (n_edges * (conv.weight_numel + conv.irreps_in2.dim)
+                          + n_nodes * (conv.irreps_in1.dim + conv.irreps_out.dim)) + 8 * 2 * n_edges)
+    flops = 0
+    for p in conv.paths:
+        l1, l2 = conv.irreps_in1[p.i_in1].ir.l, conv.irreps_in2[p.i_in2].ir.l
+        lo = conv.irreps_out[p.i_out].ir.l
+        nnz = int(conv._cg(l1, l2, lo).ne(0).sum())
+        flops += n_edges * p.mul * (2 * nnz + 2 * (2 * lo + 1))
+    return {"bytes": float(nbytes), "flops": float(flops)}
+
+
+def linear_floor(irreps_in, irreps_out, n_nodes: int, weight_numel: int, itemsize: int = 4) -> Dict[str, float]:
+    """x read and y written once, the weights of the elements present once; a multiply-add
+    per weight, node and irrep component."""
+    return {"bytes": float(itemsize * (n_nodes * (irreps_in.dim + irreps_out.dim) + weight_numel))}
+
+
+def skip_tp_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
+    from sparsekern.kernels.triton import element_linear_layer
+
+    g = torch.Generator(device=dev).manual_seed(10 + li)
+    fctp = model.interactions[li].skip_tp
+    layer = ElementLinear.from_e3nn(fctp)
+    species = _species(n_nodes, layer.num_elements, dev, g)
+    x = torch.randn(n_nodes, layer.irreps_in.dim, device=dev, generator=g)
+    one_hot = torch.nn.functional.one_hot(species, layer.num_elements).float()
+    deltas = [random_blocks(layer.num_elements, p.mul_in, p.mul_out, dev, g) for p in layer.paths]
+    slots = [s for s, _ in deltas]
+    with_delta = _frozen(layer.weight, lambda a, *vals: element_linear_layer(layer, a, species, list(zip(slots, vals))))
+    backends: Dict[str, Backend] = {
+        "e3nn": (lambda a: fctp(a, one_hot), (x,)),
+        "torch": (lambda a: layer(a, one_hot), (x,)),
+        "triton": (lambda a: element_linear_layer(layer, a, species), (x,)),
+        "triton_delta3pct": (with_delta, (x, *[v for _, v in deltas])),
+    }
+    d = {p: layer.irreps_in[p.i_in].ir.dim for p in layer.paths}
+    floor = linear_floor(layer.irreps_in, layer.irreps_out, n_nodes,
+                         N_PRESENT * sum(p.mul_in * p.mul_out for p in layer.paths))
+    floor["flops"] = float(2 * n_nodes * sum(p.mul_in * p.mul_out * d[p] for p in layer.paths))
+    return OpCase(f"skip_tp{li}", backends, MODES[:2], floor)
+
+
+def linear_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
+    """The irrep linear after the conv (10 paths into 4 outputs in layer 1)."""
+    from sparsekern.kernels.triton.element_linear import irreps_linear_paths
+
+    g = torch.Generator(device=dev).manual_seed(20 + li)
+    lin = model.interactions[li].linear
+    layer = IrrepsLinear.from_e3nn(lin)
+    x = torch.randn(n_nodes, layer.irreps_in.dim, device=dev, generator=g)
+    deltas = [random_blocks(1, p.mul_in, p.mul_out, dev, g) for p in layer.paths]
+    slots = [s for s, _ in deltas]
+
+    def with_delta(a, *vals):
+        outs = irreps_linear_paths(layer, a, list(zip(slots, vals)))
+        return torch.cat([o for o in outs if o is not None], 1)
+
+    def backend(name):
+        def run(a):
+            layer.backend = name
+            return layer(a)
+        return run
+
+    backends: Dict[str, Backend] = {
+        "e3nn": (lin, (x,)),
+        "torch": (backend("torch"), (x,)),
+        "triton": (backend("triton"), (x,)),
+        "triton_delta3pct": (_frozen(layer.weight, with_delta), (x, *[v for _, v in deltas])),
+    }
+    floor = linear_floor(layer.irreps_in, layer.irreps_out, n_nodes, layer.weight_numel)
+    floor["flops"] = float(2 * n_nodes * sum(p.mul_in * p.mul_out * layer.irreps_in[p.i_in].ir.dim
+                                             for p in layer.paths))
+    return OpCase(f"linear{li}", backends, MODES[:2], floor)
+
+
+def products_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
+    """The symmetric contraction; its Triton kernel through the layer's back end when
+    the layer has one, else called directly, else n/a."""
+    g = torch.Generator(device=dev).manual_seed(30 + li)
+    sc = model.products[li].symmetric_contractions
+    layer = SymmetricContraction.from_e3nn(sc)
+    species = _species(n_nodes, layer.num_elements, dev, g)
+    one_hot = torch.nn.functional.one_hot(species, layer.num_elements).float()
+    x = torch.randn(n_nodes, layer.num_features, layer.coupling_dim, device=dev, generator=g)
+
+    def backend(name):
+        def run(a):
+            layer.backend = name
+            return layer(a, one_hot)
+        return run
+
+    backends: Dict[str, Backend] = {"e3nn": (lambda a: sc(a, one_hot), (x,)), "torch": (backend("torch"), (x,))}
+    if "triton" in layer.implemented_backends:
+        backends["triton"] = (backend("triton"), (x,))
+    else:
+        try:
+            from sparsekern.kernels.triton.symmetric_contraction import symmetric_contraction
+            backends["triton"] = (lambda a: symmetric_contraction(layer, a, species), (x,))
+        except Exception as exc:  # not written yet
+            backends["triton"] = f"n/a ({type(exc).__name__}: {exc})"
+    return OpCase(f"products{li}", backends, MODES, products_floor(layer, n_nodes))
+
+
+def products_floor(layer, n_nodes: int, itemsize: int = 4) -> Dict[str, float]:
+    """x read and y written once, the present elements' weights once; FLOPs: with the
+    weights folded per element (sum over k), a multiply-add per nonzero of U_nu over
+    (output component, sorted index tuple) per node and channel (the monomials' own
+    products, fewer, are left out)."""
+    d, terms = layer.coupling_dim, 0
+    for con in layer.contractions:
+        for nu, u in enumerate(layer.u_by_degree(con), start=1):
+            u = u.detach().cpu().double()
+            m = u.shape[0] if u.dim() == nu + 2 else 1
+            support = u.reshape(m, *([d] * nu), u.shape[-1]).ne(0).any(-1).nonzero()  # (m, i_1..i_nu)
+            # one monomial per sorted tuple: permutations of the indices merge
+            terms += len({(row[0], *sorted(row[1:])) for row in support.tolist()})
+    n_weights = sum(w.numel() for name, w in layer.named_parameters()) // layer.num_elements * N_PRESENT
+    return {"bytes": float(itemsize * (n_nodes * layer.num_features * layer.coupling_dim
+                                       + n_nodes * layer.irreps_out.dim + n_weights)),
+            "flops": float(2 * n_nodes * layer.num_features * terms)}
+
+
+BUILDERS = {"conv": conv_case, "skip_tp": skip_tp_case, "linear": linear_case, "products": products_case}
+
+
+def build_case(op: str, model, n_nodes: int, n_edges: int, dev) -> OpCase:
+    """``op`` is one of OPS (name + interaction index)."""
+    name, li = op[:-1], int(op[-1])
+    return BUILDERS[name](model, li, n_nodes, n_edges, dev)
+
+
+def parity_error(case: OpCase) -> Optional[float]:
+    """max |a - b| / max |b| of the forward outputs of the case's two parity back ends."""
+    if case.parity is None or any(isinstance(case.backends.get(b), (str, type(None))) for b in case.parity):
+        return None
+    (fa, ia), (fb, ib) = (case.backends[b] for b in case.parity)
+    with torch.no_grad():
+        a, b = fa(*ia), fb(*ib)
+    return ((a - b).abs().max() / b.abs().max()).item()

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The whole GPU run in ONE call of the device tool (10 minutes a command), from the repo root:
+#
+#   here, once:  /work/shared/tools/device-wheels.sh .whl gitdb smmap wcwidth
+#   device call: bash benchmarks/run_gpu.sh          (carry: [".whl"])
+#
+# 1. installs the carried wheels (.whl/: mace-torch, e3nn 0.4.4, ase, cuequivariance, ...)
+#    into .gpu-site (ignored; PYTHONPATH), since the GPU image has torch and triton but no
+#    mace; any other .whl-*/ folder carried too (cuEquivariance's ops wheels, 73 MB, are
+#    over one call's 64 MiB: carry .whl-cueq1 in a first `run_gpu.sh --install-only`
+#    call and .whl + .whl-cueq2 in the next one while the machine is warm);
+# 2. builds the package and its CUDA extension (pip install -e ., no network, no deps);
+# 3. runs the GPU-marked tests;
+# 4. runs the suite (benchmarks/gpu_suite.py: kernels, parity, end to end), then the
+#    pytest-benchmark microbenchmarks of the small system, each inside the time left;
+# 5. copies JSON + markdown to $OUT (when set) and benchmarks/results/.
+#
+# --cpu-smoke: the same steps on this CPU machine with TRITON_INTERPRET=1 and tiny shapes
+# (no install, no build: checks the script, measures nothing).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+BUDGET=${RUN_GPU_BUDGET_S:-570}  # the device tool stops a command at 600 s
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+OUTDIR=${OUT:-}
+RES=benchmarks/results
+mkdir -p "$RES"
+PY=${PYTHON:-python3}
+mode=${1:-}
+
+log() { echo "== [run_gpu $(( $(date +%s) - START ))s] $*"; }
+
+install_wheels() {
+  local wheels=(.whl/*.whl .whl-*/*.whl)
+  local found=()
+  for w in "${wheels[@]}"; do [ -f "$w" ] && found+=("$w"); done
+  if [ ${#found[@]} -eq 0 ]; then log "no carried wheels (.whl/)"; return 0; fi
+  log "installing ${#found[@]} wheels into .gpu-site"
+  grep -qxF "/.gpu-site/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/.gpu-site/" >> .git/info/exclude; }
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .gpu-site "${found[@]}"
+}
+
+if [ "$mode" = "--cpu-smoke" ]; then
+  export TRITON_INTERPRET=1
+  PY=${PYTHON:-.venv-mace/bin/python}
+  log "cpu smoke: GPU tests (expect skips)"
+  $PY -m pytest tests/test_triton_element_linear.py -m gpu -q -p no:cacheprovider || exit 1
+  log "cpu smoke: suite"
+  $PY benchmarks/gpu_suite.py --cpu-smoke --ops conv1,skip_tp1,linear1,products1 --e2e-atoms 0 || exit 1
+  log "cpu smoke: microbenchmarks (skip without a GPU)"
+  $PY -m pytest benchmarks/test_kernels_bench.py -q -p no:cacheprovider
+  rc=$?; [ $rc -eq 0 ] || [ $rc -eq 5 ] || exit 1  # 5: all skipped, nothing collected
+  log "cpu smoke passed"
+  exit 0
+fi
+
+install_wheels || { log "wheel install failed"; exit 1; }
+export PYTHONPATH="$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH}"
+[ "$mode" = "--install-only" ] && exit 0
+
+log "device"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv || true
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+log "build: pip install -e . (CUDA extension)"
+$PY -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -20
+$PY -c "import sparsekern.kernels.cuda as c; print('cuda extension available:', c.available())" || true
+
+stamp=$(date -u +%Y%m%d_%H%M%S)
+log "GPU tests"
+timeout $(( $(left) / 5 )) $PY -m pytest tests -m gpu -q -p no:cacheprovider -x 2>&1 | tee "$RES/gpu_tests_$stamp.log" | tail -15
+
+log "suite (time left $(left) s)"
+export PYTHONUNBUFFERED=1
+timeout $(( $(left) - 120 )) $PY benchmarks/gpu_suite.py --out "$RES" ${SUITE_ARGS:-} 2>&1 | tail -80
+log "suite exit $?"
+
+if [ "$(left)" -gt 60 ]; then
+  log "pytest-benchmark, small system (time left $(left) s)"
+  timeout $(( $(left) - 20 )) $PY -m pytest benchmarks/test_kernels_bench.py -k small_300at -q -p no:cacheprovider \
+    --benchmark-json="$RES/kernels_bench_$stamp.json" --benchmark-columns=median,min,max,rounds 2>&1 | tail -40
+fi
+
+if [ -n "$OUTDIR" ]; then  # the device tool brings back at most 8 files: the newest of each kind
+  for pat in "gpu_suite_*.json" "gpu_suite_*.md" "kernels_bench_*.json" "gpu_tests_*.log"; do
+    f=$(ls -t $RES/$pat 2>/dev/null | head -1); [ -n "$f" ] && cp "$f" "$OUTDIR/"
+  done
+fi
+log "done"
