@@ -168,10 +168,14 @@ def conv_floor(conv, n_nodes: int, n_edges: int, itemsize: int = 4) -> Dict[str,
     return {"bytes": float(nbytes), "flops": float(flops)}
 
 
-def linear_floor(irreps_in, irreps_out, n_nodes: int, weight_numel: int, itemsize: int = 4) -> Dict[str, float]:
-    """x read and y written once, the weights of the elements present once; a multiply-add
-    per weight, node and irrep component."""
-    return {"bytes": float(itemsize * (n_nodes * (irreps_in.dim + irreps_out.dim) + weight_numel))}
+def linear_floor(layer, n_nodes: int, weight_sets: int, itemsize: int = 4) -> Dict[str, float]:
+    """Irrep or element linear: x read and y written once, ``weight_sets`` copies of the
+    path weights (the elements present) once; a multiply-add per weight, node and irrep
+    component."""
+    weights = sum(p.mul_in * p.mul_out for p in layer.paths)
+    flops = 2 * n_nodes * sum(p.mul_in * p.mul_out * layer.irreps_in[p.i_in].ir.dim for p in layer.paths)
+    return {"bytes": float(itemsize * (n_nodes * (layer.irreps_in.dim + layer.irreps_out.dim) + weight_sets * weights)),
+            "flops": float(flops)}
 
 
 def skip_tp_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
@@ -192,11 +196,7 @@ def skip_tp_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
         "triton": (lambda a: element_linear_layer(layer, a, species), (x,)),
         "triton_delta3pct": (with_delta, (x, *[v for _, v in deltas])),
     }
-    d = {p: layer.irreps_in[p.i_in].ir.dim for p in layer.paths}
-    floor = linear_floor(layer.irreps_in, layer.irreps_out, n_nodes,
-                         N_PRESENT * sum(p.mul_in * p.mul_out for p in layer.paths))
-    floor["flops"] = float(2 * n_nodes * sum(p.mul_in * p.mul_out * d[p] for p in layer.paths))
-    return OpCase(f"skip_tp{li}", backends, MODES[:2], floor)
+    return OpCase(f"skip_tp{li}", backends, MODES[:2], linear_floor(layer, n_nodes, N_PRESENT))
 
 
 def linear_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
@@ -226,10 +226,7 @@ def linear_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
         "triton": (backend("triton"), (x,)),
         "triton_delta3pct": (_frozen(layer.weight, with_delta), (x, *[v for _, v in deltas])),
     }
-    floor = linear_floor(layer.irreps_in, layer.irreps_out, n_nodes, layer.weight_numel)
-    floor["flops"] = float(2 * n_nodes * sum(p.mul_in * p.mul_out * layer.irreps_in[p.i_in].ir.dim
-                                             for p in layer.paths))
-    return OpCase(f"linear{li}", backends, MODES[:2], floor)
+    return OpCase(f"linear{li}", backends, MODES[:2], linear_floor(layer, n_nodes, 1))
 
 
 def products_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
@@ -277,6 +274,18 @@ def products_floor(layer, n_nodes: int, itemsize: int = 4) -> Dict[str, float]:
     return {"bytes": float(itemsize * (n_nodes * layer.num_features * layer.coupling_dim
                                        + n_nodes * layer.irreps_out.dim + n_weights)),
             "flops": float(2 * n_nodes * layer.num_features * terms)}
+
+
+def op_floor(op: str, model, n_nodes: int, n_edges: int) -> Dict[str, float]:
+    """The forward floor of ``op`` alone (no tensors built): for NOTES.md and --floors."""
+    name, li = op[:-1], int(op[-1])
+    if name == "conv":
+        return conv_floor(ChannelwiseConv.from_e3nn(model.interactions[li].conv_tp), n_nodes, n_edges)
+    if name == "skip_tp":
+        return linear_floor(ElementLinear.from_e3nn(model.interactions[li].skip_tp), n_nodes, N_PRESENT)
+    if name == "linear":
+        return linear_floor(IrrepsLinear.from_e3nn(model.interactions[li].linear), n_nodes, 1)
+    return products_floor(SymmetricContraction.from_e3nn(model.products[li].symmetric_contractions), n_nodes)
 
 
 BUILDERS = {"conv": conv_case, "skip_tp": skip_tp_case, "linear": linear_case, "products": products_case}

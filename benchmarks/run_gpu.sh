@@ -46,7 +46,7 @@ if [ "$mode" = "--cpu-smoke" ]; then
   log "cpu smoke: GPU tests (expect skips)"
   $PY -m pytest tests/test_triton_element_linear.py -m gpu -q -p no:cacheprovider || exit 1
   log "cpu smoke: suite"
-  $PY benchmarks/gpu_suite.py --cpu-smoke --ops conv1,skip_tp1,linear1,products1 --e2e-atoms 0 || exit 1
+  $PY benchmarks/gpu_suite.py --cpu-smoke --ops conv1,skip_tp1,linear1,products1 --e2e-atoms 8 || exit 1
   log "cpu smoke: microbenchmarks (skip without a GPU)"
   $PY -m pytest benchmarks/test_kernels_bench.py -q -p no:cacheprovider
   rc=$?; [ $rc -eq 0 ] || [ $rc -eq 5 ] || exit 1  # 5: all skipped, nothing collected
