@@ -24,6 +24,8 @@ class SymmetricContraction(SparsekernLayer):
     Holds MACE's own ``contractions`` modules (weights ``weights_max``, ``weights.i``
     and the U buffers), so names, shapes and the state dict are unchanged."""
 
+    implemented_backends = ("torch", "triton")
+
     @classmethod
     def unsupported_reason(cls, module: torch.nn.Module):
         if not getattr(module, "internal_weights", True):
@@ -72,6 +74,9 @@ class SymmetricContraction(SparsekernLayer):
         if node_attrs.shape[0] != x.shape[0]:
             raise ValueError(f"SymmetricContraction: {x.shape[0]} nodes in x but {node_attrs.shape[0]} in node_attrs")
         species = ElementLinear.species(self, node_attrs)
+        if self.backend == "triton":
+            from ..kernels.triton import symmetric_contraction
+            return symmetric_contraction(self, x, species)
         n = x.shape[0]
         order = torch.argsort(species, stable=True)
         counts = torch.bincount(species, minlength=self.num_elements).tolist()

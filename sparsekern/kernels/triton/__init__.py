@@ -26,5 +26,7 @@ def available(device: torch.device | None = None) -> bool:
 
 from .conv import channelwise_tp, conv_fused  # noqa: E402
 from .element_linear import element_linear, element_linear_layer  # noqa: E402
+from .symmetric_contraction import symmetric_contraction  # noqa: E402
 
-__all__ = ["available", "conv_fused", "channelwise_tp", "element_linear", "element_linear_layer"]
+__all__ = ["available", "conv_fused", "channelwise_tp", "element_linear", "element_linear_layer",
+           "symmetric_contraction"]
