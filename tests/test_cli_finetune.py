@@ -112,6 +112,15 @@ def test_resume_matches_an_uninterrupted_run(files, sparse_run):
         assert m[k] == sparse_run[1][k]
 
 
+def test_fast_phase_trains_only_the_active_entries_and_resumes(files):
+    out = files / "fast"
+    assert _run(files, out, "--fast_after", "1", epochs=2) == 0  # epoch 2 in fast mode
+    assert _run(files, out, "--fast_after", "1", epochs=3) == 0  # resumes a fast-mode checkpoint
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["epochs"] == 3 and m["trainable_params"] == m["changed_params"]
+    assert 0 < m["changed_fraction"] <= 1.1 * 0.03
+
+
 def test_full_fine_tuning(files):
     out = files / "full"
     assert _run(files, out, method="full", epochs=1) == 0
@@ -144,9 +153,9 @@ def test_sevennet0_sparse_on_silicon(tmp_path):
     si = data_dir() / "si_mlearn" / "Si_train.xyz"
     if not si.exists():
         pytest.skip(f"real data missing: {si}")
-    small = sorted(read(si, index=":"), key=len)[:3]  # the smallest cells keep it fast on CPU
-    write(tmp_path / "train.xyz", small[:2])
-    write(tmp_path / "test.xyz", small[2:])
+    small = sorted(read(si, index=":"), key=len)[:2]  # the smallest cells keep it fast on CPU
+    write(tmp_path / "train.xyz", small[:1])
+    write(tmp_path / "test.xyz", small[1:])
     out = tmp_path / "out"
     assert main(["finetune", "--model", "7net-0", "--train", str(tmp_path / "train.xyz"), "--test",
                  str(tmp_path / "test.xyz"), "--method", "sparse", "--epochs", "1", "--out", str(out),

@@ -163,6 +163,7 @@ class SevenNetFamily(Family):
         return out
 
     def export(self, merged, shift, path, spec):
+        import sevenn
         from sevenn import util
 
         rescale = merged._modules.get("rescale_atomic_energy")
@@ -176,6 +177,9 @@ class SevenNetFamily(Family):
         if set(state) != set(checkpoint["model_state_dict"]):
             raise ValueError("SevenNet export: the fine-tuned model's parameters do not match the base checkpoint's")
         checkpoint.update(model_state_dict=state, optimizer_state_dict={}, scheduler_state_dict={})
+        # the state is in this sevenn's layout: an older version tag would make the loader
+        # convert it once more (SevenNet-0's checkpoint predates the current layout)
+        checkpoint["config"]["version"] = sevenn.__version__
         return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
     def calculator(self, path, device):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..patching import patch, patched_layers, unpatch
-from .api import iter_deltas, merge, prepare, stats, target_groups, to_fast
+from .api import calibrate_density, iter_deltas, merge, prepare, stats, target_groups, to_fast
 from .config import SparseConfig
 from .adapters import save_adapter
 from .data import Frame, energy_shift, read_frames
@@ -333,6 +333,10 @@ def run(settings: Settings) -> dict:
             total += float(loss.detach()) * len(batch)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.4g}")
+        if not fast and settings.method == "sparse":
+            # the last step moved V and tau: put the density back on target (the pre-hook
+            # does this before each training forward, but the epoch's result is evaluated)
+            calibrate_density(model)
         train_wall += time.perf_counter() - t0
         epoch += 1
         record = {"epoch": epoch, "train_loss": total / len(train_s)}

@@ -1,0 +1,234 @@
+"""Accuracy benchmark (not CI): SevenNet-0 fine-tuned on rMD17 aspirin, silicon (mlearn)
+and 3BPA; zero-shot vs full vs equivariant LoRA vs the sparse delta at 3 % and 0.5 %.
+Every run is one ``sparsekern finetune`` process (so its peak memory is its own), with
+the same data, epochs, batch size, optimizer and loss; results go to
+benchmarks/results/accuracy_<mode>_<date>.{json,md,png}.
+
+Splits (the data's own, where it has them):
+- aspirin: first 50 frames of revised_aspirin/train.xyz; test: test.xyz (1000 frames).
+- silicon: Si_train.xyz (214); test: Si_test.xyz (25).
+- 3BPA: train_300K.xyz frames 0-49 for training, held-out frames 400-499 for testing
+  (the frames are not consecutive MD steps: dihedrals jump between frames).
+``--quick`` takes the first 3 training and 3 test frames of each and 2 epochs: it shows
+the pipeline works on this CPU in minutes, not which method is better.
+
+    .venv-sevenn/bin/python benchmarks/accuracy.py --quick
+    .venv-sevenn/bin/python benchmarks/accuracy.py --epochs 50 --device cuda   # hours on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparsekern.model_zoo import data_dir  # noqa: E402
+
+METHODS = [("full", "full", []), ("lora", "lora", []),
+           ("sparse 3%", "sparse", ["--density", "0.03"]), ("sparse 0.5%", "sparse", ["--density", "0.005"])]
+
+
+def datasets(quick: bool):
+    """name -> (train file, test file, train frame slice, test frame slice)."""
+    d = data_dir()
+    full = {
+        "aspirin": (d / "rmd17/revised_aspirin/train.xyz", d / "rmd17/revised_aspirin/test.xyz",
+                    slice(0, 50), slice(None)),
+        "silicon": (d / "si_mlearn/Si_train.xyz", d / "si_mlearn/Si_test.xyz", slice(None), slice(None)),
+        "3bpa": (d / "3bpa/train_300K.xyz", d / "3bpa/train_300K.xyz", slice(0, 50), slice(400, 500)),
+    }
+    if quick:
+        return {k: (tr, te, slice(s.start or 0, (s.start or 0) + 3), slice(t.start or 0, (t.start or 0) + 3))
+                for k, (tr, te, s, t) in full.items()}
+    return full
+
+
+def write_split(src: Path, part: slice, dst: Path) -> Path:
+    """The frames of one split, in the work directory (never in the repository)."""
+    from ase.io import read, write
+
+    if not dst.exists():
+        frames = read(src, index=":")[part]
+        write(dst, frames)
+    return dst
+
+
+def run_one(python: str, work: Path, train: Path, test: Path, method: str, extra, args) -> dict:
+    out = work / "runs"
+    out.mkdir(parents=True, exist_ok=True)
+    tag = f"{train.stem}__{method}{'_' + extra[-1] if extra else ''}"
+    run_dir = out / tag
+    metrics = run_dir / "metrics.json"
+    if metrics.exists() and json.loads(metrics.read_text())["epochs"] == args.epochs:
+        return json.loads(metrics.read_text())  # finished earlier: the benchmark resumes
+    cmd = [python, "-m", "sparsekern", "finetune", "--model", "7net-0", "--train", str(train), "--test", str(test),
+           "--method", method, *extra, "--epochs", str(args.epochs), "--lr", str(args.lr),
+           "--batch_size", str(args.batch_size), "--seed", str(args.seed), "--device", args.device,
+           "--out", str(run_dir), "--no_progress"]
+    print("$", " ".join(cmd), flush=True)
+    with open(out / f"{tag}.log", "w") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise RuntimeError(f"run failed (exit {rc}); see {out / f'{tag}.log'}")
+    return json.loads(metrics.read_text())
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    import torch
+
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def row(dataset: str, label: str, m: dict, zero_shot: bool = False) -> dict:
+    p = "zero_shot_test_" if zero_shot else "test_"
+    r = {"dataset": dataset, "method": label,
+         "energy_mae_mev_per_atom": m[p + "energy_mae_mev_per_atom"], "force_mae_mev_per_A": m[p + "force_mae_mev_per_A"]}
+    if not zero_shot:
+        r.update(changed_fraction=m["changed_fraction"], trainable_params=m["trainable_params"], wall_s=m["wall_s"],
+                 peak_rss_mb=m["peak_rss_mb"], adapter_bytes=m.get("adapter_bytes"))
+    return r
+
+
+def verdicts(rows) -> list:
+    out = []
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        full = next(r for r in rows if r["dataset"] == ds and r["method"] == "full")["force_mae_mev_per_A"]
+        for r in rows:
+            if r["dataset"] == ds and r["method"].startswith("sparse"):
+                ratio = r["force_mae_mev_per_A"] / full
+                ok = ratio <= 1.05
+                out.append(f"{ds}, {r['method']}: force MAE {r['force_mae_mev_per_A']:.1f} vs full {full:.1f} meV/Å "
+                           f"({100 * (ratio - 1):+.1f} %): {'within 5 % of full or better' if ok else 'NOT within 5 % of full'}")
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Accuracy benchmark ({result['mode']} mode), {result['date']}", ""]
+    if result["mode"] == "quick":
+        lines += ["**Quick mode**: 3 training frames, 3 test frames and "
+                  f"{result['settings']['epochs']} epochs per data set. It checks that the pipeline runs end to end on "
+                  "this CPU; the errors below say nothing about which method is better.", ""]
+    m = result["machine"]
+    lines += [f"Machine: {m['cpu']}, {m['cores']} cores (shared with other jobs while this ran), torch {m['torch']}. "
+              f"Model: SevenNet-0. Settings: {json.dumps(result['settings'])}. E0s: `estimated` (per-element shift "
+              "fitted by least squares to the zero-shot training residuals, fixed; the same for every method).", "",
+              "| data | method | energy MAE (meV/atom) | force MAE (meV/Å) | changed fraction | trainable params "
+              "| train wall (s) | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if "changed_fraction" in r:
+            lines.append(f"| {r['dataset']} | {r['method']} | {r['energy_mae_mev_per_atom']:.2f} | "
+                         f"{r['force_mae_mev_per_A']:.1f} | {r['changed_fraction']:.4f} | {r['trainable_params']:,} | "
+                         f"{r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+        else:
+            lines.append(f"| {r['dataset']} | {r['method']} | {r['energy_mae_mev_per_atom']:.2f} | "
+                         f"{r['force_mae_mev_per_A']:.1f} | 0 | 0 | - | - |")
+    lines += ["", "Sparse vs full fine-tuning (target: within 5 % of full's force MAE, or better):", ""]
+    lines += [f"- {v}" for v in result["verdicts"]]
+    lines += ["", "Trainable params of the sparse delta count V (one per path weight) and the thresholds; "
+              "with `--fast_after` only the active entries train. Wall time is training only (no evaluation).", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = result["rows"]
+    names = list(dict.fromkeys(r["dataset"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(methods)
+    for ax, key, label in ((axes[0], "force_mae_mev_per_A", "test force MAE (meV/Å)"),
+                           (axes[1], "energy_mae_mev_per_atom", "test energy MAE (meV/atom)")):
+        for i, method in enumerate(methods):
+            vals = [next(r[key] for r in rows if r["dataset"] == n and r["method"] == method) for n in names]
+            ax.bar(np.arange(len(names)) + i * width, vals, width, label=method)
+        ax.set_xticks(np.arange(len(names)) + width * (len(methods) - 1) / 2, names)
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"SevenNet-0 fine-tuning ({result['mode']} mode, {result['date']}, {result['machine']['cpu']})",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--epochs", type=int, help="default: 2 (quick), 50 (full)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch_size", type=int, help="default: 3 (quick), 4 (full)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--datasets", default="aspirin,silicon,3bpa")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sparsekern-accuracy",
+                   help="splits, checkpoints and models (outside the repository; rerunning resumes)")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    args.epochs = args.epochs or (2 if args.quick else 50)
+    args.batch_size = args.batch_size or (3 if args.quick else 4)
+    mode = "quick" if args.quick else "full"
+    work = args.workdir / mode
+    work.mkdir(parents=True, exist_ok=True)
+    all_sets = datasets(args.quick)
+    chosen = args.datasets.split(",")
+    unknown = [c for c in chosen if c not in all_sets]
+    if unknown:
+        p.error(f"unknown data sets {unknown}; choose from {sorted(all_sets)}")
+    rows, raw = [], {}
+    for name in chosen:
+        train_src, test_src, train_part, test_part = all_sets[name]
+        if not train_src.exists() or not test_src.exists():
+            print(f"skipping {name}: data missing ({train_src}, {test_src})", file=sys.stderr)
+            continue
+        train = write_split(train_src, train_part, work / f"{name}_train.xyz")
+        test = write_split(test_src, test_part, work / f"{name}_test.xyz")
+        results = {label: run_one(sys.executable, work, train, test, method, extra, args)
+                   for label, method, extra in METHODS}
+        zero = {(m["zero_shot_test_energy_mae_mev_per_atom"], m["zero_shot_test_force_mae_mev_per_A"])
+                for m in results.values()}
+        assert len(zero) == 1, f"{name}: the zero-shot errors differ between runs: {zero}"
+        rows.append(row(name, "zero-shot", next(iter(results.values())), zero_shot=True))
+        rows += [row(name, label, m) for label, m in results.items()]
+        raw[name] = results
+    if not rows:
+        print("no data set could be run", file=sys.stderr)
+        return 1
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    settings = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed", "device")}
+    result = {"mode": mode, "date": date, "machine": machine(), "settings": settings, "rows": rows,
+              "verdicts": verdicts(rows), "runs": raw}
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"accuracy_{mode}_{date}"
+    atomic_text(stem.with_suffix(".json"), json.dumps(result, indent=1))
+    atomic_text(stem.with_suffix(".md"), markdown(result))
+    plot(result, stem.with_suffix(".png"))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
