@@ -123,3 +123,26 @@ def test_zero_rows_lead_dims_noncontiguous_no_bias():
     assert got[0].shape == (2, 3, IRREPS_OUT.dim)
     assert all(rel_err(a, b) <= 1e-12 for a, b in zip(got, want))
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_mp0_sized():
+    """MACE-MP-0 medium's post-conv linear (10 paths into 4 outputs) with a 5 % delta,
+    float32 on the GPU against the torch back end in float64: output and gradients."""
+    import copy
+
+    irreps_in = o3.Irreps("128x0e+128x0e+128x1o+128x1o+128x1o+128x2e+128x2e+128x2e+128x3o+128x3o")
+    layer = IrrepsLinear(irreps_in, o3.Irreps("128x0e+128x1o+128x2e+128x3o")).to("cuda")
+    g = torch.Generator().manual_seed(0)
+    index = torch.randperm(layer.weight_numel, generator=g)[: layer.weight_numel // 20]
+    layer.deltas = torch.nn.ModuleDict({"weight": FixedDelta(layer.weight_groups(), layer.weight_numel, index.cuda(),
+                                                            torch.randn(len(index), generator=g).cuda())})
+    ref_layer = copy.deepcopy(layer).double()
+    x = torch.randn(3000, irreps_in.dim, device="cuda", requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    y, ref = run(layer, "triton", x), run(ref_layer, "torch", x64)
+    assert rel_err(y.double(), ref) <= 1e-5
+    got = torch.autograd.grad(y.square().sum(), [x, layer.deltas["weight"].values])
+    want = torch.autograd.grad(ref.square().sum(), [x64, ref_layer.deltas["weight"].values])
+    assert all(rel_err(a.double(), b) <= 1e-5 for a, b in zip(got, want))
