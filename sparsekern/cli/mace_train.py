@@ -195,8 +195,8 @@ class SparseHooks:
             if base is None:
                 raise ValueError(f"sparsekern mace-train: {name}.{param} is in none of MACE's parameter groups, "
                                  "so MACE would not train it; its delta has no optimizer group")
-            for name, p in delta.named_parameters():
-                placed[id(p)] = (base, name == "log_tau")
+            for pname, p in delta.named_parameters():
+                placed[id(p)] = (base, pname == "log_tau")
         out = [dict(g, params=[]) for g in groups]
         thresholds = [dict(g, name=f"{g.get('name', i)}_thresholds", weight_decay=0.0, params=[])
                       for i, g in enumerate(groups)]
@@ -230,7 +230,7 @@ class SparseHooks:
 
     def _base_file(self, model: torch.nn.Module, model_dir: Path) -> str:
         """The foundation model, where MACE fine-tunes it as it is; else the base MACE
-        configured from it (element subset, E0s, scale and shift), saved beside the adapter."""
+        configured from it, saved beside the adapter."""
         from .. import patched_layers, unpatch
         from ..files import atomic_write
 
@@ -241,8 +241,9 @@ class SparseHooks:
         if self.foundation is not None and _same_state(base, self.foundation):
             return str(self.args.foundation_model)
         path = atomic_write(model_dir / f"{self.args.name}.base.model", lambda tmp: torch.save(base, tmp))
-        logging.info("sparsekern: MACE adapted the foundation model to this data (element subset, E0s, scale/shift "
-                     f"or readouts), so the adapter applies to that base model, saved to {path}")
+        logging.info("sparsekern: the model MACE fine-tunes differs from the foundation file (element subset, E0s, "
+                     "scale/shift, readouts, or buffers a newer MACE adds); the adapter applies to it, saved to "
+                     f"{path} (it also loads into the foundation where their path weights agree)")
         return str(path)
 
 
