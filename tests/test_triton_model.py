@@ -112,6 +112,90 @@ def _sevennet_physics(model, atoms):
             torch.autograd.grad(loss, params, allow_unused=True))
 
 
+class E3nnSevenNetShaped(torch.nn.Module):
+    """SevenNet's (nequip-style) network from e3nn parts, for environments without
+    sevenn: one-hot embedding by o3.Linear, then per interaction a self-connection
+    FullyConnectedTensorProduct(x, one-hot), o3.Linear, a 'uvu' TensorProduct with
+    weights from a FullyConnectedNet of a radial basis, scatter to receivers, o3.Linear,
+    Gate; an o3.Linear readout with biases. 4 channels, l <= 1."""
+
+    def __init__(self, n_el=2, mul=4, r_max=3.0, n_basis=4, n_layers=2):
+        super().__init__()
+        from e3nn import nn as e3nn_nn
+
+        self.n_el, self.r_max, self.n_basis = n_el, r_max, n_basis
+        self.irreps_sh = o3.Irreps.spherical_harmonics(1)
+        self.embed = o3.Linear(f"{n_el}x0e", f"{mul}x0e")
+        act = torch.nn.functional.silu
+        self.layers = torch.nn.ModuleList()
+        irreps_x = o3.Irreps(f"{mul}x0e")
+        for _ in range(n_layers):
+            gate = e3nn_nn.Gate(f"{mul}x0e", [act], f"{mul}x0e", [torch.sigmoid], f"{mul}x1o")
+            mid, ins = [], []
+            for i, (m, ir) in enumerate(irreps_x):
+                for j, (_, ir_sh) in enumerate(self.irreps_sh):
+                    for ir_out in ir * ir_sh:
+                        if ir_out.l <= 1:
+                            ins.append((i, j, len(mid), "uvu", True))
+                            mid.append((m, ir_out))
+            tp = o3.TensorProduct(irreps_x, self.irreps_sh, mid, ins, shared_weights=False, internal_weights=False)
+            self.layers.append(torch.nn.ModuleDict({
+                "self_connection": o3.FullyConnectedTensorProduct(irreps_x, f"{n_el}x0e", gate.irreps_in),
+                "linear_1": o3.Linear(irreps_x, irreps_x),
+                "tp": tp,
+                "weight_nn": e3nn_nn.FullyConnectedNet([n_basis, 8, tp.weight_numel], act),
+                "linear_2": o3.Linear(tp.irreps_out, gate.irreps_in),
+                "gate": gate,
+            }))
+            irreps_x = gate.irreps_out
+        self.readout = o3.Linear(irreps_x, "2x0e+1x0e", biases=True)  # biases on a two-block output
+
+    def forward(self, pos, species, edge_index):
+        src, dst = edge_index
+        vec = pos[dst] - pos[src]
+        r = vec.norm(dim=1, keepdim=True)
+        sh = o3.spherical_harmonics(self.irreps_sh, vec, normalize=True, normalization="component")
+        n = torch.arange(1, self.n_basis + 1, dtype=pos.dtype)
+        basis = torch.sin(n * torch.pi * r / self.r_max) / r * (1 - r / self.r_max) ** 2
+        one_hot = torch.nn.functional.one_hot(species, self.n_el).to(pos.dtype)
+        x = self.embed(one_hot)
+        for layer in self.layers:
+            sc = layer["self_connection"](x, one_hot)
+            h = layer["linear_1"](x)
+            m = layer["tp"](h[src], sh, layer["weight_nn"](basis))
+            agg = torch.zeros(x.shape[0], m.shape[1], dtype=m.dtype).index_add(0, dst, m) / 3.0
+            x = layer["gate"](layer["linear_2"](agg) + sc)
+        return self.readout(x).sum()
+
+
+def test_e3nn_sevennet_shaped_triton_matches_torch():
+    torch.manual_seed(5)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        base = E3nnSevenNetShaped()
+    finally:
+        torch.set_default_dtype(prev)
+    pos = torch.tensor([[0, 0, 0], [0.9, 0.2, 0.1], [0.1, 1.0, -0.2], [1.1, 1.1, 0.6]], dtype=torch.float64)
+    species = torch.tensor([0, 0, 1, 0])
+    edge_index = torch.tensor([[i, j] for i in range(4) for j in range(4) if i != j]).t()
+
+    def physics(model):
+        p = pos.clone().requires_grad_()
+        energy = model(p, species, edge_index)
+        (forces,) = torch.autograd.grad(-energy, p, create_graph=True)
+        params = [q for q in model.parameters() if q.requires_grad]
+        loss = (forces ** 2).sum() + energy
+        return energy.detach(), forces.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+    ref, ours = _triton_twin(base, sparse=True)
+    from sparsekern.layers import ChannelwiseTP, ElementLinear, IrrepsLinear
+
+    on_triton = {type(m) for _, m in sparsekern.patched_layers(ours) if m.backend == "triton"}
+    assert {IrrepsLinear, ElementLinear, ChannelwiseTP} <= on_triton
+    _assert_same(physics(ours), physics(ref))
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_sevennet_triton_matches_torch(sparse):
     pytest.importorskip("sevenn")
