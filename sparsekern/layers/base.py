@@ -174,6 +174,8 @@ def split_segments(t: torch.Tensor, segments, dim: int = -1):
 def _to(value, like: torch.Tensor):
     if torch.is_tensor(value):
         return value.to(device=like.device, dtype=like.dtype if value.is_floating_point() else value.dtype)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple
+        return type(value)(*(_to(v, like) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(_to(v, like) for v in value)
     return value
