@@ -141,14 +141,19 @@ def test_zero_nodes_noncontiguous_and_absent_element():
     gx, gw = torch.autograd.grad(out.sum(), [empty_x, layer.contractions[0].weights_max])
     assert gx.shape == empty_x.shape and not gw.any()
 
-    x, attrs = node_inputs(layer, torch.float64)
+    # 20 nodes: the first block of 16 sorted nodes mixes two elements, the second holds one
+    # (the per-element weight gradient takes one path for each)
+    x, attrs = node_inputs(layer, torch.float64, species=SPECIES * 4)
     xt = x.transpose(0, 2).contiguous().transpose(0, 2)  # same values, other strides
     assert not xt.is_contiguous()
+    w = layer.contractions[1].weights_max
     got = layer(xt, attrs)
-    (gw,) = torch.autograd.grad(got.sum(), [layer.contractions[1].weights_max])
+    (gw,) = torch.autograd.grad((got ** 2).sum(), [w])
     assert not gw[1].any() and gw[0].any() and gw[2].any()  # element 1 has no nodes
     layer.set_backend("torch")
-    assert rel_err(got, layer(x, attrs)) <= 1e-12
+    want = layer(x, attrs)
+    assert rel_err(got, want) <= 1e-12
+    assert rel_err(gw, torch.autograd.grad((want ** 2).sum(), [w])[0]) <= 1e-12
 
 
 def test_form_refuses_bad_operands():
