@@ -5,7 +5,7 @@
 #   device call: bash benchmarks/run_gpu.sh          (carry: [".whl"])
 #
 # 1. installs the carried wheels (.whl/: mace-torch, e3nn 0.4.4, ase, cuequivariance, ...)
-#    into .gpu-site (ignored; PYTHONPATH), since the GPU image has torch and triton but no
+#    into build/gpu-site (ignored; PYTHONPATH), since the GPU image has torch and triton but no
 #    mace; any other .whl-*/ folder carried too (cuEquivariance's ops wheels, 73 MB, are
 #    over one call's 64 MiB: carry .whl-cueq1 in a first `run_gpu.sh --install-only`
 #    call and .whl + .whl-cueq2 in the next one while the machine is warm);
@@ -27,6 +27,7 @@ RES=benchmarks/results
 mkdir -p "$RES"
 PY=${PYTHON:-python3}
 mode=${1:-}
+SITE=build/gpu-site  # under build/, which git ignores: it stays on a warm machine between calls
 
 log() { echo "== [run_gpu $(( $(date +%s) - START ))s] $*"; }
 
@@ -35,9 +36,8 @@ install_wheels() {
   local found=()
   for w in "${wheels[@]}"; do [ -f "$w" ] && found+=("$w"); done
   if [ ${#found[@]} -eq 0 ]; then log "no carried wheels (.whl/)"; return 0; fi
-  log "installing ${#found[@]} wheels into .gpu-site"
-  grep -qxF "/.gpu-site/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/.gpu-site/" >> .git/info/exclude; }
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .gpu-site "${found[@]}"
+  log "installing ${#found[@]} wheels into $SITE"
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${found[@]}"
 }
 
 if [ "$mode" = "--cpu-smoke" ]; then
@@ -55,7 +55,7 @@ if [ "$mode" = "--cpu-smoke" ]; then
 fi
 
 install_wheels || { log "wheel install failed"; exit 1; }
-export PYTHONPATH="$PWD/.gpu-site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
 [ "$mode" = "--install-only" ] && exit 0
 
 log "device"
@@ -68,11 +68,12 @@ $PY -c "import sparsekern.kernels.cuda as c; print('cuda extension available:', 
 
 stamp=$(date -u +%Y%m%d_%H%M%S)
 log "GPU tests"
-timeout $(( $(left) / 5 )) $PY -m pytest tests -m gpu -q -p no:cacheprovider -x 2>&1 | tee "$RES/gpu_tests_$stamp.log" | tail -15
+timeout $(( $(left) / 5 + 10 )) $PY -m pytest tests -m gpu -q -p no:cacheprovider -x 2>&1 | tee "$RES/gpu_tests_$stamp.log" | tail -15
 
 log "suite (time left $(left) s)"
 export PYTHONUNBUFFERED=1
-timeout $(( $(left) - 120 )) $PY benchmarks/gpu_suite.py --out "$RES" ${SUITE_ARGS:-} 2>&1 | tail -80
+suite_s=$(( $(left) - 120 )); [ $suite_s -lt 60 ] && suite_s=60
+timeout $suite_s $PY benchmarks/gpu_suite.py --out "$RES" ${SUITE_ARGS:-} 2>&1 | tail -80
 log "suite exit $?"
 
 if [ "$(left)" -gt 60 ]; then
