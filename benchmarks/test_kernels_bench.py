@@ -21,6 +21,7 @@ pytest.importorskip("mace")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_cases import OPS, SIZES, build_case, model, run_mode  # noqa: E402
 
+DEV = "cuda"
 BACKENDS = ("e3nn", "torch", "triton", "triton_delta3pct", "triton_half_paths", "cueq_fused")
 # one flat list in (size, op) order, so each case is built once and dropped after its tests
 PARAMS = [(s, o, b, m) for s in SIZES for o in OPS for b in BACKENDS for m in ("fwd", "fwd+bwd")]
@@ -29,10 +30,10 @@ _current = {}
 
 def _case(size, op):
     if "model" not in _current:
-        _current["model"] = model(smoke=False).to("cuda")
+        _current["model"] = model(smoke=False).to(DEV)
     if _current.get("key") != (size, op):
         _current.pop("case", None)  # free the previous case's GPU memory first
-        _current["case"] = build_case(op, _current["model"], *SIZES[size], "cuda")
+        _current["case"] = build_case(op, _current["model"], *SIZES[size], DEV)
         _current["key"] = (size, op)
     return _current["case"]
 
@@ -51,6 +52,7 @@ def test_kernel(benchmark, size, op, backend, mode):
 
     def step():
         run_mode(f, inputs, mode)
-        torch.cuda.synchronize()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
 
     benchmark.pedantic(step, warmup_rounds=2, rounds=10, iterations=1)
