@@ -10,8 +10,9 @@ registers, never in memory. Nodes are sorted by element once; rows of the GEMM a
 Derivatives stay in the family: the gradient wrt x is the same op with W0, block_slot
 and block_values transposed; the gradients wrt W0 and the active blocks are per-element
 x^T gy products over each element's rows (:class:`_WGrad`), whose own derivatives are
-again element linears. Setting the tile T to a whole irrep, or n_el = 1 with all species
-0, gives the irrep linear (``o3.Linear``) with a block-sparse delta.
+again element linears. With n_el = 1 and all species 0 it is the irrep linear
+(``o3.Linear``) with a block-sparse delta: :func:`irreps_linear_paths`. Both layers go
+through :func:`path_linears` (one call per path, summed into the output irreps).
 """
 from __future__ import annotations
 
