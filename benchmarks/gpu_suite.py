@@ -170,7 +170,7 @@ def markdown(meta, results, checks) -> str:
                      + f" | {ratio('e3nn')} | {ratio('cueq_fused')} | {r['fwd_floor_ms']:.4f} | {vs_floor} |")
     e2e = [r for r in results if r["case"].startswith("e2e")]
     if e2e:
-        lines += ["", "## End to end (MACE-MP-0-medium shape)", "",
+        lines += ["", f"## End to end ({meta.get('model', '')})", "",
                   "| case | variant | atoms | edges | energy+forces (ms) | fine-tuning step (ms) | step speed-up vs e3nn |",
                   "|---|---|---|---|---|---|---|"]
         base = next((r["ms"]["finetune_step"] for r in e2e if r["mode"] == "e3nn"), None)
@@ -242,7 +242,8 @@ def main():
     meta = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu smoke test (not a benchmark)",
             "date": now.isoformat(timespec="seconds"), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "cuda": torch.version.cuda, "warmup": args.warmup,
-            "reps": args.reps, "command": " ".join(sys.argv)}
+            "reps": args.reps, "command": " ".join(sys.argv),
+            "model": "tiny smoke model" if args.cpu_smoke else "MACE-MP-0-medium shape, random weights"}
     results, checks = [], []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
