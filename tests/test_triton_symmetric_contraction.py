@@ -158,7 +158,7 @@ def test_zero_nodes_noncontiguous_and_absent_element():
 
 def test_form_refuses_bad_operands():
     layer = make_layer("1x0e+1x1o", "1x0e", 2, torch.float64)
-    form = contraction_form(layer)
+    form, _ = contraction_form(layer)
     plan = Plan.build(torch.tensor([0, 1], device=DEVICE), 3)
     w = torch.zeros(3, form.dims[0], 1, dtype=torch.float64, device=DEVICE)
     x = torch.zeros(2, 1, 4, dtype=torch.float64, device=DEVICE)

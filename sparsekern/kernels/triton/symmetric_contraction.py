@@ -4,23 +4,28 @@ Per node n of element z and channel c the layer is a polynomial in x[n, c, :]::
 
     out[n, c, m] = sum_nu sum_k W_nu[z, k, c] sum_{i_1..i_nu} U_nu[m, i_1..i_nu, k] x[n, c, i_1]..x[n, c, i_nu]
 
-i.e. a sum over the NONZERO entries of the U tensors of products of operands. The one
-kernel here evaluates any such form::
+The product of x's is symmetric, so U_nu is summed over the orderings of each index tuple
+and W folded in per element (a small torch product, :func:`folded_weights`)::
+
+    out[n, c, m] = sum over kept (m, q) of A[z, (m, q), c] x[n, c, q_1]..x[n, c, q_nu]
+
+(MACE-MP-0 medium, l <= 3 inputs, correlation 3, 0e+1o outputs: 422 (m, q) terms where
+the U tensors hold 3,289 nonzeros). The one kernel here evaluates any form::
 
     Y[row, c, o] = sum_{t: o_t = o} coef_t * prod_s a_s[row_s, c, idx[s, t]]     (idx -1: factor 1)
 
-with a_s either per node (N, C, d) or per element (n_el, d, C, read at the node's species),
-and Y per node (N, C, d_out) or summed per element (n_el, d_out, C). The forward pass is
-the form (W, x, x, x) with W all weights concatenated along k and o running over all output
-irreps. The derivative wrt one operand is the same form with that operand and Y swapped
-(table columns permuted, the cotangent joining as an operand; per-element operands give a
-per-element reduction), so every order of derivative is this kernel (:meth:`Form.derive`).
-Since the product is symmetric, each table is symmetrised over slots holding the same
-tensor (indices sorted, equal monomials merged): U_3's 2846 entries for 0e/1o outputs of
-l <= 3 inputs become 1735, and the x-gradient is one launch, not one per slot.
+with a_s per node (N, C, d) or per element (n_el, d, C, read at the node's species), and Y
+per node (N, C, d_out) or summed per element (n_el, d_out, C). The forward pass is the form
+(A, x, x, x). The derivative wrt one operand is the same form with that operand and Y
+swapped (table columns permuted, the cotangent joining as an operand; a per-element
+operand gives a per-element reduction), so every order of derivative is this kernel
+(:meth:`Form.derive`); A's own gradient goes to W and the delta through torch. Each table
+is symmetrised over the slots holding one tensor (indices sorted, equal monomials merged),
+so the x-gradient is one launch, not one per slot.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
@@ -161,6 +166,11 @@ class Form:
     def nnz(self) -> int:
         return self.coef.shape[0]
 
+    @functools.cached_property
+    def longest(self) -> int:
+        """Most entries of one output index (bounds the entry tile)."""
+        return int(torch.bincount(self.o).max()) if self.nnz else 0
+
 
 @dataclass(eq=False)
 class Plan:
@@ -193,11 +203,12 @@ def _run(form: Form, plan: Plan, ops) -> torch.Tensor:
     strides = [s for op, e in zip(pad, list(form.elem) + [False] * _MAX_OPERANDS) for s in _index_strides(op, e)]
     flags = list(form.elem) + [False] * (_MAX_OPERANDS - len(ops))
     bn, bc = min(_BN, triton.next_power_of_2(n)), min(_BC, triton.next_power_of_2(chans))
+    bt = min(_BT if y.is_cuda else 256, triton.next_power_of_2(form.longest))
     grid = (triton.cdiv(n, bn), triton.cdiv(chans, bc))
     _form_kernel[grid](*pad, y, plan.species, plan.order, start, idx, coef, n, chans, form.d_out, form.nnz,
                        *strides, *_index_strides(y, form.elem_out),
                        P=len(ops), E0=flags[0], E1=flags[1], E2=flags[2], E3=flags[3],
-                       ELEM_OUT=form.elem_out, BT=_BT if y.is_cuda else 256, BN=bn, BC=bc)
+                       ELEM_OUT=form.elem_out, BT=bt, BN=bn, BC=bc)
     return y
 
 
@@ -237,37 +248,49 @@ def apply_form(form: Form, plan: Plan, *ops: torch.Tensor) -> torch.Tensor:
     return _FormFn.apply(form, plan, *ops)
 
 
-def contraction_form(layer) -> Form:
-    """The forward form of a :class:`~sparsekern.layers.SymmetricContraction`: operands
-    (W, x, .., x), W = the layer's weights concatenated along k in :func:`layer_weights`
-    order, o = output irreps' components in order."""
+def contraction_form(layer) -> Tuple[Form, List[torch.Tensor]]:
+    """The forward form of a :class:`~sparsekern.layers.SymmetricContraction` and its
+    folding matrices. U_nu is summed over the orderings of each index tuple (the product of
+    x's is symmetric): S_nu[(m, q), k] for sorted tuples q where it is nonzero. Per element,
+    A[z, a, c] = sum_k S[a, k] W[z, k, c] (:func:`folded_weights`), and the form is
+    (A, x, .., x): one entry per (m, q), o = output irreps' components in order."""
     corr = max(con.correlation for con in layer.contractions)
-    os, idxs, coefs = [], [], []
-    o_off = k_off = 0
+    os, idxs, folds = [], [], []
+    o_off = a_off = 0
     for con in layer.contractions:
         us = layer.u_by_degree(con)
         m_dim = us[0].shape[0] if us[0].dim() == 3 else 1
         for nu, u in enumerate(us, start=1):
-            u = u.detach().double().cpu().reshape(m_dim, *u.shape[-nu - 1:])
-            nz = u.nonzero()  # (m, i_1..i_nu, k)
-            idx = torch.full((1 + corr, nz.shape[0]), -1, dtype=torch.long)
-            idx[0] = k_off + nz[:, -1]
-            idx[1:1 + nu] = nz[:, 1:1 + nu].t()
-            os.append(o_off + nz[:, 0])
+            u = u.detach().double().cpu().reshape(m_dim, -1, u.shape[-1])  # (m, i_1..i_nu, k)
+            nz = u.abs().sum(-1).nonzero()
+            keys = torch.cat([nz[:, :1], _unravel(nz[:, 1], layer.coupling_dim, nu).sort(1).values], 1)
+            keys, row = torch.unique(keys, dim=0, return_inverse=True)  # (m, sorted q)
+            folds.append(u.new_zeros(keys.shape[0], u.shape[-1]).index_add_(0, row, u[nz[:, 0], nz[:, 1]]))
+            idx = torch.full((1 + corr, keys.shape[0]), -1, dtype=torch.long)
+            idx[0] = a_off + torch.arange(keys.shape[0])
+            idx[1:1 + nu] = keys[:, 1:].t()
+            os.append(o_off + keys[:, 0])
             idxs.append(idx)
-            coefs.append(u[tuple(nz.t())])
-            k_off += u.shape[-1]
+            a_off += keys.shape[0]
         o_off += m_dim
-    return Form.build(torch.cat(os), torch.cat(idxs, 1), torch.cat(coefs), o_off, (k_off,) + (layer.coupling_dim,) * corr,
-                      (True,) + (False,) * corr, ((0,), tuple(range(1, 1 + corr))), False)
+    o = torch.cat(os)
+    form = Form.build(o, torch.cat(idxs, 1), torch.ones(o.shape[0], dtype=torch.float64), o_off,
+                      (a_off,) + (layer.coupling_dim,) * corr, (True,) + (False,) * corr,
+                      ((0,), tuple(range(1, 1 + corr))), False)
+    return form, folds
 
 
-def layer_weights(layer) -> torch.Tensor:
-    """All effective weights (W0 + delta), (n_el, total couplings, channels), in the
-    order of :func:`contraction_form`."""
+def _unravel(flat: torch.Tensor, d: int, nu: int) -> torch.Tensor:
+    """(n, nu) indices of flat positions in a (d,) * nu array."""
+    return torch.stack([flat // d ** (nu - 1 - j) % d for j in range(nu)], 1)
+
+
+def folded_weights(layer, folds: List[torch.Tensor]) -> torch.Tensor:
+    """A (n_el, sum of fold rows, channels): each (contraction, nu) block S_nu @ W_nu[z],
+    W_nu the effective weights (W0 + delta); differentiable (torch)."""
     ws = [layer.effective(name) for index, con in enumerate(layer.contractions)
           for name in layer.weight_names(index, con)]
-    return torch.cat(ws, 1)
+    return torch.cat([torch.matmul(s, w) for s, w in zip(folds, ws)], 1)
 
 
 def symmetric_contraction(layer, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
@@ -276,9 +299,9 @@ def symmetric_contraction(layer, x: torch.Tensor, species: torch.Tensor) -> torc
     the weights and an attached delta."""
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"float32 or float64 expected, got {x.dtype}")
-    form = layer._const("triton_form", x, lambda: contraction_form(layer))
+    form, folds = layer._const("triton_form", x, lambda: contraction_form(layer))
     corr = len(form.dims) - 1
-    y = apply_form(form, Plan.build(species, layer.num_elements), layer_weights(layer), *([x] * corr))
+    y = apply_form(form, Plan.build(species, layer.num_elements), folded_weights(layer, folds), *([x] * corr))
     n, chans = x.shape[0], x.shape[1]
     m_dims = [ir.dim for _, ir in layer.irreps_out]
     return torch.cat([b.reshape(n, chans * b.shape[2]) for b in y.split(m_dims, dim=2)], 1)
