@@ -157,18 +157,20 @@ def test_channelwise_conv_grads():
     _check_grads(lambda a, b, c: conv(a, b, c, edge_index), tuple(args))
 
 
-@pytest.mark.parametrize("layout", ["padded", "skewed"])
+@pytest.mark.parametrize("layout", ["regular", "padded", "skewed"])
 def test_fused_conv_by_receiver_and_fallback(layout):
     """Both torch paths of the fused conv: the sum over a node's incoming edges inside a
-    batched product (edges padded per receiver; here node 3 has none) and, where padding
-    would more than double the edges, gather / product / scatter."""
+    batched product (edges permuted by receiver where all in-degrees are equal, else
+    padded; here node 3 has none) and, where padding would more than double the edges,
+    gather / product / scatter."""
     from sparsekern.layers.channelwise_tp import _receiver_slots
 
     ref = uvu_tp(o3.Irreps("2x0e+1x1o"), o3.Irreps.spherical_harmonics(1), o3.Irreps("2x0e+2x1o"))
     conv = ChannelwiseConv.from_e3nn(ref)
-    n, e = 4, 6
-    receiver = torch.tensor([2, 0, 1, 0, 2, 1]) if layout == "padded" else torch.zeros(e, dtype=torch.long)
-    edge_index = torch.stack([torch.tensor([3, 1, 0, 2, 2, 1]), receiver])
+    receiver = {"regular": torch.tensor([2, 0, 1, 3, 3, 0, 2, 1]), "padded": torch.tensor([2, 0, 1, 0, 2, 1]),
+                "skewed": torch.zeros(6, dtype=torch.long)}[layout]
+    n, e = 4, receiver.shape[0]
+    edge_index = torch.stack([torch.tensor([3, 1, 0, 2, 2, 1, 0, 3])[:e], receiver])
     assert (_receiver_slots(receiver, n) is None) == (layout == "skewed")
     args = (torch.randn(n, ref.irreps_in1.dim, dtype=torch.float64, requires_grad=True),
             torch.randn(e, ref.irreps_in2.dim, dtype=torch.float64, requires_grad=True),

@@ -198,10 +198,10 @@ class ChannelwiseConv(ChannelwiseTP):
         n, width = slots.shape
         cg = self._const("cg", node_feats, self._cg_blocks)
         flat = slots.reshape(-1)
-        pad = (0, 0, 0, 1)
-        w_pad = torch.nn.functional.pad(tp_weights, pad).index_select(0, flat)
-        x2_pad = torch.nn.functional.pad(edge_attrs, pad).index_select(0, flat)
-        s_pad = torch.nn.functional.pad(sender, (0, 1)).index_select(0, flat)
+        rows = (tp_weights, edge_attrs, sender)
+        if flat.shape[0] != tp_weights.shape[0]:  # else equal in-degrees: a permutation, no padding row
+            rows = tuple(torch.cat([t, t.new_zeros((1,) + t.shape[1:])]) for t in rows)
+        w_pad, x2_pad, s_pad = (t.index_select(0, flat) for t in rows)
         # each x1 block as (nodes, d1, mul) before the gather: P then comes out of one
         # broadcast product already in the (e, i, u) order the batched product reads
         x1_t = torch.cat([b.reshape(-1, mul_ir.mul, mul_ir.ir.dim).transpose(1, 2).reshape(b.shape[0], -1)
@@ -213,14 +213,37 @@ class ChannelwiseConv(ChannelwiseTP):
         for (i1, ts), c in zip(self.groups, cg):
             mul, d1 = self.irreps_in1[i1].mul, self.irreps_in1[i1].ir.dim
             z = torch.matmul(x2_pad, c).view(n, width * d1, c.shape[1] // d1)  # (n, (e, i), K)
-            xi = x1_blocks[i1].reshape(n, width, d1, mul)
+            xi = x1_blocks[i1].reshape(n * width, d1, mul)
             dims = [self.irreps_out[self.paths[t].i_out].ir.dim for t in ts]
             for t, zt in zip(ts, z.split(dims, dim=2)):
                 p = self.paths[t]
-                pt = (xi * w_paths[t].view(n, width, 1, mul)).view(n, width * d1, mul)
+                pt = _ScaleRows.apply(xi, w_paths[t]).view(n, width * d1, mul)
                 y = torch.bmm(pt.transpose(1, 2), zt).reshape(n, mul * zt.shape[2])
                 outs[p.i_out] = y if outs[p.i_out] is None else outs[p.i_out] + y
         return _cat_slots(outs, self.irreps_out, node_feats)
+
+
+class _ScaleRows(torch.autograd.Function):
+    """p[b, i, u] = x[b, i, u] w[b, u]. The weight gradient sums over the short axis i by
+    fused multiply-adds: autograd's broadcast backward reduces over that middle axis,
+    several times slower on CPUs. The backward is built of differentiable operations,
+    so double backward goes through it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return x * w.unsqueeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        grad_x = grad * w.unsqueeze(1) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = grad[:, 0] * x[:, 0]
+            for i in range(1, x.shape[1]):
+                grad_w = torch.addcmul(grad_w, grad[:, i], x[:, i])
+        return grad_x, grad_w
 
 
 def _receiver_slots(receiver: torch.Tensor, n: int) -> Optional[torch.Tensor]:
