@@ -156,7 +156,7 @@ def test_zero_nodes_noncontiguous_and_absent_element():
     assert rel_err(gw, torch.autograd.grad((want ** 2).sum(), [w])[0]) <= 1e-12
 
 
-def test_form_refuses_bad_operands():
+def test_refuses_bad_operands_and_correlation_4():
     layer = make_layer("1x0e+1x1o", "1x0e", 2, torch.float64)
     form, _ = contraction_form(layer)
     plan = Plan.build(torch.tensor([0, 1], device=DEVICE), 3)
@@ -166,6 +166,9 @@ def test_form_refuses_bad_operands():
         apply_form(form, plan, w, x[:, :, :3], x[:, :, :3])
     with pytest.raises(ValueError, match="must be one tensor"):
         apply_form(form, plan, w, x, x.clone())
+    deep = make_layer("1x0e+1x1o", "1x0e", 4, torch.float64).set_backend("triton")
+    with pytest.raises(ValueError, match="correlation <= 3"):
+        deep(*node_inputs(deep, torch.float64))
 
 
 @pytest.mark.gpu

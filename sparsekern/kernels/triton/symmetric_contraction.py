@@ -36,7 +36,7 @@ import triton.language as tl
 _BT = 8  # table entries per step on a GPU; the CPU interpreter pays per op, not per element: 256
 _BN = 16  # nodes per program (at most)
 _BC = 32  # channels per program (at most)
-_MAX_OPERANDS = 4  # correlation 3: (W, x, x, x); every derivative swaps one operand for a cotangent
+_MAX_OPERANDS = 4  # correlation 3: (A, x, x, x); every derivative swaps one operand for a cotangent
 
 
 @triton.jit
@@ -255,6 +255,9 @@ def contraction_form(layer) -> Tuple[Form, List[torch.Tensor]]:
     A[z, a, c] = sum_k S[a, k] W[z, k, c] (:func:`folded_weights`), and the form is
     (A, x, .., x): one entry per (m, q), o = output irreps' components in order."""
     corr = max(con.correlation for con in layer.contractions)
+    if corr > _MAX_OPERANDS - 1:
+        raise ValueError(f"the Triton symmetric contraction supports correlation <= {_MAX_OPERANDS - 1}, "
+                         f"got {corr}")
     os, idxs, folds = [], [], []
     o_off = a_off = 0
     for con in layer.contractions:
