@@ -165,3 +165,29 @@ def test_sevennet0_sparse_on_silicon(tmp_path):
     assert m["merged_model_check"]["max_abs_energy_diff_ev"] <= 1e-4  # float32, ~ -300 eV totals
     assert m["merged_model_check"]["max_abs_force_diff_ev_per_A"] <= 1e-4
     assert (out / "adapter.safetensors").stat().st_size < 0.2 * 4 * m["model_params"]
+
+
+def test_lora_adapter_holds_the_factors_and_round_trips(files, tmp_path):
+    from ase.io import read
+
+    from sparsekern.finetune.lora_adapter import load_lora_adapter, save_lora_adapter
+    from sparsekern.model_zoo import mace_batch
+
+    model = sparsekern.prepare(torch.load(files / "tiny.model", weights_only=False),
+                               sparsekern.SparseConfig(mode="lora", lora_rank=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.1)  # a trained-looking adapter (B starts at zero)
+    batch = mace_batch(model, read(files / "test.xyz", ":"))
+    expected = model(batch, compute_force=True)["energy"].detach()
+    path = save_lora_adapter(model, tmp_path / "lora.safetensors")
+    factors = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert path.stat().st_size < 8 * factors + 65536  # the factors, not the dense product
+    fresh = load_lora_adapter(torch.load(files / "tiny.model", weights_only=False), path)
+    assert torch.equal(fresh(batch, compute_force=True)["energy"].detach(), expected)
+    other = torch.load(files / "tiny.model", weights_only=False)
+    with torch.no_grad():
+        next(p for p in other.parameters() if p.dim() > 1).add_(1.0)
+    with pytest.raises(ValueError, match="different base model"):
+        load_lora_adapter(other, path)
