@@ -1,8 +1,12 @@
 """CPU: energy + forces of a MACE-MP-0-medium-shaped model (128x0e+128x1o, 89 elements,
 correlation 3) on a 64-atom crystal, e3nn vs sparsekern's torch back end, side by side
-in one run. Writes benchmarks/results/cpu_energy_forces_<date>.json and prints a table.
+in one run: calls alternate between the two models (e3nn, ours, e3nn, ...) and the best
+of each is kept, so load from other processes hits both alike. Each dtype is timed with
+``--threads`` threads and with one (less sensitive to load). ``--training`` also times
+a force-training step (forces with create_graph, then the force loss's parameter
+gradients). Writes benchmarks/results/cpu_energy_forces_<date>.json and prints a table.
 
-    python benchmarks/cpu_energy_forces.py [--threads 2] [--repeats 5]
+    python benchmarks/cpu_energy_forces.py [--threads 2] [--repeats 5] [--training]
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -29,14 +34,30 @@ def crystal():
     return atoms
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def best_times(fns, repeats: int):
+    """Best wall time of each function, calls interleaved."""
+    for fn in fns:
+        fn()  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
+
+
+def inference(model, batch):
+    return lambda: model(batch, compute_force=True)
+
+
+def training_step(model, batch):
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        forces = model(batch, compute_force=True, training=True)["forces"]
+        torch.autograd.grad(forces.square().sum(), params, allow_unused=True)
+    return step
 
 
 def main() -> None:
@@ -44,39 +65,44 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--size", default="medium")
+    parser.add_argument("--training", action="store_true", help="also time a force-training step")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     atoms = crystal()
     rows = []
     for dtype in (torch.float64, torch.float32):
         e3nn_model = mace_mp0_shaped(args.size, dtype=dtype)
         ours = sparsekern.patch(copy.deepcopy(e3nn_model), backend="torch")
         batch = mace_batch(e3nn_model, [atoms])
-        results = {}
-        for name, model in (("e3nn", e3nn_model), ("sparsekern", ours)):
-            results[name] = best_time(lambda: model(batch, compute_force=True), args.repeats)
         f0 = e3nn_model(batch, compute_force=True)["forces"]
         f1 = ours(batch, compute_force=True)["forces"]
-        rows.append({
-            "dtype": str(dtype).replace("torch.", ""), "atoms": len(atoms), "edges": int(batch["edge_index"].shape[1]),
-            "e3nn_s": results["e3nn"], "sparsekern_s": results["sparsekern"],
-            "speedup": results["e3nn"] / results["sparsekern"],
-            "max_force_rel_err": ((f1 - f0).abs().max() / f0.abs().max()).item(),
-        })
+        tasks = [("energy+forces", inference)] + ([("training step", training_step)] if args.training else [])
+        for threads in sorted({args.threads, 1}, reverse=True):
+            torch.set_num_threads(threads)
+            for task, make in tasks:
+                t_e3nn, t_ours = best_times([make(e3nn_model, batch), make(ours, batch)], args.repeats)
+                rows.append({
+                    "dtype": str(dtype).replace("torch.", ""), "task": task, "threads": threads,
+                    "atoms": len(atoms), "edges": int(batch["edge_index"].shape[1]),
+                    "e3nn_s": t_e3nn, "sparsekern_s": t_ours, "speedup": t_e3nn / t_ours,
+                    "max_force_rel_err": ((f1 - f0).abs().max() / f0.abs().max()).item(),
+                })
     record = {
         "benchmark": "energy+forces, MACE-MP-0-%s-shaped, 64-atom crystal" % args.size,
-        "command": "python benchmarks/cpu_energy_forces.py --threads %d --repeats %d --size %s"
-                   % (args.threads, args.repeats, args.size),
+        "command": "python benchmarks/cpu_energy_forces.py --threads %d --repeats %d --size %s%s"
+                   % (args.threads, args.repeats, args.size, " --training" if args.training else ""),
         "date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}", "rows": rows,
+        f"{os.cpu_count()} cores, torch {torch.__version__}", "load_average": os.getloadavg(), "rows": rows,
     }
     out = Path(__file__).parent / "results" / f"cpu_energy_forces_{record['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"{'dtype':<9}{'atoms':>6}{'edges':>7}{'e3nn (s)':>10}{'ours (s)':>10}{'speedup':>9}{'max rel dF':>12}")
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, out)
+    print(f"{'dtype':<9}{'task':<15}{'threads':>8}{'e3nn (s)':>10}{'ours (s)':>10}{'speedup':>9}{'max rel dF':>12}")
     for r in rows:
-        print(f"{r['dtype']:<9}{r['atoms']:>6}{r['edges']:>7}{r['e3nn_s']:>10.4f}{r['sparsekern_s']:>10.4f}"
+        print(f"{r['dtype']:<9}{r['task']:<15}{r['threads']:>8}{r['e3nn_s']:>10.4f}{r['sparsekern_s']:>10.4f}"
               f"{r['speedup']:>8.2f}x{r['max_force_rel_err']:>12.1e}")
+    print(f"{len(atoms)} atoms, {rows[0]['edges']} edges; load average {record['load_average']}")
     print(f"wrote {out}")
 
 
