@@ -45,6 +45,23 @@ def test_symmetric_contraction_matches_mace(irreps_in, irreps_out, correlation, 
     assert ours(x[:0], attrs[:0]).shape == (0, o3.Irreps(irreps_out).dim)
 
 
+@pytest.mark.parametrize("use_reduced_cg", [False, True])
+def test_symmetric_contraction_both_parametrisations(use_reduced_cg):
+    """Reduced and full CG bases (different U tensors) at correlation 4: the kept
+    monomials and the symmetrised U must cover every term."""
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ref = MaceSC(o3.Irreps("3x0e+3x1o"), o3.Irreps("3x0e+3x1o"), correlation=4, num_elements=3,
+                     use_reduced_cg=use_reduced_cg)
+    finally:
+        torch.set_default_dtype(previous)
+    ours = SymmetricContraction.from_mace(ref)
+    x = torch.randn(7, 3, 4, dtype=torch.float64)
+    attrs = one_hot(7, 3)
+    assert rel_err(ours(x, attrs), ref(x, attrs)) <= TOL[torch.float64]
+
 def test_symmetric_contraction_grads_and_equivariance():
     torch.manual_seed(0)
     ref = _mace_sc("2x0e+2x1o", "2x0e+2x1o", 3, 2, torch.float64)
