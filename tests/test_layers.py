@@ -158,20 +158,22 @@ def test_channelwise_conv_grads():
 
 
 @pytest.mark.parametrize("layout", ["regular", "padded", "skewed"])
-def test_fused_conv_by_receiver_and_fallback(layout):
-    """Both torch paths of the fused conv: the sum over a node's incoming edges inside a
-    batched product (edges permuted by receiver where all in-degrees are equal, else
-    padded; here node 3 has none) and, where padding would more than double the edges,
-    gather / product / scatter."""
-    from sparsekern.layers.channelwise_tp import _receiver_slots
+def test_fused_conv_by_receiver(layout):
+    """The torch fused conv sums a node's incoming edges inside a batched product, nodes
+    grouped by in-degree: edges permuted by receiver where all in-degrees are equal,
+    padded within a group, groups split where padding would add over half the edges;
+    node 3 has no edges in the last two layouts."""
+    from sparsekern.layers.channelwise_tp import _receiver_buckets
 
     ref = uvu_tp(o3.Irreps("2x0e+1x1o"), o3.Irreps.spherical_harmonics(1), o3.Irreps("2x0e+2x1o"))
     conv = ChannelwiseConv.from_e3nn(ref)
-    receiver = {"regular": torch.tensor([2, 0, 1, 3, 3, 0, 2, 1]), "padded": torch.tensor([2, 0, 1, 0, 2, 1]),
-                "skewed": torch.zeros(6, dtype=torch.long)}[layout]
+    receiver, groups = {"regular": ([2, 0, 1, 3, 3, 0, 2, 1], [((4, 2), False)]),
+                        "padded": ([2, 0, 1, 0, 2, 1, 0], [((3, 3), True)]),
+                        "skewed": ([0, 0, 0, 0, 1, 2], [((1, 4), False), ((2, 1), False)])}[layout]
+    receiver = torch.tensor(receiver)
     n, e = 4, receiver.shape[0]
+    assert [(tuple(slots.shape), padded) for _, slots, padded in _receiver_buckets(receiver, n)] == groups
     edge_index = torch.stack([torch.tensor([3, 1, 0, 2, 2, 1, 0, 3])[:e], receiver])
-    assert (_receiver_slots(receiver, n) is None) == (layout == "skewed")
     args = (torch.randn(n, ref.irreps_in1.dim, dtype=torch.float64, requires_grad=True),
             torch.randn(e, ref.irreps_in2.dim, dtype=torch.float64, requires_grad=True),
             torch.randn(e, ref.weight_numel, dtype=torch.float64, requires_grad=True))

@@ -4,7 +4,7 @@ scatters to receivers (the ``conv_fusion`` contract of MACE)."""
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from e3nn import o3
@@ -183,23 +183,27 @@ class ChannelwiseConv(ChannelwiseTP):
 
             return conv_fused(self, node_feats, edge_attrs, tp_weights, edge_index)
         sender, receiver = edge_index[0].long(), edge_index[1].long()
-        slots = _receiver_slots(receiver, n)
-        if slots is not None:
-            return self._conv_by_receiver(node_feats, edge_attrs, tp_weights, sender, slots)
+        buckets = _receiver_buckets(receiver, n)
+        if buckets:
+            outs = [self._conv_by_receiver(node_feats, edge_attrs, tp_weights, sender, slots, padded)
+                    for _, slots, padded in buckets]
+            nodes = torch.cat([b[0] for b in buckets])
+            y = torch.cat(outs)
+            return y.new_zeros(n, y.shape[1]).index_copy(0, nodes, y)  # nodes without edges stay 0
         messages = self._messages(node_feats.index_select(0, sender), edge_attrs, tp_weights)
         out = messages.new_zeros(n, messages.shape[1])
         return out.index_add(0, receiver, messages)
 
-    def _conv_by_receiver(self, node_feats, edge_attrs, tp_weights, sender, slots):
+    def _conv_by_receiver(self, node_feats, edge_attrs, tp_weights, sender, slots, padded: bool):
         """The sum over a node's incoming edges done inside one batched product per path,
         out[n, u, k] = sum_(e, i) P[n, (e, i), u] Z[n, (e, i), k] with P = w x1[sender] and
         Z = C x2, so the (edges, mul, d_out) messages are never formed. ``slots`` (n, width)
-        lists each node's incoming edges, padded with edge E (a zero weight row)."""
+        lists the incoming edges of n nodes, ``padded`` with edge E (a zero weight row)."""
         n, width = slots.shape
         cg = self._const("cg", node_feats, self._cg_blocks)
         flat = slots.reshape(-1)
         rows = (tp_weights, edge_attrs, sender)
-        if flat.shape[0] != tp_weights.shape[0]:  # else equal in-degrees: a permutation, no padding row
+        if padded:
             rows = tuple(torch.cat([t, t.new_zeros((1,) + t.shape[1:])]) for t in rows)
         w_pad, x2_pad, s_pad = (t.index_select(0, flat) for t in rows)
         # each x1 block as (nodes, d1, mul) before the gather: P then comes out of one
@@ -246,19 +250,33 @@ class _ScaleRows(torch.autograd.Function):
         return grad_x, grad_w
 
 
-def _receiver_slots(receiver: torch.Tensor, n: int) -> Optional[torch.Tensor]:
-    """(n, width) edge ids by receiver, padded with E; None where there are no edges
-    or padding to the largest in-degree would more than double the edges."""
+def _receiver_buckets(receiver: torch.Tensor, n: int) -> List[Tuple[torch.Tensor, torch.Tensor, bool]]:
+    """Nodes grouped by in-degree so that padding each group to its largest in-degree at
+    most adds half of its edges: per group its nodes, their (nodes, width) incoming edge
+    ids padded with E, and whether any padding is there. Nodes without edges are in no
+    group; no groups without edges."""
     e = receiver.shape[0]
-    if e == 0 or n == 0:
-        return None
+    if e == 0:
+        return []
     counts = torch.bincount(receiver, minlength=n)
-    width = int(counts.max())
-    if n * width > 2 * e:
-        return None
+    node_order = torch.argsort(counts, descending=True, stable=True)
+    degrees = counts.index_select(0, node_order).tolist()
     order = torch.argsort(receiver, stable=True)
     ordered = receiver.index_select(0, order)
     position = torch.arange(e, device=receiver.device) - (torch.cumsum(counts, 0) - counts).index_select(0, ordered)
-    slots = torch.full((n * width,), e, dtype=torch.long, device=receiver.device)
-    slots[ordered * width + position] = order
-    return slots.view(n, width)
+    local = torch.empty_like(counts)  # each node's row in its group
+    buckets, lo = [], 0
+    while lo < n and degrees[lo] > 0:
+        width, hi = degrees[lo], lo
+        while hi < n and degrees[hi] > 0 and 3 * degrees[hi] >= 2 * width:
+            hi += 1
+        nodes = node_order[lo:hi]
+        local[nodes] = torch.arange(hi - lo, device=receiver.device)
+        mine = torch.zeros(n, dtype=torch.bool, device=receiver.device)
+        mine[nodes] = True
+        take = mine.index_select(0, ordered)
+        slots = torch.full(((hi - lo) * width,), e, dtype=torch.long, device=receiver.device)
+        slots[local.index_select(0, ordered[take]) * width + position[take]] = order[take]
+        buckets.append((nodes, slots.view(hi - lo, width), sum(degrees[lo:hi]) < (hi - lo) * width))
+        lo = hi
+    return buckets
