@@ -295,13 +295,14 @@ def run(settings: Settings) -> dict:
     model = _apply_method(model, settings)
 
     history: List[dict] = []
-    epoch, train_wall = 0, 0.0
+    epoch, train_wall, peak_rss = 0, 0.0, 0.0
     if ck is not None:
         if ck.get("fast"):
             to_fast(model)
             _restore_fast(model, ck["model"])
         model.load_state_dict(ck["model"])
-        epoch, train_wall, history = ck["epoch"], ck["train_wall_s"], ck["history"]
+        # a resumed run reports the time and memory of the epochs it did not redo too
+        epoch, train_wall, history, peak_rss = ck["epoch"], ck["train_wall_s"], ck["history"], ck["peak_rss_mb"]
 
     def make_optimizer():
         params = [p for p in model.parameters() if p.requires_grad]
@@ -343,9 +344,10 @@ def run(settings: Settings) -> dict:
         if valid_s:
             record["valid"] = asdict(evaluate(family, model, valid_s, settings))
         history.append(record)
+        peak_rss = max(peak_rss, _peak_rss_mb())
         state = {"identity": settings.identity(), "epoch": epoch, "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "fast": fast, "train_wall_s": train_wall,
-                 "history": history, "shift": shift}
+                 "peak_rss_mb": peak_rss, "history": history, "shift": shift}
         atomic_write(_checkpoint_path(out), lambda tmp: torch.save(state, tmp))
     bar.close()
 
@@ -379,7 +381,7 @@ def run(settings: Settings) -> dict:
     metrics["merged_model"] = str(merged_path)
     metrics["merged_model_check"] = check_merged(family, reference, test[:1], merged_path, settings.device)
     metrics["command_wall_s"] = time.perf_counter() - started
-    metrics["peak_rss_mb"] = _peak_rss_mb()
+    metrics["peak_rss_mb"] = max(peak_rss, _peak_rss_mb())
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
     return metrics
 
