@@ -62,6 +62,17 @@ def test_symmetric_contraction_both_parametrisations(use_reduced_cg):
     attrs = one_hot(7, 3)
     assert rel_err(ours(x, attrs), ref(x, attrs)) <= TOL[torch.float64]
 
+def test_symmetric_contraction_correlation_per_output():
+    """Outputs of different correlation (MACE's per-irrep form; here its 1o contraction
+    swapped for a correlation-2 one): the missing degree contributes nothing."""
+    torch.manual_seed(0)
+    ref = _mace_sc("3x0e+3x1o+3x2e", "3x0e+3x1o", 3, 2, torch.float64)
+    ref.contractions[1] = _mace_sc("3x0e+3x1o+3x2e", "3x0e+3x1o", 2, 2, torch.float64).contractions[1]
+    ours = SymmetricContraction.from_mace(ref)
+    x = torch.randn(5, 3, 9, dtype=torch.float64)
+    attrs = one_hot(5, 2)
+    assert rel_err(ours(x, attrs), ref(x, attrs)) <= TOL[torch.float64]
+
 def test_symmetric_contraction_grads_and_equivariance():
     torch.manual_seed(0)
     ref = _mace_sc("2x0e+2x1o", "2x0e+2x1o", 3, 2, torch.float64)

@@ -116,10 +116,11 @@ class SymmetricContraction(SparsekernLayer):
         for j, contraction in enumerate(self.contractions):
             ws = [self.effective(name) for name in self.weight_names(j, contraction)]
             per_degree = []
-            for nu, (u, w) in enumerate(zip(tables.u[j], ws)):
+            # degrees above this output's correlation (a per-irrep correlation) have k = 0
+            for u, w in zip(tables.u[j], ws + [None] * (len(tables.u[j]) - len(ws))):
                 m, q, k = u.shape
                 if k == 0:
-                    per_degree.append(w.new_zeros(zp, m, q, c))
+                    per_degree.append(u.new_zeros(zp, m, q, c))
                     continue
                 wz = w.index_select(0, present)  # (zp, k, c)
                 per_degree.append(torch.matmul(u.reshape(m * q, k), wz).view(zp, m, q, c))
