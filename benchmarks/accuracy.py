@@ -143,7 +143,8 @@ def markdown(result: dict) -> str:
                   "methods: full fine-tuning moves every weight at once, while LoRA (B starts at zero) and the sparse "
                   "delta (V starts at 1e-3 of the weights' scale, a few % of it passes the threshold) barely leave "
                   "the zero-shot model, so a 'within 5 %' here (silicon) means only that nothing moved far. The "
-                  "full mode (50 training frames, 50 epochs) is the comparison that counts; it has not been run yet."]
+                  "full mode (50 training frames for aspirin and 3BPA, all 214 for silicon; 50 epochs) is the comparison "
+                  "that counts; it has not been run yet."]
     lines += ["", "Trainable params of the sparse delta count V (one per path weight) and the thresholds; "
               "with `--fast_after` only the active entries train. Wall time is training only (no evaluation).", ""]
     return "\n".join(lines)
