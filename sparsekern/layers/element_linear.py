@@ -127,15 +127,9 @@ class ElementLinear(SparsekernLayer):
     def _forward_triton(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         """W0 + dW formed tile by tile in the kernel from the delta's active 16x16 blocks."""
         from ..kernels.triton import element_linear_layer
-        from ..kernels.triton.element_linear import blocks_from_dense
+        from ..kernels.triton.element_linear import attached_delta_blocks
 
-        blocks = None
-        deltas = self._modules.get("deltas")
-        delta = deltas._modules.get("weight") if deltas is not None else None
-        if delta is not None and not delta.merged:
-            flat = delta()
-            blocks = [blocks_from_dense(g.view(flat), 16) for g in self.weight_groups()]
-        return element_linear_layer(self, x, species, blocks)
+        return element_linear_layer(self, x, species, attached_delta_blocks(self, 16))
 
     def _forward_cuda(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         from ..kernels import cuda
