@@ -51,18 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "plain MACE .model (delta merged) and <name>.adapter.safetensors.")
     group = parser.add_argument_group("sparsekern (sparse delta; ignored with --lora True)")
     group.add_argument("--sparse_density", type=float, default=0.03,
-                       help="fraction of the path weights that change (default 0.03)")
+                       help="fraction of the path weights that change")
     group.add_argument("--sparse_mode", choices=("str", "block"), default="str",
                        help="str: element-wise soft threshold (the paper); block: group soft threshold over tiles")
-    group.add_argument("--sparse_tile", type=_tile, default=(8, 8),
-                       help="block mode: tile as ROWSxCOLS (default 8x8) or 'path' for whole path matrices")
+    group.add_argument("--sparse_tile", type=_tile, default="8x8",
+                       help="block mode: tile as ROWSxCOLS or 'path' for whole path matrices")
     group.add_argument("--sparse_init_scale", type=float, default=1e-3,
                        help="std of the initial delta relative to the base weights' std")
     group.add_argument("--sparse_include_radial", type=str2bool, default=True,
                        help="also put deltas on the radial MLPs that make the conv weights")
     group.add_argument("--sparse_backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
                        help="sparsekern kernel back end")
-    group.add_argument("--sparse_seed", type=int, default=None, help="seed of the delta's start (default: --seed)")
+    group.add_argument("--sparse_seed", type=int, default=None, help="seed of the delta's start (None: MACE's --seed)")
     return parser
 
 
