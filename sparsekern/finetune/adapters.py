@@ -86,8 +86,9 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def read_adapter(path):
-    """(tensors, metadata) of an adapter file; a clear error for anything else."""
+def read_adapter(path, fmt: str = FORMAT, what: str = "sparsekern adapter"):
+    """(tensors, metadata) of an adapter file of format ``fmt``; a clear error for
+    anything else."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -98,9 +99,9 @@ def read_adapter(path):
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable sparsekern adapter (corrupt or another format): {exc}") from exc
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a sparsekern adapter (format {metadata.get('format')!r})")
+        raise ValueError(f"{path} is not a readable {what} (corrupt or another format): {exc}") from exc
+    if metadata.get("format") != fmt:
+        raise ValueError(f"{path} is not a {what} (format {metadata.get('format')!r})")
     return tensors, metadata
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..files import atomic_write
 from ..patching import patch, patched_layers
-from .adapters import fingerprint
+from .adapters import fingerprint, read_adapter
 from .api import iter_deltas, prepare
 from .config import SparseConfig
 from .delta import LoRADelta
-from .families import atomic_write
 
 FORMAT = "sparsekern-lora-adapter"
 
@@ -41,19 +41,7 @@ def save_lora_adapter(model: torch.nn.Module, path) -> Path:
 
 def load_lora_adapter(model: torch.nn.Module, path) -> torch.nn.Module:
     """Attach a LoRA adapter to a clean base model (refuses another base)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA adapter not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise ValueError(f"{path} is not a readable sparsekern LoRA adapter: {exc}") from exc
-    if metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a sparsekern LoRA adapter (format {metadata.get('format')!r})")
+    tensors, metadata = read_adapter(path, FORMAT, "sparsekern LoRA adapter")
     config = SparseConfig(**{k: tuple(v) if k == "tile" and isinstance(v, list) else v
                              for k, v in json.loads(metadata["config"]).items()})
     if not patched_layers(model):

@@ -22,13 +22,14 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..files import atomic_write
 from ..patching import patch, patched_layers, unpatch
 from .api import calibrate_density, iter_deltas, merge, prepare, stats, target_groups, to_fast
 from .config import SparseConfig
 from .adapters import save_adapter
 from .data import Frame, energy_shift, read_frames
 from .delta import FixedDelta
-from .families import Family, atomic_write, family_for
+from .families import Family, family_for
 from .lora_adapter import save_lora_adapter
 
 METHODS = ("sparse", "full", "lora")
