@@ -1,7 +1,9 @@
 """Shared test utilities: random irreps, relative errors, random O(3) elements."""
 
+import os
 import random
 
+import pytest
 import torch
 from e3nn import o3
 
@@ -34,3 +36,15 @@ def one_hot(n: int, num_elements: int, dtype=torch.float64, seed: int = 0) -> to
     g = torch.Generator().manual_seed(seed)
     z = torch.randint(0, num_elements, (n,), generator=g)
     return torch.nn.functional.one_hot(z, num_elements).to(dtype)
+
+
+def triton_device() -> str:
+    """Where Triton tests run: the GPU, or CPU tensors under the interpreter (conftest.py
+    sets TRITON_INTERPRET=1 without a GPU, before anything imports triton). Called at
+    module level, before the kernels are imported: skips the module elsewhere."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+    return "cpu"

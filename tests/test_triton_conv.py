@@ -2,14 +2,12 @@
 gradients and second derivatives, path mask, zero edges, non-contiguous inputs.
 Runs on CPU under TRITON_INTERPRET=1 (tiny shapes: the interpreter is slow)."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-triton = pytest.importorskip("triton")
+from helpers import TOL, rel_err, triton_device
+
+DEVICE = triton_device()  # before the kernels are imported
 
 from e3nn import o3  # noqa: E402
 
@@ -17,11 +15,6 @@ import sparsekern  # noqa: E402,F401
 from sparsekern.layers import ChannelwiseConv, ChannelwiseTP  # noqa: E402
 from sparsekern.kernels.triton import channelwise_tp, conv_fused  # noqa: E402
 from sparsekern.kernels.triton.conv import build_form  # noqa: E402
-from helpers import TOL, rel_err  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 
 def uvu_tp(irreps1, irreps2, lmax_out, dtype=torch.float64):

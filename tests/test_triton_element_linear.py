@@ -3,25 +3,18 @@
 (x, W0, active blocks), second derivatives, zero rows, non-contiguous inputs.
 Runs on CPU under TRITON_INTERPRET=1 (tiny shapes)."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-triton = pytest.importorskip("triton")
+from helpers import TOL, rel_err, triton_device
+
+DEVICE = triton_device()  # before the kernels are imported
 
 from e3nn import o3  # noqa: E402
 
 import sparsekern  # noqa: E402,F401
 from sparsekern.layers import ElementLinear  # noqa: E402
 from sparsekern.kernels.triton import element_linear, element_linear_layer  # noqa: E402
-from helpers import TOL, rel_err  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 
 def random_delta(n_el, mul_in, mul_out, T, dtype, density=0.5, seed=0):

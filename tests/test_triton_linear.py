@@ -3,14 +3,12 @@ back end of IrrepsLinear: outputs, gradients (x, W0, bias, delta), second deriva
 several paths into one output, empty irreps, biases, zero rows, non-contiguous input,
 a delta with inactive 16x16 blocks. Runs on CPU under TRITON_INTERPRET=1 (tiny shapes)."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-triton = pytest.importorskip("triton")
+from helpers import TOL, rel_err, triton_device
+
+DEVICE = triton_device()  # before the kernels are imported
 
 from e3nn import o3  # noqa: E402
 
@@ -18,8 +16,7 @@ import sparsekern  # noqa: E402,F401
 from sparsekern.finetune.delta import FixedDelta  # noqa: E402
 from sparsekern.layers import IrrepsLinear  # noqa: E402
 from sparsekern.kernels.triton.element_linear import irreps_linear_paths  # noqa: E402
-from helpers import TOL, rel_err  # noqa: E402
-from test_triton_element_linear import DEVICE, dense_delta, random_delta, second_order  # noqa: E402
+from test_triton_element_linear import dense_delta, random_delta, second_order  # noqa: E402
 
 # 20x0e and 3x0e both feed 18x0e (two paths into one output, 2 x 2 and 1 x 2 tiles of
 # 16); 0x1e is empty on both sides; 2x2e has no path in (zeros, or its bias-free zero).
@@ -122,7 +119,6 @@ def test_zero_rows_lead_dims_noncontiguous_no_bias():
     want = second_order(lambda x_, _w: run(layer, "torch", x_), args)
     assert got[0].shape == (2, 3, IRREPS_OUT.dim)
     assert all(rel_err(a, b) <= 1e-12 for a, b in zip(got, want))
-
 
 
 @pytest.mark.gpu

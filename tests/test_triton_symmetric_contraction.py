@@ -4,14 +4,12 @@ sparse delta, gradcheck / gradgradcheck, both use_reduced_cg parametrisations, l
 correlations 1-3, equivariance, zero nodes, non-contiguous x, an element with no nodes.
 Runs on CPU under TRITON_INTERPRET=1 (tiny shapes)."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-triton = pytest.importorskip("triton")
+from helpers import TOL, random_o3, rel_err, triton_device
+
+DEVICE = triton_device()  # before the kernels are imported
 pytest.importorskip("mace")
 
 from e3nn import o3  # noqa: E402
@@ -21,11 +19,7 @@ import sparsekern  # noqa: E402
 from sparsekern.finetune import SparseConfig  # noqa: E402
 from sparsekern.kernels.triton.symmetric_contraction import Plan, apply_form, contraction_form  # noqa: E402
 from sparsekern.layers import SymmetricContraction  # noqa: E402
-from helpers import TOL, random_o3, rel_err  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
 SPECIES = [2, 0, 2, 2, 0]  # element 1 of 3 has no nodes
 
