@@ -144,6 +144,7 @@ class _MonomialTables(NamedTuple):
 
     parent: List[torch.Tensor]  # per degree 2.., (Q_nu,) rows in the previous degree
     last: List[torch.Tensor]  # per degree 2.., (Q_nu,) coupling index of the new factor
+    tuples: List[torch.Tensor]  # per degree, (Q_nu, nu) the kept sorted index tuples
     u: List[List[torch.Tensor]]  # per output, per degree: U' (m, Q_nu, k)
     m: List[int]  # per output, its irrep dimension
     num_monomials: int
@@ -178,7 +179,10 @@ class _MonomialTables(NamedTuple):
         u = [[per_degree[nu - 1][:, keys[nu - 1], :] if nu <= len(per_degree)
               else per_degree[0].new_zeros(per_degree[0].shape[0], len(keys[nu - 1]), 0)
               for nu in range(1, correlation + 1)] for per_degree in summed]
-        return cls(parent, last, u, [per_degree[0].shape[0] for per_degree in summed], sum(len(k) for k in keys))
+        tuples = [torch.stack([key // d ** (nu - 1 - j) % d for j in range(nu)], 1)
+                  for nu, key in enumerate(keys, start=1)]
+        return cls(parent, last, tuples, u, [per_degree[0].shape[0] for per_degree in summed],
+                   sum(len(k) for k in keys))
 
 
 def _sorted_key(nu: int, d: int) -> torch.Tensor:

@@ -258,34 +258,25 @@ def contraction_form(layer) -> Tuple[Form, List[torch.Tensor]]:
     if corr > _MAX_OPERANDS - 1:
         raise ValueError(f"the Triton symmetric contraction supports correlation <= {_MAX_OPERANDS - 1}, "
                          f"got {corr}")
+    tables = layer._monomial_tables()  # U summed over orderings, as the torch back end uses it
     os, idxs, folds = [], [], []
     o_off = a_off = 0
-    for con in layer.contractions:
-        us = layer.u_by_degree(con)
-        m_dim = us[0].shape[0] if us[0].dim() == 3 else 1
-        for nu, u in enumerate(us, start=1):
-            u = u.detach().double().cpu().reshape(m_dim, -1, u.shape[-1])  # (m, i_1..i_nu, k)
-            nz = u.abs().sum(-1).nonzero()
-            keys = torch.cat([nz[:, :1], _unravel(nz[:, 1], layer.coupling_dim, nu).sort(1).values], 1)
-            keys, row = torch.unique(keys, dim=0, return_inverse=True)  # (m, sorted q)
-            folds.append(u.new_zeros(keys.shape[0], u.shape[-1]).index_add_(0, row, u[nz[:, 0], nz[:, 1]]))
-            idx = torch.full((1 + corr, keys.shape[0]), -1, dtype=torch.long)
-            idx[0] = a_off + torch.arange(keys.shape[0])
-            idx[1:1 + nu] = keys[:, 1:].t()
-            os.append(o_off + keys[:, 0])
+    for j, con in enumerate(layer.contractions):
+        for nu, u in enumerate(tables.u[j][:con.correlation], start=1):  # u: (m, Q_nu, k)
+            nz = u.abs().sum(-1).nonzero()  # (m, q) rows that contribute
+            folds.append(u[nz[:, 0], nz[:, 1]])
+            idx = torch.full((1 + corr, nz.shape[0]), -1, dtype=torch.long)
+            idx[0] = a_off + torch.arange(nz.shape[0])
+            idx[1:1 + nu] = tables.tuples[nu - 1][nz[:, 1]].t()
+            os.append(o_off + nz[:, 0])
             idxs.append(idx)
-            a_off += keys.shape[0]
-        o_off += m_dim
+            a_off += nz.shape[0]
+        o_off += tables.m[j]
     o = torch.cat(os)
     form = Form.build(o, torch.cat(idxs, 1), torch.ones(o.shape[0], dtype=torch.float64), o_off,
                       (a_off,) + (layer.coupling_dim,) * corr, (True,) + (False,) * corr,
                       ((0,), tuple(range(1, 1 + corr))), False)
     return form, folds
-
-
-def _unravel(flat: torch.Tensor, d: int, nu: int) -> torch.Tensor:
-    """(n, nu) indices of flat positions in a (d,) * nu array."""
-    return torch.stack([flat // d ** (nu - 1 - j) % d for j in range(nu)], 1)
 
 
 def folded_weights(layer, folds: List[torch.Tensor]) -> torch.Tensor:
