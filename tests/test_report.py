@@ -19,6 +19,7 @@ from safetensors.torch import save_file  # noqa: E402
 import sparsekern  # noqa: E402
 from sparsekern.cli import main as cli  # noqa: E402
 from sparsekern.finetune import SparseConfig, calibrate_density, iter_deltas  # noqa: E402
+from sparsekern.finetune.report import build_report  # noqa: E402
 from sparsekern.model_zoo import mace_mp0_shaped  # noqa: E402
 
 TM = {"Fe", "Ni"}
@@ -49,18 +50,25 @@ def _adapted(base, boost_tm: bool):
 
 
 def _hand_l2_density(model):
-    """Changed / all per-element l = 2 weights, for TM and other elements."""
+    """Changed / all per-element l = 2 weights, for TM and other elements, pooled over
+    the elements with any changed per-element weight."""
     symbols = [chemical_symbols[int(z)] for z in model.atomic_numbers]
-    counts = {True: [0, 0], False: [0, 0]}
+    l2 = {s: [0, 0] for s in symbols}
+    touched = set()
     with torch.no_grad():
         for *_, delta in iter_deltas(model):
             changed = delta().view(-1) != 0
             for g in delta.groups:
-                if g.per_element and g.l == 2:
-                    for i, s in enumerate(symbols):
-                        counts[s in TM][0] += int(g.view(changed)[i].sum())
-                        counts[s in TM][1] += g.shape[1] * g.shape[2]
-    return {k: c / t for k, (c, t) in counts.items()}
+                for i, s in enumerate(symbols):
+                    if not g.per_element:
+                        continue
+                    n = int(g.view(changed)[i].sum())
+                    touched |= {s} if n else set()
+                    if g.l == 2:
+                        l2[s][0] += n
+                        l2[s][1] += g.shape[1] * g.shape[2]
+    return {tm: sum(l2[s][0] for s in touched if (s in TM) == tm) / sum(l2[s][1] for s in touched if (s in TM) == tm)
+            for tm in (True, False)}
 
 
 @pytest.mark.parametrize("boost_tm", [True, False])
@@ -84,6 +92,34 @@ def test_report_equals_stats_and_verdict_follows_data(base, tmp_path, capsys, bo
     assert verdict["other_elements"]["l2_density"] == pytest.approx(density[False], rel=1e-12)
     assert verdict["l2_larger_share_for_transition_metals"] is boost_tm
     assert ("yes" if boost_tm else "no") in capsys.readouterr().out
+
+
+def test_verdict_pools_only_elements_the_update_touched(base, tmp_path):
+    model = _adapted(base, True)
+    symbols = [chemical_symbols[int(z)] for z in model.atomic_numbers]
+    fe = symbols.index("Fe")
+    with torch.no_grad():
+        for *_, delta in iter_deltas(model):
+            for g in delta.groups:
+                if g.per_element:
+                    g.view(delta.v.data)[fe] = 0  # S(0, tau) = 0: Fe is left as it was
+    calibrate_density(model)
+    assert sparsekern.stats(model)["by_element"]["Fe"]["changed"] == 0
+    path = sparsekern.save_adapter(model, tmp_path / "a.safetensors")
+    verdict = build_report(path)["d_shell"]
+    assert verdict["transition_metals"]["elements"] == ["Ni"]
+    assert verdict["transition_metals"]["l2_density"] == pytest.approx(_hand_l2_density(model)[True], rel=1e-12)
+
+    with torch.no_grad():  # no transition metal touched: no verdict
+        ni = symbols.index("Ni")
+        for *_, delta in iter_deltas(model):
+            for g in delta.groups:
+                if g.per_element:
+                    g.view(delta.v.data)[ni] = 0
+    calibrate_density(model)
+    verdict = build_report(sparsekern.save_adapter(model, tmp_path / "b.safetensors"))["d_shell"]
+    assert verdict["l2_larger_share_for_transition_metals"] is None
+    assert "changed no per-element weights of transition metals" in verdict["reason"]
 
 
 def test_old_format_adapter_needs_its_base_and_corrupt_files_fail(base, tmp_path, capsys):

@@ -75,12 +75,15 @@ def d_shell_verdict(s: dict) -> dict:
     Pooled over the per-element weights of each set of elements: ``l2_density`` =
     changed / total l = 2 weights decides (it compares like with like: every element
     has the same per-element paths); ``l2_share`` = changed l = 2 weights / all changed
-    weights is reported too, but a set with few changes makes it noisy."""
+    weights is reported too, but a set with few changes makes it noisy. Only elements
+    the update touched (any of their per-element weights changed) are pooled: a
+    foundation model knows ~90 elements, a fine-tuning set holds a few, and the weights
+    of absent elements get no gradient."""
     pooled = {True: {"l2_changed": 0, "l2_total": 0, "changed": 0, "total": 0, "elements": []},
               False: {"l2_changed": 0, "l2_total": 0, "changed": 0, "total": 0, "elements": []}}
     for element, by_l in s["by_element_l"].items():
         tm = is_transition_metal(element)
-        if tm is None:
+        if tm is None or not any(v["changed"] for v in by_l.values()):
             continue
         p = pooled[tm]
         p["elements"].append(element)
@@ -95,7 +98,7 @@ def d_shell_verdict(s: dict) -> dict:
                       "l2_density": p["l2_changed"] / p["l2_total"] if p["l2_total"] else None}
     tm, other = sets["transition_metals"], sets["other_elements"]
     if not tm["elements"] or not other["elements"]:
-        answer, why = None, "the model has no per-element weights for " + (
+        answer, why = None, "the update changed no per-element weights of " + (
             "transition metals" if not tm["elements"] else "non-transition-metal elements")
     elif not tm["l2_total"] or not other["l2_total"]:
         answer, why = None, "the model has no per-element l = 2 paths"
