@@ -70,7 +70,7 @@ def _mace_train(d, name, *extra):
 
 def test_sparse_mace_train_saves_plain_model_and_adapter(workdir):
     d, foundation = workdir
-    out = _mace_train(d, "sparse", "--sparse_density", "0.05", "--ema", "--ema_decay", "0.9")
+    out = _mace_train(d, "sparse", "--sparse_density", "0.05", "--sparse_lr_factor", "3", "--ema", "--ema_decay", "0.9")
     model_file, adapter = out / "sparse.model", out / "sparse.adapter.safetensors"
     assert model_file.is_file() and adapter.is_file()
     assert not (out / "sparse.base.model").exists()  # the foundation itself is the base
@@ -118,6 +118,7 @@ def test_sparse_mace_train_saves_plain_model_and_adapter(workdir):
     deltas = [k for k in ckpt["model"] if ".deltas." in k and not k.endswith("tau_shift")]
     assert sum(len(g["params"]) for g in groups) == len(deltas)
     assert all(g["weight_decay"] == 0.0 for g in groups if g["name"].endswith("_thresholds"))
+    assert all(g["lr"] == pytest.approx(3 * 0.01, rel=1e-12) for g in groups)  # --lr 0.01 x --sparse_lr_factor
     assert {"interactions_decay", "products"} <= {g["name"] for g in groups}
 
 

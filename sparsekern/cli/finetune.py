@@ -27,7 +27,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tile", type=int, default=8, help="sparse --mode block: square tile size")
     p.add_argument("--fast_after", type=int, help="sparse: after this many epochs train only the active entries")
     p.add_argument("--lora_rank", type=int, default=4, help="lora: rank per path block")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float,
+                   help="Adam's learning rate (default per method: full 3e-3, lora 1e-1, sparse 1e-1, "
+                        "chosen on a validation split by benchmarks/lr_sweep.py)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--energy_weight", type=float, default=1.0)

@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="block mode: tile as ROWSxCOLS or 'path' for whole path matrices")
     group.add_argument("--sparse_init_scale", type=float, default=1e-3,
                        help="std of the initial delta relative to the base weights' std")
+    group.add_argument("--sparse_lr_factor", type=float, default=1.0,
+                       help="multiplies MACE's learning rate (with its per-module factors) for the deltas: Adam "
+                            "moves each entry by about lr per step, and a delta that changes a few %% of the "
+                            "weights needs larger moves per entry than full fine-tuning: on SevenNet-0 the "
+                            "best sparse lr was 33x full's (benchmarks/results/lr_sweep_*); with MACE's "
+                            "default --lr 0.01, try 10")
     group.add_argument("--sparse_include_radial", type=str2bool, default=True,
                        help="also put deltas on the radial MLPs that make the conv weights")
     group.add_argument("--sparse_backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
@@ -100,7 +106,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = _sparse_config(ours, args.seed)
     except ValueError as exc:
         parser.error(str(exc))
-    hooks = SparseHooks(config, ours["sparse_backend"], args)
+    if ours["sparse_lr_factor"] <= 0:
+        parser.error(f"--sparse_lr_factor must be > 0, got {ours['sparse_lr_factor']}")
+    hooks = SparseHooks(config, ours["sparse_backend"], args, ours["sparse_lr_factor"])
     with hooks.installed(run_train):
         run_train.run(args)
     if hooks.exports:
@@ -115,8 +123,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 class SparseHooks:
     """State shared by the wrapped functions during one ``run_train.run``."""
 
-    def __init__(self, config, backend: str, args) -> None:
-        self.config, self.backend, self.args = config, backend, args
+    def __init__(self, config, backend: str, args, lr_factor: float = 1.0) -> None:
+        self.config, self.backend, self.args, self.lr_factor = config, backend, args, lr_factor
         self.foundation: Optional[torch.nn.Module] = None
         self.model: Optional[torch.nn.Module] = None
         self.exports = 0
@@ -155,6 +163,8 @@ class SparseHooks:
         result = options(args, model)  # --freeze freezes modules here, their deltas included
         self.drop_frozen_deltas(model)
         result["params"] = self.regroup(result["params"], model)
+        for g in result["params"]:
+            g["lr"] = g.get("lr", result["lr"]) * self.lr_factor
         return result
 
     def prepare(self, model: torch.nn.Module) -> None:

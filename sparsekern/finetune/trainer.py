@@ -33,6 +33,11 @@ from .families import Family, family_for
 from .lora_adapter import save_lora_adapter
 
 METHODS = ("sparse", "full", "lora")
+# Adam moves every trainable entry by about lr per step whatever its gradient's scale;
+# a delta that changes a few % of the weights, or a rank-4 factor, needs larger moves
+# per entry than full fine-tuning makes on all of them. Chosen on a validation split
+# (benchmarks/lr_sweep.py; results in benchmarks/results/lr_sweep_*).
+DEFAULT_LR = {"full": 3e-3, "lora": 1e-1, "sparse": 1e-1}
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -53,7 +58,7 @@ class Settings:
     tile: int = 8
     lora_rank: int = 4
     fast_after: Optional[int] = None
-    lr: float = 1e-3
+    lr: Optional[float] = None  # None: DEFAULT_LR[method]
     batch_size: int = 4
     seed: int = 0
     energy_weight: float = 1.0
@@ -70,6 +75,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.method]
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0 "
                              f"(got {self.epochs}, {self.batch_size}, {self.lr})")
