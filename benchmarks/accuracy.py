@@ -15,6 +15,7 @@ the pipeline works on this CPU in minutes, not which method is better.
 
     .venv-sevenn/bin/python benchmarks/accuracy.py --quick
     .venv-sevenn/bin/python benchmarks/accuracy.py --epochs 50 --device cuda   # hours on a CPU
+    .venv-sevenn/bin/python benchmarks/accuracy.py --epochs 10 --report_only   # table of what finished
 """
 
 from __future__ import annotations
@@ -69,14 +70,22 @@ def write_split(src: Path, part: slice, dst: Path) -> Path:
     return dst
 
 
-def run_one(run_dir: Path, train: Path, test: Path, method: str, extra, args, lr=None, valid=None) -> dict:
-    """One ``sparsekern finetune`` process (its peak memory is its own); a finished run
-    with the same epochs is read back instead (the benchmark resumes)."""
+def finished(run_dir: Path, epochs: int) -> Optional[dict]:
+    """The metrics of a run that finished with these epochs, else None."""
     metrics = run_dir / "metrics.json"
     if metrics.exists():
         done = json.loads(metrics.read_text())
-        if done["epochs"] == args.epochs:
+        if done["epochs"] == epochs:
             return done
+    return None
+
+
+def run_one(run_dir: Path, train: Path, test: Path, method: str, extra, args, lr=None, valid=None) -> dict:
+    """One ``sparsekern finetune`` process (its peak memory is its own); a finished run
+    with the same epochs is read back instead (the benchmark resumes)."""
+    done = finished(run_dir, args.epochs)
+    if done is not None:
+        return done
     cmd = [sys.executable, "-m", "sparsekern", "finetune", "--model", "7net-0", "--train", str(train),
            "--test", str(test), "--method", method, *extra, "--epochs", str(args.epochs),
            "--batch_size", str(args.batch_size), "--seed", str(args.seed), "--device", args.device,
@@ -92,7 +101,7 @@ def run_one(run_dir: Path, train: Path, test: Path, method: str, extra, args, lr
                             env={**os.environ, "OMP_NUM_THREADS": str(threads)}).returncode
     if rc != 0:
         raise RuntimeError(f"run failed (exit {rc}); see {log_path}")
-    return json.loads(metrics.read_text())
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def machine() -> dict:
@@ -118,7 +127,10 @@ def row(dataset: str, label: str, m: dict, zero_shot: bool = False) -> dict:
 def verdicts(rows) -> list:
     out = []
     for ds in dict.fromkeys(r["dataset"] for r in rows):
-        full = next(r for r in rows if r["dataset"] == ds and r["method"] == "full")["force_mae_mev_per_A"]
+        full = next((r for r in rows if r["dataset"] == ds and r["method"] == "full"), None)
+        if full is None:
+            continue
+        full = full["force_mae_mev_per_A"]
         for r in rows:
             if r["dataset"] == ds and r["method"].startswith("sparse"):
                 ratio = r["force_mae_mev_per_A"] / full
@@ -150,6 +162,8 @@ def markdown(result: dict) -> str:
         else:
             lines.append(f"| {r['dataset']} | {r['n_train']}/{r['n_test']} | {r['method']} | "
                          f"{r['energy_mae_mev_per_atom']:.2f} | {r['force_mae_mev_per_A']:.1f} | 0 | 0 | - | - |")
+    if result.get("missing"):
+        lines += ["", "**Not finished** (no row above): " + ", ".join(result["missing"]) + "."]
     lines += ["", "Sparse vs full fine-tuning (target: within 5 % of full's force MAE, or better):", ""]
     lines += [f"- {v}" for v in result["verdicts"]]
     if result["mode"] == "quick":
@@ -180,7 +194,7 @@ def plot(result: dict, path: Path) -> None:
     for ax, key, label in ((axes[0], "force_mae_mev_per_A", "test force MAE (meV/Å)"),
                            (axes[1], "energy_mae_mev_per_atom", "test energy MAE (meV/atom)")):
         for i, method in enumerate(methods):
-            vals = [next(r[key] for r in rows if r["dataset"] == n and r["method"] == method) for n in names]
+            vals = [next((r[key] for r in rows if r["dataset"] == n and r["method"] == method), np.nan) for n in names]
             ax.bar(np.arange(len(names)) + i * width, vals, width, label=method)
         ax.set_xticks(np.arange(len(names)) + width * (len(methods) - 1) / 2, names)
         ax.set_ylabel(label)
@@ -211,6 +225,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sparsekern-accuracy",
                    help="splits, checkpoints and models (outside the repository; rerunning resumes)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--report_only", action="store_true",
+                   help="start no run: write the table from the runs finished so far (the rest listed as not finished)")
     args = p.parse_args(argv)
     args.epochs = args.epochs or (2 if args.quick else 50)
     args.batch_size = args.batch_size or (3 if args.quick else 4)
@@ -231,11 +247,23 @@ def main(argv=None) -> int:
         splits[name] = (write_split(train_src, train_part, work / f"{name}_train.xyz"),
                         write_split(test_src, test_part, work / f"{name}_test.xyz"))
 
-    def one(name, method, extra):
-        train, test = splits[name]
+    def run_dir(name, method, extra):
         lr = args.lr or DEFAULT_LR[method]  # in the name: a run at another lr starts afresh
-        run_dir = work / "runs" / f"{train.stem}__{method}{'_' + extra[-1] if extra else ''}_lr{lr:g}"
-        return run_one(run_dir, train, test, method, extra, args, lr)
+        return work / "runs" / f"{splits[name][0].stem}__{method}{'_' + extra[-1] if extra else ''}_lr{lr:g}", lr
+
+    def one(name, method, extra):
+        folder, lr = run_dir(name, method, extra)
+        return run_one(folder, *splits[name], method, extra, args, lr)
+
+    if args.report_only:
+        done = {(name, label): m for name in splits for label, method, extra in METHODS
+                if (m := finished(run_dir(name, method, extra)[0], args.epochs)) is not None}
+        published = publish(done, list(splits), mode, args)
+        if published is None:
+            print("no finished run to report", file=sys.stderr)
+            return 1
+        print(markdown(published))
+        return 0
 
     published = None
     with ThreadPoolExecutor(args.jobs) as pool:  # each run is its own process
@@ -249,7 +277,7 @@ def main(argv=None) -> int:
                 failed.append(futures[f])
                 print(f"{futures[f]}: {e}", file=sys.stderr, flush=True)
                 continue
-            # publish each data set as soon as its runs are in: a run cut short keeps them
+            # publish after every run: a benchmark cut short keeps what finished
             published = publish(done, list(splits), mode, args) or published
     if published is not None:
         print(markdown(published))
@@ -260,12 +288,13 @@ def main(argv=None) -> int:
 
 
 def publish(done: dict, names, mode: str, args) -> Optional[dict]:
-    """Write the table, JSON and plot of the data sets whose runs are all done."""
-    rows, raw = [], {}
+    """Write the table, JSON and plot of the runs done so far (the rest listed as missing)."""
+    rows, raw, missing = [], {}, []
     for name in names:
-        if any((name, label) not in done for label, _, _ in METHODS):
+        results = {label: done[name, label] for label, _, _ in METHODS if (name, label) in done}
+        missing += [f"{name} {label}" for label, _, _ in METHODS if label not in results]
+        if not results:
             continue
-        results = {label: done[name, label] for label, _, _ in METHODS}
         # every run evaluates the same base model: equal up to float32 summation order
         zero = [m["zero_shot_test_force_mae_mev_per_A"] for m in results.values()]
         assert max(zero) - min(zero) <= 1e-5 * max(zero), f"{name}: zero-shot errors differ between runs: {zero}"
@@ -277,7 +306,7 @@ def publish(done: dict, names, mode: str, args) -> Optional[dict]:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     settings = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "seed", "device", "jobs")}
     result = {"mode": mode, "date": date, "machine": machine(), "settings": settings, "rows": rows,
-              "verdicts": verdicts(rows), "runs": raw}
+              "verdicts": verdicts(rows), "missing": missing, "runs": raw}
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"accuracy_{mode}_{date}"
     atomic_text(stem.with_suffix(".json"), json.dumps(result, indent=1))
