@@ -19,7 +19,7 @@ from safetensors.torch import save_file  # noqa: E402
 import sparsekern  # noqa: E402
 from sparsekern.cli import main as cli  # noqa: E402
 from sparsekern.finetune import SparseConfig, calibrate_density, iter_deltas  # noqa: E402
-from sparsekern.finetune.report import build_report  # noqa: E402
+from sparsekern.finetune.report import build_report, d_shell_verdict  # noqa: E402
 from sparsekern.model_zoo import mace_mp0_shaped  # noqa: E402
 
 TM = {"Fe", "Ni"}
@@ -120,6 +120,14 @@ def test_verdict_pools_only_elements_the_update_touched(base, tmp_path):
     verdict = build_report(sparsekern.save_adapter(model, tmp_path / "b.safetensors"))["d_shell"]
     assert verdict["l2_larger_share_for_transition_metals"] is None
     assert "changed no per-element weights of transition metals" in verdict["reason"]
+
+
+def test_verdict_on_a_model_without_element_indexed_weights():
+    """SevenNet-0's only per-element weights are the l = 0 embedding: no verdict, and the
+    reason says so (not that the update missed the transition metals)."""
+    verdict = d_shell_verdict({"by_element_l": {}})
+    assert verdict["l2_larger_share_for_transition_metals"] is None
+    assert "no element-indexed path weights" in verdict["reason"]
 
 
 def test_old_format_adapter_needs_its_base_and_corrupt_files_fail(base, tmp_path, capsys):

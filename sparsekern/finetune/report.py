@@ -97,7 +97,10 @@ def d_shell_verdict(s: dict) -> dict:
         sets[name] = {**p, "l2_share": p["l2_changed"] / p["changed"] if p["changed"] else None,
                       "l2_density": p["l2_changed"] / p["l2_total"] if p["l2_total"] else None}
     tm, other = sets["transition_metals"], sets["other_elements"]
-    if not tm["elements"] or not other["elements"]:
+    if not s["by_element_l"]:
+        answer, why = None, ("the model has no element-indexed path weights (SevenNet-0's only per-element "
+                             "weights are its l = 0 embedding): the per-element question cannot be asked of it")
+    elif not tm["elements"] or not other["elements"]:
         answer, why = None, "the update changed no per-element weights of " + (
             "transition metals" if not tm["elements"] else "non-transition-metal elements")
     elif not tm["l2_total"] or not other["l2_total"]:
