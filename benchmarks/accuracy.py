@@ -80,7 +80,7 @@ def finished(run_dir: Path, epochs: int) -> Optional[dict]:
     return None
 
 
-def run_one(run_dir: Path, train: Path, test: Path, method: str, extra, args, lr=None, valid=None) -> dict:
+def run_one(run_dir: Path, train: Path, test: Path, method: str, extra, args, lr=None) -> dict:
     """One ``sparsekern finetune`` process (its peak memory is its own); a finished run
     with the same epochs is read back instead (the benchmark resumes)."""
     done = finished(run_dir, args.epochs)
@@ -91,7 +91,6 @@ def run_one(run_dir: Path, train: Path, test: Path, method: str, extra, args, lr
            "--batch_size", str(args.batch_size), "--seed", str(args.seed), "--device", args.device,
            "--out", str(run_dir), "--no_progress"]
     cmd += ["--lr", str(lr)] if lr is not None else []
-    cmd += ["--valid", str(valid)] if valid is not None else []
     threads = max(1, (os.cpu_count() or 1) // getattr(args, "jobs", 1))
     print("$", f"OMP_NUM_THREADS={threads}", " ".join(cmd), flush=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)

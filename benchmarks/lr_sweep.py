@@ -6,7 +6,7 @@ the learning rate with the lowest validation force MAE is the method's pick (the
 weighs forces 100:1). The picks are sparsekern.finetune.trainer.DEFAULT_LR. Results go
 to benchmarks/results/lr_sweep_<date>.{json,md}.
 
-    .venv-sevenn/bin/python benchmarks/lr_sweep.py              # about 25 min on 2 cores
+    .venv-sevenn/bin/python benchmarks/lr_sweep.py              # about 40 min on 2 cores
     .venv-sevenn/bin/python benchmarks/lr_sweep.py --epochs 4   # a shorter budget
 """
 
