@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparsekern.files import atomic_write  # noqa: E402
-from sparsekern.finetune.trainer import DEFAULT_LR  # noqa: E402
-from sparsekern.model_zoo import data_dir  # noqa: E402
+from sparsekern.finetune.methods import DEFAULT_LR  # noqa: E402
+from sparsekern.locations import data_dir  # noqa: E402
 
 METHODS = [("full", "full", []), ("lora", "lora", []),
            ("sparse 3%", "sparse", ["--density", "0.03"]), ("sparse 0.5%", "sparse", ["--density", "0.005"])]

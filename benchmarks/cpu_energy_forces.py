@@ -24,7 +24,7 @@ import torch
 from ase.build import bulk
 
 import sparsekern
-from sparsekern.model_zoo import mace_batch, mace_mp0_shaped
+from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
 
 
 def crystal():

@@ -20,7 +20,7 @@ import torch
 
 import sparsekern  # noqa: F401  (e3nn 0.4.4 under torch >= 2.6)
 from sparsekern.layers import ChannelwiseConv, ElementLinear, IrrepsLinear, SymmetricContraction
-from sparsekern.model_zoo import mace_mp0_shaped
+from sparsekern.integrations.mace.models import mace_mp0_shaped
 
 SIZES = {"mp0_medium_5000at": (5000, 150000), "small_300at": (300, 9000)}
 SMOKE_SIZES = {"smoke_20at": (20, 60)}  # CPU check of the scripts (TRITON_INTERPRET=1)
@@ -121,7 +121,7 @@ def cueq_fused_conv(tp, dev):
 
 
 def conv_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
-    from sparsekern.kernels.triton import conv_fused
+    from sparsekern.ops.triton.conv import conv as triton_conv
 
     g = torch.Generator(device=dev).manual_seed(li)
     # neighbour-list order: edges grouped by sender, receivers random
@@ -134,7 +134,7 @@ def conv_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
     x = torch.randn(n_nodes, conv.irreps_in1.dim, device=dev, generator=g)
     sh = torch.randn(e, conv.irreps_in2.dim, device=dev, generator=g)
     w = torch.randn(e, conv.weight_numel, device=dev, generator=g)
-    half = [t % 2 == 0 for t in range(len(conv.paths))]
+    half = [t % 2 == 0 for t in range(len(conv.desc.paths))]
 
     def e3nn_conv(a, b, c):
         return torch.zeros(a.shape[0], tp.irreps_out.dim, device=a.device, dtype=a.dtype).index_add(
@@ -144,8 +144,8 @@ def conv_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
     backends: Dict[str, Backend] = {
         "e3nn": (e3nn_conv, ins),
         "torch": (lambda a, b, c: conv(a, b, c, edge_index), ins),
-        "triton": (lambda a, b, c: conv_fused(conv, a, b, c, edge_index), ins),
-        "triton_half_paths": (lambda a, b, c: conv_fused(conv, a, b, c, edge_index, path_mask=half), ins),
+        "triton": (lambda a, b, c: triton_conv(conv.desc, a, b, c, edge_index), ins),
+        "triton_half_paths": (lambda a, b, c: triton_conv(conv.desc, a, b, c, edge_index, path_mask=half), ins),
     }
     cueq = cueq_fused_conv(tp, dev)
     backends["cueq_fused"] = cueq if isinstance(cueq, str) else (lambda a, b, c: cueq(a, b, c, edge_index), ins)
@@ -160,11 +160,10 @@ def conv_floor(conv, n_nodes: int, n_edges: int, itemsize: int = 4) -> Dict[str,
     nbytes = (itemsize * (n_edges * (conv.weight_numel + conv.irreps_in2.dim)
                           + n_nodes * (conv.irreps_in1.dim + conv.irreps_out.dim)) + 8 * 2 * n_edges)
     flops = 0
-    for p in conv.paths:
-        l1, l2 = conv.irreps_in1[p.i_in1].ir.l, conv.irreps_in2[p.i_in2].ir.l
-        lo = conv.irreps_out[p.i_out].ir.l
-        nnz = int(conv._cg(l1, l2, lo).ne(0).sum())
-        flops += n_edges * p.mul * (2 * nnz + 2 * (2 * lo + 1))
+    for p in conv.desc.paths:
+        l1, l2, lo = conv.desc.ls(p)
+        nnz = int(conv.desc.cg(l1, l2, lo).ne(0).sum())
+        flops += n_edges * p.mul_in * (2 * nnz + 2 * (2 * lo + 1))
     return {"bytes": float(nbytes), "flops": float(flops)}
 
 
@@ -172,14 +171,14 @@ def linear_floor(layer, n_nodes: int, weight_sets: int, itemsize: int = 4) -> Di
     """Irrep or element linear: x read and y written once, ``weight_sets`` copies of the
     path weights (the elements present) once; a multiply-add per weight, node and irrep
     component."""
-    weights = sum(p.mul_in * p.mul_out for p in layer.paths)
-    flops = 2 * n_nodes * sum(p.mul_in * p.mul_out * layer.irreps_in[p.i_in].ir.dim for p in layer.paths)
+    weights = sum(p.mul_in * p.mul_out for p in layer.desc.paths)
+    flops = 2 * n_nodes * sum(p.mul_in * p.mul_out * layer.irreps_in[p.i_in].ir.dim for p in layer.desc.paths)
     return {"bytes": float(itemsize * (n_nodes * (layer.irreps_in.dim + layer.irreps_out.dim) + weight_sets * weights)),
             "flops": float(flops)}
 
 
 def skip_tp_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
-    from sparsekern.kernels.triton import element_linear_layer
+    from sparsekern.ops.triton.element_linear import path_linears
 
     g = torch.Generator(device=dev).manual_seed(10 + li)
     fctp = model.interactions[li].skip_tp
@@ -187,32 +186,38 @@ def skip_tp_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
     species = _species(n_nodes, layer.num_elements, dev, g)
     x = torch.randn(n_nodes, layer.irreps_in.dim, device=dev, generator=g)
     one_hot = torch.nn.functional.one_hot(species, layer.num_elements).float()
-    deltas = [random_blocks(layer.num_elements, p.mul_in, p.mul_out, dev, g) for p in layer.paths]
+    deltas = [random_blocks(layer.num_elements, p.mul_in, p.mul_out, dev, g) for p in layer.desc.paths]
     slots = [s for s, _ in deltas]
-    with_delta = _frozen(layer.weight, lambda a, *vals: element_linear_layer(layer, a, species, list(zip(slots, vals))))
+
+    def with_delta(a, *vals):
+        return path_linears(a, species, layer.desc, layer.weight, list(zip(slots, vals))).cat(a)
+
+    def plain(a):
+        return path_linears(a, species, layer.desc, layer.weight).cat(a)
+
     backends: Dict[str, Backend] = {
         "e3nn": (lambda a: fctp(a, one_hot), (x,)),
         "torch": (lambda a: layer(a, one_hot), (x,)),
-        "triton": (lambda a: element_linear_layer(layer, a, species), (x,)),
-        "triton_delta3pct": (with_delta, (x, *[v for _, v in deltas])),
+        "triton": (plain, (x,)),
+        "triton_delta3pct": (_frozen(layer.weight, with_delta), (x, *[v for _, v in deltas])),
     }
     return OpCase(f"skip_tp{li}", backends, MODES[:2], linear_floor(layer, n_nodes, N_PRESENT))
 
 
 def linear_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
     """The irrep linear after the conv (10 paths into 4 outputs in layer 1)."""
-    from sparsekern.kernels.triton.element_linear import irreps_linear_paths
+    from sparsekern.ops.triton.element_linear import path_linears
 
     g = torch.Generator(device=dev).manual_seed(20 + li)
     lin = model.interactions[li].linear
     layer = IrrepsLinear.from_e3nn(lin)
     x = torch.randn(n_nodes, layer.irreps_in.dim, device=dev, generator=g)
-    deltas = [random_blocks(1, p.mul_in, p.mul_out, dev, g) for p in layer.paths]
+    deltas = [random_blocks(1, p.mul_in, p.mul_out, dev, g) for p in layer.desc.paths]
     slots = [s for s, _ in deltas]
+    species = torch.zeros(n_nodes, dtype=torch.long, device=dev)
 
     def with_delta(a, *vals):
-        outs = irreps_linear_paths(layer, a, list(zip(slots, vals)))
-        return torch.cat([o for o in outs if o is not None], 1)
+        return path_linears(a, species, layer.desc, layer.weight, list(zip(slots, vals))).cat(a)
 
     def backend(name):
         def run(a):
@@ -230,14 +235,13 @@ def linear_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
 
 
 def products_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
-    """The symmetric contraction; its Triton kernel through the layer's back end when
-    the layer has one, else called directly, else n/a."""
+    """The symmetric contraction on each back end."""
     g = torch.Generator(device=dev).manual_seed(30 + li)
     sc = model.products[li].symmetric_contractions
     layer = SymmetricContraction.from_e3nn(sc)
     species = _species(n_nodes, layer.num_elements, dev, g)
     one_hot = torch.nn.functional.one_hot(species, layer.num_elements).float()
-    x = torch.randn(n_nodes, layer.num_features, layer.coupling_dim, device=dev, generator=g)
+    x = torch.randn(n_nodes, layer.num_features, layer.desc.coupling_dim, device=dev, generator=g)
 
     def backend(name):
         def run(a):
@@ -245,15 +249,8 @@ def products_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
             return layer(a, one_hot)
         return run
 
-    backends: Dict[str, Backend] = {"e3nn": (lambda a: sc(a, one_hot), (x,)), "torch": (backend("torch"), (x,))}
-    if "triton" in layer.implemented_backends:
-        backends["triton"] = (backend("triton"), (x,))
-    else:
-        try:
-            from sparsekern.kernels.triton.symmetric_contraction import symmetric_contraction
-            backends["triton"] = (lambda a: symmetric_contraction(layer, a, species), (x,))
-        except Exception as exc:  # not written yet
-            backends["triton"] = f"n/a ({type(exc).__name__}: {exc})"
+    backends: Dict[str, Backend] = {"e3nn": (lambda a: sc(a, one_hot), (x,)), "torch": (backend("torch"), (x,)),
+                                    "triton": (backend("triton"), (x,))}
     return OpCase(f"products{li}", backends, MODES, products_floor(layer, n_nodes))
 
 
@@ -262,16 +259,15 @@ def products_floor(layer, n_nodes: int, itemsize: int = 4) -> Dict[str, float]:
     weights folded per element (sum over k), a multiply-add per nonzero of U_nu over
     (output component, sorted index tuple) per node and channel (the monomials' own
     products, fewer, are left out)."""
-    d, terms = layer.coupling_dim, 0
-    for con in layer.contractions:
-        for nu, u in enumerate(layer.u_by_degree(con), start=1):
-            u = u.detach().cpu().double()
+    d, terms = layer.desc.coupling_dim, 0
+    for us in layer.desc.u:
+        for nu, u in enumerate(us, start=1):
             m = u.shape[0] if u.dim() == nu + 2 else 1
             support = u.reshape(m, *([d] * nu), u.shape[-1]).ne(0).any(-1).nonzero()  # (m, i_1..i_nu)
             # one monomial per sorted tuple: permutations of the indices merge
             terms += len({(row[0], *sorted(row[1:])) for row in support.tolist()})
     n_weights = sum(w.numel() for name, w in layer.named_parameters()) // layer.num_elements * N_PRESENT
-    return {"bytes": float(itemsize * (n_nodes * layer.num_features * layer.coupling_dim
+    return {"bytes": float(itemsize * (n_nodes * layer.num_features * d
                                        + n_nodes * layer.irreps_out.dim + n_weights)),
             "flops": float(2 * n_nodes * layer.num_features * terms)}
 

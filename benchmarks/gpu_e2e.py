@@ -23,7 +23,7 @@ import torch
 from ase.build import bulk
 
 import sparsekern
-from sparsekern.model_zoo import mace_batch
+from sparsekern.integrations.mace.models import mace_batch
 
 NEIGHBOURS = 30
 

@@ -41,6 +41,7 @@ from gpu_cases import OPS, SIZES, SMOKE_SIZES, build_case, parity_error, run_mod
 
 import sparsekern  # noqa: E402,F401
 from sparsekern.layers import ChannelwiseConv  # noqa: E402
+from sparsekern.ops import registry  # noqa: E402
 
 DEV = "cuda"  # "cpu" only for --cpu-smoke (TRITON_INTERPRET=1, tiny shapes, not a benchmark)
 
@@ -125,7 +126,7 @@ def bench_kernels(model, size, n_nodes, n_edges, ops, args, ceil, results, check
 
 def fp64_parity(model, checks):
     """Small float64 check on the device: triton vs the torch back end, second derivatives."""
-    from sparsekern.kernels.triton import conv_fused
+    from sparsekern.ops.triton.conv import conv as triton_conv
 
     conv = ChannelwiseConv.from_e3nn(model.interactions[1].conv_tp)
     g = torch.Generator(device=DEV).manual_seed(2)
@@ -134,10 +135,31 @@ def fp64_parity(model, checks):
            torch.randn(e, conv.irreps_in2.dim, device=DEV, dtype=torch.float64, generator=g),
            torch.randn(e, conv.weight_numel, device=DEV, dtype=torch.float64, generator=g)]
     ei = torch.randint(0, n, (2, e), device=DEV, generator=g)
-    ours = run_mode(lambda a, b, c: conv_fused(conv, a, b, c, ei), ins, "fwd+bwd+dbl")
+    ours = run_mode(lambda a, b, c: triton_conv(conv.desc, a, b, c, ei), ins, "fwd+bwd+dbl")
     ref = run_mode(lambda a, b, c: conv(a, b, c, ei), ins, "fwd+bwd+dbl")
     checks.append({"case": "fp64_dbl_backward", "op": "conv1", "dtype": "float64",
                    "rel_err": max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, ref))})
+
+
+# the suite's op names -> the registry's
+REGISTRY_OP = {"conv": "conv", "skip_tp": "element_linear", "linear": "linear", "products": "symmetric_contraction"}
+
+
+def auto_orders(results) -> dict:
+    """Per registry op, the back ends measured on every row, fastest total first."""
+    totals, rows = {}, {}
+    for r in results:
+        op = REGISTRY_OP.get(r["op"].rstrip("0123456789"))
+        if op is None:
+            continue
+        rows[op] = rows.get(op, 0) + 1
+        for name, ms in r["ms"].items():
+            if name in registry.BACKENDS and isinstance(ms, float):
+                t = totals.setdefault(op, {}).setdefault(name, [0.0, 0])
+                t[0] += ms
+                t[1] += 1
+    return {op: sorted((n for n, (_, k) in by.items() if k == rows[op]), key=lambda n: by[n][0])
+            for op, by in totals.items()}
 
 
 def _fmt(v) -> str:
@@ -211,6 +233,9 @@ def main():
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     ap.add_argument("--e2e-atoms", type=int, default=5000, help="0: no end-to-end runs")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--update-auto", action="store_true",
+                    help="rewrite the cuda rows of sparsekern/ops/auto.json (what backend='auto' picks) "
+                         "from this run: per op, back ends by total time over every case and mode")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="check that the script runs: CPU, TRITON_INTERPRET=1, tiny shapes, output to a temp dir")
     ap.add_argument("--floors", metavar="GBPS,GFLOPS",
@@ -278,6 +303,8 @@ def main():
         bench_kernels(model, size, n_nodes, n_edges, ops, args, meta["ceilings"], results, checks)
         save()
     save()
+    if args.update_auto and DEV == "cuda":
+        print(f"auto table: {registry.update_auto_table('cuda', auto_orders(results))}")
     print(markdown(meta, results, checks))
     print(f"wrote {stem}.json and {stem}.md")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from accuracy import ROOT, atomic_text, machine, run_one, write_split
 
-from sparsekern.finetune.trainer import DEFAULT_LR
-from sparsekern.model_zoo import data_dir
+from sparsekern.finetune.methods import DEFAULT_LR
+from sparsekern.locations import data_dir
 
 GRID = {"full": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "lora": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "sparse": [1e-2, 3e-2, 1e-1, 3e-1]}
 

@@ -64,7 +64,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 log "build: pip install -e . (CUDA extension)"
 $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -20
-$PY -c "import sparsekern.kernels.cuda as c; print('cuda extension available:', c.available())" || true
+$PY -c "import sparsekern.ops.cuda.element_linear as c; print('cuda extension available:', c.available())" || true
 
 stamp=$(date -u +%Y%m%d_%H%M%S)
 log "GPU tests"

@@ -18,7 +18,8 @@ from ase.io import read
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparsekern  # noqa: E402
-from sparsekern.model_zoo import data_dir, load_sevennet  # noqa: E402
+from sparsekern.locations import data_dir  # noqa: E402
+from sparsekern.integrations.sevennet.models import load_sevennet  # noqa: E402
 
 STRUCTURES = [("si_mlearn/Si_test.xyz", 0), ("si_mlearn/Si_test.xyz", 10), ("nio_spin/NiO_data_2.xyz", 0),
               ("rmd17/revised_aspirin/test.xyz", 0), ("gst/gst_frames_000_099.xyz", 0)]

@@ -1,4 +1,9 @@
-"""sparsekern: fused kernels and sparse fine-tuning for E(3)-equivariant models."""
+"""sparsekern: fused kernels and sparse fine-tuning for E(3)-equivariant models.
+
+The public names load on first use, so importing an op or a layer does not import the
+fine-tuning code (nor the model integrations it needs)."""
+
+import importlib
 
 import torch
 
@@ -9,9 +14,19 @@ with torch.serialization.safe_globals([slice]):
 
 __version__ = "0.1.0"
 
-from .patching import patch, patched_layers, unpatch  # noqa: E402
-from .finetune import (SparseConfig, load_adapter, merge, prepare, save_adapter, stats,  # noqa: E402
-                       to_fast, unmerge)
+_EXPORTS = {
+    "patch": "patching", "unpatch": "patching", "patched_layers": "patching", "release": "patching",
+    "SparseConfig": "finetune", "prepare": "finetune", "stats": "finetune", "save_adapter": "finetune",
+    "load_adapter": "finetune", "merge": "finetune", "unmerge": "finetune", "to_fast": "finetune",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = ["patch", "unpatch", "patched_layers", "SparseConfig", "prepare", "stats", "save_adapter",
-           "load_adapter", "merge", "unmerge", "to_fast"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sparsekern' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

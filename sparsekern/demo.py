@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .model_zoo import data_dir
+from .finetune.methods import METHODS, choices_help
+from .locations import data_dir
 
 
 def _split(src: Path, dst: Path, step: int) -> Path:
@@ -30,7 +31,7 @@ def _split(src: Path, dst: Path, step: int) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="sparse", choices=("sparse", "full", "lora"))
+    parser.add_argument("--method", default="sparse", choices=tuple(METHODS), help=choices_help(METHODS))
     parser.add_argument("--density", type=float, default=0.03)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--every", type=int, default=8, help="train on every N-th frame of Si_train.xyz")

@@ -1,18 +1,46 @@
-"""``patch(model)`` swaps the e3nn / MACE layers of a model for sparsekern layers in
-place; ``unpatch(model)`` puts plain modules back. The new layers share the old
-ones' Parameter objects, so parameter names, shapes, values and ``requires_grad``
-are unchanged and an optimizer built before patching keeps working."""
+"""``patch(model)`` swaps the e3nn layers of a model for sparsekern layers in place;
+``unpatch(model)`` puts plain modules back; ``release(model)`` also strips what
+fine-tuning attached. The new layers share the old ones' Parameter objects, so
+parameter names, shapes, values and ``requires_grad`` are unchanged and an optimizer
+built before patching keeps working. Model families add their own rules
+(:class:`PatchRule`, registered by ``sparsekern.integrations``)."""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from . import backends
-from .layers import (ChannelwiseConv, ChannelwiseTP, ElementLinear, IrrepsLinear, RadialMLP,
-                     SparsekernLayer, SymmetricContraction)
+from . import delta_slot
+from .layers import ChannelwiseConv, ChannelwiseTP, ElementLinear, IrrepsLinear, RadialMLP, SparsekernLayer
+from .ops import registry
+
+
+@dataclass(frozen=True)
+class PatchRule:
+    """What a model family adds to patching: more (module class, layer class) pairs; a
+    step before patching (e.g. turning a converted model back into e3nn layers); and
+    where a ``conv_tp`` becomes the fused convolution, with its undoing."""
+
+    name: str
+    converters: Callable[[], List[Tuple[type, type]]] = lambda: []
+    before_patch: Callable[[torch.nn.Module], None] = lambda model: None
+    fuse_conv: Callable[[torch.nn.Module, str], bool] = lambda parent, name: False
+    unfuse_conv: Callable[[torch.nn.Module], None] = lambda parent: None
+
+
+_RULES: List[PatchRule] = []
+
+
+def register(rule: PatchRule) -> None:
+    _RULES[:] = [r for r in _RULES if r.name != rule.name] + [rule]
+
+
+def _rules() -> List[PatchRule]:
+    importlib.import_module(f"{__package__}.integrations")  # the families register their rules
+    return _RULES
 
 
 @dataclass
@@ -27,31 +55,14 @@ class PatchReport:
         return "\n".join(lines)
 
 
-def _converters() -> List[Tuple[type, type]]:
+def _converters(rules: List[PatchRule]) -> List[Tuple[type, type]]:
     """(exact class replaced, the sparsekern class that replaces it)."""
     from e3nn import nn as e3nn_nn
     from e3nn import o3
 
-    table = [
-        (o3.Linear, IrrepsLinear),
-        (o3.FullyConnectedTensorProduct, ElementLinear),
-        (o3.TensorProduct, ChannelwiseTP),
-        (e3nn_nn.FullyConnectedNet, RadialMLP),
-    ]
-    try:
-        from mace.modules.symmetric_contraction import SymmetricContraction as MaceSC
-    except ImportError:
-        pass
-    else:
-        table.append((MaceSC, SymmetricContraction))
-    return table
-
-
-def _uses_conv_fusion(parent: torch.nn.Module, name: str) -> bool:
-    """MACE interaction blocks call ``conv_tp(node_feats, edge_attrs, tp_weights,
-    edge_index)`` when they have a ``conv_fusion`` attribute: give them the fused conv."""
-    return (name == "conv_tp" and type(parent).__module__.startswith("mace.")
-            and hasattr(parent, "conv_tp_weights") and not hasattr(parent, "conv_fusion"))
+    table = [(o3.Linear, IrrepsLinear), (o3.FullyConnectedTensorProduct, ElementLinear),
+             (o3.TensorProduct, ChannelwiseTP), (e3nn_nn.FullyConnectedNet, RadialMLP)]
+    return table + [pair for rule in rules for pair in rule.converters()]
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -60,37 +71,35 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 def patch(model: torch.nn.Module, backend: str = "auto", verbose: bool = False) -> torch.nn.Module:
-    """Replace known layers in place and return the same model object. A MACE model
-    converted to cuequivariance is first turned back into e3nn layers (in place)."""
-    from . import cueq
-
-    if cueq.is_cueq_model(model):
-        cueq.to_e3nn_in_place(model)
+    """Replace known layers in place and return the same model object (patched layers
+    already there move to ``backend``)."""
+    registry.check(backend, _model_device(model))
+    rules = _rules()
+    for rule in rules:
+        rule.before_patch(model)
     device = _model_device(model)
-    if backend != "auto" and not backends.available(backend, device):
-        backends.resolve(backend, ChannelwiseTP, device)  # raises the clear error
-    table = _converters()
+    table = _converters(rules)
     report = PatchReport()
+
+    def replace(parent: torch.nn.Module, name: str, child: torch.nn.Module, new_cls: type) -> SparsekernLayer:
+        fused = new_cls is ChannelwiseTP and any(rule.fuse_conv(parent, name) for rule in rules)
+        new = (ChannelwiseConv if fused else new_cls).from_e3nn(child).use_backend(backend, device)
+        new.fused_conv = fused
+        setattr(parent, name, new)
+        return new
 
     def visit(parent: torch.nn.Module, prefix: str) -> None:
         for name, child in list(parent.named_children()):
             full = f"{prefix}{name}"
             if isinstance(child, SparsekernLayer):
-                child.set_backend(backends.resolve(backend, child, device))
+                child.use_backend(backend, device)
                 continue
             entry = next((e for e in table if type(child) is e[0]), None)
             if entry is not None:
-                old_cls, new_cls = entry
-                reason = new_cls.unsupported_reason(child)
+                reason = entry[1].unsupported_reason(child)
                 if reason is None:
-                    fused = new_cls is ChannelwiseTP and _uses_conv_fusion(parent, name)
-                    new = ChannelwiseConv.from_e3nn(child) if fused else new_cls.from_e3nn(child)
-                    new.set_backend(backends.resolve(backend, new, device))
-                    if fused:
-                        new.added_conv_fusion = True
-                        parent.conv_fusion = "sparsekern"
-                    setattr(parent, name, new)
-                    report.replaced.append((full, old_cls.__name__, type(new).__name__, new.backend))
+                    new = replace(parent, name, child, entry[1])
+                    report.replaced.append((full, entry[0].__name__, type(new).__name__, new.backend))
                     continue
                 report.left.append((full, type(child).__name__, reason))
             elif any(True for _ in child.parameters(recurse=False)):
@@ -113,9 +122,8 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     current parameters) and return the same model object."""
     if isinstance(model, SparsekernLayer):
         raise ValueError("unpatch takes the model that contains sparsekern layers, not a layer")
-    for name, layer in patched_layers(model):
-        deltas = layer._modules.get("deltas")
-        if deltas is not None and not all(d.merged for d in deltas.values()):
+    for name, layer, _, delta in delta_slot.iter_deltas(model):
+        if not delta.merged:
             raise ValueError(f"unpatch: {name} holds sparse deltas that are not merged; call "
                              "sparsekern.merge(model) first (or save_adapter), or they would be lost")
 
@@ -123,12 +131,24 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, SparsekernLayer):
                 setattr(parent, name, child.to_replaced())
-                if getattr(child, "added_conv_fusion", False) and hasattr(parent, "conv_fusion"):
-                    del parent.conv_fusion
+                if getattr(child, "fused_conv", False):
+                    for rule in _RULES:
+                        rule.unfuse_conv(parent)
             else:
                 visit(child)
 
     visit(model)
+    return model
+
+
+def release(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip everything sparsekern put on ``model``: its layers (their merged deltas with
+    them: ``finetune.merge`` first), its hooks and settings. The parameters are trainable
+    again, as in the family's own files. Returns the same, plain, model."""
+    unpatch(model)
+    delta_slot.strip(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
     return model
 
 

@@ -10,6 +10,8 @@ from typing import List, Optional
 
 
 def parser() -> argparse.ArgumentParser:
+    from ..finetune.methods import METHODS, MODES, SPARSE_MODES, choices_help
+
     p = argparse.ArgumentParser(
         prog="sparsekern finetune",
         description="Fine-tune a foundation model and evaluate it. Writes DIR/metrics.json, DIR/checkpoint.pt "
@@ -19,17 +21,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train", required=True, help="training frames (extended XYZ)")
     p.add_argument("--valid", help="validation frames (reported per epoch)")
     p.add_argument("--test", required=True, help="test frames")
-    p.add_argument("--method", required=True, choices=("sparse", "full", "lora"))
+    p.add_argument("--method", required=True, choices=tuple(METHODS), help=choices_help(METHODS))
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--density", type=float, default=0.03, help="sparse: target fraction of path weights changed")
-    p.add_argument("--mode", default="str", choices=("str", "block"), help="sparse: element-wise or block threshold")
+    p.add_argument("--mode", default="str", choices=SPARSE_MODES, help="sparse: " + choices_help(MODES, SPARSE_MODES))
     p.add_argument("--tile", type=int, default=8, help="sparse --mode block: square tile size")
     p.add_argument("--fast_after", type=int, help="sparse: after this many epochs train only the active entries")
     p.add_argument("--lora_rank", type=int, default=4, help="lora: rank per path block")
     p.add_argument("--lr", type=float,
-                   help="Adam's learning rate (default per method: full 3e-3, lora 1e-1, sparse 1e-1, "
-                        "chosen on a validation split by benchmarks/lr_sweep.py)")
+                   help="Adam's learning rate (default per method: "
+                        + ", ".join(f"{name} {m.lr:g}" for name, m in METHODS.items())
+                        + ", chosen on a validation split by benchmarks/lr_sweep.py)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--energy_weight", type=float, default=1.0)

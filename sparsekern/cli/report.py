@@ -10,9 +10,9 @@ from typing import List, Optional
 
 def load_base(spec: str):
     """A base model for an adapter that does not describe its weight groups."""
-    from ..model_zoo import load_mace, load_sevennet
+    from ..integrations import family_for
 
-    return load_sevennet(spec) if spec.startswith("7net") else load_mace(spec)
+    return family_for(spec).load(spec, "cpu")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,27 +1,33 @@
-"""Adapters: the active delta entries of a fine-tuned model and a fingerprint of its
-base, in one safetensors file (kilobytes for a few % of changed weights)."""
+"""Adapters: what fine-tuning changed, with a fingerprint of the base model, in one
+safetensors file, in the format of the deltas' mode (``methods.MODES``):
+
+- ``sparsekern-adapter`` (str, block): the active delta entries (index, values) of each
+  parameter: kilobytes for a few % of changed weights;
+- ``sparsekern-lora-adapter``: the factors A_g, B_g of every path block, not their
+  dense product (whose nonzeros are all of the path weights); loading rebuilds the
+  LoRA deltas on the base and copies the factors in."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import __version__
+from .. import __version__, delta_slot
 from ..files import atomic_write
-from ..layers.base import WeightGroup
+from ..paths import WeightGroup
 from ..patching import patch, patched_layers
-from .api import _key, element_labels, iter_deltas, target_groups
+from .config import SparseConfig
 from .delta import FixedDelta
+from .lifecycle import prepare, target_groups
+from .methods import LORA_ADAPTER, SPARSE_ADAPTER, adapter_format
+from .statistics import element_labels
 
-FORMAT = "sparsekern-adapter"
-# version 2 adds "groups" (each parameter's weight groups) and "element_labels" (the
-# names along the element axis of per-element groups, by its length); version 1 files
-# still load, and ``report`` then needs their base model.
-VERSION = "2"
+Tensors = Dict[str, torch.Tensor]
 
 
 def group_to_dict(g: WeightGroup) -> dict:
@@ -37,57 +43,123 @@ def group_from_dict(d: dict) -> WeightGroup:
 def fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 over the names, shapes and float64 values of the base path weights (the
     same for a model patched or not, float32 or moved to float64)."""
+    if any(d.merged for *_, d in delta_slot.iter_deltas(model)):
+        raise ValueError("fingerprint: the model has merged deltas; unmerge it first")
+    params = [(f"{name}.{param}", layer.get_parameter(param))
+              for name, layer in patched_layers(model) for param in target_groups(layer)]
     h = hashlib.sha256()
-    params = []
-    for name, layer in patched_layers(model):
-        for param in target_groups(layer):
-            params.append((f"{name}.{param}", layer.get_parameter(param)))
     for name, p in sorted(params, key=lambda np_: np_[0]):
-        if any(d.merged for *_, d in iter_deltas(model)):
-            raise ValueError("fingerprint: the model has merged deltas; unmerge it first")
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         h.update(p.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str, str]] = None) -> Path:
-    """Write the nonzero delta entries and the base's fingerprint, atomically. The
-    metadata also describes each parameter's weight groups and names the elements, so
-    ``sparsekern report`` can break the update down without the base model."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    tensors: Dict[str, torch.Tensor] = {}
+def _sparse_entries(model: torch.nn.Module, deltas: Sequence) -> Tuple[Tensors, Dict[str, str]]:
+    """The nonzero entries of each delta; the metadata describes each parameter's weight
+    groups and names the elements, so ``sparsekern report`` needs no base model (version
+    2; version 1 files lack them and still load)."""
+    tensors: Tensors = {}
     groups: Dict[str, List[dict]] = {}
     elements: Dict[str, List[str]] = {}
+    for layer_name, _, param, delta in deltas:
+        d = delta().view(-1)
+        index = torch.nonzero(d, as_tuple=True)[0]
+        tensors[f"{layer_name}.{param}.index"] = index.to(torch.int32).cpu().contiguous()
+        tensors[f"{layer_name}.{param}.values"] = d[index].detach().cpu().contiguous()
+        groups[f"{layer_name}.{param}"] = [group_to_dict(g) for g in delta.groups]
+        for g in delta.groups:
+            if g.per_element:
+                elements[str(g.shape[0])] = element_labels(model, g.shape[0])
+    return tensors, {"groups": json.dumps(groups), "element_labels": json.dumps(elements)}
+
+
+def _lora_entries(model: torch.nn.Module, deltas: Sequence) -> Tuple[Tensors, Dict[str, str]]:
+    tensors: Tensors = {}
+    for layer_name, _, param, delta in deltas:
+        for i, (a, b) in enumerate(zip(delta.a, delta.b)):
+            tensors[f"{layer_name}.{param}.{i}.a"] = a.detach().cpu().contiguous()
+            tensors[f"{layer_name}.{param}.{i}.b"] = b.detach().cpu().contiguous()
+    return tensors, {}
+
+
+def _attach_sparse(model: torch.nn.Module, path, tensors: Tensors, metadata: dict, trainable: bool) -> None:
+    """A FixedDelta per stored parameter."""
+    layers = dict(patched_layers(model))
+    stems = sorted({key.rsplit(".", 1)[0] for key in tensors})
+    for stem in stems:
+        layer_name, param = _split(stem, layers)
+        layer = layers[layer_name]
+        groups = target_groups(layer).get(param)
+        index, values = tensors.get(f"{stem}.index"), tensors.get(f"{stem}.values")
+        base = layer.get_parameter(param)
+        if groups is None or index is None or values is None or index.shape != values.shape \
+                or (index.numel() and int(index.max()) >= base.numel()):
+            raise ValueError(f"adapter {path}: entry {stem!r} does not fit this model")
+        delta_slot.attach(layer, param, FixedDelta(groups, base.numel(), index.to(base.device),
+                                                   values.to(device=base.device, dtype=base.dtype), trainable))
+
+
+def _attach_lora(model: torch.nn.Module, path, tensors: Tensors, metadata: dict, trainable: bool) -> None:
+    """``prepare`` with the adapter's config, then the stored factors copied in."""
+    config = SparseConfig(**{k: tuple(v) if k == "tile" and isinstance(v, list) else v
+                             for k, v in json.loads(metadata["config"]).items()})
+    prepare(model, config)
+    expected = set(tensors)
     with torch.no_grad():
-        for layer_name, _, param, delta in iter_deltas(model):
-            if delta.merged:
-                raise ValueError("save_adapter: unmerge the model first (merged deltas are folded into W0)")
-            d = delta().view(-1)
-            index = torch.nonzero(d, as_tuple=True)[0]
-            tensors[f"{layer_name}.{param}.index"] = index.to(torch.int32).cpu().contiguous()
-            tensors[f"{layer_name}.{param}.values"] = d[index].detach().cpu().contiguous()
-            groups[f"{layer_name}.{param}"] = [group_to_dict(g) for g in delta.groups]
-            for g in delta.groups:
-                if g.per_element:
-                    elements[str(g.shape[0])] = element_labels(model, g.shape[0])
-    if not tensors:
-        raise ValueError("save_adapter: the model has no sparse deltas (call sparsekern.prepare first)")
-    config = getattr(model, "sparsekern_config", None)
-    metadata = {"format": FORMAT, "version": VERSION, "sparsekern": __version__, "fingerprint": fingerprint(model),
-                "config": json.dumps(config.to_dict() if config is not None else None),
-                "groups": json.dumps(groups), "element_labels": json.dumps(elements)}
+        for layer_name, _, param, delta in delta_slot.iter_deltas(model):
+            for i, (a, b) in enumerate(zip(delta.a, delta.b)):
+                for name, p in (("a", a), ("b", b)):
+                    key = f"{layer_name}.{param}.{i}.{name}"
+                    if key not in tensors or tensors[key].shape != p.shape:
+                        raise ValueError(f"LoRA adapter {path}: entry {key!r} missing or does not fit this model")
+                    p.copy_(tensors[key])
+                    p.requires_grad_(trainable)
+                    expected.discard(key)
+    if expected:
+        raise ValueError(f"LoRA adapter {path}: entries for layers this model lacks: {sorted(expected)[:3]}")
+
+
+@dataclass(frozen=True)
+class _Format:
+    version: str
+    entries: Callable[[torch.nn.Module, Sequence], Tuple[Tensors, Dict[str, str]]]
+    attach: Callable[[torch.nn.Module, object, Tensors, dict, bool], None]
+
+
+FORMATS = {SPARSE_ADAPTER: _Format("2", _sparse_entries, _attach_sparse),
+           LORA_ADAPTER: _Format("1", _lora_entries, _attach_lora)}
+
+
+def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Write the deltas (in their mode's format) and the base's fingerprint, atomically;
+    ``extra_metadata`` joins the file's metadata."""
+    from safetensors.torch import save_file
+
+    deltas = list(delta_slot.iter_deltas(model))
+    if not deltas:
+        raise ValueError("save_adapter: the model has no deltas (call sparsekern.prepare first)")
+    if any(d.merged for *_, d in deltas):
+        raise ValueError("save_adapter: unmerge the model first (merged deltas are folded into W0)")
+    formats = {adapter_format(d) for *_, d in deltas}
+    if len(formats) > 1:
+        raise ValueError(f"save_adapter: the model's deltas belong to different adapter formats {sorted(formats)}")
+    fmt = formats.pop()
+    with torch.no_grad():
+        tensors, own = FORMATS[fmt].entries(model, deltas)
+    config = delta_slot.config_of(model)
+    metadata = {"format": fmt, "version": FORMATS[fmt].version, "sparsekern": __version__,
+                "fingerprint": fingerprint(model), "config": json.dumps(config.to_dict() if config is not None else None),
+                **own}
     clash = set(metadata) & set(extra_metadata or {})
     if clash:
         raise ValueError(f"save_adapter: extra_metadata may not set the adapter's own keys {sorted(clash)}")
     metadata.update(extra_metadata or {})
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def read_adapter(path, fmt: str = FORMAT, what: str = "sparsekern adapter"):
-    """(tensors, metadata) of an adapter file of format ``fmt``; a clear error for
+def read_adapter(path, formats: Sequence[str] = (SPARSE_ADAPTER,)):
+    """(tensors, metadata) of an adapter file in one of ``formats``; a clear error for
     anything else."""
     from safetensors import safe_open
 
@@ -99,42 +171,27 @@ def read_adapter(path, fmt: str = FORMAT, what: str = "sparsekern adapter"):
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable {what} (corrupt or another format): {exc}") from exc
-    if metadata.get("format") != fmt:
-        raise ValueError(f"{path} is not a {what} (format {metadata.get('format')!r})")
+        raise ValueError(f"{path} is not a readable sparsekern adapter (corrupt or another format): {exc}") from exc
+    if metadata.get("format") not in formats:
+        raise ValueError(f"{path} is not a sparsekern adapter of format {' or '.join(formats)} "
+                         f"(its format: {metadata.get('format')!r})")
     return tensors, metadata
 
 
 def load_adapter(model: torch.nn.Module, path, trainable: bool = False) -> torch.nn.Module:
-    """Attach an adapter's deltas to a base model (patched here if needed). Refuses an
-    adapter made for another base model."""
-    tensors, metadata = read_adapter(path)
+    """Attach an adapter's deltas (either format) to a base model, patched here if
+    needed; ``trainable``: the loaded deltas train on. Refuses an adapter made for
+    another base model."""
+    tensors, metadata = read_adapter(path, tuple(FORMATS))
     if not patched_layers(model):
         patch(model)
-    if any(True for _ in iter_deltas(model)):
+    if delta_slot.has_deltas(model):
         raise ValueError("load_adapter: the model already has deltas; load adapters into a clean base model")
     expected, found = metadata.get("fingerprint"), fingerprint(model)
     if expected != found:
         raise ValueError(f"adapter {path} was made for a different base model "
                          f"(its base fingerprint {expected[:12] if expected else None}..., this model's {found[:12]}...)")
-    layers = dict(patched_layers(model))
-    entries: Dict[str, List[str]] = {}
-    for key in tensors:
-        stem, kind = key.rsplit(".", 1)
-        entries.setdefault(stem, []).append(kind)
-    for stem in sorted(entries):
-        layer_name, param = _split(stem, layers)
-        layer = layers[layer_name]
-        groups = target_groups(layer).get(param)
-        index, values = tensors.get(f"{stem}.index"), tensors.get(f"{stem}.values")
-        base = layer.get_parameter(param)
-        if groups is None or index is None or values is None or index.shape != values.shape \
-                or (index.numel() and int(index.max()) >= base.numel()):
-            raise ValueError(f"adapter {path}: entry {stem!r} does not fit this model")
-        if layer._modules.get("deltas") is None:
-            layer.deltas = torch.nn.ModuleDict()
-        layer.deltas[_key(param)] = FixedDelta(groups, base.numel(), index.to(base.device),
-                                               values.to(device=base.device, dtype=base.dtype), trainable)
+    FORMATS[metadata["format"]].attach(model, path, tensors, metadata, trainable)
     return model
 
 

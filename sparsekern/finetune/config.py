@@ -5,15 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Tuple, Union
 
-MODES = ("str", "block", "lora")
+from .methods import MODES
 
 
 @dataclass
 class SparseConfig:
     """density: target fraction of path weights that change (0.03 = 3 %).
-    mode: "str" (element-wise soft threshold, the paper), "block" (group soft threshold
-    over tiles, so kernels can skip inactive blocks) or "lora" (equivariant LoRA, the
-    baseline: rank ``lora_rank`` per path block).
+    mode: one of ``methods.MODES``: "str" (element-wise soft threshold, the paper),
+    "block" (group soft threshold over tiles) or "lora" (equivariant LoRA, the baseline).
     tile: (rows, cols) of a block in "block" mode, or "path" for whole path matrices.
     init_scale: std of the initial V relative to the std of the base weights."""
 
@@ -28,7 +27,7 @@ class SparseConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"SparseConfig: mode must be one of {MODES}, got {self.mode!r}")
+            raise ValueError(f"SparseConfig: mode must be one of {tuple(MODES)}, got {self.mode!r}")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"SparseConfig: density must be in (0, 1], got {self.density}")
         if self.tile != "path":

@@ -6,24 +6,12 @@ blocks instead). Any pattern of zeros keeps equivariance: every weight multiplie
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 
-from ..layers.base import WeightGroup
-
-
-class Delta(torch.nn.Module):
-    """Base: ``forward()`` gives the flat delta of a parameter of ``numel`` entries."""
-
-    def __init__(self, groups: Sequence[WeightGroup], numel: int) -> None:
-        super().__init__()
-        self.groups: List[WeightGroup] = list(groups)
-        self.numel = numel
-        self.merged = False
-
-    def extra_repr(self) -> str:
-        return f"numel={self.numel}, groups={len(self.groups)}, merged={self.merged}"
+from ..delta_slot import Delta
+from ..paths import WeightGroup
 
 
 def soft_threshold(v: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:

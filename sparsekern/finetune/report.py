@@ -12,7 +12,7 @@ import torch
 
 from ..files import atomic_write
 from .adapters import group_from_dict, load_adapter, read_adapter
-from .api import count_changes, stats
+from .statistics import count_changes, stats
 
 # d-block, groups 3-12: Sc-Zn, Y-Cd, La, Hf-Hg, Ac, Rf-Cn.
 TRANSITION_METALS = frozenset(

@@ -17,28 +17,24 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
+from .. import delta_slot
 from ..files import atomic_write
-from ..patching import patch, patched_layers, unpatch
-from .api import calibrate_density, iter_deltas, merge, prepare, stats, target_groups, to_fast
-from .config import SparseConfig
+from ..integrations import Family, family_for
+from ..patching import patch, patched_layers, release
+from . import checkpoint
 from .adapters import save_adapter
+from .config import SparseConfig
 from .data import Frame, energy_shift, read_frames
-from .delta import FixedDelta
-from .families import Family, family_for
-from .lora_adapter import save_lora_adapter
-
-METHODS = ("sparse", "full", "lora")
-# Adam moves every trainable entry by about lr per step whatever its gradient's scale;
-# a delta that changes a few % of the weights, or a rank-4 factor, needs larger moves
-# per entry than full fine-tuning makes on all of them. Chosen on a validation split
-# (benchmarks/lr_sweep.py; results in benchmarks/results/lr_sweep_*).
-DEFAULT_LR = {"full": 3e-3, "lora": 1e-1, "sparse": 1e-1}
-CHECKPOINT = "checkpoint.pt"
+from .density import calibrate_density
+from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, forward, loss,
+                         make_samples, residuals)
+from .lifecycle import merge, prepare, target_groups, to_fast
+from .methods import DEFAULT_LR, METHODS, SPARSE_MODES
+from .statistics import stats
 
 
 @dataclass
@@ -74,7 +70,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+            raise ValueError(f"unknown method {self.method!r}; expected one of {tuple(METHODS)}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method]
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -82,8 +78,8 @@ class Settings:
                              f"(got {self.epochs}, {self.batch_size}, {self.lr})")
         if self.fast_after is not None and self.method != "sparse":
             raise ValueError("--fast_after applies to --method sparse only")
-        if self.mode not in ("str", "block"):
-            raise ValueError(f"--mode must be str or block, got {self.mode!r}")
+        if self.mode not in SPARSE_MODES:
+            raise ValueError(f"--mode must be {' or '.join(SPARSE_MODES)}, got {self.mode!r}")
         if self.tile < 1:
             raise ValueError(f"--tile must be >= 1, got {self.tile}")
 
@@ -93,102 +89,48 @@ class Settings:
             d.pop(k)
         for k in ("train", "valid", "test"):  # the same file wherever the command runs from
             d[k] = str(Path(d[k]).resolve()) if d[k] else None
-        if not self.model.startswith("7net") and Path(self.model).exists():
-            d["model"] = str(Path(self.model).resolve())
+        d["model"] = family_for(self.model).spec_identity(self.model)
         return d
 
 
-@dataclass
-class Sample:
-    graph: object
-    energy: float
-    forces: torch.Tensor
-    natoms: int
-    shift: float = 0.0  # the fixed per-element energy shift summed over the frame's atoms
+def _read_data(family: Family, model, settings: Settings) -> Tuple[List[Frame], List[Frame], List[Frame]]:
+    """(train, valid, test) frames, checked against the elements the model knows."""
+    def read(path, limit):
+        return read_frames(path, settings.energy_key, settings.forces_key, limit) if path else []
+
+    train, test = read(settings.train, settings.max_train), read(settings.test, settings.max_test)
+    valid = read(settings.valid, settings.max_valid)
+    for frames, what in ((train, settings.train), (test, settings.test), (valid, settings.valid)):
+        check_elements(family, model, frames, what)
+    return train, valid, test
 
 
-@dataclass
-class Errors:
-    energy_mae_mev_per_atom: float
-    energy_rmse_mev_per_atom: float
-    force_mae_mev_per_A: float
-    force_rmse_mev_per_A: float
+def _fit_shift(family: Family, model, train: Sequence[Frame], settings: Settings) -> Dict[int, float]:
+    """The per-element energy shift ``--E0s`` chooses, from the training frames."""
+    zs = sorted({int(z) for f in train for z in f.atoms.numbers})
+    raw = make_samples(family, model, train, {z: 0.0 for z in zs})
 
+    def predict_energies():
+        energies = [forward(family, model, batch, settings.device, False)[0].detach().cpu().double()
+                    for batch in batches(raw, settings.batch_size)]
+        return torch.cat(energies).numpy()
 
-def _batches(samples: Sequence[Sample], size: int, order: Optional[torch.Tensor] = None):
-    idx = list(range(len(samples))) if order is None else order.tolist()
-    for i in range(0, len(idx), size):
-        yield [samples[j] for j in idx[i:i + size]]
-
-
-def _forward(family: Family, model, batch: List[Sample], device: str, training: bool):
-    energy, forces = family.predict(model, family.collate([s.graph for s in batch], device), training)
-    shift = torch.tensor([s.shift for s in batch], dtype=energy.dtype, device=energy.device)
-    return energy + shift, forces
-
-
-def _targets(batch: List[Sample], like: torch.Tensor):
-    e = torch.tensor([s.energy for s in batch], dtype=like.dtype, device=like.device)
-    n = torch.tensor([s.natoms for s in batch], dtype=like.dtype, device=like.device)
-    f = torch.cat([s.forces for s in batch]).to(like)
-    return e, n, f
-
-
-def _residuals(family: Family, model, samples: Sequence[Sample], settings: Settings):
-    """Per frame (E - E_ref) / N and its energy shift per atom; all force residuals."""
-    model.eval()
-    de, shift, df = [], [], []
-    for batch in _batches(samples, settings.batch_size):
-        energy, forces = _forward(family, model, batch, settings.device, training=False)
-        e, n, f = _targets(batch, energy)
-        de.append(((energy.detach() - e) / n).cpu().double())
-        shift.append(torch.tensor([s.shift / s.natoms for s in batch], dtype=torch.float64))
-        df.append((forces.detach() - f).cpu().double().reshape(-1))
-    return torch.cat(de), torch.cat(shift), torch.cat(df)
-
-
-def _errors(de: torch.Tensor, df: torch.Tensor) -> Errors:
-    return Errors(1e3 * float(de.abs().mean()), 1e3 * float(de.square().mean().sqrt()),
-                  1e3 * float(df.abs().mean()), 1e3 * float(df.square().mean().sqrt()))
-
-
-def evaluate(family: Family, model, samples: Sequence[Sample], settings: Settings) -> Errors:
-    de, _, df = _residuals(family, model, samples, settings)
-    return _errors(de, df)
-
-
-def _loss(family, model, batch, settings):
-    energy, forces = _forward(family, model, batch, settings.device, training=True)
-    e, n, f = _targets(batch, energy)
-    return (settings.energy_weight * ((energy - e) / n).square().mean()
-            + settings.forces_weight * (forces - f).square().mean())
-
-
-def _samples(family: Family, model, frames: Sequence[Frame], shift: Dict[int, float]) -> List[Sample]:
-    return [Sample(family.graph(model, f.atoms), f.energy, torch.as_tensor(f.forces), len(f.atoms),
-                   float(sum(shift[int(z)] for z in f.atoms.numbers))) for f in frames]
-
-
-def _check_elements(family: Family, model, frames: Sequence[Frame], what: str) -> None:
-    known = set(family.numbers(model))
-    present = {int(z) for f in frames for z in f.atoms.numbers}
-    if not present <= known:
-        from ase.data import chemical_symbols
-
-        raise ValueError(f"{what} holds elements the model does not know: "
-                         f"{sorted(chemical_symbols[z] for z in present - known)}")
+    return energy_shift(settings.e0s, train, zs, lambda z: family.own_e0s(model, z), predict_energies)
 
 
 def _apply_method(model, settings: Settings) -> torch.nn.Module:
-    if settings.method == "full":
+    """Make trainable what the method trains: deltas of its mode, or the base weights."""
+    modes = METHODS[settings.method].modes
+    if not modes:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if settings.method == "lora":
+    mode = settings.mode if settings.mode in modes else modes[0]
+    if mode == "lora":
         config = SparseConfig(mode="lora", lora_rank=settings.lora_rank, seed=settings.seed)
     else:
-        tile = (1, 1) if settings.mode == "str" else (settings.tile, settings.tile)
-        config = SparseConfig(density=settings.density, mode=settings.mode, tile=tile, seed=settings.seed)
+        tile = (1, 1) if mode == "str" else (settings.tile, settings.tile)
+        config = SparseConfig(density=settings.density, mode=mode, tile=tile, seed=settings.seed)
     return prepare(model, config)
 
 
@@ -198,13 +140,13 @@ def _path_weights(model) -> Dict[str, torch.Tensor]:
             for name, layer in patched_layers(model) for param in target_groups(layer)}
 
 
-def _changed_fraction(model, settings: Settings, base: Dict[str, torch.Tensor]) -> Dict[str, int]:
-    if settings.method != "full":
+def _changed_fraction(model, base: Dict[str, torch.Tensor]) -> Dict[str, int]:
+    """Path weights changed: by the deltas, or (full fine-tuning) against ``base``."""
+    if delta_slot.has_deltas(model):
         s = stats(model)
         return {"changed": s["changed_params"], "total": s["total_params"]}
     changed = total = 0
-    layers = dict(patched_layers(model))
-    for name, layer in layers.items():
+    for name, layer in patched_layers(model):
         for param, groups in target_groups(layer).items():
             now = layer.get_parameter(param).detach().reshape(-1)
             diff = now != base[f"{name}.{param}"].reshape(-1)
@@ -212,39 +154,6 @@ def _changed_fraction(model, settings: Settings, base: Dict[str, torch.Tensor]) 
                 changed += int(g.view(diff).sum())
                 total += g.numel
     return {"changed": changed, "total": total}
-
-
-def _restore_fast(model, state: dict) -> None:
-    """After ``to_fast`` on a fresh model, give each FixedDelta the checkpoint's active
-    set (its shape is the checkpoint's, not the fresh model's)."""
-    for layer_name, layer, param, delta in iter_deltas(model):
-        if isinstance(delta, FixedDelta):
-            prefix = f"{layer_name}.deltas.{param.replace('.', '__')}."
-            delta.index = state[prefix + "index"].clone()
-            delta.values = torch.nn.Parameter(state[prefix + "values"].clone())
-
-
-def _checkpoint_path(out: Path) -> Path:
-    return out / CHECKPOINT
-
-
-def _load_checkpoint(out: Path, settings: Settings) -> Optional[dict]:
-    path = _checkpoint_path(out)
-    if not path.exists():
-        return None
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
-    mine = settings.identity()
-    differ = {k: (ck["identity"].get(k), v) for k, v in mine.items() if ck["identity"].get(k) != v}
-    if differ:
-        listed = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
-        raise ValueError(f"{path} was written for different arguments ({listed}); "
-                         f"use another --out or delete the checkpoint to start over")
-    if ck["epoch"] > settings.epochs:
-        raise ValueError(f"{path} is already at epoch {ck['epoch']} > --epochs {settings.epochs}")
-    return ck
 
 
 def _peak_rss_mb() -> float:
@@ -259,6 +168,95 @@ def _fingerprint_files(*paths) -> str:
     return h.hexdigest()[:16]
 
 
+def _optimizer(model, settings: Settings) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=settings.lr, amsgrad=True)
+
+
+def _epoch(family: Family, model, optimizer, samples: Sequence[Sample], settings: Settings, epoch: int,
+           bar) -> float:
+    """One pass over the training samples, shuffled by (seed, epoch); the mean loss."""
+    model.train()
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(settings.seed * 100003 + epoch))
+    total = 0.0
+    for batch in batches(samples, settings.batch_size, order):
+        step_loss = loss(family, model, batch, settings)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss.backward()
+        optimizer.step()
+        total += float(step_loss.detach()) * len(batch)
+        bar.update(1)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{float(step_loss.detach()):.4g}")
+    return total / len(samples)
+
+
+def _train(family: Family, model, train_s: Sequence[Sample], valid_s: Sequence[Sample], settings: Settings,
+           ck: Optional[dict], save: Callable) -> checkpoint.Progress:
+    """The epochs still to do, each ending in ``save(model, optimizer, progress)``."""
+    from tqdm import tqdm
+
+    progress = checkpoint.restore(model, ck) if ck is not None else checkpoint.Progress()
+    optimizer = _optimizer(model, settings)
+    if ck is not None:
+        optimizer.load_state_dict(ck["optimizer"])
+    steps_per_epoch = -(-len(train_s) // settings.batch_size)
+    bar = tqdm(total=settings.epochs * steps_per_epoch, initial=progress.epoch * steps_per_epoch,
+               desc=f"{settings.method} fine-tuning", unit="step", disable=not settings.progress)
+    while progress.epoch < settings.epochs:
+        if settings.fast_after is not None and not progress.fast and progress.epoch >= settings.fast_after:
+            to_fast(model)  # train only the active entries from here on
+            optimizer, progress.fast = _optimizer(model, settings), True
+        t0 = time.perf_counter()
+        train_loss = _epoch(family, model, optimizer, train_s, settings, progress.epoch, bar)
+        # the last step moved V and tau: put the density back on target (the pre-hook does
+        # this before each training forward, but the epoch's result is evaluated)
+        calibrate_density(model)
+        progress.train_wall_s += time.perf_counter() - t0
+        progress.epoch += 1
+        record = {"epoch": progress.epoch, "train_loss": train_loss}
+        if valid_s:
+            record["valid"] = asdict(evaluate(family, model, valid_s, settings))
+        progress.history.append(record)
+        progress.peak_rss_mb = max(progress.peak_rss_mb, _peak_rss_mb())
+        save(model, optimizer, progress)
+    bar.close()
+    return progress
+
+
+def _metrics(settings: Settings, family: Family, frames, shift: Dict[int, float], model, progress,
+             errors_by_prefix: Dict[str, object], changed: Dict[str, int]) -> dict:
+    """metrics.json, up to the adapter and the merged model."""
+    train, valid, test = frames
+    return {
+        "model": settings.model, "family": family.name, "method": settings.method,
+        "settings": asdict(settings),
+        "n_train": len(train), "n_valid": len(valid), "n_test": len(test),
+        "data_sha256_16": _fingerprint_files(settings.train, settings.valid, settings.test),
+        "e0_shift_ev": {str(z): v for z, v in shift.items()},
+        **{f"{prefix}_{k}": v for prefix, e in errors_by_prefix.items() for k, v in asdict(e).items()},
+        "changed_fraction": changed["changed"] / changed["total"],
+        "changed_params": changed["changed"], "path_params": changed["total"],
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "model_params": sum(p.numel() for n, p in model.named_parameters() if not delta_slot.is_delta_parameter(n)),
+        "epochs": progress.epoch, "wall_s": progress.train_wall_s, "history": progress.history,
+    }
+
+
+def _save_results(family: Family, model, settings: Settings, shift: Dict[int, float], test_s: Sequence[Sample],
+                  test: Sequence[Frame], metrics: dict) -> None:
+    """The adapter (methods that train deltas), the merged model and its check."""
+    out = Path(settings.out)
+    if delta_slot.has_deltas(model):
+        metrics["adapter"] = str(save_adapter(model, out / "adapter.safetensors"))
+        metrics["adapter_bytes"] = Path(metrics["adapter"]).stat().st_size
+    # the fine-tuned model's own predictions first: the export folds the deltas in place
+    reference = [tuple(t.detach().cpu().double() for t in forward(family, model, [x], settings.device, False))
+                 for x in test_s[:1]]
+    merged_path = export_merged(family, model, shift, out / family.merged_filename, settings.model)
+    metrics["merged_model"] = str(merged_path)
+    metrics["merged_model_check"] = check_merged(family, reference, test[:1], merged_path, settings.device)
+
+
 def run(settings: Settings) -> dict:
     """Train and evaluate; write DIR/metrics.json, the adapter, the merged model and a
     resumable checkpoint. Returns the metrics."""
@@ -266,156 +264,43 @@ def run(settings: Settings) -> dict:
     torch.manual_seed(settings.seed)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    ck = _load_checkpoint(out, settings)
+    ck = checkpoint.load(out, settings)
     family = family_for(settings.model)
     model = family.load(settings.model, settings.device)
-
-    train = read_frames(settings.train, settings.energy_key, settings.forces_key, settings.max_train)
-    test = read_frames(settings.test, settings.energy_key, settings.forces_key, settings.max_test)
-    valid = (read_frames(settings.valid, settings.energy_key, settings.forces_key, settings.max_valid)
-             if settings.valid else [])
-    for frames, what in ((train, settings.train), (test, settings.test), (valid, settings.valid)):
-        _check_elements(family, model, frames, what)
-
-    zs = sorted({int(z) for f in train for z in f.atoms.numbers})
-    if ck is not None:
-        shift = {int(z): v for z, v in ck["shift"].items()}
-    else:
-        raw = _samples(family, model, train, {z: 0.0 for z in zs})
-
-        def predict_energies():
-            energies = []
-            for batch in _batches(raw, settings.batch_size):
-                energies.append(_forward(family, model, batch, settings.device, False)[0].detach().cpu().double())
-            return torch.cat(energies).numpy()
-
-        shift = energy_shift(settings.e0s, train, zs, lambda z: family.own_e0s(model, z), predict_energies)
+    train, valid, test = _read_data(family, model, settings)
+    shift = ({int(z): v for z, v in ck["shift"].items()} if ck is not None
+             else _fit_shift(family, model, train, settings))
     missing = {int(z) for f in test + valid for z in f.atoms.numbers} - set(shift)
     if missing:
         raise ValueError(f"test/valid data hold elements absent from the training data: {sorted(missing)} "
                          f"(their energy reference cannot be fitted)")
-    train_s, test_s, valid_s = (_samples(family, model, f, shift) for f in (train, test, valid))
+    train_s, test_s, valid_s = (make_samples(family, model, f, shift) for f in (train, test, valid))
 
     patch(model)
-    de, frame_shift, df = _residuals(family, model, test_s, settings)
-    zero_shot, zero_shot_raw = _errors(de, df), _errors(de - frame_shift, df)
+    de, frame_shift, df = residuals(family, model, test_s, settings)
+    zero_shot = {"zero_shot_test": errors(de, df), "zero_shot_no_e0_shift_test": errors(de - frame_shift, df)}
     base = {k: v.detach().clone() for k, v in _path_weights(model).items()}
     model = _apply_method(model, settings)
 
-    history: List[dict] = []
-    epoch, train_wall, peak_rss = 0, 0.0, 0.0
-    if ck is not None:
-        if ck.get("fast"):
-            to_fast(model)
-            _restore_fast(model, ck["model"])
-        model.load_state_dict(ck["model"])
-        # a resumed run reports the time and memory of the epochs it did not redo too
-        epoch, train_wall, history, peak_rss = ck["epoch"], ck["train_wall_s"], ck["history"], ck["peak_rss_mb"]
+    def save(trained, optimizer, progress):
+        checkpoint.save(out, settings.identity(), trained, optimizer, progress, shift)
 
-    def make_optimizer():
-        params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=settings.lr, amsgrad=True)
-
-    optimizer = make_optimizer()
-    fast = bool(ck and ck.get("fast"))
-    if ck is not None:
-        optimizer.load_state_dict(ck["optimizer"])
-
-    from tqdm import tqdm
-
-    steps_per_epoch = -(-len(train_s) // settings.batch_size)
-    bar = tqdm(total=settings.epochs * steps_per_epoch, initial=epoch * steps_per_epoch,
-               desc=f"{settings.method} fine-tuning", unit="step", disable=not settings.progress)
-    while epoch < settings.epochs:
-        if settings.fast_after is not None and not fast and epoch >= settings.fast_after:
-            to_fast(model)  # train only the active entries from here on
-            optimizer, fast = make_optimizer(), True
-        t0 = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(train_s), generator=torch.Generator().manual_seed(settings.seed * 100003 + epoch))
-        total = 0.0
-        for batch in _batches(train_s, settings.batch_size, order):
-            loss = _loss(family, model, batch, settings)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(batch)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.4g}")
-        if not fast and settings.method == "sparse":
-            # the last step moved V and tau: put the density back on target (the pre-hook
-            # does this before each training forward, but the epoch's result is evaluated)
-            calibrate_density(model)
-        train_wall += time.perf_counter() - t0
-        epoch += 1
-        record = {"epoch": epoch, "train_loss": total / len(train_s)}
-        if valid_s:
-            record["valid"] = asdict(evaluate(family, model, valid_s, settings))
-        history.append(record)
-        peak_rss = max(peak_rss, _peak_rss_mb())
-        state = {"identity": settings.identity(), "epoch": epoch, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "fast": fast, "train_wall_s": train_wall,
-                 "peak_rss_mb": peak_rss, "history": history, "shift": shift}
-        atomic_write(_checkpoint_path(out), lambda tmp: torch.save(state, tmp))
-    bar.close()
-
-    test_errors = evaluate(family, model, test_s, settings)
-    changed = _changed_fraction(model, settings, base)
-    metrics = {
-        "model": settings.model, "family": family.name, "method": settings.method,
-        "settings": asdict(settings),
-        "n_train": len(train), "n_valid": len(valid), "n_test": len(test),
-        "data_sha256_16": _fingerprint_files(settings.train, settings.valid, settings.test),
-        "e0_shift_ev": {str(z): v for z, v in shift.items()},
-        **{f"test_{k}": v for k, v in asdict(test_errors).items()},
-        **{f"zero_shot_test_{k}": v for k, v in asdict(zero_shot).items()},
-        **{f"zero_shot_no_e0_shift_test_{k}": v for k, v in asdict(zero_shot_raw).items()},
-        "changed_fraction": changed["changed"] / changed["total"],
-        "changed_params": changed["changed"], "path_params": changed["total"],
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "model_params": sum(p.numel() for n, p in model.named_parameters() if ".deltas." not in f".{n}"),
-        "epochs": epoch, "wall_s": train_wall, "history": history,
-    }
-    if settings.method == "sparse":
-        metrics["adapter"] = str(save_adapter(model, out / "adapter.safetensors"))
-    elif settings.method == "lora":
-        metrics["adapter"] = str(save_lora_adapter(model, out / "adapter.safetensors"))
-    if "adapter" in metrics:
-        metrics["adapter_bytes"] = Path(metrics["adapter"]).stat().st_size
-    # the fine-tuned model's own predictions first: the export folds the deltas in place
-    reference = [tuple(t.detach().cpu().double() for t in _forward(family, model, [x], settings.device, False))
-                 for x in test_s[:1]]
-    merged_path = export_merged(family, model, shift, out / family.merged_filename, settings.model)
-    metrics["merged_model"] = str(merged_path)
-    metrics["merged_model_check"] = check_merged(family, reference, test[:1], merged_path, settings.device)
+    progress = _train(family, model, train_s, valid_s, settings, ck, save)
+    test_errors = {"test": evaluate(family, model, test_s, settings), **zero_shot}
+    metrics = _metrics(settings, family, (train, valid, test), shift, model, progress, test_errors,
+                       _changed_fraction(model, base))
+    _save_results(family, model, settings, shift, test_s, test, metrics)
     metrics["command_wall_s"] = time.perf_counter() - started
-    metrics["peak_rss_mb"] = max(peak_rss, _peak_rss_mb())
+    metrics["peak_rss_mb"] = max(progress.peak_rss_mb, _peak_rss_mb())
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
     return metrics
 
 
 def export_merged(family: Family, model, shift: Dict[int, float], path: Path, spec: str) -> Path:
-    """Fold the deltas (and the E0 shift) into ``model`` in place, turn it back into plain
-    modules and write it in the family's format. (In place, not on a deepcopy: copying
-    e3nn's fx-compiled modules renames their constants, and SevenNet's loader is strict.)"""
+    """Fold the deltas (and the E0 shift) into ``model`` in place, strip sparsekern off it
+    (the family's loader must not need sparsekern) and write it in the family's format.
+    (In place, not on a deepcopy: copying e3nn's fx-compiled modules renames their
+    constants, and SevenNet's loader is strict.)"""
     merge(model)
-    unpatch(model)  # the merged deltas go with the sparsekern layers
-    # nothing of sparsekern may stay in the file: the family's loader must not need it
-    model._forward_pre_hooks.clear()  # the density controller
-    model.__dict__.pop("sparsekern_config", None)
-    model.eval()
+    release(model).eval()
     return family.export(model, shift, path, spec)
-
-
-def check_merged(family: Family, reference, frames: Sequence[Frame], path: Path, device: str) -> dict:
-    """The merged file, loaded by the family's own ASE calculator, against the fine-tuned
-    model's predictions (``reference``: (energy, forces) per frame): largest energy (eV)
-    and force (eV/Å) differences."""
-    calc = family.calculator(path, device)
-    de = df = 0.0
-    for (energy, forces), frame in zip(reference, frames):
-        atoms = frame.atoms.copy()
-        atoms.calc = calc
-        de = max(de, abs(atoms.get_potential_energy() - float(energy[0])))
-        df = max(df, float(np.abs(atoms.get_forces() - forces.numpy()).max()))
-    return {"frames": len(frames), "max_abs_energy_diff_ev": de, "max_abs_force_diff_ev_per_A": df}

@@ -1,12 +1,13 @@
 """Drop-in layers: each is built from the e3nn / MACE module it replaces
-(``from_e3nn`` / ``from_mace``), shares its parameters, and computes the same."""
+(``from_e3nn``), shares its parameters, builds the descriptor of its op once, and
+computes the same on the back end the op registry gives it."""
 
-from .base import BACKENDS, SparsekernLayer
+from .base import SparsekernLayer
 from .channelwise_tp import ChannelwiseConv, ChannelwiseTP
 from .element_linear import ElementLinear
 from .linear import IrrepsLinear
 from .radial_mlp import RadialMLP
 from .symmetric_contraction import SymmetricContraction
 
-__all__ = ["BACKENDS", "SparsekernLayer", "IrrepsLinear", "ElementLinear", "ChannelwiseTP",
+__all__ = ["SparsekernLayer", "IrrepsLinear", "ElementLinear", "ChannelwiseTP",
            "ChannelwiseConv", "SymmetricContraction", "RadialMLP"]

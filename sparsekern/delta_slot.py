@@ -1,0 +1,154 @@
+"""The delta slot: the one module that knows where sparsekern keeps what it attaches to
+a model. A layer's deltas live in ``layer.deltas`` (a ModuleDict keyed by the parameter
+name they change, dots mangled); the model's fine-tuning settings in
+``model.sparsekern_config``; its hooks carry a mark so :func:`strip` finds them.
+Layers pass an attached delta to the ops as a flat tensor (:func:`active`); kernels that
+skip inactive blocks read it through :func:`active_blocks`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+if TYPE_CHECKING:
+    from .paths import WeightGroup
+
+SLOT = "deltas"
+CONFIG = "sparsekern_config"
+_HOOK_MARK = "_sparsekern_hook"
+
+
+class Delta(torch.nn.Module):
+    """A trainable change of one parameter: ``forward()`` gives its flat dense delta
+    (``numel`` entries, zeros outside ``groups``). ``merged``: folded into the base
+    weight (``finetune.merge``), so the layers no longer add it."""
+
+    def __init__(self, groups: Sequence["WeightGroup"], numel: int) -> None:
+        super().__init__()
+        self.groups: List["WeightGroup"] = list(groups)
+        self.numel = numel
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"numel={self.numel}, groups={len(self.groups)}, merged={self.merged}"
+
+
+def _key(param: str) -> str:
+    return param.replace(".", "__")  # ModuleDict keys cannot hold dots
+
+
+def _param(key: str) -> str:
+    return key.replace("__", ".")
+
+
+def _slot(module: torch.nn.Module) -> Optional[torch.nn.ModuleDict]:
+    modules = module._modules  # a plain dict, except in TorchScript modules (no deltas there)
+    return modules.get(SLOT) if isinstance(modules, dict) else None
+
+
+def attach(layer: torch.nn.Module, param: str, delta: Delta) -> None:
+    """Attach (or replace) the delta of ``layer``'s parameter ``param``."""
+    if _slot(layer) is None:
+        setattr(layer, SLOT, torch.nn.ModuleDict())
+    _slot(layer)[_key(param)] = delta
+
+
+def get(layer: torch.nn.Module, param: str) -> Optional[Delta]:
+    deltas = _slot(layer)
+    return deltas._modules.get(_key(param)) if deltas is not None else None
+
+
+def detach(layer: torch.nn.Module, param: Optional[str] = None) -> None:
+    """Remove the delta of ``param``, or every delta of the layer."""
+    deltas = _slot(layer)
+    if deltas is None:
+        return
+    if param is None:
+        del layer._modules[SLOT]
+    else:
+        del deltas[_key(param)]
+
+
+def layer_deltas(layer: torch.nn.Module) -> Iterator[Tuple[str, Delta]]:
+    """(parameter name, delta) for each delta attached to ``layer``."""
+    deltas = _slot(layer)
+    for key, delta in (deltas.items() if deltas is not None else ()):
+        yield _param(key), delta
+
+
+def iter_deltas(model: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Module, str, Delta]]:
+    """(layer name, layer, parameter name, delta) for every delta attached in ``model``."""
+    for name, module in model.named_modules():
+        if _slot(module) is not None:
+            for param, delta in layer_deltas(module):
+                yield name, module, param, delta
+
+
+def has_deltas(model: torch.nn.Module) -> bool:
+    return any(True for _ in iter_deltas(model))
+
+
+def state_prefix(layer_name: str, param: str) -> str:
+    """The state-dict prefix of the delta of ``layer_name``'s ``param``."""
+    return f"{layer_name}.{SLOT}.{_key(param)}."
+
+
+def is_delta_parameter(name: str) -> bool:
+    """Whether a (model- or layer-level) parameter name belongs to a delta."""
+    return f".{SLOT}." in f".{name}"
+
+
+def active(layer: torch.nn.Module, param: str) -> Optional[torch.Tensor]:
+    """The flat delta the forward pass must add to ``param``, or None (no delta, or
+    merged into the weight)."""
+    delta = get(layer, param)
+    return None if delta is None or delta.merged else delta()
+
+
+def active_blocks(flat: torch.Tensor, groups: Sequence["WeightGroup"], T: int):
+    """The block view of a flat delta that block-sparse kernels read: per group, the
+    (block_slot, block_values) of its T x T tiles holding a nonzero, block_slot
+    (G, ceil(R/T), ceil(C/T)) int32 (-1: inactive, else a row of block_values
+    (n_blocks, T, T), a differentiable gather of the delta). One host sync per group."""
+    out = []
+    for g in groups:
+        delta = g.view(flat)
+        n_el, r, c = delta.shape
+        nu, nv = -(-r // T), -(-c // T)
+        padded = torch.nn.functional.pad(delta, (0, nv * T - c, 0, nu * T - r))
+        tiles = padded.reshape(n_el, nu, T, nv, T).transpose(2, 3)  # (n_el, nu, nv, T, T)
+        on = tiles.detach().ne(0).flatten(3).any(-1)
+        slot = torch.full(on.shape, -1, dtype=torch.int32, device=delta.device)
+        idx = on.nonzero(as_tuple=True)
+        slot[idx] = torch.arange(idx[0].numel(), dtype=torch.int32, device=delta.device)
+        out.append((slot, tiles[idx]))
+    return out
+
+
+def set_config(model: torch.nn.Module, config) -> None:
+    setattr(model, CONFIG, config)
+
+
+def config_of(model: torch.nn.Module):
+    return getattr(model, CONFIG, None)
+
+
+def mark_hook(fn):
+    """Mark a hook function as sparsekern's, so :func:`strip` removes it."""
+    setattr(fn, _HOOK_MARK, True)
+    return fn
+
+
+def strip(model: torch.nn.Module) -> None:
+    """Remove sparsekern's hooks and settings from ``model`` itself (the layers' deltas
+    go with the layers: ``patching.release``)."""
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if getattr(hook, _HOOK_MARK, False):
+            del model._forward_pre_hooks[key]
+    model.__dict__.pop(CONFIG, None)
+
+
+def effective(weight: Optional[torch.Tensor], delta: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """W0 + dW for a flat ``delta`` (from :func:`active`), or W0 where there is none."""
+    return weight if delta is None else weight + delta.view_as(weight)

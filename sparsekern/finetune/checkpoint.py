@@ -1,0 +1,77 @@
+"""The trainer's resumable checkpoint (DIR/checkpoint.pt): the model's and optimizer's
+state, where training stands, and the energy shift, for the arguments that decide the
+result (``Settings.identity``); a rerun of the same command resumes from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .. import delta_slot
+from ..files import atomic_write
+from .delta import FixedDelta
+from .lifecycle import to_fast
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class Progress:
+    """Where training stands. A resumed run reports the time and memory of the epochs it
+    did not redo too."""
+
+    epoch: int = 0
+    train_wall_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    fast: bool = False  # training only the active entries (``to_fast``)
+    history: List[dict] = field(default_factory=list)
+
+
+def load(out: Path, settings) -> Optional[dict]:
+    """The checkpoint in ``out``, if any, checked against ``settings`` (the trainer's)."""
+    path = out / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
+    mine = settings.identity()
+    differ = {k: (ck["identity"].get(k), v) for k, v in mine.items() if ck["identity"].get(k) != v}
+    if differ:
+        listed = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(f"{path} was written for different arguments ({listed}); "
+                         f"use another --out or delete the checkpoint to start over")
+    if ck["epoch"] > settings.epochs:
+        raise ValueError(f"{path} is already at epoch {ck['epoch']} > --epochs {settings.epochs}")
+    return ck
+
+
+def save(out: Path, identity: dict, model, optimizer, progress: Progress, shift: dict) -> None:
+    state = {"identity": identity, "epoch": progress.epoch, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "fast": progress.fast, "train_wall_s": progress.train_wall_s,
+             "peak_rss_mb": progress.peak_rss_mb, "history": progress.history, "shift": shift}
+    atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+
+
+def restore(model, ck: dict) -> Progress:
+    """Put the checkpoint's state into the freshly prepared ``model`` (the optimizer's
+    is restored once it is built)."""
+    if ck.get("fast"):
+        to_fast(model)
+        _restore_fast(model, ck["model"])
+    model.load_state_dict(ck["model"])
+    return Progress(ck["epoch"], ck["train_wall_s"], ck["peak_rss_mb"], bool(ck.get("fast")), ck["history"])
+
+
+def _restore_fast(model, state: dict) -> None:
+    """After ``to_fast`` on a fresh model, give each FixedDelta the checkpoint's active
+    set (its shape is the checkpoint's, not the fresh model's)."""
+    for layer_name, _, param, delta in delta_slot.iter_deltas(model):
+        if isinstance(delta, FixedDelta):
+            prefix = delta_slot.state_prefix(layer_name, param)
+            delta.index = state[prefix + "index"].clone()
+            delta.values = torch.nn.Parameter(state[prefix + "values"].clone())

@@ -1,0 +1,112 @@
+"""What training and evaluation share: frames as the model's graphs (built once),
+batches, predictions with the fixed energy shift, the loss and the error metrics, and
+the check of a merged model in its family's own ASE calculator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..integrations import Family
+from .data import Frame
+
+
+@dataclass
+class Sample:
+    graph: object
+    energy: float
+    forces: torch.Tensor
+    natoms: int
+    shift: float = 0.0  # the fixed per-element energy shift summed over the frame's atoms
+
+
+@dataclass
+class Errors:
+    energy_mae_mev_per_atom: float
+    energy_rmse_mev_per_atom: float
+    force_mae_mev_per_A: float
+    force_rmse_mev_per_A: float
+
+
+def make_samples(family: Family, model, frames: Sequence[Frame], shift: Dict[int, float]) -> List[Sample]:
+    return [Sample(family.graph(model, f.atoms), f.energy, torch.as_tensor(f.forces), len(f.atoms),
+                   float(sum(shift[int(z)] for z in f.atoms.numbers))) for f in frames]
+
+
+def check_elements(family: Family, model, frames: Sequence[Frame], what: str) -> None:
+    known = set(family.numbers(model))
+    present = {int(z) for f in frames for z in f.atoms.numbers}
+    if not present <= known:
+        from ase.data import chemical_symbols
+
+        raise ValueError(f"{what} holds elements the model does not know: "
+                         f"{sorted(chemical_symbols[z] for z in present - known)}")
+
+
+def batches(samples: Sequence[Sample], size: int, order: Optional[torch.Tensor] = None):
+    idx = list(range(len(samples))) if order is None else order.tolist()
+    for i in range(0, len(idx), size):
+        yield [samples[j] for j in idx[i:i + size]]
+
+
+def forward(family: Family, model, batch: List[Sample], device: str, training: bool):
+    """(energy per frame, with its shift; forces)."""
+    energy, forces = family.predict(model, family.collate([s.graph for s in batch], device), training)
+    shift = torch.tensor([s.shift for s in batch], dtype=energy.dtype, device=energy.device)
+    return energy + shift, forces
+
+
+def _targets(batch: List[Sample], like: torch.Tensor):
+    e = torch.tensor([s.energy for s in batch], dtype=like.dtype, device=like.device)
+    n = torch.tensor([s.natoms for s in batch], dtype=like.dtype, device=like.device)
+    f = torch.cat([s.forces for s in batch]).to(like)
+    return e, n, f
+
+
+def loss(family: Family, model, batch: List[Sample], settings) -> torch.Tensor:
+    """MACE's weighted energy-forces loss (``settings``: the trainer's Settings)."""
+    energy, forces = forward(family, model, batch, settings.device, training=True)
+    e, n, f = _targets(batch, energy)
+    return (settings.energy_weight * ((energy - e) / n).square().mean()
+            + settings.forces_weight * (forces - f).square().mean())
+
+
+def residuals(family: Family, model, samples: Sequence[Sample], settings):
+    """Per frame (E - E_ref) / N and its energy shift per atom; all force residuals."""
+    model.eval()
+    de, shift, df = [], [], []
+    for batch in batches(samples, settings.batch_size):
+        energy, forces = forward(family, model, batch, settings.device, training=False)
+        e, n, f = _targets(batch, energy)
+        de.append(((energy.detach() - e) / n).cpu().double())
+        shift.append(torch.tensor([s.shift / s.natoms for s in batch], dtype=torch.float64))
+        df.append((forces.detach() - f).cpu().double().reshape(-1))
+    return torch.cat(de), torch.cat(shift), torch.cat(df)
+
+
+def errors(de: torch.Tensor, df: torch.Tensor) -> Errors:
+    return Errors(1e3 * float(de.abs().mean()), 1e3 * float(de.square().mean().sqrt()),
+                  1e3 * float(df.abs().mean()), 1e3 * float(df.square().mean().sqrt()))
+
+
+def evaluate(family: Family, model, samples: Sequence[Sample], settings) -> Errors:
+    de, _, df = residuals(family, model, samples, settings)
+    return errors(de, df)
+
+
+def check_merged(family: Family, reference, frames: Sequence[Frame], path: Path, device: str) -> dict:
+    """The merged file, loaded by the family's own ASE calculator, against the fine-tuned
+    model's predictions (``reference``: (energy, forces) per frame): largest energy (eV)
+    and force (eV/Å) differences."""
+    calc = family.calculator(path, device)
+    de = df = 0.0
+    for (energy, forces), frame in zip(reference, frames):
+        atoms = frame.atoms.copy()
+        atoms.calc = calc
+        de = max(de, abs(atoms.get_potential_energy() - float(energy[0])))
+        df = max(df, float(np.abs(atoms.get_forces() - forces.numpy()).max()))
+    return {"frames": len(frames), "max_abs_energy_diff_ev": de, "max_abs_force_diff_ev_per_A": df}

@@ -1,0 +1,68 @@
+"""The fine-tuning methods and delta modes, in one table: configuration checks, the
+command lines' choices and help, the default learning rates and the adapter formats
+are all read from here, so a new method or mode is added in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+from .delta import FixedDelta, LoRADelta, ThresholdDelta
+
+SPARSE_ADAPTER = "sparsekern-adapter"  # the active delta entries (index, values)
+LORA_ADAPTER = "sparsekern-lora-adapter"  # the LoRA factors, not their dense product
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How a delta is made (``SparseConfig.mode``)."""
+
+    name: str
+    help: str
+    steered: bool  # a density controller holds the fraction of changed weights on target
+    adapter: str  # the adapter format its deltas are saved in
+    delta_types: Tuple[type, ...]  # the delta classes it attaches (FixedDelta: fast mode, loaded adapters)
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the fine-tuning harness trains (``--method``)."""
+
+    name: str
+    help: str
+    lr: float  # the default learning rate of Adam
+    modes: Tuple[str, ...]  # the delta modes it trains; none: the base weights themselves
+
+
+_THRESHOLDED = (ThresholdDelta, FixedDelta)
+MODES = {m.name: m for m in (
+    Mode("str", "element-wise soft threshold (the paper)", True, SPARSE_ADAPTER, _THRESHOLDED),
+    Mode("block", "group soft threshold over tiles, so kernels can skip inactive blocks", True,
+         SPARSE_ADAPTER, _THRESHOLDED),
+    Mode("lora", "equivariant LoRA (the baseline): rank lora_rank per path block", False,
+         LORA_ADAPTER, (LoRADelta,)),
+)}
+
+# Adam moves every trainable entry by about lr per step whatever its gradient's scale;
+# a delta that changes a few % of the weights, or a rank-4 factor, needs larger moves
+# per entry than full fine-tuning makes on all of them. Chosen on a validation split
+# (benchmarks/lr_sweep.py; results in benchmarks/results/lr_sweep_*).
+METHODS = {m.name: m for m in (
+    Method("sparse", "a sparse delta on the frozen base (a few % of the path weights change)", 1e-1,
+           ("str", "block")),
+    Method("full", "every base weight trainable", 3e-3, ()),
+    Method("lora", "equivariant LoRA on the frozen base", 1e-1, ("lora",)),
+)}
+DEFAULT_LR = {name: METHODS[name].lr for name in sorted(METHODS)}  # sorted, as reports print it
+SPARSE_MODES = METHODS["sparse"].modes  # what --mode / --sparse_mode offer
+
+
+def adapter_format(delta) -> str:
+    """The adapter format ``delta`` is saved in: its mode's."""
+    return next(m.adapter for m in MODES.values() if isinstance(delta, m.delta_types))
+
+
+def choices_help(table: dict, names=None) -> str:
+    """'name: help; ...' of ``table``'s rows (all, or ``names``), for an argparse help
+    (which reads % as a format)."""
+    return "; ".join(f"{n}: {table[n].help}" for n in (names or table)).replace("%", "%%")

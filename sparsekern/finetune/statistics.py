@@ -1,0 +1,98 @@
+"""How many path weights the deltas change: ``stats`` of a model, and the counting it
+shares with ``report`` (which reads the weight groups from an adapter instead)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import delta_slot
+from ..delta_slot import Delta
+from ..paths import WeightGroup
+from ..patching import patched_layers
+from .lifecycle import target_groups
+
+
+def element_labels(model: torch.nn.Module, count: int) -> List[str]:
+    """Chemical symbols of the element axis of per-element weights, where known."""
+    from ase.data import chemical_symbols
+
+    numbers = getattr(model, "atomic_numbers", None)
+    if numbers is not None and len(numbers) == count:
+        return [chemical_symbols[int(z)] for z in numbers]
+    if count == len(chemical_symbols) - 1:  # SevenNet-style: one-hot over atomic numbers 1..
+        return chemical_symbols[1:]
+    return [f"element {i}" for i in range(count)]
+
+
+def _changed_mask(delta: Optional[Delta]) -> Optional[torch.Tensor]:
+    """Flat boolean mask of the entries a delta changes (also once merged)."""
+    if delta is None:
+        return None
+    if delta.merged:
+        mask = torch.zeros(delta.numel, dtype=torch.bool, device=delta._unmerge_index.device)
+        mask[delta._unmerge_index] = True
+        return mask
+    return delta().view(-1) != 0
+
+
+def count_changes(entries: Iterable[Tuple[str, Sequence[WeightGroup], Optional[torch.Tensor]]],
+                  labels_for: Callable[[int], List[str]]) -> dict:
+    """The counting behind ``stats`` (and ``report``, which reads the groups from an
+    adapter): ``entries`` holds (layer name, the weight groups of one parameter, flat
+    changed mask or None); ``labels_for(G)`` names the G elements of per-element groups."""
+    layers: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
+    by_path: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
+    by_l: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
+    by_element: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
+    by_element_l: Dict[str, Dict[str, List[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for name, groups, flat in entries:
+        seen: Dict[str, int] = defaultdict(int)
+        for g in groups:
+            nz = g.view(flat) if flat is not None else None
+            n_changed = int(nz.sum()) if nz is not None else 0
+            key = "radial" if g.l is None else str(g.l)
+            seen[g.label] += 1  # e.g. several 0e inputs of one linear: number the repeats
+            path = f"{name}.{g.param} {g.label}" + (f" ({seen[g.label]})" if seen[g.label] > 1 else "")
+            for counter in (layers[name], by_path[path], by_l[key]):
+                counter[0] += g.numel
+                counter[1] += n_changed
+            if g.per_element:
+                per = nz.sum((1, 2)).tolist() if nz is not None else [0] * g.shape[0]
+                for label, c in zip(labels_for(g.shape[0]), per):
+                    for counter in (by_element[label], by_element_l[label][key]):
+                        counter[0] += g.shape[1] * g.shape[2]
+                        counter[1] += int(c)
+    by_layer = {k: v for k, v in layers.items() if v[0]}
+    total = sum(t for t, _ in by_layer.values())
+    changed = sum(c for _, c in by_layer.values())
+
+    def table(d):
+        return {k: {"total": t, "changed": c, "density": c / t if t else 0.0} for k, (t, c) in d.items()}
+
+    return {
+        "total_params": total,
+        "changed_params": changed,
+        "density": changed / total if total else 0.0,
+        "by_layer": table(by_layer),
+        "by_path": table(by_path),
+        "by_l": table(by_l),
+        "by_element": table(by_element),
+        "by_element_l": {e: table(d) for e, d in by_element_l.items()},
+    }
+
+
+@torch.no_grad()
+def stats(model: torch.nn.Module) -> dict:
+    """How many path weights the deltas change: totals and breakdowns by layer, by
+    path, by irrep order l of the path, by element, and by element and l."""
+    entries = [(name, groups, _changed_mask(delta_slot.get(layer, param)))
+               for name, layer in patched_layers(model) for param, groups in target_groups(layer).items()]
+    counts = count_changes(entries, lambda count: element_labels(model, count))
+    return {
+        **counts,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "model_params": sum(p.numel() for n, p in model.named_parameters() if not delta_slot.is_delta_parameter(n)),
+    }

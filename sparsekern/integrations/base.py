@@ -1,0 +1,73 @@
+"""What differs between model families during fine-tuning, behind one small interface:
+recognising its models, loading, graphs and batches, energies and forces, the model's
+own isolated-atom energies, and writing a merged model that the family's own ASE
+calculator loads. Each family imports its package only when used (MACE and SevenNet
+live in different environments)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+
+class Family:
+    """One model family. ``graph`` turns an ase.Atoms into the model's input once (graphs
+    are built before training); ``predict`` gives (energy per frame, forces)."""
+
+    name: str
+    merged_filename: str
+    spec_help: str  # what --model takes for this family
+
+    def claims(self, spec: str) -> bool:
+        """Whether ``spec`` (a name or file given as --model) is a model of this family."""
+        raise NotImplementedError
+
+    def spec_identity(self, spec: str) -> str:
+        """``spec`` as a checkpoint records it: a file by its absolute path."""
+        return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+    def load(self, spec: str, device: str) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def numbers(self, model) -> List[int]:
+        """Atomic numbers the model knows."""
+        raise NotImplementedError
+
+    def graph(self, model, atoms):
+        raise NotImplementedError
+
+    def collate(self, graphs: Sequence, device: str):
+        raise NotImplementedError
+
+    def predict(self, model, batch, training: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def own_e0s(self, model, zs: Sequence[int]) -> Dict[int, float]:
+        """The model's isolated-atom energy per element (what ``--E0s`` replaces)."""
+        raise NotImplementedError
+
+    def export(self, merged, shift: Dict[int, float], path: Path, spec: str) -> Path:
+        """Write ``merged`` (a plain, unpatched model holding the fine-tuned weights) with
+        the per-element energy shift folded in, in the family's own format."""
+        raise NotImplementedError
+
+    def calculator(self, path: Path, device: str):
+        raise NotImplementedError
+
+
+_FAMILIES: List[Family] = []
+
+
+def register_family(family: Family) -> None:
+    _FAMILIES[:] = [f for f in _FAMILIES if f.name != family.name] + [family]
+
+
+def family_for(spec: str) -> Family:
+    """The registered family that claims ``spec``."""
+    for family in _FAMILIES:
+        if family.claims(spec):
+            return family
+    raise ValueError(f"--model: cannot tell the model family of {spec!r}; give "
+                     + " or ".join(f.spec_help for f in _FAMILIES))

@@ -1,0 +1,47 @@
+"""MACE (mace-torch): models converted to cuequivariance are turned back into e3nn
+layers before patching, MACE's symmetric contraction gets sparsekern's, and the
+interaction blocks' ``conv_tp`` becomes the fused convolution (MACE's ``conv_fusion``
+contract). mace-torch is imported only when a MACE model is met."""
+
+from __future__ import annotations
+
+import torch
+
+from ...patching import PatchRule, register
+from ..base import register_family
+from . import cueq
+from .family import MaceFamily
+
+
+def _converters():
+    try:
+        from mace.modules.symmetric_contraction import SymmetricContraction as MaceSC
+    except ImportError:
+        return []
+    from ...layers import SymmetricContraction
+
+    return [(MaceSC, SymmetricContraction)]
+
+
+def _before_patch(model: torch.nn.Module) -> None:
+    if cueq.is_cueq_model(model):
+        cueq.to_e3nn_in_place(model)
+
+
+def _fuse_conv(parent: torch.nn.Module, name: str) -> bool:
+    """MACE interaction blocks call ``conv_tp(node_feats, edge_attrs, tp_weights,
+    edge_index)`` when they have a ``conv_fusion`` attribute: give them the fused conv."""
+    if (name == "conv_tp" and type(parent).__module__.startswith("mace.")
+            and hasattr(parent, "conv_tp_weights") and not hasattr(parent, "conv_fusion")):
+        parent.conv_fusion = "sparsekern"
+        return True
+    return False
+
+
+def _unfuse_conv(parent: torch.nn.Module) -> None:
+    if getattr(parent, "conv_fusion", None) == "sparsekern":
+        del parent.conv_fusion
+
+
+register(PatchRule("mace", _converters, _before_patch, _fuse_conv, _unfuse_conv))
+register_family(MaceFamily())

@@ -1,0 +1,78 @@
+"""MACE's fine-tuning harness (:class:`~sparsekern.integrations.base.Family`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...files import atomic_write
+from ..base import Family
+
+
+class MaceFamily(Family):
+    name = "mace"
+    merged_filename = "merged.model"
+
+    spec_help = "a MACE .model file"
+
+    def claims(self, spec):
+        """``.model`` files, MACE foundation names, and other existing files but SevenNet's."""
+        return (spec.endswith(".model") or spec in ("small", "medium", "large") or spec.startswith("mace")
+                or (Path(spec).is_file() and not spec.endswith(".pth")) or spec in _foundation_names())
+
+    def load(self, spec, device):
+        from .models import load_mace
+
+        return load_mace(spec, device).eval()
+
+    def numbers(self, model):
+        return [int(z) for z in model.atomic_numbers]
+
+    def graph(self, model, atoms):
+        from mace import data as mace_data
+        from mace.tools import utils
+
+        z_table = utils.AtomicNumberTable(self.numbers(model))
+        config = mace_data.config_from_atoms(atoms, key_specification=mace_data.KeySpecification())
+        return mace_data.AtomicData.from_config(config, z_table=z_table, cutoff=float(model.r_max), heads=None)
+
+    def collate(self, graphs, device):
+        from mace.tools import torch_geometric
+
+        return torch_geometric.Batch.from_data_list(list(graphs)).to(device)
+
+    def predict(self, model, batch, training):
+        dtype = next(model.parameters()).dtype
+        inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                  for k, v in batch.to_dict().items()}
+        out = model(inputs, training=training, compute_force=True)
+        return out["energy"], out["forces"]
+
+    def own_e0s(self, model, zs):
+        table = self.numbers(model)
+        e0 = model.atomic_energies_fn.atomic_energies
+        e0 = e0 if e0.dim() == 1 else e0[0]  # multi-head models: the first head
+        return {int(z): float(e0[table.index(int(z))]) for z in zs}
+
+    def export(self, merged, shift, path, spec):
+        table = self.numbers(merged)
+        with torch.no_grad():
+            e0 = merged.atomic_energies_fn.atomic_energies
+            for z, s in shift.items():
+                e0[..., table.index(int(z))] += s
+        return atomic_write(path, lambda tmp: torch.save(merged, tmp))
+
+    def calculator(self, path, device):
+        from mace.calculators import MACECalculator
+
+        return MACECalculator(model_paths=str(path), device=device)
+
+
+def _foundation_names():
+    """The names ``mace_mp`` downloads (none where mace-torch is not installed)."""
+    try:
+        from mace.calculators.foundations_models import mace_mp_urls
+    except ImportError:
+        return ()
+    return mace_mp_urls

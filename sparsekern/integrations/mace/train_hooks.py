@@ -1,0 +1,165 @@
+"""Sparse deltas inside MACE's own training script (``mace.cli.run_train.run`` of
+mace-torch 0.3.16). Three functions it calls are wrapped while it runs:
+
+- ``configure_model``: remembers the foundation model it is given;
+- ``get_params_options``: the model arrives with the foundation weights loaded and
+  leaves prepared (patched, base frozen, deltas attached) before the optimizer is
+  built; the parameter groups then hold only trainable tensors: each delta sits in
+  the group of the base weight it changes (so MACE's learning-rate factors and its
+  weight decay, a pull towards the foundation, apply as to that weight), thresholds
+  in groups of their own without decay;
+- ``deepcopy``: run_train saves ``deepcopy(model)``; that copy is merged and released
+  (plain MACE modules, loadable without sparsekern), and the adapter is written
+  beside the ``.model`` (``<name>.adapter.safetensors``, ``<name>_stagetwo...`` for
+  the stage-two model)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ... import delta_slot
+from ...files import atomic_write
+from ...finetune import calibrate_density, merge, prepare, save_adapter, stats
+from ...patching import patched_layers, release
+
+
+class SparseHooks:
+    """State shared by the wrapped functions during one ``run_train.run``."""
+
+    def __init__(self, config, backend: str, args, lr_factor: float = 1.0) -> None:
+        self.config, self.backend, self.args, self.lr_factor = config, backend, args, lr_factor
+        self.foundation: Optional[torch.nn.Module] = None
+        self.model: Optional[torch.nn.Module] = None
+        self.exports = 0
+        self.base_model: Optional[str] = None  # what the adapter applies to
+
+    @contextmanager
+    def installed(self, run_train):
+        names = ("configure_model", "get_params_options", "deepcopy")
+        saved = {n: getattr(run_train, n) for n in names}
+        configure, options = saved["configure_model"], saved["get_params_options"]
+
+        def configure_model(*a, **k):
+            self.foundation = a[3] if len(a) > 3 else k.get("model_foundation")
+            return configure(*a, **k)
+
+        def get_params_options(args, model):
+            return self.params_options(options, args, model)
+
+        def deepcopy(obj, memo=None):
+            if self.model is None or obj is not self.model:
+                return copy.deepcopy(obj, memo)
+            return self.export(obj)
+
+        run_train.configure_model, run_train.get_params_options, run_train.deepcopy = (
+            configure_model, get_params_options, deepcopy)
+        try:
+            yield self
+        finally:
+            for n, f in saved.items():
+                setattr(run_train, n, f)
+
+    def params_options(self, options, args, model: torch.nn.Module) -> dict:
+        """MACE's ``options(args, model)`` for the model prepared here."""
+        self.args = args  # run_train's own (check_args has filled in its folders)
+        self.prepare(model)
+        result = options(args, model)  # --freeze freezes modules here, their deltas included
+        self.drop_frozen_deltas(model)
+        result["params"] = self.regroup(result["params"], model)
+        for g in result["params"]:
+            g["lr"] = g.get("lr", result["lr"]) * self.lr_factor
+        return result
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        prepare(model, self.config, backend=self.backend)
+        self.model = model
+        s = stats(model)
+        logging.info(f"sparsekern: {s['trainable_params']} trainable delta parameters on {s['total_params']} "
+                     f"frozen path weights, target density {self.config.density} ({self.config.mode} mode)")
+
+    @staticmethod
+    def drop_frozen_deltas(model: torch.nn.Module) -> None:
+        """A delta that MACE froze (--freeze) must not change its module: remove it and
+        spread the target density over the deltas that train."""
+        frozen = [(name, layer, param) for name, layer, param, d in delta_slot.iter_deltas(model)
+                  if not any(p.requires_grad for p in d.parameters())]
+        for _, layer, param in frozen:
+            delta_slot.detach(layer, param)
+        if frozen:
+            logging.info(f"sparsekern: no deltas on the {len(frozen)} weights MACE froze (--freeze), "
+                         f"e.g. {frozen[0][0]}.{frozen[0][2]}")
+            calibrate_density(model)
+
+    def regroup(self, groups, model: torch.nn.Module) -> list:
+        """MACE's parameter groups, holding trainable tensors only: a delta joins the
+        group of the base weight it changes, thresholds go to no-decay groups."""
+        groups = [dict(g, params=list(g["params"])) for g in groups]
+        home = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
+        placed = {}
+        for name, layer, param, delta in delta_slot.iter_deltas(model):
+            base = home.get(id(layer.get_parameter(param)))
+            if base is None:
+                raise ValueError(f"sparsekern mace-train: {name}.{param} is in none of MACE's parameter groups, "
+                                 "so MACE would not train it; its delta has no optimizer group")
+            for pname, p in delta.named_parameters():
+                placed[id(p)] = (base, pname == "log_tau")
+        out = [dict(g, params=[]) for g in groups]
+        thresholds = [dict(g, name=f"{g.get('name', i)}_thresholds", weight_decay=0.0, params=[])
+                      for i, g in enumerate(groups)]
+        for i, g in enumerate(groups):
+            for p in g["params"]:
+                if not p.requires_grad:
+                    continue  # the frozen base (and what --freeze froze)
+                at, is_threshold = placed.get(id(p), (i, False))
+                (thresholds if is_threshold else out)[at]["params"].append(p)
+        return [g for g in out + thresholds if g["params"]]
+
+    @torch.no_grad()
+    def export(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The plain MACE model to save (delta merged); writes the adapter beside it."""
+        calibrate_density(model)  # the saved (e.g. EMA-averaged) deltas, on the target density
+        model_dir = Path(self.args.model_dir)
+        stage = "" if self.exports == 0 else "_stagetwo"  # run_train saves stage one, then stage two
+        self.exports += 1
+        if self.base_model is None:
+            self.base_model = self._base_file(model, model_dir)
+        adapter = model_dir / f"{self.args.name}{stage}.adapter.safetensors"
+        save_adapter(model, adapter, extra_metadata={"base_model": self.base_model})
+        logging.info(f"sparsekern: saved the adapter to {adapter} (it applies to {self.base_model})")
+        merged = copy.deepcopy(model)
+        merge(merged)
+        return release(merged)
+
+    def _base_file(self, model: torch.nn.Module, model_dir: Path) -> str:
+        """The foundation model, where MACE fine-tunes it as it is; else the base MACE
+        configured from it, saved beside the adapter."""
+        base = copy.deepcopy(model)
+        for _, layer in patched_layers(base):
+            delta_slot.detach(layer)
+        base = release(base)
+        if self.foundation is not None and _same_state(base, self.foundation):
+            return str(self.args.foundation_model)
+        path = atomic_write(model_dir / f"{self.args.name}.base.model", lambda tmp: torch.save(base, tmp))
+        logging.info("sparsekern: the model MACE fine-tunes differs from the foundation file (element subset, E0s, "
+                     "scale/shift, readouts, or buffers a newer MACE adds); the adapter applies to it, saved to "
+                     f"{path} (it also loads into the foundation where their path weights agree)")
+        return str(path)
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Same class and the same parameters and buffers, value for value (MACE keeps
+    per-head buffers, e.g. E0s of shape (1, n) where older models hold (n,))."""
+    sa, sb = a.state_dict(), b.state_dict()
+    if type(a) is not type(b) or sa.keys() != sb.keys():
+        return False
+
+    def flat(t):
+        return t.detach().cpu().reshape(-1).to(torch.float64 if t.is_floating_point() else t.dtype)
+
+    return all(sa[k].numel() == sb[k].numel() and torch.equal(flat(sa[k]), flat(sb[k])) for k in sa)

@@ -1,0 +1,88 @@
+"""SevenNet's fine-tuning harness (:class:`~sparsekern.integrations.base.Family`)."""
+
+from __future__ import annotations
+
+import torch
+
+from ...files import atomic_write
+from ..base import Family
+
+
+class SevenNetFamily(Family):
+    name = "sevennet"
+    merged_filename = "merged_sevennet.pth"
+
+    def claims(self, spec):
+        """``7net-*`` names and SevenNet checkpoints (``.pth``)."""
+        return spec.startswith("7net") or spec.endswith(".pth")
+
+    spec_help = "7net-0 (or another SevenNet name / .pth checkpoint)"
+
+    def spec_identity(self, spec):
+        return spec if spec.startswith("7net") else super().spec_identity(spec)
+
+    def load(self, spec, device):
+        from .models import load_sevennet
+
+        model = load_sevennet(spec, device)
+        model.set_is_batch_data(True)
+        return model.eval()
+
+    def numbers(self, model):
+        return sorted(int(z) for z in model.type_map)
+
+    def graph(self, model, atoms):
+        from sevenn.atom_graph_data import AtomGraphData
+        from sevenn.train.dataload import unlabeled_atoms_to_graph
+
+        return AtomGraphData.from_numpy_dict(unlabeled_atoms_to_graph(atoms, float(model.cutoff)))
+
+    def collate(self, graphs, device):
+        from torch_geometric.data import Batch
+
+        # a new Batch per step: SevenNet's forward writes into its input
+        return Batch.from_data_list(list(graphs)).to(device)
+
+    def predict(self, model, batch, training):
+        import sevenn._keys as KEY
+
+        out = model(batch)
+        return out[KEY.PRED_TOTAL_ENERGY], out[KEY.PRED_FORCE]
+
+    def own_e0s(self, model, zs):
+        from ase import Atoms
+
+        was_training = model.training
+        model.eval()
+        out = {}
+        for z in zs:  # an isolated atom: no edges, only the per-species energy
+            atom = Atoms(numbers=[int(z)], positions=[[0.0, 0.0, 0.0]], cell=[20.0] * 3, pbc=False)
+            energy, _ = self.predict(model, self.collate([self.graph(model, atom)], "cpu"), False)
+            out[int(z)] = float(energy.detach()[0])
+        model.train(was_training)
+        return out
+
+    def export(self, merged, shift, path, spec):
+        import sevenn
+        from sevenn import util
+
+        rescale = merged._modules.get("rescale_atomic_energy")
+        if rescale is None or not hasattr(rescale, "shift") or rescale.shift.dim() != 1:
+            raise ValueError("SevenNet export: the model has no species-wise energy shift to fold the E0s into")
+        with torch.no_grad():
+            for z, s in shift.items():
+                rescale.shift[merged.type_map[int(z)]] += s
+        checkpoint = util.load_checkpoint(spec).get_checkpoint_dict()
+        state = merged.state_dict()
+        if set(state) != set(checkpoint["model_state_dict"]):
+            raise ValueError("SevenNet export: the fine-tuned model's parameters do not match the base checkpoint's")
+        checkpoint.update(model_state_dict=state, optimizer_state_dict={}, scheduler_state_dict={})
+        # the state is in this sevenn's layout: an older version tag would make the loader
+        # convert it once more (SevenNet-0's checkpoint predates the current layout)
+        checkpoint["config"]["version"] = sevenn.__version__
+        return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+    def calculator(self, path, device):
+        from sevenn.calculator import SevenNetCalculator
+
+        return SevenNetCalculator(str(path), device=device)

@@ -1,0 +1,209 @@
+"""Descriptors: what an op needs to know about a layer, built once by the layer (irreps,
+the path list with its Clebsch-Gordan or U tables, the weight layout). Ops are
+functions of a descriptor and tensors and never see the layer. Each descriptor caches
+the constants its back ends derive from it, per device and dtype, outside any state dict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+from e3nn import o3
+
+from ..paths import OutputSlots, Path, WeightGroup, split_segments
+
+
+class Descriptor:
+    """Base: a cache of derived constants (rebuilt after unpickling or copying)."""
+
+    _cache: Dict[tuple, object]
+
+    def const(self, name: str, like: torch.Tensor, build: Callable[[], object]):
+        """``build()`` moved to ``like``'s device (floating tensors to its dtype), once per
+        (name, device, dtype)."""
+        key = (name, like.device, like.dtype)
+        value = self._cache.get(key)
+        if value is None:
+            value = self._cache[key] = _to(build(), like)
+        return value
+
+    def weight_groups(self) -> List[WeightGroup]:
+        """The internal weights a delta may change (none: weights come per edge)."""
+        return []
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": {}}
+
+
+def _to(value, like: torch.Tensor):
+    if torch.is_tensor(value):
+        return value.to(device=like.device, dtype=like.dtype if value.is_floating_point() else value.dtype)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # NamedTuple
+        return type(value)(*(_to(v, like) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, like) for v in value)
+    return value
+
+
+@dataclass(eq=False)
+class LinearDesc(Descriptor):
+    """A linear map block-diagonal over irreps (``o3.Linear``, ``num_elements`` = 1, weight
+    layout "grc"), or one per element of a one-hot attribute (e3nn's
+    ``FullyConnectedTensorProduct(x, one_hot)``, layout "rgc": each path's flat block is
+    (mul_in, n_el, mul_out)). Biases: (output block, offset in the bias) pairs."""
+
+    irreps_in: o3.Irreps
+    irreps_out: o3.Irreps
+    paths: Tuple[Path, ...]
+    num_elements: int
+    layout: str
+    weight_numel: int
+    bias_paths: Tuple[Tuple[int, int], ...] = ()
+    _cache: Dict[tuple, object] = field(default_factory=dict, repr=False)
+
+    def path_weights(self, weight: torch.Tensor) -> List[torch.Tensor]:
+        """The (n_el, mul_in, mul_out) block of each path."""
+        n_el = self.num_elements
+        pieces = split_segments(weight, [(p.weight_offset, p.mul_in * n_el * p.mul_out) for p in self.paths])
+        if self.layout == "grc":
+            return [w.view(n_el, p.mul_in, p.mul_out) for w, p in zip(pieces, self.paths)]
+        return [w.view(p.mul_in, n_el, p.mul_out).transpose(0, 1) for w, p in zip(pieces, self.paths)]
+
+    def add_biases(self, bias: Optional[torch.Tensor], out: OutputSlots, n: int) -> None:
+        """Add each bias block to its output irrep (broadcast over the n rows)."""
+        if self.bias_paths:
+            dims = [self.irreps_out[i_out].dim for i_out, _ in self.bias_paths]
+            for (i_out, _), b in zip(self.bias_paths, split_segments(bias, zip([o for _, o in self.bias_paths], dims))):
+                out.add(i_out, b.expand(n, b.shape[0]))
+
+    def weight_groups(self) -> List[WeightGroup]:
+        per_element = self.layout == "rgc"
+        return [WeightGroup("weight", p.weight_offset, (self.num_elements, p.mul_in, p.mul_out), self.layout,
+                            f"{self.irreps_in[p.i_in]}->{self.irreps_out[p.i_out]}",
+                            self.irreps_in[p.i_in].ir.l, per_element) for p in self.paths]
+
+
+@dataclass(eq=False)
+class TPDesc(Descriptor):
+    """A channelwise ('uvu') tensor product with per-edge weights: per path, out[u, k] =
+    scale * w[u] sum_ij C[i, j, k] x1[u, i] x2[j] (``mul_in`` = ``mul_out`` = channels).
+    ``w3j``: the Wigner 3j blocks of the module it replaces, by (l1, l2, l_out)."""
+
+    irreps_in1: o3.Irreps
+    irreps_in2: o3.Irreps
+    irreps_out: o3.Irreps
+    paths: Tuple[Path, ...]
+    weight_numel: int
+    w3j: Dict[Tuple[int, int, int], torch.Tensor]
+    _cache: Dict[tuple, object] = field(default_factory=dict, repr=False)
+
+    def cg(self, l1: int, l2: int, lo: int) -> torch.Tensor:
+        """The coefficients e3nn itself uses: exact identities where its specialised code
+        skips wigner_3j (an l = 0 operand), otherwise the module's own w3j buffer (a
+        float32-built model moved to float64 keeps float32-rounded values)."""
+        if 0 in (l1, l2, lo):
+            d = 2 * max(l1, l2, lo) + 1
+            eye = torch.eye(d, dtype=torch.float64) / d ** 0.5  # two of the three dims are d
+            return eye.reshape(2 * l1 + 1, 2 * l2 + 1, 2 * lo + 1)
+        w3j = self.w3j.get((l1, l2, lo))
+        return w3j if w3j is not None else o3.wigner_3j(l1, l2, lo, dtype=torch.float64)
+
+    def ls(self, p: Path) -> Tuple[int, int, int]:
+        return self.irreps_in1[p.i_in].ir.l, self.irreps_in2[p.i_in2].ir.l, self.irreps_out[p.i_out].ir.l
+
+
+@dataclass(eq=False)
+class RadialDesc(Descriptor):
+    """e3nn's ``FullyConnectedNet``: per layer (activation or None, var_in, var_out)."""
+
+    hs: Tuple[int, ...]
+    layers: Tuple[Tuple[object, float, float], ...]
+    _cache: Dict[tuple, object] = field(default_factory=dict, repr=False)
+
+    def weight_groups(self) -> List[WeightGroup]:
+        return [WeightGroup(f"layer{i}.weight", 0, (1, h_in, h_out), "grc", f"radial layer {i}", None, False)
+                for i, (h_in, h_out) in enumerate(zip(self.hs, self.hs[1:]))]
+
+
+class MonomialTables(NamedTuple):
+    """Kept monomials of each degree and U summed over index orderings.
+
+    Degree nu >= 2 keeps the sorted tuples q where some output's U' is nonzero, closed
+    under dropping the last index; monomial q is monomial q[:-1] (row ``parent`` of the
+    previous degree) times x[q[-1]] (``last``). Degree 1 keeps every index."""
+
+    parent: List[torch.Tensor]  # per degree 2.., (Q_nu,) rows in the previous degree
+    last: List[torch.Tensor]  # per degree 2.., (Q_nu,) coupling index of the new factor
+    tuples: List[torch.Tensor]  # per degree, (Q_nu, nu) the kept sorted index tuples
+    u: List[List[torch.Tensor]]  # per output, per degree: U' (m, Q_nu, k)
+    m: List[int]  # per output, its irrep dimension
+    num_monomials: int
+
+
+@dataclass(eq=False)
+class ContractionDesc(Descriptor):
+    """MACE's symmetric contraction: per output irrep j and degree nu = 1..correlation_j,
+    out[c, m] += sum_k W_nu[z, k, c] U_nu[m, i_1..i_nu, k] x[c, i_1]..x[c, i_nu].
+    ``u``: per output, per degree, U_nu in float64 (MACE's ``U_tensors(nu)``)."""
+
+    irreps_in: o3.Irreps
+    irreps_out: o3.Irreps
+    num_features: int
+    coupling_dim: int
+    num_elements: int
+    u: Tuple[Tuple[torch.Tensor, ...], ...]
+    _cache: Dict[tuple, object] = field(default_factory=dict, repr=False)
+
+    @property
+    def correlations(self) -> List[int]:
+        return [len(us) for us in self.u]
+
+    def tables(self) -> MonomialTables:
+        """U summed over the orderings of each index tuple, on kept monomials (CPU, float64)."""
+        tables = self._cache.get(("monomials",))
+        if tables is None:
+            tables = self._cache[("monomials",)] = _monomial_tables(self.u, self.coupling_dim)
+        return tables
+
+
+def _monomial_tables(us_per_output, d: int) -> MonomialTables:
+    correlation = max(len(us) for us in us_per_output)
+    summed = []  # per output, per degree: (m, d^nu, k), indexed by the sorted tuple's key
+    for us in us_per_output:
+        per_degree = []
+        for nu, u in enumerate(us, start=1):
+            m = u.shape[0] if u.dim() == nu + 2 else 1  # U_nu is (m, i.., k), or (i.., k) for l = 0
+            u = u.reshape(m, d ** nu, u.shape[-1])
+            per_degree.append(torch.zeros_like(u).index_add_(1, _sorted_key(nu, d), u))
+        summed.append(per_degree)
+    # keys of the kept tuples, from the highest degree down (closure under prefixes)
+    keys: List[torch.Tensor] = [torch.arange(d)]
+    needed = None
+    for nu in range(correlation, 1, -1):
+        nonzero = torch.zeros(d ** nu, dtype=torch.bool)
+        for per_degree in summed:
+            if len(per_degree) >= nu:
+                nonzero |= per_degree[nu - 1].ne(0).any(2).any(0)
+        here = torch.nonzero(nonzero).flatten()
+        if needed is not None:
+            here = torch.unique(torch.cat([here, needed]))
+        keys.insert(1, here)
+        needed = here // d
+    parent = [torch.searchsorted(keys[nu - 1], keys[nu] // d) for nu in range(1, correlation)]
+    last = [keys[nu] % d for nu in range(1, correlation)]
+    u = [[per_degree[nu - 1][:, keys[nu - 1], :] if nu <= len(per_degree)
+          else per_degree[0].new_zeros(per_degree[0].shape[0], len(keys[nu - 1]), 0)
+          for nu in range(1, correlation + 1)] for per_degree in summed]
+    tuples = [torch.stack([key // d ** (nu - 1 - j) % d for j in range(nu)], 1)
+              for nu, key in enumerate(keys, start=1)]
+    return MonomialTables(parent, last, tuples, u, [per_degree[0].shape[0] for per_degree in summed],
+                          sum(len(k) for k in keys))
+
+
+def _sorted_key(nu: int, d: int) -> torch.Tensor:
+    """For each ordered tuple (i_1..i_nu) in row-major order, the base-d number of its
+    sorted digits (i_1 <= .. <= i_nu, i_1 most significant)."""
+    digits = torch.stack(torch.meshgrid(*[torch.arange(d)] * nu, indexing="ij"), -1).reshape(-1, nu)
+    weights = d ** torch.arange(nu - 1, -1, -1)
+    return (digits.sort(1).values * weights).sum(1)

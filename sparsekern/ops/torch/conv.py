@@ -1,0 +1,168 @@
+"""Torch reference of the channelwise ('uvu') tensor product and of the fused
+convolution (gather senders, product, sum over each receiver's edges). Paths sharing an
+input block of x1 are computed together: one contraction of x2 with their stacked
+Clebsch-Gordan blocks, then the products with x1."""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+from ...paths import OutputSlots, split_segments
+from ..descriptors import TPDesc
+
+
+def _groups(desc: TPDesc) -> List[Tuple[int, List[int]]]:
+    """Paths grouped by their x1 block, in order of first appearance."""
+    groups = {}
+    for t, p in enumerate(desc.paths):
+        groups.setdefault(p.i_in, []).append(t)
+    return list(groups.items())
+
+
+def _cg_blocks(desc: TPDesc) -> List[torch.Tensor]:
+    """For each x1 block: C of shape (dim2, d1 * K), K = sum of the paths' d_out."""
+    blocks = []
+    s2 = desc.irreps_in2.slices()
+    for i1, ts in _groups(desc):
+        d1 = desc.irreps_in1[i1].ir.dim
+        k_total = sum(desc.irreps_out[desc.paths[t].i_out].ir.dim for t in ts)
+        c = torch.zeros(desc.irreps_in2.dim, d1, k_total, dtype=torch.float64)
+        k = 0
+        for t in ts:
+            p = desc.paths[t]
+            lo = desc.irreps_out[p.i_out].ir.l
+            c[s2[p.i_in2], :, k:k + 2 * lo + 1] = p.scale * desc.cg(*desc.ls(p)).transpose(0, 1)
+            k += 2 * lo + 1
+        blocks.append(c.reshape(desc.irreps_in2.dim, d1 * k_total))
+    return blocks
+
+
+def channelwise_tp(desc: TPDesc, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-edge messages (E, irreps_out.dim)."""
+    e = x1.shape[0]
+    cg = desc.const("cg", x1, lambda: _cg_blocks(desc))
+    # split, not slicing: their backward is one concatenation, not a zero-filled
+    # full-size gradient per slice
+    x1_blocks = x1.split([mul_ir.dim for mul_ir in desc.irreps_in1], dim=1)
+    w_paths = split_segments(weight, [(p.weight_offset, p.mul_in) for p in desc.paths], dim=1)
+    out = OutputSlots(desc.irreps_out)
+    for (i1, ts), c in zip(desc.const("groups", x1, lambda: _groups(desc)), cg):
+        mul, d1 = desc.irreps_in1[i1].mul, desc.irreps_in1[i1].ir.dim
+        z = torch.matmul(x2, c).view(e, d1, c.shape[1] // d1)  # (E, d1, K)
+        xi = x1_blocks[i1].reshape(e, mul, d1)
+        dims = [desc.irreps_out[desc.paths[t].i_out].ir.dim for t in ts]
+        for t, zt in zip(ts, z.split(dims, dim=2)):
+            # weight the small (E, mul, d1) operand first, then one pass over the
+            # (E, mul, d_out) output; broadcast products beat batched GEMMs with
+            # inner dimension d1 <= 7 on CPUs
+            wx = xi * w_paths[t].unsqueeze(-1)
+            y = wx[:, :, 0, None] * zt[:, None, 0, :]
+            for i in range(1, d1):
+                y = y + wx[:, :, i, None] * zt[:, None, i, :]
+            out.add(desc.paths[t].i_out, y.reshape(e, mul * zt.shape[2]))
+    return out.cat(x1)
+
+
+def conv(desc: TPDesc, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_weights: torch.Tensor,
+         edge_index: torch.Tensor) -> torch.Tensor:
+    """sum over edges e with receiver(e) = n of the product of node_feats[sender(e)];
+    ``edge_index[0]`` holds senders, ``edge_index[1]`` receivers."""
+    n = node_feats.shape[0]
+    sender, receiver = edge_index[0].long(), edge_index[1].long()
+    buckets = _receiver_buckets(receiver, n)
+    if buckets:
+        outs = [_conv_by_receiver(desc, node_feats, edge_attrs, tp_weights, sender, slots, padded)
+                for _, slots, padded in buckets]
+        nodes = torch.cat([b[0] for b in buckets])
+        y = torch.cat(outs)
+        return y.new_zeros(n, y.shape[1]).index_copy(0, nodes, y)  # nodes without edges stay 0
+    messages = channelwise_tp(desc, node_feats.index_select(0, sender), edge_attrs, tp_weights)
+    return messages.new_zeros(n, messages.shape[1]).index_add(0, receiver, messages)
+
+
+def _conv_by_receiver(desc: TPDesc, node_feats, edge_attrs, tp_weights, sender, slots, padded: bool):
+    """The sum over a node's incoming edges done inside one batched product per path,
+    out[n, u, k] = sum_(e, i) P[n, (e, i), u] Z[n, (e, i), k] with P = w x1[sender] and
+    Z = C x2, so the (edges, mul, d_out) messages are never formed. ``slots`` (n, width)
+    lists the incoming edges of n nodes, ``padded`` with edge E (a zero weight row)."""
+    n, width = slots.shape
+    cg = desc.const("cg", node_feats, lambda: _cg_blocks(desc))
+    flat = slots.reshape(-1)
+    rows = (tp_weights, edge_attrs, sender)
+    if padded:
+        rows = tuple(torch.cat([t, t.new_zeros((1,) + t.shape[1:])]) for t in rows)
+    w_pad, x2_pad, s_pad = (t.index_select(0, flat) for t in rows)
+    # each x1 block as (nodes, d1, mul) before the gather: P then comes out of one
+    # broadcast product already in the (e, i, u) order the batched product reads
+    x1_t = torch.cat([b.reshape(-1, mul_ir.mul, mul_ir.ir.dim).transpose(1, 2).reshape(b.shape[0], -1)
+                      for b, mul_ir in zip(node_feats.split([m.dim for m in desc.irreps_in1], dim=1),
+                                           desc.irreps_in1)], 1)
+    x1_blocks = x1_t.index_select(0, s_pad).split([mul_ir.dim for mul_ir in desc.irreps_in1], dim=1)
+    w_paths = split_segments(w_pad, [(p.weight_offset, p.mul_in) for p in desc.paths], dim=1)
+    out = OutputSlots(desc.irreps_out)
+    for (i1, ts), c in zip(desc.const("groups", node_feats, lambda: _groups(desc)), cg):
+        mul, d1 = desc.irreps_in1[i1].mul, desc.irreps_in1[i1].ir.dim
+        z = torch.matmul(x2_pad, c).view(n, width * d1, c.shape[1] // d1)  # (n, (e, i), K)
+        xi = x1_blocks[i1].reshape(n * width, d1, mul)
+        dims = [desc.irreps_out[desc.paths[t].i_out].ir.dim for t in ts]
+        for t, zt in zip(ts, z.split(dims, dim=2)):
+            pt = _ScaleRows.apply(xi, w_paths[t]).view(n, width * d1, mul)
+            out.add(desc.paths[t].i_out, torch.bmm(pt.transpose(1, 2), zt).reshape(n, mul * zt.shape[2]))
+    return out.cat(node_feats)
+
+
+class _ScaleRows(torch.autograd.Function):
+    """p[b, i, u] = x[b, i, u] w[b, u]. The weight gradient sums over the short axis i by
+    fused multiply-adds: autograd's broadcast backward reduces over that middle axis,
+    several times slower on CPUs. The backward is built of differentiable operations,
+    so double backward goes through it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return x * w.unsqueeze(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, w = ctx.saved_tensors
+        grad_x = grad * w.unsqueeze(1) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = grad[:, 0] * x[:, 0]
+            for i in range(1, x.shape[1]):
+                grad_w = torch.addcmul(grad_w, grad[:, i], x[:, i])
+        return grad_x, grad_w
+
+
+def _receiver_buckets(receiver: torch.Tensor, n: int) -> List[Tuple[torch.Tensor, torch.Tensor, bool]]:
+    """Nodes grouped by in-degree so that padding each group to its largest in-degree at
+    most adds half of its edges: per group its nodes, their (nodes, width) incoming edge
+    ids padded with E, and whether any padding is there. Nodes without edges are in no
+    group; no groups without edges."""
+    e = receiver.shape[0]
+    if e == 0:
+        return []
+    counts = torch.bincount(receiver, minlength=n)
+    node_order = torch.argsort(counts, descending=True, stable=True)
+    degrees = counts.index_select(0, node_order).tolist()
+    order = torch.argsort(receiver, stable=True)
+    ordered = receiver.index_select(0, order)
+    position = torch.arange(e, device=receiver.device) - (torch.cumsum(counts, 0) - counts).index_select(0, ordered)
+    local = torch.empty_like(counts)  # each node's row in its group
+    buckets, lo = [], 0
+    while lo < n and degrees[lo] > 0:
+        width, hi = degrees[lo], lo
+        while hi < n and degrees[hi] > 0 and 3 * degrees[hi] >= 2 * width:
+            hi += 1
+        nodes = node_order[lo:hi]
+        local[nodes] = torch.arange(hi - lo, device=receiver.device)
+        mine = torch.zeros(n, dtype=torch.bool, device=receiver.device)
+        mine[nodes] = True
+        take = mine.index_select(0, ordered)
+        slots = torch.full(((hi - lo) * width,), e, dtype=torch.long, device=receiver.device)
+        slots[local.index_select(0, ordered[take]) * width + position[take]] = order[take]
+        buckets.append((nodes, slots.view(hi - lo, width), sum(degrees[lo:hi]) < (hi - lo) * width))
+        lo = hi
+    return buckets

@@ -1,0 +1,69 @@
+"""Torch reference of MACE's symmetric contraction. The product of x's is symmetric, so
+U_nu is summed over the orderings of each index tuple once (U'_nu[m, q, k], q a sorted
+tuple) and only the tuples where U' is nonzero are kept (:meth:`ContractionDesc.tables`).
+Per element present, W is folded into U' (one 2-D product: A[c, m, q]); each node's
+monomials F[c, q] are built degree by degree (a gather and a product per degree), and
+the output is one batched product over channels per element, A (c, m, q) @ F (c, q, nodes)."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from ...delta_slot import effective
+from ..descriptors import ContractionDesc, MonomialTables
+
+
+def symmetric_contraction(desc: ContractionDesc, x: torch.Tensor, species: torch.Tensor,
+                          weights: Sequence[Sequence[torch.Tensor]],
+                          deltas: Sequence[Sequence[Optional[torch.Tensor]]]) -> torch.Tensor:
+    """x (nodes, channels, coupling dim) -> (nodes, irreps_out.dim); ``weights`` per output
+    [W_1, ..., W_correlation], each (n_el, k_nu, channels), ``deltas`` alike (flat or None)."""
+    n = x.shape[0]
+    if n == 0:
+        return x.new_zeros(0, desc.irreps_out.dim)
+    tables = desc.const("monomials", x, desc.tables)
+    order = torch.argsort(species, stable=True)
+    counts = torch.bincount(species, minlength=desc.num_elements).tolist()
+    present = [z for z, cnt in enumerate(counts) if cnt]
+    ws = [[effective(w, d) for w, d in zip(wj, dj)] for wj, dj in zip(weights, deltas)]
+    coef = _coefficients(desc, tables, ws, torch.tensor(present, device=x.device))  # (present, c, M, Q)
+    # (c, i, nodes), contiguous: channels are the batch of the product below
+    xs = x.index_select(0, order).permute(1, 2, 0).contiguous()
+    # chunks bound the (c, Q, nodes) monomials; split (not slicing) keeps the
+    # backward to one concatenation instead of one zero-filled tensor per chunk
+    chunk = max(1, 2 ** 24 // (desc.num_features * tables.num_monomials))
+    which = [j for j, z in enumerate(present) for _ in range(0, counts[z], chunk)]
+    sizes = [min(chunk, counts[z] - lo) for z in present for lo in range(0, counts[z], chunk)]
+    blocks = [torch.bmm(coef[j], _monomials(xz, tables)) for xz, j in zip(xs.split(sizes, dim=2), which)]
+    y = torch.cat(blocks, 2).permute(2, 0, 1)  # (nodes, c, M)
+    ys = torch.cat([yl.reshape(n, -1) for yl in y.split(tables.m, dim=2)], 1)  # mul_ir layout
+    return torch.empty_like(ys).index_copy(0, order, ys)
+
+
+def _monomials(xz: torch.Tensor, tables: MonomialTables) -> torch.Tensor:
+    """F (c, Q, nodes): every kept monomial, degree by degree; xz is (c, i, nodes)."""
+    levels = [xz]
+    for parent, last in zip(tables.parent, tables.last):
+        levels.append(levels[-1].index_select(1, parent) * xz.index_select(1, last))
+    return torch.cat(levels, 1)
+
+
+def _coefficients(desc: ContractionDesc, tables: MonomialTables, ws: List[List[torch.Tensor]],
+                  present: torch.Tensor) -> torch.Tensor:
+    """A[e, c, M, Q] = sum_k U'[M, Q, k] W[present[e], k, c], outputs stacked along M."""
+    c, zp = desc.num_features, len(present)
+    per_output = []
+    for u_j, w_j in zip(tables.u, ws):
+        per_degree = []
+        # degrees above this output's correlation (a per-irrep correlation) have k = 0
+        for u, w in zip(u_j, w_j + [None] * (len(u_j) - len(w_j))):
+            m, q, k = u.shape
+            if k == 0:
+                per_degree.append(u.new_zeros(zp, m, q, c))
+                continue
+            wz = w.index_select(0, present)  # (zp, k, c)
+            per_degree.append(torch.matmul(u.reshape(m * q, k), wz).view(zp, m, q, c))
+        per_output.append(torch.cat(per_degree, 2))
+    return torch.cat(per_output, 1).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,350 @@
+"""Triton back end of the channelwise ('uvu') tensor product and the fused convolution.
+
+One form covers the forward pass and all its derivatives::
+
+    out[dst(e), O_p(u, k)] += c * w[e, W_p(u)] * a[src(e), A_p(u, i)] * b[e, B_p(j)]
+
+summed over the active paths p and the NONZERO coefficients (i, j, k, c) of each path
+(c = path_weight * Clebsch-Gordan, exactly the torch back end's values). ``a`` is gathered
+from ``src``, the result is scattered (atomically) to ``dst``, all in one kernel.
+
+- gradient wrt ``a``: the same form with the table transposed (i <-> k, A <-> O), ``a``
+  := the output gradient, gathered from ``dst`` and scattered to ``src``;
+- gradients wrt ``b`` and ``w``: a per-edge kernel (:func:`_edge`);
+- the per-edge kernel's own derivatives are again convs and per-edge kernels,
+so double backward (forces in the loss) works through the same two kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..descriptors import TPDesc
+
+_META = 10  # ints per path: a_off, d_a, b_off, d_b, w_off, o_off, d_o, mul, kbase, pad
+
+
+@triton.jit
+def _conv_kernel(a_ptr, b_ptr, w_ptr, out_ptr, src_ptr, dst_ptr,
+                 meta_ptr, kstart_ptr, ei_ptr, ej_ptr, ec_ptr,
+                 E, sa0, sa1, sb0, sb1, sw0, sw1, so0,
+                 BLOCK_E: tl.constexpr, BLOCK_U: tl.constexpr):
+    pe = tl.program_id(0)
+    m = meta_ptr + tl.program_id(1) * 10
+    a_off = tl.load(m)
+    d_a = tl.load(m + 1)
+    b_off = tl.load(m + 2)
+    w_off = tl.load(m + 4)
+    o_off = tl.load(m + 5)
+    d_o = tl.load(m + 6)
+    mul = tl.load(m + 7)
+    kb = tl.load(m + 8)
+    e = pe * BLOCK_E + tl.arange(0, BLOCK_E)
+    u = tl.program_id(2) * BLOCK_U + tl.arange(0, BLOCK_U)
+    me = e < E
+    mask = me[:, None] & (u < mul)[None, :]
+    e64 = e.to(tl.int64)
+    s = tl.load(src_ptr + e64, mask=me, other=0).to(tl.int64)
+    r = tl.load(dst_ptr + e64, mask=me, other=0).to(tl.int64)
+    wt = tl.load(w_ptr + e64[:, None] * sw0 + (w_off + u)[None, :].to(tl.int64) * sw1, mask=mask, other=0.0)
+    a_tile = a_ptr + s[:, None] * sa0 + (a_off + u * d_a)[None, :].to(tl.int64) * sa1
+    b_row = b_ptr + e64 * sb0 + b_off * sb1
+    o_tile = out_ptr + r[:, None] * so0 + (o_off + u * d_o)[None, :]
+    # Entries are sorted by k: each output component is accumulated in registers and
+    # scattered once (d_o atomics per edge and channel, the minimum for a scatter).
+    for k in range(d_o):
+        t0 = tl.load(kstart_ptr + kb + k)
+        t1 = tl.load(kstart_ptr + kb + k + 1)
+        acc = tl.zeros((BLOCK_E, BLOCK_U), dtype=wt.dtype)
+        for t in range(t0, t1):
+            i = tl.load(ei_ptr + t)
+            j = tl.load(ej_ptr + t)
+            c = tl.load(ec_ptr + t)
+            xa = tl.load(a_tile + i * sa1, mask=mask, other=0.0)
+            xb = tl.load(b_row + j * sb1, mask=me, other=0.0)
+            acc += (c * xb)[:, None] * xa
+        tl.atomic_add(o_tile + k, acc * wt, mask=mask)
+
+
+@triton.jit
+def _edge_kernel(a_ptr, b_ptr, w_ptr, g_ptr, gb_ptr, gw_ptr, src_ptr, dst_ptr,
+                 meta_ptr, kstart_ptr, ei_ptr, ej_ptr, ec_ptr,
+                 E, sa0, sa1, sb0, sb1, sw0, sw1, sg0, sg1, sgb0, sgw0,
+                 BLOCK_E: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_J: tl.constexpr,
+                 NEED_GB: tl.constexpr, NEED_GW: tl.constexpr):
+    """gb[e, B(j)] += sum_{u,i,k} c w[e,u] a[src,u,i] g[dst,u,k];
+    gw[e, W(u)] = sum_{i,j,k} c b[e,j] a[src,u,i] g[dst,u,k]."""
+    pe = tl.program_id(0)
+    m = meta_ptr + tl.program_id(1) * 10
+    a_off = tl.load(m)
+    d_a = tl.load(m + 1)
+    b_off = tl.load(m + 2)
+    d_b = tl.load(m + 3)
+    w_off = tl.load(m + 4)
+    o_off = tl.load(m + 5)
+    d_o = tl.load(m + 6)
+    mul = tl.load(m + 7)
+    kb = tl.load(m + 8)
+    e = pe * BLOCK_E + tl.arange(0, BLOCK_E)
+    u = tl.program_id(2) * BLOCK_U + tl.arange(0, BLOCK_U)
+    jr = tl.arange(0, BLOCK_J)
+    me = e < E
+    mask = me[:, None] & (u < mul)[None, :]
+    e64 = e.to(tl.int64)
+    s = tl.load(src_ptr + e64, mask=me, other=0).to(tl.int64)
+    r = tl.load(dst_ptr + e64, mask=me, other=0).to(tl.int64)
+    a_tile = a_ptr + s[:, None] * sa0 + (a_off + u * d_a)[None, :].to(tl.int64) * sa1
+    g_tile = g_ptr + r[:, None] * sg0 + (o_off + u * d_o)[None, :].to(tl.int64) * sg1
+    b_row = b_ptr + e64 * sb0 + b_off * sb1
+    dt = ec_ptr.dtype.element_ty
+    if NEED_GB:
+        wt = tl.load(w_ptr + e64[:, None] * sw0 + (w_off + u)[None, :].to(tl.int64) * sw1, mask=mask, other=0.0)
+    gw_acc = tl.zeros((BLOCK_E, BLOCK_U), dtype=dt)
+    # d_b <= BLOCK_J components of b per path: kept in registers, one atomic at the end
+    gb_acc = tl.zeros((BLOCK_E, BLOCK_J), dtype=dt)
+    for k in range(d_o):
+        gk = tl.load(g_tile + k * sg1, mask=mask, other=0.0)
+        t0 = tl.load(kstart_ptr + kb + k)
+        t1 = tl.load(kstart_ptr + kb + k + 1)
+        for t in range(t0, t1):
+            i = tl.load(ei_ptr + t)
+            j = tl.load(ej_ptr + t)
+            c = tl.load(ec_ptr + t)
+            h = c * tl.load(a_tile + i * sa1, mask=mask, other=0.0) * gk
+            if NEED_GW:
+                xb = tl.load(b_row + j * sb1, mask=me, other=0.0)
+                gw_acc += h * xb[:, None]
+            if NEED_GB:
+                hs = tl.sum(h * wt, axis=1)
+                gb_acc += tl.where(jr[None, :] == j, hs[:, None], 0.0)
+    if NEED_GW:
+        tl.store(gw_ptr + e64[:, None] * sgw0 + (w_off + u)[None, :], gw_acc, mask=mask)
+    if NEED_GB:
+        tl.atomic_add(gb_ptr + e64[:, None] * sgb0 + (b_off + jr)[None, :], gb_acc,
+                      mask=me[:, None] & (jr < d_b)[None, :])
+
+
+@dataclass
+class ConvForm:
+    """The coefficient table of one conv form on one device and dtype."""
+    paths: List[Tuple[int, int, int, int, int, int, int, int]]  # a_off, d_a, b_off, d_b, w_off, o_off, d_o, mul
+    entries: List[List[Tuple[int, int, int, float]]]  # per path: (i, j, k, c), c in float64
+    dim_a: int
+    dim_b: int
+    dim_o: int
+    n_w: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def __post_init__(self):
+        meta, kstart, ei, ej, ec = [], [], [], [], []
+        for (a_off, d_a, b_off, d_b, w_off, o_off, d_o, mul), ents in zip(self.paths, self.entries):
+            meta.append([a_off, d_a, b_off, d_b, w_off, o_off, d_o, mul, len(kstart), 0])
+            ents = sorted(ents, key=lambda t: t[2])  # by output component k
+            for k in range(d_o + 1):
+                kstart.append(len(ec) + sum(1 for t in ents if t[2] < k))
+            for i, j, _, c in ents:
+                ei.append(i)
+                ej.append(j)
+                ec.append(c)
+        dev = self.device
+        self.meta = torch.tensor(meta, dtype=torch.int32, device=dev).reshape(-1, _META)
+        self.kstart = torch.tensor(kstart, dtype=torch.int32, device=dev)
+        self.ei = torch.tensor(ei, dtype=torch.int32, device=dev)
+        self.ej = torch.tensor(ej, dtype=torch.int32, device=dev)
+        # float64 values cast once: the same rounding as the torch back end's constants
+        self.ec = torch.tensor(ec, dtype=torch.float64).to(device=dev, dtype=self.dtype)
+        self.max_mul = max((p[7] for p in self.paths), default=1)
+        self.max_db = max((p[3] for p in self.paths), default=1)
+        self._t: Optional[ConvForm] = None
+
+    @property
+    def transposed(self) -> "ConvForm":
+        """The form with a and out exchanged (gradient wrt a)."""
+        if self._t is None:
+            paths = [(o_off, d_o, b_off, d_b, w_off, a_off, d_a, mul)
+                     for a_off, d_a, b_off, d_b, w_off, o_off, d_o, mul in self.paths]
+            entries = [[(k, j, i, c) for i, j, k, c in ents] for ents in self.entries]
+            self._t = ConvForm(paths, entries, self.dim_o, self.dim_b, self.dim_a, self.n_w, self.device, self.dtype)
+            self._t._t = self
+        return self._t
+
+
+def build_form(desc: TPDesc, like: torch.Tensor, path_mask=None) -> ConvForm:
+    """The table of a channelwise tensor product, its masked paths dropped (no launch,
+    no bytes for them)."""
+    s1, s2, so = desc.irreps_in1.slices(), desc.irreps_in2.slices(), desc.irreps_out.slices()
+    paths, entries = [], []
+    for t, p in enumerate(desc.paths):
+        if path_mask is not None and not path_mask[t]:
+            continue
+        l1, l2, lo = desc.ls(p)
+        cg = (p.scale * desc.cg(l1, l2, lo).to(torch.float64)).cpu()
+        nz = cg.nonzero().tolist()
+        entries.append([(i, j, k, float(cg[i, j, k])) for i, j, k in nz])
+        paths.append((s1[p.i_in].start, 2 * l1 + 1, s2[p.i_in2].start, 2 * l2 + 1, p.weight_offset,
+                      so[p.i_out].start, 2 * lo + 1, p.mul_in))
+    return ConvForm(paths, entries, desc.irreps_in1.dim, desc.irreps_in2.dim, desc.irreps_out.dim,
+                    desc.weight_numel, like.device, like.dtype)
+
+
+def _blocks(form: ConvForm):
+    block_u = min(64, triton.next_power_of_2(form.max_mul))
+    return 32, block_u
+
+
+def _conv_raw(form: ConvForm, a, b, w, src, dst, n_out: int) -> torch.Tensor:
+    out = a.new_zeros(n_out, form.dim_o)
+    E = b.shape[0]
+    if E == 0 or not form.paths or n_out == 0:
+        return out
+    be, bu = _blocks(form)
+    grid = (triton.cdiv(E, be), len(form.paths), triton.cdiv(form.max_mul, bu))
+    _conv_kernel[grid](a, b, w, out, src, dst, form.meta, form.kstart, form.ei, form.ej, form.ec,
+                       E, a.stride(0), a.stride(1), b.stride(0), b.stride(1), w.stride(0), w.stride(1),
+                       out.stride(0), BLOCK_E=be, BLOCK_U=bu)
+    return out
+
+
+def _edge_raw(form: ConvForm, a, b, w, g, src, dst, need_b: bool, need_w: bool):
+    E = src.shape[0]
+    gb = a.new_zeros(E, form.dim_b) if need_b else None
+    gw = a.new_zeros(E, form.n_w) if need_w else None
+    if E == 0 or not form.paths or not (need_b or need_w):
+        return gb, gw
+    be, bu = _blocks(form)
+    b_ = b if b is not None else a  # unused operand: any pointer with strides
+    w_ = w if w is not None else a
+    gb_ = gb if gb is not None else a
+    gw_ = gw if gw is not None else a
+    grid = (triton.cdiv(E, be), len(form.paths), triton.cdiv(form.max_mul, bu))
+    _edge_kernel[grid](a, b_, w_, g, gb_, gw_, src, dst, form.meta, form.kstart, form.ei, form.ej, form.ec,
+                       E, a.stride(0), a.stride(1), b_.stride(0), b_.stride(1), w_.stride(0), w_.stride(1),
+                       g.stride(0), g.stride(1), gb_.stride(0), gw_.stride(0),
+                       BLOCK_E=be, BLOCK_U=bu, BLOCK_J=triton.next_power_of_2(form.max_db),
+                       NEED_GB=need_b, NEED_GW=need_w)
+    return gb, gw
+
+
+def _add(x, y):
+    return y if x is None else (x if y is None else x + y)
+
+
+class _Conv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, w, form, src, dst, n_out):
+        ctx.save_for_backward(a, b, w)
+        ctx.form, ctx.src, ctx.dst = form, src, dst
+        return _conv_raw(form, a, b, w, src, dst, n_out)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b, w = ctx.saved_tensors
+        form, src, dst = ctx.form, ctx.src, ctx.dst
+        ga = gb = gw = None
+        if ctx.needs_input_grad[0]:
+            ga = _Conv.apply(g, b, w, form.transposed, dst, src, a.shape[0])
+        need_b, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if need_b or need_w:
+            gb, gw = _edge(form, a, b, w, g, src, dst, need_b, need_w)
+        return ga, gb, gw, None, None, None, None
+
+
+class _Edge(torch.autograd.Function):
+    """(gb, gw) of the conv form for output gradient g; an output not asked for is an
+    empty placeholder."""
+
+    @staticmethod
+    def forward(ctx, a, b, w, g, form, src, dst, need_b, need_w):
+        ctx.save_for_backward(a, b, w, g)
+        ctx.form, ctx.src, ctx.dst, ctx.need = form, src, dst, (need_b, need_w)
+        gb, gw = _edge_raw(form, a, b if need_w else None, w if need_b else None, g, src, dst, need_b, need_w)
+        empty = a.new_empty(0)
+        return (gb if need_b else empty), (gw if need_w else empty)
+
+    @staticmethod
+    def backward(ctx, Gb, Gw):
+        a, b, w, g = ctx.saved_tensors
+        form, src, dst = ctx.form, ctx.src, ctx.dst
+        Gb = Gb if ctx.need[0] else None
+        Gw = Gw if ctx.need[1] else None
+        na, nb, nw, ng = ctx.needs_input_grad[:4]
+        da = db = dw = dg = None
+        # gb and gw are linear in (w, a, g) and (b, a, g): each term below is one of them
+        # with an operand replaced by its incoming gradient.
+        if na:
+            if Gb is not None:
+                da = _add(da, _Conv.apply(g, Gb, w, form.transposed, dst, src, a.shape[0]))
+            if Gw is not None:
+                da = _add(da, _Conv.apply(g, b, Gw, form.transposed, dst, src, a.shape[0]))
+        if ng:
+            if Gb is not None:
+                dg = _add(dg, _Conv.apply(a, Gb, w, form, src, dst, g.shape[0]))
+            if Gw is not None:
+                dg = _add(dg, _Conv.apply(a, b, Gw, form, src, dst, g.shape[0]))
+        if nb and Gw is not None:
+            db = _edge(form, a, b, Gw, g, src, dst, True, False)[0]
+        if nw and Gb is not None:
+            dw = _edge(form, a, Gb, w, g, src, dst, False, True)[1]
+        return da, db, dw, dg, None, None, None, None, None
+
+
+def _edge(form, a, b, w, g, src, dst, need_b, need_w):
+    gb, gw = _Edge.apply(a, b, w, g, form, src, dst, bool(need_b), bool(need_w))
+    return (gb if need_b else None), (gw if need_w else None)
+
+
+def _path_key(desc: TPDesc, path_mask) -> Optional[Tuple[bool, ...]]:
+    if path_mask is None:
+        return None
+    mask = tuple(bool(v) for v in (path_mask.tolist() if torch.is_tensor(path_mask) else path_mask))
+    if len(mask) != len(desc.paths):
+        raise ValueError(f"path_mask has {len(mask)} entries, the product has {len(desc.paths)} paths")
+    return None if all(mask) else mask
+
+
+def _form(desc: TPDesc, like: torch.Tensor, path_mask) -> ConvForm:
+    key = _path_key(desc, path_mask)
+    return desc.const(f"triton_conv_form:{key}", like, lambda: build_form(desc, like, key))
+
+
+def _check(desc: TPDesc, a, b, w):
+    for name, t, dim in (("node_feats", a, desc.irreps_in1.dim), ("edge_attrs", b, desc.irreps_in2.dim),
+                         ("tp_weights", w, desc.weight_numel)):
+        if t.dim() != 2 or t.shape[1] != dim:
+            raise ValueError(f"{name} must have shape (*, {dim}), got {tuple(t.shape)}")
+        if t.dtype != a.dtype or t.device != a.device:
+            raise TypeError(f"{name} is {t.dtype} on {t.device}, node_feats {a.dtype} on {a.device}")
+    if a.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"float32 or float64 expected, got {a.dtype}")
+    if w.shape[0] != b.shape[0]:
+        raise ValueError(f"tp_weights has {w.shape[0]} rows, edge_attrs {b.shape[0]}")
+
+
+def conv(desc: TPDesc, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_weights: torch.Tensor,
+         edge_index: torch.Tensor, path_mask=None) -> torch.Tensor:
+    """The fused convolution in one kernel: (N, dim_out) = sum over edges e with
+    edge_index[1, e] = n of the channelwise product of node_feats[edge_index[0, e]],
+    edge_attrs[e] and tp_weights[e]. ``path_mask`` (bool per ``desc.paths``) drops
+    paths: no work for them, zero output and zero gradient of their weights."""
+    _check(desc, node_feats, edge_attrs, tp_weights)
+    if edge_index.dim() != 2 or edge_index.shape[0] != 2 or edge_index.shape[1] != edge_attrs.shape[0]:
+        raise ValueError(f"edge_index must have shape (2, {edge_attrs.shape[0]}), got {tuple(edge_index.shape)}")
+    src, dst = edge_index[0].contiguous(), edge_index[1].contiguous()
+    form = _form(desc, node_feats, path_mask)
+    return _Conv.apply(node_feats, edge_attrs, tp_weights, form, src, dst, node_feats.shape[0])
+
+
+def channelwise_tp(desc: TPDesc, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
+                   path_mask=None) -> torch.Tensor:
+    """Per-edge messages (no gather or scatter): the conv form with src = dst = identity."""
+    _check(desc, x1, x2, weight)
+    if x1.shape[0] != x2.shape[0]:
+        raise ValueError(f"x1 has {x1.shape[0]} rows, x2 {x2.shape[0]}")
+    idx = torch.arange(x1.shape[0], device=x1.device)
+    form = _form(desc, x1, path_mask)
+    return _Conv.apply(x1, x2, weight, form, idx, idx, x1.shape[0])

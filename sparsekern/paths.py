@@ -1,0 +1,90 @@
+"""The path vocabulary every layer, op and delta shares: a path of a linear or tensor
+product (:class:`Path`), the block of weights a delta may change (:class:`WeightGroup`),
+and the two helpers that split flat weights into paths and sum paths into output irreps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+
+
+class Path(NamedTuple):
+    """One path of a linear (``i_in -> i_out``, a (mul_in, mul_out) weight matrix, per
+    element for element-indexed linears) or of a channelwise tensor product (``i_in`` x
+    ``i_in2`` -> ``i_out``, one weight per channel: mul_out = mul_in)."""
+
+    i_in: int  # block of the (first) input irreps
+    i_out: int  # block of the output irreps
+    mul_in: int
+    mul_out: int
+    scale: float  # path normalisation (e3nn's path_weight; element linears fold in 1/sqrt(2l+1))
+    weight_offset: int  # start of its weights in the flat weight (per edge for tensor products)
+    i_in2: int = -1  # block of the second operand (tensor products only)
+
+
+@dataclass(frozen=True)
+class WeightGroup:
+    """One block of path weights inside a parameter, seen as (G, R, C) matrices:
+    G elements (1 where the weight is shared), R x C the path's weight matrix.
+    Sparse deltas, their tiles, statistics and adapters are all defined on groups."""
+
+    param: str  # parameter name inside the layer
+    offset: int  # start in the flattened parameter
+    shape: Tuple[int, int, int]  # (G, R, C)
+    layout: str  # memory order of the flat segment: "grc", or "rgc" for e3nn's element-indexed products
+    label: str  # e.g. "64x1o->64x1o", "0e nu=3", "radial layer 3"
+    l: Optional[int]  # irrep order of the path; None for radial MLPs
+    per_element: bool
+
+    @property
+    def numel(self) -> int:
+        g, r, c = self.shape
+        return g * r * c
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        """The (G, R, C) view of this group's segment of a flattened parameter."""
+        g, r, c = self.shape
+        seg = flat.narrow(0, self.offset, self.numel)
+        return seg.view(g, r, c) if self.layout == "grc" else seg.view(r, g, c).transpose(0, 1)
+
+    def flatten(self, grc: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``view``: the segment in memory order, flattened."""
+        return (grc if self.layout == "grc" else grc.transpose(0, 1)).reshape(-1)
+
+
+def split_segments(t: torch.Tensor, segments, dim: int = -1) -> List[torch.Tensor]:
+    """The pieces of ``t`` at (offset, size) segments, sorted by offset, by one split:
+    its backward is one concatenation, where slicing zero-fills a full-size gradient
+    per piece."""
+    sizes, keep, pos = [], [], 0
+    for off, size in segments:
+        if off > pos:
+            sizes.append(off - pos)
+            keep.append(False)
+        sizes.append(size)
+        keep.append(True)
+        pos = off + size
+    if pos < t.shape[dim]:
+        sizes.append(t.shape[dim] - pos)
+        keep.append(False)
+    return [piece for piece, k in zip(t.split(sizes, dim), keep) if k]
+
+
+class OutputSlots:
+    """Per output irrep, the sum of the paths written into it; ``cat`` concatenates them
+    with zeros where no path writes."""
+
+    def __init__(self, irreps_out) -> None:
+        self.irreps_out = irreps_out
+        self.outs: List[Optional[torch.Tensor]] = [None] * len(irreps_out)
+
+    def add(self, i_out: int, y: torch.Tensor) -> None:
+        self.outs[i_out] = y if self.outs[i_out] is None else self.outs[i_out] + y
+
+    def cat(self, like: torch.Tensor) -> torch.Tensor:
+        n = like.shape[0]
+        parts = [o if o is not None else like.new_zeros(n, mul_ir.dim) for o, mul_ir in zip(self.outs, self.irreps_out)]
+        return torch.cat(parts, dim=1) if parts else like.new_zeros(n, 0)
+

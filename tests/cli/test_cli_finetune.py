@@ -1,0 +1,215 @@
+"""``sparsekern finetune`` end to end: a tiny MACE model on EMT-labelled frames (sparse
+and full), metrics, only deltas trainable, the merged model in MACE's calculator, the
+adapter into a fresh base, resume, refusals; and SevenNet-0 on real silicon frames."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import sparsekern
+from sparsekern.cli import main
+from sparsekern.locations import data_dir
+
+KEYS = ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "zero_shot_test_energy_mae_mev_per_atom",
+        "zero_shot_test_force_mae_mev_per_A", "changed_fraction", "trainable_params", "wall_s", "peak_rss_mb")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny MACE model (Al, Cu) saved as a .model file, and EMT-labelled Cu2Al2 cells."""
+    pytest.importorskip("mace")
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.io import write
+    from e3nn import o3
+
+    from sparsekern.integrations.mace.models import mace_mp0_shaped
+
+    root = tmp_path_factory.mktemp("finetune")
+    model = mace_mp0_shaped("small", seed=1, num_elements=2, atomic_numbers=[13, 29], max_ell=2, correlation=2,
+                            hidden_irreps=o3.Irreps("8x0e+8x1o"), r_max=3.5, radial_MLP=[8, 8], num_bessel=4,
+                            atomic_energies=[-3.0, -4.0])
+    torch.save(model, root / "tiny.model")
+    frames = []
+    for i in range(4):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.numbers[[0, 2]] = 13
+        atoms.rattle(0.08, seed=i)
+        atoms.calc = EMT()
+        atoms.info["REF_energy"] = atoms.get_potential_energy()
+        atoms.arrays["REF_forces"] = atoms.get_forces()
+        atoms.calc = None
+        frames.append(atoms)
+    write(root / "train.xyz", frames[:3])
+    write(root / "test.xyz", frames[3:])
+    return root
+
+
+def _run(files, out, *extra, method="sparse", epochs=2):
+    return main(["finetune", "--model", str(files / "tiny.model"), "--train", str(files / "train.xyz"),
+                 "--test", str(files / "test.xyz"), "--method", method, "--epochs", str(epochs), "--lr", "0.02",
+                 "--out", str(out), "--no_progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def sparse_run(files):
+    out = files / "sparse"
+    assert _run(files, out) == 0
+    return out, json.loads((out / "metrics.json").read_text())
+
+
+def _calc_energy(path, atoms):
+    from mace.calculators import MACECalculator
+
+    atoms = atoms.copy()
+    atoms.calc = MACECalculator(model_paths=str(path), device="cpu")
+    return atoms.get_potential_energy(), atoms.get_forces()
+
+
+def test_sparse_metrics_adapter_and_merged_model(files, sparse_run):
+    from ase.io import read
+
+    out, m = sparse_run
+    assert all(np.isfinite(m[k]) and m[k] >= 0 for k in KEYS)
+    assert abs(m["changed_fraction"] - 0.03) <= 0.1 * 0.03
+    assert m["epochs"] == 2 and [h["epoch"] for h in m["history"]] == [1, 2]
+    # only the deltas train: exactly the parameters prepare() makes trainable
+    fresh = sparsekern.prepare(torch.load(files / "tiny.model", weights_only=False),
+                               sparsekern.SparseConfig(density=0.03))
+    trainable = {n: p.numel() for n, p in fresh.named_parameters() if p.requires_grad}
+    assert all(".deltas." in n for n in trainable) and m["trainable_params"] == sum(trainable.values())
+    assert set(m["e0_shift_ev"]) == {"13", "29"}
+
+    test = read(files / "test.xyz", 0)
+    e_base, _ = _calc_energy(files / "tiny.model", test)
+    e_merged, f_merged = _calc_energy(out / "merged.model", test)
+    # MACE's calculator and a direct call of the same model differ by ~1e-8 eV already
+    assert m["merged_model_check"]["max_abs_energy_diff_ev"] <= 1e-6
+    assert m["merged_model_check"]["max_abs_force_diff_ev_per_A"] <= 1e-6
+    shift = sum(m["e0_shift_ev"][str(z)] for z in test.numbers)
+    assert abs(e_merged - e_base - shift) > 1e-4  # training moved the energy (beyond the E0 shift)
+
+    # the adapter into a fresh base, plus the E0 shift, is the merged model
+    from sparsekern.integrations.mace.models import mace_batch
+
+    base = torch.load(files / "tiny.model", weights_only=False)
+    sparsekern.load_adapter(base, out / "adapter.safetensors")
+    pred = base(mace_batch(base, [test]), compute_force=True)
+    assert abs(float(pred["energy"].detach()) + shift - e_merged) <= 1e-6
+    assert np.abs(pred["forces"].detach().numpy() - f_merged).max() <= 1e-6
+
+
+def test_resume_matches_an_uninterrupted_run(files, sparse_run):
+    out = files / "resumed"
+    assert _run(files, out, epochs=1) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
+    assert _run(files, out, epochs=2) == 0  # resumes from epoch 1
+    m = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in m["history"]] == [1, 2]
+    for k in ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "changed_fraction"):
+        assert m[k] == sparse_run[1][k]
+
+
+def test_fast_phase_trains_only_the_active_entries_and_resumes(files):
+    out = files / "fast"
+    assert _run(files, out, "--fast_after", "1", epochs=2) == 0  # epoch 2 in fast mode
+    assert _run(files, out, "--fast_after", "1", epochs=3) == 0  # resumes a fast-mode checkpoint
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["epochs"] == 3 and m["trainable_params"] == m["changed_params"]
+    assert 0 < m["changed_fraction"] <= 1.1 * 0.03
+
+
+def test_full_fine_tuning(files):
+    out = files / "full"
+    assert _run(files, out, method="full", epochs=1) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["trainable_params"] == m["model_params"] and m["changed_fraction"] > 0.9
+    assert m["test_force_mae_mev_per_A"] != m["zero_shot_test_force_mae_mev_per_A"]
+    assert m["merged_model_check"]["max_abs_energy_diff_ev"] <= 1e-6
+    assert not (out / "adapter.safetensors").exists()
+
+
+def test_bad_inputs_are_refused_clearly(files, sparse_run, capsys, tmp_path):
+    assert _run(files, tmp_path / "a", "--train", str(tmp_path / "missing.xyz")) == 2
+    assert "data file not found" in capsys.readouterr().err
+    assert _run(files, tmp_path / "b", "--energy_key", "DFT_energy") == 2
+    assert "no energy under key 'DFT_energy'" in capsys.readouterr().err
+    assert _run(files, tmp_path / "c", "--E0s", "{13: -3.0}") == 2
+    assert "no energy given for atomic numbers [29]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _run(files, tmp_path / "d", method="dense")
+    assert "invalid choice: 'dense'" in capsys.readouterr().err
+    out, _ = sparse_run  # a checkpoint for other arguments
+    assert _run(files, out, "--density", "0.05") == 2
+    assert "written for different arguments (density: checkpoint 0.03 vs now 0.05)" in capsys.readouterr().err
+
+
+def test_sevennet0_sparse_on_silicon(tmp_path):
+    pytest.importorskip("sevenn")
+    from ase.io import read, write
+
+    si = data_dir() / "si_mlearn" / "Si_train.xyz"
+    if not si.exists():
+        pytest.skip(f"real data missing: {si}")
+    small = sorted(read(si, index=":"), key=len)[:2]  # the smallest cells keep it fast on CPU
+    write(tmp_path / "train.xyz", small[:1])
+    write(tmp_path / "test.xyz", small[1:])
+    out = tmp_path / "out"
+    assert main(["finetune", "--model", "7net-0", "--train", str(tmp_path / "train.xyz"), "--test",
+                 str(tmp_path / "test.xyz"), "--method", "sparse", "--epochs", "1", "--out", str(out),
+                 "--no_progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert abs(m["changed_fraction"] - 0.03) <= 0.1 * 0.03
+    assert m["merged_model_check"]["max_abs_energy_diff_ev"] <= 1e-4  # float32, ~ -300 eV totals
+    assert m["merged_model_check"]["max_abs_force_diff_ev_per_A"] <= 1e-4
+    assert (out / "adapter.safetensors").stat().st_size < 0.2 * 4 * m["model_params"]
+
+
+def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    """``make demo`` on the three smallest real silicon cells (the real demo: every 8th
+    training frame, all 25 test frames, 4 epochs; minutes on a CPU)."""
+    pytest.importorskip("sevenn")
+    from ase.io import read, write
+
+    from sparsekern import demo
+
+    si = data_dir() / "si_mlearn" / "Si_train.xyz"
+    if not si.exists():
+        pytest.skip(f"real data missing: {si}")
+    small = sorted(read(si, index=":"), key=len)[:3]
+    (tmp_path / "data" / "si_mlearn").mkdir(parents=True)
+    write(tmp_path / "data" / "si_mlearn" / "Si_train.xyz", small[:2])
+    write(tmp_path / "data" / "si_mlearn" / "Si_test.xyz", small[2:])
+    monkeypatch.setenv("SPARSEKERN_DATA", str(tmp_path / "data"))
+    assert demo.main(["--epochs", "1", "--every", "1", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "2 training frames, 1 test frames" in out and "changed:" in out and "in SevenNetCalculator" in out
+    assert (tmp_path / "demo" / "sparse" / "adapter.report.png").stat().st_size > 0
+
+
+def test_lora_adapter_holds_the_factors_and_round_trips(files, tmp_path):
+    from ase.io import read
+
+    from sparsekern.finetune.adapters import load_adapter, save_adapter
+    from sparsekern.integrations.mace.models import mace_batch
+
+    model = sparsekern.prepare(torch.load(files / "tiny.model", weights_only=False),
+                               sparsekern.SparseConfig(mode="lora", lora_rank=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.1)  # a trained-looking adapter (B starts at zero)
+    batch = mace_batch(model, read(files / "test.xyz", ":"))
+    expected = model(batch, compute_force=True)["energy"].detach()
+    path = save_adapter(model, tmp_path / "lora.safetensors")
+    factors = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert path.stat().st_size < 8 * factors + 65536  # the factors, not the dense product
+    fresh = load_adapter(torch.load(files / "tiny.model", weights_only=False), path)
+    assert torch.equal(fresh(batch, compute_force=True)["energy"].detach(), expected)
+    other = torch.load(files / "tiny.model", weights_only=False)
+    with torch.no_grad():
+        next(p for p in other.parameters() if p.dim() > 1).add_(1.0)
+    with pytest.raises(ValueError, match="different base model"):
+        load_adapter(other, path)

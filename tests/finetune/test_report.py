@@ -1,0 +1,160 @@
+"""``sparsekern report``: the PNG and JSON of where an adapter's update went equal
+``stats`` of the model, the transition-metal l = 2 verdict follows the data, and
+old-format or corrupt adapters give clear errors."""
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("mace")
+pytest.importorskip("matplotlib")
+from ase.data import chemical_symbols  # noqa: E402
+from e3nn import o3  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import sparsekern  # noqa: E402
+from sparsekern.cli import main as cli  # noqa: E402
+from sparsekern.finetune import SparseConfig, calibrate_density, iter_deltas  # noqa: E402
+from sparsekern.finetune.report import build_report, d_shell_verdict  # noqa: E402
+from sparsekern.integrations.mace.models import mace_mp0_shaped  # noqa: E402
+
+TM = {"Fe", "Ni"}
+BREAKDOWNS = ("total_params", "changed_params", "density", "by_layer", "by_path", "by_l", "by_element",
+              "by_element_l")
+
+
+@pytest.fixture(scope="module")
+def base():
+    # H, O and two transition metals; l = 2 per-element paths in the symmetric contraction
+    return mace_mp0_shaped("small", seed=3, num_elements=4, atomic_numbers=[1, 8, 26, 28],
+                           hidden_irreps=o3.Irreps("4x0e+4x2e"), max_ell=2, correlation=2, radial_MLP=[8])
+
+
+def _adapted(base, boost_tm: bool):
+    """A prepared copy whose per-element l = 2 weights of the transition metals (or of
+    the other elements) are the largest, so the density controller activates them."""
+    model = sparsekern.prepare(copy.deepcopy(base), SparseConfig(density=0.05))
+    symbols = [chemical_symbols[int(z)] for z in model.atomic_numbers]
+    rows = [i for i, s in enumerate(symbols) if (s in TM) == boost_tm]
+    with torch.no_grad():
+        for *_, delta in iter_deltas(model):
+            for g in delta.groups:
+                if g.per_element and g.l == 2:
+                    g.view(delta.v.data)[rows] *= 1e3
+    calibrate_density(model)
+    return model
+
+
+def _hand_l2_density(model):
+    """Changed / all per-element l = 2 weights, for TM and other elements, pooled over
+    the elements with any changed per-element weight."""
+    symbols = [chemical_symbols[int(z)] for z in model.atomic_numbers]
+    l2 = {s: [0, 0] for s in symbols}
+    touched = set()
+    with torch.no_grad():
+        for *_, delta in iter_deltas(model):
+            changed = delta().view(-1) != 0
+            for g in delta.groups:
+                for i, s in enumerate(symbols):
+                    if not g.per_element:
+                        continue
+                    n = int(g.view(changed)[i].sum())
+                    touched |= {s} if n else set()
+                    if g.l == 2:
+                        l2[s][0] += n
+                        l2[s][1] += g.shape[1] * g.shape[2]
+    return {tm: sum(l2[s][0] for s in touched if (s in TM) == tm) / sum(l2[s][1] for s in touched if (s in TM) == tm)
+            for tm in (True, False)}
+
+
+@pytest.mark.parametrize("boost_tm", [True, False])
+def test_report_equals_stats_and_verdict_follows_data(base, tmp_path, capsys, boost_tm):
+    model = _adapted(base, boost_tm)
+    path = sparsekern.save_adapter(model, tmp_path / "a.safetensors")
+    assert cli(["report", str(path), "--out", str(tmp_path / "out")]) == 0
+    png, js = tmp_path / "out" / "a.report.png", tmp_path / "out" / "a.report.json"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in (path, png, js))  # as open() makes them
+    report = json.loads(js.read_text())
+    expected = sparsekern.stats(model)
+    for key in BREAKDOWNS:
+        assert report[key] == expected[key], key
+    assert set(report["by_element"]) == {"H", "O", "Fe", "Ni"} and "2" in report["by_l"]
+    verdict = report["d_shell"]
+    density = _hand_l2_density(model)
+    assert verdict["transition_metals"]["l2_density"] == pytest.approx(density[True], rel=1e-12)
+    assert verdict["other_elements"]["l2_density"] == pytest.approx(density[False], rel=1e-12)
+    assert verdict["l2_larger_share_for_transition_metals"] is boost_tm
+    assert ("yes" if boost_tm else "no") in capsys.readouterr().out
+
+
+def test_verdict_pools_only_elements_the_update_touched(base, tmp_path):
+    model = _adapted(base, True)
+    symbols = [chemical_symbols[int(z)] for z in model.atomic_numbers]
+    fe = symbols.index("Fe")
+    with torch.no_grad():
+        for *_, delta in iter_deltas(model):
+            for g in delta.groups:
+                if g.per_element:
+                    g.view(delta.v.data)[fe] = 0  # S(0, tau) = 0: Fe is left as it was
+    calibrate_density(model)
+    assert sparsekern.stats(model)["by_element"]["Fe"]["changed"] == 0
+    path = sparsekern.save_adapter(model, tmp_path / "a.safetensors")
+    verdict = build_report(path)["d_shell"]
+    assert verdict["transition_metals"]["elements"] == ["Ni"]
+    assert verdict["transition_metals"]["l2_density"] == pytest.approx(_hand_l2_density(model)[True], rel=1e-12)
+
+    with torch.no_grad():  # no transition metal touched: no verdict
+        ni = symbols.index("Ni")
+        for *_, delta in iter_deltas(model):
+            for g in delta.groups:
+                if g.per_element:
+                    g.view(delta.v.data)[ni] = 0
+    calibrate_density(model)
+    verdict = build_report(sparsekern.save_adapter(model, tmp_path / "b.safetensors"))["d_shell"]
+    assert verdict["l2_larger_share_for_transition_metals"] is None
+    assert "changed no per-element weights of transition metals" in verdict["reason"]
+
+
+def test_verdict_on_a_model_without_element_indexed_weights():
+    """SevenNet-0's only per-element weights are the l = 0 embedding: no verdict, and the
+    reason says so (not that the update missed the transition metals)."""
+    verdict = d_shell_verdict({"by_element_l": {}})
+    assert verdict["l2_larger_share_for_transition_metals"] is None
+    assert "no element-indexed path weights" in verdict["reason"]
+
+
+def test_old_format_adapter_needs_its_base_and_corrupt_files_fail(base, tmp_path, capsys):
+    model = _adapted(base, True)
+    path = sparsekern.save_adapter(model, tmp_path / "new.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k not in ("groups", "element_labels")}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    metadata["version"] = "1"
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=metadata)
+
+    assert cli(["report", str(old)]) == 1
+    assert "--model BASE" in capsys.readouterr().err
+    base_file = tmp_path / "base.model"
+    torch.save(base, base_file)
+    assert cli(["report", str(old), "--model", str(base_file)]) == 0
+    assert cli(["report", str(path)]) == 0
+    from_base = json.loads((tmp_path / "old.report.json").read_text())
+    from_adapter = json.loads((tmp_path / "new.report.json").read_text())
+    for key in BREAKDOWNS + ("d_shell",):
+        assert from_base[key] == from_adapter[key], key
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    capsys.readouterr()
+    assert cli(["report", str(corrupt)]) == 1
+    assert "not a readable sparsekern adapter" in capsys.readouterr().err
+    assert cli(["report", str(tmp_path / "missing.safetensors")]) == 1
+    assert "adapter not found" in capsys.readouterr().err

@@ -1,0 +1,198 @@
+"""MACE: the symmetric contraction layer, and whole models patched in place (the
+real GST model and models with the MACE-MP-0 small / medium / large architecture):
+energies, forces and force-loss gradients unchanged, and unpatch restores MACE."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+mace = pytest.importorskip("mace")
+from ase.build import bulk  # noqa: E402
+from ase.io import read  # noqa: E402
+from e3nn import o3  # noqa: E402
+from mace.modules.symmetric_contraction import SymmetricContraction as MaceSC  # noqa: E402
+
+import sparsekern  # noqa: E402
+from sparsekern.layers import SparsekernLayer, SymmetricContraction  # noqa: E402
+from sparsekern.locations import data_dir, models_dir  # noqa: E402
+from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped  # noqa: E402
+from helpers import TOL, one_hot, random_o3, rel_err  # noqa: E402
+
+SC_CASES = [("4x0e+4x1o+4x2e+4x3o", "4x0e+4x1o", 3, 3), ("5x0e+5x1o", "5x0e", 2, 1),
+            ("3x0e+3x1o+3x2e", "3x0e+3x1o+3x2e", 3, 2)]
+
+
+def _mace_sc(irreps_in, irreps_out, correlation, n_el, dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return MaceSC(o3.Irreps(irreps_in), o3.Irreps(irreps_out), correlation=correlation, num_elements=n_el)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("irreps_in,irreps_out,correlation,n_el", SC_CASES)
+def test_symmetric_contraction_matches_mace(irreps_in, irreps_out, correlation, n_el, dtype):
+    torch.manual_seed(0)
+    ref = _mace_sc(irreps_in, irreps_out, correlation, n_el, dtype)
+    ours = SymmetricContraction.from_e3nn(ref)
+    ir = o3.Irreps(irreps_in)
+    x = torch.randn(11, ir.count((0, 1)), sum(i.dim for _, i in ir), dtype=dtype)
+    attrs = one_hot(11, n_el, dtype)
+    assert rel_err(ours(x, attrs), ref(x, attrs)) <= TOL[dtype]
+    assert ours(x[:0], attrs[:0]).shape == (0, o3.Irreps(irreps_out).dim)
+
+
+@pytest.mark.parametrize("use_reduced_cg", [False, True])
+def test_symmetric_contraction_both_parametrisations(use_reduced_cg):
+    """Reduced and full CG bases (different U tensors) at correlation 4: the kept
+    monomials and the symmetrised U must cover every term."""
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ref = MaceSC(o3.Irreps("3x0e+3x1o"), o3.Irreps("3x0e+3x1o"), correlation=4, num_elements=3,
+                     use_reduced_cg=use_reduced_cg)
+    finally:
+        torch.set_default_dtype(previous)
+    ours = SymmetricContraction.from_e3nn(ref)
+    x = torch.randn(7, 3, 4, dtype=torch.float64)
+    attrs = one_hot(7, 3)
+    assert rel_err(ours(x, attrs), ref(x, attrs)) <= TOL[torch.float64]
+
+def test_symmetric_contraction_correlation_per_output():
+    """Outputs of different correlation (MACE's per-irrep form; here its 1o contraction
+    swapped for a correlation-2 one): the missing degree contributes nothing."""
+    torch.manual_seed(0)
+    ref = _mace_sc("3x0e+3x1o+3x2e", "3x0e+3x1o", 3, 2, torch.float64)
+    ref.contractions[1] = _mace_sc("3x0e+3x1o+3x2e", "3x0e+3x1o", 2, 2, torch.float64).contractions[1]
+    ours = SymmetricContraction.from_e3nn(ref)
+    x = torch.randn(5, 3, 9, dtype=torch.float64)
+    attrs = one_hot(5, 2)
+    assert rel_err(ours(x, attrs), ref(x, attrs)) <= TOL[torch.float64]
+
+def test_symmetric_contraction_grads_and_equivariance():
+    torch.manual_seed(0)
+    ref = _mace_sc("2x0e+2x1o", "2x0e+2x1o", 3, 2, torch.float64)
+    layer = SymmetricContraction.from_e3nn(ref)
+    attrs = one_hot(3, 2)
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in layer.parameters())
+
+    def fn(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x, attrs))
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradgradcheck(fn, (x, *params), eps=1e-6, atol=1e-7)
+
+    rot = random_o3()
+    d_in = o3.Irreps("0e+1o").D_from_matrix(rot)  # acts on the coupling index of each channel
+    d_out = o3.Irreps("2x0e+2x1o").D_from_matrix(rot)
+    with torch.no_grad():
+        assert rel_err(layer(x @ d_in.T, attrs), layer(x, attrs) @ d_out.T) <= 1e-12
+
+
+def _energy_forces_grads(model, batch):
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(batch, training=True, compute_force=True)
+    loss = (out["forces"] ** 2).sum() + out["energy"].sum()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return out["energy"].detach(), out["forces"].detach(), grads
+
+
+def _assert_same_physics(model, batch, tol):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ref = _energy_forces_grads(model, batch)
+    names_before = [n for n, _ in model.named_parameters()]
+    ids_before = [id(p) for p in model.parameters()]
+    assert sparsekern.patch(model) is model
+    assert sparsekern.patched_layers(model), "nothing was patched"
+    assert [n for n, _ in model.named_parameters()] == names_before
+    assert [id(p) for p in model.parameters()] == ids_before  # the very same Parameter objects
+    got = _energy_forces_grads(model, batch)
+    assert rel_err(got[0], ref[0]) <= tol
+    assert rel_err(got[1], ref[1]) <= tol
+    for g, r in zip(got[2], ref[2]):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert rel_err(g, r) <= tol
+    sparsekern.unpatch(model)
+    assert not any(isinstance(m, SparsekernLayer) for m in model.modules())
+    assert not any(hasattr(m, "conv_fusion") for m in model.modules())
+    back = _energy_forces_grads(model, batch)
+    assert rel_err(back[1], ref[1]) <= 1e-14
+
+
+def _crystal(seed=0, elements=(14, 14, 32, 6)):
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.rattle(0.05, seed=seed)
+    atoms.numbers = [elements[i % len(elements)] for i in range(len(atoms))]
+    return atoms
+
+
+def test_real_gst_model():
+    path = models_dir() / "mace_gst_small.model"
+    frames = data_dir() / "gst" / "gst_frames_000_099.xyz"
+    if not path.exists() or not frames.exists():
+        pytest.skip(f"real model or data missing: {path}, {frames}")
+    model = torch.load(path, weights_only=False, map_location="cpu")
+    batch = mace_batch(model, read(frames, index="90:91"))  # frames not used elsewhere in tests
+    _assert_same_physics(model, batch, 1e-10)
+
+
+@pytest.mark.parametrize("size", ["small", "medium", "large"])
+def test_mp0_shaped_models(size):
+    model = mace_mp0_shaped(size, seed=1)
+    batch = mace_batch(model, [_crystal(seed=2)])
+    _assert_same_physics(model, batch, 1e-10)
+
+
+def test_float32_model_moved_to_float64():
+    """mace_mp(default_dtype='float64') builds in float32 and calls .double()."""
+    model = mace_mp0_shaped("small", seed=3, dtype=torch.float32, num_elements=10).double()
+    batch = mace_batch(model, [_crystal(seed=4, elements=(1, 6, 8))])
+    _assert_same_physics(model, batch, 1e-10)
+
+
+def test_zero_edges_and_optimizer_continuity():
+    model = mace_mp0_shaped("small", seed=5, num_elements=10)
+    atoms = bulk("Si", "diamond", a=5.43)[:1]
+    atoms.numbers = [6]
+    atoms.center(vacuum=10.0)  # one isolated atom: no edges
+    batch = mace_batch(model, [atoms])
+    assert batch["edge_index"].shape[1] == 0
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    sparsekern.patch(model)
+    out = model(batch, training=True, compute_force=True)
+    assert torch.isfinite(out["energy"]).all() and not out["forces"].any()
+    out["energy"].sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()  # the optimizer made before patching updates the patched layers
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_patch_report_and_pickle(capsys):
+    model = mace_mp0_shaped("small", seed=6, num_elements=5)
+    sparsekern.patch(model, verbose=True)
+    text = capsys.readouterr().out
+    assert "skip_tp: FullyConnectedTensorProduct -> ElementLinear [torch]" in text
+    assert "conv_tp: TensorProduct -> ChannelwiseConv" in text
+    buf = io.BytesIO()
+    torch.save(model, buf)  # a patched model pickles, as MACE saves models whole
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    batch = mace_batch(again, [_crystal(seed=7, elements=(1, 2, 3))])
+    ref = copy.deepcopy(again)
+    sparsekern.unpatch(ref)
+    e1 = again(batch, compute_force=True)["energy"]
+    e2 = ref(batch, compute_force=True)["energy"]
+    assert rel_err(e1, e2) <= 1e-12
+    with pytest.raises(ValueError, match="unknown backend"):
+        sparsekern.patch(model, backend="fastest")
+    with pytest.raises(RuntimeError, match="not available"):
+        sparsekern.patch(model, backend="cuda")

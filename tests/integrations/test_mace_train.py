@@ -1,0 +1,176 @@
+"""``sparsekern mace-train``: MACE's own training on a tiny foundation model and a few
+EMT-labelled frames; only deltas train, the saved .model is plain MACE (loads in
+MACECalculator), the adapter on the untouched foundation reproduces it; --lora runs
+MACE's LoRA with nothing of ours applied."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("mace")
+from ase.build import bulk  # noqa: E402
+from ase.calculators.emt import EMT  # noqa: E402
+from ase.io import write  # noqa: E402
+from e3nn import o3  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+import sparsekern  # noqa: E402
+from sparsekern.cli import main as cli  # noqa: E402
+from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped  # noqa: E402
+from helpers import rel_err  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _frames(n, seed=0):
+    out = []
+    for i in range(n):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.numbers[i % 4] = 13  # Al
+        atoms.rattle(0.05, seed=seed + i)
+        atoms.calc = EMT()
+        atoms.info["REF_energy"] = atoms.get_potential_energy()
+        atoms.arrays["REF_forces"] = atoms.get_forces()
+        atoms.calc = None
+        out.append(atoms)
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mace_train")
+    # scale 1 and shift 0 per head, E0s taken from it, all its elements kept: MACE then
+    # fine-tunes the foundation exactly as it is
+    foundation = mace_mp0_shaped("small", seed=5, num_elements=2, atomic_numbers=[13, 29],
+                                 hidden_irreps=o3.Irreps("4x0e+4x1o"), max_ell=1, correlation=2, radial_MLP=[8],
+                                 r_max=4.0, atomic_inter_scale=[1.0], atomic_inter_shift=[0.0])
+    torch.save(foundation, d / "foundation.model")
+    frames = _frames(6)
+    write(d / "train.xyz", frames[:4])
+    write(d / "valid.xyz", frames[4:])
+    return d, foundation
+
+
+def _mace_train(d, name, *extra):
+    args = ["--name", name, "--train_file", "train.xyz", "--valid_file", "valid.xyz",
+            "--foundation_model", "foundation.model", "--foundation_model_elements", "True", "--E0s", "foundation",
+            "--scaling", "no_scaling", "--max_num_epochs", "1", "--batch_size", "2", "--valid_batch_size", "2",
+            "--device", "cpu", "--default_dtype", "float64", "--lr", "0.01", "--seed", "1", "--plot", "False",
+            "--work_dir", str(d / name), *extra]
+    run = subprocess.run([sys.executable, "-m", "sparsekern", "mace-train", *args], cwd=d, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return d / name
+
+
+def test_sparse_mace_train_saves_plain_model_and_adapter(workdir):
+    d, foundation = workdir
+    out = _mace_train(d, "sparse", "--sparse_density", "0.05", "--sparse_lr_factor", "3", "--ema", "--ema_decay", "0.9")
+    model_file, adapter = out / "sparse.model", out / "sparse.adapter.safetensors"
+    assert model_file.is_file() and adapter.is_file()
+    assert not (out / "sparse.base.model").exists()  # the foundation itself is the base
+    with safe_open(str(adapter), framework="pt") as f:
+        assert f.metadata()["base_model"] == "foundation.model"
+
+    # a plain MACE model: no sparsekern class, hook or attribute pickled in it
+    assert b"sparsekern" not in model_file.read_bytes()
+    from mace.calculators import MACECalculator
+
+    calc = MACECalculator(model_paths=str(model_file), device="cpu", default_dtype="float64")
+    tuned = calc.models[0]
+    atoms = _frames(1, seed=40)[0]
+    atoms.calc = calc
+    calc_energy = atoms.get_potential_energy()
+
+    # the foundation file is untouched; the adapter on it reproduces the .model
+    on_disk = torch.load(d / "foundation.model", weights_only=False)
+    assert all(torch.equal(a, b) for a, b in zip(on_disk.state_dict().values(), foundation.state_dict().values()))
+    adapted = sparsekern.load_adapter(copy.deepcopy(on_disk), adapter)
+    batch = mace_batch(tuned, [atoms])
+    want = tuned(batch, compute_force=True)
+    got = adapted(mace_batch(adapted, [atoms]), compute_force=True)
+    assert rel_err(got["energy"], want["energy"]) <= 1e-12 and rel_err(got["forces"], want["forces"]) <= 1e-12
+    base_energy = on_disk(mace_batch(on_disk, [atoms]), compute_force=True)["energy"]
+    assert rel_err(base_energy, want["energy"]) > 1e-9  # the fine-tuning changed the model
+    assert calc_energy == pytest.approx(float(want["energy"]), rel=1e-9)  # its own neighbour list: another sum order
+    s = sparsekern.stats(adapted)
+    assert abs(s["density"] - 0.05) <= 0.1 * 0.05
+
+    # only the adapter's entries differ between the .model and the foundation
+    with safe_open(str(adapter), framework="pt") as f:
+        index = {k[: -len(".index")]: f.get_tensor(k).long() for k in f.keys() if k.endswith(".index")}
+    changed_entries = 0
+    for name, p in tuned.state_dict().items():
+        diff = (p.reshape(-1) != on_disk.state_dict()[name].reshape(-1)).nonzero().view(-1)
+        if diff.numel():
+            assert name in index and set(diff.tolist()) <= set(index[name].tolist()), name
+            changed_entries += diff.numel()
+    assert changed_entries > 0.8 * s["changed_params"]
+
+    # the optimizer held the deltas only; thresholds without weight decay
+    ckpt = torch.load(next((out / "checkpoints").glob("*.pt")), weights_only=False)
+    groups = ckpt["optimizer"]["param_groups"]
+    deltas = [k for k in ckpt["model"] if ".deltas." in k and not k.endswith("tau_shift")]
+    assert sum(len(g["params"]) for g in groups) == len(deltas)
+    assert all(g["weight_decay"] == 0.0 for g in groups if g["name"].endswith("_thresholds"))
+    assert all(g["lr"] == pytest.approx(3 * 0.01, rel=1e-12) for g in groups)  # --lr 0.01 x --sparse_lr_factor
+    assert {"interactions_decay", "products"} <= {g["name"] for g in groups}
+
+
+def test_lora_runs_mace_own_lora_and_flags_do_not_mix(workdir, capsys):
+    d, _ = workdir
+    out = _mace_train(d, "lora", "--lora", "True", "--lora_rank", "2")
+    assert (out / "lora.model").is_file() and not list(out.glob("*.safetensors"))
+    assert b"sparsekern" not in (out / "lora.model").read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        cli(["mace-train", "--name", "x", "--train_file", "t.xyz", "--lora", "True", "--sparse_density", "0.1"])
+    assert exit_.value.code == 2 and "--sparse_density" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli(["mace-train", "--help"])
+    assert exit_.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "--foundation_model" in help_text and "--sparse_density" in help_text and "--sparse_tile" in help_text
+
+
+
+@pytest.mark.parametrize("freeze", [None, 6])
+def test_optimizer_groups_hold_deltas_in_their_base_weights_group(workdir, freeze):
+    """MACE's groups (get_params_options) for the prepared model: only deltas, each in
+    the group of the weight it changes; thresholds without decay; --freeze 6 (all but
+    the readouts) leaves no delta on what it froze."""
+    from mace.tools.arg_parser import build_default_arg_parser
+    from mace.tools.scripts_utils import get_params_options
+
+    from sparsekern.integrations.mace.train_hooks import SparseHooks
+    from sparsekern.finetune import iter_deltas
+
+    _, foundation = workdir
+    argv = ["--name", "x", "--train_file", "t.xyz"] + ([] if freeze is None else ["--freeze", str(freeze)])
+    args = build_default_arg_parser().parse_args(argv)
+    model = copy.deepcopy(foundation)
+    hooks = SparseHooks(sparsekern.SparseConfig(density=0.05), "auto", args)
+    groups = hooks.params_options(get_params_options, args, model)["params"]
+
+    in_groups = [p for g in groups for p in g["params"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(in_groups) == len({id(p) for p in in_groups}) == len(trainable)
+    assert {id(p) for p in in_groups} == {id(p) for p in trainable}
+    group_of = {id(p): g for g in groups for p in g["params"]}
+    for name, layer, param, delta in iter_deltas(model):
+        assert freeze is None or name.startswith("readouts."), name
+        assert group_of[id(delta.log_tau)]["name"].endswith("_thresholds")
+        assert group_of[id(delta.log_tau)]["weight_decay"] == 0.0
+        expected = "interactions_decay" if name.endswith(".linear") and name.startswith("interactions.") else None
+        if expected:
+            assert group_of[id(delta.v)]["name"] == expected
+    if freeze is None:
+        decayed = {g["name"] for g in groups if g["weight_decay"] > 0}
+        assert decayed == {"interactions_decay", "products"}
+    stats = sparsekern.stats(model)
+    changed = {k for k, v in stats["by_layer"].items() if v["changed"]}
+    assert changed and (freeze is None or all(k.startswith("readouts.") for k in changed))

@@ -1,0 +1,260 @@
+"""Each layer against the e3nn / MACE module it replaces: random irreps, float64 and
+float32, gradcheck and gradgradcheck, equivariance under rotation + inversion,
+zero rows, and clear errors on bad input."""
+
+import random
+
+import pytest
+import torch
+from e3nn import o3
+from e3nn.nn import FullyConnectedNet
+
+import sparsekern  # noqa: F401  (imports e3nn safely)
+from sparsekern.layers import ChannelwiseConv, ChannelwiseTP, ElementLinear, IrrepsLinear, RadialMLP
+from helpers import TOL, one_hot, random_irreps, random_o3, rel_err
+
+DTYPES = [torch.float64, torch.float32]
+
+
+def uvu_tp(irreps1, irreps2, target, dtype=torch.float64, build_dtype=torch.float32):
+    """A MACE/SevenNet-style conv TP: every allowed path, 'uvu', per-edge weights.
+    Built in float32 and moved to ``dtype``, as mace_mp does with float64: e3nn keeps
+    float32-rounded Clebsch-Gordan buffers then, and the layer must reproduce them."""
+    mid, ins = [], []
+    for i1, (mul, ir1) in enumerate(irreps1):
+        for i2, (_, ir2) in enumerate(irreps2):
+            for ir in ir1 * ir2:
+                if ir in target:
+                    ins.append((i1, i2, len(mid), "uvu", True))
+                    mid.append((mul, ir))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(build_dtype)
+    try:
+        tp = o3.TensorProduct(irreps1, irreps2, o3.Irreps(mid), ins, shared_weights=False, internal_weights=False)
+    finally:
+        torch.set_default_dtype(previous)
+    return tp.to(dtype)
+
+
+def linear_cases():
+    rng = random.Random(1)
+    cases = []
+    while len(cases) < 10:
+        a, b = random_irreps(rng), random_irreps(rng)
+        if any(ir in b for _, ir in a):
+            cases.append((a, b, rng.random() < 0.5))
+    return cases
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("irreps_in,irreps_out,biases", linear_cases())
+def test_linear_matches_e3nn(irreps_in, irreps_out, biases, dtype):
+    torch.manual_seed(0)
+    ref = o3.Linear(irreps_in, irreps_out, biases=biases).to(dtype)
+    if ref.bias.numel():
+        ref.bias.data.normal_()
+    ours = IrrepsLinear.from_e3nn(ref)
+    x = torch.randn(7, 3, irreps_in.dim, dtype=dtype)
+    assert rel_err(ours(x), ref(x)) <= TOL[dtype]
+    assert ours(x[:0]).shape == (0, 3, irreps_out.dim)
+
+
+def element_cases():
+    rng = random.Random(2)
+    return [(random_irreps(rng), rng.randint(1, 5), random_irreps(rng)) for _ in range(8)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("irreps_in,n_el,irreps_out", element_cases())
+def test_element_linear_matches_fctp(irreps_in, n_el, irreps_out, dtype):
+    torch.manual_seed(0)
+    ref = o3.FullyConnectedTensorProduct(irreps_in, f"{n_el}x0e", irreps_out).to(dtype)
+    ours = ElementLinear.from_e3nn(ref)
+    x = torch.randn(13, irreps_in.dim, dtype=dtype)
+    attrs = one_hot(13, n_el, dtype)
+    assert rel_err(ours(x, attrs), ref(x, attrs)) <= TOL[dtype]
+
+
+def tp_cases():
+    rng = random.Random(3)
+    cases = [(o3.Irreps("8x0e+8x1o"), o3.Irreps.spherical_harmonics(3), o3.Irreps("8x0e+8x1o+8x2e+8x3o"))]
+    for _ in range(7):
+        cases.append((random_irreps(rng), o3.Irreps.spherical_harmonics(rng.randint(1, 3), p=rng.choice([-1, 1])),
+                      random_irreps(rng, max_blocks=6)))
+    return [c for c in cases if uvu_tp(*c).weight_numel > 0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("irreps1,irreps2,target", tp_cases())
+def test_channelwise_tp_matches_e3nn(irreps1, irreps2, target, dtype):
+    torch.manual_seed(0)
+    ref = uvu_tp(irreps1, irreps2, target, dtype)
+    ours = ChannelwiseTP.from_e3nn(ref)
+    e = 17
+    x1 = torch.randn(e, irreps1.dim, dtype=dtype)
+    x2 = torch.randn(e, irreps2.dim, dtype=dtype)
+    w = torch.randn(e, ref.weight_numel, dtype=dtype)
+    assert rel_err(ours(x1, x2, w), ref(x1, x2, w)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_conv_matches_gather_tp_scatter(dtype):
+    torch.manual_seed(0)
+    irreps1, irreps2 = o3.Irreps("6x0e+5x1o+3x2e"), o3.Irreps.spherical_harmonics(3)
+    ref = uvu_tp(irreps1, irreps2, o3.Irreps("6x0e+6x1o+6x2e+6x3o"), dtype)
+    conv = ChannelwiseConv.from_e3nn(ref)
+    n, e = 9, 40
+    nodes = torch.randn(n, irreps1.dim, dtype=dtype)
+    edge_index = torch.randint(0, n, (2, e))
+    sh = torch.randn(e, irreps2.dim, dtype=dtype)
+    w = torch.randn(e, ref.weight_numel, dtype=dtype)
+    expected = torch.zeros(n, ref.irreps_out.dim, dtype=dtype).index_add(0, edge_index[1], ref(nodes[edge_index[0]], sh, w))
+    assert rel_err(conv(nodes, sh, w, edge_index), expected) <= TOL[dtype]
+    # zero edges: an empty graph is not an error
+    out = conv(nodes, sh[:0], w[:0], edge_index[:, :0])
+    assert out.shape == (n, ref.irreps_out.dim) and not out.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_radial_mlp_matches_e3nn(dtype):
+    torch.manual_seed(0)
+    ref = FullyConnectedNet([8, 32, 32, 20], torch.nn.functional.silu).to(dtype)
+    ours = RadialMLP.from_e3nn(ref)
+    x = torch.randn(11, 8, dtype=dtype)
+    assert rel_err(ours(x), ref(x)) <= TOL[dtype]
+
+
+# ---- derivatives: gradcheck and gradgradcheck in float64 (inputs and weights) ----
+
+def _check_grads(fn, inputs):
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_linear_grads():
+    lin = IrrepsLinear("2x0e+2x1o", "3x0e+1x1o+2x1o", biases=True).double()
+    x = torch.randn(3, lin.irreps_in.dim, dtype=torch.float64, requires_grad=True)
+    _check_grads(lambda x, w, b: torch.func.functional_call(lin, {"weight": w, "bias": b}, (x,)),
+                 (x, lin.weight.detach().clone().requires_grad_(), lin.bias.detach().clone().requires_grad_()))
+
+
+def test_element_linear_grads():
+    layer = ElementLinear("2x0e+2x1o", 3, "2x0e+1x1o").double()
+    x = torch.randn(5, layer.irreps_in.dim, dtype=torch.float64, requires_grad=True)
+    attrs = one_hot(5, 3)
+    _check_grads(lambda x, w: torch.func.functional_call(layer, {"weight": w}, (x, attrs)),
+                 (x, layer.weight.detach().clone().requires_grad_()))
+
+
+def test_channelwise_conv_grads():
+    ref = uvu_tp(o3.Irreps("2x0e+2x1o"), o3.Irreps.spherical_harmonics(2), o3.Irreps("2x0e+2x1o+2x2e"))
+    conv = ChannelwiseConv.from_e3nn(ref)
+    n, e = 4, 7
+    edge_index = torch.randint(0, n, (2, e), generator=torch.Generator().manual_seed(1))
+    args = [torch.randn(n, ref.irreps_in1.dim, dtype=torch.float64, requires_grad=True),
+            torch.randn(e, ref.irreps_in2.dim, dtype=torch.float64, requires_grad=True),
+            torch.randn(e, ref.weight_numel, dtype=torch.float64, requires_grad=True)]
+    _check_grads(lambda a, b, c: conv(a, b, c, edge_index), tuple(args))
+
+
+@pytest.mark.parametrize("layout", ["regular", "padded", "skewed"])
+def test_fused_conv_by_receiver(layout):
+    """The torch fused conv sums a node's incoming edges inside a batched product, nodes
+    grouped by in-degree: edges permuted by receiver where all in-degrees are equal,
+    padded within a group, groups split where padding would add over half the edges;
+    node 3 has no edges in the last two layouts."""
+    from sparsekern.ops.torch.conv import _receiver_buckets
+
+    ref = uvu_tp(o3.Irreps("2x0e+1x1o"), o3.Irreps.spherical_harmonics(1), o3.Irreps("2x0e+2x1o"))
+    conv = ChannelwiseConv.from_e3nn(ref)
+    receiver, groups = {"regular": ([2, 0, 1, 3, 3, 0, 2, 1], [((4, 2), False)]),
+                        "padded": ([2, 0, 1, 0, 2, 1, 0], [((3, 3), True)]),
+                        "skewed": ([0, 0, 0, 0, 1, 2], [((1, 4), False), ((2, 1), False)])}[layout]
+    receiver = torch.tensor(receiver)
+    n, e = 4, receiver.shape[0]
+    assert [(tuple(slots.shape), padded) for _, slots, padded in _receiver_buckets(receiver, n)] == groups
+    edge_index = torch.stack([torch.tensor([3, 1, 0, 2, 2, 1, 0, 3])[:e], receiver])
+    args = (torch.randn(n, ref.irreps_in1.dim, dtype=torch.float64, requires_grad=True),
+            torch.randn(e, ref.irreps_in2.dim, dtype=torch.float64, requires_grad=True),
+            torch.randn(e, ref.weight_numel, dtype=torch.float64, requires_grad=True))
+    expected = torch.zeros(n, ref.irreps_out.dim, dtype=torch.float64).index_add(
+        0, receiver, ref(args[0][edge_index[0]], args[1], args[2]))
+    assert rel_err(conv(*args, edge_index), expected) <= TOL[torch.float64]
+    _check_grads(lambda a, b, c: conv(a, b, c, edge_index), args)
+
+
+def test_radial_mlp_grads():
+    mlp = RadialMLP([3, 5, 4], torch.nn.functional.silu).double()
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    _check_grads(lambda x, w0, w1: torch.func.functional_call(mlp, {"layer0.weight": w0, "layer1.weight": w1}, (x,)),
+                 (x, mlp.layer0.weight.detach().clone().requires_grad_(),
+                  mlp.layer1.weight.detach().clone().requires_grad_()))
+
+
+# ---- equivariance under a random rotation composed with inversion ----
+
+def test_equivariance():
+    torch.manual_seed(0)
+    rot = random_o3()
+    irreps_in, irreps_out = o3.Irreps("4x0e+3x1o+2x2e+2x1e"), o3.Irreps("3x0e+2x1o+2x2e+1x1e")
+    lin = IrrepsLinear(irreps_in, irreps_out).double()
+    el = ElementLinear(irreps_in, 3, irreps_out).double()
+    x = torch.randn(6, irreps_in.dim, dtype=torch.float64)
+    d_in, d_out = irreps_in.D_from_matrix(rot), irreps_out.D_from_matrix(rot)
+    assert rel_err(lin(x @ d_in.T), lin(x) @ d_out.T) <= 1e-12
+    attrs = one_hot(6, 3)
+    assert rel_err(el(x @ d_in.T, attrs), el(x, attrs) @ d_out.T) <= 1e-12
+
+    sh_irreps = o3.Irreps.spherical_harmonics(3)
+    ref = uvu_tp(o3.Irreps("3x0e+3x1o+2x2e"), sh_irreps, o3.Irreps("3x0e+3x1o+3x2e+3x3o"),
+                 build_dtype=torch.float64)
+    conv = ChannelwiseConv.from_e3nn(ref)
+    n, e = 5, 12
+    vec = torch.randn(e, 3, dtype=torch.float64)
+    sh = o3.spherical_harmonics(sh_irreps, vec, normalize=True)
+    sh_rot = o3.spherical_harmonics(sh_irreps, vec @ rot.T, normalize=True)
+    nodes = torch.randn(n, ref.irreps_in1.dim, dtype=torch.float64)
+    w = torch.randn(e, ref.weight_numel, dtype=torch.float64)
+    edge_index = torch.randint(0, n, (2, e))
+    d1, do = ref.irreps_in1.D_from_matrix(rot), ref.irreps_out.D_from_matrix(rot)
+    ours = rel_err(conv(nodes @ d1.T, sh_rot, w, edge_index), conv(nodes, sh, w, edge_index) @ do.T)
+    # e3nn >= 0.5 is itself only ~1e-7 equivariant on this product (0.4.4: ~1e-15); we
+    # reproduce e3nn's coefficients, so ask for e3nn's own equivariance, never worse
+    senders = nodes[edge_index[0]]
+    e3nn_err = rel_err(ref(senders @ d1.T, sh_rot, w), ref(senders, sh, w) @ do.T)
+    assert ours <= max(1e-12, 2 * e3nn_err)
+
+
+# ---- bad input gets a clear error ----
+
+def test_errors_name_the_problem():
+    lin = IrrepsLinear("2x0e+1x1o", "2x0e").double()
+    with pytest.raises(ValueError, match="last dimension 4.*2x0e\\+1x1o"):
+        lin(torch.randn(3, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="dtype torch.float32"):
+        lin(torch.randn(3, 5))
+    with pytest.raises(TypeError, match="floating point"):
+        lin(torch.ones(3, 5, dtype=torch.int64))
+    el = ElementLinear("2x0e", 3, "2x0e").double()
+    x = torch.randn(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one-hot"):
+        el(x, torch.full((4, 3), 0.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"shape \(num_nodes, 3\)"):
+        el(x, one_hot(4, 2))
+    with pytest.raises(ValueError, match="4 nodes in x but 3"):
+        el(x, one_hot(3, 3))
+    conv = ChannelwiseConv.from_e3nn(uvu_tp(o3.Irreps("2x0e"), o3.Irreps("1x0e+1x1o"), o3.Irreps("2x0e+2x1o")))
+    nodes = torch.randn(3, 2, dtype=torch.float64)
+    sh, w = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, conv.weight_numel, dtype=torch.float64)
+    with pytest.raises(ValueError, match="edge_index must have shape"):
+        conv(nodes, sh, w, torch.zeros(5, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="weight must have shape"):
+        conv(nodes, sh, w[:, :1], torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        conv(nodes, sh, w, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="has no 'cuda' back end"):
+        lin.set_backend("cuda")
+    with pytest.raises(ValueError, match="not one block of scalars"):
+        ElementLinear.from_e3nn(o3.FullyConnectedTensorProduct("2x0e", "1x1o", "2x1o"))
+    with pytest.raises(ValueError, match="per-edge external weights"):
+        ChannelwiseTP.from_e3nn(o3.FullyConnectedTensorProduct("2x0e", "1x0e", "2x0e"))

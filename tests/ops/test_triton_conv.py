@@ -1,0 +1,139 @@
+"""Triton fused conv against the torch layer (ChannelwiseConv / ChannelwiseTP): outputs,
+gradients and second derivatives, path mask, zero edges, non-contiguous inputs.
+Runs on CPU under TRITON_INTERPRET=1 (tiny shapes: the interpreter is slow)."""
+
+import pytest
+import torch
+
+from helpers import TOL, rel_err, triton_device
+
+DEVICE = triton_device()  # before the kernels are imported
+
+from e3nn import o3  # noqa: E402
+
+import sparsekern  # noqa: E402,F401
+from sparsekern.layers import ChannelwiseConv, ChannelwiseTP  # noqa: E402
+from sparsekern.ops.triton.conv import build_form, channelwise_tp as triton_tp, conv as triton_conv  # noqa: E402
+
+
+def uvu_tp(irreps1, irreps2, lmax_out, dtype=torch.float64):
+    """A MACE-style conv TP, built in float32 and moved to ``dtype`` as mace_mp does
+    (float32-rounded Clebsch-Gordan buffers that the kernel must reproduce)."""
+    mid, ins = [], []
+    for i1, (mul, ir1) in enumerate(o3.Irreps(irreps1)):
+        for i2, (_, ir2) in enumerate(o3.Irreps(irreps2)):
+            for ir in ir1 * ir2:
+                if ir.l <= lmax_out:
+                    ins.append((i1, i2, len(mid), "uvu", True))
+                    mid.append((mul, ir))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        tp = o3.TensorProduct(irreps1, irreps2, o3.Irreps(mid), ins, shared_weights=False, internal_weights=False)
+    finally:
+        torch.set_default_dtype(previous)
+    return tp.to(dtype)
+
+
+def make(irreps1, irreps2, lmax_out, n, e, dtype, seed=0):
+    conv = ChannelwiseConv.from_e3nn(uvu_tp(irreps1, irreps2, lmax_out, dtype))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, conv.irreps_in1.dim, generator=g, dtype=dtype).to(DEVICE)
+    y = torch.randn(e, conv.irreps_in2.dim, generator=g, dtype=dtype).to(DEVICE)
+    w = torch.randn(e, conv.weight_numel, generator=g, dtype=dtype).to(DEVICE)
+    ei = torch.randint(0, n, (2, e), generator=g).to(DEVICE)
+    return conv.to(DEVICE), x, y, w, ei
+
+
+# l <= 3 everywhere (MACE's sh and hidden irreps), few channels
+BIG = ("3x0e+2x1o+2x2e+1x3o", "0e+1o+2e+3o", 3)
+TINY = ("2x0e+2x1o", "0e+1o", 1)
+
+
+def force_like(fn, x, y, w):
+    """Gradients, and gradients of a loss of the gradients (force training's pattern)."""
+    args = [t.detach().clone().requires_grad_() for t in (x, y, w)]
+    out = fn(*args)
+    grads = torch.autograd.grad((out * out.detach().cos()).sum() + (out ** 2).sum(), args, create_graph=True)
+    loss = sum((gi * gi.detach().sin()).sum() + (gi ** 2).sum() for gi in grads)
+    return [out.detach()] + [gi.detach() for gi in grads] + list(torch.autograd.grad(loss, args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_backward_double_backward_match_torch(dtype):
+    conv, x, y, w, ei = make(*BIG, n=4, e=9, dtype=dtype)
+    ours = force_like(lambda a, b, c: triton_conv(conv.desc, a, b, c, ei), x, y, w)
+    ref = force_like(lambda a, b, c: conv(a, b, c, ei), x, y, w)
+    for name, a, b in zip(["out", "dx", "dy", "dw", "ddx", "ddy", "ddw"], ours, ref):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert rel_err(a, b) <= TOL[dtype], name
+
+
+def test_only_nonzero_cg_entries():
+    conv, *_ = make(*BIG, n=1, e=1, dtype=torch.float64)
+    form = build_form(conv.desc, torch.empty(0, dtype=torch.float64))
+    dense = sum(d_a * d_b * d_o for _, d_a, _, d_b, _, _, d_o, _ in form.paths)
+    assert 0 < form.ec.numel() < dense / 2 and bool((form.ec != 0).all())
+    assert len(form.transposed.paths) == len(form.paths) and form.transposed.transposed is form
+
+
+def test_gradcheck_gradgradcheck():
+    conv, x, y, w, ei = make(*TINY, n=3, e=5, dtype=torch.float64)
+    args = [t.clone().requires_grad_() for t in (x, y, w)]
+    fn = lambda a, b, c: triton_conv(conv.desc, a, b, c, ei)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args, fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, args, fast_mode=True)
+
+
+def test_path_mask_skips_paths():
+    conv, x, y, w, ei = make(*BIG, n=4, e=6, dtype=torch.float64)
+    mask = torch.tensor([t % 3 != 1 for t in range(len(conv.desc.paths))])
+    assert len(build_form(conv.desc, x, mask.tolist()).paths) == int(mask.sum())
+    # reference: the torch layer with the masked paths' weights set to zero
+    keep = torch.ones(conv.weight_numel, dtype=torch.float64, device=DEVICE)
+    for t, p in enumerate(conv.desc.paths):
+        if not mask[t]:
+            keep[p.weight_offset:p.weight_offset + p.mul_in] = 0
+    wr = w.clone().requires_grad_()
+    ours = triton_conv(conv.desc, x, y, wr, ei, path_mask=mask)
+    assert rel_err(ours, conv(x, y, w * keep, ei)) <= 1e-12
+    (gw,) = torch.autograd.grad(ours.sum(), wr)
+    assert bool((gw[:, keep == 0] == 0).all()) and bool((gw[:, keep == 1] != 0).any())
+    none = triton_conv(conv.desc, x, y, w, ei, path_mask=[False] * len(conv.desc.paths))
+    assert none.shape == (4, conv.irreps_out.dim) and not none.any()
+
+
+def test_zero_edges_and_noncontiguous():
+    conv, x, y, w, ei = make(*TINY, n=3, e=5, dtype=torch.float64)
+    args = [t[:0].clone().requires_grad_() for t in (y, w)]
+    out = triton_conv(conv.desc, x.clone().requires_grad_(), *args, ei[:, :0])
+    assert out.shape == (3, conv.irreps_out.dim) and not out.any()
+    out.sum().backward()
+    # non-contiguous: column-major copies, every other row, and an expanded weight
+    xt = x.t().contiguous().t()
+    y2 = torch.cat([y, y], 0)[::2]
+    w2 = w[:1].expand(5, -1)
+    ei2 = torch.stack([ei[1], ei[0]], 1).t()
+    assert not (xt.is_contiguous() or y2.is_contiguous() or w2.is_contiguous() or ei2.is_contiguous())
+    ours = force_like(lambda a, b, c: triton_conv(conv.desc, a, b, c, ei2), xt, y2, w2)
+    ref = force_like(lambda a, b, c: conv(a, b, c, ei2), xt, y2, w2)
+    assert all(rel_err(a, b) <= 1e-12 for a, b in zip(ours, ref))
+
+
+def test_channelwise_tp_messages():
+    ref = ChannelwiseTP.from_e3nn(uvu_tp(*BIG[:2], 2)).to(DEVICE)
+    _, x, y, w, _ = make(*BIG, n=6, e=6, dtype=torch.float64)
+    x = x[:, :ref.irreps_in1.dim]
+    w = w[:, :ref.weight_numel]
+    ours = force_like(lambda a, b, c: triton_tp(ref.desc, a, b, c), x, y, w)
+    expected = force_like(ref, x, y, w)
+    assert all(rel_err(a, b) <= 1e-12 for a, b in zip(ours, expected))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_mace_sized():
+    conv, x, y, w, ei = make("32x0e+32x1o", "0e+1o+2e+3o", 3, n=200, e=3000, dtype=torch.float32)
+    ours = force_like(lambda a, b, c: triton_conv(conv.desc, a, b, c, ei), x, y, w)
+    ref = force_like(lambda a, b, c: conv(a, b, c, ei), x, y, w)
+    assert all(rel_err(a, b) <= 1e-4 for a, b in zip(ours, ref))

@@ -1,0 +1,144 @@
+"""Triton irrep linear (the element-linear kernel with one element) against the torch
+back end of IrrepsLinear: outputs, gradients (x, W0, bias, delta), second derivatives,
+several paths into one output, empty irreps, biases, zero rows, non-contiguous input,
+a delta with inactive 16x16 blocks. Runs on CPU under TRITON_INTERPRET=1 (tiny shapes)."""
+
+import pytest
+import torch
+
+from helpers import TOL, rel_err, triton_device
+
+DEVICE = triton_device()  # before the kernels are imported
+
+from e3nn import o3  # noqa: E402
+
+import sparsekern  # noqa: E402,F401
+from sparsekern.finetune.delta import FixedDelta  # noqa: E402
+from sparsekern.layers import IrrepsLinear  # noqa: E402
+from sparsekern import delta_slot  # noqa: E402
+from sparsekern.ops.triton.element_linear import path_linears  # noqa: E402
+from test_triton_element_linear import dense_delta, random_delta, second_order  # noqa: E402
+
+# 20x0e and 3x0e both feed 18x0e (two paths into one output, 2 x 2 and 1 x 2 tiles of
+# 16); 0x1e is empty on both sides; 2x2e has no path in (zeros, or its bias-free zero).
+IRREPS_IN, IRREPS_OUT = o3.Irreps("20x0e+3x0e+2x1o+0x1e"), o3.Irreps("18x0e+0x1e+3x1o+2x2e")
+
+
+def make_layer(dtype, biases=True, seed=0):
+    torch.manual_seed(seed)
+    layer = IrrepsLinear(IRREPS_IN, IRREPS_OUT, biases=biases).to(DEVICE, dtype)
+    with torch.no_grad():
+        if layer.bias is not None:
+            layer.bias.normal_()
+    return layer
+
+
+def attach_delta(layer, seed=0):
+    """A FixedDelta (what fast mode and loaded adapters attach) touching 16x16 tiles
+    (0, 1) and (1, 0) of the 20x18 path and one entry of the 1o path: tiles (0, 0) and
+    (1, 1), and the whole 3x18 path, stay inactive."""
+    p0, _, p2 = layer.desc.paths
+    entries = [(p0, 3, 17), (p0, 15, 16), (p0, 19, 2), (p0, 16, 0), (p2, 1, 2)]
+    index = torch.tensor([p.weight_offset + u * p.mul_out + v for p, u, v in entries])
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(len(entries), generator=g, dtype=layer.weight.dtype).to(DEVICE)
+    delta_slot.attach(layer, "weight", FixedDelta(layer.weight_groups(), layer.weight_numel, index.to(DEVICE), values))
+    return delta_slot.get(layer, "weight").values
+
+
+def run(layer, backend, x):
+    layer.backend = backend
+    return layer(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_torch_with_delta(dtype):
+    layer = make_layer(dtype)
+    values = attach_delta(layer)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, IRREPS_IN.dim, generator=g, dtype=dtype).to(DEVICE).requires_grad_()
+    inputs = [x, layer.weight, layer.bias, values]
+    got = second_order(lambda x_, *_: run(layer, "triton", x_), inputs)
+    want = second_order(lambda x_, *_: run(layer, "torch", x_), inputs)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape and a.dtype == dtype
+        assert rel_err(a, b) <= TOL[dtype], k
+    assert got[0][:, -IRREPS_OUT[-1].dim:].abs().max() == 0  # 2x2e: no path, no bias
+
+
+def test_gradcheck_gradgradcheck():
+    layer = make_layer(torch.float64)
+    values = attach_delta(layer)
+    layer.backend = "triton"
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, IRREPS_IN.dim, generator=g, dtype=torch.float64).to(DEVICE)
+    names = ("weight", "bias", "deltas.weight.values")
+
+    def fn(x_, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x_,))
+
+    args = [t.detach().clone().requires_grad_() for t in (x, layer.weight, layer.bias, values)]
+    assert torch.autograd.gradcheck(fn, args, fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, args, fast_mode=True)
+
+
+def test_explicit_blocks_inactive_and_unused():
+    """path_linears with explicit (block_slot, block_values): the delta's gradient
+    exists for active blocks only; a values row no slot points to gets none; a path may
+    carry no delta (None)."""
+    layer = make_layer(torch.float64, biases=False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, IRREPS_IN.dim, generator=g, dtype=torch.float64).to(DEVICE)
+    slot0, vals0 = random_delta(1, 20, 18, 16, torch.float64, density=0.5, seed=4)
+    assert 0 < (slot0 >= 0).sum() < slot0.numel()
+    vals0 = torch.cat([vals0, torch.randn(1, 16, 16, dtype=torch.float64, device=DEVICE)]).requires_grad_()
+    deltas = [(slot0, vals0), None, None]
+    species = torch.zeros(x.shape[0], dtype=torch.long, device=DEVICE)
+    outs = path_linears(x, species, layer.desc, layer.weight, deltas).outs
+    p0, p1 = layer.desc.paths[:2]
+    w0, w1 = [w[0] for w in layer.desc.path_weights(layer.weight.detach())[:2]]
+    ref = p0.scale * x[:, :20] @ (w0 + dense_delta(slot0, vals0.detach(), 20, 18)[0]) + p1.scale * x[:, 20:23] @ w1
+    assert rel_err(outs[0], ref) <= 1e-12
+    assert outs[1] is None and outs[3] is None
+    (gv,) = torch.autograd.grad(outs[0].sum(), vals0)
+    assert gv[:-1].abs().amax((1, 2)).min() > 0 and not gv[-1].any()
+
+
+def test_zero_rows_lead_dims_noncontiguous_no_bias():
+    layer = make_layer(torch.float64, biases=False)
+    attach_delta(layer)
+    empty = torch.zeros(0, IRREPS_IN.dim, dtype=torch.float64, device=DEVICE).requires_grad_()
+    y = run(layer, "triton", empty)
+    assert y.shape == (0, IRREPS_OUT.dim)
+    y.sum().backward()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(IRREPS_IN.dim, 2, 3, generator=g, dtype=torch.float64).to(DEVICE).permute(1, 2, 0)
+    assert not x.is_contiguous()
+    args = [x.clone().requires_grad_(), layer.weight]
+    got = second_order(lambda x_, _w: run(layer, "triton", x_), args)
+    want = second_order(lambda x_, _w: run(layer, "torch", x_), args)
+    assert got[0].shape == (2, 3, IRREPS_OUT.dim)
+    assert all(rel_err(a, b) <= 1e-12 for a, b in zip(got, want))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_mp0_sized():
+    """MACE-MP-0 medium's post-conv linear (10 paths into 4 outputs) with a 5 % delta,
+    float32 on the GPU against the torch back end in float64: output and gradients."""
+    import copy
+
+    irreps_in = o3.Irreps("128x0e+128x0e+128x1o+128x1o+128x1o+128x2e+128x2e+128x2e+128x3o+128x3o")
+    layer = IrrepsLinear(irreps_in, o3.Irreps("128x0e+128x1o+128x2e+128x3o")).to("cuda")
+    g = torch.Generator().manual_seed(0)
+    index = torch.randperm(layer.weight_numel, generator=g)[: layer.weight_numel // 20]
+    delta_slot.attach(layer, "weight", FixedDelta(layer.weight_groups(), layer.weight_numel, index.cuda(),
+                                                  torch.randn(len(index), generator=g).cuda()))
+    ref_layer = copy.deepcopy(layer).double()
+    x = torch.randn(3000, irreps_in.dim, device="cuda", requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    y, ref = run(layer, "triton", x), run(ref_layer, "torch", x64)
+    assert rel_err(y.double(), ref) <= 1e-5
+    got = torch.autograd.grad(y.square().sum(), [x, delta_slot.get(layer, "weight").values])
+    want = torch.autograd.grad(ref.square().sum(), [x64, delta_slot.get(ref_layer, "weight").values])
+    assert all(rel_err(a.double(), b) <= 1e-5 for a, b in zip(got, want))
