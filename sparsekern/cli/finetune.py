@@ -39,7 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--forces_weight", type=float, default=100.0)
     p.add_argument("--E0s", dest="e0s", default="estimated",
                    help="foundation | estimated (default: least squares of the training residuals) | average | "
-                        "a dict '{Z: E0}' or a .json file (MACE's meanings)")
+                        "a dict '{Z: E0}' or a .json file (MACE's meanings); estimated and average are "
+                        "refitted to the trained model's training residuals after training")
     p.add_argument("--energy_key", default="REF_energy")
     p.add_argument("--forces_key", default="REF_forces")
     p.add_argument("--max_train", type=int, help="use the first N training frames")

@@ -85,7 +85,7 @@ def _parse_e0s_dict(spec: str) -> Dict[int, float]:
     return {int(k): float(v) for k, v in raw.items()}
 
 
-E0_CHOICES = ("foundation", "estimated", "average")
+REFIT_E0S = ("estimated", "average")  # fitted to the data: refitted after training (trainer)
 
 
 def energy_shift(spec: str, frames: Sequence[Frame], zs: Sequence[int],

@@ -33,8 +33,17 @@ class Errors:
 
 
 def make_samples(family: Family, model, frames: Sequence[Frame], shift: Dict[int, float]) -> List[Sample]:
-    return [Sample(family.graph(model, f.atoms), f.energy, torch.as_tensor(f.forces), len(f.atoms),
-                   float(sum(shift[int(z)] for z in f.atoms.numbers))) for f in frames]
+    """The frames as the model's graphs with their labels; ``shift`` per element (none: 0)."""
+    samples = [Sample(family.graph(model, f.atoms), f.energy, torch.as_tensor(f.forces), len(f.atoms))
+               for f in frames]
+    set_shift(samples, frames, shift)
+    return samples
+
+
+def set_shift(samples: Sequence[Sample], frames: Sequence[Frame], shift: Dict[int, float]) -> None:
+    """Each sample's energy shift: ``shift`` (per element, absent: 0) over its frame's atoms."""
+    for s, f in zip(samples, frames):
+        s.shift = float(sum(shift.get(int(z), 0.0) for z in f.atoms.numbers))
 
 
 def check_elements(family: Family, model, frames: Sequence[Frame], what: str) -> None:

@@ -28,10 +28,10 @@ from ..patching import patch, patched_layers, release
 from . import checkpoint
 from .adapters import save_adapter
 from .config import SparseConfig
-from .data import Frame, energy_shift, read_frames
+from .data import REFIT_E0S, Frame, energy_shift, read_frames
 from .density import calibrate_density
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, forward, loss,
-                         make_samples, residuals)
+                         make_samples, residuals, set_shift)
 from .lifecycle import merge, prepare, target_groups, to_fast
 from .methods import DEFAULT_LR, METHODS, SPARSE_MODES
 from .statistics import stats
@@ -105,17 +105,37 @@ def _read_data(family: Family, model, settings: Settings) -> Tuple[List[Frame], 
     return train, valid, test
 
 
-def _fit_shift(family: Family, model, train: Sequence[Frame], settings: Settings) -> Dict[int, float]:
-    """The per-element energy shift ``--E0s`` chooses, from the training frames."""
+def _fit_shift(family: Family, model, spec: str, samples: Sequence[Sample], train: Sequence[Frame],
+               settings: Settings) -> Dict[int, float]:
+    """The per-element energy shift ``spec`` (``--E0s``'s rules) chooses from the training
+    frames, with ``samples`` (their graphs and current shift) giving the model's energies."""
     zs = sorted({int(z) for f in train for z in f.atoms.numbers})
-    raw = make_samples(family, model, train, {z: 0.0 for z in zs})
+    model.eval()
 
     def predict_energies():
         energies = [forward(family, model, batch, settings.device, False)[0].detach().cpu().double()
-                    for batch in batches(raw, settings.batch_size)]
+                    for batch in batches(samples, settings.batch_size)]
         return torch.cat(energies).numpy()
 
-    return energy_shift(settings.e0s, train, zs, lambda z: family.own_e0s(model, z), predict_energies)
+    return energy_shift(spec, train, zs, lambda z: family.own_e0s(model, z), predict_energies)
+
+
+def _refit_shift(family: Family, model, shift: Dict[int, float], samples: Sequence[Sequence[Sample]],
+                 frames: Sequence[Sequence[Frame]], settings: Settings) -> Dict[int, float]:
+    """After training, a data-derived shift (``--E0s estimated`` / ``average``) follows the
+    trained model: corrected by least squares of its remaining training residuals on the
+    composition, as ``estimated`` fits it to the zero-shot ones. Deltas that leave the
+    model's own per-element energies frozen drift its energy zero by a constant per atom
+    (NOTES.md, "The deltas move the energy zero"); this takes it out. The samples'
+    shifts follow; returns the correction."""
+    if settings.e0s not in REFIT_E0S:
+        return {}
+    correction = _fit_shift(family, model, "estimated", samples[0], frames[0], settings)
+    for z, c in correction.items():
+        shift[z] += c
+    for group, group_frames in zip(samples, frames):
+        set_shift(group, group_frames, shift)
+    return correction
 
 
 def _apply_method(model, settings: Settings) -> torch.nn.Module:
@@ -247,7 +267,9 @@ def _save_results(family: Family, model, settings: Settings, shift: Dict[int, fl
     """The adapter (methods that train deltas), the merged model and its check."""
     out = Path(settings.out)
     if delta_slot.has_deltas(model):
-        metrics["adapter"] = str(save_adapter(model, out / "adapter.safetensors"))
+        # the shift the fine-tuned energies need beside the deltas (the merged model holds it)
+        e0 = {"e0_shift_ev": json.dumps({str(z): v for z, v in shift.items()})}
+        metrics["adapter"] = str(save_adapter(model, out / "adapter.safetensors", extra_metadata=e0))
         metrics["adapter_bytes"] = Path(metrics["adapter"]).stat().st_size
     # the fine-tuned model's own predictions first: the export folds the deltas in place
     reference = [tuple(t.detach().cpu().double() for t in forward(family, model, [x], settings.device, False))
@@ -268,8 +290,8 @@ def run(settings: Settings) -> dict:
     family = family_for(settings.model)
     model = family.load(settings.model, settings.device)
     train, valid, test = _read_data(family, model, settings)
-    shift = ({int(z): v for z, v in ck["shift"].items()} if ck is not None
-             else _fit_shift(family, model, train, settings))
+    shift = ({int(z): v for z, v in ck["shift"].items()} if ck is not None else _fit_shift(
+        family, model, settings.e0s, make_samples(family, model, train, {}), train, settings))
     missing = {int(z) for f in test + valid for z in f.atoms.numbers} - set(shift)
     if missing:
         raise ValueError(f"test/valid data hold elements absent from the training data: {sorted(missing)} "
@@ -286,9 +308,11 @@ def run(settings: Settings) -> dict:
         checkpoint.save(out, settings.identity(), trained, optimizer, progress, shift)
 
     progress = _train(family, model, train_s, valid_s, settings, ck, save)
+    refit = _refit_shift(family, model, shift, (train_s, test_s, valid_s), (train, test, valid), settings)
     test_errors = {"test": evaluate(family, model, test_s, settings), **zero_shot}
     metrics = _metrics(settings, family, (train, valid, test), shift, model, progress, test_errors,
                        _changed_fraction(model, base))
+    metrics["e0_refit_ev"] = {str(z): v for z, v in refit.items()}
     _save_results(family, model, settings, shift, test_s, test, metrics)
     metrics["command_wall_s"] = time.perf_counter() - started
     metrics["peak_rss_mb"] = max(progress.peak_rss_mb, _peak_rss_mb())

@@ -101,6 +101,27 @@ def test_sparse_metrics_adapter_and_merged_model(files, sparse_run):
     assert np.abs(pred["forces"].detach().numpy() - f_merged).max() <= 1e-6
 
 
+def test_energy_zero_refitted_after_training(files, sparse_run):
+    """--E0s estimated follows the trained model: the merged model's training energy
+    residuals have no component along the composition (least squares), and the adapter
+    carries the shift; --E0s foundation keeps the model's own reference."""
+    from ase.io import read
+    from safetensors import safe_open
+
+    out, m = sparse_run
+    assert set(m["e0_refit_ev"]) == {"13", "29"}
+    frames = read(files / "train.xyz", ":")
+    residuals = [a.info["REF_energy"] - _calc_energy(out / "merged.model", a)[0] for a in frames]
+    composition = np.array([[np.sum(a.numbers == z) for z in (13, 29)] for a in frames], dtype=float)
+    assert np.abs(composition.T @ np.array(residuals)).max() <= 1e-6 * np.abs(composition).sum()
+    with safe_open(str(out / "adapter.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["e0_shift_ev"]) == m["e0_shift_ev"]
+    kept = files / "foundation"
+    assert _run(files, kept, "--E0s", "foundation", epochs=1) == 0
+    km = json.loads((kept / "metrics.json").read_text())
+    assert km["e0_refit_ev"] == {} and set(km["e0_shift_ev"].values()) == {0.0}
+
+
 def test_resume_matches_an_uninterrupted_run(files, sparse_run):
     out = files / "resumed"
     assert _run(files, out, epochs=1) == 0
