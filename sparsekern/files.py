@@ -1,9 +1,11 @@
-"""Atomic file writes: adapters, reports and models are replaced whole or not at all."""
+"""Files written safely: adapters, reports and models are replaced whole or not at all,
+and an output folder is checked and held by one run at a time."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -25,3 +27,41 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def output_folder(path) -> Path:
+    """``path`` as a writable folder (made if missing), or a one-line error saying why not."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output folder {path} is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"output folder {path} cannot be made: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {path} is not writable")
+    return path
+
+
+@contextmanager
+def exclusive(folder: Path):
+    """Hold ``folder`` for this process while the block runs (a lock file in it): a second
+    run on the same folder is refused at once instead of interleaving writes. Temporary
+    files left by a killed writer (``atomic_write``'s) are removed once the lock is held."""
+    import fcntl
+
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise ValueError(f"output folder {folder} is in use by another run (pid {holder}); "
+                             "wait for it to finish or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        for stale in folder.glob(".*.tmp"):
+            stale.unlink()
+        yield
+    finally:
+        os.close(fd)

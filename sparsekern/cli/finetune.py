@@ -9,11 +9,20 @@ import sys
 from typing import List, Optional
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except where there is none to show (None, switches)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
     from ..finetune.methods import METHODS, MODES, SPARSE_MODES, choices_help
 
     p = argparse.ArgumentParser(
-        prog="sparsekern finetune",
+        prog="sparsekern finetune", formatter_class=_DefaultsShown,
         description="Fine-tune a foundation model and evaluate it. Writes DIR/metrics.json, DIR/checkpoint.pt "
                     "(rerunning the same command resumes), the adapter (sparse, lora) and a merged model for "
                     "the family's own ASE calculator.")
@@ -23,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test", required=True, help="test frames")
     p.add_argument("--method", required=True, choices=tuple(METHODS), help=choices_help(METHODS))
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training frames (0: evaluate only)")
     p.add_argument("--density", type=float, default=0.03, help="sparse: target fraction of path weights changed")
     p.add_argument("--mode", default="str", choices=SPARSE_MODES, help="sparse: " + choices_help(MODES, SPARSE_MODES))
     p.add_argument("--tile", type=int, default=8, help="sparse --mode block: square tile size")
@@ -33,20 +42,20 @@ def parser() -> argparse.ArgumentParser:
                    help="Adam's learning rate (default per method: "
                         + ", ".join(f"{name} {m.lr:g}" for name, m in METHODS.items())
                         + ", chosen on a validation split by benchmarks/lr_sweep.py)")
-    p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--energy_weight", type=float, default=1.0)
-    p.add_argument("--forces_weight", type=float, default=100.0)
+    p.add_argument("--batch_size", type=int, default=4, help="frames per optimizer step")
+    p.add_argument("--seed", type=int, default=0, help="seeds the delta's start and the data order")
+    p.add_argument("--energy_weight", type=float, default=1.0, help="weight of the per-atom energy error in the loss")
+    p.add_argument("--forces_weight", type=float, default=100.0, help="weight of the force error in the loss")
     p.add_argument("--E0s", dest="e0s", default="estimated",
-                   help="foundation | estimated (default: least squares of the training residuals) | average | "
+                   help="foundation | estimated (least squares of the training residuals) | average | "
                         "a dict '{Z: E0}' or a .json file (MACE's meanings); estimated and average are "
                         "refitted to the trained model's training residuals after training")
-    p.add_argument("--energy_key", default="REF_energy")
-    p.add_argument("--forces_key", default="REF_forces")
+    p.add_argument("--energy_key", default="REF_energy", help="energy label in the frames' info (eV)")
+    p.add_argument("--forces_key", default="REF_forces", help="force label in the frames' arrays (eV/Å)")
     p.add_argument("--max_train", type=int, help="use the first N training frames")
-    p.add_argument("--max_valid", type=int)
-    p.add_argument("--max_test", type=int)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max_valid", type=int, help="use the first N validation frames")
+    p.add_argument("--max_test", type=int, help="use the first N test frames")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
@@ -57,10 +66,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         metrics = run(Settings(**vars(args)))
-    except (FileNotFoundError, KeyError, ValueError) as exc:
+    except (FileNotFoundError, KeyError, ValueError, FloatingPointError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"sparsekern finetune: error: {message}", file=sys.stderr)
         return 2
+    except ImportError as exc:  # the model's family lives in another environment
+        print(f"sparsekern finetune: error: {exc} (MACE models need mace-torch, SevenNet models sevenn; "
+              "the Makefile's .venv-mace and .venv-sevenn have them)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nsparsekern finetune: interrupted; rerun the same command to resume from the last "
+              f"checkpoint in {args.out}", file=sys.stderr)
+        return 130
     keys = ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "zero_shot_test_energy_mae_mev_per_atom",
             "zero_shot_test_force_mae_mev_per_A", "changed_fraction", "trainable_params", "wall_s", "peak_rss_mb")
     print(json.dumps({k: metrics[k] for k in keys}, indent=1))

@@ -54,8 +54,27 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
         forces = np.asarray(_label(atoms, forces_key, where, "forces"), dtype=np.float64)
         if forces.shape != (len(atoms), 3):
             raise ValueError(f"{where}: forces {forces_key!r} have shape {forces.shape}, expected ({len(atoms)}, 3)")
+        _check_finite_and_apart(atoms, energy, forces, where, energy_key, forces_key)
         frames.append(Frame(atoms, energy, forces))
     return frames
+
+
+MIN_DISTANCE = 0.3  # Å: closer atoms are a broken frame, not chemistry (H2's bond is 0.74 Å)
+
+
+def _check_finite_and_apart(atoms, energy: float, forces: np.ndarray, where: str, energy_key: str,
+                            forces_key: str) -> None:
+    """NaN or infinite labels or positions train a model of NaN; overlapping atoms give
+    energies no model should fit. Both are refused before any slow work."""
+    from ase.neighborlist import neighbor_list
+
+    for what, values in ((f"energy {energy_key!r}", energy), (f"forces {forces_key!r}", forces),
+                         ("positions", atoms.positions)):
+        if not np.isfinite(values).all():
+            raise ValueError(f"{where}: {what} hold NaN or infinity")
+    close = neighbor_list("d", atoms, MIN_DISTANCE)
+    if close.size:
+        raise ValueError(f"{where}: atoms {close.min():.3f} Å apart (closer than {MIN_DISTANCE} Å): overlapping atoms")
 
 
 def composition(frames: Sequence[Frame], zs: Sequence[int]) -> np.ndarray:

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import delta_slot
-from ..files import atomic_write
+from ..files import atomic_write, exclusive, output_folder
 from ..integrations import Family, family_for
 from ..patching import patch, patched_layers, release
 from . import checkpoint
@@ -80,8 +80,18 @@ class Settings:
             raise ValueError("--fast_after applies to --method sparse only")
         if self.mode not in SPARSE_MODES:
             raise ValueError(f"--mode must be {' or '.join(SPARSE_MODES)}, got {self.mode!r}")
-        if self.tile < 1:
-            raise ValueError(f"--tile must be >= 1, got {self.tile}")
+        if self.tile < 1 or self.lora_rank < 1:
+            raise ValueError(f"--tile and --lora_rank must be >= 1, got {self.tile} and {self.lora_rank}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"--density must be in (0, 1], got {self.density}")
+        if any(n is not None and n < 1 for n in (self.max_train, self.max_valid, self.max_test)):
+            raise ValueError("--max_train, --max_valid and --max_test must be >= 1")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"--device {self.device!r}: {exc}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: this torch ({torch.__version__}) sees no CUDA device")
 
     def identity(self) -> Dict[str, object]:
         d = asdict(self)
@@ -93,15 +103,18 @@ class Settings:
         return d
 
 
-def _read_data(family: Family, model, settings: Settings) -> Tuple[List[Frame], List[Frame], List[Frame]]:
-    """(train, valid, test) frames, checked against the elements the model knows."""
+def _read_data(settings: Settings) -> Tuple[List[Frame], List[Frame], List[Frame]]:
+    """(train, valid, test) frames, checked before the model loads: every element of the
+    test and validation frames needs an energy reference fitted on the training frames."""
     def read(path, limit):
         return read_frames(path, settings.energy_key, settings.forces_key, limit) if path else []
 
     train, test = read(settings.train, settings.max_train), read(settings.test, settings.max_test)
     valid = read(settings.valid, settings.max_valid)
-    for frames, what in ((train, settings.train), (test, settings.test), (valid, settings.valid)):
-        check_elements(family, model, frames, what)
+    missing = {int(z) for f in test + valid for z in f.atoms.numbers} - {int(z) for f in train for z in f.atoms.numbers}
+    if missing:
+        raise ValueError(f"test/valid data hold elements absent from the training data: {sorted(missing)} "
+                         f"(their energy reference cannot be fitted)")
     return train, valid, test
 
 
@@ -201,6 +214,9 @@ def _epoch(family: Family, model, optimizer, samples: Sequence[Sample], settings
     total = 0.0
     for batch in batches(samples, settings.batch_size, order):
         step_loss = loss(family, model, batch, settings)
+        if not torch.isfinite(step_loss):
+            raise FloatingPointError(f"the loss is {float(step_loss)} in epoch {epoch + 1}: training diverged "
+                                     f"(try a lower --lr; the last checkpoint is kept)")
         optimizer.zero_grad(set_to_none=True)
         step_loss.backward()
         optimizer.step()
@@ -284,18 +300,22 @@ def run(settings: Settings) -> dict:
     resumable checkpoint. Returns the metrics."""
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
-    out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ck = checkpoint.load(out, settings)
     family = family_for(settings.model)
+    train, valid, test = _read_data(settings)
+    out = output_folder(settings.out)
+    with exclusive(out):
+        return _run(settings, out, family, (train, valid, test), started)
+
+
+def _run(settings: Settings, out: Path, family: Family, frames, started: float) -> dict:
+    """``run`` once its inputs are checked and its output folder is held."""
+    train, valid, test = frames
+    ck = checkpoint.load(out, settings)
     model = family.load(settings.model, settings.device)
-    train, valid, test = _read_data(family, model, settings)
+    for group, what in ((train, settings.train), (test, settings.test), (valid, settings.valid)):
+        check_elements(family, model, group, what)
     shift = ({int(z): v for z, v in ck["shift"].items()} if ck is not None else _fit_shift(
         family, model, settings.e0s, make_samples(family, model, train, {}), train, settings))
-    missing = {int(z) for f in test + valid for z in f.atoms.numbers} - set(shift)
-    if missing:
-        raise ValueError(f"test/valid data hold elements absent from the training data: {sorted(missing)} "
-                         f"(their energy reference cannot be fitted)")
     train_s, test_s, valid_s = (make_samples(family, model, f, shift) for f in (train, test, valid))
 
     patch(model)

@@ -167,6 +167,57 @@ def test_bad_inputs_are_refused_clearly(files, sparse_run, capsys, tmp_path):
     assert "written for different arguments (density: checkpoint 0.03 vs now 0.05)" in capsys.readouterr().err
 
 
+def _write_broken(files, tmp_path, name, broken):
+    from ase.io import read, write
+
+    frames = read(files / "train.xyz", ":")
+    broken(frames[1])
+    write(tmp_path / name, frames)
+    return tmp_path / name
+
+
+def test_bad_data_and_folders_are_refused_before_slow_work(files, sparse_run, capsys, tmp_path):
+    """One line each, exit code 2, and no output folder made for bad data."""
+    from sparsekern.files import exclusive
+
+    def refused(out, *extra, says):
+        assert _run(files, out, *extra) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+    nan = _write_broken(files, tmp_path, "nan.xyz", lambda a: a.info.update(REF_energy=float("nan")))
+    refused(tmp_path / "n", "--train", str(nan), says="frame 1: energy 'REF_energy' hold NaN or infinity")
+    inf = _write_broken(files, tmp_path, "inf.xyz", lambda a: a.arrays["REF_forces"].__setitem__((0, 0), np.inf))
+    refused(tmp_path / "i", "--train", str(inf), says="forces 'REF_forces' hold NaN or infinity")
+    overlap = _write_broken(files, tmp_path, "overlap.xyz", lambda a: a.positions.__setitem__(1, a.positions[0] + 0.1))
+    refused(tmp_path / "o", "--train", str(overlap), says="overlapping atoms")
+    assert not any((tmp_path / name).exists() for name in "nio")
+    (tmp_path / "file").write_text("")
+    refused(tmp_path / "file", says="is a file")
+    refused(tmp_path / "d", "--density", "0", says="--density must be in (0, 1]")
+    if not torch.cuda.is_available():
+        refused(tmp_path / "g", "--device", "cuda", says="sees no CUDA device")
+    out, _ = sparse_run
+    with exclusive(out):  # another run holds the folder
+        refused(out, says="is in use by another run")
+
+
+def test_divergence_and_interrupts_end_cleanly(files, capsys, tmp_path, monkeypatch):
+    from sparsekern.finetune import trainer
+
+    monkeypatch.setattr(trainer, "loss", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+    assert _run(files, tmp_path / "nan", epochs=1) == 2
+    assert "training diverged (try a lower --lr" in capsys.readouterr().err
+
+    def interrupted(settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "run", interrupted)
+    assert _run(files, tmp_path / "stop") == 130
+    err = capsys.readouterr().err
+    assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
+
+
 def test_sevennet0_sparse_on_silicon(tmp_path):
     pytest.importorskip("sevenn")
     from ase.io import read, write
