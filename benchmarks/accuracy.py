@@ -150,7 +150,8 @@ def markdown(result: dict) -> str:
               f"{result['settings'].get('jobs', 1)} run(s) at a time, "
               f"torch {m['torch']}. "
               f"Model: SevenNet-0. Settings: {json.dumps(result['settings'])}. E0s: `estimated` (per-element shift "
-              "fitted by least squares to the zero-shot training residuals, fixed; the same for every method).", "",
+              "fitted by least squares to the zero-shot training residuals, fixed during training, then refitted "
+              "to each trained model's training residuals).", "",
               "| data | n train/test | method | energy MAE (meV/atom) | force MAE (meV/Å) | changed fraction | trainable params "
               "| train wall (s) | peak RSS (MB) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
