@@ -37,6 +37,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="str", choices=SPARSE_MODES, help="sparse: " + choices_help(MODES, SPARSE_MODES))
     p.add_argument("--tile", type=int, default=8, help="sparse --mode block: square tile size")
     p.add_argument("--fast_after", type=int, help="sparse: after this many epochs train only the active entries")
+    p.add_argument("--density_warmup", type=float, default=0.0,
+                   help="sparse str/block: epochs over which the density rises from 0 (the base model) to its peak "
+                        "(0: one step)")
+    p.add_argument("--density_peak", type=float, help="sparse str/block: the density after the warmup "
+                                                      "(default: --density)")
+    p.add_argument("--density_anneal", type=float, default=0.0,
+                   help="sparse str/block: epochs over which the density falls from its peak to --density")
     p.add_argument("--lora_rank", type=int, default=4, help="lora: rank per path block")
     p.add_argument("--lr", type=float,
                    help="Adam's learning rate (default per method: "

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("sparsekern (sparse delta; ignored with --lora True)")
     group.add_argument("--sparse_density", type=float, default=0.03,
                        help="fraction of the path weights that change")
-    group.add_argument("--sparse_mode", choices=SPARSE_MODES, default="str", help=choices_help(MODES, SPARSE_MODES))
+    modes = [m for m in SPARSE_MODES if not MODES[m].needs_loss]  # MACE's loop prepares before any loss exists
+    group.add_argument("--sparse_mode", choices=modes, default="str", help=choices_help(MODES, modes))
     group.add_argument("--sparse_tile", type=_tile, default="8x8",
                        help="block mode: tile as ROWSxCOLS or 'path' for whole path matrices")
     group.add_argument("--sparse_init_scale", type=float, default=1e-3,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 from .methods import MODES
 
@@ -14,7 +14,12 @@ class SparseConfig:
     mode: one of ``methods.MODES``: "str" (element-wise soft threshold, the paper),
     "block" (group soft threshold over tiles) or "lora" (equivariant LoRA, the baseline).
     tile: (rows, cols) of a block in "block" mode, or "path" for whole path matrices.
-    init_scale: std of the initial V relative to the std of the base weights."""
+    init_scale: std of the initial V relative to the std of the base weights.
+    warmup_steps, peak_density, anneal_steps: the density schedule of thresholded modes
+    (``density.scheduled_density``): none of the weights changes before the first step, so
+    a prepared model is the base model; then the density rises linearly to peak_density
+    (default: density) over warmup_steps training steps and falls to density over
+    anneal_steps."""
 
     density: float = 0.03
     mode: str = "str"
@@ -24,6 +29,9 @@ class SparseConfig:
     lora_alpha: float = 1.0
     include_radial: bool = True
     seed: int = 0
+    warmup_steps: int = 1
+    peak_density: Optional[float] = None
+    anneal_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -35,6 +43,11 @@ class SparseConfig:
             if len(tile) != 2 or min(tile) < 1:
                 raise ValueError(f"SparseConfig: tile must be (rows, cols) >= 1 or 'path', got {self.tile!r}")
             self.tile = tile
+        if self.peak_density is not None and not self.density <= self.peak_density <= 1.0:
+            raise ValueError(f"SparseConfig: peak_density must be in [density, 1], got {self.peak_density}")
+        if self.warmup_steps < 1 or self.anneal_steps < 0:
+            raise ValueError(f"SparseConfig: need warmup_steps >= 1 and anneal_steps >= 0, "
+                             f"got {self.warmup_steps} and {self.anneal_steps}")
         if self.lora_rank < 1:
             raise ValueError(f"SparseConfig: lora_rank must be >= 1, got {self.lora_rank}")
 

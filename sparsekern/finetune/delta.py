@@ -35,6 +35,13 @@ class ThresholdDelta(Delta):
         self.log_tau = torch.nn.Parameter(torch.tensor(math.log(scale), dtype=base.dtype, device=base.device))
         self.register_buffer("tau_shift", torch.zeros((), dtype=base.dtype, device=base.device))
         self.tile = tile
+        self.steps = 0  # training forwards so far: where the density schedule is (a host int, no sync)
+
+    def get_extra_state(self) -> dict:
+        return {"steps": self.steps}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.steps = int(state["steps"])
 
     def tau(self) -> torch.Tensor:
         return torch.exp(self.log_tau + self.tau_shift)

@@ -14,19 +14,34 @@ from .delta import ThresholdDelta
 from .methods import MODES
 
 
+def scheduled_density(config, step: int) -> float:
+    """The fraction of path weights that changes at training step ``step``: 0 before the
+    first step (the model starts as the base, as LoRA's does), rising linearly to the peak
+    over ``warmup_steps``, then down to the target over ``anneal_steps`` with the cubic
+    schedule of gradual pruning (Zhu and Gupta, 2017: fast at first, gentle at the end)."""
+    peak = config.peak_density if config.peak_density is not None else config.density
+    if step < config.warmup_steps:
+        return peak * step / config.warmup_steps
+    left = 1.0 - (step - config.warmup_steps) / config.anneal_steps if config.anneal_steps else 0.0
+    return config.density + (peak - config.density) * max(left, 0.0) ** 3
+
+
 @torch.no_grad()
 def calibrate_density(model: torch.nn.Module, density: Optional[float] = None) -> None:
     """Set every unmerged ThresholdDelta's tau_shift so that the fraction ``density``
-    (default: the config's) of all their weights changes. A model without any (full
-    fine-tuning, LoRA, fast mode) is left as it is."""
+    (default: the config's schedule at the deltas' step) of all their weights changes. A
+    model without any (full fine-tuning, LoRA, fast mode) is left as it is."""
     deltas = [d for *_, d in delta_slot.iter_deltas(model) if isinstance(d, ThresholdDelta) and not d.merged]
     if not deltas:
         return
-    density = density if density is not None else delta_slot.config_of(model).density
+    if density is None:
+        density = scheduled_density(delta_slot.config_of(model), deltas[0].steps)
     scores = torch.cat([d.scores().float() for d in deltas])
     keep = int(round(density * scores.numel()))
     if keep >= scores.numel():
         shift = scores.min() - 1.0
+    elif keep == 0:  # clear of the largest score, where exp(log) round-off could let one through
+        shift = scores.max() + 1.0
     else:
         shift = torch.kthvalue(scores.cpu(), scores.numel() - keep).values  # `keep` scores lie above
     for d in deltas:
@@ -38,6 +53,9 @@ def _steer_density(model: torch.nn.Module, args) -> None:
     """Forward pre-hook: in training, recalibrate before the step uses the thresholds."""
     if model.training and torch.is_grad_enabled():
         calibrate_density(model)
+        for *_, d in delta_slot.iter_deltas(model):
+            if isinstance(d, ThresholdDelta):
+                d.steps += 1
 
 
 def steer(model: torch.nn.Module) -> None:

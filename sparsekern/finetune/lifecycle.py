@@ -5,7 +5,7 @@ The deltas live in ``delta_slot``; nothing here knows how it stores them."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
@@ -17,6 +17,8 @@ from ..patching import patch, patched_layers
 from .config import SparseConfig
 from .delta import Delta, FixedDelta, LoRADelta, ThresholdDelta
 from .density import steer
+from .methods import MODES
+from .saliency import attach_salient, fisher_scores
 
 
 def target_groups(layer: SparsekernLayer, config: Optional[SparseConfig] = None) -> Dict[str, List[WeightGroup]]:
@@ -37,19 +39,29 @@ def _new_delta(config: SparseConfig, groups: List[WeightGroup], base: torch.Tens
     return ThresholdDelta(groups, base.numel(), base, tile, config.init_scale, generator)
 
 
-def prepare(model: torch.nn.Module, config: Optional[SparseConfig] = None, backend: str = "auto") -> torch.nn.Module:
+def prepare(model: torch.nn.Module, config: Optional[SparseConfig] = None, backend: str = "auto",
+            losses: Optional[Iterable[Callable[[], torch.Tensor]]] = None) -> torch.nn.Module:
     """Patch the model if needed, freeze every base parameter, attach a trainable delta
-    to each path weight, and return the same model."""
+    to each path weight, and return the same model. ``losses`` (one callable per batch of
+    training data, each returning the training loss) are what the "saliency" mode
+    chooses its entries by."""
     config = config or SparseConfig()
+    if MODES[config.mode].needs_loss and losses is None:
+        raise ValueError(f"prepare: mode {config.mode!r} chooses its entries from the training loss: "
+                         f"pass losses=[a callable per batch returning its loss]")
     if not patched_layers(model):
         patch(model, backend=backend)
     if delta_slot.has_deltas(model):
         raise ValueError("prepare: the model already has sparse deltas (load_adapter or prepare was called)")
     for p in model.parameters():
         p.requires_grad_(False)
-    generator = torch.Generator().manual_seed(config.seed)
-    for _, layer in patched_layers(model):
-        for param, groups in target_groups(layer, config).items():
+    targets = [(layer, param, groups) for _, layer in patched_layers(model)
+               for param, groups in target_groups(layer, config).items()]
+    if MODES[config.mode].needs_loss:
+        attach_salient(targets, fisher_scores(targets, losses), config.density)
+    else:
+        generator = torch.Generator().manual_seed(config.seed)
+        for layer, param, groups in targets:
             delta_slot.attach(layer, param, _new_delta(config, groups, layer.get_parameter(param), generator))
     delta_slot.set_config(model, config)
     steer(model)

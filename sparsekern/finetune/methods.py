@@ -22,6 +22,7 @@ class Mode:
     steered: bool  # a density controller holds the fraction of changed weights on target
     adapter: str  # the adapter format its deltas are saved in
     delta_types: Tuple[type, ...]  # the delta classes it attaches (FixedDelta: fast mode, loaded adapters)
+    needs_loss: bool = False  # chooses its entries from the training loss (prepare's ``losses``)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,8 @@ MODES = {m.name: m for m in (
     Mode("str", "element-wise soft threshold (the paper)", True, SPARSE_ADAPTER, _THRESHOLDED),
     Mode("block", "group soft threshold over tiles, so kernels can skip inactive blocks", True,
          SPARSE_ADAPTER, _THRESHOLDED),
+    Mode("saliency", "the entries with the largest squared loss gradient at the base (Fisher), "
+         "trained from zero on a fixed mask", False, SPARSE_ADAPTER, (FixedDelta,), needs_loss=True),
     Mode("lora", "equivariant LoRA (the baseline): rank lora_rank per path block", False,
          LORA_ADAPTER, (LoRADelta,)),
 )}
@@ -49,7 +52,7 @@ MODES = {m.name: m for m in (
 # (benchmarks/lr_sweep.py; results in benchmarks/results/lr_sweep_*).
 METHODS = {m.name: m for m in (
     Method("sparse", "a sparse delta on the frozen base (a few % of the path weights change)", 1e-1,
-           ("str", "block")),
+           ("str", "block", "saliency")),
     Method("full", "every base weight trainable", 3e-3, ()),
     Method("lora", "equivariant LoRA on the frozen base", 1e-1, ("lora",)),
 )}

@@ -16,6 +16,7 @@ import json
 import resource
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -33,7 +34,7 @@ from .density import calibrate_density
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, forward, loss,
                          make_samples, residuals, set_shift)
 from .lifecycle import merge, prepare, target_groups, to_fast
-from .methods import DEFAULT_LR, METHODS, SPARSE_MODES
+from .methods import DEFAULT_LR, METHODS, MODES, SPARSE_MODES
 from .statistics import stats
 
 
@@ -54,6 +55,9 @@ class Settings:
     tile: int = 8
     lora_rank: int = 4
     fast_after: Optional[int] = None
+    density_warmup: float = 0.0  # epochs; 0: one step
+    density_peak: Optional[float] = None
+    density_anneal: float = 0.0  # epochs
     lr: Optional[float] = None  # None: DEFAULT_LR[method]
     batch_size: int = 4
     seed: int = 0
@@ -84,6 +88,10 @@ class Settings:
             raise ValueError(f"--tile and --lora_rank must be >= 1, got {self.tile} and {self.lora_rank}")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"--density must be in (0, 1], got {self.density}")
+        if self.density_peak is not None and not self.density <= self.density_peak <= 1.0:
+            raise ValueError(f"--density_peak must be in [--density, 1], got {self.density_peak}")
+        if self.density_warmup < 0 or self.density_anneal < 0:
+            raise ValueError("--density_warmup and --density_anneal must be >= 0 epochs")
         if any(n is not None and n < 1 for n in (self.max_train, self.max_valid, self.max_test)):
             raise ValueError("--max_train, --max_valid and --max_test must be >= 1")
         try:
@@ -151,7 +159,7 @@ def _refit_shift(family: Family, model, shift: Dict[int, float], samples: Sequen
     return correction
 
 
-def _apply_method(model, settings: Settings) -> torch.nn.Module:
+def _apply_method(model, settings: Settings, family: Family, train_s: Sequence[Sample]) -> torch.nn.Module:
     """Make trainable what the method trains: deltas of its mode, or the base weights."""
     modes = METHODS[settings.method].modes
     if not modes:
@@ -163,8 +171,13 @@ def _apply_method(model, settings: Settings) -> torch.nn.Module:
         config = SparseConfig(mode="lora", lora_rank=settings.lora_rank, seed=settings.seed)
     else:
         tile = (1, 1) if mode == "str" else (settings.tile, settings.tile)
-        config = SparseConfig(density=settings.density, mode=mode, tile=tile, seed=settings.seed)
-    return prepare(model, config)
+        steps = -(-len(train_s) // settings.batch_size)  # per epoch
+        config = SparseConfig(density=settings.density, mode=mode, tile=tile, seed=settings.seed,
+                              warmup_steps=max(1, round(settings.density_warmup * steps)),
+                              peak_density=settings.density_peak, anneal_steps=round(settings.density_anneal * steps))
+    model.train()  # the saliency pass needs training's forces (with their graph)
+    losses = [partial(loss, family, model, batch, settings) for batch in batches(train_s, settings.batch_size)]
+    return prepare(model, config, losses=losses if MODES[mode].needs_loss else None)
 
 
 def _path_weights(model) -> Dict[str, torch.Tensor]:
@@ -322,7 +335,7 @@ def _run(settings: Settings, out: Path, family: Family, frames, started: float) 
     de, frame_shift, df = residuals(family, model, test_s, settings)
     zero_shot = {"zero_shot_test": errors(de, df), "zero_shot_no_e0_shift_test": errors(de - frame_shift, df)}
     base = {k: v.detach().clone() for k, v in _path_weights(model).items()}
-    model = _apply_method(model, settings)
+    model = _apply_method(model, settings, family, train_s)
 
     def save(trained, optimizer, progress):
         checkpoint.save(out, settings.identity(), trained, optimizer, progress, shift)

@@ -143,3 +143,64 @@ def test_lora_baseline_starts_at_base(base):
     assert rel_err(got["energy"], ref["energy"]) <= 1e-12
     _train(model, batch, steps=2)
     assert sparsekern.stats(model)["changed_params"] > 0
+
+
+def _saliency_losses(model, batch):
+    def loss():
+        out = model(batch, training=True, compute_force=True)
+        return ((out["forces"] - batch["forces"]) ** 2).mean()
+    return [loss]
+
+
+@pytest.mark.parametrize("mode", ["str", "block", "lora", "saliency"])
+def test_prepared_model_is_the_base_model(base, mode):
+    batch = mace_batch(base, _structures())
+    model = copy.deepcopy(base)
+    losses = _saliency_losses(model, batch) if mode == "saliency" else None
+    sparsekern.prepare(model, SparseConfig(mode=mode, tile=(4, 4), lora_rank=2), losses=losses)
+    assert sparsekern.stats(model)["changed_params"] == 0
+    ref, got = base(batch, compute_force=True), model(batch, compute_force=True)
+    assert rel_err(got["energy"], ref["energy"]) <= 1e-12 and rel_err(got["forces"], ref["forces"]) <= 1e-12
+    _train(model, batch, steps=2)
+    assert sparsekern.stats(model)["changed_params"] > 0
+
+
+def test_density_schedule_warms_up_then_anneals():
+    from sparsekern.finetune.density import scheduled_density
+
+    config = SparseConfig(density=0.01, warmup_steps=4, peak_density=0.1, anneal_steps=10)
+    got = [scheduled_density(config, s) for s in range(16)]
+    assert got[:5] == pytest.approx([0.0, 0.025, 0.05, 0.075, 0.1], abs=1e-15)
+    assert all(a > b for a, b in zip(got[4:14], got[5:15])) and got[14] == got[15] == 0.01
+    assert scheduled_density(SparseConfig(density=0.03), 1) == 0.03  # default: one step at zero
+    with pytest.raises(ValueError, match="peak_density"):
+        SparseConfig(density=0.1, peak_density=0.05)
+
+
+def test_saliency_mask_is_the_top_fisher_entries(base):
+    from sparsekern import delta_slot
+    from sparsekern.finetune.lifecycle import target_groups
+    from sparsekern.patching import patched_layers
+
+    batch = mace_batch(base, _structures())
+    model = copy.deepcopy(base)
+    sparsekern.prepare(model, SparseConfig(mode="saliency", density=0.02), losses=_saliency_losses(model, batch))
+    with pytest.raises(ValueError, match="losses"):
+        sparsekern.prepare(copy.deepcopy(base), SparseConfig(mode="saliency"))
+    # the Fisher scores by hand: squared gradients of the loss at the base weights
+    reference = copy.deepcopy(base)
+    out = reference(batch, training=True, compute_force=True)
+    ((out["forces"] - batch["forces"]) ** 2).mean().backward()
+    chosen, scores = [], []
+    for (_, layer), (_, ref_layer) in zip(patched_layers(model), patched_layers(sparsekern.patch(reference))):
+        for param, groups in target_groups(layer).items():
+            g = ref_layer.get_parameter(param).grad.view(-1)  # patch shares the Parameters
+            mask = torch.zeros_like(g, dtype=torch.bool)
+            mask[delta_slot.get(layer, param).index] = True
+            for grp in groups:
+                chosen.append(mask.narrow(0, grp.offset, grp.numel))
+                scores.append(g.narrow(0, grp.offset, grp.numel).square())
+    chosen, scores = torch.cat(chosen), torch.cat(scores)
+    assert chosen.sum() == round(0.02 * chosen.numel())
+    assert scores[chosen].min() >= scores[~chosen].max()
+    assert all(isinstance(d, FixedDelta) and not d.values.any() for *_, d in iter_deltas(model))
