@@ -11,7 +11,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ..files import atomic_write
-from .adapters import group_from_dict, load_adapter, read_adapter
+from .adapter_set import load_adapter
+from .adapters import group_from_dict, read_adapter
 from .statistics import count_changes, stats
 
 # d-block, groups 3-12: Sc-Zn, Y-Cd, La, Hf-Hg, Ac, Rf-Cn.
