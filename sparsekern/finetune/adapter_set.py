@@ -22,7 +22,6 @@ import torch
 
 from .. import delta_slot
 from ..integrations import family_of
-from ..patching import patch, patched_layers
 from .adapters import attach_adapter, check_base, read_adapter
 
 DEFAULT = "default"
@@ -151,8 +150,6 @@ def load_adapter(model: torch.nn.Module, path, trainable: bool = False, name: st
                          "delete_adapter it first or give another name")
     tensors, metadata = read_adapter(path)
     shift = _e0_shift(metadata, path)
-    if not patched_layers(model):
-        patch(model)
     record = _record(model)
     _check_slots(model, record, "load_adapter")
     check_base(model, path, metadata)

@@ -24,7 +24,7 @@ import torch
 from .. import __version__, delta_slot
 from ..files import atomic_write
 from ..paths import WeightGroup
-from ..patching import patched_layers
+from ..patching import patch, patched_layers
 from .config import SparseConfig
 from .delta import FixedDelta
 from .lifecycle import prepare, target_groups
@@ -66,7 +66,10 @@ def fingerprint(model: torch.nn.Module, precision: str = FINGERPRINT_DTYPE) -> s
 
 
 def check_base(model: torch.nn.Module, path, metadata: dict, what: str = "this model") -> None:
-    """Refuse (one line) an adapter whose recorded base fingerprint is not ``model``'s."""
+    """Refuse (one line) an adapter whose recorded base fingerprint is not ``model``'s
+    (patched here if needed: the fingerprint covers sparsekern's layers)."""
+    if not patched_layers(model):
+        patch(model)
     expected = metadata.get("fingerprint")
     found = fingerprint(model, metadata.get("fingerprint_dtype", "float64"))
     if expected != found:
