@@ -16,7 +16,7 @@ import json
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional
 
 import torch
 
@@ -27,11 +27,22 @@ from .adapters import attach_adapter, check_base, read_adapter
 DEFAULT = "default"
 
 
+class _Slot(NamedTuple):
+    """Where one delta of an adapter goes, with the tensors a swap compares (looked up
+    once: a swap must not walk the model)."""
+
+    layer: torch.nn.Module
+    param: str
+    delta: delta_slot.Delta
+    base: torch.Tensor  # the base weight it changes
+    probe: torch.Tensor  # one of the delta's own tensors (its device and dtype)
+
+
 @dataclass
 class _Adapter:
     path: str
     format: str
-    deltas: List[Tuple[torch.nn.Module, str, delta_slot.Delta]]  # (layer, parameter, delta)
+    slots: List[_Slot]
     config: object  # the model's fine-tuning settings while it is active (LoRA's)
     e0_shift: Dict[int, float]
 
@@ -72,14 +83,17 @@ def _known(record: _Record, name: str) -> _Adapter:
 
 def _check_slots(model: torch.nn.Module, record: _Record, what: str) -> None:
     """Refuse when the slots hold deltas no named adapter owns (``prepare``'s) or
-    merged ones: a swap would drop or double them."""
-    active = {id(d) for *_, d in record.adapters[record.active].deltas} if record.active else set()
-    for *_, delta in delta_slot.iter_deltas(model):
-        if delta.merged:
-            raise ValueError(f"{what}: the model's adapter is merged; unmerge(model) first")
-        if id(delta) not in active:
-            raise ValueError(f"{what}: the model has deltas that are no named adapter's (from prepare); "
-                             "use a clean base model")
+    merged ones: a swap would drop or double them. (Only the layers the adapters
+    change are looked at: every adapter of a base changes the same layers.)"""
+    active = {id(s.delta) for s in record.adapters[record.active].slots} if record.active else set()
+    layers = {id(s.layer): s.layer for a in record.adapters.values() for s in a.slots}
+    for layer in layers.values() if record.adapters else [m for _, m in model.named_modules()]:
+        for _, delta in delta_slot.layer_deltas(layer):
+            if delta.merged:
+                raise ValueError(f"{what}: the model's adapter is merged; unmerge(model) first")
+            if id(delta) not in active:
+                raise ValueError(f"{what}: the model has deltas that are no named adapter's (from prepare); "
+                                 "use a clean base model")
 
 
 def _e0_shift(metadata: dict, path) -> Dict[int, float]:
@@ -106,8 +120,8 @@ def _check_shift(model: torch.nn.Module, shift: Dict[int, float], path) -> None:
 def _deactivate(model: torch.nn.Module, record: _Record) -> None:
     if record.active is None:
         return
-    for layer, param, _ in record.adapters[record.active].deltas:
-        delta_slot.detach(layer, param)
+    for slot in record.adapters[record.active].slots:
+        delta_slot.detach(slot.layer, slot.param)
     if record.e0_base is not None:
         with torch.no_grad():
             family_of(model).e0_table(model)[0].copy_(record.e0_base)
@@ -118,12 +132,10 @@ def _deactivate(model: torch.nn.Module, record: _Record) -> None:
 
 def _activate(model: torch.nn.Module, record: _Record, name: str) -> None:
     adapter = record.adapters[name]
-    for layer, param, delta in adapter.deltas:
-        base = layer.get_parameter(param)
-        values = next(delta.parameters())
-        if values.device != base.device or values.dtype != base.dtype:
-            delta.to(device=base.device, dtype=base.dtype)  # the model moved since: once, then resident
-        delta_slot.attach(layer, param, delta)
+    for slot in adapter.slots:
+        if slot.probe.device != slot.base.device or slot.probe.dtype != slot.base.dtype:
+            slot.delta.to(device=slot.base.device, dtype=slot.base.dtype)  # the model moved since: once
+        delta_slot.attach(slot.layer, slot.param, slot.delta)
     if adapter.e0_shift:
         family = family_of(model)
         record.e0_base = family.e0_table(model)[0].detach().clone()
@@ -158,8 +170,9 @@ def load_adapter(model: torch.nn.Module, path, trainable: bool = False, name: st
     _deactivate(model, record)  # the new adapter attaches into empty slots
     try:
         attach_adapter(model, path, tensors, metadata, trainable)
-        deltas = [(layer, param, delta) for _, layer, param, delta in delta_slot.iter_deltas(model)]
-        record.adapters[name] = _Adapter(str(path), metadata["format"], deltas, delta_slot.config_of(model), shift)
+        slots = [_Slot(layer, param, delta, layer.get_parameter(param), next(delta.parameters()))
+                 for _, layer, param, delta in delta_slot.iter_deltas(model)]
+        record.adapters[name] = _Adapter(str(path), metadata["format"], slots, delta_slot.config_of(model), shift)
     finally:
         for _, layer, param, _ in list(delta_slot.iter_deltas(model)):
             delta_slot.detach(layer, param)

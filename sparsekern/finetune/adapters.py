@@ -229,3 +229,12 @@ def _split(stem: str, layers) -> tuple:
         if stem.startswith(name + "."):
             return name, stem[len(name) + 1:]
     raise ValueError(f"adapter entry {stem!r} names no sparsekern layer of this model")
+
+
+def __getattr__(name: str):
+    """``load_adapter`` lives with the named adapters now; its old import path stays valid."""
+    if name == "load_adapter":
+        from .adapter_set import load_adapter
+
+        return load_adapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
