@@ -11,7 +11,7 @@ SevenNet's own calculator on that model, and
   that adapter (should be bit for bit) and (2) the merged model in its own
   SevenNetCalculator (float32 round-off: patched layers vs e3nn's).
 
-    .venv-sevenn/bin/python benchmarks/adapter_swap.py [--swaps 2000] [--threads 1] [--out FILE.md]
+    PYTHONPATH=. .venv-sevenn/bin/python benchmarks/adapter_swap.py [--swaps 2000] [--threads 1] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -101,6 +102,7 @@ def main() -> None:
         load_s = (time.perf_counter() - t0) / 2
         calc = adapter_calculator(model)
         rows = compare(model, calc, atoms, merged, alone)
+        calc.reset()  # timed uncached
         t0 = time.perf_counter()
         energy_forces(calc, atoms)
         eval_s = time.perf_counter() - t0
@@ -129,7 +131,8 @@ def write(args, rows, swaps, load_s, eval_s, density, natoms) -> None:
         "",
         f"Machine: {platform.node()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
         f"torch thread(s), torch {torch.__version__}, Python {platform.python_version()}.",
-        f"Command: `{' '.join([Path(sys.executable).parent.parent.name + '/bin/python'] + sys.argv)}`",
+        f"Command: `PYTHONPATH=. {' '.join([Path(sys.executable).parent.parent.name + '/bin/python'] + sys.argv)}`",
+        f"Load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} cores, shared).",
         "",
         f"Two STR adapters at {100 * density:.2f} % of SevenNet-0's path weights, each with an E0 shift; "
         f"a {natoms}-atom Si/O cell.",
