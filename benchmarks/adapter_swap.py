@@ -124,12 +124,19 @@ def compare(model, calc, atoms, merged, alone):
     return rows
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def write(args, rows, swaps, load_s, eval_s, density, natoms) -> None:
     ms = [1e3 * t for t in swaps]
     lines = [
         f"# Adapter swap, SevenNet-0, {datetime.date.today().isoformat()}",
         "",
-        f"Machine: {platform.node()}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"Machine: {platform.node()}, {cpu_model()}, {torch.get_num_threads()} "
         f"torch thread(s), torch {torch.__version__}, Python {platform.python_version()}.",
         f"Command: `PYTHONPATH=. {' '.join([Path(sys.executable).parent.parent.name + '/bin/python'] + sys.argv)}`",
         f"Load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} cores, shared).",

@@ -169,7 +169,7 @@ def _rewrite(path, out, **metadata):
     return out
 
 
-def test_bad_adapter_files(base, adapters, tmp_path, atoms):
+def test_bad_adapter_files(base, adapters, tmp_path, atoms, capsys):
     path = adapters["str"]
     other = copy.deepcopy(base)
     with torch.no_grad():
@@ -183,6 +183,11 @@ def test_bad_adapter_files(base, adapters, tmp_path, atoms):
     future = _rewrite(path, tmp_path / "future.safetensors", version="7")
     with pytest.raises(ValueError, match=r"written by a newer sparsekern .*format 7 > 2"):
         load_adapter(copy.deepcopy(base), future)
+    for bad, message in ((future, "format 7 > 2"), (truncated, "truncated")):  # the command line: one line
+        capsys.readouterr()
+        assert cli(["report", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1
     # its own base cast to float32 takes it (and the float64 base a float32-made one)
     load_adapter(copy.deepcopy(base).float(), path)
     # adapters written before the fingerprint's precision was recorded hashed float64
