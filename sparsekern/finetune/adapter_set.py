@@ -83,8 +83,8 @@ def _known(record: _Record, name: str) -> _Adapter:
 
 def _check_slots(model: torch.nn.Module, record: _Record, what: str) -> None:
     """Refuse when the slots hold deltas no named adapter owns (``prepare``'s) or
-    merged ones: a swap would drop or double them. (Only the layers the adapters
-    change are looked at: every adapter of a base changes the same layers.)"""
+    merged ones: a swap would drop or double them. (Once adapters are loaded, only the
+    layers they change are looked at, so that a swap does not walk the model.)"""
     active = {id(s.delta) for s in record.adapters[record.active].slots} if record.active else set()
     layers = {id(s.layer): s.layer for a in record.adapters.values() for s in a.slots}
     for layer in layers.values() if record.adapters else [m for _, m in model.named_modules()]:
