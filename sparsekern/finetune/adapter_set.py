@@ -230,11 +230,6 @@ def list_adapters(model: torch.nn.Module) -> List[AdapterInfo]:
     return [AdapterInfo(n, n == record.active, a.format, a.path) for n, a in record.adapters.items()]
 
 
-def active_adapter(model: torch.nn.Module) -> Optional[str]:
-    record = delta_slot.adapters_of(model)
-    return record.active if record is not None else None
-
-
 def adapter_calculator(model: torch.nn.Module, device: str = "cpu"):
     """The model family's own ASE calculator on ``model`` itself: it computes with the
     active adapter, and forgets its cached results whenever the adapter changes."""
