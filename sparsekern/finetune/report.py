@@ -144,9 +144,14 @@ def d_shell_verdict(s: dict) -> dict:
 def build_report(path, base: Optional[torch.nn.Module] = None) -> dict:
     _, metadata = read_adapter(path)
     s = adapter_stats(path, base)
+    verdict = d_shell_verdict(s)
+    if metadata["format"] == LORA_ADAPTER and verdict["l2_larger_share_for_transition_metals"] is not None:
+        verdict.update(l2_larger_share_for_transition_metals=None, reason=(
+            "a LoRA update B A changes every weight of each block it touches, so the share of changed weights "
+            "cannot tell (a sparse adapter can)"))
     return {"adapter": str(path), "format": metadata.get("format"), "fingerprint": metadata.get("fingerprint"),
             "base_model": metadata.get("base_model"),
-            "config": json.loads(metadata.get("config", "null")), **s, "d_shell": d_shell_verdict(s)}
+            "config": json.loads(metadata.get("config", "null")), **s, "d_shell": verdict}
 
 
 def verdict_line(report: dict) -> str:

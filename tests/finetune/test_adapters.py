@@ -23,19 +23,16 @@ from sparsekern.finetune import (SparseConfig, adapter_calculator, calibrate_den
                                  disable_adapter, fingerprint, iter_deltas, list_adapters, load_adapter, set_adapter)
 from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped  # noqa: E402
 
-SHIFT = {"1": 0.5, "3": -0.25}  # eV per atom of H and of Li
+SHIFT = {"1": 0.5, "26": -0.25}  # eV per atom of H and of Fe
 CONFIGS = {"str": SparseConfig(density=0.05, seed=1), "block": SparseConfig(density=0.1, mode="block", tile=(4, 4)),
            "lora": SparseConfig(mode="lora", lora_rank=2, seed=2)}
 
 
 @pytest.fixture(scope="module")
 def base():
-    return _small(21)
-
-
-def _small(seed):
-    return mace_mp0_shaped("small", seed=seed, num_elements=4, hidden_irreps=o3.Irreps("4x0e+4x1o"), max_ell=2,
-                           correlation=2, radial_MLP=[8])
+    # l = 2 per-element paths and two transition metals: the report's verdict has data
+    return mace_mp0_shaped("small", seed=21, num_elements=4, atomic_numbers=[1, 8, 26, 28],
+                           hidden_irreps=o3.Irreps("4x0e+4x2e"), max_ell=2, correlation=2, radial_MLP=[8])
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +40,7 @@ def atoms():
     a = bulk("C", "diamond", a=3.57)[:1] * (2, 2, 1)
     a.pbc = False
     a.rattle(0.1, seed=4)
-    a.numbers = [1, 2, 3, 4]
+    a.numbers = [1, 8, 26, 28]
     return a
 
 
@@ -207,6 +204,9 @@ def test_report_on_lora_adapters_and_a_checked_base(base, adapters, tmp_path, ca
     for key in ("total_params", "changed_params", "by_layer", "by_path", "by_l", "by_element", "by_element_l"):
         assert report[key] == expected[key], key
     assert 0 < report["changed_params"] and report["format"] == "sparsekern-lora-adapter"
+    # every weight of a touched block changes: the count cannot answer the d-shell question
+    assert report["d_shell"]["l2_larger_share_for_transition_metals"] is None
+    assert "LoRA update" in report["d_shell"]["reason"]
     assert build_report(path, copy.deepcopy(base))["by_path"] == report["by_path"]  # its own base: accepted
     other = copy.deepcopy(base)
     with torch.no_grad():
