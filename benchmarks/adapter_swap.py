@@ -149,7 +149,8 @@ def write(args, rows, swaps, load_s, eval_s, density, natoms) -> None:
         f"- for scale: one energy + forces call {1e3 * eval_s:.1f} ms; `load_adapter` from the file "
         f"(read, fingerprint check, attach) {1e3 * load_s:.1f} ms per adapter",
         "",
-        "| swap to | energy (eV) | vs adapter alone: dE (eV) | max dF (eV/Å) | vs merged model: dE (eV) | max dF (eV/Å) |",
+        "| swap to | energy (eV) | vs adapter alone: dE (eV) | max dF (eV/Å) "
+        "| vs merged model: dE (eV) | max dF (eV/Å) |",
         "|---|---|---|---|---|---|",
     ]
     lines += [f"| {r['adapter']} | {r['energy_ev']:.6f} | {r['vs_alone_de']:.1e} | {r['vs_alone_df']:.1e} | "

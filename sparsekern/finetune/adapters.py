@@ -179,8 +179,8 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
         tensors, own = FORMATS[fmt].entries(model, deltas)
     config = delta_slot.config_of(model)
     metadata = {"format": fmt, "version": FORMATS[fmt].version, "sparsekern": __version__,
-                "fingerprint": fingerprint(model), "fingerprint_dtype": FINGERPRINT_DTYPE, "config": json.dumps(config.to_dict() if config is not None else None),
-                **own}
+                "fingerprint": fingerprint(model), "fingerprint_dtype": FINGERPRINT_DTYPE,
+                "config": json.dumps(config.to_dict() if config is not None else None), **own}
     clash = set(metadata) & set(extra_metadata or {})
     if clash:
         raise ValueError(f"save_adapter: extra_metadata may not set the adapter's own keys {sorted(clash)}")

@@ -85,9 +85,10 @@ def _lora_changed(path, tensors, metadata, stem, gs, numel) -> torch.Tensor:
     mask = torch.zeros(numel, dtype=torch.bool)
     for i, g in enumerate(gs):
         a, b = tensors.get(f"{stem}.{i}.a"), tensors.get(f"{stem}.{i}.b")
-        if a is None or b is None or a.dim() != 3 or b.dim() != 3 or (a.shape[0], a.shape[1], b.shape[2]) != g.shape \
-                or a.shape[2] != b.shape[1]:
-            raise ValueError(f"adapter {path}: the factors of {stem!r} block {i} are missing or do not fit (damaged file)")
+        if a is None or b is None or a.dim() != 3 or b.dim() != 3 or a.shape[2] != b.shape[1] \
+                or (a.shape[0], a.shape[1], b.shape[2]) != g.shape:
+            raise ValueError(f"adapter {path}: the factors of {stem!r} block {i} are missing or do not fit "
+                             "(damaged file)")
         g.view(mask).copy_(torch.bmm(a, b) * scale != 0)
     return mask
 

@@ -24,7 +24,8 @@ def test_swap_in_a_running_sevennet_calculator(tmp_path):
         for _, layer, param, d in iter_deltas(trained):
             d.v.copy_(torch.randn(d.v.shape, generator=gen).to(d.v) * 0.1 * float(layer.get_parameter(param).std()))
     calibrate_density(trained)
-    a = sparsekern.save_adapter(trained, tmp_path / "a.safetensors", extra_metadata={"e0_shift_ev": json.dumps({"14": 0.5})})
+    a = sparsekern.save_adapter(trained, tmp_path / "a.safetensors",
+                                extra_metadata={"e0_shift_ev": json.dumps({"14": 0.5})})
     plain = sparsekern.save_adapter(trained, tmp_path / "plain.safetensors")
 
     model = family.load("7net-0", "cpu")
