@@ -230,6 +230,12 @@ def list_adapters(model: torch.nn.Module) -> List[AdapterInfo]:
     return [AdapterInfo(n, n == record.active, a.format, a.path) for n, a in record.adapters.items()]
 
 
+def active_e0_shift(model: torch.nn.Module) -> Dict[int, float]:
+    """The per-element energy shift the active adapter applies (eV by atomic number)."""
+    record = delta_slot.adapters_of(model)
+    return dict(record.adapters[record.active].e0_shift) if record is not None and record.active else {}
+
+
 def adapter_calculator(model: torch.nn.Module, device: str = "cpu"):
     """The model family's own ASE calculator on ``model`` itself: it computes with the
     active adapter, and forgets its cached results whenever the adapter changes."""

@@ -184,8 +184,17 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
     clash = set(metadata) & set(extra_metadata or {})
     if clash:
         raise ValueError(f"save_adapter: extra_metadata may not set the adapter's own keys {sorted(clash)}")
-    metadata.update(extra_metadata or {})
+    metadata.update({**_active_e0_shift(model), **(extra_metadata or {})})
     return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _active_e0_shift(model: torch.nn.Module) -> Dict[str, str]:
+    """The E0 shift of the active named adapter, as metadata: the model's per-element
+    energies hold it, so an adapter saved from the model keeps it."""
+    from .adapter_set import active_e0_shift  # (adapter_set builds on this module)
+
+    shift = active_e0_shift(model)
+    return {"e0_shift_ev": json.dumps({str(z): v for z, v in shift.items()})} if shift else {}
 
 
 def read_adapter(path, formats: Sequence[str] = tuple(FORMATS)):

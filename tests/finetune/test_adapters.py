@@ -117,11 +117,15 @@ def test_swaps_are_exact_and_disable_gives_the_base(base, adapters, atoms, refs)
     assert _equal(_out(model, atoms), refs["block"])
 
 
-def test_the_e0_shift_is_applied_while_active(base, adapters, atoms):
-    shifted, _ = _out(load_adapter(copy.deepcopy(base), adapters["str"]), atoms)
+def test_the_e0_shift_is_applied_while_active(base, adapters, atoms, tmp_path):
+    model = load_adapter(copy.deepcopy(base), adapters["str"])
+    shifted, _ = _out(model, atoms)
     plain, _ = _out(load_adapter(copy.deepcopy(base), adapters["str_unshifted"]), atoms)
     expected = sum(SHIFT.get(str(z), 0.0) for z in atoms.numbers)
     assert abs(float(shifted - plain) - expected) <= 1e-12
+    # saved again from the model, the adapter keeps its shift
+    again = sparsekern.save_adapter(model, tmp_path / "again.safetensors")
+    assert torch.equal(_out(load_adapter(copy.deepcopy(base), again), atoms)[0], shifted)
 
 
 def test_a_calculator_on_the_model_follows_swaps(base, adapters, atoms, refs):
