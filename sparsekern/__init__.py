@@ -18,6 +18,8 @@ _EXPORTS = {
     "patch": "patching", "unpatch": "patching", "patched_layers": "patching", "release": "patching",
     "SparseConfig": "finetune", "prepare": "finetune", "stats": "finetune", "save_adapter": "finetune",
     "load_adapter": "finetune", "merge": "finetune", "unmerge": "finetune", "to_fast": "finetune",
+    "set_adapter": "finetune", "disable_adapter": "finetune", "delete_adapter": "finetune",
+    "list_adapters": "finetune", "adapter_calculator": "finetune",
 }
 __all__ = list(_EXPORTS)
 

@@ -1,7 +1,8 @@
 """The delta slot: the one module that knows where sparsekern keeps what it attaches to
 a model. A layer's deltas live in ``layer.deltas`` (a ModuleDict keyed by the parameter
 name they change, dots mangled); the model's fine-tuning settings in
-``model.sparsekern_config``; its hooks carry a mark so :func:`strip` finds them.
+``model.sparsekern_config``; the named adapters loaded on it (``finetune.adapter_set``)
+in ``model.sparsekern_adapters``; its hooks carry a mark so :func:`strip` finds them.
 Layers pass an attached delta to the ops as a flat tensor (:func:`active`); kernels that
 skip inactive blocks read it through :func:`active_blocks`."""
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 
 SLOT = "deltas"
 CONFIG = "sparsekern_config"
+ADAPTERS = "sparsekern_adapters"
 _HOOK_MARK = "_sparsekern_hook"
 
 
@@ -134,6 +136,17 @@ def config_of(model: torch.nn.Module):
     return getattr(model, CONFIG, None)
 
 
+def adapters_of(model: torch.nn.Module):
+    """The record of the named adapters loaded on ``model`` (None: none). A plain
+    attribute, not a submodule: inactive adapters stay out of ``parameters()`` and the
+    state dict."""
+    return model.__dict__.get(ADAPTERS)
+
+
+def set_adapters(model: torch.nn.Module, record) -> None:
+    model.__dict__[ADAPTERS] = record
+
+
 def mark_hook(fn):
     """Mark a hook function as sparsekern's, so :func:`strip` removes it."""
     setattr(fn, _HOOK_MARK, True)
@@ -147,6 +160,7 @@ def strip(model: torch.nn.Module) -> None:
         if getattr(hook, _HOOK_MARK, False):
             del model._forward_pre_hooks[key]
     model.__dict__.pop(CONFIG, None)
+    model.__dict__.pop(ADAPTERS, None)
 
 
 def effective(weight: Optional[torch.Tensor], delta: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -9,7 +9,8 @@ from typing import List, Optional
 
 
 def load_base(spec: str):
-    """A base model for an adapter that does not describe its weight groups."""
+    """The base model ``--model`` names (its family told from the name first, so a
+    mistake is found before the slow load)."""
     from ..integrations import family_for
 
     return family_for(spec).load(spec, "cpu")
@@ -23,18 +24,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("adapter", help="adapter file (.safetensors) written by sparsekern")
     parser.add_argument("--out", default=None, help="output folder (default: the adapter's folder)")
     parser.add_argument("--model", default=None,
-                        help="base model (a MACE .model file, a MACE foundation name, or 7net-0); needed only "
-                             "for adapters written before they described their weight groups")
+                        help="base model (a MACE .model file, a MACE foundation name, or 7net-0): the adapter is "
+                             "checked against it (made for it, or an error); needed for adapters written before "
+                             "they described their weight groups")
     args = parser.parse_args(argv)
 
+    from ..finetune.adapters import read_adapter
     from ..finetune.report import build_report, verdict_line, write_report
 
     adapter = Path(args.adapter)
     try:
+        read_adapter(adapter)  # a bad file is refused before a base model loads
         base = load_base(args.model) if args.model else None
         report = build_report(adapter, base)
     except (ValueError, FileNotFoundError) as exc:
         print(f"sparsekern report: {exc}", file=sys.stderr)
+        return 1
+    except ImportError as exc:  # the model's family lives in another environment
+        print(f"sparsekern report: {exc} (MACE models need mace-torch, SevenNet models sevenn)", file=sys.stderr)
         return 1
     stem = adapter.name.removesuffix(".safetensors") + ".report"
     png, js = write_report(report, args.out or adapter.parent, stem)

@@ -5,7 +5,11 @@ safetensors file, in the format of the deltas' mode (``methods.MODES``):
   parameter: kilobytes for a few % of changed weights;
 - ``sparsekern-lora-adapter``: the factors A_g, B_g of every path block, not their
   dense product (whose nonzeros are all of the path weights); loading rebuilds the
-  LoRA deltas on the base and copies the factors in."""
+  LoRA deltas on the base and copies the factors in.
+
+Both describe their weight groups, so ``sparsekern report`` needs no base model, and
+carry the base's fingerprint; loading them (named, several on one base) is
+``adapter_set``'s."""
 
 from __future__ import annotations
 
@@ -40,47 +44,73 @@ def group_from_dict(d: dict) -> WeightGroup:
                        str(d["label"]), None if d["l"] is None else int(d["l"]), bool(d["per_element"]))
 
 
-def fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 over the names, shapes and float64 values of the base path weights (the
-    same for a model patched or not, float32 or moved to float64)."""
+FINGERPRINT_DTYPE = "float32"  # the base values are hashed at this precision
+
+
+def fingerprint(model: torch.nn.Module, precision: str = FINGERPRINT_DTYPE) -> str:
+    """SHA-256 over the names, shapes and values of the base path weights rounded to
+    ``precision``: the same for a model patched or not, and for a float64 model cast to
+    float32 or back. (Adapters written before ``fingerprint_dtype`` was recorded hashed
+    the float64 values: ``check_base`` recomputes that for them.)"""
     if any(d.merged for *_, d in delta_slot.iter_deltas(model)):
         raise ValueError("fingerprint: the model has merged deltas; unmerge it first")
+    dtype = getattr(torch, precision)
     params = [(f"{name}.{param}", layer.get_parameter(param))
               for name, layer in patched_layers(model) for param in target_groups(layer)]
     h = hashlib.sha256()
     for name, p in sorted(params, key=lambda np_: np_[0]):
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
-        h.update(p.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+        h.update(p.detach().to("cpu", dtype).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def _sparse_entries(model: torch.nn.Module, deltas: Sequence) -> Tuple[Tensors, Dict[str, str]]:
-    """The nonzero entries of each delta; the metadata describes each parameter's weight
-    groups and names the elements, so ``sparsekern report`` needs no base model (version
-    2; version 1 files lack them and still load)."""
-    tensors: Tensors = {}
+def check_base(model: torch.nn.Module, path, metadata: dict, what: str = "this model") -> None:
+    """Refuse (one line) an adapter whose recorded base fingerprint is not ``model``'s
+    (patched here if needed: the fingerprint covers sparsekern's layers)."""
+    if not patched_layers(model):
+        patch(model)
+    expected = metadata.get("fingerprint")
+    found = fingerprint(model, metadata.get("fingerprint_dtype", "float64"))
+    if expected != found:
+        raise ValueError(f"adapter {path} was made for a different base model than {what} "
+                         f"(its base fingerprint {expected[:12] if expected else None}..., {what}'s {found[:12]}...)")
+
+
+def _describe(model: torch.nn.Module, deltas: Sequence) -> Dict[str, str]:
+    """Each parameter's weight groups and the names of the elements of per-element
+    groups, so ``sparsekern report`` needs no base model."""
     groups: Dict[str, List[dict]] = {}
     elements: Dict[str, List[str]] = {}
+    for layer_name, _, param, delta in deltas:
+        groups[f"{layer_name}.{param}"] = [group_to_dict(g) for g in delta.groups]
+        for g in delta.groups:
+            if g.per_element:
+                elements[str(g.shape[0])] = element_labels(model, g.shape[0])
+    return {"groups": json.dumps(groups), "element_labels": json.dumps(elements)}
+
+
+def _sparse_entries(model: torch.nn.Module, deltas: Sequence) -> Tuple[Tensors, Dict[str, str]]:
+    """The nonzero entries of each delta (version 1 files lack the description and
+    still load)."""
+    tensors: Tensors = {}
     for layer_name, _, param, delta in deltas:
         d = delta().view(-1)
         index = torch.nonzero(d, as_tuple=True)[0]
         tensors[f"{layer_name}.{param}.index"] = index.to(torch.int32).cpu().contiguous()
         tensors[f"{layer_name}.{param}.values"] = d[index].detach().cpu().contiguous()
-        groups[f"{layer_name}.{param}"] = [group_to_dict(g) for g in delta.groups]
-        for g in delta.groups:
-            if g.per_element:
-                elements[str(g.shape[0])] = element_labels(model, g.shape[0])
-    return tensors, {"groups": json.dumps(groups), "element_labels": json.dumps(elements)}
+    return tensors, _describe(model, deltas)
 
 
 def _lora_entries(model: torch.nn.Module, deltas: Sequence) -> Tuple[Tensors, Dict[str, str]]:
+    """The factors of each path block, in the order of the delta's groups (version 1
+    files lack the description and still load)."""
     tensors: Tensors = {}
     for layer_name, _, param, delta in deltas:
         for i, (a, b) in enumerate(zip(delta.a, delta.b)):
             tensors[f"{layer_name}.{param}.{i}.a"] = a.detach().cpu().contiguous()
             tensors[f"{layer_name}.{param}.{i}.b"] = b.detach().cpu().contiguous()
-    return tensors, {}
+    return tensors, _describe(model, deltas)
 
 
 def _attach_sparse(model: torch.nn.Module, path, tensors: Tensors, metadata: dict, trainable: bool) -> None:
@@ -128,7 +158,7 @@ class _Format:
 
 
 FORMATS = {SPARSE_ADAPTER: _Format("2", _sparse_entries, _attach_sparse),
-           LORA_ADAPTER: _Format("1", _lora_entries, _attach_lora)}
+           LORA_ADAPTER: _Format("2", _lora_entries, _attach_lora)}
 
 
 def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str, str]] = None) -> Path:
@@ -149,18 +179,27 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
         tensors, own = FORMATS[fmt].entries(model, deltas)
     config = delta_slot.config_of(model)
     metadata = {"format": fmt, "version": FORMATS[fmt].version, "sparsekern": __version__,
-                "fingerprint": fingerprint(model), "config": json.dumps(config.to_dict() if config is not None else None),
-                **own}
+                "fingerprint": fingerprint(model), "fingerprint_dtype": FINGERPRINT_DTYPE,
+                "config": json.dumps(config.to_dict() if config is not None else None), **own}
     clash = set(metadata) & set(extra_metadata or {})
     if clash:
         raise ValueError(f"save_adapter: extra_metadata may not set the adapter's own keys {sorted(clash)}")
-    metadata.update(extra_metadata or {})
+    metadata.update({**_active_e0_shift(model), **(extra_metadata or {})})
     return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def read_adapter(path, formats: Sequence[str] = (SPARSE_ADAPTER,)):
-    """(tensors, metadata) of an adapter file in one of ``formats``; a clear error for
-    anything else."""
+def _active_e0_shift(model: torch.nn.Module) -> Dict[str, str]:
+    """The E0 shift of the active named adapter, as metadata: the model's per-element
+    energies hold it, so an adapter saved from the model keeps it."""
+    from .adapter_set import active_e0_shift  # (adapter_set builds on this module)
+
+    shift = active_e0_shift(model)
+    return {"e0_shift_ev": json.dumps({str(z): v for z, v in shift.items()})} if shift else {}
+
+
+def read_adapter(path, formats: Sequence[str] = tuple(FORMATS)):
+    """(tensors, metadata) of an adapter file in one of ``formats`` that this sparsekern
+    reads; a one-line error for anything else."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -171,28 +210,25 @@ def read_adapter(path, formats: Sequence[str] = (SPARSE_ADAPTER,)):
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
-        raise ValueError(f"{path} is not a readable sparsekern adapter (corrupt or another format): {exc}") from exc
-    if metadata.get("format") not in formats:
+        raise ValueError(f"{path} is not a readable sparsekern adapter (corrupt, truncated or another format): "
+                         f"{exc}") from None
+    fmt = metadata.get("format")
+    if fmt not in formats:
         raise ValueError(f"{path} is not a sparsekern adapter of format {' or '.join(formats)} "
-                         f"(its format: {metadata.get('format')!r})")
+                         f"(its format: {fmt!r})")
+    version, known = metadata.get("version", ""), int(FORMATS[fmt].version)
+    if not version.isdigit():
+        raise ValueError(f"adapter {path}: its format version {version!r} is not a number (damaged file)")
+    if int(version) > known:
+        raise ValueError(f"adapter {path} was written by a newer sparsekern ({metadata.get('sparsekern', '?')}): "
+                         f"{fmt} format {version} > {known}, the newest this one reads; upgrade sparsekern")
     return tensors, metadata
 
 
-def load_adapter(model: torch.nn.Module, path, trainable: bool = False) -> torch.nn.Module:
-    """Attach an adapter's deltas (either format) to a base model, patched here if
-    needed; ``trainable``: the loaded deltas train on. Refuses an adapter made for
-    another base model."""
-    tensors, metadata = read_adapter(path, tuple(FORMATS))
-    if not patched_layers(model):
-        patch(model)
-    if delta_slot.has_deltas(model):
-        raise ValueError("load_adapter: the model already has deltas; load adapters into a clean base model")
-    expected, found = metadata.get("fingerprint"), fingerprint(model)
-    if expected != found:
-        raise ValueError(f"adapter {path} was made for a different base model "
-                         f"(its base fingerprint {expected[:12] if expected else None}..., this model's {found[:12]}...)")
+def attach_adapter(model: torch.nn.Module, path, tensors: Tensors, metadata: dict, trainable: bool) -> None:
+    """Attach a read adapter's deltas to ``model``'s delta slots (already patched and
+    free of deltas; its base checked)."""
     FORMATS[metadata["format"]].attach(model, path, tensors, metadata, trainable)
-    return model
 
 
 def _split(stem: str, layers) -> tuple:
@@ -202,3 +238,12 @@ def _split(stem: str, layers) -> tuple:
         if stem.startswith(name + "."):
             return name, stem[len(name) + 1:]
     raise ValueError(f"adapter entry {stem!r} names no sparsekern layer of this model")
+
+
+def __getattr__(name: str):
+    """``load_adapter`` lives with the named adapters now; its old import path stays valid."""
+    if name == "load_adapter":
+        from .adapter_set import load_adapter
+
+        return load_adapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,13 +5,17 @@ metals than for the other elements (the paper's signature)."""
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from ..files import atomic_write
-from .adapters import group_from_dict, load_adapter, read_adapter
+from .adapter_set import load_adapter
+from .adapters import check_base, group_from_dict, read_adapter
+from .config import SparseConfig
+from .methods import LORA_ADAPTER
 from .statistics import count_changes, stats
 
 # d-block, groups 3-12: Sc-Zn, Y-Cd, La, Hf-Hg, Ac, Rf-Cn.
@@ -28,39 +32,65 @@ def is_transition_metal(label: str) -> Optional[bool]:
 
 
 def adapter_stats(path, base: Optional[torch.nn.Module] = None) -> dict:
-    """``stats`` of the model the adapter makes, from the adapter alone where it
-    describes its weight groups (format version 2), else by loading it into ``base``
-    (which must be its base model; it is modified)."""
+    """``stats`` of the model the adapter makes (sparse: its stored entries; LoRA: the
+    nonzeros of each block's B A update), from the adapter alone where it describes its
+    weight groups, else by loading it into ``base``. A ``base`` given is checked: the
+    adapter must have been made for it (it is patched, and modified for old files)."""
     tensors, metadata = read_adapter(path)
+    if base is not None:
+        check_base(base, path, metadata, "the given base model")
     if "groups" in metadata:
         try:
             groups = {stem: [group_from_dict(g) for g in gs] for stem, gs in json.loads(metadata["groups"]).items()}
             labels: Dict[str, List[str]] = json.loads(metadata.get("element_labels", "{}"))
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"adapter {path}: its weight-group metadata is damaged ({exc})") from exc
-        return count_changes(_entries(path, tensors, groups), _labeller(labels))
+            raise ValueError(f"adapter {path}: its weight-group metadata is damaged ({exc})") from None
+        changed = partial(_lora_changed if metadata["format"] == LORA_ADAPTER else _sparse_changed,
+                          path, tensors, metadata)
+        return count_changes(_entries(path, groups, changed), _labeller(labels))
     if base is None:
-        raise ValueError(f"adapter {path} does not describe its weight groups (written by sparsekern before "
-                         "format version 2): give its base model (--model BASE) to report on it")
+        raise ValueError(f"adapter {path} does not describe its weight groups (written by an older sparsekern): "
+                         "give its base model (--model BASE) to report on it")
     load_adapter(base, path)
     return stats(base)
 
 
-def _entries(path, tensors, groups):
-    """(layer name, groups, changed mask) per parameter, from the stored indices."""
+def _entries(path, groups, changed):
+    """(layer name, groups, changed mask) per parameter; ``changed(stem, groups, numel)``
+    gives the flat mask."""
     for stem, gs in groups.items():
-        index = tensors.get(f"{stem}.index")
-        if index is None or not gs:
-            raise ValueError(f"adapter {path}: weight groups of {stem!r} but no stored entries (damaged file)")
-        numel = max(g.offset + g.numel for g in gs)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= numel):
-            raise ValueError(f"adapter {path}: indices of {stem!r} fall outside its weight groups (damaged file)")
-        mask = torch.zeros(numel, dtype=torch.bool)
-        mask[index.long()] = True
+        if not gs:
+            raise ValueError(f"adapter {path}: no weight groups for {stem!r} (damaged file)")
         param = gs[0].param
         if not stem.endswith("." + param):
             raise ValueError(f"adapter {path}: entry {stem!r} does not end in its parameter name {param!r}")
-        yield stem[: -len(param) - 1], gs, mask
+        yield stem[: -len(param) - 1], gs, changed(stem, gs, max(g.offset + g.numel for g in gs))
+
+
+def _sparse_changed(path, tensors, metadata, stem, gs, numel) -> torch.Tensor:
+    index = tensors.get(f"{stem}.index")
+    if index is None:
+        raise ValueError(f"adapter {path}: weight groups of {stem!r} but no stored entries (damaged file)")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= numel):
+        raise ValueError(f"adapter {path}: indices of {stem!r} fall outside its weight groups (damaged file)")
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[index.long()] = True
+    return mask
+
+
+def _lora_changed(path, tensors, metadata, stem, gs, numel) -> torch.Tensor:
+    """The nonzeros of each group's update B A * alpha / rank, as ``LoRADelta`` makes it."""
+    config = json.loads(metadata.get("config") or "null") or {}
+    scale = config.get("lora_alpha", SparseConfig.lora_alpha) / config.get("lora_rank", SparseConfig.lora_rank)
+    mask = torch.zeros(numel, dtype=torch.bool)
+    for i, g in enumerate(gs):
+        a, b = tensors.get(f"{stem}.{i}.a"), tensors.get(f"{stem}.{i}.b")
+        if a is None or b is None or a.dim() != 3 or b.dim() != 3 or a.shape[2] != b.shape[1] \
+                or (a.shape[0], a.shape[1], b.shape[2]) != g.shape:
+            raise ValueError(f"adapter {path}: the factors of {stem!r} block {i} are missing or do not fit "
+                             "(damaged file)")
+        g.view(mask).copy_(torch.bmm(a, b) * scale != 0)
+    return mask
 
 
 def _labeller(labels: Dict[str, List[str]]) -> Callable[[int], List[str]]:
@@ -115,8 +145,14 @@ def d_shell_verdict(s: dict) -> dict:
 def build_report(path, base: Optional[torch.nn.Module] = None) -> dict:
     _, metadata = read_adapter(path)
     s = adapter_stats(path, base)
-    return {"adapter": str(path), "fingerprint": metadata.get("fingerprint"), "base_model": metadata.get("base_model"),
-            "config": json.loads(metadata.get("config", "null")), **s, "d_shell": d_shell_verdict(s)}
+    verdict = d_shell_verdict(s)
+    if metadata["format"] == LORA_ADAPTER and verdict["l2_larger_share_for_transition_metals"] is not None:
+        verdict.update(l2_larger_share_for_transition_metals=None, reason=(
+            "a LoRA update B A changes every weight of each block it touches, so the share of changed weights "
+            "cannot tell (a sparse adapter can)"))
+    return {"adapter": str(path), "format": metadata.get("format"), "fingerprint": metadata.get("fingerprint"),
+            "base_model": metadata.get("base_model"),
+            "config": json.loads(metadata.get("config", "null")), **s, "d_shell": verdict}
 
 
 def verdict_line(report: dict) -> str:

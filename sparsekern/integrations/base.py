@@ -7,7 +7,7 @@ live in different environments)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,6 +31,10 @@ class Family:
     def load(self, spec: str, device: str) -> torch.nn.Module:
         raise NotImplementedError
 
+    def owns(self, model) -> bool:
+        """Whether ``model`` (a loaded model object) is one of this family's."""
+        raise NotImplementedError
+
     def numbers(self, model) -> List[int]:
         """Atomic numbers the model knows."""
         raise NotImplementedError
@@ -48,6 +52,19 @@ class Family:
         """The model's isolated-atom energy per element (what ``--E0s`` replaces)."""
         raise NotImplementedError
 
+    def e0_table(self, model) -> Tuple[torch.Tensor, Dict[int, int]]:
+        """The tensor holding the model's per-element energies (elements on its last
+        axis) and each atomic number's index there."""
+        raise NotImplementedError
+
+    def fold_shift(self, model, shift: Dict[int, float]) -> None:
+        """Add ``shift`` (eV per atomic number) to the model's per-element energies in
+        place: what the merged file holds, and what a loaded adapter's E0 shift does."""
+        table, index = self.e0_table(model)
+        with torch.no_grad():
+            for z, s in shift.items():
+                table[..., index[int(z)]] += s
+
     def export(self, merged, shift: Dict[int, float], path: Path, spec: str) -> Path:
         """Write ``merged`` (a plain, unpatched model holding the fine-tuned weights) with
         the per-element energy shift folded in, in the family's own format."""
@@ -56,12 +73,22 @@ class Family:
     def calculator(self, path: Path, device: str):
         raise NotImplementedError
 
+    def model_calculator(self, model, device: str):
+        """The family's ASE calculator on ``model`` itself (patched, with adapters), not
+        on a file: it computes with whatever adapter is active."""
+        raise NotImplementedError
+
 
 _FAMILIES: List[Family] = []
 
 
 def register_family(family: Family) -> None:
     _FAMILIES[:] = [f for f in _FAMILIES if f.name != family.name] + [family]
+
+
+def family_of(model) -> Optional[Family]:
+    """The registered family whose model ``model`` is (None: none)."""
+    return next((f for f in _FAMILIES if f.owns(model)), None)
 
 
 def family_for(spec: str) -> Family:

@@ -26,6 +26,9 @@ class MaceFamily(Family):
 
         return load_mace(spec, device).eval()
 
+    def owns(self, model):
+        return type(model).__module__.startswith("mace.")
+
     def numbers(self, model):
         return [int(z) for z in model.atomic_numbers]
 
@@ -55,18 +58,22 @@ class MaceFamily(Family):
         e0 = e0 if e0.dim() == 1 else e0[0]  # multi-head models: the first head
         return {int(z): float(e0[table.index(int(z))]) for z in zs}
 
+    def e0_table(self, model):
+        return model.atomic_energies_fn.atomic_energies, {z: i for i, z in enumerate(self.numbers(model))}
+
     def export(self, merged, shift, path, spec):
-        table = self.numbers(merged)
-        with torch.no_grad():
-            e0 = merged.atomic_energies_fn.atomic_energies
-            for z, s in shift.items():
-                e0[..., table.index(int(z))] += s
+        self.fold_shift(merged, shift)
         return atomic_write(path, lambda tmp: torch.save(merged, tmp))
 
     def calculator(self, path, device):
         from mace.calculators import MACECalculator
 
         return MACECalculator(model_paths=str(path), device=device)
+
+    def model_calculator(self, model, device):
+        from mace.calculators import MACECalculator
+
+        return MACECalculator(models=model, device=device)
 
 
 def _foundation_names():

@@ -28,6 +28,9 @@ class SevenNetFamily(Family):
         model.set_is_batch_data(True)
         return model.eval()
 
+    def owns(self, model):
+        return type(model).__module__.startswith("sevenn.")
+
     def numbers(self, model):
         return sorted(int(z) for z in model.type_map)
 
@@ -62,16 +65,17 @@ class SevenNetFamily(Family):
         model.train(was_training)
         return out
 
+    def e0_table(self, model):
+        rescale = model._modules.get("rescale_atomic_energy")
+        if rescale is None or not hasattr(rescale, "shift") or rescale.shift.dim() != 1:
+            raise ValueError("SevenNet: the model has no species-wise energy shift to fold the E0s into")
+        return rescale.shift, {int(z): int(i) for z, i in model.type_map.items()}
+
     def export(self, merged, shift, path, spec):
         import sevenn
         from sevenn import util
 
-        rescale = merged._modules.get("rescale_atomic_energy")
-        if rescale is None or not hasattr(rescale, "shift") or rescale.shift.dim() != 1:
-            raise ValueError("SevenNet export: the model has no species-wise energy shift to fold the E0s into")
-        with torch.no_grad():
-            for z, s in shift.items():
-                rescale.shift[merged.type_map[int(z)]] += s
+        self.fold_shift(merged, shift)
         checkpoint = util.load_checkpoint(spec).get_checkpoint_dict()
         state = merged.state_dict()
         if set(state) != set(checkpoint["model_state_dict"]):
@@ -86,3 +90,8 @@ class SevenNetFamily(Family):
         from sevenn.calculator import SevenNetCalculator
 
         return SevenNetCalculator(str(path), device=device)
+
+    def model_calculator(self, model, device):
+        from sevenn.calculator import SevenNetCalculator
+
+        return SevenNetCalculator(model, file_type="model_instance", device=device)

@@ -1,0 +1,222 @@
+"""Named adapters on one base (sparse STR, block, LoRA): after ``set_adapter(X)`` the
+model computes bit for bit what a base with only X loaded computes, and X's merged
+model; ``disable_adapter`` gives the base; the E0 shift an adapter carries is applied
+while it is active; a calculator on the model follows swaps; bad adapters and bad
+names are one-line errors."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("mace")
+from ase.build import bulk  # noqa: E402
+from e3nn import o3  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import sparsekern  # noqa: E402
+from sparsekern.cli import main as cli  # noqa: E402
+from sparsekern.finetune.report import build_report  # noqa: E402
+from sparsekern.finetune import (SparseConfig, adapter_calculator, calibrate_density, delete_adapter,  # noqa: E402
+                                 disable_adapter, fingerprint, iter_deltas, list_adapters, load_adapter, set_adapter)
+from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped  # noqa: E402
+
+SHIFT = {"1": 0.5, "26": -0.25}  # eV per atom of H and of Fe
+CONFIGS = {"str": SparseConfig(density=0.05, seed=1), "block": SparseConfig(density=0.1, mode="block", tile=(4, 4)),
+           "lora": SparseConfig(mode="lora", lora_rank=2, seed=2)}
+
+
+@pytest.fixture(scope="module")
+def base():
+    # l = 2 per-element paths and two transition metals: the report's verdict has data
+    return mace_mp0_shaped("small", seed=21, num_elements=4, atomic_numbers=[1, 8, 26, 28],
+                           hidden_irreps=o3.Irreps("4x0e+4x2e"), max_ell=2, correlation=2, radial_MLP=[8])
+
+
+@pytest.fixture(scope="module")
+def atoms():
+    a = bulk("C", "diamond", a=3.57)[:1] * (2, 2, 1)
+    a.pbc = False
+    a.rattle(0.1, seed=4)
+    a.numbers = [1, 8, 26, 28]
+    return a
+
+
+def _make(base, mode, path, shift=None):
+    """An adapter of ``mode`` with random nonzero deltas (a trained-looking one)."""
+    model = sparsekern.prepare(copy.deepcopy(base), CONFIGS[mode])
+    gen = torch.Generator().manual_seed(len(mode))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.dim() > 0:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
+    calibrate_density(model)
+    extra = {"e0_shift_ev": json.dumps(shift)} if shift else None
+    return sparsekern.save_adapter(model, path, extra_metadata=extra)
+
+
+@pytest.fixture(scope="module")
+def adapters(base, tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapters")
+    paths = {m: _make(base, m, d / f"{m}.safetensors", SHIFT if m == "str" else None) for m in CONFIGS}
+    paths["str_unshifted"] = _make(base, "str", d / "str_unshifted.safetensors")
+    return paths
+
+
+def _out(model, atoms):
+    out = model(mace_batch(model, [atoms]), compute_force=True)
+    return out["energy"].detach(), out["forces"].detach()
+
+
+def _merged_alone(base, path, atoms):
+    """A fresh base with only this adapter, merged."""
+    return _out(sparsekern.merge(load_adapter(copy.deepcopy(base), path)), atoms)
+
+
+def _equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def refs(base, adapters, atoms):
+    """Each adapter alone on a fresh base, merged; and the base."""
+    out = {m: _merged_alone(base, adapters[m], atoms) for m in CONFIGS}
+    out["base"] = _out(sparsekern.patch(copy.deepcopy(base)), atoms)
+    assert not any(_equal(out[m], out["base"]) for m in CONFIGS)
+    return out
+
+
+def test_swaps_are_exact_and_disable_gives_the_base(base, adapters, atoms, refs):
+    base_out = refs["base"]
+    model = copy.deepcopy(base)
+    for m in CONFIGS:
+        load_adapter(model, adapters[m], name=m)
+    assert [(a.name, a.active) for a in list_adapters(model)] == [("str", True), ("block", False), ("lora", False)]
+    assert _equal(_out(model, atoms), refs["str"])  # the first loaded is active
+    for m in ("lora", "block", "str", "lora"):
+        set_adapter(model, m)
+        assert _equal(_out(model, atoms), refs[m]), m
+    with disable_adapter(model):
+        assert _equal(_out(model, atoms), base_out)
+        assert not any(a.active for a in list_adapters(model))
+    assert _equal(_out(model, atoms), refs["lora"])
+    set_adapter(model, "str")
+    with disable_adapter(model):  # the E0 shift is taken off too
+        assert _equal(_out(model, atoms), base_out)
+    assert _equal(_out(model, atoms), refs["str"])
+    # only the active adapter trains or counts: inactive ones are outside parameters()
+    assert sparsekern.stats(model)["changed_params"] == sparsekern.stats(load_adapter(
+        copy.deepcopy(base), adapters["str"]))["changed_params"]
+    delete_adapter(model, "str")
+    assert not any(a.active for a in list_adapters(model)) and _equal(_out(model, atoms), base_out)
+    with pytest.raises(ValueError, match=r"no adapter named 'str' \(loaded: 'block', 'lora'\)"):
+        set_adapter(model, "str")
+    set_adapter(model, "block")
+    assert _equal(_out(model, atoms), refs["block"])
+
+
+def test_the_e0_shift_is_applied_while_active(base, adapters, atoms, tmp_path):
+    model = load_adapter(copy.deepcopy(base), adapters["str"])
+    shifted, _ = _out(model, atoms)
+    plain, _ = _out(load_adapter(copy.deepcopy(base), adapters["str_unshifted"]), atoms)
+    expected = sum(SHIFT.get(str(z), 0.0) for z in atoms.numbers)
+    assert abs(float(shifted - plain) - expected) <= 1e-12
+    # saved again from the model, the adapter keeps its shift
+    again = sparsekern.save_adapter(model, tmp_path / "again.safetensors")
+    assert torch.equal(_out(load_adapter(copy.deepcopy(base), again), atoms)[0], shifted)
+
+
+def test_a_calculator_on_the_model_follows_swaps(base, adapters, atoms, refs):
+    model = copy.deepcopy(base)
+    load_adapter(model, adapters["str"], name="a")
+    load_adapter(model, adapters["lora"], name="b")
+    calc = adapter_calculator(model)
+    a = atoms.copy()
+    a.calc = calc
+    energies = {}
+    for name in ("a", "b", "a"):
+        set_adapter(model, name)  # no calc.reset(): the swap drops the cached results
+        energies.setdefault(name, []).append(a.get_potential_energy())
+    with disable_adapter(model):
+        e_base = a.get_potential_energy()
+    for name, mode in (("a", "str"), ("b", "lora")):
+        assert all(abs(e - float(refs[mode][0])) <= 1e-9 for e in energies[name])
+    assert abs(e_base - float(refs["base"][0])) <= 1e-9
+    assert abs(energies["a"][0] - energies["b"][0]) > 1e-3
+
+
+def test_bad_names_and_states_are_one_line_errors(base, adapters):
+    model = load_adapter(copy.deepcopy(base), adapters["str"])
+    with pytest.raises(ValueError, match="an adapter named 'default' is already loaded"):
+        load_adapter(model, adapters["lora"])
+    sparsekern.merge(model)
+    with pytest.raises(ValueError, match=r"merged; unmerge\(model\) first"):
+        load_adapter(model, adapters["lora"], name="b")
+    sparsekern.unmerge(model)
+    prepared = sparsekern.prepare(copy.deepcopy(base), SparseConfig())
+    with pytest.raises(ValueError, match="no named adapter's"):
+        load_adapter(prepared, adapters["str"])
+    with pytest.raises(ValueError, match=r"loaded: none"):
+        set_adapter(copy.deepcopy(base), "x")
+
+
+def _rewrite(path, out, **metadata):
+    with safe_open(str(path), framework="pt") as f:
+        meta = {**f.metadata(), **metadata}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(out), metadata={k: v for k, v in meta.items() if v is not None})
+    return out
+
+
+def test_bad_adapter_files(base, adapters, tmp_path, atoms, capsys):
+    path = adapters["str"]
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        next(p for p in other.parameters() if p.dim() > 1).add_(1e-3)
+    with pytest.raises(ValueError, match="made for a different base model"):
+        load_adapter(other, path)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="not a readable sparsekern adapter"):
+        load_adapter(copy.deepcopy(base), truncated)
+    future = _rewrite(path, tmp_path / "future.safetensors", version="7")
+    with pytest.raises(ValueError, match=r"written by a newer sparsekern .*format 7 > 2"):
+        load_adapter(copy.deepcopy(base), future)
+    for bad, message in ((future, "format 7 > 2"), (truncated, "truncated")):  # the command line: one line
+        capsys.readouterr()
+        assert cli(["report", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1
+    # its own base cast to float32 takes it (and the float64 base a float32-made one)
+    load_adapter(copy.deepcopy(base).float(), path)
+    # adapters written before the fingerprint's precision was recorded hashed float64
+    legacy = _rewrite(path, tmp_path / "legacy.safetensors", fingerprint=fingerprint(
+        sparsekern.patch(copy.deepcopy(base)), "float64"), fingerprint_dtype=None)
+    assert _equal(_out(load_adapter(copy.deepcopy(base), legacy), atoms),
+                  _out(load_adapter(copy.deepcopy(base), path), atoms))
+
+
+def test_report_on_lora_adapters_and_a_checked_base(base, adapters, tmp_path, capsys):
+    """``sparsekern report`` counts the nonzeros of LoRA's B A update as ``stats`` does,
+    and checks the adapter against ``--model`` (one line when it is another base)."""
+    path = adapters["lora"]
+    assert cli(["report", str(path), "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "lora.report.json").read_text())
+    expected = sparsekern.stats(load_adapter(copy.deepcopy(base), path))
+    for key in ("total_params", "changed_params", "by_layer", "by_path", "by_l", "by_element", "by_element_l"):
+        assert report[key] == expected[key], key
+    assert 0 < report["changed_params"] and report["format"] == "sparsekern-lora-adapter"
+    # every weight of a touched block changes: the count cannot answer the d-shell question
+    assert report["d_shell"]["l2_larger_share_for_transition_metals"] is None
+    assert "LoRA update" in report["d_shell"]["reason"]
+    assert build_report(path, copy.deepcopy(base))["by_path"] == report["by_path"]  # its own base: accepted
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        next(p for p in other.parameters() if p.dim() > 1).add_(1e-3)
+    torch.save(other, tmp_path / "other.model")
+    capsys.readouterr()
+    assert cli(["report", str(path), "--out", str(tmp_path), "--model", str(tmp_path / "other.model")]) == 1
+    err = capsys.readouterr().err
+    assert "made for a different base model than the given base model" in err and len(err.splitlines()) == 1
