@@ -87,11 +87,20 @@ class SevenNetFamily(Family):
         return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
     def calculator(self, path, device):
-        from sevenn.calculator import SevenNetCalculator
-
-        return SevenNetCalculator(str(path), device=device)
+        return _calculator(str(path), device=device)
 
     def model_calculator(self, model, device):
-        from sevenn.calculator import SevenNetCalculator
+        return _calculator(model, file_type="model_instance", device=device)
 
-        return SevenNetCalculator(model, file_type="model_instance", device=device)
+
+def _calculator(*args, **kwargs):
+    """SevenNetCalculator, without its advice to enable a tensor-product accelerator:
+    sparsekern hands it either a patched model (already accelerated) or the plain
+    merged model it checks on purpose."""
+    import warnings
+
+    from sevenn.calculator import SevenNetCalculator
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No tensor product accelerator", category=UserWarning)
+        return SevenNetCalculator(*args, **kwargs)
