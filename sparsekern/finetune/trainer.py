@@ -92,6 +92,9 @@ class Settings:
             raise ValueError(f"--density_peak must be in [--density, 1], got {self.density_peak}")
         if self.density_warmup < 0 or self.density_anneal < 0:
             raise ValueError("--density_warmup and --density_anneal must be >= 0 epochs")
+        if self.density_warmup + self.density_anneal > max(self.epochs, 1):
+            raise ValueError(f"the density schedule (--density_warmup {self.density_warmup:g} + --density_anneal "
+                             f"{self.density_anneal:g} epochs) must end within --epochs {self.epochs}")
         if any(n is not None and n < 1 for n in (self.max_train, self.max_valid, self.max_test)):
             raise ValueError("--max_train, --max_valid and --max_test must be >= 1")
         try:

@@ -195,6 +195,8 @@ def test_bad_data_and_folders_are_refused_before_slow_work(files, sparse_run, ca
     (tmp_path / "file").write_text("")
     refused(tmp_path / "file", says="is a file")
     refused(tmp_path / "d", "--density", "0", says="--density must be in (0, 1]")
+    refused(tmp_path / "s", "--density_warmup", "1", "--density_anneal", "5", says="must end within --epochs")
+    refused(tmp_path / "p", "--density_peak", "0.01", says="--density_peak must be in [--density, 1]")
     if not torch.cuda.is_available():
         refused(tmp_path / "g", "--device", "cuda", says="sees no CUDA device")
     out, _ = sparse_run
