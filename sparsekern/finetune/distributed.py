@@ -102,6 +102,9 @@ def join(device: str) -> Tuple[Group, str]:
         return Group(), device
     if torch.device(device).type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: local rank {local} needs GPU {local}, but this machine shows "
+                             f"{torch.cuda.device_count()} (one process per GPU)")
         torch.cuda.set_device(local)
         device, backend = f"cuda:{local}", "nccl"
     else:

@@ -1,7 +1,7 @@
 """Stopping on request at a step boundary: while training, SIGTERM (a cluster's
 preemption, ``scancel``, torchrun passing one on) and SIGINT (Ctrl-C) only raise a flag;
 the trainer checks it after each optimizer step, writes its checkpoint and raises
-``Preempted``. A second SIGINT stops at once (the last checkpoint is kept)."""
+``Preempted``. What cannot wait (SIGKILL) finds the last checkpoint whole."""
 
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ def deferred() -> Iterator[Callable[[], int]]:
     received: List[int] = []
 
     def record(signum, frame) -> None:
-        if received and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # asked twice: stop now
+        # a repeat changes nothing: torchrun passes on the Ctrl-C its workers also got
         received.append(signum)
 
     if threading.current_thread() is not threading.main_thread():
