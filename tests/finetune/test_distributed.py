@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import sparsekern
@@ -55,3 +56,12 @@ def test_nproc_below_one_is_refused_in_one_line(case, finetune_args, capsys):
     err = capsys.readouterr().err
     assert err.startswith("sparsekern finetune: error: --nproc must be >= 1") and err.count("\n") == 1
     assert not (case / "none").exists()
+
+
+def test_mace_train_distributed_on_cpu_is_refused_clearly(capsys):
+    """MACE's --distributed starts NCCL (or Intel's CCL) only: on CPU it would end in a
+    traceback inside MACE; sparsekern mace-train says so first."""
+    pytest.importorskip("mace")
+    with pytest.raises(SystemExit) as exit_:
+        main(["mace-train", "--name", "x", "--train_file", "t.xyz", "--distributed", "--device", "cpu"])
+    assert exit_.value.code == 2 and "MACE's data-parallel mode runs on GPUs only" in capsys.readouterr().err
