@@ -146,7 +146,9 @@ def _launch(argv: List[str], args, nproc: int) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     # torchrun's default is 1 thread per worker (and a warning); share the cores instead
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # the workers say what went wrong
+    for name in list(logging.root.manager.loggerDict):  # each elastic module sets its own level
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)  # the workers say what went wrong
     launch = torchrun.parse_args(["--standalone", "--nproc_per_node", str(nproc), "-m", "sparsekern"])
     launch.training_script_args = ["finetune", *argv]  # not parsed by torchrun: ours, as given
     try:

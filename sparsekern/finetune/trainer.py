@@ -7,7 +7,12 @@ Loss (MACE's weighted energy-forces loss): energy_weight * mean(((E - E_ref) / N
 + forces_weight * mean((F - F_ref)^2). Optimizer: Adam with amsgrad (MACE's default),
 constant learning rate; the model after the last epoch is the result (a validation
 set, if given, is only reported per epoch). Energies get a fixed per-element shift
-chosen by ``--E0s`` (see ``data.energy_shift``)."""
+chosen by ``--E0s`` (see ``data.energy_shift``).
+
+Under torchrun, each process computes its share of every global batch and one
+all_reduce per step sums the gradients (``distributed``); rank 0 writes. SIGTERM or
+SIGINT stops every process at the next step boundary, after a checkpoint that a rerun
+resumes mid-epoch (``preemption``)."""
 
 from __future__ import annotations
 
