@@ -39,7 +39,7 @@ def test_two_processes_give_the_one_process_result(case, finetune_args, referenc
 def test_a_signal_to_one_rank_stops_all_at_one_step_and_resumes_in_one_process(
         case, finetune_args, reference, result_difference):
     out = case / "signalled"
-    done = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HERE / "signal_rank.py"),
+    done = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HERE / "step_signals.py"),
                 "1", "2", "finetune", *finetune_args(out))
     assert done.returncode != 0
     assert "rank 0: 2 steps, exit 143" in done.stderr and "rank 1: 2 steps, exit 143" in done.stderr, done.stderr[-4000:]

@@ -3,26 +3,12 @@ next step boundary (mid-epoch: the epoch and the steps done in it) and exits wit
 130 and one line saying how to resume; rerunning the same command finishes with the
 uninterrupted run's results bit for bit (one process: same seed, same data order)."""
 
-import os
 import signal
 
 import torch
+from step_signals import signal_before
 
 from sparsekern.cli import main
-from sparsekern.finetune import trainer
-
-
-def signal_before(monkeypatch, step: int, signum: int) -> None:
-    """Deliver ``signum`` to this process just before training step ``step`` (from 1)."""
-    original, count = trainer._step, [0]
-
-    def step_after_signal(loop, batch, epoch):
-        count[0] += 1
-        if count[0] == step:
-            os.kill(os.getpid(), signum)
-        return original(loop, batch, epoch)
-
-    monkeypatch.setattr(trainer, "_step", step_after_signal)
 
 
 def _stopped(out, capsys, signum: int, epoch: int, steps: int) -> None:
@@ -39,12 +25,12 @@ def _stopped(out, capsys, signum: int, epoch: int, steps: int) -> None:
 def test_signals_stop_at_a_step_boundary_and_the_rerun_finishes_as_uninterrupted(
         finetune_args, reference, result_difference, monkeypatch, capsys, tmp_path):
     out, handlers = tmp_path / "run", [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
-    signal_before(monkeypatch, 2, signal.SIGTERM)  # mid-epoch 1 (3 steps per epoch)
+    signal_before(monkeypatch.setattr, 2, signal.SIGTERM)  # mid-epoch 1 (3 steps per epoch)
     assert main(["finetune", *finetune_args(out)]) == 143
     _stopped(out, capsys, signal.SIGTERM, 0, 2)
     assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == handlers  # put back
     monkeypatch.undo()
-    signal_before(monkeypatch, 2, signal.SIGINT)  # the rerun's second step: epoch 2, step 1
+    signal_before(monkeypatch.setattr, 2, signal.SIGINT)  # the rerun's second step: epoch 2, step 1
     assert main(["finetune", *finetune_args(out)]) == 130
     _stopped(out, capsys, signal.SIGINT, 1, 1)
     monkeypatch.undo()
