@@ -50,9 +50,10 @@ def load(out: Path, settings) -> Optional[dict]:
         listed = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
         raise ValueError(f"{path} was written for different arguments ({listed}); "
                          f"use another --out or delete the checkpoint to start over")
-    started = ck["epoch"] + (ck.get("step", 0) > 0)
-    if started > settings.epochs:
-        raise ValueError(f"{path} is already into epoch {started} > --epochs {settings.epochs}")
+    step = ck.get("step", 0)
+    if ck["epoch"] + (step > 0) > settings.epochs:
+        where = f"epoch {ck['epoch'] + 1}, step {step}" if step else f"epoch {ck['epoch']}"
+        raise ValueError(f"{path} is already at {where}, beyond --epochs {settings.epochs}")
     return ck
 
 
