@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Any, Callable, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -46,14 +46,22 @@ class Group:
             for tensor in model.state_dict().values():
                 dist.broadcast(tensor, src=0)
 
-    def agree(self, error: str) -> None:
-        """Rank 0's ``error`` ("" for none), raised on every rank."""
+    def from_main(self, work: Callable[[], Any]) -> Any:
+        """``work()`` done by rank 0 alone, its result on every rank, or its ValueError
+        raised on every rank (rank 0 alone reads and writes the output folder)."""
+        result, error = None, ""
+        if self.main:
+            try:
+                result = work()
+            except ValueError as exc:
+                error = str(exc)
         if self.size > 1:
-            message = [error]
-            dist.broadcast_object_list(message, src=0)
-            error = message[0]
+            box = [result, error]
+            dist.broadcast_object_list(box, src=0)
+            result, error = box
         if error:
             raise ValueError(error)
+        return result
 
     def reduce_step(self, params: Sequence[torch.nn.Parameter], loss: float, signal: int) -> Tuple[float, int]:
         """Sum each parameter's gradient over the ranks (``None`` where no rank has one),

@@ -367,23 +367,17 @@ def run(settings: Settings) -> dict:
 
 @contextmanager
 def _held(out: Path, group: Group):
-    """The output folder held (``exclusive``) by rank 0, the one that writes in it, while
-    the block runs; if it is taken, every rank says so."""
+    """The output folder held (``exclusive``) by rank 0, the one that reads and writes in
+    it, while the block runs; if it is taken, every rank says so."""
     with ExitStack() as stack:
-        error = ""
-        if group.main:
-            try:
-                stack.enter_context(exclusive(out))
-            except ValueError as exc:
-                error = str(exc)
-        group.agree(error)
+        group.from_main(lambda: stack.enter_context(exclusive(out)))
         yield
 
 
 def _run(settings: Settings, out: Path, family: Family, frames, group: Group, started: float) -> dict:
     """``run`` once its inputs are checked and its output folder is held."""
     train, valid, test = frames
-    ck = checkpoint.load(out, settings)
+    ck = group.from_main(lambda: checkpoint.load(out, settings))
     model = family.load(settings.model, settings.device)
     for group_frames, what in ((train, settings.train), (test, settings.test), (valid, settings.valid)):
         check_elements(family, model, group_frames, what)
