@@ -43,8 +43,9 @@ class Group:
         """Rank 0's parameters and buffers on every rank: the ranks start from one state
         (so the density controller, deterministic in the parameters, agrees too)."""
         if self.size > 1:
-            for tensor in model.state_dict().values():
-                dist.broadcast(tensor, src=0)
+            for value in model.state_dict().values():
+                if torch.is_tensor(value):  # (extra states are host values, equal by construction)
+                    dist.broadcast(value, src=0)
 
     def from_main(self, work: Callable[[], Any]) -> Any:
         """``work()`` done by rank 0 alone, its result on every rank, or its ValueError

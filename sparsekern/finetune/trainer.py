@@ -234,12 +234,13 @@ def _step(loop: _Loop, batch: List[Sample], epoch: int) -> Tuple[float, int]:
     batch's loss and the signal any process received (0: none)."""
     loop.optimizer.zero_grad(set_to_none=True)
     share = loop.group.share(batch)
-    mine = 0.0
-    if share:  # a rank may have no frame in a batch smaller than the number of ranks
-        step_loss = loss(loop.family, loop.model, share, loop.settings, batch)
-        step_loss.backward()
-        mine = float(step_loss.detach())
+    # a rank without a frame in this batch (fewer frames than ranks) runs rank 0's first
+    # with weight 0: its gradients add exact zeros, and the model's training-forward
+    # hooks (the density controller) run on every rank alike
+    step_loss = loss(loop.family, loop.model, share or batch[:1], loop.settings, batch) * (1.0 if share else 0.0)
+    step_loss.backward()
     params = [p for g in loop.optimizer.param_groups for p in g["params"]]
+    mine = float(step_loss.detach())
     total, signum = loop.group.reduce_step(params, mine, loop.signalled())
     if not math.isfinite(total):
         raise FloatingPointError(f"the loss is {total} in epoch {epoch + 1}: training diverged "
