@@ -48,3 +48,32 @@ def triton_device() -> str:
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
     return "cpu"
+
+
+def write_tiny_mace_case(root, n_train: int, n_test: int = 1):
+    """A tiny MACE model (Al, Cu; float64) saved as ``root/tiny.model``, and EMT-labelled,
+    rattled Cu2Al2 cells in ``root/train.xyz`` and ``root/test.xyz``: a fine-tuning run
+    of a few seconds. Returns ``root``."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.io import write
+
+    from sparsekern.integrations.mace.models import mace_mp0_shaped
+
+    model = mace_mp0_shaped("small", seed=1, num_elements=2, atomic_numbers=[13, 29], max_ell=2, correlation=2,
+                            hidden_irreps=o3.Irreps("8x0e+8x1o"), r_max=3.5, radial_MLP=[8, 8], num_bessel=4,
+                            atomic_energies=[-3.0, -4.0])
+    torch.save(model, root / "tiny.model")
+    frames = []
+    for i in range(n_train + n_test):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.numbers[[0, 2]] = 13
+        atoms.rattle(0.08, seed=i)
+        atoms.calc = EMT()
+        atoms.info["REF_energy"] = atoms.get_potential_energy()
+        atoms.arrays["REF_forces"] = atoms.get_forces()
+        atoms.calc = None
+        frames.append(atoms)
+    write(root / "train.xyz", frames[:n_train])
+    write(root / "test.xyz", frames[n_train:])
+    return root

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import Callable, List, Optional
 
 
 class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
@@ -64,28 +66,105 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_test", type=int, help="use the first N test frames")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train in N processes on this machine (torchrun's launcher; gloo on CPU, NCCL on GPUs, "
+                        "one GPU each); --batch_size stays the global batch, so the result is one process's. "
+                        "For several machines, run `torchrun ... -m sparsekern finetune` instead")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
-    from ..finetune.trainer import Settings, run
+    nproc = vars(args).pop("nproc")
+    from ..finetune.distributed import launched_size
+
+    launched = launched_size()
+    if nproc < 1 or (launched > 1 and nproc not in (1, launched)):
+        return _error(f"--nproc must be >= 1 (and, under torchrun, its number of processes, {launched}); "
+                      f"got {nproc}")
+    if nproc > 1 and launched == 1:
+        return _guarded(lambda: _launch(argv, args, nproc), args.out)
+    return _guarded(lambda: _finetune(args), args.out)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _error(message) -> int:
+    where = f" (rank {_rank()})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    print(f"sparsekern finetune{where}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _guarded(action: Callable[[], int], out: str) -> int:
+    """``action()``'s exit code, with a one-line message for what the user can fix."""
+    from ..finetune.preemption import Preempted
 
     try:
-        metrics = run(Settings(**vars(args)))
+        return action()
     except (FileNotFoundError, KeyError, ValueError, FloatingPointError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"sparsekern finetune: error: {message}", file=sys.stderr)
-        return 2
+        return _error(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
     except ImportError as exc:  # the model's family lives in another environment
-        print(f"sparsekern finetune: error: {exc} (MACE models need mace-torch, SevenNet models sevenn; "
-              "the Makefile's .venv-mace and .venv-sevenn have them)", file=sys.stderr)
-        return 2
+        return _error(f"{exc} (MACE models need mace-torch, SevenNet models sevenn; "
+                      "the Makefile's .venv-mace and .venv-sevenn have them)")
+    except Preempted as exc:  # every rank stops at the same step; rank 0 says so
+        if _rank() == 0:
+            print(f"sparsekern finetune: {exc}; checkpoint written to {Path(out) / 'checkpoint.pt'}; rerun the "
+                  f"same command to resume", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"\nsparsekern finetune: interrupted; rerun the same command to resume from the last "
-              f"checkpoint in {args.out}", file=sys.stderr)
+              f"checkpoint in {out}", file=sys.stderr)
         return 130
-    keys = ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "zero_shot_test_energy_mae_mev_per_atom",
-            "zero_shot_test_force_mae_mev_per_A", "changed_fraction", "trainable_params", "wall_s", "peak_rss_mb")
-    print(json.dumps({k: metrics[k] for k in keys}, indent=1))
+
+
+def _finetune(args) -> int:
+    from ..finetune.trainer import Settings, run
+
+    metrics = run(Settings(**vars(args)))
+    if _rank() == 0:
+        keys = ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "zero_shot_test_energy_mae_mev_per_atom",
+                "zero_shot_test_force_mae_mev_per_A", "changed_fraction", "trainable_params", "wall_s",
+                "peak_rss_mb")
+        print(json.dumps({k: metrics[k] for k in keys}, indent=1))
+    return 0
+
+
+def _launch(argv: List[str], args, nproc: int) -> int:
+    """This command in ``nproc`` processes on this machine, by torchrun's own launcher
+    (``--standalone``); each worker sees ``--nproc`` equal to its WORLD_SIZE and trains.
+    Bad input is refused here first, once, before any worker starts."""
+    import logging
+
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    import sparsekern
+    from ..files import exclusive
+    from ..finetune.trainer import Settings, check
+
+    with exclusive(check(Settings(**vars(args)))[2]):
+        pass  # another run holds the folder: say so now
+    # the workers import the sparsekern this process runs, wherever they start
+    root = str(Path(sparsekern.__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    # torchrun's default is 1 thread per worker (and a warning); share the cores instead
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    for name in list(logging.root.manager.loggerDict):  # each elastic module sets its own level
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)  # the workers say what went wrong
+    launch = torchrun.parse_args(["--standalone", "--nproc_per_node", str(nproc), "-m", "sparsekern"])
+    launch.training_script_args = ["finetune", *argv]  # not parsed by torchrun: ours, as given
+    try:
+        torchrun.run(launch)
+    except ChildFailedError as exc:
+        code = exc.get_first_failure()[1].exitcode
+        if code < 0:  # killed by a signal before it could say anything
+            _error(f"a worker was killed by signal {-code}; rerun the same command to resume")
+        return code if code >= 0 else 128 - code
+    except SignalException as exc:  # this launcher was signalled; torchrun passed it on to the workers
+        return 128 + int(exc.sigval)
     return 0

@@ -77,6 +77,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for key in ours:
         delattr(args, key)  # MACE's code sees its own arguments only
     given = sorted({a.split("=")[0] for a in argv if a.startswith(SPARSE_PREFIX)})
+    if args.distributed and args.device not in ("cuda", "xpu"):
+        parser.error(f"--distributed: MACE's data-parallel mode runs on GPUs only (--device cuda: NCCL, one process "
+                     f"per GPU), not --device {args.device}; on CPUs use `sparsekern finetune --nproc N`")
     if args.lora:
         if given:
             parser.error(f"--lora True runs MACE's LoRA; the sparse-delta flags {given} do not apply with it")

@@ -1,6 +1,9 @@
 """The trainer's resumable checkpoint (DIR/checkpoint.pt): the model's and optimizer's
-state, where training stands, and the energy shift, for the arguments that decide the
-result (``Settings.identity``); a rerun of the same command resumes from it."""
+state, where training stands (the epoch and the steps done in it: the data order is the
+seed's, so a run stopped mid-epoch continues exactly), and the energy shift, for the
+arguments that decide the result (``Settings.identity``, which leaves out the number of
+processes); a rerun of the same command resumes from it. Written whole or not at all
+(``atomic_write``): a kill at any moment leaves the previous one."""
 
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ class Progress:
     """Where training stands. A resumed run reports the time and memory of the epochs it
     did not redo too."""
 
-    epoch: int = 0
+    epoch: int = 0  # epochs done
+    step: int = 0  # optimizer steps done in the epoch under way
+    epoch_loss: float = 0.0  # its loss so far, summed over frames
     train_wall_s: float = 0.0
     peak_rss_mb: float = 0.0
     fast: bool = False  # training only the active entries (``to_fast``)
@@ -45,13 +50,16 @@ def load(out: Path, settings) -> Optional[dict]:
         listed = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
         raise ValueError(f"{path} was written for different arguments ({listed}); "
                          f"use another --out or delete the checkpoint to start over")
-    if ck["epoch"] > settings.epochs:
-        raise ValueError(f"{path} is already at epoch {ck['epoch']} > --epochs {settings.epochs}")
+    step = ck.get("step", 0)
+    if ck["epoch"] + (step > 0) > settings.epochs:
+        where = f"epoch {ck['epoch'] + 1}, step {step}" if step else f"epoch {ck['epoch']}"
+        raise ValueError(f"{path} is already at {where}, beyond --epochs {settings.epochs}")
     return ck
 
 
 def save(out: Path, identity: dict, model, optimizer, progress: Progress, shift: dict) -> None:
-    state = {"identity": identity, "epoch": progress.epoch, "model": model.state_dict(),
+    state = {"identity": identity, "epoch": progress.epoch, "step": progress.step,
+             "epoch_loss": progress.epoch_loss, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "fast": progress.fast, "train_wall_s": progress.train_wall_s,
              "peak_rss_mb": progress.peak_rss_mb, "history": progress.history, "shift": shift}
     atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
@@ -64,7 +72,8 @@ def restore(model, ck: dict) -> Progress:
         to_fast(model)
         _restore_fast(model, ck["model"])
     model.load_state_dict(ck["model"])
-    return Progress(ck["epoch"], ck["train_wall_s"], ck["peak_rss_mb"], bool(ck.get("fast")), ck["history"])
+    return Progress(ck["epoch"], ck.get("step", 0), ck.get("epoch_loss", 0.0), ck["train_wall_s"],
+                    ck["peak_rss_mb"], bool(ck.get("fast")), ck["history"])
 
 
 def _restore_fast(model, state: dict) -> None:

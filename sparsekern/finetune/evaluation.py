@@ -76,12 +76,16 @@ def _targets(batch: List[Sample], like: torch.Tensor):
     return e, n, f
 
 
-def loss(family: Family, model, batch: List[Sample], settings) -> torch.Tensor:
-    """MACE's weighted energy-forces loss (``settings``: the trainer's Settings)."""
+def loss(family: Family, model, batch: List[Sample], settings, whole: Optional[List[Sample]] = None) -> torch.Tensor:
+    """MACE's weighted energy-forces loss (``settings``: the trainer's Settings). With
+    ``whole``, a global batch that ``batch`` is one process's share of: this share's part
+    of the whole's loss (sums over ``batch`` divided by counts of ``whole``), so that the
+    parts add up to the loss of ``whole``."""
+    whole = batch if whole is None else whole
     energy, forces = forward(family, model, batch, settings.device, training=True)
     e, n, f = _targets(batch, energy)
-    return (settings.energy_weight * ((energy - e) / n).square().mean()
-            + settings.forces_weight * (forces - f).square().mean())
+    return (settings.energy_weight * ((energy - e) / n).square().sum() / len(whole)
+            + settings.forces_weight * (forces - f).square().sum() / (3 * sum(s.natoms for s in whole)))
 
 
 def residuals(family: Family, model, samples: Sequence[Sample], settings):

@@ -7,15 +7,22 @@ Loss (MACE's weighted energy-forces loss): energy_weight * mean(((E - E_ref) / N
 + forces_weight * mean((F - F_ref)^2). Optimizer: Adam with amsgrad (MACE's default),
 constant learning rate; the model after the last epoch is the result (a validation
 set, if given, is only reported per epoch). Energies get a fixed per-element shift
-chosen by ``--E0s`` (see ``data.energy_shift``)."""
+chosen by ``--E0s`` (see ``data.energy_shift``).
+
+Under torchrun, each process computes its share of every global batch and one
+all_reduce per step sums the gradients (``distributed``); rank 0 writes. SIGTERM or
+SIGINT stops every process at the next step boundary, after a checkpoint that a rerun
+resumes mid-epoch (``preemption``)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import resource
 import time
-from dataclasses import asdict, dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -31,10 +38,12 @@ from .adapters import save_adapter
 from .config import SparseConfig
 from .data import REFIT_E0S, Frame, energy_shift, read_frames
 from .density import calibrate_density
+from .distributed import Group, join, leave
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, forward, loss,
                          make_samples, residuals, set_shift)
 from .lifecycle import merge, prepare, target_groups, to_fast
 from .methods import DEFAULT_LR, METHODS, MODES, SPARSE_MODES
+from .preemption import Preempted, deferred
 from .statistics import stats
 
 
@@ -222,55 +231,94 @@ def _optimizer(model, settings: Settings) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=settings.lr, amsgrad=True)
 
 
-def _epoch(family: Family, model, optimizer, samples: Sequence[Sample], settings: Settings, epoch: int,
-           bar) -> float:
-    """One pass over the training samples, shuffled by (seed, epoch); the mean loss."""
-    model.train()
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(settings.seed * 100003 + epoch))
-    total = 0.0
-    for batch in batches(samples, settings.batch_size, order):
-        step_loss = loss(family, model, batch, settings)
-        if not torch.isfinite(step_loss):
-            raise FloatingPointError(f"the loss is {float(step_loss)} in epoch {epoch + 1}: training diverged "
-                                     f"(try a lower --lr; the last checkpoint is kept)")
-        optimizer.zero_grad(set_to_none=True)
-        step_loss.backward()
-        optimizer.step()
-        total += float(step_loss.detach()) * len(batch)
+@dataclass
+class _Loop:
+    """What every training step needs: the model, its optimizer (replaced by ``to_fast``),
+    the processes training together, and the signal to stop on (``preemption``)."""
+
+    family: Family
+    model: torch.nn.Module
+    settings: Settings
+    group: Group
+    signalled: Callable[[], int]
+    save: Callable
+    optimizer: Optional[torch.optim.Optimizer] = None  # made by _train
+
+
+def _step(loop: _Loop, batch: List[Sample], epoch: int) -> Tuple[float, int]:
+    """One optimizer step on a global batch, of which this process does its share; the
+    batch's loss and the signal any process received (0: none)."""
+    loop.optimizer.zero_grad(set_to_none=True)
+    share = loop.group.share(batch)
+    # a rank without a frame in this batch (fewer frames than ranks) runs rank 0's first
+    # with weight 0: its gradients add exact zeros, and the model's training-forward
+    # hooks (the density controller) run on every rank alike
+    step_loss = loss(loop.family, loop.model, share or batch[:1], loop.settings, batch) * (1.0 if share else 0.0)
+    step_loss.backward()
+    params = [p for g in loop.optimizer.param_groups for p in g["params"]]
+    mine = float(step_loss.detach())
+    total, signum = loop.group.reduce_step(params, mine, loop.signalled())
+    if not math.isfinite(total):
+        raise FloatingPointError(f"the loss is {total} in epoch {epoch + 1}: training diverged "
+                                 f"(try a lower --lr; the last checkpoint is kept)")
+    loop.optimizer.step()
+    return total, signum
+
+
+def _epoch(loop: _Loop, samples: Sequence[Sample], progress: checkpoint.Progress, bar) -> float:
+    """The rest of the epoch ``progress`` is in (its steps after ``progress.step``), in
+    the order the seed and the epoch give; its mean loss. On a signal, writes the
+    checkpoint at this step boundary and raises ``Preempted``."""
+    loop.model.train()
+    seed = loop.settings.seed * 100003 + progress.epoch
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+    t0 = time.perf_counter()
+    for i, batch in enumerate(batches(samples, loop.settings.batch_size, order)):
+        if i < progress.step:
+            continue  # done before the run was stopped
+        step_loss, signum = _step(loop, batch, progress.epoch)
+        progress.step += 1
+        progress.epoch_loss += step_loss * len(batch)
         bar.update(1)
-        bar.set_postfix(epoch=epoch + 1, loss=f"{float(step_loss.detach()):.4g}")
-    return total / len(samples)
+        bar.set_postfix(epoch=progress.epoch + 1, loss=f"{step_loss:.4g}")
+        if signum:
+            progress.train_wall_s += time.perf_counter() - t0
+            loop.save(loop.model, loop.optimizer, progress)
+            loop.group.barrier()  # no rank leaves before the checkpoint is on disk
+            raise Preempted(signum, f"epoch {progress.epoch + 1}, step {progress.step}")
+    progress.train_wall_s += time.perf_counter() - t0
+    return progress.epoch_loss / len(samples)
 
 
-def _train(family: Family, model, train_s: Sequence[Sample], valid_s: Sequence[Sample], settings: Settings,
-           ck: Optional[dict], save: Callable) -> checkpoint.Progress:
-    """The epochs still to do, each ending in ``save(model, optimizer, progress)``."""
+def _train(loop: _Loop, train_s: Sequence[Sample], valid_s: Sequence[Sample], ck: Optional[dict]
+           ) -> checkpoint.Progress:
+    """The epochs (and steps) still to do, each epoch ending in ``loop.save``."""
     from tqdm import tqdm
 
+    settings, model = loop.settings, loop.model
     progress = checkpoint.restore(model, ck) if ck is not None else checkpoint.Progress()
-    optimizer = _optimizer(model, settings)
+    loop.group.broadcast_state(model)
+    loop.optimizer = _optimizer(model, settings)
     if ck is not None:
-        optimizer.load_state_dict(ck["optimizer"])
+        loop.optimizer.load_state_dict(ck["optimizer"])
     steps_per_epoch = -(-len(train_s) // settings.batch_size)
-    bar = tqdm(total=settings.epochs * steps_per_epoch, initial=progress.epoch * steps_per_epoch,
-               desc=f"{settings.method} fine-tuning", unit="step", disable=not settings.progress)
+    bar = tqdm(total=settings.epochs * steps_per_epoch, initial=progress.epoch * steps_per_epoch + progress.step,
+               desc=f"{settings.method} fine-tuning", unit="step", disable=not (settings.progress and loop.group.main))
     while progress.epoch < settings.epochs:
         if settings.fast_after is not None and not progress.fast and progress.epoch >= settings.fast_after:
             to_fast(model)  # train only the active entries from here on
-            optimizer, progress.fast = _optimizer(model, settings), True
-        t0 = time.perf_counter()
-        train_loss = _epoch(family, model, optimizer, train_s, settings, progress.epoch, bar)
+            loop.optimizer, progress.fast = _optimizer(model, settings), True
+        train_loss = _epoch(loop, train_s, progress, bar)
         # the last step moved V and tau: put the density back on target (the pre-hook does
         # this before each training forward, but the epoch's result is evaluated)
         calibrate_density(model)
-        progress.train_wall_s += time.perf_counter() - t0
-        progress.epoch += 1
+        progress.epoch, progress.step, progress.epoch_loss = progress.epoch + 1, 0, 0.0
         record = {"epoch": progress.epoch, "train_loss": train_loss}
         if valid_s:
-            record["valid"] = asdict(evaluate(family, model, valid_s, settings))
+            record["valid"] = asdict(evaluate(loop.family, model, valid_s, settings))
         progress.history.append(record)
         progress.peak_rss_mb = max(progress.peak_rss_mb, _peak_rss_mb())
-        save(model, optimizer, progress)
+        loop.save(model, loop.optimizer, progress)
     bar.close()
     return progress
 
@@ -311,25 +359,45 @@ def _save_results(family: Family, model, settings: Settings, shift: Dict[int, fl
     metrics["merged_model_check"] = check_merged(family, reference, test[:1], merged_path, settings.device)
 
 
+def check(settings: Settings) -> Tuple[Family, Tuple[List[Frame], List[Frame], List[Frame]], Path]:
+    """What can be refused before the slow work: the model's family (its package), the
+    data (train, valid, test) and the output folder."""
+    family = family_for(settings.model)
+    frames = _read_data(settings)
+    return family, frames, output_folder(settings.out)
+
+
 def run(settings: Settings) -> dict:
     """Train and evaluate; write DIR/metrics.json, the adapter, the merged model and a
-    resumable checkpoint. Returns the metrics."""
+    resumable checkpoint. Returns the metrics. Under torchrun, each process trains its
+    share of every batch and rank 0 writes."""
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
-    family = family_for(settings.model)
-    train, valid, test = _read_data(settings)
-    out = output_folder(settings.out)
-    with exclusive(out):
-        return _run(settings, out, family, (train, valid, test), started)
+    family, frames, out = check(settings)
+    group, device = join(settings.device)
+    try:
+        with _held(out, group):
+            return _run(replace(settings, device=device), out, family, frames, group, started)
+    finally:
+        leave(group)
 
 
-def _run(settings: Settings, out: Path, family: Family, frames, started: float) -> dict:
+@contextmanager
+def _held(out: Path, group: Group):
+    """The output folder held (``exclusive``) by rank 0, the one that reads and writes in
+    it, while the block runs; if it is taken, every rank says so."""
+    with ExitStack() as stack:
+        group.from_main(lambda: stack.enter_context(exclusive(out)))
+        yield
+
+
+def _run(settings: Settings, out: Path, family: Family, frames, group: Group, started: float) -> dict:
     """``run`` once its inputs are checked and its output folder is held."""
     train, valid, test = frames
-    ck = checkpoint.load(out, settings)
+    ck = group.from_main(lambda: checkpoint.load(out, settings))
     model = family.load(settings.model, settings.device)
-    for group, what in ((train, settings.train), (test, settings.test), (valid, settings.valid)):
-        check_elements(family, model, group, what)
+    for group_frames, what in ((train, settings.train), (test, settings.test), (valid, settings.valid)):
+        check_elements(family, model, group_frames, what)
     shift = ({int(z): v for z, v in ck["shift"].items()} if ck is not None else _fit_shift(
         family, model, settings.e0s, make_samples(family, model, train, {}), train, settings))
     train_s, test_s, valid_s = (make_samples(family, model, f, shift) for f in (train, test, valid))
@@ -341,18 +409,22 @@ def _run(settings: Settings, out: Path, family: Family, frames, started: float) 
     model = _apply_method(model, settings, family, train_s)
 
     def save(trained, optimizer, progress):
-        checkpoint.save(out, settings.identity(), trained, optimizer, progress, shift)
+        if group.main:
+            checkpoint.save(out, settings.identity(), trained, optimizer, progress, shift)
 
-    progress = _train(family, model, train_s, valid_s, settings, ck, save)
+    with deferred() as signalled:
+        progress = _train(_Loop(family, model, settings, group, signalled, save), train_s, valid_s, ck)
     refit = _refit_shift(family, model, shift, (train_s, test_s, valid_s), (train, test, valid), settings)
     test_errors = {"test": evaluate(family, model, test_s, settings), **zero_shot}
     metrics = _metrics(settings, family, (train, valid, test), shift, model, progress, test_errors,
                        _changed_fraction(model, base))
-    metrics["e0_refit_ev"] = {str(z): v for z, v in refit.items()}
-    _save_results(family, model, settings, shift, test_s, test, metrics)
-    metrics["command_wall_s"] = time.perf_counter() - started
-    metrics["peak_rss_mb"] = max(progress.peak_rss_mb, _peak_rss_mb())
-    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
+    metrics.update(e0_refit_ev={str(z): v for z, v in refit.items()}, processes=group.size)
+    if group.main:
+        _save_results(family, model, settings, shift, test_s, test, metrics)
+        metrics["command_wall_s"] = time.perf_counter() - started
+        metrics["peak_rss_mb"] = max(progress.peak_rss_mb, _peak_rss_mb())
+        atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
+    group.barrier()
     return metrics
 
 

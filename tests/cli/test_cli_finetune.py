@@ -20,30 +20,10 @@ KEYS = ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "zero_shot_t
 def files(tmp_path_factory):
     """A tiny MACE model (Al, Cu) saved as a .model file, and EMT-labelled Cu2Al2 cells."""
     pytest.importorskip("mace")
-    from ase.build import bulk
-    from ase.calculators.emt import EMT
-    from ase.io import write
-    from e3nn import o3
-
-    from sparsekern.integrations.mace.models import mace_mp0_shaped
+    from helpers import write_tiny_mace_case
 
     root = tmp_path_factory.mktemp("finetune")
-    model = mace_mp0_shaped("small", seed=1, num_elements=2, atomic_numbers=[13, 29], max_ell=2, correlation=2,
-                            hidden_irreps=o3.Irreps("8x0e+8x1o"), r_max=3.5, radial_MLP=[8, 8], num_bessel=4,
-                            atomic_energies=[-3.0, -4.0])
-    torch.save(model, root / "tiny.model")
-    frames = []
-    for i in range(4):
-        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
-        atoms.numbers[[0, 2]] = 13
-        atoms.rattle(0.08, seed=i)
-        atoms.calc = EMT()
-        atoms.info["REF_energy"] = atoms.get_potential_energy()
-        atoms.arrays["REF_forces"] = atoms.get_forces()
-        atoms.calc = None
-        frames.append(atoms)
-    write(root / "train.xyz", frames[:3])
-    write(root / "test.xyz", frames[3:])
+    write_tiny_mace_case(root, n_train=3)
     return root
 
 

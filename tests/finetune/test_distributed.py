@@ -1,0 +1,67 @@
+"""Data-parallel fine-tuning on torch.distributed (gloo, CPU): two processes give one
+process's deltas, losses and test metrics (float64 round-off), rank 0 alone writes; a
+SIGTERM to one rank stops every rank at the same step boundary, and the run resumes in
+one process; ``--nproc`` out of range is one line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsekern
+from sparsekern.cli import main
+
+HERE = Path(__file__).resolve().parent
+
+
+def _run(*command):
+    """``command`` in a fresh Python importing this sparsekern, 1 thread per process."""
+    root = str(Path(sparsekern.__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    return subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_processes_give_the_one_process_result(case, finetune_args, reference, result_difference):
+    out = case / "two"
+    done = _run("-m", "sparsekern", "finetune", *finetune_args(out), "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads((out / "metrics.json").read_text())["processes"] == 2
+    assert result_difference(out, reference) <= 1e-12
+    # rank 0 wrote what one process writes, once (no temporaries left by a second writer)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+
+def test_a_signal_to_one_rank_stops_all_at_one_step_and_resumes_in_one_process(
+        case, finetune_args, reference, result_difference):
+    out = case / "signalled"
+    done = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HERE / "step_signals.py"),
+                "1", "2", "finetune", *finetune_args(out))
+    assert done.returncode != 0
+    assert "rank 0: 2 steps, exit 143" in done.stderr and "rank 1: 2 steps, exit 143" in done.stderr, done.stderr[-4000:]
+    assert done.stderr.count("stopped by SIGTERM at epoch 1, step 2; checkpoint written") == 1  # rank 0 speaks
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert (ck["epoch"], ck["step"]) == (0, 2)
+    assert main(["finetune", *finetune_args(out)]) == 0  # one process resumes the two's checkpoint
+    assert json.loads((out / "metrics.json").read_text())["processes"] == 1
+    assert result_difference(out, reference) <= 1e-12
+
+
+def test_nproc_below_one_is_refused_in_one_line(case, finetune_args, capsys):
+    assert main(["finetune", *finetune_args(case / "none"), "--nproc", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsekern finetune: error: --nproc must be >= 1") and err.count("\n") == 1
+    assert not (case / "none").exists()
+
+
+def test_mace_train_distributed_on_cpu_is_refused_clearly(capsys):
+    """MACE's --distributed starts NCCL (or Intel's CCL) only: on CPU it would end in a
+    traceback inside MACE; sparsekern mace-train says so first."""
+    pytest.importorskip("mace")
+    with pytest.raises(SystemExit) as exit_:
+        main(["mace-train", "--name", "x", "--train_file", "t.xyz", "--distributed", "--device", "cpu"])
+    assert exit_.value.code == 2 and "MACE's data-parallel mode runs on GPUs only" in capsys.readouterr().err
