@@ -1,7 +1,8 @@
 """The density controller of thresholded deltas: one shift of every threshold, set for
 the whole model so that the target fraction of path weights changes. Run before each
 training forward pass, it lets the per-layer thresholds learn how the changes spread
-over the layers while their total stays on target."""
+over the layers while their total follows the schedule (zero before the first step, then
+up to the target, or above it and back down)."""
 
 from __future__ import annotations
 
@@ -29,13 +30,12 @@ def scheduled_density(config, step: int) -> float:
 @torch.no_grad()
 def calibrate_density(model: torch.nn.Module, density: Optional[float] = None) -> None:
     """Set every unmerged ThresholdDelta's tau_shift so that the fraction ``density``
-    (default: the config's schedule at the deltas' step) of all their weights changes. A
-    model without any (full fine-tuning, LoRA, fast mode) is left as it is."""
-    deltas = [d for *_, d in delta_slot.iter_deltas(model) if isinstance(d, ThresholdDelta) and not d.merged]
+    (default: the config's target) of all their weights changes. A model without any
+    (full fine-tuning, LoRA, fast mode) is left as it is."""
+    deltas = _thresholded(model)
     if not deltas:
         return
-    if density is None:
-        density = scheduled_density(delta_slot.config_of(model), deltas[0].steps)
+    density = density if density is not None else delta_slot.config_of(model).density
     scores = torch.cat([d.scores().float() for d in deltas])
     keep = int(round(density * scores.numel()))
     if keep >= scores.numel():
@@ -51,16 +51,21 @@ def calibrate_density(model: torch.nn.Module, density: Optional[float] = None) -
 @delta_slot.mark_hook
 def _steer_density(model: torch.nn.Module, args) -> None:
     """Forward pre-hook: in training, recalibrate before the step uses the thresholds."""
-    if model.training and torch.is_grad_enabled():
-        calibrate_density(model)
-        for *_, d in delta_slot.iter_deltas(model):
-            if isinstance(d, ThresholdDelta):
-                d.steps += 1
+    deltas = _thresholded(model)
+    if model.training and torch.is_grad_enabled() and deltas:
+        calibrate_density(model, scheduled_density(delta_slot.config_of(model), deltas[0].steps))
+        for d in deltas:
+            d.steps += 1
+
+
+def _thresholded(model: torch.nn.Module):
+    return [d for *_, d in delta_slot.iter_deltas(model) if isinstance(d, ThresholdDelta) and not d.merged]
 
 
 def steer(model: torch.nn.Module) -> None:
     """Put the density on target now and before every training forward pass, where the
     model's mode has a controller (``delta_slot.strip`` removes the hook)."""
-    if MODES[delta_slot.config_of(model).mode].steered:
-        calibrate_density(model)
+    config = delta_slot.config_of(model)
+    if MODES[config.mode].steered:
+        calibrate_density(model, scheduled_density(config, 0))  # 0: the model starts as the base
         model.register_forward_pre_hook(_steer_density)
