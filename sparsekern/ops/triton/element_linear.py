@@ -129,7 +129,8 @@ class ElementRows:
     def build(species: torch.Tensor, n_el: int, d: int) -> "ElementRows":
         n = species.shape[0]
         order = torch.argsort(species, stable=True)
-        counts = torch.bincount(species, minlength=n_el)[:n_el]
+        # not bincount: its output size depends on the data (a host sync)
+        counts = torch.zeros(n_el, dtype=torch.long, device=species.device).index_add_(0, species, torch.ones_like(species))
         seg = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         ntile = (counts * d + _BM - 1) // _BM
         tcum = ntile.cumsum(0)
@@ -173,20 +174,20 @@ def _wgrad_raw(plan: ElementRows, x, g, scale: float, slot: Optional[torch.Tenso
     for the active blocks of ``slot`` only."""
     mul_in, mul_out, dev = x.shape[1], g.shape[1], x.device
     if slot is None:
-        out = x.new_zeros(plan.n_el, mul_in, mul_out)
+        out = x.new_empty(plan.n_el, mul_in, mul_out)  # every tile is stored, also empty elements'
         tu_ = tv_ = _BK
         zz, uu, vv = torch.meshgrid(torch.arange(plan.n_el, device=dev), torch.arange(0, mul_in, tu_, device=dev),
                                     torch.arange(0, mul_out, tv_, device=dev), indexing="ij")
         zz, uu, vv = zz.flatten(), uu.flatten(), vv.flatten()
         base = zz * out.stride(0) + uu * out.stride(1) + vv * out.stride(2)
     else:
-        out = x.new_zeros(vshape)
+        out = x.new_zeros(vshape)  # rows no slot points to, and tile edges, are not stored
         tu_ = tv_ = T = vshape[1]
         zz, bu, bv = (slot >= 0).nonzero(as_tuple=True)  # the one host sync: active blocks
         uu, vv = bu * T, bv * T
         base = slot[zz, bu, bv].long() * out.stride(0)
     if zz.numel() == 0 or x.shape[0] == 0 or out.numel() == 0:
-        return out
+        return out.zero_()
     use_dot = min(tu_, tv_) >= 16
     bq = 32 if use_dot else max(1, min(32, 512 // (tu_ * tv_)))
     _wgrad_kernel[(zz.numel(),)](x, g, out, plan.order, plan.seg, zz.int(), uu.int(), vv.int(), base,
