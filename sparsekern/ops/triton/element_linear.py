@@ -132,7 +132,7 @@ class ElementRows:
         n = species.shape[0]
         order = torch.argsort(species, stable=True)
         # not bincount: its output size depends on the data (a host sync)
-        counts = torch.zeros(n_el, dtype=torch.long, device=species.device).index_add_(0, species, torch.ones_like(species))
+        counts = species.new_zeros(n_el).index_add_(0, species, torch.ones_like(species))
         seg = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         ntile = (counts * d + _BM - 1) // _BM
         tcum = ntile.cumsum(0)
