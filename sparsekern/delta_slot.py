@@ -109,10 +109,11 @@ def active(layer: torch.nn.Module, param: str) -> Optional[torch.Tensor]:
 
 
 def active_blocks(flat: torch.Tensor, groups: Sequence["WeightGroup"], T: int):
-    """The block view of a flat delta that block-sparse kernels read: per group, the
-    (block_slot, block_values) of its T x T tiles holding a nonzero, block_slot
-    (G, ceil(R/T), ceil(C/T)) int32 (-1: inactive, else a row of block_values
-    (n_blocks, T, T), a differentiable gather of the delta). One host sync per group."""
+    """The block view of a flat delta that block-sparse kernels read: per group,
+    (block_slot, block_values), block_slot (G, ceil(R/T), ceil(C/T)) int32: -1 for a tile
+    without a nonzero, else its row of block_values (G * ceil(R/T) * ceil(C/T), T, T), every
+    tile of the delta (a differentiable copy). No host sync: the active tiles are marked,
+    not counted, so kernels skip the inactive ones on the device."""
     out = []
     for g in groups:
         delta = g.view(flat)
@@ -121,10 +122,8 @@ def active_blocks(flat: torch.Tensor, groups: Sequence["WeightGroup"], T: int):
         padded = torch.nn.functional.pad(delta, (0, nv * T - c, 0, nu * T - r))
         tiles = padded.reshape(n_el, nu, T, nv, T).transpose(2, 3)  # (n_el, nu, nv, T, T)
         on = tiles.detach().ne(0).flatten(3).any(-1)
-        slot = torch.full(on.shape, -1, dtype=torch.int32, device=delta.device)
-        idx = on.nonzero(as_tuple=True)
-        slot[idx] = torch.arange(idx[0].numel(), dtype=torch.int32, device=delta.device)
-        out.append((slot, tiles[idx]))
+        rows = torch.arange(on.numel(), dtype=torch.int32, device=delta.device).view(on.shape)
+        out.append((torch.where(on, rows, -1), tiles.reshape(-1, T, T)))
     return out
 
 

@@ -24,5 +24,7 @@ import sparsekern  # noqa: E402,F401  (first: lets e3nn 0.4.4 import under torch
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (and the compiled sparsekern._C extension)")
+    config.addinivalue_line("markers", "gpu_proxy: CPU proxies of GPU speed (sm_90 compile ahead of time, "
+                            "host syncs on meta tensors, launch and op budgets); run in CI")
     for message, category in _THIRD_PARTY_WARNINGS:  # and in each test
         config.addinivalue_line("filterwarnings", f"ignore:{message}:{category.__name__}")

@@ -67,7 +67,7 @@ def _conv_kernel(a_ptr, b_ptr, w_ptr, out_ptr, src_ptr, dst_ptr,
             xa = tl.load(a_tile + i * sa1, mask=mask, other=0.0)
             xb = tl.load(b_row + j * sb1, mask=me, other=0.0)
             acc += (c * xb)[:, None] * xa
-        tl.atomic_add(o_tile + k, acc * wt, mask=mask)
+        tl.atomic_add(o_tile + k, acc * wt, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -125,7 +125,7 @@ def _edge_kernel(a_ptr, b_ptr, w_ptr, g_ptr, gb_ptr, gw_ptr, src_ptr, dst_ptr,
         tl.store(gw_ptr + e64[:, None] * sgw0 + (w_off + u)[None, :], gw_acc, mask=mask)
     if NEED_GB:
         tl.atomic_add(gb_ptr + e64[:, None] * sgb0 + (b_off + jr)[None, :], gb_acc,
-                      mask=me[:, None] & (jr < d_b)[None, :])
+                      mask=me[:, None] & (jr < d_b)[None, :], sem="relaxed")
 
 
 @dataclass
@@ -160,6 +160,9 @@ class ConvForm:
         self.ec = torch.tensor(ec, dtype=torch.float64).to(device=dev, dtype=self.dtype)
         self.max_mul = max((p[7] for p in self.paths), default=1)
         self.max_db = max((p[3] for p in self.paths), default=1)
+        # the edge kernel stores every weight gradient column of a path (no atomics): the
+        # buffer needs no zero fill when the paths cover all n_w columns (no path masked)
+        self.covers_w = len({w for p in self.paths for w in range(p[4], p[4] + p[7])}) == self.n_w
         self._t: Optional[ConvForm] = None
 
     @property
@@ -213,7 +216,7 @@ def _conv_raw(form: ConvForm, a, b, w, src, dst, n_out: int) -> torch.Tensor:
 def _edge_raw(form: ConvForm, a, b, w, g, src, dst, need_b: bool, need_w: bool):
     E = src.shape[0]
     gb = a.new_zeros(E, form.dim_b) if need_b else None
-    gw = a.new_zeros(E, form.n_w) if need_w else None
+    gw = (a.new_empty if form.covers_w else a.new_zeros)(E, form.n_w) if need_w else None
     if E == 0 or not form.paths or not (need_b or need_w):
         return gb, gw
     be, bu = _blocks(form)

@@ -79,7 +79,8 @@ def _wgrad_kernel(x_ptr, g_ptr, out_ptr, order_ptr, seg_ptr, tz_ptr, tu_ptr, tv_
                   TU: tl.constexpr, TV: tl.constexpr, BQ: tl.constexpr,
                   USE_DOT: tl.constexpr, IEEE: tl.constexpr):
     """out[base + a*so1 + c*so2] = scale * sum over the rows (n, m) of element z of
-    x[n, u0 + a, m] g[n, v0 + c, m]: one output tile (a dense W0 tile or one active block)."""
+    x[n, u0 + a, m] g[n, v0 + c, m]: one output tile (a dense W0 tile or one block of the
+    delta; base < 0: an inactive block, nothing to do)."""
     t = tl.program_id(0)
     scale = tl.load(scale_ptr)
     z = tl.load(tz_ptr + t)
@@ -88,8 +89,9 @@ def _wgrad_kernel(x_ptr, g_ptr, out_ptr, order_ptr, seg_ptr, tz_ptr, tu_ptr, tv_
     base = tl.load(tb_ptr + t)
     mu = u < mul_in
     mv = v < mul_out
+    active = base >= 0
     qs = tl.load(seg_ptr + z) * d
-    qe = tl.load(seg_ptr + z + 1) * d
+    qe = tl.where(active, tl.load(seg_ptr + z + 1) * d, qs)
     acc = tl.zeros((TU, TV), dtype=out_ptr.dtype.element_ty)
     for q0 in range(qs, qe, BQ):
         q = q0 + tl.arange(0, BQ)
@@ -110,7 +112,7 @@ def _wgrad_kernel(x_ptr, g_ptr, out_ptr, order_ptr, seg_ptr, tz_ptr, tu_ptr, tv_
     r = tl.arange(0, TU)
     c = tl.arange(0, TV)
     tl.store(out_ptr + base + r[:, None] * so1 + c[None, :] * so2, acc * scale,
-             mask=mu[:, None] & mv[None, :])
+             mask=mu[:, None] & mv[None, :] & active)
 
 
 @dataclass
@@ -129,7 +131,8 @@ class ElementRows:
     def build(species: torch.Tensor, n_el: int, d: int) -> "ElementRows":
         n = species.shape[0]
         order = torch.argsort(species, stable=True)
-        counts = torch.bincount(species, minlength=n_el)[:n_el]
+        # not bincount: its output size depends on the data (a host sync)
+        counts = species.new_zeros(n_el).index_add_(0, species, torch.ones_like(species))
         seg = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         ntile = (counts * d + _BM - 1) // _BM
         tcum = ntile.cumsum(0)
@@ -157,7 +160,9 @@ def _el_raw(plan: ElementRows, x, w0, slot, vals, scale: float, mul_out: int) ->
     slot_ = slot if has_delta else x
     vals_ = vals if has_delta else x
     T = vals.shape[1] if has_delta else 1
-    bu = max(16, min(_BK, triton.next_power_of_2(mul_in)))
+    # with a delta the weight tile is summed from two loads: a 16-deep K tile keeps the
+    # fp32 IEEE product within 255 registers on sm_90 (32 deep spilled 28 B)
+    bu = max(16, min(16 if has_delta else _BK, triton.next_power_of_2(mul_in)))
     bv = max(16, min(_BK, triton.next_power_of_2(mul_out)))
     grid = (plan.tz.shape[0], triton.cdiv(mul_out, bv))
     _el_kernel[grid](x, w0_, slot_, vals_, y, plan.order, plan.tz, plan.tq0, plan.tq1,
@@ -173,20 +178,20 @@ def _wgrad_raw(plan: ElementRows, x, g, scale: float, slot: Optional[torch.Tenso
     for the active blocks of ``slot`` only."""
     mul_in, mul_out, dev = x.shape[1], g.shape[1], x.device
     if slot is None:
-        out = x.new_zeros(plan.n_el, mul_in, mul_out)
+        out = x.new_empty(plan.n_el, mul_in, mul_out)  # every tile is stored, also empty elements'
         tu_ = tv_ = _BK
-        zz, uu, vv = torch.meshgrid(torch.arange(plan.n_el, device=dev), torch.arange(0, mul_in, tu_, device=dev),
-                                    torch.arange(0, mul_out, tv_, device=dev), indexing="ij")
-        zz, uu, vv = zz.flatten(), uu.flatten(), vv.flatten()
+        zz, uu, vv = _grid(plan.n_el, -(-mul_in // tu_), -(-mul_out // tv_), dev)
+        uu, vv = uu * tu_, vv * tv_
         base = zz * out.stride(0) + uu * out.stride(1) + vv * out.stride(2)
     else:
-        out = x.new_zeros(vshape)
+        out = x.new_zeros(vshape)  # rows no slot points to, and tile edges, are not stored
         tu_ = tv_ = T = vshape[1]
-        zz, bu, bv = (slot >= 0).nonzero(as_tuple=True)  # the one host sync: active blocks
-        uu, vv = bu * T, bv * T
-        base = slot[zz, bu, bv].long() * out.stride(0)
+        # a program per slot entry, inactive ones (-1) idle: no nonzero (a host sync)
+        zz, uu, vv = _grid(*slot.shape, dev)
+        uu, vv = uu * T, vv * T
+        base = slot.flatten().long() * out.stride(0)
     if zz.numel() == 0 or x.shape[0] == 0 or out.numel() == 0:
-        return out
+        return out.zero_()
     use_dot = min(tu_, tv_) >= 16
     bq = 32 if use_dot else max(1, min(32, 512 // (tu_ * tv_)))
     _wgrad_kernel[(zz.numel(),)](x, g, out, plan.order, plan.seg, zz.int(), uu.int(), vv.int(), base,
@@ -194,6 +199,13 @@ def _wgrad_raw(plan: ElementRows, x, g, scale: float, slot: Optional[torch.Tenso
                                  out.stride(1), out.stride(2), TU=tu_, TV=tv_, BQ=bq,
                                  USE_DOT=use_dot, IEEE=x.dtype == torch.float32)
     return out
+
+
+def _grid(n_el: int, nu: int, nv: int, dev):
+    """(element, row tile, column tile) of each program, row-major."""
+    zz, uu, vv = torch.meshgrid(torch.arange(n_el, device=dev), torch.arange(nu, device=dev),
+                                torch.arange(nv, device=dev), indexing="ij")
+    return zz.flatten(), uu.flatten(), vv.flatten()
 
 
 def _t(w):

@@ -1,0 +1,185 @@
+"""GPU proxy (a), ahead of time: every Triton kernel specialisation that a MACE-MP-0-medium
+model launches (energy+forces, a full and a sparse 3 % training step with forces in the
+loss, float32) compiled for sm_90 (H100/H200) on the CPU, read with the bundled
+``ptxas -v`` and ``cuobjdump -sass``: no register spills, no fenced atomics (Triton's
+default ``acq_rel`` is MEMBAR.ALL.GPU + ATOMG + CCTL.IVALL per atomic on sm_90).
+
+The compile needs Triton's real front end, not the interpreter that conftest.py selects
+for the other tests, so it runs this file as a script in a subprocess without
+TRITON_INTERPRET; the model's host path runs for real on CPU tensors while every launch
+is recorded instead of run (the recipe of /work/shared/tools/gpu_proxy/aot_sm90.py).
+Uses Triton internals (argument binder, ``_pack_args``): written for the pinned 3.7.1."""
+
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+# Known gaps, kernel name -> the most spill store bytes of its specialisations (Triton
+# 3.7.1): the test fails if one gets worse, and also when it gets better (then lower it).
+# None left: the contraction's forward form spilled 12 B (328 B under 3.6.0) at BT 8.
+KNOWN_SPILLS = {}
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _nvbin(tool: str) -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("triton")
+    return os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", tool)
+
+
+@contextlib.contextmanager
+def _capture(launches):
+    """Record (jitfn, args, kwargs) of every Triton launch instead of running it."""
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    JITFunction.run = record
+    try:
+        yield
+    finally:
+        JITFunction.run = original
+
+
+def _mace_launches(dtype_name: str):
+    """The launches of energy+forces, a full and a sparse training step of MACE-MP-0
+    medium (89 elements, 128 channels, l <= 3, correlation 3) on 27 atoms."""
+    import torch
+    from ase.build import bulk
+
+    import sparsekern
+    from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
+    from sparsekern.ops import registry
+
+    # CPU tensors, launches recorded: let the registry hand out the triton back end here
+    registry.BACKENDS["triton"] = dataclasses.replace(registry.BACKENDS["triton"], available=lambda device: True)
+    model = mace_mp0_shaped("medium", dtype=getattr(torch, dtype_name))
+    atoms = bulk("Cu", "fcc", a=3.6) * (3, 3, 3)
+    atoms.numbers = [29, 8, 1] * 9
+    atoms.rattle(0.05, seed=0)
+    batch = mace_batch(model, [atoms])
+    launches = []
+    with _capture(launches):
+        sparsekern.patch(model, backend="triton")
+        model(dict(batch), compute_force=True)  # energy+forces
+        for sparse in (False, True):
+            if sparse:
+                sparsekern.prepare(model, sparsekern.SparseConfig(density=0.03), backend="triton")
+            out = model(dict(batch), training=True, compute_force=True)
+            (out["energy"].sum() + (out["forces"] ** 2).sum()).backward()  # double backward
+    return launches
+
+
+def _specialisations(launches):
+    """One (name, compiled-kernel source) per distinct specialisation, as a GPU launch
+    would bind it (dtypes, 16-byte divisibility, constexprs)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binders, seen = {}, {}
+    for jitfn, args, kwargs in launches:
+        if jitfn not in binders:
+            binders[jitfn] = create_function_from_signature(jitfn.signature, jitfn.params, backend)
+        bound, spec, opts = binders[jitfn](*args, **kwargs)
+        options, signature, constexprs, attrs = jitfn._pack_args(backend, kwargs, bound, spec, opts)
+        key = (jitfn.fn.__name__, repr(signature), repr(sorted(constexprs.items())), repr(attrs))
+        if key not in seen:
+            named = {jitfn.arg_names[k[0]]: v for k, v in constexprs.items() if jitfn.params[k[0]].is_constexpr}
+            seen[key] = (jitfn.fn.__name__, named, ASTSource(jitfn, signature, constexprs, attrs), options)
+    return list(seen.values()), target
+
+
+def _resources(kernel, scratch: str) -> dict:
+    """ptxas -v figures and the SASS instruction mix of a compiled kernel."""
+    name = kernel.metadata.name
+    ptx, cubin = os.path.join(scratch, name + ".ptx"), os.path.join(scratch, name + ".cubin")
+    with open(ptx, "w") as f:
+        f.write(kernel.asm["ptx"])
+    with open(cubin, "wb") as f:
+        f.write(kernel.asm["cubin"])
+    v = subprocess.run([_nvbin("ptxas"), "-arch=sm_90a", "-v", ptx, "-o", os.devnull],
+                       capture_output=True, text=True, check=True).stderr
+    spill_st, spill_ld = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", v).groups())
+    sass = subprocess.run([_nvbin("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    ops = collections.Counter(m.split(".")[0] for m in
+                              re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
+    return dict(registers=int(re.search(r"Used (\d+) registers", v).group(1)), spill_store_bytes=spill_st,
+                spill_load_bytes=spill_ld, membar=ops["MEMBAR"], cctl=ops["CCTL"], fenced_atomics=ops["ATOMG"],
+                relaxed_atomics=ops["RED"] + ops["REDG"], instructions=sum(ops.values()))
+
+
+def main(dtype_name: str) -> None:
+    """Print one JSON line per distinct specialisation (run without TRITON_INTERPRET)."""
+    import tempfile
+
+    import triton
+
+    t0 = time.time()
+    specs, target = _specialisations(_mace_launches(dtype_name))
+    t1 = time.time()
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, constexprs, src, options in specs:
+            kernel = triton.compile(src, target=target, options=options.__dict__)
+            print(json.dumps(dict(kernel=name, constexprs={k: str(v) for k, v in constexprs.items()},
+                                  **_resources(kernel, scratch))), flush=True)
+    print(json.dumps(dict(host_s=round(t1 - t0, 1), compile_s=round(time.time() - t1, 1))), flush=True)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, __file__, "float32"], capture_output=True, text=True, env=env, cwd=_ROOT)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    print("\n".join(json.dumps(r) for r in rows))  # the measured figures, shown with -s
+    return rows[:-1]
+
+
+@pytest.mark.gpu_proxy
+def test_toolchain_bundled():
+    """ptxas and cuobjdump ship in the pinned Triton wheel: missing, this proxy fails."""
+    for tool in ("ptxas", "cuobjdump"):
+        assert os.access(_nvbin(tool), os.X_OK), f"{_nvbin(tool)} missing: the sm_90 proxy cannot run"
+
+
+@pytest.mark.gpu_proxy
+def test_every_kernel_compiled(compiled):
+    names = collections.Counter(r["kernel"] for r in compiled)
+    assert set(names) == {"_conv_kernel", "_edge_kernel", "_el_kernel", "_wgrad_kernel", "_form_kernel"}, names
+
+
+@pytest.mark.gpu_proxy
+def test_atomics_relaxed(compiled):
+    """Atomics compile to RED (relaxed), never fenced ATOMG with MEMBAR / CCTL."""
+    for r in compiled:
+        assert r["fenced_atomics"] == r["membar"] == r["cctl"] == 0, r
+    assert any(r["relaxed_atomics"] for r in compiled if r["kernel"] == "_conv_kernel")
+
+
+@pytest.mark.gpu_proxy
+def test_no_spills(compiled):
+    worst = collections.Counter()
+    for r in compiled:
+        assert 0 < r["registers"] <= 255, r
+        worst[r["kernel"]] = max(worst[r["kernel"]], r["spill_store_bytes"])
+    assert {k: v for k, v in worst.items() if v} == KNOWN_SPILLS, worst
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, _ROOT)  # this checkout's sparsekern, not an installed one
+    main(sys.argv[1])
