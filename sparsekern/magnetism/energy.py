@@ -24,6 +24,9 @@ from torch import nn
 from .graph import MagneticBatch
 
 N_ELEMENTS = 119  # embedding rows, indexed by atomic number
+# eV: the couplings are ENERGY_SCALE x an MLP output, so O(1) weights give the meV-scale
+# exchange energies of the data and an optimizer step of ~lr moves them by ~lr x 10 meV
+ENERGY_SCALE = 0.01
 
 
 def radial_basis(r: torch.Tensor, cutoff: float, n: int) -> torch.Tensor:
@@ -56,7 +59,7 @@ class MagneticEnergy(nn.Module):
     def geometry(self, batch: MagneticBatch, positions: torch.Tensor):
         """Edge vectors and lengths, radial basis, invariant node features (n, width)."""
         i, j = batch.edges
-        vec = positions[j] - positions[i] + batch.offsets
+        vec = positions[j] - positions[i] + batch.offsets.to(positions.dtype)
         r = vec.norm(dim=1)
         basis = radial_basis(r, self.cutoff, self.n_basis)
         emb = self.embed(batch.numbers)
@@ -68,14 +71,14 @@ class MagneticEnergy(nn.Module):
         i, j = batch.edges
         vec, r, basis, node = self.geometry(batch, positions)
         coupling = self.pair(torch.cat([basis, node[i] + node[j], node[i] * node[j]], dim=1))
-        coupling = coupling * (0.5 * (torch.cos(math.pi * r / self.cutoff) + 1.0))[:, None]
+        coupling = coupling * (ENERGY_SCALE * 0.5 * (torch.cos(math.pi * r / self.cutoff) + 1.0))[:, None]
         mi, mj = moments[i], moments[j]
         pair = coupling[:, 0] * (mi * mj).sum(1)
         if self.spin_orbit:
             unit = vec / r[:, None]
             pair = (pair + coupling[:, 1] * (unit * torch.linalg.cross(mi, mj)).sum(1)
                     + coupling[:, 2] * (mi * unit).sum(1) * (mj * unit).sum(1))
-        a, b = self.onsite(node).unbind(1)
+        a, b = (ENERGY_SCALE * self.onsite(node)).unbind(1)
         m2 = moments.square().sum(1)
         # clamp, not softplus: b is exactly 0 at the start yet trainable (the clamp
         # passes the gradient at 0), and never negative
