@@ -37,3 +37,12 @@ class MagneticCalculator(Calculator):
             self.results["magmoms"] = moments[:, 2] if collinear else moments
             total = moments.sum(0)
             self.results["magmom"] = float(total[2]) if collinear else float(np.linalg.norm(total))
+
+
+def load_calculator(path, device: str = "cpu") -> MagneticCalculator:
+    """The calculator of a merged model written by a magnetic fine-tuning run (the
+    family's model file; its magnetic modules beside it)."""
+    from ..integrations import family_for
+    from .family import MagneticFamily
+
+    return MagneticFamily(family_for(str(path))).calculator(path, device)
