@@ -1,0 +1,175 @@
+"""Magnetism benchmark (not CI): SevenNet-0 fine-tuned spin-blind (sparse 3 %, and full
+with --full) vs magnetism-aware sparse (3 % delta on the base + the magnetic energy
+module trained fully), through the trainer ``sparsekern finetune`` runs, on the same
+frames, epochs, batches, learning rate and loss weights.
+
+Splits (never at random):
+- nio: train on NiO_data_0 + NiO_data_1, test on NiO_data_2 (every k-th frame of each
+  so that the subsets span the files).
+- fe: FCC Fe (DeepSPIN), split by config_type: train iter-1..3, test iter-7 (iter 4-6
+  hold the strongly distorted frames).
+Scores on the test frames: energy MAE (meV/atom), force MAE (meV/Å), magnetic-force
+MAE (meV/μB), moment-magnitude MAE (μB, --predict_magmom), and the Spearman rank
+correlation of predicted vs reference energies (the ordering of spin configurations).
+
+    .venv-sevenn/bin/python benchmarks/magnetism.py --data nio --n_train 6 --n_test 10 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparsekern.files import atomic_write  # noqa: E402
+from sparsekern.locations import data_dir  # noqa: E402
+
+MAGNETIC = ["--magmom_key", "REF_magmom", "--magforces_key", "REF_magforces"]
+
+
+def spread(frames, n):
+    """``n`` frames spread evenly over ``frames``."""
+    return [frames[i] for i in np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)]
+
+
+def split(name: str, n_train: int, n_test: int):
+    """(train frames, test frames) of data set ``name``."""
+    from ase.io import read
+
+    if name == "nio":
+        d = data_dir() / "nio_spin"
+        train = sum((spread(read(d / f"NiO_data_{k}.xyz", ":"), n_train) for k in (0, 1)), [])
+        return train, spread(read(d / "NiO_data_2.xyz", ":"), n_test)
+    frames = read(data_dir() / "magnetic/fcc_fe_deepspin/fcc_fe.xyz", ":")
+    by = {}
+    for a in frames:
+        by.setdefault(a.info["config_type"].rsplit("-", 1)[1], []).append(a)
+    train = sum((spread(by[k], n_train) for k in ("1", "2", "3")), [])
+    return train, spread(by["7"], n_test)
+
+
+def test_energies(metrics: dict, test, magnetic: bool):
+    """Per-frame test energies of the merged model in its calculator."""
+    from sparsekern.integrations import family_for
+    from sparsekern.magnetism.calculator import load_calculator
+
+    path = metrics["merged_model"]
+    calc = load_calculator(path) if magnetic else family_for(path).calculator(path, "cpu")
+    energies = []
+    for a in test:
+        a = a.copy()
+        if magnetic:
+            a.set_initial_magnetic_moments(a.arrays["REF_magmom"])
+        a.calc = calc
+        energies.append(a.get_potential_energy())
+    return np.array(energies)
+
+
+def run_one(label, method, extra, files, out, args, test):
+    from scipy.stats import spearmanr
+
+    from sparsekern.cli.finetune import parser
+    from sparsekern.finetune.trainer import Settings, run
+
+    argv = ["--model", "7net-0", "--train", str(files / "train.xyz"), "--test", str(files / "test.xyz"),
+            "--method", method, "--out", str(out / label.replace(" ", "_")), "--epochs", str(args.epochs),
+            "--lr", str(args.lr), "--batch_size", str(args.batch_size), "--energy_weight", str(args.energy_weight),
+            "--magnetic_lr", str(args.magnetic_lr), "--no_progress", *extra]
+    t0 = time.perf_counter()
+    m = run(Settings(**vars(parser().parse_args(argv))))
+    predicted = test_energies(m, test, "--magmom_key" in extra)
+    reference = np.array([a.info["REF_energy"] for a in test])
+    row = {k: m.get(f"test_{k}") for k in ("energy_mae_mev_per_atom", "force_mae_mev_per_A",
+                                              "magforce_mae_mev_per_muB", "magmom_mae_muB")}
+    row.update(label=label, zero_shot_energy_mae_mev_per_atom=m["zero_shot_test_energy_mae_mev_per_atom"],
+               spearman=float(spearmanr(predicted, reference).statistic), trainable_params=m["trainable_params"],
+               magnetic_params=m.get("magnetic_params", 0), changed_fraction=m["changed_fraction"],
+               wall_s=time.perf_counter() - t0, argv=argv, predicted_ev=predicted.tolist(),
+               reference_ev=reference.tolist())
+    print(json.dumps({k: v for k, v in row.items() if k not in ("argv", "predicted_ev", "reference_ev")}), flush=True)
+    return row
+
+
+def zero_magforce_mae(test) -> float:
+    """A spin-blind model's magnetic-force error: it predicts dE/dm = 0."""
+    return 1e3 * float(np.mean(np.concatenate([np.abs(a.arrays["REF_magforces"]).ravel() for a in test])))
+
+
+def write_results(rows, args, test, stem: Path, command: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    info = {"data": args.data, "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+            f"CPU, torch threads shared", "date": now,
+            "command": command, "n_test": len(test), "rows": rows}
+    atomic_write(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
+    cols = ("energy_mae_mev_per_atom", "force_mae_mev_per_A", "magforce_mae_mev_per_muB", "magmom_mae_muB", "spearman")
+    lines = [f"# Magnetism benchmark: {args.data}", "", f"{info['date']}, {info['machine']}", "",
+             f"    {command}", "", "| method | " + " | ".join(cols) + " | trainable | magnetic params | wall s |",
+             "|---" * (len(cols) + 4) + "|"]
+    for r in rows:
+        cells = ["-" if r.get(c) is None else f"{r[c]:.4g}" for c in cols]
+        lines.append(f"| {r['label']} | " + " | ".join(cells)
+                     + f" | {r['trainable_params']} | {r['magnetic_params']} | {r['wall_s']:.0f} |")
+    lines += ["", "Spin-blind magnetic-force MAE: the error of predicting dE/dm = 0 (a spin-blind model has no "
+              "moment input). Zero-shot energy MAE (SevenNet-0 + fitted E0s): "
+              + ", ".join(f"{r['label']} {r['zero_shot_energy_mae_mev_per_atom']:.4g}" for r in rows) + " meV/atom."]
+    atomic_write(stem.with_suffix(".md"), lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ref = np.array(rows[0]["reference_ev"])
+    for r in rows:
+        ax.scatter(1e3 * (ref - ref.mean()), 1e3 * (np.array(r["predicted_ev"]) - ref.mean()), label=r["label"], s=14)
+    ax.plot(*[[1e3 * (ref.min() - ref.mean()), 1e3 * (ref.max() - ref.mean())]] * 2, "k--", lw=0.8)
+    ax.set(xlabel="reference E - mean (meV/cell)", ylabel="predicted E - mean (meV/cell)",
+           title=f"{args.data}: test energies")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=120)
+
+
+def main() -> None:
+    from ase.io import write
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", choices=("nio", "fe"), default="nio")
+    p.add_argument("--n_train", type=int, default=6, help="frames per training file (nio) / iteration (fe)")
+    p.add_argument("--n_test", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--lr", type=float, default=0.01, help="the base's (deltas' or weights') learning rate")
+    p.add_argument("--magnetic_lr", type=float, default=0.05)
+    p.add_argument("--energy_weight", type=float, default=1e4,
+                   help="spin energies are ~1 meV/atom: without weight the force terms drown them")
+    p.add_argument("--full", action="store_true", help="also spin-blind full fine-tuning")
+    p.add_argument("--work", help="folder for the frames and the runs' outputs (default: a new temporary one)")
+    args = p.parse_args()
+    train, test = split(args.data, args.n_train, args.n_test)
+    runs = [("spin-blind sparse", "sparse", []), ("magnetic sparse", "sparse", MAGNETIC)]
+    runs += [("spin-blind full", "full", [])] if args.full else []
+    files = Path(args.work or tempfile.mkdtemp(prefix=f"magnetism_{args.data}_"))
+    files.mkdir(parents=True, exist_ok=True)
+    write(files / "train.xyz", train)
+    write(files / "test.xyz", test)
+    rows = [run_one(label, method, extra, files, files / "out", args, test) for label, method, extra in runs]
+    for r in rows:
+        if r["magforce_mae_mev_per_muB"] is None:
+            r["magforce_mae_mev_per_muB"] = zero_magforce_mae(test)
+    stem = ROOT / "benchmarks/results" / f"magnetism_{args.data}_{datetime.date.today().isoformat()}"
+    write_results(rows, args, test, stem, "python benchmarks/magnetism.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
