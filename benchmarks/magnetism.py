@@ -105,6 +105,38 @@ def zero_magforce_mae(test) -> float:
     return 1e3 * float(np.mean(np.concatenate([np.abs(a.arrays["REF_magforces"]).ravel() for a in test])))
 
 
+def self_consistency(work: Path, label: str = "magnetic sparse") -> dict:
+    """Self-consistent moments (LBFGS on the learned E(R, m) from the DFT moments) on the
+    test frames, split at the median of their largest |magnetic force| label: where the
+    DFT moments are near equilibrium the minimum should stay close to them."""
+    from ase.io import read
+
+    from sparsekern.magnetism.graph import collate, magnetic_graph
+    from sparsekern.magnetism.moments import equilibrium_moments
+    from sparsekern.magnetism.storage import load_magnetic
+
+    path = next((work / "out" / label.replace(" ", "_")).glob("*.magnetic.safetensors"))
+    energy, _ = load_magnetic(path, "cpu")
+    energy.double()
+    test = read(work / "test.xyz", ":")
+    worst = np.array([np.abs(a.arrays["REF_magforces"]).max() for a in test])
+    rows = []
+    for a, w in zip(test, worst):
+        m_ref = a.arrays["REF_magmom"]
+        m_eq = equilibrium_moments(energy, collate([magnetic_graph(a, energy.cutoff, m_ref)], "cpu")).numpy()
+        magnetic = np.linalg.norm(m_ref, axis=1) > 0
+        rows.append({"max_ref_magforce_ev_per_muB": float(w),
+                     "mean_abs_dm_muB": float(np.linalg.norm(m_eq - m_ref, axis=1)[magnetic].mean()),
+                     "mean_abs_dsize_muB": float(np.abs(np.linalg.norm(m_eq, axis=1)
+                                                        - np.linalg.norm(m_ref, axis=1))[magnetic].mean())})
+    cut = float(np.median(worst))
+    summary = {}
+    for name, pick in (("near_equilibrium", worst <= cut), ("far_from_equilibrium", worst > cut)):
+        chosen = [r for r, k in zip(rows, pick) if k]
+        summary[name] = {k: float(np.mean([r[k] for r in chosen])) for k in chosen[0]} | {"frames": len(chosen)}
+    return {"median_split_ev_per_muB": cut, **summary, "frames": rows}
+
+
 def write_results(rows, args, test, stem: Path, command: str):
     import matplotlib
 
@@ -155,7 +187,15 @@ def main() -> None:
                    help="spin energies are ~1 meV/atom: without weight the force terms drown them")
     p.add_argument("--full", action="store_true", help="also spin-blind full fine-tuning")
     p.add_argument("--work", help="folder for the frames and the runs' outputs (default: a new temporary one)")
+    p.add_argument("--scf_from", help="only the self-consistent-moment check of a finished run's --work folder")
     args = p.parse_args()
+    if args.scf_from:
+        stem = ROOT / "benchmarks/results" / f"magnetism_{args.data}_scf_{datetime.date.today().isoformat()}"
+        result = {"command": "python benchmarks/magnetism.py " + " ".join(sys.argv[1:]),
+                  **self_consistency(Path(args.scf_from))}
+        atomic_write(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+        print(json.dumps({k: v for k, v in result.items() if k != "frames"}, indent=1))
+        return
     train, test = split(args.data, args.n_train, args.n_test)
     runs = [("spin-blind sparse", "sparse", []), ("magnetic sparse", "sparse", MAGNETIC)]
     runs += [("spin-blind full", "full", [])] if args.full else []

@@ -38,16 +38,18 @@ def equilibrium_moments(energy: MagneticEnergy, batch: MagneticBatch, steps: int
                         tolerance: float = 1e-6) -> torch.Tensor:
     """The moments minimising E_mag(R, m) (the base energy does not depend on m) from
     ``batch.moments`` as the start, by LBFGS at fixed positions: where the learned energy
-    holds the data's physics, the self-consistent moments (magnetic forces -dE/dm = 0)."""
+    holds the data's physics, the self-consistent moments (magnetic forces -dE/dm = 0).
+    Atoms that start at m = 0 stay there (non-magnetic atoms, as the data treat them)."""
     dtype = energy.embed.weight.dtype
-    positions = batch.positions.to(dtype)
-    m = batch.moments.to(dtype).clone().requires_grad_(True)
+    positions, start = batch.positions.to(dtype), batch.moments.to(dtype)
+    free = (start != 0).any(dim=1, keepdim=True)
+    m = start.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([m], lr=1.0, max_iter=steps, tolerance_grad=tolerance,
                                   tolerance_change=1e-14, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        e = energy(batch, positions, m).sum()
+        e = energy(batch, positions, torch.where(free, m, start)).sum()
         e.backward()
         return e
 
@@ -58,4 +60,4 @@ def equilibrium_moments(energy: MagneticEnergy, batch: MagneticBatch, steps: int
     finally:
         for p in energy.parameters():
             p.requires_grad_(True)
-    return m.detach()
+    return torch.where(free, m, start).detach()

@@ -55,3 +55,17 @@ def test_head_orients_magnitudes_along_reference_moments():
     assert (size > 0).all()
     assert m[0, 2] > 0 and m[1, 2] < 0 and not m[2].any() and m[3, 0] > 0 and not m[3, 1:].any()
     assert torch.allclose(m.norm(dim=1)[[0, 1, 3]], size.detach()[[0, 1, 3]])
+
+
+def test_equilibrium_keeps_non_magnetic_atoms_at_zero():
+    torch.manual_seed(0)
+    module = MagneticEnergy(cutoff=3.0, n_basis=4, width=8).double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        module.onsite[2].weight.zero_()
+        module.onsite[2].bias.copy_(torch.tensor([-1.0, 2.0]) / ENERGY_SCALE)
+    start = np.random.default_rng(3).normal(0, 1, (4, 3))
+    start[1] = 0.0
+    m = equilibrium_moments(module, _batch(module, start))
+    assert not m[1].any() and (m[[0, 2, 3]].norm(dim=1) > 0.1).all()
