@@ -117,3 +117,34 @@ def test_refusals(files, capsys):
     assert _run(files, files / "bad3", "--epochs", "0", "--magmom_key", "REF_magmom", "--magforces_key",
                 "PAIRS") == 2
     assert "magnetic forces 'PAIRS' have shape (8, 2), expected (8,) (collinear) or (8, 3)" in capsys.readouterr().err
+
+
+def test_adapter_with_magnetic_modules_reproduces_the_run(files):
+    """The run's adapter (the base's deltas) goes onto the base wrapped with the stored
+    magnetic modules and reproduces the merged model; a plain base refuses it."""
+    from ase.io import read
+
+    from sparsekern.finetune.adapters import load_adapter
+    from sparsekern.integrations import family_for
+    from sparsekern.magnetism.calculator import load_calculator
+    from sparsekern.magnetism.family import MagneticFamily, MagneticModel
+    from sparsekern.magnetism.storage import load_magnetic
+
+    out = files / "run"  # the run of test_magnetic_finetune_metrics_and_merged_model
+    if not (out / "metrics.json").exists():
+        assert _run(files, out, "--epochs", "3", "--magmom_key", "REF_magmom", "--magforces_key",
+                    "REF_magforces", "--predict_magmom") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    spec = str(files / "tiny.model")
+    family = MagneticFamily(family_for(spec))
+    with pytest.raises(ValueError, match="different base model"):
+        load_adapter(family.base.load(spec, "cpu"), out / "adapter.safetensors")
+    model = MagneticModel(family.base.load(spec, "cpu"), *load_magnetic(next(out.glob("*.magnetic.safetensors")),
+                                                                        "cpu"))
+    load_adapter(model, out / "adapter.safetensors")
+    atoms = read(files / "test.xyz", "0")
+    atoms.set_initial_magnetic_moments(atoms.arrays["REF_magmom"])
+    energy = family.outputs(model, family.collate([family.graph(model, atoms)], "cpu"), False)["energy"]
+    shift = sum(m["e0_shift_ev"][str(z)] for z in atoms.numbers)
+    atoms.calc = load_calculator(m["merged_model"], "cpu")
+    assert abs(float(energy[0]) + shift - atoms.get_potential_energy()) < 1e-4
