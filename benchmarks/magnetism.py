@@ -105,6 +105,29 @@ def zero_magforce_mae(test) -> float:
     return 1e3 * float(np.mean(np.concatenate([np.abs(a.arrays["REF_magforces"]).ravel() for a in test])))
 
 
+def sign_check(frames, max_dr: float, nearest=(10, 30, 100)) -> dict:
+    """Which sign the magnetic-force labels H have: between two frames with nearly the
+    same positions, E_j - E_i + <F>.dR = -<H>.dm (trapezoid averages, exact to second
+    order) if H = -dE/dm. Over the pairs with the smallest |dm|: the correlation, the
+    fitted slope (+1: H = -dE/dm, -1: H = +dE/dm) and how often the signs agree."""
+    E = np.array([a.info["REF_energy"] for a in frames])
+    R, F = np.stack([a.positions for a in frames]), np.stack([a.arrays["REF_forces"] for a in frames])
+    M, H = np.stack([a.arrays["REF_magmom"] for a in frames]), np.stack([a.arrays["REF_magforces"] for a in frames])
+    i, j = np.triu_indices(len(frames), 1)
+    keep = np.abs(R[j] - R[i]).max(axis=(1, 2)) < max_dr
+    i, j = i[keep], j[keep]
+    de = E[j] - E[i] + 0.5 * np.einsum("pax,pax->p", F[i] + F[j], R[j] - R[i])
+    predicted = -0.5 * np.einsum("pax,pax->p", H[i] + H[j], M[j] - M[i])
+    order = np.argsort(np.linalg.norm((M[j] - M[i]).reshape(len(i), -1), axis=1))
+    out = {"max_dr_A": max_dr, "pairs": int(len(i))}
+    for k in nearest:
+        o = order[:k]
+        out[f"nearest_{k}"] = {"corr": float(np.corrcoef(de[o], predicted[o])[0, 1]),
+                               "slope": float(de[o] @ predicted[o] / (predicted[o] @ predicted[o])),
+                               "sign_agreement": float(np.mean(np.sign(de[o]) == np.sign(predicted[o])))}
+    return out
+
+
 def self_consistency(work: Path, label: str = "magnetic sparse") -> dict:
     """Self-consistent moments (LBFGS on the learned E(R, m) from the DFT moments) on the
     test frames, split at the median of their largest |magnetic force| label: where the
@@ -187,8 +210,20 @@ def main() -> None:
                    help="spin energies are ~1 meV/atom: without weight the force terms drown them")
     p.add_argument("--full", action="store_true", help="also spin-blind full fine-tuning")
     p.add_argument("--work", help="folder for the frames and the runs' outputs (default: a new temporary one)")
+    p.add_argument("--sign_check", action="store_true", help="only the sign check of the magnetic-force labels")
     p.add_argument("--scf_from", help="only the self-consistent-moment check of a finished run's --work folder")
     args = p.parse_args()
+    if args.sign_check:
+        from ase.io import read
+
+        d = data_dir()
+        result = {"command": "python benchmarks/magnetism.py --sign_check",
+                  **{f"nio_{k}": sign_check(read(d / f"nio_spin/NiO_data_{k}.xyz", ":"), 0.02) for k in (0, 1, 2)},
+                  "fcc_fe": sign_check(read(d / "magnetic/fcc_fe_deepspin/fcc_fe.xyz", ":"), 0.15)}
+        stem = ROOT / "benchmarks/results" / f"magnetism_sign_{datetime.date.today().isoformat()}"
+        atomic_write(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+        print(json.dumps(result, indent=1))
+        return
     if args.scf_from:
         stem = ROOT / "benchmarks/results" / f"magnetism_{args.data}_scf_{datetime.date.today().isoformat()}"
         result = {"command": "python benchmarks/magnetism.py " + " ".join(sys.argv[1:]),
