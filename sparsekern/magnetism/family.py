@@ -68,10 +68,10 @@ class MagneticFamily(Family):
 
     def load(self, spec, device):
         base = self.base.load(spec, device)
-        dtype = next(base.parameters()).dtype
-        energy = MagneticEnergy(**self.energy_config)
-        head = MomentHead(energy.width) if self.predict_magmom else None
-        return MagneticModel(base, energy, head).to(device=device, dtype=dtype).eval()
+        like = next(base.parameters())  # the magnetic modules compute in the base's dtype
+        energy = MagneticEnergy(**self.energy_config).to(device=device, dtype=like.dtype)
+        head = MomentHead(energy.width).to(device=device, dtype=like.dtype) if self.predict_magmom else None
+        return MagneticModel(base, energy, head).eval()
 
     def numbers(self, model):
         return self.base.numbers(model.base)
