@@ -210,16 +210,18 @@ def self_consistency(work: Path, label: str = "magnetic sparse") -> dict:
     return {"median_split_ev_per_muB": cut, **summary, "frames": rows}
 
 
+def provenance(command: str) -> dict:
+    return {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, CPU (shared, 2 cores)",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": command}
+
+
 def write_results(rows, args, test, stem: Path, command: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    info = {"data": args.data, "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-            f"CPU, torch threads shared", "date": now,
-            "command": command, "n_test": len(test), "rows": rows}
+    info = {"data": args.data, **provenance(command), "n_test": len(test), "rows": rows}
     atomic_write(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
     cols = ("energy_mae_mev_per_atom", "force_mae_mev_per_A", "magforce_mae_mev_per_muB", "magmom_mae_muB", "spearman")
     lines = [f"# Magnetism benchmark: {args.data}", "", f"{info['date']}, {info['machine']}", "",
@@ -267,7 +269,7 @@ def main() -> None:
     args = p.parse_args()
     if args.module_only:
         train, test = split(args.data, args.n_train, args.n_test)
-        result = {"command": "python benchmarks/magnetism.py " + " ".join(sys.argv[1:]), "n_train": len(train),
+        result = {**provenance("python benchmarks/magnetism.py " + " ".join(sys.argv[1:])), "n_train": len(train),
                   "n_test": len(test), **module_only(train, test, args.module_only, args.magnetic_lr,
                                                       args.energy_weight, 100.0)}
         stem = ROOT / "benchmarks/results" / f"magnetism_{args.data}_module_only_{datetime.date.today().isoformat()}"
@@ -278,7 +280,7 @@ def main() -> None:
         from ase.io import read
 
         d = data_dir()
-        result = {"command": "python benchmarks/magnetism.py --sign_check",
+        result = {**provenance("python benchmarks/magnetism.py --sign_check"),
                   **{f"nio_{k}": sign_check(read(d / f"nio_spin/NiO_data_{k}.xyz", ":"), 0.02) for k in (0, 1, 2)},
                   "fcc_fe": sign_check(read(d / "magnetic/fcc_fe_deepspin/fcc_fe.xyz", ":"), 0.15)}
         stem = ROOT / "benchmarks/results" / f"magnetism_sign_{datetime.date.today().isoformat()}"
@@ -287,7 +289,7 @@ def main() -> None:
         return
     if args.scf_from:
         stem = ROOT / "benchmarks/results" / f"magnetism_{args.data}_scf_{datetime.date.today().isoformat()}"
-        result = {"command": "python benchmarks/magnetism.py " + " ".join(sys.argv[1:]),
+        result = {**provenance("python benchmarks/magnetism.py " + " ".join(sys.argv[1:])),
                   **self_consistency(Path(args.scf_from))}
         atomic_write(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
         print(json.dumps({k: v for k, v in result.items() if k != "frames"}, indent=1))
