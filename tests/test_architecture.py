@@ -21,9 +21,12 @@ ALLOWED = {
     "ops": {"paths", "delta_slot", "files"},
     "layers": {"ops", "paths", "delta_slot"},
     "patching": {"layers", "ops", "paths", "delta_slot", "integrations"},
-    "finetune": {"patching", "layers", "ops", "paths", "delta_slot", "files", "locations", "integrations"},
+    "finetune": {"patching", "layers", "ops", "paths", "delta_slot", "files", "locations", "integrations",
+                 "magnetism"},
     "integrations": {"finetune", "patching", "layers", "ops", "paths", "delta_slot", "files", "locations"},
-    "cli": {"finetune", "integrations", "patching", "layers", "ops", "paths", "delta_slot", "files", "locations"},
+    "cli": {"finetune", "integrations", "patching", "layers", "ops", "paths", "delta_slot", "files", "locations",
+            "magnetism"},
+    "magnetism": {"integrations", "files", "locations"},
     "demo": {"finetune", "locations"},
 }
 

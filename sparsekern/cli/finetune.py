@@ -61,6 +61,14 @@ def parser() -> argparse.ArgumentParser:
                         "refitted to the trained model's training residuals after training")
     p.add_argument("--energy_key", default="REF_energy", help="energy label in the frames' info (eV)")
     p.add_argument("--forces_key", default="REF_forces", help="force label in the frames' arrays (eV/Å)")
+    p.add_argument("--magmom_key", help="magnetism: per-atom moments in the frames' arrays (μB; collinear scalars "
+                   "or 3-vectors); adds a magnetic energy E(R, m) beside the model, zero at the start")
+    p.add_argument("--magforces_key", help="magnetism: magnetic-force labels -dE/dm (eV/μB) in the frames' arrays")
+    p.add_argument("--predict_magmom", action="store_true", help="magnetism: train a head for moment magnitudes")
+    p.add_argument("--magforces_weight", type=float, default=100.0, help="weight of the magnetic-force error")
+    p.add_argument("--magmom_weight", type=float, default=1.0, help="weight of the moment-magnitude error")
+    p.add_argument("--magnetic_lr", type=float, default=1e-2,
+                   help="magnetism: Adam's learning rate of the magnetic modules")
     p.add_argument("--max_train", type=int, help="use the first N training frames")
     p.add_argument("--max_valid", type=int, help="use the first N validation frames")
     p.add_argument("--max_test", type=int, help="use the first N test frames")
@@ -128,6 +136,7 @@ def _finetune(args) -> int:
         keys = ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "zero_shot_test_energy_mae_mev_per_atom",
                 "zero_shot_test_force_mae_mev_per_A", "changed_fraction", "trainable_params", "wall_s",
                 "peak_rss_mb")
+        keys += tuple(k for k in ("test_magforce_mae_mev_per_muB", "test_magmom_mae_muB") if metrics.get(k) is not None)
         print(json.dumps({k: metrics[k] for k in keys}, indent=1))
     return 0
 

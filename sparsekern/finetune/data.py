@@ -11,12 +11,16 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..magnetism.labels import read_moment_labels
+
 
 @dataclass
 class Frame:
     atoms: object  # ase.Atoms
     energy: float  # eV
     forces: np.ndarray  # (n, 3) eV/Å
+    magmom: Optional[np.ndarray] = None  # (n, 3) μB, with --magmom_key (also the atoms' initial moments)
+    magforces: Optional[np.ndarray] = None  # (n, 3) eV/μB, -dE/dm, with --magforces_key
 
 
 def _label(atoms, key: str, where: str, kind: str):
@@ -33,8 +37,10 @@ def _label(atoms, key: str, where: str, kind: str):
 
 
 def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_forces",
-                limit: Optional[int] = None) -> List[Frame]:
-    """The first ``limit`` frames of an extended-XYZ file with their labels."""
+                limit: Optional[int] = None, magmom_key: Optional[str] = None,
+                magforces_key: Optional[str] = None) -> List[Frame]:
+    """The first ``limit`` frames of an extended-XYZ file with their labels (moments and
+    magnetic forces where their keys are given)."""
     from ase.io import read
 
     path = Path(path)
@@ -55,7 +61,8 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
         if forces.shape != (len(atoms), 3):
             raise ValueError(f"{where}: forces {forces_key!r} have shape {forces.shape}, expected ({len(atoms)}, 3)")
         _check_finite_and_apart(atoms, energy, forces, where, energy_key, forces_key)
-        frames.append(Frame(atoms, energy, forces))
+        moment_labels = read_moment_labels(atoms, where, magmom_key, magforces_key) if magmom_key else (None, None)
+        frames.append(Frame(atoms, energy, forces, *moment_labels))
     return frames
 
 

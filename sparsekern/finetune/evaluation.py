@@ -4,7 +4,7 @@ the check of a merged model in its family's own ASE calculator."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..integrations import Family
+from ..magnetism.loss import magnetic_errors, magnetic_loss, magnetic_residuals
 from .data import Frame
 
 
@@ -22,6 +23,8 @@ class Sample:
     forces: torch.Tensor
     natoms: int
     shift: float = 0.0  # the fixed per-element energy shift summed over the frame's atoms
+    magmom: Optional[torch.Tensor] = None  # (n, 3) μB: the moment labels (with --magmom_key)
+    magforces: Optional[torch.Tensor] = None  # (n, 3) eV/μB (with --magforces_key)
 
 
 @dataclass
@@ -32,10 +35,20 @@ class Errors:
     force_rmse_mev_per_A: float
 
 
+@dataclass
+class MagneticErrors(Errors):
+    magforce_mae_mev_per_muB: Optional[float] = None  # with magnetic-force labels
+    magforce_rmse_mev_per_muB: Optional[float] = None
+    magmom_mae_muB: Optional[float] = None  # |predicted| vs |label|, with a moment head
+
+
 def make_samples(family: Family, model, frames: Sequence[Frame], shift: Dict[int, float]) -> List[Sample]:
     """The frames as the model's graphs with their labels; ``shift`` per element (none: 0)."""
-    samples = [Sample(family.graph(model, f.atoms), f.energy, torch.as_tensor(f.forces), len(f.atoms))
-               for f in frames]
+    def tensor(a):
+        return None if a is None else torch.as_tensor(a)
+
+    samples = [Sample(family.graph(model, f.atoms), f.energy, torch.as_tensor(f.forces), len(f.atoms),
+                      magmom=tensor(f.magmom), magforces=tensor(f.magforces)) for f in frames]
     set_shift(samples, frames, shift)
     return samples
 
@@ -62,11 +75,19 @@ def batches(samples: Sequence[Sample], size: int, order: Optional[torch.Tensor] 
         yield [samples[j] for j in idx[i:i + size]]
 
 
+def outputs(family: Family, model, batch: List[Sample], device: str, training: bool) -> Dict[str, torch.Tensor]:
+    """The family's outputs by name (energy per frame with its shift, forces, and what
+    else the family predicts: magnetic forces, moments)."""
+    out = family.outputs(model, family.collate([s.graph for s in batch], device), training)
+    energy = out["energy"]
+    out["energy"] = energy + torch.tensor([s.shift for s in batch], dtype=energy.dtype, device=energy.device)
+    return out
+
+
 def forward(family: Family, model, batch: List[Sample], device: str, training: bool):
     """(energy per frame, with its shift; forces)."""
-    energy, forces = family.predict(model, family.collate([s.graph for s in batch], device), training)
-    shift = torch.tensor([s.shift for s in batch], dtype=energy.dtype, device=energy.device)
-    return energy + shift, forces
+    out = outputs(family, model, batch, device, training)
+    return out["energy"], out["forces"]
 
 
 def _targets(batch: List[Sample], like: torch.Tensor):
@@ -77,28 +98,39 @@ def _targets(batch: List[Sample], like: torch.Tensor):
 
 
 def loss(family: Family, model, batch: List[Sample], settings, whole: Optional[List[Sample]] = None) -> torch.Tensor:
-    """MACE's weighted energy-forces loss (``settings``: the trainer's Settings). With
-    ``whole``, a global batch that ``batch`` is one process's share of: this share's part
-    of the whole's loss (sums over ``batch`` divided by counts of ``whole``), so that the
-    parts add up to the loss of ``whole``."""
+    """MACE's weighted energy-forces loss (``settings``: the trainer's Settings), plus the
+    magnetic terms where the samples have labels. With ``whole``, a global batch that
+    ``batch`` is one process's share of: this share's part of the whole's loss (sums over
+    ``batch`` divided by counts of ``whole``), so that the parts add up to the loss of ``whole``."""
     whole = batch if whole is None else whole
-    energy, forces = forward(family, model, batch, settings.device, training=True)
+    out = outputs(family, model, batch, settings.device, training=True)
+    energy, forces = out["energy"], out["forces"]
     e, n, f = _targets(batch, energy)
     return (settings.energy_weight * ((energy - e) / n).square().sum() / len(whole)
-            + settings.forces_weight * (forces - f).square().sum() / (3 * sum(s.natoms for s in whole)))
+            + settings.forces_weight * (forces - f).square().sum() / (3 * sum(s.natoms for s in whole))
+            + magnetic_loss(out, batch, settings, whole))
+
+
+def _all_residuals(family: Family, model, samples: Sequence[Sample], settings) -> Dict[str, torch.Tensor]:
+    """Per frame (E - E_ref) / N and its energy shift per atom; all force residuals; the
+    magnetic residuals where the family predicts them and the samples have labels."""
+    model.eval()
+    parts: Dict[str, List[torch.Tensor]] = {"energy": [], "shift": [], "forces": []}
+    for batch in batches(samples, settings.batch_size):
+        out = outputs(family, model, batch, settings.device, training=False)
+        e, n, f = _targets(batch, out["energy"])
+        parts["energy"].append(((out["energy"].detach() - e) / n).cpu().double())
+        parts["shift"].append(torch.tensor([s.shift / s.natoms for s in batch], dtype=torch.float64))
+        parts["forces"].append((out["forces"].detach() - f).cpu().double().reshape(-1))
+        for k, r in magnetic_residuals(out, batch).items():
+            parts.setdefault(k, []).append(r.detach().cpu().double())
+    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def residuals(family: Family, model, samples: Sequence[Sample], settings):
     """Per frame (E - E_ref) / N and its energy shift per atom; all force residuals."""
-    model.eval()
-    de, shift, df = [], [], []
-    for batch in batches(samples, settings.batch_size):
-        energy, forces = forward(family, model, batch, settings.device, training=False)
-        e, n, f = _targets(batch, energy)
-        de.append(((energy.detach() - e) / n).cpu().double())
-        shift.append(torch.tensor([s.shift / s.natoms for s in batch], dtype=torch.float64))
-        df.append((forces.detach() - f).cpu().double().reshape(-1))
-    return torch.cat(de), torch.cat(shift), torch.cat(df)
+    res = _all_residuals(family, model, samples, settings)
+    return res["energy"], res["shift"], res["forces"]
 
 
 def errors(de: torch.Tensor, df: torch.Tensor) -> Errors:
@@ -107,8 +139,9 @@ def errors(de: torch.Tensor, df: torch.Tensor) -> Errors:
 
 
 def evaluate(family: Family, model, samples: Sequence[Sample], settings) -> Errors:
-    de, _, df = residuals(family, model, samples, settings)
-    return errors(de, df)
+    res = _all_residuals(family, model, samples, settings)
+    plain, magnetic = errors(res["energy"], res["forces"]), magnetic_errors(res)
+    return MagneticErrors(**asdict(plain), **magnetic) if magnetic else plain
 
 
 def check_merged(family: Family, reference, frames: Sequence[Frame], path: Path, device: str) -> dict:

@@ -32,6 +32,7 @@ import torch
 from .. import delta_slot
 from ..files import atomic_write, exclusive, output_folder
 from ..integrations import Family, family_for
+from ..magnetism.family import magnetic_counts, magnetic_family, parameter_groups, train_magnetic
 from ..patching import patch, patched_layers, release
 from . import checkpoint
 from .adapters import save_adapter
@@ -80,6 +81,12 @@ class Settings:
     max_test: Optional[int] = None
     device: str = "cpu"
     progress: bool = True
+    magmom_key: Optional[str] = None  # magnetism (sparsekern.magnetism): moments in, E_mag beside the base
+    magforces_key: Optional[str] = None
+    predict_magmom: bool = False
+    magforces_weight: float = 100.0
+    magmom_weight: float = 1.0
+    magnetic_lr: float = 1e-2  # Adam's learning rate of the magnetic modules (whatever the method's)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -127,7 +134,8 @@ def _read_data(settings: Settings) -> Tuple[List[Frame], List[Frame], List[Frame
     """(train, valid, test) frames, checked before the model loads: every element of the
     test and validation frames needs an energy reference fitted on the training frames."""
     def read(path, limit):
-        return read_frames(path, settings.energy_key, settings.forces_key, limit) if path else []
+        return read_frames(path, settings.energy_key, settings.forces_key, limit, settings.magmom_key,
+                           settings.magforces_key) if path else []
 
     train, test = read(settings.train, settings.max_train), read(settings.test, settings.max_test)
     valid = read(settings.valid, settings.max_valid)
@@ -227,8 +235,7 @@ def _fingerprint_files(*paths) -> str:
 
 
 def _optimizer(model, settings: Settings) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=settings.lr, amsgrad=True)
+    return torch.optim.Adam(parameter_groups(model, settings.magnetic_lr), lr=settings.lr, amsgrad=True)
 
 
 @dataclass
@@ -362,7 +369,7 @@ def _save_results(family: Family, model, settings: Settings, shift: Dict[int, fl
 def check(settings: Settings) -> Tuple[Family, Tuple[List[Frame], List[Frame], List[Frame]], Path]:
     """What can be refused before the slow work: the model's family (its package), the
     data (train, valid, test) and the output folder."""
-    family = family_for(settings.model)
+    family = magnetic_family(family_for(settings.model), settings)
     frames = _read_data(settings)
     return family, frames, output_folder(settings.out)
 
@@ -406,7 +413,7 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     de, frame_shift, df = residuals(family, model, test_s, settings)
     zero_shot = {"zero_shot_test": errors(de, df), "zero_shot_no_e0_shift_test": errors(de - frame_shift, df)}
     base = {k: v.detach().clone() for k, v in _path_weights(model).items()}
-    model = _apply_method(model, settings, family, train_s)
+    model = train_magnetic(_apply_method(model, settings, family, train_s))  # the magnetic modules train fully
 
     def save(trained, optimizer, progress):
         if group.main:
@@ -419,6 +426,7 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     metrics = _metrics(settings, family, (train, valid, test), shift, model, progress, test_errors,
                        _changed_fraction(model, base))
     metrics.update(e0_refit_ev={str(z): v for z, v in refit.items()}, processes=group.size)
+    metrics.update(magnetic_counts(model))
     if group.main:
         _save_results(family, model, settings, shift, test_s, test, metrics)
         metrics["command_wall_s"] = time.perf_counter() - started

@@ -48,6 +48,12 @@ class Family:
     def predict(self, model, batch, training: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def outputs(self, model, batch, training: bool) -> Dict[str, torch.Tensor]:
+        """``predict``'s energy and forces by name; a family that predicts more (magnetism:
+        magnetic forces, moments) adds them."""
+        energy, forces = self.predict(model, batch, training)
+        return {"energy": energy, "forces": forces}
+
     def own_e0s(self, model, zs: Sequence[int]) -> Dict[int, float]:
         """The model's isolated-atom energy per element (what ``--E0s`` replaces)."""
         raise NotImplementedError

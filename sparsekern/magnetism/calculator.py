@@ -1,0 +1,48 @@
+"""An ASE calculator: a family's calculator (the merged base model) plus the magnetic
+modules. Moments in: ``atoms``' initial magnetic moments; out: energy and forces with
+E_mag's, ``magforces`` (-dE/dm, eV/μB) and, with a moment head, the predicted moments
+(``atoms.get_magnetic_moments()``, along the input moments' directions; collinear
+input gives signed scalars)."""
+
+from __future__ import annotations
+
+import numpy as np
+from ase.calculators.calculator import Calculator, all_changes
+
+from .graph import collate, magnetic_graph
+from .moments import oriented
+
+
+class MagneticCalculator(Calculator):
+    def __init__(self, base, energy, head=None, **kwargs):
+        super().__init__(**kwargs)
+        self.base, self.energy, self.head = base, energy.eval(), head
+        self.implemented_properties = ["energy", "free_energy", "forces", "magforces"] + (
+            ["magmoms", "magmom"] if head is not None else [])
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        plain = self.atoms.copy()
+        plain.calc = self.base
+        device = self.energy.embed.weight.device
+        batch = collate([magnetic_graph(self.atoms, self.energy.cutoff)], device)
+        e_mag, f_mag, magforces = (t.detach().cpu().double().numpy()
+                                   for t in self.energy.energy_and_forces(batch))
+        energy = plain.get_potential_energy() + float(e_mag[0])
+        self.results = {"energy": energy, "free_energy": energy, "forces": plain.get_forces() + f_mag,
+                        "magforces": magforces}
+        if self.head is not None:
+            moments = oriented(self.head(self.energy, batch), batch.moments).detach().cpu().double().numpy()
+            collinear = self.atoms.get_initial_magnetic_moments().ndim == 1
+            self.results["magmoms"] = moments[:, 2] if collinear else moments
+            total = moments.sum(0)
+            self.results["magmom"] = float(total[2]) if collinear else float(np.linalg.norm(total))
+
+
+def load_calculator(path, device: str = "cpu") -> MagneticCalculator:
+    """The calculator of a merged model written by a magnetic fine-tuning run (the
+    family's model file; its magnetic modules beside it)."""
+    from ..integrations import family_for
+    from .family import MagneticFamily
+
+    return MagneticFamily(family_for(str(path))).calculator(path, device)

@@ -1,0 +1,120 @@
+"""Magnetism around any model family: ``MagneticModel`` holds the foundation model and
+the magnetic modules beside it; ``MagneticFamily`` wraps the base model's ``Family``
+so the fine-tuning harness trains it unchanged: graphs are (the family's graph, the
+magnetic graph), energies and forces are the base's plus E_mag's, and ``outputs``
+adds the magnetic forces -dE/dm and the predicted moments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..integrations import Family
+from .energy import MagneticEnergy
+from .graph import collate, magnetic_graph
+from .moments import MomentHead
+from .storage import load_magnetic, save_magnetic, sidecar
+
+
+class MagneticModel(nn.Module):
+    def __init__(self, base: nn.Module, energy: MagneticEnergy, head: Optional[MomentHead] = None):
+        super().__init__()
+        self.base, self.energy, self.head = base, energy, head
+
+
+def magnetic_parameters(model: nn.Module):
+    """The magnetic modules' parameters (none for a model without them)."""
+    if not isinstance(model, MagneticModel):
+        return []
+    return [p for m in (model.energy, model.head) if m is not None for p in m.parameters()]
+
+
+def train_magnetic(model: nn.Module) -> nn.Module:
+    """Make the magnetic modules fully trainable (after a method froze the base)."""
+    for p in magnetic_parameters(model):
+        p.requires_grad_(True)
+    return model
+
+
+def parameter_groups(model: nn.Module, magnetic_lr: float) -> list:
+    """The trainable parameters for the optimizer: the magnetic modules' in their own
+    group at ``magnetic_lr`` (the method's rate, up to 0.1 for sparse deltas, would
+    throw the freshly zero output layers far off), the rest at the optimizer's rate."""
+    magnetic = {id(p) for p in magnetic_parameters(model)}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in magnetic]
+    own = [p for p in magnetic_parameters(model) if p.requires_grad]
+    return [{"params": rest}] + ([{"params": own, "lr": magnetic_lr}] if own else [])
+
+
+def magnetic_counts(model: nn.Module) -> Dict[str, int]:
+    """The magnetic modules' parameters, counted apart from the base's path weights."""
+    params = magnetic_parameters(model)
+    return {"magnetic_params": sum(p.numel() for p in params)} if params else {}
+
+
+class MagneticFamily(Family):
+    def __init__(self, base: Family, predict_magmom: bool = False, **energy_config):
+        self.base, self.predict_magmom, self.energy_config = base, predict_magmom, energy_config
+        self.name, self.merged_filename, self.spec_help = base.name, base.merged_filename, base.spec_help
+
+    def claims(self, spec):
+        return self.base.claims(spec)
+
+    def spec_identity(self, spec):
+        return self.base.spec_identity(spec)
+
+    def load(self, spec, device):
+        base = self.base.load(spec, device)
+        like = next(base.parameters())  # the magnetic modules compute in the base's dtype
+        energy = MagneticEnergy(**self.energy_config).to(device=device, dtype=like.dtype)
+        head = MomentHead(energy.width).to(device=device, dtype=like.dtype) if self.predict_magmom else None
+        return MagneticModel(base, energy, head).eval()
+
+    def numbers(self, model):
+        return self.base.numbers(model.base)
+
+    def graph(self, model, atoms):
+        return self.base.graph(model.base, atoms), magnetic_graph(atoms, model.energy.cutoff)
+
+    def collate(self, graphs, device):
+        base, magnetic = zip(*graphs)
+        return self.base.collate(base, device), collate(magnetic, device)
+
+    def predict(self, model, batch, training):
+        out = self.outputs(model, batch, training)
+        return out["energy"], out["forces"]
+
+    def outputs(self, model, batch, training):
+        base_batch, magnetic = batch
+        energy, forces = self.base.predict(model.base, base_batch, training)
+        e_mag, f_mag, magforces = model.energy.energy_and_forces(magnetic, create_graph=training)
+        out = {"energy": energy + e_mag.to(energy), "forces": forces + f_mag.to(forces), "magforces": magforces}
+        if model.head is not None:
+            out["magmom"] = model.head(model.energy, magnetic)
+        return out
+
+    def own_e0s(self, model, zs):
+        return self.base.own_e0s(model.base, zs)
+
+    def export(self, merged, shift, path, spec):
+        written = self.base.export(merged.base, shift, path, spec)
+        save_magnetic(merged, sidecar(Path(written)))
+        return written
+
+    def calculator(self, path, device):
+        from .calculator import MagneticCalculator
+
+        energy, head = load_magnetic(sidecar(Path(path)), device)
+        return MagneticCalculator(self.base.calculator(path, device), energy, head)
+
+
+def magnetic_family(base: Family, settings) -> Family:
+    """``base`` wrapped for magnetism where the trainer's ``settings`` name moments."""
+    if settings.magmom_key is None:
+        if settings.magforces_key is not None or settings.predict_magmom:
+            raise ValueError("--magforces_key and --predict_magmom need --magmom_key (the moments in)")
+        return base
+    return MagneticFamily(base, predict_magmom=settings.predict_magmom)

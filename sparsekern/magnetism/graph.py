@@ -1,0 +1,68 @@
+"""The magnetic module's input, independent of the model family: positions, atomic
+numbers, moments as 3-vectors and a neighbour list in the module's own cutoff, built
+once per frame (like a family's graph) and collated into one batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+AXIS = np.array([0.0, 0.0, 1.0])  # collinear moments are moments along this axis
+
+
+def as_vectors(moments, natoms: int, what: str = "moments") -> np.ndarray:
+    """(n, 3) moments from collinear scalars (n,) (along ``AXIS``) or 3-vectors (n, 3)."""
+    m = np.asarray(moments, dtype=np.float64)
+    if m.shape == (natoms,):
+        return m[:, None] * AXIS
+    if m.shape != (natoms, 3):
+        raise ValueError(f"{what} have shape {m.shape}, expected ({natoms},) (collinear) or ({natoms}, 3)")
+    if not np.isfinite(m).all():
+        raise ValueError(f"{what} hold NaN or infinity")
+    return m
+
+
+@dataclass
+class MagneticGraph:
+    positions: np.ndarray  # (n, 3) Å
+    numbers: np.ndarray  # (n,)
+    moments: np.ndarray  # (n, 3) μB
+    edges: np.ndarray  # (2, E): i, j
+    offsets: np.ndarray  # (E, 3) Å: r_ij = positions[j] - positions[i] + offsets
+
+
+def magnetic_graph(atoms, cutoff: float, moments=None) -> MagneticGraph:
+    """``atoms`` with ``moments`` (default: its initial magnetic moments)."""
+    from ase.neighborlist import neighbor_list
+
+    m = atoms.get_initial_magnetic_moments() if moments is None else moments
+    i, j, shift = neighbor_list("ijS", atoms, cutoff)
+    offsets = shift.astype(np.float64) @ np.asarray(atoms.cell, dtype=np.float64)
+    return MagneticGraph(np.array(atoms.positions, dtype=np.float64), np.array(atoms.numbers),
+                         as_vectors(m, len(atoms)), np.stack([i, j]), offsets)
+
+
+@dataclass
+class MagneticBatch:
+    positions: torch.Tensor
+    numbers: torch.Tensor
+    moments: torch.Tensor
+    edges: torch.Tensor
+    offsets: torch.Tensor
+    frame: torch.Tensor  # (n,) frame index of each atom
+    n_frames: int
+
+
+def collate(graphs: Sequence[MagneticGraph], device, dtype=torch.float64) -> MagneticBatch:
+    starts = np.cumsum([0] + [len(g.numbers) for g in graphs])[:-1]
+
+    def cat(key):
+        return torch.as_tensor(np.concatenate([getattr(g, key) for g in graphs]), device=device)
+
+    edges = torch.as_tensor(np.concatenate([g.edges + s for g, s in zip(graphs, starts)], axis=1), device=device)
+    frame = torch.cat([torch.full((len(g.numbers),), k, dtype=torch.long) for k, g in enumerate(graphs)])
+    return MagneticBatch(cat("positions").to(dtype), cat("numbers").long(), cat("moments").to(dtype),
+                         edges.long(), cat("offsets").to(dtype), frame.to(device), len(graphs))

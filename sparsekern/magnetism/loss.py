@@ -1,0 +1,41 @@
+"""The magnetic terms of the fine-tuning loss and errors: magnetic forces -dE/dm
+against their labels (eV/μB), predicted moment magnitudes against the labels' (μB)."""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+
+
+def magnetic_residuals(out: Dict[str, torch.Tensor], batch: Sequence) -> Dict[str, torch.Tensor]:
+    """Flat residuals of each magnetic output that has labels in every sample of ``batch``."""
+    res = {}
+    if "magforces" in out and all(s.magforces is not None for s in batch):
+        label = torch.cat([s.magforces for s in batch]).to(out["magforces"])
+        res["magforces"] = (out["magforces"] - label).reshape(-1)
+    if "magmom" in out and all(s.magmom is not None for s in batch):
+        label = torch.cat([s.magmom for s in batch]).to(out["magmom"]).norm(dim=1)
+        res["magmom"] = out["magmom"] - label
+    return res
+
+
+def magnetic_loss(out: Dict[str, torch.Tensor], batch: Sequence, settings, whole: Sequence) -> torch.Tensor:
+    """magforces_weight * mean(dH^2) + magmom_weight * mean(d|m|^2) (0 without labels), the
+    means over ``whole``, the global batch that ``batch`` is one process's share of."""
+    weights = {"magforces": settings.magforces_weight, "magmom": settings.magmom_weight}
+    counts = {"magforces": sum(s.magforces.numel() for s in whole if s.magforces is not None),
+              "magmom": sum(s.natoms for s in whole if s.magmom is not None)}
+    terms = [weights[k] * r.square().sum() / counts[k] for k, r in magnetic_residuals(out, batch).items()]
+    return sum(terms, torch.zeros((), dtype=out["energy"].dtype, device=out["energy"].device))
+
+
+def magnetic_errors(res: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """MAE / RMSE of the magnetic residuals (all frames), in meV/μB and μB."""
+    errors = {}
+    if "magforces" in res:
+        errors["magforce_mae_mev_per_muB"] = 1e3 * float(res["magforces"].abs().mean())
+        errors["magforce_rmse_mev_per_muB"] = 1e3 * float(res["magforces"].square().mean().sqrt())
+    if "magmom" in res:
+        errors["magmom_mae_muB"] = float(res["magmom"].abs().mean())
+    return errors

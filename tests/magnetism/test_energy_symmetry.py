@@ -1,0 +1,114 @@
+"""The magnetic energy's physics, in float64 on a trained-looking (random) module:
+rotations, spin rotations, time reversal, zero moments, collinear scalars, and the
+exact zero at initialisation."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from scipy.spatial.transform import Rotation
+
+from sparsekern.magnetism.energy import MagneticEnergy
+from sparsekern.magnetism.graph import collate, magnetic_graph
+
+
+def random_module(spin_orbit=False, seed=0):
+    torch.manual_seed(seed)
+    module = MagneticEnergy(cutoff=3.5, n_basis=6, width=8, spin_orbit=spin_orbit).double()
+    with torch.no_grad():
+        for p in module.parameters():  # leave the zero start: any trained state
+            p.copy_(torch.randn_like(p) * 0.3)
+    return module
+
+
+def cell_atoms(seed=1):
+    rng = np.random.default_rng(seed)
+    cell = np.diag([4.2, 4.3, 4.1]) + rng.normal(0, 0.2, (3, 3))
+    atoms = Atoms(numbers=[28, 28, 8, 8, 26], cell=cell, pbc=True,
+                  scaled_positions=rng.uniform(0, 1, (5, 3)))
+    return atoms, rng.normal(0, 1.2, (5, 3))
+
+
+def evaluate(module, atoms, moments):
+    batch = collate([magnetic_graph(atoms, module.cutoff, moments)], "cpu")
+    return [t.detach() for t in module.energy_and_forces(batch)]
+
+
+@pytest.mark.parametrize("spin_orbit", [False, True])
+def test_common_rotation_of_positions_and_moments(spin_orbit):
+    module, (atoms, m) = random_module(spin_orbit), cell_atoms()
+    rot = Rotation.random(random_state=3).as_matrix()
+    turned = atoms.copy()
+    turned.set_cell(atoms.cell @ rot.T, scale_atoms=True)
+    e, f, h = evaluate(module, atoms, m)
+    e2, f2, h2 = evaluate(module, turned, m @ rot.T)
+    assert abs(float(e)) > 1e-3  # a test that could fail
+    assert torch.allclose(e2, e, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(f2, f @ torch.as_tensor(rot.T), atol=1e-11)
+    assert torch.allclose(h2, h @ torch.as_tensor(rot.T), atol=1e-11)
+
+
+def test_spin_rotation_alone_without_and_with_spin_orbit():
+    atoms, m = cell_atoms()
+    rot = Rotation.random(random_state=4).as_matrix()
+    e, _, h = evaluate(random_module(False), atoms, m)
+    e2, _, h2 = evaluate(random_module(False), atoms, m @ rot.T)
+    assert torch.allclose(e2, e, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(h2, h @ torch.as_tensor(rot.T), atol=1e-11)
+    e_soc, _, _ = evaluate(random_module(True), atoms, m)
+    e_soc2, _, _ = evaluate(random_module(True), atoms, m @ rot.T)
+    assert abs(float(e_soc2 - e_soc)) > 1e-6  # spin-orbit terms see the lattice
+
+
+@pytest.mark.parametrize("spin_orbit", [False, True])
+def test_time_reversal(spin_orbit):
+    module, (atoms, m) = random_module(spin_orbit), cell_atoms()
+    e, f, h = evaluate(module, atoms, m)
+    e2, f2, h2 = evaluate(module, atoms, -m)
+    assert torch.allclose(e2, e, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(f2, f, atol=1e-12)
+    assert torch.allclose(h2, -h, atol=1e-12)  # -dE/dm is odd in m
+
+
+def test_non_magnetic_atom_contributes_nothing():
+    module, (atoms, m) = random_module(True), cell_atoms()
+    m[2] = 0.0
+    batch = collate([magnetic_graph(atoms, module.cutoff, m)], "cpu")
+    per_atom = module.atom_energies(batch, batch.positions, batch.moments).detach()
+    assert float(per_atom[2]) == 0.0 and float(per_atom.abs().sum()) > 1e-3
+    e, f, h = evaluate(module, atoms, np.zeros((5, 3)))
+    assert float(e) == 0.0 and not f.any() and not h.any()
+
+
+def test_collinear_scalars_are_moments_along_z():
+    module, (atoms, m) = random_module(True), cell_atoms()
+    s = m[:, 0]
+    e, _, h = evaluate(module, atoms, s)
+    e2, _, h2 = evaluate(module, atoms, np.outer(s, [0.0, 0.0, 1.0]))
+    assert torch.equal(e, e2) and torch.equal(h, h2)
+    with pytest.raises(ValueError, match=r"shape \(5, 2\)"):
+        magnetic_graph(atoms, 3.5, m[:, :2])
+
+
+def test_zero_at_initialisation_with_gradients():
+    torch.manual_seed(0)
+    module = MagneticEnergy(spin_orbit=True).double()
+    atoms, m = cell_atoms()
+    e, f, h = evaluate(module, atoms, m)
+    assert float(e) == 0.0 and not f.any() and not h.any()
+    batch = collate([magnetic_graph(atoms, module.cutoff, m)], "cpu")
+    module(batch, batch.positions, batch.moments).sum().backward()
+    grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None and p.grad.any()}
+    assert {"pair.2.weight", "onsite.2.weight", "onsite.2.bias"} <= set(grads)  # it can learn
+
+
+def test_magnetic_forces_are_minus_the_gradient():
+    module, (atoms, m) = random_module(True), cell_atoms()
+    e, _, h = evaluate(module, atoms, m)
+    step = 1e-6
+    for k, c in ((0, 1), (4, 2)):
+        mp, mm = m.copy(), m.copy()
+        mp[k, c] += step
+        mm[k, c] -= step
+        numeric = -(evaluate(module, atoms, mp)[0] - evaluate(module, atoms, mm)[0]) / (2 * step)
+        assert abs(float(numeric) - float(h[k, c])) < 1e-7

@@ -1,0 +1,71 @@
+"""Moments out: the self-consistent moments (LBFGS on E(R, m) at fixed R) and the
+moment head's orientation along reference moments."""
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from sparsekern.magnetism.energy import ENERGY_SCALE, MagneticEnergy
+from sparsekern.magnetism.graph import collate, magnetic_graph
+from sparsekern.magnetism.moments import MomentHead, equilibrium_moments, oriented
+
+
+def _batch(module, moments):
+    rng = np.random.default_rng(0)
+    atoms = Atoms(numbers=[26] * 4, cell=np.eye(3) * 3.6, pbc=True, scaled_positions=rng.uniform(0, 1, (4, 3)))
+    return collate([magnetic_graph(atoms, module.cutoff, moments)], "cpu")
+
+
+def test_equilibrium_of_landau_terms_is_analytic():
+    torch.manual_seed(0)
+    module = MagneticEnergy(cutoff=3.0, n_basis=4, width=8).double()
+    a, b = -0.8, 0.5  # per-atom a|m|^2 + b|m|^4: minimum at |m|^2 = -a / (2 b)
+    with torch.no_grad():
+        module.onsite[2].bias.copy_(torch.tensor([a, b]) / ENERGY_SCALE)
+    start = np.random.default_rng(1).normal(0, 1, (4, 3))
+    m = equilibrium_moments(module, _batch(module, start))
+    assert torch.allclose(m.norm(dim=1), torch.full((4,), np.sqrt(-a / (2 * b)), dtype=torch.float64), atol=1e-6)
+    # directions are free without exchange: they stay the start's
+    unit = start / np.linalg.norm(start, axis=1)[:, None]
+    assert torch.allclose(m / m.norm(dim=1, keepdim=True), torch.as_tensor(unit), atol=1e-6)
+
+
+def test_equilibrium_with_exchange_has_zero_magnetic_forces():
+    torch.manual_seed(0)
+    module = MagneticEnergy(cutoff=3.0, n_basis=4, width=8).double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        module.onsite[2].weight.zero_()
+        module.onsite[2].bias.copy_(torch.tensor([-1.0, 2.0]) / ENERGY_SCALE)
+    batch = _batch(module, np.random.default_rng(2).normal(0, 1, (4, 3)))
+    e0 = float(module(batch, batch.positions, batch.moments).detach())
+    batch.moments = equilibrium_moments(module, batch)
+    e, _, magforces = module.energy_and_forces(batch)
+    assert float(e) < e0 and float(magforces.abs().max()) < 1e-5
+
+
+def test_head_orients_magnitudes_along_reference_moments():
+    module = MagneticEnergy(cutoff=3.0, n_basis=4, width=8).double()
+    head = MomentHead(8).double()
+    reference = np.array([[0, 0, 2.0], [0, 0, -1.0], [0, 0, 0], [1.0, 0, 0]])
+    batch = _batch(module, reference)
+    size = head(module, batch)
+    m = oriented(size, batch.moments).detach()
+    assert (size > 0).all()
+    assert m[0, 2] > 0 and m[1, 2] < 0 and not m[2].any() and m[3, 0] > 0 and not m[3, 1:].any()
+    assert torch.allclose(m.norm(dim=1)[[0, 1, 3]], size.detach()[[0, 1, 3]])
+
+
+def test_equilibrium_keeps_non_magnetic_atoms_at_zero():
+    torch.manual_seed(0)
+    module = MagneticEnergy(cutoff=3.0, n_basis=4, width=8).double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        module.onsite[2].weight.zero_()
+        module.onsite[2].bias.copy_(torch.tensor([-1.0, 2.0]) / ENERGY_SCALE)
+    start = np.random.default_rng(3).normal(0, 1, (4, 3))
+    start[1] = 0.0
+    m = equilibrium_moments(module, _batch(module, start))
+    assert not m[1].any() and (m[[0, 2, 3]].norm(dim=1) > 0.1).all()
