@@ -30,7 +30,8 @@ def test_equilibrium_of_landau_terms_is_analytic():
     assert torch.allclose(m / m.norm(dim=1, keepdim=True), torch.as_tensor(unit), atol=1e-6)
 
 
-def test_equilibrium_with_exchange_has_zero_magnetic_forces():
+def _with_exchange():
+    """Random pair couplings and an on-site well a|m|^2 + b|m|^4 with a = -1, b = 2."""
     torch.manual_seed(0)
     module = MagneticEnergy(cutoff=3.0, n_basis=4, width=8).double()
     with torch.no_grad():
@@ -38,6 +39,11 @@ def test_equilibrium_with_exchange_has_zero_magnetic_forces():
             p.copy_(torch.randn_like(p) * 0.3)
         module.onsite[2].weight.zero_()
         module.onsite[2].bias.copy_(torch.tensor([-1.0, 2.0]) / ENERGY_SCALE)
+    return module
+
+
+def test_equilibrium_with_exchange_has_zero_magnetic_forces():
+    module = _with_exchange()
     batch = _batch(module, np.random.default_rng(2).normal(0, 1, (4, 3)))
     e0 = float(module(batch, batch.positions, batch.moments).detach())
     batch.moments = equilibrium_moments(module, batch)
@@ -58,13 +64,7 @@ def test_head_orients_magnitudes_along_reference_moments():
 
 
 def test_equilibrium_keeps_non_magnetic_atoms_at_zero():
-    torch.manual_seed(0)
-    module = MagneticEnergy(cutoff=3.0, n_basis=4, width=8).double()
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-        module.onsite[2].weight.zero_()
-        module.onsite[2].bias.copy_(torch.tensor([-1.0, 2.0]) / ENERGY_SCALE)
+    module = _with_exchange()
     start = np.random.default_rng(3).normal(0, 1, (4, 3))
     start[1] = 0.0
     m = equilibrium_moments(module, _batch(module, start))
