@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..integrations import Family
+from ..integrations import Family, family_of, register_family
 from .energy import MagneticEnergy
 from .graph import collate, magnetic_graph
 from .moments import MomentHead
@@ -109,6 +109,25 @@ class MagneticFamily(Family):
 
         energy, head = load_magnetic(sidecar(Path(path)), device)
         return MagneticCalculator(self.base.calculator(path, device), energy, head)
+
+
+class _Wrapped(Family):
+    """What adapters ask of any MagneticModel (``family_of``): its base's per-element
+    energies, where a loaded adapter's E0 shift goes. Claims no --model spec."""
+
+    name = "magnetic"
+
+    def claims(self, spec):
+        return False
+
+    def owns(self, model):
+        return isinstance(model, MagneticModel) and family_of(model.base) is not None
+
+    def e0_table(self, model):
+        return family_of(model.base).e0_table(model.base)
+
+
+register_family(_Wrapped())
 
 
 def magnetic_family(base: Family, settings) -> Family:
