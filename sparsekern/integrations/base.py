@@ -76,6 +76,10 @@ class Family:
         the per-element energy shift folded in, in the family's own format."""
         raise NotImplementedError
 
+    def exported_files(self, path: Path) -> List[Path]:
+        """The files ``export`` wrote for the model at ``path`` (it and any beside it)."""
+        return [Path(path)]
+
     def calculator(self, path: Path, device: str):
         raise NotImplementedError
 

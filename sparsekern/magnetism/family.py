@@ -104,6 +104,9 @@ class MagneticFamily(Family):
         save_magnetic(merged, sidecar(Path(written)))
         return written
 
+    def exported_files(self, path):
+        return [*self.base.exported_files(path), sidecar(Path(path))]
+
     def calculator(self, path, device):
         from .calculator import MagneticCalculator
 

@@ -102,12 +102,17 @@ def test_energy_zero_refitted_after_training(files, sparse_run):
     assert km["e0_refit_ev"] == {} and set(km["e0_shift_ev"].values()) == {0.0}
 
 
-def test_resume_matches_an_uninterrupted_run(files, sparse_run):
+def test_resume_matches_an_uninterrupted_run(files, sparse_run, capsys):
+    from helpers import files_written
+
     out = files / "resumed"
     assert _run(files, out, epochs=1) == 0
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
+    capsys.readouterr()
     assert _run(files, out, epochs=2) == 0  # resumes from epoch 1
     m = json.loads((out / "metrics.json").read_text())
+    # the summary names every file in the folder: metrics, checkpoint, adapter, merged model
+    assert files_written(capsys.readouterr().err, out) == m["files"] and len(m["files"]) == 4
     assert [h["epoch"] for h in m["history"]] == [1, 2]
     for k in ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "changed_fraction"):
         assert m[k] == sparse_run[1][k]
