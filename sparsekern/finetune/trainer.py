@@ -17,6 +17,7 @@ resumes mid-epoch (``preemption``)."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import resource
@@ -370,6 +371,9 @@ def check(settings: Settings) -> Tuple[Family, Tuple[List[Frame], List[Frame], L
     """What can be refused before the slow work: the model's family (its package), the
     data (train, valid, test) and the output folder."""
     family = magnetic_family(family_for(settings.model), settings)
+    if importlib.util.find_spec(family.package) is None:
+        raise ImportError(f"--model {settings.model} is a {family.name} model, but {family.package} is not "
+                          f"installed in this environment")
     frames = _read_data(settings)
     return family, frames, output_folder(settings.out)
 
