@@ -77,3 +77,15 @@ def write_tiny_mace_case(root, n_train: int, n_test: int = 1):
     write(root / "train.xyz", frames[:n_train])
     write(root / "test.xyz", frames[n_train:])
     return root
+
+
+def files_written(err: str, out) -> list:
+    """The files ``sparsekern finetune`` says it wrote (its stderr ``err``), checked: each
+    exists, and every file in ``out`` but the lock and temporary files is among them."""
+    from pathlib import Path
+
+    listed = [line.removeprefix("wrote: ") for line in err.splitlines() if line.startswith("wrote: ")]
+    assert len(set(listed)) == len(listed) and all(Path(p).is_file() for p in listed), listed
+    present = {str(p) for p in Path(out).iterdir() if p.name != ".lock" and not p.name.endswith(".tmp")}
+    assert present == set(listed), (sorted(present), listed)
+    return listed

@@ -138,6 +138,8 @@ def _finetune(args) -> int:
                 "peak_rss_mb")
         keys += tuple(k for k in ("test_magforce_mae_mev_per_muB", "test_magmom_mae_muB") if metrics.get(k) is not None)
         print(json.dumps({k: metrics[k] for k in keys}, indent=1))
+        for path in metrics["files"]:  # on stderr, beside the progress bar: stdout stays JSON
+            print(f"wrote: {path}", file=sys.stderr)
     return 0
 
 

@@ -17,6 +17,7 @@ resumes mid-epoch (``preemption``)."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import resource
@@ -370,6 +371,9 @@ def check(settings: Settings) -> Tuple[Family, Tuple[List[Frame], List[Frame], L
     """What can be refused before the slow work: the model's family (its package), the
     data (train, valid, test) and the output folder."""
     family = magnetic_family(family_for(settings.model), settings)
+    if importlib.util.find_spec(family.package) is None:
+        raise ImportError(f"--model {settings.model} is a {family.name} model, but {family.package} is not "
+                          f"installed in this environment")
     frames = _read_data(settings)
     return family, frames, output_folder(settings.out)
 
@@ -429,11 +433,24 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     metrics.update(magnetic_counts(model))
     if group.main:
         _save_results(family, model, settings, shift, test_s, test, metrics)
+        metrics["files"] = _files(out, family, metrics)
         metrics["command_wall_s"] = time.perf_counter() - started
         metrics["peak_rss_mb"] = max(progress.peak_rss_mb, _peak_rss_mb())
         atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
     group.barrier()
     return metrics
+
+
+def _files(out: Path, family: Family, metrics: dict) -> List[str]:
+    """Every file the run leaves in ``out`` (the command's summary names them): the
+    metrics, the checkpoint (none after --epochs 0 in a new folder), the adapter, the
+    merged model and what its export wrote beside it."""
+    ck = out / checkpoint.CHECKPOINT
+    files = [out / "metrics.json", ck] if ck.exists() else [out / "metrics.json"]
+    if "adapter" in metrics:
+        files.append(Path(metrics["adapter"]))
+    files += family.exported_files(Path(metrics["merged_model"]))
+    return [str(f) for f in files]
 
 
 def export_merged(family: Family, model, shift: Dict[int, float], path: Path, spec: str) -> Path:

@@ -7,7 +7,7 @@ live in different environments)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -17,6 +17,7 @@ class Family:
     are built before training); ``predict`` gives (energy per frame, forces)."""
 
     name: str
+    package: str  # the Python package its models need
     merged_filename: str
     spec_help: str  # what --model takes for this family
 
@@ -27,6 +28,11 @@ class Family:
     def spec_identity(self, spec: str) -> str:
         """``spec`` as a checkpoint records it: a file by its absolute path."""
         return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+    def recognises(self, names: Set[str]) -> bool:
+        """Whether a model file whose pickle holds ``names`` (``pickled_names``) is one of
+        this family's, whatever its suffix."""
+        raise NotImplementedError
 
     def load(self, spec: str, device: str) -> torch.nn.Module:
         raise NotImplementedError
@@ -76,6 +82,10 @@ class Family:
         the per-element energy shift folded in, in the family's own format."""
         raise NotImplementedError
 
+    def exported_files(self, path: Path) -> List[Path]:
+        """The files ``export`` wrote for the model at ``path`` (it and any beside it)."""
+        return [Path(path)]
+
     def calculator(self, path: Path, device: str):
         raise NotImplementedError
 
@@ -97,8 +107,37 @@ def family_of(model) -> Optional[Family]:
     return next((f for f in _FAMILIES if f.owns(model)), None)
 
 
+def pickled_names(path: Path) -> Optional[Set[str]]:
+    """The class paths and strings in the pickle of a ``torch.save`` file, read without
+    running it (None: the pre-zip format, which only torch.load reads); a one-line error
+    for a file that is not one (text, truncated)."""
+    import pickletools
+    import zipfile
+
+    if zipfile.is_zipfile(path):  # a truncated archive has lost its directory at the end
+        try:
+            with zipfile.ZipFile(path) as archive:
+                pickle = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+            return {part for _, arg, _ in pickletools.genops(pickle) if isinstance(arg, str) for part in arg.split()}
+        except (StopIteration, zipfile.BadZipFile, ValueError):
+            pass
+    else:
+        with open(path, "rb") as f:
+            if f.read(1) == b"\x80":  # a pickle: torch's format before 1.6
+                return None
+    raise ValueError(f"--model {path} is not a model file (not a torch.save archive, or truncated)")
+
+
 def family_for(spec: str) -> Family:
-    """The registered family that claims ``spec``."""
+    """The registered family of ``spec``: for a model file, the one that recognises its
+    content (whatever its suffix), else the one that claims its name."""
+    names = pickled_names(Path(spec)) if Path(spec).is_file() else None
+    if names is not None:
+        found = next((f for f in _FAMILIES if f.recognises(names)), None)
+        if found is None:
+            raise ValueError(f"--model {spec} holds no model of a known family; give "
+                             + " or ".join(f.spec_help for f in _FAMILIES))
+        return found
     for family in _FAMILIES:
         if family.claims(spec):
             return family

@@ -58,10 +58,14 @@ def magnetic_counts(model: nn.Module) -> Dict[str, int]:
 class MagneticFamily(Family):
     def __init__(self, base: Family, predict_magmom: bool = False, **energy_config):
         self.base, self.predict_magmom, self.energy_config = base, predict_magmom, energy_config
-        self.name, self.merged_filename, self.spec_help = base.name, base.merged_filename, base.spec_help
+        self.name, self.package, self.merged_filename = base.name, base.package, base.merged_filename
+        self.spec_help = base.spec_help
 
     def claims(self, spec):
         return self.base.claims(spec)
+
+    def recognises(self, names):
+        return self.base.recognises(names)
 
     def spec_identity(self, spec):
         return self.base.spec_identity(spec)
@@ -103,6 +107,9 @@ class MagneticFamily(Family):
         written = self.base.export(merged.base, shift, path, spec)
         save_magnetic(merged, sidecar(Path(written)))
         return written
+
+    def exported_files(self, path):
+        return [*self.base.exported_files(path), sidecar(Path(path))]
 
     def calculator(self, path, device):
         from .calculator import MagneticCalculator

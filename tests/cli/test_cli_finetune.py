@@ -102,12 +102,17 @@ def test_energy_zero_refitted_after_training(files, sparse_run):
     assert km["e0_refit_ev"] == {} and set(km["e0_shift_ev"].values()) == {0.0}
 
 
-def test_resume_matches_an_uninterrupted_run(files, sparse_run):
+def test_resume_matches_an_uninterrupted_run(files, sparse_run, capsys):
+    from helpers import files_written
+
     out = files / "resumed"
     assert _run(files, out, epochs=1) == 0
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
+    capsys.readouterr()
     assert _run(files, out, epochs=2) == 0  # resumes from epoch 1
     m = json.loads((out / "metrics.json").read_text())
+    # the summary names every file in the folder: metrics, checkpoint, adapter, merged model
+    assert files_written(capsys.readouterr().err, out) == m["files"] and len(m["files"]) == 4
     assert [h["epoch"] for h in m["history"]] == [1, 2]
     for k in ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "changed_fraction"):
         assert m[k] == sparse_run[1][k]
@@ -182,6 +187,40 @@ def test_bad_data_and_folders_are_refused_before_slow_work(files, sparse_run, ca
     out, _ = sparse_run
     with exclusive(out):  # another run holds the folder
         refused(out, says="is in use by another run")
+
+
+def test_model_files_that_are_not_models_are_refused_before_slow_work(files, capsys, tmp_path):
+    """A text file, a truncated model and a pickle of no known family: one line, exit 2,
+    no output folder; a model file's family is read from its content, not its suffix."""
+    from sparsekern.integrations import family_for
+
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    (tmp_path / "cut.model").write_bytes((files / "tiny.model").read_bytes()[:20000])
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "weights.pth")
+    for name, says in (("notes.txt", "is not a model file"), ("cut.model", "is not a model file"),
+                       ("weights.pth", "holds no model of a known family")):
+        assert _run(files, tmp_path / f"out_{name}", "--model", str(tmp_path / name)) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert not (tmp_path / f"out_{name}").exists()
+    (tmp_path / "mace.pth").write_bytes((files / "tiny.model").read_bytes())
+    torch.save({"config": {}, "model_state_dict": {}}, tmp_path / "sevennet.model")
+    assert family_for(str(tmp_path / "mace.pth")).name == "mace"
+    assert family_for(str(tmp_path / "sevennet.model")).name == "sevennet"
+
+
+def test_a_model_of_a_family_not_installed_is_refused_before_slow_work(files, capsys, tmp_path):
+    """The project's environments hold one family each (Makefile): a SevenNet checkpoint
+    in MACE's is refused at once, naming the package it needs."""
+    import importlib.util
+
+    if importlib.util.find_spec("sevenn") is not None:
+        pytest.skip("needs an environment without sevenn (the Makefile's .venv-mace)")
+    torch.save({"config": {}, "model_state_dict": {}}, tmp_path / "sevennet.pth")
+    assert _run(files, tmp_path / "out", "--model", str(tmp_path / "sevennet.pth")) == 2
+    err = capsys.readouterr().err
+    assert "is a sevennet model, but sevenn is not installed" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_divergence_and_interrupts_end_cleanly(files, capsys, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ of the model's own; the exact base at the start, training, metrics, the merged m
 with its magnetic modules in the calculator, and the refusals."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,8 +85,9 @@ def test_exact_base_at_initialisation(files):
     assert not out["magforces"].any()
 
 
-def test_magnetic_finetune_metrics_and_merged_model(files):
+def test_magnetic_finetune_metrics_and_merged_model(files, capsys):
     from ase.io import read
+    from helpers import files_written
 
     from sparsekern.magnetism.calculator import load_calculator
 
@@ -93,6 +95,8 @@ def test_magnetic_finetune_metrics_and_merged_model(files):
     assert _run(files, out, "--epochs", "3", "--magmom_key", "REF_magmom", "--magforces_key", "REF_magforces",
                 "--predict_magmom") == 0
     m = json.loads((out / "metrics.json").read_text())
+    # the summary names the merged model's magnetic modules too
+    assert out / "merged.magnetic.safetensors" in map(Path, files_written(capsys.readouterr().err, out))
     test = read(files / "test.xyz", ":")
     untrained = 1e3 * np.mean([np.abs(a.arrays["REF_magforces"]).mean() for a in test])  # E_mag = 0's error
     assert 0 <= m["test_magforce_mae_mev_per_muB"] < untrained

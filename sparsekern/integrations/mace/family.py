@@ -12,6 +12,7 @@ from ..base import Family
 
 class MaceFamily(Family):
     name = "mace"
+    package = "mace"
     merged_filename = "merged.model"
 
     spec_help = "a MACE .model file"
@@ -20,6 +21,10 @@ class MaceFamily(Family):
         """``.model`` files, MACE foundation names, and other existing files but SevenNet's."""
         return (spec.endswith(".model") or spec in ("small", "medium", "large") or spec.startswith("mace")
                 or (Path(spec).is_file() and not spec.endswith(".pth")) or spec in _foundation_names())
+
+    def recognises(self, names):
+        """A pickled MACE model names MACE's classes."""
+        return any(n.startswith("mace.") for n in names)
 
     def load(self, spec, device):
         from .models import load_mace

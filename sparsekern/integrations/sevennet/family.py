@@ -10,6 +10,7 @@ from ..base import Family
 
 class SevenNetFamily(Family):
     name = "sevennet"
+    package = "sevenn"
     merged_filename = "merged_sevennet.pth"
 
     def claims(self, spec):
@@ -20,6 +21,10 @@ class SevenNetFamily(Family):
 
     def spec_identity(self, spec):
         return spec if spec.startswith("7net") else super().spec_identity(spec)
+
+    def recognises(self, names):
+        """A SevenNet checkpoint is a dict of its config and the model's state."""
+        return {"config", "model_state_dict"} <= names or any(n.startswith("sevenn.") for n in names)
 
     def load(self, spec, device):
         from .models import load_sevennet
