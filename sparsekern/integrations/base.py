@@ -96,15 +96,19 @@ class Family:
 
 
 _FAMILIES: List[Family] = []
+_WRAPPERS: List[Family] = []  # of models that wrap another family's: found by model, never by --model
 
 
-def register_family(family: Family) -> None:
-    _FAMILIES[:] = [f for f in _FAMILIES if f.name != family.name] + [family]
+def register_family(family: Family, wrapper: bool = False) -> None:
+    """Register ``family``; a ``wrapper`` (its models hold another family's model) is
+    found only by ``family_of``."""
+    registry = _WRAPPERS if wrapper else _FAMILIES
+    registry[:] = [f for f in registry if f.name != family.name] + [family]
 
 
 def family_of(model) -> Optional[Family]:
     """The registered family whose model ``model`` is (None: none)."""
-    return next((f for f in _FAMILIES if f.owns(model)), None)
+    return next((f for f in _FAMILIES + _WRAPPERS if f.owns(model)), None)
 
 
 def pickled_names(path: Path) -> Optional[Set[str]]:

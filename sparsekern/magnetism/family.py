@@ -120,12 +120,9 @@ class MagneticFamily(Family):
 
 class _Wrapped(Family):
     """What adapters ask of any MagneticModel (``family_of``): its base's per-element
-    energies, where a loaded adapter's E0 shift goes. Claims no --model spec."""
+    energies, where a loaded adapter's E0 shift goes."""
 
     name = "magnetic"
-
-    def claims(self, spec):
-        return False
 
     def owns(self, model):
         return isinstance(model, MagneticModel) and family_of(model.base) is not None
@@ -134,7 +131,7 @@ class _Wrapped(Family):
         return family_of(model.base).e0_table(model.base)
 
 
-register_family(_Wrapped())
+register_family(_Wrapped(), wrapper=True)
 
 
 def magnetic_family(base: Family, settings) -> Family:
