@@ -68,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--magforces_weight", type=float, default=100.0, help="weight of the magnetic-force error")
     p.add_argument("--magmom_weight", type=float, default=1.0, help="weight of the moment-magnitude error")
     p.add_argument("--magnetic_lr", type=float, default=1e-2,
-                   help="magnetism: Adam's learning rate of the magnetic modules")
+                   help="magnetism: Adam's learning rate of the moment head (the magnetic energy is fitted "
+                        "in closed form at the start and the end)")
     p.add_argument("--max_train", type=int, help="use the first N training frames")
     p.add_argument("--max_valid", type=int, help="use the first N validation frames")
     p.add_argument("--max_test", type=int, help="use the first N test frames")

@@ -64,6 +64,12 @@ class Group:
             raise ValueError(error)
         return result
 
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks (the same result on every rank)."""
+        if self.size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
     def reduce_step(self, params: Sequence[torch.nn.Parameter], loss: float, signal: int) -> Tuple[float, int]:
         """Sum each parameter's gradient over the ranks (``None`` where no rank has one),
         the ranks' losses, and the signals they received (one slot per rank); returns the

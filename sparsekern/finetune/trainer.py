@@ -44,6 +44,7 @@ from .distributed import Group, join, leave
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, forward, loss,
                          make_samples, residuals, set_shift)
 from .lifecycle import merge, prepare, target_groups, to_fast
+from .magnetic_fit import fit_magnetic_energy
 from .methods import DEFAULT_LR, METHODS, MODES, SPARSE_MODES
 from .preemption import Preempted, deferred
 from .statistics import stats
@@ -87,7 +88,7 @@ class Settings:
     predict_magmom: bool = False
     magforces_weight: float = 100.0
     magmom_weight: float = 1.0
-    magnetic_lr: float = 1e-2  # Adam's learning rate of the magnetic modules (whatever the method's)
+    magnetic_lr: float = 1e-2  # Adam's learning rate of the moment head (whatever the method's)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -306,6 +307,8 @@ def _train(loop: _Loop, train_s: Sequence[Sample], valid_s: Sequence[Sample], ck
     settings, model = loop.settings, loop.model
     progress = checkpoint.restore(model, ck) if ck is not None else checkpoint.Progress()
     loop.group.broadcast_state(model)
+    if ck is None and settings.epochs > 0:
+        fit_magnetic_energy(loop.family, model, train_s, settings, loop.group)  # a no-op without magnetism
     loop.optimizer = _optimizer(model, settings)
     if ck is not None:
         loop.optimizer.load_state_dict(ck["optimizer"])
@@ -417,7 +420,7 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     de, frame_shift, df = residuals(family, model, test_s, settings)
     zero_shot = {"zero_shot_test": errors(de, df), "zero_shot_no_e0_shift_test": errors(de - frame_shift, df)}
     base = {k: v.detach().clone() for k, v in _path_weights(model).items()}
-    model = train_magnetic(_apply_method(model, settings, family, train_s))  # the magnetic modules train fully
+    model = train_magnetic(_apply_method(model, settings, family, train_s))  # the moment head trains fully
 
     def save(trained, optimizer, progress):
         if group.main:
@@ -425,6 +428,8 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
 
     with deferred() as signalled:
         progress = _train(_Loop(family, model, settings, group, signalled, save), train_s, valid_s, ck)
+    if progress.epoch > 0:
+        fit_magnetic_energy(family, model, train_s, settings, group)  # again, on the trained base
     refit = _refit_shift(family, model, shift, (train_s, test_s, valid_s), (train, test, valid), settings)
     test_errors = {"test": evaluate(family, model, test_s, settings), **zero_shot}
     metrics = _metrics(settings, family, (train, valid, test), shift, model, progress, test_errors,

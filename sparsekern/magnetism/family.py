@@ -33,16 +33,19 @@ def magnetic_parameters(model: nn.Module):
 
 
 def train_magnetic(model: nn.Module) -> nn.Module:
-    """Make the magnetic modules fully trainable (after a method froze the base)."""
-    for p in magnetic_parameters(model):
-        p.requires_grad_(True)
+    """Make the moment head trainable (after a method froze the base); the magnetic
+    energy stays frozen: the trainer fits it in closed form (``magnetism/fit.py``)."""
+    if isinstance(model, MagneticModel):
+        model.energy.requires_grad_(False)
+        if model.head is not None:
+            model.head.requires_grad_(True)
     return model
 
 
 def parameter_groups(model: nn.Module, magnetic_lr: float) -> list:
-    """The trainable parameters for the optimizer: the magnetic modules' in their own
-    group at ``magnetic_lr`` (the method's rate, up to 0.1 for sparse deltas, would
-    throw the freshly zero output layers far off), the rest at the optimizer's rate."""
+    """The trainable parameters for the optimizer: the moment head's in their own group
+    at ``magnetic_lr`` (the method's rate, up to 0.1 for sparse deltas, would throw its
+    freshly initialised layers far off), the rest at the optimizer's rate."""
     magnetic = {id(p) for p in magnetic_parameters(model)}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in magnetic]
     own = [p for p in magnetic_parameters(model) if p.requires_grad]
@@ -84,8 +87,11 @@ class MagneticFamily(Family):
         return self.base.graph(model.base, atoms), magnetic_graph(atoms, model.energy.cutoff)
 
     def collate(self, graphs, device):
-        base, magnetic = zip(*graphs)
-        return self.base.collate(base, device), collate(magnetic, device)
+        return self.base.collate([g[0] for g in graphs], device), self.magnetic_batch(graphs, device)
+
+    def magnetic_batch(self, graphs, device):
+        """The magnetic module's batch of this family's ``graphs``."""
+        return collate([g[1] for g in graphs], device)
 
     def predict(self, model, batch, training):
         out = self.outputs(model, batch, training)

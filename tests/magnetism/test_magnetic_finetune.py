@@ -99,9 +99,9 @@ def test_magnetic_finetune_metrics_and_merged_model(files, capsys):
     assert out / "merged.magnetic.safetensors" in map(Path, files_written(capsys.readouterr().err, out))
     test = read(files / "test.xyz", ":")
     untrained = 1e3 * np.mean([np.abs(a.arrays["REF_magforces"]).mean() for a in test])  # E_mag = 0's error
-    assert 0 <= m["test_magforce_mae_mev_per_muB"] < untrained
+    # the labels' E_mag is within the module's reach: the closed-form fit finds it
+    assert 0 <= m["test_magforce_mae_mev_per_muB"] < 0.05 * untrained
     assert m["test_magmom_mae_muB"] >= 0 and m["magnetic_params"] > 0
-    assert m["trainable_params"] > m["magnetic_params"]  # deltas plus the magnetic modules
     assert m["merged_model_check"]["max_abs_energy_diff_ev"] < 1e-4
     calc = load_calculator(m["merged_model"], "cpu")
     atoms = test[0].copy()

@@ -1,0 +1,117 @@
+"""The magnetic energy's first training step in closed form. E_mag is linear in the
+parameters of its output layers (the pair couplings' last layer and the Landau a term's
+row; b stays 0), and so are the magnetic forces -dE_mag/dm: with the hidden layers at
+their random start, fitting those parameters to the energy and magnetic-force residuals
+is a linear least-squares problem (random features). The trainer solves it instead of
+training the module with the optimizer: the Heisenberg energies of a spin configuration
+are large and nearly cancel between the couplings and the on-site terms, which Adam,
+moving each parameter by ~lr per step, finds slowly (NiO: 0.44 meV/atom after 400 steps
+against 0.02 in closed form), and once the fit holds them, a step of 1e-4 on the hidden
+layers undoes it.
+
+The normal equations are sums over frames (and over processes); per-element energy
+offsets are fitted beside the couplings and dropped (the E0 refit owns them); a ridge
+chosen by generalised cross-validation keeps the random features from overfitting."""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Tuple
+
+import torch
+
+from .energy import N_ELEMENTS, MagneticEnergy
+from .graph import MagneticBatch
+
+
+def _linear_parameters(energy: MagneticEnergy) -> List[Tuple[torch.nn.Parameter, object]]:
+    """(parameter, index) of each block E_mag is linear in."""
+    pair, onsite = energy.pair[-1], energy.onsite[-1]
+    return [(pair.weight, slice(None)), (pair.bias, slice(None)), (onsite.weight, 0), (onsite.bias, 0)]
+
+
+def zero_outputs(energy: MagneticEnergy) -> None:
+    """The output layers at their zero start (E_mag = 0, b = 0), where the fit begins."""
+    with torch.no_grad():
+        for layer in (energy.pair[-1], energy.onsite[-1]):
+            for p in layer.parameters():
+                p.zero_()
+
+
+def n_linear(energy: MagneticEnergy) -> int:
+    return sum(p[i].numel() for p, i in _linear_parameters(energy))
+
+
+def _assign(energy: MagneticEnergy, theta: torch.Tensor) -> None:
+    offset = 0
+    for p, i in _linear_parameters(energy):
+        n = p[i].numel()
+        p.data[i] = theta[offset:offset + n].view_as(p[i]).to(p)
+        offset += n
+
+
+def _columns(energy: MagneticEnergy, batch: MagneticBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+    """E_mag per frame (F, K) and magnetic forces (3n, K) for each unit parameter vector
+    (E_mag is linear in them: K passes of the module give its exact design matrix)."""
+    k = n_linear(energy)
+    e_cols, h_cols = [], []
+    for unit in torch.eye(k, dtype=torch.float64):
+        _assign(energy, unit)
+        e, _, h = energy.energy_and_forces(batch)
+        e_cols.append(e.detach().double())
+        h_cols.append(h.detach().double().reshape(-1))
+    _assign(energy, torch.zeros(k, dtype=torch.float64))
+    return torch.stack(e_cols, 1), torch.stack(h_cols, 1)
+
+
+def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], energy_weight: float,
+                     magforces_weight: float, n_frames: int, n_magforces: int) -> torch.Tensor:
+    """Z^T Z, Z = [X y 1], of the weighted least-squares problem over ``parts``: tuples (batch,
+    energy residual per frame (eV, what E_mag should add), magnetic-force labels (n, 3)
+    or None). Rows are weighted as the training loss weighs them: energies per atom over
+    ``n_frames``, magnetic forces over ``n_magforces`` entries (the global counts, so that
+    the sums of processes add up). X's last N_ELEMENTS columns are the per-element offsets;
+    y^T y and the number of rows come along for the choice of the ridge."""
+    if any(p.abs().max() > 0 for layer in (energy.pair[-1], energy.onsite[-1]) for p in layer.parameters()):
+        raise ValueError("the magnetic module's output layers must be at their zero start")
+    k = n_linear(energy) + N_ELEMENTS
+    system = torch.zeros(k + 2, k + 2, dtype=torch.float64)
+    we, wh = (energy_weight / n_frames) ** 0.5, (magforces_weight / max(n_magforces, 1)) ** 0.5
+    for batch, de, magforces in parts:  # (made outside no_grad: the base computes forces)
+        with torch.no_grad():
+            e_cols, h_cols = _columns(energy, batch)
+            frame, numbers = batch.frame.cpu(), batch.numbers.cpu()
+            counts = torch.zeros(batch.n_frames, N_ELEMENTS, dtype=torch.float64)
+            counts.index_put_((frame, numbers), torch.ones(len(frame), dtype=torch.float64), accumulate=True)
+            natoms = counts.sum(1, keepdim=True)
+            x = torch.cat([e_cols.cpu(), counts], 1) / natoms * we
+            y = de.double().cpu() / natoms[:, 0] * we
+            if magforces is not None:
+                h = torch.cat([h_cols.cpu(), torch.zeros(len(h_cols), N_ELEMENTS, dtype=torch.float64)], 1)
+                x, y = torch.cat([x, h * wh]), torch.cat([y, magforces.double().cpu().reshape(-1) * wh])
+            z = torch.cat([x, y[:, None], torch.ones_like(y)[:, None]], 1)
+            system += z.T @ z
+    return system
+
+
+def solve(energy: MagneticEnergy, system: torch.Tensor) -> None:
+    """Set the output layers to the ridge solution of ``system`` (``normal_equations``),
+    the ridge chosen by generalised cross-validation: with a few frames and 60-odd random
+    features, the unregularised fit interpolates and extrapolates wildly. The offsets
+    are fitted without penalty (projected out first) and dropped."""
+    k = n_linear(energy)
+    g, b, yy, rows = system[:-2, :-2], system[:-2, -2], system[-2, -2], system[-1, -1]
+    offsets = torch.linalg.pinv(g[k:, k:], hermitian=True)
+    cross = g[:k, k:]
+    gram, rhs = g[:k, :k] - cross @ offsets @ cross.T, b[:k] - cross @ offsets @ b[k:]
+    yy, rows = yy - b[k:] @ offsets @ b[k:], rows - torch.linalg.matrix_rank(g[k:, k:], hermitian=True)
+    scale = gram.diagonal().clamp(min=0).sqrt()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # columns nothing in the data touches
+    eig, vec = torch.linalg.eigh(gram / torch.outer(scale, scale))
+    eig = eig.clamp(min=0)
+    c2 = (vec.T @ (rhs / scale)).square()
+    ridges = eig.max().clamp(min=1e-300) * torch.logspace(-12, 0, 61, dtype=eig.dtype)[:, None]
+    rss = (yy - (c2 * (eig + 2 * ridges) / (eig + ridges).square()).sum(1)).clamp(min=0)
+    left = rows - (eig / (eig + ridges)).sum(1)  # residual degrees of freedom
+    gcv = torch.where(left > 0.5, rss / left.clamp(min=0.5).square(), torch.full_like(rss, float("inf")))
+    ridge = ridges[int(gcv.argmin())]
+    _assign(energy, (vec @ ((vec.T @ (rhs / scale)) / (eig + ridge))) / scale)

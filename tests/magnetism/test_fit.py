@@ -1,0 +1,44 @@
+"""The magnetic energy's closed-form first step: E_mag is linear in its output layers,
+so energies and magnetic forces made by a module with known output layers (and any
+per-element energy offsets) give those layers back exactly."""
+
+import numpy as np
+import pytest
+import torch
+
+from sparsekern.magnetism.fit import normal_equations, solve, zero_outputs
+from sparsekern.magnetism.graph import collate, magnetic_graph
+
+from test_energy_symmetry import cell_atoms, random_module
+
+
+def batches(module, n_batches, size=8, seed=0):
+    """Batches of random cells with random moments (5 atoms, Ni, O and Fe)."""
+    rng = np.random.default_rng(seed)
+    graphs = [magnetic_graph(atoms, module.cutoff, m * rng.uniform(0.5, 1.5))
+              for atoms, m in (cell_atoms(seed + k) for k in range(n_batches * size))]
+    return [collate(graphs[k * size:(k + 1) * size], "cpu") for k in range(n_batches)]
+
+
+@pytest.mark.parametrize("spin_orbit", [False, True])
+@pytest.mark.parametrize("with_magforces", [False, True])
+def test_fit_recovers_the_output_layers(spin_orbit, with_magforces):
+    truth = random_module(spin_orbit)
+    with torch.no_grad():  # Landau b at 0 (outside the linear fit): its row's weights and bias
+        truth.onsite[-1].weight[1].zero_()
+        truth.onsite[-1].bias[1] = -1.0
+    fitted = random_module(spin_orbit)  # same hidden layers (same seed) ...
+    zero_outputs(fitted)  # ... output layers at the zero start
+    train, test = batches(truth, 6), batches(truth, 1, seed=100)  # 48 frames: more than 39 unknowns
+    offsets = torch.zeros(119, dtype=torch.float64)
+    offsets[[28, 8, 26]] = torch.tensor([-5.5, -3.25, -8.0], dtype=torch.float64)  # per-element energies the base got wrong
+    parts = []
+    for b in train:
+        e, _, h = (t.detach() for t in truth.energy_and_forces(b))
+        shift = torch.zeros_like(e).index_add_(0, b.frame, offsets[b.numbers])
+        parts.append((b, e + shift, h if with_magforces else None))
+    n_magforces = sum(b.moments.numel() for b in train) if with_magforces else 0
+    solve(fitted, normal_equations(fitted, parts, 1.0, 100.0, 6 * 8, n_magforces))
+    for want, got in zip(truth.energy_and_forces(test[0]), fitted.energy_and_forces(test[0])):
+        # not to round-off: the ridge GCV picks biases near-collinear features a little
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max() / want.abs().max()
