@@ -1,6 +1,7 @@
 """The path vocabulary every layer, op and delta shares: a path of a linear or tensor
 product (:class:`Path`), the block of weights a delta may change (:class:`WeightGroup`),
-and the two helpers that split flat weights into paths and sum paths into output irreps."""
+the integers of an irreps' blocks (:class:`Blocks`), and the two helpers that split flat
+weights into paths and sum paths into output blocks."""
 
 from __future__ import annotations
 
@@ -72,19 +73,41 @@ def split_segments(t: torch.Tensor, segments, dim: int = -1) -> List[torch.Tenso
     return [piece for piece, k in zip(t.split(sizes, dim), keep) if k]
 
 
-class OutputSlots:
-    """Per output irrep, the sum of the paths written into it; ``cat`` concatenates them
-    with zeros where no path writes."""
+class Blocks(NamedTuple):
+    """The integers of an ``o3.Irreps`` that forwards read, built once by a descriptor:
+    ``torch.compile`` guards each e3nn ``Irrep`` a forward touches as a sequence, and
+    ``len(Irrep)`` raises, so no forward reads an e3nn object."""
 
-    def __init__(self, irreps_out) -> None:
-        self.irreps_out = irreps_out
-        self.outs: List[Optional[torch.Tensor]] = [None] * len(irreps_out)
+    muls: Tuple[int, ...]  # multiplicity of each block
+    dims: Tuple[int, ...]  # irrep dimension (2l + 1) of each block
+    sizes: Tuple[int, ...]  # mul * dim: each block's width in the features
+    offsets: Tuple[int, ...]  # each block's first feature
+    dim: int  # the features' width
+
+    @classmethod
+    def of(cls, irreps) -> "Blocks":
+        muls, dims = tuple(mul for mul, _ in irreps), tuple(ir.dim for _, ir in irreps)
+        sizes = tuple(m * d for m, d in zip(muls, dims))
+        offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
+        return cls(muls, dims, sizes, offsets, sum(sizes))
+
+    def slice(self, i: int) -> slice:
+        return slice(self.offsets[i], self.offsets[i] + self.sizes[i])
+
+
+class OutputSlots:
+    """Per output block, the sum of the paths written into it; ``cat`` concatenates them
+    with zeros where no path writes (``sizes``: the blocks' widths, ``Blocks.sizes``)."""
+
+    def __init__(self, sizes: Tuple[int, ...]) -> None:
+        self.sizes = sizes
+        self.outs: List[Optional[torch.Tensor]] = [None] * len(sizes)
 
     def add(self, i_out: int, y: torch.Tensor) -> None:
         self.outs[i_out] = y if self.outs[i_out] is None else self.outs[i_out] + y
 
     def cat(self, like: torch.Tensor) -> torch.Tensor:
         n = like.shape[0]
-        parts = [o if o is not None else like.new_zeros(n, mul_ir.dim) for o, mul_ir in zip(self.outs, self.irreps_out)]
+        parts = [o if o is not None else like.new_zeros(n, size) for o, size in zip(self.outs, self.sizes)]
         return torch.cat(parts, dim=1) if parts else like.new_zeros(n, 0)
 

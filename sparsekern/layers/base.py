@@ -54,6 +54,7 @@ class SparsekernLayer(torch.nn.Module):
         if backend not in registry.BACKENDS or self.op not in registry.BACKENDS[backend].ops:
             implemented = tuple(name for name, b in registry.BACKENDS.items() if self.op in b.ops)
             raise ValueError(f"{type(self).__name__} has no {backend!r} back end; it implements {implemented}")
+        registry.implementation(self.op, backend)  # imported now, not in a forward torch.compile traces
         self.backend = backend
         return self
 

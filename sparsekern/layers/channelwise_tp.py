@@ -53,8 +53,9 @@ class ChannelwiseTP(SparsekernLayer):
         self.desc = TPDesc(self.irreps_in1, self.irreps_in2, self.irreps_out, tuple(paths), offset, _module_w3j(ref))
 
     def _check(self, x1, x2, weight, n1: int) -> None:
-        self._check_features(x1, self.irreps_in1.dim, "x1", self.irreps_in1)
-        self._check_features(x2, self.irreps_in2.dim, "x2", self.irreps_in2)
+        # the descriptor's integers, not the irreps' (see paths.Blocks)
+        self._check_features(x1, self.desc.blocks_in1.dim, "x1", self.irreps_in1)
+        self._check_features(x2, self.desc.blocks_in2.dim, "x2", self.irreps_in2)
         self._check_same(x1, x2, "x2")
         self._check_same(x1, weight, "weight")
         if weight.shape != (x2.shape[0], self.weight_numel):

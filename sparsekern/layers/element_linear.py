@@ -58,7 +58,7 @@ class ElementLinear(SparsekernLayer):
         self.desc = LinearDesc(self.irreps_in, self.irreps_out, tuple(paths), self.num_elements, "rgc", offset)
 
     def forward(self, x: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
-        self._check_features(x, self.irreps_in.dim, "x", self.irreps_in)
+        self._check_features(x, self.desc.blocks_in.dim, "x", self.irreps_in)  # see paths.Blocks
         self._check_same(self.weight, x, "x")
         if node_attrs.device != x.device:
             raise ValueError(f"ElementLinear: node_attrs on {node_attrs.device}, x on {x.device}")

@@ -54,12 +54,13 @@ class IrrepsLinear(SparsekernLayer):
         self.desc = LinearDesc(self.irreps_in, self.irreps_out, tuple(paths), 1, "grc", offset, tuple(bias_paths))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_features(x, self.irreps_in.dim, "x", self.irreps_in)
+        dim_in = self.desc.blocks_in.dim  # not self.irreps_in.dim: see paths.Blocks
+        self._check_features(x, dim_in, "x", self.irreps_in)
         if self.weight is not None:
             self._check_same(self.weight, x, "x")
         lead = x.shape[:-1]
-        y = self._run(x.reshape(-1, self.irreps_in.dim), self.weight, self.bias, self._delta("weight"))
-        return y.reshape(*lead, self.irreps_out.dim)
+        y = self._run(x.reshape(-1, dim_in), self.weight, self.bias, self._delta("weight"))
+        return y.reshape(*lead, self.desc.blocks_out.dim)
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in} -> {self.irreps_out}, {self.weight_numel} weights, backend={self.backend}"

@@ -1,7 +1,8 @@
 """Descriptors: what an op needs to know about a layer, built once by the layer (irreps,
-the path list with its Clebsch-Gordan or U tables, the weight layout). Ops are
-functions of a descriptor and tensors and never see the layer. Each descriptor caches
-the constants its back ends derive from it, per device and dtype, outside any state dict."""
+the path list with its Clebsch-Gordan or U tables, the weight layout, and the integers
+of the irreps that forwards read, ``Blocks``). Ops are functions of a descriptor and
+tensors and never see the layer. Each descriptor caches the constants its back ends
+derive from it, per device and dtype, outside any state dict."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from e3nn import o3
 
-from ..paths import OutputSlots, Path, WeightGroup, split_segments
+from ..paths import Blocks, OutputSlots, Path, WeightGroup, split_segments
 
 
 class Descriptor:
@@ -61,6 +62,11 @@ class LinearDesc(Descriptor):
     weight_numel: int
     bias_paths: Tuple[Tuple[int, int], ...] = ()
     _cache: Dict[tuple, object] = field(default_factory=dict, repr=False)
+    blocks_in: Blocks = field(init=False, repr=False)
+    blocks_out: Blocks = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.blocks_in, self.blocks_out = Blocks.of(self.irreps_in), Blocks.of(self.irreps_out)
 
     def path_weights(self, weight: torch.Tensor) -> List[torch.Tensor]:
         """The (n_el, mul_in, mul_out) block of each path."""
@@ -73,8 +79,8 @@ class LinearDesc(Descriptor):
     def add_biases(self, bias: Optional[torch.Tensor], out: OutputSlots, n: int) -> None:
         """Add each bias block to its output irrep (broadcast over the n rows)."""
         if self.bias_paths:
-            dims = [self.irreps_out[i_out].dim for i_out, _ in self.bias_paths]
-            for (i_out, _), b in zip(self.bias_paths, split_segments(bias, zip([o for _, o in self.bias_paths], dims))):
+            segments = [(offset, self.blocks_out.sizes[i_out]) for i_out, offset in self.bias_paths]
+            for (i_out, _), b in zip(self.bias_paths, split_segments(bias, segments)):
                 out.add(i_out, b.expand(n, b.shape[0]))
 
     def weight_groups(self) -> List[WeightGroup]:
@@ -97,6 +103,13 @@ class TPDesc(Descriptor):
     weight_numel: int
     w3j: Dict[Tuple[int, int, int], torch.Tensor]
     _cache: Dict[tuple, object] = field(default_factory=dict, repr=False)
+    blocks_in1: Blocks = field(init=False, repr=False)
+    blocks_in2: Blocks = field(init=False, repr=False)
+    blocks_out: Blocks = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.blocks_in1, self.blocks_in2, self.blocks_out = (
+            Blocks.of(self.irreps_in1), Blocks.of(self.irreps_in2), Blocks.of(self.irreps_out))
 
     def cg(self, l1: int, l2: int, lo: int) -> torch.Tensor:
         """The coefficients e3nn itself uses: exact identities where its specialised code
@@ -110,7 +123,8 @@ class TPDesc(Descriptor):
         return w3j if w3j is not None else o3.wigner_3j(l1, l2, lo, dtype=torch.float64)
 
     def ls(self, p: Path) -> Tuple[int, int, int]:
-        return self.irreps_in1[p.i_in].ir.l, self.irreps_in2[p.i_in2].ir.l, self.irreps_out[p.i_out].ir.l
+        """The path's (l1, l2, l_out), from the blocks' dimensions 2l + 1."""
+        return self.blocks_in1.dims[p.i_in] // 2, self.blocks_in2.dims[p.i_in2] // 2, self.blocks_out.dims[p.i_out] // 2
 
 
 @dataclass(eq=False)
@@ -154,6 +168,10 @@ class ContractionDesc(Descriptor):
     num_elements: int
     u: Tuple[Tuple[torch.Tensor, ...], ...]
     _cache: Dict[tuple, object] = field(default_factory=dict, repr=False)
+    blocks_out: Blocks = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.blocks_out = Blocks.of(self.irreps_out)
 
     @property
     def correlations(self) -> List[int]:

@@ -132,10 +132,10 @@ def element_linear(desc: LinearDesc, x: torch.Tensor, species: torch.Tensor, wei
                    delta: Optional[torch.Tensor]) -> torch.Tensor:
     """The element-indexed linear, one kernel call per path on W0 + dW."""
     n = x.shape[0]
-    x_blocks = x.split([mul_ir.dim for mul_ir in desc.irreps_in], dim=1)
-    out = OutputSlots(desc.irreps_out)
+    x_blocks = x.split(desc.blocks_in.sizes, dim=1)
+    out = OutputSlots(desc.blocks_out.sizes)
     for p, w in zip(desc.paths, desc.path_weights(effective(weight, delta)) if desc.paths else []):
-        d = desc.irreps_in[p.i_in].ir.dim
+        d = desc.blocks_in.dims[p.i_in]
         yi = element_matmul(x_blocks[p.i_in].reshape(n, p.mul_in, d), w, species, p.scale)
         out.add(p.i_out, yi.reshape(n, p.mul_out * d))
     return out.cat(x)

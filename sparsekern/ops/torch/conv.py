@@ -22,20 +22,21 @@ def _groups(desc: TPDesc) -> List[Tuple[int, List[int]]]:
 
 
 def _cg_blocks(desc: TPDesc) -> List[torch.Tensor]:
-    """For each x1 block: C of shape (dim2, d1 * K), K = sum of the paths' d_out."""
+    """For each x1 block: C of shape (dim2, d1 * K), K = sum of the paths' d_out. Built
+    by the first forward, so from the descriptor's integers (traced when that forward
+    runs under torch.compile)."""
     blocks = []
-    s2 = desc.irreps_in2.slices()
+    b2, d_out = desc.blocks_in2, desc.blocks_out.dims
     for i1, ts in _groups(desc):
-        d1 = desc.irreps_in1[i1].ir.dim
-        k_total = sum(desc.irreps_out[desc.paths[t].i_out].ir.dim for t in ts)
-        c = torch.zeros(desc.irreps_in2.dim, d1, k_total, dtype=torch.float64)
+        d1 = desc.blocks_in1.dims[i1]
+        k_total = sum(d_out[desc.paths[t].i_out] for t in ts)
+        c = torch.zeros(b2.dim, d1, k_total, dtype=torch.float64)
         k = 0
         for t in ts:
             p = desc.paths[t]
-            lo = desc.irreps_out[p.i_out].ir.l
-            c[s2[p.i_in2], :, k:k + 2 * lo + 1] = p.scale * desc.cg(*desc.ls(p)).transpose(0, 1)
-            k += 2 * lo + 1
-        blocks.append(c.reshape(desc.irreps_in2.dim, d1 * k_total))
+            c[b2.slice(p.i_in2), :, k:k + d_out[p.i_out]] = p.scale * desc.cg(*desc.ls(p)).transpose(0, 1)
+            k += d_out[p.i_out]
+        blocks.append(c.reshape(b2.dim, d1 * k_total))
     return blocks
 
 
@@ -45,14 +46,14 @@ def channelwise_tp(desc: TPDesc, x1: torch.Tensor, x2: torch.Tensor, weight: tor
     cg = desc.const("cg", x1, lambda: _cg_blocks(desc))
     # split, not slicing: their backward is one concatenation, not a zero-filled
     # full-size gradient per slice
-    x1_blocks = x1.split([mul_ir.dim for mul_ir in desc.irreps_in1], dim=1)
+    x1_blocks = x1.split(desc.blocks_in1.sizes, dim=1)
     w_paths = split_segments(weight, [(p.weight_offset, p.mul_in) for p in desc.paths], dim=1)
-    out = OutputSlots(desc.irreps_out)
+    out = OutputSlots(desc.blocks_out.sizes)
     for (i1, ts), c in zip(desc.const("groups", x1, lambda: _groups(desc)), cg):
-        mul, d1 = desc.irreps_in1[i1].mul, desc.irreps_in1[i1].ir.dim
+        mul, d1 = desc.blocks_in1.muls[i1], desc.blocks_in1.dims[i1]
         z = torch.matmul(x2, c).view(e, d1, c.shape[1] // d1)  # (E, d1, K)
         xi = x1_blocks[i1].reshape(e, mul, d1)
-        dims = [desc.irreps_out[desc.paths[t].i_out].ir.dim for t in ts]
+        dims = [desc.blocks_out.dims[desc.paths[t].i_out] for t in ts]
         for t, zt in zip(ts, z.split(dims, dim=2)):
             # weight the small (E, mul, d1) operand first, then one pass over the
             # (E, mul, d_out) output; broadcast products beat batched GEMMs with
@@ -96,17 +97,17 @@ def _conv_by_receiver(desc: TPDesc, node_feats, edge_attrs, tp_weights, sender, 
     w_pad, x2_pad, s_pad = (t.index_select(0, flat) for t in rows)
     # each x1 block as (nodes, d1, mul) before the gather: P then comes out of one
     # broadcast product already in the (e, i, u) order the batched product reads
-    x1_t = torch.cat([b.reshape(-1, mul_ir.mul, mul_ir.ir.dim).transpose(1, 2).reshape(b.shape[0], -1)
-                      for b, mul_ir in zip(node_feats.split([m.dim for m in desc.irreps_in1], dim=1),
-                                           desc.irreps_in1)], 1)
-    x1_blocks = x1_t.index_select(0, s_pad).split([mul_ir.dim for mul_ir in desc.irreps_in1], dim=1)
+    b1 = desc.blocks_in1
+    x1_t = torch.cat([b.reshape(-1, mul, d).transpose(1, 2).reshape(b.shape[0], -1)
+                      for b, mul, d in zip(node_feats.split(b1.sizes, dim=1), b1.muls, b1.dims)], 1)
+    x1_blocks = x1_t.index_select(0, s_pad).split(b1.sizes, dim=1)
     w_paths = split_segments(w_pad, [(p.weight_offset, p.mul_in) for p in desc.paths], dim=1)
-    out = OutputSlots(desc.irreps_out)
+    out = OutputSlots(desc.blocks_out.sizes)
     for (i1, ts), c in zip(desc.const("groups", node_feats, lambda: _groups(desc)), cg):
-        mul, d1 = desc.irreps_in1[i1].mul, desc.irreps_in1[i1].ir.dim
+        mul, d1 = b1.muls[i1], b1.dims[i1]
         z = torch.matmul(x2_pad, c).view(n, width * d1, c.shape[1] // d1)  # (n, (e, i), K)
         xi = x1_blocks[i1].reshape(n * width, d1, mul)
-        dims = [desc.irreps_out[desc.paths[t].i_out].ir.dim for t in ts]
+        dims = [desc.blocks_out.dims[desc.paths[t].i_out] for t in ts]
         for t, zt in zip(ts, z.split(dims, dim=2)):
             pt = _ScaleRows.apply(xi, w_paths[t]).view(n, width * d1, mul)
             out.add(desc.paths[t].i_out, torch.bmm(pt.transpose(1, 2), zt).reshape(n, mul * zt.shape[2]))

@@ -16,11 +16,11 @@ def linear(desc: LinearDesc, x: torch.Tensor, weight: Optional[torch.Tensor], bi
            delta: Optional[torch.Tensor]) -> torch.Tensor:
     """y_i = sum over paths into i of scale * x_in W_path (+ bias): x (N, irreps_in.dim)."""
     n = x.shape[0]
-    out = OutputSlots(desc.irreps_out)
-    x_blocks = x.split([mul_ir.dim for mul_ir in desc.irreps_in], dim=1)
+    out = OutputSlots(desc.blocks_out.sizes)
+    x_blocks = x.split(desc.blocks_in.sizes, dim=1)
     ws = desc.path_weights(effective(weight, delta)) if desc.paths else []
     for p, w in zip(desc.paths, ws):
-        d = desc.irreps_in[p.i_in].ir.dim
+        d = desc.blocks_in.dims[p.i_in]
         xi = x_blocks[p.i_in].reshape(n, p.mul_in, d)
         w = w[0] * p.scale
         # one 2-D product: torch.matmul on 3-D operands picks its summation order by
@@ -41,10 +41,10 @@ def element_linear(desc: LinearDesc, x: torch.Tensor, species: torch.Tensor, wei
     present = [z for z, c in enumerate(counts) if c]
     sizes = [counts[z] for z in present]
     present_index = torch.tensor(present, dtype=torch.long, device=x.device)
-    x_blocks = x.index_select(0, order).split([mul_ir.dim for mul_ir in desc.irreps_in], dim=1)
-    out = OutputSlots(desc.irreps_out)
+    x_blocks = x.index_select(0, order).split(desc.blocks_in.sizes, dim=1)
+    out = OutputSlots(desc.blocks_out.sizes)
     for p, w in zip(desc.paths, desc.path_weights(effective(weight, delta)) if desc.paths else []):
-        d = desc.irreps_in[p.i_in].ir.dim
+        d = desc.blocks_in.dims[p.i_in]
         xi = x_blocks[p.i_in].reshape(n, p.mul_in, d).transpose(1, 2).reshape(n * d, p.mul_in)
         w = w * p.scale
         # gather the present elements' matrices once (one gradient scatter, not one

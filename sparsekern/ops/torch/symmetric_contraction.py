@@ -22,7 +22,7 @@ def symmetric_contraction(desc: ContractionDesc, x: torch.Tensor, species: torch
     [W_1, ..., W_correlation], each (n_el, k_nu, channels), ``deltas`` alike (flat or None)."""
     n = x.shape[0]
     if n == 0:
-        return x.new_zeros(0, desc.irreps_out.dim)
+        return x.new_zeros(0, desc.blocks_out.dim)
     tables = desc.const("monomials", x, desc.tables)
     order = torch.argsort(species, stable=True)
     counts = torch.bincount(species, minlength=desc.num_elements).tolist()

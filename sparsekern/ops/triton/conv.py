@@ -316,7 +316,7 @@ def _form(desc: TPDesc, like: torch.Tensor, path_mask) -> ConvForm:
 
 
 def _check(desc: TPDesc, a, b, w):
-    for name, t, dim in (("node_feats", a, desc.irreps_in1.dim), ("edge_attrs", b, desc.irreps_in2.dim),
+    for name, t, dim in (("node_feats", a, desc.blocks_in1.dim), ("edge_attrs", b, desc.blocks_in2.dim),
                          ("tp_weights", w, desc.weight_numel)):
         if t.dim() != 2 or t.shape[1] != dim:
             raise ValueError(f"{name} must have shape (*, {dim}), got {tuple(t.shape)}")

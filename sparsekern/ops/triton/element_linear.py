@@ -309,11 +309,11 @@ def path_linears(x: torch.Tensor, species: torch.Tensor, desc: LinearDesc, weigh
     call per path, one row plan per irrep dimension. x (N, irreps_in.dim); ``blocks``
     None, or per path None or the (block_slot, block_values) of its delta."""
     n = x.shape[0]
-    x_blocks = x.split([mul_ir.dim for mul_ir in desc.irreps_in], dim=1)
-    out = OutputSlots(desc.irreps_out)
+    x_blocks = x.split(desc.blocks_in.sizes, dim=1)
+    out = OutputSlots(desc.blocks_out.sizes)
     plans = {}
     for t, (p, w) in enumerate(zip(desc.paths, desc.path_weights(weight) if desc.paths else [])):
-        d = desc.irreps_in[p.i_in].ir.dim
+        d = desc.blocks_in.dims[p.i_in]
         if d not in plans:
             plans[d] = ElementRows.build(species, desc.num_elements, d)
         slot, vals = blocks[t] if blocks is not None and blocks[t] is not None else (None, None)

@@ -306,5 +306,4 @@ def symmetric_contraction(desc: ContractionDesc, x: torch.Tensor, species: torch
     ws = [effective(w, d) for wj, dj in zip(weights, deltas) for w, d in zip(wj, dj)]
     y = apply_form(form, SpeciesOrder.build(species, desc.num_elements), folded_weights(ws, folds), *([x] * corr))
     n, chans = x.shape[0], x.shape[1]
-    m_dims = [ir.dim for _, ir in desc.irreps_out]
-    return torch.cat([b.reshape(n, chans * b.shape[2]) for b in y.split(m_dims, dim=2)], 1)
+    return torch.cat([b.reshape(n, chans * b.shape[2]) for b in y.split(desc.blocks_out.dims, dim=2)], 1)
