@@ -86,7 +86,9 @@ def run_one(label, method, extra, files, out, args, test):
             "--lr", str(args.lr), "--batch_size", str(args.batch_size), "--energy_weight", str(args.energy_weight),
             "--magnetic_lr", str(args.magnetic_lr), "--no_progress", *extra]
     t0 = time.perf_counter()
-    m = run(Settings(**vars(parser().parse_args(argv))))
+    settings = vars(parser().parse_args(argv))
+    settings.pop("nproc")  # the command line's launcher option, not a training setting
+    m = run(Settings(**settings))
     predicted = test_energies(m, test, "--magmom_key" in extra)
     reference = np.array([a.info["REF_energy"] for a in test])
     row = {k: m.get(f"test_{k}") for k in ("energy_mae_mev_per_atom", "force_mae_mev_per_A",
