@@ -113,7 +113,7 @@ def _guarded(action: Callable[[], int], out: str) -> int:
 
     try:
         return action()
-    except (FileNotFoundError, KeyError, ValueError, FloatingPointError) as exc:
+    except (FileNotFoundError, KeyError, ValueError, FloatingPointError, MemoryError) as exc:
         return _error(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
     except ImportError as exc:  # the model's family lives in another environment
         return _error(f"{exc} (MACE models need mace-torch, SevenNet models sevenn; "

@@ -4,6 +4,7 @@ the check of a merged model in its family's own ASE calculator."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -75,10 +76,27 @@ def batches(samples: Sequence[Sample], size: int, order: Optional[torch.Tensor] 
         yield [samples[j] for j in idx[i:i + size]]
 
 
+@contextmanager
+def fits_in_memory(batch: List[Sample], what: str):
+    """A batch too large for the device's memory (or the host's) as one line that says
+    how large it is, in place of the allocator's traceback."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not isinstance(exc, torch.OutOfMemoryError) and not any(
+                m in str(exc) for m in ("not enough memory", "out of memory", "can't allocate memory")):
+            raise
+        atoms = [s.natoms for s in batch]
+        raise MemoryError(f"{what} of {len(batch)} frame(s), {sum(atoms)} atoms (the largest {max(atoms)}), does not "
+                          f"fit in memory ({str(exc).splitlines()[0][:120]}); use a smaller --batch_size, smaller "
+                          f"frames or a device with more memory") from None
+
+
 def outputs(family: Family, model, batch: List[Sample], device: str, training: bool) -> Dict[str, torch.Tensor]:
     """The family's outputs by name (energy per frame with its shift, forces, and what
     else the family predicts: magnetic forces, moments)."""
-    out = family.outputs(model, family.collate([s.graph for s in batch], device), training)
+    with fits_in_memory(batch, "a training batch" if training else "an evaluation batch"):
+        out = family.outputs(model, family.collate([s.graph for s in batch], device), training)
     energy = out["energy"]
     out["energy"] = energy + torch.tensor([s.shift for s in batch], dtype=energy.dtype, device=energy.device)
     return out

@@ -41,8 +41,8 @@ from .config import SparseConfig
 from .data import REFIT_E0S, Frame, energy_shift, read_frames
 from .density import calibrate_density
 from .distributed import Group, join, leave
-from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, forward, loss,
-                         make_samples, residuals, set_shift)
+from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, fits_in_memory, forward,
+                         loss, make_samples, residuals, set_shift)
 from .lifecycle import merge, prepare, target_groups, to_fast
 from .magnetic_fit import fit_magnetic_energy
 from .methods import DEFAULT_LR, METHODS, MODES, SPARSE_MODES
@@ -263,7 +263,8 @@ def _step(loop: _Loop, batch: List[Sample], epoch: int) -> Tuple[float, int]:
     # with weight 0: its gradients add exact zeros, and the model's training-forward
     # hooks (the density controller) run on every rank alike
     step_loss = loss(loop.family, loop.model, share or batch[:1], loop.settings, batch) * (1.0 if share else 0.0)
-    step_loss.backward()
+    with fits_in_memory(share or batch[:1], "a training batch"):  # the backward holds the most
+        step_loss.backward()
     params = [p for g in loop.optimizer.param_groups for p in g["params"]]
     mine = float(step_loss.detach())
     total, signum = loop.group.reduce_step(params, mine, loop.signalled())

@@ -230,6 +230,19 @@ def test_divergence_and_interrupts_end_cleanly(files, capsys, tmp_path, monkeypa
     assert _run(files, tmp_path / "nan", epochs=1) == 2
     assert "training diverged (try a lower --lr" in capsys.readouterr().err
 
+    class OutOfMemory(torch.autograd.Function):  # what the CPU allocator raises in a backward
+        forward = staticmethod(lambda ctx, x: x.clone())
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 81920000000 bytes.")
+
+    monkeypatch.setattr(trainer, "loss", lambda *a: OutOfMemory.apply(torch.ones((), requires_grad=True)))
+    assert _run(files, tmp_path / "oom", epochs=1) == 2
+    err = capsys.readouterr().err
+    assert "a training batch of 3 frame(s), 12 atoms (the largest 4), does not fit in memory" in err, err
+    assert "--batch_size" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
     def interrupted(settings):
         raise KeyboardInterrupt
 
