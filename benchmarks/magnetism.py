@@ -128,11 +128,11 @@ def module_only(train, test, steps: int, lr: float, energy_weight: float, magfor
               for f in (train, test)]
     e_train, e_test = (np.array([a.info["REF_energy"] for a in f]) for f in (train, test))
     n = len(train[0])
-    if lstsq:
-        parts = [(g, torch.tensor([e - e_train.mean()]), torch.as_tensor(a.arrays["REF_magforces"]))
-                 for g, e, a in zip(graphs[0], e_train, train)]
-        solve(module, normal_equations(module, parts, energy_weight, magforces_weight, len(train),
-                                        3 * n * len(train)))
+    if lstsq:  # (no base model here, so no force rows)
+        parts = [(g, {"energy": torch.tensor([e - e_train.mean()]),
+                      "magforces": torch.as_tensor(a.arrays["REF_magforces"])}) for g, e, a in zip(graphs[0], e_train, train)]
+        solve(module, normal_equations(module, parts, {"energy": energy_weight, "magforces": magforces_weight},
+                                       {"energy": len(train), "magforces": 3 * n * len(train)}))
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, amsgrad=True)
     for step in range(steps):
         k = step % len(train)

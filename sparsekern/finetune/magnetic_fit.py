@@ -22,15 +22,17 @@ def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, grou
 
     def parts():
         for batch in batches(group.share(samples), settings.batch_size):
-            predicted = outputs(family, model, batch, settings.device, training=False)["energy"]
+            out = outputs(family, model, batch, settings.device, training=False)
             reference = torch.tensor([s.energy for s in batch], dtype=torch.float64)
-            labels = (torch.cat([s.magforces for s in batch])
-                      if all(s.magforces is not None for s in batch) else None)
-            yield (family.magnetic_batch([s.graph for s in batch], settings.device),
-                   reference - predicted.detach().cpu().double(), labels)
+            targets = {"energy": reference - out["energy"].detach().cpu().double(),
+                       "forces": torch.cat([s.forces for s in batch]).double() - out["forces"].detach().cpu().double()}
+            if all(s.magforces is not None for s in batch):
+                targets["magforces"] = torch.cat([s.magforces for s in batch])
+            yield family.magnetic_batch([s.graph for s in batch], settings.device), targets
 
     model.eval()
-    n_magforces = sum(s.magforces.numel() for s in samples if s.magforces is not None)
-    system = normal_equations(model.energy, parts(), settings.energy_weight, settings.magforces_weight,
-                              len(samples), n_magforces)
-    solve(model.energy, group.sum(system))
+    weights = {"energy": settings.energy_weight, "forces": settings.forces_weight,
+               "magforces": settings.magforces_weight}
+    counts = {"energy": len(samples), "forces": 3 * sum(s.natoms for s in samples),
+              "magforces": sum(s.magforces.numel() for s in samples if s.magforces is not None)}
+    solve(model.energy, group.sum(normal_equations(model.energy, parts(), weights, counts)))

@@ -15,12 +15,14 @@ chosen by generalised cross-validation keeps the random features from overfittin
 
 from __future__ import annotations
 
-from typing import Iterable, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 
 from .energy import N_ELEMENTS, MagneticEnergy
 from .graph import MagneticBatch
+
+TERMS = ("energy", "forces", "magforces")  # what energy_and_forces gives, in its order
 
 
 def _linear_parameters(energy: MagneticEnergy) -> List[Tuple[torch.nn.Parameter, object]]:
@@ -49,47 +51,50 @@ def _assign(energy: MagneticEnergy, theta: torch.Tensor) -> None:
         offset += n
 
 
-def _columns(energy: MagneticEnergy, batch: MagneticBatch) -> Tuple[torch.Tensor, torch.Tensor]:
-    """E_mag per frame (F, K) and magnetic forces (3n, K) for each unit parameter vector
-    (E_mag is linear in them: K passes of the module give its exact design matrix)."""
+def _columns(energy: MagneticEnergy, batch: MagneticBatch) -> Dict[str, torch.Tensor]:
+    """E_mag per frame (F, K), its forces and magnetic forces (3n, K) for each unit parameter
+    vector (E_mag is linear in them: K passes of the module give its exact design matrix)."""
     k = n_linear(energy)
-    e_cols, h_cols = [], []
+    cols: Dict[str, list] = {key: [] for key in TERMS}
     for unit in torch.eye(k, dtype=torch.float64):
         _assign(energy, unit)
-        e, _, h = energy.energy_and_forces(batch)
-        e_cols.append(e.detach().double())
-        h_cols.append(h.detach().double().reshape(-1))
+        for key, t in zip(TERMS, energy.energy_and_forces(batch)):
+            cols[key].append(t.detach().double().reshape(-1).cpu())
     _assign(energy, torch.zeros(k, dtype=torch.float64))
-    return torch.stack(e_cols, 1), torch.stack(h_cols, 1)
+    return {key: torch.stack(c, 1) for key, c in cols.items()}
 
 
-def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], energy_weight: float,
-                     magforces_weight: float, n_frames: int, n_magforces: int) -> torch.Tensor:
-    """Z^T Z, Z = [X y 1], of the weighted least-squares problem over ``parts``: tuples (batch,
-    energy residual per frame (eV, what E_mag should add), magnetic-force labels (n, 3)
-    or None). Rows are weighted as the training loss weighs them: energies per atom over
-    ``n_frames``, magnetic forces over ``n_magforces`` entries (the global counts, so that
-    the sums of processes add up). X's last N_ELEMENTS columns are the per-element offsets;
-    y^T y and the number of rows come along for the choice of the ridge."""
+def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], weights: Dict[str, float],
+                     counts: Dict[str, int]) -> torch.Tensor:
+    """Z^T Z, Z = [X y 1], of the weighted least-squares problem over ``parts``: tuples
+    (batch, {term: target}) with what E_mag should add to each term of ``TERMS`` that has
+    labels: the energy residual per frame (eV), the force residuals and the magnetic-force
+    labels (n, 3). Rows are weighted as the training loss weighs them (``weights``):
+    energies per atom over the number of frames, forces and magnetic forces over their
+    entries (``counts``: the global counts, so that the sums of processes add up). X's last
+    N_ELEMENTS columns are the per-element offsets (energy rows only); y^T y and the number
+    of rows come along for the choice of the ridge. The force rows matter: E_mag depends on
+    positions, and fitted to energies alone its random features give forces of eV/Å."""
     if any(p.abs().max() > 0 for layer in (energy.pair[-1], energy.onsite[-1]) for p in layer.parameters()):
         raise ValueError("the magnetic module's output layers must be at their zero start")
     k = n_linear(energy) + N_ELEMENTS
     system = torch.zeros(k + 2, k + 2, dtype=torch.float64)
-    we, wh = (energy_weight / n_frames) ** 0.5, (magforces_weight / max(n_magforces, 1)) ** 0.5
-    for batch, de, magforces in parts:  # (made outside no_grad: the base computes forces)
+    for batch, targets in parts:  # (made outside no_grad: the base computes forces)
         with torch.no_grad():
-            e_cols, h_cols = _columns(energy, batch)
-            frame, numbers = batch.frame.cpu(), batch.numbers.cpu()
-            counts = torch.zeros(batch.n_frames, N_ELEMENTS, dtype=torch.float64)
-            counts.index_put_((frame, numbers), torch.ones(len(frame), dtype=torch.float64), accumulate=True)
-            natoms = counts.sum(1, keepdim=True)
-            x = torch.cat([e_cols.cpu(), counts], 1) / natoms * we
-            y = de.double().cpu() / natoms[:, 0] * we
-            if magforces is not None:
-                h = torch.cat([h_cols.cpu(), torch.zeros(len(h_cols), N_ELEMENTS, dtype=torch.float64)], 1)
-                x, y = torch.cat([x, h * wh]), torch.cat([y, magforces.double().cpu().reshape(-1) * wh])
-            z = torch.cat([x, y[:, None], torch.ones_like(y)[:, None]], 1)
-            system += z.T @ z
+            cols = _columns(energy, batch)
+            elements = torch.zeros(batch.n_frames, N_ELEMENTS, dtype=torch.float64)
+            elements.index_put_((batch.frame.cpu(), batch.numbers.cpu()), torch.ones(len(batch.frame),
+                                dtype=torch.float64), accumulate=True)
+            natoms = elements.sum(1, keepdim=True)
+            for key, target in targets.items():
+                w = (weights[key] / max(counts[key], 1)) ** 0.5
+                x, y = cols[key], target.double().cpu().reshape(-1)
+                if key == "energy":
+                    x, y = torch.cat([x, elements], 1) / natoms, y / natoms[:, 0]
+                else:
+                    x = torch.cat([x, torch.zeros(len(x), N_ELEMENTS, dtype=torch.float64)], 1)
+                z = torch.cat([x * w, y[:, None] * w, torch.ones_like(y)[:, None]], 1)
+                system += z.T @ z
     return system
 
 

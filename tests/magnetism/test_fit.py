@@ -34,11 +34,17 @@ def test_fit_recovers_the_output_layers(spin_orbit, with_magforces):
     offsets[[28, 8, 26]] = torch.tensor([-5.5, -3.25, -8.0], dtype=torch.float64)  # per-element energies the base got wrong
     parts = []
     for b in train:
-        e, _, h = (t.detach() for t in truth.energy_and_forces(b))
+        e, f, h = (t.detach() for t in truth.energy_and_forces(b))
         shift = torch.zeros_like(e).index_add_(0, b.frame, offsets[b.numbers])
-        parts.append((b, e + shift, h if with_magforces else None))
-    n_magforces = sum(b.moments.numel() for b in train) if with_magforces else 0
-    solve(fitted, normal_equations(fitted, parts, 1.0, 100.0, 6 * 8, n_magforces))
+        parts.append((b, {"energy": e + shift, "forces": f, **({"magforces": h} if with_magforces else {})}))
+    n = sum(b.moments.numel() for b in train)
+    solve(fitted, normal_equations(fitted, parts, {"energy": 1.0, "forces": 10.0, "magforces": 100.0},
+                                   {"energy": 6 * 8, "forces": n, "magforces": n}))
     for want, got in zip(truth.energy_and_forces(test[0]), fitted.energy_and_forces(test[0])):
         # not to round-off: the ridge GCV picks biases near-collinear features a little
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max() / want.abs().max()
+
+
+def test_fit_needs_the_zero_start():
+    with pytest.raises(ValueError, match="zero start"):
+        normal_equations(random_module(), [], {}, {})
