@@ -168,8 +168,8 @@ def main() -> None:
         print(json.dumps(results["cases"][data]["l_profile"], indent=1))
     model = "" if args.model == "7net-0" else f"{args.model}_"
     stem = ROOT / "benchmarks" / "results" / f"dshell_{model}lr{args.lr:g}_{results['date']}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results))
+    Path(f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")  # (not with_suffix: "lr0.01")
+    Path(f"{stem}.md").write_text(markdown(results))
     print(f"wrote {stem}.md and .json")
 
 
