@@ -51,15 +51,17 @@ def test_layer_equals_w0_plus_dw_of_each_node():
 
 
 def test_gradcheck_through_the_delta():
-    layer, delta, species = _resolved_layer(1)
+    layer, delta, _ = _resolved_layer(1)
+    species = torch.tensor([0, 3, 3, 1])
+    delta_slot.give_species(layer, species)
     x = torch.randn(len(species), IN.dim, dtype=torch.float64, requires_grad=True)
     values = delta.values.detach().clone().requires_grad_(True)
 
     def f(x, values):
         return torch.func.functional_call(layer, {"deltas.weight.values": values}, (x,))
 
-    assert torch.autograd.gradcheck(f, (x, values))
-    assert torch.autograd.gradgradcheck(f, (x, values))
+    assert torch.autograd.gradcheck(f, (x, values), fast_mode=True)  # (fast: CI time)
+    assert torch.autograd.gradgradcheck(f, (x, values), fast_mode=True)
 
 
 def test_equivariant_under_rotation_and_inversion():
