@@ -33,6 +33,9 @@ class Delta(torch.nn.Module):
     ``LinearDesc.per_element``); ``species``: each node's element index in the current
     forward (a plain attribute, set by :func:`give_species`)."""
 
+    elements: int = 0  # (class defaults: deltas pickled before these attributes existed)
+    species: Optional[torch.Tensor] = None
+
     def __init__(self, groups: Sequence["WeightGroup"], numel: int, elements: int = 0) -> None:
         super().__init__()
         self.groups: List["WeightGroup"] = list(groups)
@@ -185,8 +188,8 @@ def mark_hook(fn):
 
 
 def strip(model: torch.nn.Module) -> None:
-    """Remove sparsekern's hooks and settings from ``model`` itself (the layers' deltas
-    go with the layers: ``patching.release``)."""
+    """Remove sparsekern's hooks (from ``model`` and its modules) and settings (from
+    ``model``; the layers' deltas go with the layers: ``patching.release``)."""
     for module in model.modules():  # (a wrapper's hooks may sit on the model it holds)
         for key, hook in list(module._forward_pre_hooks.items()):
             if getattr(hook, _HOOK_MARK, False):
