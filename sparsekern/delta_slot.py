@@ -4,7 +4,10 @@ name they change, dots mangled); the model's fine-tuning settings in
 ``model.sparsekern_config``; the named adapters loaded on it (``finetune.adapter_set``)
 in ``model.sparsekern_adapters``; its hooks carry a mark so :func:`strip` finds them.
 Layers pass an attached delta to the ops as a flat tensor (:func:`active`); kernels that
-skip inactive blocks read it through :func:`active_blocks`."""
+skip inactive blocks read it through :func:`active_blocks`. An element-resolved delta of
+a shared weight (one change per element, :func:`element_resolved`) also needs each
+node's element: a hook on the model gives them to it before every forward
+(:func:`give_species`)."""
 
 from __future__ import annotations
 
@@ -24,16 +27,26 @@ _HOOK_MARK = "_sparsekern_hook"
 class Delta(torch.nn.Module):
     """A trainable change of one parameter: ``forward()`` gives its flat dense delta
     (``numel`` entries, zeros outside ``groups``). ``merged``: folded into the base
-    weight (``finetune.merge``), so the layers no longer add it."""
+    weight (``finetune.merge``), so the layers no longer add it. ``elements`` > 0: an
+    element-resolved delta of a shared weight, one change per element (``numel`` is
+    ``elements`` times the parameter's, in the element-indexed layout of
+    ``LinearDesc.per_element``); ``species``: each node's element index in the current
+    forward (a plain attribute, set by :func:`give_species`)."""
 
-    def __init__(self, groups: Sequence["WeightGroup"], numel: int) -> None:
+    elements: int = 0  # (class defaults: deltas pickled before these attributes existed)
+    species: Optional[torch.Tensor] = None
+
+    def __init__(self, groups: Sequence["WeightGroup"], numel: int, elements: int = 0) -> None:
         super().__init__()
         self.groups: List["WeightGroup"] = list(groups)
         self.numel = numel
+        self.elements = elements
+        self.species: Optional[torch.Tensor] = None
         self.merged = False
 
     def extra_repr(self) -> str:
-        return f"numel={self.numel}, groups={len(self.groups)}, merged={self.merged}"
+        resolved = f", elements={self.elements}" if self.elements else ""
+        return f"numel={self.numel}, groups={len(self.groups)}{resolved}, merged={self.merged}"
 
 
 def _key(param: str) -> str:
@@ -105,7 +118,29 @@ def active(layer: torch.nn.Module, param: str) -> Optional[torch.Tensor]:
     """The flat delta the forward pass must add to ``param``, or None (no delta, or
     merged into the weight)."""
     delta = get(layer, param)
+    if delta is not None and delta.elements:  # a layer that cannot apply it must not drop it silently
+        raise TypeError(f"{type(layer).__name__} cannot apply an element-resolved delta to {param!r}")
     return None if delta is None or delta.merged else delta()
+
+
+def element_resolved(layer: torch.nn.Module, param: str) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
+    """(flat per-element delta, each node's element index, number of elements) of
+    ``param``'s element-resolved delta, or None where it has none."""
+    delta = get(layer, param)
+    if delta is None or not delta.elements:
+        return None
+    if delta.species is None:
+        raise RuntimeError(f"{type(layer).__name__}: an element-resolved delta, but no node species for this "
+                           "forward (the model's forward pre-hook gives them: call the model, or give_species)")
+    return delta(), delta.species, delta.elements
+
+
+def give_species(model: torch.nn.Module, species: torch.Tensor) -> None:
+    """Give every element-resolved delta in ``model`` the element index of each node of
+    the coming forward."""
+    for *_, delta in iter_deltas(model):
+        if delta.elements:
+            delta.species = species
 
 
 def active_blocks(flat: torch.Tensor, groups: Sequence["WeightGroup"], T: int):
@@ -153,11 +188,12 @@ def mark_hook(fn):
 
 
 def strip(model: torch.nn.Module) -> None:
-    """Remove sparsekern's hooks and settings from ``model`` itself (the layers' deltas
-    go with the layers: ``patching.release``)."""
-    for key, hook in list(model._forward_pre_hooks.items()):
-        if getattr(hook, _HOOK_MARK, False):
-            del model._forward_pre_hooks[key]
+    """Remove sparsekern's hooks (from ``model`` and its modules) and settings (from
+    ``model``; the layers' deltas go with the layers: ``patching.release``)."""
+    for module in model.modules():  # (a wrapper's hooks may sit on the model it holds)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(hook, _HOOK_MARK, False):
+                del module._forward_pre_hooks[key]
     model.__dict__.pop(CONFIG, None)
     model.__dict__.pop(ADAPTERS, None)
 

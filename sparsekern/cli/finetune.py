@@ -21,7 +21,7 @@ class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parser() -> argparse.ArgumentParser:
-    from ..finetune.methods import METHODS, MODES, SPARSE_MODES, choices_help
+    from ..finetune.methods import METHODS, choices_help
 
     p = argparse.ArgumentParser(
         prog="sparsekern finetune", formatter_class=_DefaultsShown,
@@ -35,18 +35,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=tuple(METHODS), help=choices_help(METHODS))
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training frames (0: evaluate only)")
-    p.add_argument("--density", type=float, default=0.03, help="sparse: target fraction of path weights changed")
-    p.add_argument("--mode", default="str", choices=SPARSE_MODES, help="sparse: " + choices_help(MODES, SPARSE_MODES))
-    p.add_argument("--tile", type=int, default=8, help="sparse --mode block: square tile size")
-    p.add_argument("--fast_after", type=int, help="sparse: after this many epochs train only the active entries")
-    p.add_argument("--density_warmup", type=float, default=0.0,
-                   help="sparse str/block: epochs over which the density rises from 0 (the base model) to its peak "
-                        "(0: one step)")
-    p.add_argument("--density_peak", type=float, help="sparse str/block: the density after the warmup "
-                                                      "(default: --density)")
-    p.add_argument("--density_anneal", type=float, default=0.0,
-                   help="sparse str/block: epochs over which the density falls from its peak to --density")
-    p.add_argument("--lora_rank", type=int, default=4, help="lora: rank per path block")
+    _delta_flags(p)
     p.add_argument("--lr", type=float,
                    help="Adam's learning rate (default per method: "
                         + ", ".join(f"{name} {m.lr:g}" for name, m in METHODS.items())
@@ -80,6 +69,28 @@ def parser() -> argparse.ArgumentParser:
                         "one GPU each); --batch_size stays the global batch, so the result is one process's. "
                         "For several machines, run `torchrun ... -m sparsekern finetune` instead")
     return p
+
+
+def _delta_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of the delta methods (sparse, lora)."""
+    from ..finetune.methods import MODES, SPARSE_MODES, choices_help
+
+    p.add_argument("--density", type=float, default=0.03, help="sparse: target fraction of path weights changed")
+    p.add_argument("--mode", default="str", choices=SPARSE_MODES, help="sparse: " + choices_help(MODES, SPARSE_MODES))
+    p.add_argument("--tile", type=int, default=8, help="sparse --mode block: square tile size")
+    p.add_argument("--fast_after", type=int, help="sparse: after this many epochs train only the active entries")
+    p.add_argument("--density_warmup", type=float, default=0.0,
+                   help="sparse str/block: epochs over which the density rises from 0 (the base model) to its peak "
+                        "(0: one step)")
+    p.add_argument("--density_peak", type=float, help="sparse str/block: the density after the warmup "
+                                                      "(default: --density)")
+    p.add_argument("--density_anneal", type=float, default=0.0,
+                   help="sparse str/block: epochs over which the density falls from its peak to --density")
+    p.add_argument("--element_resolved", action="store_true",
+                   help="sparse (str, block), lora: the weights shared across elements (irrep linears) get one "
+                        "delta per element, W[z] = W0 + dW[z], the training data's elements starting nonzero; "
+                        "--density counts every element's entries. No merged model then (the adapter is the result)")
+    p.add_argument("--lora_rank", type=int, default=4, help="lora: rank per path block")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -141,6 +152,8 @@ def _finetune(args) -> int:
         print(json.dumps({k: metrics[k] for k in keys}, indent=1))
         for path in metrics["files"]:  # on stderr, beside the progress bar: stdout stays JSON
             print(f"wrote: {path}", file=sys.stderr)
+        if metrics.get("merged_model_skipped"):
+            print(f"no merged model: {metrics['merged_model_skipped']}", file=sys.stderr)
     return 0
 
 

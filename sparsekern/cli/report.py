@@ -30,7 +30,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from ..finetune.adapters import read_adapter
-    from ..finetune.report import build_report, verdict_line, write_report
+    from ..finetune.report import build_report, profile_lines, verdict_line, write_report
 
     adapter = Path(args.adapter)
     try:
@@ -48,5 +48,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{report['changed_params']} of {report['total_params']} path weights changed "
           f"({100 * report['density']:.2f} %)")
     print(verdict_line(report))
+    for line in profile_lines(report):  # per element, the update by l
+        print(line)
     print(f"wrote {png} and {js}")
     return 0

@@ -27,7 +27,7 @@ from ..paths import WeightGroup
 from ..patching import patch, patched_layers
 from .config import SparseConfig
 from .delta import FixedDelta
-from .lifecycle import prepare, target_groups
+from .lifecycle import attach_targets, delta_targets, prepare, target_groups
 from .methods import LORA_ADAPTER, SPARSE_ADAPTER, adapter_format
 from .statistics import element_labels
 
@@ -114,20 +114,22 @@ def _lora_entries(model: torch.nn.Module, deltas: Sequence) -> Tuple[Tensors, Di
 
 
 def _attach_sparse(model: torch.nn.Module, path, tensors: Tensors, metadata: dict, trainable: bool) -> None:
-    """A FixedDelta per stored parameter."""
+    """A FixedDelta per stored parameter (one copy per element where the adapter's
+    config says element_resolved)."""
+    resolved = bool((json.loads(metadata.get("config") or "null") or {}).get("element_resolved"))
+    targets = {f"{t.name}.{t.param}": t for t in delta_targets(model, SparseConfig(element_resolved=resolved))}
     layers = dict(patched_layers(model))
-    stems = sorted({key.rsplit(".", 1)[0] for key in tensors})
-    for stem in stems:
-        layer_name, param = _split(stem, layers)
-        layer = layers[layer_name]
-        groups = target_groups(layer).get(param)
-        index, values = tensors.get(f"{stem}.index"), tensors.get(f"{stem}.values")
-        base = layer.get_parameter(param)
-        if groups is None or index is None or values is None or index.shape != values.shape \
-                or (index.numel() and int(index.max()) >= base.numel()):
+    pairs = []
+    for stem in sorted({key.rsplit(".", 1)[0] for key in tensors}):
+        _split(stem, layers)  # (a clear error for an entry naming no layer)
+        t, index, values = targets.get(stem), tensors.get(f"{stem}.index"), tensors.get(f"{stem}.values")
+        if t is None or index is None or values is None or index.shape != values.shape \
+                or (index.numel() and int(index.max()) >= t.numel):
             raise ValueError(f"adapter {path}: entry {stem!r} does not fit this model")
-        delta_slot.attach(layer, param, FixedDelta(groups, base.numel(), index.to(base.device),
-                                                   values.to(device=base.device, dtype=base.dtype), trainable))
+        base = t.layer.get_parameter(t.param)
+        pairs.append((t, FixedDelta(t.groups, t.numel, index.to(base.device),
+                                    values.to(device=base.device, dtype=base.dtype), trainable, t.elements)))
+    attach_targets(model, pairs)
 
 
 def _attach_lora(model: torch.nn.Module, path, tensors: Tensors, metadata: dict, trainable: bool) -> None:
@@ -159,6 +161,9 @@ class _Format:
 
 FORMATS = {SPARSE_ADAPTER: _Format("2", _sparse_entries, _attach_sparse),
            LORA_ADAPTER: _Format("2", _lora_entries, _attach_lora)}
+# Adapters with element-resolved deltas are version 3: an older sparsekern would put their
+# per-element entries into the shared weight. The others stay version 2, which it reads.
+ELEMENT_RESOLVED_VERSION = "3"
 
 
 def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str, str]] = None) -> Path:
@@ -178,7 +183,8 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
     with torch.no_grad():
         tensors, own = FORMATS[fmt].entries(model, deltas)
     config = delta_slot.config_of(model)
-    metadata = {"format": fmt, "version": FORMATS[fmt].version, "sparsekern": __version__,
+    version = ELEMENT_RESOLVED_VERSION if any(d.elements for *_, d in deltas) else FORMATS[fmt].version
+    metadata = {"format": fmt, "version": version, "sparsekern": __version__,
                 "fingerprint": fingerprint(model), "fingerprint_dtype": FINGERPRINT_DTYPE,
                 "config": json.dumps(config.to_dict() if config is not None else None), **own}
     clash = set(metadata) & set(extra_metadata or {})
@@ -216,7 +222,7 @@ def read_adapter(path, formats: Sequence[str] = tuple(FORMATS)):
     if fmt not in formats:
         raise ValueError(f"{path} is not a sparsekern adapter of format {' or '.join(formats)} "
                          f"(its format: {fmt!r})")
-    version, known = metadata.get("version", ""), int(FORMATS[fmt].version)
+    version, known = metadata.get("version", ""), int(ELEMENT_RESOLVED_VERSION)
     if not version.isdigit():
         raise ValueError(f"adapter {path}: its format version {version!r} is not a number (damaged file)")
     if int(version) > known:

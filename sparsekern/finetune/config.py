@@ -19,7 +19,13 @@ class SparseConfig:
     (``density.scheduled_density``): none of the weights changes before the first step, so
     a prepared model is the base model; then the density rises linearly to peak_density
     (default: density) over warmup_steps training steps and falls to density over
-    anneal_steps."""
+    anneal_steps.
+    element_resolved: the weights shared across elements (the irrep linears but the
+    one-hot embedding) get one delta per element of the model, W[z] = W0 + dW[z], applied
+    by the node's element; density counts every element's entries. elements: with it, the
+    atomic numbers whose per-element deltas (these and those of the model's own
+    per-element weights) start nonzero (the training data's; None: all): the others
+    start at exactly zero, get no gradient and stay zero."""
 
     density: float = 0.03
     mode: str = "str"
@@ -32,6 +38,8 @@ class SparseConfig:
     warmup_steps: int = 1
     peak_density: Optional[float] = None
     anneal_steps: int = 0
+    element_resolved: bool = False
+    elements: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -50,8 +58,19 @@ class SparseConfig:
                              f"got {self.warmup_steps} and {self.anneal_steps}")
         if self.lora_rank < 1:
             raise ValueError(f"SparseConfig: lora_rank must be >= 1, got {self.lora_rank}")
+        if self.element_resolved and MODES[self.mode].needs_loss:
+            raise ValueError(f"SparseConfig: mode {self.mode!r} scores the shared weights, not one copy per "
+                             "element: element_resolved needs str, block or lora")
+        if self.elements is not None:
+            if not self.element_resolved:
+                raise ValueError("SparseConfig: elements applies to element-resolved deltas (element_resolved=True)")
+            self.elements = tuple(sorted({int(z) for z in self.elements}))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["tile"] = list(self.tile) if self.tile != "path" else "path"
+        if self.element_resolved:
+            d["elements"] = list(self.elements) if self.elements is not None else None
+        else:  # what older sparsekern wrote: they read adapters without element-resolved deltas
+            del d["element_resolved"], d["elements"]
         return d

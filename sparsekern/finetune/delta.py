@@ -27,8 +27,8 @@ class ThresholdDelta(Delta):
     learned while the total density stays on target."""
 
     def __init__(self, groups, numel: int, base: torch.Tensor, tile, init_scale: float,
-                 generator: torch.Generator) -> None:
-        super().__init__(groups, numel)
+                 generator: torch.Generator, elements: int = 0) -> None:
+        super().__init__(groups, numel, elements)
         scale = init_scale * (base.detach().float().std().item() if base.numel() > 1 else 1.0) or init_scale
         v = torch.randn(numel, generator=generator, dtype=torch.float64) * scale
         self.v = torch.nn.Parameter(v.to(dtype=base.dtype, device=base.device))
@@ -98,8 +98,8 @@ class FixedDelta(Delta):
     gradients and optimizer state scale with them, not with the model."""
 
     def __init__(self, groups, numel: int, index: torch.Tensor, values: torch.Tensor,
-                 trainable: bool = True) -> None:
-        super().__init__(groups, numel)
+                 trainable: bool = True, elements: int = 0) -> None:
+        super().__init__(groups, numel, elements)
         self.register_buffer("index", index.to(torch.int64))
         self.values = torch.nn.Parameter(values.clone(), requires_grad=trainable)
 
@@ -112,8 +112,8 @@ class LoRADelta(Delta):
     element; A random, B zero, so training starts at the base model."""
 
     def __init__(self, groups, numel: int, base: torch.Tensor, rank: int, alpha: float,
-                 generator: torch.Generator) -> None:
-        super().__init__(groups, numel)
+                 generator: torch.Generator, elements: int = 0) -> None:
+        super().__init__(groups, numel, elements)
         self.a = torch.nn.ParameterList()
         self.b = torch.nn.ParameterList()
         self.scale = alpha / rank

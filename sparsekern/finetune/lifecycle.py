@@ -5,12 +5,14 @@ The deltas live in ``delta_slot``; nothing here knows how it stores them."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from .. import delta_slot
+from ..integrations import computing_model, family_of
 from ..layers.base import SparsekernLayer
+from ..layers.linear import IrrepsLinear
 from ..layers.radial_mlp import RadialMLP
 from ..paths import WeightGroup
 from ..patching import patch, patched_layers
@@ -31,12 +33,90 @@ def target_groups(layer: SparsekernLayer, config: Optional[SparseConfig] = None)
     return dict(by_param)
 
 
-def _new_delta(config: SparseConfig, groups: List[WeightGroup], base: torch.Tensor,
-               generator: torch.Generator) -> Delta:
-    if config.mode == "lora":
-        return LoRADelta(groups, base.numel(), base, config.lora_rank, config.lora_alpha, generator)
+class Target(NamedTuple):
+    """A parameter a delta may change, and the delta's weight groups: the parameter's
+    own, or (``elements`` > 0, element-resolved) one copy per element of a shared
+    linear's, laid out as ``LinearDesc.per_element`` (``numel`` entries)."""
+
+    name: str
+    layer: SparsekernLayer
+    param: str
+    groups: List[WeightGroup]
+    numel: int
+    elements: int
+
+
+def delta_targets(model: torch.nn.Module, config: SparseConfig) -> List[Target]:
+    """Every parameter ``prepare`` (and a loaded adapter) gives a delta, with its shape."""
+    n_el = _element_count(model) if config.element_resolved else 0
+    targets = []
+    for name, layer in patched_layers(model):
+        for param, groups in target_groups(layer, config).items():
+            # an irrep linear's weight is shared by all elements, but the one-hot embedding's
+            # (input n_el x 0e) has a row per element already
+            if n_el and isinstance(layer, IrrepsLinear) and str(layer.irreps_in) != f"{n_el}x0e":
+                desc = layer.desc.per_element(n_el)
+                targets.append(Target(name, layer, param, desc.weight_groups(), desc.weight_numel, n_el))
+            else:
+                targets.append(Target(name, layer, param, groups, layer.get_parameter(param).numel(), 0))
+    return targets
+
+
+def _element_count(model: torch.nn.Module) -> int:
+    core, family = computing_model(model)
+    if family is None:
+        raise ValueError(f"element_resolved: each node's element comes from the model's family (MACE, SevenNet), "
+                         f"and a {type(model).__name__} is none's")
+    return len(family.element_index(core))
+
+
+@delta_slot.mark_hook
+def _give_species(model: torch.nn.Module, args) -> None:
+    """Forward pre-hook: the element-resolved deltas learn each node's element."""
+    if any(d.elements for *_, d in delta_slot.iter_deltas(model)):
+        delta_slot.give_species(model, family_of(model).species(model, args[0]))
+
+
+def _hook_species(model: torch.nn.Module) -> None:
+    """Hook ``_give_species`` (once) on the module whose forward gets the graph."""
+    core, _ = computing_model(model)
+    if not any(h is _give_species for h in core._forward_pre_hooks.values()):
+        core.register_forward_pre_hook(_give_species)
+
+
+def attach_targets(model: torch.nn.Module, pairs: Iterable[Tuple[Target, Delta]]) -> None:
+    """Attach each (target, its delta), and the species hook where one is element-resolved."""
+    resolved = False
+    for t, delta in pairs:
+        delta_slot.attach(t.layer, t.param, delta)
+        resolved |= bool(t.elements)
+    if resolved:
+        _hook_species(model)
+
+
+def _new_delta(config: SparseConfig, t: Target, absent: List[int], generator: torch.Generator) -> Delta:
+    base = t.layer.get_parameter(t.param)
+    if config.mode == "lora":  # (B starts at zero: absent elements get no gradient and stay unchanged)
+        return LoRADelta(t.groups, t.numel, base, config.lora_rank, config.lora_alpha, generator, t.elements)
     tile = (1, 1) if config.mode == "str" else config.tile
-    return ThresholdDelta(groups, base.numel(), base, tile, config.init_scale, generator)
+    delta = ThresholdDelta(t.groups, t.numel, base, tile, config.init_scale, generator, t.elements)
+    with torch.no_grad():  # exactly zero: no gradient through the threshold, so they stay zero
+        for g in t.groups if absent else ():
+            if g.per_element:  # (element-resolved, and the model's own per-element weights)
+                g.view(delta.v)[torch.tensor(absent, device=base.device)] = 0
+    return delta
+
+
+def _absent(model: torch.nn.Module, config: SparseConfig) -> List[int]:
+    """Element indices of the model's elements outside ``config.elements``."""
+    if not config.element_resolved or config.elements is None:
+        return []
+    core, family = computing_model(model)
+    index = family.element_index(core)
+    unknown = sorted(set(config.elements) - set(index))
+    if unknown:
+        raise ValueError(f"SparseConfig.elements: the model has no atomic numbers {unknown}")
+    return sorted(i for z, i in index.items() if z not in config.elements)
 
 
 def prepare(model: torch.nn.Module, config: Optional[SparseConfig] = None, backend: str = "auto",
@@ -55,14 +135,13 @@ def prepare(model: torch.nn.Module, config: Optional[SparseConfig] = None, backe
         raise ValueError("prepare: the model already has sparse deltas (load_adapter or prepare was called)")
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = [(layer, param, groups) for _, layer in patched_layers(model)
-               for param, groups in target_groups(layer, config).items()]
+    targets = delta_targets(model, config)
     if MODES[config.mode].needs_loss:
-        attach_salient(targets, fisher_scores(targets, losses), config.density)
+        plain = [(t.layer, t.param, t.groups) for t in targets]
+        attach_salient(plain, fisher_scores(plain, losses), config.density)
     else:
-        generator = torch.Generator().manual_seed(config.seed)
-        for layer, param, groups in targets:
-            delta_slot.attach(layer, param, _new_delta(config, groups, layer.get_parameter(param), generator))
+        generator, absent = torch.Generator().manual_seed(config.seed), _absent(model, config)
+        attach_targets(model, [(t, _new_delta(config, t, absent, generator)) for t in targets])
     delta_slot.set_config(model, config)
     steer(model)
     return model
@@ -75,14 +154,19 @@ def to_fast(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(delta, ThresholdDelta):
             d = delta()
             index = torch.nonzero(d, as_tuple=True)[0]
-            delta_slot.attach(layer, param, FixedDelta(delta.groups, delta.numel, index, d[index]))
+            delta_slot.attach(layer, param, FixedDelta(delta.groups, delta.numel, index, d[index],
+                                                       elements=delta.elements))
     return model
 
 
 @torch.no_grad()
 def merge(model: torch.nn.Module) -> torch.nn.Module:
     """Fold each delta into its base weight in place (for inference or export). The
-    changed entries' old values are kept, so ``unmerge`` restores W0 bit for bit."""
+    changed entries' old values are kept, so ``unmerge`` restores W0 bit for bit.
+    Element-resolved deltas are refused (nothing is folded then): see ``unmergeable``."""
+    reason = unmergeable(model)
+    if reason:
+        raise ValueError(f"merge: {reason}")
     for _, layer, param, delta in delta_slot.iter_deltas(model):
         if delta.merged:
             continue
@@ -105,3 +189,16 @@ def unmerge(model: torch.nn.Module) -> torch.nn.Module:
         layer.get_parameter(param).data.view(-1)[delta._unmerge_index] = delta._unmerge_values
         delta.merged = False
     return model
+
+
+def unmergeable(model: torch.nn.Module) -> Optional[str]:
+    """Why ``merge`` cannot fold the model's deltas into its weights (None: it can). An
+    element-resolved delta changes a shared weight differently for each element, which
+    the family's own layer (one weight for all) cannot hold; converting the layer to an
+    element-indexed one would give a model the family's loader and calculator do not
+    know, so the deltas stay an adapter."""
+    for name, _, param, delta in delta_slot.iter_deltas(model):
+        if delta.elements:
+            return (f"{name}.{param} has an element-resolved delta (one change per element), which its weight, "
+                    "shared by all elements, cannot hold: keep the deltas attached or saved as an adapter")
+    return None

@@ -142,6 +142,30 @@ def d_shell_verdict(s: dict) -> dict:
     return {"l2_larger_share_for_transition_metals": answer, "reason": why, **sets}
 
 
+def l_profile(s: dict) -> Dict[str, Dict[str, dict]]:
+    """Per element the update touched (its per-element weights: element-indexed layers
+    and element-resolved deltas), per irrep order l: ``density`` = changed / all of its
+    weights at that l, ``share`` = changed at that l / all its changed weights."""
+    profile = {}
+    for element, by_l in s["by_element_l"].items():
+        changed = sum(v["changed"] for v in by_l.values())
+        if changed:
+            profile[element] = {l: {**v, "share": v["changed"] / changed} for l, v in sorted(by_l.items())}
+    return profile
+
+
+def l2_against_l01(s: dict) -> Optional[dict]:
+    """Within the transition metals the update touched, pooled: the density of the update
+    at l = 2 against at l = 0 and 1 (the question for data with no other element)."""
+    tm = [by_l for e, by_l in l_profile(s).items() if is_transition_metal(e)]
+    l2 = [sum(by_l["2"][k] for by_l in tm if "2" in by_l) for k in ("changed", "total")]
+    l01 = [sum(by_l[l][k] for by_l in tm for l in ("0", "1") if l in by_l) for k in ("changed", "total")]
+    if not l2[1] or not l01[1]:
+        return None
+    return {"l2_density": l2[0] / l2[1], "l01_density": l01[0] / l01[1],
+            "l2_larger": l2[0] / l2[1] > l01[0] / l01[1]}
+
+
 def build_report(path, base: Optional[torch.nn.Module] = None) -> dict:
     _, metadata = read_adapter(path)
     s = adapter_stats(path, base)
@@ -152,13 +176,27 @@ def build_report(path, base: Optional[torch.nn.Module] = None) -> dict:
             "cannot tell (a sparse adapter can)"))
     return {"adapter": str(path), "format": metadata.get("format"), "fingerprint": metadata.get("fingerprint"),
             "base_model": metadata.get("base_model"),
-            "config": json.loads(metadata.get("config", "null")), **s, "d_shell": verdict}
+            "config": json.loads(metadata.get("config", "null")), **s, "d_shell": verdict,
+            "l_profile": l_profile(s), "transition_metals_l2_vs_l01": l2_against_l01(s)}
 
 
 def verdict_line(report: dict) -> str:
     v = report["d_shell"]
     answer = {True: "yes", False: "no", None: "undetermined"}[v["l2_larger_share_for_transition_metals"]]
     return f"l = 2 paths take a larger share of the update for transition metals: {answer} ({v['reason']})"
+
+
+def profile_lines(report: dict) -> List[str]:
+    """Per element the update touched: its density at each l (and share of its update),
+    then the transition metals' l = 2 against their l = 0, 1."""
+    lines = [f"{element}: " + ", ".join(f"l = {l} {100 * v['density']:.2f} % ({100 * v['share']:.0f} % of its update)"
+                                        for l, v in by_l.items())
+             for element, by_l in report["l_profile"].items()]
+    tm = report["transition_metals_l2_vs_l01"]
+    if tm is not None:
+        lines.append(f"transition metals: l = 2 {100 * tm['l2_density']:.2f} % changed, l = 0, 1 "
+                     f"{100 * tm['l01_density']:.2f} %: l = 2 larger: {'yes' if tm['l2_larger'] else 'no'}")
+    return lines
 
 
 def write_report(report: dict, out_dir, stem: str) -> tuple:

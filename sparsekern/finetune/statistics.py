@@ -10,19 +10,22 @@ import torch
 
 from .. import delta_slot
 from ..delta_slot import Delta
+from ..integrations import computing_model
 from ..paths import WeightGroup
 from ..patching import patched_layers
 from .lifecycle import target_groups
 
 
 def element_labels(model: torch.nn.Module, count: int) -> List[str]:
-    """Chemical symbols of the element axis of per-element weights, where known."""
+    """Chemical symbols of the element axis of per-element weights, where known (the
+    model's family maps atomic numbers to that axis)."""
     from ase.data import chemical_symbols
 
-    numbers = getattr(model, "atomic_numbers", None)
-    if numbers is not None and len(numbers) == count:
-        return [chemical_symbols[int(z)] for z in numbers]
-    if count == len(chemical_symbols) - 1:  # SevenNet-style: one-hot over atomic numbers 1..
+    core, family = computing_model(model)
+    index = family.element_index(core) if family is not None else {}
+    if len(index) == count:
+        return [chemical_symbols[z] for z, _ in sorted(index.items(), key=lambda zi: zi[1])]
+    if count == len(chemical_symbols) - 1:  # one-hot over atomic numbers 1..
         return chemical_symbols[1:]
     return [f"element {i}" for i in range(count)]
 
@@ -88,8 +91,11 @@ def count_changes(entries: Iterable[Tuple[str, Sequence[WeightGroup], Optional[t
 def stats(model: torch.nn.Module) -> dict:
     """How many path weights the deltas change: totals and breakdowns by layer, by
     path, by irrep order l of the path, by element, and by element and l."""
-    entries = [(name, groups, _changed_mask(delta_slot.get(layer, param)))
-               for name, layer in patched_layers(model) for param, groups in target_groups(layer).items()]
+    entries = []
+    for name, layer in patched_layers(model):
+        for param, groups in target_groups(layer).items():
+            delta = delta_slot.get(layer, param)  # its groups: element-resolved ones count every element's
+            entries.append((name, delta.groups if delta is not None else groups, _changed_mask(delta)))
     counts = count_changes(entries, lambda count: element_labels(model, count))
     return {
         **counts,

@@ -43,7 +43,7 @@ from .density import calibrate_density
 from .distributed import Group, join, leave
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, fits_in_memory, forward,
                          loss, make_samples, residuals, set_shift)
-from .lifecycle import merge, prepare, target_groups, to_fast
+from .lifecycle import merge, prepare, target_groups, to_fast, unmergeable
 from .magnetic_fit import fit_magnetic_energy
 from .methods import DEFAULT_LR, METHODS, MODES, SPARSE_MODES
 from .preemption import Preempted, deferred
@@ -70,6 +70,7 @@ class Settings:
     density_warmup: float = 0.0  # epochs; 0: one step
     density_peak: Optional[float] = None
     density_anneal: float = 0.0  # epochs
+    element_resolved: bool = False  # shared weights: one delta per element (SparseConfig.element_resolved)
     lr: Optional[float] = None  # None: DEFAULT_LR[method]
     batch_size: int = 4
     seed: int = 0
@@ -100,6 +101,8 @@ class Settings:
                              f"(got {self.epochs}, {self.batch_size}, {self.lr})")
         if self.fast_after is not None and self.method != "sparse":
             raise ValueError("--fast_after applies to --method sparse only")
+        if self.element_resolved and (self.method == "full" or self.mode == "saliency"):
+            raise ValueError("--element_resolved applies to deltas: --method sparse (--mode str or block) or lora")
         if self.mode not in SPARSE_MODES:
             raise ValueError(f"--mode must be {' or '.join(SPARSE_MODES)}, got {self.mode!r}")
         if self.tile < 1 or self.lora_rank < 1:
@@ -126,6 +129,8 @@ class Settings:
         d = asdict(self)
         for k in ("epochs", "out", "device", "progress"):
             d.pop(k)
+        if not self.element_resolved:  # checkpoints from before it stay resumable
+            d.pop("element_resolved")
         for k in ("train", "valid", "test"):  # the same file wherever the command runs from
             d[k] = str(Path(d[k]).resolve()) if d[k] else None
         d["model"] = family_for(self.model).spec_identity(self.model)
@@ -181,22 +186,26 @@ def _refit_shift(family: Family, model, shift: Dict[int, float], samples: Sequen
     return correction
 
 
-def _apply_method(model, settings: Settings, family: Family, train_s: Sequence[Sample]) -> torch.nn.Module:
-    """Make trainable what the method trains: deltas of its mode, or the base weights."""
+def _apply_method(model, settings: Settings, family: Family, train_s: Sequence[Sample],
+                  numbers: Sequence[int]) -> torch.nn.Module:
+    """Make trainable what the method trains: deltas of its mode, or the base weights.
+    ``numbers``: the training data's atomic numbers (where element-resolved deltas start)."""
     modes = METHODS[settings.method].modes
     if not modes:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
     mode = settings.mode if settings.mode in modes else modes[0]
+    resolved = dict(element_resolved=True, elements=tuple(numbers)) if settings.element_resolved else {}
     if mode == "lora":
-        config = SparseConfig(mode="lora", lora_rank=settings.lora_rank, seed=settings.seed)
+        config = SparseConfig(mode="lora", lora_rank=settings.lora_rank, seed=settings.seed, **resolved)
     else:
         tile = (1, 1) if mode == "str" else (settings.tile, settings.tile)
         steps = -(-len(train_s) // settings.batch_size)  # per epoch
         config = SparseConfig(density=settings.density, mode=mode, tile=tile, seed=settings.seed,
                               warmup_steps=max(1, round(settings.density_warmup * steps)),
-                              peak_density=settings.density_peak, anneal_steps=round(settings.density_anneal * steps))
+                              peak_density=settings.density_peak, anneal_steps=round(settings.density_anneal * steps),
+                              **resolved)
     model.train()  # the saliency pass needs training's forces (with their graph)
     losses = [partial(loss, family, model, batch, settings) for batch in batches(train_s, settings.batch_size)]
     return prepare(model, config, losses=losses if MODES[mode].needs_loss else None)
@@ -363,6 +372,10 @@ def _save_results(family: Family, model, settings: Settings, shift: Dict[int, fl
         e0 = {"e0_shift_ev": json.dumps({str(z): v for z, v in shift.items()})}
         metrics["adapter"] = str(save_adapter(model, out / "adapter.safetensors", extra_metadata=e0))
         metrics["adapter_bytes"] = Path(metrics["adapter"]).stat().st_size
+    unmerged = unmergeable(model)
+    if unmerged:  # (element-resolved deltas) the adapter is the result
+        metrics.update(merged_model=None, merged_model_skipped=unmerged)
+        return
     # the fine-tuned model's own predictions first: the export folds the deltas in place
     reference = [tuple(t.detach().cpu().double() for t in forward(family, model, [x], settings.device, False))
                  for x in test_s[:1]]
@@ -421,7 +434,8 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     de, frame_shift, df = residuals(family, model, test_s, settings)
     zero_shot = {"zero_shot_test": errors(de, df), "zero_shot_no_e0_shift_test": errors(de - frame_shift, df)}
     base = {k: v.detach().clone() for k, v in _path_weights(model).items()}
-    model = train_magnetic(_apply_method(model, settings, family, train_s))  # the moment head trains fully
+    numbers = sorted({int(z) for frame in train for z in frame.atoms.numbers})
+    model = train_magnetic(_apply_method(model, settings, family, train_s, numbers))  # the moment head trains fully
 
     def save(trained, optimizer, progress):
         if group.main:
@@ -455,7 +469,8 @@ def _files(out: Path, family: Family, metrics: dict) -> List[str]:
     files = [out / "metrics.json", ck] if ck.exists() else [out / "metrics.json"]
     if "adapter" in metrics:
         files.append(Path(metrics["adapter"]))
-    files += family.exported_files(Path(metrics["merged_model"]))
+    if metrics.get("merged_model"):
+        files += family.exported_files(Path(metrics["merged_model"]))
     return [str(f) for f in files]
 
 

@@ -45,6 +45,16 @@ class Family:
         """Atomic numbers the model knows."""
         raise NotImplementedError
 
+    def element_index(self, model) -> Dict[int, int]:
+        """Each atomic number's index on the model's element axis (its one-hot, its
+        per-element weights and energies)."""
+        raise NotImplementedError
+
+    def species(self, model, inputs) -> torch.Tensor:
+        """Each node's element index (``element_index``) in ``inputs``, the first argument
+        of the model's forward."""
+        raise NotImplementedError
+
     def graph(self, model, atoms):
         raise NotImplementedError
 
@@ -109,6 +119,16 @@ def register_family(family: Family, wrapper: bool = False) -> None:
 def family_of(model) -> Optional[Family]:
     """The registered family whose model ``model`` is (None: none)."""
     return next((f for f in _FAMILIES + _WRAPPERS if f.owns(model)), None)
+
+
+def computing_model(model) -> Tuple[Optional[torch.nn.Module], Optional[Family]]:
+    """The module inside ``model`` that a (not wrapper) family's forward runs on:
+    ``model`` itself, or the model a wrapper holds; and its family (None, None: none)."""
+    for module in model.modules():
+        family = next((f for f in _FAMILIES if f.owns(module)), None)
+        if family is not None:
+            return module, family
+    return None, None
 
 
 def pickled_names(path: Path) -> Optional[Set[str]]:

@@ -7,6 +7,8 @@ from typing import List, Optional
 import torch
 from e3nn import o3
 
+from .. import delta_slot
+from ..ops import registry
 from ..ops.descriptors import LinearDesc
 from ..paths import Path
 from .base import SparsekernLayer
@@ -59,7 +61,17 @@ class IrrepsLinear(SparsekernLayer):
         if self.weight is not None:
             self._check_same(self.weight, x, "x")
         lead = x.shape[:-1]
-        y = self._run(x.reshape(-1, dim_in), self.weight, self.bias, self._delta("weight"))
+        x = x.reshape(-1, dim_in)
+        resolved = delta_slot.element_resolved(self, "weight")
+        y = self._run(x, self.weight, self.bias, None if resolved else self._delta("weight"))
+        if resolved is not None:  # y = x W0 + x dW[z]: the element linear's op on the delta alone
+            delta, species, elements = resolved
+            if species.shape != x.shape[:1]:
+                raise ValueError(f"IrrepsLinear: an element-resolved delta needs one element per row of x: "
+                                 f"{x.shape[0]} rows, {species.shape[0]} node species")
+            backend = registry.resolve(self.backend, "element_linear", x.device)
+            y = y + registry.implementation("element_linear", backend)(self.desc.per_element(elements), x, species,
+                                                                       delta, None)
         return y.reshape(*lead, self.desc.blocks_out.dim)
 
     def extra_repr(self) -> str:

@@ -83,6 +83,17 @@ class LinearDesc(Descriptor):
             for (i_out, _), b in zip(self.bias_paths, split_segments(bias, segments)):
                 out.add(i_out, b.expand(n, b.shape[0]))
 
+    def per_element(self, num_elements: int) -> "LinearDesc":
+        """The element-indexed linear with this one's paths, one matrix per element for
+        each (layout "rgc", no biases): what an element-resolved delta of this shared
+        linear's weight is, so the element linear's op applies it."""
+        if self.num_elements != 1:
+            raise ValueError("LinearDesc.per_element: the linear is element-indexed already")
+        return self.const(("per_element", num_elements), torch.empty(0), lambda: LinearDesc(
+            self.irreps_in, self.irreps_out,
+            tuple(p._replace(weight_offset=p.weight_offset * num_elements) for p in self.paths),
+            num_elements, "rgc", self.weight_numel * num_elements))
+
     def weight_groups(self) -> List[WeightGroup]:
         per_element = self.layout == "rgc"
         return [WeightGroup("weight", p.weight_offset, (self.num_elements, p.mul_in, p.mul_out), self.layout,

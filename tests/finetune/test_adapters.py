@@ -182,9 +182,9 @@ def test_bad_adapter_files(base, adapters, tmp_path, atoms, capsys):
     with pytest.raises(ValueError, match="not a readable sparsekern adapter"):
         load_adapter(copy.deepcopy(base), truncated)
     future = _rewrite(path, tmp_path / "future.safetensors", version="7")
-    with pytest.raises(ValueError, match=r"written by a newer sparsekern .*format 7 > 2"):
+    with pytest.raises(ValueError, match=r"written by a newer sparsekern .*format 7 > 3"):
         load_adapter(copy.deepcopy(base), future)
-    for bad, message in ((future, "format 7 > 2"), (truncated, "truncated")):  # the command line: one line
+    for bad, message in ((future, "format 7 > 3"), (truncated, "truncated")):  # the command line: one line
         capsys.readouterr()
         assert cli(["report", str(bad)]) == 1
         err = capsys.readouterr().err

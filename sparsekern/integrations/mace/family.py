@@ -37,6 +37,12 @@ class MaceFamily(Family):
     def numbers(self, model):
         return [int(z) for z in model.atomic_numbers]
 
+    def element_index(self, model):
+        return {z: i for i, z in enumerate(self.numbers(model))}
+
+    def species(self, model, inputs):
+        return inputs["node_attrs"].argmax(-1)  # one-hot over the model's atomic numbers
+
     def graph(self, model, atoms):
         from mace import data as mace_data
         from mace.tools import utils
@@ -64,7 +70,7 @@ class MaceFamily(Family):
         return {int(z): float(e0[table.index(int(z))]) for z in zs}
 
     def e0_table(self, model):
-        return model.atomic_energies_fn.atomic_energies, {z: i for i, z in enumerate(self.numbers(model))}
+        return model.atomic_energies_fn.atomic_energies, self.element_index(model)
 
     def export(self, merged, shift, path, spec):
         self.fold_shift(merged, shift)

@@ -39,6 +39,15 @@ class SevenNetFamily(Family):
     def numbers(self, model):
         return sorted(int(z) for z in model.type_map)
 
+    def element_index(self, model):
+        return {int(z): int(i) for z, i in model.type_map.items()}  # alphabetical by symbol, not by Z
+
+    def species(self, model, inputs):
+        if not model.eval_type_map:  # deployed models take type indices already
+            return inputs[model.key_node_feature]
+        table = model.z_to_onehot_tensor.to(inputs[model.key_atomic_numbers].device)  # what its forward maps with
+        return table[inputs[model.key_atomic_numbers]]
+
     def graph(self, model, atoms):
         from sevenn.atom_graph_data import AtomGraphData
         from sevenn.train.dataload import unlabeled_atoms_to_graph
@@ -74,7 +83,7 @@ class SevenNetFamily(Family):
         rescale = model._modules.get("rescale_atomic_energy")
         if rescale is None or not hasattr(rescale, "shift") or rescale.shift.dim() != 1:
             raise ValueError("SevenNet: the model has no species-wise energy shift to fold the E0s into")
-        return rescale.shift, {int(z): int(i) for z, i in model.type_map.items()}
+        return rescale.shift, self.element_index(model)
 
     def export(self, merged, shift, path, spec):
         import sevenn
