@@ -12,12 +12,12 @@ from sparsekern.magnetism.energy import MagneticEnergy
 from sparsekern.magnetism.graph import collate, magnetic_graph
 
 
-def random_module(spin_orbit=False, seed=0):
+def random_module(spin_orbit=False, seed=0, cutoff=3.5, n_basis=6, scale=0.3):
     torch.manual_seed(seed)
-    module = MagneticEnergy(cutoff=3.5, n_basis=6, width=8, spin_orbit=spin_orbit).double()
+    module = MagneticEnergy(cutoff=cutoff, n_basis=n_basis, width=8, spin_orbit=spin_orbit).double()
     with torch.no_grad():
         for p in module.parameters():  # leave the zero start: any trained state
-            p.copy_(torch.randn_like(p) * 0.3)
+            p.copy_(torch.randn_like(p) * scale)
     return module
 
 

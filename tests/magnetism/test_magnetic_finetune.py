@@ -11,19 +11,13 @@ import pytest
 import torch
 
 from sparsekern.cli import main
+from test_energy_symmetry import random_module
 
 pytest.importorskip("mace")
 
 
 def _truth():
-    from sparsekern.magnetism.energy import MagneticEnergy
-
-    torch.manual_seed(5)
-    truth = MagneticEnergy(cutoff=3.5, n_basis=4, width=8).double()
-    with torch.no_grad():
-        for p in truth.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return truth
+    return random_module(seed=5, n_basis=4, scale=0.5)
 
 
 def _frames(n, seed):

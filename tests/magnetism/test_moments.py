@@ -8,6 +8,7 @@ from ase import Atoms
 from sparsekern.magnetism.energy import ENERGY_SCALE, MagneticEnergy
 from sparsekern.magnetism.graph import collate, magnetic_graph
 from sparsekern.magnetism.moments import MomentHead, equilibrium_moments, oriented
+from test_energy_symmetry import random_module
 
 
 def _batch(module, moments):
@@ -32,11 +33,8 @@ def test_equilibrium_of_landau_terms_is_analytic():
 
 def _with_exchange():
     """Random pair couplings and an on-site well a|m|^2 + b|m|^4 with a = -1, b = 2."""
-    torch.manual_seed(0)
-    module = MagneticEnergy(cutoff=3.0, n_basis=4, width=8).double()
+    module = random_module(cutoff=3.0, n_basis=4)
     with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
         module.onsite[2].weight.zero_()
         module.onsite[2].bias.copy_(torch.tensor([-1.0, 2.0]) / ENERGY_SCALE)
     return module
