@@ -1,13 +1,12 @@
-"""The magnetic energy's first training step in closed form. E_mag is linear in the
-parameters of its output layers (the pair couplings' last layer and the Landau a term's
-row; b stays 0), and so are the magnetic forces -dE_mag/dm: with the hidden layers at
-their random start, fitting those parameters to the energy and magnetic-force residuals
-is a linear least-squares problem (random features). The trainer solves it instead of
+"""The magnetic energy fitted in closed form. E_mag is linear in the parameters of its
+output layers (the pair couplings' last layer and the Landau a term's row; b stays 0),
+and so are its forces and magnetic forces: with the hidden layers at their random start,
+fitting those parameters to the energy and force residuals and the magnetic forces is a
+linear least-squares problem (random features). The trainer solves it instead of
 training the module with the optimizer: the Heisenberg energies of a spin configuration
 are large and nearly cancel between the couplings and the on-site terms, which Adam,
-moving each parameter by ~lr per step, finds slowly (NiO: 0.44 meV/atom after 400 steps
-against 0.02 in closed form), and once the fit holds them, a step of 1e-4 on the hidden
-layers undoes it.
+moving each parameter by ~lr per step, finds slowly (benchmarks/NOTES.md, NiO), and once
+the fit holds them, small steps on the hidden layers undo it.
 
 The normal equations are sums over frames (and over processes); per-element energy
 offsets are fitted beside the couplings and dropped (the E0 refit owns them); a ridge
