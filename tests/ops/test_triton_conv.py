@@ -1,5 +1,7 @@
 """Triton fused conv against the torch layer (ChannelwiseConv / ChannelwiseTP): outputs,
-gradients and second derivatives, path mask, zero edges, non-contiguous inputs.
+gradients and second derivatives, path mask, zero edges, non-contiguous inputs, paths
+sharing an output, receivers with more edges than a tile's slots, the edge orderings
+built once per graph.
 Runs on CPU under TRITON_INTERPRET=1 (tiny shapes: the interpreter is slow)."""
 
 import pytest
@@ -13,6 +15,7 @@ from e3nn import o3  # noqa: E402
 
 import sparsekern  # noqa: E402,F401
 from sparsekern.layers import ChannelwiseConv, ChannelwiseTP  # noqa: E402
+from sparsekern.ops.triton import conv as triton_conv_module  # noqa: E402
 from sparsekern.ops.triton.conv import build_form, channelwise_tp as triton_tp, conv as triton_conv  # noqa: E402
 
 
@@ -118,6 +121,48 @@ def test_zero_edges_and_noncontiguous():
     ours = force_like(lambda a, b, c: triton_conv(conv.desc, a, b, c, ei2), xt, y2, w2)
     ref = force_like(lambda a, b, c: conv(a, b, c, ei2), xt, y2, w2)
     assert all(rel_err(a, b) <= 1e-12 for a, b in zip(ours, ref))
+
+
+def test_shared_outputs_and_many_edges_per_receiver():
+    """Paths summed into one output irrep (one program each), node 0 with more edges
+    than a tile's slots, node 2 with none: exact, and bit-identical when rerun (no
+    atomics: the sums are in a fixed order)."""
+    irreps1, irreps2 = o3.Irreps("2x0e+2x1o"), o3.Irreps("0e+1o")
+    out = o3.Irreps("2x0e+2x1o")
+    ins = [(i1, i2, io, "uvu", True) for i1, (_, a) in enumerate(irreps1) for i2, (_, b) in enumerate(irreps2)
+           for io, (_, c) in enumerate(out) if c in a * b]
+    tp = o3.TensorProduct(irreps1, irreps2, out, ins, shared_weights=False, internal_weights=False).double()
+    conv = ChannelwiseConv.from_e3nn(tp).to(DEVICE)
+    assert len(conv.desc.paths) > len({p.i_out for p in conv.desc.paths})
+    n, e = 3, 3 * triton_conv_module._SLOTS
+    g = torch.Generator().manual_seed(1)
+    receivers = torch.cat([torch.zeros(2 * triton_conv_module._SLOTS + 3, dtype=torch.long),
+                           torch.ones(e - 2 * triton_conv_module._SLOTS - 3, dtype=torch.long)])
+    ei = torch.stack([torch.randint(0, n, (e,), generator=g), receivers[torch.randperm(e, generator=g)]]).to(DEVICE)
+    x, y, w = (torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE)
+               for s in ((n, conv.irreps_in1.dim), (e, conv.irreps_in2.dim), (e, conv.weight_numel)))
+    ours = force_like(lambda a, b, c: triton_conv(conv.desc, a, b, c, ei), x, y, w)
+    ref = force_like(lambda a, b, c: conv(a, b, c, ei), x, y, w)
+    assert all(rel_err(a, b) <= 1e-12 for a, b in zip(ours, ref))
+    assert not ours[0][2].any() and ours[0][0].abs().sum() > 0
+    again = force_like(lambda a, b, c: triton_conv(conv.desc, a, b, c, ei), x, y, w)
+    assert all(torch.equal(a, b) for a, b in zip(ours, again))
+
+
+def test_orderings_built_once_per_graph(monkeypatch):
+    """Every conv of a graph and its derivatives share the receiver and sender orderings;
+    an edge_index changed in place gets new ones."""
+    conv, x, y, w, ei = make(*TINY, n=3, e=5, dtype=torch.float64)
+    built = []
+    original = triton_conv_module.Segments.build
+    monkeypatch.setattr(triton_conv_module.Segments, "build", lambda ends, n: built.append(n) or original(ends, n))
+    for _ in range(2):  # two layers on one graph
+        args = [t.clone().requires_grad_() for t in (x, y, w)]
+        torch.autograd.grad(triton_conv(conv.desc, *args, ei).square().sum(), args)
+    assert len(built) == 2  # by receiver (forward), by sender (gradient wrt x)
+    ei[0] = ei[0].flip(0)  # same tensor, new senders
+    assert rel_err(triton_conv(conv.desc, x, y, w, ei), conv(x, y, w, ei)) <= 1e-12
+    assert len(built) == 3
 
 
 def test_channelwise_tp_messages():

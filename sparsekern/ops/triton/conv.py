@@ -6,22 +6,28 @@ One form covers the forward pass and all its derivatives::
 
 summed over the active paths p and the NONZERO coefficients (i, j, k, c) of each path
 (c = path_weight * Clebsch-Gordan, exactly the torch back end's values). ``a`` is gathered
-from ``src``, the result is scattered (atomically) to ``dst``, all in one kernel.
+from ``src`` and the sum over each receiver's edges is done in registers, all in one
+kernel without atomics: the edges are ordered by receiver once per graph
+(:class:`Segments`, cached per ``edge_index``), each program owns a tile of receivers and
+one output irrep and stores every output element once (deterministic).
 
 - gradient wrt ``a``: the same form with the table transposed (i <-> k, A <-> O), ``a``
-  := the output gradient, gathered from ``dst`` and scattered to ``src``;
-- gradients wrt ``b`` and ``w``: a per-edge kernel (:func:`_edge`);
+  := the output gradient, gathered from ``dst`` and summed over each sender's edges (the
+  ordering by sender);
+- gradients wrt ``b`` and ``w``: a per-edge kernel (:func:`_edge`), which sums b's
+  gradient over all paths in registers (one program per edge tile);
 - the per-edge kernel's own derivatives are again convs and per-edge kernels,
 so double backward (forces in the loss) works through the same two kernels.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..descriptors import TPDesc
 
@@ -29,103 +35,135 @@ _META = 10  # ints per path: a_off, d_a, b_off, d_b, w_off, o_off, d_o, mul, kba
 
 
 @triton.jit
-def _conv_kernel(a_ptr, b_ptr, w_ptr, out_ptr, src_ptr, dst_ptr,
-                 meta_ptr, kstart_ptr, ei_ptr, ej_ptr, ec_ptr,
-                 E, sa0, sa1, sb0, sb1, sw0, sw1, so0,
-                 BLOCK_E: tl.constexpr, BLOCK_U: tl.constexpr):
-    pe = tl.program_id(0)
-    m = meta_ptr + tl.program_id(1) * 10
-    a_off = tl.load(m)
-    d_a = tl.load(m + 1)
-    b_off = tl.load(m + 2)
-    w_off = tl.load(m + 4)
-    o_off = tl.load(m + 5)
-    d_o = tl.load(m + 6)
-    mul = tl.load(m + 7)
-    kb = tl.load(m + 8)
-    e = pe * BLOCK_E + tl.arange(0, BLOCK_E)
+def _conv_kernel(a_ptr, b_ptr, w_ptr, out_ptr, src_ptr, order_ptr, start_ptr,
+                 meta_ptr, gstart_ptr, gpath_ptr, kstart_ptr, ei_ptr, ej_ptr, ec_ptr,
+                 N, sa0, sa1, sb0, sb1, sw0, sw1, so0,
+                 IDENTITY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                 BLOCK_U: tl.constexpr):
+    """out[n, the group's output irrep] for BLOCK_N receivers n: the group's paths (those
+    writing that irrep) summed over each receiver's edges. A tile row is one edge:
+    (receiver, slot) with slot the rank of the edge among the receiver's, BLOCK_S slots
+    at a time; rows accumulate in registers and are reduced per receiver once, then
+    stored (no atomics). IDENTITY: edge n -> node n (the per-edge product), BLOCK_S 1."""
+    row = tl.arange(0, BLOCK_N * BLOCK_S)
+    n = tl.program_id(0) * BLOCK_N + row // BLOCK_S
+    mn = n < N
+    if IDENTITY:
+        first = n
+        deg = mn.to(tl.int32)
+    else:
+        first = tl.load(start_ptr + n, mask=mn, other=0)
+        deg = tl.load(start_ptr + n + 1, mask=mn, other=0) - first
+    width = tl.max(deg, axis=0)
+    p0 = tl.load(gstart_ptr + tl.program_id(1))
+    p1 = tl.load(gstart_ptr + tl.program_id(1) + 1)
+    m0 = meta_ptr + tl.load(gpath_ptr + p0) * 10
+    o_off = tl.load(m0 + 5)
+    d_o = tl.load(m0 + 6)
+    mul = tl.load(m0 + 7)
     u = tl.program_id(2) * BLOCK_U + tl.arange(0, BLOCK_U)
-    me = e < E
-    mask = me[:, None] & (u < mul)[None, :]
-    e64 = e.to(tl.int64)
-    s = tl.load(src_ptr + e64, mask=me, other=0).to(tl.int64)
-    r = tl.load(dst_ptr + e64, mask=me, other=0).to(tl.int64)
-    wt = tl.load(w_ptr + e64[:, None] * sw0 + (w_off + u)[None, :].to(tl.int64) * sw1, mask=mask, other=0.0)
-    a_tile = a_ptr + s[:, None] * sa0 + (a_off + u * d_a)[None, :].to(tl.int64) * sa1
-    b_row = b_ptr + e64 * sb0 + b_off * sb1
-    o_tile = out_ptr + r[:, None] * so0 + (o_off + u * d_o)[None, :]
-    # Entries are sorted by k: each output component is accumulated in registers and
-    # scattered once (d_o atomics per edge and channel, the minimum for a scatter).
+    mu = u < mul
+    n_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_tile = out_ptr + n_out.to(tl.int64)[:, None] * so0 + (o_off + u * d_o)[None, :]
+    o_mask = (n_out < N)[:, None] & mu[None, :]
     for k in range(d_o):
-        t0 = tl.load(kstart_ptr + kb + k)
-        t1 = tl.load(kstart_ptr + kb + k + 1)
-        acc = tl.zeros((BLOCK_E, BLOCK_U), dtype=wt.dtype)
-        for t in range(t0, t1):
-            i = tl.load(ei_ptr + t)
-            j = tl.load(ej_ptr + t)
-            c = tl.load(ec_ptr + t)
-            xa = tl.load(a_tile + i * sa1, mask=mask, other=0.0)
-            xb = tl.load(b_row + j * sb1, mask=me, other=0.0)
-            acc += (c * xb)[:, None] * xa
-        tl.atomic_add(o_tile + k, acc * wt, mask=mask, sem="relaxed")
+        acc = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_U), dtype=ec_ptr.dtype.element_ty)
+        for q in range(p0, p1):
+            m = meta_ptr + tl.load(gpath_ptr + q) * 10
+            a_off = tl.load(m)
+            d_a = tl.load(m + 1)
+            b_off = tl.load(m + 2)
+            w_off = tl.load(m + 4)
+            kb = tl.load(m + 8)
+            t0 = tl.load(kstart_ptr + kb + k)
+            t1 = tl.load(kstart_ptr + kb + k + 1)
+            for s0 in range(0, width, BLOCK_S):
+                slot = s0 + row % BLOCK_S
+                me = mn & (slot < deg)
+                if IDENTITY:
+                    e64 = n.to(tl.int64)
+                    s = e64
+                else:
+                    e64 = tl.load(order_ptr + first + slot, mask=me, other=0).to(tl.int64)
+                    s = tl.load(src_ptr + e64, mask=me, other=0).to(tl.int64)
+                mask = me[:, None] & mu[None, :]
+                a_tile = a_ptr + s[:, None] * sa0 + (a_off + u * d_a)[None, :].to(tl.int64) * sa1
+                b_row = b_ptr + e64 * sb0 + b_off * sb1
+                part = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_U), dtype=acc.dtype)
+                for t in range(t0, t1):
+                    i = tl.load(ei_ptr + t)
+                    j = tl.load(ej_ptr + t)
+                    c = tl.load(ec_ptr + t)
+                    xa = tl.load(a_tile + i * sa1, mask=mask, other=0.0)
+                    xb = tl.load(b_row + j * sb1, mask=me, other=0.0)
+                    part += (c * xb)[:, None] * xa
+                wt = tl.load(w_ptr + e64[:, None] * sw0 + (w_off + u)[None, :].to(tl.int64) * sw1,
+                             mask=mask, other=0.0)
+                acc += part * wt
+        tl.store(o_tile + k, tl.sum(tl.reshape(acc, (BLOCK_N, BLOCK_S, BLOCK_U)), axis=1), mask=o_mask)
 
 
 @triton.jit
 def _edge_kernel(a_ptr, b_ptr, w_ptr, g_ptr, gb_ptr, gw_ptr, src_ptr, dst_ptr,
                  meta_ptr, kstart_ptr, ei_ptr, ej_ptr, ec_ptr,
-                 E, sa0, sa1, sb0, sb1, sw0, sw1, sg0, sg1, sgb0, sgw0,
+                 E, n_paths, dim_b, sa0, sa1, sb0, sb1, sw0, sw1, sg0, sg1, sgb0, sgw0,
                  BLOCK_E: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_J: tl.constexpr,
                  NEED_GB: tl.constexpr, NEED_GW: tl.constexpr):
-    """gb[e, B(j)] += sum_{u,i,k} c w[e,u] a[src,u,i] g[dst,u,k];
-    gw[e, W(u)] = sum_{i,j,k} c b[e,j] a[src,u,i] g[dst,u,k]."""
-    pe = tl.program_id(0)
-    m = meta_ptr + tl.program_id(1) * 10
-    a_off = tl.load(m)
-    d_a = tl.load(m + 1)
-    b_off = tl.load(m + 2)
-    d_b = tl.load(m + 3)
-    w_off = tl.load(m + 4)
-    o_off = tl.load(m + 5)
-    d_o = tl.load(m + 6)
-    mul = tl.load(m + 7)
-    kb = tl.load(m + 8)
-    e = pe * BLOCK_E + tl.arange(0, BLOCK_E)
-    u = tl.program_id(2) * BLOCK_U + tl.arange(0, BLOCK_U)
+    """gb[e, B(j)] = sum_{p,u,i,k} c w[e,u] a[src,u,i] g[dst,u,k];
+    gw[e, W(u)] = sum_{i,j,k} c b[e,j] a[src,u,i] g[dst,u,k].
+    gb sums over every path, so a program owning it loops over all paths and stores it
+    once; without gb each program takes one path (program_id(1))."""
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     jr = tl.arange(0, BLOCK_J)
     me = e < E
-    mask = me[:, None] & (u < mul)[None, :]
     e64 = e.to(tl.int64)
     s = tl.load(src_ptr + e64, mask=me, other=0).to(tl.int64)
     r = tl.load(dst_ptr + e64, mask=me, other=0).to(tl.int64)
-    a_tile = a_ptr + s[:, None] * sa0 + (a_off + u * d_a)[None, :].to(tl.int64) * sa1
-    g_tile = g_ptr + r[:, None] * sg0 + (o_off + u * d_o)[None, :].to(tl.int64) * sg1
-    b_row = b_ptr + e64 * sb0 + b_off * sb1
     dt = ec_ptr.dtype.element_ty
-    if NEED_GB:
-        wt = tl.load(w_ptr + e64[:, None] * sw0 + (w_off + u)[None, :].to(tl.int64) * sw1, mask=mask, other=0.0)
-    gw_acc = tl.zeros((BLOCK_E, BLOCK_U), dtype=dt)
-    # d_b <= BLOCK_J components of b per path: kept in registers, one atomic at the end
     gb_acc = tl.zeros((BLOCK_E, BLOCK_J), dtype=dt)
-    for k in range(d_o):
-        gk = tl.load(g_tile + k * sg1, mask=mask, other=0.0)
-        t0 = tl.load(kstart_ptr + kb + k)
-        t1 = tl.load(kstart_ptr + kb + k + 1)
-        for t in range(t0, t1):
-            i = tl.load(ei_ptr + t)
-            j = tl.load(ej_ptr + t)
-            c = tl.load(ec_ptr + t)
-            h = c * tl.load(a_tile + i * sa1, mask=mask, other=0.0) * gk
-            if NEED_GW:
-                xb = tl.load(b_row + j * sb1, mask=me, other=0.0)
-                gw_acc += h * xb[:, None]
-            if NEED_GB:
-                hs = tl.sum(h * wt, axis=1)
-                gb_acc += tl.where(jr[None, :] == j, hs[:, None], 0.0)
-    if NEED_GW:
-        tl.store(gw_ptr + e64[:, None] * sgw0 + (w_off + u)[None, :], gw_acc, mask=mask)
+    p_lo = tl.program_id(1)
+    p_hi = p_lo + 1
     if NEED_GB:
-        tl.atomic_add(gb_ptr + e64[:, None] * sgb0 + (b_off + jr)[None, :], gb_acc,
-                      mask=me[:, None] & (jr < d_b)[None, :], sem="relaxed")
+        p_hi = n_paths
+    for p in range(p_lo, p_hi):
+        m = meta_ptr + p * 10
+        a_off = tl.load(m)
+        d_a = tl.load(m + 1)
+        b_off = tl.load(m + 2)
+        w_off = tl.load(m + 4)
+        o_off = tl.load(m + 5)
+        d_o = tl.load(m + 6)
+        mul = tl.load(m + 7)
+        kb = tl.load(m + 8)
+        b_row = b_ptr + e64 * sb0 + b_off * sb1
+        for u0 in range(0, mul, BLOCK_U):
+            u = u0 + tl.arange(0, BLOCK_U)
+            mask = me[:, None] & (u < mul)[None, :]
+            a_tile = a_ptr + s[:, None] * sa0 + (a_off + u * d_a)[None, :].to(tl.int64) * sa1
+            g_tile = g_ptr + r[:, None] * sg0 + (o_off + u * d_o)[None, :].to(tl.int64) * sg1
+            if NEED_GB:
+                wt = tl.load(w_ptr + e64[:, None] * sw0 + (w_off + u)[None, :].to(tl.int64) * sw1,
+                             mask=mask, other=0.0)
+            gw_acc = tl.zeros((BLOCK_E, BLOCK_U), dtype=dt)
+            for k in range(d_o):
+                gk = tl.load(g_tile + k * sg1, mask=mask, other=0.0)
+                t0 = tl.load(kstart_ptr + kb + k)
+                t1 = tl.load(kstart_ptr + kb + k + 1)
+                for t in range(t0, t1):
+                    i = tl.load(ei_ptr + t)
+                    j = tl.load(ej_ptr + t)
+                    c = tl.load(ec_ptr + t)
+                    h = c * tl.load(a_tile + i * sa1, mask=mask, other=0.0) * gk
+                    if NEED_GW:
+                        xb = tl.load(b_row + j * sb1, mask=me, other=0.0)
+                        gw_acc += h * xb[:, None]
+                    if NEED_GB:
+                        hs = tl.sum(h * wt, axis=1)
+                        gb_acc += tl.where(jr[None, :] == b_off + j, hs[:, None], 0.0)
+            if NEED_GW:
+                tl.store(gw_ptr + e64[:, None] * sgw0 + (w_off + u)[None, :], gw_acc, mask=mask)
+    if NEED_GB:
+        tl.store(gb_ptr + e64[:, None] * sgb0 + jr[None, :], gb_acc, mask=me[:, None] & (jr < dim_b)[None, :])
 
 
 @dataclass
@@ -159,9 +197,20 @@ class ConvForm:
         # float64 values cast once: the same rounding as the torch back end's constants
         self.ec = torch.tensor(ec, dtype=torch.float64).to(device=dev, dtype=self.dtype)
         self.max_mul = max((p[7] for p in self.paths), default=1)
-        self.max_db = max((p[3] for p in self.paths), default=1)
-        # the edge kernel stores every weight gradient column of a path (no atomics): the
-        # buffer needs no zero fill when the paths cover all n_w columns (no path masked)
+        # paths by output irrep (its offset): one program sums a group, so stores are plain
+        groups: Dict[int, List[int]] = {}
+        for t, p in enumerate(self.paths):
+            groups.setdefault(p[5], []).append(t)
+        self.n_groups = len(groups)
+        gpath = [t for ts in groups.values() for t in ts]
+        gstart = [0]
+        for ts in groups.values():
+            gstart.append(gstart[-1] + len(ts))
+        self.gpath = torch.tensor(gpath, dtype=torch.int32, device=dev)
+        self.gstart = torch.tensor(gstart, dtype=torch.int32, device=dev)
+        # outputs (weight gradient columns) no path writes must be zero-filled; the
+        # kernels store every other element
+        self.covers_o = sum(self.paths[ts[0]][6] * self.paths[ts[0]][7] for ts in groups.values()) == self.dim_o
         self.covers_w = len({w for p in self.paths for w in range(p[4], p[4] + p[7])}) == self.n_w
         self._t: Optional[ConvForm] = None
 
@@ -195,41 +244,113 @@ def build_form(desc: TPDesc, like: torch.Tensor, path_mask=None) -> ConvForm:
                     desc.weight_numel, like.device, like.dtype)
 
 
-def _blocks(form: ConvForm):
-    block_u = min(64, triton.next_power_of_2(form.max_mul))
-    return 32, block_u
+@dataclass
+class Segments:
+    """The edges grouped by one end: ``order`` the edge ids sorted (stably) by it,
+    node n owning ``order[start[n]:start[n + 1]]``. Device ops only (no host sync)."""
+    order: torch.Tensor
+    start: torch.Tensor
+
+    @staticmethod
+    def build(ends: torch.Tensor, n: int) -> "Segments":
+        order = torch.argsort(ends, stable=True)
+        nodes = torch.arange(n + 1, device=ends.device, dtype=ends.dtype)
+        start = torch.searchsorted(ends.index_select(0, order), nodes)
+        return Segments(order.to(torch.int32), start.to(torch.int32))
 
 
-def _conv_raw(form: ConvForm, a, b, w, src, dst, n_out: int) -> torch.Tensor:
-    out = a.new_zeros(n_out, form.dim_o)
-    E = b.shape[0]
-    if E == 0 or not form.paths or n_out == 0:
+# edge_index -> (its version, {(row, n): Segments}): the orderings of a graph, built by
+# the first conv that needs them and shared by every later conv of that graph (MACE's
+# interactions, the backward passes). The values never reference edge_index itself, so
+# an entry goes with its graph.
+_ORDERINGS = WeakTensorKeyDictionary()
+
+
+def _orderings(edge_index: torch.Tensor) -> dict:
+    version, cache = _ORDERINGS.get(edge_index, (None, None))
+    if version != edge_index._version:
+        cache = {}
+        _ORDERINGS[edge_index] = (edge_index._version, cache)
+    return cache
+
+
+@dataclass
+class Graph:
+    """The edges of one call: senders, receivers, their node counts and the cache of
+    their orderings (``rows`` names src's and dst's rows of edge_index there).
+    ``identity``: edge e joins node e to node e (the per-edge product)."""
+    src: torch.Tensor
+    dst: torch.Tensor
+    n_src: int
+    n_dst: int
+    cache: dict
+    rows: Tuple[int, int] = (0, 1)
+    identity: bool = False
+
+    def receivers(self) -> Segments:
+        key = (self.rows[1], self.n_dst)
+        if key not in self.cache:
+            self.cache[key] = Segments.build(self.dst, self.n_dst)
+        return self.cache[key]
+
+    @property
+    def transposed(self) -> "Graph":
+        return Graph(self.dst, self.src, self.n_dst, self.n_src, self.cache, self.rows[::-1], self.identity)
+
+
+def _block_u(form: ConvForm, most: int) -> int:
+    return min(most, triton.next_power_of_2(form.max_mul))
+
+
+_BLOCK = 32  # edges per program (tile rows)
+_SLOTS = 8  # a receiver's edges per tile: MACE's have ~20-60 (r_max 5-6 A)
+
+
+def _conv_raw(form: ConvForm, a, b, w, graph: Graph) -> torch.Tensor:
+    n_out = graph.n_dst
+    out = (a.new_empty if form.covers_o else a.new_zeros)(n_out, form.dim_o)
+    if not form.paths or n_out == 0:
         return out
-    be, bu = _blocks(form)
-    grid = (triton.cdiv(E, be), len(form.paths), triton.cdiv(form.max_mul, bu))
-    _conv_kernel[grid](a, b, w, out, src, dst, form.meta, form.kstart, form.ei, form.ej, form.ec,
-                       E, a.stride(0), a.stride(1), b.stride(0), b.stride(1), w.stride(0), w.stride(1),
-                       out.stride(0), BLOCK_E=be, BLOCK_U=bu)
+    if graph.identity:
+        order = start = graph.src  # unread
+    else:
+        seg = graph.receivers()
+        order, start = seg.order, seg.start
+    bu = _block_u(form, 64)
+    slots = 1 if graph.identity else _SLOTS
+    grid = (triton.cdiv(n_out, _BLOCK // slots), form.n_groups, triton.cdiv(form.max_mul, bu))
+    _conv_kernel[grid](a, b, w, out, graph.src, order, start, form.meta, form.gstart, form.gpath,
+                       form.kstart, form.ei, form.ej, form.ec,
+                       n_out, a.stride(0), a.stride(1), b.stride(0), b.stride(1), w.stride(0), w.stride(1),
+                       out.stride(0), IDENTITY=graph.identity, BLOCK_N=_BLOCK // slots, BLOCK_S=slots,
+                       BLOCK_U=bu, num_warps=8)
     return out
 
 
-def _edge_raw(form: ConvForm, a, b, w, g, src, dst, need_b: bool, need_w: bool):
-    E = src.shape[0]
-    gb = a.new_zeros(E, form.dim_b) if need_b else None
+def _edge_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: bool):
+    E = graph.src.shape[0]
+    # every gb element is stored (zeros where no path reads b); gw only where paths cover it
+    gb = a.new_empty(E, form.dim_b) if need_b else None
     gw = (a.new_empty if form.covers_w else a.new_zeros)(E, form.n_w) if need_w else None
-    if E == 0 or not form.paths or not (need_b or need_w):
+    if not form.paths:
+        if gb is not None:
+            gb.zero_()
         return gb, gw
-    be, bu = _blocks(form)
+    if E == 0 or not (need_b or need_w):
+        return gb, gw
     b_ = b if b is not None else a  # unused operand: any pointer with strides
     w_ = w if w is not None else a
     gb_ = gb if gb is not None else a
     gw_ = gw if gw is not None else a
-    grid = (triton.cdiv(E, be), len(form.paths), triton.cdiv(form.max_mul, bu))
-    _edge_kernel[grid](a, b_, w_, g, gb_, gw_, src, dst, form.meta, form.kstart, form.ei, form.ej, form.ec,
-                       E, a.stride(0), a.stride(1), b_.stride(0), b_.stride(1), w_.stride(0), w_.stride(1),
+    # channel tiles of 32 over 8 warps: with 64 or 4 warps the kernel taking both
+    # gradients spills on sm_90 (tests/ops/test_gpu_proxy_aot.py)
+    grid = (triton.cdiv(E, _BLOCK), 1 if need_b else len(form.paths))
+    _edge_kernel[grid](a, b_, w_, g, gb_, gw_, graph.src, graph.dst, form.meta, form.kstart, form.ei, form.ej,
+                       form.ec, E, len(form.paths), form.dim_b,
+                       a.stride(0), a.stride(1), b_.stride(0), b_.stride(1), w_.stride(0), w_.stride(1),
                        g.stride(0), g.stride(1), gb_.stride(0), gw_.stride(0),
-                       BLOCK_E=be, BLOCK_U=bu, BLOCK_J=triton.next_power_of_2(form.max_db),
-                       NEED_GB=need_b, NEED_GW=need_w)
+                       BLOCK_E=_BLOCK, BLOCK_U=_block_u(form, 32), BLOCK_J=triton.next_power_of_2(form.dim_b),
+                       NEED_GB=need_b, NEED_GW=need_w, num_warps=8 if need_b else 4)
     return gb, gw
 
 
@@ -239,22 +360,22 @@ def _add(x, y):
 
 class _Conv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, w, form, src, dst, n_out):
+    def forward(ctx, a, b, w, form, graph):
         ctx.save_for_backward(a, b, w)
-        ctx.form, ctx.src, ctx.dst = form, src, dst
-        return _conv_raw(form, a, b, w, src, dst, n_out)
+        ctx.form, ctx.graph = form, graph
+        return _conv_raw(form, a, b, w, graph)
 
     @staticmethod
     def backward(ctx, g):
         a, b, w = ctx.saved_tensors
-        form, src, dst = ctx.form, ctx.src, ctx.dst
+        form, graph = ctx.form, ctx.graph
         ga = gb = gw = None
         if ctx.needs_input_grad[0]:
-            ga = _Conv.apply(g, b, w, form.transposed, dst, src, a.shape[0])
+            ga = _Conv.apply(g, b, w, form.transposed, graph.transposed)
         need_b, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if need_b or need_w:
-            gb, gw = _edge(form, a, b, w, g, src, dst, need_b, need_w)
-        return ga, gb, gw, None, None, None, None
+            gb, gw = _edge(form, a, b, w, g, graph, need_b, need_w)
+        return ga, gb, gw, None, None
 
 
 class _Edge(torch.autograd.Function):
@@ -262,17 +383,17 @@ class _Edge(torch.autograd.Function):
     empty placeholder."""
 
     @staticmethod
-    def forward(ctx, a, b, w, g, form, src, dst, need_b, need_w):
+    def forward(ctx, a, b, w, g, form, graph, need_b, need_w):
         ctx.save_for_backward(a, b, w, g)
-        ctx.form, ctx.src, ctx.dst, ctx.need = form, src, dst, (need_b, need_w)
-        gb, gw = _edge_raw(form, a, b if need_w else None, w if need_b else None, g, src, dst, need_b, need_w)
+        ctx.form, ctx.graph, ctx.need = form, graph, (need_b, need_w)
+        gb, gw = _edge_raw(form, a, b if need_w else None, w if need_b else None, g, graph, need_b, need_w)
         empty = a.new_empty(0)
         return (gb if need_b else empty), (gw if need_w else empty)
 
     @staticmethod
     def backward(ctx, Gb, Gw):
         a, b, w, g = ctx.saved_tensors
-        form, src, dst = ctx.form, ctx.src, ctx.dst
+        form, graph = ctx.form, ctx.graph
         Gb = Gb if ctx.need[0] else None
         Gw = Gw if ctx.need[1] else None
         na, nb, nw, ng = ctx.needs_input_grad[:4]
@@ -281,23 +402,23 @@ class _Edge(torch.autograd.Function):
         # with an operand replaced by its incoming gradient.
         if na:
             if Gb is not None:
-                da = _add(da, _Conv.apply(g, Gb, w, form.transposed, dst, src, a.shape[0]))
+                da = _add(da, _Conv.apply(g, Gb, w, form.transposed, graph.transposed))
             if Gw is not None:
-                da = _add(da, _Conv.apply(g, b, Gw, form.transposed, dst, src, a.shape[0]))
+                da = _add(da, _Conv.apply(g, b, Gw, form.transposed, graph.transposed))
         if ng:
             if Gb is not None:
-                dg = _add(dg, _Conv.apply(a, Gb, w, form, src, dst, g.shape[0]))
+                dg = _add(dg, _Conv.apply(a, Gb, w, form, graph))
             if Gw is not None:
-                dg = _add(dg, _Conv.apply(a, b, Gw, form, src, dst, g.shape[0]))
+                dg = _add(dg, _Conv.apply(a, b, Gw, form, graph))
         if nb and Gw is not None:
-            db = _edge(form, a, b, Gw, g, src, dst, True, False)[0]
+            db = _edge(form, a, b, Gw, g, graph, True, False)[0]
         if nw and Gb is not None:
-            dw = _edge(form, a, Gb, w, g, src, dst, False, True)[1]
-        return da, db, dw, dg, None, None, None, None, None
+            dw = _edge(form, a, Gb, w, g, graph, False, True)[1]
+        return da, db, dw, dg, None, None, None, None
 
 
-def _edge(form, a, b, w, g, src, dst, need_b, need_w):
-    gb, gw = _Edge.apply(a, b, w, g, form, src, dst, bool(need_b), bool(need_w))
+def _edge(form, a, b, w, g, graph, need_b, need_w):
+    gb, gw = _Edge.apply(a, b, w, g, form, graph, bool(need_b), bool(need_w))
     return (gb if need_b else None), (gw if need_w else None)
 
 
@@ -337,9 +458,9 @@ def conv(desc: TPDesc, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_we
     _check(desc, node_feats, edge_attrs, tp_weights)
     if edge_index.dim() != 2 or edge_index.shape[0] != 2 or edge_index.shape[1] != edge_attrs.shape[0]:
         raise ValueError(f"edge_index must have shape (2, {edge_attrs.shape[0]}), got {tuple(edge_index.shape)}")
-    src, dst = edge_index[0].contiguous(), edge_index[1].contiguous()
-    form = _form(desc, node_feats, path_mask)
-    return _Conv.apply(node_feats, edge_attrs, tp_weights, form, src, dst, node_feats.shape[0])
+    n = node_feats.shape[0]
+    graph = Graph(edge_index[0].contiguous(), edge_index[1].contiguous(), n, n, _orderings(edge_index))
+    return _Conv.apply(node_feats, edge_attrs, tp_weights, _form(desc, node_feats, path_mask), graph)
 
 
 def channelwise_tp(desc: TPDesc, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
@@ -348,6 +469,7 @@ def channelwise_tp(desc: TPDesc, x1: torch.Tensor, x2: torch.Tensor, weight: tor
     _check(desc, x1, x2, weight)
     if x1.shape[0] != x2.shape[0]:
         raise ValueError(f"x1 has {x1.shape[0]} rows, x2 {x2.shape[0]}")
-    idx = torch.arange(x1.shape[0], device=x1.device)
-    form = _form(desc, x1, path_mask)
-    return _Conv.apply(x1, x2, weight, form, idx, idx, x1.shape[0])
+    e = x1.shape[0]
+    idx = torch.arange(e, device=x1.device)
+    graph = Graph(idx, idx, e, e, {}, identity=True)
+    return _Conv.apply(x1, x2, weight, _form(desc, x1, path_mask), graph)
