@@ -74,14 +74,15 @@ def _species(n_nodes: int, n_el: int, dev, g) -> torch.Tensor:
     return present[torch.randint(0, len(present), (n_nodes,), device=dev, generator=g)]
 
 
-def random_blocks(n_el: int, mul_in: int, mul_out: int, dev, g):
-    """(block_slot, block_values): DELTA_DENSITY of the DELTA_TILE^2 blocks active."""
+def random_blocks(desc, dev, g):
+    """(block_slot, block_values) of a delta on every path of a linear's descriptor, laid
+    out as ``delta_slot.active_blocks`` gives them: DELTA_DENSITY of the DELTA_TILE^2
+    blocks active (only those have a row of values)."""
     T = DELTA_TILE
-    shape = (n_el, math.ceil(mul_in / T), math.ceil(mul_out / T))
-    active = (torch.rand(shape, device=dev, generator=g) < DELTA_DENSITY).nonzero()
-    slot = torch.full(shape, -1, dtype=torch.int32, device=dev)
-    slot[tuple(active.t())] = torch.arange(len(active), dtype=torch.int32, device=dev)
-    return slot, torch.randn(len(active), T, T, device=dev, generator=g) * 1e-2
+    n = sum(desc.num_elements * math.ceil(p.mul_in / T) * math.ceil(p.mul_out / T) for p in desc.paths)
+    on = torch.rand(n, device=dev, generator=g) < DELTA_DENSITY
+    slot = torch.where(on, on.int().cumsum(0) - 1, -1).int()
+    return slot, torch.randn(int(on.sum()), T, T, device=dev, generator=g) * 1e-2
 
 
 def _frozen(weight: torch.Tensor, f):
@@ -178,7 +179,7 @@ def linear_floor(layer, n_nodes: int, weight_sets: int, itemsize: int = 4) -> Di
 
 
 def skip_tp_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
-    from sparsekern.ops.triton.element_linear import path_linears
+    from sparsekern.ops.triton.element_linear import ElementRows, grouped_linear
 
     g = torch.Generator(device=dev).manual_seed(10 + li)
     fctp = model.interactions[li].skip_tp
@@ -186,38 +187,36 @@ def skip_tp_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
     species = _species(n_nodes, layer.num_elements, dev, g)
     x = torch.randn(n_nodes, layer.irreps_in.dim, device=dev, generator=g)
     one_hot = torch.nn.functional.one_hot(species, layer.num_elements).float()
-    deltas = [random_blocks(layer.num_elements, p.mul_in, p.mul_out, dev, g) for p in layer.desc.paths]
-    slots = [s for s, _ in deltas]
+    slot, vals = random_blocks(layer.desc, dev, g)
 
-    def with_delta(a, *vals):
-        return path_linears(a, species, layer.desc, layer.weight, list(zip(slots, vals))).cat(a)
+    def with_delta(a, v):
+        plan = ElementRows.build(species, layer.num_elements)
+        return grouped_linear(a, plan, layer.desc, layer.weight, (slot, v))
 
     def plain(a):
-        return path_linears(a, species, layer.desc, layer.weight).cat(a)
+        return grouped_linear(a, ElementRows.build(species, layer.num_elements), layer.desc, layer.weight)
 
     backends: Dict[str, Backend] = {
         "e3nn": (lambda a: fctp(a, one_hot), (x,)),
         "torch": (lambda a: layer(a, one_hot), (x,)),
         "triton": (plain, (x,)),
-        "triton_delta3pct": (_frozen(layer.weight, with_delta), (x, *[v for _, v in deltas])),
+        "triton_delta3pct": (_frozen(layer.weight, with_delta), (x, vals)),
     }
     return OpCase(f"skip_tp{li}", backends, MODES[:2], linear_floor(layer, n_nodes, N_PRESENT))
 
 
 def linear_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
     """The irrep linear after the conv (10 paths into 4 outputs in layer 1)."""
-    from sparsekern.ops.triton.element_linear import path_linears
+    from sparsekern.ops.triton.element_linear import ElementRows, grouped_linear
 
     g = torch.Generator(device=dev).manual_seed(20 + li)
     lin = model.interactions[li].linear
     layer = IrrepsLinear.from_e3nn(lin)
     x = torch.randn(n_nodes, layer.irreps_in.dim, device=dev, generator=g)
-    deltas = [random_blocks(1, p.mul_in, p.mul_out, dev, g) for p in layer.desc.paths]
-    slots = [s for s, _ in deltas]
-    species = torch.zeros(n_nodes, dtype=torch.long, device=dev)
+    slot, vals = random_blocks(layer.desc, dev, g)
 
-    def with_delta(a, *vals):
-        return path_linears(a, species, layer.desc, layer.weight, list(zip(slots, vals))).cat(a)
+    def with_delta(a, v):
+        return grouped_linear(a, ElementRows.in_order(a.shape[0]), layer.desc, layer.weight, (slot, v))
 
     def backend(name):
         def run(a):
@@ -229,7 +228,7 @@ def linear_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
         "e3nn": (lin, (x,)),
         "torch": (backend("torch"), (x,)),
         "triton": (backend("triton"), (x,)),
-        "triton_delta3pct": (_frozen(layer.weight, with_delta), (x, *[v for _, v in deltas])),
+        "triton_delta3pct": (_frozen(layer.weight, with_delta), (x, vals)),
     }
     return OpCase(f"linear{li}", backends, MODES[:2], linear_floor(layer, n_nodes, 1))
 

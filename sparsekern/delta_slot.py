@@ -143,23 +143,24 @@ def give_species(model: torch.nn.Module, species: torch.Tensor) -> None:
             delta.species = species
 
 
-def active_blocks(flat: torch.Tensor, groups: Sequence["WeightGroup"], T: int):
-    """The block view of a flat delta that block-sparse kernels read: per group,
-    (block_slot, block_values), block_slot (G, ceil(R/T), ceil(C/T)) int32: -1 for a tile
-    without a nonzero, else its row of block_values (G * ceil(R/T) * ceil(C/T), T, T), every
-    tile of the delta (a differentiable copy). No host sync: the active tiles are marked,
-    not counted, so kernels skip the inactive ones on the device."""
-    out = []
+def active_blocks(flat: torch.Tensor, groups: Sequence["WeightGroup"], T: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The block view of a flat delta that block-sparse kernels read: (block_slot,
+    block_values) for all groups at once. block_values (n_tiles, T, T) holds every tile
+    of the delta (a differentiable copy), group after group, each group's (G, ceil(R/T),
+    ceil(C/T)) tiles row-major; block_slot (n_tiles,) int32 is -1 for a tile without a
+    nonzero, else its own row. No host sync: the active tiles are marked, not counted,
+    so kernels skip the inactive ones on the device."""
+    tiles = []
     for g in groups:
         delta = g.view(flat)
         n_el, r, c = delta.shape
         nu, nv = -(-r // T), -(-c // T)
         padded = torch.nn.functional.pad(delta, (0, nv * T - c, 0, nu * T - r))
-        tiles = padded.reshape(n_el, nu, T, nv, T).transpose(2, 3)  # (n_el, nu, nv, T, T)
-        on = tiles.detach().ne(0).flatten(3).any(-1)
-        rows = torch.arange(on.numel(), dtype=torch.int32, device=delta.device).view(on.shape)
-        out.append((torch.where(on, rows, -1), tiles.reshape(-1, T, T)))
-    return out
+        tiles.append(padded.reshape(n_el, nu, T, nv, T).transpose(2, 3).reshape(-1, T, T))
+    values = torch.cat(tiles) if tiles else flat.new_zeros(0, T, T)
+    on = values.detach().ne(0).flatten(1).any(-1)
+    rows = torch.arange(on.numel(), dtype=torch.int32, device=flat.device)
+    return torch.where(on, rows, -1), values
 
 
 def set_config(model: torch.nn.Module, config) -> None:

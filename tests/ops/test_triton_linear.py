@@ -1,7 +1,8 @@
-"""Triton irrep linear (the element-linear kernel with one element) against the torch
-back end of IrrepsLinear: outputs, gradients (x, W0, bias, delta), second derivatives,
-several paths into one output, empty irreps, biases, zero rows, non-contiguous input,
-a delta with inactive 16x16 blocks. Runs on CPU under TRITON_INTERPRET=1 (tiny shapes)."""
+"""Triton irrep linear (the grouped element-linear kernel with one element: one launch
+per pass) against the torch back end of IrrepsLinear: outputs, gradients (x, W0, bias,
+delta), second derivatives, several paths into one output, empty irreps, biases, zero
+rows, non-contiguous input, a delta with inactive 16x16 blocks. Runs on CPU under
+TRITON_INTERPRET=1 (tiny shapes)."""
 
 import pytest
 import torch
@@ -16,8 +17,8 @@ import sparsekern  # noqa: E402,F401
 from sparsekern.finetune.delta import FixedDelta  # noqa: E402
 from sparsekern.layers import IrrepsLinear  # noqa: E402
 from sparsekern import delta_slot  # noqa: E402
-from sparsekern.ops.triton.element_linear import path_linears  # noqa: E402
-from test_triton_element_linear import dense_delta, random_delta, second_order  # noqa: E402
+from sparsekern.ops.triton.element_linear import ElementRows, grouped_linear  # noqa: E402
+from test_triton_element_linear import combine, dense_delta, random_delta, second_order  # noqa: E402
 
 # 20x0e and 3x0e both feed 18x0e (two paths into one output, 2 x 2 and 1 x 2 tiles of
 # 16); 0x1e is empty on both sides; 2x2e has no path in (zeros, or its bias-free zero).
@@ -83,24 +84,28 @@ def test_gradcheck_gradgradcheck():
 
 
 def test_explicit_blocks_inactive_and_unused():
-    """path_linears with explicit (block_slot, block_values): the delta's gradient
-    exists for active blocks only; a values row no slot points to gets none; a path may
-    carry no delta (None)."""
+    """grouped_linear with explicit (block_slot, block_values): the delta's gradient
+    exists for active blocks only; a values row no slot points to gets none; paths
+    whose tiles are all inactive add W0 alone."""
     layer = make_layer(torch.float64, biases=False)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(5, IRREPS_IN.dim, generator=g, dtype=torch.float64).to(DEVICE)
     slot0, vals0 = random_delta(1, 20, 18, 16, torch.float64, density=0.5, seed=4)
     assert 0 < (slot0 >= 0).sum() < slot0.numel()
-    vals0 = torch.cat([vals0, torch.randn(1, 16, 16, dtype=torch.float64, device=DEVICE)]).requires_grad_()
-    deltas = [(slot0, vals0), None, None]
-    species = torch.zeros(x.shape[0], dtype=torch.long, device=DEVICE)
-    outs = path_linears(x, species, layer.desc, layer.weight, deltas).outs
-    p0, p1 = layer.desc.paths[:2]
-    w0, w1 = [w[0] for w in layer.desc.path_weights(layer.weight.detach())[:2]]
-    ref = p0.scale * x[:, :20] @ (w0 + dense_delta(slot0, vals0.detach(), 20, 18)[0]) + p1.scale * x[:, 20:23] @ w1
-    assert rel_err(outs[0], ref) <= 1e-12
-    assert outs[1] is None and outs[3] is None
-    (gv,) = torch.autograd.grad(outs[0].sum(), vals0)
+    none = [torch.full((1, -(-p.mul_in // 16), -(-p.mul_out // 16)), -1, dtype=torch.int32, device=DEVICE)
+            for p in layer.desc.paths[1:]]
+    unused = torch.randn(1, 16, 16, dtype=torch.float64, device=DEVICE)
+    slot, vals = combine([slot0] + none, [vals0, unused[:0], unused])
+    vals.requires_grad_()
+    y = grouped_linear(x, ElementRows.in_order(x.shape[0]), layer.desc, layer.weight, (slot, vals))
+    p0, p1, p2 = layer.desc.paths
+    w0, w1, w2 = [w[0] for w in layer.desc.path_weights(layer.weight.detach())]
+    ref = p0.scale * x[:, :20] @ (w0 + dense_delta(slot0, vals0, 20, 18)[0]) + p1.scale * x[:, 20:23] @ w1
+    assert rel_err(y[:, :18], ref) <= 1e-12
+    ref2 = p2.scale * torch.einsum("num,uv->nvm", x[:, 23:29].reshape(5, 2, 3), w2).reshape(5, 9)
+    assert rel_err(y[:, 18:27], ref2) <= 1e-12
+    assert not y[:, 27:].any()  # 2x2e: no path
+    (gv,) = torch.autograd.grad(y.sum(), vals)
     assert gv[:-1].abs().amax((1, 2)).min() > 0 and not gv[-1].any()
 
 

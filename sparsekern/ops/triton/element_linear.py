@@ -1,24 +1,32 @@
-"""Triton back end of the linears: the element-indexed linear with a block-sparse delta
-(MACE's ``skip_tp``)::
+"""Triton back end of the linears, the irrep linear (``o3.Linear``) and the
+element-indexed linear (MACE's ``skip_tp``), each with a block-sparse delta, as one
+grouped product over the paths::
 
-    y[n, v, m] = scale * sum_u x[n, u, m] (W0[z_n, u, v] + dW[z_n, u, v])
+    y[n, o] = sum over the paths p into output block o of scale_p x[n, in_p] (W0_p + dW_p)[z_n]
 
-dW is given by ``block_slot`` (n_el, ceil(mul_in/T), ceil(mul_out/T)) int32 (-1: inactive,
-else a row of ``block_values`` (n_blocks, T, T)). W0 + dW is formed tile by tile in
-registers, never in memory. Nodes are sorted by element once; rows of the GEMM are
-(sorted node, component m) pairs, so each tile of rows has one element's weight.
+(per irrep component m; with one element, z_n = 0). One launch per forward: a program
+per (node tile, output block, column tile) loops over the paths into its block and
+stores once, straight into the output (no per-path temporaries, no atomics; a block
+without a path is stored as zeros). The paths come from a small table per linear
+(:func:`_tables`, built once per device and cached with ``desc.const``); W0 is read from
+the flat weight in the descriptor's layout. dW is given by the delta's tiles
+(:func:`sparsekern.delta_slot.active_blocks`): ``slot`` (n_tiles,) int32, every path's
+(n_el, ceil(mul_in/T), ceil(mul_out/T)) tiles in path order, -1 inactive, else a row of
+``values`` (n_tiles, T, T). W0 + dW is formed tile by tile in registers, never in memory.
+Nodes are sorted by element once per call (:class:`ElementRows`; with one element they
+stay in order and nothing is built), so each node tile has one element's weights.
 
-Derivatives stay in the family: the gradient wrt x is the same op with W0, block_slot
-and block_values transposed; the gradients wrt W0 and the active blocks are per-element
-x^T gy products over each element's rows (:class:`_WGrad`), whose own derivatives are
-again element linears. With n_el = 1 and all species 0 it is the irrep linear
-(``o3.Linear``) with a block-sparse delta: :func:`linear`. Both ops go through
-:func:`path_linears` (one call per path, summed into the output irreps).
+Derivatives stay in the family: the gradient wrt x is the same launch with the table
+transposed (paths grouped by input block, W0 and the tiles read transposed); the
+gradients wrt W0 and the delta's tiles are per-element x^T gy products over each
+element's rows, one launch for all paths (:class:`_WGrad`), whose own derivatives are
+again grouped linears.
 """
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -28,299 +36,370 @@ from ...delta_slot import active_blocks
 from ...paths import OutputSlots
 from ..descriptors import LinearDesc
 
-_BM = 32  # rows ((node, m) pairs) per tile
+_BN = 32  # nodes per tile
+_BM = 32  # rows ((node, m) pairs) per step
 _BK = 32  # tile of mul_in / mul_out (tl.dot needs >= 16)
+# A path's row in the table of a map from source blocks to destination blocks (the
+# forward: input -> output; transposed: output -> input), 13 columns: 0 source offset,
+# 1 destination offset, 2 source mul, 3 destination mul, 4 d, 5 W0's offset, 6-8 W0's
+# strides (element, source index, destination index), 9 start in the delta's slot
+# table, 10-12 its strides (element, source tile, destination tile).
+_COLS = 13
+_TRANSPOSED = ((0, 1), (2, 3), (7, 8), (11, 12))  # the columns a transposed map swaps
 
 
 @triton.jit
-def _el_kernel(x_ptr, w0_ptr, slot_ptr, val_ptr, y_ptr, order_ptr, tz_ptr, tq0_ptr, tq1_ptr,
-               mul_in, mul_out, d, T, scale_ptr,
-               sx0, sx1, sx2, sw0, sw1, sw2, ss0, ss1, ss2, sv0, sv1, sv2,
-               HAS_W0: tl.constexpr, HAS_DELTA: tl.constexpr, IEEE: tl.constexpr,
-               BM: tl.constexpr, BU: tl.constexpr, BV: tl.constexpr):
+def _lin_kernel(x_ptr, w_ptr, slot_ptr, val_ptr, y_ptr, grp_ptr, path_ptr, scale_ptr, order_ptr, tile_ptr,
+                n_nodes, sx0, sx1, sw, sy0, T, sv0, sv1, sv2,
+                HAS_W0: tl.constexpr, HAS_DELTA: tl.constexpr, SORTED: tl.constexpr, IEEE: tl.constexpr,
+                BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Columns v of destination block program_id(1) (BV of them, program_id(2)) for one
+    tile of nodes of one element (program_id(0)): the sum over the block's paths."""
     t = tl.program_id(0)
-    scale = tl.load(scale_ptr)  # a tensor, not a Python float (which Triton passes as fp32)
-    z = tl.load(tz_ptr + t).to(tl.int64)
-    q0 = tl.load(tq0_ptr + t)
-    q1 = tl.load(tq1_ptr + t)
-    q = q0 + tl.arange(0, BM)
-    mq = q < q1
-    node = tl.load(order_ptr + q // d, mask=mq, other=0).to(tl.int64)
-    m = (q % d).to(tl.int64)
-    v = tl.program_id(1) * BV + tl.arange(0, BV)
-    mv = v < mul_out
-    acc = tl.zeros((BM, BV), dtype=y_ptr.dtype.element_ty)
-    for u0 in range(0, mul_in, BU):
-        u = u0 + tl.arange(0, BU)
-        mu = u < mul_in
-        a = tl.load(x_ptr + node[:, None] * sx0 + u[None, :].to(tl.int64) * sx1 + m[:, None] * sx2,
-                    mask=mq[:, None] & mu[None, :], other=0.0)
-        muv = mu[:, None] & mv[None, :]
-        b = tl.zeros((BU, BV), dtype=acc.dtype)
-        if HAS_W0:
-            b += tl.load(w0_ptr + z * sw0 + u[:, None] * sw1 + v[None, :] * sw2, mask=muv, other=0.0)
-        if HAS_DELTA:
-            # the delta's slot of each weight; inactive blocks (-1) cost no value bytes
-            slot = tl.load(slot_ptr + z * ss0 + (u // T)[:, None] * ss1 + (v // T)[None, :] * ss2,
-                           mask=muv, other=-1).to(tl.int64)
-            b += tl.load(val_ptr + slot * sv0 + (u % T)[:, None] * sv1 + (v % T)[None, :] * sv2,
-                         mask=slot >= 0, other=0.0)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")  # fp32: no TF32 (1e-5 parity)
+    g = grp_ptr + tl.program_id(1) * 5
+    dst = tl.load(g)
+    n_out = tl.load(g + 1)
+    d = tl.load(g + 2)
+    p0 = tl.load(g + 3)
+    p1 = tl.load(g + 4)
+    if SORTED:
+        z = tl.load(tile_ptr + t * 3)
+        n0 = tl.load(tile_ptr + t * 3 + 1)
+        n1 = tl.minimum(tl.load(tile_ptr + t * 3 + 2), n0 + BN)
+    else:
+        z = 0
+        n0 = t * BN
+        n1 = tl.minimum(n_nodes, n0 + BN)
+    v0 = tl.program_id(2) * BV
+    v = v0 + tl.arange(0, BV)
+    mv = v < n_out
+    q_end = tl.where(v0 < n_out, n1 * d, n0 * d)  # column tiles past a narrower block idle
+    for q0 in range(n0 * d, q_end, BM):
+        q = q0 + tl.arange(0, BM)
+        mq = q < n1 * d
+        if SORTED:
+            node = tl.load(order_ptr + q // d, mask=mq, other=0).to(tl.int64)
         else:
-            acc += tl.dot(a, b)
-    y_off = node[:, None] * (mul_out * d) + v[None, :].to(tl.int64) * d + m[:, None]
-    tl.store(y_ptr + y_off, acc * scale, mask=mq[:, None] & mv[None, :])
+            node = (q // d).to(tl.int64)
+        m = q % d
+        acc = tl.zeros((BM, BV), dtype=y_ptr.dtype.element_ty)
+        for p in range(p0, p1):
+            r = path_ptr + p * 13  # the path's row (_COLS)
+            src = tl.load(r)
+            k = tl.load(r + 2)
+            scale = tl.load(scale_ptr + p)
+            w_el = tl.load(r + 5) + z * tl.load(r + 6)
+            wk = tl.load(r + 7)
+            wn = tl.load(r + 8)
+            s_el = tl.load(r + 9) + z * tl.load(r + 10)
+            sk = tl.load(r + 11)
+            sn = tl.load(r + 12)
+            for u0 in range(0, k, BK):
+                u = u0 + tl.arange(0, BK)
+                mu = u < k
+                a = tl.load(x_ptr + node[:, None] * sx0 + (src + u[None, :] * d + m[:, None]) * sx1,
+                            mask=mq[:, None] & mu[None, :], other=0.0)
+                muv = mu[:, None] & mv[None, :]
+                b = tl.zeros((BK, BV), dtype=acc.dtype)
+                if HAS_W0:
+                    b += tl.load(w_ptr + (w_el + u[:, None] * wk + v[None, :] * wn) * sw, mask=muv, other=0.0)
+                if HAS_DELTA:
+                    # the delta's slot of each weight; inactive tiles (-1) cost no value bytes
+                    s = s_el + (u // T)[:, None] * sk + (v // T)[None, :] * sn
+                    slot = tl.load(slot_ptr + s, mask=muv, other=-1).to(tl.int64)
+                    b += tl.load(val_ptr + slot * sv0 + (u % T)[:, None] * sv1 + (v % T)[None, :] * sv2,
+                                 mask=slot >= 0, other=0.0)
+                if IEEE:
+                    acc += tl.dot(a, b * scale, input_precision="ieee")  # fp32: no TF32 (1e-5 parity)
+                else:
+                    acc += tl.dot(a, b * scale)
+        tl.store(y_ptr + node[:, None] * sy0 + dst + v[None, :] * d + m[:, None], acc, mask=mq[:, None] & mv[None, :])
 
 
 @triton.jit
-def _wgrad_kernel(x_ptr, g_ptr, out_ptr, order_ptr, seg_ptr, tz_ptr, tu_ptr, tv_ptr, tb_ptr,
-                  mul_in, mul_out, d, scale_ptr, sx0, sx1, sx2, sg0, sg1, sg2, so1, so2,
-                  TU: tl.constexpr, TV: tl.constexpr, BQ: tl.constexpr,
-                  USE_DOT: tl.constexpr, IEEE: tl.constexpr):
-    """out[base + a*so1 + c*so2] = scale * sum over the rows (n, m) of element z of
-    x[n, u0 + a, m] g[n, v0 + c, m]: one output tile (a dense W0 tile or one block of the
-    delta; base < 0: an inactive block, nothing to do)."""
+def _wgrad_kernel(a_ptr, b_ptr, out_ptr, path_ptr, scale_ptr, tile_ptr, slot_ptr, order_ptr, seg_ptr,
+                  n_nodes, sa0, sa1, sb0, sb1,
+                  DELTA: tl.constexpr, SORTED: tl.constexpr, TU: tl.constexpr, TV: tl.constexpr,
+                  BQ: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """One tile of a weight gradient: scale * sum over the rows (n, m) of element z of
+    a[n, in + u*d + m] b[n, out + v*d + m], for the path, element and tile of row
+    program_id(0) of the tile table, stored into the flat W0 gradient (the path's
+    layout) or, DELTA, into the tile's row of the values gradient (the programs run over
+    the slot table in order; an inactive slot: nothing to do)."""
     t = tl.program_id(0)
-    scale = tl.load(scale_ptr)
-    z = tl.load(tz_ptr + t)
-    u = tl.load(tu_ptr + t) + tl.arange(0, TU)
-    v = tl.load(tv_ptr + t) + tl.arange(0, TV)
-    base = tl.load(tb_ptr + t)
+    r = path_ptr + tl.load(tile_ptr + t * 4) * 13  # the path's row (_COLS)
+    z = tl.load(tile_ptr + t * 4 + 1)
+    u0 = tl.load(tile_ptr + t * 4 + 2)
+    v0 = tl.load(tile_ptr + t * 4 + 3)
+    a_off = tl.load(r)
+    b_off = tl.load(r + 1)
+    mul_in = tl.load(r + 2)
+    mul_out = tl.load(r + 3)
+    d = tl.load(r + 4)
+    scale = tl.load(scale_ptr + tl.load(tile_ptr + t * 4))
+    u = u0 + tl.arange(0, TU)
+    v = v0 + tl.arange(0, TV)
     mu = u < mul_in
     mv = v < mul_out
-    active = base >= 0
-    qs = tl.load(seg_ptr + z) * d
-    qe = tl.where(active, tl.load(seg_ptr + z + 1) * d, qs)
+    if DELTA:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        active = slot >= 0
+        base = slot * TU * TV
+        so1 = TV
+        so2 = 1
+    else:
+        active = True
+        base = tl.load(r + 5) + z * tl.load(r + 6) + u0 * tl.load(r + 7) + v0 * tl.load(r + 8)
+        so1 = tl.load(r + 7)
+        so2 = tl.load(r + 8)
+    if SORTED:
+        qs = tl.load(seg_ptr + z) * d
+        qe = tl.where(active, tl.load(seg_ptr + z + 1) * d, qs)
+    else:
+        qs = 0
+        qe = tl.where(active, n_nodes * d, 0)
     acc = tl.zeros((TU, TV), dtype=out_ptr.dtype.element_ty)
     for q0 in range(qs, qe, BQ):
         q = q0 + tl.arange(0, BQ)
         mq = q < qe
-        node = tl.load(order_ptr + q // d, mask=mq, other=0).to(tl.int64)
-        m = (q % d).to(tl.int64)
-        a = tl.load(x_ptr + node[:, None] * sx0 + u[None, :].to(tl.int64) * sx1 + m[:, None] * sx2,
+        if SORTED:
+            node = tl.load(order_ptr + q // d, mask=mq, other=0).to(tl.int64)
+        else:
+            node = (q // d).to(tl.int64)
+        m = q % d
+        a = tl.load(a_ptr + node[:, None] * sa0 + (a_off + u[None, :] * d + m[:, None]) * sa1,
                     mask=mq[:, None] & mu[None, :], other=0.0)
-        g = tl.load(g_ptr + node[:, None] * sg0 + v[None, :].to(tl.int64) * sg1 + m[:, None] * sg2,
+        g = tl.load(b_ptr + node[:, None] * sb0 + (b_off + v[None, :] * d + m[:, None]) * sb1,
                     mask=mq[:, None] & mv[None, :], other=0.0)
         if USE_DOT:
             if IEEE:
                 acc += tl.dot(tl.trans(a), g, input_precision="ieee")
             else:
                 acc += tl.dot(tl.trans(a), g)
-        else:  # blocks below tl.dot's 16 x 16 minimum
+        else:  # tiles below tl.dot's 16 x 16 minimum
             acc += tl.sum(a[:, :, None] * g[:, None, :], axis=0)
-    r = tl.arange(0, TU)
-    c = tl.arange(0, TV)
-    tl.store(out_ptr + base + r[:, None] * so1 + c[None, :] * so2, acc * scale,
+    rr = tl.arange(0, TU)
+    cc = tl.arange(0, TV)
+    tl.store(out_ptr + base + rr[:, None] * so1 + cc[None, :] * so2, acc * scale,
              mask=mu[:, None] & mv[None, :] & active)
 
 
 @dataclass
 class ElementRows:
-    """Nodes sorted by element and the row tiles of the forward GEMM, built with
-    device ops only (no host synchronisation)."""
-    order: torch.Tensor  # (N,) node indices sorted by element
-    seg: torch.Tensor  # (n_el + 1,) int64: element z owns sorted nodes seg[z]:seg[z+1]
-    tz: torch.Tensor
-    tq0: torch.Tensor
-    tq1: torch.Tensor
-    n_el: int
-    d: int
+    """The node tiles of one call, each one element's, built with device ops only (no
+    host synchronisation) and shared by every launch of the call's passes. With one
+    element the nodes stay in order and tile t is nodes t*_BN.. (no tensors)."""
+    n: int  # nodes
+    n_tiles: int
+    order: Optional[torch.Tensor] = None  # (N,) node indices sorted by element
+    seg: Optional[torch.Tensor] = None  # (n_el + 1,): element z owns sorted nodes seg[z]:seg[z+1]
+    tiles: Optional[torch.Tensor] = None  # (n_tiles, 3): element, first sorted node, the element's end
 
     @staticmethod
-    def build(species: torch.Tensor, n_el: int, d: int) -> "ElementRows":
+    def in_order(n: int) -> "ElementRows":
+        return ElementRows(n, triton.cdiv(n, _BN))
+
+    @staticmethod
+    def build(species: torch.Tensor, n_el: int) -> "ElementRows":
         n = species.shape[0]
+        if n_el == 1:
+            return ElementRows.in_order(n)
         order = torch.argsort(species, stable=True)
         # not bincount: its output size depends on the data (a host sync)
         counts = species.new_zeros(n_el).index_add_(0, species, torch.ones_like(species))
         seg = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        ntile = (counts * d + _BM - 1) // _BM
+        ntile = (counts + _BN - 1) // _BN
         tcum = ntile.cumsum(0)
-        t = torch.arange(triton.cdiv(n * d, _BM) + n_el, device=species.device)
-        z = torch.searchsorted(tcum, t, right=True)
-        valid = z < n_el
-        zc = z.clamp(max=max(n_el - 1, 0))
-        q0 = seg[zc] * d + (t - tcum[zc] + ntile[zc]) * _BM
-        q1 = seg[zc + 1] * d
-        zero = torch.zeros_like(q0)
-        return ElementRows(order, seg, zc.to(torch.int32), torch.where(valid, q0, zero), torch.where(valid, q1, zero),
-                    n_el, d)
+        t = torch.arange(triton.cdiv(n, _BN) + n_el, device=species.device)
+        # tiles past the last element's start at or after its end: empty
+        z = torch.searchsorted(tcum, t, right=True).clamp_(max=n_el - 1)
+        first = seg[z] + (t - tcum[z] + ntile[z]) * _BN
+        return ElementRows(n, t.shape[0], order, seg, torch.stack([z, first, seg[z + 1]], 1))
 
 
-def _el_raw(plan: ElementRows, x, w0, slot, vals, scale: float, mul_out: int) -> torch.Tensor:
-    n, mul_in, d = x.shape
-    y = x.new_empty(n, mul_out, d)
-    if y.numel() == 0 or plan.n_el == 0:
-        return y.zero_()
+class _Tables(NamedTuple):
+    """The grouped kernel's view of a linear in one direction (the forward, or
+    transposed: output blocks in, input blocks out)."""
+    # int32: with int64 tables (and the path's loads inside the K loop) some
+    # specialisations spilled 4 B at 80-96 registers on sm_90
+    groups: torch.Tensor  # (destination blocks, 5): offset, mul, d, first path row, end path row
+    paths: torch.Tensor  # (paths, _COLS), rows grouped by destination block
+    scales: torch.Tensor  # (paths,) each row's scale
+    max_k: int  # widest source mul
+    max_n: int  # widest destination mul
+
+
+def _rows(desc: LinearDesc, tr: bool) -> List[int]:
+    """The paths' order in the table: grouped by destination block."""
+    return sorted(range(len(desc.paths)), key=lambda i: desc.paths[i].i_in if tr else desc.paths[i].i_out)
+
+
+def _tables(desc: LinearDesc, like: torch.Tensor, tr: bool, T: int) -> _Tables:
+    """The path table (columns above; the delta's tiles T x T, T = 0: no delta), the
+    destination blocks, and the scales, cached per device."""
+    def build():
+        rows, s_off, n_el = [], 0, desc.num_elements
+        for p in desc.paths:
+            nu, nv = (-(-p.mul_in // T), -(-p.mul_out // T)) if T else (0, 0)
+            sw_u, sw_z = (p.mul_out, p.mul_in * p.mul_out) if desc.layout == "grc" else (n_el * p.mul_out, p.mul_out)
+            row = [desc.blocks_in.offsets[p.i_in], desc.blocks_out.offsets[p.i_out], p.mul_in, p.mul_out,
+                   desc.blocks_in.dims[p.i_in], p.weight_offset, sw_z, sw_u, 1, s_off, nu * nv, nv, 1]
+            if tr:
+                for i, j in _TRANSPOSED:
+                    row[i], row[j] = row[j], row[i]
+            rows.append(row)
+            s_off += n_el * nu * nv
+        order = _rows(desc, tr)
+        dst = desc.blocks_in if tr else desc.blocks_out
+        ends = [desc.paths[i].i_in if tr else desc.paths[i].i_out for i in order]  # sorted
+        groups = [[dst.offsets[b], dst.muls[b], dst.dims[b], bisect_left(ends, b), bisect_right(ends, b)]
+                  for b in range(len(dst.muls))]
+        return _Tables(torch.tensor(groups, dtype=torch.int32).view(-1, 5),
+                       torch.tensor([rows[i] for i in order], dtype=torch.int32).view(-1, _COLS),
+                       torch.tensor([desc.paths[i].scale for i in order], dtype=torch.float64),
+                       max((r[2] for r in rows), default=0), max((r[3] for r in rows), default=0))
+    return desc.const(("triton_linear", tr, T), like, build)
+
+
+def _wtiles(desc: LinearDesc, like: torch.Tensor, size: int) -> torch.Tensor:
+    """(path row of the forward table, element, first row, first column) of each
+    size x size tile of every path's (n_el, mul_in, mul_out) weights, path after path,
+    row-major: with size T, the delta's slot table's order."""
+    def build():
+        row_of = {i: r for r, i in enumerate(_rows(desc, False))}
+        tiles = [(row_of[i], z, u, v) for i, p in enumerate(desc.paths) for z in range(desc.num_elements)
+                 for u in range(0, p.mul_in, size) for v in range(0, p.mul_out, size)]
+        return torch.tensor(tiles, dtype=torch.int32).view(-1, 4)
+    return desc.const(("triton_linear_tiles", size), like, build)
+
+
+class _Call(NamedTuple):
+    """What every launch of one call's passes shares."""
+    desc: LinearDesc
+    plan: ElementRows
+    slot: Optional[torch.Tensor]  # the delta's slot table (None: no delta)
+    T: int  # the delta's tile size (0: no delta)
+    n_tiles: int  # rows of the delta's values
+
+
+def _lin_raw(call: _Call, x: torch.Tensor, w0: Optional[torch.Tensor], vals: Optional[torch.Tensor],
+             tr: bool) -> torch.Tensor:
+    desc, plan = call.desc, call.plan
+    y = x.new_empty(plan.n, desc.blocks_in.dim if tr else desc.blocks_out.dim)
     has_w0 = w0 is not None
     has_delta = vals is not None and vals.shape[0] > 0
-    if not (has_w0 or has_delta) or mul_in == 0:
+    if y.numel() == 0:
+        return y
+    if not (has_w0 or has_delta):
         return y.zero_()
+    tab = _tables(desc, x, tr, call.T)
     w0_ = w0 if has_w0 else x
-    slot_ = slot if has_delta else x
+    slot_ = call.slot if has_delta else x
     vals_ = vals if has_delta else x
-    T = vals.shape[1] if has_delta else 1
+    sv0, sv1, sv2 = vals.stride() if has_delta else (0, 0, 0)
     # with a delta the weight tile is summed from two loads: a 16-deep K tile keeps the
     # fp32 IEEE product within 255 registers on sm_90 (32 deep spilled 28 B)
-    bu = max(16, min(16 if has_delta else _BK, triton.next_power_of_2(mul_in)))
-    bv = max(16, min(_BK, triton.next_power_of_2(mul_out)))
-    grid = (plan.tz.shape[0], triton.cdiv(mul_out, bv))
-    _el_kernel[grid](x, w0_, slot_, vals_, y, plan.order, plan.tz, plan.tq0, plan.tq1,
-                     mul_in, mul_out, d, T, x.new_full((1,), scale), *x.stride(), *w0_.stride()[:3],
-                     *slot_.stride()[:3], *vals_.stride()[:3],
-                     HAS_W0=has_w0, HAS_DELTA=has_delta, IEEE=x.dtype == torch.float32,
-                     BM=_BM, BU=bu, BV=bv)
+    bk = max(16, min(16 if has_delta else _BK, triton.next_power_of_2(tab.max_k)))
+    bv = max(16, min(_BK, triton.next_power_of_2(tab.max_n)))
+    sorted_ = plan.order is not None
+    grid = (plan.n_tiles, tab.groups.shape[0], triton.cdiv(tab.max_n, bv))
+    # num_stages=1 (also for the W-gradient): with Triton's default software pipelining,
+    # the kernels that read nodes in order reached 255 registers and spilled on sm_90
+    _lin_kernel[grid](x, w0_, slot_, vals_, y, tab.groups, tab.paths, tab.scales,
+                      plan.order if sorted_ else x, plan.tiles if sorted_ else x,
+                      plan.n, *x.stride(), w0_.stride(0), y.stride(0), max(call.T, 1),
+                      sv0, *((sv2, sv1) if tr else (sv1, sv2)),
+                      HAS_W0=has_w0, HAS_DELTA=has_delta, SORTED=sorted_, IEEE=x.dtype == torch.float32,
+                      BN=_BN, BM=_BM, BK=bk, BV=bv, num_stages=1)
     return y
 
 
-def _wgrad_raw(plan: ElementRows, x, g, scale: float, slot: Optional[torch.Tensor], vshape) -> torch.Tensor:
-    """Dense (n_el, mul_in, mul_out) gradient if ``slot`` is None, else (n_blocks, T, T)
-    for the active blocks of ``slot`` only."""
-    mul_in, mul_out, dev = x.shape[1], g.shape[1], x.device
-    if slot is None:
-        out = x.new_empty(plan.n_el, mul_in, mul_out)  # every tile is stored, also empty elements'
-        tu_ = tv_ = _BK
-        zz, uu, vv = _grid(plan.n_el, -(-mul_in // tu_), -(-mul_out // tv_), dev)
-        uu, vv = uu * tu_, vv * tv_
-        base = zz * out.stride(0) + uu * out.stride(1) + vv * out.stride(2)
-    else:
-        out = x.new_zeros(vshape)  # rows no slot points to, and tile edges, are not stored
-        tu_ = tv_ = T = vshape[1]
-        # a program per slot entry, inactive ones (-1) idle: no nonzero (a host sync)
-        zz, uu, vv = _grid(*slot.shape, dev)
-        uu, vv = uu * T, vv * T
-        base = slot.flatten().long() * out.stride(0)
-    if zz.numel() == 0 or x.shape[0] == 0 or out.numel() == 0:
-        return out.zero_()
-    use_dot = min(tu_, tv_) >= 16
-    bq = 32 if use_dot else max(1, min(32, 512 // (tu_ * tv_)))
-    _wgrad_kernel[(zz.numel(),)](x, g, out, plan.order, plan.seg, zz.int(), uu.int(), vv.int(), base,
-                                 mul_in, mul_out, plan.d, x.new_full((1,), scale), *x.stride(), *g.stride(),
-                                 out.stride(1), out.stride(2), TU=tu_, TV=tv_, BQ=bq,
-                                 USE_DOT=use_dot, IEEE=x.dtype == torch.float32)
+def _wgrad_raw(call: _Call, a: torch.Tensor, b: torch.Tensor, delta: bool) -> torch.Tensor:
+    """The flat W0 gradient (delta False), or the gradient of the delta's values (the
+    active tiles only), from a (N, irreps_in.dim) and b (N, irreps_out.dim)."""
+    desc, plan = call.desc, call.plan
+    size = call.T if delta else _BK
+    if delta:  # rows no slot points to, and tile edges, are not stored
+        out = a.new_zeros(call.n_tiles, size, size)
+    else:  # every tile is stored, also empty elements' (weights outside every path: zeros)
+        covered = sum(p.mul_in * p.mul_out for p in desc.paths) * desc.num_elements == desc.weight_numel
+        out = a.new_empty(desc.weight_numel) if covered and plan.n else a.new_zeros(desc.weight_numel)
+    tiles = _wtiles(desc, a, size)
+    if tiles.shape[0] == 0 or plan.n == 0 or out.numel() == 0:
+        return out
+    tab = _tables(desc, a, False, call.T)
+    sorted_ = plan.order is not None
+    use_dot = size >= 16
+    bq = 32 if use_dot else max(1, min(32, 512 // (size * size)))
+    _wgrad_kernel[(tiles.shape[0],)](a, b, out, tab.paths, tab.scales, tiles, call.slot if delta else a,
+                                     plan.order if sorted_ else a, plan.seg if sorted_ else a,
+                                     plan.n, *a.stride(), *b.stride(),
+                                     DELTA=delta, SORTED=sorted_, TU=size, TV=size, BQ=bq,
+                                     USE_DOT=use_dot, IEEE=a.dtype == torch.float32, num_stages=1)
     return out
 
 
-def _grid(n_el: int, nu: int, nv: int, dev):
-    """(element, row tile, column tile) of each program, row-major."""
-    zz, uu, vv = torch.meshgrid(torch.arange(n_el, device=dev), torch.arange(nu, device=dev),
-                                torch.arange(nv, device=dev), indexing="ij")
-    return zz.flatten(), uu.flatten(), vv.flatten()
+class _Lin(torch.autograd.Function):
+    """The grouped linear of x with W0 (flat; None: none) and the delta's values (None:
+    none); ``tr``: the transposed map (x has the output features, y the input ones)."""
 
-
-def _t(w):
-    return None if w is None else w.transpose(1, 2)
-
-
-class _El(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w0, vals, plan, slot, scale, mul_out):
+    def forward(ctx, x, w0, vals, call, tr):
         ctx.save_for_backward(x, w0, vals)
-        ctx.plan, ctx.slot, ctx.scale = plan, slot, scale
-        return _el_raw(plan, x, w0, slot, vals, scale, mul_out)
+        ctx.call, ctx.tr = call, tr
+        return _lin_raw(call, x, w0, vals, tr)
 
     @staticmethod
     def backward(ctx, gy):
         x, w0, vals = ctx.saved_tensors
-        plan, slot, scale = ctx.plan, ctx.slot, ctx.scale
-        gx = gw0 = gvals = None
-        if ctx.needs_input_grad[0]:
-            gx = _El.apply(gy, _t(w0), _t(vals), plan, _t(slot), scale, x.shape[1])
-        if ctx.needs_input_grad[1]:
-            gw0 = _WGrad.apply(x, gy, plan, scale, None, None)
-        if ctx.needs_input_grad[2]:
-            gvals = _WGrad.apply(x, gy, plan, scale, slot, tuple(vals.shape))
-        return gx, gw0, gvals, None, None, None, None
+        call, tr = ctx.call, ctx.tr
+        a, b = (gy, x) if tr else (x, gy)  # input features, output features
+        gx = _Lin.apply(gy, w0, vals, call, not tr) if ctx.needs_input_grad[0] else None
+        gw0 = _WGrad.apply(a, b, call, False) if ctx.needs_input_grad[1] else None
+        gvals = _WGrad.apply(a, b, call, True) if ctx.needs_input_grad[2] else None
+        return gx, gw0, gvals, None, None
 
 
 class _WGrad(torch.autograd.Function):
-    """W-gradient x^T gy per element: bilinear in (x, gy), so its derivatives are element
-    linears with the incoming gradient G as the weight (dense, or blocks of ``slot``)."""
+    """W-gradient a^T b per path and element (a: input features, b: output features):
+    bilinear in (a, b), so its derivatives are grouped linears with the incoming
+    gradient G as the weight (W0, or the delta's values)."""
 
     @staticmethod
-    def forward(ctx, x, gy, plan, scale, slot, vshape):
-        ctx.save_for_backward(x, gy)
-        ctx.plan, ctx.scale, ctx.slot = plan, scale, slot
-        return _wgrad_raw(plan, x, gy, scale, slot, vshape)
+    def forward(ctx, a, b, call, delta):
+        ctx.save_for_backward(a, b)
+        ctx.call, ctx.delta = call, delta
+        return _wgrad_raw(call, a, b, delta)
 
     @staticmethod
     def backward(ctx, G):
-        x, gy = ctx.saved_tensors
-        plan, scale, slot = ctx.plan, ctx.scale, ctx.slot
-        dense = slot is None
-        dx = dgy = None
-        if ctx.needs_input_grad[0]:
-            dx = (_El.apply(gy, G.transpose(1, 2), None, plan, None, scale, x.shape[1]) if dense
-                  else _El.apply(gy, None, G.transpose(1, 2), plan, slot.transpose(1, 2), scale, x.shape[1]))
-        if ctx.needs_input_grad[1]:
-            dgy = (_El.apply(x, G, None, plan, None, scale, gy.shape[1]) if dense
-                   else _El.apply(x, None, G, plan, slot, scale, gy.shape[1]))
-        return dx, dgy, None, None, None, None
+        a, b = ctx.saved_tensors
+        call, delta = ctx.call, ctx.delta
+        w0, vals = (None, G) if delta else (G, None)
+        da = _Lin.apply(b, w0, vals, call, True) if ctx.needs_input_grad[0] else None
+        db = _Lin.apply(a, w0, vals, call, False) if ctx.needs_input_grad[1] else None
+        return da, db, None, None
 
 
-def element_matmul(x: torch.Tensor, w0: Optional[torch.Tensor], species: torch.Tensor, scale: float = 1.0,
-                   block_slot: Optional[torch.Tensor] = None, block_values: Optional[torch.Tensor] = None,
-                   mul_out: Optional[int] = None, plan: Optional[ElementRows] = None) -> torch.Tensor:
-    """y (N, mul_out, d) = scale * x[n] (W0[z_n] + dW[z_n]) for x (N, mul_in, d),
-    W0 (n_el, mul_in, mul_out) or None (delta only), species (N,) int64 in [0, n_el).
-    dW: ``block_slot`` int32 (n_el, ceil(mul_in/T), ceil(mul_out/T)), -1 = inactive, else a
-    row of ``block_values`` (n_blocks, T, T). Gradients: x, W0 and block_values (active
-    blocks only), to any order. ``mul_out`` is needed only without W0 (default: all
-    column tiles). ``plan`` (:meth:`ElementRows.build`) can be shared by the calls
-    of one forward pass with the same species and d."""
-    if x.dim() != 3:
-        raise ValueError(f"x must have shape (N, mul_in, d), got {tuple(x.shape)}")
+def grouped_linear(x: torch.Tensor, plan: ElementRows, desc: LinearDesc, weight: Optional[torch.Tensor],
+                   blocks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """y (N, irreps_out.dim) = sum over the paths into each output block of
+    scale * x_in (W0 + dW)[z_n], for x (N, irreps_in.dim): one launch. ``weight``: W0,
+    flat in the descriptor's layout (None: none); ``blocks``: None, or the delta's
+    (slot, values) as :func:`sparsekern.delta_slot.active_blocks` gives them for the
+    descriptor's weight groups. Gradients: x, W0 and the values (active tiles only), to
+    any order."""
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"float32 or float64 expected, got {x.dtype}")
-    if (block_slot is None) != (block_values is None):
-        raise ValueError("block_slot and block_values go together")
-    if w0 is None and block_values is None:
-        raise ValueError("need W0, a delta, or both")
-    if w0 is not None:
-        if w0.dim() != 3 or w0.shape[1] != x.shape[1]:
-            raise ValueError(f"W0 must have shape (n_el, {x.shape[1]}, mul_out), got {tuple(w0.shape)}")
-        n_el, mul_out = w0.shape[0], w0.shape[2]
-    else:
-        n_el = block_slot.shape[0]
-        mul_out = mul_out if mul_out is not None else block_slot.shape[2] * block_values.shape[1]
-    if block_values is not None:
-        T = block_values.shape[1]
-        if block_values.dim() != 3 or block_values.shape[2] != T or T & (T - 1):
-            raise ValueError(f"block_values must have shape (n_blocks, T, T), T a power of two, "
-                             f"got {tuple(block_values.shape)}")
-        want = (n_el, -(-x.shape[1] // T), -(-mul_out // T))
-        if tuple(block_slot.shape) != want or block_slot.dtype != torch.int32:
-            raise ValueError(f"block_slot must be int32 of shape {want}, got {block_slot.dtype} "
-                             f"{tuple(block_slot.shape)}")
-        if block_values.dtype != x.dtype:
-            raise TypeError(f"block_values is {block_values.dtype}, x {x.dtype}")
-    if w0 is not None and w0.dtype != x.dtype:
-        raise TypeError(f"W0 is {w0.dtype}, x {x.dtype}")
-    if species.shape != (x.shape[0],):
-        raise ValueError(f"species must have shape ({x.shape[0]},), got {tuple(species.shape)}")
-    if plan is None:
-        plan = ElementRows.build(species, n_el, x.shape[2])
-    return _El.apply(x, w0, block_values, plan, block_slot, float(scale), mul_out)
-
-
-def path_linears(x: torch.Tensor, species: torch.Tensor, desc: LinearDesc, weight: Optional[torch.Tensor],
-                 blocks=None) -> OutputSlots:
-    """Per output irrep, the sum over the paths of scale * x_in (W0 + dW)[z_n]: one kernel
-    call per path, one row plan per irrep dimension. x (N, irreps_in.dim); ``blocks``
-    None, or per path None or the (block_slot, block_values) of its delta."""
-    n = x.shape[0]
-    x_blocks = x.split(desc.blocks_in.sizes, dim=1)
-    out = OutputSlots(desc.blocks_out.sizes)
-    plans = {}
-    for t, (p, w) in enumerate(zip(desc.paths, desc.path_weights(weight) if desc.paths else [])):
-        d = desc.blocks_in.dims[p.i_in]
-        if d not in plans:
-            plans[d] = ElementRows.build(species, desc.num_elements, d)
-        slot, vals = blocks[t] if blocks is not None and blocks[t] is not None else (None, None)
-        yi = element_matmul(x_blocks[p.i_in].reshape(n, p.mul_in, d), w, species, p.scale, slot, vals,
-                            plan=plans[d]).reshape(n, p.mul_out * d)
-        out.add(p.i_out, yi)
-    return out
+    slot, vals = blocks if blocks is not None else (None, None)
+    T = vals.shape[1] if vals is not None else 0
+    if vals is not None:
+        want = sum(-(-p.mul_in // T) * -(-p.mul_out // T) for p in desc.paths) * desc.num_elements
+        if slot.shape != (want,) or slot.dtype != torch.int32 or vals.shape[1:] != (T, T) or vals.dtype != x.dtype:
+            raise ValueError(f"the delta's blocks: slot int32 ({want},) and values {x.dtype} (n, {T}, {T}) "
+                             f"expected, got {slot.dtype} {tuple(slot.shape)} and {vals.dtype} {tuple(vals.shape)}")
+    call = _Call(desc, plan, slot, T, vals.shape[0] if vals is not None else 0)
+    return _Lin.apply(x, weight, vals, call, False)
 
 
 def _blocks(desc: LinearDesc, delta: Optional[torch.Tensor]):
@@ -331,13 +410,17 @@ def _blocks(desc: LinearDesc, delta: Optional[torch.Tensor]):
 def element_linear(desc: LinearDesc, x: torch.Tensor, species: torch.Tensor, weight: torch.Tensor,
                    delta: Optional[torch.Tensor]) -> torch.Tensor:
     """The element-indexed linear: x (N, irreps_in.dim) -> (N, irreps_out.dim)."""
-    return path_linears(x, species, desc, weight, _blocks(desc, delta)).cat(x)
+    plan = ElementRows.build(species, desc.num_elements)
+    return grouped_linear(x, plan, desc, weight, _blocks(desc, delta))
 
 
 def linear(desc: LinearDesc, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
            delta: Optional[torch.Tensor]) -> torch.Tensor:
-    """The irrep linear as the element linear with one element (biases added in torch)."""
-    species = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-    out = path_linears(x, species, desc, weight, _blocks(desc, delta))
-    desc.add_biases(bias, out, x.shape[0])
-    return out.cat(x)
+    """The irrep linear as the grouped linear with one element (biases added in torch)."""
+    plan = ElementRows.in_order(x.shape[0])
+    y = grouped_linear(x, plan, desc, weight, _blocks(desc, delta))
+    if desc.bias_paths:  # one row of every output block's bias (zeros where none), broadcast
+        row = OutputSlots(desc.blocks_out.sizes)
+        desc.add_biases(bias, row, 1)
+        y = y + row.cat(bias.view(1, -1))
+    return y
