@@ -6,6 +6,8 @@ derive from it, per device and dtype, outside any state dict."""
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -15,10 +17,28 @@ from e3nn import o3
 from ..paths import Blocks, OutputSlots, Path, WeightGroup, split_segments
 
 
+_LIVE: "weakref.WeakValueDictionary[int, Descriptor]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
 class Descriptor:
-    """Base: a cache of derived constants (rebuilt after unpickling or copying)."""
+    """Base: a cache of derived constants (rebuilt after unpickling or copying), and a
+    key unique in the process (a copy gets its own), by which an op opaque to
+    torch.compile, whose schema holds no Python objects, finds its descriptor
+    (``ops/torch/opaque.py``)."""
 
     _cache: Dict[tuple, object]
+    key: int
+
+    def __new__(cls, *args, **kwargs):  # also where unpickling and copying start
+        self = super().__new__(cls)
+        self.key = next(_KEYS)
+        _LIVE[self.key] = self
+        return self
+
+    @staticmethod
+    def by_key(key: int) -> "Descriptor":
+        return _LIVE[key]
 
     def const(self, name: str, like: torch.Tensor, build: Callable[[], object]):
         """``build()`` moved to ``like``'s device (floating tensors to its dtype), once per
@@ -34,7 +54,9 @@ class Descriptor:
         return []
 
     def __getstate__(self):
-        return {**self.__dict__, "_cache": {}}
+        state = {**self.__dict__, "_cache": {}}
+        del state["key"]  # the copy keeps the key its __new__ gave it
+        return state
 
 
 def _to(value, like: torch.Tensor):

@@ -11,6 +11,7 @@ import torch
 
 from ...paths import OutputSlots, split_segments
 from ..descriptors import TPDesc
+from .opaque import opaque_to_compile
 
 
 def _groups(desc: TPDesc) -> List[Tuple[int, List[int]]]:
@@ -66,6 +67,7 @@ def channelwise_tp(desc: TPDesc, x1: torch.Tensor, x2: torch.Tensor, weight: tor
     return out.cat(x1)
 
 
+@opaque_to_compile  # the receivers' in-degrees are read on the host
 def conv(desc: TPDesc, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_weights: torch.Tensor,
          edge_index: torch.Tensor) -> torch.Tensor:
     """sum over edges e with receiver(e) = n of the product of node_feats[sender(e)];
@@ -118,12 +120,15 @@ class _ScaleRows(torch.autograd.Function):
     """p[b, i, u] = x[b, i, u] w[b, u]. The weight gradient sums over the short axis i by
     fused multiply-adds: autograd's broadcast backward reduces over that middle axis,
     several times slower on CPUs. The backward is built of differentiable operations,
-    so double backward goes through it."""
+    so double backward goes through it (``setup_context`` apart: ``torch.func`` needs it)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w)
+    def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return x * w.unsqueeze(1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -10,6 +10,7 @@ import torch
 from ...delta_slot import effective
 from ...paths import OutputSlots
 from ..descriptors import LinearDesc
+from .opaque import opaque_to_compile
 
 
 def linear(desc: LinearDesc, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -35,6 +36,11 @@ def element_linear(desc: LinearDesc, x: torch.Tensor, species: torch.Tensor, wei
                    delta: Optional[torch.Tensor]) -> torch.Tensor:
     """y[n] = sum_paths scale * x[n] W_path[z_n]: nodes sorted by element once, so each
     element is one contiguous 2-D product per path."""
+    return _element_linear(desc, x, species, effective(weight, delta))
+
+
+@opaque_to_compile  # the sizes of the element groups are read on the host
+def _element_linear(desc: LinearDesc, x: torch.Tensor, species: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     order = torch.argsort(species, stable=True)
     counts = torch.bincount(species, minlength=desc.num_elements).tolist()
@@ -43,7 +49,7 @@ def element_linear(desc: LinearDesc, x: torch.Tensor, species: torch.Tensor, wei
     present_index = torch.tensor(present, dtype=torch.long, device=x.device)
     x_blocks = x.index_select(0, order).split(desc.blocks_in.sizes, dim=1)
     out = OutputSlots(desc.blocks_out.sizes)
-    for p, w in zip(desc.paths, desc.path_weights(effective(weight, delta)) if desc.paths else []):
+    for p, w in zip(desc.paths, desc.path_weights(weight) if desc.paths else []):
         d = desc.blocks_in.dims[p.i_in]
         xi = x_blocks[p.i_in].reshape(n, p.mul_in, d).transpose(1, 2).reshape(n * d, p.mul_in)
         w = w * p.scale

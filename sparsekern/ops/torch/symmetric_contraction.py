@@ -13,6 +13,7 @@ import torch
 
 from ...delta_slot import effective
 from ..descriptors import ContractionDesc, MonomialTables
+from .opaque import opaque_to_compile
 
 
 def symmetric_contraction(desc: ContractionDesc, x: torch.Tensor, species: torch.Tensor,
@@ -20,6 +21,13 @@ def symmetric_contraction(desc: ContractionDesc, x: torch.Tensor, species: torch
                           deltas: Sequence[Sequence[Optional[torch.Tensor]]]) -> torch.Tensor:
     """x (nodes, channels, coupling dim) -> (nodes, irreps_out.dim); ``weights`` per output
     [W_1, ..., W_correlation], each (n_el, k_nu, channels), ``deltas`` alike (flat or None)."""
+    ws = [effective(w, d) for wj, dj in zip(weights, deltas) for w, d in zip(wj, dj)]
+    return _contract(desc, x, species, *ws)
+
+
+@opaque_to_compile  # the sizes of the element groups are read on the host
+def _contract(desc: ContractionDesc, x: torch.Tensor, species: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
+    """The contraction with the weights W + dW of every output's degrees in one list."""
     n = x.shape[0]
     if n == 0:
         return x.new_zeros(0, desc.blocks_out.dim)
@@ -27,7 +35,8 @@ def symmetric_contraction(desc: ContractionDesc, x: torch.Tensor, species: torch
     order = torch.argsort(species, stable=True)
     counts = torch.bincount(species, minlength=desc.num_elements).tolist()
     present = [z for z, cnt in enumerate(counts) if cnt]
-    ws = [[effective(w, d) for w, d in zip(wj, dj)] for wj, dj in zip(weights, deltas)]
+    it = iter(flat)
+    ws = [[next(it) for _ in range(correlation)] for correlation in desc.correlations]
     coef = _coefficients(desc, tables, ws, torch.tensor(present, device=x.device))  # (present, c, M, Q)
     # (c, i, nodes), contiguous: channels are the batch of the product below
     xs = x.index_select(0, order).permute(1, 2, 0).contiguous()
