@@ -149,7 +149,9 @@ def active_blocks(flat: torch.Tensor, groups: Sequence["WeightGroup"], T: int) -
     of the delta (a differentiable copy), group after group, each group's (G, ceil(R/T),
     ceil(C/T)) tiles row-major; block_slot (n_tiles,) int32 is -1 for a tile without a
     nonzero, else its own row. No host sync: the active tiles are marked, not counted,
-    so kernels skip the inactive ones on the device."""
+    so kernels skip the inactive ones on the device. A delta being trained has every
+    tile active: a tile of zeros may still have a gradient (LoRA's B and a fresh fast
+    mode delta start at zero), and skipping it would freeze it."""
     tiles = []
     for g in groups:
         delta = g.view(flat)
@@ -158,9 +160,10 @@ def active_blocks(flat: torch.Tensor, groups: Sequence["WeightGroup"], T: int) -
         padded = torch.nn.functional.pad(delta, (0, nv * T - c, 0, nu * T - r))
         tiles.append(padded.reshape(n_el, nu, T, nv, T).transpose(2, 3).reshape(-1, T, T))
     values = torch.cat(tiles) if tiles else flat.new_zeros(0, T, T)
-    on = values.detach().ne(0).flatten(1).any(-1)
-    rows = torch.arange(on.numel(), dtype=torch.int32, device=flat.device)
-    return torch.where(on, rows, -1), values
+    rows = torch.arange(values.shape[0], dtype=torch.int32, device=flat.device)
+    if flat.requires_grad:
+        return rows, values
+    return torch.where(values.detach().ne(0).flatten(1).any(-1), rows, -1), values
 
 
 def set_config(model: torch.nn.Module, config) -> None:

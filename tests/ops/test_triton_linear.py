@@ -67,6 +67,31 @@ def test_matches_torch_with_delta(dtype):
     assert got[0][:, -IRREPS_OUT[-1].dim:].abs().max() == 0  # 2x2e: no path, no bias
 
 
+def test_zero_delta_being_trained_gets_its_gradient():
+    """A delta that starts at zero (LoRA's B, a fresh fast-mode delta) must get the same
+    gradient as on torch: its zero tiles are not skipped while it trains."""
+    layer = make_layer(torch.float64)
+    values = attach_delta(layer)
+    with torch.no_grad():
+        values.zero_()
+    x = torch.randn(5, IRREPS_IN.dim, dtype=torch.float64).to(DEVICE)
+    got, want = (torch.autograd.grad(run(layer, backend, x).square().sum() + run(layer, backend, x).sum(), values)[0]
+                 for backend in ("triton", "torch"))
+    assert want.abs().min() > 0 and rel_err(got, want) <= 1e-12
+
+
+def test_frozen_delta_skips_its_zero_tiles():
+    """Not trained (an adapter for inference): tiles of zeros are marked inactive and
+    skipped, and the output is still exact."""
+    layer = make_layer(torch.float64)
+    attach_delta(layer).requires_grad_(False)
+    with torch.no_grad():
+        slot, _ = delta_slot.active_blocks(delta_slot.active(layer, "weight"), layer.desc.weight_groups(), 16)
+    assert (slot < 0).any() and (slot >= 0).any()
+    x = torch.randn(5, IRREPS_IN.dim, dtype=torch.float64).to(DEVICE)
+    assert rel_err(run(layer, "triton", x), run(layer, "torch", x)) <= 1e-12
+
+
 def test_gradcheck_gradgradcheck():
     layer = make_layer(torch.float64)
     values = attach_delta(layer)
