@@ -42,10 +42,10 @@ def calibrate_density(model: torch.nn.Module, density: Optional[float] = None) -
         shift = scores.min() - 1.0
     elif keep == 0:  # clear of the largest score, where exp(log) round-off could let one through
         shift = scores.max() + 1.0
-    else:
-        shift = torch.kthvalue(scores.cpu(), scores.numel() - keep).values  # `keep` scores lie above
+    else:  # on the scores' device: no copy to the host, no sync (run before every step)
+        shift = torch.kthvalue(scores, scores.numel() - keep).values  # `keep` scores lie above
     for d in deltas:
-        d.tau_shift.fill_(float(shift))
+        d.tau_shift.copy_(shift)
 
 
 @delta_slot.mark_hook
