@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparsekern.files import atomic_write  # noqa: E402
-from sparsekern.finetune.methods import DEFAULT_LR  # noqa: E402
+from sparsekern.finetune.methods import DEFAULT_LR, default_lr  # noqa: E402
 from sparsekern.locations import data_dir  # noqa: E402
 
 METHODS = [("full", "full", []), ("lora", "lora", []),
@@ -172,7 +172,7 @@ def markdown(result: dict) -> str:
                   "54 for silicon) is the comparison that counts."]
     lr = result["settings"]["lr"]
     lines += ["", f"Learning rate: {lr:g} for every method." if lr else
-              f"Learning rate: each method's own default ({DEFAULT_LR}), chosen on aspirin's validation split by "
+              f"Learning rate: each method's own default ({DEFAULT_LR}; sparse 0.3 at 0.5 %), chosen on aspirin's validation split by "
               "benchmarks/lr_sweep.py (results/lr_sweep_*); the test sets played no part in choosing it."]
     lines += ["", "Trainable params of the sparse delta count V (one per path weight) and the thresholds; "
               "with `--fast_after` only the active entries train. Wall time is training only (no evaluation).", ""]
@@ -248,7 +248,8 @@ def main(argv=None) -> int:
                         write_split(test_src, test_part, work / f"{name}_test.xyz"))
 
     def run_dir(name, method, extra):
-        lr = args.lr or DEFAULT_LR[method]  # in the name: a run at another lr starts afresh
+        density = float(extra[extra.index("--density") + 1]) if "--density" in extra else 0.03
+        lr = args.lr or default_lr(method, density)  # in the name: a run at another lr starts afresh
         return work / "runs" / f"{splits[name][0].stem}__{method}{'_' + extra[-1] if extra else ''}_lr{lr:g}", lr
 
     def one(name, method, extra):

@@ -4,6 +4,7 @@ are all read from here, so a new method or mode is added in one place."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -57,6 +58,22 @@ METHODS = {m.name: m for m in (
     Method("lora", "equivariant LoRA on the frozen base", 1e-1, ("lora",)),
 )}
 DEFAULT_LR = {name: METHODS[name].lr for name in sorted(METHODS)}  # sorted, as reports print it
+
+# A sparse delta at lower density needs larger moves per entry: on aspirin (SevenNet-0,
+# 10 epochs, benchmarks/results/density005_candidates_2026-12-03.md) lr 0.3 beat 0.1 at
+# 0.5 % (64.9 vs 71.9 meV/A force MAE) and lost at 3 % (58.7 vs 54.9)
+SPARSE_LR_AT = ((0.005, 0.3), (0.03, 0.1))
+
+
+def default_lr(method: str, density: float) -> float:
+    """Adam's default learning rate; a sparse delta's follows its density: the
+    measured lr at or beyond the two measured densities, log-log interpolated between
+    (not measured there)."""
+    if method != "sparse":
+        return METHODS[method].lr
+    (d0, lr0), (d1, lr1) = SPARSE_LR_AT
+    t = min(max(math.log(density / d0) / math.log(d1 / d0), 0.0), 1.0)
+    return lr0 * (lr1 / lr0) ** t
 SPARSE_MODES = METHODS["sparse"].modes  # what --mode / --sparse_mode offer
 
 

@@ -45,7 +45,7 @@ from .evaluation import (Sample, batches, check_elements, check_merged, errors, 
                          loss, make_samples, residuals, set_shift)
 from .lifecycle import merge, prepare, target_groups, to_fast, unmergeable
 from .magnetic_fit import fit_magnetic_energy
-from .methods import DEFAULT_LR, METHODS, MODES, SPARSE_MODES
+from .methods import METHODS, MODES, SPARSE_MODES, default_lr
 from .preemption import Preempted, deferred
 from .statistics import stats
 
@@ -71,7 +71,7 @@ class Settings:
     density_peak: Optional[float] = None
     density_anneal: float = 0.0  # epochs
     element_resolved: bool = False  # shared weights: one delta per element (SparseConfig.element_resolved)
-    lr: Optional[float] = None  # None: DEFAULT_LR[method]
+    lr: Optional[float] = None  # None: methods.default_lr(method, density)
     batch_size: int = 4
     seed: int = 0
     energy_weight: float = 1.0
@@ -95,7 +95,7 @@ class Settings:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {tuple(METHODS)}")
         if self.lr is None:
-            self.lr = DEFAULT_LR[self.method]
+            self.lr = default_lr(self.method, self.density)
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0 "
                              f"(got {self.epochs}, {self.batch_size}, {self.lr})")
