@@ -64,6 +64,14 @@ class Group:
             raise ValueError(error)
         return result
 
+    def gather(self, items: dict) -> dict:
+        """The union of every rank's ``items`` (keys disjoint across ranks), on every rank."""
+        if self.size == 1:
+            return items
+        boxes = [None] * self.size
+        dist.all_gather_object(boxes, items)
+        return {k: v for box in boxes for k, v in box.items()}
+
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` summed over the ranks (the same result on every rank)."""
         if self.size > 1:

@@ -15,6 +15,7 @@ import torch
 from ..integrations import Family
 from ..magnetism.loss import magnetic_errors, magnetic_loss, magnetic_residuals
 from .data import Frame
+from .distributed import Group
 
 
 @dataclass
@@ -76,6 +77,14 @@ def batches(samples: Sequence[Sample], size: int, order: Optional[torch.Tensor] 
         yield [samples[j] for j in idx[i:i + size]]
 
 
+def map_batches(fn, samples: Sequence[Sample], size: int, group: Group = Group()) -> list:
+    """``fn(batch)`` of every batch of ``samples``, in batch order, on every rank; each
+    rank computes every ``group.size``-th batch (evaluation is sharded as training is)."""
+    chunks = list(batches(samples, size))
+    done = group.gather({i: fn(chunks[i]) for i in range(group.rank, len(chunks), group.size)})
+    return [done[i] for i in range(len(chunks))]
+
+
 @contextmanager
 def fits_in_memory(batch: List[Sample], what: str):
     """A batch too large for the device's memory (or the host's) as one line that says
@@ -129,25 +138,28 @@ def loss(family: Family, model, batch: List[Sample], settings, whole: Optional[L
             + magnetic_loss(out, batch, settings, whole))
 
 
-def _all_residuals(family: Family, model, samples: Sequence[Sample], settings) -> Dict[str, torch.Tensor]:
+def _all_residuals(family: Family, model, samples: Sequence[Sample], settings,
+                   group: Group = Group()) -> Dict[str, torch.Tensor]:
     """Per frame (E - E_ref) / N and its energy shift per atom; all force residuals; the
     magnetic residuals where the family predicts them and the samples have labels."""
     model.eval()
-    parts: Dict[str, List[torch.Tensor]] = {"energy": [], "shift": [], "forces": []}
-    for batch in batches(samples, settings.batch_size):
+
+    def one(batch):
         out = outputs(family, model, batch, settings.device, training=False)
         e, n, f = _targets(batch, out["energy"])
-        parts["energy"].append(((out["energy"].detach() - e) / n).cpu().double())
-        parts["shift"].append(torch.tensor([s.shift / s.natoms for s in batch], dtype=torch.float64))
-        parts["forces"].append((out["forces"].detach() - f).cpu().double().reshape(-1))
-        for k, r in magnetic_residuals(out, batch).items():
-            parts.setdefault(k, []).append(r.detach().cpu().double())
-    return {k: torch.cat(v) for k, v in parts.items()}
+        part = {"energy": ((out["energy"].detach() - e) / n).cpu().double(),
+                "shift": torch.tensor([s.shift / s.natoms for s in batch], dtype=torch.float64),
+                "forces": (out["forces"].detach() - f).cpu().double().reshape(-1)}
+        part.update({k: r.detach().cpu().double() for k, r in magnetic_residuals(out, batch).items()})
+        return part
+
+    parts = map_batches(one, samples, settings.batch_size, group)
+    return {k: torch.cat([p[k] for p in parts if k in p]) for k in dict.fromkeys(k for p in parts for k in p)}
 
 
-def residuals(family: Family, model, samples: Sequence[Sample], settings):
+def residuals(family: Family, model, samples: Sequence[Sample], settings, group: Group = Group()):
     """Per frame (E - E_ref) / N and its energy shift per atom; all force residuals."""
-    res = _all_residuals(family, model, samples, settings)
+    res = _all_residuals(family, model, samples, settings, group)
     return res["energy"], res["shift"], res["forces"]
 
 
@@ -156,8 +168,8 @@ def errors(de: torch.Tensor, df: torch.Tensor) -> Errors:
                   1e3 * float(df.abs().mean()), 1e3 * float(df.square().mean().sqrt()))
 
 
-def evaluate(family: Family, model, samples: Sequence[Sample], settings) -> Errors:
-    res = _all_residuals(family, model, samples, settings)
+def evaluate(family: Family, model, samples: Sequence[Sample], settings, group: Group = Group()) -> Errors:
+    res = _all_residuals(family, model, samples, settings, group)
     plain, magnetic = errors(res["energy"], res["forces"]), magnetic_errors(res)
     return MagneticErrors(**asdict(plain), **magnetic) if magnetic else plain
 

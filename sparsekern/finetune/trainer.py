@@ -42,7 +42,7 @@ from .data import REFIT_E0S, Frame, energy_shift, read_frames
 from .density import calibrate_density
 from .distributed import Group, join, leave
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, fits_in_memory, forward,
-                         loss, make_samples, residuals, set_shift)
+                         loss, make_samples, map_batches, residuals, set_shift)
 from .lifecycle import merge, prepare, target_groups, to_fast, unmergeable
 from .magnetic_fit import fit_magnetic_energy
 from .methods import METHODS, MODES, SPARSE_MODES, default_lr
@@ -154,22 +154,22 @@ def _read_data(settings: Settings) -> Tuple[List[Frame], List[Frame], List[Frame
 
 
 def _fit_shift(family: Family, model, spec: str, samples: Sequence[Sample], train: Sequence[Frame],
-               settings: Settings) -> Dict[int, float]:
+               settings: Settings, group: Group) -> Dict[int, float]:
     """The per-element energy shift ``spec`` (``--E0s``'s rules) chooses from the training
     frames, with ``samples`` (their graphs and current shift) giving the model's energies."""
     zs = sorted({int(z) for f in train for z in f.atoms.numbers})
     model.eval()
 
     def predict_energies():
-        energies = [forward(family, model, batch, settings.device, False)[0].detach().cpu().double()
-                    for batch in batches(samples, settings.batch_size)]
+        energies = map_batches(lambda batch: forward(family, model, batch, settings.device, False)[0].detach()
+                               .cpu().double(), samples, settings.batch_size, group)
         return torch.cat(energies).numpy()
 
     return energy_shift(spec, train, zs, lambda z: family.own_e0s(model, z), predict_energies)
 
 
 def _refit_shift(family: Family, model, shift: Dict[int, float], samples: Sequence[Sequence[Sample]],
-                 frames: Sequence[Sequence[Frame]], settings: Settings) -> Dict[int, float]:
+                 frames: Sequence[Sequence[Frame]], settings: Settings, group: Group) -> Dict[int, float]:
     """After training, a data-derived shift (``--E0s estimated`` / ``average``) follows the
     trained model: corrected by least squares of its remaining training residuals on the
     composition, as ``estimated`` fits it to the zero-shot ones. Deltas that leave the
@@ -178,11 +178,11 @@ def _refit_shift(family: Family, model, shift: Dict[int, float], samples: Sequen
     shifts follow; returns the correction."""
     if settings.e0s not in REFIT_E0S:
         return {}
-    correction = _fit_shift(family, model, "estimated", samples[0], frames[0], settings)
+    correction = _fit_shift(family, model, "estimated", samples[0], frames[0], settings, group)
     for z, c in correction.items():
         shift[z] += c
-    for group, group_frames in zip(samples, frames):
-        set_shift(group, group_frames, shift)
+    for part, part_frames in zip(samples, frames):
+        set_shift(part, part_frames, shift)
     return correction
 
 
@@ -336,7 +336,7 @@ def _train(loop: _Loop, train_s: Sequence[Sample], valid_s: Sequence[Sample], ck
         progress.epoch, progress.step, progress.epoch_loss = progress.epoch + 1, 0, 0.0
         record = {"epoch": progress.epoch, "train_loss": train_loss}
         if valid_s:
-            record["valid"] = asdict(evaluate(loop.family, model, valid_s, settings))
+            record["valid"] = asdict(evaluate(loop.family, model, valid_s, settings, loop.group))
         progress.history.append(record)
         progress.peak_rss_mb = max(progress.peak_rss_mb, _peak_rss_mb())
         loop.save(model, loop.optimizer, progress)
@@ -427,11 +427,11 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     for group_frames, what in ((train, settings.train), (test, settings.test), (valid, settings.valid)):
         check_elements(family, model, group_frames, what)
     shift = ({int(z): v for z, v in ck["shift"].items()} if ck is not None else _fit_shift(
-        family, model, settings.e0s, make_samples(family, model, train, {}), train, settings))
+        family, model, settings.e0s, make_samples(family, model, train, {}), train, settings, group))
     train_s, test_s, valid_s = (make_samples(family, model, f, shift) for f in (train, test, valid))
 
     patch(model)
-    de, frame_shift, df = residuals(family, model, test_s, settings)
+    de, frame_shift, df = residuals(family, model, test_s, settings, group)
     zero_shot = {"zero_shot_test": errors(de, df), "zero_shot_no_e0_shift_test": errors(de - frame_shift, df)}
     base = {k: v.detach().clone() for k, v in _path_weights(model).items()}
     numbers = sorted({int(z) for frame in train for z in frame.atoms.numbers})
@@ -445,8 +445,8 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
         progress = _train(_Loop(family, model, settings, group, signalled, save), train_s, valid_s, ck)
     if progress.epoch > 0:
         fit_magnetic_energy(family, model, train_s, settings, group)  # again, on the trained base
-    refit = _refit_shift(family, model, shift, (train_s, test_s, valid_s), (train, test, valid), settings)
-    test_errors = {"test": evaluate(family, model, test_s, settings), **zero_shot}
+    refit = _refit_shift(family, model, shift, (train_s, test_s, valid_s), (train, test, valid), settings, group)
+    test_errors = {"test": evaluate(family, model, test_s, settings, group), **zero_shot}
     metrics = _metrics(settings, family, (train, valid, test), shift, model, progress, test_errors,
                        _changed_fraction(model, base))
     metrics.update(e0_refit_ev={str(z): v for z, v in refit.items()}, processes=group.size)

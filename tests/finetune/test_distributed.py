@@ -65,3 +65,19 @@ def test_mace_train_distributed_on_cpu_is_refused_clearly(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["mace-train", "--name", "x", "--train_file", "t.xyz", "--distributed", "--device", "cpu"])
     assert exit_.value.code == 2 and "MACE's data-parallel mode runs on GPUs only" in capsys.readouterr().err
+
+
+def test_evaluation_is_sharded_and_kept_in_order():
+    """Each rank evaluates every size-th batch; every rank gets all results in batch order."""
+    from sparsekern.finetune.distributed import Group
+    from sparsekern.finetune.evaluation import map_batches
+
+    class RankOneOfTwo(Group):
+        def gather(self, items):  # rank 0's share, as all_gather_object would bring it
+            assert sorted(items) == [1, 3]
+            return {**items, 0: ["rank 0"], 2: ["rank 0"], 4: ["rank 0"]}
+
+    done = []
+    out = map_batches(lambda b: done.append(b) or b, list(range(9)), 2, RankOneOfTwo(rank=1, size=2))
+    assert done == [[2, 3], [6, 7]]
+    assert out == [["rank 0"], [2, 3], ["rank 0"], [6, 7], ["rank 0"]]
