@@ -11,7 +11,7 @@ pytest.importorskip("sevenn")
 from ase.io import read  # noqa: E402
 
 import sparsekern  # noqa: E402
-from sparsekern.layers import ChannelwiseTP, IrrepsLinear, RadialMLP, SparsekernLayer  # noqa: E402
+from sparsekern.layers import ChannelwiseConv, IrrepsLinear, RadialMLP, SparsekernLayer  # noqa: E402
 from sparsekern.locations import data_dir  # noqa: E402
 from sparsekern.integrations.sevennet.models import load_sevennet  # noqa: E402
 from helpers import rel_err  # noqa: E402
@@ -48,7 +48,7 @@ def test_sevennet0_energies_forces(sevennet):
     ref = [_physics(model, a) for a in structures]
     assert sparsekern.patch(model) is model
     kinds = {type(m) for _, m in sparsekern.patched_layers(model)}
-    assert {IrrepsLinear, ChannelwiseTP, RadialMLP} <= kinds
+    assert {IrrepsLinear, ChannelwiseConv, RadialMLP} <= kinds
     for (e0, f0), atoms in zip(ref, structures):
         e1, f1 = _physics(model, atoms)
         assert abs(e1 - e0) / abs(e0) <= 2e-5
