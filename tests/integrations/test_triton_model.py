@@ -199,10 +199,10 @@ def test_e3nn_sevennet_shaped_triton_matches_torch():
 @pytest.mark.parametrize("sparse", [False, True])
 def test_sevennet_triton_matches_torch(sparse):
     pytest.importorskip("sevenn")
-    from sparsekern.layers import ChannelwiseTP, ElementLinear, IrrepsLinear
+    from sparsekern.layers import ChannelwiseConv, ElementLinear, IrrepsLinear
 
     atoms = Atoms("H2OH", positions=[[0, 0, 0], [0.9, 0.2, 0.1], [0.1, 1.0, -0.2], [1.1, 1.1, 0.6]])
     ref, ours = _triton_twin(_tiny_sevennet(), sparse)
     on_triton = {type(m) for _, m in sparsekern.patched_layers(ours) if m.backend == "triton"}
-    assert {IrrepsLinear, ElementLinear, ChannelwiseTP} <= on_triton
+    assert {IrrepsLinear, ElementLinear, ChannelwiseConv} <= on_triton  # SevenNet's convolution, fused
     _assert_same(_sevennet_physics(ours, atoms), _sevennet_physics(ref, atoms))
