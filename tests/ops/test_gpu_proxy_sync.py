@@ -220,3 +220,21 @@ def test_whole_model_no_host_sync(launches, what):
         with _Count(strict=True, copies=first) as count:
             _whole_pass(model, batch, step)
     assert count.ops <= WHOLE_BUDGET[what][0] and len(launches) <= WHOLE_BUDGET[what][1], (count.ops, len(launches))
+
+
+def test_input_gradients_alone_skip_the_weight_kernels(layers, launches):
+    """Energy+forces asks autograd for input gradients only: the weights are Parameters
+    (marked at forward time), yet no weight-gradient kernel runs (sparsekern.ops.grads)."""
+    weight_kernels = {"IrrepsLinear": "_wgrad_kernel", "ElementLinear": "_wgrad_kernel",
+                      "ChannelwiseConv": "_edge_kernel"}
+    for (kind, delta), layer in layers.items():
+        if kind not in weight_kernels:
+            continue
+        inputs = _inputs(layer, 37, 301, "cpu")
+        out = layer(*inputs)
+        del launches[:]
+        torch.autograd.grad(out.square().sum(), inputs[0])
+        assert launches and weight_kernels[kind] not in launches, (kind, delta, launches)
+        weights = [p for p in layer.parameters() if p.requires_grad] or [inputs[2]]  # the conv's: per edge
+        torch.autograd.grad(layer(*inputs).square().sum(), weights)
+        assert weight_kernels[kind] in launches, (kind, delta, launches)  # and they run when asked for

@@ -13,6 +13,7 @@ import torch
 from ...delta_slot import effective
 from ...paths import OutputSlots
 from ..descriptors import LinearDesc
+from ..grads import needed
 
 try:
     from ... import _C
@@ -106,9 +107,9 @@ class _ElementLinear(torch.autograd.Function):
         # backward is again differentiable (double backward for forces -> stress/Hessians).
         x, weight, species = ctx.saved_tensors
         gx = gw = None
-        if ctx.needs_input_grad[0]:
+        if needed(ctx, 0):
             gx = element_matmul(gy, weight.transpose(1, 2), species, ctx.alpha)
-        if ctx.needs_input_grad[1]:
+        if needed(ctx, 1):
             gw = _grad_weight(x, gy, species, weight.shape[0], ctx.alpha)
         return gx, gw, None, None
 

@@ -11,6 +11,7 @@ import torch
 
 from ...paths import OutputSlots, split_segments
 from ..descriptors import TPDesc
+from ..grads import needed
 from .opaque import opaque_to_compile
 
 
@@ -133,9 +134,9 @@ class _ScaleRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, w = ctx.saved_tensors
-        grad_x = grad * w.unsqueeze(1) if ctx.needs_input_grad[0] else None
+        grad_x = grad * w.unsqueeze(1) if needed(ctx, 0) else None
         grad_w = None
-        if ctx.needs_input_grad[1]:
+        if needed(ctx, 1):
             grad_w = grad[:, 0] * x[:, 0]
             for i in range(1, x.shape[1]):
                 grad_w = torch.addcmul(grad_w, grad[:, i], x[:, i])

@@ -30,6 +30,7 @@ import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..descriptors import TPDesc
+from ..grads import needed
 
 _META = 10  # ints per path: a_off, d_a, b_off, d_b, w_off, o_off, d_o, mul, kbase, pad
 
@@ -370,9 +371,9 @@ class _Conv(torch.autograd.Function):
         a, b, w = ctx.saved_tensors
         form, graph = ctx.form, ctx.graph
         ga = gb = gw = None
-        if ctx.needs_input_grad[0]:
+        if needed(ctx, 0):
             ga = _Conv.apply(g, b, w, form.transposed, graph.transposed)
-        need_b, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_b, need_w = needed(ctx, 1), needed(ctx, 2)
         if need_b or need_w:
             gb, gw = _edge(form, a, b, w, g, graph, need_b, need_w)
         return ga, gb, gw, None, None
@@ -396,7 +397,7 @@ class _Edge(torch.autograd.Function):
         form, graph = ctx.form, ctx.graph
         Gb = Gb if ctx.need[0] else None
         Gw = Gw if ctx.need[1] else None
-        na, nb, nw, ng = ctx.needs_input_grad[:4]
+        na, nb, nw, ng = (needed(ctx, i) for i in range(4))
         da = db = dw = dg = None
         # gb and gw are linear in (w, a, g) and (b, a, g): each term below is one of them
         # with an operand replaced by its incoming gradient.

@@ -35,6 +35,7 @@ import triton.language as tl
 from ...delta_slot import active_blocks
 from ...paths import OutputSlots
 from ..descriptors import LinearDesc
+from ..grads import needed
 
 _BN = 32  # nodes per tile
 _BM = 32  # rows ((node, m) pairs) per step
@@ -354,9 +355,9 @@ class _Lin(torch.autograd.Function):
         x, w0, vals = ctx.saved_tensors
         call, tr = ctx.call, ctx.tr
         a, b = (gy, x) if tr else (x, gy)  # input features, output features
-        gx = _Lin.apply(gy, w0, vals, call, not tr) if ctx.needs_input_grad[0] else None
-        gw0 = _WGrad.apply(a, b, call, False) if ctx.needs_input_grad[1] else None
-        gvals = _WGrad.apply(a, b, call, True) if ctx.needs_input_grad[2] else None
+        gx = _Lin.apply(gy, w0, vals, call, not tr) if needed(ctx, 0) else None
+        gw0 = _WGrad.apply(a, b, call, False) if needed(ctx, 1) else None
+        gvals = _WGrad.apply(a, b, call, True) if needed(ctx, 2) else None
         return gx, gw0, gvals, None, None
 
 
@@ -376,8 +377,8 @@ class _WGrad(torch.autograd.Function):
         a, b = ctx.saved_tensors
         call, delta = ctx.call, ctx.delta
         w0, vals = (None, G) if delta else (G, None)
-        da = _Lin.apply(b, w0, vals, call, True) if ctx.needs_input_grad[0] else None
-        db = _Lin.apply(a, w0, vals, call, False) if ctx.needs_input_grad[1] else None
+        da = _Lin.apply(b, w0, vals, call, True) if needed(ctx, 0) else None
+        db = _Lin.apply(a, w0, vals, call, False) if needed(ctx, 1) else None
         return da, db, None, None
 
 

@@ -1,0 +1,20 @@
+"""Which input gradients a custom autograd Function's backward must compute.
+
+``ctx.needs_input_grad`` is fixed at forward time: every weight (a Parameter) is marked,
+so energy + forces, which asks autograd for the positions' gradient alone, would still
+compute every weight gradient. Built-in ops skip what the running backward pass will not
+use; :func:`needed` gives custom Functions the same test."""
+
+import torch
+
+
+def needed(ctx, i: int) -> bool:
+    """Whether input ``i``'s gradient is used by the backward pass now running: marked at
+    forward time and on the path of that pass."""
+    if not ctx.needs_input_grad[i]:
+        return False
+    node = ctx.next_functions[i][0]
+    try:
+        return node is None or torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # backward called outside the autograd engine: compute it
+        return True
