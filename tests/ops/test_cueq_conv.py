@@ -11,9 +11,11 @@ import torch
 pytest.importorskip("cuequivariance_torch")
 
 from helpers import TOL, rel_err  # noqa: E402
-from test_triton_conv import BIG, TINY, force_like, make  # noqa: E402
+from test_triton_conv import BIG, TINY, force_like, make, uvu_tp  # noqa: E402
 from test_triton_symmetric_contraction import CASES, make_layer, node_inputs, second_order, trainable  # noqa: E402
 
+import sparsekern  # noqa: E402
+from sparsekern.layers import ChannelwiseTP  # noqa: E402
 from sparsekern.ops import registry  # noqa: E402
 from sparsekern.ops.cueq import conv as cueq_conv_module, symmetric_contraction as cueq_sc_module  # noqa: E402
 from sparsekern.ops.cueq.conv import channelwise_tp as cueq_tp, conv as cueq_conv  # noqa: E402
@@ -32,9 +34,7 @@ def test_conv_forward_backward_double_backward_match_torch(dtype):
 
 
 def test_channelwise_tp_through_the_registry():
-    conv, x, y, w, ei = make(*BIG, n=6, e=6, dtype=torch.float64)
-    from sparsekern.layers import ChannelwiseTP
-    from test_triton_conv import uvu_tp
+    _, x, y, w, _ = make(*BIG, n=6, e=6, dtype=torch.float64)
     tp = ChannelwiseTP.from_e3nn(uvu_tp(*BIG[:2], 2)).to(x.device)
     x, w = x[:, :tp.irreps_in1.dim], w[:, :tp.weight_numel]
     ref = force_like(tp, x, y, w)
@@ -110,3 +110,33 @@ def test_uniform_channels_make_uniform_1d_polynomials():
     assert _uniform_1d_ready(cueq_conv_module._polynomial(mixed.desc))  # 2x everywhere
     mixed, *_ = make(*BIG, n=1, e=1, dtype=torch.float64)
     assert not _uniform_1d_ready(cueq_conv_module._polynomial(mixed.desc))  # 3x, 2x, 1x: naive
+
+
+
+def _energy_forces_grads(model, batch):
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(batch, training=True, compute_force=True)
+    grads = torch.autograd.grad((out["forces"] ** 2).sum() + out["energy"].sum(), params, allow_unused=True)
+    return [out["energy"].detach(), out["forces"].detach()] + [g for g in grads if g is not None]
+
+
+def test_whole_mace_model_on_cueq():
+    """MACE-MP-0 small's layout (float64): energies, forces and force-loss gradients of
+    the model patched with backend="cueq" (its convs and contractions) = unpatched."""
+    from ase.build import bulk
+    from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
+
+    model = mace_mp0_shaped("small", seed=1, num_elements=3)
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.rattle(0.05, seed=2)
+    atoms.numbers = [1, 2, 3, 1, 2, 3, 1, 2]
+    batch = mace_batch(model, [atoms])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    ref = _energy_forces_grads(model, batch)
+    sparsekern.patch(model, backend="cueq")
+    ran = {registry.resolve(m.backend, m.op, torch.device("cpu")) for _, m in sparsekern.patched_layers(model)
+           if m.op in ("conv", "symmetric_contraction")}
+    assert ran == {"cueq"}
+    got = _energy_forces_grads(model, batch)
+    assert len(got) == len(ref) and all(rel_err(a, b) <= 1e-12 for a, b in zip(got, ref))
