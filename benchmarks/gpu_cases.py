@@ -7,8 +7,8 @@ each conv, and the symmetric contractions, float32. Each case gives its back end
 callables: e3nn (as MACE runs it), sparsekern's torch back end, the Triton kernels (also
 with a block-sparse delta at 3 % density, W0 frozen, and, for the conv, half its paths
 masked), sparsekern's cuEquivariance back end (ops/cueq; conv and contraction) and
-cuEquivariance's fused conv as MACE builds it, where they import. A back end that cannot run
-here is a string saying why. ``floor`` holds the forward pass's compulsory bytes and
+cuEquivariance's fused conv as MACE builds it, where they import. A back end that cannot
+run here is a string saying why. ``floor`` holds the forward pass's compulsory bytes and
 FLOPs (computed, see NOTES.md).
 """
 from __future__ import annotations

@@ -140,3 +140,20 @@ def test_whole_mace_model_on_cueq():
     assert ran == {"cueq"}
     got = _energy_forces_grads(model, batch)
     assert len(got) == len(ref) and all(rel_err(a, b) <= 1e-12 for a, b in zip(got, ref))
+
+
+def test_contraction_zero_nodes_and_absent_element():
+    layer = make_layer("2x0e+2x1o", "2x0e+2x1o", 2, torch.float64).set_backend("cueq")
+    x, attrs = node_inputs(layer, torch.float64, species=[])
+    out = layer(x.requires_grad_(), attrs)
+    assert out.shape == (0, layer.irreps_out.dim)
+    (gw,) = torch.autograd.grad(out.sum(), [layer.contractions[0].weights_max])
+    assert not gw.any()
+    x, attrs = node_inputs(layer, torch.float64, species=[0, 2, 2])  # element 1 absent
+    w = layer.contractions[1].weights_max
+    got = layer(x, attrs)
+    (gw,) = torch.autograd.grad((got ** 2).sum(), [w])
+    assert not gw[1].any() and gw[0].any()
+    want = layer.set_backend("torch")(x, attrs)
+    assert rel_err(got, want) <= 1e-12
+    assert rel_err(gw, torch.autograd.grad((want ** 2).sum(), [w])[0]) <= 1e-12

@@ -39,9 +39,10 @@ def _polynomial(desc: ContractionDesc) -> cue.SegmentedPolynomial:
                 dense = u.new_zeros((u.shape[0],) + (d,) * nu + (u.shape[2],))
                 dense[(slice(None),) + tuple(tables.tuples[nu - 1].t())] = u
                 stp.add_path(w, *([0] * nu), j, c=dense.numpy())
-        operations.append((cue.Operation([0] + [1] * degree + [2]), stp))
-    ops = [stp.operands for _, stp in operations]
-    return cue.SegmentedPolynomial([ops[0][0], ops[0][1]], [ops[0][-1]], operations)
+        if stp.num_paths:  # the naive method refuses a product without paths
+            operations.append((cue.Operation([0] + [1] * degree + [2]), stp))
+    w_op, x_op, *_, out_op = operations[0][1].operands
+    return cue.SegmentedPolynomial([w_op, x_op], [out_op], operations)
 
 
 def symmetric_contraction(desc: ContractionDesc, x: torch.Tensor, species: torch.Tensor,
@@ -53,6 +54,6 @@ def symmetric_contraction(desc: ContractionDesc, x: torch.Tensor, species: torch
     ws = [effective(w, dw) for wj, dj in zip(weights, deltas) for w, dw in zip(wj, dj) if w.shape[1]]
     w_rows = torch.cat([w.reshape(w.shape[0], -1) for w in ws], 1)  # (n_el, sum k * c), "ku" blocks
     poly = desc.const("cueq", x, lambda: module(_polynomial(desc), x))
-    [out] = poly([w_rows, x.transpose(1, 2).reshape(n, -1)], input_indices={0: species})
+    [out] = poly([w_rows, x.transpose(1, 2).reshape(n, x.shape[1] * x.shape[2])], input_indices={0: species})
     return transpose(out, desc.blocks_out, False)  # blocks of num_features channels
 
