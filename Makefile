@@ -21,7 +21,7 @@ test-sevenn: .venv-sevenn/.installed
 	.venv-sevenn/bin/python -m pytest tests -q -p no:cacheprovider --ignore=tests/ops
 
 test-cueq: .venv-cueq/.installed
-	.venv-cueq/bin/python -m pytest tests/integrations/test_cueq.py tests/integrations/test_mace.py -q -p no:cacheprovider
+	.venv-cueq/bin/python -m pytest tests/integrations/test_cueq.py tests/integrations/test_mace.py tests/ops/test_cueq_conv.py -q -p no:cacheprovider
 
 # torch first and pinned (an unpinned torch pulls several GB of CUDA wheels); then the
 # package, which builds its CUDA extension when nvcc is present (a compile error fails).

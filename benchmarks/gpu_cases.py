@@ -6,8 +6,9 @@ two interaction convs, the element-indexed linears (skip_tp), the irrep linears 
 each conv, and the symmetric contractions, float32. Each case gives its back ends as
 callables: e3nn (as MACE runs it), sparsekern's torch back end, the Triton kernels (also
 with a block-sparse delta at 3 % density, W0 frozen, and, for the conv, half its paths
-masked), and cuEquivariance's fused conv where it imports. A back end that cannot run
-here is a string saying why. ``floor`` holds the forward pass's compulsory bytes and
+masked), sparsekern's cuEquivariance back end (ops/cueq; conv and contraction) and
+cuEquivariance's fused conv as MACE builds it, where they import. A back end that cannot
+run here is a string saying why. ``floor`` holds the forward pass's compulsory bytes and
 FLOPs (computed, see NOTES.md).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import sparsekern  # noqa: F401  (e3nn 0.4.4 under torch >= 2.6)
 from sparsekern.layers import ChannelwiseConv, ElementLinear, IrrepsLinear, SymmetricContraction
 from sparsekern.integrations.mace.models import mace_mp0_shaped
+from sparsekern.ops import registry
 
 SIZES = {"mp0_medium_5000at": (5000, 150000), "small_300at": (300, 9000)}
 SMOKE_SIZES = {"smoke_20at": (20, 60)}  # CPU check of the scripts (TRITON_INTERPRET=1)
@@ -121,6 +123,13 @@ def cueq_fused_conv(tp, dev):
         return f"n/a ({type(exc).__name__}: {exc})"
 
 
+def cueq_backend(dev, run: Callable, ins: tuple) -> Backend:
+    """sparsekern's cuEquivariance back end (``run``), or why it cannot run here."""
+    if not registry.BACKENDS["cueq"].available(torch.device(dev)):
+        return "n/a (cuequivariance_torch is not installed)"
+    return run, ins
+
+
 def conv_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
     from sparsekern.ops.triton.conv import conv as triton_conv
 
@@ -148,6 +157,8 @@ def conv_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
         "triton": (lambda a, b, c: triton_conv(conv.desc, a, b, c, edge_index), ins),
         "triton_half_paths": (lambda a, b, c: triton_conv(conv.desc, a, b, c, edge_index, path_mask=half), ins),
     }
+    backends["cueq"] = cueq_backend(dev, lambda a, b, c: registry.implementation("conv", "cueq")(
+        conv.desc, a, b, c, edge_index), ins)
     cueq = cueq_fused_conv(tp, dev)
     backends["cueq_fused"] = cueq if isinstance(cueq, str) else (lambda a, b, c: cueq(a, b, c, edge_index), ins)
     return OpCase(f"conv{li}", backends, MODES, conv_floor(conv, n_nodes, e))
@@ -249,7 +260,8 @@ def products_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
         return run
 
     backends: Dict[str, Backend] = {"e3nn": (lambda a: sc(a, one_hot), (x,)), "torch": (backend("torch"), (x,)),
-                                    "triton": (backend("triton"), (x,))}
+                                    "triton": (backend("triton"), (x,)),
+                                    "cueq": cueq_backend(dev, backend("cueq"), (x,))}
     return OpCase(f"products{li}", backends, MODES, products_floor(layer, n_nodes))
 
 

@@ -117,6 +117,8 @@ def test_model_families_stay_in_their_folders():
 def test_importing_a_kernel_does_not_import_finetune(module):
     if module.endswith("triton"):
         pytest.importorskip("triton")
+    if module.endswith("cueq"):
+        pytest.importorskip("cuequivariance_torch")
     code = (f"import sys, {module}; "
             "print(sorted(m for m in sys.modules if m.startswith(('sparsekern.finetune', 'sparsekern.cli'))))")
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -155,6 +155,11 @@ class TPDesc(Descriptor):
         w3j = self.w3j.get((l1, l2, lo))
         return w3j if w3j is not None else o3.wigner_3j(l1, l2, lo, dtype=torch.float64)
 
+    def coefficients(self, p: Path) -> torch.Tensor:
+        """The path's (d1, d2, d_out) table, scale * Clebsch-Gordan, in float64 on the CPU:
+        what every back end multiplies by (each rounds it to its dtype once)."""
+        return (p.scale * self.cg(*self.ls(p)).to(torch.float64)).cpu()
+
     def ls(self, p: Path) -> Tuple[int, int, int]:
         """The path's (l1, l2, l_out), from the blocks' dimensions 2l + 1."""
         return self.blocks_in1.dims[p.i_in] // 2, self.blocks_in2.dims[p.i_in2] // 2, self.blocks_out.dims[p.i_out] // 2

@@ -39,6 +39,17 @@ def _cuda_available(device: torch.device) -> bool:
     return element_linear.available()
 
 
+@functools.lru_cache(maxsize=None)
+def _cueq_available(device: torch.device) -> bool:
+    """cuequivariance_torch imports (its pure-torch method runs on any device; its CUDA
+    kernels where the ops package is installed)."""
+    try:
+        import cuequivariance_torch  # noqa: F401
+    except Exception:  # absent, or a broken install
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -53,6 +64,8 @@ BACKENDS: Dict[str, Backend] = {b.name: b for b in (
             "a GPU, or TRITON_INTERPRET=1 on CPU"),
     Backend("cuda", frozenset({"element_linear"}), _cuda_available,
             "a GPU and the compiled extension sparsekern._C"),
+    Backend("cueq", frozenset({"channelwise_tp", "conv", "symmetric_contraction"}), _cueq_available,
+            "the package cuequivariance_torch"),
 )}
 CHOICES = ("auto",) + tuple(BACKENDS)  # what the command line offers
 

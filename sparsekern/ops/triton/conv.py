@@ -236,7 +236,7 @@ def build_form(desc: TPDesc, like: torch.Tensor, path_mask=None) -> ConvForm:
         if path_mask is not None and not path_mask[t]:
             continue
         l1, l2, lo = desc.ls(p)
-        cg = (p.scale * desc.cg(l1, l2, lo).to(torch.float64)).cpu()
+        cg = desc.coefficients(p)
         nz = cg.nonzero().tolist()
         entries.append([(i, j, k, float(cg[i, j, k])) for i, j, k in nz])
         paths.append((s1[p.i_in].start, 2 * l1 + 1, s2[p.i_in2].start, 2 * l2 + 1, p.weight_offset,
