@@ -46,48 +46,53 @@ _MAX_OPERANDS = 4  # correlation 3: (A, x, x, x); every derivative swaps one ope
 
 @triton.jit
 def _form_kernel(a0, a1, a2, a3, y_ptr, species_ptr, order_ptr, el_start_ptr, start_ptr, idx_ptr, coef_ptr,
-                 N, C, d_out, nnz, o_per,
+                 N, C, d_out, nnz,
                  s00, s01, s02, s10, s11, s12, s20, s21, s22, s30, s31, s32, sy0, sy1, sy2,
                  P: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr, E2: tl.constexpr, E3: tl.constexpr,
                  ELEM_OUT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
-    """Outputs o_per * program_id(2) .. + o_per of a channel tile, for a tile of BN nodes
-    or (ELEM_OUT) for element program_id(0): then the program loops over that element's
-    nodes, sums them in registers and stores once (no atomics, a fixed order)."""
+    """Per node: every output of a tile of BN nodes (program_id(0)) and BC channels.
+    ELEM_OUT: output program_id(2) of element program_id(0): the program sums that
+    element's nodes, BN at a time, in registers and stores once (no atomics, a fixed order)."""
     c = (tl.program_id(1) * BC + tl.arange(0, BC)).to(tl.int64)
     mc = c < C
     if ELEM_OUT:
         z = tl.program_id(0).to(tl.int64)
         n_lo = tl.load(el_start_ptr + z)
         n_hi = tl.load(el_start_ptr + z + 1)
+        o_lo = tl.program_id(2)
+        o_hi = o_lo + 1
+        acc = tl.zeros((BN, BC), dtype=y_ptr.dtype.element_ty)
     else:
         n_lo = tl.program_id(0) * BN
         n_hi = tl.minimum(n_lo + BN, N)
-    o_lo = tl.program_id(2) * o_per
-    for o in range(o_lo, tl.minimum(o_lo + o_per, d_out)):
-        t0 = tl.load(start_ptr + o)
-        t1 = tl.load(start_ptr + o + 1)
-        acc = tl.zeros((BN, BC), dtype=y_ptr.dtype.element_ty)
-        for n0 in range(n_lo, n_hi, BN):  # one tile, or the element's nodes in element order
-            q = n0 + tl.arange(0, BN)
-            mq = q < n_hi
-            rn = tl.load(order_ptr + q, mask=mq, other=0).to(tl.int64)
-            if ELEM_OUT:
-                re = tl.zeros((BN,), dtype=tl.int64) + z
-            else:
-                re = tl.load(species_ptr + rn, mask=mq, other=0).to(tl.int64)
-            mask = mq[:, None] & mc[None, :]
-            # (1, BN, BC) row and channel offsets of each operand; the table adds the index.
-            # Written out per operand: a helper function costs 5x per call in the CPU interpreter.
-            p0 = a0 + ((re if E0 else rn)[:, None] * s00 + c[None, :] * s01)[None]
-            p1 = a1 + ((re if E1 else rn)[:, None] * s10 + c[None, :] * s11)[None]
-            p2 = a2 + ((re if E2 else rn)[:, None] * s20 + c[None, :] * s21)[None]
-            p3 = a3 + ((re if E3 else rn)[:, None] * s30 + c[None, :] * s31)[None]
+        o_lo = 0
+        o_hi = d_out
+    for n0 in range(n_lo, n_hi, BN):  # per node: one tile
+        q = n0 + tl.arange(0, BN)
+        mq = q < n_hi
+        rn = tl.load(order_ptr + q, mask=mq, other=0).to(tl.int64)  # nodes in element order
+        if ELEM_OUT:
+            re = tl.zeros((BN,), dtype=tl.int64) + z
+        else:
+            re = tl.load(species_ptr + rn, mask=mq, other=0).to(tl.int64)
+        mask = mq[:, None] & mc[None, :]
+        # (1, BN, BC) row and channel offsets of each operand; the table adds the index.
+        # Written out per operand: a helper function costs 5x per call in the CPU interpreter.
+        p0 = a0 + ((re if E0 else rn)[:, None] * s00 + c[None, :] * s01)[None]
+        p1 = a1 + ((re if E1 else rn)[:, None] * s10 + c[None, :] * s11)[None]
+        p2 = a2 + ((re if E2 else rn)[:, None] * s20 + c[None, :] * s21)[None]
+        p3 = a3 + ((re if E3 else rn)[:, None] * s30 + c[None, :] * s31)[None]
+        for o in range(o_lo, o_hi):
+            t0 = tl.load(start_ptr + o)
+            t1 = tl.load(start_ptr + o + 1)
+            if not ELEM_OUT:
+                acc = tl.zeros((BN, BC), dtype=y_ptr.dtype.element_ty)
             for tb in range(t0, t1, BT):  # BT entries of output o at a time
                 tt = tb + tl.arange(0, BT)
                 mt = tt < t1
                 # index -1 (and entries past o's end) load ones; coef 0 past the end
                 term = tl.load(coef_ptr + tt, mask=mt, other=0.0)[:, None, None]
-                if ELEM_OUT:  # rows past the element's end load ones: weigh them 0 in the sum
+                if ELEM_OUT:  # rows past the element's end load ones too: weigh them 0
                     term = term * mq[None, :, None].to(term.dtype)
                 i = tl.load(idx_ptr + tt, mask=mt, other=-1).to(tl.int64)[:, None, None]
                 term *= tl.load(p0 + i * s02, mask=mask[None] & (i >= 0), other=1.0)
@@ -101,13 +106,10 @@ def _form_kernel(a0, a1, a2, a3, y_ptr, species_ptr, order_ptr, el_start_ptr, st
                     i = tl.load(idx_ptr + 3 * nnz + tt, mask=mt, other=-1).to(tl.int64)[:, None, None]
                     term *= tl.load(p3 + i * s32, mask=mask[None] & (i >= 0), other=1.0)
                 acc += tl.sum(term, axis=0)
-        if ELEM_OUT:  # every element's row is stored, zeros for an element without nodes
-            tl.store(y_ptr + z * sy0 + c * sy1 + o * sy2, tl.sum(acc, axis=0), mask=mc)
-        else:
-            q = n_lo + tl.arange(0, BN)
-            rn = tl.load(order_ptr + q, mask=q < n_hi, other=0).to(tl.int64)
-            tl.store(y_ptr + rn[:, None] * sy0 + c[None, :] * sy1 + o * sy2, acc,
-                     mask=(q < n_hi)[:, None] & mc[None, :])
+            if not ELEM_OUT:
+                tl.store(y_ptr + rn[:, None] * sy0 + c[None, :] * sy1 + o * sy2, acc, mask=mask)
+    if ELEM_OUT:  # every element's row is stored: zeros for an element without nodes
+        tl.store(y_ptr + z * sy0 + c * sy1 + tl.program_id(2) * sy2, tl.sum(acc, axis=0), mask=mc)
 
 
 @dataclass(eq=False)
@@ -195,17 +197,19 @@ class SpeciesOrder:
     species: torch.Tensor  # (N,)
     order: torch.Tensor  # (N,)
     n_el: int
+    sorted: torch.Tensor  # (N,) species[order]
 
     @staticmethod
     def build(species: torch.Tensor, n_el: int) -> "SpeciesOrder":
-        return SpeciesOrder(species, torch.argsort(species, stable=True), n_el)
+        values, order = torch.sort(species, stable=True)
+        return SpeciesOrder(species, order, n_el, values)
 
     @functools.cached_property
     def start(self) -> torch.Tensor:
         """(n_el + 1,): element z owns ``order[start[z]:start[z + 1]]`` (built on first use:
         only a per-element output needs it)."""
-        elements = torch.arange(self.n_el + 1, device=self.species.device, dtype=self.species.dtype)
-        return torch.searchsorted(self.species.index_select(0, self.order), elements).to(torch.int32)
+        elements = torch.arange(self.n_el + 1, device=self.sorted.device, dtype=self.sorted.dtype)
+        return torch.searchsorted(self.sorted, elements, out_int32=True)
 
 
 def _index_strides(a: torch.Tensor, elem: bool):
@@ -232,14 +236,15 @@ def _run(form: Form, plan: SpeciesOrder, ops) -> torch.Tensor:
     if form.elem_out:
         # a program per (element, channel tile, output): an element's nodes are summed
         # in one program, so the outputs give the parallelism
-        el_start, o_per, rows = plan.start, 1, plan.n_el
+        grid, el_start = (plan.n_el, triton.cdiv(chans, bc), form.d_out), plan.start
     else:
-        el_start, o_per, rows = plan.order, form.d_out, triton.cdiv(n, bn)  # el_start unread
-    grid = (rows, triton.cdiv(chans, bc), triton.cdiv(form.d_out, o_per))
+        grid, el_start = (triton.cdiv(n, bn), triton.cdiv(chans, bc), 1), plan.order  # el_start unread
+    # 8 warps: with 4, the per-node forms spill 8 B on sm_90 under Triton 3.7.1 and a
+    # per-element one 128 B under 3.6.0 (tests/ops/test_gpu_proxy_aot.py)
     _form_kernel[grid](*pad, y, plan.species, plan.order, el_start, start, idx, coef, n, chans, form.d_out,
-                       form.nnz, o_per, *strides, *_index_strides(y, form.elem_out),
+                       form.nnz, *strides, *_index_strides(y, form.elem_out),
                        P=len(ops), E0=flags[0], E1=flags[1], E2=flags[2], E3=flags[3],
-                       ELEM_OUT=form.elem_out, BT=bt, BN=bn, BC=bc)
+                       ELEM_OUT=form.elem_out, BT=bt, BN=bn, BC=bc, num_warps=8)
     return y
 
 
