@@ -41,6 +41,7 @@ _BT = 4  # table entries per step on a GPU (8 spilled 328 B on sm_90 under Trito
 _BT_INTERPRETED = 256  # the CPU interpreter pays per op, not per element
 _BN = 16  # nodes per program (at most)
 _BC = 32  # channels per program (at most)
+_BO = 32  # outputs per program of a per-element output (at most): each reads the node tiles once
 _MAX_OPERANDS = 4  # correlation 3: (A, x, x, x); every derivative swaps one operand for a cotangent
 
 
@@ -49,19 +50,22 @@ def _form_kernel(a0, a1, a2, a3, y_ptr, species_ptr, order_ptr, el_start_ptr, st
                  N, C, d_out, nnz,
                  s00, s01, s02, s10, s11, s12, s20, s21, s22, s30, s31, s32, sy0, sy1, sy2,
                  P: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr, E2: tl.constexpr, E3: tl.constexpr,
-                 ELEM_OUT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
+                 ELEM_OUT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+                 BO: tl.constexpr):
     """Per node: every output of a tile of BN nodes (program_id(0)) and BC channels.
-    ELEM_OUT: output program_id(2) of element program_id(0): the program sums that
-    element's nodes, BN at a time, in registers and stores once (no atomics, a fixed order)."""
+    ELEM_OUT: outputs BO * program_id(2) .. + BO of element program_id(0): the program
+    sums that element's nodes, BN at a time, in registers and stores once (no atomics, a
+    fixed order); the node tile stays in L1 across its BO outputs."""
     c = (tl.program_id(1) * BC + tl.arange(0, BC)).to(tl.int64)
     mc = c < C
     if ELEM_OUT:
         z = tl.program_id(0).to(tl.int64)
         n_lo = tl.load(el_start_ptr + z)
         n_hi = tl.load(el_start_ptr + z + 1)
-        o_lo = tl.program_id(2)
-        o_hi = o_lo + 1
-        acc = tl.zeros((BN, BC), dtype=y_ptr.dtype.element_ty)
+        o_lo = tl.program_id(2) * BO
+        o_hi = tl.minimum(o_lo + BO, d_out)
+        r = tl.arange(0, BO)
+        acc = tl.zeros((BO, BC), dtype=y_ptr.dtype.element_ty)
     else:
         n_lo = tl.program_id(0) * BN
         n_hi = tl.minimum(n_lo + BN, N)
@@ -85,15 +89,12 @@ def _form_kernel(a0, a1, a2, a3, y_ptr, species_ptr, order_ptr, el_start_ptr, st
         for o in range(o_lo, o_hi):
             t0 = tl.load(start_ptr + o)
             t1 = tl.load(start_ptr + o + 1)
-            if not ELEM_OUT:
-                acc = tl.zeros((BN, BC), dtype=y_ptr.dtype.element_ty)
+            part = tl.zeros((BN, BC), dtype=y_ptr.dtype.element_ty)
             for tb in range(t0, t1, BT):  # BT entries of output o at a time
                 tt = tb + tl.arange(0, BT)
                 mt = tt < t1
                 # index -1 (and entries past o's end) load ones; coef 0 past the end
                 term = tl.load(coef_ptr + tt, mask=mt, other=0.0)[:, None, None]
-                if ELEM_OUT:  # rows past the element's end load ones too: weigh them 0
-                    term = term * mq[None, :, None].to(term.dtype)
                 i = tl.load(idx_ptr + tt, mask=mt, other=-1).to(tl.int64)[:, None, None]
                 term *= tl.load(p0 + i * s02, mask=mask[None] & (i >= 0), other=1.0)
                 if P > 1:
@@ -105,11 +106,15 @@ def _form_kernel(a0, a1, a2, a3, y_ptr, species_ptr, order_ptr, el_start_ptr, st
                 if P > 3:
                     i = tl.load(idx_ptr + 3 * nnz + tt, mask=mt, other=-1).to(tl.int64)[:, None, None]
                     term *= tl.load(p3 + i * s32, mask=mask[None] & (i >= 0), other=1.0)
-                acc += tl.sum(term, axis=0)
-            if not ELEM_OUT:
-                tl.store(y_ptr + rn[:, None] * sy0 + c[None, :] * sy1 + o * sy2, acc, mask=mask)
-    if ELEM_OUT:  # every element's row is stored: zeros for an element without nodes
-        tl.store(y_ptr + z * sy0 + c * sy1 + tl.program_id(2) * sy2, tl.sum(acc, axis=0), mask=mc)
+                part += tl.sum(term, axis=0)
+            if ELEM_OUT:  # rows past the element's end loaded ones: left out of the sum
+                row = tl.sum(tl.where(mask, part, 0.0), axis=0)
+                acc = tl.where(r[:, None] == o - o_lo, acc + row[None, :], acc)
+            else:
+                tl.store(y_ptr + rn[:, None] * sy0 + c[None, :] * sy1 + o * sy2, part, mask=mask)
+    if ELEM_OUT:  # every element's rows are stored: zeros for an element without nodes
+        tl.store(y_ptr + z * sy0 + c[None, :] * sy1 + (o_lo + r)[:, None] * sy2, acc,
+                 mask=(o_lo + r < d_out)[:, None] & mc[None, :])
 
 
 @dataclass(eq=False)
@@ -233,10 +238,11 @@ def _run(form: Form, plan: SpeciesOrder, ops) -> torch.Tensor:
     # on the CPU (tests/ops/test_gpu_proxy_aot.py) gets the GPU's choice
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     bt = min(_BT_INTERPRETED if interpreted else _BT, triton.next_power_of_2(form.longest))
+    bo = min(_BO, triton.next_power_of_2(form.d_out))
     if form.elem_out:
-        # a program per (element, channel tile, output): an element's nodes are summed
+        # a program per (element, channel tile, BO outputs): an element's nodes are summed
         # in one program, so the outputs give the parallelism
-        grid, el_start = (plan.n_el, triton.cdiv(chans, bc), form.d_out), plan.start
+        grid, el_start = (plan.n_el, triton.cdiv(chans, bc), triton.cdiv(form.d_out, bo)), plan.start
     else:
         grid, el_start = (triton.cdiv(n, bn), triton.cdiv(chans, bc), 1), plan.order  # el_start unread
     # 8 warps: with 4, the per-node forms spill 8 B on sm_90 under Triton 3.7.1 and a
@@ -244,7 +250,7 @@ def _run(form: Form, plan: SpeciesOrder, ops) -> torch.Tensor:
     _form_kernel[grid](*pad, y, plan.species, plan.order, el_start, start, idx, coef, n, chans, form.d_out,
                        form.nnz, *strides, *_index_strides(y, form.elem_out),
                        P=len(ops), E0=flags[0], E1=flags[1], E2=flags[2], E3=flags[3],
-                       ELEM_OUT=form.elem_out, BT=bt, BN=bn, BC=bc, num_warps=8)
+                       ELEM_OUT=form.elem_out, BT=bt, BN=bn, BC=bc, BO=bo, num_warps=8)
     return y
 
 
