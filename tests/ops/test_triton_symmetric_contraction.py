@@ -1,7 +1,8 @@
 """Triton symmetric contraction (MACE's product basis) against the torch back end of
 the same layer: outputs, first and second derivatives wrt x, the weights and an attached
 sparse delta, gradcheck / gradgradcheck, both use_reduced_cg parametrisations, l <= 3,
-correlations 1-3, equivariance, zero nodes, non-contiguous x, an element with no nodes.
+correlations 1-3, equivariance, zero nodes, one node, an element over several node
+tiles, non-contiguous x, an element with no nodes.
 Runs on CPU under TRITON_INTERPRET=1 (tiny shapes)."""
 
 import pytest
@@ -136,8 +137,7 @@ def test_zero_nodes_noncontiguous_and_absent_element():
     gx, gw = torch.autograd.grad(out.sum(), [empty_x, layer.contractions[0].weights_max])
     assert gx.shape == empty_x.shape and not gw.any()
 
-    # 20 nodes: the first block of 16 sorted nodes mixes two elements, the second holds one
-    # (the per-element weight gradient takes one path for each)
+    # 20 nodes: 8 of element 0 and 12 of element 2 (a tile of 16 each), none of element 1
     x, attrs = node_inputs(layer, torch.float64, species=SPECIES * 4)
     xt = x.transpose(0, 2).contiguous().transpose(0, 2)  # same values, other strides
     assert not xt.is_contiguous()
@@ -149,6 +149,17 @@ def test_zero_nodes_noncontiguous_and_absent_element():
     want = layer(x, attrs)
     assert rel_err(got, want) <= 1e-12
     assert rel_err(gw, torch.autograd.grad((want ** 2).sum(), [w])[0]) <= 1e-12
+
+
+@pytest.mark.parametrize("species", [[1], [0] * 37 + [2]], ids=["one node", "element over 3 node tiles"])
+def test_per_element_sums_to_second_order(species):
+    """The weight gradient sums each element's nodes in one program: one node, and an
+    element with more nodes than a tile (16) holds, its last tile partly past its end."""
+    layer = make_layer("2x0e+2x1o", "2x0e+2x1o", 2, torch.float64, delta=True)
+    x, attrs = node_inputs(layer, torch.float64, species=species)
+    want = second_order(layer, "torch", x, attrs)
+    got = second_order(layer, "triton", x, attrs)
+    assert all(rel_err(a, b) <= 1e-12 for a, b in zip(got, want))
 
 
 def test_refuses_bad_operands_and_correlation_4():

@@ -41,62 +41,80 @@ _BT = 4  # table entries per step on a GPU (8 spilled 328 B on sm_90 under Trito
 _BT_INTERPRETED = 256  # the CPU interpreter pays per op, not per element
 _BN = 16  # nodes per program (at most)
 _BC = 32  # channels per program (at most)
+_BO = 32  # outputs per program of a per-element output (at most): each reads the node tiles once
 _MAX_OPERANDS = 4  # correlation 3: (A, x, x, x); every derivative swaps one operand for a cotangent
 
 
 @triton.jit
-def _form_kernel(a0, a1, a2, a3, y_ptr, species_ptr, order_ptr, start_ptr, idx_ptr, coef_ptr,
+def _form_kernel(a0, a1, a2, a3, y_ptr, species_ptr, order_ptr, el_start_ptr, start_ptr, idx_ptr, coef_ptr,
                  N, C, d_out, nnz,
                  s00, s01, s02, s10, s11, s12, s20, s21, s22, s30, s31, s32, sy0, sy1, sy2,
                  P: tl.constexpr, E0: tl.constexpr, E1: tl.constexpr, E2: tl.constexpr, E3: tl.constexpr,
-                 ELEM_OUT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr):
-    q = tl.program_id(0) * BN + tl.arange(0, BN)
-    mq = q < N
-    rn = tl.load(order_ptr + q, mask=mq, other=0).to(tl.int64)  # nodes in element order
-    re = tl.load(species_ptr + rn, mask=mq, other=0).to(tl.int64)
+                 ELEM_OUT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+                 BO: tl.constexpr):
+    """Per node: every output of a tile of BN nodes (program_id(0)) and BC channels.
+    ELEM_OUT: outputs BO * program_id(2) .. + BO of element program_id(0): the program
+    sums that element's nodes, BN at a time, in registers and stores once (no atomics, a
+    fixed order); the node tile stays in L1 across its BO outputs."""
     c = (tl.program_id(1) * BC + tl.arange(0, BC)).to(tl.int64)
     mc = c < C
-    mask = mq[:, None] & mc[None, :]
-    # (1, BN, BC) row and channel offsets of each operand; the table adds the index.
-    # Written out per operand: a helper function costs 5x per call in the CPU interpreter.
-    p0 = a0 + ((re if E0 else rn)[:, None] * s00 + c[None, :] * s01)[None]
-    p1 = a1 + ((re if E1 else rn)[:, None] * s10 + c[None, :] * s11)[None]
-    p2 = a2 + ((re if E2 else rn)[:, None] * s20 + c[None, :] * s21)[None]
-    p3 = a3 + ((re if E3 else rn)[:, None] * s30 + c[None, :] * s31)[None]
     if ELEM_OUT:
-        # nodes are sorted by element: most blocks hold one, reduced here before the atomics
-        z0 = tl.min(tl.where(mq, re, 2147483647), axis=0)
-        z1 = tl.max(tl.where(mq, re, -1), axis=0)
-    for o in range(0, d_out):
-        t0 = tl.load(start_ptr + o)
-        t1 = tl.load(start_ptr + o + 1)
-        acc = tl.zeros((BN, BC), dtype=y_ptr.dtype.element_ty)
-        for tb in range(t0, t1, BT):  # BT entries of output o at a time
-            tt = tb + tl.arange(0, BT)
-            mt = tt < t1
-            # index -1 (and entries past o's end) load ones; coef 0 past the end
-            term = tl.load(coef_ptr + tt, mask=mt, other=0.0)[:, None, None]
-            i = tl.load(idx_ptr + tt, mask=mt, other=-1).to(tl.int64)[:, None, None]
-            term *= tl.load(p0 + i * s02, mask=mask[None] & (i >= 0), other=1.0)
-            if P > 1:
-                i = tl.load(idx_ptr + nnz + tt, mask=mt, other=-1).to(tl.int64)[:, None, None]
-                term *= tl.load(p1 + i * s12, mask=mask[None] & (i >= 0), other=1.0)
-            if P > 2:
-                i = tl.load(idx_ptr + 2 * nnz + tt, mask=mt, other=-1).to(tl.int64)[:, None, None]
-                term *= tl.load(p2 + i * s22, mask=mask[None] & (i >= 0), other=1.0)
-            if P > 3:
-                i = tl.load(idx_ptr + 3 * nnz + tt, mask=mt, other=-1).to(tl.int64)[:, None, None]
-                term *= tl.load(p3 + i * s32, mask=mask[None] & (i >= 0), other=1.0)
-            acc += tl.sum(term, axis=0)
+        z = tl.program_id(0).to(tl.int64)
+        n_lo = tl.load(el_start_ptr + z)
+        n_hi = tl.load(el_start_ptr + z + 1)
+        o_lo = tl.program_id(2) * BO
+        o_hi = tl.minimum(o_lo + BO, d_out)
+        r = tl.arange(0, BO)
+        acc = tl.zeros((BO, BC), dtype=y_ptr.dtype.element_ty)
+    else:
+        n_lo = tl.program_id(0) * BN
+        n_hi = tl.minimum(n_lo + BN, N)
+        o_lo = 0
+        o_hi = d_out
+    for n0 in range(n_lo, n_hi, BN):  # per node: one tile
+        q = n0 + tl.arange(0, BN)
+        mq = q < n_hi
+        rn = tl.load(order_ptr + q, mask=mq, other=0).to(tl.int64)  # nodes in element order
         if ELEM_OUT:
-            if z0 == z1:
-                tl.atomic_add(y_ptr + z0 * sy0 + c * sy1 + o * sy2, tl.sum(tl.where(mask, acc, 0.0), axis=0),
-                              mask=mc, sem="relaxed")
-            else:
-                tl.atomic_add(y_ptr + re[:, None] * sy0 + c[None, :] * sy1 + o * sy2, acc, mask=mask,
-                              sem="relaxed")
+            re = tl.zeros((BN,), dtype=tl.int64) + z
         else:
-            tl.store(y_ptr + rn[:, None] * sy0 + c[None, :] * sy1 + o * sy2, acc, mask=mask)
+            re = tl.load(species_ptr + rn, mask=mq, other=0).to(tl.int64)
+        mask = mq[:, None] & mc[None, :]
+        # (1, BN, BC) row and channel offsets of each operand; the table adds the index.
+        # Written out per operand: a helper function costs 5x per call in the CPU interpreter.
+        p0 = a0 + ((re if E0 else rn)[:, None] * s00 + c[None, :] * s01)[None]
+        p1 = a1 + ((re if E1 else rn)[:, None] * s10 + c[None, :] * s11)[None]
+        p2 = a2 + ((re if E2 else rn)[:, None] * s20 + c[None, :] * s21)[None]
+        p3 = a3 + ((re if E3 else rn)[:, None] * s30 + c[None, :] * s31)[None]
+        for o in range(o_lo, o_hi):
+            t0 = tl.load(start_ptr + o)
+            t1 = tl.load(start_ptr + o + 1)
+            part = tl.zeros((BN, BC), dtype=y_ptr.dtype.element_ty)
+            for tb in range(t0, t1, BT):  # BT entries of output o at a time
+                tt = tb + tl.arange(0, BT)
+                mt = tt < t1
+                # index -1 (and entries past o's end) load ones; coef 0 past the end
+                term = tl.load(coef_ptr + tt, mask=mt, other=0.0)[:, None, None]
+                i = tl.load(idx_ptr + tt, mask=mt, other=-1).to(tl.int64)[:, None, None]
+                term *= tl.load(p0 + i * s02, mask=mask[None] & (i >= 0), other=1.0)
+                if P > 1:
+                    i = tl.load(idx_ptr + nnz + tt, mask=mt, other=-1).to(tl.int64)[:, None, None]
+                    term *= tl.load(p1 + i * s12, mask=mask[None] & (i >= 0), other=1.0)
+                if P > 2:
+                    i = tl.load(idx_ptr + 2 * nnz + tt, mask=mt, other=-1).to(tl.int64)[:, None, None]
+                    term *= tl.load(p2 + i * s22, mask=mask[None] & (i >= 0), other=1.0)
+                if P > 3:
+                    i = tl.load(idx_ptr + 3 * nnz + tt, mask=mt, other=-1).to(tl.int64)[:, None, None]
+                    term *= tl.load(p3 + i * s32, mask=mask[None] & (i >= 0), other=1.0)
+                part += tl.sum(term, axis=0)
+            if ELEM_OUT:  # rows past the element's end loaded ones: left out of the sum
+                row = tl.sum(tl.where(mask, part, 0.0), axis=0)
+                acc = tl.where(r[:, None] == o - o_lo, acc + row[None, :], acc)
+            else:
+                tl.store(y_ptr + rn[:, None] * sy0 + c[None, :] * sy1 + o * sy2, part, mask=mask)
+    if ELEM_OUT:  # every element's rows are stored: zeros for an element without nodes
+        tl.store(y_ptr + z * sy0 + c[None, :] * sy1 + (o_lo + r)[:, None] * sy2, acc,
+                 mask=(o_lo + r < d_out)[:, None] & mc[None, :])
 
 
 @dataclass(eq=False)
@@ -184,10 +202,19 @@ class SpeciesOrder:
     species: torch.Tensor  # (N,)
     order: torch.Tensor  # (N,)
     n_el: int
+    sorted: torch.Tensor  # (N,) species[order]
 
     @staticmethod
     def build(species: torch.Tensor, n_el: int) -> "SpeciesOrder":
-        return SpeciesOrder(species, torch.argsort(species, stable=True), n_el)
+        values, order = torch.sort(species, stable=True)
+        return SpeciesOrder(species, order, n_el, values)
+
+    @functools.cached_property
+    def start(self) -> torch.Tensor:
+        """(n_el + 1,): element z owns ``order[start[z]:start[z + 1]]`` (built on first use:
+        only a per-element output needs it)."""
+        elements = torch.arange(self.n_el + 1, device=self.sorted.device, dtype=self.sorted.dtype)
+        return torch.searchsorted(self.sorted, elements, out_int32=True)
 
 
 def _index_strides(a: torch.Tensor, elem: bool):
@@ -198,10 +225,8 @@ def _index_strides(a: torch.Tensor, elem: bool):
 def _run(form: Form, plan: SpeciesOrder, ops) -> torch.Tensor:
     a = ops[0]
     n, chans = plan.species.shape[0], (a.shape[2] if form.elem[0] else a.shape[1])
-    if form.elem_out:
-        y = a.new_zeros(plan.n_el, form.d_out, chans)
-    else:
-        y = a.new_empty(n, chans, form.d_out)
+    # every element of y has one owning program, which stores it once
+    y = a.new_empty((plan.n_el, form.d_out, chans) if form.elem_out else (n, chans, form.d_out))
     if n == 0 or chans == 0 or form.nnz == 0:
         return y.zero_()
     start, idx, coef = form.on(a.device, a.dtype)
@@ -213,11 +238,19 @@ def _run(form: Form, plan: SpeciesOrder, ops) -> torch.Tensor:
     # on the CPU (tests/ops/test_gpu_proxy_aot.py) gets the GPU's choice
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     bt = min(_BT_INTERPRETED if interpreted else _BT, triton.next_power_of_2(form.longest))
-    grid = (triton.cdiv(n, bn), triton.cdiv(chans, bc))
-    _form_kernel[grid](*pad, y, plan.species, plan.order, start, idx, coef, n, chans, form.d_out, form.nnz,
-                       *strides, *_index_strides(y, form.elem_out),
+    bo = min(_BO, triton.next_power_of_2(form.d_out))
+    if form.elem_out:
+        # a program per (element, channel tile, BO outputs): an element's nodes are summed
+        # in one program, so the outputs give the parallelism
+        grid, el_start = (plan.n_el, triton.cdiv(chans, bc), triton.cdiv(form.d_out, bo)), plan.start
+    else:
+        grid, el_start = (triton.cdiv(n, bn), triton.cdiv(chans, bc), 1), plan.order  # el_start unread
+    # 8 warps: with 4, the per-node forms spill 8 B on sm_90 under Triton 3.7.1 and a
+    # per-element one 128 B under 3.6.0 (tests/ops/test_gpu_proxy_aot.py)
+    _form_kernel[grid](*pad, y, plan.species, plan.order, el_start, start, idx, coef, n, chans, form.d_out,
+                       form.nnz, *strides, *_index_strides(y, form.elem_out),
                        P=len(ops), E0=flags[0], E1=flags[1], E2=flags[2], E3=flags[3],
-                       ELEM_OUT=form.elem_out, BT=bt, BN=bn, BC=bc)
+                       ELEM_OUT=form.elem_out, BT=bt, BN=bn, BC=bc, BO=bo, num_warps=8)
     return y
 
 
