@@ -13,7 +13,7 @@ import torch
 from ...delta_slot import effective
 from ...paths import OutputSlots
 from ..descriptors import LinearDesc
-from ..grads import needed
+from ..grads import needed, track
 
 try:
     from ... import _C
@@ -97,6 +97,7 @@ def _grad_weight(x, gy, species, n_el: int, alpha: float) -> torch.Tensor:
 class _ElementLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, species, alpha):
+        track(ctx, x, weight, species)
         ctx.save_for_backward(x, weight, species)
         ctx.alpha = alpha
         return _launch(x, weight, species, alpha)

@@ -11,7 +11,7 @@ import torch
 
 from ...paths import OutputSlots, split_segments
 from ..descriptors import TPDesc
-from ..grads import needed
+from ..grads import needed, track
 from .opaque import opaque_to_compile
 
 
@@ -129,6 +129,7 @@ class _ScaleRows(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
+        track(ctx, *inputs)
         ctx.save_for_backward(*inputs)
 
     @staticmethod

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..descriptors import TPDesc
-from ..grads import needed
+from ..grads import needed, track
 
 _META = 10  # ints per path: a_off, d_a, b_off, d_b, w_off, o_off, d_o, mul, kbase, pad
 
@@ -362,6 +362,7 @@ def _add(x, y):
 class _Conv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, w, form, graph):
+        track(ctx, a, b, w, form, graph)
         ctx.save_for_backward(a, b, w)
         ctx.form, ctx.graph = form, graph
         return _conv_raw(form, a, b, w, graph)
@@ -385,6 +386,7 @@ class _Edge(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, w, g, form, graph, need_b, need_w):
+        track(ctx, a, b, w, g)
         ctx.save_for_backward(a, b, w, g)
         ctx.form, ctx.graph, ctx.need = form, graph, (need_b, need_w)
         gb, gw = _edge_raw(form, a, b if need_w else None, w if need_b else None, g, graph, need_b, need_w)

@@ -35,7 +35,7 @@ import triton.language as tl
 from ...delta_slot import active_blocks
 from ...paths import OutputSlots
 from ..descriptors import LinearDesc
-from ..grads import needed
+from ..grads import needed, track
 
 _BN = 32  # nodes per tile
 _BM = 32  # rows ((node, m) pairs) per step
@@ -346,6 +346,7 @@ class _Lin(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w0, vals, call, tr):
+        track(ctx, x, w0, vals)
         ctx.save_for_backward(x, w0, vals)
         ctx.call, ctx.tr = call, tr
         return _lin_raw(call, x, w0, vals, tr)
@@ -368,6 +369,7 @@ class _WGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, call, delta):
+        track(ctx, a, b)
         ctx.save_for_backward(a, b)
         ctx.call, ctx.delta = call, delta
         return _wgrad_raw(call, a, b, delta)

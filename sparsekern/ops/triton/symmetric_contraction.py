@@ -36,6 +36,7 @@ import triton.language as tl
 
 from ...delta_slot import effective
 from ..descriptors import ContractionDesc
+from ..grads import needed, track
 
 _BT = 4  # table entries per step on a GPU (8 spilled 328 B on sm_90 under Triton 3.6)
 _BT_INTERPRETED = 256  # the CPU interpreter pays per op, not per element
@@ -257,6 +258,7 @@ def _run(form: Form, plan: SpeciesOrder, ops) -> torch.Tensor:
 class _FormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, form, plan, *ops):
+        track(ctx, form, plan, *ops)
         ctx.save_for_backward(*ops)
         ctx.form, ctx.plan = form, plan
         return _run(form, plan, ops)
@@ -266,7 +268,7 @@ class _FormFn(torch.autograd.Function):
         ops, form = ctx.saved_tensors, ctx.form
         grads = [None] * len(ops)
         for g, slots in enumerate(form.groups):
-            if any(ctx.needs_input_grad[2 + s] for s in slots):
+            if any(needed(ctx, 2 + s) for s in slots):
                 # one call for the whole group: autograd adds nothing for the other slots
                 rest = [op for s, op in enumerate(ops) if s != slots[0]] + [gy]
                 grads[slots[0]] = _FormFn.apply(form.derive(g), ctx.plan, *rest)
