@@ -1,14 +1,8 @@
 """The magnetic energy fitted in closed form (``magnetism/fit.py``) by the trainer, at
 the start of a run and again after the last epoch (on the trained base): the energy
 residuals of the model with E_mag at zero and the magnetic-force labels of this
-process's share of the training frames, with E_mag's forces held near zero; the normal
-equations summed over the processes and solved alike on each.
-
-Forces near zero, not the base's force residuals: the base trains on the forces, and
-where it is poor (a small model, data far from its training) its residuals are not
-magnetic, yet E_mag's on-site terms (a(env) |m|^2, with |m| nearly constant) fit them
-as a second potential, trading energies and magnetic forces for forces
-(benchmarks/NOTES.md, "Magnetism": the measured cases)."""
+process's share of the training frames, the normal equations summed over the processes
+and solved alike on each."""
 
 from __future__ import annotations
 
@@ -31,7 +25,7 @@ def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, grou
             out = outputs(family, model, batch, settings.device, training=False)
             reference = torch.tensor([s.energy for s in batch], dtype=torch.float64)
             targets = {"energy": reference - out["energy"].detach().cpu().double(),
-                       "forces": torch.zeros(3 * sum(s.natoms for s in batch), dtype=torch.float64)}
+                       "forces": torch.cat([s.forces for s in batch]).double() - out["forces"].detach().cpu().double()}
             if all(s.magforces is not None for s in batch):
                 targets["magforces"] = torch.cat([s.magforces for s in batch])
             yield family.magnetic_batch([s.graph for s in batch], settings.device), targets

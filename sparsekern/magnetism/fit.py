@@ -1,7 +1,7 @@
 """The magnetic energy fitted in closed form. E_mag is linear in the parameters of its
 output layers (the pair couplings' last layer and the Landau a term's row; b stays 0),
 and so are its forces and magnetic forces: with the hidden layers at their random start,
-fitting those parameters to energy, force and magnetic-force targets is a
+fitting those parameters to the energy and force residuals and the magnetic forces is a
 linear least-squares problem (random features). The trainer solves it instead of
 training the module with the optimizer: the Heisenberg energies of a spin configuration
 are large and nearly cancel between the couplings and the on-site terms, which Adam,
@@ -67,8 +67,8 @@ def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], weights: Di
                      counts: Dict[str, int]) -> torch.Tensor:
     """Z^T Z, Z = [X y 1], of the weighted least-squares problem over ``parts``: tuples
     (batch, {term: target}) with what E_mag should add to each term of ``TERMS`` that has
-    labels: the energy residual per frame (eV), the forces (n, 3; the trainer asks for
-    zero, ``finetune/magnetic_fit.py``) and the magnetic-force labels (n, 3). Rows are weighted as the training loss weighs them (``weights``):
+    labels: the energy residual per frame (eV), the force residuals and the magnetic-force
+    labels (n, 3). Rows are weighted as the training loss weighs them (``weights``):
     energies per atom over the number of frames, forces and magnetic forces over their
     entries (``counts``: the global counts, so that the sums of processes add up). X's last
     N_ELEMENTS columns are the per-element offsets (energy rows only); y^T y and the number
