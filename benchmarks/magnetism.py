@@ -10,7 +10,9 @@ Splits (never at random):
   hold the strongly distorted frames).
 Scores on the test frames: energy MAE (meV/atom), force MAE (meV/Å), magnetic-force
 MAE (meV/μB), moment-magnitude MAE (μB, --predict_magmom), and the Spearman rank
-correlation of predicted vs reference energies (the ordering of spin configurations).
+correlation of predicted vs reference energies (the ordering of spin configurations);
+and the energy MAE on the training frames (what the model cannot fit vs what does not
+carry over to the test frames).
 
     .venv-sevenn/bin/python benchmarks/magnetism.py --data nio --n_train 6 --n_test 10 --epochs 3
 """
@@ -34,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from sparsekern.files import atomic_write  # noqa: E402
 from sparsekern.locations import data_dir  # noqa: E402
 
-MAGNETIC = ["--magmom_key", "REF_magmom", "--magforces_key", "REF_magforces"]
+MAGNETIC = ["--magmom_key", "REF_magmom", "--magforces_key", "REF_magforces", "--predict_magmom"]
 
 
 def spread(frames, n):
@@ -58,15 +60,15 @@ def split(name: str, n_train: int, n_test: int):
     return train, spread(by["7"], n_test)
 
 
-def test_energies(metrics: dict, test, magnetic: bool):
-    """Per-frame test energies of the merged model in its calculator."""
+def predicted_energies(metrics: dict, frames, magnetic: bool):
+    """Per-frame energies of the merged model in its calculator."""
     from sparsekern.integrations import family_for
     from sparsekern.magnetism.calculator import load_calculator
 
     path = metrics["merged_model"]
     calc = load_calculator(path) if magnetic else family_for(path).calculator(path, "cpu")
     energies = []
-    for a in test:
+    for a in frames:
         a = a.copy()
         if magnetic:
             a.set_initial_magnetic_moments(a.arrays["REF_magmom"])
@@ -75,7 +77,7 @@ def test_energies(metrics: dict, test, magnetic: bool):
     return np.array(energies)
 
 
-def run_one(label, method, extra, files, out, args, test):
+def run_one(label, method, extra, files, out, args, train, test):
     from scipy.stats import spearmanr
 
     from sparsekern.cli.finetune import parser
@@ -89,11 +91,13 @@ def run_one(label, method, extra, files, out, args, test):
     settings = vars(parser().parse_args(argv))
     settings.pop("nproc")  # the command line's launcher option, not a training setting
     m = run(Settings(**settings))
-    predicted = test_energies(m, test, "--magmom_key" in extra)
+    predicted = predicted_energies(m, test, "--magmom_key" in extra)
     reference = np.array([a.info["REF_energy"] for a in test])
+    on_train = np.abs(predicted_energies(m, train, "--magmom_key" in extra) - [a.info["REF_energy"] for a in train])
     row = {k: m.get(f"test_{k}") for k in ("energy_mae_mev_per_atom", "force_mae_mev_per_A",
                                               "magforce_mae_mev_per_muB", "magmom_mae_muB")}
-    row.update(label=label, zero_shot_energy_mae_mev_per_atom=m["zero_shot_test_energy_mae_mev_per_atom"],
+    row.update(label=label, train_energy_mae_mev_per_atom=1e3 * float(np.mean(on_train / [len(a) for a in train])),
+               zero_shot_energy_mae_mev_per_atom=m["zero_shot_test_energy_mae_mev_per_atom"],
                spearman=float(spearmanr(predicted, reference).statistic), trainable_params=m["trainable_params"],
                magnetic_params=m.get("magnetic_params", 0), changed_fraction=m["changed_fraction"],
                wall_s=time.perf_counter() - t0, argv=argv, predicted_ev=predicted.tolist(),
@@ -221,21 +225,30 @@ def self_consistency(work: Path, label: str = "magnetic sparse") -> dict:
 
 
 def provenance(command: str) -> dict:
-    return {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, CPU (shared, 2 cores)",
+    return {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, CPU, 2 cores shared, "
+                       "not a timing run",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "command": command}
 
 
-def write_results(rows, args, test, stem: Path, command: str):
+def write_results(info: dict, test, stem: Path):
+    """JSON, markdown and plot of a run's ``info`` (its provenance and rows) on the
+    ``test`` frames; each row gains the mean signed test energy error (per atom: a
+    common offset, e.g. of the energy reference between DFT iterations, vs scatter)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    info = {"data": args.data, **provenance(command), "n_test": len(test), "rows": rows}
+    rows, natoms = info["rows"], np.array([len(a) for a in test])
+    for r in rows:
+        error = (np.array(r["predicted_ev"]) - r["reference_ev"]) / natoms
+        r["energy_bias_mev_per_atom"] = 1e3 * float(np.mean(error))
     atomic_write(stem.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
-    cols = ("energy_mae_mev_per_atom", "force_mae_mev_per_A", "magforce_mae_mev_per_muB", "magmom_mae_muB", "spearman")
-    lines = [f"# Magnetism benchmark: {args.data}", "", f"{info['date']}, {info['machine']}", "",
-             f"    {command}", "", "| method | " + " | ".join(cols) + " | trainable | magnetic params | wall s |",
+    cols = ("energy_mae_mev_per_atom", "energy_bias_mev_per_atom", "train_energy_mae_mev_per_atom",
+            "force_mae_mev_per_A", "magforce_mae_mev_per_muB", "magmom_mae_muB", "spearman")
+    lines = [f"# Magnetism benchmark: {info['data']}", "", f"{info['date']}, {info['machine']}", "",
+             f"    {info['command']}", "",
+             "| method | " + " | ".join(cols) + " | trainable | magnetic params | wall s |",
              "|---" * (len(cols) + 4) + "|"]
     for r in rows:
         cells = ["-" if r.get(c) is None else f"{r[c]:.4g}" for c in cols]
@@ -251,7 +264,7 @@ def write_results(rows, args, test, stem: Path, command: str):
         ax.scatter(1e3 * (ref - ref.mean()), 1e3 * (np.array(r["predicted_ev"]) - ref.mean()), label=r["label"], s=14)
     ax.plot(*[[1e3 * (ref.min() - ref.mean()), 1e3 * (ref.max() - ref.mean())]] * 2, "k--", lw=0.8)
     ax.set(xlabel="reference E - mean (meV/cell)", ylabel="predicted E - mean (meV/cell)",
-           title=f"{args.data}: test energies")
+           title=f"{info['data']}: test energies")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=120)
@@ -271,12 +284,16 @@ def main() -> None:
     p.add_argument("--energy_weight", type=float, default=1e4,
                    help="spin energies are ~1 meV/atom: without weight the force terms drown them")
     p.add_argument("--full", action="store_true", help="also spin-blind full fine-tuning")
+    p.add_argument("--tag", default="", help="inserted in the results' file names (runs of other splits)")
     p.add_argument("--work", help="folder for the frames and the runs' outputs (default: a new temporary one)")
     p.add_argument("--module_only", type=int, metavar="STEPS",
                    help="only the magnetic module on its own (no base model), this many steps")
     p.add_argument("--lstsq_start", action="store_true",
                    help="with --module_only: start from the closed-form fit of the output layers")
     p.add_argument("--sign_check", action="store_true", help="only the sign check of the magnetic-force labels")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite the markdown and plot of the results JSON of these --data, --n_train, "
+                        "--n_test and --tag (a run's provenance kept)")
     p.add_argument("--scf_from", help="only the self-consistent-moment check of a finished run's --work folder")
     args = p.parse_args()
     if args.module_only is not None:
@@ -308,18 +325,23 @@ def main() -> None:
         print(json.dumps({k: v for k, v in result.items() if k != "frames"}, indent=1))
         return
     train, test = split(args.data, args.n_train, args.n_test)
+    tag = f"_{args.tag}" if args.tag else ""
+    stem = ROOT / "benchmarks/results" / f"magnetism_{args.data}{tag}_{datetime.date.today().isoformat()}"
+    if args.render:
+        write_results(json.loads(stem.with_suffix(".json").read_text()), test, stem)
+        return
     runs = [("spin-blind sparse", "sparse", []), ("magnetic sparse", "sparse", MAGNETIC)]
     runs += [("spin-blind full", "full", [])] if args.full else []
     files = Path(args.work or tempfile.mkdtemp(prefix=f"magnetism_{args.data}_"))
     files.mkdir(parents=True, exist_ok=True)
     write(files / "train.xyz", train)
     write(files / "test.xyz", test)
-    rows = [run_one(label, method, extra, files, files / "out", args, test) for label, method, extra in runs]
+    rows = [run_one(label, method, extra, files, files / "out", args, train, test) for label, method, extra in runs]
     for r in rows:
         if r["magforce_mae_mev_per_muB"] is None:
             r["magforce_mae_mev_per_muB"] = zero_magforce_mae(test)
-    stem = ROOT / "benchmarks/results" / f"magnetism_{args.data}_{datetime.date.today().isoformat()}"
-    write_results(rows, args, test, stem, "python benchmarks/magnetism.py " + " ".join(sys.argv[1:]))
+    command = "python benchmarks/magnetism.py " + " ".join(sys.argv[1:])
+    write_results({"data": args.data, **provenance(command), "n_test": len(test), "rows": rows}, test, stem)
 
 
 if __name__ == "__main__":

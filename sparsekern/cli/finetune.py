@@ -56,6 +56,10 @@ def parser() -> argparse.ArgumentParser:
                    "or 3-vectors); adds a magnetic energy E(R, m) beside the model, zero at the start")
     p.add_argument("--magforces_key", help="magnetism: magnetic-force labels -dE/dm (eV/μB) in the frames' arrays")
     p.add_argument("--predict_magmom", action="store_true", help="magnetism: train a head for moment magnitudes")
+    p.add_argument("--spin_orbit", action="store_true",
+                   help="magnetism: spin-orbit coupling, the magnetic energy's anisotropic pair terms "
+                        "(Dzyaloshinskii-Moriya, pseudo-dipolar) that couple the moments to the lattice; without it "
+                        "the energy is invariant under a rotation of the moments alone")
     p.add_argument("--magforces_weight", type=float, default=100.0, help="weight of the magnetic-force error")
     p.add_argument("--magmom_weight", type=float, default=1.0, help="weight of the moment-magnitude error")
     p.add_argument("--magnetic_lr", type=float, default=1e-2,

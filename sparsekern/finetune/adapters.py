@@ -23,6 +23,7 @@ import torch
 
 from .. import __version__, delta_slot
 from ..files import atomic_write
+from ..integrations import computing_model, family_of
 from ..paths import WeightGroup
 from ..patching import patch, patched_layers
 from .config import SparseConfig
@@ -65,9 +66,25 @@ def fingerprint(model: torch.nn.Module, precision: str = FINGERPRINT_DTYPE) -> s
     return h.hexdigest()
 
 
+def wrapper_name(model: torch.nn.Module) -> str:
+    """The wrapper family ``model`` is (``magnetic``: the base with magnetic modules beside
+    it), "" for a family's plain model (or a model of no family)."""
+    inner, family = computing_model(model)[0], family_of(model)
+    return family.name if inner is not None and inner is not model and family is not None else ""
+
+
+def _kind(wrapper: str) -> str:
+    return f"the base model with its {wrapper} modules" if wrapper else "a plain base model"
+
+
 def check_base(model: torch.nn.Module, path, metadata: dict, what: str = "this model") -> None:
-    """Refuse (one line) an adapter whose recorded base fingerprint is not ``model``'s
+    """Refuse (one line) an adapter made for another kind of model (the base with a
+    wrapper's modules, or without) or whose recorded base fingerprint is not ``model``'s
     (patched here if needed: the fingerprint covers sparsekern's layers)."""
+    made_for, found_kind = metadata.get("wrapper", ""), wrapper_name(model)
+    if made_for != found_kind:
+        raise ValueError(f"adapter {path} was made for {_kind(made_for)}, but {what} is {_kind(found_kind)}"
+                         + (f" (load it with the {made_for} modules the run wrote beside it)" if made_for else ""))
     if not patched_layers(model):
         patch(model)
     expected = metadata.get("fingerprint")
@@ -187,6 +204,8 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
     metadata = {"format": fmt, "version": version, "sparsekern": __version__,
                 "fingerprint": fingerprint(model), "fingerprint_dtype": FINGERPRINT_DTYPE,
                 "config": json.dumps(config.to_dict() if config is not None else None), **own}
+    if wrapper_name(model):
+        metadata["wrapper"] = wrapper_name(model)
     clash = set(metadata) & set(extra_metadata or {})
     if clash:
         raise ValueError(f"save_adapter: extra_metadata may not set the adapter's own keys {sorted(clash)}")

@@ -87,6 +87,7 @@ class Settings:
     magmom_key: Optional[str] = None  # magnetism (sparsekern.magnetism): moments in, E_mag beside the base
     magforces_key: Optional[str] = None
     predict_magmom: bool = False
+    spin_orbit: bool = False  # E_mag's anisotropic pair terms (MagneticEnergy's spin_orbit)
     magforces_weight: float = 100.0
     magmom_weight: float = 1.0
     magnetic_lr: float = 1e-2  # Adam's learning rate of the moment head (whatever the method's)
@@ -129,8 +130,9 @@ class Settings:
         d = asdict(self)
         for k in ("epochs", "out", "device", "progress"):
             d.pop(k)
-        if not self.element_resolved:  # checkpoints from before it stay resumable
-            d.pop("element_resolved")
+        for k in ("element_resolved", "spin_orbit"):
+            if not d[k]:  # checkpoints from before it stay resumable
+                d.pop(k)
         for k in ("train", "valid", "test"):  # the same file wherever the command runs from
             d[k] = str(Path(d[k]).resolve()) if d[k] else None
         d["model"] = family_for(self.model).spec_identity(self.model)

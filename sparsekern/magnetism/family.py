@@ -143,7 +143,7 @@ register_family(_Wrapped(), wrapper=True)
 def magnetic_family(base: Family, settings) -> Family:
     """``base`` wrapped for magnetism where the trainer's ``settings`` name moments."""
     if settings.magmom_key is None:
-        if settings.magforces_key is not None or settings.predict_magmom:
-            raise ValueError("--magforces_key and --predict_magmom need --magmom_key (the moments in)")
+        if settings.magforces_key is not None or settings.predict_magmom or settings.spin_orbit:
+            raise ValueError("--magforces_key, --predict_magmom and --spin_orbit need --magmom_key (the moments in)")
         return base
-    return MagneticFamily(base, predict_magmom=settings.predict_magmom)
+    return MagneticFamily(base, predict_magmom=settings.predict_magmom, spin_orbit=settings.spin_orbit)

@@ -16,13 +16,11 @@ AXIS = np.array([0.0, 0.0, 1.0])  # collinear moments are moments along this axi
 def as_vectors(moments, natoms: int, what: str = "moments") -> np.ndarray:
     """(n, 3) moments from collinear scalars (n,) (along ``AXIS``) or 3-vectors (n, 3)."""
     m = np.asarray(moments, dtype=np.float64)
-    if m.shape == (natoms,):
-        return m[:, None] * AXIS
-    if m.shape != (natoms, 3):
+    if m.shape not in ((natoms,), (natoms, 3)):
         raise ValueError(f"{what} have shape {m.shape}, expected ({natoms},) (collinear) or ({natoms}, 3)")
     if not np.isfinite(m).all():
         raise ValueError(f"{what} hold NaN or infinity")
-    return m
+    return m[:, None] * AXIS if m.ndim == 1 else m
 
 
 @dataclass

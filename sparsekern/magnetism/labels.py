@@ -14,18 +14,27 @@ def read_moment_labels(atoms, where: str, magmom_key: str,
                        magforces_key: Optional[str]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(moments, magnetic forces or None) of ``atoms``; the moments also become its
     initial magnetic moments (what graphs and calculators read)."""
-    moments = as_vectors(_array(atoms, magmom_key, where, "moments", "magmom"), len(atoms),
-                         f"{where}: moments {magmom_key!r}")
+    raw = _array(atoms, magmom_key, where, "moments", "magmom")
+    moments = as_vectors(raw, len(atoms), f"{where}: moments {magmom_key!r}")
+    atoms.arrays.pop("initial_magmoms", None)  # a collinear column there would refuse 3-vectors
     atoms.set_initial_magnetic_moments(moments)
     if magforces_key is None:
         return moments, None
-    magforces = as_vectors(_array(atoms, magforces_key, where, "magnetic forces", "magforces"), len(atoms),
-                           f"{where}: magnetic forces {magforces_key!r}")
+    raw_forces = _array(atoms, magforces_key, where, "magnetic forces", "magforces")
+    magforces = as_vectors(raw_forces, len(atoms), f"{where}: magnetic forces {magforces_key!r}")
+    if np.ndim(raw_forces) == 1 and np.ndim(raw) == 2:
+        raise ValueError(f"{where}: magnetic forces {magforces_key!r} are collinear scalars but moments "
+                         f"{magmom_key!r} are 3-vectors: give the magnetic forces as 3-vectors (n, 3)")
     return moments, magforces
 
 
 def _array(atoms, key: str, where: str, what: str, flag: str) -> np.ndarray:
+    """``atoms.arrays[key]``, or the calculator's result ``key``: ASE's extended-XYZ reader
+    moves per-atom columns named like calculator results (``magmoms``) there."""
     if key in atoms.arrays:
         return atoms.arrays[key]
+    results = getattr(atoms.calc, "results", {})
+    if key in results:
+        return results[key]
     raise KeyError(f"{where}: no {what} under key {key!r} (use --{flag}_key to name it; "
-                   f"array keys: {sorted(atoms.arrays)})")
+                   f"array keys: {sorted(atoms.arrays)}, calculator results: {sorted(results)})")
