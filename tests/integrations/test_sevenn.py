@@ -144,6 +144,8 @@ def test_fused_convolution_whole_model(sevennet, sevennet64, name, dtype):
     model = sparsekern.patch(copy.deepcopy(base), backend="torch")
     convs = [m for n, m in model.named_modules() if n.endswith("_convolution")]
     assert convs and all(isinstance(m.convolution, ChannelwiseConv) for m in convs)
+    left = {n: why for n, _, why in sparsekern.patching.last_report.left if n.endswith("_convolution")}
+    assert len(left) == len(convs) and set(left.values()) == {"its own parameters kept, its product fused"}
     for atoms in (_silicon64(), Atoms("Si", positions=[[0.0, 0.0, 0.0]], cell=[20.0] * 3, pbc=False)):
         _assert_same(_predict(model, atoms), _predict(base, atoms), TOL[dtype])
 
