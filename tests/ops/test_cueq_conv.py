@@ -11,8 +11,9 @@ import torch
 pytest.importorskip("cuequivariance_torch")
 
 from helpers import TOL, rel_err  # noqa: E402
-from test_triton_conv import BIG, TINY, force_like, make, uvu_tp  # noqa: E402
-from test_triton_symmetric_contraction import CASES, make_layer, node_inputs, second_order, trainable  # noqa: E402
+from test_triton_conv import BIG, TINY, force_like, gradcheck_conv, make, uvu_tp  # noqa: E402
+from test_triton_symmetric_contraction import (CASES, gradcheck_with_delta, make_layer,  # noqa: E402
+                                               matches_torch_to_second_order, node_inputs)
 
 import sparsekern  # noqa: E402
 from sparsekern.layers import ChannelwiseTP  # noqa: E402
@@ -45,11 +46,7 @@ def test_channelwise_tp_through_the_registry():
 
 
 def test_conv_gradcheck_gradgradcheck():
-    conv, x, y, w, ei = make(*TINY, n=3, e=5, dtype=torch.float64)
-    args = [t.clone().requires_grad_() for t in (x, y, w)]
-    fn = lambda a, b, c: cueq_conv(conv.desc, a, b, c, ei)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, args, fast_mode=True)
-    assert torch.autograd.gradgradcheck(fn, args, fast_mode=True)
+    gradcheck_conv(cueq_conv)
 
 
 def test_conv_zero_edges_and_lonely_nodes():
@@ -67,28 +64,11 @@ def test_conv_zero_edges_and_lonely_nodes():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("irreps_in,irreps_out,correlation,reduced,delta", CASES)
 def test_contraction_matches_torch_to_second_order(irreps_in, irreps_out, correlation, reduced, delta, dtype):
-    layer = make_layer(irreps_in, irreps_out, correlation, dtype, reduced, delta)
-    x, attrs = node_inputs(layer, dtype)
-    want = second_order(layer, "torch", x, attrs)
-    got = second_order(layer, "cueq", x, attrs)
-    assert len(got) == len(want) == 3 + 2 * len(trainable(layer))
-    for k, (a, b) in enumerate(zip(got, want)):
-        assert a.shape == b.shape and a.dtype == dtype
-        assert rel_err(a, b) <= TOL[dtype], k
+    matches_torch_to_second_order("cueq", make_layer(irreps_in, irreps_out, correlation, dtype, reduced, delta), dtype)
 
 
 def test_contraction_gradcheck_gradgradcheck_with_delta():
-    layer = make_layer("1x0e+1x1o", "1x0e+1x1o", 3, torch.float64, delta=True).set_backend("cueq")
-    x, attrs = node_inputs(layer, torch.float64, species=[2, 0])
-    names = ["deltas.contractions__1__weights_max.v", "contractions.0.weights_max"]
-    params = [layer.get_parameter(n).detach().clone().requires_grad_() for n in names]
-
-    def fn(x_, *ps):
-        return torch.func.functional_call(layer, dict(zip(names, ps)), (x_, attrs))
-
-    args = [x.requires_grad_()] + params
-    assert torch.autograd.gradcheck(fn, args, fast_mode=True)
-    assert torch.autograd.gradgradcheck(fn, args, fast_mode=True)
+    gradcheck_with_delta("cueq")
 
 
 def _uniform_1d_ready(poly) -> bool:

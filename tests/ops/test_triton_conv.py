@@ -81,9 +81,14 @@ def test_only_nonzero_cg_entries():
 
 
 def test_gradcheck_gradgradcheck():
+    gradcheck_conv(triton_conv)
+
+
+def gradcheck_conv(op) -> None:
+    """gradcheck and gradgradcheck of a back end's conv op (float64, tiny)."""
     conv, x, y, w, ei = make(*TINY, n=3, e=5, dtype=torch.float64)
     args = [t.clone().requires_grad_() for t in (x, y, w)]
-    fn = lambda a, b, c: triton_conv(conv.desc, a, b, c, ei)  # noqa: E731
+    fn = lambda a, b, c: op(conv.desc, a, b, c, ei)  # noqa: E731
     assert torch.autograd.gradcheck(fn, args, fast_mode=True)
     assert torch.autograd.gradgradcheck(fn, args, fast_mode=True)
 

@@ -77,10 +77,14 @@ CASES = [  # irreps_in, irreps_out, correlation, use_reduced_cg, delta
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("irreps_in,irreps_out,correlation,reduced,delta", CASES)
 def test_matches_torch_to_second_order(irreps_in, irreps_out, correlation, reduced, delta, dtype):
-    layer = make_layer(irreps_in, irreps_out, correlation, dtype, reduced, delta)
+    matches_torch_to_second_order("triton", make_layer(irreps_in, irreps_out, correlation, dtype, reduced, delta), dtype)
+
+
+def matches_torch_to_second_order(backend: str, layer, dtype) -> None:
+    """Output, first and second derivatives of ``layer`` on ``backend`` against torch."""
     x, attrs = node_inputs(layer, dtype)
     want = second_order(layer, "torch", x, attrs)
-    got = second_order(layer, "triton", x, attrs)
+    got = second_order(layer, backend, x, attrs)
     assert len(got) == len(want) == 3 + 2 * len(trainable(layer))
     for k, (a, b) in enumerate(zip(got, want)):
         assert a.shape == b.shape and a.dtype == dtype
@@ -105,9 +109,14 @@ def test_l3_correlation3_first_order(layer_l3):
 
 
 def test_gradcheck_gradgradcheck_with_delta():
-    layer = make_layer("1x0e+1x1o", "1x0e+1x1o", 3, torch.float64, delta=True).set_backend("triton")
+    gradcheck_with_delta("triton")
+
+
+def gradcheck_with_delta(backend: str) -> None:
+    """gradcheck and gradgradcheck of a contraction on ``backend`` (float64) wrt x, one
+    delta's values and one (frozen by prepare) base weight."""
+    layer = make_layer("1x0e+1x1o", "1x0e+1x1o", 3, torch.float64, delta=True).set_backend(backend)
     x, attrs = node_inputs(layer, torch.float64, species=[2, 0])
-    # x, one delta's values and one (frozen by prepare) base weight
     names = ["deltas.contractions__1__weights_max.v", "contractions.0.weights_max"]
     params = [layer.get_parameter(n).detach().clone().requires_grad_() for n in names]
 
