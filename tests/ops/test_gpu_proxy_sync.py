@@ -185,6 +185,7 @@ def test_launch_and_op_budget(layers, launches, upto):
             _run(layer, inputs, upto)
         if upto == "fwd":
             assert len(launches) == (0 if kind == "RadialMLP" else 1), (kind, delta, launches)
+        print(f"{kind} delta={delta} {upto}: {count.ops} aten ops, {len(launches)} launches")  # shown with -s
         budget = BUDGET[kind, delta, upto]
         assert count.ops <= budget[0] and len(launches) <= budget[1], (kind, delta, upto, count.ops, len(launches))
 
@@ -219,6 +220,7 @@ def test_whole_model_no_host_sync(launches, what):
         del launches[:]
         with _Count(strict=True, copies=first) as count:
             _whole_pass(model, batch, step)
+    print(f"whole model, {what}: {count.ops} aten ops, {len(launches)} launches")  # shown with -s
     assert count.ops <= WHOLE_BUDGET[what][0] and len(launches) <= WHOLE_BUDGET[what][1], (count.ops, len(launches))
 
 

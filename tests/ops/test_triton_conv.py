@@ -7,7 +7,7 @@ Runs on CPU under TRITON_INTERPRET=1 (tiny shapes: the interpreter is slow)."""
 import pytest
 import torch
 
-from helpers import TOL, rel_err, triton_device
+from helpers import TOL, random_o3, rel_err, triton_device
 
 DEVICE = triton_device()  # before the kernels are imported
 
@@ -19,8 +19,8 @@ from sparsekern.ops.triton import conv as triton_conv_module  # noqa: E402
 from sparsekern.ops.triton.conv import build_form, channelwise_tp as triton_tp, conv as triton_conv  # noqa: E402
 
 
-def uvu_tp(irreps1, irreps2, lmax_out, dtype=torch.float64):
-    """A MACE-style conv TP, built in float32 and moved to ``dtype`` as mace_mp does
+def uvu_tp(irreps1, irreps2, lmax_out, dtype=torch.float64, built_in=torch.float32):
+    """A MACE-style conv TP, built in ``built_in`` and moved to ``dtype`` as mace_mp does
     (float32-rounded Clebsch-Gordan buffers that the kernel must reproduce)."""
     mid, ins = [], []
     for i1, (mul, ir1) in enumerate(o3.Irreps(irreps1)):
@@ -30,7 +30,7 @@ def uvu_tp(irreps1, irreps2, lmax_out, dtype=torch.float64):
                     ins.append((i1, i2, len(mid), "uvu", True))
                     mid.append((mul, ir))
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
+    torch.set_default_dtype(built_in)
     try:
         tp = o3.TensorProduct(irreps1, irreps2, o3.Irreps(mid), ins, shared_weights=False, internal_weights=False)
     finally:
@@ -152,6 +152,18 @@ def test_shared_outputs_and_many_edges_per_receiver():
     assert not ours[0][2].any() and ours[0][0].abs().sum() > 0
     again = force_like(lambda a, b, c: triton_conv(conv.desc, a, b, c, ei), x, y, w)
     assert all(torch.equal(a, b) for a, b in zip(ours, again))
+
+
+def test_equivariant_under_rotation_and_inversion():
+    """conv(D1 x, D2 y) = D_out conv(x, y) for a random rotation composed with inversion,
+    with receivers of more edges than a tile's slots."""
+    conv, x, y, w, _ = make(*BIG, n=3, e=20, dtype=torch.float64)
+    conv = ChannelwiseConv.from_e3nn(uvu_tp(*BIG, built_in=torch.float64)).to(DEVICE)  # exact coefficients
+    ei = torch.tensor([[0, 1, 2, 0, 1] * 4, [0] * 12 + [1] * 8], device=x.device)
+    rot = random_o3(seed=5)
+    d1, d2, d_out = (irreps.D_from_matrix(rot).to(DEVICE) for irreps in (conv.irreps_in1, conv.irreps_in2, conv.irreps_out))
+    turned = triton_conv(conv.desc, x @ d1.T, y @ d2.T, w, ei)
+    assert rel_err(turned, triton_conv(conv.desc, x, y, w, ei) @ d_out.T) <= 1e-12
 
 
 def test_orderings_built_once_per_graph(monkeypatch):

@@ -330,14 +330,10 @@ def _conv_raw(form: ConvForm, a, b, w, graph: Graph) -> torch.Tensor:
 
 def _edge_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: bool):
     E = graph.src.shape[0]
-    # every gb element is stored (zeros where no path reads b); gw only where paths cover it
-    gb = a.new_empty(E, form.dim_b) if need_b else None
+    # a launch stores every gb element (zeros where no path reads b); gw only where paths cover it
+    gb = (a.new_empty if form.paths else a.new_zeros)(E, form.dim_b) if need_b else None
     gw = (a.new_empty if form.covers_w else a.new_zeros)(E, form.n_w) if need_w else None
-    if not form.paths:
-        if gb is not None:
-            gb.zero_()
-        return gb, gw
-    if E == 0 or not (need_b or need_w):
+    if E == 0 or not form.paths or not (need_b or need_w):
         return gb, gw
     b_ = b if b is not None else a  # unused operand: any pointer with strides
     w_ = w if w is not None else a
