@@ -22,6 +22,7 @@ class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
 
 def parser() -> argparse.ArgumentParser:
     from ..finetune.methods import METHODS, SPARSE_LR_AT, choices_help
+    from ..finetune.trainer import LR_SCHEDULES
 
     p = argparse.ArgumentParser(
         prog="sparsekern finetune", formatter_class=_DefaultsShown,
@@ -42,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
                         + ", chosen on a validation split by benchmarks/lr_sweep.py; sparse at density <= "
                         + f"{SPARSE_LR_AT[0][0]:g}: {SPARSE_LR_AT[0][1]:g}, log-interpolated up to "
                         + f"{SPARSE_LR_AT[1][0]:g})")
+    p.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
+                   help="constant, or cosine: the learning rate decays to 0 over the run's steps")
     p.add_argument("--batch_size", type=int, default=4, help="frames per optimizer step")
     p.add_argument("--seed", type=int, default=0, help="seeds the delta's start and the data order")
     p.add_argument("--energy_weight", type=float, default=1.0, help="weight of the per-atom energy error in the loss")

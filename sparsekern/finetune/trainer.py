@@ -72,6 +72,7 @@ class Settings:
     density_anneal: float = 0.0  # epochs
     element_resolved: bool = False  # shared weights: one delta per element (SparseConfig.element_resolved)
     lr: Optional[float] = None  # None: methods.default_lr(method, density)
+    lr_schedule: str = "constant"  # or "cosine": every group's lr decays to 0 over the run's steps
     batch_size: int = 4
     seed: int = 0
     energy_weight: float = 1.0
@@ -100,6 +101,8 @@ class Settings:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0 "
                              f"(got {self.epochs}, {self.batch_size}, {self.lr})")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.fast_after is not None and self.method != "sparse":
             raise ValueError("--fast_after applies to --method sparse only")
         if self.element_resolved and (self.method == "full" or self.mode == "saliency"):
@@ -128,11 +131,15 @@ class Settings:
 
     def identity(self) -> Dict[str, object]:
         d = asdict(self)
-        for k in ("epochs", "out", "device", "progress"):
+        for k in ("out", "device", "progress"):
             d.pop(k)
+        if self.lr_schedule == "constant":  # more epochs continue a finished run; a cosine's curve depends on them
+            d.pop("epochs")
         for k in ("element_resolved", "spin_orbit"):
             if not d[k]:  # checkpoints from before it stay resumable
                 d.pop(k)
+        if d["lr_schedule"] == "constant":
+            d.pop("lr_schedule")
         for k in ("train", "valid", "test"):  # the same file wherever the command runs from
             d[k] = str(Path(d[k]).resolve()) if d[k] else None
         d["model"] = family_for(self.model).spec_identity(self.model)
@@ -247,8 +254,22 @@ def _fingerprint_files(*paths) -> str:
     return h.hexdigest()[:16]
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def _optimizer(model, settings: Settings) -> torch.optim.Optimizer:
-    return torch.optim.Adam(parameter_groups(model, settings.magnetic_lr), lr=settings.lr, amsgrad=True)
+    optimizer = torch.optim.Adam(parameter_groups(model, settings.magnetic_lr), lr=settings.lr, amsgrad=True)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]  # what the schedule scales (saved with the optimizer's state)
+    return optimizer
+
+
+def _schedule(optimizer: torch.optim.Optimizer, settings: Settings, done: int, total: int) -> None:
+    """Set each group's lr for the step after ``done`` of ``total``: a function of the step
+    alone, so a resumed run continues the same curve."""
+    factor = 0.5 * (1 + math.cos(math.pi * done / total)) if settings.lr_schedule == "cosine" else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
 
 
 @dataclass
@@ -297,6 +318,8 @@ def _epoch(loop: _Loop, samples: Sequence[Sample], progress: checkpoint.Progress
     for i, batch in enumerate(batches(samples, loop.settings.batch_size, order)):
         if i < progress.step:
             continue  # done before the run was stopped
+        steps = -(-len(samples) // loop.settings.batch_size)
+        _schedule(loop.optimizer, loop.settings, progress.epoch * steps + i, loop.settings.epochs * steps)
         step_loss, signum = _step(loop, batch, progress.epoch)
         progress.step += 1
         progress.epoch_loss += step_loss * len(batch)

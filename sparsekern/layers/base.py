@@ -10,6 +10,7 @@ import torch
 
 from .. import delta_slot
 from ..ops import registry
+from ..ops.tensor_cache import cached
 from ..paths import WeightGroup
 
 
@@ -100,15 +101,21 @@ class SparsekernLayer(torch.nn.Module):
         if node_attrs.dim() != 2 or node_attrs.shape[1] != num_elements:
             raise ValueError(f"{name}: node_attrs must have shape (num_nodes, {num_elements}), "
                              f"got {tuple(node_attrs.shape)}")
-        if not torch.compiler.is_compiling() and node_attrs.shape[0]:
-            ones = node_attrs.sum(-1) == 1
-            binary = ((node_attrs == 0) | (node_attrs == 1)).all(-1)
-            message = f"{name}: node_attrs must be one-hot (one 1 per row, zeros elsewhere)"
-            if node_attrs.device.type != "cpu":  # checked on the device: no host sync per layer
-                torch._assert_async((ones & binary).all(), message)
-            elif not bool((ones & binary).all()):
-                raise ValueError(message)
-        return node_attrs.argmax(-1)
+
+        def checked():
+            if not torch.compiler.is_compiling() and node_attrs.shape[0]:
+                ones = node_attrs.sum(-1) == 1
+                binary = ((node_attrs == 0) | (node_attrs == 1)).all(-1)
+                message = f"{name}: node_attrs must be one-hot (one 1 per row, zeros elsewhere)"
+                if node_attrs.device.type != "cpu":  # checked on the device: no host sync per layer
+                    torch._assert_async((ones & binary).all(), message)
+                elif not bool((ones & binary).all()):
+                    raise ValueError(message)
+            return node_attrs.argmax(-1)
+
+        # once per graph: every layer (and the per-element ops' plans, kept with the
+        # species tensor) shares it
+        return cached(node_attrs, ("species", num_elements), checked)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend}"

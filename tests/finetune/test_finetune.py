@@ -218,3 +218,27 @@ def test_default_lr_follows_the_sparse_density():
     assert lr("sparse", 0.005) == lr("sparse", 0.001) == pytest.approx(0.3)
     assert 0.1 < lr("sparse", 0.01) < 0.3
     assert lr("full", 0.005) == pytest.approx(3e-3) and lr("sparse", 0.005, lr=0.05) == 0.05
+
+
+def test_cosine_lr_schedule_follows_the_step():
+    """Every group's lr is its own base lr times the cosine of the step alone (a resumed
+    run continues the curve); the run's length is part of a cosine run's identity (more
+    epochs would re-stretch the curve), not of a constant one's."""
+    from sparsekern.finetune.trainer import Settings, _optimizer, _schedule
+
+    def settings(schedule, epochs=10):
+        return Settings(model="7net-0", train="t", test="t", method="full", out="o", lr=0.2, lr_schedule=schedule,
+                        epochs=epochs)
+
+    opt = _optimizer(torch.nn.Linear(2, 2), settings("cosine"))
+    lrs = []
+    for done in (0, 5, 10):
+        _schedule(opt, settings("cosine"), done, 10)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.2, 0.1, 0.0])
+    _schedule(opt, settings("constant"), 7, 10)
+    assert opt.param_groups[0]["lr"] == 0.2
+    assert "epochs" not in settings("constant").identity() and "lr_schedule" not in settings("constant").identity()
+    assert settings("cosine").identity() != settings("cosine", epochs=20).identity()
+    with pytest.raises(ValueError, match="--lr_schedule"):
+        settings("linear")

@@ -207,3 +207,20 @@ def test_sparse_finetuning_step(sevennet64):
     assert not any(isinstance(m, SparsekernLayer) for m in merged.modules())
     _assert_same(tuned, _predict(merged, atoms), TOL[torch.float64])
     assert rel_err(tuned[0], energy) > 1e-8  # the steps moved the model
+
+
+def test_fused_convolutions_share_one_flipped_graph(sevennet64):
+    """SevenNet's edge_index is (receiver, sender); every fused block of one graph is given
+    the same flipped copy, so the edge orderings the fused conv keeps with it are built once
+    per graph, not per block."""
+    model = sparsekern.patch(copy.deepcopy(sevennet64), backend="torch")
+    convs = [m for n, m in model.named_modules() if n.endswith("_convolution")]
+    seen = []
+    for block in convs:
+        forward = block.convolution.forward
+        block.convolution.forward = lambda *a, forward=forward: seen.append(a[3]) or forward(*a)
+    for _ in range(2):  # two graphs
+        _predict(model, _silicon64())
+    assert len(seen) == 2 * len(convs) > 2
+    first, second = seen[:len(convs)], seen[len(convs):]
+    assert all(e is first[0] for e in first) and all(e is second[0] for e in second) and first[0] is not second[0]

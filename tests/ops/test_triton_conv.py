@@ -199,3 +199,12 @@ def test_gpu_mace_sized():
     ours = force_like(lambda a, b, c: triton_conv(conv.desc, a, b, c, ei), x, y, w)
     ref = force_like(lambda a, b, c: conv(a, b, c, ei), x, y, w)
     assert all(rel_err(a, b) <= 1e-4 for a, b in zip(ours, ref))
+
+
+def test_inference_mode_edges():
+    """An edge_index made under inference mode has no version counter: its orderings are
+    built per call, with the same result."""
+    conv, x, y, w, ei = make(*TINY, n=3, e=5, dtype=torch.float64)
+    with torch.inference_mode():
+        fresh = ei.clone()
+        assert rel_err(triton_conv(conv.desc, x, y, w, fresh), conv(x, y, w, ei)) <= 1e-12

@@ -169,3 +169,27 @@ def test_gpu_mace_sized():
     y = ours(layer, layer.weight, x, species, vals, slots)
     ref = torch_reference(layer.double(), layer.weight, x.double(), species, [v.double() for v in vals], slots)
     assert rel_err(y.double(), ref) <= 1e-5
+
+
+def test_species_and_plans_once_per_graph(monkeypatch):
+    """The element-indexed layers of one graph share its species (one-hot check and argmax
+    once) and its node tiling; node_attrs changed in place is planned anew, and tensors
+    made under inference mode (no version counter) are planned per call."""
+    import sparsekern.ops.triton.element_linear as module
+
+    built = []
+    original = module.ElementRows.build
+    monkeypatch.setattr(module.ElementRows, "build", lambda s, n: built.append(n) or original(s, n))
+    layers = [make_layer(o3.Irreps("3x0e+2x1o"), 3, o3.Irreps("4x0e+1x1o"), torch.float64).set_backend("triton")
+              for _ in range(2)]
+    x = torch.randn(7, 9, dtype=torch.float64, device=DEVICE)
+    attrs = torch.nn.functional.one_hot(torch.tensor([2, 0, 1, 1, 0, 2, 2]), 3).to(DEVICE, torch.float64)
+    want = [layer(x, attrs) for layer in layers]
+    assert layers[0]._species(attrs, 3) is layers[1]._species(attrs, 3) and len(built) == 1
+    attrs[[0, 1]] = attrs[[1, 0]]  # in place: nodes 0 and 1 swap elements
+    swapped = layers[0](x, attrs)
+    assert len(built) == 2 and not torch.equal(swapped, want[0])
+    with torch.inference_mode():
+        fresh = attrs.clone()
+        assert all(torch.equal(layer(x, fresh), layer(x, attrs)) for layer in layers)
+    assert len(built) == 4  # each call on the inference-mode tensor its own; attrs' plan kept

@@ -11,6 +11,8 @@ import torch
 from sevenn import _keys as KEY
 from sevenn.nn.convolution import IrrepsConvolution
 
+from ...ops.tensor_cache import cached
+
 
 class FusedIrrepsConvolution(IrrepsConvolution):
     """``IrrepsConvolution`` whose ``convolution`` is a ``ChannelwiseConv``: the same
@@ -22,8 +24,11 @@ class FusedIrrepsConvolution(IrrepsConvolution):
         x = data[self.key_x]
         if self.is_parallel:  # ghost atoms are senders only; their rows are dropped below
             x = torch.cat([x, data[KEY.NODE_FEATURE_GHOST]])
-        # SevenNet's edge_index is (receiver, sender); the fused conv takes (sender, receiver)
-        x = self.convolution(x, data[self.key_filter], weight, data[self.key_edge_idx].flip(0))
+        # SevenNet's edge_index is (receiver, sender); the fused conv takes (sender, receiver).
+        # One flipped copy per graph: the fused conv keeps its edge orderings with it, so
+        # every block (and pass) of the graph shares them
+        edges = data[self.key_edge_idx]
+        x = self.convolution(x, data[self.key_filter], weight, cached(edges, "flipped", lambda: edges.flip(0)))
         x = x.div(self.denominator)
         if self.is_parallel:
             x = torch.tensor_split(x, data[KEY.NLOCAL])[0]

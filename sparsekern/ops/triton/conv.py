@@ -27,10 +27,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..descriptors import TPDesc
 from ..grads import needed, track
+from ..tensor_cache import cache_of
 
 _META = 10  # ints per path: a_off, d_a, b_off, d_b, w_off, o_off, d_o, mul, kbase, pad
 
@@ -260,21 +260,6 @@ class Segments:
         return Segments(order.to(torch.int32), start.to(torch.int32))
 
 
-# edge_index -> (its version, {(row, n): Segments}): the orderings of a graph, built by
-# the first conv that needs them and shared by every later conv of that graph (MACE's
-# interactions, the backward passes). The values never reference edge_index itself, so
-# an entry goes with its graph.
-_ORDERINGS = WeakTensorKeyDictionary()
-
-
-def _orderings(edge_index: torch.Tensor) -> dict:
-    version, cache = _ORDERINGS.get(edge_index, (None, None))
-    if version != edge_index._version:
-        cache = {}
-        _ORDERINGS[edge_index] = (edge_index._version, cache)
-    return cache
-
-
 @dataclass
 class Graph:
     """The edges of one call: senders, receivers, their node counts and the cache of
@@ -289,7 +274,7 @@ class Graph:
     identity: bool = False
 
     def receivers(self) -> Segments:
-        key = (self.rows[1], self.n_dst)
+        key = ("receivers", self.rows[1], self.n_dst)
         if key not in self.cache:
             self.cache[key] = Segments.build(self.dst, self.n_dst)
         return self.cache[key]
@@ -458,7 +443,7 @@ def conv(desc: TPDesc, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_we
     if edge_index.dim() != 2 or edge_index.shape[0] != 2 or edge_index.shape[1] != edge_attrs.shape[0]:
         raise ValueError(f"edge_index must have shape (2, {edge_attrs.shape[0]}), got {tuple(edge_index.shape)}")
     n = node_feats.shape[0]
-    graph = Graph(edge_index[0].contiguous(), edge_index[1].contiguous(), n, n, _orderings(edge_index))
+    graph = Graph(edge_index[0].contiguous(), edge_index[1].contiguous(), n, n, cache_of(edge_index))
     return _Conv.apply(node_feats, edge_attrs, tp_weights, _form(desc, node_feats, path_mask), graph)
 
 

@@ -36,6 +36,7 @@ from ...delta_slot import active_blocks
 from ...paths import OutputSlots
 from ..descriptors import LinearDesc
 from ..grads import needed, track
+from ..tensor_cache import cached
 
 _BN = 32  # nodes per tile
 _BM = 32  # rows ((node, m) pairs) per step
@@ -413,7 +414,7 @@ def _blocks(desc: LinearDesc, delta: Optional[torch.Tensor]):
 def element_linear(desc: LinearDesc, x: torch.Tensor, species: torch.Tensor, weight: torch.Tensor,
                    delta: Optional[torch.Tensor]) -> torch.Tensor:
     """The element-indexed linear: x (N, irreps_in.dim) -> (N, irreps_out.dim)."""
-    plan = ElementRows.build(species, desc.num_elements)
+    plan = cached(species, ("element_rows", desc.num_elements), lambda: ElementRows.build(species, desc.num_elements))
     return grouped_linear(x, plan, desc, weight, _blocks(desc, delta))
 
 

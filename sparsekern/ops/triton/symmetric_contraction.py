@@ -37,6 +37,7 @@ import triton.language as tl
 from ...delta_slot import effective
 from ..descriptors import ContractionDesc
 from ..grads import needed, track
+from ..tensor_cache import cached
 
 _BT = 4  # table entries per step on a GPU (8 spilled 328 B on sm_90 under Triton 3.6)
 _BT_INTERPRETED = 256  # the CPU interpreter pays per op, not per element
@@ -198,17 +199,12 @@ class Form:
 
 
 @dataclass(eq=False)
-class SpeciesOrder:
-    """Nodes sorted by element (device ops only)."""
-    species: torch.Tensor  # (N,)
+class _Sorting:
+    """Nodes sorted by element (device ops only), kept with the species tensor (so it
+    must not hold it): every contraction and pass of a graph shares one."""
     order: torch.Tensor  # (N,)
-    n_el: int
     sorted: torch.Tensor  # (N,) species[order]
-
-    @staticmethod
-    def build(species: torch.Tensor, n_el: int) -> "SpeciesOrder":
-        values, order = torch.sort(species, stable=True)
-        return SpeciesOrder(species, order, n_el, values)
+    n_el: int
 
     @functools.cached_property
     def start(self) -> torch.Tensor:
@@ -216,6 +212,25 @@ class SpeciesOrder:
         only a per-element output needs it)."""
         elements = torch.arange(self.n_el + 1, device=self.sorted.device, dtype=self.sorted.dtype)
         return torch.searchsorted(self.sorted, elements, out_int32=True)
+
+
+@dataclass(eq=False)
+class SpeciesOrder:
+    """The nodes' elements and their sorting."""
+    species: torch.Tensor  # (N,)
+    sorting: _Sorting
+
+    @staticmethod
+    def build(species: torch.Tensor, n_el: int) -> "SpeciesOrder":
+        def sort():
+            values, order = torch.sort(species, stable=True)
+            return _Sorting(order, values, n_el)
+
+        return SpeciesOrder(species, cached(species, ("species_order", n_el), sort))
+
+    order = property(lambda self: self.sorting.order)
+    n_el = property(lambda self: self.sorting.n_el)
+    start = property(lambda self: self.sorting.start)
 
 
 def _index_strides(a: torch.Tensor, elem: bool):
