@@ -135,8 +135,8 @@ def module_only(train, test, steps: int, lr: float, energy_weight: float, magfor
     if lstsq:  # (no base model here, so no force rows)
         parts = [(g, {"energy": torch.tensor([e - e_train.mean()]),
                       "magforces": torch.as_tensor(a.arrays["REF_magforces"])}) for g, e, a in zip(graphs[0], e_train, train)]
-        solve(module, normal_equations(module, parts, {"energy": energy_weight, "magforces": magforces_weight},
-                                       {"energy": len(train), "magforces": 3 * n * len(train)}))
+        solve(module, normal_equations(module, parts, {"energy": len(train), "magforces": 3 * n * len(train)}),
+              {"energy": energy_weight, "magforces": magforces_weight})
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, amsgrad=True)
     for step in range(steps):
         k = step % len(train)

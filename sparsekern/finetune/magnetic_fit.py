@@ -6,7 +6,7 @@ and solved alike on each."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -15,9 +15,10 @@ from ..magnetism.fit import normal_equations, solve, zero_outputs
 from .evaluation import Sample, batches, outputs
 
 
-def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, group) -> None:
+def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, group) -> Optional[dict]:
+    """What the fit chose (``solve``); None without magnetism."""
     if not isinstance(family, MagneticFamily):
-        return
+        return None
     zero_outputs(model.energy)
 
     def parts():
@@ -35,4 +36,4 @@ def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, grou
                "magforces": settings.magforces_weight}
     counts = {"energy": len(samples), "forces": 3 * sum(s.natoms for s in samples),
               "magforces": sum(s.magforces.numel() for s in samples if s.magforces is not None)}
-    solve(model.energy, group.sum(normal_equations(model.energy, parts(), weights, counts)))
+    return solve(model.energy, group.sum(normal_equations(model.energy, parts(), counts)), weights)

@@ -468,14 +468,15 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
 
     with deferred() as signalled:
         progress = _train(_Loop(family, model, settings, group, signalled, save), train_s, valid_s, ck)
-    if progress.epoch > 0:
-        fit_magnetic_energy(family, model, train_s, settings, group)  # again, on the trained base
+    magnetic_fit = fit_magnetic_energy(family, model, train_s, settings, group) if progress.epoch > 0 else None
     refit = _refit_shift(family, model, shift, (train_s, test_s, valid_s), (train, test, valid), settings, group)
     test_errors = {"test": evaluate(family, model, test_s, settings, group), **zero_shot}
     metrics = _metrics(settings, family, (train, valid, test), shift, model, progress, test_errors,
                        _changed_fraction(model, base))
     metrics.update(e0_refit_ev={str(z): v for z, v in refit.items()}, processes=group.size)
     metrics.update(magnetic_counts(model))
+    if magnetic_fit is not None:  # (again, on the trained base) what the cross-validation chose
+        metrics["magnetic_fit"] = magnetic_fit
     if group.main:
         _save_results(family, model, settings, shift, test_s, test, metrics)
         metrics["files"] = _files(out, family, metrics)

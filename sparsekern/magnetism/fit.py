@@ -8,9 +8,10 @@ are large and nearly cancel between the couplings and the on-site terms, which A
 moving each parameter by ~lr per step, finds slowly (benchmarks/NOTES.md, NiO), and once
 the fit holds them, small steps on the hidden layers undo it.
 
-The normal equations are sums over frames (and over processes); per-element energy
-offsets are fitted beside the couplings and dropped (the E0 refit owns them); a ridge
-chosen by generalised cross-validation keeps the random features from overfitting."""
+The normal equations are sums over frames (and over processes), kept per fold of frames
+and per term; per-element energy offsets are fitted beside the couplings and dropped
+(the E0 refit owns them); the ridge, and whether E_mag's forces follow the base's force
+residuals, are chosen by cross-validation over the frames (or E_mag stays 0)."""
 
 from __future__ import annotations
 
@@ -63,59 +64,116 @@ def _columns(energy: MagneticEnergy, batch: MagneticBatch) -> Dict[str, torch.Te
     return {key: torch.stack(c, 1) for key, c in cols.items()}
 
 
-def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], weights: Dict[str, float],
-                     counts: Dict[str, int]) -> torch.Tensor:
-    """Z^T Z, Z = [X y 1], of the weighted least-squares problem over ``parts``: tuples
-    (batch, {term: target}) with what E_mag should add to each term of ``TERMS`` that has
-    labels: the energy residual per frame (eV), the force residuals and the magnetic-force
-    labels (n, 3). Rows are weighted as the training loss weighs them (``weights``):
-    energies per atom over the number of frames, forces and magnetic forces over their
-    entries (``counts``: the global counts, so that the sums of processes add up). X's last
-    N_ELEMENTS columns are the per-element offsets (energy rows only); y^T y and the number
-    of rows come along for the choice of the ridge. The force rows matter: E_mag depends on
-    positions, and fitted to energies alone its random features give forces of eV/Å."""
+FOLDS = 5  # frame i of the fit's parts is in fold i % FOLDS
+RIDGES = torch.logspace(-12, 0, 25, dtype=torch.float64)  # relative to the scaled gram's largest eigenvalue
+
+
+def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], counts: Dict[str, int]) -> torch.Tensor:
+    """(FOLDS, len(TERMS), K + 1, K + 1): for each fold of frames and each term, Z^T Z with
+    Z = [X y], X the design matrix of the least-squares problem over ``parts`` (its K
+    columns: E_mag's linear parameters, then the per-element offsets, energy rows only)
+    and y the targets: tuples (batch, {term: target}) with what E_mag should add to each
+    term of ``TERMS`` that has labels: the energy residual per frame (eV), the force
+    residuals and the magnetic-force labels (n, 3). Energy rows are per atom; each term's
+    rows are scaled by 1/sqrt(``counts``: its global number of entries), so that the
+    solve's term weights make the training loss, and sums over processes add up. The
+    force rows matter: E_mag depends on positions, and fitted to energies alone its
+    random features give forces of eV/Å. Frame i (counted over ``parts``, per process)
+    goes to fold i % FOLDS: the solve's cross-validation holds out whole frames."""
     if any(p.abs().max() > 0 for layer in (energy.pair[-1], energy.onsite[-1]) for p in layer.parameters()):
         raise ValueError("the magnetic module's output layers must be at their zero start")
     k = n_linear(energy) + N_ELEMENTS
-    system = torch.zeros(k + 2, k + 2, dtype=torch.float64)
+    system = torch.zeros(FOLDS, len(TERMS), k + 1, k + 1, dtype=torch.float64)
+    first = 0  # the batch's first frame, counted over parts
     for batch, targets in parts:  # (made outside no_grad: the base computes forces)
         with torch.no_grad():
             cols = _columns(energy, batch)
+            frame = batch.frame.cpu()
             elements = torch.zeros(batch.n_frames, N_ELEMENTS, dtype=torch.float64)
-            elements.index_put_((batch.frame.cpu(), batch.numbers.cpu()), torch.ones(len(batch.frame),
-                                dtype=torch.float64), accumulate=True)
+            elements.index_put_((frame, batch.numbers.cpu()), torch.ones(len(frame), dtype=torch.float64),
+                                accumulate=True)
             natoms = elements.sum(1, keepdim=True)
             for key, target in targets.items():
-                w = (weights[key] / max(counts[key], 1)) ** 0.5
                 x, y = cols[key], target.double().cpu().reshape(-1)
                 if key == "energy":
-                    x, y = torch.cat([x, elements], 1) / natoms, y / natoms[:, 0]
+                    x, y, fold = torch.cat([x, elements], 1) / natoms, y / natoms[:, 0], torch.arange(batch.n_frames)
                 else:
                     x = torch.cat([x, torch.zeros(len(x), N_ELEMENTS, dtype=torch.float64)], 1)
-                z = torch.cat([x * w, y[:, None] * w, torch.ones_like(y)[:, None]], 1)
-                system += z.T @ z
+                    fold = frame.repeat_interleave(len(x) // len(frame))  # rows of atom i: 3i, 3i+1, 3i+2
+                z = torch.cat([x, y[:, None]], 1) / max(counts[key], 1) ** 0.5
+                fold = (fold + first) % FOLDS
+                for f in range(FOLDS):
+                    rows = z[fold == f]
+                    system[f, TERMS.index(key)] += rows.T @ rows
+            first += batch.n_frames
     return system
 
 
-def solve(energy: MagneticEnergy, system: torch.Tensor) -> None:
-    """Set the output layers to the ridge solution of ``system`` (``normal_equations``),
-    the ridge chosen by generalised cross-validation: with a few frames and 60-odd random
-    features, the unregularised fit interpolates and extrapolates wildly. The offsets
-    are fitted without penalty (projected out first) and dropped."""
+class _Problem:
+    """The weighted problem of a set of folds, with the offsets projected out (fitted
+    without penalty) and the rest scaled to unit diagonal and diagonalised once, so that
+    every ridge and force target costs a matrix-vector product."""
+
+    def __init__(self, system: torch.Tensor, weights: torch.Tensor, k: int):
+        a = (system * weights[:, None, None]).sum(0)  # (K + 1, K + 1) at the loss's weights
+        forces = system[TERMS.index("forces")] * weights[TERMS.index("forces")]
+        self.k, self.g = k, a[:-1, :-1]
+        self.offsets = torch.linalg.pinv(self.g[k:, k:], hermitian=True)
+        cross = self.g[:k, k:]
+        gram = self.g[:k, :k] - cross @ self.offsets @ cross.T
+        scale = gram.diagonal().clamp(min=0).sqrt()
+        self.scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # columns the data never touch
+        self.eig, self.vec = torch.linalg.eigh(gram / torch.outer(self.scale, self.scale))
+        self.eig = self.eig.clamp(min=0)
+        self.b = {"residual": a[:-1, -1], "zero": a[:-1, -1] - forces[:-1, -1]}  # forces' target: residual or 0
+
+    def fit(self, ridge: float, target: str) -> torch.Tensor:
+        """The solution (E_mag's parameters, then the offsets) at a relative ridge."""
+        k, b = self.k, self.b[target]
+        cross = self.g[:k, k:]
+        rhs = (b[:k] - cross @ self.offsets @ b[k:]) / self.scale
+        lam = ridge * self.eig.max().clamp(min=1e-300)
+        theta = (self.vec @ ((self.vec.T @ rhs) / (self.eig + lam))) / self.scale
+        return torch.cat([theta, self.offsets @ (b[k:] - cross.T @ theta)])
+
+    def offsets_only(self) -> torch.Tensor:
+        b = self.b["residual"]
+        return torch.cat([b.new_zeros(self.k), self.offsets @ b[self.k:]])
+
+
+def _loss(system: torch.Tensor, weights: torch.Tensor, phi: torch.Tensor) -> float:
+    """The weighted loss of parameters ``phi`` on the folds summed in ``system``."""
+    a = (system * weights[:, None, None]).sum(0)
+    return float(phi @ a[:-1, :-1] @ phi - 2 * phi @ a[:-1, -1] + a[-1, -1])
+
+
+def solve(energy: MagneticEnergy, system: torch.Tensor, weights: Dict[str, float]) -> dict:
+    """Set the output layers to the least-squares solution of ``system``
+    (``normal_equations``) at the term weights of the training loss, choosing by
+    cross-validation over the folds (each fold's frames held out in turn, scored by the
+    loss on them) the ridge and what E_mag's forces are fitted to: the base's force
+    residuals, or zero (on a base whose force errors are not magnetic, E_mag's on-site
+    terms would otherwise act as a second potential); or E_mag = 0, where nothing beats
+    it on held-out frames. Frames, not rows, are held out: the rows of one frame are
+    correlated, and a per-row criterion (generalised cross-validation) chose ridges that
+    fitted the training frames' noise. The offsets are fitted without penalty and
+    dropped (the E0 refit owns them). Returns the choice and its held-out loss."""
     k = n_linear(energy)
-    g, b, yy, rows = system[:-2, :-2], system[:-2, -2], system[-2, -2], system[-1, -1]
-    offsets = torch.linalg.pinv(g[k:, k:], hermitian=True)
-    cross = g[:k, k:]
-    gram, rhs = g[:k, :k] - cross @ offsets @ cross.T, b[:k] - cross @ offsets @ b[k:]
-    yy, rows = yy - b[k:] @ offsets @ b[k:], rows - torch.linalg.matrix_rank(g[k:, k:], hermitian=True)
-    scale = gram.diagonal().clamp(min=0).sqrt()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # columns nothing in the data touches
-    eig, vec = torch.linalg.eigh(gram / torch.outer(scale, scale))
-    eig = eig.clamp(min=0)
-    c2 = (vec.T @ (rhs / scale)).square()
-    ridges = eig.max().clamp(min=1e-300) * torch.logspace(-12, 0, 61, dtype=eig.dtype)[:, None]
-    rss = (yy - (c2 * (eig + 2 * ridges) / (eig + ridges).square()).sum(1)).clamp(min=0)
-    left = rows - (eig / (eig + ridges)).sum(1)  # residual degrees of freedom
-    gcv = torch.where(left > 0.5, rss / left.clamp(min=0.5).square(), torch.full_like(rss, float("inf")))
-    ridge = ridges[int(gcv.argmin())]
-    _assign(energy, (vec @ ((vec.T @ (rhs / scale)) / (eig + ridge))) / scale)
+    w = torch.tensor([weights.get(t, 0.0) for t in TERMS], dtype=torch.float64)
+    used = [f for f in range(system.shape[0]) if system[f, :, -1, -1].any() or system[f, :, :-1, :-1].any()]
+    scores: Dict[tuple, float] = {}
+    if len(used) >= 2:
+        candidates = [(float(r), t) for r in RIDGES for t in ("residual", "zero")]
+        for held in used:
+            problem = _Problem(system[[f for f in used if f != held]].sum(0), w, k)
+            for c in candidates + [None]:
+                phi = problem.offsets_only() if c is None else problem.fit(*c)
+                scores[c] = scores.get(c, 0.0) + _loss(system[held], w, phi)
+    choice = min(scores, key=scores.get) if scores else None  # one frame: nothing to validate on, E_mag = 0
+    theta = torch.zeros(k, dtype=torch.float64)
+    if choice is not None:
+        theta = _Problem(system.sum(0), w, k).fit(*choice)[:k]
+    _assign(energy, theta)
+    ridge, target = choice if choice is not None else (None, None)
+    return {"ridge": ridge, "force_target": target, "held_out_loss": scores.get(choice),
+            "held_out_loss_without": scores.get(None)}

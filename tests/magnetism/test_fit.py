@@ -38,8 +38,8 @@ def test_fit_recovers_the_output_layers(spin_orbit, with_magforces):
         shift = torch.zeros_like(e).index_add_(0, b.frame, offsets[b.numbers])
         parts.append((b, {"energy": e + shift, "forces": f, **({"magforces": h} if with_magforces else {})}))
     n = sum(b.moments.numel() for b in train)
-    solve(fitted, normal_equations(fitted, parts, {"energy": 1.0, "forces": 10.0, "magforces": 100.0},
-                                   {"energy": 6 * 8, "forces": n, "magforces": n}))
+    solve(fitted, normal_equations(fitted, parts, {"energy": 6 * 8, "forces": n, "magforces": n}),
+          {"energy": 1.0, "forces": 10.0, "magforces": 100.0})
     for want, got in zip(truth.energy_and_forces(test[0]), fitted.energy_and_forces(test[0])):
         # not to round-off: the ridge GCV picks biases near-collinear features a little
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max() / want.abs().max()
@@ -47,4 +47,30 @@ def test_fit_recovers_the_output_layers(spin_orbit, with_magforces):
 
 def test_fit_needs_the_zero_start():
     with pytest.raises(ValueError, match="zero start"):
-        normal_equations(random_module(), [], {}, {})
+        normal_equations(random_module(), [], {})
+
+
+def test_fit_keeps_zero_where_the_moments_explain_nothing():
+    """Energies that do not depend on the moments (a per-element constant plus noise): no
+    coupling beats E_mag = 0 on the held-out frames, so the fit leaves the module at zero
+    (the base model exactly). One frame: nothing to hold out, E_mag = 0 too."""
+    module = random_module()
+    zero_outputs(module)
+    train = batches(module, 6)
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for b in train:
+        natoms = torch.zeros(b.n_frames, dtype=torch.float64).index_add_(0, b.frame, torch.ones(len(b.frame),
+                                                                                                  dtype=torch.float64))
+        noise = 1e-3 * natoms * torch.randn(b.n_frames, generator=g, dtype=torch.float64)
+        parts.append((b, {"energy": -3.0 * natoms + noise, "forces": torch.zeros(len(b.frame), 3, dtype=torch.float64)}))
+    n = sum(len(b.frame) for b in train)
+    choice = solve(module, normal_equations(module, parts, {"energy": 48, "forces": 3 * n}),
+                   {"energy": 1.0, "forces": 100.0})
+    assert choice["ridge"] is None and choice["held_out_loss_without"] > 0
+    assert all(not p.any() for layer in (module.pair[-1], module.onsite[-1]) for p in layer.parameters())
+    one = batches(module, 1, size=1)[0]
+    e, f, h = (t.detach() for t in random_module().energy_and_forces(one))
+    choice = solve(module, normal_equations(module, [(one, {"energy": e, "magforces": h})], {"energy": 1, "magforces": 3}),
+                   {"energy": 1.0, "magforces": 100.0})
+    assert choice["ridge"] is None and choice["held_out_loss"] is None
