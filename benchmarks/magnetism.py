@@ -99,7 +99,8 @@ def run_one(label, method, extra, files, out, args, train, test):
     row.update(label=label, train_energy_mae_mev_per_atom=1e3 * float(np.mean(on_train / [len(a) for a in train])),
                zero_shot_energy_mae_mev_per_atom=m["zero_shot_test_energy_mae_mev_per_atom"],
                spearman=float(spearmanr(predicted, reference).statistic), trainable_params=m["trainable_params"],
-               magnetic_params=m.get("magnetic_params", 0), changed_fraction=m["changed_fraction"],
+               magnetic_params=m.get("magnetic_params", 0), magnetic_fit=m.get("magnetic_fit"),
+               changed_fraction=m["changed_fraction"],
                wall_s=time.perf_counter() - t0, argv=argv, predicted_ev=predicted.tolist(),
                reference_ev=reference.tolist())
     print(json.dumps({k: v for k, v in row.items() if k not in ("argv", "predicted_ev", "reference_ev")}), flush=True)
@@ -257,6 +258,8 @@ def write_results(info: dict, test, stem: Path):
     lines += ["", "Spin-blind magnetic-force MAE: the error of predicting dE/dm = 0 (a spin-blind model has no "
               "moment input). Zero-shot energy MAE (SevenNet-0 + fitted E0s): "
               + ", ".join(f"{r['label']} {r['zero_shot_energy_mae_mev_per_atom']:.4g}" for r in rows) + " meV/atom."]
+    lines += [f"{r['label']}: the magnetic fit chose {r['magnetic_fit']} (metrics.json's magnetic_fit)"
+              for r in rows if r.get("magnetic_fit")]
     atomic_write(stem.with_suffix(".md"), lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ref = np.array(rows[0]["reference_ev"])
