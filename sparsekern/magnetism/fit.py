@@ -155,8 +155,8 @@ def solve(energy: MagneticEnergy, system: torch.Tensor, weights: Dict[str, float
     residuals, or zero (on a base whose force errors are not magnetic, E_mag's on-site
     terms would otherwise act as a second potential); or E_mag = 0, where nothing beats
     it on held-out frames. Frames, not rows, are held out: the rows of one frame are
-    correlated, and a per-row criterion (generalised cross-validation) chose ridges that
-    fitted the training frames' noise. The offsets are fitted without penalty and
+    correlated, which a per-row criterion (generalised cross-validation, used before)
+    ignores. The offsets are fitted without penalty and
     dropped (the E0 refit owns them). Returns the choice and its held-out loss."""
     k = n_linear(energy)
     w = torch.tensor([weights.get(t, 0.0) for t in TERMS], dtype=torch.float64)
