@@ -100,6 +100,9 @@ def test_magnetic_finetune_metrics_and_merged_model(files, capsys):
     # the labels' E_mag is within the module's reach: the closed-form fit finds it
     assert 0 <= m["test_magforce_mae_mev_per_muB"] < 0.05 * untrained
     assert m["test_magmom_mae_muB"] >= 0 and m["magnetic_params"] > 0
+    fit = m["magnetic_fit"]  # what the cross-validation chose, and why: E_mag beat E_mag = 0 held out
+    assert fit["ridge"] > 0 and fit["force_target"] in ("residual", "zero")
+    assert fit["held_out_loss"] < fit["held_out_loss_without"]
     assert m["merged_model_check"]["max_abs_energy_diff_ev"] < 1e-4
     calc = load_calculator(m["merged_model"], "cpu")
     atoms = test[0].copy()
