@@ -250,7 +250,8 @@ def main(argv=None) -> int:
     def run_dir(name, method, extra):
         density = float(extra[extra.index("--density") + 1]) if "--density" in extra else 0.03
         lr = args.lr or default_lr(method, density)  # in the name: a run at another lr starts afresh
-        return work / "runs" / f"{splits[name][0].stem}__{method}{'_' + extra[-1] if extra else ''}_lr{lr:g}", lr
+        seed = f"_seed{args.seed}" if args.seed else ""  # (seed 0's folders keep their old names)
+        return work / "runs" / f"{splits[name][0].stem}__{method}{'_' + extra[-1] if extra else ''}_lr{lr:g}{seed}", lr
 
     def one(name, method, extra):
         folder, lr = run_dir(name, method, extra)
@@ -309,7 +310,7 @@ def publish(done: dict, names, mode: str, args) -> Optional[dict]:
     result = {"mode": mode, "date": date, "machine": machine(), "settings": settings, "rows": rows,
               "verdicts": verdicts(rows), "missing": missing, "runs": raw}
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"accuracy_{mode}_{date}"
+    stem = args.results / f"accuracy_{mode}_{date}{f'_seed{args.seed}' if args.seed else ''}"
     atomic_text(stem.with_suffix(".json"), json.dumps(result, indent=1))
     atomic_text(stem.with_suffix(".md"), markdown(result))
     plot(result, stem.with_suffix(".png"))
