@@ -347,6 +347,8 @@ def _train(loop: _Loop, train_s: Sequence[Sample], valid_s: Sequence[Sample], ck
     loop.optimizer = _optimizer(model, settings)
     if ck is not None:
         loop.optimizer.load_state_dict(ck["optimizer"])
+        for group in loop.optimizer.param_groups:  # a checkpoint from before the schedule: constant
+            group.setdefault("base_lr", group["lr"])
     steps_per_epoch = -(-len(train_s) // settings.batch_size)
     bar = tqdm(total=settings.epochs * steps_per_epoch, initial=progress.epoch * steps_per_epoch + progress.step,
                desc=f"{settings.method} fine-tuning", unit="step", disable=not (settings.progress and loop.group.main))

@@ -21,7 +21,7 @@ def cache_of(tensor: torch.Tensor) -> dict:
     """The cache of ``tensor``: a fresh dict for a tensor that cannot be tracked (an
     inference-mode tensor has no version counter; under torch.compile's tracing a fake
     one has no identity worth keeping)."""
-    if tensor.is_inference() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or tensor.is_inference():  # (first: Dynamo cannot trace is_inference)
         return {}
     version, cache = _CACHES.get(tensor, (None, None))
     if version != tensor._version:
