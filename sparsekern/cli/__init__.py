@@ -3,6 +3,7 @@ imported only when its command runs (mace-train imports MACE, finetune SevenNet)
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from typing import List, Optional
@@ -12,6 +13,14 @@ COMMANDS = {
     "mace-train": ("mace_train", "MACE's own mace_run_train with the sparse-delta flags"),
     "report": ("report", "where an adapter's update went: density by layer, path, l and element"),
 }
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``PROG: error: ...``, exit 2), like the
+    commands' other refusals, not the whole usage first; --help still shows it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _usage() -> str:

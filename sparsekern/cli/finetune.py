@@ -23,8 +23,9 @@ class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
 def parser() -> argparse.ArgumentParser:
     from ..finetune.methods import METHODS, SPARSE_LR_AT, choices_help
     from ..finetune.trainer import LR_SCHEDULES
+    from . import OneLineErrors
 
-    p = argparse.ArgumentParser(
+    p = OneLineErrors(
         prog="sparsekern finetune", formatter_class=_DefaultsShown,
         description="Fine-tune a foundation model and evaluate it. Writes DIR/metrics.json, DIR/checkpoint.pt "
                     "(rerunning the same command resumes), the adapter (sparse, lora) and a merged model for "

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+from . import OneLineErrors
 
 
 def load_base(spec: str):
@@ -17,7 +18,7 @@ def load_base(spec: str):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="sparsekern report",
         description="Density of an adapter's update by layer, path, irrep order l and element (a PNG and a "
                     "JSON), and whether l = 2 paths take a larger share of it for transition metals.")

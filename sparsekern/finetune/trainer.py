@@ -135,11 +135,10 @@ class Settings:
             d.pop(k)
         if self.lr_schedule == "constant":  # more epochs continue a finished run; a cosine's curve depends on them
             d.pop("epochs")
+            d.pop("lr_schedule")  # (checkpoints from before it stay resumable, as below)
         for k in ("element_resolved", "spin_orbit"):
             if not d[k]:  # checkpoints from before it stay resumable
                 d.pop(k)
-        if d["lr_schedule"] == "constant":
-            d.pop("lr_schedule")
         for k in ("train", "valid", "test"):  # the same file wherever the command runs from
             d[k] = str(Path(d[k]).resolve()) if d[k] else None
         d["model"] = family_for(self.model).spec_identity(self.model)
@@ -315,10 +314,10 @@ def _epoch(loop: _Loop, samples: Sequence[Sample], progress: checkpoint.Progress
     seed = loop.settings.seed * 100003 + progress.epoch
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
     t0 = time.perf_counter()
+    steps = -(-len(samples) // loop.settings.batch_size)  # per epoch
     for i, batch in enumerate(batches(samples, loop.settings.batch_size, order)):
         if i < progress.step:
             continue  # done before the run was stopped
-        steps = -(-len(samples) // loop.settings.batch_size)
         _schedule(loop.optimizer, loop.settings, progress.epoch * steps + i, loop.settings.epochs * steps)
         step_loss, signum = _step(loop, batch, progress.epoch)
         progress.step += 1

@@ -115,7 +115,7 @@ class _Problem:
     every ridge and force target costs a matrix-vector product."""
 
     def __init__(self, system: torch.Tensor, weights: torch.Tensor, k: int):
-        a = (system * weights[:, None, None]).sum(0)  # (K + 1, K + 1) at the loss's weights
+        a = _weighted(system, weights)
         forces = system[TERMS.index("forces")] * weights[TERMS.index("forces")]
         self.k, self.g = k, a[:-1, :-1]
         self.offsets = torch.linalg.pinv(self.g[k:, k:], hermitian=True)
@@ -141,9 +141,13 @@ class _Problem:
         return torch.cat([b.new_zeros(self.k), self.offsets @ b[self.k:]])
 
 
-def _loss(system: torch.Tensor, weights: torch.Tensor, phi: torch.Tensor) -> float:
-    """The weighted loss of parameters ``phi`` on the folds summed in ``system``."""
-    a = (system * weights[:, None, None]).sum(0)
+def _weighted(system: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(K + 1, K + 1): the terms of a (terms, K + 1, K + 1) system summed at the loss's weights."""
+    return (system * weights[:, None, None]).sum(0)
+
+
+def _loss(a: torch.Tensor, phi: torch.Tensor) -> float:
+    """The loss of parameters ``phi`` on the rows of ``a`` (``_weighted``)."""
     return float(phi @ a[:-1, :-1] @ phi - 2 * phi @ a[:-1, -1] + a[-1, -1])
 
 
@@ -156,8 +160,8 @@ def solve(energy: MagneticEnergy, system: torch.Tensor, weights: Dict[str, float
     terms would otherwise act as a second potential); or E_mag = 0, where nothing beats
     it on held-out frames. Frames, not rows, are held out: the rows of one frame are
     correlated, which a per-row criterion (generalised cross-validation, used before)
-    ignores. The offsets are fitted without penalty and
-    dropped (the E0 refit owns them). Returns the choice and its held-out loss."""
+    ignores. The offsets are fitted without penalty and dropped (the E0 refit owns
+    them). Returns the choice and its held-out loss."""
     k = n_linear(energy)
     w = torch.tensor([weights.get(t, 0.0) for t in TERMS], dtype=torch.float64)
     used = [f for f in range(system.shape[0]) if system[f, :, -1, -1].any() or system[f, :, :-1, :-1].any()]
@@ -166,9 +170,10 @@ def solve(energy: MagneticEnergy, system: torch.Tensor, weights: Dict[str, float
         candidates = [(float(r), t) for r in RIDGES for t in ("residual", "zero")]
         for held in used:
             problem = _Problem(system[[f for f in used if f != held]].sum(0), w, k)
+            a = _weighted(system[held], w)
             for c in candidates + [None]:
                 phi = problem.offsets_only() if c is None else problem.fit(*c)
-                scores[c] = scores.get(c, 0.0) + _loss(system[held], w, phi)
+                scores[c] = scores.get(c, 0.0) + _loss(a, phi)
     choice = min(scores, key=scores.get) if scores else None  # one frame: nothing to validate on, E_mag = 0
     theta = torch.zeros(k, dtype=torch.float64)
     if choice is not None:

@@ -146,7 +146,13 @@ def test_bad_inputs_are_refused_clearly(files, sparse_run, capsys, tmp_path):
     assert "no energy given for atomic numbers [29]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _run(files, tmp_path / "d", method="dense")
-    assert "invalid choice: 'dense'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid choice: 'dense'" in err and len(err.strip().splitlines()) == 1  # no usage dump first
+    with pytest.raises(SystemExit):
+        _run(files, tmp_path / "e", "--lr_schedule", "linear")
+    err = capsys.readouterr().err
+    assert "--lr_schedule: invalid choice: 'linear'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
     out, _ = sparse_run  # a checkpoint for other arguments
     assert _run(files, out, "--density", "0.05") == 2
     assert "written for different arguments (density: checkpoint 0.03 vs now 0.05)" in capsys.readouterr().err
