@@ -44,7 +44,7 @@ if [ "$mode" = "--cpu-smoke" ]; then
   export TRITON_INTERPRET=1
   PY=${PYTHON:-.venv-mace/bin/python}
   log "cpu smoke: GPU tests (expect skips)"
-  $PY -m pytest tests/test_triton_element_linear.py -m gpu -q -p no:cacheprovider || exit 1
+  $PY -m pytest tests/ops/test_triton_element_linear.py -m gpu -q -p no:cacheprovider || exit 1
   log "cpu smoke: suite"
   $PY benchmarks/gpu_suite.py --cpu-smoke --ops conv1,skip_tp1,linear1,products1 --e2e-atoms 8 || exit 1
   log "cpu smoke: microbenchmarks (skip without a GPU)"
