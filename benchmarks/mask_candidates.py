@@ -10,7 +10,18 @@ library does not offer (each lost against the defaults, so none became an option
   every path block, so the budget is spread as a random start spreads it);
 - ``--lr_by_scale``: each thresholded delta's lr scaled by its base weight's std over
   the median one (SevenNet-0's readout weights are 10x smaller than the rest);
-- ``--no_amsgrad``: plain Adam.
+- ``--no_amsgrad``: plain Adam;
+- ``--prune_by taylor``: with a density that anneals (``--density_peak``,
+  ``--density_anneal``), the entries dropped as the density falls are the active ones of
+  least first-order importance |dL/dd_i d_i| (an average over steps; movement pruning,
+  Sanh et al. 2020, Molchanov et al. 2019), not the smallest |V| as the threshold drops
+  them: Adam moves an entry by about lr per step, so |V| ranks by how steadily an
+  entry's gradient kept its sign, not by what it did for the loss. Dropped entries stay
+  zero;
+- ``--lr_follows_density``: with a density schedule, each step's lr is the default lr of
+  that step's density (``methods.default_lr``: 0.1 at 3 % and above, 0.3 at 0.5 %), scaled
+  as the given ``--lr`` is to the target's: Adam's loss decrease per step grows as
+  lr x density, so a dense phase at the target's large lr over-steps.
 
 Everything after ``--`` goes to ``sparsekern finetune`` unchanged, e.g. the accuracy
 benchmark's aspirin split (made by benchmarks/accuracy.py):
@@ -34,7 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsekern import delta_slot  # noqa: E402
 from sparsekern.finetune import lifecycle, trainer  # noqa: E402
-from sparsekern.finetune.delta import ThresholdDelta  # noqa: E402
+from sparsekern.finetune.delta import ThresholdDelta, soft_threshold  # noqa: E402
+from sparsekern.finetune.density import scheduled_density  # noqa: E402
+from sparsekern.finetune.methods import default_lr  # noqa: E402
 from sparsekern.patching import patch, patched_layers  # noqa: E402
 
 
@@ -103,6 +116,45 @@ def optimizer(lr_by_scale: bool, amsgrad: bool):
     return make
 
 
+def _drop_least_important(deltas, importance, dropped, config) -> None:
+    step = deltas[0].steps
+    now, before = scheduled_density(config, step), scheduled_density(config, max(step - 1, 0))
+    if now < before:
+        active = [soft_threshold(d.v, d.tau()) != 0 for d in deltas]
+        surplus = sum(int(a.sum()) for a in active) - int(round(now * sum(d.v.numel() for d in deltas)))
+        if surplus > 0:
+            score = torch.cat([torch.where(a, importance[id(d)], torch.inf) for d, a in zip(deltas, active)])
+            out = torch.zeros_like(score, dtype=torch.bool)
+            out[torch.topk(score, surplus, largest=False).indices] = True
+            for d, part in zip(deltas, out.split([d.v.numel() for d in deltas])):
+                dropped[id(d)] |= part
+    for d in deltas:
+        d.v.masked_fill_(dropped[id(d)], 0)
+
+
+def prune_by_importance(model, decay: float = 0.9) -> None:
+    """Hooks for ``--prune_by taylor``: each delta's importance, an average of
+    |grad x value| over its steps; before each training forward, while the scheduled
+    density falls, the least important active entries are dropped for good (V = 0, kept
+    there), then the density controller (the next hook) holds the rest."""
+    deltas = [d for *_, d in delta_slot.iter_deltas(model) if isinstance(d, ThresholdDelta)]
+    importance = {id(d): torch.zeros_like(d.v) for d in deltas}
+    dropped = {id(d): torch.zeros_like(d.v, dtype=torch.bool) for d in deltas}
+    for d in deltas:
+        def track(grad, d=d):
+            with torch.no_grad():
+                importance[id(d)].mul_(decay).add_((grad * soft_threshold(d.v, d.tau())).abs(), alpha=1 - decay)
+        d.v.register_hook(track)
+
+    @delta_slot.mark_hook
+    def drop(module, args):
+        if module.training and torch.is_grad_enabled():  # (checked before no_grad turns it off)
+            with torch.no_grad():
+                _drop_least_important(deltas, importance, dropped, delta_slot.config_of(module))
+
+    model.register_forward_pre_hook(drop, prepend=True)
+
+
 def main() -> int:
     argv = sys.argv[1:]
     if "--" not in argv:
@@ -114,18 +166,36 @@ def main() -> int:
     p.add_argument("--full_run", type=Path, help="merged_sevennet.pth of a full fine-tuning run (--scores full_delta)")
     p.add_argument("--lr_by_scale", action="store_true")
     p.add_argument("--no_amsgrad", action="store_true")
+    p.add_argument("--prune_by", choices=("taylor",))
+    p.add_argument("--lr_follows_density", action="store_true")
     args = p.parse_args(argv[:split])
     if args.scores == "full_delta" and args.full_run is None:
         p.error("--scores full_delta needs --full_run")
+    prepare = lifecycle.prepare
     if args.scores:
         scores = mask_scores(args.scores, args.spread, args.full_run)
-        prepare = lifecycle.prepare
-
-        def prepare_keeping_model(model, *a, **k):
-            scores.model = model  # full_delta matches the targets to the tuned model by name
-            return prepare(model, *a, **k)
         lifecycle.fisher_scores = scores
-        trainer.prepare = prepare_keeping_model
+
+    def prepare_with_changes(model, *a, **k):
+        if args.scores:
+            scores.model = model  # full_delta matches the targets to the tuned model by name
+        prepare(model, *a, **k)
+        if args.prune_by:
+            prune_by_importance(model)
+        prepared.append(model)
+        return model
+    prepared = []
+    trainer.prepare = prepare_with_changes
+    if args.lr_follows_density:
+        schedule = trainer._schedule
+
+        def schedule_by_density(optimizer, settings, done, total):
+            schedule(optimizer, settings, done, total)
+            now = scheduled_density(delta_slot.config_of(prepared[0]), done)
+            factor = default_lr("sparse", max(now, settings.density)) / default_lr("sparse", settings.density)
+            for g in optimizer.param_groups:
+                g["lr"] *= factor
+        trainer._schedule = schedule_by_density
     if args.lr_by_scale or args.no_amsgrad:
         trainer._optimizer = optimizer(args.lr_by_scale, not args.no_amsgrad)
 
