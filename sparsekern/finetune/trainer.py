@@ -39,6 +39,7 @@ from . import checkpoint
 from .adapters import save_adapter
 from .config import SparseConfig
 from .data import REFIT_E0S, Frame, energy_shift, read_frames
+from .delta import FixedDelta, ThresholdDelta
 from .density import calibrate_density
 from .distributed import Group, join, leave
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, fits_in_memory, forward,
@@ -256,8 +257,31 @@ def _fingerprint_files(*paths) -> str:
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def _optimizer(model, settings: Settings) -> torch.optim.Optimizer:
-    optimizer = torch.optim.Adam(parameter_groups(model, settings.magnetic_lr), lr=settings.lr, amsgrad=True)
+def _by_weight_scale(model, groups: list, lr: float) -> list:
+    """Each sparse delta's entries in a group of their own, at ``lr`` x its base weight's
+    std over the median of the deltas' (upper median): Adam moves an entry by about lr
+    per step, so one lr moves the entries of small weights (SevenNet-0's readout, std
+    0.1-0.2, against 0.9-2.7 elsewhere) much further relative to them. Measured
+    (benchmarks/NOTES.md, "0.5 % at parity", fourth round): better on every seed tried."""
+    entries = {}
+    for _, layer, param, delta in delta_slot.iter_deltas(model):
+        p = delta.v if isinstance(delta, ThresholdDelta) else getattr(delta, "values", None)
+        if isinstance(delta, (ThresholdDelta, FixedDelta)) and p.requires_grad:
+            base = layer.get_parameter(param).detach()
+            entries[id(p)] = (p, base.float().std().item() if base.numel() > 1 else 1.0)
+    if not entries:
+        return groups
+    median = sorted(scale for _, scale in entries.values())[len(entries) // 2]
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in entries]} for g in groups]
+    return [g for g in rest if g["params"]] + [{"params": [p], "lr": lr * scale / median}
+                                               for p, scale in entries.values()]
+
+
+def _optimizer(model, settings: Settings, by_scale: bool = True) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, settings.magnetic_lr)
+    if by_scale and settings.method == "sparse":
+        groups = _by_weight_scale(model, groups, settings.lr)
+    optimizer = torch.optim.Adam(groups, lr=settings.lr, amsgrad=True)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]  # what the schedule scales (saved with the optimizer's state)
     return optimizer
@@ -345,6 +369,8 @@ def _train(loop: _Loop, train_s: Sequence[Sample], valid_s: Sequence[Sample], ck
         fit_magnetic_energy(loop.family, model, train_s, settings, loop.group)  # a no-op without magnetism
     loop.optimizer = _optimizer(model, settings)
     if ck is not None:
+        if len(ck["optimizer"]["param_groups"]) != len(loop.optimizer.param_groups):
+            loop.optimizer = _optimizer(model, settings, by_scale=False)  # saved before the lr by weight scale
         loop.optimizer.load_state_dict(ck["optimizer"])
         for group in loop.optimizer.param_groups:  # a checkpoint from before the schedule: constant
             group.setdefault("base_lr", group["lr"])

@@ -177,6 +177,31 @@ def test_density_schedule_warms_up_then_anneals():
         SparseConfig(density=0.1, peak_density=0.05)
 
 
+@pytest.mark.parametrize("mode", ["str", "saliency"])
+def test_sparse_lr_follows_the_weight_scale(base, mode):
+    """Each sparse delta's entries train at lr x its base weight's std over the deltas'
+    (upper) median; the thresholds, LoRA and full fine-tuning keep the one lr."""
+    from sparsekern import delta_slot
+    from sparsekern.finetune.trainer import Settings, _optimizer
+
+    model = copy.deepcopy(base)
+    losses = _saliency_losses(model, mace_batch(base, _structures())) if mode == "saliency" else None
+    sparsekern.prepare(model, SparseConfig(mode=mode, density=0.05), losses=losses)
+    settings = Settings(model="7net-0", train="t", test="t", method="sparse", out="o", lr=0.3)
+    groups = _optimizer(model, settings).param_groups
+    entries = {id(d.v if mode == "str" else d.values): layer.get_parameter(param).detach().std().item()
+               for _, layer, param, d in delta_slot.iter_deltas(model)}
+    median = sorted(entries.values())[len(entries) // 2]
+    own = {id(g["params"][0]): g["lr"] for g in groups if len(g["params"]) == 1 and id(g["params"][0]) in entries}
+    assert own.keys() == entries.keys() and len(set(own.values())) > 1
+    assert all(own[k] == pytest.approx(0.3 * entries[k] / median) for k in entries)
+    shared = [g for g in groups if not any(id(p) in entries for p in g["params"])]
+    assert all(g["lr"] == 0.3 for g in shared)  # the thresholds (STR)
+    assert len(_optimizer(model, settings, by_scale=False).param_groups) == 1
+    full = Settings(model="7net-0", train="t", test="t", method="full", out="o", lr=0.3)
+    assert len(_optimizer(copy.deepcopy(base), full).param_groups) == 1
+
+
 def test_saliency_mask_is_the_top_fisher_entries(base):
     from sparsekern import delta_slot
     from sparsekern.finetune.lifecycle import target_groups
