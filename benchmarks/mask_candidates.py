@@ -9,8 +9,10 @@ library does not offer (each lost against the defaults, so none became an option
   entries over all weights, as the library does) or ``group`` (the same fraction of
   every path block, so the budget is spread as a random start spreads it);
 - ``--lr_by_scale``: each thresholded delta's lr scaled by its base weight's std over
-  the median one (SevenNet-0's readout weights are 10x smaller than the rest);
-- ``--no_amsgrad``: plain Adam;
+  the median one (SevenNet-0's readout weights are 10x smaller than the rest); it won,
+  and the trainer does it by default since (``trainer._by_weight_scale``), so the rows
+  measured before ran with one lr: ``--one_lr`` reruns them so;
+- ``--no_amsgrad``: plain Adam (one lr);
 - ``--prune_by taylor``: with a density that anneals (``--density_peak``,
   ``--density_anneal``), the entries dropped as the density falls are the active ones of
   least first-order importance |dL/dd_i d_i| (an average over steps; movement pruning,
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -166,6 +169,7 @@ def main() -> int:
     p.add_argument("--full_run", type=Path, help="merged_sevennet.pth of a full fine-tuning run (--scores full_delta)")
     p.add_argument("--lr_by_scale", action="store_true")
     p.add_argument("--no_amsgrad", action="store_true")
+    p.add_argument("--one_lr", action="store_true", help="the trainer's optimizer as before the lr by weight scale")
     p.add_argument("--prune_by", choices=("taylor",))
     p.add_argument("--lr_follows_density", action="store_true")
     args = p.parse_args(argv[:split])
@@ -198,6 +202,8 @@ def main() -> int:
         trainer._schedule = schedule_by_density
     if args.lr_by_scale or args.no_amsgrad:
         trainer._optimizer = optimizer(args.lr_by_scale, not args.no_amsgrad)
+    elif args.one_lr:
+        trainer._optimizer = partial(trainer._optimizer, by_scale=False)
 
     from sparsekern.cli.finetune import main as finetune
     return finetune(argv[split + 1:])
