@@ -268,10 +268,13 @@ def _by_weight_scale(model, groups: list, lr: float) -> list:
         p = delta.v if isinstance(delta, ThresholdDelta) else getattr(delta, "values", None)
         if isinstance(delta, (ThresholdDelta, FixedDelta)) and p.requires_grad:
             base = layer.get_parameter(param).detach()
-            entries[id(p)] = (p, base.float().std().item() if base.numel() > 1 else 1.0)
-    if not entries:
+            entries[id(p)] = (p, base.float().std().item() if base.numel() > 1 else 0.0)
+    scales = sorted(scale for _, scale in entries.values() if scale > 0)
+    if not scales:
         return groups
-    median = sorted(scale for _, scale in entries.values())[len(entries) // 2]
+    median = scales[len(scales) // 2]
+    # a weight without a spread (one entry, all zeros: nothing to be relative to) keeps lr
+    entries = {k: (p, scale if scale > 0 else median) for k, (p, scale) in entries.items()}
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in entries]} for g in groups]
     return [g for g in rest if g["params"]] + [{"params": [p], "lr": lr * scale / median}
                                                for p, scale in entries.values()]

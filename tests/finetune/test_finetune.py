@@ -198,6 +198,11 @@ def test_sparse_lr_follows_the_weight_scale(base, mode):
     shared = [g for g in groups if not any(id(p) in entries for p in g["params"])]
     assert all(g["lr"] == 0.3 for g in shared)  # the thresholds (STR)
     assert len(_optimizer(model, settings, by_scale=False).param_groups) == 1
+    _, layer, param, delta = next(delta_slot.iter_deltas(model))
+    with torch.no_grad():
+        layer.get_parameter(param).zero_()  # no spread: the delta keeps the median's lr, not 0
+    zeroed = id(delta.v if mode == "str" else delta.values)
+    assert next(g["lr"] for g in _optimizer(model, settings).param_groups if id(g["params"][0]) == zeroed) > 0
     full = Settings(model="7net-0", train="t", test="t", method="full", out="o", lr=0.3)
     assert len(_optimizer(copy.deepcopy(base), full).param_groups) == 1
 
