@@ -8,11 +8,10 @@ library does not offer (each lost against the defaults, so none became an option
   mask of lottery-ticket sparse fine-tuning, Ansell et al. 2022); P ``global`` (the top
   entries over all weights, as the library does) or ``group`` (the same fraction of
   every path block, so the budget is spread as a random start spreads it);
-- ``--lr_by_scale``: each thresholded delta's lr scaled by its base weight's std over
-  the median one (SevenNet-0's readout weights are 10x smaller than the rest); it won,
-  and the trainer does it by default since (``trainer._by_weight_scale``), so the rows
-  measured before ran with one lr: ``--one_lr`` reruns them so;
-- ``--no_amsgrad``: plain Adam (one lr);
+- ``--one_lr``: one lr for every delta, as the trainer had before each sparse delta's lr
+  followed its base weight's scale (``trainer._by_weight_scale``, which this study found;
+  the rows measured before it need this flag to be rerun);
+- ``--no_amsgrad``: plain Adam;
 - ``--prune_by taylor``: with a density that anneals (``--density_peak``,
   ``--density_anneal``), the entries dropped as the density falls are the active ones of
   least first-order importance |dL/dd_i d_i| (an average over steps; movement pruning,
@@ -37,9 +36,7 @@ benchmark's aspirin split (made by benchmarks/accuracy.py):
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -99,26 +96,6 @@ def mask_scores(kind: str, spread: str, full_run):
     return scores
 
 
-def optimizer(lr_by_scale: bool, amsgrad: bool):
-    """A replacement for the trainer's Adam (same base_lr bookkeeping)."""
-    def make(model, settings):
-        groups, own = [], set()
-        if lr_by_scale:
-            deltas = [d for *_, d in delta_slot.iter_deltas(model) if isinstance(d, ThresholdDelta)]
-            # the base std, read back from the threshold's start: log_tau = log(init_scale * std)
-            scale = {id(d): math.exp(float(d.log_tau)) for d in deltas}
-            median = sorted(scale.values())[len(scale) // 2]
-            for d in deltas:
-                groups.append({"params": [d.v], "lr": settings.lr * scale[id(d)] / median})
-                own.add(id(d.v))
-        groups.append({"params": [p for p in model.parameters() if p.requires_grad and id(p) not in own]})
-        opt = torch.optim.Adam(groups, lr=settings.lr, amsgrad=amsgrad)
-        for g in opt.param_groups:
-            g["base_lr"] = g["lr"]
-        return opt
-    return make
-
-
 def _drop_least_important(deltas, importance, dropped, config) -> None:
     step = deltas[0].steps
     now, before = scheduled_density(config, step), scheduled_density(config, max(step - 1, 0))
@@ -167,14 +144,13 @@ def main() -> int:
     p.add_argument("--scores", choices=("fisher", "random", "full_delta"))
     p.add_argument("--spread", choices=("global", "group"), default="global")
     p.add_argument("--full_run", type=Path, help="merged_sevennet.pth of a full fine-tuning run (--scores full_delta)")
-    p.add_argument("--lr_by_scale", action="store_true")
     p.add_argument("--no_amsgrad", action="store_true")
     p.add_argument("--one_lr", action="store_true", help="the trainer's optimizer as before the lr by weight scale")
     p.add_argument("--prune_by", choices=("taylor",))
     p.add_argument("--lr_follows_density", action="store_true")
     args = p.parse_args(argv[:split])
-    if args.scores == "full_delta" and args.full_run is None:
-        p.error("--scores full_delta needs --full_run")
+    if args.scores == "full_delta" and (args.full_run is None or not args.full_run.is_file()):
+        p.error(f"--scores full_delta needs --full_run, a merged_sevennet.pth (got {args.full_run})")
     prepare = lifecycle.prepare
     if args.scores:
         scores = mask_scores(args.scores, args.spread, args.full_run)
@@ -200,10 +176,14 @@ def main() -> int:
             for g in optimizer.param_groups:
                 g["lr"] *= factor
         trainer._schedule = schedule_by_density
-    if args.lr_by_scale or args.no_amsgrad:
-        trainer._optimizer = optimizer(args.lr_by_scale, not args.no_amsgrad)
-    elif args.one_lr:
-        trainer._optimizer = partial(trainer._optimizer, by_scale=False)
+    make = trainer._optimizer
+
+    def optimizer(model, settings):
+        opt = make(model, settings, by_scale=not args.one_lr)
+        for g in opt.param_groups:
+            g["amsgrad"] = not args.no_amsgrad  # read by each step
+        return opt
+    trainer._optimizer = optimizer
 
     from sparsekern.cli.finetune import main as finetune
     return finetune(argv[split + 1:])

@@ -265,8 +265,8 @@ def _by_weight_scale(model, groups: list, lr: float) -> list:
     (benchmarks/NOTES.md, "0.5 % at parity", fourth round): better on every seed tried."""
     entries = {}
     for _, layer, param, delta in delta_slot.iter_deltas(model):
-        p = delta.v if isinstance(delta, ThresholdDelta) else getattr(delta, "values", None)
-        if isinstance(delta, (ThresholdDelta, FixedDelta)) and p.requires_grad:
+        p = delta.v if isinstance(delta, ThresholdDelta) else delta.values if isinstance(delta, FixedDelta) else None
+        if p is not None and p.requires_grad:
             base = layer.get_parameter(param).detach()
             entries[id(p)] = (p, base.float().std().item() if base.numel() > 1 else 0.0)
     scales = sorted(scale for _, scale in entries.values() if scale > 0)
