@@ -114,13 +114,12 @@ def is_delta_parameter(name: str) -> bool:
     return f".{SLOT}." in f".{name}"
 
 
-def active(layer: torch.nn.Module, param: str) -> Optional[torch.Tensor]:
-    """The flat delta the forward pass must add to ``param``, or None (no delta, or
-    merged into the weight)."""
+def active(layer: torch.nn.Module, param: str) -> Optional[Delta]:
+    """The delta whose value (``delta()``) the forward pass must add to ``param``, or None."""
     delta = get(layer, param)
     if delta is not None and delta.elements:  # a layer that cannot apply it must not drop it silently
         raise TypeError(f"{type(layer).__name__} cannot apply an element-resolved delta to {param!r}")
-    return None if delta is None or delta.merged else delta()
+    return None if delta is None or delta.merged else delta
 
 
 def element_resolved(layer: torch.nn.Module, param: str) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:

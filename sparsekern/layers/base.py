@@ -10,7 +10,7 @@ import torch
 
 from .. import delta_slot
 from ..ops import registry
-from ..ops.tensor_cache import cached
+from ..ops.tensor_cache import cached, derived
 from ..paths import WeightGroup
 
 
@@ -75,7 +75,10 @@ class SparsekernLayer(torch.nn.Module):
         return module
 
     def _delta(self, param: str) -> Optional[torch.Tensor]:
-        return delta_slot.active(self, param)
+        """The flat delta of ``param`` (or None); computed once while the delta is frozen
+        and unchanged (an adapter loaded for inference), not at every call."""
+        delta = delta_slot.active(self, param)
+        return None if delta is None else derived([*delta.parameters(), *delta.buffers()], "value", delta)
 
     def _check_features(self, x: torch.Tensor, dim: int, what: str, irreps) -> None:
         if not torch.is_tensor(x):

@@ -3,11 +3,13 @@ the nodes' elements and their tiles from node_attrs), kept with that tensor: bui
 first layer that needs it and reused by every later layer and pass of the same graph,
 so that a model's forward and backward plan each graph once. An entry goes with its
 tensor (a weak key) and is dropped when the tensor changes in place (its version).
-Values must not reference their key tensor, or the entry would keep it alive."""
+Values must not reference their key tensor, or the entry would keep it alive.
+:func:`derived` keeps, the same way, what is derived from frozen weights."""
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+import weakref
+from typing import Callable, Sequence, TypeVar
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -36,3 +38,19 @@ def cached(tensor: torch.Tensor, key, build: Callable[[], T]) -> T:
     if key not in cache:
         cache[key] = build()
     return cache[key]
+
+
+def derived(sources: Sequence[torch.Tensor], key, build: Callable[[], T]) -> T:
+    """``build()`` of ``sources`` (first one the cache's key), reused while each source is
+    the same tensor at the same version and none needs a gradient: what inference derives
+    from frozen weights (a delta's value, a folded weight; MACE's calculator freezes its
+    model). Built afresh, not cached, where autograd would record it."""
+    if torch.is_grad_enabled() and any(s.requires_grad for s in sources):
+        return build()
+    cache = cache_of(sources[0])
+    stamp = [(weakref.ref(s), s._version) for s in sources[1:]]
+    hit = cache.get(key)
+    if hit is None or len(hit[0]) != len(stamp) or any(
+            ref() is not s or seen != s._version for (ref, seen), s in zip(hit[0], sources[1:])):
+        hit = cache[key] = (stamp, build())
+    return hit[1]

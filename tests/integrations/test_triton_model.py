@@ -206,3 +206,44 @@ def test_sevennet_triton_matches_torch(sparse):
     on_triton = {type(m) for _, m in sparsekern.patched_layers(ours) if m.backend == "triton"}
     assert {IrrepsLinear, ElementLinear, ChannelwiseConv} <= on_triton  # SevenNet's convolution, fused
     _assert_same(_sevennet_physics(ours, atoms), _sevennet_physics(ref, atoms))
+
+
+def test_frozen_model_reuses_what_it_derives_and_follows_changes():
+    """Frozen (as MACE's calculator leaves a model): the deltas' values, their blocks and
+    the contraction's folded weights are built once and reused, yet every result equals
+    the unfrozen model's (which builds them at each call), also after weights and deltas
+    change in place."""
+    pytest.importorskip("mace")
+    from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
+
+    base = mace_mp0_shaped("small", seed=21, num_elements=3, hidden_irreps=o3.Irreps("4x0e+4x1o"),
+                           max_ell=2, correlation=2, r_max=3.0, radial_MLP=[8])
+    atoms = bulk("C", "diamond", a=3.57)[:1] * (2, 1, 1)
+    atoms.pbc = False
+    atoms.numbers = [1, 3]
+    atoms.rattle(0.1, seed=1)
+    batch = mace_batch(base, [atoms])
+    ref = sparsekern.prepare(sparsekern.patch(copy.deepcopy(base), backend="triton"),
+                             sparsekern.SparseConfig(density=0.2), backend="triton")
+    ref.eval()
+    frozen = copy.deepcopy(ref).requires_grad_(False)
+    ref.requires_grad_(True)
+
+    def energy_forces(model):
+        out = model(dict(batch), compute_force=True)
+        return out["energy"].detach(), out["forces"].detach()
+
+    before = energy_forces(ref)
+    for _ in range(2):
+        got = energy_forces(frozen)
+        assert rel_err(got[0], before[0]) <= 1e-12 and rel_err(got[1], before[1]) <= 1e-12
+    for model in (ref, frozen):
+        with torch.no_grad():
+            for _, layer, _, delta in sparsekern.delta_slot.iter_deltas(model):
+                delta.v.mul_(1.5)
+            model.interactions[0].linear.weight.mul_(0.5)
+            model.products[0].symmetric_contractions.contractions[0].weights_max.mul_(0.5)
+    after = energy_forces(ref)
+    assert rel_err(after[1], before[1]) > 1e-3
+    got = energy_forces(frozen)
+    assert rel_err(got[0], after[0]) <= 1e-12 and rel_err(got[1], after[1]) <= 1e-12

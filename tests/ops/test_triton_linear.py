@@ -86,7 +86,7 @@ def test_frozen_delta_skips_its_zero_tiles():
     layer = make_layer(torch.float64)
     attach_delta(layer).requires_grad_(False)
     with torch.no_grad():
-        slot, _ = delta_slot.active_blocks(delta_slot.active(layer, "weight"), layer.desc.weight_groups(), 16)
+        slot, _ = delta_slot.active_blocks(layer._delta("weight"), layer.desc.weight_groups(), 16)
     assert (slot < 0).any() and (slot >= 0).any()
     x = torch.randn(5, IRREPS_IN.dim, dtype=torch.float64).to(DEVICE)
     assert rel_err(run(layer, "triton", x), run(layer, "torch", x)) <= 1e-12

@@ -36,7 +36,7 @@ from ...delta_slot import active_blocks
 from ...paths import OutputSlots
 from ..descriptors import LinearDesc
 from ..grads import needed, track
-from ..tensor_cache import cached
+from ..tensor_cache import cached, derived
 
 _BN = 32  # nodes per tile
 _BM = 32  # rows ((node, m) pairs) per step
@@ -408,7 +408,9 @@ def grouped_linear(x: torch.Tensor, plan: ElementRows, desc: LinearDesc, weight:
 
 def _blocks(desc: LinearDesc, delta: Optional[torch.Tensor]):
     """W0 + dW is formed tile by tile from the delta's active 16x16 blocks, never materialised."""
-    return active_blocks(delta, desc.weight_groups(), 16) if delta is not None else None
+    if delta is None:
+        return None
+    return derived([delta], ("active_blocks", 16), lambda: active_blocks(delta, desc.weight_groups(), 16))
 
 
 def element_linear(desc: LinearDesc, x: torch.Tensor, species: torch.Tensor, weight: torch.Tensor,

@@ -37,7 +37,7 @@ import triton.language as tl
 from ...delta_slot import effective
 from ..descriptors import ContractionDesc
 from ..grads import needed, track
-from ..tensor_cache import cached
+from ..tensor_cache import cached, derived
 
 _BT = 4  # table entries per step on a GPU (8 spilled 328 B on sm_90 under Triton 3.6)
 _BT_INTERPRETED = 256  # the CPU interpreter pays per op, not per element
@@ -353,7 +353,10 @@ def symmetric_contraction(desc: ContractionDesc, x: torch.Tensor, species: torch
         raise TypeError(f"float32 or float64 expected, got {x.dtype}")
     form, folds = desc.const("triton_form", x, lambda: contraction_form(desc))
     corr = len(form.dims) - 1
-    ws = [effective(w, d) for wj, dj in zip(weights, deltas) for w, d in zip(wj, dj)]
-    y = apply_form(form, SpeciesOrder.build(species, desc.num_elements), folded_weights(ws, folds), *([x] * corr))
+    pairs = [(w, d) for wj, dj in zip(weights, deltas) for w, d in zip(wj, dj)]
+    # frozen weights (inference) are folded once, not for all elements at every call
+    a = derived([t for pair in pairs for t in pair if t is not None], ("folded", x.dtype, x.device),
+                lambda: folded_weights([effective(w, d) for w, d in pairs], folds))
+    y = apply_form(form, SpeciesOrder.build(species, desc.num_elements), a, *([x] * corr))
     n, chans = x.shape[0], x.shape[1]
     return torch.cat([b.reshape(n, chans * b.shape[2]) for b in y.split(desc.blocks_out.dims, dim=2)], 1)
