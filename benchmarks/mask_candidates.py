@@ -9,7 +9,7 @@ library does not offer (each lost against the defaults, so none became an option
   entries over all weights, as the library does) or ``group`` (the same fraction of
   every path block, so the budget is spread as a random start spreads it);
 - ``--one_lr``: one lr for every delta, as the trainer had before each sparse delta's lr
-  followed its base weight's scale (``trainer._by_weight_scale``, which this study found;
+  followed its base weight's scale (``finetune.lr_scale``, which this study found;
   the rows measured before it need this flag to be rerun);
 - ``--no_amsgrad``: plain Adam;
 - ``--prune_by taylor``: with a density that anneals (``--density_peak``,

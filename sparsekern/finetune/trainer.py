@@ -39,12 +39,12 @@ from . import checkpoint
 from .adapters import save_adapter
 from .config import SparseConfig
 from .data import REFIT_E0S, Frame, energy_shift, read_frames
-from .delta import FixedDelta, ThresholdDelta
 from .density import calibrate_density
 from .distributed import Group, join, leave
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, fits_in_memory, forward,
                          loss, make_samples, map_batches, residuals, set_shift)
 from .lifecycle import merge, prepare, target_groups, to_fast, unmergeable
+from .lr_scale import by_weight_scale
 from .magnetic_fit import fit_magnetic_energy
 from .methods import METHODS, MODES, SPARSE_MODES, default_lr
 from .preemption import Preempted, deferred
@@ -257,33 +257,10 @@ def _fingerprint_files(*paths) -> str:
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def _by_weight_scale(model, groups: list, lr: float) -> list:
-    """Each sparse delta's entries in a group of their own, at ``lr`` x its base weight's
-    std over the median of the deltas' (upper median): Adam moves an entry by about lr
-    per step, so one lr moves the entries of small weights (SevenNet-0's readout, std
-    0.1-0.2, against 0.9-2.7 elsewhere) much further relative to them. Measured
-    (benchmarks/NOTES.md, "0.5 % at parity", fourth round): better on every seed tried."""
-    entries = {}
-    for _, layer, param, delta in delta_slot.iter_deltas(model):
-        p = delta.v if isinstance(delta, ThresholdDelta) else delta.values if isinstance(delta, FixedDelta) else None
-        if p is not None and p.requires_grad:
-            base = layer.get_parameter(param).detach()
-            entries[id(p)] = (p, base.float().std().item() if base.numel() > 1 else 0.0)
-    scales = sorted(scale for _, scale in entries.values() if scale > 0)
-    if not scales:
-        return groups
-    median = scales[len(scales) // 2]
-    # a weight without a spread (one entry, all zeros: nothing to be relative to) keeps lr
-    entries = {k: (p, scale if scale > 0 else median) for k, (p, scale) in entries.items()}
-    rest = [{**g, "params": [p for p in g["params"] if id(p) not in entries]} for g in groups]
-    return [g for g in rest if g["params"]] + [{"params": [p], "lr": lr * scale / median}
-                                               for p, scale in entries.values()]
-
-
 def _optimizer(model, settings: Settings, by_scale: bool = True) -> torch.optim.Optimizer:
     groups = parameter_groups(model, settings.magnetic_lr)
     if by_scale and settings.method == "sparse":
-        groups = _by_weight_scale(model, groups, settings.lr)
+        groups = by_weight_scale(model, groups, settings.lr)
     optimizer = torch.optim.Adam(groups, lr=settings.lr, amsgrad=True)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]  # what the schedule scales (saved with the optimizer's state)

@@ -118,7 +118,8 @@ def test_sparse_mace_train_saves_plain_model_and_adapter(workdir):
     deltas = [k for k in ckpt["model"] if ".deltas." in k and not k.endswith(("tau_shift", "_extra_state"))]
     assert sum(len(g["params"]) for g in groups) == len(deltas)
     assert all(g["weight_decay"] == 0.0 for g in groups if g["name"].endswith("_thresholds"))
-    assert all(g["lr"] == pytest.approx(3 * 0.01, rel=1e-12) for g in groups)  # --lr 0.01 x --sparse_lr_factor
+    lrs = sorted(g["lr"] for g in groups if g["name"].endswith("_thresholds"))
+    assert lrs and all(lr == pytest.approx(3 * 0.01, rel=1e-12) for lr in lrs)  # --lr 0.01 x --sparse_lr_factor
     assert {"interactions_decay", "products"} <= {g["name"] for g in groups}
 
 
@@ -148,13 +149,15 @@ def test_optimizer_groups_hold_deltas_in_their_base_weights_group(workdir, freez
 
     from sparsekern.integrations.mace.train_hooks import SparseHooks
     from sparsekern.finetune import calibrate_density, iter_deltas
+    from sparsekern.finetune.lr_scale import entry_lr_factors
 
     _, foundation = workdir
     argv = ["--name", "x", "--train_file", "t.xyz"] + ([] if freeze is None else ["--freeze", str(freeze)])
     args = build_default_arg_parser().parse_args(argv)
     model = copy.deepcopy(foundation)
-    hooks = SparseHooks(sparsekern.SparseConfig(density=0.05), "auto", args)
+    hooks = SparseHooks(sparsekern.SparseConfig(density=0.05), "auto", args, lr_factor=3.0)
     groups = hooks.params_options(get_params_options, args, model)["params"]
+    factors = entry_lr_factors(model)
 
     in_groups = [p for g in groups for p in g["params"]]
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -168,6 +171,11 @@ def test_optimizer_groups_hold_deltas_in_their_base_weights_group(workdir, freez
         expected = "interactions_decay" if name.endswith(".linear") and name.startswith("interactions.") else None
         if expected:
             assert group_of[id(delta.v)]["name"] == expected
+        # alone in its group, at MACE's lr x --sparse_lr_factor x the factor of its weight's scale
+        assert group_of[id(delta.v)]["params"] == [delta.v]
+        assert group_of[id(delta.v)]["lr"] == pytest.approx(args.lr * 3.0 * factors[id(delta.v)][1], rel=1e-12)
+        assert group_of[id(delta.log_tau)]["lr"] == pytest.approx(args.lr * 3.0, rel=1e-12)
+    assert len({f for _, f in factors.values()}) > 1
     if freeze is None:
         decayed = {g["name"] for g in groups if g["weight_decay"] > 0}
         assert decayed == {"interactions_decay", "products"}

@@ -4,10 +4,12 @@ mace-torch 0.3.16). Three functions it calls are wrapped while it runs:
 - ``configure_model``: remembers the foundation model it is given;
 - ``get_params_options``: the model arrives with the foundation weights loaded and
   leaves prepared (patched, base frozen, deltas attached) before the optimizer is
-  built; the parameter groups then hold only trainable tensors: each delta sits in
-  the group of the base weight it changes (so MACE's learning-rate factors and its
-  weight decay, a pull towards the foundation, apply as to that weight), thresholds
-  in groups of their own without decay;
+  built; the parameter groups then hold only trainable tensors: each delta takes the
+  options of the group of the base weight it changes (so MACE's learning-rate factors
+  and its weight decay, a pull towards the foundation, apply as to that weight), in a
+  group of its own whose lr also follows that weight's scale (``finetune.lr_scale``, as
+  in ``sparsekern finetune``; stage two's SWA sets one lr for all), thresholds in
+  groups of their own without decay;
 - ``deepcopy``: run_train saves ``deepcopy(model)``; that copy is merged and released
   (plain MACE modules, loadable without sparsekern), and the adapter is written
   beside the ``.model`` (``<name>.adapter.safetensors``, ``<name>_stagetwo...`` for
@@ -26,6 +28,7 @@ import torch
 from ... import delta_slot
 from ...files import atomic_write
 from ...finetune import calibrate_density, merge, prepare, save_adapter, stats
+from ...finetune.lr_scale import by_weight_scale
 from ...patching import patched_layers, release
 
 
@@ -71,7 +74,7 @@ class SparseHooks:
         self.prepare(model)
         result = options(args, model)  # --freeze freezes modules here, their deltas included
         self.drop_frozen_deltas(model)
-        result["params"] = self.regroup(result["params"], model)
+        result["params"] = by_weight_scale(model, self.regroup(result["params"], model), result["lr"])
         for g in result["params"]:
             g["lr"] = g.get("lr", result["lr"]) * self.lr_factor
         return result
