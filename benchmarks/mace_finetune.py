@@ -155,6 +155,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="fine-tuning processes at once (one thread each)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--results_tag", default="", help="appended to the results files' name (e.g. _lrx30)")
     args = p.parse_args()
     command = shlex.join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT))
                           else sys.executable, "benchmarks/mace_finetune.py", *sys.argv[1:]])
@@ -194,9 +195,10 @@ def main() -> None:
         extra = list(own)
         if method == "multihead replay":
             extra += ["--pt_train_file", str(replay), "--pt_valid_file", str(pt_valid)]
+        name = "ft_" + method.replace(" %", "pct").replace(" ", "_").replace(".", "p")
         if module == "sparsekern":
             extra += ["--sparse_lr_factor", str(args.sparse_lr_factor)]
-        name = "ft_" + method.replace(" %", "pct").replace(" ", "_").replace(".", "p")
+            name += f"_lrx{args.sparse_lr_factor:g}"  # a sweep of the factor keeps each run
         jobs[method] = (name, train_cmd(module, extra + common, name, ft_train, ft_valid, args, args.batch_size), w / tag / name)
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = dict(zip(jobs, pool.map(lambda j: run_once(*j, threads=1), jobs.values())))
@@ -222,7 +224,7 @@ def main() -> None:
               "machine": "2-core CPU VM shared with other experiments (wall times indicative only), "
                          f"{args.jobs} fine-tuning processes at once, 1 thread each",
               "settings": {k: str(v) for k, v in vars(args).items()}, "pretraining": pre, "rows": rows}
-    stem = ROOT / "benchmarks/results" / f"mace_finetune_{report['date']}"
+    stem = ROOT / "benchmarks/results" / f"mace_finetune_{report['date']}{args.results_tag}"
     write_text(stem.with_suffix(".json"), json.dumps(report, indent=1))
     write_text(stem.with_suffix(".md"), markdown(report, args))
     print(stem.with_suffix(".md").read_text())

@@ -21,8 +21,7 @@ class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parser() -> argparse.ArgumentParser:
-    from ..finetune.methods import METHODS, SPARSE_LR_AT, choices_help
-    from ..finetune.trainer import LR_SCHEDULES
+    from ..finetune.methods import METHODS, choices_help
     from . import OneLineErrors
 
     p = OneLineErrors(
@@ -38,14 +37,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training frames (0: evaluate only)")
     _delta_flags(p)
-    p.add_argument("--lr", type=float,
-                   help="Adam's learning rate (default per method: "
-                        + ", ".join(f"{name} {m.lr:g}" for name, m in METHODS.items())
-                        + ", chosen on a validation split by benchmarks/lr_sweep.py; sparse at density <= "
-                        + f"{SPARSE_LR_AT[0][0]:g}: {SPARSE_LR_AT[0][1]:g}, log-interpolated up to "
-                        + f"{SPARSE_LR_AT[1][0]:g})")
-    p.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
-                   help="constant, or cosine: the learning rate decays to 0 over the run's steps")
+    _optimizer_flags(p)
     p.add_argument("--batch_size", type=int, default=4, help="frames per optimizer step")
     p.add_argument("--seed", type=int, default=0, help="seeds the delta's start and the data order")
     p.add_argument("--energy_weight", type=float, default=1.0, help="weight of the per-atom energy error in the loss")
@@ -79,6 +71,25 @@ def parser() -> argparse.ArgumentParser:
                         "one GPU each); --batch_size stays the global batch, so the result is one process's. "
                         "For several machines, run `torchrun ... -m sparsekern finetune` instead")
     return p
+
+
+def _optimizer_flags(p: argparse.ArgumentParser) -> None:
+    """Adam's learning rate, its schedule and the parameters' moving average."""
+    from ..finetune.methods import METHODS, SPARSE_LR_AT
+    from ..finetune.trainer import LR_SCHEDULES
+
+    p.add_argument("--lr", type=float,
+                   help="Adam's learning rate (default per method: "
+                        + ", ".join(f"{name} {m.lr:g}" for name, m in METHODS.items())
+                        + ", chosen on a validation split by benchmarks/lr_sweep.py; sparse at density <= "
+                        + f"{SPARSE_LR_AT[0][0]:g}: {SPARSE_LR_AT[0][1]:g}, log-interpolated up to "
+                        + f"{SPARSE_LR_AT[1][0]:g})")
+    p.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
+                   help="constant, or cosine: the learning rate decays to 0 over the run's steps")
+    p.add_argument("--ema", action="store_true",
+                   help="validate, test and save an exponential moving average of the trained parameters "
+                        "(MACE's --ema; torch_ema's warm-up of the decay)")
+    p.add_argument("--ema_decay", type=float, default=0.99, help="the moving average's decay (with --ema)")
 
 
 def _delta_flags(p: argparse.ArgumentParser) -> None:

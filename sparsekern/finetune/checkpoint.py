@@ -57,11 +57,14 @@ def load(out: Path, settings) -> Optional[dict]:
     return ck
 
 
-def save(out: Path, identity: dict, model, optimizer, progress: Progress, shift: dict) -> None:
+def save(out: Path, identity: dict, model, optimizer, progress: Progress, shift: dict, average=None) -> None:
+    """``model`` holds the trained parameters; ``average`` (--ema), their moving average."""
     state = {"identity": identity, "epoch": progress.epoch, "step": progress.step,
              "epoch_loss": progress.epoch_loss, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "fast": progress.fast, "train_wall_s": progress.train_wall_s,
              "peak_rss_mb": progress.peak_rss_mb, "history": progress.history, "shift": shift}
+    if average is not None:
+        state["average"] = average.state_dict()
     atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 

@@ -37,6 +37,7 @@ from ..magnetism.family import magnetic_counts, magnetic_family, parameter_group
 from ..patching import patch, patched_layers, release
 from . import checkpoint
 from .adapters import save_adapter
+from .averaging import ParameterAverage
 from .config import SparseConfig
 from .data import REFIT_E0S, Frame, energy_shift, read_frames
 from .density import calibrate_density
@@ -74,6 +75,8 @@ class Settings:
     element_resolved: bool = False  # shared weights: one delta per element (SparseConfig.element_resolved)
     lr: Optional[float] = None  # None: methods.default_lr(method, density)
     lr_schedule: str = "constant"  # or "cosine": every group's lr decays to 0 over the run's steps
+    ema: bool = False  # evaluate and save a moving average of the trained parameters (averaging.py)
+    ema_decay: float = 0.99
     batch_size: int = 4
     seed: int = 0
     energy_weight: float = 1.0
@@ -102,6 +105,8 @@ class Settings:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0 "
                              f"(got {self.epochs}, {self.batch_size}, {self.lr})")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"--lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.fast_after is not None and self.method != "sparse":
@@ -137,9 +142,11 @@ class Settings:
         if self.lr_schedule == "constant":  # more epochs continue a finished run; a cosine's curve depends on them
             d.pop("epochs")
             d.pop("lr_schedule")  # (checkpoints from before it stay resumable, as below)
-        for k in ("element_resolved", "spin_orbit"):
+        for k in ("element_resolved", "spin_orbit", "ema"):
             if not d[k]:  # checkpoints from before it stay resumable
                 d.pop(k)
+        if not self.ema:
+            d.pop("ema_decay")
         for k in ("train", "valid", "test"):  # the same file wherever the command runs from
             d[k] = str(Path(d[k]).resolve()) if d[k] else None
         d["model"] = family_for(self.model).spec_identity(self.model)
@@ -287,6 +294,24 @@ class _Loop:
     signalled: Callable[[], int]
     save: Callable
     optimizer: Optional[torch.optim.Optimizer] = None  # made by _train
+    average: Optional[ParameterAverage] = None  # --ema, made by _train
+
+    def trained(self) -> List[torch.nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def start_average(self) -> None:
+        if self.settings.ema:
+            self.average = ParameterAverage(self.trained(), self.settings.ema_decay)
+
+    @contextmanager
+    def averaged(self):
+        """The model as it is evaluated: with the average (on the target density) under --ema."""
+        if self.average is None:
+            yield
+            return
+        with self.average.applied():
+            calibrate_density(self.model)
+            yield
 
 
 def _step(loop: _Loop, batch: List[Sample], epoch: int) -> Tuple[float, int]:
@@ -300,13 +325,15 @@ def _step(loop: _Loop, batch: List[Sample], epoch: int) -> Tuple[float, int]:
     step_loss = loss(loop.family, loop.model, share or batch[:1], loop.settings, batch) * (1.0 if share else 0.0)
     with fits_in_memory(share or batch[:1], "a training batch"):  # the backward holds the most
         step_loss.backward()
-    params = [p for g in loop.optimizer.param_groups for p in g["params"]]
+    params = loop.trained()
     mine = float(step_loss.detach())
     total, signum = loop.group.reduce_step(params, mine, loop.signalled())
     if not math.isfinite(total):
         raise FloatingPointError(f"the loss is {total} in epoch {epoch + 1}: training diverged "
                                  f"(try a lower --lr; the last checkpoint is kept)")
     loop.optimizer.step()
+    if loop.average is not None:
+        loop.average.update()
     return total, signum
 
 
@@ -330,7 +357,7 @@ def _epoch(loop: _Loop, samples: Sequence[Sample], progress: checkpoint.Progress
         bar.set_postfix(epoch=progress.epoch + 1, loss=f"{step_loss:.4g}")
         if signum:
             progress.train_wall_s += time.perf_counter() - t0
-            loop.save(loop.model, loop.optimizer, progress)
+            loop.save(loop.model, loop.optimizer, progress, loop.average)
             loop.group.barrier()  # no rank leaves before the checkpoint is on disk
             raise Preempted(signum, f"epoch {progress.epoch + 1}, step {progress.step}")
     progress.train_wall_s += time.perf_counter() - t0
@@ -354,6 +381,9 @@ def _train(loop: _Loop, train_s: Sequence[Sample], valid_s: Sequence[Sample], ck
         loop.optimizer.load_state_dict(ck["optimizer"])
         for group in loop.optimizer.param_groups:  # a checkpoint from before the schedule: constant
             group.setdefault("base_lr", group["lr"])
+    loop.start_average()
+    if ck is not None and loop.average is not None:
+        loop.average.load_state_dict(ck["average"])
     steps_per_epoch = -(-len(train_s) // settings.batch_size)
     bar = tqdm(total=settings.epochs * steps_per_epoch, initial=progress.epoch * steps_per_epoch + progress.step,
                desc=f"{settings.method} fine-tuning", unit="step", disable=not (settings.progress and loop.group.main))
@@ -361,6 +391,7 @@ def _train(loop: _Loop, train_s: Sequence[Sample], valid_s: Sequence[Sample], ck
         if settings.fast_after is not None and not progress.fast and progress.epoch >= settings.fast_after:
             to_fast(model)  # train only the active entries from here on
             loop.optimizer, progress.fast = _optimizer(model, settings), True
+            loop.start_average()  # over the active entries, from where they stand
         train_loss = _epoch(loop, train_s, progress, bar)
         # the last step moved V and tau: put the density back on target (the pre-hook does
         # this before each training forward, but the epoch's result is evaluated)
@@ -368,11 +399,15 @@ def _train(loop: _Loop, train_s: Sequence[Sample], valid_s: Sequence[Sample], ck
         progress.epoch, progress.step, progress.epoch_loss = progress.epoch + 1, 0, 0.0
         record = {"epoch": progress.epoch, "train_loss": train_loss}
         if valid_s:
-            record["valid"] = asdict(evaluate(loop.family, model, valid_s, settings, loop.group))
+            with loop.averaged():
+                record["valid"] = asdict(evaluate(loop.family, model, valid_s, settings, loop.group))
         progress.history.append(record)
         progress.peak_rss_mb = max(progress.peak_rss_mb, _peak_rss_mb())
-        loop.save(model, loop.optimizer, progress)
+        loop.save(model, loop.optimizer, progress, loop.average)
     bar.close()
+    if loop.average is not None:  # from here on (refit, test, export) the model is the average
+        loop.average.copy_to_params()
+        calibrate_density(model)
     return progress
 
 
@@ -469,9 +504,9 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     numbers = sorted({int(z) for frame in train for z in frame.atoms.numbers})
     model = train_magnetic(_apply_method(model, settings, family, train_s, numbers))  # the moment head trains fully
 
-    def save(trained, optimizer, progress):
+    def save(trained, optimizer, progress, average):
         if group.main:
-            checkpoint.save(out, settings.identity(), trained, optimizer, progress, shift)
+            checkpoint.save(out, settings.identity(), trained, optimizer, progress, shift, average)
 
     with deferred() as signalled:
         progress = _train(_Loop(family, model, settings, group, signalled, save), train_s, valid_s, ck)

@@ -127,6 +127,35 @@ def test_fast_phase_trains_only_the_active_entries_and_resumes(files):
     assert 0 < m["changed_fraction"] <= 1.1 * 0.03
 
 
+def test_ema_saves_the_average_and_resumes(files, sparse_run):
+    """--ema: the merged model holds the moving average of the trained weights (full
+    fine-tuning: every parameter), not the last step's; a stopped run resumes to the same
+    result; the average differs from the last step's (sparse)."""
+    out = files / "ema_full"
+    assert _run(files, out, "--ema", method="full", epochs=2) == 0
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    average = ck["average"]
+    assert average["updates"] == 2  # 3 frames, batch 4: one step per epoch
+    merged = torch.load(out / "merged.model", weights_only=False)
+    params = list(merged.parameters())
+    assert len(params) == len(average["shadow"])
+    assert all(torch.equal(p.detach(), s) for p, s in zip(params, average["shadow"]))
+    last = files / "no_ema_full"  # the same training without the average: its last step
+    assert _run(files, last, method="full", epochs=2) == 0
+    trained = list(torch.load(last / "merged.model", weights_only=False).parameters())
+    assert any(not torch.equal(t.detach(), s) for t, s in zip(trained, average["shadow"]))
+
+    sparse = files / "ema_sparse"
+    assert _run(files, sparse, "--ema", epochs=2) == 0
+    resumed = files / "ema_sparse_resumed"
+    assert _run(files, resumed, "--ema", epochs=1) == 0 and _run(files, resumed, "--ema", epochs=2) == 0
+    m, r = (json.loads((d / "metrics.json").read_text()) for d in (sparse, resumed))
+    for k in ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "changed_fraction"):
+        assert m[k] == r[k]
+    assert m["test_force_mae_mev_per_A"] != sparse_run[1]["test_force_mae_mev_per_A"]
+    assert abs(m["changed_fraction"] - 0.03) <= 0.1 * 0.03  # the average, on the target density
+
+
 def test_full_fine_tuning(files):
     out = files / "full"
     assert _run(files, out, method="full", epochs=1) == 0
@@ -152,7 +181,9 @@ def test_bad_inputs_are_refused_clearly(files, sparse_run, capsys, tmp_path):
         _run(files, tmp_path / "e", "--lr_schedule", "linear")
     err = capsys.readouterr().err
     assert "--lr_schedule: invalid choice: 'linear'" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
+    assert _run(files, tmp_path / "f", "--ema", "--ema_decay", "1.5") == 2
+    assert "--ema_decay must be in (0, 1), got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
     out, _ = sparse_run  # a checkpoint for other arguments
     assert _run(files, out, "--density", "0.05") == 2
     assert "written for different arguments (density: checkpoint 0.03 vs now 0.05)" in capsys.readouterr().err
