@@ -188,7 +188,7 @@ def main() -> None:
     # multihead), architecture and r_max read from the foundation by MACE itself.
     common = ["--foundation_model", foundation, "--E0s", "foundation", "--lr", "0.01",
               "--max_num_epochs", str(args.epochs)]
-    tag = f"{pt_name}_n{args.n_train}_e{args.epochs}"
+    tag = f"{pt_name}_n{args.n_train}_e{args.epochs}" + (f"_seed{args.seed}" if args.seed else "")  # one foundation
     jobs = {}
     for method in args.methods:
         module, own = METHODS[method]

@@ -52,8 +52,8 @@ def _assert_same(got, expected):
             assert rel_err(a, b) <= 1e-10
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_mace_triton_matches_torch(sparse):
+def _small_mace_case():
+    """A small MP-0-shaped MACE (3 elements, l up to 2), a rattled two-atom molecule and its batch."""
     pytest.importorskip("mace")
     from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
 
@@ -64,6 +64,12 @@ def test_mace_triton_matches_torch(sparse):
     atoms.numbers = [1, 3]
     atoms.rattle(0.1, seed=1)
     batch = mace_batch(base, [atoms])
+    return base, atoms, batch
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_mace_triton_matches_torch(sparse):
+    base, atoms, batch = _small_mace_case()
     for p in base.parameters():
         p.requires_grad_(True)
     ref, ours = _triton_twin(base, sparse)
@@ -213,16 +219,7 @@ def test_frozen_model_reuses_what_it_derives_and_follows_changes():
     the contraction's folded weights are built once and reused, yet every result equals
     the unfrozen model's (which builds them at each call), also after weights and deltas
     change in place."""
-    pytest.importorskip("mace")
-    from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
-
-    base = mace_mp0_shaped("small", seed=21, num_elements=3, hidden_irreps=o3.Irreps("4x0e+4x1o"),
-                           max_ell=2, correlation=2, r_max=3.0, radial_MLP=[8])
-    atoms = bulk("C", "diamond", a=3.57)[:1] * (2, 1, 1)
-    atoms.pbc = False
-    atoms.numbers = [1, 3]
-    atoms.rattle(0.1, seed=1)
-    batch = mace_batch(base, [atoms])
+    base, _, batch = _small_mace_case()
     ref = sparsekern.prepare(sparsekern.patch(copy.deepcopy(base), backend="triton"),
                              sparsekern.SparseConfig(density=0.2), backend="triton")
     ref.eval()
