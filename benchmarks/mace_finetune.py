@@ -149,7 +149,7 @@ def main() -> None:
     p.add_argument("--n_test", type=int, default=1000, help="aspirin test frames")
     p.add_argument("--n_forget", type=int, default=100, help="test frames per pretraining molecule scored")
     p.add_argument("--replay_per_molecule", type=int, default=10)
-    p.add_argument("--sparse_lr_factor", type=float, default=10.0)
+    p.add_argument("--sparse_lr_factor", type=float, help="default: mace-train's (the lr by density)")
     p.add_argument("--batch_size", type=int, default=5)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--seed", type=int, default=0)
@@ -196,7 +196,7 @@ def main() -> None:
         if method == "multihead replay":
             extra += ["--pt_train_file", str(replay), "--pt_valid_file", str(pt_valid)]
         name = "ft_" + method.replace(" %", "pct").replace(" ", "_").replace(".", "p")
-        if module == "sparsekern":
+        if module == "sparsekern" and args.sparse_lr_factor is not None:
             extra += ["--sparse_lr_factor", str(args.sparse_lr_factor)]
             name += f"_lrx{args.sparse_lr_factor:g}"  # a sweep of the factor keeps each run
         jobs[method] = (name, train_cmd(module, extra + common, name, ft_train, ft_valid, args, args.batch_size), w / tag / name)
@@ -231,13 +231,15 @@ def main() -> None:
 
 
 def markdown(report: dict, args) -> str:
+    sparse_lr = (f"lr x {args.sparse_lr_factor:g}" if args.sparse_lr_factor is not None
+                 else "mace-train's default lr for their density")
     lines = [f"# MACE fine-tuning methods on a small pretrained MACE ({report['date']})", "",
              f"`{report['command']}`", "", f"Machine: {report['machine']}.", "",
              f"Foundation: MACE 32x0e+32x1o, max_L 1, correlation 2, 2 layers, r_max 5, {args.dtype}, "
              f"E0s average, {args.pretrain_epochs} epochs on the 100 train frames of each of "
              f"{', '.join(PRETRAIN)} (wall {report['pretraining'].get('wall_s')} s, 1 thread). "
              f"Fine-tuning: first {args.n_train} frames of rMD17 aspirin train, {args.epochs} epochs, lr 0.01, "
-             f"batch {args.batch_size}, E0s of the foundation; sparse deltas at lr x {args.sparse_lr_factor}; "
+             f"batch {args.batch_size}, E0s of the foundation; sparse deltas at {sparse_lr}; "
              f"multihead replays {args.replay_per_molecule} pretraining frames per molecule each epoch (so more "
              "steps per epoch) and MACE switches it to its universal (Huber) loss; its Default head is the tuned "
              "model, the pt_head row is the replay head. "

@@ -11,11 +11,14 @@ import sys
 from typing import List, Optional
 
 from ..finetune import SparseConfig, stats
-from ..finetune.methods import MODES, SPARSE_MODES, choices_help
+from ..finetune.methods import MODES, SPARSE_MODES, choices_help, default_lr
 from ..integrations.mace.train_hooks import SparseHooks
 from ..ops import registry
 
 SPARSE_PREFIX = "--sparse_"
+# The deltas' lr by density under MACE's training script: best of x3, x10, x30, x100 MACE's
+# --lr 0.01 on a small MACE tuned on aspirin (benchmarks/mace_finetune.py, two seeds; NOTES.md)
+MACE_SPARSE_LR_AT = ((0.005, 1.0), (0.03, 0.3))
 
 
 def _tile(text: str):
@@ -46,12 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="block mode: tile as ROWSxCOLS or 'path' for whole path matrices")
     group.add_argument("--sparse_init_scale", type=float, default=1e-3,
                        help="std of the initial delta relative to the base weights' std")
-    group.add_argument("--sparse_lr_factor", type=float, default=1.0,
-                       help="multiplies MACE's learning rate (with its per-module factors) for the deltas: Adam "
-                            "moves each entry by about lr per step, and a delta that changes a few %% of the "
-                            "weights needs larger moves per entry than full fine-tuning: on SevenNet-0 the "
-                            "best sparse lr was 33x full's (benchmarks/results/lr_sweep_*); with MACE's "
-                            "default --lr 0.01, try 10")
+    group.add_argument("--sparse_lr_factor", type=float, default=None,
+                       help="multiplies MACE's learning rate (with its per-module factors) for the deltas; "
+                            "default: the deltas train at " + ", ".join(f"{lr:g} at density {d:g}"
+                                                                       for d, lr in MACE_SPARSE_LR_AT)
+                            + " (log-interpolated between) whatever --lr is: Adam moves each entry by about lr "
+                              "per step, and a delta that changes a few %% of the weights needs larger moves "
+                              "than full fine-tuning (benchmarks/mace_finetune.py)")
     group.add_argument("--sparse_include_radial", type=str2bool, default=True,
                        help="also put deltas on the radial MLPs that make the conv weights")
     group.add_argument("--sparse_backend", choices=registry.CHOICES, default="auto",
@@ -64,6 +68,16 @@ def _sparse_config(ours: dict, seed: int) -> SparseConfig:
     return SparseConfig(density=ours["sparse_density"], mode=ours["sparse_mode"], tile=ours["sparse_tile"],
                         init_scale=ours["sparse_init_scale"], include_radial=ours["sparse_include_radial"],
                         seed=seed if ours["sparse_seed"] is None else ours["sparse_seed"])
+
+
+def lr_factor(given: Optional[float], density: float, mace_lr: float) -> float:
+    """What MACE's lr is multiplied by for the deltas: ``given``, or so that they train at
+    the measured lr for their density (MACE_SPARSE_LR_AT)."""
+    if given is None:
+        return default_lr("sparse", density, MACE_SPARSE_LR_AT) / mace_lr
+    if given <= 0:
+        raise ValueError(f"--sparse_lr_factor must be > 0, got {given}")
+    return given
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -95,9 +109,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         config = _sparse_config(ours, args.seed)
     except ValueError as exc:
         parser.error(str(exc))
-    if ours["sparse_lr_factor"] <= 0:
-        parser.error(f"--sparse_lr_factor must be > 0, got {ours['sparse_lr_factor']}")
-    hooks = SparseHooks(config, ours["sparse_backend"], args, ours["sparse_lr_factor"])
+    try:
+        factor = lr_factor(ours["sparse_lr_factor"], config.density, args.lr)
+    except ValueError as exc:
+        parser.error(str(exc))
+    hooks = SparseHooks(config, ours["sparse_backend"], args, factor)
     with hooks.installed(run_train):
         run_train.run(args)
     if hooks.exports:

@@ -65,13 +65,13 @@ DEFAULT_LR = {name: METHODS[name].lr for name in sorted(METHODS)}  # sorted, as 
 SPARSE_LR_AT = ((0.005, 0.3), (0.03, 0.1))
 
 
-def default_lr(method: str, density: float) -> float:
+def default_lr(method: str, density: float, sparse_lr_at=SPARSE_LR_AT) -> float:
     """Adam's default learning rate; a sparse delta's follows its density: the
-    measured lr at or beyond the two measured densities, log-log interpolated between
-    (not measured there)."""
+    measured lr (``sparse_lr_at``: two (density, lr) pairs) at or beyond the two
+    measured densities, log-log interpolated between (not measured there)."""
     if method != "sparse":
         return METHODS[method].lr
-    (d0, lr0), (d1, lr1) = SPARSE_LR_AT
+    (d0, lr0), (d1, lr1) = sparse_lr_at
     t = min(max(math.log(density / d0) / math.log(d1 / d0), 0.0), 1.0)
     return lr0 * (lr1 / lr0) ** t
 SPARSE_MODES = METHODS["sparse"].modes  # what --mode / --sparse_mode offer

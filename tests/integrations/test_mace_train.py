@@ -123,6 +123,17 @@ def test_sparse_mace_train_saves_plain_model_and_adapter(workdir):
     assert {"interactions_decay", "products"} <= {g["name"] for g in groups}
 
 
+def test_deltas_train_at_the_measured_lr_whatever_maces():
+    from sparsekern.cli.mace_train import lr_factor
+
+    assert lr_factor(None, 0.03, 0.01) == pytest.approx(30.0) and lr_factor(None, 0.03, 0.001) == pytest.approx(300.0)
+    assert lr_factor(None, 0.005, 0.01) == pytest.approx(100.0) and lr_factor(None, 0.001, 0.01) == pytest.approx(100.0)
+    assert 30.0 < lr_factor(None, 0.01, 0.01) < 100.0
+    assert lr_factor(3.0, 0.03, 0.01) == 3.0
+    with pytest.raises(ValueError, match="--sparse_lr_factor must be > 0, got -1"):
+        lr_factor(-1.0, 0.03, 0.01)
+
+
 def test_lora_runs_mace_own_lora_and_flags_do_not_mix(workdir, capsys):
     d, _ = workdir
     out = _mace_train(d, "lora", "--lora", "True", "--lora_rank", "2")
