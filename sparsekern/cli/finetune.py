@@ -75,21 +75,23 @@ def parser() -> argparse.ArgumentParser:
 
 def _optimizer_flags(p: argparse.ArgumentParser) -> None:
     """Adam's learning rate, its schedule and the parameters' moving average."""
-    from ..finetune.methods import METHODS, SPARSE_LR_AT
+    from ..finetune.methods import METHODS, SPARSE_LR_AT, SPARSE_LR_AT_LAST_STEP
     from ..finetune.trainer import LR_SCHEDULES
 
     p.add_argument("--lr", type=float,
                    help="Adam's learning rate (default per method: "
                         + ", ".join(f"{name} {m.lr:g}" for name, m in METHODS.items())
                         + ", chosen on a validation split by benchmarks/lr_sweep.py; sparse at density <= "
-                        + f"{SPARSE_LR_AT[0][0]:g}: {SPARSE_LR_AT[0][1]:g}, log-interpolated up to "
-                        + f"{SPARSE_LR_AT[1][0]:g})")
+                        + f"{SPARSE_LR_AT[0][0]:g}: {SPARSE_LR_AT[0][1]:g} ({SPARSE_LR_AT_LAST_STEP[0][1]:g} with "
+                        + f"--no_ema), log-interpolated up to {SPARSE_LR_AT[1][0]:g})")
     p.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
                    help="constant, or cosine: the learning rate decays to 0 over the run's steps")
-    p.add_argument("--ema", action="store_true",
+    p.add_argument("--ema", action="store_true", default=True,
                    help="validate, test and save an exponential moving average of the trained parameters "
-                        "(MACE's --ema; torch_ema's warm-up of the decay)")
-    p.add_argument("--ema_decay", type=float, default=0.99, help="the moving average's decay (with --ema)")
+                        "(MACE's --ema; torch_ema's warm-up of the decay); on by default")
+    p.add_argument("--no_ema", dest="ema", action="store_false",
+                   help="validate, test and save the last step's parameters instead of their average")
+    p.add_argument("--ema_decay", type=float, default=0.99, help="the moving average's decay")
 
 
 def _delta_flags(p: argparse.ArgumentParser) -> None:

@@ -47,7 +47,7 @@ from .evaluation import (Sample, batches, check_elements, check_merged, errors, 
 from .lifecycle import merge, prepare, target_groups, to_fast, unmergeable
 from .lr_scale import by_weight_scale
 from .magnetic_fit import fit_magnetic_energy
-from .methods import METHODS, MODES, SPARSE_MODES, default_lr
+from .methods import METHODS, MODES, SPARSE_LR_AT, SPARSE_LR_AT_LAST_STEP, SPARSE_MODES, default_lr
 from .preemption import Preempted, deferred
 from .statistics import stats
 
@@ -73,9 +73,9 @@ class Settings:
     density_peak: Optional[float] = None
     density_anneal: float = 0.0  # epochs
     element_resolved: bool = False  # shared weights: one delta per element (SparseConfig.element_resolved)
-    lr: Optional[float] = None  # None: methods.default_lr(method, density)
+    lr: Optional[float] = None  # None: methods.default_lr(method, density), by ema
     lr_schedule: str = "constant"  # or "cosine": every group's lr decays to 0 over the run's steps
-    ema: bool = False  # evaluate and save a moving average of the trained parameters (averaging.py)
+    ema: bool = True  # evaluate and save a moving average of the trained parameters (averaging.py)
     ema_decay: float = 0.99
     batch_size: int = 4
     seed: int = 0
@@ -101,7 +101,7 @@ class Settings:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {tuple(METHODS)}")
         if self.lr is None:
-            self.lr = default_lr(self.method, self.density)
+            self.lr = default_lr(self.method, self.density, SPARSE_LR_AT if self.ema else SPARSE_LR_AT_LAST_STEP)
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0 "
                              f"(got {self.epochs}, {self.batch_size}, {self.lr})")

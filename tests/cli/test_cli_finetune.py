@@ -127,12 +127,13 @@ def test_fast_phase_trains_only_the_active_entries_and_resumes(files):
     assert 0 < m["changed_fraction"] <= 1.1 * 0.03
 
 
-def test_ema_saves_the_average_and_resumes(files, sparse_run):
-    """--ema: the merged model holds the moving average of the trained weights (full
-    fine-tuning: every parameter), not the last step's; a stopped run resumes to the same
-    result; the average differs from the last step's (sparse)."""
+def test_ema_saves_the_average_and_resumes(files):
+    """The moving average is on by default: the merged model holds the average of the
+    trained weights (full fine-tuning: every parameter), not the last step's (--no_ema);
+    a stopped run resumes to the same result; the sparse average differs from the last
+    step's and keeps the target density."""
     out = files / "ema_full"
-    assert _run(files, out, "--ema", method="full", epochs=2) == 0
+    assert _run(files, out, method="full", epochs=2) == 0
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     average = ck["average"]
     assert average["updates"] == 2  # 3 frames, batch 4: one step per epoch
@@ -141,18 +142,21 @@ def test_ema_saves_the_average_and_resumes(files, sparse_run):
     assert len(params) == len(average["shadow"])
     assert all(torch.equal(p.detach(), s) for p, s in zip(params, average["shadow"]))
     last = files / "no_ema_full"  # the same training without the average: its last step
-    assert _run(files, last, method="full", epochs=2) == 0
+    assert _run(files, last, "--no_ema", method="full", epochs=2) == 0
+    assert "average" not in torch.load(last / "checkpoint.pt", weights_only=False)
     trained = list(torch.load(last / "merged.model", weights_only=False).parameters())
     assert any(not torch.equal(t.detach(), s) for t, s in zip(trained, average["shadow"]))
 
-    sparse = files / "ema_sparse"
-    assert _run(files, sparse, "--ema", epochs=2) == 0
+    sparse = files / "ema_sparse"  # (sparse_run is resumed by another test)
+    assert _run(files, sparse, epochs=2) == 0
     resumed = files / "ema_sparse_resumed"
-    assert _run(files, resumed, "--ema", epochs=1) == 0 and _run(files, resumed, "--ema", epochs=2) == 0
-    m, r = (json.loads((d / "metrics.json").read_text()) for d in (sparse, resumed))
+    assert _run(files, resumed, "--ema", epochs=1) == 0 and _run(files, resumed, epochs=2) == 0
+    last = files / "no_ema_sparse"
+    assert _run(files, last, "--no_ema", epochs=2) == 0
+    m, r, n = (json.loads((d / "metrics.json").read_text()) for d in (sparse, resumed, last))
     for k in ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "changed_fraction"):
         assert m[k] == r[k]
-    assert m["test_force_mae_mev_per_A"] != sparse_run[1]["test_force_mae_mev_per_A"]
+    assert m["test_force_mae_mev_per_A"] != n["test_force_mae_mev_per_A"]
     assert abs(m["changed_fraction"] - 0.03) <= 0.1 * 0.03  # the average, on the target density
 
 
