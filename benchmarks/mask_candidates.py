@@ -20,12 +20,14 @@ library does not offer (each lost against the defaults, so none became an option
   entry's gradient kept its sign, not by what it did for the loss. Dropped entries stay
   zero;
 - ``--lr_follows_density``: with a density schedule, each step's lr is the default lr of
-  that step's density (``methods.default_lr``: 0.1 at 3 % and above, 0.3 at 0.5 %), scaled
+  that step's density (``methods.default_lr``: 0.1 at 3 % and above, 0.3 at 0.5 % with
+  ``--no_ema``, 0.6 with the average), scaled
   as the given ``--lr`` is to the target's: Adam's loss decrease per step grows as
   lr x density, so a dense phase at the target's large lr over-steps.
 
-Everything after ``--`` goes to ``sparsekern finetune`` unchanged, e.g. the accuracy
-benchmark's aspirin split (made by benchmarks/accuracy.py):
+Everything after ``--`` goes to ``sparsekern finetune`` unchanged (the rows measured with
+this script ran before the moving average was the default: add ``--no_ema`` there to rerun
+them), e.g. the accuracy benchmark's aspirin split (made by benchmarks/accuracy.py):
 
     OMP_NUM_THREADS=1 .venv-sevenn/bin/python benchmarks/mask_candidates.py --scores random --spread group -- \\
         --model 7net-0 --train /tmp/sparsekern-accuracy/full/aspirin_train.xyz \\
@@ -47,7 +49,7 @@ from sparsekern import delta_slot  # noqa: E402
 from sparsekern.finetune import lifecycle, trainer  # noqa: E402
 from sparsekern.finetune.delta import ThresholdDelta, soft_threshold  # noqa: E402
 from sparsekern.finetune.density import scheduled_density  # noqa: E402
-from sparsekern.finetune.methods import default_lr  # noqa: E402
+from sparsekern.finetune.methods import SPARSE_LR_AT, SPARSE_LR_AT_LAST_STEP, default_lr  # noqa: E402
 from sparsekern.patching import patch, patched_layers  # noqa: E402
 
 
@@ -172,7 +174,8 @@ def main() -> int:
         def schedule_by_density(optimizer, settings, done, total):
             schedule(optimizer, settings, done, total)
             now = scheduled_density(delta_slot.config_of(prepared[0]), done)
-            factor = default_lr("sparse", max(now, settings.density)) / default_lr("sparse", settings.density)
+            table = SPARSE_LR_AT if settings.ema else SPARSE_LR_AT_LAST_STEP  # as the trainer's default
+            factor = default_lr("sparse", max(now, settings.density), table) / default_lr("sparse", settings.density, table)
             for g in optimizer.param_groups:
                 g["lr"] *= factor
         trainer._schedule = schedule_by_density
