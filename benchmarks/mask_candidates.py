@@ -49,7 +49,7 @@ from sparsekern import delta_slot  # noqa: E402
 from sparsekern.finetune import lifecycle, trainer  # noqa: E402
 from sparsekern.finetune.delta import ThresholdDelta, soft_threshold  # noqa: E402
 from sparsekern.finetune.density import scheduled_density  # noqa: E402
-from sparsekern.finetune.methods import SPARSE_LR_AT, SPARSE_LR_AT_LAST_STEP, default_lr  # noqa: E402
+from sparsekern.finetune.methods import SPARSE_LR_AT, default_lr  # noqa: E402
 from sparsekern.patching import patch, patched_layers  # noqa: E402
 
 
@@ -174,7 +174,7 @@ def main() -> int:
         def schedule_by_density(optimizer, settings, done, total):
             schedule(optimizer, settings, done, total)
             now = scheduled_density(delta_slot.config_of(prepared[0]), done)
-            table = SPARSE_LR_AT if settings.ema else SPARSE_LR_AT_LAST_STEP  # as the trainer's default
+            table = SPARSE_LR_AT[settings.ema]  # as the trainer's default
             factor = default_lr("sparse", max(now, settings.density), table) / default_lr("sparse", settings.density, table)
             for g in optimizer.param_groups:
                 g["lr"] *= factor

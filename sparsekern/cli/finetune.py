@@ -75,15 +75,15 @@ def parser() -> argparse.ArgumentParser:
 
 def _optimizer_flags(p: argparse.ArgumentParser) -> None:
     """Adam's learning rate, its schedule and the parameters' moving average."""
-    from ..finetune.methods import METHODS, SPARSE_LR_AT, SPARSE_LR_AT_LAST_STEP
+    from ..finetune.methods import METHODS, SPARSE_LR_AT
     from ..finetune.trainer import LR_SCHEDULES
 
     p.add_argument("--lr", type=float,
                    help="Adam's learning rate (default per method: "
                         + ", ".join(f"{name} {m.lr:g}" for name, m in METHODS.items())
                         + ", chosen on a validation split by benchmarks/lr_sweep.py; sparse at density <= "
-                        + f"{SPARSE_LR_AT[0][0]:g}: {SPARSE_LR_AT[0][1]:g} ({SPARSE_LR_AT_LAST_STEP[0][1]:g} with "
-                        + f"--no_ema), log-interpolated up to {SPARSE_LR_AT[1][0]:g})")
+                        + f"{SPARSE_LR_AT[True][0][0]:g}: {SPARSE_LR_AT[True][0][1]:g} ({SPARSE_LR_AT[False][0][1]:g} "
+                        + f"with --no_ema), log-interpolated up to {SPARSE_LR_AT[True][1][0]:g})")
     p.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
                    help="constant, or cosine: the learning rate decays to 0 over the run's steps")
     p.add_argument("--ema", action="store_true", default=True,

@@ -48,8 +48,10 @@ def load(out: Path, settings) -> Optional[dict]:
     differ = {k: (ck["identity"].get(k), v) for k, v in mine.items() if ck["identity"].get(k) != v}
     if differ:
         listed = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
+        older = " (a run started before the moving average was the default resumes with --no_ema)" \
+            if "ema" in differ and differ["ema"][0] is None else ""
         raise ValueError(f"{path} was written for different arguments ({listed}); "
-                         f"use another --out or delete the checkpoint to start over")
+                         f"use another --out or delete the checkpoint to start over{older}")
     step = ck.get("step", 0)
     if ck["epoch"] + (step > 0) > settings.epochs:
         where = f"epoch {ck['epoch'] + 1}, step {step}" if step else f"epoch {ck['epoch']}"

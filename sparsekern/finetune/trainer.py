@@ -47,7 +47,7 @@ from .evaluation import (Sample, batches, check_elements, check_merged, errors, 
 from .lifecycle import merge, prepare, target_groups, to_fast, unmergeable
 from .lr_scale import by_weight_scale
 from .magnetic_fit import fit_magnetic_energy
-from .methods import METHODS, MODES, SPARSE_LR_AT, SPARSE_LR_AT_LAST_STEP, SPARSE_MODES, default_lr
+from .methods import METHODS, MODES, SPARSE_LR_AT, SPARSE_MODES, default_lr
 from .preemption import Preempted, deferred
 from .statistics import stats
 
@@ -101,7 +101,7 @@ class Settings:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {tuple(METHODS)}")
         if self.lr is None:
-            self.lr = default_lr(self.method, self.density, SPARSE_LR_AT if self.ema else SPARSE_LR_AT_LAST_STEP)
+            self.lr = default_lr(self.method, self.density, SPARSE_LR_AT[self.ema])
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0 "
                              f"(got {self.epochs}, {self.batch_size}, {self.lr})")
@@ -143,7 +143,7 @@ class Settings:
             d.pop("epochs")
             d.pop("lr_schedule")  # (checkpoints from before it stay resumable, as below)
         for k in ("element_resolved", "spin_orbit", "ema"):
-            if not d[k]:  # checkpoints from before it stay resumable
+            if not d[k]:  # checkpoints from before it stay resumable (ema's: with --no_ema)
                 d.pop(k)
         if not self.ema:
             d.pop("ema_decay")

@@ -127,7 +127,7 @@ def test_fast_phase_trains_only_the_active_entries_and_resumes(files):
     assert 0 < m["changed_fraction"] <= 1.1 * 0.03
 
 
-def test_ema_saves_the_average_and_resumes(files):
+def test_ema_saves_the_average_and_resumes(files, capsys):
     """The moving average is on by default: the merged model holds the average of the
     trained weights (full fine-tuning: every parameter), not the last step's (--no_ema);
     a stopped run resumes to the same result; the sparse average differs from the last
@@ -146,6 +146,10 @@ def test_ema_saves_the_average_and_resumes(files):
     assert "average" not in torch.load(last / "checkpoint.pt", weights_only=False)
     trained = list(torch.load(last / "merged.model", weights_only=False).parameters())
     assert any(not torch.equal(t.detach(), s) for t, s in zip(trained, average["shadow"]))
+    capsys.readouterr()  # a run without the average (as before it was the default) resumes with --no_ema
+    assert _run(files, last, method="full", epochs=3) == 2
+    err = capsys.readouterr().err
+    assert "resumes with --no_ema" in err and len(err.strip().splitlines()) == 1
 
     sparse = files / "ema_sparse"  # (sparse_run is resumed by another test)
     assert _run(files, sparse, epochs=2) == 0
