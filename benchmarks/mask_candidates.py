@@ -7,7 +7,10 @@ library does not offer (each lost against the defaults, so none became an option
   ``full_delta`` (|W_full - W0| of a finished full fine-tuning run, ``--full_run``: the
   mask of lottery-ticket sparse fine-tuning, Ansell et al. 2022); P ``global`` (the top
   entries over all weights, as the library does) or ``group`` (the same fraction of
-  every path block, so the budget is spread as a random start spreads it);
+  every path block, so the budget is spread as a random start spreads it) or ``budget``
+  (random entries, each path block's share of the budget following the RMS of the loss
+  gradient over its entries at the base: the Fisher places the budget, chance the
+  entries, since the Fisher's own entries are too sensitive for a large lr);
 - ``--one_lr``: one lr for every delta, as the trainer had before each sparse delta's lr
   followed its base weight's scale (``finetune.lr_scale``, which this study found;
   the rows measured before it need this flag to be rerun);
@@ -53,10 +56,10 @@ from sparsekern.finetune.methods import SPARSE_LR_AT, default_lr  # noqa: E402
 from sparsekern.patching import patch, patched_layers  # noqa: E402
 
 
-def ranks_by_group(score: torch.Tensor, groups) -> torch.Tensor:
+def ranks_by_group(score: torch.Tensor, groups, seed: int) -> torch.Tensor:
     """Each entry's rank within its path block, as a fraction in (0, 1] (ties broken at
     random): a global top-k of these takes the same fraction of every block."""
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     out, pos = [], 0
     for g in groups:
         x = score[pos:pos + g.numel]
@@ -68,8 +71,24 @@ def ranks_by_group(score: torch.Tensor, groups) -> torch.Tensor:
     return torch.cat(out)
 
 
-def mask_scores(kind: str, spread: str, full_run):
-    """A replacement for saliency.fisher_scores choosing by ``kind`` and ``spread``."""
+def budget_by_group(fisher: torch.Tensor, groups, seed: int) -> torch.Tensor:
+    """Scores whose global top-k takes random entries from each path block, as many as
+    its size times the RMS of its gradient (``fisher``: squared gradients): an entry at
+    random rank u in (0, 1] of a block with RMS r scores r / u, so a cut at c takes the
+    entries with u < r / c, a fraction r / c of every block."""
+    generator = torch.Generator().manual_seed(seed)
+    out, pos = [], 0
+    for g in groups:
+        x = fisher[pos:pos + g.numel]
+        pos += g.numel
+        u = (torch.randperm(g.numel, generator=generator).to(x.dtype) + 1) / g.numel
+        out.append(x.mean().sqrt() / u)
+    return torch.cat(out)
+
+
+def mask_scores(kind: str, spread: str, full_run, seed: int):
+    """A replacement for saliency.fisher_scores choosing by ``kind`` and ``spread``; what
+    is random follows the run's ``--seed``."""
     fisher = lifecycle.fisher_scores
     tuned = None
     if kind == "full_delta":
@@ -81,7 +100,7 @@ def mask_scores(kind: str, spread: str, full_run):
         if kind == "fisher":
             raw = fisher(targets, losses)
         elif kind == "random":
-            generator = torch.Generator().manual_seed(0)
+            generator = torch.Generator().manual_seed(seed)
             raw = [torch.rand(sum(g.numel for g in groups), generator=generator, dtype=torch.float64)
                    for *_, groups in targets]
         else:
@@ -92,7 +111,9 @@ def mask_scores(kind: str, spread: str, full_run):
                 flat = moved.reshape(-1).double().abs()
                 raw.append(torch.cat([flat.narrow(0, g.offset, g.numel) for g in groups]))
         if spread == "group":
-            raw = [ranks_by_group(s, groups) for s, (*_, groups) in zip(raw, targets)]
+            raw = [ranks_by_group(s, groups, seed) for s, (*_, groups) in zip(raw, targets)]
+        if spread == "budget":
+            raw = [budget_by_group(s, groups, seed) for s, (*_, groups) in zip(fisher(targets, losses), targets)]
         return raw
 
     return scores
@@ -144,7 +165,7 @@ def main() -> int:
     split = argv.index("--")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scores", choices=("fisher", "random", "full_delta"))
-    p.add_argument("--spread", choices=("global", "group"), default="global")
+    p.add_argument("--spread", choices=("global", "group", "budget"), default="global")
     p.add_argument("--full_run", type=Path, help="merged_sevennet.pth of a full fine-tuning run (--scores full_delta)")
     p.add_argument("--no_amsgrad", action="store_true")
     p.add_argument("--one_lr", action="store_true", help="the trainer's optimizer as before the lr by weight scale")
@@ -155,7 +176,9 @@ def main() -> int:
         p.error(f"--scores full_delta needs --full_run, a merged_sevennet.pth (got {args.full_run})")
     prepare = lifecycle.prepare
     if args.scores:
-        scores = mask_scores(args.scores, args.spread, args.full_run)
+        run = argparse.ArgumentParser(add_help=False)
+        run.add_argument("--seed", type=int, default=0)  # the finetune run's
+        scores = mask_scores(args.scores, args.spread, args.full_run, run.parse_known_args(argv[split + 1:])[0].seed)
         lifecycle.fisher_scores = scores
 
     def prepare_with_changes(model, *a, **k):

@@ -80,10 +80,11 @@ def _optimizer_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--lr", type=float,
                    help="Adam's learning rate (default per method: "
-                        + ", ".join(f"{name} {m.lr:g}" for name, m in METHODS.items())
-                        + ", chosen on a validation split by benchmarks/lr_sweep.py; sparse at density <= "
-                        + f"{SPARSE_LR_AT[True][0][0]:g}: {SPARSE_LR_AT[True][0][1]:g} ({SPARSE_LR_AT[False][0][1]:g} "
-                        + f"with --no_ema), log-interpolated up to {SPARSE_LR_AT[True][1][0]:g})")
+                        + ", ".join(f"{name} {m.lr:g}" for name, m in METHODS.items() if name != "sparse")
+                        + ", chosen on a validation split by benchmarks/lr_sweep.py; sparse by density: "
+                        + ", ".join(f"{lr:g} at {d:g}" for d, lr in SPARSE_LR_AT[True]) + " ("
+                        + ", ".join(f"{lr:g}" for _, lr in SPARSE_LR_AT[False])
+                        + " with --no_ema), held beyond, log-interpolated between)")
     p.add_argument("--lr_schedule", choices=LR_SCHEDULES, default="constant",
                    help="constant, or cosine: the learning rate decays to 0 over the run's steps")
     p.add_argument("--ema", action="store_true", default=True,

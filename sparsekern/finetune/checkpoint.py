@@ -48,8 +48,10 @@ def load(out: Path, settings) -> Optional[dict]:
     differ = {k: (ck["identity"].get(k), v) for k, v in mine.items() if ck["identity"].get(k) != v}
     if differ:
         listed = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
+        # defaults change between versions: say how to resume a run started under older ones
         older = " (a run started before the moving average was the default resumes with --no_ema)" \
-            if "ema" in differ and differ["ema"][0] is None else ""
+            if "ema" in differ and differ["ema"][0] is None else \
+            f" (to resume it, pass --lr {differ['lr'][0]:g})" if "lr" in differ and differ["lr"][0] is not None else ""
         raise ValueError(f"{path} was written for different arguments ({listed}); "
                          f"use another --out or delete the checkpoint to start over{older}")
     step = ck.get("step", 0)

@@ -116,6 +116,10 @@ def test_resume_matches_an_uninterrupted_run(files, sparse_run, capsys):
     assert [h["epoch"] for h in m["history"]] == [1, 2]
     for k in ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "changed_fraction"):
         assert m[k] == sparse_run[1][k]
+    # another lr (a default changed since the run began) is refused, saying how to resume
+    assert _run(files, out, "--lr", "0.05", epochs=3) == 2
+    err = capsys.readouterr().err
+    assert "pass --lr 0.02" in err and len(err.strip().splitlines()) == 1
 
 
 def test_fast_phase_trains_only_the_active_entries_and_resumes(files):

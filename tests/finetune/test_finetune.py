@@ -3,6 +3,7 @@ equivariance, adapters (bit-exact round trip, foreign and corrupt files refused)
 merge / unmerge bit for bit, block and fast modes, LoRA."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -238,19 +239,20 @@ def test_saliency_mask_is_the_top_fisher_entries(base):
 
 
 def test_default_lr_follows_the_sparse_density():
-    """The measured picks at 3 % and 0.5 % (0.1, and 0.6 with the moving average, 0.3
-    without), log-interpolated between, held beyond them; other methods keep theirs; an
-    explicit lr wins."""
+    """The measured picks at 3 % and 0.5 % (0.2 and 0.6 with the moving average, 0.1 and
+    0.3 without), log-interpolated between, held beyond them; other methods keep theirs;
+    an explicit lr wins."""
     from sparsekern.finetune.trainer import Settings
 
     def lr(method, density, **kw):
         return Settings(model="m", train="t", test="t", method=method, out="o", density=density, **kw).lr
 
-    assert lr("sparse", 0.03) == lr("sparse", 0.2) == pytest.approx(0.1)
+    assert lr("sparse", 0.03) == lr("sparse", 0.2) == pytest.approx(0.2)
     assert lr("sparse", 0.005) == lr("sparse", 0.001) == pytest.approx(0.6)
     assert lr("sparse", 0.005, ema=False) == lr("sparse", 0.001, ema=False) == pytest.approx(0.3)
-    assert lr("sparse", 0.03, ema=False) == pytest.approx(0.1)
-    assert 0.1 < lr("sparse", 0.01, ema=False) < lr("sparse", 0.01) < 0.6
+    assert lr("sparse", 0.03, ema=False) == lr("sparse", 0.2, ema=False) == pytest.approx(0.1)
+    assert 0.1 < lr("sparse", 0.01, ema=False) < 0.3 and 0.2 < lr("sparse", 0.01) < 0.6
+    assert lr("sparse", 0.01) == pytest.approx(0.6 * (0.2 / 0.6) ** (math.log(2) / math.log(6)))
     assert lr("full", 0.005) == pytest.approx(3e-3) and lr("sparse", 0.005, lr=0.05) == 0.05
 
 
