@@ -35,6 +35,16 @@ class Progress:
     history: List[dict] = field(default_factory=list)
 
 
+def _how_to_resume(differ: dict) -> str:
+    """How to resume a run whose arguments ``differ`` (name -> (checkpoint's, now)) only
+    because a default changed since it started: the moving average, or the lr."""
+    if "ema" in differ and differ["ema"][0] is None:
+        return " (a run started before the moving average was the default resumes with --no_ema)"
+    if "lr" in differ and differ["lr"][0] is not None:
+        return f" (to resume it, pass --lr {differ['lr'][0]:g})"
+    return ""
+
+
 def load(out: Path, settings) -> Optional[dict]:
     """The checkpoint in ``out``, if any, checked against ``settings`` (the trainer's)."""
     path = out / CHECKPOINT
@@ -48,12 +58,8 @@ def load(out: Path, settings) -> Optional[dict]:
     differ = {k: (ck["identity"].get(k), v) for k, v in mine.items() if ck["identity"].get(k) != v}
     if differ:
         listed = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
-        # defaults change between versions: say how to resume a run started under older ones
-        older = " (a run started before the moving average was the default resumes with --no_ema)" \
-            if "ema" in differ and differ["ema"][0] is None else \
-            f" (to resume it, pass --lr {differ['lr'][0]:g})" if "lr" in differ and differ["lr"][0] is not None else ""
         raise ValueError(f"{path} was written for different arguments ({listed}); "
-                         f"use another --out or delete the checkpoint to start over{older}")
+                         f"use another --out or delete the checkpoint to start over{_how_to_resume(differ)}")
     step = ck.get("step", 0)
     if ck["epoch"] + (step > 0) > settings.epochs:
         where = f"epoch {ck['epoch'] + 1}, step {step}" if step else f"epoch {ck['epoch']}"
