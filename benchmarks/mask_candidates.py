@@ -15,6 +15,9 @@ library does not offer (each lost against the defaults, so none became an option
   followed its base weight's scale (``finetune.lr_scale``, which this study found;
   the rows measured before it need this flag to be rerun);
 - ``--no_amsgrad``: plain Adam;
+- ``--train_energy_scale LR``: SevenNet's per-element energy scale and shift
+  (``rescale_atomic_energy``, which full fine-tuning trains and the deltas keep frozen)
+  trained beside the deltas, at their own lr LR;
 - ``--prune_by taylor``: with a density that anneals (``--density_peak``,
   ``--density_anneal``), the entries dropped as the density falls are the active ones of
   least first-order importance |dL/dd_i d_i| (an average over steps; movement pruning,
@@ -56,14 +59,17 @@ from sparsekern.finetune.methods import SPARSE_LR_AT, default_lr  # noqa: E402
 from sparsekern.patching import patch, patched_layers  # noqa: E402
 
 
+def _blocks(flat: torch.Tensor, groups):
+    """``flat`` (one target's entries in group order) cut into its path blocks."""
+    return flat.split([g.numel for g in groups])
+
+
 def ranks_by_group(score: torch.Tensor, groups, seed: int) -> torch.Tensor:
     """Each entry's rank within its path block, as a fraction in (0, 1] (ties broken at
     random): a global top-k of these takes the same fraction of every block."""
     generator = torch.Generator().manual_seed(seed)
-    out, pos = [], 0
-    for g in groups:
-        x = score[pos:pos + g.numel]
-        pos += g.numel
+    out = []
+    for x in _blocks(score, groups):
         order = torch.argsort(x + 1e-30 * torch.rand(x.shape, generator=generator, dtype=x.dtype))
         r = torch.empty_like(x)
         r[order] = torch.arange(1, x.numel() + 1, dtype=x.dtype)
@@ -77,13 +83,8 @@ def budget_by_group(fisher: torch.Tensor, groups, seed: int) -> torch.Tensor:
     random rank u in (0, 1] of a block with RMS r scores r / u, so a cut at c takes the
     entries with u < r / c, a fraction r / c of every block."""
     generator = torch.Generator().manual_seed(seed)
-    out, pos = [], 0
-    for g in groups:
-        x = fisher[pos:pos + g.numel]
-        pos += g.numel
-        u = (torch.randperm(g.numel, generator=generator).to(x.dtype) + 1) / g.numel
-        out.append(x.mean().sqrt() / u)
-    return torch.cat(out)
+    return torch.cat([x.mean().sqrt() / ((torch.randperm(x.numel(), generator=generator).to(x.dtype) + 1) / x.numel())
+                      for x in _blocks(fisher, groups)])
 
 
 def mask_scores(kind: str, spread: str, full_run, seed: int):
@@ -97,6 +98,8 @@ def mask_scores(kind: str, spread: str, full_run, seed: int):
         tuned = dict(patched_layers(patch(load_sevennet(str(full_run), "cpu"), backend="torch")))
 
     def scores(targets, losses):
+        if spread == "budget":  # (random entries: --scores random, checked by main)
+            return [budget_by_group(s, groups, seed) for s, (*_, groups) in zip(fisher(targets, losses), targets)]
         if kind == "fisher":
             raw = fisher(targets, losses)
         elif kind == "random":
@@ -112,8 +115,6 @@ def mask_scores(kind: str, spread: str, full_run, seed: int):
                 raw.append(torch.cat([flat.narrow(0, g.offset, g.numel) for g in groups]))
         if spread == "group":
             raw = [ranks_by_group(s, groups, seed) for s, (*_, groups) in zip(raw, targets)]
-        if spread == "budget":
-            raw = [budget_by_group(s, groups, seed) for s, (*_, groups) in zip(fisher(targets, losses), targets)]
         return raw
 
     return scores
@@ -158,6 +159,14 @@ def prune_by_importance(model, decay: float = 0.9) -> None:
     model.register_forward_pre_hook(drop, prepend=True)
 
 
+def energy_scale(model) -> list:
+    """SevenNet's per-element energy scale and shift."""
+    params = [p for name, p in model.named_parameters() if "rescale_atomic_energy." in name]
+    if not params:
+        sys.exit("mask_candidates.py: --train_energy_scale: the model has no rescale_atomic_energy (not SevenNet?)")
+    return params
+
+
 def main() -> int:
     argv = sys.argv[1:]
     if "--" not in argv:
@@ -168,10 +177,15 @@ def main() -> int:
     p.add_argument("--spread", choices=("global", "group", "budget"), default="global")
     p.add_argument("--full_run", type=Path, help="merged_sevennet.pth of a full fine-tuning run (--scores full_delta)")
     p.add_argument("--no_amsgrad", action="store_true")
+    p.add_argument("--train_energy_scale", type=float, metavar="LR")
     p.add_argument("--one_lr", action="store_true", help="the trainer's optimizer as before the lr by weight scale")
     p.add_argument("--prune_by", choices=("taylor",))
     p.add_argument("--lr_follows_density", action="store_true")
     args = p.parse_args(argv[:split])
+    if args.spread != "global" and not args.scores or args.spread == "budget" and args.scores != "random":
+        p.error(f"--spread {args.spread} needs --scores" + (" random" if args.spread == "budget" else ""))
+    if args.train_energy_scale is not None and args.train_energy_scale <= 0:
+        p.error(f"--train_energy_scale must be > 0, got {args.train_energy_scale}")
     if args.scores == "full_delta" and (args.full_run is None or not args.full_run.is_file()):
         p.error(f"--scores full_delta needs --full_run, a merged_sevennet.pth (got {args.full_run})")
     prepare = lifecycle.prepare
@@ -187,6 +201,9 @@ def main() -> int:
         prepare(model, *a, **k)
         if args.prune_by:
             prune_by_importance(model)
+        if args.train_energy_scale:
+            for p in energy_scale(model):
+                p.requires_grad_(True)
         prepared.append(model)
         return model
     prepared = []
@@ -202,6 +219,14 @@ def main() -> int:
             for g in optimizer.param_groups:
                 g["lr"] *= factor
         trainer._schedule = schedule_by_density
+    if args.train_energy_scale:
+        groups_of = trainer.parameter_groups
+
+        def with_energy_scale(model, magnetic_lr):
+            own = {id(p) for p in energy_scale(model)}
+            groups = [{**g, "params": [p for p in g["params"] if id(p) not in own]} for g in groups_of(model, magnetic_lr)]
+            return [g for g in groups if g["params"]] + [{"params": energy_scale(model), "lr": args.train_energy_scale}]
+        trainer.parameter_groups = with_energy_scale
     make = trainer._optimizer
 
     def optimizer(model, settings):
