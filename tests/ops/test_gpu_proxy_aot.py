@@ -100,7 +100,7 @@ def _specialisations(launches):
             binders[jitfn] = create_function_from_signature(jitfn.signature, jitfn.params, backend)
         bound, spec, opts = binders[jitfn](*args, **kwargs)
         options, signature, constexprs, attrs = jitfn._pack_args(backend, kwargs, bound, spec, opts)
-        key = (jitfn.fn.__name__, repr(signature), repr(sorted(constexprs.items())), repr(attrs))
+        key = (jitfn, repr(signature), repr(sorted(constexprs.items())), repr(attrs))  # a generated kernel per form
         if key not in seen:
             named = {jitfn.arg_names[k[0]]: v for k, v in constexprs.items() if jitfn.params[k[0]].is_constexpr}
             seen[key] = (jitfn.fn.__name__, named, ASTSource(jitfn, signature, constexprs, attrs), options)

@@ -11,6 +11,12 @@ kernel without atomics: the edges are ordered by receiver once per graph
 (:class:`Segments`, cached per ``edge_index``), each program owns a tile of receivers and
 one output irrep and stores every output element once (deterministic).
 
+Both kernels are generated per form (:mod:`.generated`): offsets, multiplicities and the
+coefficients are literals in the source, so each operand component is loaded once per
+edge and path and every output component of the irrep is accumulated in the same pass
+(a table-driven kernel re-read w and a per coefficient and per output component, and
+the table itself, about 4x the bytes; benchmarks/conv_loads.py counts them).
+
 - gradient wrt ``a``: the same form with the table transposed (i <-> k, A <-> O), ``a``
   := the output gradient, gathered from ``dst`` and summed over each sender's edges (the
   ordering by sender);
@@ -21,6 +27,7 @@ so double backward (forces in the loss) works through the same two kernels.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -31,21 +38,13 @@ import triton.language as tl
 from ..descriptors import TPDesc
 from ..grads import needed, track
 from ..tensor_cache import cache_of
-
-_META = 10  # ints per path: a_off, d_a, b_off, d_b, w_off, o_off, d_o, mul, kbase, pad
-
+from .generated import jit, literal
 
 @triton.jit
-def _conv_kernel(a_ptr, b_ptr, w_ptr, out_ptr, src_ptr, order_ptr, start_ptr,
-                 meta_ptr, gstart_ptr, gpath_ptr, kstart_ptr, ei_ptr, ej_ptr, ec_ptr,
-                 N, sa0, sa1, sb0, sb1, sw0, sw1, so0,
-                 IDENTITY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                 BLOCK_U: tl.constexpr):
-    """out[n, the group's output irrep] for BLOCK_N receivers n: the group's paths (those
-    writing that irrep) summed over each receiver's edges. A tile row is one edge:
-    (receiver, slot) with slot the rank of the edge among the receiver's, BLOCK_S slots
-    at a time; rows accumulate in registers and are reduced per receiver once, then
-    stored (no atomics). IDENTITY: edge n -> node n (the per-edge product), BLOCK_S 1."""
+def _receiver_tile(start_ptr, N, IDENTITY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """A program's tile rows: (receiver n, slot) with slot the rank of an edge among n's,
+    BLOCK_S slots at a time; each receiver's first edge in the ordering, its in-degree and
+    the tile's largest. IDENTITY: edge n -> node n (the per-edge product), BLOCK_S 1."""
     row = tl.arange(0, BLOCK_N * BLOCK_S)
     n = tl.program_id(0) * BLOCK_N + row // BLOCK_S
     mn = n < N
@@ -55,121 +54,144 @@ def _conv_kernel(a_ptr, b_ptr, w_ptr, out_ptr, src_ptr, order_ptr, start_ptr,
     else:
         first = tl.load(start_ptr + n, mask=mn, other=0)
         deg = tl.load(start_ptr + n + 1, mask=mn, other=0) - first
-    width = tl.max(deg, axis=0)
-    p0 = tl.load(gstart_ptr + tl.program_id(1))
-    p1 = tl.load(gstart_ptr + tl.program_id(1) + 1)
-    m0 = meta_ptr + tl.load(gpath_ptr + p0) * 10
-    o_off = tl.load(m0 + 5)
-    d_o = tl.load(m0 + 6)
-    mul = tl.load(m0 + 7)
-    u = tl.program_id(2) * BLOCK_U + tl.arange(0, BLOCK_U)
-    mu = u < mul
-    n_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_tile = out_ptr + n_out.to(tl.int64)[:, None] * so0 + (o_off + u * d_o)[None, :]
-    o_mask = (n_out < N)[:, None] & mu[None, :]
-    for k in range(d_o):
-        acc = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_U), dtype=ec_ptr.dtype.element_ty)
-        for q in range(p0, p1):
-            m = meta_ptr + tl.load(gpath_ptr + q) * 10
-            a_off = tl.load(m)
-            d_a = tl.load(m + 1)
-            b_off = tl.load(m + 2)
-            w_off = tl.load(m + 4)
-            kb = tl.load(m + 8)
-            t0 = tl.load(kstart_ptr + kb + k)
-            t1 = tl.load(kstart_ptr + kb + k + 1)
-            for s0 in range(0, width, BLOCK_S):
-                slot = s0 + row % BLOCK_S
-                me = mn & (slot < deg)
-                if IDENTITY:
-                    e64 = n.to(tl.int64)
-                    s = e64
-                else:
-                    e64 = tl.load(order_ptr + first + slot, mask=me, other=0).to(tl.int64)
-                    s = tl.load(src_ptr + e64, mask=me, other=0).to(tl.int64)
-                mask = me[:, None] & mu[None, :]
-                a_tile = a_ptr + s[:, None] * sa0 + (a_off + u * d_a)[None, :].to(tl.int64) * sa1
-                b_row = b_ptr + e64 * sb0 + b_off * sb1
-                part = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_U), dtype=acc.dtype)
-                for t in range(t0, t1):
-                    i = tl.load(ei_ptr + t)
-                    j = tl.load(ej_ptr + t)
-                    c = tl.load(ec_ptr + t)
-                    xa = tl.load(a_tile + i * sa1, mask=mask, other=0.0)
-                    xb = tl.load(b_row + j * sb1, mask=me, other=0.0)
-                    part += (c * xb)[:, None] * xa
-                wt = tl.load(w_ptr + e64[:, None] * sw0 + (w_off + u)[None, :].to(tl.int64) * sw1,
-                             mask=mask, other=0.0)
-                acc += part * wt
-        tl.store(o_tile + k, tl.sum(tl.reshape(acc, (BLOCK_N, BLOCK_S, BLOCK_U)), axis=1), mask=o_mask)
+    return row, n, mn, first, deg, tl.max(deg, axis=0)
 
 
 @triton.jit
+def _slot_edges(order_ptr, src_ptr, row, n, mn, first, deg, s0, IDENTITY: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The edge in slot s0 + (row's slot) of each row's receiver (masked past its
+    in-degree) and the edge's sender."""
+    slot = s0 + row % BLOCK_S
+    me = mn & (slot < deg)
+    if IDENTITY:
+        e64 = n.to(tl.int64)
+        s = e64
+    else:
+        e64 = tl.load(order_ptr + first + slot, mask=me, other=0).to(tl.int64)
+        s = tl.load(src_ptr + e64, mask=me, other=0).to(tl.int64)
+    return me, e64, s
+
+
+_CONV_HEAD = """@triton.jit
+def _conv_kernel(a_ptr, b_ptr, w_ptr, out_ptr, src_ptr, order_ptr, start_ptr,
+                 N, sa0, sa1, sb0, sb1, sw0, sw1, so0,
+                 IDENTITY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                 BLOCK_U: tl.constexpr):
+    row, n, mn, first, deg, width = _receiver_tile(start_ptr, N, IDENTITY, BLOCK_N, BLOCK_S)
+    u = tl.program_id(2) * BLOCK_U + tl.arange(0, BLOCK_U)
+    n_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_row = out_ptr + n_out.to(tl.int64)[:, None] * so0
+    mo = n_out < N
+"""
+
+
+def _conv_source(form: "ConvForm") -> str:
+    """The conv kernel of one form: a program per (BLOCK_N receivers, output irrep,
+    BLOCK_U channels); each of the irrep's components k has an accumulator, the paths
+    writing it are summed over the receivers' edges (BLOCK_S at a time) with every
+    operand loaded once per edge and the coefficients as literals, then each k is
+    reduced over the slots and stored once (no atomics)::
+
+        acc_k += (sum_j c_ijk b[e, j])[:, None] * (a[src, u, i] * w[e, u])
+    """
+    dt = str(form.dtype).removeprefix("torch.")
+    lines = [_CONV_HEAD]
+    for g, ts in enumerate(form.groups):
+        o_off, d_o, mul = form.paths[ts[0]][5:8]
+        lines += [f"    {'if' if g == 0 else 'elif'} tl.program_id(1) == {g}:",
+                  f"        mu = u < {mul}"]
+        lines += [f"        acc{k} = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_U), dtype=tl.{dt})" for k in range(d_o)]
+        for t in ts:  # a loop over the edges per path: only one path's operands are live
+            a_off, d_a, b_off, _, w_off = form.paths[t][:5]
+            ents = form.entries[t]
+            lines += ["        for s0 in range(0, width, BLOCK_S):",
+                      "            me, e64, s = _slot_edges(order_ptr, src_ptr, row, n, mn, first, deg, s0, IDENTITY, BLOCK_S)",
+                      "            mask = me[:, None] & mu[None, :]"]
+            lines.append(f"            w = tl.load(w_ptr + e64[:, None] * sw0 + ({w_off} + u)[None, :].to(tl.int64) * sw1,"
+                         " mask=mask, other=0.0)")
+            lines += [f"            y{j} = tl.load(b_ptr + e64 * sb0 + {b_off + j} * sb1, mask=me, other=0.0)"
+                      for j in sorted({e[1] for e in ents})]
+            for i in sorted({e[0] for e in ents}):  # one a component live at a time
+                lines.append(f"            x = w * tl.load(a_ptr + s[:, None] * sa0 + ({a_off + i} + u * {d_a})[None, :]"
+                             ".to(tl.int64) * sa1, mask=mask, other=0.0)")
+                for k in range(d_o):
+                    terms = [_times(form.rounded(c), f"y{j}", dt) for ii, j, kk, c in ents if ii == i and kk == k]
+                    if terms:
+                        lines.append(f"            acc{k} += ({' + '.join(terms)})[:, None] * x")
+        lines += [f"        tl.store(o_row + ({o_off + k} + u * {d_o})[None, :], tl.sum(tl.reshape(acc{k}, "
+                  f"(BLOCK_N, BLOCK_S, BLOCK_U)), axis=1), mask=mo[:, None] & mu[None, :])" for k in range(d_o)]
+    return "\n".join(lines) + "\n"
+
+
+_EDGE_HEAD = """@triton.jit
 def _edge_kernel(a_ptr, b_ptr, w_ptr, g_ptr, gb_ptr, gw_ptr, src_ptr, dst_ptr,
-                 meta_ptr, kstart_ptr, ei_ptr, ej_ptr, ec_ptr,
-                 E, n_paths, dim_b, sa0, sa1, sb0, sb1, sw0, sw1, sg0, sg1, sgb0, sgw0,
-                 BLOCK_E: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_J: tl.constexpr,
-                 NEED_GB: tl.constexpr, NEED_GW: tl.constexpr):
-    """gb[e, B(j)] = sum_{p,u,i,k} c w[e,u] a[src,u,i] g[dst,u,k];
-    gw[e, W(u)] = sum_{i,j,k} c b[e,j] a[src,u,i] g[dst,u,k].
-    gb sums over every path, so a program owning it loops over all paths and stores it
-    once; without gb each program takes one path (program_id(1))."""
+                 E, sa0, sa1, sb0, sb1, sw0, sw1, sg0, sg1, sgb0, sgw0,
+                 BLOCK_E: tl.constexpr, BLOCK_U: tl.constexpr, NEED_GB: tl.constexpr, NEED_GW: tl.constexpr):
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    jr = tl.arange(0, BLOCK_J)
     me = e < E
     e64 = e.to(tl.int64)
     s = tl.load(src_ptr + e64, mask=me, other=0).to(tl.int64)
     r = tl.load(dst_ptr + e64, mask=me, other=0).to(tl.int64)
-    dt = ec_ptr.dtype.element_ty
-    gb_acc = tl.zeros((BLOCK_E, BLOCK_J), dtype=dt)
-    p_lo = tl.program_id(1)
-    p_hi = p_lo + 1
-    if NEED_GB:
-        p_hi = n_paths
-    for p in range(p_lo, p_hi):
-        m = meta_ptr + p * 10
-        a_off = tl.load(m)
-        d_a = tl.load(m + 1)
-        b_off = tl.load(m + 2)
-        w_off = tl.load(m + 4)
-        o_off = tl.load(m + 5)
-        d_o = tl.load(m + 6)
-        mul = tl.load(m + 7)
-        kb = tl.load(m + 8)
-        b_row = b_ptr + e64 * sb0 + b_off * sb1
-        for u0 in range(0, mul, BLOCK_U):
-            u = u0 + tl.arange(0, BLOCK_U)
-            mask = me[:, None] & (u < mul)[None, :]
-            a_tile = a_ptr + s[:, None] * sa0 + (a_off + u * d_a)[None, :].to(tl.int64) * sa1
-            g_tile = g_ptr + r[:, None] * sg0 + (o_off + u * d_o)[None, :].to(tl.int64) * sg1
-            if NEED_GB:
-                wt = tl.load(w_ptr + e64[:, None] * sw0 + (w_off + u)[None, :].to(tl.int64) * sw1,
-                             mask=mask, other=0.0)
-            gw_acc = tl.zeros((BLOCK_E, BLOCK_U), dtype=dt)
-            for k in range(d_o):
-                gk = tl.load(g_tile + k * sg1, mask=mask, other=0.0)
-                t0 = tl.load(kstart_ptr + kb + k)
-                t1 = tl.load(kstart_ptr + kb + k + 1)
-                for t in range(t0, t1):
-                    i = tl.load(ei_ptr + t)
-                    j = tl.load(ej_ptr + t)
-                    c = tl.load(ec_ptr + t)
-                    h = c * tl.load(a_tile + i * sa1, mask=mask, other=0.0) * gk
-                    if NEED_GW:
-                        xb = tl.load(b_row + j * sb1, mask=me, other=0.0)
-                        gw_acc += h * xb[:, None]
-                    if NEED_GB:
-                        hs = tl.sum(h * wt, axis=1)
-                        gb_acc += tl.where(jr[None, :] == b_off + j, hs[:, None], 0.0)
-            if NEED_GW:
-                tl.store(gw_ptr + e64[:, None] * sgw0 + (w_off + u)[None, :], gw_acc, mask=mask)
-    if NEED_GB:
-        tl.store(gb_ptr + e64[:, None] * sgb0 + jr[None, :], gb_acc, mask=me[:, None] & (jr < dim_b)[None, :])
+"""
+
+
+def _edge_source(form: "ConvForm") -> str:
+    """The per-edge kernel of one form (coefficients as literals)::
+
+        gb[e, B(j)] = sum_{p,u,i,k} c w[e,u] a[src,u,i] g[dst,u,k]
+        gw[e, W(u)] = sum_{i,j,k} c b[e,j] a[src,u,i] g[dst,u,k]
+
+    gb sums over every path, so with it one program per edge tile runs every path and
+    stores gb once (grid (tiles, 1)); without it a program runs path program_id(1)."""
+    dt = str(form.dtype).removeprefix("torch.")
+    lines = [_EDGE_HEAD, "    if NEED_GB:"]
+    lines += [f"        gb{j} = tl.zeros((BLOCK_E,), dtype=tl.{dt})" for j in range(form.dim_b)]
+    for q, ((a_off, d_a, b_off, _, w_off, o_off, d_o, mul), ents) in enumerate(zip(form.paths, form.entries)):
+        ents = [(i, j, k, form.rounded(c)) for i, j, k, c in ents]
+        lines += [f"    if (tl.program_id(1) == {q}) | NEED_GB:",
+                  f"        for u0 in range(0, {mul}, BLOCK_U):",
+                  "            u = u0 + tl.arange(0, BLOCK_U)",
+                  f"            mask = me[:, None] & (u < {mul})[None, :]"]
+        lines += [f"            g{k} = tl.load(g_ptr + r[:, None] * sg0 + ({o_off + k} + u * {d_o})[None, :].to(tl.int64) * sg1,"
+                  " mask=mask, other=0.0)" for k in sorted({t[2] for t in ents})]
+        lines += ["            if NEED_GB:",
+                  f"                w = tl.load(w_ptr + e64[:, None] * sw0 + ({w_off} + u)[None, :].to(tl.int64) * sw1,"
+                  " mask=mask, other=0.0)",
+                  "            if NEED_GW:",
+                  f"                gw = tl.zeros((BLOCK_E, BLOCK_U), dtype=tl.{dt})"]
+        lines += [f"                y{j} = tl.load(b_ptr + e64 * sb0 + {b_off + j} * sb1, mask=me, other=0.0)"
+                  for j in sorted({t[1] for t in ents})]
+        for i in sorted({t[0] for t in ents}):
+            lines.append(f"            x = tl.load(a_ptr + s[:, None] * sa0 + ({a_off + i} + u * {d_a})[None, :]"
+                         ".to(tl.int64) * sa1, mask=mask, other=0.0)")
+            by_k: Dict[int, List[Tuple[int, float]]] = {}
+            for ii, j, k, c in ents:
+                if ii == i:
+                    by_k.setdefault(k, []).append((j, c))
+            gw_terms = [f"({' + '.join(_times(c, f'y{j}', dt) for j, c in jc)})[:, None] * g{k}" for k, jc in by_k.items()]
+            lines += ["            if NEED_GW:",
+                      f"                gw += x * ({' + '.join(gw_terms)})",
+                      "            if NEED_GB:",
+                      "                xw = x * w"]
+            for k, jc in by_k.items():
+                lines.append(f"                h = tl.sum(xw * g{k}, axis=1)")
+                lines += [f"                gb{b_off + j} += {_times(c, 'h', dt)}" for j, c in jc]
+        lines += ["            if NEED_GW:",
+                  f"                tl.store(gw_ptr + e64[:, None] * sgw0 + ({w_off} + u)[None, :], gw, mask=mask)"]
+    lines.append("    if NEED_GB:")
+    lines += [f"        tl.store(gb_ptr + e64 * sgb0 + {j}, gb{j}, mask=me)" for j in range(form.dim_b)]
+    return "\n".join(lines) + "\n"
+
+
+def _times(c: float, name: str, dt: str) -> str:
+    """c * name, the coefficient a literal of the form's dtype (1 left out)."""
+    return name if c == 1 else f"{literal(c, dt)} * {name}"
 
 
 @dataclass
 class ConvForm:
-    """The coefficient table of one conv form on one device and dtype."""
+    """The paths and nonzero coefficients of one conv form on one device and dtype, and
+    its generated kernels."""
     paths: List[Tuple[int, int, int, int, int, int, int, int]]  # a_off, d_a, b_off, d_b, w_off, o_off, d_o, mul
     entries: List[List[Tuple[int, int, int, float]]]  # per path: (i, j, k, c), c in float64
     dim_a: int
@@ -180,38 +202,15 @@ class ConvForm:
     dtype: torch.dtype
 
     def __post_init__(self):
-        meta, kstart, ei, ej, ec = [], [], [], [], []
-        for (a_off, d_a, b_off, d_b, w_off, o_off, d_o, mul), ents in zip(self.paths, self.entries):
-            meta.append([a_off, d_a, b_off, d_b, w_off, o_off, d_o, mul, len(kstart), 0])
-            ents = sorted(ents, key=lambda t: t[2])  # by output component k
-            for k in range(d_o + 1):
-                kstart.append(len(ec) + sum(1 for t in ents if t[2] < k))
-            for i, j, _, c in ents:
-                ei.append(i)
-                ej.append(j)
-                ec.append(c)
-        dev = self.device
-        self.meta = torch.tensor(meta, dtype=torch.int32, device=dev).reshape(-1, _META)
-        self.kstart = torch.tensor(kstart, dtype=torch.int32, device=dev)
-        self.ei = torch.tensor(ei, dtype=torch.int32, device=dev)
-        self.ej = torch.tensor(ej, dtype=torch.int32, device=dev)
-        # float64 values cast once: the same rounding as the torch back end's constants
-        self.ec = torch.tensor(ec, dtype=torch.float64).to(device=dev, dtype=self.dtype)
         self.max_mul = max((p[7] for p in self.paths), default=1)
         # paths by output irrep (its offset): one program sums a group, so stores are plain
         groups: Dict[int, List[int]] = {}
         for t, p in enumerate(self.paths):
             groups.setdefault(p[5], []).append(t)
-        self.n_groups = len(groups)
-        gpath = [t for ts in groups.values() for t in ts]
-        gstart = [0]
-        for ts in groups.values():
-            gstart.append(gstart[-1] + len(ts))
-        self.gpath = torch.tensor(gpath, dtype=torch.int32, device=dev)
-        self.gstart = torch.tensor(gstart, dtype=torch.int32, device=dev)
+        self.groups = list(groups.values())
         # outputs (weight gradient columns) no path writes must be zero-filled; the
         # kernels store every other element
-        self.covers_o = sum(self.paths[ts[0]][6] * self.paths[ts[0]][7] for ts in groups.values()) == self.dim_o
+        self.covers_o = sum(self.paths[ts[0]][6] * self.paths[ts[0]][7] for ts in self.groups) == self.dim_o
         self.covers_w = len({w for p in self.paths for w in range(p[4], p[4] + p[7])}) == self.n_w
         self._t: Optional[ConvForm] = None
 
@@ -226,9 +225,23 @@ class ConvForm:
             self._t._t = self
         return self._t
 
+    def rounded(self, c: float) -> float:
+        """A coefficient as the kernels multiply by it: rounded to the form's dtype once."""
+        return float(torch.tensor(c, dtype=torch.float64).to(self.dtype))
+
+    @functools.cached_property
+    def kernel(self):
+        """The conv kernel generated for this form (its coefficients as literals)."""
+        return jit(_conv_source(self), "_conv_kernel", _receiver_tile=_receiver_tile, _slot_edges=_slot_edges)
+
+    @functools.cached_property
+    def edge_kernel(self):
+        """The per-edge (b and w gradient) kernel generated for this form."""
+        return jit(_edge_source(self), "_edge_kernel")
+
 
 def build_form(desc: TPDesc, like: torch.Tensor, path_mask=None) -> ConvForm:
-    """The table of a channelwise tensor product, its masked paths dropped (no launch,
+    """The form of a channelwise tensor product, its masked paths dropped (no launch,
     no bytes for them)."""
     s1, s2, so = desc.irreps_in1.slices(), desc.irreps_in2.slices(), desc.irreps_out.slices()
     paths, entries = [], []
@@ -304,12 +317,11 @@ def _conv_raw(form: ConvForm, a, b, w, graph: Graph) -> torch.Tensor:
         order, start = seg.order, seg.start
     bu = _block_u(form, 64)
     slots = 1 if graph.identity else _SLOTS
-    grid = (triton.cdiv(n_out, _BLOCK // slots), form.n_groups, triton.cdiv(form.max_mul, bu))
-    _conv_kernel[grid](a, b, w, out, graph.src, order, start, form.meta, form.gstart, form.gpath,
-                       form.kstart, form.ei, form.ej, form.ec,
-                       n_out, a.stride(0), a.stride(1), b.stride(0), b.stride(1), w.stride(0), w.stride(1),
-                       out.stride(0), IDENTITY=graph.identity, BLOCK_N=_BLOCK // slots, BLOCK_S=slots,
-                       BLOCK_U=bu, num_warps=8)
+    grid = (triton.cdiv(n_out, _BLOCK // slots), len(form.groups), triton.cdiv(form.max_mul, bu))
+    form.kernel[grid](a, b, w, out, graph.src, order, start,
+                      n_out, a.stride(0), a.stride(1), b.stride(0), b.stride(1), w.stride(0), w.stride(1),
+                      out.stride(0), IDENTITY=graph.identity, BLOCK_N=_BLOCK // slots, BLOCK_S=slots,
+                      BLOCK_U=bu, num_warps=8)
     return out
 
 
@@ -327,12 +339,11 @@ def _edge_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: bo
     # channel tiles of 32 over 8 warps: with 64 or 4 warps the kernel taking both
     # gradients spills on sm_90 (tests/ops/test_gpu_proxy_aot.py)
     grid = (triton.cdiv(E, _BLOCK), 1 if need_b else len(form.paths))
-    _edge_kernel[grid](a, b_, w_, g, gb_, gw_, graph.src, graph.dst, form.meta, form.kstart, form.ei, form.ej,
-                       form.ec, E, len(form.paths), form.dim_b,
-                       a.stride(0), a.stride(1), b_.stride(0), b_.stride(1), w_.stride(0), w_.stride(1),
-                       g.stride(0), g.stride(1), gb_.stride(0), gw_.stride(0),
-                       BLOCK_E=_BLOCK, BLOCK_U=_block_u(form, 32), BLOCK_J=triton.next_power_of_2(form.dim_b),
-                       NEED_GB=need_b, NEED_GW=need_w, num_warps=8 if need_b else 4)
+    form.edge_kernel[grid](a, b_, w_, g, gb_, gw_, graph.src, graph.dst, E,
+                           a.stride(0), a.stride(1), b_.stride(0), b_.stride(1), w_.stride(0), w_.stride(1),
+                           g.stride(0), g.stride(1), gb_.stride(0), gw_.stride(0),
+                           BLOCK_E=_BLOCK, BLOCK_U=_block_u(form, 32), NEED_GB=need_b, NEED_GW=need_w,
+                           num_warps=8 if need_b else 4)
     return gb, gw
 
 
