@@ -40,6 +40,7 @@ from ..grads import needed, track
 from ..tensor_cache import cache_of
 from .generated import jit, literal
 
+
 @triton.jit
 def _receiver_tile(start_ptr, N, IDENTITY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """A program's tile rows: (receiver n, slot) with slot the rank of an edge among n's,
