@@ -4,7 +4,7 @@ Runs MACE-MP-0 medium's two conv layers (float32, 128 channels, l <= 3) on a 27-
 crystal through ``sparsekern.ops.triton.conv`` under Triton's interpreter and counts, per
 kernel, every load it issues: the bytes requested (unmasked elements x element size:
 what a GPU serves from L1, L2 or DRAM) against the distinct bytes (what must come from
-DRAM at least once), and the load instructions per program. A proxy for the kernels'
+DRAM at least once), the load instructions per program and the bytes stored. A proxy for the kernels'
 traffic through the caches and their instruction count, not a timing.
 
     .venv-mace/bin/python benchmarks/conv_loads.py
@@ -30,13 +30,14 @@ class Loads:
     """Per kernel name: programs run, load instructions, bytes requested, addresses read."""
 
     def __init__(self):
-        self.by_kernel = collections.defaultdict(lambda: dict(programs=0, loads=0, requested=0, addresses={}))
+        self.by_kernel = collections.defaultdict(lambda: dict(programs=0, loads=0, requested=0, addresses={},
+                                                              stored=0))
         self.current = None
 
     def __enter__(self):
         B, G = interpreter.InterpreterBuilder, interpreter.GridExecutor
-        self._saved = (B.create_masked_load, B.set_grid_idx, G.__call__)
-        load, grid_idx, call = self._saved
+        self._saved = (B.create_masked_load, B.create_masked_store, B.set_grid_idx, G.__call__)
+        load, store, grid_idx, call = self._saved
         me = self
 
         def counted_load(builder, ptrs, mask, other, *args):
@@ -48,6 +49,12 @@ class Loads:
             k["addresses"].update(dict.fromkeys(ptrs.data[m].tolist(), size))
             return load(builder, ptrs, mask, other, *args)
 
+        def counted_store(builder, ptrs, value, mask, *args):
+            m = np.broadcast_to(mask.data, ptrs.data.shape)
+            size = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
+            me.by_kernel[me.current]["stored"] += int(m.sum()) * size
+            return store(builder, ptrs, value, mask, *args)
+
         def counted_program(builder, *idx):
             me.by_kernel[me.current]["programs"] += 1
             return grid_idx(builder, *idx)
@@ -56,12 +63,13 @@ class Loads:
             me.current = executor.fn.__name__
             return call(executor, *args, **kwargs)
 
-        B.create_masked_load, B.set_grid_idx, G.__call__ = counted_load, counted_program, named_call
+        B.create_masked_load, B.create_masked_store, B.set_grid_idx, G.__call__ = (
+            counted_load, counted_store, counted_program, named_call)
         return self
 
     def __exit__(self, *exc):
         B, G = interpreter.InterpreterBuilder, interpreter.GridExecutor
-        B.create_masked_load, B.set_grid_idx, G.__call__ = self._saved
+        B.create_masked_load, B.create_masked_store, B.set_grid_idx, G.__call__ = self._saved
 
 
 def main() -> None:
@@ -80,8 +88,9 @@ def main() -> None:
     n, e = len(atoms), edge_index.shape[1]
     descs = [m.desc for m in model.modules() if isinstance(getattr(m, "desc", None), TPDesc)]
     print(f"MACE-MP-0 medium conv layers, float32, {n} atoms, {e} edges; per edge:\n")
-    print("| layer | pass | kernel | programs | loads per program | requested kB per edge | distinct kB per edge | requested / distinct |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| layer | pass | kernel | programs | loads per program | requested kB per edge | distinct kB per edge | "
+          "requested / distinct | stored kB per edge |")
+    print("|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for layer, desc in enumerate(descs):
         x = torch.randn(n, desc.irreps_in1.dim, generator=g, requires_grad=True)
@@ -96,7 +105,8 @@ def main() -> None:
             for kernel, k in counts.by_kernel.items():
                 distinct = sum(k["addresses"].values())
                 print(f"| {layer} | {name} | {kernel} | {k['programs']} | {k['loads'] / k['programs']:.0f} | "
-                      f"{k['requested'] / e / 1e3:.2f} | {distinct / e / 1e3:.2f} | {k['requested'] / distinct:.1f} |")
+                      f"{k['requested'] / e / 1e3:.2f} | {distinct / e / 1e3:.2f} | {k['requested'] / distinct:.1f} | "
+                      f"{k['stored'] / e / 1e3:.2f} |")
 
 
 if __name__ == "__main__":

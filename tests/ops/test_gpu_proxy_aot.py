@@ -163,7 +163,8 @@ def test_toolchain_bundled():
 @pytest.mark.gpu_proxy
 def test_every_kernel_compiled(compiled):
     names = collections.Counter(r["kernel"] for r in compiled)
-    assert set(names) == {"_conv_kernel", "_edge_kernel", "_lin_kernel", "_wgrad_kernel", "_form_kernel"}, names
+    assert set(names) == {"_conv_kernel", "_edge_kernel", "_grads_kernel", "_lin_kernel", "_wgrad_kernel",
+                          "_form_kernel"}, names
 
 
 @pytest.mark.gpu_proxy

@@ -22,8 +22,11 @@ the table itself, about 4x the bytes; benchmarks/conv_loads.py counts them).
   ordering by sender);
 - gradients wrt ``b`` and ``w``: a per-edge kernel (:func:`_edge`), which sums b's
   gradient over all paths in registers (one program per edge tile);
+- all three at once (the usual backward: forces need b's and w's, and a's from the
+  second layer on): one fused kernel over the edges by sender (:func:`_grads_source`),
+  which reads each edge's w, b and g[dst] once for all three;
 - the per-edge kernel's own derivatives are again convs and per-edge kernels,
-so double backward (forces in the loss) works through the same two kernels.
+so double backward (forces in the loss) works through the same kernels.
 """
 from __future__ import annotations
 
@@ -184,6 +187,84 @@ def _edge_source(form: "ConvForm") -> str:
     return "\n".join(lines) + "\n"
 
 
+_GRADS_HEAD = """@triton.jit
+def _grads_kernel(a_ptr, b_ptr, w_ptr, g_ptr, ga_ptr, gbp_ptr, gw_ptr, dst_ptr, order_ptr, start_ptr,
+                  N, sa0, sa1, sb0, sb1, sw0, sw1, sg0, sg1, sga0, sgbp0, sgw0,
+                  IDENTITY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                  BLOCK_U: tl.constexpr, NEED_GB: tl.constexpr, NEED_GW: tl.constexpr):
+    row, n, mn, first, deg, width = _receiver_tile(start_ptr, N, IDENTITY, BLOCK_N, BLOCK_S)
+    u = tl.program_id(2) * BLOCK_U + tl.arange(0, BLOCK_U)
+    n_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ga_row = ga_ptr + n_out.to(tl.int64)[:, None] * sga0
+    mo = n_out < N
+    a_row = a_ptr + n.to(tl.int64)[:, None] * sa0
+"""
+
+
+def _grads_source(form: "ConvForm") -> str:
+    """The fused backward of one form: a program per (BLOCK_N senders, input irrep of a,
+    BLOCK_U channels) walks its senders' edges (ordered by sender), loads each edge's w,
+    b and g[dst] once per path and computes all three gradients from them::
+
+        t_i = sum_k (sum_j c_ijk b[e, j]) g[dst, u, k]
+        ga[src, u, i] += w[e, u] t_i                    (in registers, stored once per sender)
+        gw[e, W(u)]    = sum_i a[src, u, i] t_i         (stored per edge)
+        gbp[e, (channel tile, path, j)] = sum_{i,k} c_ijk sum_u w a_i g_k   (partial sums)
+
+    b's gradient sums over every path and channel, which other programs own: each stores
+    its partial sums, reduced afterwards by a fixed map (no atomics)."""
+    dt = str(form.dtype).removeprefix("torch.")
+    lines = [_GRADS_HEAD, f"    gbp_row = gbp_ptr + tl.program_id(2) * {form.sum_db}"]
+    for g, ts in enumerate(form.a_groups):
+        a_off, d_a = form.paths[ts[0]][:2]
+        mul = form.paths[ts[0]][7]
+        lines += [f"    {'if' if g == 0 else 'elif'} tl.program_id(1) == {g}:",
+                  f"        mu = u < {mul}"]
+        lines += [f"        ga{i} = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_U), dtype=tl.{dt})" for i in range(d_a)]
+        for t in ts:  # a loop over the edges per path: only one path's operands are live
+            _, _, b_off, d_b, w_off, o_off, d_o, _ = form.paths[t]
+            ents = [(i, j, k, form.rounded(c)) for i, j, k, c in form.entries[t]]
+            lines += ["        for s0 in range(0, width, BLOCK_S):",
+                      "            me, e64, r = _slot_edges(order_ptr, dst_ptr, row, n, mn, first, deg, s0, IDENTITY, BLOCK_S)",
+                      "            mask = me[:, None] & mu[None, :]",
+                      f"            w = tl.load(w_ptr + e64[:, None] * sw0 + ({w_off} + u)[None, :].to(tl.int64) * sw1,"
+                      " mask=mask, other=0.0)"]
+            lines += [f"            y{j} = tl.load(b_ptr + e64 * sb0 + {b_off + j} * sb1, mask=me, other=0.0)"
+                      for j in sorted({e[1] for e in ents})]
+            lines += [f"            g{k} = tl.load(g_ptr + r[:, None] * sg0 + ({o_off + k} + u * {d_o})[None, :]"
+                      ".to(tl.int64) * sg1, mask=mask, other=0.0)" for k in sorted({e[2] for e in ents})]
+            lines += ["            if NEED_GW:",
+                      f"                gw = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_U), dtype=tl.{dt})",
+                      "            if NEED_GB:"]
+            lines += [f"                gbp{j} = tl.zeros((BLOCK_N * BLOCK_S,), dtype=tl.{dt})" for j in range(d_b)]
+            for i in sorted({e[0] for e in ents}):
+                by_k: Dict[int, List[Tuple[int, float]]] = {}
+                for ii, j, k, c in ents:
+                    if ii == i:
+                        by_k.setdefault(k, []).append((j, c))
+                terms = [f"({' + '.join(_times(c, f'y{j}', dt) for j, c in jc)})[:, None] * g{k}"
+                         for k, jc in by_k.items()]
+                lines += [f"            t = {' + '.join(terms)}",
+                          f"            ga{i} += w * t",
+                          f"            x = tl.load(a_row + ({a_off + i} + u * {d_a})[None, :].to(tl.int64) * sa1,"
+                          " mask=mask, other=0.0)",
+                          "            if NEED_GW:",
+                          "                gw += x * t",
+                          "            if NEED_GB:",
+                          "                wx = w * x"]
+                for k, jc in by_k.items():
+                    lines.append(f"                h = tl.sum(wx * g{k}, axis=1)")
+                    lines += [f"                gbp{j} += {_times(c, 'h', dt)}" for j, c in jc]
+            lines += ["            if NEED_GW:",
+                      f"                tl.store(gw_ptr + e64[:, None] * sgw0 + ({w_off} + u)[None, :], gw, mask=mask)",
+                      "            if NEED_GB:"]
+            lines += [f"                tl.store(gbp_row + e64 * sgbp0 + {form.b_cols[t] + j}, gbp{j}, mask=me)"
+                      for j in range(d_b)]
+        lines += [f"        tl.store(ga_row + ({a_off + i} + u * {d_a})[None, :], tl.sum(tl.reshape(ga{i}, "
+                  f"(BLOCK_N, BLOCK_S, BLOCK_U)), axis=1), mask=mo[:, None] & mu[None, :])" for i in range(d_a)]
+    return "\n".join(lines) + "\n"
+
+
 def _times(c: float, name: str, dt: str) -> str:
     """c * name, the coefficient a literal of the form's dtype (1 left out)."""
     return name if c == 1 else f"{literal(c, dt)} * {name}"
@@ -209,6 +290,12 @@ class ConvForm:
         for t, p in enumerate(self.paths):
             groups.setdefault(p[5], []).append(t)
         self.groups = list(groups.values())
+        a_groups: Dict[int, List[int]] = {}  # by input irrep: the fused backward's programs
+        for t, p in enumerate(self.paths):
+            a_groups.setdefault(p[0], []).append(t)
+        self.a_groups = list(a_groups.values())
+        self.b_cols = [sum(p[3] for p in self.paths[:t]) for t in range(len(self.paths))]
+        self.sum_db = sum(p[3] for p in self.paths)
         # outputs (weight gradient columns) no path writes must be zero-filled; the
         # kernels store every other element
         self.covers_o = sum(self.paths[ts[0]][6] * self.paths[ts[0]][7] for ts in self.groups) == self.dim_o
@@ -239,6 +326,20 @@ class ConvForm:
     def edge_kernel(self):
         """The per-edge (b and w gradient) kernel generated for this form."""
         return jit(_edge_source(self), "_edge_kernel")
+
+    @functools.cached_property
+    def grads_kernel(self):
+        """The fused backward kernel generated for this form."""
+        return jit(_grads_source(self), "_grads_kernel", _receiver_tile=_receiver_tile, _slot_edges=_slot_edges)
+
+    @functools.cached_property
+    def gb_map(self) -> torch.Tensor:
+        """(sum_db, dim_b) 0/1: the fused backward's partial sums of b's gradient, one
+        column per (path, j), onto b's components."""
+        m = torch.zeros(self.sum_db, self.dim_b, dtype=self.dtype)
+        for t, p in enumerate(self.paths):
+            m[self.b_cols[t] + torch.arange(p[3]), p[2] + torch.arange(p[3])] = 1
+        return m.to(self.device)
 
 
 def build_form(desc: TPDesc, like: torch.Tensor, path_mask=None) -> ConvForm:
@@ -348,8 +449,73 @@ def _edge_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: bo
     return gb, gw
 
 
+def _grads_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: bool):
+    """(ga, gb, gw) of the conv form for output gradient g, one launch (gb, gw None
+    unless asked for)."""
+    n_a, E = graph.n_src, graph.src.shape[0]
+    ga = (a.new_empty if form.transposed.covers_o else a.new_zeros)(n_a, form.dim_a)
+    gw = (a.new_empty if form.covers_w else a.new_zeros)(E, form.n_w) if need_w else None
+    if not form.paths or n_a == 0:
+        return ga.zero_(), (a.new_zeros(E, form.dim_b) if need_b else None), gw
+    bu = _block_u(form, 32)  # with 64 channels a tile, 253 registers on sm_90 (Triton 3.7.1)
+    n_ct = triton.cdiv(form.max_mul, bu)
+    gbp = a.new_empty(E, n_ct * form.sum_db) if need_b else None
+    if graph.identity:
+        order = start = graph.src  # unread
+    else:
+        seg = graph.transposed.receivers()  # the edges by sender
+        order, start = seg.order, seg.start
+    slots = 1 if graph.identity else _SLOTS
+    gbp_ = gbp if gbp is not None else a  # an output not asked for: any pointer with strides
+    gw_ = gw if gw is not None else a
+    grid = (triton.cdiv(n_a, _BLOCK // slots), len(form.a_groups), n_ct)
+    form.grads_kernel[grid](a, b, w, g, ga, gbp_, gw_, graph.dst, order, start,
+                            n_a, a.stride(0), a.stride(1), b.stride(0), b.stride(1), w.stride(0), w.stride(1),
+                            g.stride(0), g.stride(1), ga.stride(0), gbp_.stride(0), gw_.stride(0),
+                            IDENTITY=graph.identity, BLOCK_N=_BLOCK // slots, BLOCK_S=slots, BLOCK_U=bu,
+                            NEED_GB=need_b, NEED_GW=need_w, num_warps=8)
+    gb = gbp.view(E, n_ct, form.sum_db).sum(1) @ form.gb_map if need_b else None
+    return ga, gb, gw
+
+
 def _add(x, y):
     return y if x is None else (x if y is None else x + y)
+
+
+def _conv_vjp(form, graph, a, b, w, g, need):
+    """(ga, gb, gw): the conv's gradients for output gradient g, those in ``need``
+    (a, b, w) computed, the others None. All three from one fused launch; a alone by
+    the transposed conv, b and w alone by the per-edge kernel."""
+    need_a, need_b, need_w = need
+    if need_a and (need_b or need_w):
+        return _Grads.apply(a, b, w, g, form, graph, bool(need_b), bool(need_w))
+    ga = _Conv.apply(g, b, w, form.transposed, graph.transposed) if need_a else None
+    gb, gw = _edge(form, a, b, w, g, graph, need_b, need_w) if need_b or need_w else (None, None)
+    return ga, gb, gw
+
+
+def _edge_vjp(form, graph, a, b, w, g, Gb, Gw, need):
+    """(da, db, dw, dg) of <Gb, gb> + <Gw, gw>, (gb, gw) = the per-edge gradients of the
+    conv form; those in ``need`` (a, b, w, g) computed, the others None. gb and gw are
+    linear in (w, a, g) and (b, a, g): each term is one of them with an operand replaced
+    by its incoming gradient."""
+    na, nb, nw, ng = need
+    da = db = dw = dg = None
+    if na:
+        if Gb is not None:
+            da = _add(da, _Conv.apply(g, Gb, w, form.transposed, graph.transposed))
+        if Gw is not None:
+            da = _add(da, _Conv.apply(g, b, Gw, form.transposed, graph.transposed))
+    if ng:
+        if Gb is not None:
+            dg = _add(dg, _Conv.apply(a, Gb, w, form, graph))
+        if Gw is not None:
+            dg = _add(dg, _Conv.apply(a, b, Gw, form, graph))
+    if nb and Gw is not None:
+        db = _edge(form, a, b, Gw, g, graph, True, False)[0]
+    if nw and Gb is not None:
+        dw = _edge(form, a, Gb, w, g, graph, False, True)[1]
+    return da, db, dw, dg
 
 
 class _Conv(torch.autograd.Function):
@@ -363,14 +529,7 @@ class _Conv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         a, b, w = ctx.saved_tensors
-        form, graph = ctx.form, ctx.graph
-        ga = gb = gw = None
-        if needed(ctx, 0):
-            ga = _Conv.apply(g, b, w, form.transposed, graph.transposed)
-        need_b, need_w = needed(ctx, 1), needed(ctx, 2)
-        if need_b or need_w:
-            gb, gw = _edge(form, a, b, w, g, graph, need_b, need_w)
-        return ga, gb, gw, None, None
+        return (*_conv_vjp(ctx.form, ctx.graph, a, b, w, g, [needed(ctx, i) for i in range(3)]), None, None)
 
 
 class _Edge(torch.autograd.Function):
@@ -389,27 +548,34 @@ class _Edge(torch.autograd.Function):
     @staticmethod
     def backward(ctx, Gb, Gw):
         a, b, w, g = ctx.saved_tensors
-        form, graph = ctx.form, ctx.graph
         Gb = Gb if ctx.need[0] else None
         Gw = Gw if ctx.need[1] else None
-        na, nb, nw, ng = (needed(ctx, i) for i in range(4))
-        da = db = dw = dg = None
-        # gb and gw are linear in (w, a, g) and (b, a, g): each term below is one of them
-        # with an operand replaced by its incoming gradient.
-        if na:
-            if Gb is not None:
-                da = _add(da, _Conv.apply(g, Gb, w, form.transposed, graph.transposed))
-            if Gw is not None:
-                da = _add(da, _Conv.apply(g, b, Gw, form.transposed, graph.transposed))
-        if ng:
-            if Gb is not None:
-                dg = _add(dg, _Conv.apply(a, Gb, w, form, graph))
-            if Gw is not None:
-                dg = _add(dg, _Conv.apply(a, b, Gw, form, graph))
-        if nb and Gw is not None:
-            db = _edge(form, a, b, Gw, g, graph, True, False)[0]
-        if nw and Gb is not None:
-            dw = _edge(form, a, Gb, w, g, graph, False, True)[1]
+        return (*_edge_vjp(ctx.form, ctx.graph, a, b, w, g, Gb, Gw, [needed(ctx, i) for i in range(4)]),
+                None, None, None, None)
+
+
+class _Grads(torch.autograd.Function):
+    """(ga, gb, gw) of the conv form for output gradient g, one fused launch; gb or gw
+    not asked for is None. ga is the transposed conv of (g, b, w) and (gb, gw) the
+    per-edge gradients of (a, b, w, g): the backward is the sum of theirs."""
+
+    @staticmethod
+    def forward(ctx, a, b, w, g, form, graph, need_b, need_w):
+        track(ctx, a, b, w, g)
+        ctx.save_for_backward(a, b, w, g)
+        ctx.form, ctx.graph, ctx.need = form, graph, (need_b, need_w)
+        ctx.set_materialize_grads(False)
+        return _grads_raw(form, a, b, w, g, graph, need_b, need_w)
+
+    @staticmethod
+    def backward(ctx, Ga, Gb, Gw):
+        a, b, w, g = ctx.saved_tensors
+        form, graph = ctx.form, ctx.graph
+        need = [needed(ctx, i) for i in range(4)]
+        da, db, dw, dg = _edge_vjp(form, graph, a, b, w, g, Gb, Gw, need)
+        if Ga is not None:  # ga = conv(g, b, w) of the transposed form and graph
+            tg, tb, tw = _conv_vjp(form.transposed, graph.transposed, g, b, w, Ga, (need[3], need[1], need[2]))
+            db, dw, dg = _add(db, tb), _add(dw, tw), _add(dg, tg)
         return da, db, dw, dg, None, None, None, None
 
 
