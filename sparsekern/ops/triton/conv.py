@@ -168,18 +168,10 @@ def _edge_source(form: "ConvForm") -> str:
         for i in sorted({t[0] for t in ents}):
             lines.append(f"            x = tl.load(a_ptr + s[:, None] * sa0 + ({a_off + i} + u * {d_a})[None, :]"
                          ".to(tl.int64) * sa1, mask=mask, other=0.0)")
-            by_k: Dict[int, List[Tuple[int, float]]] = {}
-            for ii, j, k, c in ents:
-                if ii == i:
-                    by_k.setdefault(k, []).append((j, c))
-            gw_terms = [f"({' + '.join(_times(c, f'y{j}', dt) for j, c in jc)})[:, None] * g{k}" for k, jc in by_k.items()]
-            lines += ["            if NEED_GW:",
-                      f"                gw += x * ({' + '.join(gw_terms)})",
-                      "            if NEED_GB:",
-                      "                xw = x * w"]
-            for k, jc in by_k.items():
-                lines.append(f"                h = tl.sum(xw * g{k}, axis=1)")
-                lines += [f"                gb{b_off + j} += {_times(c, 'h', dt)}" for j, c in jc]
+            by_k = _by_k(ents, i)
+            # b's values are loaded only with w's gradient, which alone needs t here
+            lines += ["            if NEED_GW:", "    " + _t_line(by_k, dt)]
+            lines += _weight_grad_lines(by_k, lambda j: f"gb{b_off + j}", dt)
         lines += ["            if NEED_GW:",
                   f"                tl.store(gw_ptr + e64[:, None] * sgw0 + ({w_off} + u)[None, :], gw, mask=mask)"]
     lines.append("    if NEED_GB:")
@@ -217,52 +209,70 @@ def _grads_source(form: "ConvForm") -> str:
     lines = [_GRADS_HEAD, f"    gbp_row = gbp_ptr + tl.program_id(2) * {form.sum_db}"]
     for g, ts in enumerate(form.a_groups):
         a_off, d_a = form.paths[ts[0]][:2]
-        mul = form.paths[ts[0]][7]
         lines += [f"    {'if' if g == 0 else 'elif'} tl.program_id(1) == {g}:",
-                  f"        mu = u < {mul}"]
+                  f"        mu = u < {form.paths[ts[0]][7]}"]
         lines += [f"        ga{i} = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_U), dtype=tl.{dt})" for i in range(d_a)]
         for t in ts:  # a loop over the edges per path: only one path's operands are live
-            _, _, b_off, d_b, w_off, o_off, d_o, _ = form.paths[t]
-            ents = [(i, j, k, form.rounded(c)) for i, j, k, c in form.entries[t]]
-            lines += ["        for s0 in range(0, width, BLOCK_S):",
-                      "            me, e64, r = _slot_edges(order_ptr, dst_ptr, row, n, mn, first, deg, s0, IDENTITY, BLOCK_S)",
-                      "            mask = me[:, None] & mu[None, :]",
-                      f"            w = tl.load(w_ptr + e64[:, None] * sw0 + ({w_off} + u)[None, :].to(tl.int64) * sw1,"
-                      " mask=mask, other=0.0)"]
-            lines += [f"            y{j} = tl.load(b_ptr + e64 * sb0 + {b_off + j} * sb1, mask=me, other=0.0)"
-                      for j in sorted({e[1] for e in ents})]
-            lines += [f"            g{k} = tl.load(g_ptr + r[:, None] * sg0 + ({o_off + k} + u * {d_o})[None, :]"
-                      ".to(tl.int64) * sg1, mask=mask, other=0.0)" for k in sorted({e[2] for e in ents})]
-            lines += ["            if NEED_GW:",
-                      f"                gw = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_U), dtype=tl.{dt})",
-                      "            if NEED_GB:"]
-            lines += [f"                gbp{j} = tl.zeros((BLOCK_N * BLOCK_S,), dtype=tl.{dt})" for j in range(d_b)]
-            for i in sorted({e[0] for e in ents}):
-                by_k: Dict[int, List[Tuple[int, float]]] = {}
-                for ii, j, k, c in ents:
-                    if ii == i:
-                        by_k.setdefault(k, []).append((j, c))
-                terms = [f"({' + '.join(_times(c, f'y{j}', dt) for j, c in jc)})[:, None] * g{k}"
-                         for k, jc in by_k.items()]
-                lines += [f"            t = {' + '.join(terms)}",
-                          f"            ga{i} += w * t",
-                          f"            x = tl.load(a_row + ({a_off + i} + u * {d_a})[None, :].to(tl.int64) * sa1,"
-                          " mask=mask, other=0.0)",
-                          "            if NEED_GW:",
-                          "                gw += x * t",
-                          "            if NEED_GB:",
-                          "                wx = w * x"]
-                for k, jc in by_k.items():
-                    lines.append(f"                h = tl.sum(wx * g{k}, axis=1)")
-                    lines += [f"                gbp{j} += {_times(c, 'h', dt)}" for j, c in jc]
-            lines += ["            if NEED_GW:",
-                      f"                tl.store(gw_ptr + e64[:, None] * sgw0 + ({w_off} + u)[None, :], gw, mask=mask)",
-                      "            if NEED_GB:"]
-            lines += [f"                tl.store(gbp_row + e64 * sgbp0 + {form.b_cols[t] + j}, gbp{j}, mask=me)"
-                      for j in range(d_b)]
+            lines += _grads_path_lines(form, t, dt)
         lines += [f"        tl.store(ga_row + ({a_off + i} + u * {d_a})[None, :], tl.sum(tl.reshape(ga{i}, "
                   f"(BLOCK_N, BLOCK_S, BLOCK_U)), axis=1), mask=mo[:, None] & mu[None, :])" for i in range(d_a)]
     return "\n".join(lines) + "\n"
+
+
+def _grads_path_lines(form: "ConvForm", t: int, dt: str) -> List[str]:
+    """The fused backward's loop over the edge slots for path t."""
+    a_off, d_a, b_off, d_b, w_off, o_off, d_o, _ = form.paths[t]
+    ents = [(i, j, k, form.rounded(c)) for i, j, k, c in form.entries[t]]
+    lines = ["        for s0 in range(0, width, BLOCK_S):",
+             "            me, e64, r = _slot_edges(order_ptr, dst_ptr, row, n, mn, first, deg, s0, IDENTITY, BLOCK_S)",
+             "            mask = me[:, None] & mu[None, :]",
+             f"            w = tl.load(w_ptr + e64[:, None] * sw0 + ({w_off} + u)[None, :].to(tl.int64) * sw1,"
+             " mask=mask, other=0.0)"]
+    lines += [f"            y{j} = tl.load(b_ptr + e64 * sb0 + {b_off + j} * sb1, mask=me, other=0.0)"
+              for j in sorted({e[1] for e in ents})]
+    lines += [f"            g{k} = tl.load(g_ptr + r[:, None] * sg0 + ({o_off + k} + u * {d_o})[None, :]"
+              ".to(tl.int64) * sg1, mask=mask, other=0.0)" for k in sorted({e[2] for e in ents})]
+    lines += ["            if NEED_GW:",
+              f"                gw = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_U), dtype=tl.{dt})",
+              "            if NEED_GB:"]
+    lines += [f"                gbp{j} = tl.zeros((BLOCK_N * BLOCK_S,), dtype=tl.{dt})" for j in range(d_b)]
+    for i in sorted({e[0] for e in ents}):
+        by_k = _by_k(ents, i)
+        lines += [_t_line(by_k, dt), f"            ga{i} += w * t",
+                  f"            x = tl.load(a_row + ({a_off + i} + u * {d_a})[None, :].to(tl.int64) * sa1,"
+                  " mask=mask, other=0.0)"]
+        lines += _weight_grad_lines(by_k, lambda j: f"gbp{j}", dt)
+    lines += ["            if NEED_GW:",
+              f"                tl.store(gw_ptr + e64[:, None] * sgw0 + ({w_off} + u)[None, :], gw, mask=mask)",
+              "            if NEED_GB:"]
+    lines += [f"                tl.store(gbp_row + e64 * sgbp0 + {form.b_cols[t] + j}, gbp{j}, mask=me)"
+              for j in range(d_b)]
+    return lines
+
+
+def _by_k(ents, i: int) -> Dict[int, List[Tuple[int, float]]]:
+    """The entries of a component i of a: output component k -> [(j, c)]."""
+    by_k: Dict[int, List[Tuple[int, float]]] = {}
+    for ii, j, k, c in ents:
+        if ii == i:
+            by_k.setdefault(k, []).append((j, c))
+    return by_k
+
+
+def _t_line(by_k, dt: str) -> str:
+    """t = sum_k (sum_j c b_j) g_k, component i's factor of w's and a's gradients."""
+    terms = [f"({' + '.join(_times(c, f'y{j}', dt) for j, c in jc)})[:, None] * g{k}" for k, jc in by_k.items()]
+    return f"            t = {' + '.join(terms)}"
+
+
+def _weight_grad_lines(by_k, gb_of, dt: str) -> List[str]:
+    """Component i's share of w's gradient (gw += x t) and of b's (``gb_of(j)`` += c
+    sum_u w x g_k), with x = a's component i and t set."""
+    lines = ["            if NEED_GW:", "                gw += x * t", "            if NEED_GB:", "                wx = w * x"]
+    for k, jc in by_k.items():
+        lines.append(f"                h = tl.sum(wx * g{k}, axis=1)")
+        lines += [f"                {gb_of(j)} += {_times(c, 'h', dt)}" for j, c in jc]
+    return lines
 
 
 def _times(c: float, name: str, dt: str) -> str:
