@@ -81,6 +81,19 @@ def test_only_nonzero_cg_entries():
     assert len(form.transposed.paths) == len(form.paths) and form.transposed.transposed is form
 
 
+def test_kernels_generated_per_form():
+    """Each form gets kernels with its coefficients as literals (no table arguments);
+    equal forms share them, another form, dtype or its transpose gets its own."""
+    conv, *_ = make(*BIG, n=1, e=1, dtype=torch.float64)
+    f64 = build_form(conv.desc, torch.empty(0, dtype=torch.float64))
+    f32 = build_form(conv.desc, torch.empty(0, dtype=torch.float32))
+    assert build_form(conv.desc, torch.empty(0, dtype=torch.float64)).kernel is f64.kernel
+    kernels = [f.kernel for f in (f64, f32, f64.transposed)] + [f64.edge_kernel, f64.grads_kernel]
+    assert len({id(k) for k in kernels}) == len(kernels)
+    for k in kernels:
+        assert not {"meta_ptr", "kstart_ptr", "ec_ptr"} & set(k.arg_names), k.arg_names
+
+
 def test_gradcheck_gradgradcheck():
     gradcheck_conv(triton_conv)
 
