@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -52,13 +53,22 @@ def force_mae(calc, frames) -> float:
     return 1000 * float(np.concatenate(errors).mean())
 
 
-def models(workdir: Path, tuned: str) -> dict:
-    """label -> merged model file of each finished run on ``tuned``, and the zero-shot model."""
-    found = {"zero-shot": "7net-0"}
+def models(workdir: Path, tuned: str, seed: int) -> dict:
+    """label -> merged model file of each finished run on ``tuned`` with ``seed`` (named
+    as accuracy.py names them: ``_seed<N>`` after the lr, none for seed 0), and the
+    zero-shot model. Two finished runs of one method and seed (at two lrs) are refused."""
+    found, where = {"zero-shot": "7net-0"}, {}
     for run in sorted((workdir / "runs").glob(f"{tuned}_train__*")):
+        method, _, tail = run.name.split("__", 1)[1].rpartition("_lr")
+        named = re.search(r"_seed(\d+)$", tail)
         merged = run / "merged_sevennet.pth"
-        if merged.exists():
-            found[run.name.split("__", 1)[1].rsplit("_lr", 1)[0].replace("_", " ")] = str(merged)
+        if not method or (int(named.group(1)) if named else 0) != seed or not merged.exists():
+            continue
+        label = method.replace("_", " ")
+        if label in where:
+            raise SystemExit(f"two finished {label} runs of seed {seed} on {tuned}: {where[label]} and {run.name}; "
+                             "move one out of the work directory")
+        found[label], where[label] = str(merged), run.name
     return found
 
 
@@ -82,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "sparsekern-accuracy" / "full")
     p.add_argument("--datasets", default="aspirin,silicon,3bpa")
     p.add_argument("--frames", type=int, default=50, help="frames of each held-out set")
+    p.add_argument("--seed", type=int, default=0, help="score the runs of this seed (accuracy.py --seed)")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     from ase.io import read
@@ -89,7 +100,7 @@ def main(argv=None) -> int:
 
     results = {}
     for tuned in args.datasets.split(","):
-        found = models(args.workdir, tuned)
+        found = models(args.workdir, tuned, args.seed)
         if len(found) == 1:
             print(f"{tuned}: no finished run in {args.workdir / 'runs'}; skipped", flush=True)
             continue
@@ -102,7 +113,8 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     head = (f"# Forgetting, {date}\n\nMachine: {machine()['cpu']}; SevenNet-0 fine-tuned "
             f"by benchmarks/accuracy.py (its merged models); {args.frames} frames of each held-out set. Command: "
-            f"`.venv-sevenn/bin/python benchmarks/forgetting.py --datasets {args.datasets} --frames {args.frames}`.\n")
+            f"`.venv-sevenn/bin/python benchmarks/forgetting.py --datasets {args.datasets} --frames {args.frames} "
+            f"--seed {args.seed}`.\n")
     atomic_write(args.results / f"forgetting_{date}.md", lambda tmp: Path(tmp).write_text(head + table(results) + "\n"))
     atomic_write(args.results / f"forgetting_{date}.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
     print(head + table(results))
