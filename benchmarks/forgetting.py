@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     for tuned in args.datasets.split(","):
         found = models(args.workdir, tuned, args.seed)
         if len(found) == 1:
-            print(f"{tuned}: no finished run in {args.workdir / 'runs'}; skipped", flush=True)
+            print(f"{tuned}: no finished run of seed {args.seed} in {args.workdir / 'runs'}; skipped", flush=True)
             continue
         sets = {name: read(path, index) for name, (path, index) in other_sets(tuned, args.frames).items()}
         results[tuned] = {}
@@ -110,6 +110,9 @@ def main(argv=None) -> int:
             calc = SevenNetCalculator(model, device="cpu")
             results[tuned][label] = {name: force_mae(calc, frames) for name, frames in sets.items()}
             print(tuned, label, {k: round(v, 1) for k, v in results[tuned][label].items()}, flush=True)
+    if not results:  # before anything is written: an earlier result file stays
+        raise SystemExit(f"no finished run of seed {args.seed} in {args.workdir / 'runs'} for {args.datasets}; "
+                         "nothing written")
     date = datetime.date.today().isoformat()
     head = (f"# Forgetting, {date}\n\nMachine: {machine()['cpu']}; SevenNet-0 fine-tuned "
             f"by benchmarks/accuracy.py (its merged models); {args.frames} frames of each held-out set. Command: "
