@@ -22,7 +22,13 @@ def read(specs):
     changes, zeros = defaultdict(list), {}
     for spec in specs:
         path, _, labels = spec.partition(":")
-        for tuned, by_model in json.loads(Path(path).read_text()).items():
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{path}: not a forgetting.py result file ({e})")
+        for tuned, by_model in result.items():
+            if not isinstance(by_model, dict) or "zero-shot" not in by_model:
+                raise SystemExit(f"{path}: not a forgetting.py result file (no zero-shot row for {tuned})")
             zero = zeros.setdefault(tuned, by_model["zero-shot"])
             if any(abs(by_model["zero-shot"][k] / zero[k] - 1) > 1e-6 for k in zero):  # threads: round-off
                 raise SystemExit(f"{path}: zero-shot on {tuned}'s held-out sets differs from the first file's "
@@ -53,7 +59,10 @@ def table(changes) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", help="forgetting_<date>.json, optionally :LABEL,LABEL")
-    print(table(read(p.parse_args(argv).files)))
+    changes = read(p.parse_args(argv).files)
+    if not changes:
+        raise SystemExit("no method rows in these files (check the :LABEL filters)")
+    print(table(changes))
     return 0
 
 

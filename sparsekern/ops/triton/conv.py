@@ -300,10 +300,6 @@ class ConvForm:
         for t, p in enumerate(self.paths):
             groups.setdefault(p[5], []).append(t)
         self.groups = list(groups.values())
-        a_groups: Dict[int, List[int]] = {}  # by input irrep: the fused backward's programs
-        for t, p in enumerate(self.paths):
-            a_groups.setdefault(p[0], []).append(t)
-        self.a_groups = list(a_groups.values())
         self.b_cols = [sum(p[3] for p in self.paths[:t]) for t in range(len(self.paths))]
         self.sum_db = sum(p[3] for p in self.paths)
         # outputs (weight gradient columns) no path writes must be zero-filled; the
@@ -311,6 +307,11 @@ class ConvForm:
         self.covers_o = sum(self.paths[ts[0]][6] * self.paths[ts[0]][7] for ts in self.groups) == self.dim_o
         self.covers_w = len({w for p in self.paths for w in range(p[4], p[4] + p[7])}) == self.n_w
         self._t: Optional[ConvForm] = None
+
+    @property
+    def a_groups(self) -> List[List[int]]:
+        """The paths by input irrep (the transposed form's groups): the fused backward's programs."""
+        return self.transposed.groups
 
     @property
     def transposed(self) -> "ConvForm":
@@ -466,7 +467,7 @@ def _grads_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: b
     ga = (a.new_empty if form.transposed.covers_o else a.new_zeros)(n_a, form.dim_a)
     gw = (a.new_empty if form.covers_w else a.new_zeros)(E, form.n_w) if need_w else None
     if not form.paths or n_a == 0:
-        return ga.zero_(), (a.new_zeros(E, form.dim_b) if need_b else None), gw
+        return ga, (a.new_zeros(E, form.dim_b) if need_b else None), gw  # ga: zeros, no path covers it
     bu = _block_u(form, 32)  # with 64 channels a tile, 253 registers on sm_90 (Triton 3.7.1)
     n_ct = triton.cdiv(form.max_mul, bu)
     gbp = a.new_empty(E, n_ct * form.sum_db) if need_b else None
