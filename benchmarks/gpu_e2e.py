@@ -7,7 +7,9 @@ correlation 3, random weights, float32): energy + forces, and one fine-tuning st
   parameter trained;
 - ``sparsekern_sparse``: ``sparsekern.prepare(model, SparseConfig(density=0.03))``: base
   frozen, only the deltas trained (the density controller runs in each step, as in
-  real training).
+  real training);
+- ``mace_cueq``: MACE's own cuEquivariance model (``mace.cli.convert_e3nn_cueq``, fused
+  conv on CUDA), every parameter trained, where cuequivariance and its ops import.
 
 On CUDA, energy + forces is also timed replayed from a CUDA graph (issue 10: a patched
 model's host path has no sync, so it should capture; a failed capture is recorded, and
@@ -46,14 +48,25 @@ def crystal(n_atoms: int, elements):
     return atoms
 
 
-def variants(model) -> Dict[str, torch.nn.Module]:
+def mace_cueq(model, dev: str):
+    """MACE's cuEquivariance conversion of ``model``, or why there is none."""
+    try:
+        import cuequivariance_torch  # noqa: F401
+        from mace.cli.convert_e3nn_cueq import run as to_cueq
+
+        return to_cueq(copy.deepcopy(model), device=dev)
+    except Exception as exc:  # not installed, no ops package, conversion failed
+        return f"n/a ({type(exc).__name__}: {exc})"[:300]
+
+
+def variants(model, dev: str) -> Dict[str, object]:
     full = sparsekern.patch(copy.deepcopy(model))
     sparse = sparsekern.prepare(copy.deepcopy(full), sparsekern.SparseConfig(density=0.03))
-    for p in model.parameters():
-        p.requires_grad_(True)
-    for p in full.parameters():
-        p.requires_grad_(True)
-    return {"e3nn": model, "sparsekern_full": full, "sparsekern_sparse": sparse}
+    cueq = mace_cueq(model, dev)
+    for m in (model, full) + (() if isinstance(cueq, str) else (cueq,)):
+        for p in m.parameters():
+            p.requires_grad_(True)
+    return {"e3nn": model, "sparsekern_full": full, "sparsekern_sparse": sparse, "mace_cueq": cueq}
 
 
 def _step_fn(model, batch) -> Callable[[], None]:
@@ -105,13 +118,18 @@ def _graph_row(name: str, energy_forces, forces, row: dict, checks: list, timer)
                        "error": f"{type(exc).__name__}: {exc}"[:300]})
 
 
-def run(model, n_atoms: int, dev: str, timer, results: list, checks: list) -> None:
+def run(model, n_atoms: int, dev: str, timer, results: list, checks: list, profile=None) -> None:
+    """Rows of ``results`` per variant; ``profile(name, fn)``, where given, profiles one
+    sparse fine-tuning step."""
     atoms = crystal(n_atoms, [int(z) for z in model.atomic_numbers])
     batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in mace_batch(model, [atoms]).items()}
     n_edges = int(batch["edge_index"].shape[1])
-    models = variants(model)
+    models = variants(model, dev)
     forces = {}
     for name, m in models.items():
+        if isinstance(m, str):
+            checks.append({"case": f"e2e_{len(atoms)}at", "variant": name, "error": m})
+            continue
         def energy_forces(m=m):
             m.eval()
             return m(batch, training=False, compute_force=True)
@@ -125,10 +143,15 @@ def run(model, n_atoms: int, dev: str, timer, results: list, checks: list) -> No
         row["ms"]["energy+forces"] = timer(energy_forces)
         if dev.startswith("cuda"):
             _graph_row(name, energy_forces, forces[name], row, checks, timer)
-        row["ms"]["finetune_step"] = timer(_step_fn(m, batch))
+        step = _step_fn(m, batch)
+        row["ms"]["finetune_step"] = timer(step)
+        if profile is not None and name == "sparsekern_sparse":
+            profile(f"fine-tuning step, {name}, {row['case']}", step)
         results.append(row)
         print(row, flush=True)
-    f0, f1 = forces.get("e3nn"), forces.get("sparsekern_full")
-    if f0 is not None and f1 is not None:
-        checks.append({"case": f"e2e_{len(atoms)}at", "check": "forces sparsekern_full vs e3nn, float32",
-                       "rel_err": ((f1 - f0).abs().max() / f0.abs().max()).item()})
+    f0 = forces.get("e3nn")
+    for name in ("sparsekern_full", "mace_cueq"):
+        f1 = forces.get(name)
+        if f0 is not None and f1 is not None:
+            checks.append({"case": f"e2e_{len(atoms)}at", "check": f"forces {name} vs e3nn, float32",
+                           "rel_err": ((f1 - f0).abs().max() / f0.abs().max()).item()})

@@ -12,7 +12,9 @@
    (compulsory bytes / measured bandwidth, FLOPs / measured rate).
 3. Parity in the same run (triton vs torch, float32; conv second derivatives in float64).
 4. End to end (``gpu_e2e.py``): energy + forces and one fine-tuning step, e3nn vs
-   sparsekern full vs sparsekern sparse (density 0.03).
+   sparsekern full vs sparsekern sparse (density 0.03) vs MACE's cuEquivariance model.
+5. Profiles (``torch.profiler``, device time): the top kernels of conv1, skip_tp1 and
+   linear1 (Triton, fwd+bwd, large system) and of one sparse fine-tuning step.
 
 Every entry is measured here; an entry that fails records its error and the suite goes
 on. Results are rewritten (atomically) after each section, so a run cut short keeps
@@ -99,7 +101,36 @@ def floor_ms(floor: dict, ceil: dict) -> float:
     return max(floor.get("bytes", 0) / ceil["copy_GBps"] / 1e6, floor.get("flops", 0) / ceil["fp32_gemm_GFLOPs"] / 1e6)
 
 
-def bench_kernels(model, size, n_nodes, n_edges, ops, args, ceil, results, checks):
+PROFILED = ("conv1", "skip_tp1", "linear1")
+
+
+def profile_top(fn, n: int = 8) -> list:
+    """The ``n`` device kernels of ``fn`` (run 3 times after a warm-up) with the most
+    device time: name, calls per run and microseconds per run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(key=lambda e: -e.device_time_total)
+    return [{"kernel": e.key[:90], "calls": e.count / 3, "us": round(e.device_time_total / 3, 1)}
+            for e in rows[:n]]
+
+
+def profile_into(profiles: list, name: str, fn) -> None:
+    if DEV != "cuda":
+        return
+    try:
+        profiles.append({"what": name, "top": profile_top(fn)})
+    except Exception as exc:
+        profiles.append({"what": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+
+
+def bench_kernels(model, size, n_nodes, n_edges, ops, args, ceil, results, checks, profiles):
     for op in ops:
         try:
             case = build_case(op, model, n_nodes, n_edges, DEV)
@@ -119,6 +150,9 @@ def bench_kernels(model, size, n_nodes, n_edges, ops, args, ceil, results, check
                     lambda f=b[0], ins=b[1]: run_mode(f, ins, mode), args)
             results.append(row)
             print(json.dumps(row), flush=True)
+        if op in PROFILED and size == next(iter(SIZES)) and not isinstance(case.backends["triton"], str):
+            f, ins = case.backends["triton"]
+            profile_into(profiles, f"{op} {size} triton fwd+bwd", lambda: run_mode(f, ins, "fwd+bwd"))
         del case
         if DEV == "cuda":
             torch.cuda.empty_cache()
@@ -166,7 +200,7 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else ("n/a" if str(v).startswith("n/a") else "err" if v else "")
 
 
-def markdown(meta, results, checks) -> str:
+def markdown(meta, results, checks, profiles=()) -> str:
     ceil = meta.get("ceilings", {})
     lines = [f"# GPU suite: {meta['device']}, {meta['date']}", "",
              f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; float32; median of "
@@ -206,6 +240,11 @@ def markdown(meta, results, checks) -> str:
     notes = sorted({f"{n}: {v}" for r in results for n, v in r["ms"].items() if isinstance(v, str)})
     lines += ["", "Entries not measured (n/a) or failed (err):", ""] + [f"- {t}" for t in notes]
     lines += ["", "Parity checks and errors (same run):", ""] + [f"- {json.dumps(c)}" for c in checks]
+    for p in profiles:
+        lines += ["", f"## Profile: {p['what']} (device time per run)", ""]
+        lines += [p["error"]] if "error" in p else (
+            ["| kernel | calls | us |", "|---|---|---|"]
+            + [f"| `{k['kernel']}` | {k['calls']:g} | {k['us']:.1f} |" for k in p["top"]])
     return "\n".join(lines) + "\n"
 
 
@@ -271,15 +310,15 @@ def main():
             "python": platform.python_version(), "cuda": torch.version.cuda, "warmup": args.warmup,
             "reps": args.reps, "command": " ".join(sys.argv),
             "model": "tiny smoke model" if args.cpu_smoke else "MACE-MP-0-medium shape, random weights"}
-    results, checks = [], []
+    results, checks, profiles = [], [], []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"gpu_suite_{now.strftime('%Y%m%d_%H%M%S')}"
 
     def save():
-        write_atomic(stem.with_suffix(".json"), json.dumps({"meta": meta, "results": results, "checks": checks},
-                                                           indent=1))
-        write_atomic(stem.with_suffix(".md"), markdown(meta, results, checks))
+        write_atomic(stem.with_suffix(".json"), json.dumps({"meta": meta, "results": results, "checks": checks,
+                                                            "profiles": profiles}, indent=1))
+        write_atomic(stem.with_suffix(".md"), markdown(meta, results, checks, profiles))
 
     meta["ceilings"] = ceilings(args)
     print(json.dumps(meta), flush=True)
@@ -287,13 +326,14 @@ def main():
     # device tool's limit loses the small system's kernels only
     model = gpu_cases.model(args.cpu_smoke).to(DEV)
     for size, (n_nodes, n_edges) in list(sizes.items())[:1]:
-        bench_kernels(model, size, n_nodes, n_edges, ops, args, meta["ceilings"], results, checks)
+        bench_kernels(model, size, n_nodes, n_edges, ops, args, meta["ceilings"], results, checks, profiles)
         save()
     if args.e2e_atoms:
         e2e_args = argparse.Namespace(warmup=min(args.warmup, 2), reps=min(args.reps, 5))
         try:
             gpu_e2e.run(gpu_cases.model(args.cpu_smoke).to(DEV), args.e2e_atoms, DEV,
-                        lambda fn: measure(fn, e2e_args), results, checks)
+                        lambda fn: measure(fn, e2e_args), results, checks,
+                        lambda name, fn: profile_into(profiles, name, fn))
         except Exception:
             checks.append({"case": "e2e", "error": traceback.format_exc()[-2000:]})
         save()
@@ -302,12 +342,12 @@ def main():
     except Exception:
         checks.append({"case": "fp64_dbl_backward", "error": traceback.format_exc()[-2000:]})
     for size, (n_nodes, n_edges) in list(sizes.items())[1:]:
-        bench_kernels(model, size, n_nodes, n_edges, ops, args, meta["ceilings"], results, checks)
+        bench_kernels(model, size, n_nodes, n_edges, ops, args, meta["ceilings"], results, checks, profiles)
         save()
     save()
     if args.update_auto and DEV == "cuda":
         print(f"auto table: {registry.update_auto_table('cuda', auto_orders(results))}")
-    print(markdown(meta, results, checks))
+    print(markdown(meta, results, checks, profiles))
     print(f"wrote {stem}.json and {stem}.md")
 
 

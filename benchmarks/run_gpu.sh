@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # The whole GPU run in ONE call of the device tool (10 minutes a command), from the repo root:
 #
-#   here, once:  /work/shared/tools/device-wheels.sh .whl gitdb smmap wcwidth
-#   device call: bash benchmarks/run_gpu.sh          (carry: [".whl"])
+#   here, once:  /work/shared/tools/device-wheels.sh .whl gitdb smmap wcwidth platformdirs
+#                bash benchmarks/run_gpu.sh --pack-cueq     (.whl-cueq/ops.tar.xz, 27 MB)
+#   device call: bash benchmarks/run_gpu.sh          (carry: [".whl", ".whl-cueq"])
 #
 # 1. installs the carried wheels (.whl/: mace-torch, e3nn 0.4.4, ase, cuequivariance, ...)
 #    into build/gpu-site (ignored; PYTHONPATH), since the GPU image has torch and triton but no
-#    mace; any other .whl-*/ folder carried too (cuEquivariance's ops wheels, 73 MB, are
-#    over one call's 64 MiB: carry .whl-cueq1 in a first `run_gpu.sh --install-only`
-#    call and .whl + .whl-cueq2 in the next one while the machine is warm);
+#    mace, and unpacks any .whl-*/*.tar.xz there: cuEquivariance's ops wheels are 73 MB as
+#    wheels, over one call's 64 MiB, but 27 MB unpacked and recompressed with xz (--pack-cueq);
 # 2. builds the package and its CUDA extension (pip install -e ., no network, no deps);
 # 3. runs the GPU-marked tests;
 # 4. runs the suite (benchmarks/gpu_suite.py: kernels, parity, end to end), then the
 #    pytest-benchmark microbenchmarks of the small system, each inside the time left;
-# 5. copies JSON + markdown to $OUT (when set) and benchmarks/results/.
+# 5. copies JSON + markdown to $OUT (when set) and benchmarks/results/, and the auto table
+#    rewritten from this run's timings (SUITE_ARGS defaults to --update-auto).
 #
 # --cpu-smoke: the same steps on this CPU machine with TRITON_INTERPRET=1 and tiny shapes
 # (no install, no build: checks the script, measures nothing).
@@ -31,14 +32,38 @@ SITE=build/gpu-site  # under build/, which git ignores: it stays on a warm machi
 
 log() { echo "== [run_gpu $(( $(date +%s) - START ))s] $*"; }
 
+pack_cueq() {  # here, with network: the ops wheels of the pinned cuequivariance, for the GPU image
+  local v tmp
+  v=$(grep -o 'cuequivariance==[0-9.]*' pyproject.toml | head -1 | cut -d= -f3)
+  tmp=$(mktemp -d)
+  for p in cuequivariance-ops-torch-cu13 cuequivariance-ops-cu13; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+      -d "$tmp/w" "$p==$v" || return 1
+  done
+  mkdir -p "$tmp/site" .whl-cueq
+  for w in "$tmp"/w/*.whl; do unzip -q -o "$w" -d "$tmp/site" || return 1; done
+  grep -qxF "/.whl-cueq/" .git/info/exclude 2>/dev/null || echo "/.whl-cueq/" >> .git/info/exclude
+  tar -C "$tmp/site" -cf - . | xz -T2 -9 > .whl-cueq/ops.tar.xz.tmp && mv .whl-cueq/ops.tar.xz.tmp .whl-cueq/ops.tar.xz
+  rm -rf "$tmp"
+  log "packed cuEquivariance ops $v: $(du -h .whl-cueq/ops.tar.xz | cut -f1)"
+}
+
 install_wheels() {
   local wheels=(.whl/*.whl .whl-*/*.whl)
   local found=()
   for w in "${wheels[@]}"; do [ -f "$w" ] && found+=("$w"); done
   if [ ${#found[@]} -eq 0 ]; then log "no carried wheels (.whl/)"; return 0; fi
   log "installing ${#found[@]} wheels into $SITE"
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${found[@]}"
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${found[@]}" || return 1
+  for t in .whl-*/*.tar.xz; do
+    [ -f "$t" ] || continue
+    log "unpacking $t into $SITE"
+    tar -C "$SITE" -xJf "$t" || return 1
+  done
 }
+
+if [ "$mode" = "--pack-cueq" ]; then pack_cueq; exit $?; fi
 
 if [ "$mode" = "--cpu-smoke" ]; then
   export TRITON_INTERPRET=1
@@ -73,7 +98,7 @@ timeout $(( $(left) / 5 + 10 )) $PY -m pytest tests -m gpu -q -p no:cacheprovide
 log "suite (time left $(left) s)"
 export PYTHONUNBUFFERED=1
 suite_s=$(( $(left) - 120 )); [ $suite_s -lt 60 ] && suite_s=60
-timeout $suite_s $PY benchmarks/gpu_suite.py --out "$RES" ${SUITE_ARGS:-} 2>&1 | tail -80
+timeout $suite_s $PY benchmarks/gpu_suite.py --out "$RES" ${SUITE_ARGS---update-auto} 2>&1 | tail -80
 log "suite exit $?"
 
 if [ "$(left)" -gt 60 ]; then
@@ -86,5 +111,6 @@ if [ -n "$OUTDIR" ]; then  # the device tool brings back at most 8 files: the ne
   for pat in "gpu_suite_*.json" "gpu_suite_*.md" "kernels_bench_*.json" "gpu_tests_*.log"; do
     f=$(ls -t $RES/$pat 2>/dev/null | head -1); [ -n "$f" ] && cp "$f" "$OUTDIR/"
   done
+  cp sparsekern/ops/auto.json "$OUTDIR/auto.json"
 fi
 log "done"
