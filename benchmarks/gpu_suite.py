@@ -273,6 +273,8 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
     ap.add_argument("--e2e-atoms", type=int, default=5000, help="0: no end-to-end runs")
+    ap.add_argument("--kernel-sizes", default=",".join(SIZES),
+                    help=f"comma-separated subset of {','.join(SIZES)} (empty: no kernel rows)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--update-auto", action="store_true",
                     help="rewrite the cuda rows of sparsekern/ops/auto.json (what backend='auto' picks) "
@@ -287,21 +289,24 @@ def main():
         print_floors(*(float(v) for v in args.floors.split(",")))
         return
     global DEV
-    sizes = SIZES
     ops = [o for o in args.ops.split(",") if o]
     if any(o not in OPS for o in ops):
         sys.exit(f"gpu_suite: unknown op in --ops {args.ops!r}; expected some of {','.join(OPS)}")
+    names = [k for k in args.kernel_sizes.split(",") if k]
+    if any(k not in SIZES for k in names):
+        sys.exit(f"gpu_suite: unknown size in --kernel-sizes {args.kernel_sizes!r}; expected some of {','.join(SIZES)}")
+    sizes = {k: v for k, v in SIZES.items() if k in names}
     if args.cpu_smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("gpu_suite --cpu-smoke: set TRITON_INTERPRET=1")
-        DEV, sizes = "cpu", SMOKE_SIZES
+        DEV, sizes = "cpu", (SMOKE_SIZES if sizes else {})
         args.warmup, args.reps, args.out = 0, 1, tempfile.mkdtemp(prefix="gpu_suite_smoke_")
         args.e2e_atoms = min(args.e2e_atoms, 8)
     elif not torch.cuda.is_available():
         sys.exit("gpu_suite: no CUDA device; nothing measured, nothing written")
     if args.quick:
         args.reps = min(args.reps, 5)
-        sizes = {k: v for k, v in sizes.items() if k != "mp0_medium_5000at"}
+        sizes.pop("mp0_medium_5000at", None)
     import triton
 
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -324,16 +329,21 @@ def main():
     print(json.dumps(meta), flush=True)
     # the large system's kernels and the end-to-end runs first: a run cut short by the
     # device tool's limit loses the small system's kernels only
+    first = [k for k in sizes if k != "small_300at"]
     model = gpu_cases.model(args.cpu_smoke).to(DEV)
-    for size, (n_nodes, n_edges) in list(sizes.items())[:1]:
+    for size, (n_nodes, n_edges) in sizes.items():
+        if size not in first:
+            continue
+        print(f"== suite: kernels {size}", flush=True)
         bench_kernels(model, size, n_nodes, n_edges, ops, args, meta["ceilings"], results, checks, profiles)
         save()
     if args.e2e_atoms:
         e2e_args = argparse.Namespace(warmup=min(args.warmup, 2), reps=min(args.reps, 5))
+        print("== suite: end to end", flush=True)
         try:
             gpu_e2e.run(gpu_cases.model(args.cpu_smoke).to(DEV), args.e2e_atoms, DEV,
                         lambda fn: measure(fn, e2e_args), results, checks,
-                        lambda name, fn: profile_into(profiles, name, fn))
+                        lambda name, fn: profile_into(profiles, name, fn), on_row=save)
         except Exception:
             checks.append({"case": "e2e", "error": traceback.format_exc()[-2000:]})
         save()
@@ -341,7 +351,10 @@ def main():
         fp64_parity(gpu_cases.model(args.cpu_smoke, torch.float64).to(DEV), checks)
     except Exception:
         checks.append({"case": "fp64_dbl_backward", "error": traceback.format_exc()[-2000:]})
-    for size, (n_nodes, n_edges) in list(sizes.items())[1:]:
+    for size, (n_nodes, n_edges) in sizes.items():
+        if size in first:
+            continue
+        print(f"== suite: kernels {size}", flush=True)
         bench_kernels(model, size, n_nodes, n_edges, ops, args, meta["ceilings"], results, checks, profiles)
         save()
     save()

@@ -10,10 +10,10 @@
 #    mace, and unpacks any .whl-*/*.tar.xz there: cuEquivariance's ops wheels are 73 MB as
 #    wheels, over one call's 64 MiB, but 27 MB unpacked and recompressed with xz (--pack-cueq);
 # 2. builds the package and its CUDA extension (pip install -e ., no network, no deps);
-# 3. runs the GPU-marked tests;
-# 4. runs the suite (benchmarks/gpu_suite.py: kernels, parity, end to end), then the
-#    pytest-benchmark microbenchmarks of the small system, each inside the time left;
-# 5. copies JSON + markdown to $OUT (when set) and benchmarks/results/, and the auto table
+# 3. runs the suite (benchmarks/gpu_suite.py: kernels, parity, end to end; TESTS_S seconds
+#    kept back), then the GPU-marked tests, then the pytest-benchmark microbenchmarks of the
+#    small system, each inside the time left;
+# 4. copies JSON + markdown to $OUT (when set) and benchmarks/results/, and the auto table
 #    rewritten from this run's timings (SUITE_ARGS defaults to --update-auto).
 #
 # --cpu-smoke: the same steps on this CPU machine with TRITON_INTERPRET=1 and tiny shapes
@@ -92,14 +92,14 @@ $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail
 $PY -c "import sparsekern.ops.cuda.element_linear as c; print('cuda extension available:', c.available())" || true
 
 stamp=$(date -u +%Y%m%d_%H%M%S)
-log "GPU tests"
-timeout $(( $(left) / 5 + 10 )) $PY -m pytest tests -m gpu -q -p no:cacheprovider -x 2>&1 | tee "$RES/gpu_tests_$stamp.log" | tail -15
-
 log "suite (time left $(left) s)"
 export PYTHONUNBUFFERED=1
-suite_s=$(( $(left) - 120 )); [ $suite_s -lt 60 ] && suite_s=60
+suite_s=$(( $(left) - ${TESTS_S:-150} )); [ $suite_s -lt 60 ] && suite_s=60
 timeout $suite_s $PY benchmarks/gpu_suite.py --out "$RES" ${SUITE_ARGS---update-auto} 2>&1 | tail -80
 log "suite exit $?"
+
+log "GPU tests"
+timeout $(( $(left) - 30 )) $PY -m pytest tests -m gpu -q -p no:cacheprovider -x --durations=8 2>&1 | tee "$RES/gpu_tests_$stamp.log" | tail -15
 
 if [ "$(left)" -gt 60 ]; then
   log "pytest-benchmark, small system (time left $(left) s)"
