@@ -178,6 +178,18 @@ def test_density_schedule_warms_up_then_anneals():
         SparseConfig(density=0.1, peak_density=0.05)
 
 
+@pytest.mark.parametrize("by_sort", [True, False])  # True: the CUDA path, run here on the CPU
+def test_kth_smallest_is_the_order_statistic(by_sort):
+    from sparsekern.finetune.density import kth_smallest
+
+    g = torch.Generator().manual_seed(7)
+    values = torch.randn(1000, generator=g)
+    values[::10] = values[1::10]  # some ties
+    ordered = sorted(values.tolist())
+    for k in (1, 2, 500, 999, 1000):
+        assert kth_smallest(values, k, by_sort=by_sort).item() == ordered[k - 1]
+
+
 @pytest.mark.parametrize("mode", ["str", "saliency"])
 def test_sparse_lr_follows_the_weight_scale(base, mode):
     """Each sparse delta's entries train at lr x the square root of its base weight's std
