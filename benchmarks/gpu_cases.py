@@ -61,7 +61,9 @@ def run_mode(f, inputs, mode):
     if mode == "fwd":
         with torch.no_grad():
             return f(*inputs)
-    args = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+    # integer inputs (species, edge indices) passed as they are: a detached copy is a new
+    # tensor, whose per-graph plan (tensor_cache) would be rebuilt on every call
+    args = [t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs]
     diff = [a for a in args if a.requires_grad]
     out = f(*args)
     if mode == "fwd+bwd":

@@ -6,7 +6,7 @@ nothing else names a back end."""
 from __future__ import annotations
 
 import functools
-import importlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -41,13 +41,15 @@ def _cuda_available(device: torch.device) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _cueq_available(device: torch.device) -> bool:
-    """cuequivariance_torch imports (its pure-torch method runs on any device; its CUDA
-    kernels where the ops package is installed)."""
+    """cuequivariance_torch imports, and on a GPU its ops package too: without it
+    cuEquivariance runs its pure-torch method there, which ``auto`` must not pick over
+    Triton on timings measured with cuEquivariance's kernels (on the CPU the pure-torch
+    method is what runs)."""
     try:
         import cuequivariance_torch  # noqa: F401
     except Exception:  # absent, or a broken install
         return False
-    return True
+    return device.type != "cuda" or importlib.util.find_spec("cuequivariance_ops_torch") is not None
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ BACKENDS: Dict[str, Backend] = {b.name: b for b in (
     Backend("cuda", frozenset({"element_linear"}), _cuda_available,
             "a GPU and the compiled extension sparsekern._C"),
     Backend("cueq", frozenset({"channelwise_tp", "conv", "symmetric_contraction"}), _cueq_available,
-            "the package cuequivariance_torch"),
+            "the package cuequivariance_torch, and cuequivariance-ops-torch on GPUs"),
 )}
 CHOICES = ("auto",) + tuple(BACKENDS)  # what the command line offers
 

@@ -47,3 +47,20 @@ def test_benchmarks_rewrite_the_auto_table(tmp_path, monkeypatch):
             registry.update_auto_table("cuda", {"radial_mlp": ["triton"]})
     finally:
         registry._auto_table.cache_clear()
+
+
+@pytest.mark.parametrize("ops_installed", [True, False])
+def test_cueq_on_a_gpu_needs_its_kernels(monkeypatch, ops_installed):
+    """Without cuequivariance-ops-torch, cuEquivariance runs its pure-torch method: on a GPU
+    that is not the back end whose kernels ``auto``'s timings measured."""
+    import importlib.util
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "cuequivariance_torch", types.ModuleType("cuequivariance_torch"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        (object() if ops_installed else None) if name == "cuequivariance_ops_torch" else find_spec(name, *a)))
+    available = registry._cueq_available.__wrapped__  # past the per-device cache
+    assert available(CPU)
+    assert available(torch.device("cuda")) == ops_installed
