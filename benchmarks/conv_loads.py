@@ -3,9 +3,12 @@
 Runs MACE-MP-0 medium's two conv layers (float32, 128 channels, l <= 3) on a 27-atom
 crystal through ``sparsekern.ops.triton.conv`` under Triton's interpreter and counts, per
 kernel, every load it issues: the bytes requested (unmasked elements x element size:
-what a GPU serves from L1, L2 or DRAM) against the distinct bytes (what must come from
-DRAM at least once), the load instructions per program and the bytes stored. A proxy for the kernels'
-traffic through the caches and their instruction count, not a timing.
+what a GPU serves from L1, L2 or DRAM), the 32-byte sectors each load instruction touches
+(what the memory system moves for it when nothing is cached between instructions: equal
+to the bytes requested where a load is contiguous, up to 8x them where it reads one
+float in a sector), against the distinct bytes (what must come from DRAM at least once),
+the load instructions per program and the bytes stored. A proxy for the kernels' traffic
+through the caches and their instruction count, not a timing.
 
     .venv-mace/bin/python benchmarks/conv_loads.py
 """
@@ -30,8 +33,8 @@ class Loads:
     """Per kernel name: programs run, load instructions, bytes requested, addresses read."""
 
     def __init__(self):
-        self.by_kernel = collections.defaultdict(lambda: dict(programs=0, loads=0, requested=0, addresses={},
-                                                              stored=0))
+        self.by_kernel = collections.defaultdict(lambda: dict(programs=0, loads=0, requested=0, sectors=0,
+                                                              addresses={}, stored=0))
         self.current = None
 
     def __enter__(self):
@@ -46,6 +49,7 @@ class Loads:
             k["loads"] += 1
             size = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
             k["requested"] += int(m.sum()) * size
+            k["sectors"] += len(np.unique(ptrs.data[m] // 32))
             k["addresses"].update(dict.fromkeys(ptrs.data[m].tolist(), size))
             return load(builder, ptrs, mask, other, *args)
 
@@ -88,9 +92,9 @@ def main() -> None:
     n, e = len(atoms), edge_index.shape[1]
     descs = [m.desc for m in model.modules() if isinstance(getattr(m, "desc", None), TPDesc)]
     print(f"MACE-MP-0 medium conv layers, float32, {n} atoms, {e} edges; per edge:\n")
-    print("| layer | pass | kernel | programs | loads per program | requested kB per edge | distinct kB per edge | "
-          "requested / distinct | stored kB per edge |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| layer | pass | kernel | programs | loads per program | requested kB per edge | sectors kB per edge | "
+          "distinct kB per edge | requested / distinct | stored kB per edge |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     for layer, desc in enumerate(descs):
         x = torch.randn(n, desc.irreps_in1.dim, generator=g, requires_grad=True)
@@ -105,7 +109,7 @@ def main() -> None:
             for kernel, k in counts.by_kernel.items():
                 distinct = sum(k["addresses"].values())
                 print(f"| {layer} | {name} | {kernel} | {k['programs']} | {k['loads'] / k['programs']:.0f} | "
-                      f"{k['requested'] / e / 1e3:.2f} | {distinct / e / 1e3:.2f} | {k['requested'] / distinct:.1f} | "
+                      f"{k['requested'] / e / 1e3:.2f} | {32 * k['sectors'] / e / 1e3:.2f} | {distinct / e / 1e3:.2f} | {k['requested'] / distinct:.1f} | "
                       f"{k['stored'] / e / 1e3:.2f} |")
 
 

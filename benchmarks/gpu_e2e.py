@@ -63,21 +63,18 @@ def mace_cueq(model, dev: str):
 def variants(model, dev: str) -> Dict[str, object]:
     """Most telling first (a run cut short keeps them): sparsekern on ``auto`` (the
     measured fastest back end per op), e3nn, sparsekern on Triton alone, MACE's
-    cuEquivariance."""
-    out, trained_fully = {}, []
-    for tag, backend in (("", "auto"), ("_triton", "triton")):
-        full = sparsekern.patch(copy.deepcopy(model), backend=backend)
-        out[f"sparsekern_sparse{tag}"] = sparsekern.prepare(copy.deepcopy(full), sparsekern.SparseConfig(density=0.03),
-                                                           backend=backend)
-        out[f"sparsekern_full{tag}"] = full
-        trained_fully.append(full)
-    out["mace_cueq"] = mace_cueq(model, dev)
-    order = ["sparsekern_full", "sparsekern_sparse", "e3nn", "sparsekern_sparse_triton", "sparsekern_full_triton"]
-    out = {**{k: model if k == "e3nn" else out[k] for k in order}, "mace_cueq": out["mace_cueq"]}
-    for m in trained_fully + [m for m in (model, out["mace_cueq"]) if not isinstance(m, str)]:
+    cuEquivariance (or why it cannot run)."""
+    full, sparse = {}, {}
+    for backend in ("auto", "triton"):
+        full[backend] = sparsekern.patch(copy.deepcopy(model), backend=backend)
+        sparse[backend] = sparsekern.prepare(copy.deepcopy(full[backend]), sparsekern.SparseConfig(density=0.03),
+                                             backend=backend)
+    cueq = mace_cueq(model, dev)
+    for m in [model, *full.values()] + ([] if isinstance(cueq, str) else [cueq]):
         for p in m.parameters():
             p.requires_grad_(True)
-    return out
+    return {"sparsekern_full": full["auto"], "sparsekern_sparse": sparse["auto"], "e3nn": model,
+            "sparsekern_sparse_triton": sparse["triton"], "sparsekern_full_triton": full["triton"], "mace_cueq": cueq}
 
 
 def _step_fn(model, batch) -> Callable[[], None]:

@@ -15,7 +15,10 @@ Both kernels are generated per form (:mod:`.generated`): offsets, multiplicities
 coefficients are literals in the source, so each operand component is loaded once per
 edge and path and every output component of the irrep is accumulated in the same pass
 (a table-driven kernel re-read w and a per coefficient and per output component, and
-the table itself, about 4x the bytes; benchmarks/conv_loads.py counts them).
+the table itself, about 4x the bytes; benchmarks/conv_loads.py counts them). The node-side
+operands they gather (a, and the output gradient g) are read from a component-major copy
+(:attr:`ConvForm.a_perm`), so that a channel tile of one component is one contiguous run
+of memory; outputs are stored in the usual layout.
 
 - gradient wrt ``a``: the same form with the table transposed (i <-> k, A <-> O), ``a``
   := the output gradient, gathered from ``dst`` and summed over each sender's edges (the
@@ -106,7 +109,7 @@ def _conv_source(form: "ConvForm") -> str:
                   f"        mu = u < {mul}"]
         lines += [f"        acc{k} = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_U), dtype=tl.{dt})" for k in range(d_o)]
         for t in ts:  # a loop over the edges per path: only one path's operands are live
-            a_off, d_a, b_off, _, w_off = form.paths[t][:5]
+            a_off, _, b_off, _, w_off, _, _, mul = form.paths[t]
             ents = form.entries[t]
             lines += ["        for s0 in range(0, width, BLOCK_S):",
                       "            me, e64, s = _slot_edges(order_ptr, src_ptr, row, n, mn, first, deg, s0, IDENTITY, BLOCK_S)",
@@ -116,7 +119,7 @@ def _conv_source(form: "ConvForm") -> str:
             lines += [f"            y{j} = tl.load(b_ptr + e64 * sb0 + {b_off + j} * sb1, mask=me, other=0.0)"
                       for j in sorted({e[1] for e in ents})]
             for i in sorted({e[0] for e in ents}):  # one a component live at a time
-                lines.append(f"            x = w * tl.load(a_ptr + s[:, None] * sa0 + ({a_off + i} + u * {d_a})[None, :]"
+                lines.append(f"            x = w * tl.load(a_ptr + s[:, None] * sa0 + ({a_off + i * mul} + u)[None, :]"
                              ".to(tl.int64) * sa1, mask=mask, other=0.0)")
                 for k in range(d_o):
                     terms = [_times(form.rounded(c), f"y{j}", dt) for ii, j, kk, c in ents if ii == i and kk == k]
@@ -150,13 +153,13 @@ def _edge_source(form: "ConvForm") -> str:
     dt = str(form.dtype).removeprefix("torch.")
     lines = [_EDGE_HEAD, "    if NEED_GB:"]
     lines += [f"        gb{j} = tl.zeros((BLOCK_E,), dtype=tl.{dt})" for j in range(form.dim_b)]
-    for q, ((a_off, d_a, b_off, _, w_off, o_off, d_o, mul), ents) in enumerate(zip(form.paths, form.entries)):
+    for q, ((a_off, _, b_off, _, w_off, o_off, _, mul), ents) in enumerate(zip(form.paths, form.entries)):
         ents = [(i, j, k, form.rounded(c)) for i, j, k, c in ents]
         lines += [f"    if (tl.program_id(1) == {q}) | NEED_GB:",
                   f"        for u0 in range(0, {mul}, BLOCK_U):",
                   "            u = u0 + tl.arange(0, BLOCK_U)",
                   f"            mask = me[:, None] & (u < {mul})[None, :]"]
-        lines += [f"            g{k} = tl.load(g_ptr + r[:, None] * sg0 + ({o_off + k} + u * {d_o})[None, :].to(tl.int64) * sg1,"
+        lines += [f"            g{k} = tl.load(g_ptr + r[:, None] * sg0 + ({o_off + k * mul} + u)[None, :].to(tl.int64) * sg1,"
                   " mask=mask, other=0.0)" for k in sorted({t[2] for t in ents})]
         lines += ["            if NEED_GB:",
                   f"                w = tl.load(w_ptr + e64[:, None] * sw0 + ({w_off} + u)[None, :].to(tl.int64) * sw1,"
@@ -166,7 +169,7 @@ def _edge_source(form: "ConvForm") -> str:
         lines += [f"                y{j} = tl.load(b_ptr + e64 * sb0 + {b_off + j} * sb1, mask=me, other=0.0)"
                   for j in sorted({t[1] for t in ents})]
         for i in sorted({t[0] for t in ents}):
-            lines.append(f"            x = tl.load(a_ptr + s[:, None] * sa0 + ({a_off + i} + u * {d_a})[None, :]"
+            lines.append(f"            x = tl.load(a_ptr + s[:, None] * sa0 + ({a_off + i * mul} + u)[None, :]"
                          ".to(tl.int64) * sa1, mask=mask, other=0.0)")
             by_k = _by_k(ents, i)
             # b's values are loaded only with w's gradient, which alone needs t here
@@ -221,7 +224,7 @@ def _grads_source(form: "ConvForm") -> str:
 
 def _grads_path_lines(form: "ConvForm", t: int, dt: str) -> List[str]:
     """The fused backward's loop over the edge slots for path t."""
-    a_off, d_a, b_off, d_b, w_off, o_off, d_o, _ = form.paths[t]
+    a_off, _, b_off, d_b, w_off, o_off, _, mul = form.paths[t]
     ents = [(i, j, k, form.rounded(c)) for i, j, k, c in form.entries[t]]
     lines = ["        for s0 in range(0, width, BLOCK_S):",
              "            me, e64, r = _slot_edges(order_ptr, dst_ptr, row, n, mn, first, deg, s0, IDENTITY, BLOCK_S)",
@@ -230,7 +233,7 @@ def _grads_path_lines(form: "ConvForm", t: int, dt: str) -> List[str]:
              " mask=mask, other=0.0)"]
     lines += [f"            y{j} = tl.load(b_ptr + e64 * sb0 + {b_off + j} * sb1, mask=me, other=0.0)"
               for j in sorted({e[1] for e in ents})]
-    lines += [f"            g{k} = tl.load(g_ptr + r[:, None] * sg0 + ({o_off + k} + u * {d_o})[None, :]"
+    lines += [f"            g{k} = tl.load(g_ptr + r[:, None] * sg0 + ({o_off + k * mul} + u)[None, :]"
               ".to(tl.int64) * sg1, mask=mask, other=0.0)" for k in sorted({e[2] for e in ents})]
     lines += ["            if NEED_GW:",
               f"                gw = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_U), dtype=tl.{dt})",
@@ -239,7 +242,7 @@ def _grads_path_lines(form: "ConvForm", t: int, dt: str) -> List[str]:
     for i in sorted({e[0] for e in ents}):
         by_k = _by_k(ents, i)
         lines += [_t_line(by_k, dt), f"            ga{i} += w * t",
-                  f"            x = tl.load(a_row + ({a_off + i} + u * {d_a})[None, :].to(tl.int64) * sa1,"
+                  f"            x = tl.load(a_row + ({a_off + i * mul} + u)[None, :].to(tl.int64) * sa1,"
                   " mask=mask, other=0.0)"]
         lines += _weight_grad_lines(by_k, lambda j: f"gbp{j}", dt)
     lines += ["            if NEED_GW:",
@@ -329,6 +332,18 @@ class ConvForm:
         return float(torch.tensor(c, dtype=torch.float64).to(self.dtype))
 
     @functools.cached_property
+    def a_perm(self) -> Optional[torch.Tensor]:
+        """The kernels read a component-major: column off + i * mul + u of the copy they
+        get is a's column off + u * d + i, for every irrep a path reads (so a channel
+        tile of one component is contiguous: a gather reads whole sectors, where a's
+        own layout puts the tile's floats d apart); None where all are scalars."""
+        perm = list(range(self.dim_a))
+        for a_off, d_a, *_, mul in self.paths:
+            for i in range(d_a):
+                perm[a_off + i * mul:a_off + (i + 1) * mul] = range(a_off + i, a_off + mul * d_a, d_a)
+        return None if perm == sorted(perm) else torch.tensor(perm, device=self.device)
+
+    @functools.cached_property
     def kernel(self):
         """The conv kernel generated for this form (its coefficients as literals)."""
         return jit(_conv_source(self), "_conv_kernel", _receiver_tile=_receiver_tile, _slot_edges=_slot_edges)
@@ -410,6 +425,12 @@ class Graph:
         return Graph(self.dst, self.src, self.n_dst, self.n_src, self.cache, self.rows[::-1], self.identity)
 
 
+def _component_major(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
+    """x's columns in the order the kernels read them (:attr:`ConvForm.a_perm`): one
+    copy, a small fraction of the bytes the kernel then gathers from it per edge."""
+    return x if perm is None else x.index_select(1, perm)
+
+
 def _block_u(form: ConvForm, most: int) -> int:
     return min(most, triton.next_power_of_2(form.max_mul))
 
@@ -428,6 +449,7 @@ def _conv_raw(form: ConvForm, a, b, w, graph: Graph) -> torch.Tensor:
     else:
         seg = graph.receivers()
         order, start = seg.order, seg.start
+    a = _component_major(a, form.a_perm)
     bu = _block_u(form, 64)
     slots = 1 if graph.identity else _SLOTS
     grid = (triton.cdiv(n_out, _BLOCK // slots), len(form.groups), triton.cdiv(form.max_mul, bu))
@@ -445,6 +467,7 @@ def _edge_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: bo
     gw = (a.new_empty if form.covers_w else a.new_zeros)(E, form.n_w) if need_w else None
     if E == 0 or not form.paths or not (need_b or need_w):
         return gb, gw
+    a, g = _component_major(a, form.a_perm), _component_major(g, form.transposed.a_perm)
     b_ = b if b is not None else a  # unused operand: any pointer with strides
     w_ = w if w is not None else a
     gb_ = gb if gb is not None else a
@@ -477,6 +500,7 @@ def _grads_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: b
         seg = graph.transposed.receivers()  # the edges by sender
         order, start = seg.order, seg.start
     slots = 1 if graph.identity else _SLOTS
+    a, g = _component_major(a, form.a_perm), _component_major(g, form.transposed.a_perm)
     gbp_ = gbp if gbp is not None else a  # an output not asked for: any pointer with strides
     gw_ = gw if gw is not None else a
     grid = (triton.cdiv(n_a, _BLOCK // slots), len(form.a_groups), n_ct)
