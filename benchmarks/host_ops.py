@@ -1,0 +1,94 @@
+"""Where a patched MACE's host time goes: aten ops per module, counted on the CPU.
+
+On the H200 (results/gpu_suite_20261204_182714.md) a 5,120-atom energy+forces took 36.8 ms
+eager and 9.2 ms replayed from a CUDA graph: eager, the GPU waits for the host, which
+spends its time dispatching aten ops (each a few microseconds, most a kernel launch). This
+runs MACE-MP-0 medium (float32, Triton back end, launches stubbed) on ``meta`` tensors,
+27 atoms, and counts every aten op of energy+forces (``--step``: a sparse training step),
+by the model's block or interaction/product sub-module that issued it in the forward
+pass; "backward" is everything the autograd engine ran (the forces' backward and, with
+``--step``, the loss's). A count, not a timing.
+
+    TRITON_INTERPRET=1 .venv-mace/bin/python benchmarks/host_ops.py [--step]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+class Ops(TorchDispatchMode):
+    """aten ops by name and by issuer: the module on top of ``where`` in the forward,
+    "backward" inside the autograd engine."""
+
+    def __init__(self, where: list):
+        super().__init__()
+        self.where, self.by_name, self.by_module = where, collections.Counter(), collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.by_name[func.overloadpacket.__name__] += 1
+        self.by_module["backward" if torch._C._current_autograd_node() is not None else self.where[-1]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def label_modules(model: torch.nn.Module, where: list) -> None:
+    """Push a module's label on ``where`` for the time of its forward: the model (its
+    own code), its blocks, and the sub-modules of each interaction and product block."""
+    for name, module in model.named_modules():
+        if name.count(".") <= (2 if name.split(".")[0] in ("interactions", "products") else 1):
+            label = f"{type(module).__name__} ({name.split('.')[-1] or 'own code'})"
+            module.register_forward_pre_hook(lambda m, a, label=label: where.append(label))
+            module.register_forward_hook(lambda m, a, out: where.pop() and None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--step", action="store_true", help="a sparse (3 %%) training step instead of energy+forces")
+    args = ap.parse_args()
+    from ase.build import bulk
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    import sparsekern
+    from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
+
+    model = sparsekern.patch(mace_mp0_shaped("medium", dtype=torch.float32), backend="triton")
+    if args.step:
+        sparsekern.prepare(model, sparsekern.SparseConfig(density=0.03), backend="triton")
+    atoms = bulk("Cu", "fcc", a=3.6) * (3, 3, 3)
+    atoms.numbers = [29, 8, 1] * 9
+    atoms.rattle(0.05, seed=0)
+    batch = mace_batch(model, [atoms])
+
+    def run(m, data):
+        out = m(dict(data), compute_force=True, training=args.step)
+        if args.step:
+            (out["energy"].sum() + (out["forces"] ** 2).sum()).backward()
+
+    run(model, batch)  # the descriptors' constants, built on the CPU
+    JITFunction.run = InterpretedFunction.run = lambda self, *a, grid, warmup, **k: None  # launches stubbed
+    model = copy.deepcopy(model).to("meta")
+    where = ["outside the model (the loss)"]
+    label_modules(model, where)
+    batch = {k: v.detach().to("meta") if torch.is_tensor(v) else v for k, v in batch.items()}
+    for _ in range(2):  # the second call: constants already on the device
+        graph = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}  # a new graph: planned anew
+        with Ops(where) as ops:
+            run(model, graph)
+    print(f"{'sparse training step' if args.step else 'energy+forces'}, MACE-MP-0 medium, 27 atoms: "
+          f"{sum(ops.by_name.values())} aten ops\n\n| issued by | aten ops |\n|---|---|")
+    for label, n in ops.by_module.most_common():
+        print(f"| {label} | {n} |")
+    print("\nmost frequent: " + ", ".join(f"{name} {n}" for name, n in ops.by_name.most_common(12)))
+
+
+if __name__ == "__main__":
+    main()
