@@ -6,7 +6,7 @@ spends its time dispatching aten ops (each a few microseconds, most a kernel lau
 runs MACE-MP-0 medium (float32, Triton back end, launches stubbed) on ``meta`` tensors,
 27 atoms, and counts every aten op of energy+forces (``--step``: a sparse training step),
 by the model's block or interaction/product sub-module that issued it in the forward
-pass; "backward" is everything the autograd engine ran (the forces' backward and, with
+pass, or by the autograd node that ran it in the backward passes (the forces' and, with
 ``--step``, the loss's). A count, not a timing.
 
     TRITON_INTERPRET=1 .venv-mace/bin/python benchmarks/host_ops.py [--step]
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 class Ops(TorchDispatchMode):
     """aten ops by name and by issuer: the module on top of ``where`` in the forward,
-    "backward" inside the autograd engine."""
+    the autograd node inside the engine."""
 
     def __init__(self, where: list):
         super().__init__()
@@ -35,7 +35,8 @@ class Ops(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.by_name[func.overloadpacket.__name__] += 1
-        self.by_module["backward" if torch._C._current_autograd_node() is not None else self.where[-1]] += 1
+        node = torch._C._current_autograd_node()
+        self.by_module[self.where[-1] if node is None else f"backward: {node.name()}"] += 1
         return func(*args, **(kwargs or {}))
 
 
