@@ -49,11 +49,12 @@ def calibrate_density(model: torch.nn.Module, density: Optional[float] = None) -
 
 
 def kth_smallest(values: torch.Tensor, k: int, by_sort: Optional[bool] = None) -> torch.Tensor:
-    """The ``k``-th smallest of the 1-d ``values`` (from 1), on their device. On CUDA a full
-    radix sort: kthvalue selects with one thread block per slice, 18.7 ms for MACE-MP-0
-    medium's 4.7 M scores on an H200 (a fifth of a sparse step,
-    results/gpu_suite_20261204_182714.md); on the CPU kthvalue is the faster."""
-    if by_sort if by_sort is not None else values.is_cuda:
+    """The ``k``-th smallest of the 1-d ``values`` (from 1), on their device. Off the CPU
+    (a GPU, or ``meta`` in the sync proxies) a full sort: CUDA's kthvalue selects with one
+    thread block per slice, 18.7 ms for MACE-MP-0 medium's 4.7 M scores on an H200 (a
+    fifth of a sparse step, results/gpu_suite_20261204_182714.md), where a radix sort
+    takes well under a millisecond; on the CPU kthvalue is the faster."""
+    if by_sort if by_sort is not None else values.device.type != "cpu":
         return torch.sort(values).values[k - 1]
     return torch.kthvalue(values, k).values
 

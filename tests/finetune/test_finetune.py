@@ -178,7 +178,7 @@ def test_density_schedule_warms_up_then_anneals():
         SparseConfig(density=0.1, peak_density=0.05)
 
 
-@pytest.mark.parametrize("by_sort", [True, False])  # True: the CUDA path, run here on the CPU
+@pytest.mark.parametrize("by_sort", [True, False])  # True: the GPU path, run here on the CPU
 def test_kth_smallest_is_the_order_statistic(by_sort):
     from sparsekern.finetune.density import kth_smallest
 
