@@ -14,7 +14,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from . import delta_slot
-from .layers import ChannelwiseConv, ChannelwiseTP, ElementLinear, IrrepsLinear, RadialMLP, SparsekernLayer
+from .layers import (ChannelwiseConv, ChannelwiseTP, ElementLinear, IrrepsLinear, RadialMLP, SparsekernLayer,
+                     SphericalHarmonics)
 from .ops import registry
 
 
@@ -61,7 +62,8 @@ def _converters(rules: List[PatchRule]) -> List[Tuple[type, type]]:
     from e3nn import o3
 
     table = [(o3.Linear, IrrepsLinear), (o3.FullyConnectedTensorProduct, ElementLinear),
-             (o3.TensorProduct, ChannelwiseTP), (e3nn_nn.FullyConnectedNet, RadialMLP)]
+             (o3.TensorProduct, ChannelwiseTP), (e3nn_nn.FullyConnectedNet, RadialMLP),
+             (o3.SphericalHarmonics, SphericalHarmonics)]
     return table + [pair for rule in rules for pair in rule.converters()]
 
 

@@ -7,7 +7,8 @@ from .channelwise_tp import ChannelwiseConv, ChannelwiseTP
 from .element_linear import ElementLinear
 from .linear import IrrepsLinear
 from .radial_mlp import RadialMLP
+from .spherical_harmonics import SphericalHarmonics
 from .symmetric_contraction import SymmetricContraction
 
 __all__ = ["SparsekernLayer", "IrrepsLinear", "ElementLinear", "ChannelwiseTP",
-           "ChannelwiseConv", "SymmetricContraction", "RadialMLP"]
+           "ChannelwiseConv", "SymmetricContraction", "RadialMLP", "SphericalHarmonics"]

@@ -178,6 +178,50 @@ class RadialDesc(Descriptor):
                 for i, (h_in, h_out) in enumerate(zip(self.hs, self.hs[1:]))]
 
 
+@dataclass(eq=False)
+class SHDesc(Descriptor):
+    """e3nn's ``SphericalHarmonics`` up to l = 3 as one product: the monomials of the
+    (normalized) vector of degree 0..lmax (1, u_a, u_a u_b, u_a u_b u_c: 1 + 3 + 9 + 27
+    columns up to degree 3) times ``coefficients`` ((monomials, output dim), float64,
+    nonzero only where a column's degree is its l: fitted to e3nn's own polynomials)."""
+
+    lmax: int
+    normalize: bool
+    coefficients: torch.Tensor
+    _cache: Dict[tuple, object] = field(default_factory=dict, repr=False)
+
+    MAX_L = 3
+
+    @staticmethod
+    def monomials(u: torch.Tensor, lmax: int) -> List[torch.Tensor]:
+        """Per degree 0..lmax, the (n, 3**d) products of d components of the (n, 3) u."""
+        out = [u.new_ones(u.shape[0], 1)]
+        for _ in range(lmax):
+            out.append((out[-1][:, :, None] * u[:, None, :]).reshape(u.shape[0], 3 * out[-1].shape[1]))  # 0 rows too
+        return out
+
+    @classmethod
+    def from_e3nn(cls, sh: torch.nn.Module) -> "SHDesc":
+        """Fitted in float64 to the same module without normalization (homogeneous
+        polynomials: each l block from the degree-l monomials alone); refuses a fit that
+        is not exact."""
+        ls, lmax = list(sh._ls_list), max(sh._ls_list)
+        plain = o3.SphericalHarmonics(ls, normalize=False, normalization=sh.normalization, irreps_in=sh.irreps_in)
+        x = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        values, mono = plain.to(torch.float64)(x), cls.monomials(x, lmax)
+        starts = [sum(3 ** d for d in range(l)) for l in range(lmax + 2)]
+        coefficients = torch.zeros(starts[-1], values.shape[1], dtype=torch.float64)
+        col = 0
+        for l in ls:
+            block = values[:, col:col + 2 * l + 1]
+            fit = torch.linalg.pinv(mono[l]) @ block
+            if (mono[l] @ fit - block).abs().max() > 1e-12 * block.abs().max():
+                raise ValueError(f"spherical harmonics of l = {l} are not degree-{l} polynomials here")
+            coefficients[starts[l]:starts[l + 1], col:col + 2 * l + 1] = fit
+            col += 2 * l + 1
+        return cls(lmax, bool(sh.normalize), coefficients)
+
+
 class MonomialTables(NamedTuple):
     """Kept monomials of each degree and U summed over index orderings.
 
