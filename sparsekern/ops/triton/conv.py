@@ -44,6 +44,7 @@ import triton.language as tl
 from ..descriptors import TPDesc
 from ..grads import needed, track
 from ..tensor_cache import cache_of
+from .component_major import component_major, permutation
 from .generated import jit, literal
 
 
@@ -333,15 +334,9 @@ class ConvForm:
 
     @functools.cached_property
     def a_perm(self) -> Optional[torch.Tensor]:
-        """The kernels read a component-major: column off + i * mul + u of the copy they
-        get is a's column off + u * d + i, for every irrep a path reads (so a channel
-        tile of one component is contiguous: a gather reads whole sectors, where a's
-        own layout puts the tile's floats d apart); None where all are scalars."""
-        perm = list(range(self.dim_a))
-        for a_off, d_a, *_, mul in self.paths:
-            for i in range(d_a):
-                perm[a_off + i * mul:a_off + (i + 1) * mul] = range(a_off + i, a_off + mul * d_a, d_a)
-        return None if perm == sorted(perm) else torch.tensor(perm, device=self.device)
+        """The kernels read a component-major (:mod:`.component_major`), every irrep a
+        path reads; None where all are scalars."""
+        return permutation(((p[0], p[1], p[7]) for p in self.paths), self.dim_a, self.device)
 
     @functools.cached_property
     def kernel(self):
@@ -425,12 +420,6 @@ class Graph:
         return Graph(self.dst, self.src, self.n_dst, self.n_src, self.cache, self.rows[::-1], self.identity)
 
 
-def _component_major(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
-    """x's columns in the order the kernels read them (:attr:`ConvForm.a_perm`): one
-    copy, a small fraction of the bytes the kernel then gathers from it per edge."""
-    return x if perm is None else x.index_select(1, perm)
-
-
 def _block_u(form: ConvForm, most: int) -> int:
     return min(most, triton.next_power_of_2(form.max_mul))
 
@@ -449,7 +438,7 @@ def _conv_raw(form: ConvForm, a, b, w, graph: Graph) -> torch.Tensor:
     else:
         seg = graph.receivers()
         order, start = seg.order, seg.start
-    a = _component_major(a, form.a_perm)
+    a = component_major(a, form.a_perm)
     bu = _block_u(form, 64)
     slots = 1 if graph.identity else _SLOTS
     grid = (triton.cdiv(n_out, _BLOCK // slots), len(form.groups), triton.cdiv(form.max_mul, bu))
@@ -467,7 +456,7 @@ def _edge_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: bo
     gw = (a.new_empty if form.covers_w else a.new_zeros)(E, form.n_w) if need_w else None
     if E == 0 or not form.paths or not (need_b or need_w):
         return gb, gw
-    a, g = _component_major(a, form.a_perm), _component_major(g, form.transposed.a_perm)
+    a, g = component_major(a, form.a_perm), component_major(g, form.transposed.a_perm)
     b_ = b if b is not None else a  # unused operand: any pointer with strides
     w_ = w if w is not None else a
     gb_ = gb if gb is not None else a
@@ -500,7 +489,7 @@ def _grads_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: b
         seg = graph.transposed.receivers()  # the edges by sender
         order, start = seg.order, seg.start
     slots = 1 if graph.identity else _SLOTS
-    a, g = _component_major(a, form.a_perm), _component_major(g, form.transposed.a_perm)
+    a, g = component_major(a, form.a_perm), component_major(g, form.transposed.a_perm)
     gbp_ = gbp if gbp is not None else a  # an output not asked for: any pointer with strides
     gw_ = gw if gw is not None else a
     grid = (triton.cdiv(n_a, _BLOCK // slots), len(form.a_groups), n_ct)

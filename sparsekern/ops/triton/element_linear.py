@@ -14,7 +14,9 @@ the flat weight in the descriptor's layout. dW is given by the delta's tiles
 (n_el, ceil(mul_in/T), ceil(mul_out/T)) tiles in path order, -1 inactive, else a row of
 ``values`` (n_tiles, T, T). W0 + dW is formed tile by tile in registers, never in memory.
 Nodes are sorted by element once per call (:class:`ElementRows`; with one element they
-stay in order and nothing is built), so each node tile has one element's weights.
+stay in order and nothing is built), so each node tile has one element's weights. The
+kernels read their feature operands component-major (:mod:`.component_major`), so that a
+warp's load of one component's channels is contiguous; outputs are stored in e3nn's layout.
 
 Derivatives stay in the family: the gradient wrt x is the same launch with the table
 transposed (paths grouped by input block, W0 and the tiles read transposed); the
@@ -37,6 +39,7 @@ from ...paths import OutputSlots
 from ..descriptors import LinearDesc
 from ..grads import needed, track
 from ..tensor_cache import cached, derived
+from .component_major import component_major, permutation
 
 _BN = 32  # nodes per tile
 _BM = 32  # rows ((node, m) pairs) per step
@@ -53,7 +56,7 @@ _TRANSPOSED = ((0, 1), (2, 3), (7, 8), (11, 12))  # the columns a transposed map
 @triton.jit
 def _lin_kernel(x_ptr, w_ptr, slot_ptr, val_ptr, y_ptr, grp_ptr, path_ptr, scale_ptr, order_ptr, tile_ptr,
                 n_nodes, sx0, sx1, sw, sy0, T, sv0, sv1, sv2,
-                HAS_W0: tl.constexpr, HAS_DELTA: tl.constexpr, SORTED: tl.constexpr, IEEE: tl.constexpr,
+                HAS_W0: tl.constexpr, HAS_DELTA: tl.constexpr, SORTED: tl.constexpr, TR: tl.constexpr, IEEE: tl.constexpr,
                 BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Columns v of destination block program_id(1) (BV of them, program_id(2)) for one
     tile of nodes of one element (program_id(0)): the sum over the block's paths."""
@@ -91,20 +94,26 @@ def _lin_kernel(x_ptr, w_ptr, slot_ptr, val_ptr, y_ptr, grp_ptr, path_ptr, scale
             k = tl.load(r + 2)
             scale = tl.load(scale_ptr + p)
             w_el = tl.load(r + 5) + z * tl.load(r + 6)
-            wk = tl.load(r + 7)
-            wn = tl.load(r + 8)
+            # W0's contiguous index (stride 1 in the table) is the destination one, in the
+            # transposed map the source one: the tile is loaded along it (a warp reads
+            # 32 consecutive floats) and transposed in registers
+            w_step = tl.load(r + 8) if TR else tl.load(r + 7)
             s_el = tl.load(r + 9) + z * tl.load(r + 10)
             sk = tl.load(r + 11)
             sn = tl.load(r + 12)
+            x_row = x_ptr + (node * sx0 + (src + m * k) * sx1)[:, None]  # row (n, m): component m's channels
             for u0 in range(0, k, BK):
                 u = u0 + tl.arange(0, BK)
                 mu = u < k
-                a = tl.load(x_ptr + node[:, None] * sx0 + (src + u[None, :] * d + m[:, None]) * sx1,
-                            mask=mq[:, None] & mu[None, :], other=0.0)
+                a = tl.load(x_row + u[None, :] * sx1, mask=mq[:, None] & mu[None, :], other=0.0)
                 muv = mu[:, None] & mv[None, :]
                 b = tl.zeros((BK, BV), dtype=acc.dtype)
                 if HAS_W0:
-                    b += tl.load(w_ptr + (w_el + u[:, None] * wk + v[None, :] * wn) * sw, mask=muv, other=0.0)
+                    if TR:
+                        b += tl.trans(tl.load(w_ptr + (w_el + v[:, None] * w_step + u[None, :]) * sw,
+                                              mask=mv[:, None] & mu[None, :], other=0.0))
+                    else:
+                        b += tl.load(w_ptr + (w_el + u[:, None] * w_step + v[None, :]) * sw, mask=muv, other=0.0)
                 if HAS_DELTA:
                     # the delta's slot of each weight; inactive tiles (-1) cost no value bytes
                     s = s_el + (u // T)[:, None] * sk + (v // T)[None, :] * sn
@@ -169,9 +178,9 @@ def _wgrad_kernel(a_ptr, b_ptr, out_ptr, path_ptr, scale_ptr, tile_ptr, slot_ptr
         else:
             node = (q // d).to(tl.int64)
         m = q % d
-        a = tl.load(a_ptr + node[:, None] * sa0 + (a_off + u[None, :] * d + m[:, None]) * sa1,
+        a = tl.load(a_ptr + node[:, None] * sa0 + (a_off + m[:, None] * mul_in + u[None, :]) * sa1,
                     mask=mq[:, None] & mu[None, :], other=0.0)
-        g = tl.load(b_ptr + node[:, None] * sb0 + (b_off + v[None, :] * d + m[:, None]) * sb1,
+        g = tl.load(b_ptr + node[:, None] * sb0 + (b_off + m[:, None] * mul_out + v[None, :]) * sb1,
                     mask=mq[:, None] & mv[None, :], other=0.0)
         if USE_DOT:
             if IEEE:
@@ -229,6 +238,7 @@ class _Tables(NamedTuple):
     scales: torch.Tensor  # (paths,) each row's scale
     max_k: int  # widest source mul
     max_n: int  # widest destination mul
+    perm: Optional[torch.Tensor]  # the source features' component-major columns (None: all scalars)
 
 
 def _rows(desc: LinearDesc, tr: bool) -> List[int]:
@@ -252,14 +262,15 @@ def _tables(desc: LinearDesc, like: torch.Tensor, tr: bool, T: int) -> _Tables:
             rows.append(row)
             s_off += n_el * nu * nv
         order = _rows(desc, tr)
-        dst = desc.blocks_in if tr else desc.blocks_out
+        src, dst = (desc.blocks_out, desc.blocks_in) if tr else (desc.blocks_in, desc.blocks_out)
         ends = [desc.paths[i].i_in if tr else desc.paths[i].i_out for i in order]  # sorted
         groups = [[dst.offsets[b], dst.muls[b], dst.dims[b], bisect_left(ends, b), bisect_right(ends, b)]
                   for b in range(len(dst.muls))]
         return _Tables(torch.tensor(groups, dtype=torch.int32).view(-1, 5),
                        torch.tensor([rows[i] for i in order], dtype=torch.int32).view(-1, _COLS),
                        torch.tensor([desc.paths[i].scale for i in order], dtype=torch.float64),
-                       max((r[2] for r in rows), default=0), max((r[3] for r in rows), default=0))
+                       max((r[2] for r in rows), default=0), max((r[3] for r in rows), default=0),
+                       permutation(zip(src.offsets, src.dims, src.muls), src.dim, like.device))
     return desc.const(("triton_linear", tr, T), like, build)
 
 
@@ -295,6 +306,7 @@ def _lin_raw(call: _Call, x: torch.Tensor, w0: Optional[torch.Tensor], vals: Opt
     if not (has_w0 or has_delta):
         return y.zero_()
     tab = _tables(desc, x, tr, call.T)
+    x = component_major(x, tab.perm)
     w0_ = w0 if has_w0 else x
     slot_ = call.slot if has_delta else x
     vals_ = vals if has_delta else x
@@ -311,7 +323,7 @@ def _lin_raw(call: _Call, x: torch.Tensor, w0: Optional[torch.Tensor], vals: Opt
                       plan.order if sorted_ else x, plan.tiles if sorted_ else x,
                       plan.n, *x.stride(), w0_.stride(0), y.stride(0), max(call.T, 1),
                       sv0, *((sv2, sv1) if tr else (sv1, sv2)),
-                      HAS_W0=has_w0, HAS_DELTA=has_delta, SORTED=sorted_, IEEE=x.dtype == torch.float32,
+                      HAS_W0=has_w0, HAS_DELTA=has_delta, SORTED=sorted_, TR=tr, IEEE=x.dtype == torch.float32,
                       BN=_BN, BM=_BM, BK=bk, BV=bv, num_stages=1)
     return y
 
@@ -330,6 +342,7 @@ def _wgrad_raw(call: _Call, a: torch.Tensor, b: torch.Tensor, delta: bool) -> to
     if tiles.shape[0] == 0 or plan.n == 0 or out.numel() == 0:
         return out
     tab = _tables(desc, a, False, call.T)
+    a, b = component_major(a, tab.perm), component_major(b, _tables(desc, a, True, call.T).perm)
     sorted_ = plan.order is not None
     use_dot = size >= 16
     bq = 32 if use_dot else max(1, min(32, 512 // (size * size)))

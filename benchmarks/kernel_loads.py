@@ -1,16 +1,20 @@
-"""Bytes the Triton conv kernels ask the memory system for, counted on the CPU.
+"""Bytes the Triton kernels ask the memory system for, counted on the CPU.
 
-Runs MACE-MP-0 medium's two conv layers (float32, 128 channels, l <= 3) on a 27-atom
-crystal through ``sparsekern.ops.triton.conv`` under Triton's interpreter and counts, per
+Runs MACE-MP-0 medium's conv layers and irrep linears (float32, 128 channels, l <= 3) on
+a 27-atom crystal through the Triton back end under Triton's interpreter and counts, per
 kernel, every load it issues: the bytes requested (unmasked elements x element size:
 what a GPU serves from L1, L2 or DRAM), the 32-byte sectors each load instruction touches
 (what the memory system moves for it when nothing is cached between instructions: equal
 to the bytes requested where a load is contiguous, up to 8x them where it reads one
-float in a sector), against the distinct bytes (what must come from DRAM at least once),
-the load instructions per program and the bytes stored. A proxy for the kernels' traffic
-through the caches and their instruction count, not a timing.
+float in a sector), the sectors each warp's share of it touches (a tile's elements 32 at
+a time in row order, the layout Triton gives these tiles: one element per thread, 32
+threads along a row, as their TTGIR shows; the L1's work per load grows with them even
+where every sector is cached), against the distinct bytes (what must come from DRAM at
+least once), the load instructions per program, and the bytes stored with their warps'
+sectors. A proxy for the kernels' traffic through the caches and their instruction
+count, not a timing. Per edge for the convs, per node for the linears.
 
-    .venv-mace/bin/python benchmarks/conv_loads.py
+    .venv-mace/bin/python benchmarks/kernel_loads.py
 """
 from __future__ import annotations
 
@@ -29,12 +33,22 @@ from triton.runtime import interpreter  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _warp_sectors(ptrs: np.ndarray, mask: np.ndarray) -> int:
+    """The distinct 32-byte sectors of each run of 32 elements (row order), summed."""
+    sec = np.where(mask, ptrs // 32, -1).reshape(-1)
+    sec = np.concatenate([sec, np.full(-len(sec) % 32, -1)]).reshape(-1, 32)
+    sec.sort(axis=1)
+    new = (sec[:, 1:] != sec[:, :-1]) & (sec[:, 1:] >= 0)
+    return int(new.sum() + (sec[:, 0] >= 0).sum())
+
+
 class Loads:
     """Per kernel name: programs run, load instructions, bytes requested, addresses read."""
 
     def __init__(self):
         self.by_kernel = collections.defaultdict(lambda: dict(programs=0, loads=0, requested=0, sectors=0,
-                                                              addresses={}, stored=0))
+                                                              warp_sectors=0, addresses={}, stored=0,
+                                                              stored_warp_sectors=0))
         self.current = None
 
     def __enter__(self):
@@ -50,6 +64,7 @@ class Loads:
             size = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
             k["requested"] += int(m.sum()) * size
             k["sectors"] += len(np.unique(ptrs.data[m] // 32))
+            k["warp_sectors"] += _warp_sectors(ptrs.data, m)
             k["addresses"].update(dict.fromkeys(ptrs.data[m].tolist(), size))
             return load(builder, ptrs, mask, other, *args)
 
@@ -57,6 +72,7 @@ class Loads:
             m = np.broadcast_to(mask.data, ptrs.data.shape)
             size = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
             me.by_kernel[me.current]["stored"] += int(m.sum()) * size
+            me.by_kernel[me.current]["stored_warp_sectors"] += _warp_sectors(ptrs.data, m)
             return store(builder, ptrs, value, mask, *args)
 
         def counted_program(builder, *idx):
@@ -76,41 +92,60 @@ class Loads:
         B.create_masked_load, B.create_masked_store, B.set_grid_idx, G.__call__ = self._saved
 
 
+_HEAD = ("| layer | pass | kernel | programs | loads per program | requested kB | sectors kB | warp sectors kB | "
+         "distinct kB | requested / distinct | stored kB | stored warp sectors kB |\n"
+         "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _rows(layer, passes, per: int) -> None:
+    """One row per (pass, kernel), bytes per ``per`` (edges or nodes)."""
+    for name, counts in passes:
+        for kernel, k in counts.by_kernel.items():
+            distinct = sum(k["addresses"].values())
+            kb = [f"{b / per / 1e3:.2f}" for b in (k["requested"], 32 * k["sectors"], 32 * k["warp_sectors"], distinct)]
+            print(f"| {layer} | {name} | {kernel} | {k['programs']} | {k['loads'] / k['programs']:.0f} | "
+                  f"{' | '.join(kb)} | {k['requested'] / distinct:.1f} | {k['stored'] / per / 1e3:.2f} | "
+                  f"{32 * k['stored_warp_sectors'] / per / 1e3:.2f} |")
+
+
+def _passes(run, g):
+    """Loads of run()'s forward and of its backward (all input gradients)."""
+    run()  # plans built once per graph
+    with Loads() as fwd:
+        out = run()
+    with Loads() as bwd:
+        out.backward(torch.randn(out.shape, generator=g))
+    return (("forward", fwd), ("backward", bwd))
+
+
 def main() -> None:
     from ase.build import bulk
 
     import sparsekern
     from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
+    from sparsekern.layers import IrrepsLinear
     from sparsekern.ops.descriptors import TPDesc
     from sparsekern.ops.triton.conv import conv
 
     model = mace_mp0_shaped("medium", dtype=torch.float32)
-    sparsekern.patch(model, backend="torch")
     atoms = bulk("Cu", "fcc", a=3.6) * (3, 3, 3)
     atoms.rattle(0.05, seed=0)
     edge_index = mace_batch(model, [atoms])["edge_index"]
     n, e = len(atoms), edge_index.shape[1]
+    linears = [IrrepsLinear.from_e3nn(i.linear).set_backend("triton") for i in model.interactions]
+    sparsekern.patch(model, backend="torch")
     descs = [m.desc for m in model.modules() if isinstance(getattr(m, "desc", None), TPDesc)]
-    print(f"MACE-MP-0 medium conv layers, float32, {n} atoms, {e} edges; per edge:\n")
-    print("| layer | pass | kernel | programs | loads per program | requested kB per edge | sectors kB per edge | "
-          "distinct kB per edge | requested / distinct | stored kB per edge |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
+    print(f"MACE-MP-0 medium conv layers, float32, {n} atoms, {e} edges; per edge:\n\n{_HEAD}")
     for layer, desc in enumerate(descs):
         x = torch.randn(n, desc.irreps_in1.dim, generator=g, requires_grad=True)
         y = torch.randn(e, desc.irreps_in2.dim, generator=g, requires_grad=True)
         w = torch.randn(e, desc.weight_numel, generator=g, requires_grad=True)
-        conv(desc, x, y, w, edge_index)  # the edge orderings, built once per graph
-        with Loads() as fwd:
-            out = conv(desc, x, y, w, edge_index)
-        with Loads() as bwd:
-            out.backward(torch.randn(out.shape, generator=g))
-        for name, counts in (("forward", fwd), ("backward", bwd)):
-            for kernel, k in counts.by_kernel.items():
-                distinct = sum(k["addresses"].values())
-                print(f"| {layer} | {name} | {kernel} | {k['programs']} | {k['loads'] / k['programs']:.0f} | "
-                      f"{k['requested'] / e / 1e3:.2f} | {32 * k['sectors'] / e / 1e3:.2f} | {distinct / e / 1e3:.2f} | {k['requested'] / distinct:.1f} | "
-                      f"{k['stored'] / e / 1e3:.2f} |")
+        _rows(layer, _passes(lambda: conv(desc, x, y, w, edge_index), g), e)
+    print(f"\nThe irrep linears after the convs (interactions[i].linear), per node:\n\n{_HEAD}")
+    for layer, lin in enumerate(linears):
+        x = torch.randn(n, lin.desc.blocks_in.dim, generator=g, requires_grad=True)
+        _rows(layer, _passes(lambda: lin(x), g), n)
 
 
 if __name__ == "__main__":
