@@ -130,13 +130,32 @@ def profile_into(profiles: list, name: str, fn) -> None:
         profiles.append({"what": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
 
 
+def precompile_cases(size: str, cases: dict, checks: list) -> None:
+    """The Triton kernels of every mode of the cases' Triton back ends, compiled at once
+    in parallel processes before the timings (whose warm-ups would compile them one by
+    one); a failure is recorded and the warm-ups compile them instead."""
+    t0 = time.time()
+    runs = [(b, case.modes) for case in cases.values() for name, b in case.backends.items()
+            if name.startswith("triton") and not isinstance(b, str)]
+    try:
+        n = sparsekern.precompile(lambda: [run_mode(f, ins, mode) for (f, ins), modes in runs for mode in modes])
+    except Exception as exc:
+        checks.append({"case": size, "check": "precompile", "error": repr(exc)[:1000]})
+        return
+    print(f"[{size}] {n} Triton kernel specialisations compiled in {time.time() - t0:.0f} s", flush=True)
+
+
 def bench_kernels(model, size, n_nodes, n_edges, ops, args, ceil, results, checks, profiles):
+    cases = {}
     for op in ops:
         try:
-            case = build_case(op, model, n_nodes, n_edges, DEV)
+            cases[op] = build_case(op, model, n_nodes, n_edges, DEV)
         except Exception:
             checks.append({"case": size, "op": op, "error": traceback.format_exc()[-1500:]})
-            continue
+    if DEV == "cuda":
+        precompile_cases(size, cases, checks)
+    for op in list(cases):
+        case = cases.pop(op)
         try:
             checks.append({"case": size, "op": op, "dtype": "float32", "parity": case.parity,
                            "rel_err": parity_error(case)})

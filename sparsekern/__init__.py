@@ -19,7 +19,7 @@ _EXPORTS = {
     "SparseConfig": "finetune", "prepare": "finetune", "stats": "finetune", "save_adapter": "finetune",
     "load_adapter": "finetune", "merge": "finetune", "unmerge": "finetune", "to_fast": "finetune",
     "set_adapter": "finetune", "disable_adapter": "finetune", "delete_adapter": "finetune",
-    "list_adapters": "finetune", "adapter_calculator": "finetune",
+    "list_adapters": "finetune", "adapter_calculator": "finetune", "precompile": "ops.triton.precompile",
 }
 __all__ = list(_EXPORTS)
 

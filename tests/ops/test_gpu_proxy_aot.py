@@ -7,11 +7,10 @@ loss, float32) compiled for sm_90 (H100/H200) on the CPU, read with the bundled
 The compile needs Triton's real front end, not the interpreter that conftest.py selects
 for the other tests, so it runs this file as a script in a subprocess without
 TRITON_INTERPRET; the model's host path runs for real on CPU tensors while every launch
-is recorded instead of run (the recipe of /work/shared/tools/gpu_proxy/aot_sm90.py).
-Uses Triton internals (argument binder, ``_pack_args``): written for the pinned 3.7.1."""
+is recorded instead of run and bound as a launch binds it (``ops/triton/precompile.py``,
+which warms a GPU machine's cache the same way)."""
 
 import collections
-import contextlib
 import dataclasses
 import json
 import os
@@ -39,23 +38,6 @@ def _nvbin(tool: str) -> str:
     return os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", tool)
 
 
-@contextlib.contextmanager
-def _capture(launches):
-    """Record (jitfn, args, kwargs) of every Triton launch instead of running it."""
-    from triton.runtime.jit import JITFunction
-
-    original = JITFunction.run
-
-    def record(self, *args, grid, warmup, **kwargs):
-        launches.append((self, args, kwargs))
-
-    JITFunction.run = record
-    try:
-        yield
-    finally:
-        JITFunction.run = original
-
-
 def _mace_launches(dtype_name: str):
     """The launches of energy+forces, a full and a sparse training step of MACE-MP-0
     medium (89 elements, 128 channels, l <= 3, correlation 3) on 27 atoms."""
@@ -65,6 +47,7 @@ def _mace_launches(dtype_name: str):
     import sparsekern
     from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
     from sparsekern.ops import registry
+    from sparsekern.ops.triton.precompile import recording
 
     # CPU tensors, launches recorded: let the registry hand out the triton back end here
     registry.BACKENDS["triton"] = dataclasses.replace(registry.BACKENDS["triton"], available=lambda device: True)
@@ -73,8 +56,7 @@ def _mace_launches(dtype_name: str):
     atoms.numbers = [29, 8, 1] * 9
     atoms.rattle(0.05, seed=0)
     batch = mace_batch(model, [atoms])
-    launches = []
-    with _capture(launches):
+    with recording() as launches:
         sparsekern.patch(model, backend="triton")
         model(dict(batch), compute_force=True)  # energy+forces
         for sparse in (False, True):
@@ -83,28 +65,6 @@ def _mace_launches(dtype_name: str):
             out = model(dict(batch), training=True, compute_force=True)
             (out["energy"].sum() + (out["forces"] ** 2).sum()).backward()  # double backward
     return launches
-
-
-def _specialisations(launches):
-    """One (name, compiled-kernel source) per distinct specialisation, as a GPU launch
-    would bind it (dtypes, 16-byte divisibility, constexprs)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    target = GPUTarget("cuda", 90, 32)
-    backend = make_backend(target)
-    binders, seen = {}, {}
-    for jitfn, args, kwargs in launches:
-        if jitfn not in binders:
-            binders[jitfn] = create_function_from_signature(jitfn.signature, jitfn.params, backend)
-        bound, spec, opts = binders[jitfn](*args, **kwargs)
-        options, signature, constexprs, attrs = jitfn._pack_args(backend, kwargs, bound, spec, opts)
-        key = (jitfn, repr(signature), repr(sorted(constexprs.items())), repr(attrs))  # a generated kernel per form
-        if key not in seen:
-            named = {jitfn.arg_names[k[0]]: v for k, v in constexprs.items() if jitfn.params[k[0]].is_constexpr}
-            seen[key] = (jitfn.fn.__name__, named, ASTSource(jitfn, signature, constexprs, attrs), options)
-    return list(seen.values()), target
 
 
 def _resources(kernel, scratch: str) -> dict:
@@ -132,13 +92,18 @@ def main(dtype_name: str) -> None:
 
     import triton
 
+    from triton.backends.compiler import GPUTarget
+
+    from sparsekern.ops.triton.precompile import specialisations
+
     t0 = time.time()
-    specs, target = _specialisations(_mace_launches(dtype_name))
+    target = GPUTarget("cuda", 90, 32)
+    specs = specialisations(_mace_launches(dtype_name), target)
     t1 = time.time()
     with tempfile.TemporaryDirectory() as scratch:
-        for name, constexprs, src, options in specs:
-            kernel = triton.compile(src, target=target, options=options.__dict__)
-            print(json.dumps(dict(kernel=name, constexprs={k: str(v) for k, v in constexprs.items()},
+        for spec in specs:
+            kernel = triton.compile(spec.source(), target=target, options=spec.options)
+            print(json.dumps(dict(kernel=spec.name, constexprs={k: str(v) for k, v in spec.constexprs.items()},
                                   **_resources(kernel, scratch))), flush=True)
     print(json.dumps(dict(host_s=round(t1 - t0, 1), compile_s=round(time.time() - t1, 1))), flush=True)
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import linecache
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Tuple
 
 import triton
 import triton.language as tl
 
 _KERNELS: Dict[str, Callable] = {}
+# kernel -> (source, name, helpers as (module, name)): how another process rebuilds it (.precompile)
+_RECIPES: Dict[Callable, Tuple[str, str, Dict[str, Tuple[str, str]]]] = {}
 
 
 def jit(source: str, name: str, **helpers) -> Callable:
@@ -26,7 +28,13 @@ def jit(source: str, name: str, **helpers) -> Callable:
         scope = dict(triton=triton, tl=tl, **helpers)
         exec(compile(source, filename, "exec"), scope)
         _KERNELS[source] = scope[name]
+        _RECIPES[scope[name]] = (source, name, {k: (v.fn.__module__, v.fn.__qualname__) for k, v in helpers.items()})
     return _KERNELS[source]
+
+
+def recipe(kernel: Callable) -> Optional[Tuple[str, str, Dict[str, Tuple[str, str]]]]:
+    """(source, name, helpers) of a kernel :func:`jit` made, None for any other."""
+    return _RECIPES.get(kernel)
 
 
 def literal(value: float, dtype_name: str) -> str:

@@ -1,0 +1,90 @@
+"""``ops/triton/precompile.py``: the kernels a model launches, compiled in parallel
+processes for a GPU target, are exactly the ones its launches then look up (every
+specialisation a cache hit), and recording leaves the launcher as it was.
+
+Triton's real front end is needed (not the interpreter conftest.py selects), so the check
+runs this file as a script in a subprocess without TRITON_INTERPRET, for sm_90 on the CPU,
+with a fresh cache directory. The launches are a small MACE-shaped conv and irrep linear,
+forward and backward (generated and table-driven kernels)."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _passes():
+    """A small MACE-shaped conv and irrep linear, forward and backward, on the CPU."""
+    import dataclasses
+
+    import torch
+
+    from sparsekern.layers import ChannelwiseConv, IrrepsLinear
+    from sparsekern.ops import registry
+
+    registry.BACKENDS["triton"] = dataclasses.replace(registry.BACKENDS["triton"], available=lambda device: True)
+    torch.manual_seed(0)
+    conv = ChannelwiseConv("4x0e+4x1o", "0e+1o", "4x0e+4x1o+4x1o+4x0e",
+                           [(0, 0, 0, "uvu", True), (0, 1, 1, "uvu", True), (1, 0, 2, "uvu", True),
+                            (1, 1, 3, "uvu", True)]).set_backend("triton")
+    lin = IrrepsLinear("16x0e+16x1o+16x1o", "16x0e+16x1o").set_backend("triton")
+    n, e = 5, 12
+    x = torch.randn(n, conv.irreps_in1.dim, requires_grad=True)
+    sh = torch.randn(e, conv.irreps_in2.dim)
+    w = torch.randn(e, conv.weight_numel, requires_grad=True)
+    edge_index = torch.randint(0, n, (2, e))
+    h = torch.randn(n, lin.irreps_in.dim, requires_grad=True)
+
+    def run():
+        conv(x, sh, w, edge_index).sum().backward()
+        lin(h).sum().backward()
+    return run
+
+
+def main() -> None:
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import JITFunction
+
+    from sparsekern import precompile
+    from sparsekern.ops.triton.precompile import recording, specialisations
+
+    launcher, target, run = JITFunction.run, GPUTarget("cuda", 90, 32), _passes()
+    n = precompile(run, workers=2, target=target)
+    with recording() as launches:
+        run()
+    specs = specialisations(launches, target)
+    hits = []
+    knobs.compilation.listener = lambda cache_hit, **_: hits.append(cache_hit)
+    for spec in specs:
+        triton.compile(spec.source(), target=target, options=spec.options)
+    print(json.dumps(dict(kernels=sorted({s.name for s in specs}), compiled=n, specs=len(specs), hits=hits,
+                          launcher_restored=JITFunction.run is launcher)))
+
+
+@pytest.mark.gpu_proxy
+def test_precompiled_kernels_are_cache_hits():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as cache:
+        env["TRITON_CACHE_DIR"] = cache
+        run = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, cwd=_ROOT)
+        assert run.returncode == 0, run.stderr[-4000:]
+        out = json.loads(run.stdout.strip().splitlines()[-1])
+        assert len(os.listdir(cache)) >= out["specs"]  # each compiled once, by a worker
+    print(out)
+    assert {"_conv_kernel", "_grads_kernel", "_lin_kernel", "_wgrad_kernel"} <= set(out["kernels"]), out
+    assert out["compiled"] == out["specs"] and out["hits"] == [True] * out["specs"], out
+    assert out["launcher_restored"], out
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, _ROOT)  # this checkout's sparsekern, not an installed one
+    import sparsekern  # noqa: F401  (lets e3nn 0.4.4 import under torch >= 2.6)
+
+    main()
