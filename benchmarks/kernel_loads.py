@@ -108,14 +108,25 @@ def _rows(layer, passes, per: int) -> None:
                   f"{32 * k['stored_warp_sectors'] / per / 1e3:.2f} |")
 
 
-def _passes(run, g):
-    """Loads of run()'s forward and of its backward (all input gradients)."""
+def _passes(run, g, double=()):
+    """Loads of run()'s forward and of its backward (all input gradients); with
+    ``double`` (the inputs), of the double backward too: a loss on the gradients of
+    (out * out).sum() differentiated again (as in force training, the output's gradient
+    depends on the inputs)."""
     run()  # plans built once per graph
     with Loads() as fwd:
         out = run()
     with Loads() as bwd:
         out.backward(torch.randn(out.shape, generator=g))
-    return (("forward", fwd), ("backward", bwd))
+    passes = [("forward", fwd), ("backward", bwd)]
+    if double:
+        out = run()
+        grads = torch.autograd.grad((out * out).sum(), double, create_graph=True)
+        loss = sum((gi * torch.randn(gi.shape, generator=g)).sum() for gi in grads)
+        with Loads() as dbl:
+            torch.autograd.grad(loss, double)
+        passes.append(("double backward", dbl))
+    return passes
 
 
 def main() -> None:
@@ -141,7 +152,7 @@ def main() -> None:
         x = torch.randn(n, desc.irreps_in1.dim, generator=g, requires_grad=True)
         y = torch.randn(e, desc.irreps_in2.dim, generator=g, requires_grad=True)
         w = torch.randn(e, desc.weight_numel, generator=g, requires_grad=True)
-        _rows(layer, _passes(lambda: conv(desc, x, y, w, edge_index), g), e)
+        _rows(layer, _passes(lambda: conv(desc, x, y, w, edge_index), g, (x, y, w)), e)
     print(f"\nThe irrep linears after the convs (interactions[i].linear), per node:\n\n{_HEAD}")
     for layer, lin in enumerate(linears):
         x = torch.randn(n, lin.desc.blocks_in.dim, generator=g, requires_grad=True)

@@ -107,6 +107,19 @@ def gradcheck_conv(op) -> None:
     assert torch.autograd.gradgradcheck(fn, args, fast_mode=True)
 
 
+def test_third_derivatives():
+    """gradgradcheck of the force-training gradient: the double backward's own backward
+    (the per-edge kernel fed Gb and Gw at once, and the two-product conv's backward)."""
+    conv, x, y, w, ei = make(*TINY, n=3, e=5, dtype=torch.float64)
+    args = [t.clone().requires_grad_() for t in (x, y, w)]
+    v = torch.randn(3, conv.irreps_out.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def grads(a, b, c):
+        out = triton_conv(conv.desc, a, b, c, ei)
+        return torch.autograd.grad((out * v).sum() + (out ** 2).sum(), (a, b, c), create_graph=True)
+    assert torch.autograd.gradgradcheck(grads, args, fast_mode=True)
+
+
 def test_path_mask_skips_paths():
     conv, x, y, w, ei = make(*BIG, n=4, e=6, dtype=torch.float64)
     mask = torch.tensor([t % 3 != 1 for t in range(len(conv.desc.paths))])

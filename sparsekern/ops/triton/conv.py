@@ -29,7 +29,9 @@ of memory; outputs are stored in the usual layout.
   second layer on): one fused kernel over the edges by sender (:func:`_grads_source`),
   which reads each edge's w, b and g[dst] once for all three;
 - the per-edge kernel's own derivatives are again convs and per-edge kernels,
-so double backward (forces in the loss) works through the same kernels.
+so double backward (forces in the loss) works through the same kernels: its two convs
+into each of a's and g's gradients as one launch (the conv kernel's ``TWO``: two (b, w)
+pairs, a gathered once), b's and w's gradients as one per-edge launch.
 """
 from __future__ import annotations
 
@@ -81,10 +83,10 @@ def _slot_edges(order_ptr, src_ptr, row, n, mn, first, deg, s0, IDENTITY: tl.con
 
 
 _CONV_HEAD = """@triton.jit
-def _conv_kernel(a_ptr, b_ptr, w_ptr, out_ptr, src_ptr, order_ptr, start_ptr,
-                 N, sa0, sa1, sb0, sb1, sw0, sw1, so0,
+def _conv_kernel(a_ptr, b_ptr, w_ptr, b2_ptr, w2_ptr, out_ptr, src_ptr, order_ptr, start_ptr,
+                 N, sa0, sa1, sb0, sb1, sw0, sw1, sb20, sb21, sw20, sw21, so0,
                  IDENTITY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                 BLOCK_U: tl.constexpr):
+                 BLOCK_U: tl.constexpr, TWO: tl.constexpr):
     row, n, mn, first, deg, width = _receiver_tile(start_ptr, N, IDENTITY, BLOCK_N, BLOCK_S)
     u = tl.program_id(2) * BLOCK_U + tl.arange(0, BLOCK_U)
     n_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,7 +103,9 @@ def _conv_source(form: "ConvForm") -> str:
     reduced over the slots and stored once (no atomics)::
 
         acc_k += (sum_j c_ijk b[e, j])[:, None] * (a[src, u, i] * w[e, u])
-    """
+
+    TWO: the sum of two such products sharing a, (b, w) + (b2, w2) (in the double
+    backward), so a is gathered once for both."""
     dt = str(form.dtype).removeprefix("torch.")
     lines = [_CONV_HEAD]
     for g, ts in enumerate(form.groups):
@@ -115,17 +119,24 @@ def _conv_source(form: "ConvForm") -> str:
             lines += ["        for s0 in range(0, width, BLOCK_S):",
                       "            me, e64, s = _slot_edges(order_ptr, src_ptr, row, n, mn, first, deg, s0, IDENTITY, BLOCK_S)",
                       "            mask = me[:, None] & mu[None, :]"]
-            lines.append(f"            w = tl.load(w_ptr + e64[:, None] * sw0 + ({w_off} + u)[None, :].to(tl.int64) * sw1,"
-                         " mask=mask, other=0.0)")
-            lines += [f"            y{j} = tl.load(b_ptr + e64 * sb0 + {b_off + j} * sb1, mask=me, other=0.0)"
-                      for j in sorted({e[1] for e in ents})]
+            for w_, b_, y, sw, sb in (("w", "b", "y", "sw", "sb"), ("w2", "b2", "z", "sw2", "sb2")):
+                if w_ == "w2":
+                    lines.append("            if TWO:")
+                pad = "    " * (w_ == "w2")
+                lines.append(f"            {pad}{w_} = tl.load({w_}_ptr + e64[:, None] * {sw}0 + ({w_off} + u)[None, :]"
+                             f".to(tl.int64) * {sw}1, mask=mask, other=0.0)")
+                lines += [f"            {pad}{y}{j} = tl.load({b_}_ptr + e64 * {sb}0 + {b_off + j} * {sb}1, mask=me,"
+                          " other=0.0)" for j in sorted({e[1] for e in ents})]
             for i in sorted({e[0] for e in ents}):  # one a component live at a time
-                lines.append(f"            x = w * tl.load(a_ptr + s[:, None] * sa0 + ({a_off + i * mul} + u)[None, :]"
-                             ".to(tl.int64) * sa1, mask=mask, other=0.0)")
+                lines += [f"            xa = tl.load(a_ptr + s[:, None] * sa0 + ({a_off + i * mul} + u)[None, :]"
+                          ".to(tl.int64) * sa1, mask=mask, other=0.0)", "            x = w * xa",
+                          "            if TWO:", "                x2 = w2 * xa"]
                 for k in range(d_o):
-                    terms = [_times(form.rounded(c), f"y{j}", dt) for ii, j, kk, c in ents if ii == i and kk == k]
-                    if terms:
-                        lines.append(f"            acc{k} += ({' + '.join(terms)})[:, None] * x")
+                    jc = [(j, form.rounded(c)) for ii, j, kk, c in ents if ii == i and kk == k]
+                    if jc:
+                        lines += [f"            acc{k} += ({' + '.join(_times(c, f'y{j}', dt) for j, c in jc)})[:, None] * x",
+                                  "            if TWO:",
+                                  f"                acc{k} += ({' + '.join(_times(c, f'z{j}', dt) for j, c in jc)})[:, None] * x2"]
         lines += [f"        tl.store(o_row + ({o_off + k} + u * {d_o})[None, :], tl.sum(tl.reshape(acc{k}, "
                   f"(BLOCK_N, BLOCK_S, BLOCK_U)), axis=1), mask=mo[:, None] & mu[None, :])" for k in range(d_o)]
     return "\n".join(lines) + "\n"
@@ -428,7 +439,8 @@ _BLOCK = 32  # edges per program (tile rows)
 _SLOTS = 8  # a receiver's edges per tile: MACE's have ~20-60 (r_max 5-6 A)
 
 
-def _conv_raw(form: ConvForm, a, b, w, graph: Graph) -> torch.Tensor:
+def _conv_raw(form: ConvForm, a, b, w, graph: Graph, b2=None, w2=None) -> torch.Tensor:
+    """The conv of (a, b, w), plus that of (a, b2, w2) where given (one launch)."""
     n_out = graph.n_dst
     out = (a.new_empty if form.covers_o else a.new_zeros)(n_out, form.dim_o)
     if not form.paths or n_out == 0:
@@ -439,13 +451,16 @@ def _conv_raw(form: ConvForm, a, b, w, graph: Graph) -> torch.Tensor:
         seg = graph.receivers()
         order, start = seg.order, seg.start
     a = component_major(a, form.a_perm)
-    bu = _block_u(form, 64)
+    two = b2 is not None
+    b2, w2 = (b2, w2) if two else (b, w)  # unread without TWO: any pointers with strides
+    bu = _block_u(form, 32 if two else 64)  # two products' operands: half the channels a tile
     slots = 1 if graph.identity else _SLOTS
     grid = (triton.cdiv(n_out, _BLOCK // slots), len(form.groups), triton.cdiv(form.max_mul, bu))
-    form.kernel[grid](a, b, w, out, graph.src, order, start,
+    form.kernel[grid](a, b, w, b2, w2, out, graph.src, order, start,
                       n_out, a.stride(0), a.stride(1), b.stride(0), b.stride(1), w.stride(0), w.stride(1),
+                      b2.stride(0), b2.stride(1), w2.stride(0), w2.stride(1),
                       out.stride(0), IDENTITY=graph.identity, BLOCK_N=_BLOCK // slots, BLOCK_S=slots,
-                      BLOCK_U=bu, num_warps=8)
+                      BLOCK_U=bu, TWO=two, num_warps=8)
     return out
 
 
@@ -525,35 +540,47 @@ def _edge_vjp(form, graph, a, b, w, g, Gb, Gw, need):
     by its incoming gradient."""
     na, nb, nw, ng = need
     da = db = dw = dg = None
+    pairs = ((Gb, w), (b, Gw))  # gb's and gw's terms: one launch for both where both come
     if na:
-        if Gb is not None:
-            da = _add(da, _Conv.apply(g, Gb, w, form.transposed, graph.transposed))
-        if Gw is not None:
-            da = _add(da, _Conv.apply(g, b, Gw, form.transposed, graph.transposed))
+        da = _convs(form.transposed, graph.transposed, g, pairs)
     if ng:
-        if Gb is not None:
-            dg = _add(dg, _Conv.apply(a, Gb, w, form, graph))
-        if Gw is not None:
-            dg = _add(dg, _Conv.apply(a, b, Gw, form, graph))
-    if nb and Gw is not None:
-        db = _edge(form, a, b, Gw, g, graph, True, False)[0]
-    if nw and Gb is not None:
-        dw = _edge(form, a, Gb, w, g, graph, False, True)[1]
+        dg = _convs(form, graph, a, pairs)
+    want_b, want_w = nb and Gw is not None, nw and Gb is not None
+    if want_b or want_w:  # one launch: gb reads only the w operand (here Gw), gw only the b one (Gb)
+        db, dw = _edge(form, a, Gb if want_w else b, Gw if want_b else w, g, graph, want_b, want_w)
     return da, db, dw, dg
 
 
 class _Conv(torch.autograd.Function):
+    """The conv of (a, b, w), plus that of (a, b2, w2) where given (one launch)."""
+
     @staticmethod
-    def forward(ctx, a, b, w, form, graph):
-        track(ctx, a, b, w, form, graph)
-        ctx.save_for_backward(a, b, w)
+    def forward(ctx, a, b, w, form, graph, b2=None, w2=None):
+        track(ctx, a, b, w, form, graph, b2, w2)
+        ctx.save_for_backward(a, b, w, b2, w2)
         ctx.form, ctx.graph = form, graph
-        return _conv_raw(form, a, b, w, graph)
+        return _conv_raw(form, a, b, w, graph, b2, w2)
 
     @staticmethod
     def backward(ctx, g):
-        a, b, w = ctx.saved_tensors
-        return (*_conv_vjp(ctx.form, ctx.graph, a, b, w, g, [needed(ctx, i) for i in range(3)]), None, None)
+        a, b, w, b2, w2 = ctx.saved_tensors
+        ga, gb, gw = _conv_vjp(ctx.form, ctx.graph, a, b, w, g, [needed(ctx, i) for i in range(3)])
+        gb2 = gw2 = None
+        if b2 is not None:  # the second product's share (its a gradient added to the first's)
+            ga2, gb2, gw2 = _conv_vjp(ctx.form, ctx.graph, a, b2, w2, g, [needed(ctx, i) for i in (0, 5, 6)])
+            ga = _add(ga, ga2)
+        return (ga, gb, gw, None, None, gb2, gw2)[:len(ctx.needs_input_grad)]
+
+
+def _convs(form, graph, a, pairs):
+    """The sum of the convs of (a, b, w) over ``pairs`` (a None b or w: no term), two at a
+    time in one launch; None if no pair is whole."""
+    pairs = [(b, w) for b, w in pairs if b is not None and w is not None]
+    out = None
+    for i in range(0, len(pairs), 2):
+        two = pairs[i + 1] if i + 1 < len(pairs) else (None, None)
+        out = _add(out, _Conv.apply(a, *pairs[i], form, graph, *two))
+    return out
 
 
 class _Edge(torch.autograd.Function):
