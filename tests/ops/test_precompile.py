@@ -83,6 +83,22 @@ def test_precompiled_kernels_are_cache_hits():
     assert out["launcher_restored"], out
 
 
+def test_refuses_what_cannot_compile(monkeypatch):
+    """One-line errors before any work: under the interpreter (nothing would compile),
+    and without a GPU or a target to compile for."""
+    from sparsekern import precompile
+
+    ran = []
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET is set"):
+        precompile(lambda: ran.append(1))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no CUDA device here; pass target="):
+        precompile(lambda: ran.append(1))
+    assert not ran
+
+
 if __name__ == "__main__":
     sys.path.insert(0, _ROOT)  # this checkout's sparsekern, not an installed one
     import sparsekern  # noqa: F401  (lets e3nn 0.4.4 import under torch >= 2.6)

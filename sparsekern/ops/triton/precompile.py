@@ -135,12 +135,20 @@ def precompile(run: Callable[[], object], workers: Optional[int] = None, target=
     launches recorded instead of run, so every value it computes is garbage: give it a
     copy of anything it changes (no optimizer step). ``target``: the current device's
     (default) or a ``triton.backends.compiler.GPUTarget``."""
-    with recording() as launches:
-        run()
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("precompile: TRITON_INTERPRET is set, so kernels run in Triton's interpreter "
+                           "and nothing compiles; unset it")
     if target is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("precompile: no CUDA device here; pass target=GPUTarget('cuda', 90, 32) "
+                               "(triton.backends.compiler) to compile for one")
         from triton.runtime import driver
 
         target = driver.active.get_current_target()
+    with recording() as launches:
+        run()
     specs = specialisations(launches, target)
     compile_all(specs, target, workers)
     return len(specs)
