@@ -18,8 +18,9 @@ import pytest
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _passes():
-    """A small MACE-shaped conv and irrep linear, forward and backward, on the CPU."""
+def _passes(device="cpu"):
+    """A small MACE-shaped conv and irrep linear, forward and backward (on the CPU: the
+    launches recorded, never run)."""
     import dataclasses
 
     import torch
@@ -27,18 +28,20 @@ def _passes():
     from sparsekern.layers import ChannelwiseConv, IrrepsLinear
     from sparsekern.ops import registry
 
-    registry.BACKENDS["triton"] = dataclasses.replace(registry.BACKENDS["triton"], available=lambda device: True)
+    if device == "cpu":
+        registry.BACKENDS["triton"] = dataclasses.replace(registry.BACKENDS["triton"], available=lambda d: True)
     torch.manual_seed(0)
     conv = ChannelwiseConv("4x0e+4x1o", "0e+1o", "4x0e+4x1o+4x1o+4x0e",
                            [(0, 0, 0, "uvu", True), (0, 1, 1, "uvu", True), (1, 0, 2, "uvu", True),
                             (1, 1, 3, "uvu", True)]).set_backend("triton")
     lin = IrrepsLinear("16x0e+16x1o+16x1o", "16x0e+16x1o").set_backend("triton")
+    conv, lin = conv.to(device), lin.to(device)
     n, e = 5, 12
-    x = torch.randn(n, conv.irreps_in1.dim, requires_grad=True)
-    sh = torch.randn(e, conv.irreps_in2.dim)
-    w = torch.randn(e, conv.weight_numel, requires_grad=True)
-    edge_index = torch.randint(0, n, (2, e))
-    h = torch.randn(n, lin.irreps_in.dim, requires_grad=True)
+    x = torch.randn(n, conv.irreps_in1.dim, device=device, requires_grad=True)
+    sh = torch.randn(e, conv.irreps_in2.dim, device=device)
+    w = torch.randn(e, conv.weight_numel, device=device, requires_grad=True)
+    edge_index = torch.randint(0, n, (2, e), device=device)
+    h = torch.randn(n, lin.irreps_in.dim, device=device, requires_grad=True)
 
     def run():
         conv(x, sh, w, edge_index).sum().backward()
@@ -81,6 +84,24 @@ def test_precompiled_kernels_are_cache_hits():
     assert {"_conv_kernel", "_grads_kernel", "_lin_kernel", "_wgrad_kernel"} <= set(out["kernels"]), out
     assert out["compiled"] == out["specs"] and out["hits"] == [True] * out["specs"], out
     assert out["launcher_restored"], out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_launches_find_precompiled_kernels(tmp_path, monkeypatch):
+    """On a GPU, into a fresh cache: after precompile, the real launches compile nothing
+    (each kernel they load is a cache hit; the generated conv kernels are new here)."""
+    from triton import knobs
+
+    from sparsekern import precompile
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    run = _passes("cuda")
+    assert precompile(run, workers=4) >= 4
+    hits = []
+    monkeypatch.setattr(knobs.compilation, "listener", lambda cache_hit, **_: hits.append(cache_hit))
+    run()
+    assert hits and all(hits), hits
 
 
 def test_refuses_what_cannot_compile(monkeypatch):
