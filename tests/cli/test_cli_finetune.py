@@ -341,7 +341,14 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert demo.main(["--epochs", "1", "--every", "1", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "2 training frames, 1 test frames" in out and "changed:" in out and "in SevenNetCalculator" in out
+    assert "loss weights energy 100 forces 100" in out
     assert (tmp_path / "demo" / "sparse" / "adapter.report.png").stat().st_size > 0
+    # rerun into the same --out with other arguments: one line naming the difference, no traceback
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--epochs", "1", "--every", "1", "--out", str(tmp_path / "demo"), "--energy_weight", "1"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "written for different arguments (energy_weight: checkpoint 100.0 vs now 1.0)" in err, err
 
 
 def test_lora_adapter_holds_the_factors_and_round_trips(files, tmp_path):
