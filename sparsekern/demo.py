@@ -50,12 +50,14 @@ def main(argv=None) -> int:
     from .finetune.report import build_report, verdict_line, write_report
     from .finetune.trainer import Settings, run
 
-    train = _split(src / "Si_train.xyz", args.out / f"si_train_every{args.every}.xyz", args.every)
-    try:
-        m = run(Settings(model="7net-0", train=str(train), test=str(src / "Si_test.xyz"), method=args.method,
-                         density=args.density, epochs=args.epochs, energy_weight=args.energy_weight,
-                         out=str(args.out / args.method)))
-    except ValueError as exc:  # e.g. a checkpoint in --out from other arguments: one line, no traceback
+    train = args.out / f"si_train_every{args.every}.xyz"
+    try:  # bad arguments, or a checkpoint in --out from other ones: one line, no traceback
+        settings = Settings(model="7net-0", train=str(train), test=str(src / "Si_test.xyz"), method=args.method,
+                            density=args.density, epochs=args.epochs, energy_weight=args.energy_weight,
+                            out=str(args.out / args.method))  # checked before anything is written
+        _split(src / "Si_train.xyz", train, args.every)
+        m = run(settings)
+    except ValueError as exc:
         parser.exit(2, f"sparsekern.demo: error: {exc}\n")
     print(f"\nSevenNet-0 on silicon: {m['n_train']} training frames, {m['n_test']} test frames (Si_test.xyz), "
           f"{m['epochs']} epochs, method {args.method}, lr {m['settings']['lr']:g}, loss weights energy "

@@ -105,6 +105,11 @@ class Settings:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0 "
                              f"(got {self.epochs}, {self.batch_size}, {self.lr})")
+        weights = {"--energy_weight": self.energy_weight, "--forces_weight": self.forces_weight,
+                   "--magforces_weight": self.magforces_weight, "--magmom_weight": self.magmom_weight}
+        bad = [f"{k} {v:g}" for k, v in weights.items() if not (math.isfinite(v) and v >= 0)]
+        if bad:  # a negative weight would maximise that error, silently
+            raise ValueError(f"loss weights must be finite and >= 0, got {', '.join(bad)}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.lr_schedule not in LR_SCHEDULES:

@@ -229,6 +229,7 @@ def test_bad_data_and_folders_are_refused_before_slow_work(files, sparse_run, ca
     (tmp_path / "file").write_text("")
     refused(tmp_path / "file", says="is a file")
     refused(tmp_path / "d", "--density", "0", says="--density must be in (0, 1]")
+    refused(tmp_path / "w", "--energy_weight", "-1", says="loss weights must be finite and >= 0, got --energy_weight -1")
     refused(tmp_path / "s", "--density_warmup", "1", "--density_anneal", "5", says="must end within --epochs")
     refused(tmp_path / "p", "--density_peak", "0.01", says="--density_peak must be in [--density, 1]")
     if not torch.cuda.is_available():
@@ -349,6 +350,10 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
     assert "written for different arguments (energy_weight: checkpoint 100.0 vs now 1.0)" in err, err
+    with pytest.raises(SystemExit) as stop:  # refused before anything is written
+        demo.main(["--energy_weight", "-1", "--out", str(tmp_path / "bad")])
+    assert stop.value.code == 2 and "loss weights must be finite and >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_lora_adapter_holds_the_factors_and_round_trips(files, tmp_path):

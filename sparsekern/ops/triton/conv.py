@@ -573,14 +573,12 @@ class _Conv(torch.autograd.Function):
 
 
 def _convs(form, graph, a, pairs):
-    """The sum of the convs of (a, b, w) over ``pairs`` (a None b or w: no term), two at a
-    time in one launch; None if no pair is whole."""
-    pairs = [(b, w) for b, w in pairs if b is not None and w is not None]
-    out = None
-    for i in range(0, len(pairs), 2):
-        two = pairs[i + 1] if i + 1 < len(pairs) else (None, None)
-        out = _add(out, _Conv.apply(a, *pairs[i], form, graph, *two))
-    return out
+    """The sum of the convs of (a, b, w) over the two ``pairs`` (a None b or w: no term),
+    in one launch; None if neither pair is whole."""
+    whole = [(b, w) for b, w in pairs if b is not None and w is not None]
+    if not whole:
+        return None
+    return _Conv.apply(a, *whole[0], form, graph, *(whole[1] if len(whole) == 2 else (None, None)))
 
 
 class _Edge(torch.autograd.Function):
