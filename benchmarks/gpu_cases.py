@@ -6,10 +6,10 @@ two interaction convs, the element-indexed linears (skip_tp), the irrep linears 
 each conv, and the symmetric contractions, float32. Each case gives its back ends as
 callables: e3nn (as MACE runs it), sparsekern's torch back end, the Triton kernels (also
 with a block-sparse delta at 3 % density, W0 frozen, and, for the conv, half its paths
-masked), sparsekern's cuEquivariance back end (ops/cueq; conv and contraction) and
-cuEquivariance's fused conv as MACE builds it, where they import. A back end that cannot
-run here is a string saying why. ``floor`` holds the forward pass's compulsory bytes and
-FLOPs (computed, see NOTES.md).
+masked and its edges listed by receiver), sparsekern's cuEquivariance back end (ops/cueq;
+conv and contraction) and cuEquivariance's fused conv as MACE builds it, where they
+import. A back end that cannot run here is a string saying why. ``floor`` holds the
+forward pass's compulsory bytes and FLOPs (computed, see NOTES.md).
 """
 from __future__ import annotations
 
@@ -140,6 +140,9 @@ def conv_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
     sender = torch.arange(n_nodes, device=dev).repeat_interleave(max(1, n_edges // n_nodes))
     receiver = torch.randint(0, n_nodes, (sender.numel(),), device=dev, generator=g)
     edge_index = torch.stack([sender, receiver])
+    # the same edges listed by receiver, the order the forward walks them: its w and b rows
+    # read in sequence instead of scattered (and the backward's, by sender, scattered)
+    by_receiver = edge_index[:, torch.argsort(receiver, stable=True)]
     e = edge_index.shape[1]
     tp = model.interactions[li].conv_tp
     conv = ChannelwiseConv.from_e3nn(tp)
@@ -158,6 +161,7 @@ def conv_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
         "torch": (lambda a, b, c: conv(a, b, c, edge_index), ins),
         "triton": (lambda a, b, c: triton_conv(conv.desc, a, b, c, edge_index), ins),
         "triton_half_paths": (lambda a, b, c: triton_conv(conv.desc, a, b, c, edge_index, path_mask=half), ins),
+        "triton_by_receiver": (lambda a, b, c: triton_conv(conv.desc, a, b, c, by_receiver), ins),
     }
     backends["cueq"] = cueq_backend(dev, lambda a, b, c: registry.implementation("conv", "cueq")(
         conv.desc, a, b, c, edge_index), ins)

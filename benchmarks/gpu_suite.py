@@ -7,8 +7,8 @@
 2. Kernels (``gpu_cases.py``): conv, skip_tp, irrep linear and symmetric contraction of
    a MACE-MP-0-medium-shaped model on 5,000 atoms / 150,000 edges and 300 atoms / 9,000
    edges, float32; e3nn vs the torch back end vs Triton (dense, 3 % block-sparse delta,
-   half the conv paths) vs cuEquivariance's fused conv where it imports; fwd, fwd+bwd and
-   (conv, contraction) fwd+bwd+dbl. Each forward's time is set against its floor
+   half the conv paths, the conv's edges listed by receiver) vs cuEquivariance's fused
+   conv where it imports; fwd, fwd+bwd and (conv, contraction) fwd+bwd+dbl. Each forward's time is set against its floor
    (compulsory bytes / measured bandwidth, FLOPs / measured rate).
 3. Parity in the same run (triton vs torch, float32; conv second derivatives in float64).
 4. End to end (``gpu_e2e.py``): energy + forces and one fine-tuning step, e3nn vs

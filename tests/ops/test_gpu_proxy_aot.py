@@ -38,9 +38,10 @@ def _nvbin(tool: str) -> str:
     return os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", tool)
 
 
-def _mace_launches(dtype_name: str):
+def _mace_launches(dtype_name: str, cells=(3, 3, 3)):
     """The launches of energy+forces, a full and a sparse training step of MACE-MP-0
-    medium (89 elements, 128 channels, l <= 3, correlation 3) on 27 atoms."""
+    medium (89 elements, 128 channels, l <= 3, correlation 3) on an fcc crystal of
+    ``cells`` (27 atoms by default)."""
     import torch
     from ase.build import bulk
 
@@ -52,8 +53,8 @@ def _mace_launches(dtype_name: str):
     # CPU tensors, launches recorded: let the registry hand out the triton back end here
     registry.BACKENDS["triton"] = dataclasses.replace(registry.BACKENDS["triton"], available=lambda device: True)
     model = mace_mp0_shaped("medium", dtype=getattr(torch, dtype_name))
-    atoms = bulk("Cu", "fcc", a=3.6) * (3, 3, 3)
-    atoms.numbers = [29, 8, 1] * 9
+    atoms = bulk("Cu", "fcc", a=3.6) * cells
+    atoms.numbers = ([29, 8, 1] * len(atoms))[:len(atoms)]
     atoms.rattle(0.05, seed=0)
     batch = mace_batch(model, [atoms])
     with recording() as launches:
@@ -108,10 +109,40 @@ def main(dtype_name: str) -> None:
     print(json.dumps(dict(host_s=round(t1 - t0, 1), compile_s=round(time.time() - t1, 1))), flush=True)
 
 
+def sizes() -> None:
+    """Print (JSON) the specialisations launched on 27 atoms (2,106 edges) and on 16
+    (1,248: node and edge counts multiples of 16, which Triton specialises on unless
+    told not to), and those only one of the two launches."""
+    from triton.backends.compiler import GPUTarget
+
+    from sparsekern.ops.triton.precompile import specialisations
+
+    target = GPUTarget("cuda", 90, 32)
+    keys = [{(id(s.kernel), s.name, repr(s.signature), repr(s.attrs), repr(sorted(s.constexprs.items())))
+             for s in specialisations(_mace_launches("float32", cells), target)} for cells in ((3, 3, 3), (2, 2, 4))]
+    print(json.dumps(dict(specs=[len(k) for k in keys], differ=sorted(k[1] for k in keys[0] ^ keys[1]))))
+
+
+def _script(*args) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, cwd=_ROOT)
+
+
+@pytest.mark.gpu_proxy
+def test_batch_size_specialises_nothing():
+    """A batch of another size launches the very same specialisations: the kernels take
+    node and edge counts unspecialised (``do_not_specialize``), so a training run whose
+    batches vary compiles each kernel once, not once per divisibility of its sizes (a
+    16-atom batch recompiled 27 of the 34 before)."""
+    run = _script("sizes")
+    assert run.returncode == 0, run.stderr[-4000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["specs"][0] > 20 and not out["differ"], out
+
+
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, __file__, "float32"], capture_output=True, text=True, env=env, cwd=_ROOT)
+    run = _script("float32")
     assert run.returncode == 0, run.stderr[-4000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     print("\n".join(json.dumps(r) for r in rows))  # the measured figures, shown with -s
@@ -151,4 +182,4 @@ def test_no_spills(compiled):
 
 if __name__ == "__main__":
     sys.path.insert(0, _ROOT)  # this checkout's sparsekern, not an installed one
-    main(sys.argv[1])
+    sizes() if sys.argv[1] == "sizes" else main(sys.argv[1])

@@ -199,7 +199,7 @@ def test_orderings_built_once_per_graph(monkeypatch):
     conv, x, y, w, ei = make(*TINY, n=3, e=5, dtype=torch.float64)
     built = []
     original = triton_conv_module.Segments.build
-    monkeypatch.setattr(triton_conv_module.Segments, "build", lambda ends, n: built.append(n) or original(ends, n))
+    monkeypatch.setattr(triton_conv_module.Segments, "build", lambda ends, others, n: built.append(n) or original(ends, others, n))
     for _ in range(2):  # two layers on one graph
         args = [t.clone().requires_grad_() for t in (x, y, w)]
         torch.autograd.grad(triton_conv(conv.desc, *args, ei).square().sum(), args)

@@ -68,9 +68,10 @@ def _receiver_tile(start_ptr, N, IDENTITY: tl.constexpr, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
-def _slot_edges(order_ptr, src_ptr, row, n, mn, first, deg, s0, IDENTITY: tl.constexpr, BLOCK_S: tl.constexpr):
+def _slot_edges(order_ptr, peer_ptr, row, n, mn, first, deg, s0, IDENTITY: tl.constexpr, BLOCK_S: tl.constexpr):
     """The edge in slot s0 + (row's slot) of each row's receiver (masked past its
-    in-degree) and the edge's sender."""
+    in-degree) and the edge's other end, both read from the ordering (one level of
+    loads, not an edge id and then its sender)."""
     slot = s0 + row % BLOCK_S
     me = mn & (slot < deg)
     if IDENTITY:
@@ -78,12 +79,12 @@ def _slot_edges(order_ptr, src_ptr, row, n, mn, first, deg, s0, IDENTITY: tl.con
         s = e64
     else:
         e64 = tl.load(order_ptr + first + slot, mask=me, other=0).to(tl.int64)
-        s = tl.load(src_ptr + e64, mask=me, other=0).to(tl.int64)
+        s = tl.load(peer_ptr + first + slot, mask=me, other=0).to(tl.int64)
     return me, e64, s
 
 
-_CONV_HEAD = """@triton.jit
-def _conv_kernel(a_ptr, b_ptr, w_ptr, b2_ptr, w2_ptr, out_ptr, src_ptr, order_ptr, start_ptr,
+_CONV_HEAD = """@triton.jit(do_not_specialize=["N"])
+def _conv_kernel(a_ptr, b_ptr, w_ptr, b2_ptr, w2_ptr, out_ptr, peer_ptr, order_ptr, start_ptr,
                  N, sa0, sa1, sb0, sb1, sw0, sw1, sb20, sb21, sw20, sw21, so0,
                  IDENTITY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                  BLOCK_U: tl.constexpr, TWO: tl.constexpr):
@@ -93,6 +94,23 @@ def _conv_kernel(a_ptr, b_ptr, w_ptr, b2_ptr, w2_ptr, out_ptr, src_ptr, order_pt
     o_row = out_ptr + n_out.to(tl.int64)[:, None] * so0
     mo = n_out < N
 """
+
+
+def _slot_loop(peer: str, peer_ptr: str) -> List[str]:
+    """The head of a loop over a tile's edge slots, BLOCK_S at a time: (me, e64, peer)
+    of the slots in hand, the next slots' loaded at the top of the body (prefetched: in
+    flight while this body's gathers and products run, so an iteration waits on one
+    level of loads, the gathers, not on the edge ids first); the body ends with
+    :func:`_slot_next`."""
+    args = f"order_ptr, {peer_ptr}, row, n, mn, first, deg, {{}}, IDENTITY, BLOCK_S"
+    return [f"        me, e64, {peer} = _slot_edges({args.format('0')})",
+            "        for s0 in range(0, width, BLOCK_S):",
+            f"            me_next, e64_next, {peer}_next = _slot_edges({args.format('s0 + BLOCK_S')})",
+            "            mask = me[:, None] & mu[None, :]"]
+
+
+def _slot_next(peer: str) -> str:
+    return f"            me, e64, {peer} = me_next, e64_next, {peer}_next"
 
 
 def _conv_source(form: "ConvForm") -> str:
@@ -116,9 +134,7 @@ def _conv_source(form: "ConvForm") -> str:
         for t in ts:  # a loop over the edges per path: only one path's operands are live
             a_off, _, b_off, _, w_off, _, _, mul = form.paths[t]
             ents = form.entries[t]
-            lines += ["        for s0 in range(0, width, BLOCK_S):",
-                      "            me, e64, s = _slot_edges(order_ptr, src_ptr, row, n, mn, first, deg, s0, IDENTITY, BLOCK_S)",
-                      "            mask = me[:, None] & mu[None, :]"]
+            lines += _slot_loop("s", "peer_ptr")
             for w_, b_, y, sw, sb in (("w", "b", "y", "sw", "sb"), ("w2", "b2", "z", "sw2", "sb2")):
                 if w_ == "w2":
                     lines.append("            if TWO:")
@@ -137,12 +153,13 @@ def _conv_source(form: "ConvForm") -> str:
                         lines += [f"            acc{k} += ({' + '.join(_times(c, f'y{j}', dt) for j, c in jc)})[:, None] * x",
                                   "            if TWO:",
                                   f"                acc{k} += ({' + '.join(_times(c, f'z{j}', dt) for j, c in jc)})[:, None] * x2"]
+            lines.append(_slot_next("s"))
         lines += [f"        tl.store(o_row + ({o_off + k} + u * {d_o})[None, :], tl.sum(tl.reshape(acc{k}, "
                   f"(BLOCK_N, BLOCK_S, BLOCK_U)), axis=1), mask=mo[:, None] & mu[None, :])" for k in range(d_o)]
     return "\n".join(lines) + "\n"
 
 
-_EDGE_HEAD = """@triton.jit
+_EDGE_HEAD = """@triton.jit(do_not_specialize=["E"])
 def _edge_kernel(a_ptr, b_ptr, w_ptr, g_ptr, gb_ptr, gw_ptr, src_ptr, dst_ptr,
                  E, sa0, sa1, sb0, sb1, sw0, sw1, sg0, sg1, sgb0, sgw0,
                  BLOCK_E: tl.constexpr, BLOCK_U: tl.constexpr, NEED_GB: tl.constexpr, NEED_GW: tl.constexpr):
@@ -194,8 +211,8 @@ def _edge_source(form: "ConvForm") -> str:
     return "\n".join(lines) + "\n"
 
 
-_GRADS_HEAD = """@triton.jit
-def _grads_kernel(a_ptr, b_ptr, w_ptr, g_ptr, ga_ptr, gbp_ptr, gw_ptr, dst_ptr, order_ptr, start_ptr,
+_GRADS_HEAD = """@triton.jit(do_not_specialize=["N"])
+def _grads_kernel(a_ptr, b_ptr, w_ptr, g_ptr, ga_ptr, gbp_ptr, gw_ptr, peer_ptr, order_ptr, start_ptr,
                   N, sa0, sa1, sb0, sb1, sw0, sw1, sg0, sg1, sga0, sgbp0, sgw0,
                   IDENTITY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                   BLOCK_U: tl.constexpr, NEED_GB: tl.constexpr, NEED_GW: tl.constexpr):
@@ -238,11 +255,9 @@ def _grads_path_lines(form: "ConvForm", t: int, dt: str) -> List[str]:
     """The fused backward's loop over the edge slots for path t."""
     a_off, _, b_off, d_b, w_off, o_off, _, mul = form.paths[t]
     ents = [(i, j, k, form.rounded(c)) for i, j, k, c in form.entries[t]]
-    lines = ["        for s0 in range(0, width, BLOCK_S):",
-             "            me, e64, r = _slot_edges(order_ptr, dst_ptr, row, n, mn, first, deg, s0, IDENTITY, BLOCK_S)",
-             "            mask = me[:, None] & mu[None, :]",
-             f"            w = tl.load(w_ptr + e64[:, None] * sw0 + ({w_off} + u)[None, :].to(tl.int64) * sw1,"
-             " mask=mask, other=0.0)"]
+    lines = _slot_loop("r", "peer_ptr") + [
+        f"            w = tl.load(w_ptr + e64[:, None] * sw0 + ({w_off} + u)[None, :].to(tl.int64) * sw1,"
+        " mask=mask, other=0.0)"]
     lines += [f"            y{j} = tl.load(b_ptr + e64 * sb0 + {b_off + j} * sb1, mask=me, other=0.0)"
               for j in sorted({e[1] for e in ents})]
     lines += [f"            g{k} = tl.load(g_ptr + r[:, None] * sg0 + ({o_off + k * mul} + u)[None, :]"
@@ -262,7 +277,7 @@ def _grads_path_lines(form: "ConvForm", t: int, dt: str) -> List[str]:
               "            if NEED_GB:"]
     lines += [f"                tl.store(gbp_row + e64 * sgbp0 + {form.b_cols[t] + j}, gbp{j}, mask=me)"
               for j in range(d_b)]
-    return lines
+    return lines + [_slot_next("r")]
 
 
 def _by_k(ents, i: int) -> Dict[int, List[Tuple[int, float]]]:
@@ -394,17 +409,20 @@ def build_form(desc: TPDesc, like: torch.Tensor, path_mask=None) -> ConvForm:
 
 @dataclass
 class Segments:
-    """The edges grouped by one end: ``order`` the edge ids sorted (stably) by it,
-    node n owning ``order[start[n]:start[n + 1]]``. Device ops only (no host sync)."""
+    """The edges grouped by one end: ``order`` the edge ids sorted (stably) by it, node n
+    owning ``order[start[n]:start[n + 1]]``, and ``peer`` the other end of each edge in
+    that order (the kernels read an edge's id and its sender together, not one after
+    the other). Device ops only (no host sync)."""
     order: torch.Tensor
     start: torch.Tensor
+    peer: torch.Tensor
 
     @staticmethod
-    def build(ends: torch.Tensor, n: int) -> "Segments":
+    def build(ends: torch.Tensor, others: torch.Tensor, n: int) -> "Segments":
         order = torch.argsort(ends, stable=True)
         nodes = torch.arange(n + 1, device=ends.device, dtype=ends.dtype)
         start = torch.searchsorted(ends.index_select(0, order), nodes)
-        return Segments(order.to(torch.int32), start.to(torch.int32))
+        return Segments(order.to(torch.int32), start.to(torch.int32), others.index_select(0, order).to(torch.int32))
 
 
 @dataclass
@@ -423,12 +441,21 @@ class Graph:
     def receivers(self) -> Segments:
         key = ("receivers", self.rows[1], self.n_dst)
         if key not in self.cache:
-            self.cache[key] = Segments.build(self.dst, self.n_dst)
+            self.cache[key] = Segments.build(self.dst, self.src, self.n_dst)
         return self.cache[key]
 
     @property
     def transposed(self) -> "Graph":
         return Graph(self.dst, self.src, self.n_dst, self.n_src, self.cache, self.rows[::-1], self.identity)
+
+
+def _ordering(segments, graph: Graph):
+    """(order, start, peer) for the kernels: ``segments()``'s, or for the per-edge
+    product (no ordering to read) any int32 pointers."""
+    if graph.identity:
+        return graph.src, graph.src, graph.src  # unread
+    seg = segments()
+    return seg.order, seg.start, seg.peer
 
 
 def _block_u(form: ConvForm, most: int) -> int:
@@ -445,18 +472,14 @@ def _conv_raw(form: ConvForm, a, b, w, graph: Graph, b2=None, w2=None) -> torch.
     out = (a.new_empty if form.covers_o else a.new_zeros)(n_out, form.dim_o)
     if not form.paths or n_out == 0:
         return out
-    if graph.identity:
-        order = start = graph.src  # unread
-    else:
-        seg = graph.receivers()
-        order, start = seg.order, seg.start
+    order, start, peer = _ordering(graph.receivers, graph)
     a = component_major(a, form.a_perm)
     two = b2 is not None
     b2, w2 = (b2, w2) if two else (b, w)  # unread without TWO: any pointers with strides
     bu = _block_u(form, 32 if two else 64)  # two products' operands: half the channels a tile
     slots = 1 if graph.identity else _SLOTS
     grid = (triton.cdiv(n_out, _BLOCK // slots), len(form.groups), triton.cdiv(form.max_mul, bu))
-    form.kernel[grid](a, b, w, b2, w2, out, graph.src, order, start,
+    form.kernel[grid](a, b, w, b2, w2, out, peer, order, start,
                       n_out, a.stride(0), a.stride(1), b.stride(0), b.stride(1), w.stride(0), w.stride(1),
                       b2.stride(0), b2.stride(1), w2.stride(0), w2.stride(1),
                       out.stride(0), IDENTITY=graph.identity, BLOCK_N=_BLOCK // slots, BLOCK_S=slots,
@@ -498,17 +521,13 @@ def _grads_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: b
     bu = _block_u(form, 32)  # with 64 channels a tile, 253 registers on sm_90 (Triton 3.7.1)
     n_ct = triton.cdiv(form.max_mul, bu)
     gbp = a.new_empty(E, n_ct * form.sum_db) if need_b else None
-    if graph.identity:
-        order = start = graph.src  # unread
-    else:
-        seg = graph.transposed.receivers()  # the edges by sender
-        order, start = seg.order, seg.start
+    order, start, peer = _ordering(graph.transposed.receivers, graph)  # the edges by sender
     slots = 1 if graph.identity else _SLOTS
     a, g = component_major(a, form.a_perm), component_major(g, form.transposed.a_perm)
     gbp_ = gbp if gbp is not None else a  # an output not asked for: any pointer with strides
     gw_ = gw if gw is not None else a
     grid = (triton.cdiv(n_a, _BLOCK // slots), len(form.a_groups), n_ct)
-    form.grads_kernel[grid](a, b, w, g, ga, gbp_, gw_, graph.dst, order, start,
+    form.grads_kernel[grid](a, b, w, g, ga, gbp_, gw_, peer, order, start,
                             n_a, a.stride(0), a.stride(1), b.stride(0), b.stride(1), w.stride(0), w.stride(1),
                             g.stride(0), g.stride(1), ga.stride(0), gbp_.stride(0), gw_.stride(0),
                             IDENTITY=graph.identity, BLOCK_N=_BLOCK // slots, BLOCK_S=slots, BLOCK_U=bu,

@@ -53,7 +53,7 @@ _COLS = 13
 _TRANSPOSED = ((0, 1), (2, 3), (7, 8), (11, 12))  # the columns a transposed map swaps
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_nodes"])
 def _lin_kernel(x_ptr, w_ptr, slot_ptr, val_ptr, y_ptr, grp_ptr, path_ptr, scale_ptr, order_ptr, tile_ptr,
                 n_nodes, sx0, sx1, sw, sy0, T, sv0, sv1, sv2,
                 HAS_W0: tl.constexpr, HAS_DELTA: tl.constexpr, SORTED: tl.constexpr, TR: tl.constexpr, IEEE: tl.constexpr,
@@ -127,7 +127,7 @@ def _lin_kernel(x_ptr, w_ptr, slot_ptr, val_ptr, y_ptr, grp_ptr, path_ptr, scale
         tl.store(y_ptr + node[:, None] * sy0 + dst + v[None, :] * d + m[:, None], acc, mask=mq[:, None] & mv[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_nodes"])
 def _wgrad_kernel(a_ptr, b_ptr, out_ptr, path_ptr, scale_ptr, tile_ptr, slot_ptr, order_ptr, seg_ptr,
                   n_nodes, sa0, sa1, sb0, sb1,
                   DELTA: tl.constexpr, SORTED: tl.constexpr, TU: tl.constexpr, TV: tl.constexpr,

@@ -129,12 +129,12 @@ def compile_all(specs: List[Spec], target, workers: Optional[int] = None) -> Non
 
 def precompile(run: Callable[[], object], workers: Optional[int] = None, target=None) -> int:
     """Compile every Triton kernel specialisation that ``run()`` launches (say, a
-    patched model's energy and forces, or a training step, on a batch of the sizes it
-    will see: a size that is a multiple of 16 or not is another specialisation), in
-    parallel, into Triton's disk cache; returns how many. ``run`` is executed with the
-    launches recorded instead of run, so every value it computes is garbage: give it a
-    copy of anything it changes (no optimizer step). ``target``: the current device's
-    (default) or a ``triton.backends.compiler.GPUTarget``."""
+    patched model's energy and forces, or a training step, on one batch: the kernels take
+    node and edge counts unspecialised, so batches of other sizes launch the same
+    specialisations), in parallel, into Triton's disk cache; returns how many. ``run`` is
+    executed with the launches recorded instead of run, so every value it computes is
+    garbage: give it a copy of anything it changes (no optimizer step). ``target``: the
+    current device's (default) or a ``triton.backends.compiler.GPUTarget``."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("precompile: TRITON_INTERPRET is set, so kernels run in Triton's interpreter "
                            "and nothing compiles; unset it")

@@ -47,7 +47,7 @@ _BO = 32  # outputs per program of a per-element output (at most): each reads th
 _MAX_OPERANDS = 4  # correlation 3: (A, x, x, x); every derivative swaps one operand for a cotangent
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _form_kernel(a0, a1, a2, a3, y_ptr, species_ptr, order_ptr, el_start_ptr, start_ptr, idx_ptr, coef_ptr,
                  N, C, d_out, nnz,
                  s00, s01, s02, s10, s11, s12, s20, s21, s22, s30, s31, s32, sy0, sy1, sy2,
