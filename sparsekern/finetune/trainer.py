@@ -48,6 +48,7 @@ from .lifecycle import merge, prepare, target_groups, to_fast, unmergeable
 from .lr_scale import by_weight_scale
 from .magnetic_fit import fit_magnetic_energy
 from .methods import METHODS, MODES, SPARSE_LR_AT, SPARSE_MODES, default_lr
+from .precompile import precompile_run
 from .preemption import Preempted, deferred
 from .statistics import stats
 
@@ -392,6 +393,8 @@ def _train(loop: _Loop, train_s: Sequence[Sample], valid_s: Sequence[Sample], ck
     steps_per_epoch = -(-len(train_s) // settings.batch_size)
     bar = tqdm(total=settings.epochs * steps_per_epoch, initial=progress.epoch * steps_per_epoch + progress.step,
                desc=f"{settings.method} fine-tuning", unit="step", disable=not (settings.progress and loop.group.main))
+    if progress.epoch < settings.epochs:
+        precompile_run(loop.family, model, list(train_s[:settings.batch_size]), settings, loop.group)
     while progress.epoch < settings.epochs:
         if settings.fast_after is not None and not progress.fast and progress.epoch >= settings.fast_after:
             to_fast(model)  # train only the active entries from here on
