@@ -1,8 +1,9 @@
 """GPU proxy (a), ahead of time: every Triton kernel specialisation that a MACE-MP-0-medium
 model launches (energy+forces, a full and a sparse 3 % training step with forces in the
 loss, float32) compiled for sm_90 (H100/H200) on the CPU, read with the bundled
-``ptxas -v`` and ``cuobjdump -sass``: no register spills, no atomics (Triton's default
-``acq_rel`` is MEMBAR.ALL.GPU + ATOMG + CCTL.IVALL per atomic on sm_90; relaxed, RED).
+``ptxas -v`` and ``cuobjdump -sass``: no register spills, the linears' products on the
+tensor cores, no atomics (Triton's default ``acq_rel`` is MEMBAR.ALL.GPU + ATOMG +
+CCTL.IVALL per atomic on sm_90; relaxed, RED).
 
 The compile needs Triton's real front end, not the interpreter that conftest.py selects
 for the other tests, so it runs this file as a script in a subprocess without
@@ -84,7 +85,8 @@ def _resources(kernel, scratch: str) -> dict:
                               re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
     return dict(registers=int(re.search(r"Used (\d+) registers", v).group(1)), spill_store_bytes=spill_st,
                 spill_load_bytes=spill_ld, membar=ops["MEMBAR"], cctl=ops["CCTL"], fenced_atomics=ops["ATOMG"],
-                relaxed_atomics=ops["RED"] + ops["REDG"], instructions=sum(ops.values()))
+                relaxed_atomics=ops["RED"] + ops["REDG"], tensor_core=ops["HMMA"] + ops["HGMMA"],
+                instructions=sum(ops.values()))
 
 
 def main(dtype_name: str) -> None:
@@ -169,6 +171,16 @@ def test_no_atomics(compiled):
     sum over edges or nodes is done in registers by the program owning its output."""
     for r in compiled:
         assert r["fenced_atomics"] == r["membar"] == r["cctl"] == r["relaxed_atomics"] == 0, r
+
+
+@pytest.mark.gpu_proxy
+def test_linears_on_tensor_cores(compiled):
+    """The linears' float32 products run on the tensor cores (three TF32 products each,
+    float32's accuracy), not the FMA units (4.6 TFLOP/s for layer 1's irrep linear on the
+    H200 with ``input_precision="ieee"``)."""
+    dots = [r for r in compiled if r["kernel"] == "_lin_kernel"
+            or (r["kernel"] == "_wgrad_kernel" and r["constexprs"]["USE_DOT"] == "True")]
+    assert dots and all(r["tensor_core"] > 0 for r in dots), [(r["kernel"], r["tensor_core"]) for r in dots]
 
 
 @pytest.mark.gpu_proxy
