@@ -123,6 +123,53 @@ def test_sparse_mace_train_saves_plain_model_and_adapter(workdir):
     assert {"interactions_decay", "products"} <= {g["name"] for g in groups}
 
 
+def test_gpu_run_precompiles_on_a_copy_before_training(workdir, monkeypatch):
+    """On a GPU, ``tools.train`` starts after MACE's training step and evaluation of the
+    first batch ran with launches recorded (here: run for real on the CPU, in place of
+    the compile): on a copy, the model and the random state as they were (the loader's
+    shuffle draws from it), then MACE's own ``train`` with its arguments untouched."""
+    import types
+
+    from sparsekern.integrations.mace.train_hooks import SparseHooks
+
+    _, foundation = workdir
+    model = sparsekern.prepare(copy.deepcopy(foundation), sparsekern.SparseConfig(density=0.05), backend="torch")
+    atoms = _frames(1)[0]
+
+    class Batch(dict):
+        def to(self, device):
+            return self
+
+        def to_dict(self):
+            return dict(self)
+
+    loader = torch.utils.data.DataLoader([Batch(mace_batch(model, [atoms]))], shuffle=True, collate_fn=lambda b: b[0])
+    recorded, trained = [], []
+
+    def fake_precompile(run, workers=None, target=None):
+        recorded.append(run())
+        return 0
+
+    monkeypatch.setattr("sparsekern.integrations.mace.train_hooks.compiles_kernels", lambda device: True)
+    monkeypatch.setattr("sparsekern.ops.triton.precompile.precompile", fake_precompile)
+    tools = types.SimpleNamespace(train=lambda **k: trained.append(k))
+    run_train = types.SimpleNamespace(configure_model=None, get_params_options=None, deepcopy=None, tools=tools)
+    hooks = SparseHooks(sparsekern.SparseConfig(density=0.05), "torch", None)
+    hooks.model = model
+    state = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    rng = torch.get_rng_state()
+    kwargs = dict(model=model, train_loader=loader, device="cpu", rank=0, distributed=False,
+                  output_args={"forces": True, "virials": False, "stress": False},
+                  loss_fn=lambda pred, ref: pred["energy"].square().sum() + pred["forces"].square().sum())
+    with hooks.installed(run_train):
+        run_train.tools.train(**kwargs)
+    assert run_train.tools.train is tools.train  # restored
+    assert len(recorded) == 1 and len(trained) == 1 and trained[0] == kwargs
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if torch.is_tensor(v))
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_deltas_train_at_the_measured_lr_whatever_maces():
     from sparsekern.cli.mace_train import lr_factor
 

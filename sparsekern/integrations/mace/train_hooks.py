@@ -1,5 +1,5 @@
 """Sparse deltas inside MACE's own training script (``mace.cli.run_train.run`` of
-mace-torch 0.3.16). Three functions it calls are wrapped while it runs:
+mace-torch 0.3.16). Four functions it calls are wrapped while it runs:
 
 - ``configure_model``: remembers the foundation model it is given;
 - ``get_params_options``: the model arrives with the foundation weights loaded and
@@ -10,6 +10,8 @@ mace-torch 0.3.16). Three functions it calls are wrapped while it runs:
   group of its own whose lr also follows that weight's scale (``finetune.lr_scale``, as
   in ``sparsekern finetune``; stage two's SWA sets one lr for all), thresholds in
   groups of their own without decay;
+- ``tools.train``: on a GPU, the Triton kernels of a training step and an evaluation
+  are compiled at once before it starts (``finetune.precompile``);
 - ``deepcopy``: run_train saves ``deepcopy(model)``; that copy is merged and released
   (plain MACE modules, loadable without sparsekern), and the adapter is written
   beside the ``.model`` (``<name>.adapter.safetensors``, ``<name>_stagetwo...`` for
@@ -29,6 +31,7 @@ from ... import delta_slot
 from ...files import atomic_write
 from ...finetune import calibrate_density, merge, prepare, save_adapter, stats
 from ...finetune.lr_scale import by_weight_scale
+from ...finetune.precompile import compiles_kernels, precompile_on_copy
 from ...patching import patched_layers, release
 
 
@@ -60,13 +63,43 @@ class SparseHooks:
                 return copy.deepcopy(obj, memo)
             return self.export(obj)
 
+        tools, train = run_train.tools, run_train.tools.train
+
+        def train_after_precompile(*a, **k):
+            self.precompile(k)
+            return train(*a, **k)
+
         run_train.configure_model, run_train.get_params_options, run_train.deepcopy = (
             configure_model, get_params_options, deepcopy)
+        tools.train = train_after_precompile
         try:
             yield self
         finally:
             for n, f in saved.items():
                 setattr(run_train, n, f)
+            tools.train = train
+
+    def precompile(self, k: dict) -> None:
+        """On a GPU, the Triton kernels of MACE's training step (its loss; forces, virials
+        and stress as it asks) and of its evaluation, on the first training batch,
+        compiled before ``tools.train`` (its keyword arguments ``k``) starts: by rank 0,
+        the others waiting (``finetune.precompile``)."""
+        device = k.get("device")
+        if self.model is None or device is None or not compiles_kernels(device):
+            return
+        if k.get("rank", 0) == 0:
+            flags = {f"compute_{name}": k["output_args"][key]
+                     for name, key in (("force", "forces"), ("virials", "virials"), ("stress", "stress"))}
+
+            def passes(scratch):
+                batch = next(iter(k["train_loader"])).to(device)
+                k["loss_fn"](pred=scratch(batch.to_dict(), training=True, **flags), ref=batch).backward()
+                scratch.eval()
+                scratch(batch.to_dict(), training=False, **flags)
+
+            precompile_on_copy(k["model"], passes, device)
+        if k.get("distributed"):
+            torch.distributed.barrier()
 
     def params_options(self, options, args, model: torch.nn.Module) -> dict:
         """MACE's ``options(args, model)`` for the model prepared here."""
