@@ -145,8 +145,9 @@ def _precompile(models: list, batch: dict) -> None:
 
 
 def run(model, n_atoms: int, dev: str, timer, results: list, checks: list, profile=None, on_row=None) -> None:
-    """Rows of ``results`` per variant (``on_row()`` after each); ``profile(name, fn)``,
-    where given, profiles one sparse fine-tuning step."""
+    """Rows of ``results`` per variant (``on_row()`` after each); ``profile(name, fn,
+    host=False)``, where given, profiles one sparse fine-tuning step (device time) and the
+    full variants' energy+forces (host time, auto and Triton alone)."""
     atoms = crystal(n_atoms, [int(z) for z in model.atomic_numbers])
     batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in mace_batch(model, [atoms]).items()}
     n_edges = int(batch["edge_index"].shape[1])
@@ -179,6 +180,8 @@ def run(model, n_atoms: int, dev: str, timer, results: list, checks: list, profi
         row["ms"]["finetune_step"] = timer(step)
         if profile is not None and name == "sparsekern_sparse":
             profile(f"fine-tuning step, {name}, {row['case']}", step)
+        if profile is not None and name in ("sparsekern_full", "sparsekern_full_triton"):  # eager: host-bound
+            profile(f"energy+forces, {name}, {row['case']}", energy_forces, True)
         results.append(row)
         print(f"[e2e {time.time() - t0:.0f} s]", row, flush=True)
         if on_row is not None:

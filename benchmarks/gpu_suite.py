@@ -14,7 +14,8 @@
 4. End to end (``gpu_e2e.py``): energy + forces and one fine-tuning step, e3nn vs
    sparsekern full vs sparsekern sparse (density 0.03) vs MACE's cuEquivariance model.
 5. Profiles (``torch.profiler``, device time): the top kernels of conv1, skip_tp1 and
-   linear1 (Triton, fwd+bwd, large system) and of one sparse fine-tuning step.
+   linear1 (Triton, fwd+bwd, large system) and of one sparse fine-tuning step; host time:
+   the ops of sparsekern's energy+forces (``auto``) with the most CPU time of their own.
 
 Every entry is measured here; an entry that fails records its error and the suite goes
 on. Results are rewritten (atomically) after each section, so a run cut short keeps
@@ -104,28 +105,30 @@ def floor_ms(floor: dict, ceil: dict) -> float:
 PROFILED = ("conv1", "skip_tp1", "linear1")
 
 
-def profile_top(fn, n: int = 8) -> list:
+def profile_top(fn, n: int = 8, host: bool = False) -> list:
     """The ``n`` device kernels of ``fn`` (run 3 times after a warm-up) with the most
-    device time: name, calls per run and microseconds per run."""
+    device time: name, calls per run and microseconds per run; with ``host``, the ``n``
+    ops with the most host time of their own (self CPU time: the dispatch an eager call
+    waits on), ``n`` doubled."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU if host else ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
-    rows = [e for e in prof.key_averages() if e.device_time_total > 0]
-    rows.sort(key=lambda e: -e.device_time_total)
-    return [{"kernel": e.key[:90], "calls": e.count / 3, "us": round(e.device_time_total / 3, 1)}
-            for e in rows[:n]]
+    time_of = (lambda e: e.self_cpu_time_total) if host else (lambda e: e.device_time_total)
+    rows = sorted((e for e in prof.key_averages() if time_of(e) > 0), key=lambda e: -time_of(e))
+    return [{"kernel": e.key[:90], "calls": e.count / 3, "us": round(time_of(e) / 3, 1)}
+            for e in rows[:2 * n if host else n]]
 
 
-def profile_into(profiles: list, name: str, fn) -> None:
+def profile_into(profiles: list, name: str, fn, host: bool = False) -> None:
     if DEV != "cuda":
         return
     try:
-        profiles.append({"what": name, "top": profile_top(fn)})
+        profiles.append({"what": name, "host": host, "top": profile_top(fn, host=host)})
     except Exception as exc:
         profiles.append({"what": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
 
@@ -260,9 +263,10 @@ def markdown(meta, results, checks, profiles=()) -> str:
     lines += ["", "Entries not measured (n/a) or failed (err):", ""] + [f"- {t}" for t in notes]
     lines += ["", "Parity checks and errors (same run):", ""] + [f"- {json.dumps(c)}" for c in checks]
     for p in profiles:
-        lines += ["", f"## Profile: {p['what']} (device time per run)", ""]
+        lines += ["", f"## Profile: {p['what']} ({'host time of its own' if p.get('host') else 'device time'} "
+                  "per run)", ""]
         lines += [p["error"]] if "error" in p else (
-            ["| kernel | calls | us |", "|---|---|---|"]
+            [f"| {'op' if p.get('host') else 'kernel'} | calls | us |", "|---|---|---|"]
             + [f"| `{k['kernel']}` | {k['calls']:g} | {k['us']:.1f} |" for k in p["top"]])
     return "\n".join(lines) + "\n"
 
@@ -362,7 +366,7 @@ def main():
         try:
             gpu_e2e.run(gpu_cases.model(args.cpu_smoke).to(DEV), args.e2e_atoms, DEV,
                         lambda fn: measure(fn, e2e_args), results, checks,
-                        lambda name, fn: profile_into(profiles, name, fn), on_row=save)
+                        lambda name, fn, host=False: profile_into(profiles, name, fn, host), on_row=save)
         except Exception:
             checks.append({"case": "e2e", "error": traceback.format_exc()[-2000:]})
         save()
