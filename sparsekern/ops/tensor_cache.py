@@ -19,17 +19,31 @@ _CACHES = WeakTensorKeyDictionary()  # tensor -> (its version, {key: value})
 T = TypeVar("T")
 
 
-def cache_of(tensor: torch.Tensor) -> dict:
-    """The cache of ``tensor``: a fresh dict for a tensor that cannot be tracked (an
-    inference-mode tensor has no version counter; under torch.compile's tracing a fake
-    one has no identity worth keeping)."""
-    if torch.compiler.is_compiling() or tensor.is_inference():  # (first: Dynamo cannot trace is_inference)
-        return {}
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream: its kernels are
+    recorded, not run, and each replay runs them again on what was copied into the
+    captured inputs since."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _tracked(tensor: torch.Tensor) -> dict:
     version, cache = _CACHES.get(tensor, (None, None))
     if version != tensor._version:
         cache = {}
         _CACHES[tensor] = (tensor._version, cache)
     return cache
+
+
+def cache_of(tensor: torch.Tensor) -> dict:
+    """The cache of ``tensor``: a fresh dict for a tensor that cannot be tracked (an
+    inference-mode tensor has no version counter; under torch.compile's tracing a fake
+    one has no identity worth keeping), and while a CUDA graph is captured: what is
+    derived from a graph's tensors must then be computed inside the graph, or a replay
+    on new inputs (copied into the same tensors, at whatever version) would reuse the
+    orderings of the inputs seen before the capture."""
+    if torch.compiler.is_compiling() or tensor.is_inference() or capturing():  # (is_inference after Dynamo's check)
+        return {}
+    return _tracked(tensor)
 
 
 def cached(tensor: torch.Tensor, key, build: Callable[[], T]) -> T:
@@ -44,13 +58,20 @@ def derived(sources: Sequence[torch.Tensor], key, build: Callable[[], T]) -> T:
     """``build()`` of ``sources`` (first one the cache's key), reused while each source is
     the same tensor at the same version and none needs a gradient: what inference derives
     from frozen weights (a delta's value, a folded weight; MACE's calculator freezes its
-    model). Built afresh, not cached, where autograd would record it."""
+    model). Built afresh, not cached, where autograd would record it. A CUDA graph's
+    capture reuses what was built before it (the weights stay as they are between
+    replays) but keeps nothing it builds: that lives in the graph's memory, written only
+    by its replays."""
     if torch.is_grad_enabled() and any(s.requires_grad for s in sources):
         return build()
-    cache = cache_of(sources[0])
+    if torch.compiler.is_compiling() or sources[0].is_inference():
+        return build()
+    cache = _tracked(sources[0])
     stamp = [(weakref.ref(s), s._version) for s in sources[1:]]
     hit = cache.get(key)
     if hit is None or len(hit[0]) != len(stamp) or any(
             ref() is not s or seen != s._version for (ref, seen), s in zip(hit[0], sources[1:])):
+        if capturing():
+            return build()
         hit = cache[key] = (stamp, build())
     return hit[1]

@@ -199,7 +199,8 @@ def test_orderings_built_once_per_graph(monkeypatch):
     conv, x, y, w, ei = make(*TINY, n=3, e=5, dtype=torch.float64)
     built = []
     original = triton_conv_module.Segments.build
-    monkeypatch.setattr(triton_conv_module.Segments, "build", lambda ends, others, n: built.append(n) or original(ends, others, n))
+    monkeypatch.setattr(triton_conv_module.Segments, "build",
+                        lambda ends, others, n: built.append(n) or original(ends, others, n))
     for _ in range(2):  # two layers on one graph
         args = [t.clone().requires_grad_() for t in (x, y, w)]
         torch.autograd.grad(triton_conv(conv.desc, *args, ei).square().sum(), args)
@@ -207,6 +208,61 @@ def test_orderings_built_once_per_graph(monkeypatch):
     ei[0] = ei[0].flip(0)  # same tensor, new senders
     assert rel_err(triton_conv(conv.desc, x, y, w, ei), conv(x, y, w, ei)) <= 1e-12
     assert len(built) == 3
+
+
+def test_no_orderings_kept_across_a_graph_capture(monkeypatch):
+    """While a CUDA graph is captured (pretended here), the orderings are built inside it
+    (each replay on new edges copied into the same tensor must sort those), none from
+    before is reused and none built is kept; frozen-weight derivations from before are
+    reused, new ones not kept (they would live in the graph's memory)."""
+    from sparsekern.ops import tensor_cache
+
+    conv, x, y, w, ei = make(*TINY, n=3, e=5, dtype=torch.float64)
+    built = []
+    original = triton_conv_module.Segments.build
+    monkeypatch.setattr(triton_conv_module.Segments, "build",
+                        lambda ends, others, n: built.append(n) or original(ends, others, n))
+    triton_conv(conv.desc, x, y, w, ei)  # eager: built and kept
+    monkeypatch.setattr(tensor_cache, "capturing", lambda: True)
+    for _ in range(2):
+        assert rel_err(triton_conv(conv.desc, x, y, w, ei), conv(x, y, w, ei)) <= 1e-12
+    assert len(built) == 3
+    weight, made = torch.randn(4), []
+    monkeypatch.setattr(tensor_cache, "capturing", lambda: False)
+    before = tensor_cache.derived([weight], "k", lambda: made.append(1) or weight * 2)
+    monkeypatch.setattr(tensor_cache, "capturing", lambda: True)
+    assert tensor_cache.derived([weight], "k", lambda: made.append(1) or weight * 3) is before
+    tensor_cache.derived([weight], "other", lambda: made.append(1) or weight * 3)
+    tensor_cache.derived([weight], "other", lambda: made.append(1) or weight * 3)
+    assert len(made) == 3  # the one before, then "other" twice: not kept
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_graph_replays_on_new_edges():
+    """A captured conv replayed after new edges are copied into its edge_index (as an MD
+    driver would) gives the conv of the new edges, forward and gradients."""
+    conv, x, y, w, ei = make("8x0e+8x1o", "0e+1o+2e", 2, n=40, e=400, dtype=torch.float32)
+    args = [t.clone().requires_grad_() for t in (x, y, w)]
+
+    def run():
+        out = triton_conv(conv.desc, *args, ei)
+        return (out, *torch.autograd.grad(out.square().sum(), args))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up: compiles, and keeps the orderings of these edges
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run()
+    new = torch.stack([ei[0], ei[1].roll(7)])
+    ei.copy_(new)
+    graph.replay()
+    ref = conv(*args, new)
+    ref = (ref, *torch.autograd.grad(ref.square().sum(), args))
+    assert all(rel_err(a, b) <= 1e-4 for a, b in zip(outs, ref))
 
 
 def test_channelwise_tp_messages():
