@@ -250,15 +250,15 @@ def markdown(meta, results, checks, profiles=()) -> str:
     if e2e:
         lines += ["", f"## End to end ({meta.get('model', '')})", "",
                   "| case | variant | atoms | edges | energy+forces (ms) | energy+forces, CUDA graph (ms) "
-                  "| fine-tuning step (ms) | step speed-up vs e3nn |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| energy+forces, GraphedMACE (ms) | fine-tuning step (ms) | step speed-up vs e3nn |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         base = next((r["ms"]["finetune_step"] for r in e2e if r["mode"] == "e3nn"), None)
         for r in e2e:
             s = r["ms"]["finetune_step"]
             up = f"{base / s:.2f}x" if isinstance(base, float) and isinstance(s, float) else "n/a"
             lines.append(f"| {r['case']} | {r['mode']} | {r['nodes']} | {r['edges']} | "
                          f"{_fmt(r['ms']['energy+forces'])} | {_fmt(r['ms'].get('energy+forces (CUDA graph)', 'n/a'))} "
-                         f"| {_fmt(s)} | {up} |")
+                         f"| {_fmt(r['ms'].get('energy+forces (GraphedMACE)', 'n/a'))} | {_fmt(s)} | {up} |")
     notes = sorted({f"{n}: {v}" for r in results for n, v in r["ms"].items() if isinstance(v, str)})
     lines += ["", "Entries not measured (n/a) or failed (err):", ""] + [f"- {t}" for t in notes]
     lines += ["", "Parity checks and errors (same run):", ""] + [f"- {json.dumps(c)}" for c in checks]

@@ -1,0 +1,101 @@
+"""``integrations/mace/graphed.py``: MACE inference padded to a fixed capacity and, on a
+GPU, replayed from CUDA graphs. On the CPU the padded call runs eagerly: its results must
+be the model's own, exactly (the padding atoms and edges reach nothing real), for
+crystals and molecules in one batch, with stresses, and through MACE's calculator."""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("mace")
+from ase.build import bulk, molecule  # noqa: E402
+
+import sparsekern  # noqa: E402
+from sparsekern import GraphedMACE  # noqa: E402
+from sparsekern.integrations.mace.graphed import pad  # noqa: E402
+from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped  # noqa: E402
+from helpers import rel_err  # noqa: E402
+
+
+def _model(dtype=torch.float64):
+    model = mace_mp0_shaped("small", num_elements=3, atomic_numbers=[1, 8, 29], dtype=dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)  # as MACE's calculator leaves them
+    return model
+
+
+def _structures():
+    crystal = bulk("Cu", "fcc", a=3.6) * (2, 2, 2)
+    crystal.rattle(0.05, seed=1)
+    return [crystal, molecule("H2O")]
+
+
+@pytest.mark.parametrize("stress", [False, True])
+def test_padded_call_is_the_models(stress):
+    model = _model()
+    batch = mace_batch(model, _structures())
+    want = model(dict(batch), compute_force=True, compute_stress=stress)
+    got = GraphedMACE(model)(dict(batch), compute_force=True, compute_stress=stress)
+    keys = ["energy", "node_energy", "forces"] + (["stress"] if stress else [])
+    for k in keys:
+        assert got[k].shape == want[k].shape and rel_err(got[k], want[k]) <= 1e-12, k
+
+
+def test_calculator_with_a_patched_model():
+    """MACE's calculator takes the wrapper (attributes read through); a patched model
+    (Triton back end, interpreted here) gives the plain calculator's results."""
+    from mace.calculators import MACECalculator
+
+    patched = sparsekern.patch(_model(), backend="triton")
+    results = []
+    for model in (copy.deepcopy(patched), GraphedMACE(copy.deepcopy(patched))):
+        atoms = _structures()[0]
+        atoms.calc = MACECalculator(models=model, device="cpu", default_dtype="float64")
+        results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
+    (e0, f0, s0), (e1, f1, s1) = results
+    assert e1 == pytest.approx(e0, rel=1e-12)
+    assert rel_err(torch.tensor(f1), torch.tensor(f0)) <= 1e-12
+    assert rel_err(torch.tensor(s1), torch.tensor(s0)) <= 1e-12
+
+
+def test_training_runs_the_model_itself():
+    """Training, or weights that need a gradient, are the model's own call (no padding)."""
+    model = mace_mp0_shaped("small", num_elements=3, atomic_numbers=[1, 8, 29], dtype=torch.float64)
+    batch = mace_batch(model, _structures())
+    out = GraphedMACE(model)(dict(batch), training=True, compute_force=True)
+    assert out["forces"].shape[0] == batch["positions"].shape[0]
+    out["energy"].sum().backward()
+    assert next(model.parameters()).grad is not None
+
+
+def test_bad_input_is_one_line():
+    model = _model()
+    batch = mace_batch(model, _structures())
+    with pytest.raises(ValueError, match="headroom must be >= 0, got -0.5"):
+        GraphedMACE(model, headroom=-0.5)
+    with pytest.raises(ValueError, match=r"the batch lacks \['cell'\]"):
+        GraphedMACE(model)({k: v for k, v in batch.items() if k != "cell"})
+    with pytest.raises(ValueError, match="630 edges do not fit a capacity of 600"):
+        pad(batch, 600, 5.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_replays_follow_the_atoms():
+    """Steps of a rattled crystal (their edge counts differ), one graph while the edges
+    fit its capacity: each replay gives the eager model's energy, forces and stress."""
+    model = sparsekern.patch(_model(torch.float32), backend="triton").cuda()
+    graphed = GraphedMACE(model, headroom=0.2)
+    crystal = bulk("Cu", "fcc", a=3.6) * (3, 3, 3)
+    counts = set()
+    for step in range(4):
+        atoms = crystal.copy()
+        atoms.rattle(0.1 * step, seed=step)
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in mace_batch(model, [atoms]).items()}
+        counts.add(batch["edge_index"].shape[1])
+        want = model(dict(batch), compute_force=True, compute_stress=True)
+        got = graphed(dict(batch), compute_force=True, compute_stress=True)
+        for k in ("energy", "forces", "stress"):
+            assert rel_err(got[k], want[k]) <= 1e-5, (step, k)
+    assert len(counts) > 1 and len(graphed._graphs) == 1
