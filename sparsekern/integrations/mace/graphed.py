@@ -10,18 +10,21 @@ reaches the real atoms or the real graphs' energies, forces and stresses), and e
 up to the capacity. One graph per (atoms, graphs, edge capacity, dtype, flags); a call
 with more edges than the capacity captures a new one with ``headroom`` to spare.
 
-Training (or a parameter that needs a gradient) runs the model eagerly; so does every
-call on the CPU, padded the same way (how the tests check the padding)."""
+Training (or a parameter that needs a gradient) runs the model eagerly, and so does a
+call whose capture fails (said once in a warning); every call on the CPU runs padded,
+eagerly (how the tests check the padding)."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Tuple
 
 import torch
 
 _NODE_KEYS = ("positions", "node_attrs", "batch")
 _EDGE_KEYS = ("shifts", "unit_shifts")
+_NONE, _EAGER = object(), object()  # no graph yet; a call that could not be captured
 
 
 class GraphedMACE(torch.nn.Module):
@@ -53,12 +56,20 @@ class GraphedMACE(torch.nn.Module):
         if data["positions"].device.type != "cuda":
             return _real(self.model(pad(data, _capacity(e, self.headroom), float(self.model.r_max)), **flags), n, g, e)
         key = (n, g, data["positions"].dtype, tuple(sorted(flags.items())))
-        captured = self._graphs.get(key)
-        if captured is None or captured.edges < e:
+        captured = self._graphs.get(key, _NONE)
+        if captured is _EAGER:
+            return self.model(data, **flags)
+        if captured is _NONE or captured.edges < e:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            captured = self._graphs[key] = _Captured(self.model, data, _capacity(e, self.headroom), flags,
-                                                     self._pool)
+            try:
+                captured = self._graphs[key] = _Captured(self.model, data, _capacity(e, self.headroom), flags,
+                                                         self._pool)
+            except Exception as exc:  # noqa: BLE001 (a model whose call cannot be captured: eager, as without this)
+                self._graphs[key] = _EAGER
+                warnings.warn(f"GraphedMACE: this call cannot be captured in a CUDA graph ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); it runs eagerly", stacklevel=2)
+                return self.model(data, **flags)
         return captured(data)
 
 
