@@ -112,44 +112,42 @@ def graphed(fn: Callable[[], dict]) -> Callable[[], dict]:
     return replay
 
 
-def _graphed_mace_row(name: str, model, batch: dict, forces, row: dict, checks: list, timer) -> None:
-    """The time of ``sparsekern.GraphedMACE``'s call (padding, input copies, replay, output
-    copies: what an MD driver's step costs) in ``row``, its forces checked against the
-    eager ``forces``; the weights frozen meanwhile, as MACE's calculator leaves them."""
-    grads = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
+def _timed_against_eager(name: str, how: str, make, forces, row: dict, checks: list, timer) -> None:
+    """``make()``'s call timed in ``row`` as "energy+forces (how)", its forces checked
+    against the eager ``forces``; a failure (say a capture) is a check with its error."""
     try:
-        graphed_model = sparsekern.GraphedMACE(model)
-
-        def call():
-            return graphed_model(batch, training=False, compute_force=True)
+        call = make()
         got = call()["forces"]
         if forces is not None:
-            checks.append({"case": row["case"], "check": f"forces {name}, GraphedMACE vs eager, float32",
+            checks.append({"case": row["case"], "check": f"forces {name}, {how} vs eager, float32",
                            "rel_err": ((got - forces).abs().max() / forces.abs().max()).item()})
-        row["ms"]["energy+forces (GraphedMACE)"] = timer(call)
+        row["ms"][f"energy+forces ({how})"] = timer(call)
     except Exception as exc:
-        checks.append({"case": row["case"], "variant": name, "check": "GraphedMACE",
+        checks.append({"case": row["case"], "variant": name, "check": how,
                        "error": f"{type(exc).__name__}: {exc}"[:300]})
-    finally:
-        for p, g in zip(model.parameters(), grads):
-            p.requires_grad_(g)
 
 
 def _graph_row(name: str, energy_forces, forces, row: dict, checks: list, timer) -> None:
-    """The CUDA-graph timing of ``energy_forces`` in ``row``, its forces checked against
-    the eager ``forces``; a capture that fails is a check with its error."""
+    """``energy_forces`` replayed from a CUDA graph (:func:`graphed`)."""
+    _timed_against_eager(name, "CUDA graph", lambda: graphed(energy_forces), forces, row, checks, timer)
+
+
+def _graphed_mace_row(name: str, model, batch: dict, forces, row: dict, checks: list, timer) -> None:
+    """``sparsekern.GraphedMACE``'s call (padding, input copies, replay, output copies:
+    what an MD driver's step costs); the weights frozen meanwhile, as MACE's calculator
+    leaves them."""
+    grads = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    graphed_model = sparsekern.GraphedMACE(model)
+
+    def call():
+        return graphed_model(batch, training=False, compute_force=True)
     try:
-        replay = graphed(energy_forces)
-        got = replay()["forces"]
-        if forces is not None:
-            checks.append({"case": row["case"], "check": f"forces {name}, CUDA graph vs eager, float32",
-                           "rel_err": ((got - forces).abs().max() / forces.abs().max()).item()})
-        row["ms"]["energy+forces (CUDA graph)"] = timer(replay)
-    except Exception as exc:
-        checks.append({"case": row["case"], "variant": name, "check": "CUDA graph capture",
-                       "error": f"{type(exc).__name__}: {exc}"[:300]})
+        _timed_against_eager(name, "GraphedMACE", lambda: call, forces, row, checks, timer)
+    finally:
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
 
 
 def _precompile(models: list, batch: dict) -> None:
