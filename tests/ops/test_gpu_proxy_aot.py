@@ -135,7 +135,7 @@ def test_batch_size_specialises_nothing():
     """A batch of another size launches the very same specialisations: the kernels take
     node and edge counts unspecialised (``do_not_specialize``), so a training run whose
     batches vary compiles each kernel once, not once per divisibility of its sizes (a
-    16-atom batch recompiled 27 of the 34 before)."""
+    16-atom batch recompiled all 49 before)."""
     run = _script("sizes")
     assert run.returncode == 0, run.stderr[-4000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
