@@ -93,18 +93,12 @@ def _step_fn(model, batch) -> Callable[[], None]:
 
 
 def graphed(fn: Callable[[], dict]) -> Callable[[], dict]:
-    """``fn`` replayed from a CUDA graph: warmed up on a side stream first (kernels
-    compiled, workspaces set up outside the capture), then captured once (the graph's
-    orderings are built inside it); each replay rewrites the same output tensors."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    """``fn`` replayed from a CUDA graph (``integrations.mace.graphed.capture``: warmed up
+    on a side stream, captured once, the graph's orderings built inside it); each replay
+    rewrites the same output tensors."""
+    from sparsekern.integrations.mace.graphed import capture
+
+    graph, out = capture(fn, warmups=3)
 
     def replay():
         graph.replay()

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple, TypeVar
 
 import torch
 
 _NODE_KEYS = ("positions", "node_attrs", "batch")
 _EDGE_KEYS = ("shifts", "unit_shifts")
 _NONE, _EAGER = object(), object()  # no graph yet; a call that could not be captured
+T = TypeVar("T")
 
 
 class GraphedMACE(torch.nn.Module):
@@ -124,6 +125,22 @@ def _real(out: Dict[str, torch.Tensor], n: int, g: int, e: int) -> Dict[str, tor
     return real
 
 
+def capture(fn: Callable[[], T], pool=None, warmups: int = 2) -> Tuple[torch.cuda.CUDAGraph, T]:
+    """``fn`` captured in a CUDA graph, and its output (rewritten by each replay): run
+    ``warmups`` times on a side stream first (kernels compiled, workspaces set up: nothing
+    of that captured)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 class _Captured:
     """One CUDA graph of the model on padded inputs of fixed shapes."""
 
@@ -131,15 +148,7 @@ class _Captured:
         self.edges, self.n, self.g = edges, data["positions"].shape[0], data["ptr"].shape[0] - 1
         self.static = pad(data, edges, float(model.r_max))
         self.filler = {k: v.clone() for k, v in self.static.items() if k in ("edge_index", *_EDGE_KEYS)}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # compiles the kernels, sets up workspaces: nothing of it captured
-                model(dict(self.static), **flags)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.out = model(dict(self.static), **flags)
+        self.graph, self.out = capture(lambda: model(dict(self.static), **flags), pool)
 
     @torch.no_grad()
     def __call__(self, data):
