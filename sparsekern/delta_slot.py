@@ -11,6 +11,7 @@ node's element: a hook on the model gives them to it before every forward
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -145,24 +146,50 @@ def give_species(model: torch.nn.Module, species: torch.Tensor) -> None:
 def active_blocks(flat: torch.Tensor, groups: Sequence["WeightGroup"], T: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The block view of a flat delta that block-sparse kernels read: (block_slot,
     block_values) for all groups at once. block_values (n_tiles, T, T) holds every tile
-    of the delta (a differentiable copy), group after group, each group's (G, ceil(R/T),
-    ceil(C/T)) tiles row-major; block_slot (n_tiles,) int32 is -1 for a tile without a
-    nonzero, else its own row. No host sync: the active tiles are marked, not counted,
-    so kernels skip the inactive ones on the device. A delta being trained has every
-    tile active: a tile of zeros may still have a gradient (LoRA's B and a fresh fast
-    mode delta start at zero), and skipping it would freeze it."""
-    tiles = []
-    for g in groups:
-        delta = g.view(flat)
-        n_el, r, c = delta.shape
-        nu, nv = -(-r // T), -(-c // T)
-        padded = torch.nn.functional.pad(delta, (0, nv * T - c, 0, nu * T - r))
-        tiles.append(padded.reshape(n_el, nu, T, nv, T).transpose(2, 3).reshape(-1, T, T))
-    values = torch.cat(tiles) if tiles else flat.new_zeros(0, T, T)
+    of the delta (a differentiable copy, by one gather), group after group, each group's
+    (G, ceil(R/T), ceil(C/T)) tiles row-major; block_slot (n_tiles,) int32 is -1 for a
+    tile without a nonzero, else its own row. No host sync: the active tiles are marked,
+    not counted, so kernels skip the inactive ones on the device. A delta being trained
+    has every tile active: a tile of zeros may still have a gradient (LoRA's B and a
+    fresh fast mode delta start at zero), and skipping it would freeze it."""
+    index, inverse = _tile_index(tuple(groups), T, flat.numel(), flat.device)
+    values = _Gather.apply(flat, index, inverse).view(-1, T, T)
     rows = torch.arange(values.shape[0], dtype=torch.int32, device=flat.device)
     if flat.requires_grad:
         return rows, values
     return torch.where(values.detach().ne(0).flatten(1).any(-1), rows, -1), values
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_index(groups: Tuple["WeightGroup", ...], T: int, numel: int, device: torch.device):
+    """(index, inverse): the flat delta's entry at each tile position (``numel``, one past
+    the end, in the padding), and each entry's tile position (past the end: in no group)."""
+    flat = torch.arange(numel + 1)
+    tiles = []
+    for g in groups:
+        n_el, r, c = g.shape
+        nu, nv = -(-r // T), -(-c // T)
+        padded = torch.nn.functional.pad(g.view(flat), (0, nv * T - c, 0, nu * T - r), value=numel)
+        tiles.append(padded.reshape(n_el, nu, T, nv, T).transpose(2, 3).reshape(-1))
+    index = torch.cat(tiles) if tiles else flat[:0]
+    inverse = torch.full((numel + 1,), index.numel(), dtype=torch.int64)
+    inverse[index] = torch.arange(index.numel())
+    return index.to(device), inverse[:numel].to(device)
+
+
+class _Gather(torch.autograd.Function):
+    """``x[index]``, an index past the end reading 0, where each entry of ``x`` is read at
+    most once (``inverse`` says where; past the end: nowhere), so the gradient is the
+    gather by ``inverse``: two gathers, no scatter, to any order."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.index, ctx.inverse = index, inverse  # constants: kept without the saved-tensor checks
+        return torch.nn.functional.pad(x, (0, 1)).index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _Gather.apply(grad, ctx.inverse, ctx.index), None, None
 
 
 def set_config(model: torch.nn.Module, config) -> None:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .. import delta_slot
-from .delta import ThresholdDelta
+from .delta import ThresholdDelta, prepare_values, scores_of
 from .methods import MODES
 
 
@@ -36,7 +36,7 @@ def calibrate_density(model: torch.nn.Module, density: Optional[float] = None) -
     if not deltas:
         return
     density = density if density is not None else delta_slot.config_of(model).density
-    scores = torch.cat([d.scores().float() for d in deltas])
+    scores = scores_of(deltas)
     keep = int(round(density * scores.numel()))
     if keep >= scores.numel():
         shift = scores.min() - 1.0
@@ -44,8 +44,7 @@ def calibrate_density(model: torch.nn.Module, density: Optional[float] = None) -
         shift = scores.max() + 1.0
     else:  # on the scores' device: no copy to the host, no sync (run before every step)
         shift = kth_smallest(scores, scores.numel() - keep)  # `keep` scores lie above
-    for d in deltas:
-        d.tau_shift.copy_(shift)
+    torch._foreach_copy_([d.tau_shift for d in deltas], [shift] * len(deltas))
 
 
 def kth_smallest(values: torch.Tensor, k: int, by_sort: Optional[bool] = None) -> torch.Tensor:
@@ -61,12 +60,15 @@ def kth_smallest(values: torch.Tensor, k: int, by_sort: Optional[bool] = None) -
 
 @delta_slot.mark_hook
 def _steer_density(model: torch.nn.Module, args) -> None:
-    """Forward pre-hook: in training, recalibrate before the step uses the thresholds."""
+    """Forward pre-hook: in training, recalibrate before the step uses the thresholds,
+    then compute their values together."""
     deltas = _thresholded(model)
     if model.training and torch.is_grad_enabled() and deltas:
         calibrate_density(model, scheduled_density(delta_slot.config_of(model), deltas[0].steps))
         for d in deltas:
             d.steps += 1
+        if not torch.compiler.is_compiling():  # (its stamps read data pointers; compiled, one at a time)
+            prepare_values(deltas)
 
 
 def _thresholded(model: torch.nn.Module):

@@ -92,6 +92,36 @@ def test_frozen_delta_skips_its_zero_tiles():
     assert rel_err(run(layer, "triton", x), run(layer, "torch", x)) <= 1e-12
 
 
+def test_active_blocks_are_the_tiles():
+    """The tiles as a loop over them cuts them (both layouts, ragged edge tiles, a gap
+    before, between and after the groups), to second order; inactive ones marked."""
+    from sparsekern.paths import WeightGroup
+
+    groups = [WeightGroup("w", 2, (2, 3, 17), "grc", "a", 0, True), WeightGroup("w", 110, (3, 18, 2), "rgc", "b", 1, True)]
+    flat = torch.randn(110 + 108 + 4, dtype=torch.float64)
+    flat[2:2 + 17] = 0  # element 0's first row: its first tile still has rows 1, 2
+    flat[110:] = torch.where(torch.arange(112) % 7 == 0, flat[110:], 0)  # some tiles of "b" all zero
+    T = 16
+    want = []
+    for g in groups:
+        view = g.view(flat)
+        for e in range(g.shape[0]):
+            for i in range(0, g.shape[1], T):
+                for j in range(0, g.shape[2], T):
+                    tile = torch.zeros(T, T, dtype=flat.dtype)
+                    block = view[e, i:i + T, j:j + T]
+                    tile[:block.shape[0], :block.shape[1]] = block
+                    want.append(tile)
+    slot, values = delta_slot.active_blocks(flat, groups, T)
+    assert torch.equal(values, torch.stack(want))
+    active = torch.stack(want).flatten(1).ne(0).any(1)
+    assert not active.all() and torch.equal(slot, torch.where(active, torch.arange(len(want), dtype=torch.int32), -1))
+    fn = lambda f: delta_slot.active_blocks(f, groups, T)[1]  # noqa: E731
+    flat.requires_grad_()
+    assert torch.equal(delta_slot.active_blocks(flat, groups, T)[0], torch.arange(len(want), dtype=torch.int32))
+    assert torch.autograd.gradcheck(fn, (flat,)) and torch.autograd.gradgradcheck(fn, (flat,))
+
+
 def test_gradcheck_gradgradcheck():
     layer = make_layer(torch.float64)
     values = attach_delta(layer)
