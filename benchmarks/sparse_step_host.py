@@ -1,7 +1,8 @@
-"""CPU: a sparse (STR, 3 %) fine-tuning step of a MACE-MP-0-medium-shaped model with the
-thresholded deltas computed together before the forward (as shipped: ``delta.prepare_values``)
-against one delta at a time (the same model with that step switched off), side by side in
-one run: steps alternate between two copies and the best of each is kept. A step is a
+"""CPU: a sparse (STR, 3 %) fine-tuning step of a MACE-MP-0-medium-shaped model as shipped
+(the thresholded deltas computed together before the forward, ``delta.prepare_values``;
+the density controller's order statistic by numpy's introselect) against the code before
+2026-12-05 (one delta at a time, torch's kthvalue) and with only the first change, side by
+side in one run: steps alternate between three copies and the best of each is kept. A step is a
 forward with forces, a force and energy loss, its backward and an Adam step. On a small
 molecule the step is mostly host overhead (what a GPU step with small batches waits
 on); the 64-atom crystal is mostly arithmetic. Counts each variant's aten ops too.
@@ -42,14 +43,16 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def step_fn(model, batch, together: bool):
+def step_fn(model, batch, together: bool, introselect: bool):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
 
     def step():
-        saved = density.prepare_values
+        saved = density.prepare_values, density.kth_smallest
         if not together:
             density.prepare_values = lambda deltas: None
+        if not introselect:
+            density.kth_smallest = lambda values, k: torch.kthvalue(values, k).values
         try:
             out = model(dict(batch), compute_force=True, training=True)
             loss = out["forces"].square().mean() + out["energy"].square().mean()
@@ -57,7 +60,7 @@ def step_fn(model, batch, together: bool):
             loss.backward()
             opt.step()
         finally:
-            density.prepare_values = saved
+            density.prepare_values, density.kth_smallest = saved
     return step
 
 
@@ -73,19 +76,22 @@ def main() -> None:
     print(f"# sparse fine-tuning step, MACE-MP-0 medium shape, float32, CPU ({platform.processor() or platform.machine()}, "
           f"{args.threads} threads), {datetime.date.today()}\n\n`python benchmarks/sparse_step_host.py "
           f"--threads {args.threads} --repeats {args.repeats}`: best of {args.repeats}, steps interleaved\n")
-    print("| system | one at a time (ms) | together (ms) | ratio | aten ops one at a time | together |\n|---|---|---|---|---|---|")
+    print("| system | before (ms) | deltas together (ms) | and introselect: now (ms) | now vs before | aten ops "
+          "before | now |\n|---|---|---|---|---|---|---|")
     for name, atoms in systems.items():
-        models = [sparsekern.prepare(copy.deepcopy(base), sparsekern.SparseConfig(density=0.03)) for _ in range(2)]
+        models = [sparsekern.prepare(copy.deepcopy(base), sparsekern.SparseConfig(density=0.03)) for _ in range(3)]
         batch = mace_batch(models[0], [atoms])
-        fns = [step_fn(models[0], batch, False), step_fn(models[1], batch, True)]
+        fns = [step_fn(m, batch, together, introselect)
+               for m, (together, introselect) in zip(models, [(False, False), (True, False), (True, True)])]
         ops = []
         for fn in fns:
             fn()
             with _Ops() as count:
                 fn()
             ops.append(sum(count.n.values()))
-        alone, together = best_times(fns, args.repeats)
-        print(f"| {name} | {alone * 1e3:.1f} | {together * 1e3:.1f} | {alone / together:.2f}x | {ops[0]} | {ops[1]} |")
+        before, together, now = best_times(fns, args.repeats)
+        print(f"| {name} | {before * 1e3:.1f} | {together * 1e3:.1f} | {now * 1e3:.1f} | {before / now:.2f}x | "
+              f"{ops[0]} | {ops[2]} |")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .. import delta_slot
@@ -52,10 +53,12 @@ def kth_smallest(values: torch.Tensor, k: int, by_sort: Optional[bool] = None) -
     (a GPU, or ``meta`` in the sync proxies) a full sort: CUDA's kthvalue selects with one
     thread block per slice, 18.7 ms for MACE-MP-0 medium's 4.7 M scores on an H200 (a
     fifth of a sparse step, results/gpu_suite_20261204_182714.md), where a radix sort
-    takes well under a millisecond; on the CPU kthvalue is the faster."""
+    takes well under a millisecond. On the CPU numpy's introselect: 11 ms where torch's
+    kthvalue takes 61 ms (2 cores, the same 4.7 M), which was 40 % of a sparse step
+    (benchmarks/sparse_step_host.py)."""
     if by_sort if by_sort is not None else values.device.type != "cpu":
         return torch.sort(values).values[k - 1]
-    return torch.kthvalue(values, k).values
+    return torch.as_tensor(np.partition(values.detach().numpy(), k - 1)[k - 1])
 
 
 @delta_slot.mark_hook

@@ -126,3 +126,18 @@ def test_a_value_no_layer_used_gets_no_gradient(base):
     sum(d().sum() for d in deltas[1:]).backward()
     assert deltas[0].v.grad is None and deltas[0].log_tau.grad is None
     assert all(d.v.grad is not None and d.log_tau.grad is not None for d in deltas[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_signed_sums_segmented_as_dot_products(dtype):
+    """The GPU's segmented sum (tested here, on the CPU, which runs the dot products)."""
+    from sparsekern.finetune.delta import _lengths, signed_sums
+
+    g = torch.Generator().manual_seed(1)
+    sizes = (5, 1, 300, 17)
+    grads = [torch.randn(n, generator=g, dtype=dtype) for n in sizes]
+    signs = [torch.randint(-1, 2, (n,), generator=g).to(dtype) for n in sizes]
+    dots = signed_sums(grads, signs, _lengths(sizes, torch.device("cpu")), segmented=False)
+    segmented = signed_sums(grads, signs, _lengths(sizes, torch.device("cpu")), segmented=True)
+    assert torch.allclose(segmented, dots, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
+    assert torch.allclose(dots, torch.stack([(a * b).sum() for a, b in zip(grads, signs)]), rtol=1e-5, atol=0)
