@@ -139,8 +139,8 @@ def scores_of(deltas: Sequence[ThresholdDelta]) -> torch.Tensor:
 def prepare_values(deltas: Sequence[ThresholdDelta]) -> None:
     """Compute the element-wise ``deltas``' values for the coming forward pass together,
     each taken once by its layer (then computed afresh, as is one whose parameters changed
-    since): on a sparse MACE-MP-0 step, 29 deltas in about 15 host ops forward and
-    backward instead of 25 each (benchmarks/host_ops.py)."""
+    since): on a sparse MACE-MP-0 step, 29 deltas in 17 host ops forward and backward
+    instead of about 22 each (benchmarks/host_ops.py)."""
     for group in _elementwise(deltas):
         values = _SoftThresholds.apply(_lengths(tuple(d.numel for d in group), group[0].v.device),
                                        [d.tau_shift for d in group], *[d.v for d in group],

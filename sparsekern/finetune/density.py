@@ -54,7 +54,7 @@ def kth_smallest(values: torch.Tensor, k: int, by_sort: Optional[bool] = None) -
     thread block per slice, 18.7 ms for MACE-MP-0 medium's 4.7 M scores on an H200 (a
     fifth of a sparse step, results/gpu_suite_20261204_182714.md), where a radix sort
     takes well under a millisecond. On the CPU numpy's introselect: 11 ms where torch's
-    kthvalue takes 61 ms (2 cores, the same 4.7 M), which was 40 % of a sparse step
+    kthvalue takes 61 ms (2 cores, the same 4.7 M): a sparse step of H2O 132.0 -> 109.1 ms
     (benchmarks/sparse_step_host.py)."""
     if by_sort if by_sort is not None else values.device.type != "cpu":
         return torch.sort(values).values[k - 1]
