@@ -141,3 +141,22 @@ def test_signed_sums_segmented_as_dot_products(dtype):
     segmented = signed_sums(grads, signs, _lengths(sizes, torch.device("cpu")), segmented=True)
     assert torch.allclose(segmented, dots, rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=0)
     assert torch.allclose(dots, torch.stack([(a * b).sum() for a, b in zip(grads, signs)]), rtol=1e-5, atol=0)
+
+
+def test_gradcheck_together():
+    """float64 gradcheck of the values computed together, in v and log_tau (entries kept
+    clear of the threshold, where the soft threshold has no derivative)."""
+    g = torch.Generator().manual_seed(3)
+    sizes = (7, 1, 12)
+    vs = [torch.randn(n, generator=g, dtype=torch.float64) for n in sizes]
+    log_taus = [torch.tensor(-1.5, dtype=torch.float64) for _ in sizes]
+    for v in vs:  # |v| - tau at least 0.05 from 0 (tau = exp(-1.5 + 0.1) = 0.25)
+        v.copy_(torch.where((v.abs() - 0.25).abs() < 0.05, v + 0.2 * v.sign(), v))
+    shifts = [torch.tensor(0.1, dtype=torch.float64) for _ in sizes]
+    lengths = delta_module._lengths(sizes, torch.device("cpu"))
+
+    def fn(*params):
+        return delta_module._SoftThresholds.apply(lengths, shifts, *params)
+
+    params = [t.clone().requires_grad_() for t in (*vs, *log_taus)]
+    assert torch.autograd.gradcheck(fn, params, eps=1e-7)
