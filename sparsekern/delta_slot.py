@@ -11,7 +11,6 @@ node's element: a hook on the model gives them to it before every forward
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -143,7 +142,8 @@ def give_species(model: torch.nn.Module, species: torch.Tensor) -> None:
             delta.species = species
 
 
-def active_blocks(flat: torch.Tensor, groups: Sequence["WeightGroup"], T: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def active_blocks(flat: torch.Tensor, groups: Sequence["WeightGroup"], T: int,
+                  index: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The block view of a flat delta that block-sparse kernels read: (block_slot,
     block_values) for all groups at once. block_values (n_tiles, T, T) holds every tile
     of the delta (a differentiable copy, by one gather), group after group, each group's
@@ -151,8 +151,10 @@ def active_blocks(flat: torch.Tensor, groups: Sequence["WeightGroup"], T: int) -
     tile without a nonzero, else its own row. No host sync: the active tiles are marked,
     not counted, so kernels skip the inactive ones on the device. A delta being trained
     has every tile active: a tile of zeros may still have a gradient (LoRA's B and a
-    fresh fast mode delta start at zero), and skipping it would freeze it."""
-    index, inverse = _tile_index(tuple(groups), T, flat.numel(), flat.device)
+    fresh fast mode delta start at zero), and skipping it would freeze it. ``index``:
+    :func:`tile_index` of the groups on ``flat``'s device, kept by the caller (a layer's
+    descriptor); built here if None."""
+    index, inverse = index if index is not None else (t.to(flat.device) for t in tile_index(groups, T, flat.numel()))
     values = _Gather.apply(flat, index, inverse).view(-1, T, T)
     rows = torch.arange(values.shape[0], dtype=torch.int32, device=flat.device)
     if flat.requires_grad:
@@ -160,10 +162,10 @@ def active_blocks(flat: torch.Tensor, groups: Sequence["WeightGroup"], T: int) -
     return torch.where(values.detach().ne(0).flatten(1).any(-1), rows, -1), values
 
 
-@functools.lru_cache(maxsize=64)
-def _tile_index(groups: Tuple["WeightGroup", ...], T: int, numel: int, device: torch.device):
-    """(index, inverse): the flat delta's entry at each tile position (``numel``, one past
-    the end, in the padding), and each entry's tile position (past the end: in no group)."""
+def tile_index(groups: Sequence["WeightGroup"], T: int, numel: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(index, inverse) for :func:`active_blocks`, on the CPU: the flat delta's entry at each tile
+    position (``numel``, one past the end, in the padding), and each entry's tile position
+    (past the end: in no group)."""
     flat = torch.arange(numel + 1)
     tiles = []
     for g in groups:
@@ -174,7 +176,7 @@ def _tile_index(groups: Tuple["WeightGroup", ...], T: int, numel: int, device: t
     index = torch.cat(tiles) if tiles else flat[:0]
     inverse = torch.full((numel + 1,), index.numel(), dtype=torch.int64)
     inverse[index] = torch.arange(index.numel())
-    return index.to(device), inverse[:numel].to(device)
+    return index, inverse[:numel]
 
 
 class _Gather(torch.autograd.Function):

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...delta_slot import active_blocks
+from ...delta_slot import active_blocks, tile_index
 from ...paths import OutputSlots
 from ..descriptors import LinearDesc
 from ..grads import needed, track
@@ -428,7 +428,8 @@ def _blocks(desc: LinearDesc, delta: Optional[torch.Tensor]):
     """W0 + dW is formed tile by tile from the delta's active 16x16 blocks, never materialised."""
     if delta is None:
         return None
-    return derived([delta], ("active_blocks", 16), lambda: active_blocks(delta, desc.weight_groups(), 16))
+    index = desc.const("tile_index16", delta, lambda: tile_index(desc.weight_groups(), 16, delta.numel()))
+    return derived([delta], ("active_blocks", 16), lambda: active_blocks(delta, desc.weight_groups(), 16, index))
 
 
 def element_linear(desc: LinearDesc, x: torch.Tensor, species: torch.Tensor, weight: torch.Tensor,
