@@ -149,7 +149,7 @@ def prepare_values(deltas: Sequence[ThresholdDelta]) -> None:
             d._pending = (value, d._stamp())
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=None)  # a few ints per model: never evicted, so never copied to a GPU again
 def _lengths(numels: tuple, device: torch.device) -> torch.Tensor:
     return torch.tensor(numels, device=device)
 
