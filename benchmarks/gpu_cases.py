@@ -7,15 +7,20 @@ each conv, and the symmetric contractions, float32. Each case gives its back end
 callables: e3nn (as MACE runs it), sparsekern's torch back end, the Triton kernels (also
 with a block-sparse delta at 3 % density, W0 frozen, and, for the conv, half its paths
 masked and its edges listed by receiver), sparsekern's cuEquivariance back end (ops/cueq;
-conv and contraction) and cuEquivariance's fused conv as MACE builds it, where they
-import. A back end that cannot run here is a string saying why. ``floor`` holds the
-forward pass's compulsory bytes and FLOPs (computed, see NOTES.md).
+conv and contraction), and cuEquivariance's and OpenEquivariance's fused convs as MACE
+builds them, where they import. A back end that cannot run here is a string saying why.
+``floor`` holds the forward pass's compulsory bytes and FLOPs (computed, see NOTES.md);
+``parity`` names the back ends whose forward the suite checks against ``reference``.
 """
 from __future__ import annotations
 
 import math
+import os
+import sys
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple, Union
+from pathlib import Path
+from typing import Callable, Dict, Tuple, Union
 
 import torch
 
@@ -30,8 +35,12 @@ SMOKE_SIZES = {"smoke_20at": (20, 60)}  # CPU check of the scripts (TRITON_INTER
 SMOKE_MODEL = dict(num_elements=3, hidden_irreps="4x0e+4x1o", max_ell=2, correlation=2, radial_MLP=[8])
 MODES = ("fwd", "fwd+bwd", "fwd+bwd+dbl")
 OPS = ("conv0", "conv1", "skip_tp0", "skip_tp1", "linear0", "linear1", "products0", "products1")
+# every back end a case may time (gpu_suite.py --backends picks some)
+BACKENDS = ("e3nn", "torch", "triton", "triton_delta3pct", "triton_half_paths", "triton_by_receiver",
+            "cueq", "cueq_fused", "oeq_fused")
 DELTA_DENSITY, DELTA_TILE = 0.03, 16
 N_PRESENT = 10  # elements in the benchmark system (of the model's 89)
+OEQ_BUILD_WAIT_S = 120  # then its rows say n/a: the end-to-end part after them is not lost
 
 Backend = Union[Tuple[Callable, tuple], str]
 
@@ -42,7 +51,10 @@ class OpCase:
     backends: Dict[str, Backend]
     modes: Tuple[str, ...] = MODES[:2]
     floor: Dict[str, float] = field(default_factory=dict)  # fwd bytes and flops
-    parity: Optional[Tuple[str, str]] = ("triton", "torch")  # back ends compared in the same run
+    # back ends computing the reference's function (not the variants with a delta or
+    # masked paths), their forwards checked against it in the same run
+    parity: Tuple[str, ...] = ("e3nn", "triton")
+    reference: str = "torch"
 
 
 def model(smoke: bool, dtype=torch.float32) -> torch.nn.Module:
@@ -125,6 +137,36 @@ def cueq_fused_conv(tp, dev):
         return f"n/a ({type(exc).__name__}: {exc})"
 
 
+def oeq_fused_conv(tp, dev):
+    """OpenEquivariance's fused conv as MACE builds it (``OEQConfig(conv_fusion="atomic")``:
+    a ``TensorProductConv`` of the e3nn product's problem, e3nn's weight layout), or why
+    not. Imported from ``$SPARSEKERN_OEQ_SITE`` where set (``run_gpu.sh`` unpacks its
+    sources there: no wheel exists, its extension compiles on first import)."""
+    site = os.environ.get("SPARSEKERN_OEQ_SITE")
+    if site and site not in sys.path:
+        sys.path.append(site)
+    if "openequivariance" not in sys.modules:  # its import waits for a build in progress (run_gpu.sh's)
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock, t0 = Path(_get_build_directory("libtorch_tp_jit", False)) / "lock", time.time()
+        while lock.exists() and time.time() - t0 < OEQ_BUILD_WAIT_S:
+            time.sleep(1)
+        if lock.exists():
+            return f"n/a (OpenEquivariance's extension still building after {OEQ_BUILD_WAIT_S} s)"
+    try:
+        import openequivariance as oeq
+    except Exception as exc:  # not installed, or its extension failed to build
+        return f"n/a ({type(exc).__name__}: {exc})"[:300]
+    try:
+        problem = oeq.TPProblem(tp.irreps_in1, tp.irreps_in2, tp.irreps_out,
+                                [tuple(i)[:5] for i in tp.instructions], shared_weights=False,
+                                internal_weights=False, irrep_dtype=oeq.torch_to_oeq_dtype(torch.float32),
+                                weight_dtype=oeq.torch_to_oeq_dtype(torch.float32))
+        return oeq.TensorProductConv(problem, deterministic=False).to(dev)
+    except Exception as exc:
+        return f"n/a ({type(exc).__name__}: {exc})"[:300]
+
+
 def cueq_backend(dev, run: Callable, ins: tuple) -> Backend:
     """sparsekern's cuEquivariance back end (``run``), or why it cannot run here."""
     if not registry.BACKENDS["cueq"].available(torch.device(dev)):
@@ -142,7 +184,8 @@ def conv_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
     edge_index = torch.stack([sender, receiver])
     # the same edges listed by receiver, the order the forward walks them: its w and b rows
     # read in sequence instead of scattered (and the backward's, by sender, scattered)
-    by_receiver = edge_index[:, torch.argsort(receiver, stable=True)]
+    perm = torch.argsort(receiver, stable=True)
+    by_receiver = edge_index[:, perm]
     e = edge_index.shape[1]
     tp = model.interactions[li].conv_tp
     conv = ChannelwiseConv.from_e3nn(tp)
@@ -161,13 +204,17 @@ def conv_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
         "torch": (lambda a, b, c: conv(a, b, c, edge_index), ins),
         "triton": (lambda a, b, c: triton_conv(conv.desc, a, b, c, edge_index), ins),
         "triton_half_paths": (lambda a, b, c: triton_conv(conv.desc, a, b, c, edge_index, path_mask=half), ins),
-        "triton_by_receiver": (lambda a, b, c: triton_conv(conv.desc, a, b, c, by_receiver), ins),
+        "triton_by_receiver": (lambda a, b, c: triton_conv(conv.desc, a, b, c, by_receiver), (x, sh[perm], w[perm])),
     }
     backends["cueq"] = cueq_backend(dev, lambda a, b, c: registry.implementation("conv", "cueq")(
         conv.desc, a, b, c, edge_index), ins)
     cueq = cueq_fused_conv(tp, dev)
     backends["cueq_fused"] = cueq if isinstance(cueq, str) else (lambda a, b, c: cueq(a, b, c, edge_index), ins)
-    return OpCase(f"conv{li}", backends, MODES, conv_floor(conv, n_nodes, e))
+    oeq = oeq_fused_conv(tp, dev)  # rows = receivers, cols = senders
+    backends["oeq_fused"] = oeq if isinstance(oeq, str) else (
+        lambda a, b, c: oeq(a, b, c, edge_index[1], edge_index[0]), ins)
+    return OpCase(f"conv{li}", backends, MODES, conv_floor(conv, n_nodes, e),
+                  ("e3nn", "triton", "triton_by_receiver", "cueq", "cueq_fused", "oeq_fused"))
 
 
 def conv_floor(conv, n_nodes: int, n_edges: int, itemsize: int = 4) -> Dict[str, float]:
@@ -268,7 +315,7 @@ def products_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
     backends: Dict[str, Backend] = {"e3nn": (lambda a: sc(a, one_hot), (x,)), "torch": (backend("torch"), (x,)),
                                     "triton": (backend("triton"), (x,)),
                                     "cueq": cueq_backend(dev, backend("cueq"), (x,))}
-    return OpCase(f"products{li}", backends, MODES, products_floor(layer, n_nodes))
+    return OpCase(f"products{li}", backends, MODES, products_floor(layer, n_nodes), ("e3nn", "triton", "cueq"))
 
 
 def products_floor(layer, n_nodes: int, itemsize: int = 4) -> Dict[str, float]:
@@ -307,14 +354,26 @@ BUILDERS = {"conv": conv_case, "skip_tp": skip_tp_case, "linear": linear_case, "
 def build_case(op: str, model, n_nodes: int, n_edges: int, dev) -> OpCase:
     """``op`` is one of OPS (name + interaction index)."""
     name, li = op[:-1], int(op[-1])
-    return BUILDERS[name](model, li, n_nodes, n_edges, dev)
+    case = BUILDERS[name](model, li, n_nodes, n_edges, dev)
+    assert set(case.backends) <= set(BACKENDS), f"{op}: back ends missing from BACKENDS"
+    return case
 
 
-def parity_error(case: OpCase) -> Optional[float]:
-    """max |a - b| / max |b| of the forward outputs of the case's two parity back ends."""
-    if case.parity is None or any(isinstance(case.backends.get(b), (str, type(None))) for b in case.parity):
-        return None
-    (fa, ia), (fb, ib) = (case.backends[b] for b in case.parity)
+def parity_errors(case: OpCase) -> Dict[str, Union[float, str]]:
+    """max |a - b| / max |b| of each parity back end's forward output ``a`` against the
+    reference's ``b`` (those that run here; an error, as its text, for one that fails)."""
+    ref = case.backends.get(case.reference)
+    if ref is None or isinstance(ref, str):
+        return {}
     with torch.no_grad():
-        a, b = fa(*ia), fb(*ib)
-    return ((a - b).abs().max() / b.abs().max()).item()
+        b = ref[0](*ref[1])
+        errors: Dict[str, Union[float, str]] = {}
+        for name in case.parity:
+            run = case.backends.get(name)
+            if run is None or isinstance(run, str):
+                continue
+            try:
+                errors[name] = ((run[0](*run[1]) - b).abs().max() / b.abs().max()).item()
+            except Exception as exc:
+                errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+    return errors

@@ -7,10 +7,12 @@
 2. Kernels (``gpu_cases.py``): conv, skip_tp, irrep linear and symmetric contraction of
    a MACE-MP-0-medium-shaped model on 5,000 atoms / 150,000 edges and 300 atoms / 9,000
    edges, float32; e3nn vs the torch back end vs Triton (dense, 3 % block-sparse delta,
-   half the conv paths, the conv's edges listed by receiver) vs cuEquivariance's fused
-   conv where it imports; fwd, fwd+bwd and (conv, contraction) fwd+bwd+dbl. Each forward's time is set against its floor
-   (compulsory bytes / measured bandwidth, FLOPs / measured rate).
-3. Parity in the same run (triton vs torch, float32; conv second derivatives in float64).
+   half the conv paths, the conv's edges listed by receiver) vs cuEquivariance's and
+   OpenEquivariance's fused convs where they import (``--backends`` keeps some); fwd,
+   fwd+bwd and (conv, contraction) fwd+bwd+dbl. Each forward's time is set against its
+   floor (compulsory bytes / measured bandwidth, FLOPs / measured rate).
+3. Parity in the same run (every back end computing the same function vs the torch
+   back end, float32; conv second derivatives in float64).
 4. End to end (``gpu_e2e.py``): energy + forces and one fine-tuning step, e3nn vs
    sparsekern full vs sparsekern sparse (density 0.03) vs MACE's cuEquivariance model.
 5. Profiles (``torch.profiler``, device time): the top kernels of conv1, skip_tp1 and
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_cases  # noqa: E402
 import gpu_e2e  # noqa: E402
-from gpu_cases import OPS, SIZES, SMOKE_SIZES, build_case, parity_error, run_mode  # noqa: E402
+from gpu_cases import OPS, SIZES, SMOKE_SIZES, build_case, parity_errors, run_mode  # noqa: E402
 
 import sparsekern  # noqa: E402,F401
 from sparsekern.layers import ChannelwiseConv  # noqa: E402
@@ -152,7 +154,9 @@ def bench_kernels(model, size, n_nodes, n_edges, ops, args, ceil, results, check
     cases = {}
     for op in ops:
         try:
-            cases[op] = build_case(op, model, n_nodes, n_edges, DEV)
+            cases[op] = case = build_case(op, model, n_nodes, n_edges, DEV)
+            if args.backends:
+                case.backends = {k: v for k, v in case.backends.items() if k in args.backends.split(",")}
         except Exception:
             checks.append({"case": size, "op": op, "error": traceback.format_exc()[-1500:]})
     if DEV == "cuda":
@@ -160,10 +164,10 @@ def bench_kernels(model, size, n_nodes, n_edges, ops, args, ceil, results, check
     for op in list(cases):
         case = cases.pop(op)
         try:
-            checks.append({"case": size, "op": op, "dtype": "float32", "parity": case.parity,
-                           "rel_err": parity_error(case)})
+            checks.append({"case": size, "op": op, "dtype": "float32", "reference": case.reference,
+                           "rel_err": parity_errors(case)})
         except Exception as exc:
-            checks.append({"case": size, "op": op, "parity": case.parity, "error": repr(exc)[:300]})
+            checks.append({"case": size, "op": op, "reference": case.reference, "error": repr(exc)[:300]})
         for mode in case.modes:
             row = {"case": size, "op": op, "mode": mode, "nodes": n_nodes, "edges": n_edges,
                    "fwd_floor": case.floor, "fwd_floor_ms": floor_ms(case.floor, ceil), "ms": {}}
@@ -172,7 +176,7 @@ def bench_kernels(model, size, n_nodes, n_edges, ops, args, ceil, results, check
                     lambda f=b[0], ins=b[1]: run_mode(f, ins, mode), args)
             results.append(row)
             print(json.dumps(row), flush=True)
-        if op in PROFILED and size == next(iter(SIZES)) and not isinstance(case.backends["triton"], str):
+        if op in PROFILED and size == next(iter(SIZES)) and not isinstance(case.backends.get("triton", ""), str):
             f, ins = case.backends["triton"]
             profile_into(profiles, f"{op} {size} triton fwd+bwd", lambda: run_mode(f, ins, "fwd+bwd"))
         del case
@@ -234,8 +238,9 @@ def markdown(meta, results, checks, profiles=()) -> str:
     for r in kern:
         names += [k for k in r["ms"] if k not in names]
     lines += ["## Kernels", "",
-              "| case | op | mode | " + " | ".join(names) + " | e3nn / triton | cueq / triton | fwd floor (ms) | triton / floor |",
-              "|" + "---|" * (len(names) + 7)]
+              "| case | op | mode | " + " | ".join(names)
+              + " | e3nn / triton | cueq / triton | oeq / triton | fwd floor (ms) | triton / floor |",
+              "|" + "---|" * (len(names) + 8)]
     for r in kern:
         ms = r["ms"]
 
@@ -245,7 +250,7 @@ def markdown(meta, results, checks, profiles=()) -> str:
         t = ms.get("triton")
         vs_floor = f"{t / r['fwd_floor_ms']:.1f}x" if r["mode"] == "fwd" and isinstance(t, float) else ""
         lines.append(f"| {r['case']} | {r['op']} | {r['mode']} | " + " | ".join(_fmt(ms.get(n, "")) for n in names)
-                     + f" | {ratio('e3nn')} | {ratio('cueq_fused')} | {r['fwd_floor_ms']:.4f} | {vs_floor} |")
+                     + f" | {ratio('e3nn')} | {ratio('cueq_fused')} | {ratio('oeq_fused')} | {r['fwd_floor_ms']:.4f} | {vs_floor} |")
     e2e = [r for r in results if r["case"].startswith("e2e")]
     if e2e:
         lines += ["", f"## End to end ({meta.get('model', '')})", "",
@@ -298,6 +303,9 @@ def main():
     ap.add_argument("--e2e-atoms", type=int, default=5000, help="0: no end-to-end runs")
     ap.add_argument("--kernel-sizes", default=",".join(SIZES),
                     help=f"comma-separated subset of {','.join(SIZES)} (empty: no kernel rows)")
+    ap.add_argument("--backends", default="",
+                    help="comma-separated back ends to time (default: all of each case's), e.g. "
+                         "triton,cueq_fused,oeq_fused")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--update-auto", action="store_true",
                     help="rewrite the cuda rows of sparsekern/ops/auto.json (what backend='auto' picks) "
@@ -319,6 +327,9 @@ def main():
     if any(k not in SIZES for k in names):
         sys.exit(f"gpu_suite: unknown size in --kernel-sizes {args.kernel_sizes!r}; expected some of {','.join(SIZES)}")
     sizes = {k: v for k, v in SIZES.items() if k in names}
+    if any(b not in gpu_cases.BACKENDS for b in args.backends.split(",") if b):
+        sys.exit(f"gpu_suite: unknown back end in --backends {args.backends!r}; expected some of "
+                 f"{','.join(gpu_cases.BACKENDS)}")
     if args.cpu_smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             sys.exit("gpu_suite --cpu-smoke: set TRITON_INTERPRET=1")

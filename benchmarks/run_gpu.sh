@@ -3,13 +3,18 @@
 #
 #   here, once:  /work/shared/tools/device-wheels.sh .whl gitdb smmap wcwidth platformdirs
 #                bash benchmarks/run_gpu.sh --pack-cueq     (.whl-cueq/ops.tar.xz, 27 MB)
-#   device call: bash benchmarks/run_gpu.sh          (carry: [".whl", ".whl-cueq"])
+#                bash benchmarks/run_gpu.sh --pack-oeq      (.whl-oeq/oeq.tar.xz, OpenEquivariance's sources)
+#   device call: bash benchmarks/run_gpu.sh          (carry: [".whl", ".whl-cueq"], and ".whl-oeq" for its rows)
 #   (the whole suite needs two calls now: NOTES.md, "The next GPU run")
 #
 # 1. installs the carried wheels (.whl/: mace-torch, e3nn 0.4.4, ase, cuequivariance, ...)
 #    into build/gpu-site (ignored; PYTHONPATH), since the GPU image has torch and triton but no
-#    mace, and unpacks any .whl-*/*.tar.xz there: cuEquivariance's ops wheels are 73 MB as
+#    mace, and unpacks .whl-cueq/*.tar.xz there: cuEquivariance's ops wheels are 73 MB as
 #    wheels, over one call's 64 MiB, but 27 MB unpacked and recompressed with xz (--pack-cueq);
+#    OpenEquivariance (carried .whl-oeq/oeq.tar.xz) goes to build/oeq-site instead, outside
+#    the path, since MACE imports it when importable and its import compiles its extension
+#    (torch's JIT build, about a minute; no wheel exists): that build starts in the
+#    background, and only the suite's oeq_fused rows import it (SPARSEKERN_OEQ_SITE);
 # 2. builds the package and its CUDA extension (pip install -e ., no network, no deps);
 # 3. runs the suite (benchmarks/gpu_suite.py: kernels, parity, end to end; TESTS_S seconds
 #    kept back), then the GPU-marked tests, then the pytest-benchmark microbenchmarks of the
@@ -50,6 +55,33 @@ pack_cueq() {  # here, with network: the ops wheels of the pinned cuequivariance
   log "packed cuEquivariance ops $v: $(du -h .whl-cueq/ops.tar.xz | cut -f1)"
 }
 
+OEQ_VERSION=0.7.0  # its sdist's build downloads libtorch, so a carried copy of its sources instead
+
+pack_oeq() {  # here, with network: OpenEquivariance's package as its sdist holds it, with its metadata
+  local tmp src site
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps --no-binary=:all: -d "$tmp" "openequivariance==$OEQ_VERSION" || return 1
+  tar -C "$tmp" -xzf "$tmp/openequivariance-$OEQ_VERSION.tar.gz" || return 1
+  src="$tmp/openequivariance-$OEQ_VERSION" site="$tmp/site"
+  mkdir -p "$site/openequivariance-$OEQ_VERSION.dist-info" .whl-oeq
+  cp -r "$src/openequivariance" "$site/" && cp "$src/PKG-INFO" "$site/openequivariance-$OEQ_VERSION.dist-info/METADATA" \
+    || return 1
+  grep -qxF "/.whl-oeq/" .git/info/exclude 2>/dev/null || echo "/.whl-oeq/" >> .git/info/exclude
+  tar -C "$site" -cf - . | xz -T2 -9 > .whl-oeq/oeq.tar.xz.tmp && mv .whl-oeq/oeq.tar.xz.tmp .whl-oeq/oeq.tar.xz
+  rm -rf "$tmp"
+  log "packed OpenEquivariance $OEQ_VERSION: $(du -h .whl-oeq/oeq.tar.xz | cut -f1)"
+}
+
+install_oeq() {  # unpacked outside the path; its extension built in the background (log in $RES)
+  [ -f .whl-oeq/oeq.tar.xz ] || return 0
+  rm -rf build/oeq-site && mkdir -p build/oeq-site && tar -C build/oeq-site -xJf .whl-oeq/oeq.tar.xz || return 1
+  export SPARSEKERN_OEQ_SITE="$PWD/build/oeq-site" TORCH_EXTENSIONS_DIR="$PWD/build/torch-extensions"
+  log "OpenEquivariance: building its extension in the background"
+  (PYTHONPATH="$SPARSEKERN_OEQ_SITE${PYTHONPATH:+:$PYTHONPATH}" timeout 400 $PY -c \
+    "import openequivariance as o; print('oeq extension built:', o.BUILT_EXTENSION, o.BUILT_EXTENSION_ERROR)" \
+    > "$RES/oeq_build_$(date -u +%Y%m%d_%H%M%S).log" 2>&1 &)
+}
+
 install_wheels() {
   local wheels=(.whl/*.whl .whl-*/*.whl)
   local found=()
@@ -57,7 +89,7 @@ install_wheels() {
   if [ ${#found[@]} -eq 0 ]; then log "no carried wheels (.whl/)"; return 0; fi
   log "installing ${#found[@]} wheels into $SITE"
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${found[@]}" || return 1
-  for t in .whl-*/*.tar.xz; do
+  for t in .whl-cueq/*.tar.xz; do
     [ -f "$t" ] || continue
     log "unpacking $t into $SITE"
     tar -C "$SITE" -xJf "$t" || return 1
@@ -65,6 +97,7 @@ install_wheels() {
 }
 
 if [ "$mode" = "--pack-cueq" ]; then pack_cueq; exit $?; fi
+if [ "$mode" = "--pack-oeq" ]; then pack_oeq; exit $?; fi
 
 if [ "$mode" = "--cpu-smoke" ]; then
   export TRITON_INTERPRET=1
@@ -83,6 +116,7 @@ fi
 install_wheels || { log "wheel install failed"; exit 1; }
 export PYTHONPATH="$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
 [ "$mode" = "--install-only" ] && exit 0
+install_oeq || log "OpenEquivariance unpack failed (its rows will say so)"
 
 log "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv || true
@@ -108,7 +142,7 @@ if [ "$(left)" -gt 60 ]; then
 fi
 
 if [ -n "$OUTDIR" ]; then  # the device tool brings back at most 8 files: the newest of each kind
-  for pat in "gpu_suite_*.json" "gpu_suite_*.md" "kernels_bench_*.json" "gpu_tests_*.log"; do
+  for pat in "gpu_suite_*.json" "gpu_suite_*.md" "kernels_bench_*.json" "gpu_tests_*.log" "oeq_build_*.log"; do
     f=$(ls -t $RES/$pat 2>/dev/null | head -1); [ -n "$f" ] && cp "$f" "$OUTDIR/"
   done
   cp sparsekern/ops/auto.json "$OUTDIR/auto.json"

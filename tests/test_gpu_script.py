@@ -12,3 +12,28 @@ def test_run_gpu_names_existing_files():
     named = set(re.findall(r"\b((?:tests|benchmarks)/[\w/.-]+\.py)\b", script))
     assert named, "run_gpu.sh names no test or benchmark file: the pattern is stale"
     assert sorted(p for p in named if not (ROOT / p).is_file()) == []
+
+
+def test_suite_smoke_parity():
+    """The suite on the CPU (TRITON_INTERPRET=1, tiny model): every back end computing a
+    layer's function agrees with the torch back end (fails with a variant's per-edge rows
+    left in their old order when its edges are reordered, as the by-receiver conv's were)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("mace")
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_suite.py"), "--cpu-smoke", "--ops", "conv1,products1",
+                          "--backends", "e3nn,torch,triton,triton_by_receiver", "--e2e-atoms", "0"],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    wrote = re.search(r"wrote (\S+\.json)", run.stdout)
+    checks = json.loads(Path(wrote.group(1)).read_text())["checks"]
+    errors = {(c["op"], name): err for c in checks if c.get("dtype") == "float32" for name, err in c["rel_err"].items()}
+    assert set(errors) == {("conv1", "e3nn"), ("conv1", "triton"), ("conv1", "triton_by_receiver"),
+                           ("products1", "e3nn"), ("products1", "triton")}
+    assert all(isinstance(e, float) and e < 1e-5 for e in errors.values()), errors
+    assert not [c for c in checks if "error" in c]
