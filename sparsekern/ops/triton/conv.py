@@ -28,10 +28,14 @@ of memory; outputs are stored in the usual layout.
 - all three at once (the usual backward: forces need b's and w's, and a's from the
   second layer on): one fused kernel over the edges by sender (:func:`_grads_source`),
   which reads each edge's w, b and g[dst] once for all three;
-- the per-edge kernel's own derivatives are again convs and per-edge kernels,
-so double backward (forces in the loss) works through the same kernels: its two convs
-into each of a's and g's gradients as one launch (the conv kernel's ``TWO``: two (b, w)
-pairs, a gathered once), b's and w's gradients as one per-edge launch.
+- the fused backward's own backward (force training's double backward, not
+  differentiated further): two launches, a's, b's and w's gradients by sender (the fused
+  kernel's ``DBL``: the same walk, each edge's operands and their incoming gradients read
+  once) and g's by receiver (the conv kernel with three products, ``TWO`` and ``A2``);
+- differentiated further (``create_graph``), the per-edge kernel's own derivatives are
+  again convs and per-edge kernels: its two convs into each of a's and g's gradients as
+  one launch (``TWO``: two (b, w) pairs, a gathered once), b's and w's gradients as one
+  per-edge launch.
 """
 from __future__ import annotations
 
@@ -84,10 +88,10 @@ def _slot_edges(order_ptr, peer_ptr, row, n, mn, first, deg, s0, IDENTITY: tl.co
 
 
 _CONV_HEAD = """@triton.jit(do_not_specialize=["N"])
-def _conv_kernel(a_ptr, b_ptr, w_ptr, b2_ptr, w2_ptr, out_ptr, peer_ptr, order_ptr, start_ptr,
-                 N, sa0, sa1, sb0, sb1, sw0, sw1, sb20, sb21, sw20, sw21, so0,
+def _conv_kernel(a_ptr, b_ptr, w_ptr, b2_ptr, w2_ptr, a2_ptr, out_ptr, peer_ptr, order_ptr, start_ptr,
+                 N, sa0, sa1, sb0, sb1, sw0, sw1, sb20, sb21, sw20, sw21, sa20, sa21, so0,
                  IDENTITY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                 BLOCK_U: tl.constexpr, TWO: tl.constexpr):
+                 BLOCK_U: tl.constexpr, TWO: tl.constexpr, A2: tl.constexpr):
     row, n, mn, first, deg, width = _receiver_tile(start_ptr, N, IDENTITY, BLOCK_N, BLOCK_S)
     u = tl.program_id(2) * BLOCK_U + tl.arange(0, BLOCK_U)
     n_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -123,7 +127,8 @@ def _conv_source(form: "ConvForm") -> str:
         acc_k += (sum_j c_ijk b[e, j])[:, None] * (a[src, u, i] * w[e, u])
 
     TWO: the sum of two such products sharing a, (b, w) + (b2, w2) (in the double
-    backward), so a is gathered once for both."""
+    backward), so a is gathered once for both; A2 (with TWO): the second's a-w factor
+    is w2 a + w a2, a third product (a2, b2, w) in the same pass."""
     dt = str(form.dtype).removeprefix("torch.")
     lines = [_CONV_HEAD]
     for g, ts in enumerate(form.groups):
@@ -146,7 +151,9 @@ def _conv_source(form: "ConvForm") -> str:
             for i in sorted({e[0] for e in ents}):  # one a component live at a time
                 lines += [f"            xa = tl.load(a_ptr + s[:, None] * sa0 + ({a_off + i * mul} + u)[None, :]"
                           ".to(tl.int64) * sa1, mask=mask, other=0.0)", "            x = w * xa",
-                          "            if TWO:", "                x2 = w2 * xa"]
+                          "            if TWO:", "                x2 = w2 * xa", "            if A2:",
+                          f"                x2 += w * tl.load(a2_ptr + s[:, None] * sa20 + ({a_off + i * mul} + u)[None, :]"
+                          ".to(tl.int64) * sa21, mask=mask, other=0.0)"]
                 for k in range(d_o):
                     jc = [(j, form.rounded(c)) for ii, j, kk, c in ents if ii == i and kk == k]
                     if jc:
@@ -212,16 +219,19 @@ def _edge_source(form: "ConvForm") -> str:
 
 
 _GRADS_HEAD = """@triton.jit(do_not_specialize=["N"])
-def _grads_kernel(a_ptr, b_ptr, w_ptr, g_ptr, ga_ptr, gbp_ptr, gw_ptr, peer_ptr, order_ptr, start_ptr,
-                  N, sa0, sa1, sb0, sb1, sw0, sw1, sg0, sg1, sga0, sgbp0, sgw0,
+def _grads_kernel(a_ptr, b_ptr, w_ptr, g_ptr, a2_ptr, b2_ptr, w2_ptr, ga_ptr, gbp_ptr, gw_ptr,
+                  peer_ptr, order_ptr, start_ptr,
+                  N, sa0, sa1, sb0, sb1, sw0, sw1, sg0, sg1, sa20, sa21, sb20, sb21, sw20, sw21, sga0, sgbp0, sgw0,
                   IDENTITY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                  BLOCK_U: tl.constexpr, NEED_GB: tl.constexpr, NEED_GW: tl.constexpr):
+                  BLOCK_U: tl.constexpr, NEED_GB: tl.constexpr, NEED_GW: tl.constexpr, DBL: tl.constexpr,
+                  A2: tl.constexpr):
     row, n, mn, first, deg, width = _receiver_tile(start_ptr, N, IDENTITY, BLOCK_N, BLOCK_S)
     u = tl.program_id(2) * BLOCK_U + tl.arange(0, BLOCK_U)
     n_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ga_row = ga_ptr + n_out.to(tl.int64)[:, None] * sga0
     mo = n_out < N
     a_row = a_ptr + n.to(tl.int64)[:, None] * sa0
+    a2_row = a2_ptr + n.to(tl.int64)[:, None] * sa20
 """
 
 
@@ -236,7 +246,12 @@ def _grads_source(form: "ConvForm") -> str:
         gbp[e, (channel tile, path, j)] = sum_{i,k} c_ijk sum_u w a_i g_k   (partial sums)
 
     b's gradient sums over every path and channel, which other programs own: each stores
-    its partial sums, reduced afterwards by a fixed map (no atomics)."""
+    its partial sums, reduced afterwards by a fixed map (no atomics).
+
+    DBL: this backward's own backward for incoming gradients (a2, b2, w2) of its three
+    outputs (ga, gb, gw), all but g's gradient, in the same walk: with t' = t(b2, g),
+    ga += w2 t + w t', gw = a2 t + a t', wx = w a2 + w2 a in gb's sums; without A2 (no
+    a2: ga's gradient unused, or the per-edge kernel's backward) the a2 terms drop."""
     dt = str(form.dtype).removeprefix("torch.")
     lines = [_GRADS_HEAD, f"    gbp_row = gbp_ptr + tl.program_id(2) * {form.sum_db}"]
     for g, ts in enumerate(form.a_groups):
@@ -262,16 +277,24 @@ def _grads_path_lines(form: "ConvForm", t: int, dt: str) -> List[str]:
               for j in sorted({e[1] for e in ents})]
     lines += [f"            g{k} = tl.load(g_ptr + r[:, None] * sg0 + ({o_off + k * mul} + u)[None, :]"
               ".to(tl.int64) * sg1, mask=mask, other=0.0)" for k in sorted({e[2] for e in ents})]
+    lines += ["            if DBL:",
+              f"                w2 = tl.load(w2_ptr + e64[:, None] * sw20 + ({w_off} + u)[None, :].to(tl.int64) * sw21,"
+              " mask=mask, other=0.0)"]
+    lines += [f"                z{j} = tl.load(b2_ptr + e64 * sb20 + {b_off + j} * sb21, mask=me, other=0.0)"
+              for j in sorted({e[1] for e in ents})]
     lines += ["            if NEED_GW:",
               f"                gw = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_U), dtype=tl.{dt})",
               "            if NEED_GB:"]
     lines += [f"                gbp{j} = tl.zeros((BLOCK_N * BLOCK_S,), dtype=tl.{dt})" for j in range(d_b)]
     for i in sorted({e[0] for e in ents}):
         by_k = _by_k(ents, i)
-        lines += [_t_line(by_k, dt), f"            ga{i} += w * t",
+        lines += [_t_line(by_k, dt), "            if DBL:", "    " + _t_line(by_k, dt, "z", "t2"),
+                  f"                ga{i} += w2 * t + w * t2", "            else:", f"                ga{i} += w * t",
                   f"            x = tl.load(a_row + ({a_off + i * mul} + u)[None, :].to(tl.int64) * sa1,"
+                  " mask=mask, other=0.0)", "            if A2:",
+                  f"                x2 = tl.load(a2_row + ({a_off + i * mul} + u)[None, :].to(tl.int64) * sa21,"
                   " mask=mask, other=0.0)"]
-        lines += _weight_grad_lines(by_k, lambda j: f"gbp{j}", dt)
+        lines += _weight_grad_lines(by_k, lambda j: f"gbp{j}", dt, dbl=True)
     lines += ["            if NEED_GW:",
               f"                tl.store(gw_ptr + e64[:, None] * sgw0 + ({w_off} + u)[None, :], gw, mask=mask)",
               "            if NEED_GB:"]
@@ -289,16 +312,26 @@ def _by_k(ents, i: int) -> Dict[int, List[Tuple[int, float]]]:
     return by_k
 
 
-def _t_line(by_k, dt: str) -> str:
-    """t = sum_k (sum_j c b_j) g_k, component i's factor of w's and a's gradients."""
-    terms = [f"({' + '.join(_times(c, f'y{j}', dt) for j, c in jc)})[:, None] * g{k}" for k, jc in by_k.items()]
-    return f"            t = {' + '.join(terms)}"
+def _t_line(by_k, dt: str, b: str = "y", name: str = "t") -> str:
+    """t = sum_k (sum_j c b_j) g_k, component i's factor of w's and a's gradients (b's
+    components loaded as ``b``0, ``b``1, ...)."""
+    terms = [f"({' + '.join(_times(c, f'{b}{j}', dt) for j, c in jc)})[:, None] * g{k}" for k, jc in by_k.items()]
+    return f"            {name} = {' + '.join(terms)}"
 
 
-def _weight_grad_lines(by_k, gb_of, dt: str) -> List[str]:
+def _weight_grad_lines(by_k, gb_of, dt: str, dbl: bool = False) -> List[str]:
     """Component i's share of w's gradient (gw += x t) and of b's (``gb_of(j)`` += c
-    sum_u w x g_k), with x = a's component i and t set."""
-    lines = ["            if NEED_GW:", "                gw += x * t", "            if NEED_GB:", "                wx = w * x"]
+    sum_u w x g_k), with x = a's component i and t set; ``dbl``: under the kernel's DBL,
+    the double backward's (gw += x2 t + x t2, and w x2 + w2 x for w x; the x2 terms
+    only with A2)."""
+    if dbl:
+        lines = ["            if NEED_GW:", "                if DBL:", "                    gw += x * t2",
+                 "                    if A2:", "                        gw += x2 * t",
+                 "                else:", "                    gw += x * t", "            if NEED_GB:",
+                 "                if DBL:", "                    wx = w2 * x", "                    if A2:",
+                 "                        wx += w * x2", "                else:", "                    wx = w * x"]
+    else:
+        lines = ["            if NEED_GW:", "                gw += x * t", "            if NEED_GB:", "                wx = w * x"]
     for k, jc in by_k.items():
         lines.append(f"                h = tl.sum(wx * g{k}, axis=1)")
         lines += [f"                {gb_of(j)} += {_times(c, 'h', dt)}" for j, c in jc]
@@ -466,24 +499,26 @@ _BLOCK = 32  # edges per program (tile rows)
 _SLOTS = 8  # a receiver's edges per tile: MACE's have ~20-60 (r_max 5-6 A)
 
 
-def _conv_raw(form: ConvForm, a, b, w, graph: Graph, b2=None, w2=None) -> torch.Tensor:
-    """The conv of (a, b, w), plus that of (a, b2, w2) where given (one launch)."""
+def _conv_raw(form: ConvForm, a, b, w, graph: Graph, b2=None, w2=None, a2=None) -> torch.Tensor:
+    """The conv of (a, b, w), plus that of (a, b2, w2) where given, plus that of (a2, b2,
+    w) where a2 is given too (one launch)."""
     n_out = graph.n_dst
     out = (a.new_empty if form.covers_o else a.new_zeros)(n_out, form.dim_o)
     if not form.paths or n_out == 0:
         return out
     order, start, peer = _ordering(graph.receivers, graph)
     a = component_major(a, form.a_perm)
-    two = b2 is not None
+    two, three = b2 is not None, a2 is not None
     b2, w2 = (b2, w2) if two else (b, w)  # unread without TWO: any pointers with strides
+    a2 = component_major(a2, form.a_perm) if three else a
     bu = _block_u(form, 32 if two else 64)  # two products' operands: half the channels a tile
     slots = 1 if graph.identity else _SLOTS
     grid = (triton.cdiv(n_out, _BLOCK // slots), len(form.groups), triton.cdiv(form.max_mul, bu))
-    form.kernel[grid](a, b, w, b2, w2, out, peer, order, start,
+    form.kernel[grid](a, b, w, b2, w2, a2, out, peer, order, start,
                       n_out, a.stride(0), a.stride(1), b.stride(0), b.stride(1), w.stride(0), w.stride(1),
-                      b2.stride(0), b2.stride(1), w2.stride(0), w2.stride(1),
+                      b2.stride(0), b2.stride(1), w2.stride(0), w2.stride(1), a2.stride(0), a2.stride(1),
                       out.stride(0), IDENTITY=graph.identity, BLOCK_N=_BLOCK // slots, BLOCK_S=slots,
-                      BLOCK_U=bu, TWO=two, num_warps=8)
+                      BLOCK_U=bu, TWO=two, A2=three, num_warps=8)
     return out
 
 
@@ -510,30 +545,54 @@ def _edge_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: bo
     return gb, gw
 
 
-def _grads_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: bool):
+def _grads_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: bool, dbl=None):
     """(ga, gb, gw) of the conv form for output gradient g, one launch (gb, gw None
-    unless asked for)."""
+    unless asked for); with ``dbl`` = (Ga, Gb, Gw), incoming gradients of those three,
+    a's, b's and w's gradients of <Ga, ga> + <Gb, gb> + <Gw, gw> instead (both asked for;
+    Ga may be None: no such term)."""
     n_a, E = graph.n_src, graph.src.shape[0]
     ga = (a.new_empty if form.transposed.covers_o else a.new_zeros)(n_a, form.dim_a)
     gw = (a.new_empty if form.covers_w else a.new_zeros)(E, form.n_w) if need_w else None
     if not form.paths or n_a == 0:
         return ga, (a.new_zeros(E, form.dim_b) if need_b else None), gw  # ga: zeros, no path covers it
-    bu = _block_u(form, 32)  # with 64 channels a tile, 253 registers on sm_90 (Triton 3.7.1)
+    has_a2 = dbl is not None and dbl[0] is not None
+    # with 64 channels a tile, 253 registers on sm_90 (Triton 3.7.1); the double backward
+    # with a2 at 32 spills at 8 warps (128 registers), hence 16
+    bu = _block_u(form, 16 if has_a2 else 32)
     n_ct = triton.cdiv(form.max_mul, bu)
     gbp = a.new_empty(E, n_ct * form.sum_db) if need_b else None
     order, start, peer = _ordering(graph.transposed.receivers, graph)  # the edges by sender
     slots = 1 if graph.identity else _SLOTS
     a, g = component_major(a, form.a_perm), component_major(g, form.transposed.a_perm)
+    a2 = component_major(dbl[0], form.a_perm) if has_a2 else a  # operands not given: unread
+    b2, w2 = dbl[1:] if dbl else (b, w)
     gbp_ = gbp if gbp is not None else a  # an output not asked for: any pointer with strides
     gw_ = gw if gw is not None else a
     grid = (triton.cdiv(n_a, _BLOCK // slots), len(form.a_groups), n_ct)
-    form.grads_kernel[grid](a, b, w, g, ga, gbp_, gw_, peer, order, start,
+    form.grads_kernel[grid](a, b, w, g, a2, b2, w2, ga, gbp_, gw_, peer, order, start,
                             n_a, a.stride(0), a.stride(1), b.stride(0), b.stride(1), w.stride(0), w.stride(1),
-                            g.stride(0), g.stride(1), ga.stride(0), gbp_.stride(0), gw_.stride(0),
+                            g.stride(0), g.stride(1), a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1),
+                            w2.stride(0), w2.stride(1), ga.stride(0), gbp_.stride(0), gw_.stride(0),
                             IDENTITY=graph.identity, BLOCK_N=_BLOCK // slots, BLOCK_S=slots, BLOCK_U=bu,
-                            NEED_GB=need_b, NEED_GW=need_w, num_warps=8)
+                            NEED_GB=need_b, NEED_GW=need_w, DBL=dbl is not None, A2=has_a2, num_warps=8)
     gb = gbp.view(E, n_ct, form.sum_db).sum(1) @ form.gb_map if need_b else None
     return ga, gb, gw
+
+
+def _second_raw(form, graph, a, b, w, g, Ga, Gb, Gw, need):
+    """(da, db, dw, dg) of <Ga, ga> + <Gb, gb> + <Gw, gw>, (ga, gb, gw) the conv form's
+    gradients for output gradient g (Ga None: no such term), in two launches: the fused
+    backward's kernel with DBL by sender (a's, b's, w's) and the conv kernel with three
+    products by receiver (g's: T(a, Gb, w) + T(a, b, Gw) + T(Ga, b, w))."""
+    da, db, dw = _grads_raw(form, a, b, w, g, graph, True, True, dbl=(Ga, Gb, Gw))
+    return (da if need[0] else None), db, dw, _conv_raw(form, a, Gb, w, graph, b, Gw, Ga)
+
+
+def _fused_second(need, Gb, Gw) -> bool:
+    """Whether :func:`_second_raw` serves a backward of the conv's gradients: force
+    training's (b's, w's and g's gradients wanted, both of b's and w's gradients used),
+    not differentiated further (its launches have no autograd of their own)."""
+    return not torch.is_grad_enabled() and Gb is not None and Gw is not None and all(need[1:])
 
 
 def _add(x, y):
@@ -618,8 +677,10 @@ class _Edge(torch.autograd.Function):
         a, b, w, g = ctx.saved_tensors
         Gb = Gb if ctx.need[0] else None
         Gw = Gw if ctx.need[1] else None
-        return (*_edge_vjp(ctx.form, ctx.graph, a, b, w, g, Gb, Gw, [needed(ctx, i) for i in range(4)]),
-                None, None, None, None)
+        need = [needed(ctx, i) for i in range(4)]
+        if _fused_second(need, Gb, Gw):
+            return (*_second_raw(ctx.form, ctx.graph, a, b, w, g, None, Gb, Gw, need), None, None, None, None)
+        return (*_edge_vjp(ctx.form, ctx.graph, a, b, w, g, Gb, Gw, need), None, None, None, None)
 
 
 class _Grads(torch.autograd.Function):
@@ -640,6 +701,8 @@ class _Grads(torch.autograd.Function):
         a, b, w, g = ctx.saved_tensors
         form, graph = ctx.form, ctx.graph
         need = [needed(ctx, i) for i in range(4)]
+        if _fused_second(need, Gb, Gw):
+            return (*_second_raw(form, graph, a, b, w, g, Ga, Gb, Gw, need), None, None, None, None)
         da, db, dw, dg = _edge_vjp(form, graph, a, b, w, g, Gb, Gw, need)
         if Ga is not None:  # ga = conv(g, b, w) of the transposed form and graph
             tg, tb, tw = _conv_vjp(form.transposed, graph.transposed, g, b, w, Ga, (need[3], need[1], need[2]))
