@@ -115,8 +115,8 @@ fi
 
 install_wheels || { log "wheel install failed"; exit 1; }
 export PYTHONPATH="$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
-[ "$mode" = "--install-only" ] && exit 0
 install_oeq || log "OpenEquivariance unpack failed (its rows will say so)"
+[ "$mode" = "--install-only" ] && exit 0
 
 log "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv || true
