@@ -90,6 +90,17 @@ def test_double_backward_of_edge_gradients_alone():
         assert rel_err(a, b) <= 1e-12, name
 
 
+def test_channel_tiles():
+    """40 channels: several channel tiles with a ragged last one (16 or 32 channels a
+    tile: the fused backward's partial sums of b's gradient, one row per tile), through
+    the double backward, against the torch layer."""
+    conv, x, y, w, ei = make("40x0e+40x1o", "0e+1o+2e", 2, n=5, e=12, dtype=torch.float64)
+    ours = force_like(lambda a, b, c: triton_conv(conv.desc, a, b, c, ei), x, y, w)
+    ref = force_like(lambda a, b, c: conv(a, b, c, ei), x, y, w)
+    for name, a, b in zip(["out", "dx", "dy", "dw", "ddx", "ddy", "ddw"], ours, ref):
+        assert rel_err(a, b) <= 1e-12, name
+
+
 def test_only_nonzero_cg_entries():
     conv, *_ = make(*BIG, n=1, e=1, dtype=torch.float64)
     form = build_form(conv.desc, torch.empty(0, dtype=torch.float64))
