@@ -1,8 +1,8 @@
 """Bytes the Triton kernels ask the memory system for, counted on the CPU.
 
-Runs MACE-MP-0 medium's conv layers and irrep linears (float32, 128 channels, l <= 3) on
-a 27-atom crystal through the Triton back end under Triton's interpreter and counts, per
-kernel, every load it issues: the bytes requested (unmasked elements x element size:
+Runs MACE-MP-0 medium's conv layers, irrep linears and symmetric contractions (float32,
+128 channels, l <= 3) on a 27-atom crystal through the Triton back end under Triton's
+interpreter and counts, per kernel, every load it issues: the bytes requested (unmasked elements x element size:
 what a GPU serves from L1, L2 or DRAM), the 32-byte sectors each load instruction touches
 (what the memory system moves for it when nothing is cached between instructions: equal
 to the bytes requested where a load is contiguous, up to 8x them where it reads one
@@ -12,7 +12,7 @@ threads along a row, as their TTGIR shows; the L1's work per load grows with the
 where every sector is cached), against the distinct bytes (what must come from DRAM at
 least once), the load instructions per program, and the bytes stored with their warps'
 sectors. A proxy for the kernels' traffic through the caches and their instruction
-count, not a timing. Per edge for the convs, per node for the linears.
+count, not a timing. Per edge for the convs, per node for the linears and contractions.
 
     .venv-mace/bin/python benchmarks/kernel_loads.py
 """
@@ -134,7 +134,8 @@ def main() -> None:
 
     import sparsekern
     from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
-    from sparsekern.layers import IrrepsLinear
+    from sparsekern.layers import IrrepsLinear, SymmetricContraction
+    from sparsekern.ops.triton.symmetric_contraction import _BT, _BT_INTERPRETED
     from sparsekern.ops.descriptors import TPDesc
     from sparsekern.ops.triton.conv import conv
 
@@ -144,6 +145,10 @@ def main() -> None:
     edge_index = mace_batch(model, [atoms])["edge_index"]
     n, e = len(atoms), edge_index.shape[1]
     linears = [IrrepsLinear.from_e3nn(i.linear).set_backend("triton") for i in model.interactions]
+    contractions = [SymmetricContraction.from_e3nn(p.symmetric_contractions).set_backend("triton")
+                    for p in model.products]
+    species = torch.tensor([model.atomic_numbers.tolist().index(z) for z in atoms.numbers])
+    one_hot = torch.nn.functional.one_hot(species, len(model.atomic_numbers)).float()
     sparsekern.patch(model, backend="torch")
     descs = [m.desc for m in model.modules() if isinstance(getattr(m, "desc", None), TPDesc)]
     g = torch.Generator().manual_seed(0)
@@ -157,6 +162,11 @@ def main() -> None:
     for layer, lin in enumerate(linears):
         x = torch.randn(n, lin.desc.blocks_in.dim, generator=g, requires_grad=True)
         _rows(layer, _passes(lambda: lin(x), g), n)
+    print(f"\nThe symmetric contractions (products[i]), per node (the interpreter's {_BT_INTERPRETED} table "
+          f"entries a step, not a GPU's {_BT}: loads per program differ, bytes do not):\n\n{_HEAD}")
+    for layer, sc in enumerate(contractions):
+        x = torch.randn(n, sc.num_features, sc.desc.coupling_dim, generator=g, requires_grad=True)
+        _rows(layer, _passes(lambda: sc(x, one_hot), g, (x,)), n)
 
 
 if __name__ == "__main__":
