@@ -45,7 +45,7 @@ pack_cueq() {  # here, with network: the ops wheels of the pinned cuequivariance
   for p in cuequivariance-ops-torch-cu13 cuequivariance-ops-cu13; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
-      -d "$tmp/w" "$p==$v" || return 1
+      -d "$tmp/w" "$p==$v" || { log "pack-cueq: could not download $p==$v (this needs the package index)"; return 1; }
   done
   mkdir -p "$tmp/site" .whl-cueq
   for w in "$tmp"/w/*.whl; do unzip -q -o "$w" -d "$tmp/site" || return 1; done
@@ -60,7 +60,8 @@ OEQ_VERSION=0.7.0  # its sdist's build downloads libtorch, so a carried copy of 
 pack_oeq() {  # here, with network: OpenEquivariance's package as its sdist holds it, with its metadata
   local tmp src site
   tmp=$(mktemp -d)
-  python3 -m pip download -q --no-deps --no-binary=:all: -d "$tmp" "openequivariance==$OEQ_VERSION" || return 1
+  python3 -m pip download -q --no-deps --no-binary=:all: -d "$tmp" "openequivariance==$OEQ_VERSION" \
+    || { log "pack-oeq: could not download openequivariance==$OEQ_VERSION (this needs the package index)"; return 1; }
   tar -C "$tmp" -xzf "$tmp/openequivariance-$OEQ_VERSION.tar.gz" || return 1
   src="$tmp/openequivariance-$OEQ_VERSION" site="$tmp/site"
   mkdir -p "$site/openequivariance-$OEQ_VERSION.dist-info" .whl-oeq
