@@ -1,8 +1,15 @@
 """The GPU run is one prepared script, rarely run (a GPU is seldom lent): what it calls
-must exist, or the run is lost (its CPU smoke once named a test file that had moved)."""
+must exist, or the run is lost (its CPU smoke once named a test file that had moved), and
+the suite's cases must compute what they claim (its parity lines, on the CPU)."""
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,13 +25,6 @@ def test_suite_smoke_parity():
     """The suite on the CPU (TRITON_INTERPRET=1, tiny model): every back end computing a
     layer's function agrees with the torch back end (fails with a variant's per-edge rows
     left in their old order when its edges are reordered, as the by-receiver conv's were)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import pytest
-
     pytest.importorskip("mace")
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_suite.py"), "--cpu-smoke", "--ops", "conv1,products1",
                           "--backends", "e3nn,torch,triton,triton_by_receiver", "--e2e-atoms", "0"],
