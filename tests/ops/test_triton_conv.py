@@ -90,6 +90,33 @@ def test_double_backward_of_edge_gradients_alone():
         assert rel_err(a, b) <= 1e-12, name
 
 
+@pytest.mark.parametrize("node_forces", [True, False])
+def test_double_backward_by_finite_differences(node_forces):
+    """The fused double backward (used when it is not differentiated further) against a
+    central difference of the loss of the first-order gradients along a random
+    direction, float64: with the node features' gradient in the loss (the fused
+    backward's own backward) and without (the per-edge kernel's)."""
+    conv, x, y, w, ei = make(*BIG, n=4, e=9, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    dirs = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (x, y, w)]
+    v = torch.randn(4, conv.irreps_out.dim, generator=g, dtype=torch.float64)
+    u = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (x, y, w)]
+
+    def loss(a, b, c):
+        out = triton_conv(conv.desc, a, b, c, ei)
+        wrt = (a, b, c) if node_forces else (b, c)
+        grads = torch.autograd.grad((out * v).sum() + (out ** 2).sum(), wrt, create_graph=True)
+        return sum((gi * ui).sum() + (gi ** 2).sum() for gi, ui in zip(grads, u[3 - len(grads):]))
+
+    args = [t.clone().requires_grad_() for t in (x, y, w)]
+    analytic = sum((gi * d).sum() for gi, d in zip(torch.autograd.grad(loss(*args), args), dirs))
+    eps = 1e-6
+    with torch.enable_grad():
+        plus, minus = (loss(*[(t + s * eps * d).requires_grad_() for t, d in zip((x, y, w), dirs)]).detach()
+                       for s in (1, -1))
+    assert abs(analytic - (plus - minus) / (2 * eps)) <= 1e-6 * abs(analytic)
+
+
 def test_channel_tiles():
     """40 channels: several channel tiles with a ragged last one (16 or 32 channels a
     tile: the fused backward's partial sums of b's gradient, one row per tile), through
