@@ -14,7 +14,7 @@ least once), the load instructions per program, and the bytes stored with their 
 sectors. A proxy for the kernels' traffic through the caches and their instruction
 count, not a timing. Per edge for the convs, per node for the linears and contractions.
 
-    .venv-mace/bin/python benchmarks/kernel_loads.py
+    .venv-mace/bin/python benchmarks/kernel_loads.py [--ops conv,linear,contraction]
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
+import argparse  # noqa: E402
 import collections  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -129,7 +130,15 @@ def _passes(run, g, double=()):
     return passes
 
 
+_OPS = ("conv", "linear", "contraction")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", default=",".join(_OPS), help=f"comma-separated, of {', '.join(_OPS)}")
+    ops = parser.parse_args().ops.split(",")
+    if set(ops) - set(_OPS):
+        parser.error(f"unknown --ops {', '.join(sorted(set(ops) - set(_OPS)))}; choose from {', '.join(_OPS)}")
     from ase.build import bulk
 
     import sparsekern
@@ -152,19 +161,23 @@ def main() -> None:
     sparsekern.patch(model, backend="torch")
     descs = [m.desc for m in model.modules() if isinstance(getattr(m, "desc", None), TPDesc)]
     g = torch.Generator().manual_seed(0)
-    print(f"MACE-MP-0 medium conv layers, float32, {n} atoms, {e} edges; per edge:\n\n{_HEAD}")
-    for layer, desc in enumerate(descs):
+    print(f"MACE-MP-0 medium, float32, {n} atoms, {e} edges")
+    if "conv" in ops:
+        print(f"\nThe conv layers, per edge:\n\n{_HEAD}")
+    for layer, desc in enumerate(descs if "conv" in ops else ()):
         x = torch.randn(n, desc.irreps_in1.dim, generator=g, requires_grad=True)
         y = torch.randn(e, desc.irreps_in2.dim, generator=g, requires_grad=True)
         w = torch.randn(e, desc.weight_numel, generator=g, requires_grad=True)
         _rows(layer, _passes(lambda: conv(desc, x, y, w, edge_index), g, (x, y, w)), e)
-    print(f"\nThe irrep linears after the convs (interactions[i].linear), per node:\n\n{_HEAD}")
-    for layer, lin in enumerate(linears):
+    if "linear" in ops:
+        print(f"\nThe irrep linears after the convs (interactions[i].linear), per node:\n\n{_HEAD}")
+    for layer, lin in enumerate(linears if "linear" in ops else ()):
         x = torch.randn(n, lin.desc.blocks_in.dim, generator=g, requires_grad=True)
         _rows(layer, _passes(lambda: lin(x), g), n)
-    print(f"\nThe symmetric contractions (products[i]), per node (the interpreter's {_BT_INTERPRETED} table "
-          f"entries a step, not a GPU's {_BT}: loads per program differ, bytes do not):\n\n{_HEAD}")
-    for layer, sc in enumerate(contractions):
+    if "contraction" in ops:
+        print(f"\nThe symmetric contractions (products[i]), per node (the interpreter's {_BT_INTERPRETED} table "
+              f"entries a step, not a GPU's {_BT}: loads per program differ, bytes do not):\n\n{_HEAD}")
+    for layer, sc in enumerate(contractions if "contraction" in ops else ()):
         x = torch.randn(n, sc.num_features, sc.desc.coupling_dim, generator=g, requires_grad=True)
         _rows(layer, _passes(lambda: sc(x, one_hot), g, (x,)), n)
 

@@ -176,9 +176,9 @@ def test_refuses_bad_operands_and_correlation_4():
     form, _ = contraction_form(layer.desc)
     plan = SpeciesOrder.build(torch.tensor([0, 1], device=DEVICE), 3)
     w = torch.zeros(3, form.dims[0], 1, dtype=torch.float64, device=DEVICE)
-    x = torch.zeros(2, 1, 4, dtype=torch.float64, device=DEVICE)
+    x = torch.zeros(2, 4, 1, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="operand 1 must have shape"):
-        apply_form(form, plan, w, x[:, :, :3], x[:, :, :3])
+        apply_form(form, plan, w, x[:, :3], x[:, :3])
     with pytest.raises(ValueError, match="must be one tensor"):
         apply_form(form, plan, w, x, x.clone())
     deep = make_layer("1x0e+1x1o", "1x0e", 4, torch.float64).set_backend("triton")

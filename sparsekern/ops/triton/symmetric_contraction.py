@@ -14,8 +14,11 @@ the U tensors hold 3,289 nonzeros). The one kernel here evaluates any form::
 
     Y[row, c, o] = sum_{t: o_t = o} coef_t * prod_s a_s[row_s, c, idx[s, t]]     (idx -1: factor 1)
 
-with a_s per node (N, C, d) or per element (n_el, d, C, read at the node's species), and Y
-per node (N, C, d_out) or summed per element (n_el, d_out, C). The forward pass is the form
+with a_s per node (N, d, C) or per element (n_el, d, C, read at the node's species), and Y
+per node (N, d_out, C) or summed per element (n_el, d_out, C): channels innermost, so that
+each load, a tile of 32 channels of one component, is one contiguous run (MACE's (N, C, d)
+layout would put them d floats apart, 32 sectors a load for 4 sectors' worth of bytes;
+``benchmarks/kernel_loads.py``). The forward pass is the form
 (A, x, x, x). The derivative wrt one operand is the same form with that operand and Y
 swapped (table columns permuted, the cotangent joining as an operand; a per-element
 operand gives a per-element reduction), so every order of derivative is this kernel
@@ -130,7 +133,7 @@ class Form:
     coef: torch.Tensor  # (nnz,) float64
     d_out: int
     dims: Tuple[int, ...]  # index range of each operand
-    elem: Tuple[bool, ...]  # operand is per element (n_el, d, C), else per node (N, C, d)
+    elem: Tuple[bool, ...]  # operand is per element (n_el, d, C), else per node (N, d, C)
     groups: Tuple[Tuple[int, ...], ...]
     elem_out: bool
     _derived: Dict[int, "Form"] = field(default_factory=dict, repr=False)
@@ -233,21 +236,31 @@ class SpeciesOrder:
     start = property(lambda self: self.sorting.start)
 
 
-def _index_strides(a: torch.Tensor, elem: bool):
-    """(row, channel, index) strides of an operand."""
-    return (a.stride(0), a.stride(2), a.stride(1)) if elem else a.stride()
+def _index_strides(a: torch.Tensor):
+    """(row, channel, index) strides of an operand (rows, d, C). A single index's stride
+    is any number: 0, not the 1 a copy may leave, which Triton would compile apart (and
+    under 3.6.0 that compile spills 4 B on sm_90)."""
+    return a.stride(0), a.stride(2), (a.stride(1) if a.shape[1] > 1 else 0)
+
+
+def _channels_inner(t: torch.Tensor) -> torch.Tensor:
+    """t (rows, d, C), copied where its channels are not innermost (a cotangent autograd
+    hands over in another layout; the layer makes x's copy itself, once for all passes)."""
+    return t if t.stride(2) == 1 or t.shape[2] <= 1 else t.contiguous()
 
 
 def _run(form: Form, plan: SpeciesOrder, ops) -> torch.Tensor:
+    copies = {}  # one per tensor, whatever the slots it fills
+    ops = [copies.setdefault(id(op), _channels_inner(op)) for op in ops]
     a = ops[0]
-    n, chans = plan.species.shape[0], (a.shape[2] if form.elem[0] else a.shape[1])
+    n, chans = plan.species.shape[0], a.shape[2]
     # every element of y has one owning program, which stores it once
-    y = a.new_empty((plan.n_el, form.d_out, chans) if form.elem_out else (n, chans, form.d_out))
+    y = a.new_empty((plan.n_el if form.elem_out else n, form.d_out, chans))
     if n == 0 or chans == 0 or form.nnz == 0:
         return y.zero_()
     start, idx, coef = form.on(a.device, a.dtype)
     pad = list(ops) + [a] * (_MAX_OPERANDS - len(ops))
-    strides = [s for op, e in zip(pad, list(form.elem) + [False] * _MAX_OPERANDS) for s in _index_strides(op, e)]
+    strides = [s for op in pad for s in _index_strides(op)]
     flags = list(form.elem) + [False] * (_MAX_OPERANDS - len(ops))
     bn, bc = min(_BN, triton.next_power_of_2(n)), min(_BC, triton.next_power_of_2(chans))
     # chosen by how the kernel runs, not by the tensors' device: a compile ahead of time
@@ -264,7 +277,7 @@ def _run(form: Form, plan: SpeciesOrder, ops) -> torch.Tensor:
     # 8 warps: with 4, the per-node forms spill 8 B on sm_90 under Triton 3.7.1 and a
     # per-element one 128 B under 3.6.0 (tests/ops/test_gpu_proxy_aot.py)
     _form_kernel[grid](*pad, y, plan.species, plan.order, el_start, start, idx, coef, n, chans, form.d_out,
-                       form.nnz, *strides, *_index_strides(y, form.elem_out),
+                       form.nnz, *strides, *_index_strides(y),
                        P=len(ops), E0=flags[0], E1=flags[1], E2=flags[2], E3=flags[3],
                        ELEM_OUT=form.elem_out, BT=bt, BN=bn, BC=bc, BO=bo, num_warps=8)
     return y
@@ -281,6 +294,7 @@ class _FormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         ops, form = ctx.saved_tensors, ctx.form
+        gy = _channels_inner(gy)  # once for every group's form
         grads = [None] * len(ops)
         for g, slots in enumerate(form.groups):
             if any(needed(ctx, 2 + s) for s in slots):
@@ -295,7 +309,7 @@ def apply_form(form: Form, plan: SpeciesOrder, *ops: torch.Tensor) -> torch.Tens
     if len(ops) != len(form.dims) or len(ops) > _MAX_OPERANDS:
         raise ValueError(f"the form takes {len(form.dims)} operands (at most {_MAX_OPERANDS}), got {len(ops)}")
     for s, (op, d, e) in enumerate(zip(ops, form.dims, form.elem)):
-        want = (plan.n_el, d, None) if e else (plan.species.shape[0], None, d)
+        want = (plan.n_el if e else plan.species.shape[0], d, None)
         if op.dim() != 3 or any(w is not None and w != got for w, got in zip(want, op.shape)):
             raise ValueError(f"operand {s} must have shape {tuple('C' if w is None else w for w in want)}, "
                              f"got {tuple(op.shape)}")
@@ -357,6 +371,8 @@ def symmetric_contraction(desc: ContractionDesc, x: torch.Tensor, species: torch
     # frozen weights (inference) are folded once, not for all elements at every call
     a = derived([t for pair in pairs for t in pair if t is not None], ("folded", x.dtype, x.device),
                 lambda: folded_weights([effective(w, d) for w, d in pairs], folds))
-    y = apply_form(form, SpeciesOrder.build(species, desc.num_elements), a, *([x] * corr))
+    xt = x.transpose(1, 2).contiguous()  # (N, d, C): one copy for every pass
+    y = apply_form(form, SpeciesOrder.build(species, desc.num_elements), a, *([xt] * corr))
     n, chans = x.shape[0], x.shape[1]
+    y = y.transpose(1, 2)  # (N, C, d_out), MACE's layout in each block's reshape
     return torch.cat([b.reshape(n, chans * b.shape[2]) for b in y.split(desc.blocks_out.dims, dim=2)], 1)
