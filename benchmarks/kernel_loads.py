@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _warp_sectors(ptrs: np.ndarray, mask: np.ndarray) -> int:
     """The distinct 32-byte sectors of each run of 32 elements (row order), summed."""
-    sec = np.where(mask, ptrs // 32, -1).reshape(-1)
+    # signed: the interpreter's pointers are uint64, where -1 would be a sector of its own
+    sec = np.where(mask, ptrs.astype(np.int64) // 32, -1).reshape(-1)
     sec = np.concatenate([sec, np.full(-len(sec) % 32, -1)]).reshape(-1, 32)
     sec.sort(axis=1)
     new = (sec[:, 1:] != sec[:, :-1]) & (sec[:, 1:] >= 0)
