@@ -174,7 +174,9 @@ def cueq_backend(dev, run: Callable, ins: tuple) -> Backend:
     return run, ins
 
 
-def conv_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
+def conv_case(model, li: int, n_nodes: int, n_edges: int, dev, keep=None) -> OpCase:
+    """``keep``: the back ends wanted (None: all); other libraries' fused convs are built
+    only when wanted (OpenEquivariance's compiles its extension on first build)."""
     from sparsekern.ops.triton.conv import conv as triton_conv
 
     g = torch.Generator(device=dev).manual_seed(li)
@@ -208,11 +210,13 @@ def conv_case(model, li: int, n_nodes: int, n_edges: int, dev) -> OpCase:
     }
     backends["cueq"] = cueq_backend(dev, lambda a, b, c: registry.implementation("conv", "cueq")(
         conv.desc, a, b, c, edge_index), ins)
-    cueq = cueq_fused_conv(tp, dev)
-    backends["cueq_fused"] = cueq if isinstance(cueq, str) else (lambda a, b, c: cueq(a, b, c, edge_index), ins)
-    oeq = oeq_fused_conv(tp, dev)  # rows = receivers, cols = senders
-    backends["oeq_fused"] = oeq if isinstance(oeq, str) else (
-        lambda a, b, c: oeq(a, b, c, edge_index[1], edge_index[0]), ins)
+    if keep is None or "cueq_fused" in keep:
+        cueq = cueq_fused_conv(tp, dev)
+        backends["cueq_fused"] = cueq if isinstance(cueq, str) else (lambda a, b, c: cueq(a, b, c, edge_index), ins)
+    if keep is None or "oeq_fused" in keep:
+        oeq = oeq_fused_conv(tp, dev)  # rows = receivers, cols = senders
+        backends["oeq_fused"] = oeq if isinstance(oeq, str) else (
+            lambda a, b, c: oeq(a, b, c, edge_index[1], edge_index[0]), ins)
     return OpCase(f"conv{li}", backends, MODES, conv_floor(conv, n_nodes, e),
                   ("e3nn", "triton", "triton_by_receiver", "cueq", "cueq_fused", "oeq_fused"))
 
@@ -351,11 +355,14 @@ def op_floor(op: str, model, n_nodes: int, n_edges: int) -> Dict[str, float]:
 BUILDERS = {"conv": conv_case, "skip_tp": skip_tp_case, "linear": linear_case, "products": products_case}
 
 
-def build_case(op: str, model, n_nodes: int, n_edges: int, dev) -> OpCase:
-    """``op`` is one of OPS (name + interaction index)."""
+def build_case(op: str, model, n_nodes: int, n_edges: int, dev, keep=None) -> OpCase:
+    """``op`` is one of OPS (name + interaction index); ``keep``: the back ends to time
+    (None: all)."""
     name, li = op[:-1], int(op[-1])
-    case = BUILDERS[name](model, li, n_nodes, n_edges, dev)
+    case = BUILDERS[name](model, li, n_nodes, n_edges, dev, **({"keep": keep} if name == "conv" else {}))
     assert set(case.backends) <= set(BACKENDS), f"{op}: back ends missing from BACKENDS"
+    if keep is not None:
+        case.backends = {k: v for k, v in case.backends.items() if k in keep}
     return case
 
 

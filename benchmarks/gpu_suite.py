@@ -154,9 +154,8 @@ def bench_kernels(model, size, n_nodes, n_edges, ops, args, ceil, results, check
     cases = {}
     for op in ops:
         try:
-            cases[op] = case = build_case(op, model, n_nodes, n_edges, DEV)
-            if args.backends:
-                case.backends = {k: v for k, v in case.backends.items() if k in args.backends.split(",")}
+            keep = args.backends.split(",") if args.backends else None
+            cases[op] = build_case(op, model, n_nodes, n_edges, DEV, keep)
         except Exception:
             checks.append({"case": size, "op": op, "error": traceback.format_exc()[-1500:]})
     if DEV == "cuda":
