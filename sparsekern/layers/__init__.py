@@ -6,9 +6,10 @@ from .base import SparsekernLayer
 from .channelwise_tp import ChannelwiseConv, ChannelwiseTP
 from .element_linear import ElementLinear
 from .linear import IrrepsLinear
+from .polynomial_cutoff import PolynomialCutoff
 from .radial_mlp import RadialMLP
 from .spherical_harmonics import SphericalHarmonics
 from .symmetric_contraction import SymmetricContraction
 
 __all__ = ["SparsekernLayer", "IrrepsLinear", "ElementLinear", "ChannelwiseTP",
-           "ChannelwiseConv", "SymmetricContraction", "RadialMLP", "SphericalHarmonics"]
+           "ChannelwiseConv", "SymmetricContraction", "RadialMLP", "SphericalHarmonics", "PolynomialCutoff"]

@@ -179,6 +179,23 @@ class RadialDesc(Descriptor):
 
 
 @dataclass(eq=False)
+class CutoffDesc(Descriptor):
+    """MACE's polynomial cutoff envelope of degree p in u = x / r_max,
+    1 - (p+1)(p+2)/2 u^p + p(p+2) u^(p+1) - p(p+1)/2 u^(p+2), written
+    1 + u^p (a + u (b + c u)): one power and a Horner polynomial, about half the ops of
+    three powers with a tensor exponent (with their derivatives)."""
+
+    p: int
+    _cache: Dict[tuple, object] = field(default_factory=dict, repr=False)
+
+    @property
+    def horner(self) -> Tuple[float, float, float]:
+        """(a, b, c)."""
+        p = self.p
+        return -(p + 1.0) * (p + 2.0) / 2.0, p * (p + 2.0), -p * (p + 1.0) / 2.0
+
+
+@dataclass(eq=False)
 class SHDesc(Descriptor):
     """e3nn's ``SphericalHarmonics`` up to l = 3 as one product: the monomials of the
     (normalized) vector of degree 0..lmax (1, u_a, u_a u_b, u_a u_b u_c: 1 + 3 + 9 + 27
