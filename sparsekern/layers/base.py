@@ -28,6 +28,44 @@ class SparsekernLayer(torch.nn.Module):
         # The module this layer replaced, kept unregistered (its parameters are ours).
         self._replaced = None
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "_replaced":  # not a submodule: no second copy in state dicts, module walks
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _state_of_replaced(self, prefix: str) -> dict:
+        """The replaced module's state entries this layer (and its submodules) does not
+        hold: e3nn's ``output_mask``, an empty ``bias``, constants of the architecture."""
+        if self._replaced is None:
+            return {}
+        ours = {name for name, _ in [*self.named_parameters(), *self.named_buffers()]}
+        return {prefix + k: v for k, v in self._replaced.state_dict(keep_vars=True).items() if k not in ours}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        # with the replaced module's keys too, a state dict is the unpatched model's:
+        # MACE and patched models load each other's strictly
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, value in self._state_of_replaced(prefix).items():
+            destination[key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        # (state_dict is load_state_dict's copy) the replaced module's constants are
+        # loaded into it; checkpoints from before it was unregistered hold all of it
+        # under "_replaced.", the same tensors again: dropped
+        error_msgs = args[-1]
+        for key, value in self._state_of_replaced(prefix).items():
+            new = state_dict.pop(key, state_dict.get(prefix + "_replaced." + key[len(prefix):]))
+            if new is not None and new.shape != value.shape:
+                error_msgs.append(f"size mismatch for {key}: copying a tensor of shape {tuple(new.shape)}, "
+                                  f"the model's is {tuple(value.shape)}")
+            elif new is not None:
+                with torch.no_grad():
+                    value.copy_(new)
+        for key in [k for k in state_dict if k.startswith(prefix + "_replaced.")]:
+            del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     @classmethod
     def unsupported_reason(cls, module: torch.nn.Module) -> Optional[str]:
         """Why ``module`` cannot be replaced by this layer, or None."""

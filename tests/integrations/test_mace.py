@@ -176,6 +176,26 @@ def test_zero_edges_and_optimizer_continuity():
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+def test_state_dict_is_mace_s():
+    """A patched model's state dict has MACE's keys (the replaced modules are kept
+    unregistered: no second name for the same tensors), so MACE loads it strictly; one
+    written while they were registered still loads into a patched model."""
+    model = mace_mp0_shaped("small", seed=6, num_elements=5)
+    keys = set(model.state_dict())
+    sparsekern.patch(model)
+    state = model.state_dict()
+    assert set(state) == keys
+    mace_mp0_shaped("small", seed=7, num_elements=5).load_state_dict(state)
+    old = dict(state)
+    for name, layer in sparsekern.patched_layers(model):
+        old.update({f"{name}._replaced.{k}": v for k, v in layer._replaced.state_dict().items()})
+    assert len(old) > len(state)
+    model.load_state_dict(old)
+    mask = next(k for k in state if k.endswith("output_mask") and k not in dict(model.named_buffers()))
+    with pytest.raises(RuntimeError, match=f"size mismatch for {mask}"):
+        model.load_state_dict({**state, mask: torch.ones(3)})
+
+
 def test_patch_report_and_pickle(capsys):
     model = mace_mp0_shaped("small", seed=6, num_elements=5)
     sparsekern.patch(model, verbose=True)
