@@ -250,8 +250,11 @@ def _channels_inner(t: torch.Tensor) -> torch.Tensor:
 
 
 def _run(form: Form, plan: SpeciesOrder, ops) -> torch.Tensor:
-    copies = {}  # one per tensor, whatever the slots it fills
-    ops = [copies.setdefault(id(op), _channels_inner(op)) for op in ops]
+    inner = {}  # one copy per tensor, whatever the slots it fills
+    for op in ops:
+        if id(op) not in inner:
+            inner[id(op)] = _channels_inner(op)
+    ops = [inner[id(op)] for op in ops]
     a = ops[0]
     n, chans = plan.species.shape[0], a.shape[2]
     # every element of y has one owning program, which stores it once
