@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -324,12 +324,13 @@ def apply_form(form: Form, plan: SpeciesOrder, *ops: torch.Tensor) -> torch.Tens
     return _FormFn.apply(form, plan, *ops)
 
 
-def contraction_form(desc: ContractionDesc) -> Tuple[Form, List[torch.Tensor]]:
-    """The forward form of a symmetric contraction and its folding matrices. U_nu is
+def contraction_form(desc: ContractionDesc) -> Tuple[Form, torch.Tensor]:
+    """The forward form of a symmetric contraction and its folding matrix. U_nu is
     summed over the orderings of each index tuple (the product of x's is symmetric):
-    S_nu[(m, q), k] for sorted tuples q where it is nonzero. Per element,
-    A[z, a, c] = sum_k S[a, k] W[z, k, c] (:func:`folded_weights`), and the form is
-    (A, x, .., x): one entry per (m, q), o = output irreps' components in order."""
+    S_nu[(m, q), k] for sorted tuples q where it is nonzero, one block per (output, nu)
+    of the block-diagonal S. Per element, A[z, a, c] = sum_k S[a, k] W[z, k, c]
+    (:func:`folded_weights`), and the form is (A, x, .., x): one entry per (m, q),
+    o = output irreps' components in order."""
     corr = max(desc.correlations)
     if corr > _MAX_OPERANDS - 1:
         raise ValueError(f"the Triton symmetric contraction supports correlation <= {_MAX_OPERANDS - 1}, "
@@ -352,13 +353,15 @@ def contraction_form(desc: ContractionDesc) -> Tuple[Form, List[torch.Tensor]]:
     form = Form.build(o, torch.cat(idxs, 1), torch.ones(o.shape[0], dtype=torch.float64), o_off,
                       (a_off,) + (desc.coupling_dim,) * corr, (True,) + (False,) * corr,
                       ((0,), tuple(range(1, 1 + corr))), False)
-    return form, folds
+    return form, torch.block_diag(*folds)
 
 
-def folded_weights(weights: Sequence[torch.Tensor], folds: List[torch.Tensor]) -> torch.Tensor:
-    """A (n_el, sum of fold rows, channels): each (output, nu) block S_nu @ W_nu[z], W_nu
-    the effective weights (W0 + delta), in the order of the folds; differentiable (torch)."""
-    return torch.cat([torch.matmul(s, w) for s, w in zip(folds, weights)], 1)
+def folded_weights(weights: Sequence[torch.Tensor], fold: torch.Tensor) -> torch.Tensor:
+    """A (n_el, fold rows, channels) = S @ W[z], W the effective weights (W0 + delta) of
+    the (output, nu) blocks in order, stacked: one product with the block-diagonal S, not
+    one per block (MACE-MP-0 medium's layer 0: 2.2x the FLOPs, 0.8 GFLOP, microseconds on
+    a GPU, against 55 host ops forward and 120 backward for the six; differentiable)."""
+    return torch.matmul(fold, torch.cat(list(weights), 1))
 
 
 def symmetric_contraction(desc: ContractionDesc, x: torch.Tensor, species: torch.Tensor,
@@ -368,12 +371,12 @@ def symmetric_contraction(desc: ContractionDesc, x: torch.Tensor, species: torch
     derivatives of any order wrt x, the weights and the deltas."""
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"float32 or float64 expected, got {x.dtype}")
-    form, folds = desc.const("triton_form", x, lambda: contraction_form(desc))
+    form, fold = desc.const("triton_form", x, lambda: contraction_form(desc))
     corr = len(form.dims) - 1
     pairs = [(w, d) for wj, dj in zip(weights, deltas) for w, d in zip(wj, dj)]
     # frozen weights (inference) are folded once, not for all elements at every call
     a = derived([t for pair in pairs for t in pair if t is not None], ("folded", x.dtype, x.device),
-                lambda: folded_weights([effective(w, d) for w, d in pairs], folds))
+                lambda: folded_weights([effective(w, d) for w, d in pairs], fold))
     xt = x.transpose(1, 2).contiguous()  # (N, d, C): one copy for every pass
     y = apply_form(form, SpeciesOrder.build(species, desc.num_elements), a, *([xt] * corr))
     n, chans = x.shape[0], x.shape[1]
