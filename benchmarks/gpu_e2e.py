@@ -31,6 +31,7 @@ import torch
 from ase.build import bulk
 
 import sparsekern
+from sparsekern.finetune.backward import backward
 from sparsekern.integrations.mace.models import mace_batch
 
 NEIGHBOURS = 30
@@ -87,7 +88,7 @@ def _step_fn(model, batch) -> Callable[[], None]:
         opt.zero_grad(set_to_none=True)
         out = model(batch, training=True, compute_force=True)
         loss = out["energy"].square().mean() + out["forces"].square().mean()
-        loss.backward()
+        backward(loss, params)  # into the trained tensors, as sparsekern's trainer (every model alike)
         opt.step()
     return step
 
@@ -156,7 +157,8 @@ def _precompile(models: list, batch: dict) -> None:
         for m in copies:
             m(batch, training=False, compute_force=True)
             out = m(batch, training=True, compute_force=True)
-            (out["energy"].square().mean() + out["forces"].square().mean()).backward()
+            backward(out["energy"].square().mean() + out["forces"].square().mean(),
+                     [p for p in m.parameters() if p.requires_grad])
 
     n = sparsekern.precompile(passes)
     print(f"[e2e] {n} Triton kernel specialisations compiled in {time.time() - t0:.0f} s", flush=True)

@@ -59,6 +59,7 @@ def main() -> None:
     from triton.runtime.jit import JITFunction
 
     import sparsekern
+    from sparsekern.finetune.backward import backward
     from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
 
     model = sparsekern.patch(mace_mp0_shaped("medium", dtype=torch.float32), backend="triton")
@@ -71,8 +72,11 @@ def main() -> None:
 
     def run(m, data):
         out = m(dict(data), compute_force=True, training=args.step)
-        if args.step:
-            (out["energy"].sum() + (out["forces"] ** 2).sum()).backward()
+        if args.step:  # as the trainer: into the trained tensors, their gradients unset before
+            trained = [p for p in m.parameters() if p.requires_grad]
+            for p in trained:
+                p.grad = None
+            backward(out["energy"].sum() + (out["forces"] ** 2).sum(), trained)
 
     run(model, batch)  # the descriptors' constants, built on the CPU
     JITFunction.run = InterpretedFunction.run = lambda self, *a, grid, warmup, **k: None  # launches stubbed

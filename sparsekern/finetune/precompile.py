@@ -17,6 +17,7 @@ from typing import Callable, List
 import torch
 
 from ..ops import registry
+from .backward import backward
 from .distributed import Group
 from .evaluation import Sample, forward, loss
 
@@ -60,7 +61,7 @@ def precompile_run(family, model: torch.nn.Module, batch: List[Sample], settings
         return
     if group.main:
         def passes(scratch):
-            loss(family, scratch, batch, settings).backward()
+            backward(loss(family, scratch, batch, settings), [p for p in scratch.parameters() if p.requires_grad])
             scratch.eval()
             forward(family, scratch, batch, settings.device, False)
 

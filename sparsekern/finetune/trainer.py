@@ -38,6 +38,7 @@ from ..patching import patch, patched_layers, release
 from . import checkpoint
 from .adapters import save_adapter
 from .averaging import ParameterAverage
+from .backward import backward
 from .config import SparseConfig
 from .data import REFIT_E0S, Frame, energy_shift, read_frames
 from .density import calibrate_density
@@ -329,9 +330,9 @@ def _step(loop: _Loop, batch: List[Sample], epoch: int) -> Tuple[float, int]:
     # with weight 0: its gradients add exact zeros, and the model's training-forward
     # hooks (the density controller) run on every rank alike
     step_loss = loss(loop.family, loop.model, share or batch[:1], loop.settings, batch) * (1.0 if share else 0.0)
-    with fits_in_memory(share or batch[:1], "a training batch"):  # the backward holds the most
-        step_loss.backward()
     params = loop.trained()
+    with fits_in_memory(share or batch[:1], "a training batch"):  # the backward holds the most
+        backward(step_loss, params)
     mine = float(step_loss.detach())
     total, signum = loop.group.reduce_step(params, mine, loop.signalled())
     if not math.isfinite(total):

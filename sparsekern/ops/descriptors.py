@@ -177,6 +177,24 @@ class RadialDesc(Descriptor):
         return [WeightGroup(f"layer{i}.weight", 0, (1, h_in, h_out), "grc", f"radial layer {i}", None, False)
                 for i, (h_in, h_out) in enumerate(zip(self.hs, self.hs[1:]))]
 
+    @property
+    def silu_scales(self) -> Optional[Tuple[float, ...]]:
+        """Where every hidden activation is e3nn's normalized SiLU, the one scale per layer
+        that makes the network silu(...silu(x (s_0 W_0))...) (s_{L-1} W_{L-1}): e3nn's
+        1 / sqrt(h_in var_in) times the previous layer's output factor cst sqrt(var_out)
+        (and the last layer's var_out); None otherwise."""
+        scales, k = [], 1.0
+        for h_in, (act, var_in, var_out) in zip(self.hs, self.layers):
+            if act is None:
+                scales.append(k / (h_in * var_in / var_out) ** 0.5)
+                continue
+            f = getattr(act, "f", None)
+            if not (f is torch.nn.functional.silu or isinstance(f, torch.nn.SiLU)):
+                return None
+            scales.append(k / (h_in * var_in) ** 0.5)
+            k = (1.0 if act._is_id else act.cst) * var_out ** 0.5
+        return tuple(scales) if self.layers[-1][0] is None else None
+
 
 @dataclass(eq=False)
 class CutoffDesc(Descriptor):

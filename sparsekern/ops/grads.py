@@ -21,6 +21,8 @@ def needed(ctx, i: int) -> bool:
     at forward time and on the path of that pass."""
     if not ctx.needs_input_grad[i]:
         return False
+    if torch.compiler.is_compiling():  # traced ahead of the pass: no graph to ask
+        return True
     node = ctx.next_functions[ctx.edge_of[i]][0]
     try:
         return node is None or torch._C._will_engine_execute_node(node)

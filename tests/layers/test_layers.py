@@ -115,13 +115,44 @@ def test_fused_conv_matches_gather_tp_scatter(dtype):
     assert out.shape == (n, ref.irreps_out.dim) and not out.any()
 
 
+@pytest.mark.parametrize("act", ["silu", "tanh"])  # SiLU: the fused Functions; other activations: e3nn's ops
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_radial_mlp_matches_e3nn(dtype):
+def test_radial_mlp_matches_e3nn(dtype, act):
     torch.manual_seed(0)
-    ref = FullyConnectedNet([8, 32, 32, 20], torch.nn.functional.silu).to(dtype)
+    ref = FullyConnectedNet([8, 32, 32, 20], getattr(torch.nn.functional, act)).to(dtype)
     ours = RadialMLP.from_e3nn(ref)
+    assert (ours.desc.silu_scales is None) == (act != "silu")
     x = torch.randn(11, 8, dtype=dtype)
     assert rel_err(ours(x), ref(x)) <= TOL[dtype]
+    x3 = torch.randn(2, 5, 8, dtype=dtype)  # leading dimensions
+    assert rel_err(ours(x3), ref(x3)) <= TOL[dtype]
+
+
+def _functional(module):
+    names = [n for n, _ in module.named_parameters()]
+    return lambda x, *ws: torch.func.functional_call(module, dict(zip(names, ws)), (x,))
+
+
+@pytest.mark.parametrize("hs", [[8, 16, 12, 16, 20], [3, 4]])
+def test_radial_mlp_force_training_derivatives_match_e3nn(hs):
+    """Force training differentiates the network twice (a force from the input gradient,
+    a loss of it wrt the weights), a Hessian three times: each order against autograd
+    over e3nn's ops, float64."""
+    torch.manual_seed(1)
+    ref = FullyConnectedNet(hs, torch.nn.functional.silu).double()
+    ours = RadialMLP.from_e3nn(ref)
+    x = torch.randn(9, hs[0], dtype=torch.float64, requires_grad=True)
+    ws = [p.detach().clone().requires_grad_() for p in ref.parameters()]
+
+    def orders(fn):
+        y = fn(x, *ws)
+        gx, = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        second = torch.autograd.grad(gx.square().sum() + y.sum(), [x, *ws], create_graph=True)
+        third = torch.autograd.grad(second[0].sin().sum(), [x, *ws])
+        return [y, gx, *second, *third]
+
+    for got, want in zip(orders(_functional(ours)), orders(_functional(ref))):
+        assert rel_err(got, want) <= 1e-12
 
 
 # ---- derivatives: gradcheck and gradgradcheck in float64 (inputs and weights) ----
@@ -183,12 +214,11 @@ def test_fused_conv_by_receiver(layout):
     _check_grads(lambda a, b, c: conv(a, b, c, edge_index), args)
 
 
-def test_radial_mlp_grads():
-    mlp = RadialMLP([3, 5, 4], torch.nn.functional.silu).double()
-    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    _check_grads(lambda x, w0, w1: torch.func.functional_call(mlp, {"layer0.weight": w0, "layer1.weight": w1}, (x,)),
-                 (x, mlp.layer0.weight.detach().clone().requires_grad_(),
-                  mlp.layer1.weight.detach().clone().requires_grad_()))
+@pytest.mark.parametrize("hs", [[3, 5, 4], [3, 5, 4, 6, 2]])
+def test_radial_mlp_grads(hs):
+    mlp = RadialMLP(hs, torch.nn.functional.silu).double()
+    x = torch.randn(4, hs[0], dtype=torch.float64, requires_grad=True)
+    _check_grads(_functional(mlp), (x, *[p.detach().clone().requires_grad_() for p in mlp.parameters()]))
 
 
 # ---- equivariance under a random rotation composed with inversion ----

@@ -91,6 +91,31 @@ def test_double_backward_of_edge_gradients_alone():
 
 
 @pytest.mark.parametrize("node_forces", [True, False])
+def test_double_backward_without_the_edge_attributes(node_forces, monkeypatch):
+    """A training step differentiates the loss of the forces wrt the trained tensors only
+    (``finetune.backward``), and the edge attributes depend on the positions alone: the
+    fused double backward without b's gradient (two launches still), against the torch
+    layer, with the node features' forces and without."""
+    conv, x, y, w, ei = make(*BIG, n=4, e=9, dtype=torch.float64)
+    fused = []
+    second = triton_conv_module._second_raw
+    monkeypatch.setattr(triton_conv_module, "_second_raw", lambda *a: fused.append(a[-1]) or second(*a))
+
+    def run(fn):
+        a, b, c = [t.detach().clone().requires_grad_() for t in (x, y, w)]
+        out = fn(a, b, c)
+        wrt = (a, b, c) if node_forces else (b, c)
+        grads = torch.autograd.grad((out * out.detach().cos()).sum() + (out ** 2).sum(), wrt, create_graph=True)
+        loss = sum((gi * gi.detach().sin()).sum() + (gi ** 2).sum() for gi in grads)
+        return list(torch.autograd.grad(loss, (a, c)))
+    ours = run(lambda a, b, c: triton_conv(conv.desc, a, b, c, ei))
+    assert [need[1:] for need in fused] == [[False, True, True]]  # b's not computed
+    ref = run(lambda a, b, c: conv(a, b, c, ei))
+    for name, a, b in zip(["dda", "ddw"], ours, ref):
+        assert rel_err(a, b) <= 1e-12, name
+
+
+@pytest.mark.parametrize("node_forces", [True, False])
 def test_double_backward_by_finite_differences(node_forces):
     """The fused double backward (used when it is not differentiated further) against a
     central difference of the loss of the first-order gradients along a random

@@ -1,5 +1,5 @@
 """Sparse deltas inside MACE's own training script (``mace.cli.run_train.run`` of
-mace-torch 0.3.16). Four functions it calls are wrapped while it runs:
+mace-torch 0.3.16). Five functions it calls are wrapped while it runs:
 
 - ``configure_model``: remembers the foundation model it is given;
 - ``get_params_options``: the model arrives with the foundation weights loaded and
@@ -12,6 +12,9 @@ mace-torch 0.3.16). Four functions it calls are wrapped while it runs:
   groups of their own without decay;
 - ``tools.train``: on a GPU, the Triton kernels of a training step and an evaluation
   are compiled at once before it starts (``finetune.precompile``);
+- ``take_step``: its loss's ``backward()`` goes into the optimizer's tensors alone, not
+  also into the positions (``finetune.backward``: a force-training step's derivatives
+  wrt the positions, which nothing reads, are skipped);
 - ``deepcopy``: run_train saves ``deepcopy(model)``; that copy is merged and released
   (plain MACE modules, loadable without sparsekern), and the adapter is written
   beside the ``.model`` (``<name>.adapter.safetensors``, ``<name>_stagetwo...`` for
@@ -20,6 +23,7 @@ mace-torch 0.3.16). Four functions it calls are wrapped while it runs:
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +34,7 @@ import torch
 from ... import delta_slot
 from ...files import atomic_write
 from ...finetune import calibrate_density, merge, prepare, save_adapter, stats
+from ...finetune.backward import backward, into_trained
 from ...finetune.lr_scale import by_weight_scale
 from ...finetune.precompile import compiles_kernels, precompile_on_copy
 from ...patching import patched_layers, release
@@ -64,20 +69,26 @@ class SparseHooks:
             return self.export(obj)
 
         tools, train = run_train.tools, run_train.tools.train
+        steps = importlib.import_module("mace.tools.train")  # the module (tools.train is its function)
+        take_step = steps.take_step
 
         def train_after_precompile(*a, **k):
             self.precompile(k)
             return train(*a, **k)
 
+        def take_step_into_trained(model, loss_fn, batch, optimizer, *a, **k):
+            trained = [p for g in optimizer.param_groups for p in g["params"]]
+            return take_step(model, into_trained(loss_fn, trained), batch, optimizer, *a, **k)
+
         run_train.configure_model, run_train.get_params_options, run_train.deepcopy = (
             configure_model, get_params_options, deepcopy)
-        tools.train = train_after_precompile
+        tools.train, steps.take_step = train_after_precompile, take_step_into_trained
         try:
             yield self
         finally:
             for n, f in saved.items():
                 setattr(run_train, n, f)
-            tools.train = train
+            tools.train, steps.take_step = train, take_step
 
     def precompile(self, k: dict) -> None:
         """On a GPU, the Triton kernels of MACE's training step (its loss; forces, virials
@@ -93,7 +104,8 @@ class SparseHooks:
 
             def passes(scratch):
                 batch = next(iter(k["train_loader"])).to(device)
-                k["loss_fn"](pred=scratch(batch.to_dict(), training=True, **flags), ref=batch).backward()
+                backward(k["loss_fn"](pred=scratch(batch.to_dict(), training=True, **flags), ref=batch),
+                         [p for p in scratch.parameters() if p.requires_grad])
                 scratch.eval()
                 scratch(batch.to_dict(), training=False, **flags)
 

@@ -584,15 +584,16 @@ def _second_raw(form, graph, a, b, w, g, Ga, Gb, Gw, need):
     gradients for output gradient g (Ga None: no such term), in two launches: the fused
     backward's kernel with DBL by sender (a's, b's, w's) and the conv kernel with three
     products by receiver (g's: T(a, Gb, w) + T(a, b, Gw) + T(Ga, b, w))."""
-    da, db, dw = _grads_raw(form, a, b, w, g, graph, True, True, dbl=(Ga, Gb, Gw))
+    da, db, dw = _grads_raw(form, a, b, w, g, graph, need[1], need[2], dbl=(Ga, Gb, Gw))
     return (da if need[0] else None), db, dw, _conv_raw(form, a, Gb, w, graph, b, Gw, Ga)
 
 
 def _fused_second(need, Gb, Gw) -> bool:
     """Whether :func:`_second_raw` serves a backward of the conv's gradients: force
-    training's (b's, w's and g's gradients wanted, both of b's and w's gradients used),
-    not differentiated further (its launches have no autograd of their own)."""
-    return not torch.is_grad_enabled() and Gb is not None and Gw is not None and all(need[1:])
+    training's (g's gradient wanted and b's or w's: a training step asks for w's alone,
+    b being a function of the positions only; both of b's and w's gradients used), not
+    differentiated further (its launches have no autograd of their own)."""
+    return not torch.is_grad_enabled() and Gb is not None and Gw is not None and need[3] and (need[1] or need[2])
 
 
 def _add(x, y):
