@@ -287,7 +287,10 @@ def test_divergence_and_interrupts_end_cleanly(files, capsys, tmp_path, monkeypa
         def backward(ctx, grad):
             raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 81920000000 bytes.")
 
-    monkeypatch.setattr(trainer, "loss", lambda *a: OutOfMemory.apply(torch.ones((), requires_grad=True)))
+    def oom_loss(family, model, *a):  # on the way to the trained tensors, where the backward goes
+        return OutOfMemory.apply(sum(p.sum() for p in model.parameters() if p.requires_grad))
+
+    monkeypatch.setattr(trainer, "loss", oom_loss)
     assert _run(files, tmp_path / "oom", epochs=1) == 2
     err = capsys.readouterr().err
     assert "a training batch of 3 frame(s), 12 atoms (the largest 4), does not fit in memory" in err, err

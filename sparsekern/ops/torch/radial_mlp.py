@@ -1,10 +1,10 @@
 """e3nn's ``FullyConnectedNet`` (the radial MLPs) on torch.
 
 With SiLU activations (MACE's and SevenNet's), the network is one autograd Function
-whose backward is another with a hand-written backward: a force-training step runs
-about a quarter of the aten ops that autograd over e3nn's ops runs (every scalar factor
-of e3nn's layers folded into one scale per weight, no autograd node per multiply, SiLU's
-second derivative in a few ops). Other activations run e3nn's operations as they are."""
+whose backward is another with a hand-written backward: every scalar factor of e3nn's
+layers folded into one scale per weight, no autograd node per multiply, SiLU's second
+derivative in a few ops (forward / +backward / +double backward 17 / 53 / 258 -> 8 / 38 /
+192 aten ops, MACE-MP-0 medium's MLP). Other activations run e3nn's operations as they are."""
 
 from __future__ import annotations
 
