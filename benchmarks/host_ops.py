@@ -7,9 +7,12 @@ runs MACE-MP-0 medium (float32, Triton back end, launches stubbed) on ``meta`` t
 27 atoms, and counts every aten op of energy+forces (``--step``: a sparse training step),
 by the model's block or interaction/product sub-module that issued it in the forward
 pass, or by the autograd node that ran it in the backward passes (the forces' and, with
-``--step``, the loss's). A count, not a timing.
+``--step``, the loss's). A count, not a timing. ``--model 7net-0``: SevenNet-0 on 16
+silicon atoms, on CPU tensors (its own code reads the batch's size back to the host:
+each such read, a sync on a GPU, is counted).
 
     TRITON_INTERPRET=1 .venv-mace/bin/python benchmarks/host_ops.py [--step]
+    TRITON_INTERPRET=1 .venv-sevenn/bin/python benchmarks/host_ops.py --model 7net-0 [--step]
 """
 from __future__ import annotations
 
@@ -50,46 +53,77 @@ def label_modules(model: torch.nn.Module, where: list) -> None:
             module.register_forward_hook(lambda m, a, out: where.pop() and None)
 
 
+def _mace():
+    """MACE-MP-0 medium, 27 atoms of three elements, on meta tensors: (model, batch, predict)."""
+    from ase.build import bulk
+
+    from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
+
+    model = mace_mp0_shaped("medium", dtype=torch.float32)
+    atoms = bulk("Cu", "fcc", a=3.6) * (3, 3, 3)
+    atoms.numbers = [29, 8, 1] * 9
+    atoms.rattle(0.05, seed=0)
+
+    def predict(m, batch, training):
+        out = m(batch, compute_force=True, training=training)
+        return out["energy"], out["forces"]
+
+    return model, lambda m: mace_batch(m, [atoms]), predict, "meta"
+
+
+def _sevennet():
+    """SevenNet-0, 16 silicon atoms, on CPU tensors: (model, batch, predict)."""
+    from ase.build import bulk
+
+    from sparsekern.integrations.sevennet.family import SevenNetFamily
+
+    family = SevenNetFamily()
+    atoms = bulk("Si", "diamond", a=5.43) * (2, 2, 2)
+    atoms.rattle(0.05, seed=0)
+    return (family.load("7net-0", "cpu"), lambda m: family.collate([family.graph(m, atoms)], "cpu"),
+            family.predict, "cpu")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--step", action="store_true", help="a sparse (3 %%) training step instead of energy+forces")
+    ap.add_argument("--model", choices=("mace-mp0-medium", "7net-0"), default="mace-mp0-medium")
     args = ap.parse_args()
-    from ase.build import bulk
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     import sparsekern
     from sparsekern.finetune.backward import backward
-    from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
 
-    model = sparsekern.patch(mace_mp0_shaped("medium", dtype=torch.float32), backend="triton")
+    # launches stubbed: the op counts do not depend on what the kernels compute
+    JITFunction.run = InterpretedFunction.run = lambda self, *a, grid, warmup, **k: None
+    model, make_batch, predict, device = (_mace if args.model == "mace-mp0-medium" else _sevennet)()
+    model = sparsekern.patch(model.train(args.step), backend="triton")
     if args.step:
         sparsekern.prepare(model, sparsekern.SparseConfig(density=0.03), backend="triton")
-    atoms = bulk("Cu", "fcc", a=3.6) * (3, 3, 3)
-    atoms.numbers = [29, 8, 1] * 9
-    atoms.rattle(0.05, seed=0)
-    batch = mace_batch(model, [atoms])
+    batch = make_batch(model)
 
     def run(m, data):
-        out = m(dict(data), compute_force=True, training=args.step)
+        energy, forces = predict(m, data, args.step)
         if args.step:  # as the trainer: into the trained tensors, their gradients unset before
             trained = [p for p in m.parameters() if p.requires_grad]
             for p in trained:
                 p.grad = None
-            backward(out["energy"].sum() + (out["forces"] ** 2).sum(), trained)
+            backward(energy.sum() + (forces ** 2).sum(), trained)
 
-    run(model, batch)  # the descriptors' constants, built on the CPU
-    JITFunction.run = InterpretedFunction.run = lambda self, *a, grid, warmup, **k: None  # launches stubbed
-    model = copy.deepcopy(model).to("meta")
+    run(model, batch.clone() if hasattr(batch, "clone") else dict(batch))  # the descriptors' constants
+    model = copy.deepcopy(model).to(device)
     where = ["outside the model (the loss)"]
     label_modules(model, where)
-    batch = {k: v.detach().to("meta") if torch.is_tensor(v) else v for k, v in batch.items()}
     for _ in range(2):  # the second call: constants already on the device
-        graph = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}  # a new graph: planned anew
+        # a new graph (planned anew), on the device
+        graph = (batch.clone().to(device) if hasattr(batch, "clone") else
+                 {k: v.detach().clone().to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
         with Ops(where) as ops:
             run(model, graph)
-    print(f"{'sparse training step' if args.step else 'energy+forces'}, MACE-MP-0 medium, 27 atoms: "
-          f"{sum(ops.by_name.values())} aten ops\n\n| issued by | aten ops |\n|---|---|")
+    syncs = ops.by_name["_local_scalar_dense"]
+    print(f"{'sparse training step' if args.step else 'energy+forces'}, {args.model}: "
+          f"{sum(ops.by_name.values())} aten ops ({syncs} reads back to the host)\n\n| issued by | aten ops |\n|---|---|")
     for label, n in ops.by_module.most_common():
         print(f"| {label} | {n} |")
     print("\nmost frequent: " + ", ".join(f"{name} {n}" for name, n in ops.by_name.most_common(12)))

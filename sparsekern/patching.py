@@ -14,8 +14,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from . import delta_slot
-from .layers import (ChannelwiseConv, ChannelwiseTP, ElementLinear, IrrepsLinear, RadialMLP, SparsekernLayer,
-                     SphericalHarmonics)
+from .layers import (ChannelwiseConv, ChannelwiseTP, ElementLinear, Gate, IrrepsLinear, RadialMLP,
+                     SparsekernLayer, SphericalHarmonics)
 from .ops import registry
 
 
@@ -63,7 +63,7 @@ def _converters(rules: List[PatchRule]) -> List[Tuple[type, type]]:
 
     table = [(o3.Linear, IrrepsLinear), (o3.FullyConnectedTensorProduct, ElementLinear),
              (o3.TensorProduct, ChannelwiseTP), (e3nn_nn.FullyConnectedNet, RadialMLP),
-             (o3.SphericalHarmonics, SphericalHarmonics)]
+             (o3.SphericalHarmonics, SphericalHarmonics), (e3nn_nn.Gate, Gate)]
     return table + [pair for rule in rules for pair in rule.converters()]
 
 

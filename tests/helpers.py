@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 from e3nn import o3
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,3 +90,13 @@ def files_written(err: str, out) -> list:
     present = {str(p) for p in Path(out).iterdir() if p.name != ".lock" and not p.name.endswith(".tmp")}
     assert present == set(listed), (sorted(present), listed)
     return listed
+
+
+class AtenOps(TorchDispatchMode):
+    """Counts the aten ops run inside it (``n``): a CPU measure of host dispatch."""
+
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))

@@ -5,6 +5,7 @@ computes the same on the back end the op registry gives it."""
 from .base import SparsekernLayer
 from .channelwise_tp import ChannelwiseConv, ChannelwiseTP
 from .element_linear import ElementLinear
+from .gate import Gate
 from .linear import IrrepsLinear
 from .polynomial_cutoff import PolynomialCutoff
 from .radial_mlp import RadialMLP
@@ -12,4 +13,4 @@ from .spherical_harmonics import SphericalHarmonics
 from .symmetric_contraction import SymmetricContraction
 
 __all__ = ["SparsekernLayer", "IrrepsLinear", "ElementLinear", "ChannelwiseTP",
-           "ChannelwiseConv", "SymmetricContraction", "RadialMLP", "SphericalHarmonics", "PolynomialCutoff"]
+           "ChannelwiseConv", "SymmetricContraction", "RadialMLP", "SphericalHarmonics", "PolynomialCutoff", "Gate"]

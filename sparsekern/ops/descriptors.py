@@ -214,6 +214,50 @@ class CutoffDesc(Descriptor):
 
 
 @dataclass(eq=False)
+class GateDesc(Descriptor):
+    """e3nn's ``Gate`` as column indices of its input: the scalars' and the gates' columns
+    (``activated``, scalars first), activated in ``runs`` (start, length, activation or
+    None: consecutive columns of one activation function and constant), and the gated
+    components' columns (``gated``), each multiplied by the activated gate ``expand``
+    names (an index into the activated columns). Output: the activated scalars, then
+    the gated products, as e3nn's."""
+
+    dim_in: int
+    activated: Tuple[int, ...]
+    runs: Tuple[Tuple[int, int, object], ...]
+    num_scalars: int
+    gated: Tuple[int, ...]
+    expand: Tuple[int, ...]
+    _cache: Dict[tuple, object] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_e3nn(cls, gate: torch.nn.Module) -> "GateDesc":
+        cut = gate.sc.cut  # e3nn's Extract: the input's (sorted) irreps, three column selections
+        starts = list(itertools.accumulate((ir.dim for ir in cut.irreps_in), initial=0))
+        scalars, gates, gated = ([c for i in ins for c in range(starts[i], starts[i + 1])] for ins in cut.instructions)
+        acts = [act for activation in (gate.act_scalars, gate.act_gates)
+                for (mul, ir), act in zip(activation.irreps_in, activation.acts) for _ in range(mul * ir.dim)]
+        runs: List[list] = []
+        for col, act in enumerate(acts):
+            if runs and _same_activation(runs[-1][2], act):
+                runs[-1][1] += 1
+            else:
+                runs.append([col, 1, act])
+        dims = [ir.dim for mul, ir in gate.sc.irreps_outs[2] for _ in range(mul)]  # gate k scales copy k
+        expand = [len(scalars) + k for k, dim in enumerate(dims) for _ in range(dim)]
+        return cls(cut.irreps_in.dim, tuple(scalars + gates), tuple(tuple(r) for r in runs), len(scalars),
+                   tuple(gated), tuple(expand))
+
+
+def _same_activation(a, b) -> bool:
+    """e3nn wraps each irrep's activation in its own ``normalize2mom``: the same function
+    and constant compute the same values."""
+    if a is None or b is None:
+        return a is b
+    return a is b or (getattr(a, "f", None) is getattr(b, "f", 0) and a.cst == b.cst and a._is_id == b._is_id)
+
+
+@dataclass(eq=False)
 class SHDesc(Descriptor):
     """e3nn's ``SphericalHarmonics`` up to l = 3 as one product: the monomials of the
     (normalized) vector of degree 0..lmax (1, u_a, u_a u_b, u_a u_b u_c: 1 + 3 + 9 + 27

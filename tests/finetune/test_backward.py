@@ -6,23 +6,15 @@ import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("mace")
 
 import sparsekern  # noqa: E402
 from sparsekern.finetune.backward import backward, into_trained  # noqa: E402
 from sparsekern.integrations.mace.models import mace_batch  # noqa: E402
+from helpers import AtenOps  # noqa: E402
 from test_finetune import _structures, base  # noqa: E402,F401 (the module's fixture)
 from test_thresholds_together import _prepared  # noqa: E402
-
-
-class _Ops(TorchDispatchMode):
-    n = 0  # aten ops run
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _step(model, batch, into):
@@ -33,7 +25,7 @@ def _step(model, batch, into):
     data = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in batch.items()}
     out = model(data, training=True, compute_force=True)
     loss = out["energy"].square().sum() + out["forces"].square().sum()
-    with _Ops() as ops:
+    with AtenOps() as ops:
         if into:
             backward(loss, trained + [torch.zeros(1)])  # a tensor that asks for no gradient is passed over
         else:

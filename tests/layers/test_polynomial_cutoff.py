@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sparsekern
-from helpers import TOL, rel_err
+from helpers import TOL, AtenOps, rel_err
 
 pytest.importorskip("mace")
 from mace.modules.radial import PolynomialCutoff as MaceCutoff  # noqa: E402
@@ -62,16 +62,7 @@ def test_refuses_non_float():
 
 
 def test_patch_unpatch_in_mace_and_fewer_ops():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from sparsekern.integrations.mace.models import mace_mp0_shaped
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
-            return func(*args, **(kwargs or {}))
 
     model = mace_mp0_shaped("small", dtype=torch.float64)
     ref = model.radial_embedding.cutoff_fn
@@ -79,13 +70,12 @@ def test_patch_unpatch_in_mace_and_fewer_ops():
 
     def ops_of(cutoff):
         """(forward, with the forces' derivative and its gradient)."""
-        Count.n = 0
-        with Count():
+        with AtenOps() as ops:
             y = cutoff(x)
-            forward = Count.n
+            forward = ops.n
             (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
             torch.autograd.grad(g.sum(), x)
-        return forward, Count.n
+        return forward, ops.n
 
     want, ref_ops = ref(x), ops_of(ref)
     sparsekern.patch(model, backend="torch")

@@ -19,6 +19,7 @@ triton_device()  # before the kernels are imported
 
 import sparsekern  # noqa: E402
 from sparsekern.finetune.backward import backward  # noqa: E402
+from sparsekern.layers import Gate  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -40,6 +41,7 @@ BUDGET = {(kind, delta, upto): cost for (kind, delta), costs in {
     ("RadialMLP", False): {"fwd": (9, 0), "fwd+bwd": (42, 0), "fwd+bwd+dbl": (211, 0)},
     ("SphericalHarmonics", False): {"fwd": (24, 0), "fwd+bwd": (80, 0), "fwd+bwd+dbl": (230, 0)},
     ("PolynomialCutoff", False): {"fwd": (11, 0), "fwd+bwd": (32, 0), "fwd+bwd+dbl": (87, 0)},
+    ("Gate", False): {"fwd": (9, 0), "fwd+bwd": (31, 0), "fwd+bwd+dbl": (100, 0)},
     ("ElementLinear", False): {"fwd": (39, 1), "fwd+bwd": (49, 3), "fwd+bwd+dbl": (83, 9)},
     ("SymmetricContraction", False): {"fwd": (31, 1), "fwd+bwd": (63, 3), "fwd+bwd+dbl": (192, 10)},
     ("IrrepsLinear", True): {"fwd": (19, 1), "fwd+bwd": (51, 3), "fwd+bwd+dbl": (151, 9)},
@@ -120,6 +122,8 @@ def layers():
             key = (type(layer).__name__, delta)
             if key not in found or len(getattr(layer.desc, "paths", ())) > len(getattr(found[key].desc, "paths", ())):
                 found[key] = layer
+    silu = torch.nn.functional.silu  # SevenNet-0's first gate
+    found["Gate", False] = Gate("128x0e", [silu], "64x0e+32x0e", [silu, silu], "64x1e+32x2e")
     return found
 
 
@@ -128,7 +132,7 @@ def _inputs(layer, n: int, e: int, device):
     kind = type(layer).__name__
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device).requires_grad_()  # noqa: E731
-    if kind == "IrrepsLinear":
+    if kind in ("IrrepsLinear", "Gate"):
         return (rand(n, layer.irreps_in.dim),)
     if kind == "RadialMLP":
         return (rand(e, layer.hs[0]),)
@@ -191,7 +195,7 @@ def test_launch_and_op_budget(layers, launches, upto):
         with _Count(strict=False) as count:
             _run(layer, inputs, upto)
         if upto == "fwd":
-            torch_only = ("RadialMLP", "SphericalHarmonics", "PolynomialCutoff")
+            torch_only = ("RadialMLP", "SphericalHarmonics", "PolynomialCutoff", "Gate")
             assert len(launches) == (0 if kind in torch_only else 1), (kind, delta, launches)
         print(f"{kind} delta={delta} {upto}: {count.ops} aten ops, {len(launches)} launches")  # shown with -s
         budget = BUDGET[kind, delta, upto]

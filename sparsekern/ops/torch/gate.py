@@ -1,0 +1,32 @@
+"""Torch reference of e3nn's ``Gate``: the activated scalars and gates in one pass per
+activation function, each gate spread over its irrep's components by one index, one
+product, one concatenation: 8 aten ops where e3nn's Extract, Activation and
+ElementwiseTensorProduct issue 66-72 (70 against 371 with force training's two
+derivatives, tests/layers/test_gate.py); autograd's derivatives of every order."""
+
+from __future__ import annotations
+
+import torch
+
+from ..descriptors import GateDesc
+
+
+def _columns(desc: GateDesc, x: torch.Tensor, name: str) -> torch.Tensor:
+    """x's columns ``getattr(desc, name)``: a view where they are contiguous."""
+    cols = getattr(desc, name)
+    start = cols[0] if cols else 0
+    if cols == tuple(range(start, start + len(cols))):
+        return x.narrow(-1, start, len(cols))
+    return x.index_select(-1, desc.const(name, x, lambda: torch.tensor(cols)))
+
+
+def gate(desc: GateDesc, x: torch.Tensor) -> torch.Tensor:
+    a = _columns(desc, x, "activated")
+    pieces = [z if act is None else act(z)
+              for start, n, act in desc.runs
+              for z in [a if n == a.shape[-1] else a.narrow(-1, start, n)]]
+    a = a if not pieces else pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
+    if not desc.gated:
+        return a
+    gates = a.index_select(-1, desc.const("expand", x, lambda: torch.tensor(desc.expand)))
+    return torch.cat([a.narrow(-1, 0, desc.num_scalars), _columns(desc, x, "gated") * gates], -1)
