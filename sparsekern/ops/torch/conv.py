@@ -90,14 +90,15 @@ def _conv_by_receiver(desc: TPDesc, node_feats, edge_attrs, tp_weights, sender, 
     """The sum over a node's incoming edges done inside one batched product per path,
     out[n, u, k] = sum_(e, i) P[n, (e, i), u] Z[n, (e, i), k] with P = w x1[sender] and
     Z = C x2, so the (edges, mul, d_out) messages are never formed. ``slots`` (n, width)
-    lists the incoming edges of n nodes, ``padded`` with edge E (a zero weight row)."""
+    lists the incoming edges of n nodes, ``padded`` with edge E: a zero row of x2, so Z
+    and every product with it are zero there (and its gradients, into that row, are
+    dropped); w and the sender are read from edge E - 1, not copied with a zero row."""
     n, width = slots.shape
     cg = desc.const("cg", node_feats, lambda: _cg_blocks(desc))
     flat = slots.reshape(-1)
-    rows = (tp_weights, edge_attrs, sender)
-    if padded:
-        rows = tuple(torch.cat([t, t.new_zeros((1,) + t.shape[1:])]) for t in rows)
-    w_pad, x2_pad, s_pad = (t.index_select(0, flat) for t in rows)
+    x2 = torch.cat([edge_attrs, edge_attrs.new_zeros(1, edge_attrs.shape[1])]) if padded else edge_attrs
+    real = flat.clamp(max=tp_weights.shape[0] - 1) if padded else flat
+    w_pad, x2_pad, s_pad = tp_weights.index_select(0, real), x2.index_select(0, flat), sender.index_select(0, real)
     # each x1 block as (nodes, d1, mul) before the gather: P then comes out of one
     # broadcast product already in the (e, i, u) order the batched product reads
     b1 = desc.blocks_in1
@@ -138,9 +139,12 @@ class _ScaleRows(torch.autograd.Function):
         grad_x = grad * w.unsqueeze(1) if needed(ctx, 0) else None
         grad_w = None
         if needed(ctx, 1):
-            grad_w = grad[:, 0] * x[:, 0]
-            for i in range(1, x.shape[1]):
-                grad_w = torch.addcmul(grad_w, grad[:, i], x[:, i])
+            # unbind, not x[:, i]: its double backward stacks the rows once, where each
+            # select's would zero-fill a full-size gradient (d1 of them)
+            gs, xs = grad.unbind(1), x.unbind(1)
+            grad_w = gs[0] * xs[0]
+            for g_i, x_i in zip(gs[1:], xs[1:]):
+                grad_w = torch.addcmul(grad_w, g_i, x_i)
         return grad_x, grad_w
 
 

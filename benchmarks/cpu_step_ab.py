@@ -1,0 +1,137 @@
+"""CPU: a sparse (STR, 3 %) fine-tuning step, this working tree against another commit,
+side by side: each round starts one process per tree (the base checked out in a
+temporary git worktree), alternately, each timing ``--steps`` steps after two warm-ups;
+the best step of each tree over all rounds is kept, so load from elsewhere hits both
+alike. A step as the demo's trainer takes it: SevenNet-0 (or ``--model mace``, an
+MP-0-medium-shaped MACE) on four 63-atom silicon frames of si_mlearn (the demo's data),
+the torch back end, forces with their graph, a force and energy loss, the backward into
+the trained tensors, an Adam step.
+
+    .venv-sevenn/bin/python benchmarks/cpu_step_ab.py --base HEAD [--rounds 3] [--steps 6]
+    .venv-mace/bin/python benchmarks/cpu_step_ab.py --base HEAD --model mace
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _frames():
+    from ase.io import read
+
+    from sparsekern.locations import data_dir
+
+    path = data_dir() / "si_mlearn" / "Si_train.xyz"
+    if not path.exists():
+        raise SystemExit(f"cpu_step_ab: {path} missing; set SPARSEKERN_DATA to the data folder")
+    return read(path, index="::8")[:4]
+
+
+def _step_fn(model_name: str):
+    """A sparse training step of the tree on sys.path, as a function."""
+    import torch
+
+    import sparsekern
+    from sparsekern.finetune.backward import backward
+
+    frames = _frames()
+    if model_name == "mace":
+        from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
+
+        model = mace_mp0_shaped("medium", dtype=torch.float32)
+        batch = mace_batch(model, frames)
+
+        def predict():
+            out = model(dict(batch), compute_force=True, training=True)
+            return out["energy"], out["forces"]
+    else:
+        from sparsekern.integrations.sevennet.family import SevenNetFamily
+
+        family = SevenNetFamily()
+        model = family.load("7net-0", "cpu")
+        graphs = [family.graph(model, atoms) for atoms in frames]
+
+        def predict():
+            return family.predict(model, family.collate(graphs, "cpu"), True)
+    model.train()
+    sparsekern.patch(model, backend="torch")
+    sparsekern.prepare(model, sparsekern.SparseConfig(density=0.03), backend="torch")
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trained, lr=1e-3)
+
+    def step():
+        energy, forces = predict()
+        for p in trained:
+            p.grad = None
+        backward(energy.square().mean() + forces.square().mean(), trained)
+        opt.step()
+
+    return step
+
+
+def _child(model_name: str, steps: int) -> None:
+    step = _step_fn(model_name)
+    for _ in range(2):
+        step()
+    best = float("inf")
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+    print(f"BEST {best:.6f}")
+
+
+def _run(tree: Path, args) -> float:
+    from sparsekern.locations import data_dir
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]),
+           "SPARSEKERN_DATA": str(data_dir())}  # where this tree finds it, not relative to the base's
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--model", args.model, "--steps", str(args.steps)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("BEST ")]
+    if out.returncode or not lines:
+        raise SystemExit(f"cpu_step_ab: the step failed in {tree}:\n{out.stderr[-2000:]}")
+    return float(lines[-1].split()[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="HEAD", help="the commit to compare with (default: HEAD)")
+    ap.add_argument("--model", choices=("7net-0", "mace"), default="7net-0")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return _child(args.model, args.steps)
+    base = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True)
+    if base.returncode:
+        raise SystemExit(f"cpu_step_ab: {args.base!r} is not a commit here")
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "base"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), base.stdout.strip()], cwd=ROOT, check=True)
+        try:
+            best = {"base": float("inf"), "this tree": float("inf")}
+            for r in range(args.rounds):
+                for name, where in (("base", tree), ("this tree", ROOT)):
+                    best[name] = min(best[name], _run(where, args))
+                print(f"round {r + 1}: base {best['base']:.3f} s, this tree {best['this tree']:.3f} s", flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
+    print(f"\nsparse step, {args.model}, 4 x 63-atom silicon, torch back end, CPU ({platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs), best of {args.rounds} x {args.steps}: base {base.stdout.strip()} "
+          f"{best['base']:.3f} s, this tree {best['this tree']:.3f} s ({best['base'] / best['this tree']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
