@@ -16,9 +16,11 @@ test-mace: .venv-mace/.installed
 	.venv-mace/bin/python -m pytest tests -q -p no:cacheprovider
 
 # tests/ops checks each back end's kernels against the torch reference, whatever the
-# family: once, in the MACE environment (they are a third of the suite's time)
+# family: once, in the MACE environment (they are a third of the suite's time); only the
+# sm_90 compile of SevenNet-0's own kernels runs here
 test-sevenn: .venv-sevenn/.installed
 	.venv-sevenn/bin/python -m pytest tests -q -p no:cacheprovider --ignore=tests/ops
+	.venv-sevenn/bin/python -m pytest tests/ops/test_gpu_proxy_aot.py -q -p no:cacheprovider
 
 test-cueq: .venv-cueq/.installed
 	.venv-cueq/bin/python -m pytest tests/integrations/test_cueq.py tests/integrations/test_mace.py tests/ops/test_cueq_conv.py -q -p no:cacheprovider

@@ -1,7 +1,7 @@
 """GPU proxy (a), ahead of time: every Triton kernel specialisation that a MACE-MP-0-medium
-model launches (energy+forces, a full and a sparse 3 % training step with forces in the
-loss, float32) compiled for sm_90 (H100/H200) on the CPU, read with the bundled
-``ptxas -v`` and ``cuobjdump -sass``: no register spills, the linears' products on the
+model launches, and SevenNet-0 in the SevenNet environment (energy+forces, a full and a
+sparse 3 % training step with forces in the loss, float32), compiled for sm_90 (H100/H200)
+on the CPU, read with the bundled ``ptxas -v`` and ``cuobjdump -sass``: no register spills, the linears' products on the
 tensor cores, no atomics (Triton's default ``acq_rel`` is MEMBAR.ALL.GPU + ATOMG +
 CCTL.IVALL per atomic on sm_90; relaxed, RED).
 
@@ -21,9 +21,6 @@ import sys
 import time
 
 import pytest
-
-if __name__ != "__main__":
-    pytest.importorskip("mace")  # the launches are MACE-MP-0's: only the MACE venv has them
 
 # Known gaps, kernel name -> the most spill store bytes of its specialisations (Triton
 # 3.7.1): the test fails if one gets worse, and also when it gets better (then lower it).
@@ -70,6 +67,39 @@ def _mace_launches(dtype_name: str, cells=(3, 3, 3)):
     return launches
 
 
+def _sevennet_launches(dtype_name: str):
+    """The launches of energy+forces, a full and a sparse training step of SevenNet-0 (five
+    blocks, 128x0e+64x1e+32x2e, l <= 2) on 16 silicon atoms."""
+    import torch
+    from ase.build import bulk
+
+    import sparsekern
+    from sparsekern.finetune.backward import backward
+    from sparsekern.integrations.sevennet.family import SevenNetFamily
+    from sparsekern.ops import registry
+    from sparsekern.ops.triton.precompile import recording
+
+    registry.BACKENDS["triton"] = dataclasses.replace(registry.BACKENDS["triton"], available=lambda device: True)
+    family = SevenNetFamily()
+    model = family.load("7net-0", "cpu").to(getattr(torch, dtype_name))
+    atoms = bulk("Si", "diamond", a=5.43) * (2, 2, 2)
+    atoms.rattle(0.05, seed=0)
+    graph = family.graph(model, atoms)
+    with recording() as launches:
+        sparsekern.patch(model, backend="triton")
+        family.predict(model.eval(), family.collate([graph], "cpu"), False)  # energy+forces
+        model.train()
+        for sparse in (False, True):
+            if sparse:
+                sparsekern.prepare(model, sparsekern.SparseConfig(density=0.03), backend="triton")
+            energy, forces = family.predict(model, family.collate([graph], "cpu"), True)
+            backward(energy.sum() + (forces ** 2).sum(), [p for p in model.parameters() if p.requires_grad])
+    return launches
+
+
+LAUNCHES = {"mace-mp0-medium": ("mace", _mace_launches), "7net-0": ("sevenn", _sevennet_launches)}
+
+
 def _resources(kernel, scratch: str) -> dict:
     """ptxas -v figures and the SASS instruction mix of a compiled kernel."""
     name = kernel.metadata.name
@@ -90,7 +120,7 @@ def _resources(kernel, scratch: str) -> dict:
                 instructions=sum(ops.values()))
 
 
-def main(dtype_name: str) -> None:
+def main(dtype_name: str, model: str = "mace-mp0-medium") -> None:
     """Print one JSON line per distinct specialisation (run without TRITON_INTERPRET)."""
     import tempfile
 
@@ -102,7 +132,7 @@ def main(dtype_name: str) -> None:
 
     t0 = time.time()
     target = GPUTarget("cuda", 90, 32)
-    specs = specialisations(_mace_launches(dtype_name), target)
+    specs = specialisations(LAUNCHES[model][1](dtype_name), target)
     t1 = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         for spec in specs:
@@ -137,19 +167,22 @@ def test_batch_size_specialises_nothing():
     node and edge counts unspecialised (``do_not_specialize``), so a training run whose
     batches vary compiles each kernel once, not once per divisibility of its sizes (a
     16-atom batch recompiled all 49 before)."""
+    pytest.importorskip("mace")
     run = _script("sizes")
     assert run.returncode == 0, run.stderr[-4000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["specs"][0] > 20 and not out["differ"], out
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    run = _script("float32")
+@pytest.fixture(scope="module", params=list(LAUNCHES))
+def compiled(request):
+    """(model, the rows of its specialisations), for each model whose package is here."""
+    pytest.importorskip(LAUNCHES[request.param][0])
+    run = _script("float32", request.param)
     assert run.returncode == 0, run.stderr[-4000:]
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     print("\n".join(json.dumps(r) for r in rows))  # the measured figures, shown with -s
-    return rows[:-1]
+    return request.param, rows[:-1]
 
 
 @pytest.mark.gpu_proxy
@@ -161,16 +194,17 @@ def test_toolchain_bundled():
 
 @pytest.mark.gpu_proxy
 def test_every_kernel_compiled(compiled):
-    names = collections.Counter(r["kernel"] for r in compiled)
-    assert set(names) == {"_conv_kernel", "_edge_kernel", "_grads_kernel", "_lin_kernel", "_wgrad_kernel",
-                          "_form_kernel"}, names
+    model, rows = compiled
+    names = collections.Counter(r["kernel"] for r in rows)
+    contraction = {"_form_kernel"} if model == "mace-mp0-medium" else set()  # SevenNet has none
+    assert set(names) == {"_conv_kernel", "_edge_kernel", "_grads_kernel", "_lin_kernel", "_wgrad_kernel"} | contraction, names
 
 
 @pytest.mark.gpu_proxy
 def test_no_atomics(compiled):
     """No kernel has atomics, relaxed (RED) or fenced (ATOMG with MEMBAR / CCTL): every
     sum over edges or nodes is done in registers by the program owning its output."""
-    for r in compiled:
+    for r in compiled[1]:
         assert r["fenced_atomics"] == r["membar"] == r["cctl"] == r["relaxed_atomics"] == 0, r
 
 
@@ -179,7 +213,7 @@ def test_linears_on_tensor_cores(compiled):
     """The linears' float32 products run on the tensor cores (three TF32 products each,
     float32's accuracy), not the FMA units (4.6 TFLOP/s for layer 1's irrep linear on the
     H200 with ``input_precision="ieee"``)."""
-    dots = [r for r in compiled if r["kernel"] == "_lin_kernel"
+    dots = [r for r in compiled[1] if r["kernel"] == "_lin_kernel"
             or (r["kernel"] == "_wgrad_kernel" and r["constexprs"]["USE_DOT"] == "True")]
     assert dots and all(r["tensor_core"] > 0 for r in dots), [(r["kernel"], r["tensor_core"]) for r in dots]
 
@@ -187,7 +221,7 @@ def test_linears_on_tensor_cores(compiled):
 @pytest.mark.gpu_proxy
 def test_no_spills(compiled):
     worst = collections.Counter()
-    for r in compiled:
+    for r in compiled[1]:
         assert 0 < r["registers"] <= 255, r
         worst[r["kernel"]] = max(worst[r["kernel"]], r["spill_store_bytes"])
     assert {k: v for k, v in worst.items() if v} == KNOWN_SPILLS, worst
@@ -195,4 +229,4 @@ def test_no_spills(compiled):
 
 if __name__ == "__main__":
     sys.path.insert(0, _ROOT)  # this checkout's sparsekern, not an installed one
-    sizes() if sys.argv[1] == "sizes" else main(sys.argv[1])
+    sizes() if sys.argv[1] == "sizes" else main(*sys.argv[1:])

@@ -22,10 +22,12 @@ def _columns(desc: GateDesc, x: torch.Tensor, name: str) -> torch.Tensor:
 
 def gate(desc: GateDesc, x: torch.Tensor) -> torch.Tensor:
     a = _columns(desc, x, "activated")
-    pieces = [z if act is None else act(z)
-              for start, n, act in desc.runs
-              for z in [a if n == a.shape[-1] else a.narrow(-1, start, n)]]
-    a = a if not pieces else pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
+    pieces = []
+    for start, n, act in desc.runs:
+        z = a if n == a.shape[-1] else a.narrow(-1, start, n)
+        pieces.append(z if act is None else act(z))
+    if pieces:
+        a = pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
     if not desc.gated:
         return a
     gates = a.index_select(-1, desc.const("expand", x, lambda: torch.tensor(desc.expand)))
