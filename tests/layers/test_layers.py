@@ -212,6 +212,11 @@ def test_fused_conv_by_receiver(layout):
         0, receiver, ref(args[0][edge_index[0]], args[1], args[2]))
     assert rel_err(conv(*args, edge_index), expected) <= TOL[torch.float64]
     _check_grads(lambda a, b, c: conv(a, b, c, edge_index), args)
+    if layout == "padded":  # third derivatives: the written-out backward of the product's backward
+        def first(a, b, c):
+            return torch.autograd.grad(conv(a, b, c, edge_index).sin().sum(), (a, b, c), create_graph=True)
+
+        _check_grads(first, args)
 
 
 @pytest.mark.parametrize("hs", [[3, 5, 4], [3, 5, 4, 6, 2]])
