@@ -9,8 +9,10 @@ from .gate import Gate
 from .linear import IrrepsLinear
 from .polynomial_cutoff import PolynomialCutoff
 from .radial_mlp import RadialMLP
+from .reshape_irreps import ReshapeIrreps
 from .spherical_harmonics import SphericalHarmonics
 from .symmetric_contraction import SymmetricContraction
 
 __all__ = ["SparsekernLayer", "IrrepsLinear", "ElementLinear", "ChannelwiseTP",
-           "ChannelwiseConv", "SymmetricContraction", "RadialMLP", "SphericalHarmonics", "PolynomialCutoff", "Gate"]
+           "ChannelwiseConv", "SymmetricContraction", "RadialMLP", "SphericalHarmonics", "PolynomialCutoff", "Gate",
+           "ReshapeIrreps"]

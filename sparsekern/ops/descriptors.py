@@ -214,6 +214,32 @@ class CutoffDesc(Descriptor):
 
 
 @dataclass(eq=False)
+class ReshapeDesc(Descriptor):
+    """MACE's ``reshape_irreps``: flat features (N, sum of mul d) to (N, mul, sum of d)
+    ('mul_ir', each block's (mul, d) side by side) or (N, sum of d, mul) ('ir_mul', the
+    blocks stacked), every block of the same multiplicity ``mul``: one permutation of
+    the columns, ``perm`` (None: the identity), then a view."""
+
+    mul: int
+    dims: Tuple[int, ...]
+    ir_mul: bool
+    _cache: Dict[tuple, object] = field(default_factory=dict, repr=False)
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return (sum(self.dims), self.mul) if self.ir_mul else (self.mul, sum(self.dims))
+
+    @property
+    def perm(self) -> Optional[torch.Tensor]:
+        """Column u * sum(d) + (d's offset + m) of the output reads block l's column u d_l + m."""
+        if self.ir_mul:  # each block (d, mul) as it is, stacked: the input's own order
+            return None
+        starts = list(itertools.accumulate((self.mul * d for d in self.dims), initial=0))
+        return torch.tensor([start + u * d + m for u in range(self.mul)
+                             for start, d in zip(starts, self.dims) for m in range(d)])
+
+
+@dataclass(eq=False)
 class GateDesc(Descriptor):
     """e3nn's ``Gate`` as column indices of its input: the scalars' and the gates' columns
     (``activated``, scalars first), activated in ``runs`` (start, length, activation or

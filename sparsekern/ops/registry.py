@@ -16,7 +16,7 @@ from typing import Callable, Dict, FrozenSet, List
 import torch
 
 OPS = ("linear", "element_linear", "channelwise_tp", "conv", "symmetric_contraction", "radial_mlp",
-       "spherical_harmonics", "polynomial_cutoff", "gate")
+       "spherical_harmonics", "polynomial_cutoff", "gate", "reshape_irreps")
 AUTO_TABLE = Path(__file__).with_name("auto.json")
 
 
@@ -63,7 +63,8 @@ class Backend:
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (
     Backend("torch", frozenset(OPS), lambda device: True, ""),
-    Backend("triton", frozenset(OPS) - {"radial_mlp", "spherical_harmonics", "polynomial_cutoff", "gate"},
+    Backend("triton", frozenset(OPS) - {"radial_mlp", "spherical_harmonics", "polynomial_cutoff", "gate",
+                                       "reshape_irreps"},
             _triton_available, "a GPU, or TRITON_INTERPRET=1 on CPU"),
     Backend("cuda", frozenset({"element_linear"}), _cuda_available,
             "a GPU and the compiled extension sparsekern._C"),

@@ -1,7 +1,7 @@
 """MACE (mace-torch): models converted to cuequivariance are turned back into e3nn
-layers before patching, MACE's symmetric contraction and polynomial cutoff get
-sparsekern's, and the interaction blocks' ``conv_tp`` becomes the fused convolution
-(MACE's ``conv_fusion`` contract). mace-torch is imported only when a MACE model is met."""
+layers before patching, MACE's symmetric contraction, polynomial cutoff and
+``reshape_irreps`` get sparsekern's, and the interaction blocks' ``conv_tp`` becomes
+the fused convolution (MACE's ``conv_fusion`` contract). mace-torch is imported only when a MACE model is met."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ from .family import MaceFamily
 
 def _converters():
     try:
+        from mace.modules.irreps_tools import reshape_irreps
         from mace.modules.radial import PolynomialCutoff as MaceCutoff
         from mace.modules.symmetric_contraction import SymmetricContraction as MaceSC
     except ImportError:
         return []
-    from ...layers import PolynomialCutoff, SymmetricContraction
+    from ...layers import PolynomialCutoff, ReshapeIrreps, SymmetricContraction
 
-    return [(MaceSC, SymmetricContraction), (MaceCutoff, PolynomialCutoff)]
+    return [(MaceSC, SymmetricContraction), (MaceCutoff, PolynomialCutoff), (reshape_irreps, ReshapeIrreps)]
 
 
 def _before_patch(model: torch.nn.Module) -> None:
