@@ -119,7 +119,8 @@ def main() -> None:
         raise SystemExit(f"cpu_step_ab: {args.base!r} is not a commit here")
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "base"
-        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), base.stdout.strip()], cwd=ROOT, check=True)
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), base.stdout.strip()],
+                       cwd=ROOT, check=True)
         try:
             best = {"base": float("inf"), "this tree": float("inf")}
             for r in range(args.rounds):
@@ -128,7 +129,8 @@ def main() -> None:
                 print(f"round {r + 1}: base {best['base']:.3f} s, this tree {best['this tree']:.3f} s", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
-    print(f"\nsparse step, {args.model}, 4 x 63-atom silicon, torch back end, CPU ({platform.processor() or platform.machine()}, "
+    cpu = platform.processor() or platform.machine()
+    print(f"\nsparse step, {args.model}, 4 x 63-atom silicon, torch back end, CPU ({cpu}, "
           f"{os.cpu_count()} CPUs), best of {args.rounds} x {args.steps}: base {base.stdout.strip()} "
           f"{best['base']:.3f} s, this tree {best['this tree']:.3f} s ({best['base'] / best['this tree']:.2f}x)")
 

@@ -123,7 +123,8 @@ def main() -> None:
             run(model, graph)
     syncs = ops.by_name["_local_scalar_dense"]
     print(f"{'sparse training step' if args.step else 'energy+forces'}, {args.model}: "
-          f"{sum(ops.by_name.values())} aten ops ({syncs} reads back to the host)\n\n| issued by | aten ops |\n|---|---|")
+          f"{sum(ops.by_name.values())} aten ops ({syncs} reads back to the host)")
+    print("\n| issued by | aten ops |\n|---|---|")
     for label, n in ops.by_module.most_common():
         print(f"| {label} | {n} |")
     print("\nmost frequent: " + ", ".join(f"{name} {n}" for name, n in ops.by_name.most_common(12)))

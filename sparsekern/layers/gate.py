@@ -22,7 +22,8 @@ class Gate(SparsekernLayer):
         self._replaced = ref
         # e3nn's attributes, which models read
         self.irreps_in, self.irreps_out = ref.irreps_in, ref.irreps_out
-        self.irreps_scalars, self.irreps_gates, self.irreps_gated = ref.irreps_scalars, ref.irreps_gates, ref.irreps_gated
+        for name in ("irreps_scalars", "irreps_gates", "irreps_gated"):
+            setattr(self, name, getattr(ref, name))
         self.desc = GateDesc.from_e3nn(ref)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from mace.modules.wrapper_ops import CuEquivarianceConfig  # noqa: E402
 from sparsekern.layers import ReshapeIrreps  # noqa: E402
 
 IRREPS = o3.Irreps("3x0e+3x1o+3x2e+3x3o")
-LAYOUTS = {"none": None, "mul_ir": CuEquivarianceConfig(), "ir_mul": CuEquivarianceConfig(layout="ir_mul", layout_str="ir_mul")}
+LAYOUTS = {"none": None, "mul_ir": CuEquivarianceConfig(),
+           "ir_mul": CuEquivarianceConfig(layout="ir_mul", layout_str="ir_mul")}
 
 
 def _x(n=7, requires_grad=False):
