@@ -26,15 +26,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _frames():
-    from ase.io import read
-
+def _train_file() -> Path:
     from sparsekern.locations import data_dir
 
     path = data_dir() / "si_mlearn" / "Si_train.xyz"
     if not path.exists():
         raise SystemExit(f"cpu_step_ab: {path} missing; set SPARSEKERN_DATA to the data folder")
-    return read(path, index="::8")[:4]
+    return path
+
+
+def _frames():
+    from ase.io import read
+
+    return read(_train_file(), index="::8")[:4]
 
 
 def _step_fn(model_name: str):
@@ -114,6 +118,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return _child(args.model, args.steps)
+    _train_file()  # before any worktree or model
     base = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True)
     if base.returncode:
         raise SystemExit(f"cpu_step_ab: {args.base!r} is not a commit here")
