@@ -165,6 +165,12 @@ class TPDesc(Descriptor):
         return self.blocks_in1.dims[p.i_in] // 2, self.blocks_in2.dims[p.i_in2] // 2, self.blocks_out.dims[p.i_out] // 2
 
 
+def is_silu(act) -> bool:
+    """Whether ``act`` is e3nn's normalized SiLU (``normalize2mom`` wrapping it)."""
+    f = getattr(act, "f", None)
+    return f is torch.nn.functional.silu or isinstance(f, torch.nn.SiLU)
+
+
 @dataclass(eq=False)
 class RadialDesc(Descriptor):
     """e3nn's ``FullyConnectedNet``: per layer (activation or None, var_in, var_out)."""
@@ -188,8 +194,7 @@ class RadialDesc(Descriptor):
             if act is None:
                 scales.append(k / (h_in * var_in / var_out) ** 0.5)
                 continue
-            f = getattr(act, "f", None)
-            if not (f is torch.nn.functional.silu or isinstance(f, torch.nn.SiLU)):
+            if not is_silu(act):
                 return None
             scales.append(k / (h_in * var_in) ** 0.5)
             k = (1.0 if act._is_id else act.cst) * var_out ** 0.5

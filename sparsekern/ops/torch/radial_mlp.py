@@ -16,6 +16,7 @@ from torch.nn.functional import silu
 from ...delta_slot import effective
 from ..descriptors import RadialDesc
 from ..grads import needed, track
+from .silu import silu_grad, silu_second
 
 
 def radial_mlp(desc: RadialDesc, x: torch.Tensor, weights: Sequence[torch.Tensor],
@@ -90,7 +91,7 @@ def _mlp_grads(gy, x, vs, zs, acts, need):
             grads[0] = ga
         else:
             gas[l - 1] = ga
-            g = _silu_grad(ga, zs[l - 1])
+            g = silu_grad(ga, zs[l - 1])
     return grads, gs, gas
 
 
@@ -141,8 +142,8 @@ class _MLPGrad(torch.autograd.Function):
             if l == L - 1:
                 out[0] = adj_g
             elif adj_g is not None:
-                A = _silu_grad(adj_g, zs[l])
-                adj_z[l] = _silu_second(adj_g * gas[l], zs[l])
+                A = silu_grad(adj_g, zs[l])
+                adj_z[l] = silu_second(adj_g * gas[l], zs[l])
             else:
                 A = None
         dz = None  # the adjoint of z_l, summed over both of its uses
@@ -153,7 +154,7 @@ class _MLPGrad(torch.autograd.Function):
                 adj_a[l] = _add(adj_a[l], dz.mm(vs[l + 1].t()))
             dz = adj_z[l]
             if adj_a[l] is not None:
-                dz = _add(dz, _silu_grad(adj_a[l], zs[l]))
+                dz = _add(dz, silu_grad(adj_a[l], zs[l]))
         if dz is not None:  # z_0 = x V_0
             if nv[0]:
                 gv[0] = _add(gv[0], x.t().mm(dz))
@@ -166,18 +167,3 @@ class _MLPGrad(torch.autograd.Function):
 
 def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return b if a is None else a if b is None else a + b
-
-
-def _silu_grad(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """g silu'(z): one op, or where autograd records it (a third derivative, which
-    aten's ``silu_backward`` has no formula for) s (1 + z (1 - s)) g, s = sigmoid(z)."""
-    if not torch.is_grad_enabled():
-        return torch.ops.aten.silu_backward(g, z)
-    s = torch.sigmoid(z)
-    return g * s * (1 + z * (1 - s))
-
-
-def _silu_second(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """g silu''(z) = g (s - s s) (z + 2 - 2 z s), s = sigmoid(z)."""
-    s = torch.sigmoid(z)
-    return g * torch.addcmul(s, s, s, value=-1) * torch.addcmul(z + 2, z, s, value=-2)
