@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _train_file() -> Path:
@@ -92,7 +91,9 @@ def _child(model_name: str, steps: int) -> None:
         start = time.perf_counter()
         step()
         best = min(best, time.perf_counter() - start)
-    print(f"BEST {best:.6f}")
+    import sparsekern
+
+    print(f"BEST {best:.6f} {Path(sparsekern.__file__).resolve().parents[1]}")
 
 
 def _run(tree: Path, args) -> float:
@@ -105,7 +106,10 @@ def _run(tree: Path, args) -> float:
     lines = [line for line in out.stdout.splitlines() if line.startswith("BEST ")]
     if out.returncode or not lines:
         raise SystemExit(f"cpu_step_ab: the step failed in {tree}:\n{out.stderr[-2000:]}")
-    return float(lines[-1].split()[1])
+    _, best, imported = lines[-1].split(maxsplit=2)
+    if Path(imported) != tree.resolve():  # both sides must not time the same code
+        raise SystemExit(f"cpu_step_ab: the step for {tree} imported sparsekern from {imported}")
+    return float(best)
 
 
 def main() -> None:
@@ -116,8 +120,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
+    if args.child:  # sparsekern from PYTHONPATH: the tree under test
         return _child(args.model, args.steps)
+    sys.path.insert(0, str(ROOT))  # here only: a child must not import this tree's
     _train_file()  # before any worktree or model
     base = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True)
     if base.returncode:

@@ -6,7 +6,7 @@ weights into paths and sum paths into output blocks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -71,6 +71,28 @@ def split_segments(t: torch.Tensor, segments, dim: int = -1) -> List[torch.Tenso
         sizes.append(t.shape[dim] - pos)
         keep.append(False)
     return [piece for piece, k in zip(t.split(sizes, dim), keep) if k]
+
+
+def cat(tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """``torch.cat`` whose backward is one split: autograd's narrows the gradient per
+    piece, and differentiated again (force training) each narrow comes back as a
+    zero-filled full-size tensor, summed; the split comes back as one concatenation."""
+    return tensors[0] if len(tensors) == 1 else _Cat.apply(dim, *tensors)
+
+
+class _Cat(torch.autograd.Function):
+    @staticmethod
+    def forward(dim: int, *tensors: torch.Tensor) -> torch.Tensor:
+        return torch.cat(tensors, dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # as torch.func needs (MACE's compile route)
+        dim, *tensors = inputs
+        ctx.dim, ctx.sizes = dim, [t.shape[dim] for t in tensors]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (None, *grad.split(ctx.sizes, ctx.dim))
 
 
 class Blocks(NamedTuple):

@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ...delta_slot import effective
+from ...paths import cat
 from ..descriptors import ContractionDesc, MonomialTables
 from .opaque import opaque_to_compile
 
@@ -56,7 +57,7 @@ def _monomials(xz: torch.Tensor, tables: MonomialTables) -> torch.Tensor:
     levels = [xz]
     for parent, last in zip(tables.parent, tables.last):
         levels.append(levels[-1].index_select(1, parent) * xz.index_select(1, last))
-    return torch.cat(levels, 1)
+    return cat(levels, 1)
 
 
 def _coefficients(desc: ContractionDesc, tables: MonomialTables, ws: List[List[torch.Tensor]],
