@@ -251,7 +251,8 @@ class GateDesc(Descriptor):
     None: consecutive columns of one activation function and constant), and the gated
     components' columns (``gated``), each multiplied by the activated gate ``expand``
     names (an index into the activated columns). Output: the activated scalars, then
-    the gated products, as e3nn's."""
+    the gated products, as e3nn's. ``spans``: per column selection, (first, count) where
+    its columns are consecutive (read as a view), else None."""
 
     dim_in: int
     activated: Tuple[int, ...]
@@ -259,7 +260,14 @@ class GateDesc(Descriptor):
     num_scalars: int
     gated: Tuple[int, ...]
     expand: Tuple[int, ...]
+    spans: Dict[str, Optional[Tuple[int, int]]] = field(default_factory=dict)
     _cache: Dict[tuple, object] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("activated", "gated"):
+            cols = getattr(self, name)
+            start = cols[0] if cols else 0
+            self.spans[name] = (start, len(cols)) if cols == tuple(range(start, start + len(cols))) else None
 
     @classmethod
     def from_e3nn(cls, gate: torch.nn.Module) -> "GateDesc":

@@ -14,12 +14,11 @@ from .silu import silu
 
 
 def _columns(desc: GateDesc, x: torch.Tensor, name: str) -> torch.Tensor:
-    """x's columns ``getattr(desc, name)``: a view where they are contiguous."""
-    cols = getattr(desc, name)
-    start = cols[0] if cols else 0
-    if cols == tuple(range(start, start + len(cols))):
-        return x.narrow(-1, start, len(cols))
-    return x.index_select(-1, desc.const(name, x, lambda: torch.tensor(cols)))
+    """x's columns ``getattr(desc, name)``: a view where they are consecutive."""
+    span = desc.spans[name]
+    if span is not None:
+        return x.narrow(-1, *span)
+    return x.index_select(-1, desc.const(name, x, lambda: torch.tensor(getattr(desc, name))))
 
 
 def _activate(act, z: torch.Tensor) -> torch.Tensor:
