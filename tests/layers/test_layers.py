@@ -212,7 +212,7 @@ def test_fused_conv_by_receiver(layout):
         0, receiver, ref(args[0][edge_index[0]], args[1], args[2]))
     assert rel_err(conv(*args, edge_index), expected) <= TOL[torch.float64]
     _check_grads(lambda a, b, c: conv(a, b, c, edge_index), args)
-    if layout == "padded":  # third derivatives: the written-out backward of the product's backward
+    if layout == "padded":  # third derivatives, also through the padded slots (x2 zero there, w a real edge's)
         def first(a, b, c):
             return torch.autograd.grad(conv(a, b, c, edge_index).sin().sum(), (a, b, c), create_graph=True)
 
