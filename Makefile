@@ -17,10 +17,10 @@ test-mace: .venv-mace/.installed
 
 # tests/ops checks each back end's kernels against the torch reference, whatever the
 # family: once, in the MACE environment (they are a third of the suite's time); only the
-# sm_90 compile of SevenNet-0's own kernels runs here
+# sm_90 compile of SevenNet-0's own kernels and its whole-model host path run here
 test-sevenn: .venv-sevenn/.installed
 	.venv-sevenn/bin/python -m pytest tests -q -p no:cacheprovider --ignore=tests/ops
-	.venv-sevenn/bin/python -m pytest tests/ops/test_gpu_proxy_aot.py -q -p no:cacheprovider
+	.venv-sevenn/bin/python -m pytest tests/ops/test_gpu_proxy_aot.py tests/ops/test_gpu_proxy_sync.py -q -p no:cacheprovider
 
 test-cueq: .venv-cueq/.installed
 	.venv-cueq/bin/python -m pytest tests/integrations/test_cueq.py tests/integrations/test_mace.py tests/ops/test_cueq_conv.py -q -p no:cacheprovider

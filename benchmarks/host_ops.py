@@ -8,8 +8,7 @@ runs MACE-MP-0 medium (float32, Triton back end, launches stubbed) on ``meta`` t
 by the model's block or interaction/product sub-module that issued it in the forward
 pass, or by the autograd node that ran it in the backward passes (the forces' and, with
 ``--step``, the loss's). A count, not a timing. ``--model 7net-0``: SevenNet-0 on 16
-silicon atoms, on CPU tensors (its own code reads the batch's size back to the host:
-each such read, a sync on a GPU, is counted).
+silicon atoms (its host reads patched away: integrations/sevennet/sync_free.py).
 
     TRITON_INTERPRET=1 .venv-mace/bin/python benchmarks/host_ops.py [--step]
     TRITON_INTERPRET=1 .venv-sevenn/bin/python benchmarks/host_ops.py --model 7net-0 [--step]
@@ -77,7 +76,7 @@ def _mace():
 
 
 def _sevennet():
-    """SevenNet-0, 16 silicon atoms, on CPU tensors (as :func:`_mace`)."""
+    """SevenNet-0, 16 silicon atoms, on meta tensors (as :func:`_mace`)."""
     from ase.build import bulk
 
     from sparsekern.integrations.sevennet.family import SevenNetFamily
@@ -89,7 +88,7 @@ def _sevennet():
         graph = family.graph(m, atoms)
         return lambda device: family.collate([graph], device)
 
-    return family.load("7net-0", "cpu"), batches, family.predict, "cpu"
+    return family.load("7net-0", "cpu"), batches, family.predict, "meta"
 
 
 def main() -> None:

@@ -22,14 +22,16 @@ from .ops import registry
 @dataclass(frozen=True)
 class PatchRule:
     """What a model family adds to patching: more (module class, layer class) pairs; a
-    step before patching (e.g. turning a converted model back into e3nn layers); and
-    where a ``conv_tp`` becomes the fused convolution, with its undoing."""
+    step before patching (e.g. turning a converted model back into e3nn layers) and one
+    after unpatching (undoing what the first changed, if anything); and where a
+    ``conv_tp`` becomes the fused convolution, with its undoing."""
 
     name: str
     converters: Callable[[], List[Tuple[type, type]]] = lambda: []
     before_patch: Callable[[torch.nn.Module], None] = lambda model: None
     fuse_conv: Callable[[torch.nn.Module, str], bool] = lambda parent, name: False
     unfuse_conv: Callable[[torch.nn.Module], None] = lambda parent: None
+    after_unpatch: Callable[[torch.nn.Module], None] = lambda model: None
 
 
 _RULES: List[PatchRule] = []
@@ -137,12 +139,15 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
             if isinstance(child, SparsekernLayer):
                 setattr(parent, name, child.to_replaced())
                 if getattr(child, "fused_conv", False):
-                    for rule in _RULES:
+                    for rule in rules:
                         rule.unfuse_conv(parent)
             else:
                 visit(child)
 
+    rules = _rules()
     visit(model)
+    for rule in rules:
+        rule.after_unpatch(model)
     return model
 
 

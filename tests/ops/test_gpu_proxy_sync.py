@@ -56,13 +56,19 @@ BUDGET = {(kind, delta, upto): cost for (kind, delta), costs in {
 }.items() for upto, cost in costs.items()}
 
 
-# the whole MACE-MP-0-medium model on 27 atoms, second call on meta: (most aten ops, most
-# launches) for energy+forces, the same with a sparse (3 %) delta and everything frozen
-# (an adapter in MACE's calculator: the deltas' values, blocks and folded weights are
-# reused), and a sparse training step with forces in the loss (density calibration
-# included; its backward into the trained tensors, as the trainer's); today's counts,
-# aten ops rounded up by ~10 %
-WHOLE_BUDGET = {"energy+forces": (464, 29), "frozen sparse energy+forces": (464, 29), "sparse step": (1246, 84)}
+# a whole model, second call on meta: (most aten ops, most launches) for energy+forces,
+# the same with a sparse (3 %) delta and everything frozen (an adapter in a calculator:
+# the deltas' values, blocks and folded weights are reused), and a sparse training step
+# with forces in the loss (density calibration included; its backward into the trained
+# tensors, as the trainer's); today's counts, aten ops rounded up by ~10 %. MACE-MP-0
+# medium on 27 atoms of three elements; SevenNet-0 on 16 silicon atoms (its readout
+# patched: tests/integrations/test_sevenn_readout.py)
+WHOLE_BUDGET = {
+    ("mace-mp0-medium", "energy+forces"): (464, 29), ("mace-mp0-medium", "frozen sparse energy+forces"): (464, 29),
+    ("mace-mp0-medium", "sparse step"): (1246, 84),
+    ("7net-0", "energy+forces"): (615, 43), ("7net-0", "frozen sparse energy+forces"): (648, 43),
+    ("7net-0", "sparse step"): (1793, 122),
+}
 
 
 class _Count(TorchDispatchMode):
@@ -206,44 +212,59 @@ def test_launch_and_op_budget(layers, launches, upto):
         assert count.ops <= budget[0] and len(launches) <= budget[1], (kind, delta, upto, count.ops, len(launches))
 
 
-def _whole_pass(model, batch, step: bool) -> None:
-    out = model(dict(batch), compute_force=True, training=step)
+def _whole_model(name: str):
+    """(its family, the model patched on the Triton back end, a structure)."""
+    from ase.build import bulk
+
+    if name == "7net-0":
+        pytest.importorskip("sevenn")
+        from sparsekern.integrations.sevennet.family import SevenNetFamily
+
+        family = SevenNetFamily()
+        model, atoms = family.load("7net-0", "cpu"), bulk("Si", "diamond", a=5.43) * (2, 2, 2)
+    else:
+        pytest.importorskip("mace")
+        from sparsekern.integrations.mace.family import MaceFamily
+        from sparsekern.integrations.mace.models import mace_mp0_shaped
+
+        family, model = MaceFamily(), mace_mp0_shaped("medium", dtype=torch.float32)
+        atoms = bulk("Cu", "fcc", a=3.6) * (3, 3, 3)
+        atoms.numbers = [29, 8, 1] * 9
+    atoms.rattle(0.05, seed=0)
+    return family, sparsekern.patch(model, backend="triton"), atoms
+
+
+def _whole_pass(family, model, batch, step: bool) -> None:
+    energy, forces = family.predict(model, batch, step)
     if step:  # as the trainer steps: into the trained tensors, their gradients unset before
         trained = [p for p in model.parameters() if p.requires_grad]
         for p in trained:
             p.grad = None
-        backward(out["energy"].sum() + (out["forces"] ** 2).sum(), trained)
+        backward(energy.sum() + (forces ** 2).sum(), trained)
 
 
-@pytest.mark.parametrize("what", list(WHOLE_BUDGET))
-def test_whole_model_no_host_sync(launches, what):
+@pytest.mark.parametrize("name,what", list(WHOLE_BUDGET))
+def test_whole_model_no_host_sync(launches, name, what):
     """A whole patched model's energy+forces, and a sparse training step, on meta: no
     host sync anywhere (also not in the density controller), within a budget."""
-    pytest.importorskip("mace")
-    from ase.build import bulk
-
-    from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
-
+    family, model, atoms = _whole_model(name)
     step = what == "sparse step"
-    model = sparsekern.patch(mace_mp0_shaped("medium", dtype=torch.float32), backend="triton")
     if "sparse" in what:
         sparsekern.prepare(model, sparsekern.SparseConfig(density=0.03), backend="triton")
+    model.train(step)
     if "frozen" in what:
-        model.eval().requires_grad_(False)
-    atoms = bulk("Cu", "fcc", a=3.6) * (3, 3, 3)
-    atoms.numbers = [29, 8, 1] * 9
-    atoms.rattle(0.05, seed=0)
-    batch = mace_batch(model, [atoms])
-    _whole_pass(model, batch, step)  # builds the descriptors' constants (CPU)
+        model.requires_grad_(False)
+    graph = family.graph(model, atoms)
+    _whole_pass(family, model, family.collate([graph], "cpu"), step)  # builds the descriptors' constants (CPU)
     model = copy.deepcopy(model).to("meta")
-    batch = {k: v.detach().to("meta") if torch.is_tensor(v) else v for k, v in batch.items()}
     for first in (True, False):  # the first call may copy constants to the device
+        batch = family.collate([graph], "meta")  # a new graph: planned anew
         del launches[:]
-        graph = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}  # a new graph: planned anew
         with _Count(strict=True, copies=first) as count:
-            _whole_pass(model, graph, step)
-    print(f"whole model, {what}: {count.ops} aten ops, {len(launches)} launches")  # shown with -s
-    assert count.ops <= WHOLE_BUDGET[what][0] and len(launches) <= WHOLE_BUDGET[what][1], (count.ops, len(launches))
+            _whole_pass(family, model, batch, step)
+    print(f"{name}, {what}: {count.ops} aten ops, {len(launches)} launches")  # shown with -s
+    budget = WHOLE_BUDGET[name, what]
+    assert count.ops <= budget[0] and len(launches) <= budget[1], (count.ops, len(launches))
 
 
 def test_input_gradients_alone_skip_the_weight_kernels(layers, launches):

@@ -1,6 +1,6 @@
-"""SevenNet (sevenn): its layers are plain e3nn ones; patching adds only the fused
-convolution (the interaction blocks' ``IrrepsConvolution``, see :mod:`.conv`). The
-fine-tuning harness loads its models by name (``7net-0``) or checkpoint. sevenn is
+"""SevenNet (sevenn): its layers are plain e3nn ones; patching adds the fused
+convolution (the interaction blocks' ``IrrepsConvolution``, see :mod:`.conv`) and a
+type table and readout without host reads (:mod:`.sync_free`). The fine-tuning harness loads its models by name (``7net-0``) or checkpoint. sevenn is
 imported only when a SevenNet model is met."""
 
 from __future__ import annotations
@@ -27,5 +27,24 @@ def _unfuse_conv(parent: torch.nn.Module) -> None:
         unfuse(parent)
 
 
-register(PatchRule("sevennet", fuse_conv=_fuse_conv, unfuse_conv=_unfuse_conv))
+def _is_sevennet(model: torch.nn.Module) -> bool:
+    return any(type(m).__module__.startswith("sevenn.") for m in model.modules())
+
+
+def _sync_free(model: torch.nn.Module) -> None:
+    if _is_sevennet(model):
+        from .sync_free import swap
+
+        swap(model)
+
+
+def _unswap(model: torch.nn.Module) -> None:
+    if _is_sevennet(model):
+        from .sync_free import unswap
+
+        unswap(model)
+
+
+register(PatchRule("sevennet", before_patch=_sync_free, fuse_conv=_fuse_conv, unfuse_conv=_unfuse_conv,
+                   after_unpatch=_unswap))
 register_family(SevenNetFamily())
