@@ -94,10 +94,10 @@ def _step_fn(model, batch) -> Callable[[], None]:
 
 
 def graphed(fn: Callable[[], dict]) -> Callable[[], dict]:
-    """``fn`` replayed from a CUDA graph (``integrations.mace.graphed.capture``: warmed up
+    """``fn`` replayed from a CUDA graph (``sparsekern.integrations.cuda_graphs.capture``: warmed up
     on a side stream, captured once, the graph's orderings built inside it); each replay
     rewrites the same output tensors."""
-    from sparsekern.integrations.mace.graphed import capture
+    from sparsekern.integrations.cuda_graphs import capture
 
     graph, out = capture(fn, warmups=3)
 

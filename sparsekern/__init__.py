@@ -20,7 +20,7 @@ _EXPORTS = {
     "load_adapter": "finetune", "merge": "finetune", "unmerge": "finetune", "to_fast": "finetune",
     "set_adapter": "finetune", "disable_adapter": "finetune", "delete_adapter": "finetune",
     "list_adapters": "finetune", "adapter_calculator": "finetune", "precompile": "ops.triton.precompile",
-    "GraphedMACE": "integrations.mace.graphed",
+    "GraphedMACE": "integrations.mace.graphed", "GraphedSevenNet": "integrations.sevennet.graphed",
 }
 __all__ = list(_EXPORTS)
 

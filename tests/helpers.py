@@ -39,6 +39,46 @@ def one_hot(n: int, num_elements: int, dtype=torch.float64, seed: int = 0) -> to
     return torch.nn.functional.one_hot(z, num_elements).to(dtype)
 
 
+def sevennet_float64(model: torch.nn.Module) -> torch.nn.Module:
+    """A SevenNet ``model`` in float64, in place (sevenn's one-hot embedding casts to
+    float32: its outputs cast back). Not for a deep copy of a float32 model: e3nn's
+    TensorProducts copied so keep float32 constants through ``.double()`` (relative
+    5e-8 in SevenNet-0's blocks 1-4, unpatched)."""
+    def to_float64(module, args, out):
+        return {k: v.double() if torch.is_tensor(v) and v.dtype == torch.float32 else v for k, v in out.items()}
+
+    model.onehot_idx_to_onehot.register_forward_hook(to_float64)
+    return model.double()
+
+
+class _Rerun:
+    """A fake CUDA graph: a replay runs the captured call again, into its first outputs."""
+
+    def __init__(self, fn):
+        self.fn, self.out = fn, fn()
+
+    def replay(self):  # called under no_grad; a real replay runs no Python
+        with torch.enable_grad():
+            new = self.fn()
+        for key, value in new.items():
+            if torch.is_tensor(value) and torch.is_tensor(self.out.get(key)):
+                self.out[key].detach().copy_(value.detach())
+
+
+def fake_cuda_graphs(monkeypatch) -> None:
+    """``sparsekern.integrations.cuda_graphs`` replaying on the CPU: each capture a :class:`_Rerun`, so
+    that the graphed models' copies into and out of their captures are checked here."""
+    from sparsekern.integrations import cuda_graphs
+
+    def capture(fn, pool=None, warmups=2):
+        graph = _Rerun(fn)
+        return graph, graph.out
+
+    monkeypatch.setattr(cuda_graphs, "replayable", lambda device: True)
+    monkeypatch.setattr(cuda_graphs, "capture", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+
+
 def triton_device() -> str:
     """Where Triton tests run: the GPU, or CPU tensors under the interpreter (conftest.py
     sets TRITON_INTERPRET=1 without a GPU, before anything imports triton). Called at

@@ -13,9 +13,10 @@ from ase.build import bulk, molecule  # noqa: E402
 
 import sparsekern  # noqa: E402
 from sparsekern import GraphedMACE  # noqa: E402
+from sparsekern.integrations import cuda_graphs  # noqa: E402
 from sparsekern.integrations.mace.graphed import pad  # noqa: E402
 from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped  # noqa: E402
-from helpers import rel_err  # noqa: E402
+from helpers import fake_cuda_graphs, rel_err  # noqa: E402
 
 
 def _model(dtype=torch.float64):
@@ -69,6 +70,31 @@ def test_training_runs_the_model_itself():
     assert next(model.parameters()).grad is not None
 
 
+def test_replays_follow_the_atoms_on_the_cpu(monkeypatch):
+    """With the capture faked (each "replay" runs the captured call again into its
+    outputs): a rattled crystal, its atoms listed forwards or backwards (edge counts
+    628, 606, 610, 624), gives the model's results; a call with fewer edges than the one
+    captured has the rows after its edges refilled with padding edges, not the captured
+    call's real ones (which, read with other atoms' positions, fall inside the cutoff)."""
+    fake_cuda_graphs(monkeypatch)
+    model = _model()
+    graphed = GraphedMACE(model, headroom=0.0)
+    crystal = bulk("Cu", "fcc", a=3.6) * (2, 2, 2)
+    edges = []
+    for step, order in ((1, 1), (2, -1), (3, 1), (0, -1)):
+        atoms = crystal.copy()
+        atoms.rattle(0.1 * step, seed=step)
+        atoms = atoms[::order]
+        batch = mace_batch(model, [atoms])
+        edges.append(batch["edge_index"].shape[1])
+        want = model(dict(batch), compute_force=True, compute_stress=True)
+        got = graphed(dict(batch), compute_force=True, compute_stress=True)
+        for k in ("energy", "forces", "stress"):
+            assert rel_err(got[k], want[k]) <= 1e-12, (step, k)
+    assert any(later < earlier for earlier, later in zip(edges, edges[1:])), edges
+    assert all(isinstance(c, cuda_graphs.Captured) for c in graphed.replays.graphs.values())
+
+
 def test_bad_input_is_one_line():
     model = _model()
     batch = mace_batch(model, _structures())
@@ -86,8 +112,6 @@ def test_gpu_replays_follow_the_atoms():
     """Steps of a rattled crystal (their edge counts differ), one graph per set of flags
     while the edges fit its capacity: each replay gives the eager model's energy, forces
     and (MACE's calculator asks for them) stresses."""
-    from sparsekern.integrations.mace.graphed import _Captured
-
     model = sparsekern.patch(_model(torch.float32), backend="triton").cuda()
     graphed = GraphedMACE(model, headroom=0.2)
     crystal = bulk("Cu", "fcc", a=3.6) * (3, 3, 3)
@@ -102,5 +126,5 @@ def test_gpu_replays_follow_the_atoms():
             got = graphed(dict(batch), compute_force=True, compute_stress=stress)
             for k in ("energy", "forces") + (("stress",) if stress else ()):
                 assert rel_err(got[k], want[k]) <= 1e-5, (step, k)
-    assert len(counts) > 1 and len(graphed._graphs) == 2
-    assert all(isinstance(c, _Captured) for c in graphed._graphs.values())  # captured, not the eager fallback
+    assert len(counts) > 1 and len(graphed.replays.graphs) == 2
+    assert all(isinstance(c, cuda_graphs.Captured) for c in graphed.replays.graphs.values())  # captured, not the eager fallback

@@ -15,7 +15,7 @@ import sparsekern  # noqa: E402
 from sparsekern.layers import ChannelwiseConv, IrrepsLinear, RadialMLP, SparsekernLayer  # noqa: E402
 from sparsekern.locations import data_dir  # noqa: E402
 from sparsekern.integrations.sevennet.models import load_sevennet  # noqa: E402
-from helpers import TOL, rel_err  # noqa: E402
+from helpers import TOL, rel_err, sevennet_float64  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def sevennet():
 
 @pytest.fixture(scope="module")
 def sevennet64():
-    return _float64(load_sevennet("7net-0"))
+    return sevennet_float64(load_sevennet("7net-0"))
 
 
 def _structures():
@@ -88,17 +88,6 @@ def test_sevennet0_force_loss_gradients(sevennet64):
         if a is not None and b.abs().max() > 0:
             assert rel_err(a, b) <= 1e-10  # sums over many edges, reordered
 
-def _float64(model):
-    """``model`` in float64 (sevenn's one-hot embedding casts to float32). Not a deep
-    copy of a float32 model: e3nn's TensorProducts copied so keep float32 constants
-    through ``.double()`` (relative 5e-8 in SevenNet-0's blocks 1-4, unpatched)."""
-    def to_float64(module, args, out):
-        return {k: v.double() if torch.is_tensor(v) and v.dtype == torch.float32 else v for k, v in out.items()}
-
-    model.onehot_idx_to_onehot.register_forward_hook(to_float64)
-    return model.double()
-
-
 def _silicon64():
     from ase.build import bulk
 
@@ -140,7 +129,7 @@ def test_fused_convolution_whole_model(sevennet, sevennet64, name, dtype):
     if name == "7net-0":
         base = sevennet64 if dtype == torch.float64 else sevennet
     else:
-        base = _float64(load_sevennet(name))
+        base = sevennet_float64(load_sevennet(name))
     model = sparsekern.patch(copy.deepcopy(base), backend="torch")
     convs = [m for n, m in model.named_modules() if n.endswith("_convolution")]
     assert convs and all(isinstance(m.convolution, ChannelwiseConv) for m in convs)

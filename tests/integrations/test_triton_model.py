@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from helpers import rel_err, triton_device
+from helpers import rel_err, sevennet_float64, triton_device
 
 triton_device()  # skips where Triton cannot run; before the kernels are imported
 
@@ -90,13 +90,8 @@ def _tiny_sevennet():
                 KEY.CHEMICAL_SPECIES: ["H", "O"], KEY.CONV_DENOMINATOR: 4.0, KEY.SHIFT: 0.1, KEY.SCALE: 1.3,
                 KEY.USE_BIAS_IN_LINEAR: True})
     torch.manual_seed(3)
-    model = build_E3_equivariant_model(cfg).double()
+    model = sevennet_float64(build_E3_equivariant_model(cfg))
     model.set_is_batch_data(False)
-
-    def to_float64(module, args, out):  # sevenn's one-hot embedding casts to float32
-        return {k: v.double() if torch.is_tensor(v) and v.dtype == torch.float32 else v for k, v in out.items()}
-
-    model.onehot_idx_to_onehot.register_forward_hook(to_float64)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -323,7 +323,7 @@ def test_no_orderings_kept_across_a_graph_capture(monkeypatch):
 def test_gpu_graph_replays_on_new_edges():
     """A captured conv replayed after new edges are copied into its edge_index (as an MD
     driver would) gives the conv of the new edges, forward and gradients."""
-    from sparsekern.integrations.mace.graphed import capture
+    from sparsekern.integrations.cuda_graphs import capture
 
     conv, x, y, w, ei = make("8x0e+8x1o", "0e+1o+2e", 2, n=40, e=400, dtype=torch.float32)
     args = [t.clone().requires_grad_() for t in (x, y, w)]

@@ -1,0 +1,115 @@
+"""A model's inference replayed from CUDA graphs, for molecular dynamics: what the
+families' graphed models share (``mace/graphed.py``, ``sevennet/graphed.py``).
+
+Eager, a patched model waits on its host: the second GPU run measured energy+forces of
+5,120 atoms at 36.8 ms eager and 9.2 ms replayed from a CUDA graph (benchmarks/NOTES.md),
+and the smaller the system the larger the share. A graph replays fixed shapes; an MD
+driver calls with the same atoms and a few more or fewer edges each step. So each family
+pads a call to an edge capacity (padding atoms in a graph of their own, padding edges
+between them that reach nothing real) and keeps one graph per set of shapes and flags;
+a call with more edges than the capacity captures a new one with ``headroom`` to spare."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Dict, Hashable, Optional, Tuple, TypeVar
+
+import torch
+
+T = TypeVar("T")
+_EAGER = object()  # a call that could not be captured
+
+
+def replayable(device: torch.device) -> bool:
+    """Whether calls on ``device`` replay graphs (CUDA); elsewhere they run padded, eagerly."""
+    return device.type == "cuda"
+
+
+def capacity(e: int, headroom: float) -> int:
+    """Edges a graph is captured for: ``e`` with headroom, a multiple of 64."""
+    return 64 * math.ceil(e * (1 + headroom) / 64) if e else 64
+
+
+def capture(fn: Callable[[], T], pool=None, warmups: int = 2) -> Tuple[torch.cuda.CUDAGraph, T]:
+    """``fn`` captured in a CUDA graph, and its output (rewritten by each replay): run
+    ``warmups`` times on a side stream first (kernels compiled, workspaces set up: nothing
+    of that captured)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
+class Replays:
+    """The captured calls of one model, by key (shapes, dtype, flags), sharing one memory
+    pool. ``owner`` names the model in the warning of a call that cannot be captured."""
+
+    def __init__(self, owner: str, headroom: float) -> None:
+        if not headroom >= 0:
+            raise ValueError(f"headroom must be >= 0, got {headroom}")
+        self.owner, self.headroom = owner, headroom
+        self.graphs: Dict[Hashable, object] = {}
+        self._pool = None
+
+    def get(self, key: Hashable, edges: int, build: Callable[[int, object], T]) -> Optional[T]:
+        """The capture for ``key`` holding ``edges`` edges: the one kept, else
+        ``build(capacity, pool)``'s (kept); None where that call cannot be captured (then
+        run it eagerly: said once in a warning)."""
+        captured = self.graphs.get(key)
+        if captured is _EAGER:
+            return None
+        if captured is None or captured.edges < edges:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            try:
+                captured = self.graphs[key] = build(capacity(edges, self.headroom), self._pool)
+            except Exception as exc:  # noqa: BLE001 (a model whose call cannot be captured: eager, as without this)
+                self.graphs[key] = _EAGER
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                warnings.warn(f"{self.owner}: this call cannot be captured in a CUDA graph ({type(exc).__name__}: "
+                              f"{first}); it runs eagerly", stacklevel=3)
+                return None
+        return captured
+
+
+def padding_edges(n: int, k: int, like: torch.Tensor) -> torch.Tensor:
+    """``k`` edges (senders; receivers) between the padding atoms ``n`` and ``n + 1``, in
+    turn each way, as ``like``'s dtype and device."""
+    senders = n + torch.arange(k, device=like.device, dtype=like.dtype) % 2
+    return torch.stack([senders, 2 * n + 1 - senders])
+
+
+class Captured:
+    """``run`` captured once on ``pad(inputs, edges)`` (the call's inputs padded to
+    ``edges`` edges: ``static``). A later call copies its inputs into their leading rows
+    (the padding after them, atoms and graphs, stays), refills the edge keys' rows after
+    its edges with padding edges (``edge_dims``: each edge key and the dimension its
+    edges run along; padding from ``pad`` of the inputs without edges, so that no real
+    edge of an earlier call is left there), replays, and returns the output (rewritten
+    by the next replay)."""
+
+    def __init__(self, run: Callable[[dict], T], pad: Callable[[dict, int], Dict[str, torch.Tensor]],
+                 inputs: Dict[str, torch.Tensor], edges: int, edge_dims: Dict[str, int], pool=None) -> None:
+        self.static, self.edge_dims, self.edges = pad(inputs, edges), edge_dims, edges
+        edgeless = {k: v.narrow(edge_dims[k], 0, 0) if k in edge_dims else v for k, v in inputs.items()}
+        self.filler = {k: v for k, v in pad(edgeless, edges).items() if k in edge_dims}
+        self.graph, self.out = capture(lambda: run(dict(self.static)), pool)
+
+    @torch.no_grad()
+    def __call__(self, data) -> T:
+        for key, buffer in self.static.items():
+            dim = self.edge_dims.get(key, 0)
+            rows = data[key].shape[dim]
+            buffer.narrow(dim, 0, rows).copy_(data[key])
+            if key in self.edge_dims:
+                rest = buffer.shape[dim] - rows
+                buffer.narrow(dim, rows, rest).copy_(self.filler[key].narrow(dim, rows, rest))
+        self.graph.replay()
+        return self.out

@@ -1,0 +1,143 @@
+"""A SevenNet model whose inference calls replay CUDA graphs: for molecular dynamics
+(:mod:`..cuda_graphs` says why). A patched SevenNet reads nothing back to the
+host (:mod:`.sync_free`), so its energy, forces and stress can be captured. Each call
+runs batched (its structures' graphs, one for the calculator's single structure) and
+padded to an edge capacity: two padding atoms of the call's first atom's element in a
+graph of their own, and padding edges between them of length the cutoff (where
+SevenNet's XPLOR envelope and its slope are zero); nothing reaches the real atoms or
+graphs. One graph per (atoms, graphs, batched, dtype, edge capacity).
+
+SevenNet's calculator takes only SevenNet's own model class, so ``GraphedSevenNet(model)``
+turns ``model`` itself into one (its class swapped, as patching works in place) and
+returns it. Training runs eagerly, and so does a call whose capture fails (said once in a
+warning: a multi-fidelity model's modality, for one); every call on the CPU runs padded,
+eagerly (how the tests check the padding). Replayed results are copies, detached: no
+gradient reaches the parameters through a replay."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from sevenn import _keys as KEY
+from sevenn.nn.sequential import AtomGraphSequential
+
+from .. import cuda_graphs
+from . import sync_free
+
+# the inputs a call copies into its graph: per atom, per graph (batched), per edge
+_ATOM_KEYS = (KEY.POS, KEY.ATOMIC_NUMBERS, KEY.NODE_FEATURE, KEY.NODE_ATTR, KEY.BATCH)
+_GRAPH_KEYS = (KEY.NUM_ATOMS, KEY.CELL_VOLUME)
+_EDGE_DIMS = {KEY.EDGE_IDX: 1, KEY.EDGE_VEC: 0}
+# the outputs: per graph, per edge by name, per atom by their rows
+_PER_GRAPH = {KEY.PRED_TOTAL_ENERGY, KEY.PRED_STRESS}
+_PER_EDGE = {KEY.EDGE_LENGTH, KEY.EDGE_EMBEDDING, KEY.EDGE_ATTR}
+
+
+class GraphedSevenNet(AtomGraphSequential):
+    """``SevenNetCalculator(model=GraphedSevenNet(model), file_type="model_instance",
+    device="cuda")``: ``model`` (a SevenNet ``AtomGraphSequential``, patched) replaying
+    padded CUDA graphs, batched calls and the calculator's alike."""
+
+    def __new__(cls, model: AtomGraphSequential = None, headroom: float = 0.1):
+        if model is None:  # copy and pickle rebuild through here
+            return super().__new__(cls)
+        if type(model) not in (AtomGraphSequential, cls):
+            raise TypeError(f"GraphedSevenNet takes a SevenNet AtomGraphSequential, got {type(model).__name__}")
+        model.__class__ = cls
+        return model
+
+    def __init__(self, model: AtomGraphSequential = None, headroom: float = 0.1) -> None:
+        # not AtomGraphSequential's: the model is built; only the graphs are new
+        self.replays = cuda_graphs.Replays("GraphedSevenNet", headroom)
+        sync_free.swap(self)  # as patching does: a call that reads back cannot be captured
+
+    def forward(self, data):
+        if self.training:
+            return super().forward(data)
+        batched = self.is_batch_data
+        missing = [k for k in (KEY.EDGE_IDX, KEY.EDGE_VEC, KEY.POS, *_GRAPH_KEYS) + ((KEY.BATCH,) if batched else ())
+                   if k not in data]
+        if missing:
+            raise ValueError(f"GraphedSevenNet: the input lacks {missing} (a SevenNet AtomGraphData has them)")
+        inputs = _inputs(data, batched)
+        n, g, e = inputs[KEY.POS].shape[0], inputs[KEY.NUM_ATOMS].shape[0], inputs[KEY.EDGE_IDX].shape[1]
+        pad = functools.partial(_pad, cutoff=self.cutoff)
+        if not cuda_graphs.replayable(inputs[KEY.POS].device):
+            out = self._padded_forward(pad(inputs, cuda_graphs.capacity(e, self.replays.headroom)))
+        else:
+            key = (n, g, batched, inputs[KEY.POS].dtype)
+            captured = self.replays.get(key, e, lambda edges, pool: cuda_graphs.Captured(
+                self._padded_forward, pad, inputs, edges, _EDGE_DIMS, pool))
+            if captured is None:
+                return super().forward(data)
+            out = captured(inputs)
+        for key, value in _real(out, inputs, n, g, e, batched).items():
+            data[key] = value  # as SevenNet's forward: written into its input, which it returns
+        return data
+
+    def _padded_forward(self, padded: dict) -> dict:
+        """SevenNet's forward on a padded batch (batched whatever the caller's mode)."""
+        caller = self.is_batch_data
+        self.set_is_batch_data(True)
+        try:
+            return super().forward(padded)
+        finally:
+            self.set_is_batch_data(caller)
+
+
+def _inputs(data, batched: bool) -> dict:
+    """The call's inputs of its graph, batched: a single structure's graph keys as one
+    graph's, its atoms in graph 0."""
+    inputs = {k: data[k] for k in (*_ATOM_KEYS, *_GRAPH_KEYS, *_EDGE_DIMS) if k in data}
+    if not batched:
+        for key in _GRAPH_KEYS:
+            inputs[key] = inputs[key].reshape(1)
+        pos = inputs[KEY.POS]
+        inputs[KEY.BATCH] = torch.zeros(pos.shape[0], dtype=torch.int64, device=pos.device)
+    return inputs
+
+
+def _pad(inputs: dict, edges: int, cutoff: float) -> dict:
+    """``inputs`` with the padding graph: two atoms, ``edges`` edges in all."""
+    n, g, e = inputs[KEY.POS].shape[0], inputs[KEY.NUM_ATOMS].shape[0], inputs[KEY.EDGE_IDX].shape[1]
+    if edges < e:
+        raise ValueError(f"pad: {e} edges do not fit a capacity of {edges}")
+    out = {}
+    for key, value in inputs.items():
+        if key == KEY.BATCH:
+            extra = value.new_full((2,), g)
+        elif key == KEY.POS:
+            extra = value.new_tensor([[0.0, 0.0, 0.0], [cutoff, 0.0, 0.0]])
+        elif key in _ATOM_KEYS:
+            extra = value[:1].expand(2, *value.shape[1:])  # the first atom's element: one the model knows
+        elif key == KEY.NUM_ATOMS:
+            extra = value.new_full((1,), 2)
+        elif key == KEY.CELL_VOLUME:
+            extra = value.new_ones(1)
+        elif key == KEY.EDGE_IDX:
+            extra = cuda_graphs.padding_edges(n, edges - e, value)
+        else:  # the edge vectors: at the cutoff
+            extra = value.new_zeros(edges - e, 3)
+            extra[:, 0] = cutoff
+        out[key] = torch.cat([value, extra], dim=_EDGE_DIMS.get(key, 0))
+    return out
+
+
+def _real(out: dict, inputs: dict, n: int, g: int, e: int, batched: bool) -> dict:
+    """The model's outputs (its inputs stay the caller's) for the real graphs, atoms and
+    edges, copied and detached; a single structure's per-graph outputs as its own."""
+    real = {}
+    for key, value in out.items():
+        if key in inputs or not torch.is_tensor(value) or value.dim() == 0:
+            continue
+        if key in _PER_GRAPH:
+            value = value[:g] if batched else value[0]
+        elif key in _PER_EDGE:
+            value = value[:e]
+        elif value.shape[0] == n + 2:
+            value = value[:n]
+        else:
+            continue
+        real[key] = value.detach().clone()
+    return real

@@ -1,0 +1,128 @@
+"""``integrations/sevennet/graphed.py``: SevenNet inference padded to a fixed capacity
+and, on a GPU, replayed from CUDA graphs. On the CPU the padded call runs eagerly and
+must give the model's own results (the padding atoms and edges reach nothing real), in
+the calculator's mode and batched (a crystal beside a molecule), through SevenNet's
+calculator; with the capture faked (each "replay" runs the captured call again into its
+outputs) the replay path's copies are checked too: a new graph per shape, a larger one
+when the edges outgrow it, the padding edges refilled after fewer edges."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sevenn")
+import sevenn._keys as KEY  # noqa: E402
+from ase.build import bulk, molecule  # noqa: E402
+
+import sparsekern  # noqa: E402
+from sparsekern import GraphedSevenNet  # noqa: E402
+from sparsekern.integrations import cuda_graphs  # noqa: E402
+from sparsekern.integrations.sevennet.family import SevenNetFamily  # noqa: E402
+from helpers import fake_cuda_graphs, rel_err, sevennet_float64  # noqa: E402
+
+FAMILY = SevenNetFamily()
+RESULTS = (KEY.PRED_TOTAL_ENERGY, KEY.PRED_FORCE, KEY.PRED_STRESS, KEY.ATOMIC_ENERGY)
+
+
+@pytest.fixture(scope="module")
+def sevennet():
+    return sparsekern.patch(sevennet_float64(FAMILY.load("7net-0", "cpu")), backend="torch")
+
+
+def _structures(step: int = 0):
+    crystal = bulk("Si", "diamond", a=5.43) * (2, 1, 1)
+    crystal.rattle(0.05 + 0.1 * step, seed=step)
+    water = molecule("H2O")
+    water.numbers = [14, 14, 14]  # elements of the model; no cell, volume 0
+    return [crystal, water]
+
+
+def _inputs(model, batched: bool, step: int = 0):
+    graphs = [FAMILY.graph(model, atoms) for atoms in _structures(step)]
+    for graph in graphs:
+        for key, value in graph.items():
+            if torch.is_tensor(value) and value.is_floating_point():
+                graph[key] = value.double()
+    return [FAMILY.collate(graphs, "cpu")] if batched else graphs
+
+
+def _results(model, data):
+    out = model(data)
+    return [out[k].detach() for k in RESULTS]
+
+
+def _check(got, want):
+    for k, g, w in zip(RESULTS, got, want):
+        assert g.shape == w.shape and rel_err(g, w) <= 1e-12, k
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_padded_call_is_the_models(sevennet, batched):
+    plain = copy.deepcopy(sevennet)
+    plain.set_is_batch_data(batched)
+    graphed = GraphedSevenNet(copy.deepcopy(plain))
+    assert isinstance(graphed, type(sevennet).__mro__[1]) and graphed.is_batch_data == batched
+    for data in _inputs(plain, batched):
+        want = _results(plain, copy.deepcopy(data))
+        _check(_results(graphed, copy.deepcopy(data)), want)
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    fake_cuda_graphs(monkeypatch)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_replays_follow_the_atoms(sevennet, fake_graphs, batched):
+    plain = copy.deepcopy(sevennet)
+    plain.set_is_batch_data(batched)
+    graphed = GraphedSevenNet(copy.deepcopy(plain), headroom=0.0)
+    edges = []  # of the first call of each step
+    for step in (0, 1, 2, 0):  # rattled more, then less: the edge counts differ
+        for data in _inputs(plain, batched, step):
+            _check(_results(graphed, copy.deepcopy(data)), _results(plain, copy.deepcopy(data)))
+        edges.append(_inputs(plain, batched, step)[0][KEY.EDGE_IDX].shape[1])
+    assert any(later < earlier for earlier, later in zip(edges, edges[1:]))  # padding refilled
+    captured = list(graphed.replays.graphs.values())
+    assert all(isinstance(c, cuda_graphs.Captured) for c in captured)
+    assert len(captured) == (1 if batched else 2)  # one per shape (calculator: crystal, molecule)
+
+
+def test_calculator_takes_it():
+    """SevenNet's calculator (its own model class required; float32 inputs) gives the
+    plain model's results."""
+    sevennet = sparsekern.patch(FAMILY.load("7net-0", "cpu"), backend="torch")
+    results = []
+    for model in (copy.deepcopy(sevennet), GraphedSevenNet(copy.deepcopy(sevennet))):
+        atoms = _structures()[0]
+        atoms.calc = FAMILY.model_calculator(model, "cpu")
+        results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
+    (e0, f0, s0), (e1, f1, s1) = results
+    assert e1 == pytest.approx(e0, rel=1e-6)
+    assert np.abs(f1 - f0).max() <= 1e-5 * np.abs(f0).max()
+    assert np.abs(s1 - s0).max() <= 1e-5 * np.abs(s0).max()
+
+
+def test_training_runs_the_model_itself(sevennet):
+    model = GraphedSevenNet(copy.deepcopy(sevennet)).train()
+    model.set_is_batch_data(True)
+    data = _inputs(model, True)[0]
+    out = model(data)
+    out[KEY.PRED_TOTAL_ENERGY].sum().backward()
+    assert next(p for p in model.parameters() if p.requires_grad).grad is not None
+    assert not model.replays.graphs
+
+
+def test_bad_input_is_one_line(sevennet):
+    with pytest.raises(TypeError, match="GraphedSevenNet takes a SevenNet AtomGraphSequential, got Linear"):
+        GraphedSevenNet(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="headroom must be >= 0, got -1"):
+        GraphedSevenNet(copy.deepcopy(sevennet), headroom=-1)
+    model = GraphedSevenNet(copy.deepcopy(sevennet))
+    model.set_is_batch_data(True)
+    data = _inputs(model, True)[0]
+    del data[KEY.CELL_VOLUME]
+    with pytest.raises(ValueError, match=r"GraphedSevenNet: the input lacks \['cell_volume'\]"):
+        model(data)
