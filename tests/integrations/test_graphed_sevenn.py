@@ -126,3 +126,20 @@ def test_bad_input_is_one_line(sevennet):
     del data[KEY.CELL_VOLUME]
     with pytest.raises(ValueError, match=r"GraphedSevenNet: the input lacks \['cell_volume'\]"):
         model(data)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_replays_follow_the_atoms():
+    """Real replays (Triton back end, float32), the calculator's mode: each replay gives
+    the eager model's energy, forces and stress as the edges come and go."""
+    model = sparsekern.patch(FAMILY.load("7net-0", "cuda"), backend="triton")
+    model.set_is_batch_data(False)
+    graphed = GraphedSevenNet(copy.deepcopy(model), headroom=0.0)
+    for step, order in ((1, 1), (2, -1), (3, 1), (0, -1)):
+        atoms = _structures(step)[0][::order]
+        data = FAMILY.graph(model, atoms).to("cuda")
+        want, got = _results(model, copy.deepcopy(data)), _results(graphed, copy.deepcopy(data))
+        for k, g, w in zip(RESULTS, got, want):
+            assert rel_err(g, w) <= 1e-5, (step, k)
+    assert all(isinstance(c, cuda_graphs.Captured) for c in graphed.replays.graphs.values())
