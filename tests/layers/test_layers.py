@@ -4,6 +4,8 @@ zero rows, and clear errors on bad input."""
 
 import random
 
+import copy
+
 import pytest
 import torch
 from e3nn import o3
@@ -126,6 +128,32 @@ def test_radial_mlp_matches_e3nn(dtype, act):
     assert rel_err(ours(x), ref(x)) <= TOL[dtype]
     x3 = torch.randn(2, 5, 8, dtype=dtype)  # leading dimensions
     assert rel_err(ours(x3), ref(x3)) <= TOL[dtype]
+
+
+def test_frozen_radial_mlp_follows_its_weights():
+    """Frozen (a calculator's inference), the scaled weights are kept between calls: a
+    weight changed in place (a state dict loaded) or a delta attached is still seen."""
+    import sparsekern
+
+    torch.manual_seed(0)
+    ref = FullyConnectedNet([8, 16, 4], torch.nn.functional.silu).double()
+    ours = RadialMLP.from_e3nn(copy.deepcopy(ref)).requires_grad_(False)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    assert rel_err(ours(x), ref(x)) <= 1e-12 and rel_err(ours(x), ref(x)) <= 1e-12  # kept
+    with torch.no_grad():
+        for mine, theirs in zip(ours.parameters(), ref.parameters()):
+            theirs.mul_(1.5)
+            mine.copy_(theirs)
+    assert rel_err(ours(x), ref(x)) <= 1e-12
+    model = torch.nn.Sequential(ours)
+    sparsekern.prepare(model, sparsekern.SparseConfig(density=0.5, init_scale=1.0), backend="torch")
+    sparsekern.finetune.calibrate_density(model)  # a prepared model starts at density 0
+    model.eval().requires_grad_(False)
+    with torch.no_grad():  # e3nn's network with W0 + dW
+        for (_, _, name, delta), theirs in zip(sparsekern.finetune.iter_deltas(model), ref.parameters()):
+            assert delta().count_nonzero() > 0
+            theirs.add_(delta().view_as(theirs))
+    assert rel_err(model(x), ref(x)) <= 1e-12 and rel_err(model(x), ref(x)) <= 1e-12
 
 
 def _functional(module):

@@ -16,18 +16,21 @@ from torch.nn.functional import silu
 from ...delta_slot import effective
 from ..descriptors import RadialDesc
 from ..grads import needed, track
+from ..tensor_cache import derived
 from .silu import silu_grad, silu_second
 
 
 def radial_mlp(desc: RadialDesc, x: torch.Tensor, weights: Sequence[torch.Tensor],
                deltas: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-    weights = [effective(w, d) for w, d in zip(weights, deltas)]
     scales = desc.silu_scales
     if scales is None:
-        return _reference(desc, x, weights)
+        return _reference(desc, x, [effective(w, d) for w, d in zip(weights, deltas)])
+    # W0 + dW, scaled: once while frozen (a calculator's inference, an adapter), else per call
+    vs = derived([*weights, *(d for d in deltas if d is not None)], "radial_mlp_scaled",
+                 lambda: torch._foreach_mul([effective(w, d) for w, d in zip(weights, deltas)], list(scales)))
     lead = x.shape[:-1]
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    y = _MLP.apply(flat, *torch._foreach_mul(weights, list(scales)))
+    y = _MLP.apply(flat, *vs)
     return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
 
 
