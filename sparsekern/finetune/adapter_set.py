@@ -238,10 +238,31 @@ def active_e0_shift(model: torch.nn.Module) -> Dict[int, float]:
 
 def adapter_calculator(model: torch.nn.Module, device: str = "cpu"):
     """The model family's own ASE calculator on ``model`` itself: it computes with the
-    active adapter, and forgets its cached results whenever the adapter changes."""
+    active adapter, and forgets its cached results whenever the adapter changes. Each
+    of its calculations runs with the model's parameters frozen, as they were after."""
     family = family_of(model)
     if family is None:
         raise ValueError(f"adapter_calculator: sparsekern knows no ASE calculator for a {type(model).__name__}")
     calc = family.model_calculator(model, device)
+    calc.calculate = _frozen_during(model, calc.calculate)
     _record(model).listeners.append(weakref.WeakMethod(calc.reset))
     return calc
+
+
+def _frozen_during(model: torch.nn.Module, calculate):
+    """``calculate`` with ``model``'s trainable parameters frozen for its time. A
+    calculator wants the positions' gradients only; frozen, the adapter's values and the
+    weights folded with them are kept between calls instead of rebuilt at each (SevenNet's
+    calculator leaves a model trainable: 958 against 554 host ops a call, SevenNet-0 with a
+    3 % delta, benchmarks/NOTES.md)."""
+    def run(*args, **kwargs):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:
+            p.requires_grad_(False)
+        try:
+            return calculate(*args, **kwargs)
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+
+    return run

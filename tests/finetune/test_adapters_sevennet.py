@@ -43,3 +43,29 @@ def test_swap_in_a_running_sevennet_calculator(tmp_path):
     assert abs(e_a - e_plain - 0.5 * len(atoms)) <= 1e-4  # the shift, at float32 round-off
     assert abs(e_plain - e_base) > 1e-3  # the delta moved the energy
     assert torch.equal(model.rescale_atomic_energy.shift, base_shift)  # the base's again, bit for bit
+
+
+def test_calculations_run_frozen(tmp_path, monkeypatch):
+    """SevenNet's calculator leaves the model trainable; ``adapter_calculator`` freezes it
+    for each calculation only: the radial MLPs' folded weights are built by the first
+    calculation and kept (not rebuilt for new positions), and the model is trainable after."""
+    from sparsekern.ops.torch import radial_mlp
+
+    family = family_for("7net-0")
+    trained = sparsekern.prepare(family.load("7net-0", "cpu"), sparsekern.SparseConfig(density=0.03))
+    calibrate_density(trained)
+    model = load_adapter(family.load("7net-0", "cpu"), sparsekern.save_adapter(trained, tmp_path / "a.safetensors"))
+    trainable = [p.requires_grad for p in model.parameters()]
+    assert any(trainable)
+    folds = []
+    monkeypatch.setattr(radial_mlp, "effective", lambda w, d: folds.append(1) or (w if d is None else w + d.view_as(w)))
+    atoms = bulk("Si", "diamond", a=5.43) * (2, 1, 1)
+    atoms.calc = adapter_calculator(model)
+    energies, built = [], []
+    for seed in (1, 2):
+        atoms.rattle(0.05, seed=seed)
+        energies.append(atoms.get_potential_energy())
+        built.append(len(folds))
+        assert [p.requires_grad for p in model.parameters()] == trainable
+    assert energies[0] != energies[1]
+    assert built[0] > 0 and built[1] == built[0]
