@@ -23,6 +23,7 @@ import torch
 from .. import delta_slot
 from ..integrations import family_of
 from .adapters import attach_adapter, check_base, read_adapter
+from .evaluation import frozen
 
 DEFAULT = "default"
 
@@ -250,19 +251,10 @@ def adapter_calculator(model: torch.nn.Module, device: str = "cpu"):
 
 
 def _frozen_during(model: torch.nn.Module, calculate):
-    """``calculate`` with ``model``'s trainable parameters frozen for its time. A
-    calculator wants the positions' gradients only; frozen, the adapter's values and the
-    weights folded with them are kept between calls instead of rebuilt at each (SevenNet's
-    calculator leaves a model trainable: 958 against 554 host ops a call, SevenNet-0 with a
-    3 % delta, benchmarks/NOTES.md)."""
+    """``calculate`` with ``model``'s parameters frozen for its time (SevenNet's calculator
+    leaves a model trainable: its adapter's folds would be rebuilt at every call)."""
     def run(*args, **kwargs):
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        for p in trainable:
-            p.requires_grad_(False)
-        try:
+        with frozen(model):
             return calculate(*args, **kwargs)
-        finally:
-            for p in trainable:
-                p.requires_grad_(True)
 
     return run

@@ -1,6 +1,8 @@
 """Named adapters on SevenNet-0 in SevenNet's own calculator: a swap changes what the
 running calculator computes (no reset), the adapter's E0 shift lands in SevenNet's
-species-wise shift, and disabling gives the base's energy."""
+species-wise shift, and disabling gives the base's energy. SevenNet's calculator leaves
+a model trainable: ``adapter_calculator``'s calculations and the trainer's evaluation
+run it frozen for their time."""
 
 import json
 
@@ -69,3 +71,31 @@ def test_calculations_run_frozen(tmp_path, monkeypatch):
         assert [p.requires_grad for p in model.parameters()] == trainable
     assert energies[0] != energies[1]
     assert built[0] > 0 and built[1] == built[0]
+
+
+def test_evaluation_runs_frozen(monkeypatch):
+    """The trainer's evaluation freezes the model for its time, as the calculator does:
+    every batch computed with no parameter asking for a gradient, the trainable ones
+    trainable again after."""
+    from types import SimpleNamespace
+
+    from ase.io import read
+
+    from sparsekern.finetune import evaluation
+    from sparsekern.finetune.data import Frame
+
+    family = family_for("7net-0")
+    model = sparsekern.prepare(family.load("7net-0", "cpu"), sparsekern.SparseConfig(density=0.03))
+    trainable = [p.requires_grad for p in model.parameters()]
+    atoms = bulk("Si", "diamond", a=5.43) * (2, 1, 1)
+    atoms.rattle(0.05, seed=1)
+    frames = [Frame(atoms, energy=-40.0, forces=torch.zeros(len(atoms), 3).numpy())] * 3
+    seen = []
+    outputs = family.outputs
+    monkeypatch.setattr(family, "outputs", lambda *a: seen.append(any(p.requires_grad for p in model.parameters()))
+                        or outputs(*a))
+    errors = evaluation.evaluate(family, model, evaluation.make_samples(family, model, frames, {}),
+                                 SimpleNamespace(device="cpu", batch_size=2))
+    assert errors.force_mae_mev_per_A > 0
+    assert seen == [False, False]  # two batches, both frozen
+    assert [p.requires_grad for p in model.parameters()] == trainable
