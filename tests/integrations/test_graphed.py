@@ -127,4 +127,5 @@ def test_gpu_replays_follow_the_atoms():
             for k in ("energy", "forces") + (("stress",) if stress else ()):
                 assert rel_err(got[k], want[k]) <= 1e-5, (step, k)
     assert len(counts) > 1 and len(graphed.replays.graphs) == 2
-    assert all(isinstance(c, cuda_graphs.Captured) for c in graphed.replays.graphs.values())  # captured, not the eager fallback
+    # captured, not the eager fallback
+    assert all(isinstance(c, cuda_graphs.Captured) for c in graphed.replays.graphs.values())

@@ -61,8 +61,8 @@ BUDGET = {(kind, delta, upto): cost for (kind, delta), costs in {
 # the deltas' values, blocks and folded weights are reused), and a sparse training step
 # with forces in the loss (density calibration included; its backward into the trained
 # tensors, as the trainer's); today's counts, aten ops rounded up by ~10 %. MACE-MP-0
-# medium on 27 atoms of three elements; SevenNet-0 on 16 silicon atoms (its readout
-# patched: tests/integrations/test_sevenn_readout.py)
+# medium on 27 atoms of three elements; SevenNet-0 on 16 silicon atoms (its host reads
+# patched away: tests/integrations/test_sevenn_sync_free.py)
 WHOLE_BUDGET = {
     ("mace-mp0-medium", "energy+forces"): (464, 29), ("mace-mp0-medium", "frozen sparse energy+forces"): (444, 29),
     ("mace-mp0-medium", "sparse step"): (1246, 84),

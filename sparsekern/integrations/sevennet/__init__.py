@@ -1,7 +1,8 @@
 """SevenNet (sevenn): its layers are plain e3nn ones; patching adds the fused
 convolution (the interaction blocks' ``IrrepsConvolution``, see :mod:`.conv`) and a
-type table and readout without host reads (:mod:`.sync_free`). The fine-tuning harness loads its models by name (``7net-0``) or checkpoint. sevenn is
-imported only when a SevenNet model is met."""
+type table and readout without host reads (:mod:`.sync_free`). The fine-tuning harness
+loads its models by name (``7net-0``) or checkpoint. sevenn is imported only when a
+SevenNet model is met."""
 
 from __future__ import annotations
 
