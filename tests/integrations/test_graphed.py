@@ -75,7 +75,8 @@ def test_replays_follow_the_atoms_on_the_cpu(monkeypatch):
     outputs): a rattled crystal, its atoms listed forwards or backwards (edge counts
     628, 606, 610, 624), gives the model's results; a call with fewer edges than the one
     captured has the rows after its edges refilled with padding edges, not the captured
-    call's real ones (which, read with other atoms' positions, fall inside the cutoff)."""
+    call's real ones (which, read with other atoms' positions, fall inside the cutoff);
+    a call with more edges than it holds captures a larger one."""
     fake_cuda_graphs(monkeypatch)
     model = _model()
     graphed = GraphedMACE(model, headroom=0.0)
@@ -93,6 +94,15 @@ def test_replays_follow_the_atoms_on_the_cpu(monkeypatch):
             assert rel_err(got[k], want[k]) <= 1e-12, (step, k)
     assert any(later < earlier for earlier, later in zip(edges, edges[1:])), edges
     assert all(isinstance(c, cuda_graphs.Captured) for c in graphed.replays.graphs.values())
+    (held,) = graphed.replays.graphs.values()
+    atoms = bulk("Cu", "fcc", a=3.2) * (2, 2, 2)  # compressed: more edges than the capture holds
+    batch = mace_batch(model, [atoms])
+    assert batch["edge_index"].shape[1] > held.edges
+    want = model(dict(batch), compute_force=True, compute_stress=True)
+    got = graphed(dict(batch), compute_force=True, compute_stress=True)
+    assert all(rel_err(got[k], want[k]) <= 1e-12 for k in ("energy", "forces", "stress"))
+    (grown,) = graphed.replays.graphs.values()
+    assert grown.edges >= batch["edge_index"].shape[1]
 
 
 def test_bad_input_is_one_line():

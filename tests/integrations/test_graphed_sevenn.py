@@ -31,16 +31,16 @@ def sevennet():
     return sparsekern.patch(sevennet_float64(FAMILY.load("7net-0", "cpu")), backend="torch")
 
 
-def _structures(step: int = 0):
-    crystal = bulk("Si", "diamond", a=5.43) * (2, 1, 1)
+def _structures(step: int = 0, a: float = 5.43):
+    crystal = bulk("Si", "diamond", a=a) * (2, 1, 1)
     crystal.rattle(0.05 + 0.1 * step, seed=step)
     water = molecule("H2O")
     water.numbers = [14, 14, 14]  # elements of the model; no cell, volume 0
     return [crystal, water]
 
 
-def _inputs(model, batched: bool, step: int = 0):
-    graphs = [FAMILY.graph(model, atoms) for atoms in _structures(step)]
+def _inputs(model, batched: bool, step: int = 0, a: float = 5.43):
+    graphs = [FAMILY.graph(model, atoms) for atoms in _structures(step, a)]
     for graph in graphs:
         for key, value in graph.items():
             if torch.is_tensor(value) and value.is_floating_point():
@@ -88,6 +88,27 @@ def test_replays_follow_the_atoms(sevennet, fake_graphs, batched):
     captured = list(graphed.replays.graphs.values())
     assert all(isinstance(c, cuda_graphs.Captured) for c in captured)
     assert len(captured) == (1 if batched else 2)  # one per shape (calculator: crystal, molecule)
+    data = _inputs(plain, batched, a=4.6)[0]  # compressed: more edges than the capture holds
+    assert data[KEY.EDGE_IDX].shape[1] > captured[0].edges
+    _check(_results(graphed, copy.deepcopy(data)), _results(plain, copy.deepcopy(data)))
+    assert graphed.replays.graphs[next(iter(graphed.replays.graphs))].edges >= data[KEY.EDGE_IDX].shape[1]
+
+
+def test_molecular_dynamics_through_the_calculator(fake_graphs):
+    """Verlet steps through SevenNet's calculator, replayed (faked), follow the plain
+    model's trajectory: the atoms move, the edges come and go, one capture serves them."""
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    sevennet = sparsekern.patch(FAMILY.load("7net-0", "cpu"), backend="torch")
+    paths = []
+    for model in (copy.deepcopy(sevennet), GraphedSevenNet(copy.deepcopy(sevennet), headroom=0.1)):
+        atoms = _structures(2)[0]  # rattled 0.25 A: large forces
+        atoms.calc = FAMILY.model_calculator(model, "cpu")
+        VelocityVerlet(atoms, 2 * units.fs).run(6)
+        paths.append(atoms.get_positions())
+    assert np.abs(paths[1] - paths[0]).max() <= 1e-5
+    assert len(model.replays.graphs) == 1
 
 
 def test_calculator_takes_it():
