@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("sevenn")
 import sevenn._keys as KEY  # noqa: E402
+from sevenn.nn.sequential import AtomGraphSequential  # noqa: E402
 from ase.build import bulk, molecule  # noqa: E402
 
 import sparsekern  # noqa: E402
@@ -63,7 +64,7 @@ def test_padded_call_is_the_models(sevennet, batched):
     plain = copy.deepcopy(sevennet)
     plain.set_is_batch_data(batched)
     graphed = GraphedSevenNet(copy.deepcopy(plain))
-    assert isinstance(graphed, type(sevennet).__mro__[1]) and graphed.is_batch_data == batched
+    assert isinstance(graphed, AtomGraphSequential) and graphed.is_batch_data == batched
     for data in _inputs(plain, batched):
         want = _results(plain, copy.deepcopy(data))
         _check(_results(graphed, copy.deepcopy(data)), want)
@@ -139,6 +140,12 @@ def test_training_runs_the_model_itself(sevennet):
 def test_bad_input_is_one_line(sevennet):
     with pytest.raises(TypeError, match="GraphedSevenNet takes a SevenNet AtomGraphSequential, got Linear"):
         GraphedSevenNet(torch.nn.Linear(2, 2))
+    from sevenn.util import load_checkpoint
+
+    multi = load_checkpoint("7net-mf-0").build_model()
+    with pytest.raises(ValueError, match=r"GraphedSevenNet: a multi-fidelity model \(modalities \['PBE', 'R2SCAN'\]\)"):
+        GraphedSevenNet(multi)
+    assert type(multi) is AtomGraphSequential  # refused before any change
     with pytest.raises(ValueError, match="headroom must be >= 0, got -1"):
         GraphedSevenNet(copy.deepcopy(sevennet), headroom=-1)
     model = GraphedSevenNet(copy.deepcopy(sevennet))

@@ -9,10 +9,11 @@ graphs. One graph per (atoms, graphs, batched, dtype, edge capacity).
 
 SevenNet's calculator takes only SevenNet's own model class, so ``GraphedSevenNet(model)``
 turns ``model`` itself into one (its class swapped, as patching works in place) and
-returns it. Training runs eagerly, and so does a call whose capture fails (said once in a
-warning: a multi-fidelity model's modality, for one); every call on the CPU runs padded,
-eagerly (how the tests check the padding). Replayed results are copies, detached: no
-gradient reaches the parameters through a replay."""
+returns it. A multi-fidelity model (its modality read from each call's data) is
+refused. Training runs eagerly, and so does a call whose capture fails (said once in a
+warning); every call on the CPU runs padded, eagerly (how the tests check the padding).
+Replayed results are copies, detached: no gradient reaches the parameters through a
+replay."""
 
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ class GraphedSevenNet(AtomGraphSequential):
             return super().__new__(cls)
         if type(model) not in (AtomGraphSequential, cls):
             raise TypeError(f"GraphedSevenNet takes a SevenNet AtomGraphSequential, got {type(model).__name__}")
+        if model.eval_modal_map:
+            raise ValueError(f"GraphedSevenNet: a multi-fidelity model (modalities {sorted(model.modal_map)}) reads "
+                             "its modality from each call's data; not supported")
         model.__class__ = cls
         return model
 
