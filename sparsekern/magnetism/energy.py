@@ -37,13 +37,14 @@ def envelope(r: torch.Tensor, cutoff: float, switch: float) -> torch.Tensor:
     return 0.5 * (torch.cos(math.pi * x) + 1.0)
 
 
-def radial_basis(r: torch.Tensor, cutoff: float, n: int, switch: float) -> torch.Tensor:
-    """Gaussians of width cutoff / n centred on (0, cutoff], times the envelope: (E, n).
-    O(1) and local in r, so couplings at different neighbour distances (NiO's first and
-    second neighbours) are told apart from the first steps of training."""
+def radial_basis(r: torch.Tensor, cutoff: float, n: int, cut: torch.Tensor) -> torch.Tensor:
+    """Gaussians of width cutoff / n centred on (0, cutoff], times the envelope ``cut``
+    (:func:`envelope` of r): (E, n). O(1) and local in r, so couplings at different
+    neighbour distances (NiO's first and second neighbours) are told apart from the
+    first steps of training."""
     centres = torch.linspace(cutoff / n, cutoff, n, dtype=r.dtype, device=r.device)
     gauss = torch.exp(-((r[:, None] - centres) * (n / cutoff)).square())
-    return gauss * envelope(r, cutoff, switch)[:, None]
+    return gauss * cut[:, None]
 
 
 def _mlp(n_in: int, width: int, n_out: int) -> nn.Sequential:
@@ -70,22 +71,28 @@ class MagneticEnergy(nn.Module):
                 "switch": self.switch}
 
     def geometry(self, batch: MagneticBatch, positions: torch.Tensor):
-        """Edge vectors and lengths, radial basis, invariant node features (n, width)."""
+        """Edge vectors and lengths, the envelope, the radial basis, invariant node
+        features (n, width). Rows are gathered by ``index_select``: its gradient is one
+        ``index_add``, where indexing's is an accumulating ``index_put`` (a sort on GPUs)."""
         i, j = batch.edges
-        vec = positions[j] - positions[i] + batch.offsets.to(positions.dtype)
+        vec = positions.index_select(0, j) - positions.index_select(0, i) + batch.offsets.to(positions.dtype)
         r = vec.norm(dim=1)
-        basis = radial_basis(r, self.cutoff, self.n_basis, self.switch)
+        cut = envelope(r, self.cutoff, self.switch)
+        basis = radial_basis(r, self.cutoff, self.n_basis, cut)
         emb = self.embed(batch.numbers)
-        env = torch.zeros_like(emb).index_add_(0, i, self.env(basis) * emb[j])
-        return vec, r, basis, self.node(torch.cat([emb, env], dim=1))
+        env = torch.zeros_like(emb).index_add_(0, i, self.env(basis) * emb.index_select(0, j))
+        return vec, r, cut, basis, self.node(torch.cat([emb, env], dim=1))
 
     def atom_energies(self, batch: MagneticBatch, positions: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
         """Per-atom magnetic energy (n,): the on-site terms plus half of each pair term."""
+        return self._atom_energies_and_nodes(batch, positions, moments)[0]
+
+    def _atom_energies_and_nodes(self, batch: MagneticBatch, positions: torch.Tensor, moments: torch.Tensor):
         i, j = batch.edges
-        vec, r, basis, node = self.geometry(batch, positions)
-        coupling = self.pair(torch.cat([basis, node[i] + node[j], node[i] * node[j]], dim=1))
-        coupling = coupling * (ENERGY_SCALE * envelope(r, self.cutoff, self.switch))[:, None]
-        mi, mj = moments[i], moments[j]
+        vec, r, cut, basis, node = self.geometry(batch, positions)
+        ni, nj = node.index_select(0, i), node.index_select(0, j)
+        coupling = self.pair(torch.cat([basis, ni + nj, ni * nj], dim=1)) * (ENERGY_SCALE * cut)[:, None]
+        mi, mj = moments.index_select(0, i), moments.index_select(0, j)
         pair = coupling[:, 0] * (mi * mj).sum(1)
         if self.spin_orbit:
             unit = vec / r[:, None]
@@ -96,20 +103,25 @@ class MagneticEnergy(nn.Module):
         # clamp, not softplus: b is exactly 0 at the start yet trainable (the clamp
         # passes the gradient at 0), and never negative
         onsite = a * m2 + b.clamp(min=0) * m2.square()
-        return onsite + 0.5 * torch.zeros_like(onsite).index_add_(0, i, pair)
+        return onsite + 0.5 * torch.zeros_like(onsite).index_add_(0, i, pair), node
 
     def forward(self, batch: MagneticBatch, positions: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
         """Energy per frame (n_frames,)."""
-        e = self.atom_energies(batch, positions, moments)
-        return torch.zeros(batch.n_frames, dtype=e.dtype, device=e.device).index_add_(0, batch.frame, e)
+        return _per_frame(batch, self.atom_energies(batch, positions, moments))
 
-    def energy_and_forces(self, batch: MagneticBatch, create_graph: bool = False
-                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(energy per frame, forces -dE/dR, magnetic forces -dE/dm)."""
+    def energy_and_forces(self, batch: MagneticBatch, create_graph: bool = False, with_nodes: bool = False
+                          ) -> Tuple[torch.Tensor, ...]:
+        """(energy per frame, forces -dE/dR, magnetic forces -dE/dm), and with
+        ``with_nodes`` the node features too (a moment head reads them: not built twice)."""
         dtype = self.embed.weight.dtype
         positions = batch.positions.to(dtype).detach().requires_grad_(True)
         moments = batch.moments.to(dtype).detach().requires_grad_(True)
         with torch.enable_grad():
-            energy = self(batch, positions, moments)
+            atoms, node = self._atom_energies_and_nodes(batch, positions, moments)
+            energy = _per_frame(batch, atoms)
             d_pos, d_mom = torch.autograd.grad(energy.sum(), (positions, moments), create_graph=create_graph)
-        return energy, -d_pos, -d_mom
+        return (energy, -d_pos, -d_mom, node) if with_nodes else (energy, -d_pos, -d_mom)
+
+
+def _per_frame(batch: MagneticBatch, atoms: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(batch.n_frames, dtype=atoms.dtype, device=atoms.device).index_add_(0, batch.frame, atoms)

@@ -74,10 +74,13 @@ class MagneticFamily(Family):
         return self.base.spec_identity(spec)
 
     def load(self, spec, device):
-        base = self.base.load(spec, device)
-        like = next(base.parameters())  # the magnetic modules compute in the base's dtype
-        energy = MagneticEnergy(**self.energy_config).to(device=device, dtype=like.dtype)
-        head = MomentHead(energy.width).to(device=device, dtype=like.dtype) if self.predict_magmom else None
+        return self.wrap(self.base.load(spec, device))
+
+    def wrap(self, base: nn.Module) -> MagneticModel:
+        """The magnetic modules (new: zero energy) beside the family's model ``base``."""
+        like = next(base.parameters())  # the magnetic modules compute in the base's dtype, on its device
+        energy = MagneticEnergy(**self.energy_config).to(device=like.device, dtype=like.dtype)
+        head = MomentHead(energy.width).to(device=like.device, dtype=like.dtype) if self.predict_magmom else None
         return MagneticModel(base, energy, head).eval()
 
     def numbers(self, model):
@@ -100,10 +103,10 @@ class MagneticFamily(Family):
     def outputs(self, model, batch, training):
         base_batch, magnetic = batch
         energy, forces = self.base.predict(model.base, base_batch, training)
-        e_mag, f_mag, magforces = model.energy.energy_and_forces(magnetic, create_graph=training)
+        e_mag, f_mag, magforces, node = model.energy.energy_and_forces(magnetic, create_graph=training, with_nodes=True)
         out = {"energy": energy + e_mag.to(energy), "forces": forces + f_mag.to(forces), "magforces": magforces}
         if model.head is not None:
-            out["magmom"] = model.head(model.energy, magnetic)
+            out["magmom"] = model.head(model.energy, magnetic, node)
         return out
 
     def own_e0s(self, model, zs):

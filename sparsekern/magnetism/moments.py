@@ -4,6 +4,8 @@ E(R, m) over m at fixed positions."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -20,8 +22,12 @@ class MomentHead(nn.Module):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
 
-    def forward(self, energy: MagneticEnergy, batch: MagneticBatch) -> torch.Tensor:
-        *_, node = energy.geometry(batch, batch.positions.to(energy.embed.weight.dtype))
+    def forward(self, energy: MagneticEnergy, batch: MagneticBatch, node: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """The magnitudes (n,); ``node``: the energy module's node features of ``batch``
+        where already built (``energy_and_forces(..., with_nodes=True)``)."""
+        if node is None:
+            *_, node = energy.geometry(batch, batch.positions.to(energy.embed.weight.dtype))
         return nn.functional.softplus(self.mlp(node)[:, 0])
 
 

@@ -20,6 +20,7 @@ triton_device()  # before the kernels are imported
 import sparsekern  # noqa: E402
 from sparsekern.finetune.backward import backward  # noqa: E402
 from sparsekern.layers import Gate  # noqa: E402
+from sparsekern.magnetism.family import train_magnetic  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
@@ -62,12 +63,16 @@ BUDGET = {(kind, delta, upto): cost for (kind, delta), costs in {
 # with forces in the loss (density calibration included; its backward into the trained
 # tensors, as the trainer's); today's counts, aten ops rounded up by ~10 %. MACE-MP-0
 # medium on 27 atoms of three elements; SevenNet-0 on 16 silicon atoms (its host reads
-# patched away: tests/integrations/test_sevenn_sync_free.py)
+# patched away: tests/integrations/test_sevenn_sync_free.py); "+ magnetism": the magnetic
+# energy and a moment head beside the model, moments on the atoms (the head trains in
+# the step, as the trainer's)
 WHOLE_BUDGET = {
     ("mace-mp0-medium", "energy+forces"): (464, 29), ("mace-mp0-medium", "frozen sparse energy+forces"): (444, 29),
     ("mace-mp0-medium", "sparse step"): (1246, 84),
     ("7net-0", "energy+forces"): (615, 43), ("7net-0", "frozen sparse energy+forces"): (610, 43),
     ("7net-0", "sparse step"): (1793, 122),
+    ("mace-mp0-medium + magnetism", "energy+forces"): (691, 29),
+    ("mace-mp0-medium + magnetism", "sparse step"): (2143, 84),
 }
 
 
@@ -213,9 +218,18 @@ def test_launch_and_op_budget(layers, launches, upto):
 
 
 def _whole_model(name: str):
-    """(its family, the model patched on the Triton back end, a structure)."""
+    """(its family, the model patched on the Triton back end, a structure); ``<model> +
+    magnetism``: with the magnetic energy and a moment head beside it, and moments."""
     from ase.build import bulk
 
+    if name.endswith(" + magnetism"):
+        from sparsekern.magnetism.family import MagneticFamily
+
+        base_family, base, atoms = _whole_model(name[:-len(" + magnetism")])
+        family = MagneticFamily(base_family, predict_magmom=True)
+        model = family.wrap(base)
+        atoms.set_initial_magnetic_moments(torch.randn(len(atoms), generator=torch.Generator().manual_seed(0)).numpy())
+        return family, model, atoms
     if name == "7net-0":
         pytest.importorskip("sevenn")
         from sparsekern.integrations.sevennet.family import SevenNetFamily
@@ -251,6 +265,7 @@ def test_whole_model_no_host_sync(launches, name, what):
     step = what == "sparse step"
     if "sparse" in what:
         sparsekern.prepare(model, sparsekern.SparseConfig(density=0.03), backend="triton")
+        train_magnetic(model)  # as the trainer: a moment head trains (a model without one: unchanged)
     model.train(step)
     if "frozen" in what:
         model.requires_grad_(False)
