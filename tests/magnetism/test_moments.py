@@ -61,6 +61,21 @@ def test_head_orients_magnitudes_along_reference_moments():
     assert torch.allclose(m.norm(dim=1)[[0, 1, 3]], size.detach()[[0, 1, 3]])
 
 
+def test_head_on_the_energy_pass_node_features():
+    """The moment head on the node features the energy pass built (as the family runs
+    it) gives the moments and parameter gradients of the head building them itself."""
+    module = random_module(False)
+    head = MomentHead(module.width).double()
+    batch = _batch(module, np.random.default_rng(1).normal(size=(4, 3)))
+    *_, node = module.energy_and_forces(batch, create_graph=True, with_nodes=True)
+    params = list(module.parameters()) + list(head.parameters())
+    own, shared = head(module, batch), head(module, batch, node)
+    assert torch.equal(own, shared)
+    for a, b in zip(torch.autograd.grad(own.square().sum(), params, allow_unused=True),
+                    torch.autograd.grad(shared.square().sum(), params, allow_unused=True)):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, rtol=1e-12, atol=0))
+
+
 def test_equilibrium_keeps_non_magnetic_atoms_at_zero():
     module = _with_exchange()
     start = np.random.default_rng(3).normal(0, 1, (4, 3))
