@@ -75,6 +75,18 @@ def test_sevennets_results_bit_for_bit(sevennet, batched, training):
         assert g.shape == w.shape and torch.equal(g, w), i
 
 
+def test_inside_another_model(sevennet):
+    """Patching a model that holds SevenNet (as the magnetic model does) makes its type
+    table a buffer too, so it moves with the model."""
+    outer = torch.nn.ModuleDict({"base": copy.deepcopy(sevennet)})
+    sparsekern.patch(outer, backend="torch")
+    assert "base.z_to_onehot_tensor" in dict(outer.named_buffers())
+    assert type(outer["base"].force_output) is sync_free.SyncFreeForceStressOutputFromEdge
+    sparsekern.unpatch(outer)
+    assert "base.z_to_onehot_tensor" not in dict(outer.named_buffers())
+    assert torch.equal(outer["base"].z_to_onehot_tensor, sevennet.z_to_onehot_tensor)
+
+
 def test_patch_and_unpatch_keep_the_state(sevennet):
     model = copy.deepcopy(sevennet)
     keys = list(model.state_dict())

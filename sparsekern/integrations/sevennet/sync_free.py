@@ -76,22 +76,22 @@ _TABLE = "z_to_onehot_tensor"
 
 
 def swap(model: torch.nn.Module) -> None:
-    """SevenNet's type table and readout modules in ``model`` (exactly those classes)
-    made sync-free."""
-    if isinstance(model.__dict__.get(_TABLE), torch.Tensor):
-        model.register_buffer(_TABLE, model.__dict__.pop(_TABLE), persistent=False)
+    """SevenNet's type tables and readout modules in ``model`` (exactly those classes;
+    the SevenNet model may sit inside another, as beside magnetic modules) made sync-free."""
     for module in model.modules():
+        if isinstance(module.__dict__.get(_TABLE), torch.Tensor):
+            module.register_buffer(_TABLE, module.__dict__.pop(_TABLE), persistent=False)
         new = _SWAPS.get(type(module))
         if new is not None:
             module.__class__ = new
 
 
 def unswap(model: torch.nn.Module) -> None:
-    if _TABLE in model._non_persistent_buffers_set:
-        model._non_persistent_buffers_set.discard(_TABLE)
-        object.__setattr__(model, _TABLE, model._buffers.pop(_TABLE))
     back = {new: old for old, new in _SWAPS.items()}
     for module in model.modules():
+        if _TABLE in module._non_persistent_buffers_set:
+            module._non_persistent_buffers_set.discard(_TABLE)
+            object.__setattr__(module, _TABLE, module._buffers.pop(_TABLE))
         old = back.get(type(module))
         if old is not None:
             module.__class__ = old
