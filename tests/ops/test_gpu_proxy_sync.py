@@ -73,6 +73,7 @@ WHOLE_BUDGET = {
     ("7net-0", "sparse step"): (1793, 122),
     ("mace-mp0-medium + magnetism", "energy+forces"): (691, 29),
     ("mace-mp0-medium + magnetism", "sparse step"): (2143, 84),
+    ("7net-0 + magnetism", "energy+forces"): (843, 43),
 }
 
 
@@ -219,17 +220,22 @@ def test_launch_and_op_budget(layers, launches, upto):
 
 def _whole_model(name: str):
     """(its family, the model patched on the Triton back end, a structure); ``<model> +
-    magnetism``: with the magnetic energy and a moment head beside it, and moments."""
+    magnetism``: with the magnetic energy and a moment head beside it, and moments (the
+    whole patched, as the trainer patches it)."""
+    family, model, atoms = _unpatched(name)
+    return family, sparsekern.patch(model, backend="triton"), atoms
+
+
+def _unpatched(name: str):
     from ase.build import bulk
 
     if name.endswith(" + magnetism"):
         from sparsekern.magnetism.family import MagneticFamily
 
-        base_family, base, atoms = _whole_model(name[:-len(" + magnetism")])
+        base_family, base, atoms = _unpatched(name[:-len(" + magnetism")])
         family = MagneticFamily(base_family, predict_magmom=True)
-        model = family.wrap(base)
         atoms.set_initial_magnetic_moments(torch.randn(len(atoms), generator=torch.Generator().manual_seed(0)).numpy())
-        return family, model, atoms
+        return family, family.wrap(base), atoms
     if name == "7net-0":
         pytest.importorskip("sevenn")
         from sparsekern.integrations.sevennet.family import SevenNetFamily
@@ -245,7 +251,7 @@ def _whole_model(name: str):
         atoms = bulk("Cu", "fcc", a=3.6) * (3, 3, 3)
         atoms.numbers = [29, 8, 1] * 9
     atoms.rattle(0.05, seed=0)
-    return family, sparsekern.patch(model, backend="triton"), atoms
+    return family, model, atoms
 
 
 def _whole_pass(family, model, batch, step: bool) -> None:
