@@ -119,16 +119,18 @@ def test_bad_input_is_one_line():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_replays_follow_the_atoms():
-    """Steps of a rattled crystal (their edge counts differ), one graph per set of flags
+    """Steps of a rattled crystal, its atoms listed forwards or backwards (their edge
+    counts differ: the padding refilled after fewer edges), one graph per set of flags
     while the edges fit its capacity: each replay gives the eager model's energy, forces
     and (MACE's calculator asks for them) stresses."""
     model = sparsekern.patch(_model(torch.float32), backend="triton").cuda()
     graphed = GraphedMACE(model, headroom=0.2)
     crystal = bulk("Cu", "fcc", a=3.6) * (3, 3, 3)
     counts = set()
-    for step in range(4):
+    for step, order in ((1, 1), (2, -1), (3, 1), (0, -1)):
         atoms = crystal.copy()
         atoms.rattle(0.1 * step, seed=step)
+        atoms = atoms[::order]
         batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in mace_batch(model, [atoms]).items()}
         counts.add(batch["edge_index"].shape[1])
         for stress in (False, True):
