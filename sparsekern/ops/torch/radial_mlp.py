@@ -26,7 +26,7 @@ def radial_mlp(desc: RadialDesc, x: torch.Tensor, weights: Sequence[torch.Tensor
     if scales is None:
         return _reference(desc, x, [effective(w, d) for w, d in zip(weights, deltas)])
     # W0 + dW, scaled: once while frozen (a calculator's inference, an adapter), else per call
-    vs = derived([*weights, *(d for d in deltas if d is not None)], "radial_mlp_scaled",
+    vs = derived([*weights, *(d for d in deltas if d is not None)], ("radial_mlp_scaled", scales),
                  lambda: torch._foreach_mul([effective(w, d) for w, d in zip(weights, deltas)], list(scales)))
     lead = x.shape[:-1]
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
