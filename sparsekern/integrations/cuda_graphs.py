@@ -89,7 +89,8 @@ def padding_edges(n: int, k: int, like: torch.Tensor) -> torch.Tensor:
 class Captured:
     """``run`` captured once on ``pad(inputs, edges)`` (the call's inputs padded to
     ``edges`` edges: ``static``). A later call copies its inputs into their leading rows
-    (the padding after them, atoms and graphs, stays), refills the edge keys' rows after
+    (the padding after them, atoms and graphs, stays; an input the call does not give,
+    fixed for the key it was captured for, stays as captured), refills the edge keys' rows after
     its edges with padding edges (``edge_dims``: each edge key and the dimension its
     edges run along; padding from ``pad`` of the inputs without edges, so that no real
     edge of an earlier call is left there), replays, and returns the output (rewritten
@@ -105,6 +106,8 @@ class Captured:
     @torch.no_grad()
     def __call__(self, data) -> T:
         for key, buffer in self.static.items():
+            if key not in data:
+                continue
             dim = self.edge_dims.get(key, 0)
             rows = data[key].shape[dim]
             buffer.narrow(dim, 0, rows).copy_(data[key])

@@ -68,6 +68,8 @@ def test_padded_call_is_the_models(sevennet, batched):
     for data in _inputs(plain, batched):
         want = _results(plain, copy.deepcopy(data))
         _check(_results(graphed, copy.deepcopy(data)), want)
+        out = graphed(copy.deepcopy(data))
+        assert (KEY.BATCH in out) == batched  # the padding's graph index is not handed back
 
 
 @pytest.fixture

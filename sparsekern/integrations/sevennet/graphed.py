@@ -30,6 +30,7 @@ from . import sync_free
 _ATOM_KEYS = (KEY.POS, KEY.ATOMIC_NUMBERS, KEY.NODE_FEATURE, KEY.NODE_ATTR, KEY.BATCH)
 _GRAPH_KEYS = (KEY.NUM_ATOMS, KEY.CELL_VOLUME)
 _EDGE_DIMS = {KEY.EDGE_IDX: 1, KEY.EDGE_VEC: 0}
+_INPUTS = (*_ATOM_KEYS, *_GRAPH_KEYS, *_EDGE_DIMS)
 # the outputs: per graph, per edge by name, per atom by their rows
 _PER_GRAPH = {KEY.PRED_TOTAL_ENERGY, KEY.PRED_STRESS}
 _PER_EDGE = {KEY.EDGE_LENGTH, KEY.EDGE_EMBEDDING, KEY.EDGE_ATTR}
@@ -76,7 +77,7 @@ class GraphedSevenNet(AtomGraphSequential):
             if captured is None:
                 return super().forward(data)
             out = captured(inputs)
-        for key, value in _real(out, inputs, n, g, e, batched).items():
+        for key, value in _real(out, n, g, e, batched).items():
             data[key] = value  # as SevenNet's forward: written into its input, which it returns
         return data
 
@@ -92,13 +93,11 @@ class GraphedSevenNet(AtomGraphSequential):
 
 def _inputs(data, batched: bool) -> dict:
     """The call's inputs of its graph, batched: a single structure's graph keys as one
-    graph's, its atoms in graph 0."""
-    inputs = {k: data[k] for k in (*_ATOM_KEYS, *_GRAPH_KEYS, *_EDGE_DIMS) if k in data}
+    graph's (its atoms' graph index, all 0, is left to :func:`_pad`: a capture keeps it)."""
+    inputs = {k: data[k] for k in _INPUTS if k in data}
     if not batched:
         for key in _GRAPH_KEYS:
             inputs[key] = inputs[key].reshape(1)
-        pos = inputs[KEY.POS]
-        inputs[KEY.BATCH] = torch.zeros(pos.shape[0], dtype=torch.int64, device=pos.device)
     return inputs
 
 
@@ -107,6 +106,8 @@ def _pad(inputs: dict, edges: int, cutoff: float) -> dict:
     n, g, e = inputs[KEY.POS].shape[0], inputs[KEY.NUM_ATOMS].shape[0], inputs[KEY.EDGE_IDX].shape[1]
     if edges < e:
         raise ValueError(f"pad: {e} edges do not fit a capacity of {edges}")
+    if KEY.BATCH not in inputs:  # a single structure: graph 0
+        inputs = {**inputs, KEY.BATCH: torch.zeros(n, dtype=torch.int64, device=inputs[KEY.POS].device)}
     out = {}
     for key, value in inputs.items():
         if key == KEY.BATCH:
@@ -128,12 +129,12 @@ def _pad(inputs: dict, edges: int, cutoff: float) -> dict:
     return out
 
 
-def _real(out: dict, inputs: dict, n: int, g: int, e: int, batched: bool) -> dict:
+def _real(out: dict, n: int, g: int, e: int, batched: bool) -> dict:
     """The model's outputs (its inputs stay the caller's) for the real graphs, atoms and
     edges, copied and detached; a single structure's per-graph outputs as its own."""
     real = {}
     for key, value in out.items():
-        if key in inputs or not torch.is_tensor(value) or value.dim() == 0:
+        if key in _INPUTS or not torch.is_tensor(value) or value.dim() == 0:
             continue
         if key in _PER_GRAPH:
             value = value[:g] if batched else value[0]
