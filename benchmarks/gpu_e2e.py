@@ -11,6 +11,8 @@ correlation 3, random weights, float32): energy + forces, and one fine-tuning st
 - ``mace_cueq``: MACE's own cuEquivariance model (``mace.cli.convert_e3nn_cueq``, fused
   conv on CUDA), every parameter trained, where cuequivariance and its ops import.
 
+The sparsekern variants' fine-tuning step is also timed as the trainer runs it under
+``--cuda_graphs`` (collation, padding and copies included; on the CPU padded, eager).
 On CUDA, energy + forces is also timed replayed from a CUDA graph (issue 10: a patched
 model's host path has no sync, so it should capture; a failed capture is recorded, and
 the replayed forces are checked against the eager ones), and through
@@ -90,6 +92,34 @@ def _step_fn(model, batch) -> Callable[[], None]:
         loss = out["energy"].square().mean() + out["forces"].square().mean()
         backward(loss, params)  # into the trained tensors, as sparsekern's trainer (every model alike)
         opt.step()
+    return step
+
+
+def _graphed_step_fn(model, atoms, dev: str) -> Callable[[], None]:
+    """The trainer's step under ``--cuda_graphs`` (``GraphedSteps``: the batch collated,
+    padded and copied into the capture, the forward and backward replayed, Adam eager),
+    its loss the trainer's on zero labels; raises where the step was not captured."""
+    from types import SimpleNamespace
+
+    from sparsekern.finetune.evaluation import Sample
+    from sparsekern.finetune.graphed_step import GraphedSteps
+    from sparsekern.integrations.mace.family import MaceFamily
+
+    family = MaceFamily()
+    sample = Sample(family.graph(model, atoms), 0.0, torch.zeros(len(atoms), 3), len(atoms))
+    steps = GraphedSteps(family, model, SimpleNamespace(energy_weight=1.0, forces_weight=100.0))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-6)
+
+    def step():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        if steps.loss([sample], [sample], 1.0, params) is None:
+            raise RuntimeError("the density schedule still moves: the step runs eagerly")
+        opt.step()
+    step()
+    if dev.startswith("cuda") and not any(hasattr(c, "graph") for c in steps.replays.graphs.values()):
+        raise RuntimeError("GraphedSteps did not capture the step (its warning says why)")
     return step
 
 
@@ -200,6 +230,12 @@ def run(model, n_atoms: int, dev: str, timer, results: list, checks: list, profi
             _graphed_mace_row(name, m, batch, forces[name], row, checks, timer)  # on the CPU: padded, eager
         step = _step_fn(m, batch)
         row["ms"]["finetune_step"] = timer(step)
+        if name.startswith("sparsekern"):
+            try:
+                row["ms"]["finetune_step (CUDA graph)"] = timer(_graphed_step_fn(m, atoms, dev))
+            except Exception as exc:  # recorded, the suite goes on
+                checks.append({"case": row["case"], "variant": name, "check": "finetune_step (CUDA graph)",
+                               "error": f"{type(exc).__name__}: {exc}"[:300]})
         if profile is not None and name == "sparsekern_sparse":
             profile(f"fine-tuning step, {name}, {row['case']}", step)
         if profile is not None and name in ("sparsekern_full", "sparsekern_full_triton"):  # eager: host-bound

@@ -254,15 +254,17 @@ def markdown(meta, results, checks, profiles=()) -> str:
     if e2e:
         lines += ["", f"## End to end ({meta.get('model', '')})", "",
                   "| case | variant | atoms | edges | energy+forces (ms) | energy+forces, CUDA graph (ms) "
-                  "| energy+forces, GraphedMACE (ms) | fine-tuning step (ms) | step speed-up vs e3nn |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        base = next((r["ms"]["finetune_step"] for r in e2e if r["mode"] == "e3nn"), None)
+                  "| energy+forces, GraphedMACE (ms) | fine-tuning step (ms) | step, CUDA graph (ms) "
+                  "| step speed-up vs e3nn |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in e2e:
+            base = next((b["ms"]["finetune_step"] for b in e2e if b["mode"] == "e3nn" and b["case"] == r["case"]), None)
             s = r["ms"]["finetune_step"]
             up = f"{base / s:.2f}x" if isinstance(base, float) and isinstance(s, float) else "n/a"
             lines.append(f"| {r['case']} | {r['mode']} | {r['nodes']} | {r['edges']} | "
                          f"{_fmt(r['ms']['energy+forces'])} | {_fmt(r['ms'].get('energy+forces (CUDA graph)', 'n/a'))} "
-                         f"| {_fmt(r['ms'].get('energy+forces (GraphedMACE)', 'n/a'))} | {_fmt(s)} | {up} |")
+                         f"| {_fmt(r['ms'].get('energy+forces (GraphedMACE)', 'n/a'))} | {_fmt(s)} "
+                         f"| {_fmt(r['ms'].get('finetune_step (CUDA graph)', 'n/a'))} | {up} |")
     notes = sorted({f"{n}: {v}" for r in results for n, v in r["ms"].items() if isinstance(v, str)})
     lines += ["", "Entries not measured (n/a) or failed (err):", ""] + [f"- {t}" for t in notes]
     lines += ["", "Parity checks and errors (same run):", ""] + [f"- {json.dumps(c)}" for c in checks]
@@ -299,7 +301,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
-    ap.add_argument("--e2e-atoms", type=int, default=5000, help="0: no end-to-end runs")
+    ap.add_argument("--e2e-atoms", default="5000,64",
+                    help="comma-separated system sizes of the end-to-end runs, in order (0: none)")
     ap.add_argument("--kernel-sizes", default=",".join(SIZES),
                     help=f"comma-separated subset of {','.join(SIZES)} (empty: no kernel rows)")
     ap.add_argument("--backends", default="",
@@ -326,6 +329,10 @@ def main():
     if any(k not in SIZES for k in names):
         sys.exit(f"gpu_suite: unknown size in --kernel-sizes {args.kernel_sizes!r}; expected some of {','.join(SIZES)}")
     sizes = {k: v for k, v in SIZES.items() if k in names}
+    try:
+        e2e_atoms = [int(n) for n in args.e2e_atoms.split(",") if n and int(n) > 0]
+    except ValueError:
+        sys.exit(f"gpu_suite: --e2e-atoms takes comma-separated atom counts, got {args.e2e_atoms!r}")
     if any(b not in gpu_cases.BACKENDS for b in args.backends.split(",") if b):
         sys.exit(f"gpu_suite: unknown back end in --backends {args.backends!r}; expected some of "
                  f"{','.join(gpu_cases.BACKENDS)}")
@@ -334,7 +341,7 @@ def main():
             sys.exit("gpu_suite --cpu-smoke: set TRITON_INTERPRET=1")
         DEV, sizes = "cpu", (SMOKE_SIZES if sizes else {})
         args.warmup, args.reps, args.out = 0, 1, tempfile.mkdtemp(prefix="gpu_suite_smoke_")
-        args.e2e_atoms = min(args.e2e_atoms, 8)
+        e2e_atoms = [min(n, 8) for n in e2e_atoms]
     elif not torch.cuda.is_available():
         sys.exit("gpu_suite: no CUDA device; nothing measured, nothing written")
     if args.quick:
@@ -370,15 +377,16 @@ def main():
         print(f"== suite: kernels {size}", flush=True)
         bench_kernels(model, size, n_nodes, n_edges, ops, args, meta["ceilings"], results, checks, profiles)
         save()
-    if args.e2e_atoms:
+    for i, n_atoms in enumerate(e2e_atoms):
         e2e_args = argparse.Namespace(warmup=min(args.warmup, 2), reps=min(args.reps, 5))
-        print("== suite: end to end", flush=True)
-        try:
-            gpu_e2e.run(gpu_cases.model(args.cpu_smoke).to(DEV), args.e2e_atoms, DEV,
+        print(f"== suite: end to end, {n_atoms} atoms", flush=True)
+        try:  # profiles of the first size only
+            gpu_e2e.run(gpu_cases.model(args.cpu_smoke).to(DEV), n_atoms, DEV,
                         lambda fn: measure(fn, e2e_args), results, checks,
-                        lambda name, fn, host=False: profile_into(profiles, name, fn, host), on_row=save)
+                        (lambda name, fn, host=False: profile_into(profiles, name, fn, host)) if i == 0 else None,
+                        on_row=save)
         except Exception:
-            checks.append({"case": "e2e", "error": traceback.format_exc()[-2000:]})
+            checks.append({"case": f"e2e_{n_atoms}", "error": traceback.format_exc()[-2000:]})
         save()
     try:
         fp64_parity(gpu_cases.model(args.cpu_smoke, torch.float64).to(DEV), checks)

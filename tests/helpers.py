@@ -52,26 +52,76 @@ def sevennet_float64(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class _Rerun:
-    """A fake CUDA graph: a replay runs the captured call again, into its first outputs."""
+    """A fake CUDA graph: a replay runs the captured call again, into its first outputs.
+    Both run as under a capture (``tensor_cache.capturing()``); ``strict``, a replay must
+    issue the ops the capture did, with the same shapes and non-tensor arguments: a real
+    replay runs no Python, so a call whose ops depend on host state that changed since
+    the capture (a counter, a schedule, a cache) would silently replay the old ones."""
 
-    def __init__(self, fn):
-        self.fn, self.out = fn, fn()
+    def __init__(self, fn, warmups: int, strict: bool):
+        self.fn, self.strict = fn, strict
+        for _ in range(warmups):  # as the real capture's (TorchScript settles its graphs in them)
+            fn()
+        with _OpTrace() as trace:
+            self.out = fn()
+        self.trace = trace.ops
 
     def replay(self):  # called under no_grad; a real replay runs no Python
-        with torch.enable_grad():
+        with torch.enable_grad(), _OpTrace() as trace:
             new = self.fn()
+        assert not self.strict or trace.ops == self.trace, _first_difference(self.trace, trace.ops)
         for key, value in new.items():
             if torch.is_tensor(value) and torch.is_tensor(self.out.get(key)):
                 self.out[key].detach().copy_(value.detach())
 
 
-def fake_cuda_graphs(monkeypatch) -> None:
+class _OpTrace(TorchDispatchMode):
+    """The aten ops run inside it (``ops``: each one's name, its tensors' shapes and
+    dtypes, its other arguments), as if a CUDA graph were being captured."""
+
+    def __enter__(self):
+        from sparsekern.ops import tensor_cache
+
+        self.ops, self._was = [], tensor_cache.capturing
+        tensor_cache.capturing = lambda: True
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        from sparsekern.ops import tensor_cache
+
+        tensor_cache.capturing = self._was
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append((str(func), _described(args), _described(kwargs or {})))
+        return func(*args, **(kwargs or {}))
+
+
+def _described(value):
+    if torch.is_tensor(value):
+        return ("tensor", tuple(value.shape), value.dtype)
+    if isinstance(value, (list, tuple)):
+        return tuple(_described(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _described(v)) for k, v in value.items())
+    return value
+
+
+def _first_difference(captured, replayed) -> str:
+    i = next((i for i, (a, b) in enumerate(zip(captured, replayed)) if a != b), min(len(captured), len(replayed)))
+    return (f"the replay's ops differ from the capture's at op {i} of {len(captured)} (replayed {len(replayed)}): "
+            f"captured {captured[i] if i < len(captured) else None}, replayed {replayed[i] if i < len(replayed) else None}")
+
+
+def fake_cuda_graphs(monkeypatch, strict: bool = False) -> None:
     """``sparsekern.integrations.cuda_graphs`` replaying on the CPU: each capture a :class:`_Rerun`, so
-    that the graphed models' copies into and out of their captures are checked here."""
+    that the graphed models' copies into and out of their captures are checked here. ``strict``: a
+    replay must issue the capture's ops (where the model's CPU path plans alike for every input: the
+    torch back end's conv groups nodes by in-degree on the host, which a GPU's never does)."""
     from sparsekern.integrations import cuda_graphs
 
     def capture(fn, pool=None, warmups=2):
-        graph = _Rerun(fn)
+        graph = _Rerun(fn, warmups, strict)
         return graph, graph.out
 
     monkeypatch.setattr(cuda_graphs, "replayable", lambda device: True)

@@ -74,6 +74,28 @@ def _steer_density(model: torch.nn.Module, args) -> None:
             prepare_values(deltas)
 
 
+def schedule_step(model: torch.nn.Module) -> int:
+    """Training forwards so far, where the density schedule is (0 without a controller)."""
+    deltas = _thresholded(model)
+    return deltas[0].steps if deltas else 0
+
+
+def set_schedule_step(model: torch.nn.Module, step: int) -> None:
+    for d in _thresholded(model):
+        d.steps = step
+
+
+def steady(model: torch.nn.Module) -> bool:
+    """Whether every training step from the next on has the same target density (past
+    the warmup and the anneal, or no controller): what a training step replayed from a
+    CUDA graph needs, since it calibrates to the density it was captured with."""
+    deltas = _thresholded(model)
+    if not deltas:
+        return True
+    config = delta_slot.config_of(model)
+    return deltas[0].steps >= config.warmup_steps + config.anneal_steps
+
+
 def _thresholded(model: torch.nn.Module):
     return [d for *_, d in delta_slot.iter_deltas(model) if isinstance(d, ThresholdDelta) and not d.merged]
 

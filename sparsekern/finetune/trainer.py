@@ -32,7 +32,7 @@ import torch
 
 from .. import delta_slot
 from ..files import atomic_write, exclusive, output_folder
-from ..integrations import Family, family_for
+from ..integrations import Family, cuda_graphs, family_for
 from ..magnetism.family import magnetic_counts, magnetic_family, parameter_groups, train_magnetic
 from ..patching import patch, patched_layers, release
 from . import checkpoint
@@ -45,6 +45,7 @@ from .density import calibrate_density
 from .distributed import Group, join, leave
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, fits_in_memory, forward,
                          loss, make_samples, map_batches, residuals, set_shift)
+from .graphed_step import GraphedSteps
 from .lifecycle import merge, prepare, target_groups, to_fast, unmergeable
 from .lr_scale import by_weight_scale
 from .magnetic_fit import fit_magnetic_energy
@@ -98,6 +99,7 @@ class Settings:
     magforces_weight: float = 100.0
     magmom_weight: float = 1.0
     magnetic_lr: float = 1e-2  # Adam's learning rate of the moment head (whatever the method's)
+    cuda_graphs: bool = False  # training steps replayed from CUDA graphs (graphed_step.py)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -141,10 +143,14 @@ class Settings:
             raise ValueError(f"--device {self.device!r}: {exc}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: this torch ({torch.__version__}) sees no CUDA device")
+        if self.cuda_graphs and not cuda_graphs.replayable(device):
+            raise ValueError(f"--cuda_graphs replays CUDA graphs: it needs --device cuda, got {self.device}")
+        if self.cuda_graphs and (self.magmom_key or self.magforces_key or self.predict_magmom):
+            raise ValueError("--cuda_graphs: magnetic training steps run eagerly only (leave out --cuda_graphs)")
 
     def identity(self) -> Dict[str, object]:
         d = asdict(self)
-        for k in ("out", "device", "progress"):
+        for k in ("out", "device", "progress", "cuda_graphs"):
             d.pop(k)
         if self.lr_schedule == "constant":  # more epochs continue a finished run; a cosine's curve depends on them
             d.pop("epochs")
@@ -302,6 +308,7 @@ class _Loop:
     save: Callable
     optimizer: Optional[torch.optim.Optimizer] = None  # made by _train
     average: Optional[ParameterAverage] = None  # --ema, made by _train
+    graphed: Optional[GraphedSteps] = None  # --cuda_graphs, made by _train
 
     def trained(self) -> List[torch.nn.Parameter]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -329,10 +336,12 @@ def _step(loop: _Loop, batch: List[Sample], epoch: int) -> Tuple[float, int]:
     # a rank without a frame in this batch (fewer frames than ranks) runs rank 0's first
     # with weight 0: its gradients add exact zeros, and the model's training-forward
     # hooks (the density controller) run on every rank alike
-    step_loss = loss(loop.family, loop.model, share or batch[:1], loop.settings, batch) * (1.0 if share else 0.0)
     params = loop.trained()
     with fits_in_memory(share or batch[:1], "a training batch"):  # the backward holds the most
-        backward(step_loss, params)
+        step_loss = loop.graphed.loss(share or batch[:1], batch, 1.0 if share else 0.0, params) if loop.graphed else None
+        if step_loss is None:
+            step_loss = loss(loop.family, loop.model, share or batch[:1], loop.settings, batch) * (1.0 if share else 0.0)
+            backward(step_loss, params)
     mine = float(step_loss.detach())
     total, signum = loop.group.reduce_step(params, mine, loop.signalled())
     if not math.isfinite(total):
@@ -382,6 +391,7 @@ def _train(loop: _Loop, train_s: Sequence[Sample], valid_s: Sequence[Sample], ck
     if ck is None and settings.epochs > 0:
         fit_magnetic_energy(loop.family, model, train_s, settings, loop.group)  # a no-op without magnetism
     loop.optimizer = _optimizer(model, settings)
+    loop.graphed = GraphedSteps(loop.family, model, settings) if settings.cuda_graphs else None
     if ck is not None:
         if len(ck["optimizer"]["param_groups"]) != len(loop.optimizer.param_groups):
             loop.optimizer = _optimizer(model, settings, by_scale=False)  # saved before the lr by weight scale
@@ -467,6 +477,8 @@ def check(settings: Settings) -> Tuple[Family, Tuple[List[Frame], List[Frame], L
     if importlib.util.find_spec(family.package) is None:
         raise ImportError(f"--model {settings.model} is a {family.name} model, but {family.package} is not "
                           f"installed in this environment")
+    if settings.cuda_graphs and type(family).padder is Family.padder:
+        raise ValueError(f"--cuda_graphs: {family.name} models have no padded training step; leave it out")
     frames = _read_data(settings)
     return family, frames, output_folder(settings.out)
 

@@ -7,7 +7,7 @@ live in different environments)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -62,6 +62,19 @@ class Family:
         raise NotImplementedError
 
     def predict(self, model, batch, training: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def padder(self, model) -> Optional[Callable[[object], Tuple[Tuple[int, int, int], Callable[[int, int], Dict]]]]:
+        """For a training step replayed from a CUDA graph (one shape): a function of a
+        collated batch that gives its atoms, graphs and edges, and a function of
+        capacities (atoms, edges) that gives the model's inputs for the batch padded to
+        them (padding atoms in a graph of their own after the batch's, padding edges that
+        reach nothing real), which ``run`` computes on. None: the family has none (its
+        steps run eagerly)."""
+        return None
+
+    def run(self, model, inputs: Dict[str, torch.Tensor], training: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``predict`` on the inputs ``padder`` gives: energy per graph and forces."""
         raise NotImplementedError
 
     def outputs(self, model, batch, training: bool) -> Dict[str, torch.Tensor]:

@@ -17,6 +17,8 @@ from typing import Callable, Dict, Hashable, Optional, Tuple, TypeVar
 
 import torch
 
+from ..ops import tensor_cache
+
 T = TypeVar("T")
 _EAGER = object()  # a call that could not be captured
 
@@ -26,15 +28,15 @@ def replayable(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def capacity(e: int, headroom: float) -> int:
-    """Edges a graph is captured for: ``e`` with headroom, a multiple of 64."""
-    return 64 * math.ceil(e * (1 + headroom) / 64) if e else 64
+def capacity(size: int, headroom: float) -> int:
+    """Edges (or atoms) a graph is captured for: ``size`` with headroom, a multiple of 64."""
+    return 64 * math.ceil(size * (1 + headroom) / 64) if size else 64
 
 
 def capture(fn: Callable[[], T], pool=None, warmups: int = 2) -> Tuple[torch.cuda.CUDAGraph, T]:
     """``fn`` captured in a CUDA graph, and its output (rewritten by each replay): run
     ``warmups`` times on a side stream first (kernels compiled, workspaces set up: nothing
-    of that captured)."""
+    of that captured). The graph keeps the cached values it reads (``tensor_cache.held``)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -42,7 +44,7 @@ def capture(fn: Callable[[], T], pool=None, warmups: int = 2) -> Tuple[torch.cud
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with tensor_cache.held() as graph.held, torch.cuda.graph(graph, pool=pool):
         out = fn()
     return graph, out
 
@@ -58,18 +60,20 @@ class Replays:
         self.graphs: Dict[Hashable, object] = {}
         self._pool = None
 
-    def get(self, key: Hashable, edges: int, build: Callable[[int, object], T]) -> Optional[T]:
-        """The capture for ``key`` holding ``edges`` edges: the one kept, else
-        ``build(capacity, pool)``'s (kept); None where that call cannot be captured (then
-        run it eagerly: said once in a warning)."""
+    def get(self, key: Hashable, sizes: Tuple[int, ...], build: Callable[[Tuple[int, ...], object], T]) -> Optional[T]:
+        """The capture for ``key`` that holds ``sizes`` (edges; or atoms and edges: each at
+        most its capacity, the capture's ``sizes``): the one kept, else ``build(capacities,
+        pool)``'s (kept); None where that call cannot be captured (then run it eagerly:
+        said once in a warning)."""
         captured = self.graphs.get(key)
         if captured is _EAGER:
             return None
-        if captured is None or captured.edges < edges:
+        if captured is None or any(held < size for held, size in zip(captured.sizes, sizes)):
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             try:
-                captured = self.graphs[key] = build(capacity(edges, self.headroom), self._pool)
+                capacities = tuple(capacity(size, self.headroom) for size in sizes)
+                captured = self.graphs[key] = build(capacities, self._pool)
             except Exception as exc:  # noqa: BLE001 (a model whose call cannot be captured: eager, as without this)
                 self.graphs[key] = _EAGER
                 first = str(exc).splitlines()[0] if str(exc) else ""
@@ -98,7 +102,7 @@ class Captured:
 
     def __init__(self, run: Callable[[dict], T], pad: Callable[[dict, int], Dict[str, torch.Tensor]],
                  inputs: Dict[str, torch.Tensor], edges: int, edge_dims: Dict[str, int], pool=None) -> None:
-        self.static, self.edge_dims, self.edges = pad(inputs, edges), edge_dims, edges
+        self.static, self.edge_dims, self.edges, self.sizes = pad(inputs, edges), edge_dims, edges, (edges,)
         edgeless = {k: v.narrow(edge_dims[k], 0, 0) if k in edge_dims else v for k, v in inputs.items()}
         self.filler = {k: v for k, v in pad(edgeless, edges).items() if k in edge_dims}
         self.graph, self.out = capture(lambda: run(dict(self.static)), pool)

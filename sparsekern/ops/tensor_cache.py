@@ -9,7 +9,8 @@ Values must not reference their key tensor, or the entry would keep it alive.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Sequence, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -60,8 +61,8 @@ def derived(sources: Sequence[torch.Tensor], key, build: Callable[[], T]) -> T:
     from frozen weights (a delta's value, a folded weight; MACE's calculator freezes its
     model). Built afresh, not cached, where autograd would record it. A CUDA graph's
     capture reuses what was built before it (the weights stay as they are between
-    replays) but keeps nothing it builds: that lives in the graph's memory, written only
-    by its replays."""
+    replays; the graph holds what it reuses: :func:`held`) but keeps nothing it builds:
+    that lives in the graph's memory, written only by its replays."""
     if torch.is_grad_enabled() and any(s.requires_grad for s in sources):
         return build()
     if torch.compiler.is_compiling() or sources[0].is_inference():
@@ -74,4 +75,21 @@ def derived(sources: Sequence[torch.Tensor], key, build: Callable[[], T]) -> T:
         if capturing():
             return build()
         hit = cache[key] = (stamp, build())
+    if capturing() and _HELD:
+        _HELD[-1].append(hit[1])
     return hit[1]
+
+
+_HELD: list = []  # per capture in progress: the cached values it reads
+
+
+@contextmanager
+def held() -> Iterator[list]:
+    """The cached values :func:`derived` hands to a CUDA graph's capture inside the block,
+    for the graph to keep: it reads their memory at every replay, and a cache entry
+    replaced later (the weights changed and evaluated again) would free it under it."""
+    _HELD.append([])
+    try:
+        yield _HELD[-1]
+    finally:
+        _HELD.pop()

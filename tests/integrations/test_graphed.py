@@ -112,7 +112,7 @@ def test_bad_input_is_one_line():
         GraphedMACE(model, headroom=-0.5)
     with pytest.raises(ValueError, match=r"the batch lacks \['cell'\]"):
         GraphedMACE(model)({k: v for k, v in batch.items() if k != "cell"})
-    with pytest.raises(ValueError, match="630 edges do not fit a capacity of 600"):
+    with pytest.raises(ValueError, match=r"630 edges and 11 atoms \(and 2 padding atoms\) do not fit a capacity of 600 edges"):
         pad(batch, 600, 5.0)
 
 

@@ -312,10 +312,12 @@ def test_no_orderings_kept_across_a_graph_capture(monkeypatch):
     monkeypatch.setattr(tensor_cache, "capturing", lambda: False)
     before = tensor_cache.derived([weight], "k", lambda: made.append(1) or weight * 2)
     monkeypatch.setattr(tensor_cache, "capturing", lambda: True)
-    assert tensor_cache.derived([weight], "k", lambda: made.append(1) or weight * 3) is before
-    tensor_cache.derived([weight], "other", lambda: made.append(1) or weight * 3)
-    tensor_cache.derived([weight], "other", lambda: made.append(1) or weight * 3)
+    with tensor_cache.held() as held:
+        assert tensor_cache.derived([weight], "k", lambda: made.append(1) or weight * 3) is before
+        tensor_cache.derived([weight], "other", lambda: made.append(1) or weight * 3)
+        tensor_cache.derived([weight], "other", lambda: made.append(1) or weight * 3)
     assert len(made) == 3  # the one before, then "other" twice: not kept
+    assert len(held) == 1 and held[0] is before  # the graph keeps what it reads of the cache
 
 
 @pytest.mark.gpu

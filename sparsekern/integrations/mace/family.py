@@ -57,9 +57,21 @@ class MaceFamily(Family):
         return torch_geometric.Batch.from_data_list(list(graphs)).to(device)
 
     def predict(self, model, batch, training):
-        dtype = next(model.parameters()).dtype
-        inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-                  for k, v in batch.to_dict().items()}
+        return self.run(model, _inputs(model, batch), training)
+
+    def padder(self, model):
+        from .graphed import pad
+
+        r_max = float(model.r_max)  # (read once: a sync on a GPU)
+
+        def padding(batch):
+            inputs = _inputs(model, batch)
+            sizes = inputs["positions"].shape[0], inputs["ptr"].shape[0] - 1, inputs["edge_index"].shape[1]
+            return sizes, lambda atoms, edges: pad(inputs, edges, r_max, atoms)
+
+        return padding
+
+    def run(self, model, inputs, training):
         out = model(inputs, training=training, compute_force=True)
         return out["energy"], out["forces"]
 
@@ -85,6 +97,12 @@ class MaceFamily(Family):
         from mace.calculators import MACECalculator
 
         return MACECalculator(models=model, device=device)
+
+
+def _inputs(model, batch) -> dict:
+    """The model's inputs from a collated batch, floats in the model's dtype."""
+    dtype = next(model.parameters()).dtype
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.to_dict().items()}
 
 
 def _foundation_names():

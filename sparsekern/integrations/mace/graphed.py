@@ -11,7 +11,7 @@ eagerly (how the tests check the padding)."""
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -48,33 +48,36 @@ class GraphedMACE(torch.nn.Module):
         if not cuda_graphs.replayable(data["positions"].device):
             return _real(self.model(padded(data, cuda_graphs.capacity(e, self.replays.headroom)), **flags), n, g, e)
         key = (n, g, data["positions"].dtype, tuple(sorted(flags.items())))
-        captured = self.replays.get(key, e, lambda edges, pool: cuda_graphs.Captured(
-            lambda static: self.model(static, **flags), padded, data, edges, _EDGE_DIMS, pool))
+        captured = self.replays.get(key, (e,), lambda edges, pool: cuda_graphs.Captured(
+            lambda static: self.model(static, **flags), padded, data, edges[0], _EDGE_DIMS, pool))
         return self.model(data, **flags) if captured is None else _real(captured(data), n, g, e)
 
 
-def pad(data: Dict[str, torch.Tensor], edges: int, r_max: float) -> Dict[str, torch.Tensor]:
-    """The MACE batch ``data`` with two padding atoms (element 0 of the model's table) in
-    a graph of their own, 2 ``r_max`` apart, and padding edges between them up to
+def pad(data: Dict[str, torch.Tensor], edges: int, r_max: float, atoms: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """The MACE batch ``data`` with padding atoms (element 0 of the model's table; two,
+    or up to ``atoms`` atoms in all) in a graph of their own, and padding edges between
+    its last two, 2 ``r_max`` apart (the others at the origin, joined to nothing), up to
     ``edges`` edges; keys other than the model's inputs are left out."""
     pos, ptr = data["positions"], data["ptr"]
     n, g, e = pos.shape[0], ptr.shape[0] - 1, data["edge_index"].shape[1]
-    if edges < e:
-        raise ValueError(f"pad: {e} edges do not fit a capacity of {edges}")
+    atoms = n + 2 if atoms is None else atoms
+    if edges < e or atoms < n + 2:
+        raise ValueError(f"pad: {e} edges and {n} atoms (and 2 padding atoms) do not fit a capacity of "
+                         f"{edges} edges and {atoms} atoms")
     out = {}
-    two = pos.new_zeros(2, 3)
-    two[1, 0] = 2 * r_max
-    out["positions"] = torch.cat([pos, two])
-    attrs = data["node_attrs"].new_zeros(2, data["node_attrs"].shape[1])
+    extra = pos.new_zeros(atoms - n, 3)
+    extra[-1, 0] = 2 * r_max
+    out["positions"] = torch.cat([pos, extra])
+    attrs = data["node_attrs"].new_zeros(atoms - n, data["node_attrs"].shape[1])
     attrs[:, 0] = 1
     out["node_attrs"] = torch.cat([data["node_attrs"], attrs])
-    out["batch"] = torch.cat([data["batch"], data["batch"].new_full((2,), g)])
-    out["ptr"] = torch.cat([ptr, ptr.new_full((1,), n + 2)])
+    out["batch"] = torch.cat([data["batch"], data["batch"].new_full((atoms - n,), g)])
+    out["ptr"] = torch.cat([ptr, ptr.new_full((1,), atoms)])
     out["cell"] = torch.cat([data["cell"], 4 * r_max * torch.eye(3, dtype=data["cell"].dtype, device=pos.device)])
     if "head" in data:
         out["head"] = torch.cat([data["head"], data["head"][:1] * 0])
     k = edges - e
-    out["edge_index"] = torch.cat([data["edge_index"], cuda_graphs.padding_edges(n, k, data["edge_index"])], 1)
+    out["edge_index"] = torch.cat([data["edge_index"], cuda_graphs.padding_edges(atoms - 2, k, data["edge_index"])], 1)
     for key in _EDGE_KEYS:
         out[key] = torch.cat([data[key], data[key].new_zeros(k, 3)])
     return out

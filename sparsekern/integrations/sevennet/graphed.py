@@ -72,8 +72,8 @@ class GraphedSevenNet(AtomGraphSequential):
             out = self._padded_forward(pad(inputs, cuda_graphs.capacity(e, self.replays.headroom)))
         else:
             key = (n, g, batched, inputs[KEY.POS].dtype)
-            captured = self.replays.get(key, e, lambda edges, pool: cuda_graphs.Captured(
-                self._padded_forward, pad, inputs, edges, _EDGE_DIMS, pool))
+            captured = self.replays.get(key, (e,), lambda edges, pool: cuda_graphs.Captured(
+                self._padded_forward, pad, inputs, edges[0], _EDGE_DIMS, pool))
             if captured is None:
                 return super().forward(data)
             out = captured(inputs)
