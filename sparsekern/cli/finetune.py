@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--cuda_graphs", action="store_true",
-                   help="replay each training step's forward and backward from a CUDA graph (MACE, --device cuda): "
+                   help="replay each training step's forward and backward from a CUDA graph (MACE, SevenNet; --device cuda): "
                         "batches padded to a few shapes, the host's per-step work gone")
     p.add_argument("--nproc", type=int, default=1,
                    help="train in N processes on this machine (torchrun's launcher; gloo on CPU, NCCL on GPUs, "

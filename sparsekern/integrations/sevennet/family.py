@@ -61,9 +61,17 @@ class SevenNetFamily(Family):
         return Batch.from_data_list(list(graphs)).to(device)
 
     def predict(self, model, batch, training):
+        return self.run(model, batch, training)
+
+    def padder(self, model):
+        from .graphed import padder
+
+        return padder(model)
+
+    def run(self, model, inputs, training):
         import sevenn._keys as KEY
 
-        out = model(batch)
+        out = model(inputs)
         return out[KEY.PRED_TOTAL_ENERGY], out[KEY.PRED_FORCE]
 
     def own_e0s(self, model, zs):

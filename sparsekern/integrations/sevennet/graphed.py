@@ -18,6 +18,7 @@ replay."""
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 from sevenn import _keys as KEY
@@ -101,32 +102,50 @@ def _inputs(data, batched: bool) -> dict:
     return inputs
 
 
-def _pad(inputs: dict, edges: int, cutoff: float) -> dict:
-    """``inputs`` with the padding graph: two atoms, ``edges`` edges in all."""
+def _pad(inputs: dict, edges: int, cutoff: float, atoms: Optional[int] = None) -> dict:
+    """``inputs`` with the padding graph: two atoms (or up to ``atoms`` atoms in all), the
+    last two joined by the padding edges, ``edges`` edges in all."""
     n, g, e = inputs[KEY.POS].shape[0], inputs[KEY.NUM_ATOMS].shape[0], inputs[KEY.EDGE_IDX].shape[1]
-    if edges < e:
-        raise ValueError(f"pad: {e} edges do not fit a capacity of {edges}")
+    atoms = n + 2 if atoms is None else atoms
+    if edges < e or atoms < n + 2:
+        raise ValueError(f"pad: {e} edges and {n} atoms (and 2 padding atoms) do not fit a capacity of "
+                         f"{edges} edges and {atoms} atoms")
     if KEY.BATCH not in inputs:  # a single structure: graph 0
         inputs = {**inputs, KEY.BATCH: torch.zeros(n, dtype=torch.int64, device=inputs[KEY.POS].device)}
+    k = atoms - n
     out = {}
     for key, value in inputs.items():
         if key == KEY.BATCH:
-            extra = value.new_full((2,), g)
+            extra = value.new_full((k,), g)
         elif key == KEY.POS:
-            extra = value.new_tensor([[0.0, 0.0, 0.0], [cutoff, 0.0, 0.0]])
+            extra = value.new_zeros(k, 3)
+            extra[-1, 0] = cutoff
         elif key in _ATOM_KEYS:
-            extra = value[:1].expand(2, *value.shape[1:])  # the first atom's element: one the model knows
+            extra = value[:1].expand(k, *value.shape[1:])  # the first atom's element: one the model knows
         elif key == KEY.NUM_ATOMS:
-            extra = value.new_full((1,), 2)
+            extra = value.new_full((1,), k)
         elif key == KEY.CELL_VOLUME:
             extra = value.new_ones(1)
         elif key == KEY.EDGE_IDX:
-            extra = cuda_graphs.padding_edges(n, edges - e, value)
+            extra = cuda_graphs.padding_edges(atoms - 2, edges - e, value)
         else:  # the edge vectors: at the cutoff
             extra = value.new_zeros(edges - e, 3)
             extra[:, 0] = cutoff
         out[key] = torch.cat([value, extra], dim=_EDGE_DIMS.get(key, 0))
     return out
+
+
+def padder(model: AtomGraphSequential):
+    """The family's ``padder`` (``integrations.base.Family``): a collated batch's sizes
+    and its inputs padded to capacities, for a training step's CUDA graph."""
+    cutoff = float(model.cutoff)
+
+    def padding(batch):
+        inputs = _inputs(batch, batched=True)
+        sizes = inputs[KEY.POS].shape[0], inputs[KEY.NUM_ATOMS].shape[0], inputs[KEY.EDGE_IDX].shape[1]
+        return sizes, lambda atoms, edges: _pad(inputs, edges, cutoff, atoms)
+
+    return padding
 
 
 def _real(out: dict, n: int, g: int, e: int, batched: bool) -> dict:

@@ -1,0 +1,103 @@
+"""One graphed training step (``finetune.graphed_step``) against the trainer's eager one,
+for each family with a padder: frames of different sizes (padding atoms beyond the two
+of an MD call), a batch that grows past the capture's capacities, a smaller last batch,
+and a process's share of a global batch; loss and every trained tensor's gradient
+in float64 (fake CUDA graphs on the CPU, not strict: the torch back end plans the conv by
+the in-degrees it reads)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from ase.build import bulk
+
+import sparsekern
+from sparsekern.finetune.backward import backward
+from sparsekern.finetune.data import Frame
+from sparsekern.finetune.evaluation import loss, make_samples
+from sparsekern.finetune import graphed_step
+from sparsekern.finetune.graphed_step import GraphedSteps
+from helpers import fake_cuda_graphs, rel_err
+
+SETTINGS = SimpleNamespace(energy_weight=1.0, forces_weight=100.0, magforces_weight=100.0, magmom_weight=1.0,
+                           device="cpu")
+
+
+def _mace():
+    pytest.importorskip("mace")
+    from sparsekern.integrations.mace.family import MaceFamily
+    from sparsekern.integrations.mace.models import mace_mp0_shaped
+
+    model = mace_mp0_shaped("small", seed=1, num_elements=2, atomic_numbers=[13, 29], max_ell=2, correlation=2,
+                            r_max=3.5, radial_MLP=[8, 8], num_bessel=4, atomic_energies=[-3.0, -4.0],
+                            dtype=torch.float64)
+    return MaceFamily(), model, (13, 29)
+
+
+def _sevennet():
+    """SevenNet-0 in float64, its graphs too (``graph`` builds them in float32)."""
+    pytest.importorskip("sevenn")
+    from helpers import sevennet_float64
+    from sparsekern.integrations.sevennet.family import SevenNetFamily
+
+    class Float64(SevenNetFamily):
+        def graph(self, model, atoms):
+            graph = super().graph(model, atoms)
+            for key in graph.keys():
+                if torch.is_tensor(graph[key]) and graph[key].is_floating_point():
+                    graph[key] = graph[key].double()
+            return graph
+
+    family = Float64()
+    return family, sevennet_float64(family.load("7net-0", "cpu")), (14, 8)
+
+
+def _frames(numbers, sizes):
+    """Rattled fcc cells of ``sizes`` repeats (x), two elements, made-up labels."""
+    frames = []
+    for i, repeat in enumerate(sizes):
+        atoms = bulk("Cu", "fcc", a=3.9, cubic=True) * (repeat, 1, 1)  # 12 neighbours within 3.5 A
+        atoms.numbers = [numbers[j % 2] for j in range(len(atoms))]
+        atoms.rattle(0.08, seed=i)
+        forces = torch.randn(len(atoms), 3, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        frames.append(Frame(atoms, energy=-3.0 * len(atoms) + 0.1 * i, forces=forces.numpy()))
+    return frames
+
+
+@pytest.mark.parametrize("make", [_mace, _sevennet], ids=["mace", "sevennet"])
+def test_graphed_steps_are_the_eager_steps(make, monkeypatch):
+    fake_cuda_graphs(monkeypatch)
+    captures = []
+    init = graphed_step._CapturedStep.__init__
+    monkeypatch.setattr(graphed_step._CapturedStep, "__init__",
+                        lambda self, *a: captures.append(a[2]) or init(self, *a))
+    family, model, numbers = make()
+    model = sparsekern.prepare(sparsekern.patch(model), sparsekern.SparseConfig(density=0.1)).train()
+    samples = make_samples(family, model, _frames(numbers, [1, 1, 8, 8, 2]), {numbers[0]: 0.5})
+    trained = [p for p in model.parameters() if p.requires_grad]
+    steps = GraphedSteps(family, model, SETTINGS)
+    assert steps.loss(samples[:2], samples[:2], 1.0, trained) is None  # step 0: the density rises from 0
+    _eager(family, model, samples[:2], samples[:2], 1.0, trained)
+    # (share, whole, weight): a batch past the first capture's capacities, a share of a
+    # global batch, a smaller last batch, a rank without frames (weight 0)
+    for share, whole, weight in ((samples[:2], samples[:2], 1.0), (samples[2:4], samples[2:4], 1.0),
+                                 (samples[1:3], samples[:4], 1.0), (samples[4:], samples[4:], 1.0),
+                                 (samples[:1], samples[:2], 0.0)):
+        want_loss, want = _eager(family, model, share, whole, weight, trained)
+        got_loss = steps.loss(share, whole, weight, trained)
+        assert rel_err(got_loss, want_loss) <= 1e-12 if weight else float(got_loss) == 0.0
+        assert [p.grad is None for p in trained] == [w is None for w in want]
+        assert all(rel_err(p.grad, w) <= 1e-12 if weight else not p.grad.any() for p, w in zip(trained, want)
+                   if w is not None)
+    assert sorted(k[0] for k in steps.replays.graphs) == [1, 2]  # a graph per number of frames
+    assert len(captures) == 3  # 2 frames, grown once; 1 frame
+    assert captures[1][0] > captures[0][0] and captures[1][1] > captures[0][1]  # atoms and edges
+
+
+def _eager(family, model, share, whole, weight, trained):
+    """The trainer's eager step's loss and gradients (the schedule's step counted as one)."""
+    for p in trained:
+        p.grad = None
+    step_loss = loss(family, model, share, SETTINGS, whole) * weight
+    backward(step_loss, trained)
+    return step_loss.detach(), [None if p.grad is None else p.grad.clone() for p in trained]
