@@ -47,19 +47,23 @@ class GraphedSteps:
             self.replays.graphs.clear()
             self.wanted = wanted
         device = wanted[0].device
-        (n, g, e), pad = self.padding(self.family.collate([s.graph for s in share], device))
+        # collated and padded on the host: a replayed step's device work is one copy per input
+        (n, g, e), pad = self.padding(self.family.collate([s.graph for s in share], "cpu"))
         labels = _labels(share, whole, weight, self.settings, wanted[0].dtype)
         step = schedule_step(self.model)
 
         def padded(atoms: int, edges: int) -> dict:
-            return {**pad(atoms, edges), **_padded_labels(labels, atoms, device)}
+            return {**pad(atoms, edges), **_padded_labels(labels, atoms)}
+
+        def on_device(inputs: dict) -> dict:
+            return {k: v.to(device) for k, v in inputs.items()}
 
         if cuda_graphs.replayable(device):
             captured = self.replays.get((g, wanted[0].dtype), (n + 2, e), lambda sizes, pool: _CapturedStep(
-                self._compute, padded(*sizes), sizes, pool))
-            out = self._compute(padded(n + 2, e)) if captured is None else captured(padded(*captured.sizes))
+                self._compute, on_device(padded(*sizes)), sizes, pool))
+            out = self._compute(on_device(padded(n + 2, e))) if captured is None else captured(padded(*captured.sizes))
         else:
-            out = self._compute(padded(*(cuda_graphs.capacity(s, self.replays.headroom) for s in (n + 2, e))))
+            out = self._compute(on_device(padded(*(cuda_graphs.capacity(s, self.replays.headroom) for s in (n + 2, e)))))
         set_schedule_step(self.model, step + 1)  # a replay runs no hook: the step counted here
         for i, t in enumerate(wanted):
             t.grad = out.get(i)
@@ -91,17 +95,16 @@ def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.
     return {"graph_labels": per_graph.to(dtype), "atom_labels": torch.cat([w, forces], 1).to(dtype)}
 
 
-def _padded_labels(labels: dict, atoms: int, device: torch.device) -> dict:
-    """The labels on ``device``, the atoms' padded with zeros (weight 0) to ``atoms``."""
+def _padded_labels(labels: dict, atoms: int) -> dict:
+    """The labels, the atoms' padded with zeros (weight 0) to ``atoms``."""
     per_atom = labels["atom_labels"]
     padding = per_atom.new_zeros(atoms - per_atom.shape[0], per_atom.shape[1])
-    return {"graph_labels": labels["graph_labels"].to(device),
-            "atom_labels": torch.cat([per_atom, padding]).to(device)}
+    return {"graph_labels": labels["graph_labels"], "atom_labels": torch.cat([per_atom, padding])}
 
 
 class _CapturedStep:
     """``compute`` captured on ``static`` (padded to ``sizes``: atoms, edges); a call
-    copies a batch's padded inputs (same shapes) into it and replays."""
+    copies a batch's padded inputs (same shapes, on the host) into it and replays."""
 
     def __init__(self, compute, static: dict, sizes: tuple, pool) -> None:
         self.static, self.sizes = static, sizes
@@ -109,6 +112,7 @@ class _CapturedStep:
 
     def __call__(self, inputs: dict) -> dict:
         with torch.no_grad():
-            torch._foreach_copy_([self.static[k] for k in inputs], list(inputs.values()))
+            for key, value in inputs.items():  # host to device, one copy each
+                self.static[key].copy_(value)
         self.graph.replay()
         return self.out
