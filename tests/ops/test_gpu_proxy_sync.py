@@ -288,6 +288,47 @@ def test_whole_model_no_host_sync(launches, name, what):
     assert count.ops <= budget[0] and len(launches) <= budget[1], (count.ops, len(launches))
 
 
+# what a graphed training step captures (``GraphedSteps._compute``: the step on padded
+# inputs, its loss and the trained tensors' gradients), second call on meta, as above
+GRAPHED_BUDGET = {"mace-mp0-medium": (1208, 84), "7net-0": (1746, 122)}  # 1,098 and 1,587 aten ops today
+
+
+@pytest.mark.parametrize("name", list(GRAPHED_BUDGET))
+def test_graphed_step_captures_without_host_sync(launches, name):
+    """A sparse training step as ``--cuda_graphs`` captures it, padded (padding atoms and
+    edges beyond the structure's): no sync and no copy between host and device (either
+    would fail the capture), within a budget."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sparsekern.finetune.data import Frame
+    from sparsekern.finetune.evaluation import make_samples
+    from sparsekern.finetune.graphed_step import GraphedSteps, _labels, _padded_labels
+
+    family, model, atoms = _whole_model(name)
+    sparsekern.prepare(model, sparsekern.SparseConfig(density=0.03), backend="triton")
+    model.train()
+    sample = make_samples(family, model, [Frame(atoms, 0.0, np.zeros((len(atoms), 3)))], {})
+    settings = SimpleNamespace(energy_weight=1.0, forces_weight=100.0)
+    steps = GraphedSteps(family, model, settings)  # (its padder reads the model's cutoff: on the CPU)
+    (n, g, e), pad = steps.padding(family.collate([sample[0].graph], "cpu"))
+    labels = _labels(sample, sample, 1.0, settings, next(model.parameters()).dtype)
+    inputs = {**pad(n + 10, e + 50), **_padded_labels(labels, n + 10)}
+    steps.wanted = tuple(p for p in model.parameters() if p.requires_grad)
+    steps._compute(inputs)  # builds the descriptors' constants (CPU)
+    steps.model = copy.deepcopy(model).to("meta")
+    steps.wanted = tuple(p for p in steps.model.parameters() if p.requires_grad)
+    for first in (True, False):  # the first call may copy constants to the device
+        on_meta = {k: v.to("meta") for k, v in inputs.items()}  # new inputs: planned anew
+        del launches[:]
+        with _Count(strict=True, copies=first) as count:
+            steps._compute(on_meta)
+    print(f"{name}, graphed sparse step: {count.ops} aten ops, {len(launches)} launches")  # shown with -s
+    budget = GRAPHED_BUDGET[name]
+    assert count.ops <= budget[0] and len(launches) <= budget[1], (count.ops, len(launches))
+
+
 def test_input_gradients_alone_skip_the_weight_kernels(layers, launches):
     """Energy+forces asks autograd for input gradients only: the weights are Parameters
     (marked at forward time), yet no weight-gradient kernel runs (sparsekern.ops.grads)."""
