@@ -134,7 +134,10 @@ suite_s=$(( $(left) - ${TESTS_S:-150} )); [ $suite_s -lt 60 ] && suite_s=60
 timeout $suite_s $PY benchmarks/gpu_suite.py --out "$RES" ${SUITE_ARGS---update-auto} 2>&1 | tail -80
 log "suite exit $?"
 
-[ "${TESTS_S:-150}" -gt 0 ] && log "GPU tests" && timeout $(( $(left) - 30 )) $PY -m pytest tests -m gpu -q -p no:cacheprovider --maxfail=5 --durations=8 2>&1 | tee "$RES/gpu_tests_$stamp.log" | tail -15
+# the kernels' tests first: the time left may stop the rest (whole fine-tuning runs)
+[ "${TESTS_S:-150}" -gt 0 ] && log "GPU tests" && timeout $(( $(left) - 30 )) $PY -m pytest tests/ops \
+  $(ls -d tests/*/ | grep -v '^tests/ops/$') tests/test_*.py -m gpu -q -p no:cacheprovider --maxfail=5 --durations=8 \
+  2>&1 | tee "$RES/gpu_tests_$stamp.log" | tail -15
 
 if [ "$(left)" -gt 60 ]; then
   log "pytest-benchmark, small system (time left $(left) s)"
