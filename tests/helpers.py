@@ -53,23 +53,32 @@ def sevennet_float64(model: torch.nn.Module) -> torch.nn.Module:
 
 class _Rerun:
     """A fake CUDA graph: a replay runs the captured call again, into its first outputs.
-    Both run as under a capture (``tensor_cache.capturing()``); ``strict``, a replay must
-    issue the ops the capture did, with the same shapes and non-tensor arguments: a real
-    replay runs no Python, so a call whose ops depend on host state that changed since
-    the capture (a counter, a schedule, a cache) would silently replay the old ones."""
+    Both run as under a capture (``tensor_cache.capturing()``), and a replay must read
+    the cached values its capture read (a real one reads their memory, stale once the
+    weights they derive from change); ``strict``, it must also issue the ops the capture
+    did, with the same shapes and non-tensor arguments: a real replay runs no Python, so
+    a call whose ops depend on host state that changed since the capture (a counter, a
+    schedule, a cache) would silently replay the old ones."""
 
     def __init__(self, fn, warmups: int, strict: bool):
+        from sparsekern.ops import tensor_cache
+
         self.fn, self.strict = fn, strict
         for _ in range(warmups):  # as the real capture's (TorchScript settles its graphs in them)
             fn()
-        with _OpTrace() as trace:
+        with _OpTrace() as trace, tensor_cache.held() as held:
             self.out = fn()
-        self.trace = trace.ops
+        self.trace, self.held = trace.ops, held
 
     def replay(self):  # called under no_grad; a real replay runs no Python
-        with torch.enable_grad(), _OpTrace() as trace:
+        from sparsekern.ops import tensor_cache
+
+        with torch.enable_grad(), _OpTrace() as trace, tensor_cache.held() as held:
             new = self.fn()
         assert not self.strict or trace.ops == self.trace, _first_difference(self.trace, trace.ops)
+        # a real replay reads the cached values its capture read, whatever the cache holds now
+        assert [id(v) for v in held] == [id(v) for v in self.held], \
+            "a replay would read cached values its capture held, since rebuilt (the weights changed): recapture"
         for key, value in new.items():
             if torch.is_tensor(value) and torch.is_tensor(self.out.get(key)):
                 self.out[key].detach().copy_(value.detach())

@@ -16,6 +16,7 @@ from ..integrations import Family
 from ..magnetism.loss import magnetic_errors, magnetic_loss, magnetic_residuals
 from .data import Frame
 from .distributed import Group
+from .graphed_step import GraphedSteps, graphed
 
 
 @dataclass
@@ -117,11 +118,15 @@ def fits_in_memory(batch: List[Sample], what: str):
                           f"frames or a device with more memory") from None
 
 
-def outputs(family: Family, model, batch: List[Sample], device: str, training: bool) -> Dict[str, torch.Tensor]:
+def outputs(family: Family, model, batch: List[Sample], device: str, training: bool,
+            graphs: Optional[GraphedSteps] = None) -> Dict[str, torch.Tensor]:
     """The family's outputs by name (energy per frame with its shift, forces, and what
-    else the family predicts: magnetic forces, moments)."""
+    else the family predicts: magnetic forces, moments); an evaluation batch replayed
+    from ``graphs`` where it can be."""
     with fits_in_memory(batch, "a training batch" if training else "an evaluation batch"):
-        out = family.outputs(model, family.collate([s.graph for s in batch], device), training)
+        replayed = None if graphs is None or training else graphs.predict(batch)
+        out = (family.outputs(model, family.collate([s.graph for s in batch], device), training) if replayed is None
+               else dict(zip(("energy", "forces"), replayed)))
     energy = out["energy"]
     out["energy"] = energy + torch.tensor([s.shift for s in batch], dtype=energy.dtype, device=energy.device)
     return out
@@ -160,8 +165,10 @@ def _all_residuals(family: Family, model, samples: Sequence[Sample], settings,
     magnetic residuals where the family predicts them and the samples have labels."""
     model.eval()
 
+    graphs = graphed(family, model, settings)
+
     def one(batch):
-        out = outputs(family, model, batch, settings.device, training=False)
+        out = outputs(family, model, batch, settings.device, False, graphs)
         e, n, f = _targets(batch, out["energy"])
         part = {"energy": ((out["energy"].detach() - e) / n).cpu().double(),
                 "shift": torch.tensor([s.shift / s.natoms for s in batch], dtype=torch.float64),

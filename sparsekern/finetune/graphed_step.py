@@ -1,6 +1,7 @@
 """Training steps replayed from CUDA graphs (``--cuda_graphs``): the forward, the loss and
 the backward into the trained tensors of a step captured once and replayed on each
-batch, the optimizer and everything after it eager as before.
+batch, the optimizer and everything after it eager as before; evaluation batches of the
+frozen model alike (captured anew after the weights change).
 
 A patched model's step reads nothing back to the host (the sync proxy), yet eager it
 waits on its host: a sparse MACE-MP-0 step issues about 1,100 aten ops and their
@@ -15,7 +16,8 @@ calibrates to the density it was captured with."""
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import weakref
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,9 +25,20 @@ from ..integrations import Family, cuda_graphs
 from .density import schedule_step, set_schedule_step, steady
 
 
+def graphed(family: Family, model: torch.nn.Module, settings) -> Optional["GraphedSteps"]:
+    """The model's GraphedSteps under ``--cuda_graphs`` (one per model, kept while it
+    lives: training and every evaluation share its captures), else None."""
+    if not getattr(settings, "cuda_graphs", False):
+        return None
+    if model not in _BY_MODEL:
+        _BY_MODEL[model] = GraphedSteps(family, model, settings)
+    return _BY_MODEL[model]
+
+
 class GraphedSteps:
-    """The captured steps of one model and loss (``settings``: the trainer's Settings).
-    On the CPU each step runs padded, eagerly (how the tests check the padding)."""
+    """The captured training steps and evaluation calls of one model and loss
+    (``settings``: the trainer's Settings). On the CPU each runs padded, eagerly (how
+    the tests check the padding)."""
 
     def __init__(self, family: Family, model: torch.nn.Module, settings, headroom: float = 0.1) -> None:
         padding = family.padder(model)
@@ -34,6 +47,7 @@ class GraphedSteps:
         self.family, self.model, self.settings, self.padding = family, model, settings, padding
         self.replays = cuda_graphs.Replays("--cuda_graphs", headroom)
         self.wanted: tuple = ()
+        self._versions: tuple = ()
 
     def loss(self, share: List, whole: Sequence, weight: float, trained: Sequence[torch.Tensor]
              ) -> Optional[torch.Tensor]:
@@ -46,11 +60,37 @@ class GraphedSteps:
         if wanted != self.wanted:  # other tensors trained (--fast_after): the graphs computed others'
             self.replays.graphs.clear()
             self.wanted = wanted
-        device = wanted[0].device
-        # collated and padded on the host: a replayed step's device work is one copy per input
-        (n, g, e), pad = self.padding(self.family.collate([s.graph for s in share], "cpu"))
-        labels = _labels(share, whole, weight, self.settings, wanted[0].dtype)
         step = schedule_step(self.model)
+        labels = _labels(share, whole, weight, self.settings, wanted[0].dtype)
+        out, _ = self._replayed("step", share, labels, self._compute)
+        set_schedule_step(self.model, step + 1)  # a replay runs no hook: the step counted here
+        for i, t in enumerate(wanted):
+            t.grad = out.get(i)
+        return out["loss"]
+
+    def predict(self, share: List) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(energy per frame, forces) of the frozen model on an evaluation batch; None
+        where a parameter asks for a gradient (run it eagerly). The graph is captured
+        anew when any parameter or buffer changed since (its frozen derivations, a
+        delta's values, are cached with their versions and read by the graph)."""
+        state = list(self.model.parameters()) + list(self.model.buffers())
+        if any(p.requires_grad for p in state):
+            return None
+        versions = tuple(t._version for t in state)
+        if self._versions != versions:
+            self.replays.graphs = {k: c for k, c in self.replays.graphs.items() if k[0] != "predict"
+                                   or not isinstance(c, _CapturedStep)}  # (a capture that failed stays eager)
+            self._versions = versions
+        out, (n, g) = self._replayed("predict", share, {}, self._predict)
+        return out["energy"][:g].clone(), out["forces"][:n].clone()
+
+    def _replayed(self, what: str, share: List, labels: dict, compute) -> Tuple[dict, Tuple[int, int]]:
+        """``compute`` on ``share``'s inputs and ``labels`` padded (collated and padded on
+        the host: a replay's device work is one copy per input), replayed from the graph
+        kept for (``what``, frames, dtype), captured for larger capacities where needed;
+        on the CPU, or where the capture failed, eagerly. Also the frames' atoms and count."""
+        device, dtype = next(self.model.parameters()).device, next(self.model.parameters()).dtype
+        (n, g, e), pad = self.padding(self.family.collate([s.graph for s in share], "cpu"))
 
         def padded(atoms: int, edges: int) -> dict:
             return {**pad(atoms, edges), **_padded_labels(labels, atoms)}
@@ -58,16 +98,17 @@ class GraphedSteps:
         def on_device(inputs: dict) -> dict:
             return {k: v.to(device) for k, v in inputs.items()}
 
-        if cuda_graphs.replayable(device):
-            captured = self.replays.get((g, wanted[0].dtype), (n + 2, e), lambda sizes, pool: _CapturedStep(
-                self._compute, on_device(padded(*sizes)), sizes, pool))
-            out = self._compute(on_device(padded(n + 2, e))) if captured is None else captured(padded(*captured.sizes))
-        else:
-            out = self._compute(on_device(padded(*(cuda_graphs.capacity(s, self.replays.headroom) for s in (n + 2, e)))))
-        set_schedule_step(self.model, step + 1)  # a replay runs no hook: the step counted here
-        for i, t in enumerate(wanted):
-            t.grad = out.get(i)
-        return out["loss"]
+        if not cuda_graphs.replayable(device):
+            return compute(on_device(padded(*(cuda_graphs.capacity(s, self.replays.headroom) for s in (n + 2, e))))), (n, g)
+        captured = self.replays.get((what, g, dtype), (n + 2, e), lambda sizes, pool: _CapturedStep(
+            compute, on_device(padded(*sizes)), sizes, pool))
+        if captured is None:
+            return compute(on_device(padded(n + 2, e))), (n, g)
+        return captured(padded(*captured.sizes)), (n, g)
+
+    def _predict(self, inputs: dict) -> dict:
+        energy, forces = self.family.run(self.model, inputs, False)
+        return {"energy": energy.detach(), "forces": forces.detach()}
 
     def _compute(self, inputs: dict) -> dict:
         """The step on padded inputs: its loss and the wanted tensors' gradients (by
@@ -81,6 +122,7 @@ class GraphedSteps:
 
 
 _LABELS = ("graph_labels", "atom_labels")
+_BY_MODEL: "weakref.WeakKeyDictionary[torch.nn.Module, GraphedSteps]" = weakref.WeakKeyDictionary()
 
 
 def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.dtype) -> dict:
@@ -96,7 +138,9 @@ def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.
 
 
 def _padded_labels(labels: dict, atoms: int) -> dict:
-    """The labels, the atoms' padded with zeros (weight 0) to ``atoms``."""
+    """The labels (if any), the atoms' padded with zeros (weight 0) to ``atoms``."""
+    if not labels:
+        return {}
     per_atom = labels["atom_labels"]
     padding = per_atom.new_zeros(atoms - per_atom.shape[0], per_atom.shape[1])
     return {"graph_labels": labels["graph_labels"], "atom_labels": torch.cat([per_atom, padding])}

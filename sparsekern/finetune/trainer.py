@@ -45,7 +45,7 @@ from .density import calibrate_density
 from .distributed import Group, join, leave
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, fits_in_memory, forward,
                          loss, make_samples, map_batches, residuals, set_shift)
-from .graphed_step import GraphedSteps
+from .graphed_step import GraphedSteps, graphed
 from .lifecycle import merge, prepare, target_groups, to_fast, unmergeable
 from .lr_scale import by_weight_scale
 from .magnetic_fit import fit_magnetic_energy
@@ -391,7 +391,7 @@ def _train(loop: _Loop, train_s: Sequence[Sample], valid_s: Sequence[Sample], ck
     if ck is None and settings.epochs > 0:
         fit_magnetic_energy(loop.family, model, train_s, settings, loop.group)  # a no-op without magnetism
     loop.optimizer = _optimizer(model, settings)
-    loop.graphed = GraphedSteps(loop.family, model, settings) if settings.cuda_graphs else None
+    loop.graphed = graphed(loop.family, model, settings)
     if ck is not None:
         if len(ck["optimizer"]["param_groups"]) != len(loop.optimizer.param_groups):
             loop.optimizer = _optimizer(model, settings, by_scale=False)  # saved before the lr by weight scale

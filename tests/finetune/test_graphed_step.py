@@ -3,6 +3,8 @@ on the CPU the captures are fakes that rerun the step (``helpers.fake_cuda_graph
 the padding, the loss's weights, the copies into a capture, the kept graphs and the
 density schedule's step count are checked here; a run's results are the eager run's."""
 
+import json
+
 import pytest
 import torch
 
@@ -39,8 +41,9 @@ def _recorded(monkeypatch):
 
 
 def _counted(call, calls):
+    """``call`` recording each replay: "step" (its inputs hold the loss's labels) or "predict"."""
     def counted(self, inputs):
-        calls.append({k: v.shape for k, v in inputs.items()})
+        calls.append("step" if "graph_labels" in inputs else "predict")
         return call(self, inputs)
     return counted
 
@@ -51,10 +54,12 @@ def test_graphed_run_is_the_eager_run(graphs, tmp_path, finetune_args, reference
     assert main(["finetune", *finetune_args(out), "--cuda_graphs", "--device", "cpu"]) == 0
     assert result_difference(out, reference) <= 1e-12
     # 2 epochs of batches of 2, 2 and 1 frames: the first step eager (the density rises
-    # from 0), the other 5 replayed, from one graph per number of frames
+    # from 0), the other 5 replayed, from one graph per number of frames; the zero-shot
+    # and the final test evaluations (one frame) replayed too, captured anew for the
+    # trained weights
     (steps,) = made
-    assert len(replays) == 5
-    assert sorted(key[0] for key in steps.replays.graphs) == [1, 2]
+    assert replays == ["predict"] + ["step"] * 5 + ["predict"]
+    assert sorted(key[:2] for key in steps.replays.graphs) == [("predict", 1), ("step", 1), ("step", 2)]
     # the density schedule counted every step, replayed or not (a replay runs no hook)
     counts = [{k: v for k, v in torch.load(d / "checkpoint.pt", weights_only=False)["model"].items()
                if k.endswith("_extra_state")} for d in (out, reference)]
@@ -76,7 +81,7 @@ def test_steps_replay_once_the_density_holds_still(graphs, tmp_path, finetune_ar
     assert main(["finetune", *finetune_args(eager), *warmup]) == 0
     assert main(["finetune", *finetune_args(graphed), *warmup, "--cuda_graphs"]) == 0
     assert result_difference(graphed, eager) <= 1e-12
-    assert len(replays) == 3
+    assert replays.count("step") == 3
 
 
 def test_fake_replays_must_issue_the_captured_ops(monkeypatch):
@@ -100,5 +105,21 @@ def test_gpu_graphed_run_is_the_eager_run(monkeypatch, tmp_path, finetune_args, 
     eager, graphed = tmp_path / "eager", tmp_path / "graphed"
     assert main(["finetune", *finetune_args(eager), "--device", "cuda"]) == 0
     assert main(["finetune", *finetune_args(graphed), "--device", "cuda", "--cuda_graphs"]) == 0
-    assert len(replays) == 5 and all(isinstance(c, graphed_step._CapturedStep) for c in made[0].replays.graphs.values())
+    assert replays.count("step") == 5 and replays.count("predict") == 2
+    assert all(isinstance(c, graphed_step._CapturedStep) for c in made[0].replays.graphs.values())
     assert result_difference(graphed, eager) <= 1e-9  # float64; summation orders differ on a GPU
+
+
+def test_evaluations_follow_the_trained_weights(graphs, tmp_path, finetune_args, case, result_difference):
+    """Validation every epoch: each epoch's first batch captures anew (the weights, and
+    the frozen deltas' values cached from them, changed since), the others replay."""
+    made, replays = graphs
+    valid = ("--valid", str(case / "train.xyz"), "--device", "cpu")
+    eager, graphed = tmp_path / "eager", tmp_path / "graphed"
+    assert main(["finetune", *finetune_args(eager), *valid]) == 0
+    assert main(["finetune", *finetune_args(graphed), *valid, "--cuda_graphs"]) == 0
+    assert result_difference(graphed, eager) <= 1e-12
+    history = [json.loads((d / "metrics.json").read_text())["history"] for d in (graphed, eager)]
+    got, want = ([v for h in run for v in h["valid"].values()] for run in history)
+    assert len(got) == 8 and got == pytest.approx(want, rel=1e-12)
+    assert replays.count("predict") == 1 + 2 * 3 + 1  # zero-shot, 3 validation batches an epoch, test

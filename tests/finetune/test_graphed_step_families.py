@@ -89,7 +89,7 @@ def test_graphed_steps_are_the_eager_steps(make, monkeypatch):
         assert [p.grad is None for p in trained] == [w is None for w in want]
         assert all(rel_err(p.grad, w) <= 1e-12 if weight else not p.grad.any() for p, w in zip(trained, want)
                    if w is not None)
-    assert sorted(k[0] for k in steps.replays.graphs) == [1, 2]  # a graph per number of frames
+    assert sorted(k[1] for k in steps.replays.graphs) == [1, 2]  # a graph per number of frames
     assert len(captures) == 3  # 2 frames, grown once; 1 frame
     assert captures[1][0] > captures[0][0] and captures[1][1] > captures[0][1]  # atoms and edges
 
