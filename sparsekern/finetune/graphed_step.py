@@ -47,7 +47,6 @@ class GraphedSteps:
         self.family, self.model, self.settings, self.padding = family, model, settings, padding
         self.replays = cuda_graphs.Replays("--cuda_graphs", headroom)
         self.wanted: tuple = ()
-        self._versions: tuple = ()
 
     def loss(self, share: List, whole: Sequence, weight: float, trained: Sequence[torch.Tensor]
              ) -> Optional[torch.Tensor]:
@@ -70,25 +69,20 @@ class GraphedSteps:
 
     def predict(self, share: List) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """(energy per frame, forces) of the frozen model on an evaluation batch; None
-        where a parameter asks for a gradient (run it eagerly). The graph is captured
-        anew when any parameter or buffer changed since (its frozen derivations, a
-        delta's values, are cached with their versions and read by the graph)."""
-        state = list(self.model.parameters()) + list(self.model.buffers())
-        if any(p.requires_grad for p in state):
+        where a parameter asks for a gradient (run it eagerly). Captured anew once the
+        weights have changed (``cuda_graphs.State``)."""
+        if any(p.requires_grad for p in self.model.parameters()):
             return None
-        versions = tuple(t._version for t in state)
-        if self._versions != versions:
-            self.replays.graphs = {k: c for k, c in self.replays.graphs.items() if k[0] != "predict"
-                                   or not isinstance(c, _CapturedStep)}  # (a capture that failed stays eager)
-            self._versions = versions
-        out, (n, g) = self._replayed("predict", share, {}, self._predict)
+        out, (n, g) = self._replayed("predict", share, {}, self._predict, cuda_graphs.State(self.model))
         return out["energy"][:g].clone(), out["forces"][:n].clone()
 
-    def _replayed(self, what: str, share: List, labels: dict, compute) -> Tuple[dict, Tuple[int, int]]:
+    def _replayed(self, what: str, share: List, labels: dict, compute, state: Optional[cuda_graphs.State] = None
+                  ) -> Tuple[dict, Tuple[int, int]]:
         """``compute`` on ``share``'s inputs and ``labels`` padded (collated and padded on
         the host: a replay's device work is one copy per input), replayed from the graph
-        kept for (``what``, frames, dtype), captured for larger capacities where needed;
-        on the CPU, or where the capture failed, eagerly. Also the frames' atoms and count."""
+        kept for (``what``, frames, dtype) and ``state``, captured for larger capacities
+        where needed; on the CPU, or where the capture failed, eagerly. Also the frames'
+        atoms and count."""
         device, dtype = next(self.model.parameters()).device, next(self.model.parameters()).dtype
         (n, g, e), pad = self.padding(self.family.collate([s.graph for s in share], "cpu"))
 
@@ -101,7 +95,7 @@ class GraphedSteps:
         if not cuda_graphs.replayable(device):
             return compute(on_device(padded(*(cuda_graphs.capacity(s, self.replays.headroom) for s in (n + 2, e))))), (n, g)
         captured = self.replays.get((what, g, dtype), (n + 2, e), lambda sizes, pool: _CapturedStep(
-            compute, on_device(padded(*sizes)), sizes, pool))
+            compute, on_device(padded(*sizes)), sizes, pool), state)
         if captured is None:
             return compute(on_device(padded(n + 2, e))), (n, g)
         return captured(padded(*captured.sizes)), (n, g)

@@ -7,10 +7,13 @@ and the smaller the system the larger the share. A graph replays fixed shapes; a
 driver calls with the same atoms and a few more or fewer edges each step. So each family
 pads a call to an edge capacity (padding atoms in a graph of their own, padding edges
 between them that reach nothing real) and keeps one graph per set of shapes and flags;
-a call with more edges than the capacity captures a new one with ``headroom`` to spare."""
+a call with more edges than the capacity captures a new one with ``headroom`` to spare,
+and so does a call after the model's weights changed (:class:`State`: an adapter set,
+weights edited in place)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from typing import Callable, Dict, Hashable, Optional, Tuple, TypeVar
@@ -58,22 +61,27 @@ class Replays:
             raise ValueError(f"headroom must be >= 0, got {headroom}")
         self.owner, self.headroom = owner, headroom
         self.graphs: Dict[Hashable, object] = {}
+        self._states: Dict[Hashable, Optional[State]] = {}
         self._pool = None
 
-    def get(self, key: Hashable, sizes: Tuple[int, ...], build: Callable[[Tuple[int, ...], object], T]) -> Optional[T]:
+    def get(self, key: Hashable, sizes: Tuple[int, ...], build: Callable[[Tuple[int, ...], object], T],
+            state: Optional["State"] = None) -> Optional[T]:
         """The capture for ``key`` that holds ``sizes`` (edges; or atoms and edges: each at
-        most its capacity, the capture's ``sizes``): the one kept, else ``build(capacities,
-        pool)``'s (kept); None where that call cannot be captured (then run it eagerly:
-        said once in a warning)."""
+        most its capacity, the capture's ``sizes``) and was made at ``state`` (the model's
+        :class:`State`, where its frozen weights matter): the one kept, else
+        ``build(capacities, pool)``'s (kept); None where that call cannot be captured
+        (then run it eagerly: said once in a warning)."""
         captured = self.graphs.get(key)
         if captured is _EAGER:
             return None
-        if captured is None or any(held < size for held, size in zip(captured.sizes, sizes)):
+        if captured is None or self._states.get(key) != state or any(
+                held < size for held, size in zip(captured.sizes, sizes)):
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             try:
                 capacities = tuple(capacity(size, self.headroom) for size in sizes)
                 captured = self.graphs[key] = build(capacities, self._pool)
+                self._states[key] = state
             except Exception as exc:  # noqa: BLE001 (a model whose call cannot be captured: eager, as without this)
                 self.graphs[key] = _EAGER
                 first = str(exc).splitlines()[0] if str(exc) else ""
@@ -81,6 +89,24 @@ class Replays:
                               f"{first}); it runs eagerly", stacklevel=3)
                 return None
         return captured
+
+
+class State:
+    """A model's parameters and buffers, each with its version. A capture reads what was
+    derived from frozen weights and cached with their versions (``tensor_cache.derived``:
+    a delta's values, folded weights); replayed after they change (an optimizer step, an
+    adapter swapped in), it would compute with the old values: such a capture is made
+    anew (``Replays.get``). Holds the tensors, so that none is compared by a reused id."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.tensors = tuple(itertools.chain(model.parameters(), model.buffers()))
+        self.versions = tuple(t._version for t in self.tensors)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, State) and self.versions == other.versions and len(self.tensors) == len(other.tensors)
+                and all(a is b for a, b in zip(self.tensors, other.tensors)))
+
+    __hash__ = None
 
 
 def padding_edges(n: int, k: int, like: torch.Tensor) -> torch.Tensor:

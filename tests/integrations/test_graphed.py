@@ -105,6 +105,50 @@ def test_replays_follow_the_atoms_on_the_cpu(monkeypatch):
     assert grown.edges >= batch["edge_index"].shape[1]
 
 
+def test_replays_follow_the_adapter(monkeypatch, tmp_path):
+    """A model with adapters in MD (frozen: the deltas' values cached, read by the
+    capture): after the active deltas change in place, or another adapter is set, the
+    capture is made anew and gives the model's results; the fake graphs fail a replay
+    that would read the old values (what a real graph would silently do)."""
+    import itertools
+
+    from sparsekern.finetune import calibrate_density, iter_deltas, load_adapter, set_adapter
+
+    fake_cuda_graphs(monkeypatch)
+    base = sparsekern.patch(_model())
+    paths = []
+    for seed in (1, 2):
+        trained = sparsekern.prepare(copy.deepcopy(base), sparsekern.SparseConfig(density=0.2, seed=seed))
+        calibrate_density(trained)
+        paths.append(sparsekern.save_adapter(trained, tmp_path / f"{seed}.safetensors"))
+    model = load_adapter(base, paths[0], name="one")
+    load_adapter(model, paths[1], name="two")
+    set_adapter(model, "one")
+    model.requires_grad_(False)
+    graphed = GraphedMACE(model)
+    batch = mace_batch(model, _structures()[:1])
+
+    def check():
+        want = model(dict(batch), compute_force=True)
+        got = graphed(dict(batch), compute_force=True)
+        assert all(rel_err(got[k], want[k]) <= 1e-12 for k in ("energy", "forces"))
+        return want["energy"]
+
+    before = check()
+    check()  # replayed
+    (first,) = graphed.replays.graphs.values()
+    with torch.no_grad():
+        for *_, delta in iter_deltas(model):
+            for t in itertools.chain(delta.parameters(), delta.buffers()):
+                if t.is_floating_point():
+                    t.mul_(1.5)
+    assert rel_err(check(), before) > 1e-6
+    set_adapter(model, "two")
+    check()
+    (last,) = graphed.replays.graphs.values()
+    assert last is not first
+
+
 def test_bad_input_is_one_line():
     model = _model()
     batch = mace_batch(model, _structures())

@@ -49,7 +49,8 @@ class GraphedMACE(torch.nn.Module):
             return _real(self.model(padded(data, cuda_graphs.capacity(e, self.replays.headroom)), **flags), n, g, e)
         key = (n, g, data["positions"].dtype, tuple(sorted(flags.items())))
         captured = self.replays.get(key, (e,), lambda edges, pool: cuda_graphs.Captured(
-            lambda static: self.model(static, **flags), padded, data, edges[0], _EDGE_DIMS, pool))
+            lambda static: self.model(static, **flags), padded, data, edges[0], _EDGE_DIMS, pool),
+            cuda_graphs.State(self.model))
         return self.model(data, **flags) if captured is None else _real(captured(data), n, g, e)
 
 

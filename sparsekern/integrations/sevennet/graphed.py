@@ -74,7 +74,7 @@ class GraphedSevenNet(AtomGraphSequential):
         else:
             key = (n, g, batched, inputs[KEY.POS].dtype)
             captured = self.replays.get(key, (e,), lambda edges, pool: cuda_graphs.Captured(
-                self._padded_forward, pad, inputs, edges[0], _EDGE_DIMS, pool))
+                self._padded_forward, pad, inputs, edges[0], _EDGE_DIMS, pool), cuda_graphs.State(self))
             if captured is None:
                 return super().forward(data)
             out = captured(inputs)
