@@ -44,9 +44,14 @@ class GraphedSteps:
         padding = family.padder(model)
         if padding is None:
             raise ValueError(f"--cuda_graphs: {family.name} models have no padded training step")
-        self.family, self.model, self.settings, self.padding = family, model, settings, padding
+        self.family, self.settings, self.padding = family, settings, padding
+        self._model = weakref.ref(model)  # (kept by the model's entry in _BY_MODEL: no reference back)
         self.replays = cuda_graphs.Replays("--cuda_graphs", headroom)
         self.wanted: tuple = ()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._model()
 
     def loss(self, share: List, whole: Sequence, weight: float, trained: Sequence[torch.Tensor]
              ) -> Optional[torch.Tensor]:
@@ -110,7 +115,8 @@ class GraphedSteps:
         energy, forces = self.family.run(self.model, {k: v for k, v in inputs.items() if k not in _LABELS}, True)
         per_graph, per_atom = inputs["graph_labels"], inputs["atom_labels"]  # see _labels
         residual = (energy + per_graph[1] - per_graph[2]) / per_graph[3]
-        loss = (per_graph[0] * residual.square()).sum() + (per_atom[:, 0] * (forces - per_atom[:, 1:]).square().sum(1)).sum()
+        forces_term = per_atom[:, 0] * (forces - per_atom[:, 1:]).square().sum(1)
+        loss = (per_graph[0] * residual.square()).sum() + forces_term.sum()
         grads = torch.autograd.grad(loss, self.wanted, allow_unused=True)
         return {"loss": loss.detach(), **{i: g for i, g in enumerate(grads) if g is not None}}
 

@@ -69,8 +69,8 @@ class Family:
         collated batch that gives its atoms, graphs and edges, and a function of
         capacities (atoms, edges) that gives the model's inputs for the batch padded to
         them (padding atoms in a graph of their own after the batch's, padding edges that
-        reach nothing real), which ``run`` computes on. None: the family has none (its
-        steps run eagerly)."""
+        reach nothing real), which ``run`` computes on; holding no reference to the model
+        (kept beside it, not by it). None: the family has none (its steps run eagerly)."""
         return None
 
     def run(self, model, inputs: Dict[str, torch.Tensor], training: bool) -> Tuple[torch.Tensor, torch.Tensor]:

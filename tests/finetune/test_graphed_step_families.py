@@ -128,3 +128,19 @@ def test_a_replayed_step_leaves_the_host_little(make, monkeypatch):
 
 
 HOST_BUDGET = {"mace": 150, "sevennet": 210}  # 138 and 193 here
+
+
+@pytest.mark.parametrize("make", [_mace, _sevennet], ids=["mace", "sevennet"])
+def test_graphs_go_with_their_model(make):
+    """The trainer's and evaluation's GraphedSteps, one per model, do not keep it alive."""
+    import gc
+    import weakref
+
+    family, model, _ = make()
+    settings = SimpleNamespace(**vars(SETTINGS), cuda_graphs=True)
+    steps = graphed_step.graphed(family, model, settings)
+    assert graphed_step.graphed(family, model, settings) is steps
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None and steps.model is None

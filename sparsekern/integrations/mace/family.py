@@ -57,15 +57,16 @@ class MaceFamily(Family):
         return torch_geometric.Batch.from_data_list(list(graphs)).to(device)
 
     def predict(self, model, batch, training):
-        return self.run(model, _inputs(model, batch), training)
+        return self.run(model, _inputs(next(model.parameters()).dtype, batch), training)
 
     def padder(self, model):
         from .graphed import pad
 
-        r_max = float(model.r_max)  # (read once: a sync on a GPU)
+        # read once (r_max: a sync on a GPU); the function holds no reference to the model
+        r_max, dtype = float(model.r_max), next(model.parameters()).dtype
 
         def padding(batch):
-            inputs = _inputs(model, batch)
+            inputs = _inputs(dtype, batch)
             sizes = inputs["positions"].shape[0], inputs["ptr"].shape[0] - 1, inputs["edge_index"].shape[1]
             return sizes, lambda atoms, edges: pad(inputs, edges, r_max, atoms)
 
@@ -99,9 +100,8 @@ class MaceFamily(Family):
         return MACECalculator(models=model, device=device)
 
 
-def _inputs(model, batch) -> dict:
-    """The model's inputs from a collated batch, floats in the model's dtype."""
-    dtype = next(model.parameters()).dtype
+def _inputs(dtype: torch.dtype, batch) -> dict:
+    """The model's inputs from a collated batch, floats in the model's ``dtype``."""
     return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.to_dict().items()}
 
 
