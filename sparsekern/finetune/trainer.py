@@ -336,14 +336,14 @@ def _step(loop: _Loop, batch: List[Sample], epoch: int) -> Tuple[float, int]:
     # a rank without a frame in this batch (fewer frames than ranks) runs rank 0's first
     # with weight 0: its gradients add exact zeros, and the model's training-forward
     # hooks (the density controller) run on every rank alike
+    mine, weight = (share, 1.0) if share else (batch[:1], 0.0)
     params = loop.trained()
-    with fits_in_memory(share or batch[:1], "a training batch"):  # the backward holds the most
-        step_loss = loop.graphed.loss(share or batch[:1], batch, 1.0 if share else 0.0, params) if loop.graphed else None
+    with fits_in_memory(mine, "a training batch"):  # the backward holds the most
+        step_loss = loop.graphed.loss(mine, batch, weight, params) if loop.graphed else None  # None: eager
         if step_loss is None:
-            step_loss = loss(loop.family, loop.model, share or batch[:1], loop.settings, batch) * (1.0 if share else 0.0)
+            step_loss = loss(loop.family, loop.model, mine, loop.settings, batch) * weight
             backward(step_loss, params)
-    mine = float(step_loss.detach())
-    total, signum = loop.group.reduce_step(params, mine, loop.signalled())
+    total, signum = loop.group.reduce_step(params, float(step_loss.detach()), loop.signalled())
     if not math.isfinite(total):
         raise FloatingPointError(f"the loss is {total} in epoch {epoch + 1}: training diverged "
                                  f"(try a lower --lr; the last checkpoint is kept)")

@@ -311,19 +311,21 @@ def test_graphed_step_captures_without_host_sync(launches, name):
     model.train()
     sample = make_samples(family, model, [Frame(atoms, 0.0, np.zeros((len(atoms), 3)))], {})
     settings = SimpleNamespace(energy_weight=1.0, forces_weight=100.0)
-    steps = GraphedSteps(family, model, settings)  # (its padder reads the model's cutoff: on the CPU)
-    (n, g, e), pad = steps.padding(family.collate([sample[0].graph], "cpu"))
+    (n, g, e), pad = family.padder(model)(family.collate([sample[0].graph], "cpu"))  # (reads the cutoff: CPU)
     labels = _labels(sample, sample, 1.0, settings, next(model.parameters()).dtype)
     inputs = {**pad(n + 10, e + 50), **_padded_labels(labels, n + 10)}
-    steps.wanted = tuple(p for p in model.parameters() if p.requires_grad)
-    steps._compute(inputs)  # builds the descriptors' constants (CPU)
-    steps.model = copy.deepcopy(model).to("meta")
-    steps.wanted = tuple(p for p in steps.model.parameters() if p.requires_grad)
+
+    def compute(m, inputs):  # what the capture runs (GraphedSteps._compute reads these three)
+        steps = SimpleNamespace(family=family, model=m, wanted=tuple(p for p in m.parameters() if p.requires_grad))
+        return GraphedSteps._compute(steps, inputs)
+
+    compute(model, inputs)  # builds the descriptors' constants (CPU)
+    model = copy.deepcopy(model).to("meta")
     for first in (True, False):  # the first call may copy constants to the device
         on_meta = {k: v.to("meta") for k, v in inputs.items()}  # new inputs: planned anew
         del launches[:]
         with _Count(strict=True, copies=first) as count:
-            steps._compute(on_meta)
+            compute(model, on_meta)
     print(f"{name}, graphed sparse step: {count.ops} aten ops, {len(launches)} launches")  # shown with -s
     budget = GRAPHED_BUDGET[name]
     assert count.ops <= budget[0] and len(launches) <= budget[1], (count.ops, len(launches))
