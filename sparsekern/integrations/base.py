@@ -65,7 +65,8 @@ class Family:
         raise NotImplementedError
 
     def padder(self, model) -> Optional[Callable[[object], Tuple[Tuple[int, int, int], Callable[[int, int], Dict]]]]:
-        """For a training step replayed from a CUDA graph (one shape): a function of a
+        """For training steps and evaluation batches replayed from CUDA graphs (one shape
+        each, ``finetune/graphed_step.py``): a function of a
         collated batch that gives its atoms, graphs and edges, and a function of
         capacities (atoms, edges) that gives the model's inputs for the batch padded to
         them (padding atoms in a graph of their own after the batch's, padding edges that

@@ -60,9 +60,9 @@ def derived(sources: Sequence[torch.Tensor], key, build: Callable[[], T]) -> T:
     the same tensor at the same version and none needs a gradient: what inference derives
     from frozen weights (a delta's value, a folded weight; MACE's calculator freezes its
     model). Built afresh, not cached, where autograd would record it. A CUDA graph's
-    capture reuses what was built before it (the weights stay as they are between
-    replays; the graph holds what it reuses: :func:`held`) but keeps nothing it builds:
-    that lives in the graph's memory, written only by its replays."""
+    capture reuses what was built before it (and holds it: :func:`held`; a capture is
+    made anew once the weights change, ``integrations.cuda_graphs.State``) but keeps
+    nothing it builds: that lives in the graph's memory, written only by its replays."""
     if torch.is_grad_enabled() and any(s.requires_grad for s in sources):
         return build()
     if torch.compiler.is_compiling() or sources[0].is_inference():
