@@ -88,7 +88,8 @@ class GraphedSteps:
         kept for (``what``, frames, dtype) and ``state``, captured for larger capacities
         where needed; on the CPU, or where the capture failed, eagerly. Also the frames'
         atoms and count."""
-        device, dtype = next(self.model.parameters()).device, next(self.model.parameters()).dtype
+        first = next(self.model.parameters())
+        device, dtype = first.device, first.dtype
         (n, g, e), pad = self.padding(self.family.collate([s.graph for s in share], "cpu"))
 
         def padded(atoms: int, edges: int) -> dict:
