@@ -6,12 +6,14 @@ up to the target, or above it and back down)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
 import torch
 
 from .. import delta_slot
+from ..integrations import computing_model
 from .delta import ThresholdDelta, prepare_values, scores_of
 from .methods import MODES
 
@@ -61,10 +63,9 @@ def kth_smallest(values: torch.Tensor, k: int, by_sort: Optional[bool] = None) -
     return torch.as_tensor(np.partition(values.detach().numpy(), k - 1)[k - 1])
 
 
-@delta_slot.mark_hook
-def _steer_density(model: torch.nn.Module, args) -> None:
-    """Forward pre-hook: in training, recalibrate before the step uses the thresholds,
-    then compute their values together."""
+def _steer_density(model: torch.nn.Module, module: torch.nn.Module, args) -> None:
+    """Forward pre-hook of ``model``'s computing module: in training, recalibrate before
+    the step uses the thresholds, then compute their values together."""
     deltas = _thresholded(model)
     if model.training and torch.is_grad_enabled() and deltas:
         calibrate_density(model, scheduled_density(delta_slot.config_of(model), deltas[0].steps))
@@ -102,8 +103,10 @@ def _thresholded(model: torch.nn.Module):
 
 def steer(model: torch.nn.Module) -> None:
     """Put the density on target now and before every training forward pass, where the
-    model's mode has a controller (``delta_slot.strip`` removes the hook)."""
+    model's mode has a controller (``delta_slot.strip`` removes the hook). The hook sits
+    on the module whose forward a step runs: a wrapper's (magnetism's) never runs."""
     config = delta_slot.config_of(model)
     if MODES[config.mode].steered:
         calibrate_density(model, scheduled_density(config, 0))  # 0: the model starts as the base
-        model.register_forward_pre_hook(_steer_density)
+        core = computing_model(model)[0] or model
+        core.register_forward_pre_hook(delta_slot.mark_hook(functools.partial(_steer_density, model)))

@@ -156,6 +156,48 @@ def test_adapter_with_magnetic_modules_reproduces_the_run(files, capsys):
     assert abs(float(energy[0]) - atoms.get_potential_energy()) < 1e-4
 
 
+def test_graphed_magnetic_run_is_the_eager_run(files, monkeypatch):
+    """``--cuda_graphs`` with magnetic forces and a moment head (fake graphs on the CPU,
+    strict: every NiO cell plans alike): the magnetic batch padded beside the base's, the
+    loss's magnetic terms weighed by atom, the closed-form fit's new weights read by the
+    replays; the run's adapter, magnetic modules and metrics are the eager run's."""
+    from safetensors.torch import load_file
+
+    from helpers import fake_cuda_graphs
+    from sparsekern.finetune import graphed_step
+
+    fake_cuda_graphs(monkeypatch, strict=True)
+    replays = []
+    replay = graphed_step._CapturedStep.__call__
+    monkeypatch.setattr(graphed_step._CapturedStep, "__call__",
+                        lambda self, inputs: replays.append(sorted(k for k in inputs if k.endswith("_labels")))
+                        or replay(self, inputs))
+    magnetic = ("--epochs", "2", "--magmom_key", "REF_magmom", "--magforces_key", "REF_magforces",
+                "--predict_magmom", "--device", "cpu")
+    eager, graphed = files / "eager", files / "graphed"
+    assert _run(files, eager, *magnetic) == 0
+    assert _run(files, graphed, *magnetic, "--cuda_graphs") == 0
+    # 2 epochs of 3 batches: the first step eager (the density rises from 0), 5 replayed
+    # with both magnetic terms; the zero-shot and final test evaluations replayed
+    terms = ["graph_labels", "forces_labels", "magforces_labels", "magmom_labels"]
+    assert replays == [[]] + [sorted(terms)] * 5 + [[]]
+    # the density schedule counted all 6 steps in both runs: its hook sits on the base,
+    # whose forward runs (on the wrapper it never ran: the deltas stayed at density 0)
+    for run in (eager, graphed):
+        model = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+        assert {v["steps"] for k, v in model.items() if k.endswith("_extra_state")} == {6}
+    for name in ("adapter.safetensors", "merged.magnetic.safetensors"):
+        got, want = load_file(graphed / name), load_file(eager / name)
+        assert got.keys() == want.keys()
+        assert all(torch.allclose(got[k], want[k], rtol=1e-12, atol=1e-15) for k in want), name
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (graphed, eager))
+    keys = [k for k in want if k.startswith("test_")] + ["magnetic_params"]
+    assert {"test_magforce_mae_mev_per_muB", "test_magmom_mae_muB"} <= set(keys)
+    assert [got[k] for k in keys] == pytest.approx([want[k] for k in keys], rel=1e-12)
+    assert [h["train_loss"] for h in got["history"]] == pytest.approx([h["train_loss"] for h in want["history"]],
+                                                                      rel=1e-12)
+
+
 def _nickel_labels(atoms, moments, spin_orbit):
     """Energy, forces and magnetic forces of a model independent of sparsekern's: EMT
     plus E = sum_(i<j) J(r) m_i.m_j [+ D(r) r^_ij.(m_i x m_j)] + sum_i -0.05 |m|^2 + 0.05 |m|^4,
