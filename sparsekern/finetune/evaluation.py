@@ -124,9 +124,9 @@ def outputs(family: Family, model, batch: List[Sample], device: str, training: b
     else the family predicts: magnetic forces, moments); an evaluation batch replayed
     from ``graphs`` where it can be."""
     with fits_in_memory(batch, "a training batch" if training else "an evaluation batch"):
-        replayed = None if graphs is None or training else graphs.predict(batch)
-        out = (family.outputs(model, family.collate([s.graph for s in batch], device), training) if replayed is None
-               else dict(zip(("energy", "forces"), replayed)))
+        out = None if graphs is None or training else graphs.predict(batch)
+        if out is None:
+            out = family.outputs(model, family.collate([s.graph for s in batch], device), training)
     energy = out["energy"]
     out["energy"] = energy + torch.tensor([s.shift for s in batch], dtype=energy.dtype, device=energy.device)
     return out

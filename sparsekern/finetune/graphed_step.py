@@ -8,8 +8,9 @@ waits on its host: a sparse MACE-MP-0 step issues about 1,100 aten ops and their
 autograd nodes, whatever the batch's size (benchmarks/NOTES.md). A graph replays one
 shape, so each batch is padded to capacities of atoms and edges (the family's
 ``padder``: padding atoms in a graph of their own, padding edges that reach nothing
-real; the loss weighs them 0), and one graph is kept per number of frames and dtype; a
-batch larger than the capacities captures anew with headroom. What the replay does not
+real; the loss weighs them 0, by graph and by atom, magnetic terms included), and one
+graph is kept per number of frames, dtype and the loss's terms; a batch larger than the
+capacities captures anew with headroom. What the replay does not
 run is the host's part of the step: the density schedule's step count is kept here, and
 steps whose target density still moves (warmup, anneal) run eagerly, since a replay
 calibrates to the density it was captured with."""
@@ -17,11 +18,12 @@ calibrates to the density it was captured with."""
 from __future__ import annotations
 
 import weakref
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..integrations import Family, cuda_graphs
+from ..magnetism.loss import magnetic_weights
 from .density import schedule_step, set_schedule_step, steady
 
 
@@ -72,79 +74,87 @@ class GraphedSteps:
             t.grad = out.get(i)
         return out["loss"]
 
-    def predict(self, share: List) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """(energy per frame, forces) of the frozen model on an evaluation batch; None
+    def predict(self, share: List) -> Optional[Dict[str, torch.Tensor]]:
+        """The family's outputs (energy per frame, forces, ...) of the frozen model on an evaluation batch; None
         where a parameter asks for a gradient (run it eagerly). Captured anew once the
         weights have changed (``cuda_graphs.State``)."""
         if any(p.requires_grad for p in self.model.parameters()):
             return None
         out, (n, g) = self._replayed("predict", share, {}, self._predict, cuda_graphs.State(self.model))
-        return out["energy"][:g].clone(), out["forces"][:n].clone()
+        return {k: (v[:g] if k == "energy" else v[:n]).clone() for k, v in out.items()}
 
     def _replayed(self, what: str, share: List, labels: dict, compute, state: Optional[cuda_graphs.State] = None
                   ) -> Tuple[dict, Tuple[int, int]]:
         """``compute`` on ``share``'s inputs and ``labels`` padded (collated and padded on
         the host: a replay's device work is one copy per input), replayed from the graph
-        kept for (``what``, frames, dtype) and ``state``, captured for larger capacities
+        kept for (``what``, frames, dtype, the loss's terms) and ``state``, captured for larger capacities
         where needed; on the CPU, or where the capture failed, eagerly. Also the frames'
         atoms and count."""
         first = next(self.model.parameters())
         device, dtype = first.device, first.dtype
-        (n, g, e), pad = self.padding(self.family.collate([s.graph for s in share], "cpu"))
+        (n, g, *edges), pad = self.padding(self.family.collate([s.graph for s in share], "cpu"))
+        sizes = (n + 2, *edges)  # atoms (two padding atoms at least), then edges of each list
 
-        def padded(atoms: int, edges: int) -> dict:
-            return {**pad(atoms, edges), **_padded_labels(labels, atoms)}
+        def padded(atoms: int, *edges: int) -> dict:
+            return {**pad(atoms, *edges), **_padded_labels(labels, atoms)}
 
         def on_device(inputs: dict) -> dict:
             return {k: v.to(device) for k, v in inputs.items()}
 
         if not cuda_graphs.replayable(device):
-            return compute(on_device(padded(*(cuda_graphs.capacity(s, self.replays.headroom) for s in (n + 2, e))))), (n, g)
-        captured = self.replays.get((what, g, dtype), (n + 2, e), lambda sizes, pool: _CapturedStep(
-            compute, on_device(padded(*sizes)), sizes, pool), state)
+            return compute(on_device(padded(*(cuda_graphs.capacity(s, self.replays.headroom) for s in sizes)))), (n, g)
+        captured = self.replays.get((what, g, dtype, tuple(labels)), sizes, lambda capacities, pool: _CapturedStep(
+            compute, on_device(padded(*capacities)), capacities, pool), state)
         if captured is None:
-            return compute(on_device(padded(n + 2, e))), (n, g)
+            return compute(on_device(padded(*sizes))), (n, g)
         return captured(padded(*captured.sizes)), (n, g)
 
     def _predict(self, inputs: dict) -> dict:
-        energy, forces = self.family.run(self.model, inputs, False)
-        return {"energy": energy.detach(), "forces": forces.detach()}
+        return {k: v.detach() for k, v in self.family.run(self.model, inputs, False).items()}
 
     def _compute(self, inputs: dict) -> dict:
         """The step on padded inputs: its loss and the wanted tensors' gradients (by
         position; absent: none)."""
-        energy, forces = self.family.run(self.model, {k: v for k, v in inputs.items() if k not in _LABELS}, True)
-        per_graph, per_atom = inputs["graph_labels"], inputs["atom_labels"]  # see _labels
-        residual = (energy + per_graph[1] - per_graph[2]) / per_graph[3]
-        forces_term = per_atom[:, 0] * (forces - per_atom[:, 1:]).square().sum(1)
-        loss = (per_graph[0] * residual.square()).sum() + forces_term.sum()
+        out = self.family.run(self.model, {k: v for k, v in inputs.items() if not k.endswith(_LABELS)}, True)
+        per_graph = inputs["graph_labels"]  # see _labels
+        residual = (out["energy"] + per_graph[1] - per_graph[2]) / per_graph[3]
+        loss = (per_graph[0] * residual.square()).sum()
+        for key in ("forces", *MAGNETIC):  # per atom: (weight, label)
+            labels = inputs.get(f"{key}{_LABELS}")
+            if labels is not None and key in out:
+                loss = loss + (labels[:, 0] * (out[key].reshape(len(labels), -1) - labels[:, 1:]).square().sum(1)).sum()
         grads = torch.autograd.grad(loss, self.wanted, allow_unused=True)
         return {"loss": loss.detach(), **{i: g for i, g in enumerate(grads) if g is not None}}
 
 
-_LABELS = ("graph_labels", "atom_labels")
+_LABELS = "_labels"  # the suffix of the loss's inputs
+MAGNETIC = ("magforces", "magmom")  # magnetic terms of the loss, where the samples have labels
 _BY_MODEL: "weakref.WeakKeyDictionary[torch.nn.Module, GraphedSteps]" = weakref.WeakKeyDictionary()
 
 
 def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.dtype) -> dict:
-    """The loss's terms by graph (weight, energy shift, reference energy, atoms) and by
-    atom (weight, reference force), with the padding graph's (weight 0, 1 atom), on the
-    host: ``evaluation.loss``'s sums over ``share`` divided by counts of ``whole``."""
+    """The loss's terms, on the host: by graph (weight, energy shift, reference energy,
+    atoms), with the padding graph's (weight 0, 1 atom); by atom (weight, label) for the
+    forces and each magnetic term the samples have labels for: ``evaluation.loss``'s sums
+    over ``share`` divided by counts of ``whole``."""
     per_graph = torch.tensor([[settings.energy_weight * weight / len(whole)] * len(share) + [0.0],
                               [s.shift for s in share] + [0.0], [s.energy for s in share] + [0.0],
                               [s.natoms for s in share] + [1]], dtype=torch.float64)
-    forces = torch.cat([s.forces for s in share]).double()
-    w = forces.new_full((forces.shape[0], 1), settings.forces_weight * weight / (3 * sum(s.natoms for s in whole)))
-    return {"graph_labels": per_graph.to(dtype), "atom_labels": torch.cat([w, forces], 1).to(dtype)}
+    weights = {"forces": settings.forces_weight / (3 * sum(s.natoms for s in whole)),
+               **magnetic_weights(share, settings, whole)}
+    per_atom = {"forces": lambda s: s.forces, "magforces": lambda s: s.magforces,
+                "magmom": lambda s: s.magmom.double().norm(dim=1, keepdim=True)}
+    labels = {"graph_labels": per_graph.to(dtype)}
+    for key, w in weights.items():
+        label = torch.cat([per_atom[key](s) for s in share]).double()
+        labels[f"{key}{_LABELS}"] = torch.cat([label.new_full((len(label), 1), w * weight), label], 1).to(dtype)
+    return labels
 
 
 def _padded_labels(labels: dict, atoms: int) -> dict:
-    """The labels (if any), the atoms' padded with zeros (weight 0) to ``atoms``."""
-    if not labels:
-        return {}
-    per_atom = labels["atom_labels"]
-    padding = per_atom.new_zeros(atoms - per_atom.shape[0], per_atom.shape[1])
-    return {"graph_labels": labels["graph_labels"], "atom_labels": torch.cat([per_atom, padding])}
+    """The labels, the atoms' padded with zeros (weight 0) to ``atoms``."""
+    return {key: value if key == "graph_labels" else torch.cat([value, value.new_zeros(atoms - len(value), value.shape[1])])
+            for key, value in labels.items()}
 
 
 class _CapturedStep:

@@ -145,8 +145,6 @@ class Settings:
             raise ValueError(f"--device {self.device}: this torch ({torch.__version__}) sees no CUDA device")
         if self.cuda_graphs and not cuda_graphs.replayable(device):
             raise ValueError(f"--cuda_graphs replays CUDA graphs: it needs --device cuda, got {self.device}")
-        if self.cuda_graphs and (self.magmom_key or self.magforces_key or self.predict_magmom):
-            raise ValueError("--cuda_graphs: magnetic training steps run eagerly only (leave out --cuda_graphs)")
 
     def identity(self) -> Dict[str, object]:
         d = asdict(self)
@@ -477,7 +475,7 @@ def check(settings: Settings) -> Tuple[Family, Tuple[List[Frame], List[Frame], L
     if importlib.util.find_spec(family.package) is None:
         raise ImportError(f"--model {settings.model} is a {family.name} model, but {family.package} is not "
                           f"installed in this environment")
-    if settings.cuda_graphs and type(family).padder is Family.padder:
+    if settings.cuda_graphs and not family.pads():
         raise ValueError(f"--cuda_graphs: {family.name} models have no padded training step; leave it out")
     frames = _read_data(settings)
     return family, frames, output_folder(settings.out)

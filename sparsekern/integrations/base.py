@@ -64,18 +64,23 @@ class Family:
     def predict(self, model, batch, training: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def padder(self, model) -> Optional[Callable[[object], Tuple[Tuple[int, int, int], Callable[[int, int], Dict]]]]:
+    def padder(self, model) -> Optional[Callable[[object], Tuple[Tuple[int, ...], Callable[..., Dict]]]]:
         """For training steps and evaluation batches replayed from CUDA graphs (one shape
-        each, ``finetune/graphed_step.py``): a function of a
-        collated batch that gives its atoms, graphs and edges, and a function of
-        capacities (atoms, edges) that gives the model's inputs for the batch padded to
-        them (padding atoms in a graph of their own after the batch's, padding edges that
-        reach nothing real), which ``run`` computes on; holding no reference to the model
-        (kept beside it, not by it). None: the family has none (its steps run eagerly)."""
+        each, ``finetune/graphed_step.py``): a function of a collated batch that gives its
+        sizes (atoms, graphs, then the edges of each edge list the model reads) and a
+        function of capacities (atoms, then one per edge list) that gives the model's
+        inputs for the batch padded to them (padding atoms in a graph of their own after
+        the batch's, padding edges that reach nothing real), which ``run`` computes on;
+        holding no reference to the model (kept beside it, not by it). None: the family
+        has none (its steps run eagerly)."""
         return None
 
-    def run(self, model, inputs: Dict[str, torch.Tensor], training: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``predict`` on the inputs ``padder`` gives: energy per graph and forces."""
+    def pads(self) -> bool:
+        """Whether ``padder`` gives one (asked before a model is loaded)."""
+        return type(self).padder is not Family.padder
+
+    def run(self, model, inputs: Dict[str, torch.Tensor], training: bool) -> Dict[str, torch.Tensor]:
+        """``outputs`` on the inputs ``padder`` gives (per graph, then per atom, padding included)."""
         raise NotImplementedError
 
     def outputs(self, model, batch, training: bool) -> Dict[str, torch.Tensor]:

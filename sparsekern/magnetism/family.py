@@ -14,7 +14,7 @@ from torch import nn
 
 from ..integrations import Family, family_of, register_family
 from .energy import MagneticEnergy
-from .graph import collate, magnetic_graph
+from .graph import PADDED, collate, magnetic_graph, pad, unpad
 from .moments import MomentHead
 from .storage import load_magnetic, save_magnetic, sidecar
 
@@ -102,7 +102,34 @@ class MagneticFamily(Family):
 
     def outputs(self, model, batch, training):
         base_batch, magnetic = batch
-        energy, forces = self.base.predict(model.base, base_batch, training)
+        return self._with_magnetism(model, self.base.outputs(model.base, base_batch, training), magnetic, training)
+
+    def pads(self):
+        return self.base.pads()
+
+    def padder(self, model):
+        base = self.base.padder(model.base)
+        if base is None:
+            return None
+        cutoff = model.energy.cutoff
+
+        def padding(batch):
+            base_batch, magnetic = batch
+            (n, g, *edges), base_pad = base(base_batch)
+            return (n, g, *edges, magnetic.edges.shape[1]), lambda atoms, *caps: {
+                **base_pad(atoms, *caps[:-1]), **pad(magnetic, atoms, caps[-1], cutoff)}
+
+        return padding
+
+    def run(self, model, inputs, training):
+        out = self.base.run(model.base, {k: v for k, v in inputs.items() if not k.startswith(PADDED)}, training)
+        return self._with_magnetism(model, out, unpad(inputs, out["energy"].shape[0]), training)
+
+    @staticmethod
+    def _with_magnetism(model, out, magnetic, training):
+        """The base's outputs ``out`` plus E_mag's energy and forces, the magnetic forces
+        and, with a moment head, the moments, on ``magnetic`` (the same atoms and frames)."""
+        energy, forces = out["energy"], out["forces"]
         e_mag, f_mag, magforces, node = model.energy.energy_and_forces(magnetic, create_graph=training, with_nodes=True)
         out = {"energy": energy + e_mag.to(energy), "forces": forces + f_mag.to(forces), "magforces": magforces}
         if model.head is not None:

@@ -5,10 +5,12 @@ once per frame (like a family's graph) and collated into one batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 import torch
+
+from ..integrations.cuda_graphs import padding_edges
 
 AXIS = np.array([0.0, 0.0, 1.0])  # collinear moments are moments along this axis
 
@@ -64,3 +66,36 @@ def collate(graphs: Sequence[MagneticGraph], device, dtype=torch.float64) -> Mag
     frame = torch.cat([torch.full((len(g.numbers),), k, dtype=torch.long) for k, g in enumerate(graphs)])
     return MagneticBatch(cat("positions").to(dtype), cat("numbers").long(), cat("moments").to(dtype),
                          edges.long(), cat("offsets").to(dtype), frame.to(device), len(graphs))
+
+
+PADDED = "magnetic_"  # the prefix of a padded batch's keys among the base family's inputs
+
+
+def pad(batch: MagneticBatch, atoms: int, edges: int, cutoff: float) -> Dict[str, torch.Tensor]:
+    """``batch`` padded to ``atoms`` atoms and ``edges`` edges, as inputs keyed
+    ``magnetic_*`` beside the base family's padded ones (whose padding atoms these are,
+    after the real ones): the padding atoms at the origin with zero moments in a frame of
+    their own, the padding edges between the last two of them, 2 ``cutoff`` apart (zero
+    coupling and moments: nothing of theirs reaches a real atom or frame)."""
+    n, e = batch.positions.shape[0], batch.edges.shape[1]
+    if atoms < n + 2 or edges < e:
+        raise ValueError(f"magnetic pad: {n} atoms (and 2 padding atoms) and {e} edges do not fit a capacity of "
+                         f"{atoms} atoms and {edges} edges")
+    offsets = batch.offsets.new_zeros(edges - e, 3)
+    offsets[:, 0] = 2 * cutoff
+    padded = MagneticBatch(
+        torch.cat([batch.positions, batch.positions.new_zeros(atoms - n, 3)]),
+        torch.cat([batch.numbers, batch.numbers.new_zeros(atoms - n)]),
+        torch.cat([batch.moments, batch.moments.new_zeros(atoms - n, 3)]),
+        torch.cat([batch.edges, padding_edges(atoms - 2, edges - e, batch.edges)], 1),
+        torch.cat([batch.offsets, offsets]),
+        torch.cat([batch.frame, batch.frame.new_full((atoms - n,), batch.n_frames)]), batch.n_frames + 1)
+    return {PADDED + key: getattr(padded, key) for key in _TENSORS}
+
+
+def unpad(inputs: Dict[str, torch.Tensor], n_frames: int) -> MagneticBatch:
+    """The padded batch in ``inputs`` (:func:`pad`'s keys), of ``n_frames`` frames with the padding's."""
+    return MagneticBatch(*(inputs[PADDED + key] for key in _TENSORS), n_frames)
+
+
+_TENSORS = ("positions", "numbers", "moments", "edges", "offsets", "frame")

@@ -20,13 +20,24 @@ def magnetic_residuals(out: Dict[str, torch.Tensor], batch: Sequence) -> Dict[st
     return res
 
 
+def magnetic_weights(batch: Sequence, settings, whole: Sequence) -> Dict[str, float]:
+    """The weight of each magnetic term whose labels every sample of ``batch`` has, over
+    its count in ``whole`` (the global batch that ``batch`` is one process's share of):
+    what a squared residual of it counts in the loss."""
+    weights = {}
+    if batch and all(s.magforces is not None for s in batch):
+        weights["magforces"] = settings.magforces_weight / sum(s.magforces.numel() for s in whole
+                                                               if s.magforces is not None)
+    if batch and all(s.magmom is not None for s in batch):
+        weights["magmom"] = settings.magmom_weight / sum(s.natoms for s in whole if s.magmom is not None)
+    return weights
+
+
 def magnetic_loss(out: Dict[str, torch.Tensor], batch: Sequence, settings, whole: Sequence) -> torch.Tensor:
     """magforces_weight * mean(dH^2) + magmom_weight * mean(d|m|^2) (0 without labels), the
     means over ``whole``, the global batch that ``batch`` is one process's share of."""
-    weights = {"magforces": settings.magforces_weight, "magmom": settings.magmom_weight}
-    counts = {"magforces": sum(s.magforces.numel() for s in whole if s.magforces is not None),
-              "magmom": sum(s.natoms for s in whole if s.magmom is not None)}
-    terms = [weights[k] * r.square().sum() / counts[k] for k, r in magnetic_residuals(out, batch).items()]
+    weights = magnetic_weights(batch, settings, whole)
+    terms = [weights[k] * r.square().sum() for k, r in magnetic_residuals(out, batch).items()]
     return sum(terms, torch.zeros((), dtype=out["energy"].dtype, device=out["energy"].device))
 
 

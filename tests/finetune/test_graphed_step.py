@@ -72,13 +72,6 @@ def test_cuda_graphs_need_a_cuda_device(finetune_args, tmp_path, capsys):
     assert err[-1].endswith("--cuda_graphs replays CUDA graphs: it needs --device cuda, got cpu"), err
 
 
-def test_magnetic_training_is_refused_in_one_line(graphs, finetune_args, tmp_path, capsys):
-    assert main(["finetune", *finetune_args(tmp_path / "run"), "--cuda_graphs", "--magmom_key", "magmoms"]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith("--cuda_graphs: magnetic training steps run eagerly only (leave out --cuda_graphs)"), err
-    assert not (tmp_path / "run").exists()
-
-
 def test_steps_replay_once_the_density_holds_still(graphs, tmp_path, finetune_args, result_difference):
     """With a density warmup (the first epoch's 3 steps), those steps run eagerly: a
     replay would calibrate to the density of the step it was captured at."""

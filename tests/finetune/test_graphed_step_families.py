@@ -1,5 +1,5 @@
 """One graphed training step (``finetune.graphed_step``) against the trainer's eager one,
-for each family with a padder: frames of different sizes (padding atoms beyond the two
+for each family with a padder (magnetism's around MACE's too): frames of different sizes (padding atoms beyond the two
 of an MD call), a batch that grows past the capture's capacities, a smaller last batch,
 and a process's share of a global batch; loss and every trained tensor's gradient
 in float64 (fake CUDA graphs on the CPU, not strict: the torch back end plans the conv by
@@ -17,6 +17,7 @@ from sparsekern.finetune.data import Frame
 from sparsekern.finetune.evaluation import loss, make_samples
 from sparsekern.finetune import graphed_step
 from sparsekern.finetune.graphed_step import GraphedSteps
+from sparsekern.magnetism.family import MagneticFamily, train_magnetic
 from helpers import AtenOps, fake_cuda_graphs, rel_err
 
 SETTINGS = SimpleNamespace(energy_weight=1.0, forces_weight=100.0, magforces_weight=100.0, magmom_weight=1.0,
@@ -52,19 +53,41 @@ def _sevennet():
     return family, sevennet_float64(family.load("7net-0", "cpu")), (14, 8)
 
 
-def _frames(numbers, sizes):
-    """Rattled fcc cells of ``sizes`` repeats (x), two elements, made-up labels."""
+def _magnetic(head: bool):
+    """MACE with magnetic modules (random couplings; a moment head or none), trained on
+    moments and magnetic forces (and without a head, the moments' labels unused)."""
+    def make():
+        base, model, numbers = _mace()
+        family = MagneticFamily(base, predict_magmom=head)
+        model = family.wrap(model)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.energy.parameters():
+                p.copy_(0.3 * torch.randn_like(p))
+        return family, model, numbers
+    return make
+
+
+def _frames(numbers, sizes, magnetic=False):
+    """Rattled fcc cells of ``sizes`` repeats (x), two elements, made-up labels (and
+    ``magnetic``: moments and magnetic forces)."""
     frames = []
     for i, repeat in enumerate(sizes):
         atoms = bulk("Cu", "fcc", a=3.9, cubic=True) * (repeat, 1, 1)  # 12 neighbours within 3.5 A
         atoms.numbers = [numbers[j % 2] for j in range(len(atoms))]
         atoms.rattle(0.08, seed=i)
-        forces = torch.randn(len(atoms), 3, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
-        frames.append(Frame(atoms, energy=-3.0 * len(atoms) + 0.1 * i, forces=forces.numpy()))
+        forces, magmom, magforces = torch.randn(3, len(atoms), 3, generator=torch.Generator().manual_seed(i),
+                                                dtype=torch.float64).numpy()
+        if not magnetic:
+            magmom = magforces = None
+        atoms.set_initial_magnetic_moments(magmom)
+        frames.append(Frame(atoms, energy=-3.0 * len(atoms) + 0.1 * i, forces=forces, magmom=magmom,
+                            magforces=magforces))
     return frames
 
 
-@pytest.mark.parametrize("make", [_mace, _sevennet], ids=["mace", "sevennet"])
+@pytest.mark.parametrize("make", [_mace, _sevennet, _magnetic(True), _magnetic(False)],
+                         ids=["mace", "sevennet", "magnetic", "magnetic-without-head"])
 def test_graphed_steps_are_the_eager_steps(make, monkeypatch):
     fake_cuda_graphs(monkeypatch)
     captures = []
@@ -72,8 +95,9 @@ def test_graphed_steps_are_the_eager_steps(make, monkeypatch):
     monkeypatch.setattr(graphed_step._CapturedStep, "__init__",
                         lambda self, *a: captures.append(a[2]) or init(self, *a))
     family, model, numbers = make()
-    model = sparsekern.prepare(sparsekern.patch(model), sparsekern.SparseConfig(density=0.1)).train()
-    samples = make_samples(family, model, _frames(numbers, [1, 1, 8, 8, 2]), {numbers[0]: 0.5})
+    model = train_magnetic(sparsekern.prepare(sparsekern.patch(model), sparsekern.SparseConfig(density=0.1)).train())
+    frames = _frames(numbers, [1, 1, 8, 8, 2], magnetic=isinstance(family, MagneticFamily))
+    samples = make_samples(family, model, frames, {numbers[0]: 0.5})
     trained = [p for p in model.parameters() if p.requires_grad]
     steps = GraphedSteps(family, model, SETTINGS)
     assert steps.loss(samples[:2], samples[:2], 1.0, trained) is None  # step 0: the density rises from 0

@@ -290,7 +290,8 @@ def test_whole_model_no_host_sync(launches, name, what):
 
 # what a graphed training step captures (``GraphedSteps._compute``: the step on padded
 # inputs, its loss and the trained tensors' gradients), second call on meta, as above
-GRAPHED_BUDGET = {"mace-mp0-medium": (1208, 84), "7net-0": (1746, 122)}  # 1,098 and 1,587 aten ops today
+GRAPHED_BUDGET = {"mace-mp0-medium": (1208, 84), "7net-0": (1746, 122),  # 1,100, 1,587 and 1,374 aten ops
+                  "mace-mp0-medium + magnetism": (1510, 92)}
 
 
 @pytest.mark.parametrize("name", list(GRAPHED_BUDGET))
@@ -307,13 +308,16 @@ def test_graphed_step_captures_without_host_sync(launches, name):
     from sparsekern.finetune.graphed_step import GraphedSteps, _labels, _padded_labels
 
     family, model, atoms = _whole_model(name)
-    sparsekern.prepare(model, sparsekern.SparseConfig(density=0.03), backend="triton")
+    train_magnetic(sparsekern.prepare(model, sparsekern.SparseConfig(density=0.03), backend="triton"))
     model.train()
-    sample = make_samples(family, model, [Frame(atoms, 0.0, np.zeros((len(atoms), 3)))], {})
-    settings = SimpleNamespace(energy_weight=1.0, forces_weight=100.0)
-    (n, g, e), pad = family.padder(model)(family.collate([sample[0].graph], "cpu"))  # (reads the cutoff: CPU)
+    zeros = np.zeros((len(atoms), 3))  # (labels: with magnetism, of moments and magnetic forces too)
+    magnetic = {"magmom": zeros, "magforces": zeros} if name.endswith("magnetism") else {}
+    sample = make_samples(family, model, [Frame(atoms, 0.0, zeros, **magnetic)], {})
+    settings = SimpleNamespace(energy_weight=1.0, forces_weight=100.0, magforces_weight=1.0, magmom_weight=1.0)
+    (n, g, *edges), pad = family.padder(model)(family.collate([sample[0].graph], "cpu"))  # (reads the cutoff: CPU)
     labels = _labels(sample, sample, 1.0, settings, next(model.parameters()).dtype)
-    inputs = {**pad(n + 10, e + 50), **_padded_labels(labels, n + 10)}
+    inputs = {**pad(n + 10, *(e + 50 for e in edges)), **_padded_labels(labels, n + 10)}
+    assert len(labels) == 2 + len(magnetic)
 
     def compute(m, inputs):  # what the capture runs (GraphedSteps._compute reads these three)
         steps = SimpleNamespace(family=family, model=m, wanted=tuple(p for p in m.parameters() if p.requires_grad))

@@ -57,7 +57,8 @@ class MaceFamily(Family):
         return torch_geometric.Batch.from_data_list(list(graphs)).to(device)
 
     def predict(self, model, batch, training):
-        return self.run(model, _inputs(next(model.parameters()).dtype, batch), training)
+        out = self.run(model, _inputs(next(model.parameters()).dtype, batch), training)
+        return out["energy"], out["forces"]
 
     def padder(self, model):
         from .graphed import pad
@@ -74,7 +75,7 @@ class MaceFamily(Family):
 
     def run(self, model, inputs, training):
         out = model(inputs, training=training, compute_force=True)
-        return out["energy"], out["forces"]
+        return {"energy": out["energy"], "forces": out["forces"]}
 
     def own_e0s(self, model, zs):
         table = self.numbers(model)

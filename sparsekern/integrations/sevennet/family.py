@@ -61,7 +61,8 @@ class SevenNetFamily(Family):
         return Batch.from_data_list(list(graphs)).to(device)
 
     def predict(self, model, batch, training):
-        return self.run(model, batch, training)
+        out = self.run(model, batch, training)
+        return out["energy"], out["forces"]
 
     def padder(self, model):
         from .graphed import padder
@@ -72,7 +73,7 @@ class SevenNetFamily(Family):
         import sevenn._keys as KEY
 
         out = model(inputs)
-        return out[KEY.PRED_TOTAL_ENERGY], out[KEY.PRED_FORCE]
+        return {"energy": out[KEY.PRED_TOTAL_ENERGY], "forces": out[KEY.PRED_FORCE]}
 
     def own_e0s(self, model, zs):
         from ase import Atoms
