@@ -75,7 +75,8 @@ class GraphedSteps:
         return out["loss"]
 
     def predict(self, share: List) -> Optional[Dict[str, torch.Tensor]]:
-        """The family's outputs (energy per frame, forces, ...) of the frozen model on an evaluation batch; None
+        """The family's outputs (energy per frame, forces, ...) of the frozen model on an
+        evaluation batch; None
         where a parameter asks for a gradient (run it eagerly). Captured anew once the
         weights have changed (``cuda_graphs.State``)."""
         if any(p.requires_grad for p in self.model.parameters()):
@@ -153,7 +154,8 @@ def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.
 
 def _padded_labels(labels: dict, atoms: int) -> dict:
     """The labels, the atoms' padded with zeros (weight 0) to ``atoms``."""
-    return {key: value if key == "graph_labels" else torch.cat([value, value.new_zeros(atoms - len(value), value.shape[1])])
+    return {key: value if key == "graph_labels" else torch.cat([value, value.new_zeros(atoms - len(value),
+                                                                                        value.shape[1])])
             for key, value in labels.items()}
 
 
