@@ -1,5 +1,5 @@
 """One graphed training step (``finetune.graphed_step``) against the trainer's eager one,
-for each family with a padder (magnetism's around MACE's too): frames of different sizes (padding atoms beyond the two
+for each family with a padder (magnetism's around MACE's and SevenNet's too): frames of different sizes (padding atoms beyond the two
 of an MD call), a batch that grows past the capture's capacities, a smaller last batch,
 and a process's share of a global batch; loss and every trained tensor's gradient
 in float64 (fake CUDA graphs on the CPU, not strict: the torch back end plans the conv by
@@ -53,11 +53,11 @@ def _sevennet():
     return family, sevennet_float64(family.load("7net-0", "cpu")), (14, 8)
 
 
-def _magnetic(head: bool):
-    """MACE with magnetic modules (random couplings; a moment head or none), trained on
+def _magnetic(head: bool, make_base=_mace):
+    """A model with magnetic modules (random couplings; a moment head or none), trained on
     moments and magnetic forces (and without a head, the moments' labels unused)."""
     def make():
-        base, model, numbers = _mace()
+        base, model, numbers = make_base()
         family = MagneticFamily(base, predict_magmom=head)
         model = family.wrap(model)
         torch.manual_seed(0)
@@ -86,8 +86,8 @@ def _frames(numbers, sizes, magnetic=False):
     return frames
 
 
-@pytest.mark.parametrize("make", [_mace, _sevennet, _magnetic(True), _magnetic(False)],
-                         ids=["mace", "sevennet", "magnetic", "magnetic-without-head"])
+@pytest.mark.parametrize("make", [_mace, _sevennet, _magnetic(True), _magnetic(False), _magnetic(True, _sevennet)],
+                         ids=["mace", "sevennet", "magnetic", "magnetic-without-head", "sevennet-magnetic"])
 def test_graphed_steps_are_the_eager_steps(make, monkeypatch):
     fake_cuda_graphs(monkeypatch)
     captures = []
