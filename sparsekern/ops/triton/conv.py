@@ -557,7 +557,8 @@ def _grads_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: b
         return ga, (a.new_zeros(E, form.dim_b) if need_b else None), gw  # ga: zeros, no path covers it
     has_a2 = dbl is not None and dbl[0] is not None
     # with 64 channels a tile, 253 registers on sm_90 (Triton 3.7.1); the double backward
-    # with a2 at 32 spills at 8 warps (128 registers), hence 16
+    # with a2 at 32 spills at 8 warps (128 registers), hence 16, and 4 warps: at 8,
+    # Triton 3.6.0 (the GPU image's) spilled 8 B in one of SevenNet-0's forms
     bu = _block_u(form, 16 if has_a2 else 32)
     n_ct = triton.cdiv(form.max_mul, bu)
     gbp = a.new_empty(E, n_ct * form.sum_db) if need_b else None
@@ -574,7 +575,8 @@ def _grads_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: b
                             g.stride(0), g.stride(1), a2.stride(0), a2.stride(1), b2.stride(0), b2.stride(1),
                             w2.stride(0), w2.stride(1), ga.stride(0), gbp_.stride(0), gw_.stride(0),
                             IDENTITY=graph.identity, BLOCK_N=_BLOCK // slots, BLOCK_S=slots, BLOCK_U=bu,
-                            NEED_GB=need_b, NEED_GW=need_w, DBL=dbl is not None, A2=has_a2, num_warps=8)
+                            NEED_GB=need_b, NEED_GW=need_w, DBL=dbl is not None, A2=has_a2,
+                            num_warps=4 if has_a2 else 8)
     gb = gbp.view(E, n_ct, form.sum_db).sum(1) @ form.gb_map if need_b else None
     return ga, gb, gw
 
