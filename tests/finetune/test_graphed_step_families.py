@@ -1,9 +1,9 @@
 """One graphed training step (``finetune.graphed_step``) against the trainer's eager one,
-for each family with a padder (magnetism's around MACE's and SevenNet's too): frames of different sizes (padding atoms beyond the two
-of an MD call), a batch that grows past the capture's capacities, a smaller last batch,
-and a process's share of a global batch; loss and every trained tensor's gradient
-in float64 (fake CUDA graphs on the CPU, not strict: the torch back end plans the conv by
-the in-degrees it reads)."""
+for each family with a padder (magnetism's around MACE's and SevenNet's too): frames of
+different sizes (padding atoms beyond the two of an MD call), a batch that grows past the
+capture's capacities, a smaller last batch, and a process's share of a global batch;
+loss and every trained tensor's gradient in float64 (fake CUDA graphs on the CPU, not
+strict: the torch back end plans the conv by the in-degrees it reads)."""
 
 from types import SimpleNamespace
 
