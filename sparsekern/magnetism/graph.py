@@ -83,14 +83,13 @@ def pad(batch: MagneticBatch, atoms: int, edges: int, cutoff: float) -> Dict[str
                          f"{atoms} atoms and {edges} edges")
     offsets = batch.offsets.new_zeros(edges - e, 3)
     offsets[:, 0] = 2 * cutoff
-    padded = MagneticBatch(
-        torch.cat([batch.positions, batch.positions.new_zeros(atoms - n, 3)]),
-        torch.cat([batch.numbers, batch.numbers.new_zeros(atoms - n)]),
-        torch.cat([batch.moments, batch.moments.new_zeros(atoms - n, 3)]),
-        torch.cat([batch.edges, padding_edges(atoms - 2, edges - e, batch.edges)], 1),
-        torch.cat([batch.offsets, offsets]),
-        torch.cat([batch.frame, batch.frame.new_full((atoms - n,), batch.n_frames)]), batch.n_frames + 1)
-    return {PADDED + key: getattr(padded, key) for key in _TENSORS}
+    padded = {"positions": torch.cat([batch.positions, batch.positions.new_zeros(atoms - n, 3)]),
+              "numbers": torch.cat([batch.numbers, batch.numbers.new_zeros(atoms - n)]),
+              "moments": torch.cat([batch.moments, batch.moments.new_zeros(atoms - n, 3)]),
+              "edges": torch.cat([batch.edges, padding_edges(atoms - 2, edges - e, batch.edges)], 1),
+              "offsets": torch.cat([batch.offsets, offsets]),
+              "frame": torch.cat([batch.frame, batch.frame.new_full((atoms - n,), batch.n_frames)])}
+    return {PADDED + key: value for key, value in padded.items()}
 
 
 def unpad(inputs: Dict[str, torch.Tensor], n_frames: int) -> MagneticBatch:
