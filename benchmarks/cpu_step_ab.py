@@ -41,10 +41,14 @@ def _frames():
 
 
 def _step_fn(model_name: str):
-    """A sparse training step of the tree on sys.path, as a function."""
+    """A sparse training step of the tree on sys.path, as a function, in a process set up
+    as the trainer sets up its own (the allocator, in trees that have the setting)."""
     import torch
 
     import sparsekern
+
+    if hasattr(sparsekern, "keep_freed_memory"):
+        sparsekern.keep_freed_memory()
     from sparsekern.finetune.backward import backward
 
     frames = _frames()

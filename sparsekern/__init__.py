@@ -21,6 +21,7 @@ _EXPORTS = {
     "set_adapter": "finetune", "disable_adapter": "finetune", "delete_adapter": "finetune",
     "list_adapters": "finetune", "adapter_calculator": "finetune", "precompile": "ops.triton.precompile",
     "GraphedMACE": "integrations.mace.graphed", "GraphedSevenNet": "integrations.sevennet.graphed",
+    "keep_freed_memory": "host_memory",
 }
 __all__ = list(_EXPORTS)
 

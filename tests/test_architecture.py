@@ -17,15 +17,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sparsekern"
 # What the modules of each part may import from the package (ARCHITECTURE.md); a part
 # always may import itself.
 ALLOWED = {
-    "paths": set(), "files": set(), "locations": set(), "delta_slot": {"paths", "files"},
+    "paths": set(), "files": set(), "locations": set(), "host_memory": set(), "delta_slot": {"paths", "files"},
     "ops": {"paths", "delta_slot", "files"},
     "layers": {"ops", "paths", "delta_slot"},
     "patching": {"layers", "ops", "paths", "delta_slot", "integrations"},
-    "finetune": {"patching", "layers", "ops", "paths", "delta_slot", "files", "locations", "integrations",
-                 "magnetism"},
+    "finetune": {"patching", "layers", "ops", "paths", "delta_slot", "files", "locations", "host_memory",
+                 "integrations", "magnetism"},
     "integrations": {"finetune", "patching", "layers", "ops", "paths", "delta_slot", "files", "locations"},
     "cli": {"finetune", "integrations", "patching", "layers", "ops", "paths", "delta_slot", "files", "locations",
-            "magnetism"},
+            "host_memory", "magnetism"},
     "magnetism": {"integrations", "files", "locations"},
     "demo": {"finetune", "locations"},
 }

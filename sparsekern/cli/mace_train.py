@@ -12,6 +12,7 @@ from typing import List, Optional
 
 from ..finetune import SparseConfig, stats
 from ..finetune.methods import MODES, SPARSE_MODES, choices_help, default_lr
+from ..host_memory import keep_freed_memory
 from ..integrations.mace.train_hooks import SparseHooks
 from ..ops import registry
 
@@ -114,6 +115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     hooks = SparseHooks(config, ours["sparse_backend"], args, factor)
+    if args.device == "cpu":
+        keep_freed_memory()
     with hooks.installed(run_train):
         run_train.run(args)
     if hooks.exports:

@@ -32,6 +32,7 @@ import torch
 
 from .. import delta_slot
 from ..files import atomic_write, exclusive, output_folder
+from ..host_memory import keep_freed_memory
 from ..integrations import Family, cuda_graphs, family_for
 from ..magnetism.family import magnetic_counts, magnetic_family, parameter_groups, train_magnetic
 from ..patching import patch, patched_layers, release
@@ -489,6 +490,8 @@ def run(settings: Settings) -> dict:
     torch.manual_seed(settings.seed)
     family, frames, out = check(settings)
     group, device = join(settings.device)
+    if torch.device(device).type == "cpu":
+        keep_freed_memory()  # a step's large tensors reused, not faulted in again
     try:
         with _held(out, group):
             return _run(replace(settings, device=device), out, family, frames, group, started)
