@@ -114,7 +114,10 @@ def _conv_by_receiver(desc: TPDesc, node_feats, edge_attrs, tp_weights, sender, 
         dims = [desc.blocks_out.dims[desc.paths[t].i_out] for t in ts]
         for t, zt in zip(ts, z.split(dims, dim=2)):
             pt = _ScaleRows.apply(xi, w_paths[t]).view(n, width * d1, mul)
-            out.add(desc.paths[t].i_out, torch.bmm(pt.transpose(1, 2), zt).reshape(n, mul * zt.shape[2]))
+            # (n, d_out, mul), transposed after: the gradient of pt then comes out of its
+            # product contiguous (no copy in the view's backward), the small output is copied
+            y = torch.bmm(zt.transpose(1, 2), pt)
+            out.add(desc.paths[t].i_out, y.transpose(1, 2).reshape(n, mul * zt.shape[2]))
     return out.cat(node_feats)
 
 
