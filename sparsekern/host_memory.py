@@ -4,10 +4,11 @@ glibc's malloc gives a large block back to the operating system when it is freed
 above a threshold (adapting up to 32 MiB) are mapped and unmapped one by one, and the
 heap's top is trimmed. A training step frees its large tensors and allocates them again
 the next step, and each page of a new mapping faults on first touch: 55,000 faults a
-step for SevenNet-0 on four 63-atom silicon cells, 300,000 for MACE-MP-0 medium, a
-third of the step and more (benchmarks/cpu_step_ab.py; benchmarks/NOTES.md). With the
-threshold above any tensor and no trimming, freed blocks stay in the heap and the next
-step reuses them: the process keeps its peak memory until it exits.
+step for SevenNet-0 on four 63-atom silicon cells, 300,000 for MACE-MP-0 medium: an
+eighth of the one step, a quarter of the other (benchmarks/cpu_step_ab.py;
+benchmarks/NOTES.md). With the threshold above any tensor and no trimming, freed blocks
+stay in the heap and the next step reuses them: the process keeps its peak memory until
+it exits.
 
 The trainer (``sparsekern finetune``, the demo) and ``sparsekern mace-train`` call
 :func:`keep_freed_memory` when they run on the CPU; a script that runs a model on the
