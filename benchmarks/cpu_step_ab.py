@@ -40,14 +40,15 @@ def _frames():
     return read(_train_file(), index="::8")[:4]
 
 
-def _step_fn(model_name: str):
+def _step_fn(model_name: str, as_trainer: bool = True):
     """A sparse training step of the tree on sys.path, as a function, in a process set up
-    as the trainer sets up its own (the allocator, in trees that have the setting)."""
+    as the trainer sets up its own (the allocator, in trees that have the setting) unless
+    ``as_trainer`` is False."""
     import torch
 
     import sparsekern
 
-    if hasattr(sparsekern, "keep_freed_memory"):
+    if as_trainer and hasattr(sparsekern, "keep_freed_memory"):
         sparsekern.keep_freed_memory()
     from sparsekern.finetune.backward import backward
 
