@@ -197,6 +197,21 @@ def test_lora_runs_mace_own_lora_and_flags_do_not_mix(workdir, capsys):
 
 
 
+@pytest.mark.parametrize("device, calls", [("cpu", 1), ("cuda", 0)])
+def test_cpu_runs_keep_freed_memory(monkeypatch, device, calls):
+    """On the CPU MACE's loop runs with freed memory kept in the process (host_memory)."""
+    from mace.cli import run_train
+
+    from sparsekern.cli import mace_train
+
+    kept = []
+    monkeypatch.setattr(mace_train, "keep_freed_memory", lambda: kept.append(1))
+    monkeypatch.setattr(run_train, "run", lambda args: None)  # the training itself is tested above
+    assert mace_train.main(["--name", "x", "--train_file", "t.xyz", "--foundation_model", "f.model",
+                            "--device", device]) == 0
+    assert len(kept) == calls
+
+
 @pytest.mark.parametrize("freeze", [None, 6])
 def test_optimizer_groups_hold_deltas_in_their_base_weights_group(workdir, freeze):
     """MACE's groups (get_params_options) for the prepared model: only deltas, each in
