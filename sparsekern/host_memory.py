@@ -18,26 +18,20 @@ CPU many times (an ASE calculator in MD) can call it too.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 _MMAP_THRESHOLDS = (1 << 30, 32 << 20)  # 32 MiB: the most older glibc accept
 _ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
-_kept = None
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory in this process (once; later calls return
     the first answer). False, with nothing changed, where malloc is not glibc's or the
     environment already tunes it (MALLOC_*_, or glibc.malloc in GLIBC_TUNABLES)."""
-    global _kept
-    if _kept is None:
-        _kept = _set_thresholds()
-    return _kept
-
-
-def _set_thresholds() -> bool:
     tuned = any(k in os.environ for k in _ENVIRONMENT) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
     if platform.libc_ver()[0] != "glibc" or tuned:
         return False
