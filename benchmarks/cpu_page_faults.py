@@ -104,7 +104,8 @@ def main() -> None:
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(out)
     print(f"\n{args.task}, {args.model}, CPU ({record['machine']}): best {base['best_s']:.4f} -> "
-          f"{kept['best_s']:.4f} s ({base['best_s'] / kept['best_s']:.2f}x), medians {[round(m, 4) for m in base['median_s']]} -> "
+          f"{kept['best_s']:.4f} s ({base['best_s'] / kept['best_s']:.2f}x), "
+          f"medians {[round(m, 4) for m in base['median_s']]} -> "
           f"{[round(m, 4) for m in kept['median_s']]}, faults a call {[round(f) for f in base['faults_per_call']]} -> "
           f"{[round(f) for f in kept['faults_per_call']]}\nwrote {out}")
 
