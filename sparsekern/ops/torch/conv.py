@@ -112,8 +112,9 @@ def _conv_by_receiver(desc: TPDesc, node_feats, edge_attrs, tp_weights, sender, 
         z = torch.matmul(x2_pad, c).view(n, width * d1, c.shape[1] // d1)  # (n, (e, i), K)
         xi = x1_blocks[i1].reshape(n * width, d1, mul)
         dims = [desc.blocks_out.dims[desc.paths[t].i_out] for t in ts]
-        for t, zt in zip(ts, z.split(dims, dim=2)):
-            pt = _ScaleRows.apply(xi, w_paths[t]).view(n, width * d1, mul)
+        ps = _ScaleRows.apply(xi, *(w_paths[t] for t in ts))
+        for t, zt, pt in zip(ts, z.split(dims, dim=2), ps):
+            pt = pt.view(n, width * d1, mul)
             # (n, d_out, mul), transposed after: the gradient of pt then comes out of its
             # product contiguous (no copy in the view's backward), the small output is copied
             y = torch.bmm(zt.transpose(1, 2), pt)
@@ -122,14 +123,68 @@ def _conv_by_receiver(desc: TPDesc, node_feats, edge_attrs, tp_weights, sender, 
 
 
 class _ScaleRows(torch.autograd.Function):
-    """p[b, i, u] = x[b, i, u] w[b, u]. The weight gradient sums over the short axis i by
-    fused multiply-adds: autograd's broadcast backward reduces over that middle axis,
-    several times slower on CPUs. The backward is built of differentiable operations,
-    so double backward goes through it (``setup_context`` apart: ``torch.func`` needs it)."""
+    """p_t[b, i, u] = x[b, i, u] w_t[b, u] for each weight w_t. With :class:`_ScaleSum`
+    and :class:`_RowDot` it is closed under differentiation (each one's backward is made
+    of the three), so every order of derivative is a few fused passes: x's gradient sums
+    the paths by fused multiply-adds, not one product and one addition per path; the
+    weights' reduce over the short axis i the same way, where autograd's broadcast
+    backward reduces over a middle axis, several times slower on CPUs (``setup_context``
+    apart: ``torch.func`` needs it)."""
 
     @staticmethod
-    def forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return x * w.unsqueeze(1)
+    def forward(x: torch.Tensor, *ws: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return tuple(x * w.unsqueeze(1) for w in ws)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        track(ctx, *inputs)
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        x, *ws = ctx.saved_tensors
+        grad_x = _ScaleSum.apply(len(ws), *grads, *ws) if needed(ctx, 0) else None
+        return (grad_x, *(_RowDot.apply(g, x) if needed(ctx, 1 + t) else None for t, g in enumerate(grads)))
+
+
+class _ScaleSum(torch.autograd.Function):
+    """s[b, i, u] = sum_t g_t[b, i, u] w_t[b, u], arguments (T, g_1..g_T, w_1..w_T)."""
+
+    @staticmethod
+    def forward(n: int, *args: torch.Tensor) -> torch.Tensor:
+        gs, ws = args[:n], args[n:]
+        s = gs[0] * ws[0].unsqueeze(1)
+        for g, w in zip(gs[1:], ws[1:]):
+            s.addcmul_(g, w.unsqueeze(1))
+        return s
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        track(ctx, *inputs)
+        ctx.save_for_backward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        args = ctx.saved_tensors
+        n = len(args) // 2
+        gs, ws = args[:n], args[n:]
+        grad_gs = _ScaleRows.apply(grad, *ws) if any(needed(ctx, 1 + t) for t in range(n)) else (None,) * n
+        grad_ws = [_RowDot.apply(g, grad) if needed(ctx, 1 + n + t) else None for t, g in enumerate(gs)]
+        return (None, *grad_gs, *grad_ws)
+
+
+class _RowDot(torch.autograd.Function):
+    """r[b, u] = sum_i a[b, i, u] c[b, i, u], by fused multiply-adds over the short axis i."""
+
+    @staticmethod
+    def forward(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # unbind, not a[:, i]: views of the rows, no copies
+        rows = zip(a.unbind(1), c.unbind(1))
+        a0, c0 = next(rows)
+        r = a0 * c0
+        for a_i, c_i in rows:
+            r.addcmul_(a_i, c_i)
+        return r
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -138,17 +193,9 @@ class _ScaleRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, w = ctx.saved_tensors
-        grad_x = grad * w.unsqueeze(1) if needed(ctx, 0) else None
-        grad_w = None
-        if needed(ctx, 1):
-            # unbind, not x[:, i]: its double backward stacks the rows once, where each
-            # select's would zero-fill a full-size gradient (d1 of them)
-            gs, xs = grad.unbind(1), x.unbind(1)
-            grad_w = gs[0] * xs[0]
-            for g_i, x_i in zip(gs[1:], xs[1:]):
-                grad_w = torch.addcmul(grad_w, g_i, x_i)
-        return grad_x, grad_w
+        a, c = ctx.saved_tensors
+        return (_ScaleRows.apply(c, grad)[0] if needed(ctx, 0) else None,
+                _ScaleRows.apply(a, grad)[0] if needed(ctx, 1) else None)
 
 
 def _receiver_buckets(receiver: torch.Tensor, n: int) -> List[Tuple[torch.Tensor, torch.Tensor, bool]]:
