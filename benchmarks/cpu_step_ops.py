@@ -1,11 +1,14 @@
 """CPU: where a sparse training step's time goes, op by op. Each aten op of the step
-(``cpu_step_ab.py``'s, in a process set up as the trainer's) is timed as it runs, under a
+(``cpu_step_ab.py``'s, in a process set up as the trainer's; or with ``--task
+energy_forces`` a float32 energy+forces of the MACE shape on 64 atoms, an MD call, as
+``cpu_page_faults.py`` runs it) is timed as it runs, under a
 ``TorchDispatchMode``, and summed by (op, the autograd node running it: ``fwd`` for the
 forward); ``--op`` lists one op's calls by node and input shapes and strides instead. The
 mode's own cost adds a few percent; compare rows, not the step's total.
 
     .venv-sevenn/bin/python benchmarks/cpu_step_ops.py [--model 7net-0] [--top 25]
     .venv-mace/bin/python benchmarks/cpu_step_ops.py --model mace --op aten.clone.default
+    .venv-mace/bin/python benchmarks/cpu_step_ops.py --model mace --task energy_forces
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=("7net-0", "mace"), default="7net-0")
-    ap.add_argument("--steps", type=int, default=2, help="steps timed (after two warm-ups); figures are per step")
+    ap.add_argument("--task", choices=("step", "energy_forces"), default="step")
+    ap.add_argument("--steps", type=int, default=2, help="calls timed (after two warm-ups); figures are per call")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--op", help="list this op's calls (e.g. aten.clone.default) by node, shapes and strides")
     args = ap.parse_args()
@@ -32,9 +36,11 @@ def main() -> None:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from cpu_step_ab import _step_fn
+    import sparsekern
+    from cpu_page_faults import _task
 
-    step = _step_fn(args.model)
+    sparsekern.keep_freed_memory()  # as the trainer sets up its process
+    step = _task(args.task, args.model, keep=False)
     for _ in range(2):
         step()
     total, calls = collections.Counter(), collections.Counter()
@@ -59,7 +65,7 @@ def main() -> None:
     with Timed():
         for _ in range(args.steps):
             step()
-    print(f"{args.model}: {(time.perf_counter() - start) / args.steps:.3f} s a step under the mode, "
+    print(f"{args.model}, {args.task}: {(time.perf_counter() - start) / args.steps:.3f} s a call under the mode, "
           f"{sum(total.values()):.0f} ms of {'calls of ' + args.op if args.op else 'ops'}")
     for key, ms in total.most_common(args.top):
         print(f"{ms:8.1f} ms {calls[key]:6.0f} calls  " + "  ".join(str(k) for k in key))
