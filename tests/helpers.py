@@ -1,5 +1,6 @@
 """Shared test utilities: random irreps, relative errors, random O(3) elements."""
 
+import collections
 import os
 import random
 
@@ -192,10 +193,15 @@ def files_written(err: str, out) -> list:
 
 
 class AtenOps(TorchDispatchMode):
-    """Counts the aten ops run inside it (``n``): a CPU measure of host dispatch."""
+    """Counts the aten ops run inside it (``n``, and by name in ``names``): a CPU measure
+    of host dispatch."""
 
-    n = 0
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+        self.names = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.n += 1
+        self.names[str(func)] += 1
         return func(*args, **(kwargs or {}))

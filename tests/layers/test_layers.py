@@ -247,6 +247,28 @@ def test_fused_conv_by_receiver(layout):
         _check_grads(first, args)
 
 
+def test_fused_conv_force_training_without_row_stacks_or_middle_sums():
+    """Force training differentiates the torch fused conv twice. Its per-path row scaling
+    (p = x w) and the derivatives of that are fused passes: no stack of x's rows
+    (autograd's double backward of unbinding them), no reduction over their middle axis
+    (autograd's broadcast backward of the product), and x's gradient summed over an x1
+    block's paths by multiply-adds, not one product and one addition a path (here 363
+    products and additions, 523 with autograd's derivatives of one scaling a path)."""
+    ref = uvu_tp(o3.Irreps("4x0e+4x1o+2x2e"), o3.Irreps.spherical_harmonics(2), o3.Irreps("4x0e+4x1o+4x2e"))
+    conv = ChannelwiseConv.from_e3nn(ref)
+    n, e = 5, 12
+    edge_index = torch.randint(0, n, (2, e), generator=torch.Generator().manual_seed(2))
+    args = (torch.randn(n, ref.irreps_in1.dim, dtype=torch.float64, requires_grad=True),
+            torch.randn(e, ref.irreps_in2.dim, dtype=torch.float64, requires_grad=True),
+            torch.randn(e, ref.weight_numel, dtype=torch.float64, requires_grad=True))
+    with AtenOps() as ops:
+        out = conv(*args, edge_index)
+        grads = torch.autograd.grad(out.square().sum(), args, create_graph=True)
+        torch.autograd.grad(sum(g.square().sum() for g in grads) + out.sum(), args)
+    assert ops.names["aten.stack.default"] == 0 and ops.names["aten.sum.dim_IntList"] == 0, ops.names
+    assert ops.names["aten.mul.Tensor"] + ops.names["aten.add.Tensor"] <= 400, ops.names
+
+
 @pytest.mark.parametrize("hs", [[3, 5, 4], [3, 5, 4, 6, 2]])
 def test_radial_mlp_grads(hs):
     mlp = RadialMLP(hs, torch.nn.functional.silu).double()
