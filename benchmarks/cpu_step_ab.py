@@ -3,7 +3,7 @@ side by side: each round starts one process per tree (the base checked out in a
 temporary git worktree), alternately, each timing ``--steps`` steps after two warm-ups;
 the best step of each tree over all rounds is kept, so load from elsewhere hits both
 alike, and the median of all its steps beside it (the VM's memory reclaim can move a
-tree's best between runs). A step as the demo's trainer takes it: SevenNet-0 (or ``--model mace``, an
+tree's best between runs); each round's ratio of the two medians shows the spread. A step as the demo's trainer takes it: SevenNet-0 (or ``--model mace``, an
 MP-0-medium-shaped MACE) on four 63-atom silicon frames of si_mlearn (the demo's data),
 the torch back end, forces with their graph, a force and energy loss, the backward into
 the trained tensors, an Adam step.
@@ -140,12 +140,16 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), base.stdout.strip()],
                        cwd=ROOT, check=True)
         try:
-            times = {"base": [], "this tree": []}
+            times, ratios = {"base": [], "this tree": []}, []
             for r in range(args.rounds):
+                medians = {}
                 for name, where in (("base", tree), ("this tree", ROOT)):
-                    times[name] += _run(where, args)
-                print(f"round {r + 1}: best so far base {min(times['base']):.3f} s, "
-                      f"this tree {min(times['this tree']):.3f} s", flush=True)
+                    steps = _run(where, args)
+                    times[name] += steps
+                    medians[name] = statistics.median(steps)
+                ratios.append(medians["base"] / medians["this tree"])
+                print(f"round {r + 1}: medians base {medians['base']:.3f} s, this tree {medians['this tree']:.3f} s "
+                      f"({ratios[-1]:.2f}x)", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
     cpu = platform.processor() or platform.machine()
@@ -155,7 +159,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs), {args.rounds} x {args.steps} steps: base {base.stdout.strip()} "
           f"best {best['base']:.3f} s, median {median['base']:.3f} s; this tree best {best['this tree']:.3f} s, "
           f"median {median['this tree']:.3f} s ({best['base'] / best['this tree']:.2f}x best, "
-          f"{median['base'] / median['this tree']:.2f}x median)")
+          f"{median['base'] / median['this tree']:.2f}x median; rounds {min(ratios):.2f}x to {max(ratios):.2f}x)")
 
 
 if __name__ == "__main__":
