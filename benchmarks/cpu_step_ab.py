@@ -3,7 +3,8 @@ side by side: each round starts one process per tree (the base checked out in a
 temporary git worktree), alternately, each timing ``--steps`` steps after two warm-ups;
 the best step of each tree over all rounds is kept, so load from elsewhere hits both
 alike, and the median of all its steps beside it (the VM's memory reclaim can move a
-tree's best between runs); each round's ratio of the two medians shows the spread. A step as the demo's trainer takes it: SevenNet-0 (or ``--model mace``, an
+tree's best between runs); each round's ratio of the two medians shows the spread. A
+step as the demo's trainer takes it: SevenNet-0 (or ``--model mace``, an
 MP-0-medium-shaped MACE) on four 63-atom silicon frames of si_mlearn (the demo's data),
 the torch back end, forces with their graph, a force and energy loss, the backward into
 the trained tensors, an Adam step.
