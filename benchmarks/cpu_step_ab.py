@@ -7,10 +7,12 @@ tree's best between runs); each round's ratio of the two medians shows the sprea
 step as the demo's trainer takes it: SevenNet-0 (or ``--model mace``, an
 MP-0-medium-shaped MACE) on four 63-atom silicon frames of si_mlearn (the demo's data),
 the torch back end, forces with their graph, a force and energy loss, the backward into
-the trained tensors, an Adam step.
+the trained tensors, an Adam step. ``--task energy_forces`` times an MD call instead: a
+float32 energy+forces of the MACE shape on 64 atoms (``cpu_page_faults.py``'s), freed
+memory kept in the process.
 
     .venv-sevenn/bin/python benchmarks/cpu_step_ab.py --base HEAD [--rounds 3] [--steps 6]
-    .venv-mace/bin/python benchmarks/cpu_step_ab.py --base HEAD --model mace
+    .venv-mace/bin/python benchmarks/cpu_step_ab.py --base HEAD --model mace [--task energy_forces]
 """
 
 from __future__ import annotations
@@ -91,8 +93,14 @@ def _step_fn(model_name: str, as_trainer: bool = True):
     return step
 
 
-def _child(model_name: str, steps: int) -> None:
-    step = _step_fn(model_name)
+def _child(task: str, model_name: str, steps: int) -> None:
+    if task == "step":
+        step = _step_fn(model_name)
+    else:
+        import sparsekern  # noqa: F401  the tree under test's, before cpu_page_faults puts this one on sys.path
+        from cpu_page_faults import _task
+
+        step = _task(task, model_name, keep=True)  # as the README has MD scripts do
     for _ in range(2):
         step()
     times = []
@@ -110,7 +118,8 @@ def _run(tree: Path, args) -> List[float]:
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")]),
            "SPARSEKERN_DATA": str(data_dir())}  # where this tree finds it, not relative to the base's
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--model", args.model, "--steps", str(args.steps)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--task", args.task, "--model", args.model,
+           "--steps", str(args.steps)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree)
     lines = [line for line in out.stdout.splitlines() if line.startswith("TIMES ")]
     if out.returncode or not lines:
@@ -125,12 +134,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="HEAD", help="the commit to compare with (default: HEAD)")
     ap.add_argument("--model", choices=("7net-0", "mace"), default="7net-0")
+    ap.add_argument("--task", choices=("step", "energy_forces"), default="step")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:  # sparsekern from PYTHONPATH: the tree under test
-        return _child(args.model, args.steps)
+        return _child(args.task, args.model, args.steps)
+    if args.task == "energy_forces" and args.model != "mace":
+        raise SystemExit("cpu_step_ab: --task energy_forces runs the MACE shape (--model mace)")
     sys.path.insert(0, str(ROOT))  # here only: a child must not import this tree's
     _train_file()  # before any worktree or model
     base = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, capture_output=True, text=True)
@@ -156,7 +168,8 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     best = {k: min(v) for k, v in times.items()}
     median = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\nsparse step, {args.model}, 4 x 63-atom silicon, torch back end, CPU ({cpu}, "
+    what = "sparse step, 4 x 63-atom silicon" if args.task == "step" else "float32 energy+forces, 64 atoms"
+    print(f"\n{what}, {args.model}, torch back end, CPU ({cpu}, "
           f"{os.cpu_count()} CPUs), {args.rounds} x {args.steps} steps: base {base.stdout.strip()} "
           f"best {best['base']:.3f} s, median {median['base']:.3f} s; this tree best {best['this tree']:.3f} s, "
           f"median {median['this tree']:.3f} s ({best['base'] / best['this tree']:.2f}x best, "

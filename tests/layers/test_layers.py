@@ -222,16 +222,22 @@ def test_fused_conv_by_receiver(layout):
     grouped by in-degree: edges permuted by receiver where all in-degrees are equal,
     padded within a group, groups split where padding would add over half the edges;
     node 3 has no edges in the last two layouts."""
-    from sparsekern.ops.torch.conv import _receiver_buckets
+    from sparsekern.ops.torch.conv import _receiver_slots
 
     ref = uvu_tp(o3.Irreps("2x0e+1x1o"), o3.Irreps.spherical_harmonics(1), o3.Irreps("2x0e+2x1o"))
     conv = ChannelwiseConv.from_e3nn(ref)
-    receiver, groups = {"regular": ([2, 0, 1, 3, 3, 0, 2, 1], [((4, 2), False)]),
-                        "padded": ([2, 0, 1, 0, 2, 1, 0], [((3, 3), True)]),
-                        "skewed": ([0, 0, 0, 0, 1, 2], [((1, 4), False), ((2, 1), False)])}[layout]
+    receiver, groups, pads = {"regular": ([2, 0, 1, 3, 3, 0, 2, 1], [(4, 2)], None),
+                              "padded": ([2, 0, 1, 0, 2, 1, 0], [(3, 3)], [5, 8]),
+                              "skewed": ([0, 0, 0, 0, 1, 2], [(1, 4), (2, 1)], None)}[layout]
     receiver = torch.tensor(receiver)
     n, e = 4, receiver.shape[0]
-    assert [(tuple(slots.shape), padded) for _, slots, padded in _receiver_buckets(receiver, n)] == groups
+    slots = _receiver_slots(receiver, n)
+    assert slots.shapes == groups and (slots.pads if pads is None else slots.pads.tolist()) == pads
+    # each edge in one slot of its receiver's row, in order
+    assert torch.equal(slots.index[slots.inverse], torch.arange(e))
+    rows = torch.cat([nodes.repeat_interleave(width) for nodes, width in
+                      zip(slots.nodes.split([rows for rows, _ in groups]), [width for _, width in groups])])
+    assert torch.equal(rows[slots.inverse], receiver)
     edge_index = torch.stack([torch.tensor([3, 1, 0, 2, 2, 1, 0, 3])[:e], receiver])
     args = (torch.randn(n, ref.irreps_in1.dim, dtype=torch.float64, requires_grad=True),
             torch.randn(e, ref.irreps_in2.dim, dtype=torch.float64, requires_grad=True),
@@ -240,7 +246,7 @@ def test_fused_conv_by_receiver(layout):
         0, receiver, ref(args[0][edge_index[0]], args[1], args[2]))
     assert rel_err(conv(*args, edge_index), expected) <= TOL[torch.float64]
     _check_grads(lambda a, b, c: conv(a, b, c, edge_index), args)
-    if layout == "padded":  # third derivatives, also through the padded slots (x2 zero there, w a real edge's)
+    if layout == "padded":  # third derivatives, also through the padded slots (x2 and w zero there)
         def first(a, b, c):
             return torch.autograd.grad(conv(a, b, c, edge_index).sin().sum(), (a, b, c), create_graph=True)
 

@@ -5,7 +5,7 @@ Clebsch-Gordan blocks, then the products with x1."""
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -13,6 +13,7 @@ from ...paths import OutputSlots, split_segments
 from ..descriptors import TPDesc
 from ..grads import needed, track
 from .opaque import opaque_to_compile
+from .take import Take
 
 
 def _groups(desc: TPDesc) -> List[Tuple[int, List[int]]]:
@@ -75,41 +76,44 @@ def conv(desc: TPDesc, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_we
     ``edge_index[0]`` holds senders, ``edge_index[1]`` receivers."""
     n = node_feats.shape[0]
     sender, receiver = edge_index[0].long(), edge_index[1].long()
-    buckets = _receiver_buckets(receiver, n)
-    if buckets:
-        outs = [_conv_by_receiver(desc, node_feats, edge_attrs, tp_weights, sender, slots, padded)
-                for _, slots, padded in buckets]
-        nodes = torch.cat([b[0] for b in buckets])
-        y = torch.cat(outs)
-        return y.new_zeros(n, y.shape[1]).index_copy(0, nodes, y)  # nodes without edges stay 0
-    messages = channelwise_tp(desc, node_feats.index_select(0, sender), edge_attrs, tp_weights)
-    return messages.new_zeros(n, messages.shape[1]).index_add(0, receiver, messages)
-
-
-def _conv_by_receiver(desc: TPDesc, node_feats, edge_attrs, tp_weights, sender, slots, padded: bool):
-    """The sum over a node's incoming edges done inside one batched product per path,
-    out[n, u, k] = sum_(e, i) P[n, (e, i), u] Z[n, (e, i), k] with P = w x1[sender] and
-    Z = C x2, so the (edges, mul, d_out) messages are never formed. ``slots`` (n, width)
-    lists the incoming edges of n nodes, ``padded`` with edge E: a zero row of x2, so Z
-    and every product with it are zero there (and its gradients, into that row, are
-    dropped); w and the sender are read from edge E - 1, not copied with a zero row."""
-    n, width = slots.shape
-    cg = desc.const("cg", node_feats, lambda: _cg_blocks(desc))
-    flat = slots.reshape(-1)
-    x2 = torch.cat([edge_attrs, edge_attrs.new_zeros(1, edge_attrs.shape[1])]) if padded else edge_attrs
-    real = flat.clamp(max=tp_weights.shape[0] - 1) if padded else flat
-    w_pad, x2_pad, s_pad = tp_weights.index_select(0, real), x2.index_select(0, flat), sender.index_select(0, real)
+    slots = _receiver_slots(receiver, n)
+    if slots is None:
+        messages = channelwise_tp(desc, node_feats.index_select(0, sender), edge_attrs, tp_weights)
+        return messages.new_zeros(n, messages.shape[1]).index_add(0, receiver, messages)
+    # the edges' rows in slot order, 0 in the padding: a gather whose gradient is one too
+    w, x2 = (Take.apply(t, 0, slots.index, slots.pads, slots.inverse, None) for t in (tp_weights, edge_attrs))
     # each x1 block as (nodes, d1, mul) before the gather: P then comes out of one
     # broadcast product already in the (e, i, u) order the batched product reads
     b1 = desc.blocks_in1
     x1_t = torch.cat([b.reshape(-1, mul, d).transpose(1, 2).reshape(b.shape[0], -1)
                       for b, mul, d in zip(node_feats.split(b1.sizes, dim=1), b1.muls, b1.dims)], 1)
-    x1_blocks = x1_t.index_select(0, s_pad).split(b1.sizes, dim=1)
-    w_paths = split_segments(w_pad, [(p.weight_offset, p.mul_in) for p in desc.paths], dim=1)
+    sizes = [rows * width for rows, width in slots.shapes]
+    parts = zip(*(_pieces(t, sizes) for t in (w, x2, sender.index_select(0, slots.index))), slots.shapes)
+    y = torch.cat([_conv_by_receiver(desc, x1_t, *part) for part in parts])
+    return y.new_zeros(n, y.shape[1]).index_copy(0, slots.nodes, y)  # nodes without edges stay 0
+
+
+def _pieces(t: torch.Tensor, sizes: List[int]) -> Tuple[torch.Tensor, ...]:
+    """t split into row blocks; one block is t itself (a split's backward copies)."""
+    return (t,) if len(sizes) == 1 else t.split(sizes)
+
+
+def _conv_by_receiver(desc: TPDesc, x1_t, w, x2, sender, shape: Tuple[int, int]):
+    """The sum over a node's incoming edges done inside one batched product per path,
+    out[n, u, k] = sum_(e, i) P[n, (e, i), u] Z[n, (e, i), k] with P = w x1[sender] and
+    Z = C x2, so the (edges, mul, d_out) messages are never formed. ``shape`` is
+    (nodes, width): w, x2 and sender hold their incoming edges in width slots a node, x2
+    and w zero in a padding slot (so are Z and every product with it, and their
+    gradients); x1_t is each x1 block's (d1, mul) transpose, for every node."""
+    n, width = shape
+    cg = desc.const("cg", x1_t, lambda: _cg_blocks(desc))
+    b1 = desc.blocks_in1
+    x1_blocks = x1_t.index_select(0, sender).split(b1.sizes, dim=1)
+    w_paths = split_segments(w, [(p.weight_offset, p.mul_in) for p in desc.paths], dim=1)
     out = OutputSlots(desc.blocks_out.sizes)
-    for (i1, ts), c in zip(desc.const("groups", node_feats, lambda: _groups(desc)), cg):
+    for (i1, ts), c in zip(desc.const("groups", x1_t, lambda: _groups(desc)), cg):
         mul, d1 = b1.muls[i1], b1.dims[i1]
-        z = torch.matmul(x2_pad, c).view(n, width * d1, c.shape[1] // d1)  # (n, (e, i), K)
+        z = torch.matmul(x2, c).view(n, width * d1, c.shape[1] // d1)  # (n, (e, i), K)
         xi = x1_blocks[i1].reshape(n * width, d1, mul)
         dims = [desc.blocks_out.dims[desc.paths[t].i_out] for t in ts]
         ps = _ScaleRows.apply(xi, *(w_paths[t] for t in ts))
@@ -119,7 +123,7 @@ def _conv_by_receiver(desc: TPDesc, node_feats, edge_attrs, tp_weights, sender, 
             # product contiguous (no copy in the view's backward), the small output is copied
             y = torch.bmm(zt.transpose(1, 2), pt)
             out.add(desc.paths[t].i_out, y.transpose(1, 2).reshape(n, mul * zt.shape[2]))
-    return out.cat(node_feats)
+    return out.cat(x1_t)
 
 
 class _ScaleRows(torch.autograd.Function):
@@ -198,33 +202,46 @@ class _RowDot(torch.autograd.Function):
                 _ScaleRows.apply(a, grad)[0] if needed(ctx, 1) else None)
 
 
-def _receiver_buckets(receiver: torch.Tensor, n: int) -> List[Tuple[torch.Tensor, torch.Tensor, bool]]:
+class _Slots(NamedTuple):
+    """Every edge in a slot of its receiver, nodes grouped by in-degree (one width a
+    group): slot p of the (sum of rows x width) holds edge ``index[p]``, ``pads`` the
+    empty slots (their index is any edge), ``inverse[e]`` edge e's slot."""
+
+    nodes: torch.Tensor  # the groups' nodes in order (nodes without edges in none)
+    shapes: List[Tuple[int, int]]  # (nodes, width) of each group
+    index: torch.Tensor
+    pads: Optional[torch.Tensor]
+    inverse: torch.Tensor
+
+
+def _receiver_slots(receiver: torch.Tensor, n: int) -> Optional[_Slots]:
     """Nodes grouped by in-degree so that padding each group to its largest in-degree at
-    most adds half of its edges: per group its nodes, their (nodes, width) incoming edge
-    ids padded with E, and whether any padding is there. Nodes without edges are in no
-    group; no groups without edges."""
+    most adds half of its edges; None without edges."""
     e = receiver.shape[0]
     if e == 0:
-        return []
+        return None
     counts = torch.bincount(receiver, minlength=n)
     node_order = torch.argsort(counts, descending=True, stable=True)
     degrees = counts.index_select(0, node_order).tolist()
     order = torch.argsort(receiver, stable=True)
     ordered = receiver.index_select(0, order)
     position = torch.arange(e, device=receiver.device) - (torch.cumsum(counts, 0) - counts).index_select(0, ordered)
-    local = torch.empty_like(counts)  # each node's row in its group
-    buckets, lo = [], 0
+    # each node's first slot: its row in its group times the width, past the groups before
+    first = torch.empty_like(counts)
+    shapes, lo, offset = [], 0, 0
     while lo < n and degrees[lo] > 0:
         width, hi = degrees[lo], lo
         while hi < n and degrees[hi] > 0 and 3 * degrees[hi] >= 2 * width:
             hi += 1
-        nodes = node_order[lo:hi]
-        local[nodes] = torch.arange(hi - lo, device=receiver.device)
-        mine = torch.zeros(n, dtype=torch.bool, device=receiver.device)
-        mine[nodes] = True
-        take = mine.index_select(0, ordered)
-        slots = torch.full(((hi - lo) * width,), e, dtype=torch.long, device=receiver.device)
-        slots[local.index_select(0, ordered[take]) * width + position[take]] = order[take]
-        buckets.append((nodes, slots.view(hi - lo, width), sum(degrees[lo:hi]) < (hi - lo) * width))
+        first[node_order[lo:hi]] = offset + width * torch.arange(hi - lo, device=receiver.device)
+        shapes.append((hi - lo, width))
+        offset += (hi - lo) * width
         lo = hi
-    return buckets
+    slot = first.index_select(0, ordered) + position  # of the edges in receiver order
+    inverse = torch.empty_like(order).index_copy_(0, order, slot)
+    index = torch.zeros(offset, dtype=torch.long, device=receiver.device).index_copy_(0, slot, order)
+    pads = None
+    if offset > e:
+        filled = torch.zeros(offset, dtype=torch.bool, device=receiver.device).index_fill_(0, slot, True)
+        pads = (~filled).nonzero().squeeze(1)
+    return _Slots(node_order[:lo], shapes, index, pads, inverse)
