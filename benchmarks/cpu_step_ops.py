@@ -55,7 +55,9 @@ def main() -> None:
             if args.op:
                 if key[0] != args.op:
                     return out
-                tensors = [a for a in args_ if torch.is_tensor(a)]
+                # a list argument's tensors too (cat's, stack's)
+                flat = [t for a in args_ for t in (a if isinstance(a, (list, tuple)) else [a])]
+                tensors = [t for t in flat if torch.is_tensor(t)]
                 key += (tuple(tuple(t.shape) for t in tensors), tuple(t.stride() for t in tensors))
             total[key] += ms / args.steps
             calls[key] += 1 / args.steps

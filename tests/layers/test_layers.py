@@ -253,6 +253,20 @@ def test_fused_conv_by_receiver(layout):
         _check_grads(first, args)
 
 
+def test_fused_conv_output_block_without_paths():
+    """An output block no path writes is zeros, also where the nodes fall into several
+    in-degree groups (each group's rows, not the graph's)."""
+    irreps1, irreps2, irreps_out = o3.Irreps("2x0e+1x1o"), o3.Irreps("1x0e+1x1o"), o3.Irreps("2x0e+1x1o+3x2e")
+    ref = o3.TensorProduct(irreps1, irreps2, irreps_out, [(0, 0, 0, "uvu", True), (1, 0, 1, "uvu", True)],
+                           shared_weights=False, internal_weights=False).double()
+    conv = ChannelwiseConv.from_e3nn(ref)
+    receiver, sender = torch.tensor([0, 0, 0, 0, 1, 2]), torch.tensor([1, 2, 3, 1, 0, 0])
+    x1, x2 = torch.randn(4, irreps1.dim, dtype=torch.float64), torch.randn(6, irreps2.dim, dtype=torch.float64)
+    w = torch.randn(6, ref.weight_numel, dtype=torch.float64)
+    expected = torch.zeros(4, irreps_out.dim, dtype=torch.float64).index_add(0, receiver, ref(x1[sender], x2, w))
+    assert rel_err(conv(x1, x2, w, torch.stack([sender, receiver])), expected) <= TOL[torch.float64]
+
+
 def test_fused_conv_force_training_without_row_stacks_or_middle_sums():
     """Force training differentiates the torch fused conv twice. Its per-path row scaling
     (p = x w) and the derivatives of that are fused passes: no stack of x's rows

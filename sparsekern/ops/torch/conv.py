@@ -82,11 +82,12 @@ def conv(desc: TPDesc, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_we
         return messages.new_zeros(n, messages.shape[1]).index_add(0, receiver, messages)
     # the edges' rows in slot order, 0 in the padding: a gather whose gradient is one too
     w, x2 = (Take.apply(t, 0, slots.index, slots.pads, slots.inverse, None) for t in (tp_weights, edge_attrs))
-    # each x1 block as (nodes, d1, mul) before the gather: P then comes out of one
-    # broadcast product already in the (e, i, u) order the batched product reads
+    # each x1 block as (nodes, d1, mul), gathered apiece: P then comes out of one broadcast
+    # product already in the (e, i, u) order the batched product reads, and each block's
+    # gradient is scattered into it, not concatenated at the edges' size first
     b1 = desc.blocks_in1
-    x1_t = torch.cat([b.reshape(-1, mul, d).transpose(1, 2).reshape(b.shape[0], -1)
-                      for b, mul, d in zip(node_feats.split(b1.sizes, dim=1), b1.muls, b1.dims)], 1)
+    x1_t = [b.reshape(-1, mul, d).transpose(1, 2).reshape(b.shape[0], -1)
+            for b, mul, d in zip(node_feats.split(b1.sizes, dim=1), b1.muls, b1.dims)]
     sizes = [rows * width for rows, width in slots.shapes]
     parts = zip(*(_pieces(t, sizes) for t in (w, x2, sender.index_select(0, slots.index))), slots.shapes)
     y = torch.cat([_conv_by_receiver(desc, x1_t, *part) for part in parts])
@@ -104,17 +105,16 @@ def _conv_by_receiver(desc: TPDesc, x1_t, w, x2, sender, shape: Tuple[int, int])
     Z = C x2, so the (edges, mul, d_out) messages are never formed. ``shape`` is
     (nodes, width): w, x2 and sender hold their incoming edges in width slots a node, x2
     and w zero in a padding slot (so are Z and every product with it, and their
-    gradients); x1_t is each x1 block's (d1, mul) transpose, for every node."""
+    gradients); x1_t holds each x1 block's (d1, mul) transpose, for every node."""
     n, width = shape
-    cg = desc.const("cg", x1_t, lambda: _cg_blocks(desc))
+    cg = desc.const("cg", w, lambda: _cg_blocks(desc))
     b1 = desc.blocks_in1
-    x1_blocks = x1_t.index_select(0, sender).split(b1.sizes, dim=1)
     w_paths = split_segments(w, [(p.weight_offset, p.mul_in) for p in desc.paths], dim=1)
     out = OutputSlots(desc.blocks_out.sizes)
-    for (i1, ts), c in zip(desc.const("groups", x1_t, lambda: _groups(desc)), cg):
+    for (i1, ts), c in zip(desc.const("groups", w, lambda: _groups(desc)), cg):
         mul, d1 = b1.muls[i1], b1.dims[i1]
         z = torch.matmul(x2, c).view(n, width * d1, c.shape[1] // d1)  # (n, (e, i), K)
-        xi = x1_blocks[i1].reshape(n * width, d1, mul)
+        xi = x1_t[i1].index_select(0, sender).view(n * width, d1, mul)
         dims = [desc.blocks_out.dims[desc.paths[t].i_out] for t in ts]
         ps = _ScaleRows.apply(xi, *(w_paths[t] for t in ts))
         for t, zt, pt in zip(ts, z.split(dims, dim=2), ps):
@@ -123,7 +123,7 @@ def _conv_by_receiver(desc: TPDesc, x1_t, w, x2, sender, shape: Tuple[int, int])
             # product contiguous (no copy in the view's backward), the small output is copied
             y = torch.bmm(zt.transpose(1, 2), pt)
             out.add(desc.paths[t].i_out, y.transpose(1, 2).reshape(n, mul * zt.shape[2]))
-    return out.cat(x1_t)
+    return out.cat(w.new_empty(n, 0))  # n rows, for output blocks no path writes
 
 
 class _ScaleRows(torch.autograd.Function):
