@@ -109,14 +109,14 @@ def _conv_by_receiver(desc: TPDesc, x1_t, w, x2, sender, shape: Tuple[int, int])
     n, width = shape
     cg = desc.const("cg", w, lambda: _cg_blocks(desc))
     b1 = desc.blocks_in1
-    w_paths = split_segments(w, [(p.weight_offset, p.mul_in) for p in desc.paths], dim=1)
+    groups = desc.const("groups", w, lambda: _groups(desc))
+    xs = [x1_t[i1].index_select(0, sender).view(n * width, b1.dims[i1], b1.muls[i1]) for i1, _ in groups]
+    ps = iter(_ScaleRows.apply(desc.const("row_paths", w, lambda: _RowPaths.of(desc)), w, *xs))
     out = OutputSlots(desc.blocks_out.sizes)
-    for (i1, ts), c in zip(desc.const("groups", w, lambda: _groups(desc)), cg):
+    for (i1, ts), c in zip(groups, cg):
         mul, d1 = b1.muls[i1], b1.dims[i1]
         z = torch.matmul(x2, c).view(n, width * d1, c.shape[1] // d1)  # (n, (e, i), K)
-        xi = x1_t[i1].index_select(0, sender).view(n * width, d1, mul)
         dims = [desc.blocks_out.dims[desc.paths[t].i_out] for t in ts]
-        ps = _ScaleRows.apply(xi, *(w_paths[t] for t in ts))
         for t, zt, pt in zip(ts, z.split(dims, dim=2), ps):
             pt = pt.view(n, width * d1, mul)
             # (n, d_out, mul), transposed after: the gradient of pt then comes out of its
@@ -126,80 +126,110 @@ def _conv_by_receiver(desc: TPDesc, x1_t, w, x2, sender, shape: Tuple[int, int])
     return out.cat(w.new_empty(n, 0))  # n rows, for output blocks no path writes
 
 
+class _RowPaths(NamedTuple):
+    """The paths of a conv for :class:`_ScaleRows`, in the order of their x1 groups: for
+    each, its group and its columns in w, ``(group, offset, mul)``."""
+
+    groups: int
+    columns: int  # w's
+    paths: Tuple[Tuple[int, int, int], ...]
+    covered: bool  # every column of w is some path's
+
+    @staticmethod
+    def of(desc: TPDesc) -> "_RowPaths":
+        paths = tuple((g, desc.paths[t].weight_offset, desc.paths[t].mul_in)
+                      for g, (_, ts) in enumerate(_groups(desc)) for t in ts)
+        covered = len({c for _, off, mul in paths for c in range(off, off + mul)}) == desc.weight_numel
+        return _RowPaths(len(_groups(desc)), desc.weight_numel, paths, covered)
+
+
 class _ScaleRows(torch.autograd.Function):
-    """p_t[b, i, u] = x[b, i, u] w_t[b, u] for each weight w_t. With :class:`_ScaleSum`
-    and :class:`_RowDot` it is closed under differentiation (each one's backward is made
-    of the three), so every order of derivative is a few fused passes: x's gradient sums
-    the paths by fused multiply-adds, not one product and one addition per path; the
-    weights' reduce over the short axis i the same way, where autograd's broadcast
-    backward reduces over a middle axis, several times slower on CPUs (``setup_context``
-    apart: ``torch.func`` needs it)."""
+    """p_t[b, i, u] = x_g[b, i, u] w[b, c_t + u] for each path t (group g, columns c_t of
+    the whole per-edge weight w). With :class:`_ScaleSum` and :class:`_RowDot` it is closed
+    under differentiation (each one's backward is made of the three), so every order of
+    derivative is a few fused passes: x's gradient sums a group's paths by fused
+    multiply-adds, not one product and one addition a path; w's is written column block by
+    column block into one tensor, where the paths' pieces of w would be concatenated, and
+    each reduces over the short axis i, where autograd's broadcast backward reduces over a
+    middle axis, several times slower on CPUs (``setup_context`` apart: ``torch.func``
+    needs it)."""
 
     @staticmethod
-    def forward(x: torch.Tensor, *ws: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        return tuple(x * w.unsqueeze(1) for w in ws)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        track(ctx, *inputs)
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        x, *ws = ctx.saved_tensors
-        grad_x = _ScaleSum.apply(len(ws), *grads, *ws) if needed(ctx, 0) else None
-        return (grad_x, *(_RowDot.apply(g, x) if needed(ctx, 1 + t) else None for t, g in enumerate(grads)))
-
-
-class _ScaleSum(torch.autograd.Function):
-    """s[b, i, u] = sum_t g_t[b, i, u] w_t[b, u], arguments (T, g_1..g_T, w_1..w_T)."""
-
-    @staticmethod
-    def forward(n: int, *args: torch.Tensor) -> torch.Tensor:
-        gs, ws = args[:n], args[n:]
-        s = gs[0] * ws[0].unsqueeze(1)
-        for g, w in zip(gs[1:], ws[1:]):
-            s.addcmul_(g, w.unsqueeze(1))
-        return s
+    def forward(spec: _RowPaths, w: torch.Tensor, *xs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        return tuple(xs[g] * w.narrow(1, off, mul).unsqueeze(1) for g, off, mul in spec.paths)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         track(ctx, *inputs)
+        ctx.spec = inputs[0]
         ctx.save_for_backward(*inputs[1:])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        args = ctx.saved_tensors
-        n = len(args) // 2
-        gs, ws = args[:n], args[n:]
-        grad_gs = _ScaleRows.apply(grad, *ws) if any(needed(ctx, 1 + t) for t in range(n)) else (None,) * n
-        grad_ws = [_RowDot.apply(g, grad) if needed(ctx, 1 + n + t) else None for t, g in enumerate(gs)]
-        return (None, *grad_gs, *grad_ws)
+    def backward(ctx, *grads: torch.Tensor):
+        w, *xs = ctx.saved_tensors
+        grad_w = _RowDot.apply(ctx.spec, *grads, *xs) if needed(ctx, 1) else None
+        wanted = any(needed(ctx, 2 + g) for g in range(len(xs)))
+        return (None, grad_w, *(_ScaleSum.apply(ctx.spec, w, *grads) if wanted else (None,) * len(xs)))
+
+
+class _ScaleSum(torch.autograd.Function):
+    """s_g[b, i, u] = sum over the paths t of group g of g_t[b, i, u] w[b, c_t + u]."""
+
+    @staticmethod
+    def forward(spec: _RowPaths, w: torch.Tensor, *gs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        sums: List[Optional[torch.Tensor]] = [None] * spec.groups
+        for (g, off, mul), gt in zip(spec.paths, gs):
+            wt = w.narrow(1, off, mul).unsqueeze(1)
+            sums[g] = gt * wt if sums[g] is None else sums[g].addcmul_(gt, wt)
+        return tuple(sums)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        track(ctx, *inputs)
+        ctx.spec = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        w, *gs = ctx.saved_tensors
+        grad_w = _RowDot.apply(ctx.spec, *gs, *grads) if needed(ctx, 1) else None
+        wanted = any(needed(ctx, 2 + t) for t in range(len(gs)))
+        return (None, grad_w, *(_ScaleRows.apply(ctx.spec, w, *grads) if wanted else (None,) * len(gs)))
 
 
 class _RowDot(torch.autograd.Function):
-    """r[b, u] = sum_i a[b, i, u] c[b, i, u], by fused multiply-adds over the short axis i."""
+    """r[b, c_t + u] = sum_i a_t[b, i, u] x_g[b, i, u] for each path t of group g,
+    arguments (a_1..a_T, x_1..x_G): by fused multiply-adds over the short axis i, into
+    one (rows, w's columns) tensor."""
 
     @staticmethod
-    def forward(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # unbind, not a[:, i]: views of the rows, no copies
-        rows = zip(a.unbind(1), c.unbind(1))
-        a0, c0 = next(rows)
-        r = a0 * c0
-        for a_i, c_i in rows:
-            r.addcmul_(a_i, c_i)
+    def forward(spec: _RowPaths, *args: torch.Tensor) -> torch.Tensor:
+        a_s, xs = args[:len(spec.paths)], args[len(spec.paths):]
+        rows = a_s[0].shape[0]
+        r = a_s[0].new_empty(rows, spec.columns) if spec.covered else a_s[0].new_zeros(rows, spec.columns)
+        for (g, off, mul), a in zip(spec.paths, a_s):
+            out = r.narrow(1, off, mul)
+            # unbind, not a[:, i]: views of the rows, no copies
+            pairs = zip(a.unbind(1), xs[g].unbind(1))
+            torch.mul(*next(pairs), out=out)
+            for a_i, x_i in pairs:
+                out.addcmul_(a_i, x_i)
         return r
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         track(ctx, *inputs)
-        ctx.save_for_backward(*inputs)
+        ctx.spec = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        a, c = ctx.saved_tensors
-        return (_ScaleRows.apply(c, grad)[0] if needed(ctx, 0) else None,
-                _ScaleRows.apply(a, grad)[0] if needed(ctx, 1) else None)
+        spec, args = ctx.spec, ctx.saved_tensors
+        a_s, xs = args[:len(spec.paths)], args[len(spec.paths):]
+        grad_a = _ScaleRows.apply(spec, grad, *xs) if any(needed(ctx, 1 + t) for t in range(len(a_s))) else None
+        grad_x = (_ScaleSum.apply(spec, grad, *a_s)
+                  if any(needed(ctx, 1 + len(a_s) + g) for g in range(len(xs))) else None)
+        return (None, *(grad_a or (None,) * len(a_s)), *(grad_x or (None,) * len(xs)))
 
 
 class _Slots(NamedTuple):
