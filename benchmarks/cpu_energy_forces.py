@@ -4,7 +4,8 @@ in one run: calls alternate between the two models (e3nn, ours, e3nn, ...) and t
 of each is kept, so load from other processes hits both alike. Each dtype is timed with
 ``--threads`` threads and with one (less sensitive to load). ``--training`` also times
 a force-training step (forces with create_graph, then the force loss's parameter
-gradients). Writes benchmarks/results/cpu_energy_forces_<date>.json and prints a table.
+gradients). Writes benchmarks/results/cpu_energy_forces_<date>.json (``_2``, ``_3``.. for a
+day's later runs) with the commit measured, and prints a table.
 
     python benchmarks/cpu_energy_forces.py [--threads 2] [--repeats 5] [--training]
 """
@@ -14,9 +15,11 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import itertools
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -25,6 +28,15 @@ from ase.build import bulk
 
 import sparsekern
 from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
+
+
+def _commit() -> str:
+    """The tree measured: its commit, marked where it has uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True)
+    return head.stdout.strip() + (" with changes" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
 
 
 def crystal():
@@ -90,11 +102,15 @@ def main() -> None:
         "benchmark": "energy+forces, MACE-MP-0-%s-shaped, 64-atom crystal" % args.size,
         "command": "python benchmarks/cpu_energy_forces.py --threads %d --repeats %d --size %s%s"
                    % (args.threads, args.repeats, args.size, " --training" if args.training else ""),
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+        "date": datetime.date.today().isoformat(), "commit": _commit(), "machine": f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}", "load_average": os.getloadavg(), "rows": rows,
     }
     out = Path(__file__).parent / "results" / f"cpu_energy_forces_{record['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    for run in itertools.count(2):  # a day's earlier runs are kept
+        if not out.exists():
+            break
+        out = out.with_name(f"cpu_energy_forces_{record['date']}_{run}.json")
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, out)
