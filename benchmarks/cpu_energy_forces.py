@@ -36,7 +36,9 @@ def _commit() -> str:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                            capture_output=True, text=True)
-    return head.stdout.strip() + (" with changes" if dirty.stdout.strip() else "") if head.returncode == 0 else "unknown"
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + (" with changes" if dirty.stdout.strip() else "")
 
 
 def crystal():
@@ -102,7 +104,8 @@ def main() -> None:
         "benchmark": "energy+forces, MACE-MP-0-%s-shaped, 64-atom crystal" % args.size,
         "command": "python benchmarks/cpu_energy_forces.py --threads %d --repeats %d --size %s%s"
                    % (args.threads, args.repeats, args.size, " --training" if args.training else ""),
-        "date": datetime.date.today().isoformat(), "commit": _commit(), "machine": f"{platform.processor() or platform.machine()}, "
+        "date": datetime.date.today().isoformat(), "commit": _commit(),
+        "machine": f"{platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}", "load_average": os.getloadavg(), "rows": rows,
     }
     out = Path(__file__).parent / "results" / f"cpu_energy_forces_{record['date']}.json"
