@@ -253,6 +253,27 @@ def test_fused_conv_by_receiver(layout):
         _check_grads(first, args)
 
 
+def test_fused_conv_plans_a_graph_once(monkeypatch):
+    """The torch fused conv plans the receivers' slots once per edge_index (every layer
+    and pass of a graph reuses it) and again once edge_index changes in place."""
+    from sparsekern.ops.torch import conv as torch_conv
+
+    built = []
+    plan = torch_conv._receiver_slots
+    monkeypatch.setattr(torch_conv, "_receiver_slots", lambda *a: built.append(1) or plan(*a))
+    ref = uvu_tp(o3.Irreps("2x0e+1x1o"), o3.Irreps.spherical_harmonics(1), o3.Irreps("2x0e+2x1o"))
+    conv = ChannelwiseConv.from_e3nn(ref)
+    edge_index = torch.tensor([[3, 1, 0, 2, 2, 1], [0, 0, 1, 2, 3, 3]])
+    x1 = torch.randn(4, ref.irreps_in1.dim, dtype=torch.float64)
+    x2 = torch.randn(6, ref.irreps_in2.dim, dtype=torch.float64)
+    w = torch.randn(6, ref.weight_numel, dtype=torch.float64)
+    first = conv(x1, x2, w, edge_index)
+    assert torch.equal(conv(x1, x2, w, edge_index), first) and len(built) == 1
+    edge_index[1] = torch.tensor([1, 0, 0, 2, 3, 3])  # edge 0 now goes to node 1
+    expected = torch.zeros_like(first).index_add(0, edge_index[1], ref(x1[edge_index[0]], x2, w))
+    assert rel_err(conv(x1, x2, w, edge_index), expected) <= TOL[torch.float64] and len(built) == 2
+
+
 def test_fused_conv_output_block_without_paths():
     """An output block no path writes is zeros, also where the nodes fall into several
     in-degree groups (each group's rows, not the graph's)."""

@@ -12,6 +12,7 @@ import torch
 from ...paths import OutputSlots, split_segments
 from ..descriptors import TPDesc
 from ..grads import needed, track
+from ..tensor_cache import cached
 from .opaque import opaque_to_compile
 from .take import Take
 
@@ -76,7 +77,8 @@ def conv(desc: TPDesc, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_we
     ``edge_index[0]`` holds senders, ``edge_index[1]`` receivers."""
     n = node_feats.shape[0]
     sender, receiver = edge_index[0].long(), edge_index[1].long()
-    slots = _receiver_slots(receiver, n)
+    # planned once a graph: every conv layer and pass of it reuses the plan
+    slots = cached(edge_index, ("receiver_slots", n), lambda: _receiver_slots(receiver, n))
     if slots is None:
         messages = channelwise_tp(desc, node_feats.index_select(0, sender), edge_attrs, tp_weights)
         return messages.new_zeros(n, messages.shape[1]).index_add(0, receiver, messages)

@@ -63,8 +63,8 @@ def _monomials(xz: torch.Tensor, rows: List[Tuple[torch.Tensor, torch.Tensor]]) 
 
 def _rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """t (c, q, nodes) at (c, rows' q, nodes): a gather of whole rows of nodes from the
-    (c * q, nodes) view, and its gradient an addition of whole rows (on CPUs about twice
-    as fast as both along the middle axis, once a row holds some 48 nodes or more)."""
+    (c * q, nodes) view, and its gradient an addition of whole rows, where both along the
+    middle axis move one strided slab per index (slower on CPUs: ``cpu_step_ops.py``)."""
     c, _, n = t.shape
     return t.reshape(-1, n).index_select(0, rows).view(c, -1, n)
 
