@@ -34,6 +34,28 @@ def random_o3(dtype=torch.float64, seed: int = 0) -> torch.Tensor:
     return (-q).to(dtype)
 
 
+def uvu_tp(irreps1, irreps2, target, dtype=torch.float64, built_in=torch.float32) -> o3.TensorProduct:
+    """A MACE/SevenNet-style conv TP: every allowed path, 'uvu', per-edge weights, onto the
+    irreps in ``target`` (or every l <= ``target`` where it is an int). Built in
+    ``built_in`` and moved to ``dtype``, as mace_mp does with float64: e3nn keeps
+    float32-rounded Clebsch-Gordan buffers then, and the layer must reproduce them."""
+    keep = (lambda ir: ir.l <= target) if isinstance(target, int) else (lambda ir: ir in o3.Irreps(target))
+    mid, ins = [], []
+    for i1, (mul, ir1) in enumerate(o3.Irreps(irreps1)):
+        for i2, (_, ir2) in enumerate(o3.Irreps(irreps2)):
+            for ir in ir1 * ir2:
+                if keep(ir):
+                    ins.append((i1, i2, len(mid), "uvu", True))
+                    mid.append((mul, ir))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(built_in)
+    try:
+        tp = o3.TensorProduct(irreps1, irreps2, o3.Irreps(mid), ins, shared_weights=False, internal_weights=False)
+    finally:
+        torch.set_default_dtype(previous)
+    return tp.to(dtype)
+
+
 def one_hot(n: int, num_elements: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     z = torch.randint(0, num_elements, (n,), generator=g)

@@ -13,29 +13,9 @@ from e3nn.nn import FullyConnectedNet
 
 import sparsekern  # noqa: F401  (imports e3nn safely)
 from sparsekern.layers import ChannelwiseConv, ChannelwiseTP, ElementLinear, IrrepsLinear, RadialMLP
-from helpers import TOL, AtenOps, one_hot, random_irreps, random_o3, rel_err
+from helpers import TOL, AtenOps, one_hot, random_irreps, random_o3, rel_err, uvu_tp
 
 DTYPES = [torch.float64, torch.float32]
-
-
-def uvu_tp(irreps1, irreps2, target, dtype=torch.float64, build_dtype=torch.float32):
-    """A MACE/SevenNet-style conv TP: every allowed path, 'uvu', per-edge weights.
-    Built in float32 and moved to ``dtype``, as mace_mp does with float64: e3nn keeps
-    float32-rounded Clebsch-Gordan buffers then, and the layer must reproduce them."""
-    mid, ins = [], []
-    for i1, (mul, ir1) in enumerate(irreps1):
-        for i2, (_, ir2) in enumerate(irreps2):
-            for ir in ir1 * ir2:
-                if ir in target:
-                    ins.append((i1, i2, len(mid), "uvu", True))
-                    mid.append((mul, ir))
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(build_dtype)
-    try:
-        tp = o3.TensorProduct(irreps1, irreps2, o3.Irreps(mid), ins, shared_weights=False, internal_weights=False)
-    finally:
-        torch.set_default_dtype(previous)
-    return tp.to(dtype)
 
 
 def linear_cases():

@@ -7,7 +7,7 @@ Runs on CPU under TRITON_INTERPRET=1 (tiny shapes: the interpreter is slow)."""
 import pytest
 import torch
 
-from helpers import TOL, random_o3, rel_err, triton_device
+from helpers import TOL, random_o3, rel_err, triton_device, uvu_tp
 
 DEVICE = triton_device()  # before the kernels are imported
 
@@ -17,25 +17,6 @@ import sparsekern  # noqa: E402,F401
 from sparsekern.layers import ChannelwiseConv, ChannelwiseTP  # noqa: E402
 from sparsekern.ops.triton import conv as triton_conv_module  # noqa: E402
 from sparsekern.ops.triton.conv import build_form, channelwise_tp as triton_tp, conv as triton_conv  # noqa: E402
-
-
-def uvu_tp(irreps1, irreps2, lmax_out, dtype=torch.float64, built_in=torch.float32):
-    """A MACE-style conv TP, built in ``built_in`` and moved to ``dtype`` as mace_mp does
-    (float32-rounded Clebsch-Gordan buffers that the kernel must reproduce)."""
-    mid, ins = [], []
-    for i1, (mul, ir1) in enumerate(o3.Irreps(irreps1)):
-        for i2, (_, ir2) in enumerate(o3.Irreps(irreps2)):
-            for ir in ir1 * ir2:
-                if ir.l <= lmax_out:
-                    ins.append((i1, i2, len(mid), "uvu", True))
-                    mid.append((mul, ir))
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(built_in)
-    try:
-        tp = o3.TensorProduct(irreps1, irreps2, o3.Irreps(mid), ins, shared_weights=False, internal_weights=False)
-    finally:
-        torch.set_default_dtype(previous)
-    return tp.to(dtype)
 
 
 def make(irreps1, irreps2, lmax_out, n, e, dtype, seed=0):

@@ -145,7 +145,19 @@ class _RowPaths(NamedTuple):
         return _RowPaths(len(_groups(desc)), desc.weight_numel, paths, covered)
 
 
-class _ScaleRows(torch.autograd.Function):
+class _RowFunction(torch.autograd.Function):
+    """What :class:`_ScaleRows`, :class:`_ScaleSum` and :class:`_RowDot` keep for their
+    backward: the spec and every tensor argument (``setup_context`` apart: ``torch.func``
+    needs it)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        track(ctx, *inputs)
+        ctx.spec = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+
+
+class _ScaleRows(_RowFunction):
     """p_t[b, i, u] = x_g[b, i, u] w[b, c_t + u] for each path t (group g, columns c_t of
     the whole per-edge weight w). With :class:`_ScaleSum` and :class:`_RowDot` it is closed
     under differentiation (each one's backward is made of the three), so every order of
@@ -153,18 +165,11 @@ class _ScaleRows(torch.autograd.Function):
     multiply-adds, not one product and one addition a path; w's is written column block by
     column block into one tensor, where the paths' pieces of w would be concatenated, and
     each reduces over the short axis i, where autograd's broadcast backward reduces over a
-    middle axis, several times slower on CPUs (``setup_context`` apart: ``torch.func``
-    needs it)."""
+    middle axis, several times slower on CPUs."""
 
     @staticmethod
     def forward(spec: _RowPaths, w: torch.Tensor, *xs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         return tuple(xs[g] * w.narrow(1, off, mul).unsqueeze(1) for g, off, mul in spec.paths)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        track(ctx, *inputs)
-        ctx.spec = inputs[0]
-        ctx.save_for_backward(*inputs[1:])
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
@@ -174,7 +179,7 @@ class _ScaleRows(torch.autograd.Function):
         return (None, grad_w, *(_ScaleSum.apply(ctx.spec, w, *grads) if wanted else (None,) * len(xs)))
 
 
-class _ScaleSum(torch.autograd.Function):
+class _ScaleSum(_RowFunction):
     """s_g[b, i, u] = sum over the paths t of group g of g_t[b, i, u] w[b, c_t + u]."""
 
     @staticmethod
@@ -186,12 +191,6 @@ class _ScaleSum(torch.autograd.Function):
         return tuple(sums)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        track(ctx, *inputs)
-        ctx.spec = inputs[0]
-        ctx.save_for_backward(*inputs[1:])
-
-    @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         w, *gs = ctx.saved_tensors
         grad_w = _RowDot.apply(ctx.spec, *gs, *grads) if needed(ctx, 1) else None
@@ -199,7 +198,7 @@ class _ScaleSum(torch.autograd.Function):
         return (None, grad_w, *(_ScaleRows.apply(ctx.spec, w, *grads) if wanted else (None,) * len(gs)))
 
 
-class _RowDot(torch.autograd.Function):
+class _RowDot(_RowFunction):
     """r[b, c_t + u] = sum_i a_t[b, i, u] x_g[b, i, u] for each path t of group g,
     arguments (a_1..a_T, x_1..x_G): by fused multiply-adds over the short axis i, into
     one (rows, w's columns) tensor."""
@@ -217,12 +216,6 @@ class _RowDot(torch.autograd.Function):
             for a_i, x_i in pairs:
                 out.addcmul_(a_i, x_i)
         return r
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        track(ctx, *inputs)
-        ctx.spec = inputs[0]
-        ctx.save_for_backward(*inputs[1:])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
