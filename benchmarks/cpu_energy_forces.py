@@ -14,14 +14,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import itertools
-import json
 import os
-import platform
-import subprocess
 import time
-from pathlib import Path
 
 import torch
 from ase.build import bulk
@@ -29,16 +23,7 @@ from ase.build import bulk
 import sparsekern
 from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
 
-
-def _commit() -> str:
-    """The tree measured: its commit, marked where it has uncommitted changes."""
-    root = Path(__file__).resolve().parents[1]
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True)
-    if head.returncode:
-        return "unknown"
-    return head.stdout.strip() + (" with changes" if dirty.stdout.strip() else "")
+import record  # benchmarks/record.py
 
 
 def crystal():
@@ -100,28 +85,17 @@ def main() -> None:
                     "e3nn_s": t_e3nn, "sparsekern_s": t_ours, "speedup": t_e3nn / t_ours,
                     "max_force_rel_err": ((f1 - f0).abs().max() / f0.abs().max()).item(),
                 })
-    record = {
+    out = record.write("cpu_energy_forces", {
         "benchmark": "energy+forces, MACE-MP-0-%s-shaped, 64-atom crystal" % args.size,
         "command": "python benchmarks/cpu_energy_forces.py --threads %d --repeats %d --size %s%s"
                    % (args.threads, args.repeats, args.size, " --training" if args.training else ""),
-        "date": datetime.date.today().isoformat(), "commit": _commit(),
-        "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}", "load_average": os.getloadavg(), "rows": rows,
-    }
-    out = Path(__file__).parent / "results" / f"cpu_energy_forces_{record['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for run in itertools.count(2):  # a day's earlier runs are kept
-        if not out.exists():
-            break
-        out = out.with_name(f"cpu_energy_forces_{record['date']}_{run}.json")
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out)
+        "rows": rows,
+    })
     print(f"{'dtype':<9}{'task':<15}{'threads':>8}{'e3nn (s)':>10}{'ours (s)':>10}{'speedup':>9}{'max rel dF':>12}")
     for r in rows:
         print(f"{r['dtype']:<9}{r['task']:<15}{r['threads']:>8}{r['e3nn_s']:>10.4f}{r['sparsekern_s']:>10.4f}"
               f"{r['speedup']:>8.2f}x{r['max_force_rel_err']:>12.1e}")
-    print(f"{len(atoms)} atoms, {rows[0]['edges']} edges; load average {record['load_average']}")
+    print(f"{len(atoms)} atoms, {rows[0]['edges']} edges; load average {os.getloadavg()}")
     print(f"wrote {out}")
 
 

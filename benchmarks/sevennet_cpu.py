@@ -1,5 +1,6 @@
 """SevenNet-0 patched vs not on CPU: energies, forces (through SevenNetCalculator) and the
-best-of-3 time of each, on a few real structures.
+best-of-3 time of each, on a few real structures; the rows also go to
+benchmarks/results/sevennet_cpu_<date>.json (a day's later runs ``_2``, ``_3``...).
 
     .venv-sevenn/bin/python benchmarks/sevennet_cpu.py
 """
@@ -8,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from ase.io import read
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import record  # noqa: E402  (benchmarks/record.py)
 
 import sparsekern  # noqa: E402
 from sparsekern.locations import data_dir  # noqa: E402
@@ -48,7 +53,8 @@ def main(argv=None) -> None:
     patched = sparsekern.patch(copy.deepcopy(base), verbose=True)
     calcs = [SevenNetCalculator(model=m, device="cpu") for m in (base, patched)]
     print(f"\n{'structure':<38}{'atoms':>6}{'E e3nn (eV)':>14}{'E sparsekern':>14}{'max|dF| (eV/A)':>16}"
-          f"{'t e3nn (s)':>12}{'t ours (s)':>12}")
+          f"{'t e3nn (s)':>12}{'t ours (s)':>12}{'e3nn/ours':>11}")
+    rows = []
     for rel, index in STRUCTURES:
         path = data_dir() / rel
         if not path.exists():
@@ -56,8 +62,17 @@ def main(argv=None) -> None:
             continue
         atoms = read(path, index=index)
         (e0, f0, t0), (e1, f1, t1) = (_timed(atoms, c) for c in calcs)
+        rows.append({"structure": f"{rel}[{index}]", "atoms": len(atoms), "energy_e3nn": float(e0), "energy_ours": float(e1),
+                     "max_force_diff": float(np.abs(f1 - f0).max()), "e3nn_s": t0, "sparsekern_s": t1,
+                     "speedup": t0 / t1})
         print(f"{rel + f'[{index}]':<38}{len(atoms):>6}{e0:>14.6f}{e1:>14.6f}{np.abs(f1 - f0).max():>16.2e}"
-              f"{t0:>12.4f}{t1:>12.4f}")
+              f"{t0:>12.4f}{t1:>12.4f}{t0 / t1:>10.2f}x")
+    if rows:
+        out = record.write("sevennet_cpu", {
+            "benchmark": f"{args.model} energy+forces through SevenNetCalculator, float32, best of 3 after a warm-up",
+            "command": f"python benchmarks/sevennet_cpu.py --model {args.model}",
+            "threads": torch.get_num_threads(), "rows": rows})
+        print(f"load average {os.getloadavg()}; wrote {out}")
 
 
 if __name__ == "__main__":
