@@ -2,9 +2,9 @@
 float32, gradcheck and gradgradcheck, equivariance under rotation + inversion,
 zero rows, and clear errors on bad input."""
 
-import random
-
 import copy
+import itertools
+import random
 
 import pytest
 import torch
@@ -196,22 +196,25 @@ def test_channelwise_conv_grads():
     _check_grads(lambda a, b, c: conv(a, b, c, edge_index), tuple(args))
 
 
-@pytest.mark.parametrize("layout", ["regular", "padded", "skewed"])
-def test_fused_conv_by_receiver(layout):
+@pytest.mark.parametrize("layout", ["regular", "padded", "skewed", "skewed, split"])
+def test_fused_conv_by_receiver(layout, monkeypatch):
     """The torch fused conv sums a node's incoming edges inside a batched product, nodes
     grouped by in-degree: edges permuted by receiver where all in-degrees are equal,
-    padded within a group, groups split where padding would add over half the edges;
-    node 3 has no edges in the last two layouts."""
-    from sparsekern.ops.torch.conv import _receiver_slots
+    padded within a group, groups split where that saves more padding slots than a
+    group costs (1 slot in the last layout); node 3 has no edges in the last three."""
+    from sparsekern.ops.torch import conv as torch_conv
 
     ref = uvu_tp(o3.Irreps("2x0e+1x1o"), o3.Irreps.spherical_harmonics(1), o3.Irreps("2x0e+2x1o"))
     conv = ChannelwiseConv.from_e3nn(ref)
     receiver, groups, pads = {"regular": ([2, 0, 1, 3, 3, 0, 2, 1], [(4, 2)], None),
                               "padded": ([2, 0, 1, 0, 2, 1, 0], [(3, 3)], [5, 8]),
-                              "skewed": ([0, 0, 0, 0, 1, 2], [(1, 4), (2, 1)], None)}[layout]
+                              "skewed": ([0, 0, 0, 0, 1, 2], [(3, 4)], [5, 6, 7, 9, 10, 11]),
+                              "skewed, split": ([0, 0, 0, 0, 1, 2], [(1, 4), (2, 1)], None)}[layout]
+    if layout == "skewed, split":
+        monkeypatch.setattr(torch_conv, "GROUP_COST", 1)
     receiver = torch.tensor(receiver)
     n, e = 4, receiver.shape[0]
-    slots = _receiver_slots(receiver, n)
+    slots = torch_conv._receiver_slots(receiver, n)
     assert slots.shapes == groups and (slots.pads if pads is None else slots.pads.tolist()) == pads
     # each edge in one slot of its receiver's row, in order
     assert torch.equal(slots.index[slots.inverse], torch.arange(e))
@@ -231,6 +234,29 @@ def test_fused_conv_by_receiver(layout):
             return torch.autograd.grad(conv(a, b, c, edge_index).sin().sum(), (a, b, c), create_graph=True)
 
         _check_grads(first, args)
+
+
+@pytest.mark.parametrize("cost", [0, 3, 10, 1000])
+def test_conv_groups_cost_least(cost):
+    """The split of nodes (in order of descending in-degree) into groups padded to their
+    first node's in-degree is the cheapest of all splits into consecutive groups, every
+    slot costing 1 and every group ``cost``."""
+    from sparsekern.ops.torch.conv import _groups_by_degree
+
+    rng = random.Random(cost)
+    for _ in range(30):
+        degrees = sorted((rng.randint(0, 9) for _ in range(rng.randint(1, 9))), reverse=True)
+        nodes = [d for d in degrees if d > 0]
+
+        def cheapest(lo):  # over every split of nodes[lo:], brute force
+            return min((cheapest(hi) + (hi - lo) * nodes[lo] + cost for hi in range(lo + 1, len(nodes) + 1)),
+                       default=0)
+
+        shapes = _groups_by_degree(degrees, cost)
+        assert sum(rows for rows, _ in shapes) == len(nodes)
+        assert all(width == nodes[lo] for (_, width), lo in
+                   zip(shapes, itertools.accumulate([0] + [rows for rows, _ in shapes])))
+        assert sum(rows * width + cost for rows, width in shapes) == cheapest(0)
 
 
 def test_fused_conv_plans_a_graph_once(monkeypatch):

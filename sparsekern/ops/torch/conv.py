@@ -5,6 +5,7 @@ Clebsch-Gordan blocks, then the products with x1."""
 
 from __future__ import annotations
 
+import itertools
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -239,29 +240,48 @@ class _Slots(NamedTuple):
     inverse: torch.Tensor
 
 
+# A group's fixed cost in edge slots (its gathers and products are issued once a group,
+# in every pass): `benchmarks/conv_groups.py` on a 2-core CPU puts it at 90-150 slots for
+# the MACE-MP-0-medium shape, about 300 for SevenNet-0
+GROUP_COST = 200
+
+
+def _groups_by_degree(degrees: List[int], group_cost: int) -> List[Tuple[int, int]]:
+    """(nodes, width) of each group of the nodes in order of descending in-degree, each
+    group as wide as its first node's in-degree: the split into consecutive groups that
+    costs least, every slot 1 and every group ``group_cost`` (over runs of equal
+    degree: a split inside one never pays)."""
+    runs = [(d, len(list(same))) for d, same in itertools.groupby(d for d in degrees if d > 0)]
+    ends = list(itertools.accumulate(count for _, count in runs))
+    starts = [0] + ends[:-1]
+    best, cut = [0] + [None] * len(runs), [0] * (len(runs) + 1)
+    for j in range(1, len(runs) + 1):
+        best[j], cut[j] = min((best[i] + (ends[j - 1] - starts[i]) * runs[i][0] + group_cost, i) for i in range(j))
+    shapes, j = [], len(runs)
+    while j:
+        i = cut[j]
+        shapes.append((ends[j - 1] - starts[i], runs[i][0]))
+        j = i
+    return shapes[::-1]
+
+
 def _receiver_slots(receiver: torch.Tensor, n: int) -> Optional[_Slots]:
-    """Nodes grouped by in-degree so that padding each group to its largest in-degree at
-    most adds half of its edges; None without edges."""
+    """Nodes grouped by in-degree (:func:`_groups_by_degree`); None without edges."""
     e = receiver.shape[0]
     if e == 0:
         return None
     counts = torch.bincount(receiver, minlength=n)
     node_order = torch.argsort(counts, descending=True, stable=True)
-    degrees = counts.index_select(0, node_order).tolist()
+    shapes = _groups_by_degree(counts.index_select(0, node_order).tolist(), GROUP_COST)
     order = torch.argsort(receiver, stable=True)
     ordered = receiver.index_select(0, order)
     position = torch.arange(e, device=receiver.device) - (torch.cumsum(counts, 0) - counts).index_select(0, ordered)
     # each node's first slot: its row in its group times the width, past the groups before
     first = torch.empty_like(counts)
-    shapes, lo, offset = [], 0, 0
-    while lo < n and degrees[lo] > 0:
-        width, hi = degrees[lo], lo
-        while hi < n and degrees[hi] > 0 and 3 * degrees[hi] >= 2 * width:
-            hi += 1
-        first[node_order[lo:hi]] = offset + width * torch.arange(hi - lo, device=receiver.device)
-        shapes.append((hi - lo, width))
-        offset += (hi - lo) * width
-        lo = hi
+    lo = offset = 0
+    for rows, width in shapes:
+        first[node_order[lo:lo + rows]] = offset + width * torch.arange(rows, device=receiver.device)
+        lo, offset = lo + rows, offset + rows * width
     slot = first.index_select(0, ordered) + position  # of the edges in receiver order
     inverse = torch.empty_like(order).index_copy_(0, order, slot)
     index = torch.zeros(offset, dtype=torch.long, device=receiver.device).index_copy_(0, slot, order)
