@@ -339,7 +339,7 @@ def test_equivariance():
 
     sh_irreps = o3.Irreps.spherical_harmonics(3)
     ref = uvu_tp(o3.Irreps("3x0e+3x1o+2x2e"), sh_irreps, o3.Irreps("3x0e+3x1o+3x2e+3x3o"),
-                 build_dtype=torch.float64)
+                 built_in=torch.float64)
     conv = ChannelwiseConv.from_e3nn(ref)
     n, e = 5, 12
     vec = torch.randn(e, 3, dtype=torch.float64)
