@@ -5,7 +5,8 @@ is process-wide), alternately, ``--rounds`` times. Tasks: the sparse training st
 ``cpu_step_ab.py`` (SevenNet-0 or an MP-0-medium-shaped MACE, four 63-atom silicon
 frames, torch back end) and energy + forces of the MACE shape on the 64-atom crystal of
 ``cpu_energy_forces.py`` (float32), as in MD. Writes
-benchmarks/results/cpu_page_faults_<date>.json and prints a table.
+benchmarks/results/cpu_page_faults_<task>_<model>_<date>.json (a day's later runs ``_2``...)
+and prints a table.
 
     .venv-sevenn/bin/python benchmarks/cpu_page_faults.py --task step --model 7net-0
     .venv-mace/bin/python benchmarks/cpu_page_faults.py --task step --model mace
@@ -15,7 +16,6 @@ benchmarks/results/cpu_page_faults_<date>.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -29,6 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import record  # noqa: E402  (benchmarks/record.py)
+
 SETTINGS = ("glibc default", "keep_freed_memory")
 
 
@@ -96,14 +99,10 @@ def main() -> None:
                 "median_s": [statistics.median(x["times"]) for x in v],
                 "faults_per_call": [x["faults_per_call"] for x in v]} for s, v in runs.items()}
     (base, kept) = (rows[s] for s in SETTINGS)
-    record = {"date": datetime.date.today().isoformat(), "task": args.task, "model": args.model,
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "rounds": args.rounds, "calls": args.calls,
-              "command": "python benchmarks/cpu_page_faults.py " + " ".join(sys.argv[1:]), "rows": rows}
-    out = ROOT / "benchmarks/results" / f"cpu_page_faults_{args.task}_{args.model}_{record['date']}.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(out)
-    print(f"\n{args.task}, {args.model}, CPU ({record['machine']}): best {base['best_s']:.4f} -> "
+    out = record.write(f"cpu_page_faults_{args.task}_{args.model}", {
+        "task": args.task, "model": args.model, "rounds": args.rounds, "calls": args.calls,
+        "command": "python benchmarks/cpu_page_faults.py " + " ".join(sys.argv[1:]), "rows": rows})
+    print(f"\n{args.task}, {args.model}, CPU ({platform.machine()}, {os.cpu_count()} CPUs): best {base['best_s']:.4f} -> "
           f"{kept['best_s']:.4f} s ({base['best_s'] / kept['best_s']:.2f}x), "
           f"medians {[round(m, 4) for m in base['median_s']]} -> "
           f"{[round(m, 4) for m in kept['median_s']]}, faults a call {[round(f) for f in base['faults_per_call']]} -> "
