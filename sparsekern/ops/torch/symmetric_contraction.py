@@ -15,6 +15,7 @@ from ...delta_slot import effective
 from ...paths import cat
 from ..descriptors import ContractionDesc, MonomialTables
 from .opaque import opaque_to_compile
+from .take import TakeRows
 
 
 def symmetric_contraction(desc: ContractionDesc, x: torch.Tensor, species: torch.Tensor,
@@ -64,9 +65,10 @@ def _monomials(xz: torch.Tensor, rows: List[Tuple[torch.Tensor, torch.Tensor]]) 
 def _rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """t (c, q, nodes) at (c, rows' q, nodes): a gather of whole rows of nodes from the
     (c * q, nodes) view, and its gradient an addition of whole rows, where both along the
-    middle axis move one strided slab per index (slower on CPUs: ``cpu_step_ops.py``)."""
+    middle axis move one strided slab per index (slower on CPUs: ``cpu_step_ops.py``);
+    contiguous rows in every derivative (:class:`TakeRows`)."""
     c, _, n = t.shape
-    return t.reshape(-1, n).index_select(0, rows).view(c, -1, n)
+    return TakeRows.apply(t.reshape(-1, n), rows).view(c, -1, n)
 
 
 def _monomial_rows(tables: MonomialTables, channels: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:

@@ -3,7 +3,11 @@ source's shape and scatters into it with ``index_add`` (on CPUs several times sl
 than the gather, and again in force training's double backward). Where the gather reads
 each source entry once at most, as a permutation or a map into padded slots does, its
 gradient is the gather by the inverse map, and that one's gradient is the first again:
-every order of derivative is a gather."""
+every order of derivative is a gather. Where entries are read many times
+(:class:`TakeRows`), the gradient is an addition of rows, and its gradient the gather
+again; both make their operand contiguous first, since a gradient can arrive transposed
+and a gather of rows from a transposed tensor reads each row strided (several times
+slower: ``cpu_step_ops.py --op aten.index_select.default``)."""
 
 from __future__ import annotations
 
@@ -39,3 +43,38 @@ class Take(torch.autograd.Function):
 def permute(x: torch.Tensor, dim: int, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """``x.index_select(dim, perm)`` for a permutation ``perm`` whose inverse is ``inverse``."""
     return Take.apply(x, dim, perm, None, inverse, None)
+
+
+class TakeRows(torch.autograd.Function):
+    """``x.index_select(0, rows)``, rows read any number of times; its gradient is
+    :class:`AddRows` and that one's this again, so every order of derivative reads and
+    writes whole contiguous rows."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return x.contiguous().index_select(0, rows)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.n = inputs[0].shape[0]
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return AddRows.apply(grad, ctx.saved_tensors[0], ctx.n), None
+
+
+class AddRows(torch.autograd.Function):
+    """The rows of g added into n zero rows at ``rows`` (``index_add``)."""
+
+    @staticmethod
+    def forward(g: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+        return g.new_zeros(n, *g.shape[1:]).index_add_(0, rows, g.contiguous())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return TakeRows.apply(grad, ctx.saved_tensors[0]), None, None
