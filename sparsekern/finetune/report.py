@@ -5,6 +5,7 @@ metals than for the other elements (the paper's signature)."""
 from __future__ import annotations
 
 import json
+import textwrap
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -214,16 +215,20 @@ def _plot(report: dict, filename: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(14, 11))
 
     def bars(ax, table, title, colors=None, label_every=1):
+        ax.set_title(title)
         names = list(table)
+        if not names:
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, "no such weights in this model", ha="center", va="center", transform=ax.transAxes)
+            return
         values = [100 * table[n]["density"] for n in names]
         ax.bar(range(len(names)), values, color=colors or "tab:blue")
         ticks = list(range(0, len(names), label_every))
-        ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=7)
+        ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90 if max(map(len, names)) > 6 else 0, fontsize=7)
         ax.set_ylabel("changed weights (%)")
-        ax.set_title(title)
 
     bars(axes[0, 0], report["by_layer"], "by layer")
     paths = report["by_path"]
@@ -234,7 +239,8 @@ def _plot(report: dict, filename: str) -> None:
     bars(axes[1, 1], elements, "by element (per-element weights; red: transition metals)", colors,
          label_every=max(1, len(elements) // 60))
     fig.suptitle(f"{Path(report['adapter']).name}: {report['changed_params']} of {report['total_params']} "
-                 f"path weights changed ({100 * report['density']:.2f} %)\n{verdict_line(report)}", fontsize=9)
+                 f"path weights changed ({100 * report['density']:.2f} %)\n"
+                 + textwrap.fill(verdict_line(report), 180), fontsize=9)
     fig.tight_layout()
     fig.savefig(filename, format="png", dpi=110)
     plt.close(fig)

@@ -75,15 +75,18 @@ def count_changes(entries: Iterable[Tuple[str, Sequence[WeightGroup], Optional[t
     def table(d):
         return {k: {"total": t, "changed": c, "density": c / t if t else 0.0} for k, (t, c) in d.items()}
 
+    def by_order(d):  # l = 0, 1, 2, ... then the radial weights
+        return table(dict(sorted(d.items(), key=lambda kv: (kv[0] == "radial", int(kv[0]) if kv[0].isdigit() else 0))))
+
     return {
         "total_params": total,
         "changed_params": changed,
         "density": changed / total if total else 0.0,
         "by_layer": table(by_layer),
         "by_path": table(by_path),
-        "by_l": table(by_l),
+        "by_l": by_order(by_l),
         "by_element": table(by_element),
-        "by_element_l": {e: table(d) for e, d in by_element_l.items()},
+        "by_element_l": {e: by_order(d) for e, d in by_element_l.items()},
     }
 
 

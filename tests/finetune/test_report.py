@@ -86,6 +86,9 @@ def test_report_equals_stats_and_verdict_follows_data(base, tmp_path, capsys, bo
     for key in BREAKDOWNS:
         assert report[key] == expected[key], key
     assert set(report["by_element"]) == {"H", "O", "Fe", "Ni"} and "2" in report["by_l"]
+    orders = list(report["by_l"])  # l = 0, 1, 2, ... then the radial weights, in the JSON and the plot
+    assert orders == [str(l) for l in range(len(orders) - 1)] + ["radial"], orders
+    assert all(list(by_l) == sorted(by_l, key=int) for by_l in report["by_element_l"].values())
     verdict = report["d_shell"]
     density = _hand_l2_density(model)
     assert verdict["transition_metals"]["l2_density"] == pytest.approx(density[True], rel=1e-12)
