@@ -2,9 +2,9 @@
 offline. SevenNet-0 (installed with sevenn) is fine-tuned on crystalline silicon
 (si_mlearn: vacancies, surfaces, AIMD, strained cells; every 8th training frame) with
 its pretrained weights frozen and a delta that changes 3 % of the path weights. Prints
-the held-out test errors before and after, the changed fraction, the adapter's size next
-to the model's, the merged model's check in SevenNet's own ASE calculator, and where the
-update went (``sparsekern report``). Everything lands in ``--out`` (default
+the held-out test errors before and after, the changed fraction, the learning curves
+(``training.png``), the adapter's size next to the model's, the merged model's check in
+SevenNet's own ASE calculator, and where the update went (``sparsekern report``). Everything lands in ``--out`` (default
 ./demo-output, ignored by git); rerunning resumes from its checkpoint.
 
 The loss weighs energies and forces equally (100 and 100): with MACE's first-stage
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     if not (src / "Si_train.xyz").exists():
         parser.error(f"silicon data missing under {src}; set SPARSEKERN_DATA to the data folder")
     from .finetune.report import build_report, verdict_line, write_report
-    from .finetune.trainer import Settings, run
+    from .finetune.trainer import CURVES, Settings, run
 
     train = args.out / f"si_train_every{args.every}.xyz"
     try:  # bad arguments, or a checkpoint in --out from other ones: one line, no traceback
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     print(f"changed: {m['changed_params']:,} of {m['path_params']:,} path weights "
           f"({100 * m['changed_fraction']:.2f} %); training took {m['wall_s']:.0f} s, peak memory "
           f"{m['peak_rss_mb']:.0f} MB")
+    if m["history"]:
+        print(f"learning curves: {Path(m['merged_model']).parent / CURVES}")
     merged = Path(m["merged_model"])
     check = m["merged_model_check"]
     if "adapter" in m:

@@ -50,6 +50,15 @@ def calibrate_density(model: torch.nn.Module, density: Optional[float] = None) -
     torch._foreach_copy_([d.tau_shift for d in deltas], [shift] * len(deltas))
 
 
+def calibrate_to_schedule(model: torch.nn.Module) -> None:
+    """:func:`calibrate_density` at the density the schedule gives after the training
+    steps so far: 0 before the first (an untrained model stays the base, as after
+    ``--epochs 0``), the target once past the warmup and the anneal."""
+    deltas = _thresholded(model)
+    if deltas:
+        calibrate_density(model, scheduled_density(delta_slot.config_of(model), deltas[0].steps))
+
+
 def kth_smallest(values: torch.Tensor, k: int, by_sort: Optional[bool] = None) -> torch.Tensor:
     """The ``k``-th smallest of the 1-d ``values`` (from 1), on their device. Off the CPU
     (a GPU, or ``meta`` in the sync proxies) a full sort: CUDA's kthvalue selects with one

@@ -41,8 +41,9 @@ from .adapters import save_adapter
 from .averaging import ParameterAverage
 from .backward import backward
 from .config import SparseConfig
+from .curves import plot_curves
 from .data import REFIT_E0S, Frame, energy_shift, read_frames
-from .density import calibrate_density
+from .density import calibrate_to_schedule
 from .distributed import Group, join, leave
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, fits_in_memory, forward,
                          loss, make_samples, map_batches, residuals, set_shift)
@@ -274,6 +275,7 @@ def _fingerprint_files(*paths) -> str:
 
 
 LR_SCHEDULES = ("constant", "cosine")
+CURVES = "training.png"  # the learning curves, beside metrics.json
 
 
 def _optimizer(model, settings: Settings, by_scale: bool = True) -> torch.optim.Optimizer:
@@ -318,12 +320,12 @@ class _Loop:
 
     @contextmanager
     def averaged(self):
-        """The model as it is evaluated: with the average (on the target density) under --ema."""
+        """The model as it is evaluated: with the average (at the scheduled density) under --ema."""
         if self.average is None:
             yield
             return
         with self.average.applied():
-            calibrate_density(self.model)
+            calibrate_to_schedule(self.model)
             yield
 
 
@@ -411,9 +413,9 @@ def _train(loop: _Loop, train_s: Sequence[Sample], valid_s: Sequence[Sample], ck
             loop.optimizer, progress.fast = _optimizer(model, settings), True
             loop.start_average()  # over the active entries, from where they stand
         train_loss = _epoch(loop, train_s, progress, bar)
-        # the last step moved V and tau: put the density back on target (the pre-hook does
+        # the last step moved V and tau: put the density back on the schedule (the pre-hook does
         # this before each training forward, but the epoch's result is evaluated)
-        calibrate_density(model)
+        calibrate_to_schedule(model)
         progress.epoch, progress.step, progress.epoch_loss = progress.epoch + 1, 0, 0.0
         record = {"epoch": progress.epoch, "train_loss": train_loss}
         if valid_s:
@@ -425,7 +427,7 @@ def _train(loop: _Loop, train_s: Sequence[Sample], valid_s: Sequence[Sample], ck
     bar.close()
     if loop.average is not None:  # from here on (refit, test, export) the model is the average
         loop.average.copy_to_params()
-        calibrate_density(model)
+        calibrate_to_schedule(model)
     return progress
 
 
@@ -543,6 +545,8 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
         metrics["magnetic_fit"] = magnetic_fit
     if group.main:
         _save_results(family, model, settings, shift, test_s, test, metrics)
+        if progress.history:
+            atomic_write(out / CURVES, lambda tmp: plot_curves(metrics, tmp))
         metrics["files"] = _files(out, family, metrics)
         metrics["command_wall_s"] = time.perf_counter() - started
         metrics["peak_rss_mb"] = max(progress.peak_rss_mb, _peak_rss_mb())
@@ -553,10 +557,9 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
 
 def _files(out: Path, family: Family, metrics: dict) -> List[str]:
     """Every file the run leaves in ``out`` (the command's summary names them): the
-    metrics, the checkpoint (none after --epochs 0 in a new folder), the adapter, the
-    merged model and what its export wrote beside it."""
-    ck = out / checkpoint.CHECKPOINT
-    files = [out / "metrics.json", ck] if ck.exists() else [out / "metrics.json"]
+    metrics, the checkpoint and the learning curves (neither after --epochs 0 in a new
+    folder), the adapter, the merged model and what its export wrote beside it."""
+    files = [out / "metrics.json"] + [f for f in (out / checkpoint.CHECKPOINT, out / CURVES) if f.exists()]
     if "adapter" in metrics:
         files.append(Path(metrics["adapter"]))
     if metrics.get("merged_model"):

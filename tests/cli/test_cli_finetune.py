@@ -111,8 +111,9 @@ def test_resume_matches_an_uninterrupted_run(files, sparse_run, capsys):
     capsys.readouterr()
     assert _run(files, out, epochs=2) == 0  # resumes from epoch 1
     m = json.loads((out / "metrics.json").read_text())
-    # the summary names every file in the folder: metrics, checkpoint, adapter, merged model
-    assert files_written(capsys.readouterr().err, out) == m["files"] and len(m["files"]) == 4
+    # the summary names every file in the folder: metrics, checkpoint, learning curves, adapter, merged model
+    assert files_written(capsys.readouterr().err, out) == m["files"] and len(m["files"]) == 5
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [h["epoch"] for h in m["history"]] == [1, 2]
     for k in ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "changed_fraction"):
         assert m[k] == sparse_run[1][k]
@@ -120,6 +121,22 @@ def test_resume_matches_an_uninterrupted_run(files, sparse_run, capsys):
     assert _run(files, out, "--lr", "0.05", epochs=3) == 2
     err = capsys.readouterr().err
     assert "pass --lr 0.02" in err and len(err.strip().splitlines()) == 1
+
+
+def test_zero_epochs_evaluates_the_base_model(files, capsys):
+    """--epochs 0 in a new folder: the test errors are the zero-shot ones, and no
+    checkpoint or learning curves are written (nothing was trained)."""
+    from helpers import files_written
+
+    out = files / "zero"
+    capsys.readouterr()
+    assert _run(files, out, epochs=0) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["history"] == [] and m["changed_params"] == 0
+    for k in ("energy_mae_mev_per_atom", "force_mae_mev_per_A"):
+        assert m[f"test_{k}"] == pytest.approx(m[f"zero_shot_test_{k}"], rel=1e-9)
+    listed = files_written(capsys.readouterr().err, out)
+    assert not any(name in p for p in listed for name in ("training.png", "checkpoint.pt")), listed
 
 
 def test_fast_phase_trains_only_the_active_entries_and_resumes(files):
@@ -347,6 +364,8 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert "2 training frames, 1 test frames" in out and "changed:" in out and "in SevenNetCalculator" in out
     assert "loss weights energy 100 forces 100" in out
     assert (tmp_path / "demo" / "sparse" / "adapter.report.png").stat().st_size > 0
+    assert f"learning curves: {tmp_path / 'demo' / 'sparse' / 'training.png'}" in out
+    assert (tmp_path / "demo" / "sparse" / "training.png").stat().st_size > 0
     # rerun into the same --out with other arguments: one line naming the difference, no traceback
     with pytest.raises(SystemExit) as stop:
         demo.main(["--epochs", "1", "--every", "1", "--out", str(tmp_path / "demo"), "--energy_weight", "1"])

@@ -33,8 +33,9 @@ import torch
 
 from ... import delta_slot
 from ...files import atomic_write
-from ...finetune import calibrate_density, merge, prepare, save_adapter, stats
+from ...finetune import merge, prepare, save_adapter, stats
 from ...finetune.backward import backward, into_trained
+from ...finetune.density import calibrate_to_schedule
 from ...finetune.lr_scale import by_weight_scale
 from ...finetune.precompile import compiles_kernels, precompile_on_copy
 from ...patching import patched_layers, release
@@ -142,7 +143,7 @@ class SparseHooks:
         if frozen:
             logging.info(f"sparsekern: no deltas on the {len(frozen)} weights MACE froze (--freeze), "
                          f"e.g. {frozen[0][0]}.{frozen[0][2]}")
-            calibrate_density(model)
+            calibrate_to_schedule(model)
 
     def regroup(self, groups, model: torch.nn.Module) -> list:
         """MACE's parameter groups, holding trainable tensors only: a delta joins the
@@ -171,7 +172,7 @@ class SparseHooks:
     @torch.no_grad()
     def export(self, model: torch.nn.Module) -> torch.nn.Module:
         """The plain MACE model to save (delta merged); writes the adapter beside it."""
-        calibrate_density(model)  # the saved (e.g. EMA-averaged) deltas, on the target density
+        calibrate_to_schedule(model)  # the saved (e.g. EMA-averaged) deltas, at the scheduled density
         model_dir = Path(self.args.model_dir)
         stage = "" if self.exports == 0 else "_stagetwo"  # run_train saves stage one, then stage two
         self.exports += 1

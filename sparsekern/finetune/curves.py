@@ -1,0 +1,41 @@
+"""A run's learning curves as a picture (``training.png`` beside metrics.json): the
+training loss by epoch, and the validation energy and force errors by epoch beside the
+test set's before and after fine-tuning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PANELS = (("energy_mae_mev_per_atom", "energy MAE (meV/atom)"), ("force_mae_mev_per_A", "force MAE (meV/Å)"))
+
+
+def plot_curves(metrics: dict, filename) -> None:
+    """The curves of ``metrics`` (metrics.json's content, with at least one epoch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = metrics["history"]
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 1 + len(PANELS), figsize=(14, 4.2))
+    losses = [h["train_loss"] for h in history]
+    axes[0].plot(epochs, losses, marker="o")
+    spans_decades = min(losses) > 0 and max(losses) > 10 * min(losses)
+    axes[0].set(title="training loss", xlabel="epoch", yscale="log" if spans_decades else "linear")
+    for ax, (key, title) in zip(axes[1:], PANELS):
+        valid = [(h["epoch"], h["valid"][key]) for h in history if "valid" in h]
+        if valid:
+            ax.plot(*zip(*valid), marker="o", label="validation")
+        ax.axhline(metrics[f"zero_shot_test_{key}"], ls="--", color="gray", label="test, zero-shot")
+        ax.plot([epochs[-1]], [metrics[f"test_{key}"]], marker="*", markersize=14, ls="", color="tab:red",
+                label="test, fine-tuned")
+        ax.set(title=title, xlabel="epoch", ylim=(0, None))
+        ax.legend(fontsize=8)
+    for ax in axes:
+        ax.set_xticks(epochs if len(epochs) <= 12 else ax.get_xticks())
+    fig.suptitle(f"{metrics['method']} fine-tuning of {Path(metrics['model']).name}: "
+                 f"{100 * metrics['changed_fraction']:.2f} % of the path weights changed", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(filename, format="png", dpi=110)
+    plt.close(fig)
