@@ -4,8 +4,9 @@ offline. SevenNet-0 (installed with sevenn) is fine-tuned on crystalline silicon
 its pretrained weights frozen and a delta that changes 3 % of the path weights. Prints
 the held-out test errors before and after, the changed fraction, the learning curves
 (``training.png``), the adapter's size next to the model's, the merged model's check in
-SevenNet's own ASE calculator, and where the update went (``sparsekern report``). Everything lands in ``--out`` (default
-./demo-output, ignored by git); rerunning resumes from its checkpoint.
+SevenNet's own ASE calculator, and where the update went (``sparsekern report``).
+Everything lands in ``--out`` (default ./demo-output, ignored by git); rerunning resumes
+from its checkpoint.
 
 The loss weighs energies and forces equally (100 and 100): with MACE's first-stage
 weights (1 and 100), 4 epochs on 27 frames fit the forces and let the energies of the
