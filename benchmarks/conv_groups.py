@@ -5,7 +5,8 @@ layer of the model this times forward + backward (float32, 2 threads, a fresh gr
 call as in MD) of a graph of n nodes with 20 incoming edges each, planned as 1 and 4
 groups of equal shape, and prints the cost of a slot, of a group, and their ratio: the
 padding slots worth one more group; the model's row sums its layers, which share one plan
-(``ops/torch/conv.GROUP_COST``).
+(``ops/torch/conv.GROUP_COST``). The rows also go to
+benchmarks/results/conv_groups_<model>_<date>.json (a day's later runs ``_2``...).
 
     .venv-mace/bin/python benchmarks/conv_groups.py --model mace
     .venv-sevenn/bin/python benchmarks/conv_groups.py --model 7net-0
@@ -22,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import record  # noqa: E402  (benchmarks/record.py)
 import sparsekern  # noqa: E402
 from sparsekern.layers import ChannelwiseConv  # noqa: E402
 from sparsekern.ops.torch import conv as torch_conv  # noqa: E402
@@ -81,6 +83,14 @@ def main() -> None:
     rows.append(("the model", sum(r[1] for r in rows), sum(r[2] for r in rows)))
     for name, slot, group in rows:
         print(f"{name:<36}{slot * 1e6:>10.2f}{group * 1e3:>12.2f}{group / slot:>15.0f}")
+    out = record.write(f"conv_groups_{args.model}", {
+        "benchmark": f"torch conv, {args.model}: forward + backward of each layer, n x {WIDTH} edges, float32, "
+                     "2 threads, planned as 1 and 4 groups",
+        "command": f"python benchmarks/conv_groups.py --model {args.model} --nodes {small} {large} "
+                   f"--repeats {args.repeats}",
+        "rows": [{"layer": name, "slot_us": slot * 1e6, "group_ms": group * 1e3, "ratio_slots": group / slot}
+                 for name, slot, group in rows]})
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

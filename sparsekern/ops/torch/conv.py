@@ -242,7 +242,7 @@ class _Slots(NamedTuple):
 
 # A group's fixed cost in edge slots (its gathers and products are issued once a group,
 # in every pass): `benchmarks/conv_groups.py` on a 2-core CPU puts it at 77-270 slots for
-# the MACE-MP-0-medium shape, 160-305 for SevenNet-0 (results/conv_groups_2026-12-06.md)
+# the MACE-MP-0-medium shape, 160-373 for SevenNet-0 (results/conv_groups_2026-12-06.md)
 GROUP_COST = 200
 
 
