@@ -71,11 +71,18 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, nargs=2, default=(64, 128), help="two graph sizes, for the slot's cost")
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
-    torch.set_num_threads(2)
     small, large = args.nodes
+    if not (0 < small < large and small % 4 == 0 and large % 4 == 0) or args.repeats < 1:
+        ap.error(f"--nodes needs two sizes, the first smaller, each a multiple of 4 (four equal groups), "
+                 f"and --repeats >= 1; got --nodes {small} {large} --repeats {args.repeats}")
+    try:
+        convs = model_convs(args.model)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        ap.error(f"--model {args.model}: {exc}".splitlines()[0])
+    torch.set_num_threads(2)
     print(f"{'layer':<36}{'slot (us)':>10}{'group (ms)':>12}{'ratio (slots)':>15}")
     rows = []
-    for name, conv in model_convs(args.model):
+    for name, conv in convs:
         t = {(n, k): timed(conv, n, k, args.repeats) for n in (small, large) for k in (1, 4)}
         slot = (t[large, 1] - t[small, 1]) / ((large - small) * WIDTH)
         group = (t[small, 4] - t[small, 1] + t[large, 4] - t[large, 1]) / 6  # three more groups, two sizes

@@ -140,10 +140,11 @@ class _RowPaths(NamedTuple):
 
     @staticmethod
     def of(desc: TPDesc) -> "_RowPaths":
+        groups = _groups(desc)
         paths = tuple((g, desc.paths[t].weight_offset, desc.paths[t].mul_in)
-                      for g, (_, ts) in enumerate(_groups(desc)) for t in ts)
+                      for g, (_, ts) in enumerate(groups) for t in ts)
         covered = len({c for _, off, mul in paths for c in range(off, off + mul)}) == desc.weight_numel
-        return _RowPaths(len(_groups(desc)), desc.weight_numel, paths, covered)
+        return _RowPaths(len(groups), desc.weight_numel, paths, covered)
 
 
 class _RowFunction(torch.autograd.Function):
