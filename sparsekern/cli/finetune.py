@@ -32,6 +32,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="7net-0 (SevenNet) or a MACE .model file")
     p.add_argument("--train", required=True, help="training frames (extended XYZ)")
     p.add_argument("--valid", help="validation frames (reported per epoch)")
+    p.add_argument("--valid_fraction", type=float,
+                   help="instead of --valid: hold out this fraction of the training frames (after --max_train) "
+                        "for validation, the frames MACE's --valid_fraction holds out with the same --seed "
+                        "(metrics.json lists them)")
     p.add_argument("--test", required=True, help="test frames")
     p.add_argument("--method", required=True, choices=tuple(METHODS), help=choices_help(METHODS))
     p.add_argument("--out", required=True, help="output directory")
@@ -181,6 +185,10 @@ def _finetune(args) -> int:
             print(f"wrote: {path}", file=sys.stderr)
         if metrics.get("merged_model_skipped"):
             print(f"no merged model: {metrics['merged_model_skipped']}", file=sys.stderr)
+        for split in ("test", "valid"):
+            if metrics[f"{split}_frames_in_train"]:
+                print(f"warning: {metrics[f'{split}_frames_in_train']} of {metrics[f'n_{split}']} {split} frames are "
+                      f"training frames too: their errors are not held-out errors", file=sys.stderr)
     return 0
 
 

@@ -66,6 +66,34 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
     return frames
 
 
+def valid_indices(n: int, fraction: float, seed: int) -> List[int]:
+    """Which of ``n`` training frames ``--valid_fraction`` holds out: MACE's
+    ``random_train_valid_split`` (the same frames for the same seed), at least one."""
+    order = list(range(n))
+    np.random.default_rng(seed).shuffle(order)
+    return order[min(n - int(fraction * n), n - 1):]
+
+
+def split_valid(train: Sequence[Frame], fraction: float, seed: int) -> tuple:
+    """(train, valid): ``fraction`` of the frames held out, as MACE's ``--valid_fraction``."""
+    if len(train) < 2:
+        raise ValueError(f"--valid_fraction needs at least 2 training frames, got {len(train)}")
+    held = valid_indices(len(train), fraction, seed)
+    kept = sorted(set(range(len(train))) - set(held))
+    return [train[i] for i in kept], [train[i] for i in held]
+
+
+def _identity(frame: Frame) -> bytes:
+    atoms = frame.atoms
+    return b"".join(np.ascontiguousarray(a).tobytes() for a in (atoms.numbers, atoms.positions, atoms.cell.array))
+
+
+def shared_frames(frames: Sequence[Frame], train: Sequence[Frame]) -> int:
+    """How many of ``frames`` are training frames too (same atoms, positions and cell)."""
+    seen = {_identity(f) for f in train}
+    return sum(_identity(f) in seen for f in frames)
+
+
 MIN_DISTANCE = 0.3  # Å: closer atoms are a broken frame, not chemistry (H2's bond is 0.74 Å)
 
 

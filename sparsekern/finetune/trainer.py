@@ -42,7 +42,7 @@ from .averaging import ParameterAverage
 from .backward import backward
 from .config import SparseConfig
 from .curves import plot_curves
-from .data import REFIT_E0S, Frame, energy_shift, read_frames
+from .data import REFIT_E0S, Frame, energy_shift, read_frames, shared_frames, split_valid, valid_indices
 from .density import calibrate_to_schedule
 from .distributed import Group, join, leave
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, fits_in_memory, forward,
@@ -68,6 +68,7 @@ class Settings:
     method: str
     out: str
     valid: Optional[str] = None
+    valid_fraction: Optional[float] = None  # without --valid: this fraction of train held out (MACE's split)
     epochs: int = 10
     density: float = 0.03
     mode: str = "str"
@@ -137,6 +138,10 @@ class Settings:
         if self.density_warmup + self.density_anneal > max(self.epochs, 1):
             raise ValueError(f"the density schedule (--density_warmup {self.density_warmup:g} + --density_anneal "
                              f"{self.density_anneal:g} epochs) must end within --epochs {self.epochs}")
+        if self.valid_fraction is not None and not 0.0 < self.valid_fraction < 1.0:
+            raise ValueError(f"--valid_fraction must be in (0, 1), got {self.valid_fraction}")
+        if self.valid_fraction is not None and (self.valid or self.max_valid):
+            raise ValueError("--valid_fraction holds out training frames: leave out --valid and --max_valid")
         if any(n is not None and n < 1 for n in (self.max_train, self.max_valid, self.max_test)):
             raise ValueError("--max_train, --max_valid and --max_test must be >= 1")
         try:
@@ -155,7 +160,7 @@ class Settings:
         if self.lr_schedule == "constant":  # more epochs continue a finished run; a cosine's curve depends on them
             d.pop("epochs")
             d.pop("lr_schedule")  # (checkpoints from before it stay resumable, as below)
-        for k in ("element_resolved", "spin_orbit", "ema"):
+        for k in ("element_resolved", "spin_orbit", "ema", "valid_fraction"):
             if not d[k]:  # checkpoints from before it stay resumable (ema's: with --no_ema)
                 d.pop(k)
         if not self.ema:
@@ -175,6 +180,8 @@ def _read_data(settings: Settings) -> Tuple[List[Frame], List[Frame], List[Frame
 
     train, test = read(settings.train, settings.max_train), read(settings.test, settings.max_test)
     valid = read(settings.valid, settings.max_valid)
+    if settings.valid_fraction is not None:
+        train, valid = split_valid(train, settings.valid_fraction, settings.seed)
     missing = {int(z) for f in test + valid for z in f.atoms.numbers} - {int(z) for f in train for z in f.atoms.numbers}
     if missing:
         raise ValueError(f"test/valid data hold elements absent from the training data: {sorted(missing)} "
@@ -197,22 +204,21 @@ def _fit_shift(family: Family, model, spec: str, samples: Sequence[Sample], trai
     return energy_shift(spec, train, zs, lambda z: family.own_e0s(model, z), predict_energies)
 
 
-def _refit_shift(family: Family, model, shift: Dict[int, float], samples: Sequence[Sequence[Sample]],
-                 frames: Sequence[Sequence[Frame]], settings: Settings, group: Group) -> Dict[int, float]:
-    """After training, a data-derived shift (``--E0s estimated`` / ``average``) follows the
-    trained model: corrected by least squares of its remaining training residuals on the
+def _refit(family: Family, model, train_s: Sequence[Sample], train: Sequence[Frame], settings: Settings,
+           group: Group) -> Dict[int, float]:
+    """The correction to a data-derived shift (``--E0s estimated`` / ``average``) that makes
+    it follow the trained model: least squares of its remaining training residuals on the
     composition, as ``estimated`` fits it to the zero-shot ones. Deltas that leave the
     model's own per-element energies frozen drift its energy zero by a constant per atom
-    (NOTES.md, "The deltas move the energy zero"); this takes it out. The samples'
-    shifts follow; returns the correction."""
+    (NOTES.md, "The deltas move the energy zero"); this takes it out. Empty for the other
+    ``--E0s``."""
     if settings.e0s not in REFIT_E0S:
         return {}
-    correction = _fit_shift(family, model, "estimated", samples[0], frames[0], settings, group)
-    for z, c in correction.items():
-        shift[z] += c
-    for part, part_frames in zip(samples, frames):
-        set_shift(part, part_frames, shift)
-    return correction
+    return _fit_shift(family, model, "estimated", train_s, train, settings, group)
+
+
+def _corrected(shift: Dict[int, float], correction: Dict[int, float]) -> Dict[int, float]:
+    return {z: v + correction.get(z, 0.0) for z, v in shift.items()}
 
 
 def _apply_method(model, settings: Settings, family: Family, train_s: Sequence[Sample],
@@ -381,9 +387,10 @@ def _epoch(loop: _Loop, samples: Sequence[Sample], progress: checkpoint.Progress
     return progress.epoch_loss / len(samples)
 
 
-def _train(loop: _Loop, train_s: Sequence[Sample], valid_s: Sequence[Sample], ck: Optional[dict]
-           ) -> checkpoint.Progress:
-    """The epochs (and steps) still to do, each epoch ending in ``loop.save``."""
+def _train(loop: _Loop, train_s: Sequence[Sample], validate: Optional[Callable[[torch.nn.Module], dict]],
+           ck: Optional[dict]) -> checkpoint.Progress:
+    """The epochs (and steps) still to do, each epoch ending in ``validate`` (where there
+    are validation frames) and ``loop.save``."""
     from tqdm import tqdm
 
     settings, model = loop.settings, loop.model
@@ -418,9 +425,9 @@ def _train(loop: _Loop, train_s: Sequence[Sample], valid_s: Sequence[Sample], ck
         calibrate_to_schedule(model)
         progress.epoch, progress.step, progress.epoch_loss = progress.epoch + 1, 0, 0.0
         record = {"epoch": progress.epoch, "train_loss": train_loss}
-        if valid_s:
+        if validate is not None:
             with loop.averaged():
-                record["valid"] = asdict(evaluate(loop.family, model, valid_s, settings, loop.group))
+                record["valid"] = validate(model)
         progress.history.append(record)
         progress.peak_rss_mb = max(progress.peak_rss_mb, _peak_rss_mb())
         loop.save(model, loop.optimizer, progress, loop.average)
@@ -439,6 +446,10 @@ def _metrics(settings: Settings, family: Family, frames, shift: Dict[int, float]
         "model": settings.model, "family": family.name, "method": settings.method,
         "settings": asdict(settings),
         "n_train": len(train), "n_valid": len(valid), "n_test": len(test),
+        # frames whose errors are not held out: named by the CLI
+        "test_frames_in_train": shared_frames(test, train), "valid_frames_in_train": shared_frames(valid, train),
+        **({"valid_indices_in_train": valid_indices(len(train) + len(valid), settings.valid_fraction, settings.seed)}
+           if settings.valid_fraction is not None else {}),
         "data_sha256_16": _fingerprint_files(settings.train, settings.valid, settings.test),
         "e0_shift_ev": {str(z): v for z, v in shift.items()},
         **{f"{prefix}_{k}": v for prefix, e in errors_by_prefix.items() for k, v in asdict(e).items()},
@@ -532,10 +543,20 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
         if group.main:
             checkpoint.save(out, settings.identity(), trained, optimizer, progress, shift, average)
 
+    def validate(trained) -> dict:
+        """The validation errors with the energy reference the model would be saved with now
+        (its refit), as the test's after training: without it they carry the drift."""
+        set_shift(valid_s, valid, _corrected(shift, _refit(family, trained, train_s, train, settings, group)))
+        return asdict(evaluate(family, trained, valid_s, settings, group))
+
     with deferred() as signalled:
-        progress = _train(_Loop(family, model, settings, group, signalled, save), train_s, valid_s, ck)
+        progress = _train(_Loop(family, model, settings, group, signalled, save), train_s,
+                          validate if valid_s else None, ck)
     magnetic_fit = fit_magnetic_energy(family, model, train_s, settings, group) if progress.epoch > 0 else None
-    refit = _refit_shift(family, model, shift, (train_s, test_s, valid_s), (train, test, valid), settings, group)
+    refit = _refit(family, model, train_s, train, settings, group)
+    shift = _corrected(shift, refit)
+    for part, part_frames in ((train_s, train), (test_s, test), (valid_s, valid)):
+        set_shift(part, part_frames, shift)
     test_errors = {"test": evaluate(family, model, test_s, settings, group), **zero_shot}
     metrics = _metrics(settings, family, (train, valid, test), shift, model, progress, test_errors,
                        _changed_fraction(model, base))

@@ -139,6 +139,51 @@ def test_zero_epochs_evaluates_the_base_model(files, capsys):
     assert not any(name in p for p in listed for name in ("training.png", "checkpoint.pt")), listed
 
 
+@pytest.mark.parametrize("n, fraction, seed", [(3, 0.34, 0), (10, 0.1, 1), (57, 0.2, 123), (5, 0.01, 7)])
+def test_valid_fraction_holds_out_the_frames_mace_does(n, fraction, seed, tmp_path):
+    from mace.data.utils import random_train_valid_split
+
+    from sparsekern.finetune.data import valid_indices
+
+    _, theirs = random_train_valid_split(list(range(n)), fraction, seed, str(tmp_path))
+    assert valid_indices(n, fraction, seed) == theirs and theirs
+
+
+def test_valid_fraction_and_validation_as_the_test_sees_it(files, capsys):
+    """--valid_fraction trains on the rest and lists what it held out; test frames that
+    are training frames are named; each epoch's validation errors carry the energy
+    reference the model would be saved with, so on the test's frames the last epoch's
+    are the test errors (without the refit they carry the deltas' drift)."""
+    from sparsekern.finetune.data import valid_indices
+
+    out = files / "valid_fraction"
+    capsys.readouterr()
+    assert _run(files, out, "--valid_fraction", "0.34", "--test", str(files / "train.xyz"), epochs=1) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    held = valid_indices(3, 0.34, 0)
+    assert (m["n_train"], m["n_valid"], m["n_test"]) == (2, 1, 3) and m["valid_indices_in_train"] == held
+    assert m["test_frames_in_train"] == 2 and m["valid_frames_in_train"] == 0 and len(m["history"][0]["valid"]) == 4
+    assert "warning: 2 of 3 test frames are training frames too" in capsys.readouterr().err
+
+    out = files / "valid_is_test"
+    assert _run(files, out, "--valid", str(files / "test.xyz"), epochs=1) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["e0_refit_ev"] and m["test_frames_in_train"] == 0
+    for k in ("energy_mae_mev_per_atom", "force_mae_mev_per_A"):
+        assert m["history"][-1]["valid"][k] == pytest.approx(m[f"test_{k}"], rel=1e-9)
+    assert "warning" not in capsys.readouterr().err
+
+    for bad, said in ((("--valid_fraction", "1"), "--valid_fraction must be in (0, 1), got 1.0"),
+                      (("--valid_fraction", "0.5", "--valid", str(files / "test.xyz")),
+                       "--valid_fraction holds out training frames: leave out --valid and --max_valid"),
+                      (("--valid_fraction", "0.5", "--max_train", "1"),
+                       "--valid_fraction needs at least 2 training frames, got 1")):
+        assert _run(files, files / "refused", *bad) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1
+    assert not (files / "refused").exists()
+
+
 def test_fast_phase_trains_only_the_active_entries_and_resumes(files):
     out = files / "fast"
     assert _run(files, out, "--fast_after", "1", epochs=2) == 0  # epoch 2 in fast mode
