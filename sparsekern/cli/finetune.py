@@ -46,12 +46,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the delta's start and the data order")
     p.add_argument("--energy_weight", type=float, default=1.0, help="weight of the per-atom energy error in the loss")
     p.add_argument("--forces_weight", type=float, default=100.0, help="weight of the force error in the loss")
+    p.add_argument("--stress_weight", type=float, default=0.0,
+                   help="weight of the stress error (eV/Å^3, MACE's stress loss) in the loss; > 0 reads stresses "
+                        "under --stress_key, trains them where frames have them and reports their errors")
     p.add_argument("--E0s", dest="e0s", default="estimated",
                    help="foundation | estimated (least squares of the training residuals) | average | "
                         "a dict '{Z: E0}' or a .json file (MACE's meanings); estimated and average are "
                         "refitted to the trained model's training residuals after training")
     p.add_argument("--energy_key", default="REF_energy", help="energy label in the frames' info (eV)")
     p.add_argument("--forces_key", default="REF_forces", help="force label in the frames' arrays (eV/Å)")
+    p.add_argument("--stress_key", default="REF_stress",
+                   help="stress label in the frames' info (eV/Å^3, ASE's sign; Voigt 6 or 9 values)")
     p.add_argument("--magmom_key", help="magnetism: per-atom moments in the frames' arrays (μB; collinear scalars "
                    "or 3-vectors); adds a magnetic energy E(R, m) beside the model, zero at the start")
     p.add_argument("--magforces_key", help="magnetism: magnetic-force labels -dE/dm (eV/μB) in the frames' arrays")
@@ -179,7 +184,8 @@ def _finetune(args) -> int:
         keys = ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "zero_shot_test_energy_mae_mev_per_atom",
                 "zero_shot_test_force_mae_mev_per_A", "changed_fraction", "trainable_params", "wall_s",
                 "peak_rss_mb")
-        keys += tuple(k for k in ("test_magforce_mae_mev_per_muB", "test_magmom_mae_muB") if metrics.get(k) is not None)
+        keys += tuple(k for k in ("zero_shot_test_stress_mae_mev_per_A3", "test_stress_mae_mev_per_A3",
+                                  "test_magforce_mae_mev_per_muB", "test_magmom_mae_muB") if k in metrics)
         print(json.dumps({k: metrics[k] for k in keys}, indent=1))
         for path in metrics["files"]:  # on stderr, beside the progress bar: stdout stays JSON
             print(f"wrote: {path}", file=sys.stderr)

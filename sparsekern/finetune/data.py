@@ -21,6 +21,7 @@ class Frame:
     forces: np.ndarray  # (n, 3) eV/Å
     magmom: Optional[np.ndarray] = None  # (n, 3) μB, with --magmom_key (also the atoms' initial moments)
     magforces: Optional[np.ndarray] = None  # (n, 3) eV/μB, -dE/dm, with --magforces_key
+    stress: Optional[np.ndarray] = None  # (3, 3) eV/Å^3, ASE's sign, with --stress_weight (where labelled)
 
 
 def _label(atoms, key: str, where: str, kind: str):
@@ -38,9 +39,10 @@ def _label(atoms, key: str, where: str, kind: str):
 
 def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_forces",
                 limit: Optional[int] = None, magmom_key: Optional[str] = None,
-                magforces_key: Optional[str] = None) -> List[Frame]:
+                magforces_key: Optional[str] = None, stress_key: Optional[str] = None) -> List[Frame]:
     """The first ``limit`` frames of an extended-XYZ file with their labels (moments and
-    magnetic forces where their keys are given)."""
+    magnetic forces where their keys are given; stresses, with ``stress_key``, in the frames
+    that have one)."""
     from ase.io import read
 
     path = Path(path)
@@ -62,8 +64,27 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
             raise ValueError(f"{where}: forces {forces_key!r} have shape {forces.shape}, expected ({len(atoms)}, 3)")
         _check_finite_and_apart(atoms, energy, forces, where, energy_key, forces_key)
         moment_labels = read_moment_labels(atoms, where, magmom_key, magforces_key) if magmom_key else (None, None)
-        frames.append(Frame(atoms, energy, forces, *moment_labels))
+        stress = _stress(atoms, stress_key, where) if stress_key else None
+        frames.append(Frame(atoms, energy, forces, *moment_labels, stress=stress))
     return frames
+
+
+def _stress(atoms, key: str, where: str) -> Optional[np.ndarray]:
+    """The frame's stress label as a 3x3 tensor (eV/Å^3; given as 9 values or as ASE's
+    Voigt 6, xx yy zz yz xz xy, as MACE reads ``--stress_key``); None where it has none."""
+    raw = atoms.info.get(key, getattr(atoms.calc, "results", {}).get(key) if key == "stress" else None)
+    if raw is None:
+        return None
+    from ase.stress import voigt_6_to_full_3x3_stress
+
+    values = np.asarray(raw, dtype=np.float64)
+    if values.size not in (6, 9):
+        raise ValueError(f"{where}: stress {key!r} has {values.size} values, expected 6 (Voigt) or 9")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{where}: stress {key!r} holds NaN or infinity")
+    if not atoms.pbc.all() or abs(atoms.cell.volume) < 1e-6:
+        raise ValueError(f"{where}: a stress {key!r} on a frame that is not periodic in 3 directions")
+    return voigt_6_to_full_3x3_stress(values) if values.size == 6 else values.reshape(3, 3)
 
 
 def valid_indices(n: int, fraction: float, seed: int) -> List[int]:

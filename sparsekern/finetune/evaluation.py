@@ -17,6 +17,7 @@ from ..magnetism.loss import magnetic_errors, magnetic_loss, magnetic_residuals
 from .data import Frame
 from .distributed import Group
 from .graphed_step import GraphedSteps, graphed
+from .stress import stress_errors, stress_loss, stress_residuals, wanted
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Sample:
     shift: float = 0.0  # the fixed per-element energy shift summed over the frame's atoms
     magmom: Optional[torch.Tensor] = None  # (n, 3) μB: the moment labels (with --magmom_key)
     magforces: Optional[torch.Tensor] = None  # (n, 3) eV/μB (with --magforces_key)
+    stress: Optional[torch.Tensor] = None  # (3, 3) eV/Å^3 (with --stress_weight, where labelled)
 
 
 @dataclass
@@ -36,13 +38,15 @@ class Errors:
     energy_rmse_mev_per_atom: float
     force_mae_mev_per_A: float
     force_rmse_mev_per_A: float
-
-
-@dataclass
-class MagneticErrors(Errors):
+    stress_mae_mev_per_A3: Optional[float] = None  # with stress labels
+    stress_rmse_mev_per_A3: Optional[float] = None
     magforce_mae_mev_per_muB: Optional[float] = None  # with magnetic-force labels
     magforce_rmse_mev_per_muB: Optional[float] = None
     magmom_mae_muB: Optional[float] = None  # |predicted| vs |label|, with a moment head
+
+    def as_dict(self) -> Dict[str, float]:
+        """The errors there are labels for."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def make_samples(family: Family, model, frames: Sequence[Frame], shift: Dict[int, float]) -> List[Sample]:
@@ -51,7 +55,7 @@ def make_samples(family: Family, model, frames: Sequence[Frame], shift: Dict[int
         return None if a is None else torch.as_tensor(a)
 
     samples = [Sample(family.graph(model, f.atoms), f.energy, torch.as_tensor(f.forces), len(f.atoms),
-                      magmom=tensor(f.magmom), magforces=tensor(f.magforces)) for f in frames]
+                      magmom=tensor(f.magmom), magforces=tensor(f.magforces), stress=tensor(f.stress)) for f in frames]
     set_shift(samples, frames, shift)
     return samples
 
@@ -120,13 +124,13 @@ def fits_in_memory(batch: List[Sample], what: str):
 
 def outputs(family: Family, model, batch: List[Sample], device: str, training: bool,
             graphs: Optional[GraphedSteps] = None) -> Dict[str, torch.Tensor]:
-    """The family's outputs by name (energy per frame with its shift, forces, and what
-    else the family predicts: magnetic forces, moments); an evaluation batch replayed
-    from ``graphs`` where it can be."""
+    """The family's outputs by name (energy per frame with its shift, forces, stresses
+    where the batch has stress labels, and what else the family predicts: magnetic forces,
+    moments); an evaluation batch replayed from ``graphs`` where it can be."""
     with fits_in_memory(batch, "a training batch" if training else "an evaluation batch"):
         out = None if graphs is None or training else graphs.predict(batch)
         if out is None:
-            out = family.outputs(model, family.collate([s.graph for s in batch], device), training)
+            out = family.outputs(model, family.collate([s.graph for s in batch], device), training, wanted(batch))
     energy = out["energy"]
     out["energy"] = energy + torch.tensor([s.shift for s in batch], dtype=energy.dtype, device=energy.device)
     return out
@@ -147,7 +151,7 @@ def _targets(batch: List[Sample], like: torch.Tensor):
 
 def loss(family: Family, model, batch: List[Sample], settings, whole: Optional[List[Sample]] = None) -> torch.Tensor:
     """MACE's weighted energy-forces loss (``settings``: the trainer's Settings), plus the
-    magnetic terms where the samples have labels. With ``whole``, a global batch that
+    stress and magnetic terms where the samples have labels. With ``whole``, a global batch that
     ``batch`` is one process's share of: this share's part of the whole's loss (sums over
     ``batch`` divided by counts of ``whole``), so that the parts add up to the loss of ``whole``."""
     whole = batch if whole is None else whole
@@ -156,13 +160,13 @@ def loss(family: Family, model, batch: List[Sample], settings, whole: Optional[L
     e, n, f = _targets(batch, energy)
     return (settings.energy_weight * ((energy - e) / n).square().sum() / len(whole)
             + settings.forces_weight * (forces - f).square().sum() / (3 * sum(s.natoms for s in whole))
-            + magnetic_loss(out, batch, settings, whole))
+            + stress_loss(out, batch, settings, whole) + magnetic_loss(out, batch, settings, whole))
 
 
-def _all_residuals(family: Family, model, samples: Sequence[Sample], settings,
-                   group: Group = Group()) -> Dict[str, torch.Tensor]:
+def residuals(family: Family, model, samples: Sequence[Sample], settings,
+              group: Group = Group()) -> Dict[str, torch.Tensor]:
     """Per frame (E - E_ref) / N and its energy shift per atom; all force residuals; the
-    magnetic residuals where the family predicts them and the samples have labels."""
+    stress and magnetic residuals where the family predicts them and the samples have labels."""
     model.eval()
 
     graphs = graphed(family, model, settings)
@@ -173,7 +177,8 @@ def _all_residuals(family: Family, model, samples: Sequence[Sample], settings,
         part = {"energy": ((out["energy"].detach() - e) / n).cpu().double(),
                 "shift": torch.tensor([s.shift / s.natoms for s in batch], dtype=torch.float64),
                 "forces": (out["forces"].detach() - f).cpu().double().reshape(-1)}
-        part.update({k: r.detach().cpu().double() for k, r in magnetic_residuals(out, batch).items()})
+        more = {**stress_residuals(out, batch), **magnetic_residuals(out, batch)}
+        part.update({k: r.detach().cpu().double() for k, r in more.items()})
         return part
 
     with frozen(model):
@@ -181,21 +186,18 @@ def _all_residuals(family: Family, model, samples: Sequence[Sample], settings,
     return {k: torch.cat([p[k] for p in parts if k in p]) for k in dict.fromkeys(k for p in parts for k in p)}
 
 
-def residuals(family: Family, model, samples: Sequence[Sample], settings, group: Group = Group()):
-    """Per frame (E - E_ref) / N and its energy shift per atom; all force residuals."""
-    res = _all_residuals(family, model, samples, settings, group)
-    return res["energy"], res["shift"], res["forces"]
-
-
-def errors(de: torch.Tensor, df: torch.Tensor) -> Errors:
+def errors(de: torch.Tensor, df: torch.Tensor, res: Optional[Dict[str, torch.Tensor]] = None) -> Errors:
+    """The errors of energy residuals ``de`` (per atom), force residuals ``df`` and the
+    stress and magnetic ones in ``res`` (``residuals``)."""
+    res = res or {}
     return Errors(1e3 * float(de.abs().mean()), 1e3 * float(de.square().mean().sqrt()),
-                  1e3 * float(df.abs().mean()), 1e3 * float(df.square().mean().sqrt()))
+                  1e3 * float(df.abs().mean()), 1e3 * float(df.square().mean().sqrt()),
+                  **stress_errors(res), **magnetic_errors(res))
 
 
 def evaluate(family: Family, model, samples: Sequence[Sample], settings, group: Group = Group()) -> Errors:
-    res = _all_residuals(family, model, samples, settings, group)
-    plain, magnetic = errors(res["energy"], res["forces"]), magnetic_errors(res)
-    return MagneticErrors(**asdict(plain), **magnetic) if magnetic else plain
+    res = residuals(family, model, samples, settings, group)
+    return errors(res["energy"], res["forces"], res)
 
 
 def check_merged(family: Family, reference, frames: Sequence[Frame], path: Path, device: str) -> dict:

@@ -87,9 +87,11 @@ class Settings:
     seed: int = 0
     energy_weight: float = 1.0
     forces_weight: float = 100.0
+    stress_weight: float = 0.0  # > 0: stresses (eV/Å^3) of the frames labelled under stress_key in the loss
     e0s: str = "estimated"
     energy_key: str = "REF_energy"
     forces_key: str = "REF_forces"
+    stress_key: str = "REF_stress"
     max_train: Optional[int] = None
     max_valid: Optional[int] = None
     max_test: Optional[int] = None
@@ -113,10 +115,14 @@ class Settings:
             raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0 "
                              f"(got {self.epochs}, {self.batch_size}, {self.lr})")
         weights = {"--energy_weight": self.energy_weight, "--forces_weight": self.forces_weight,
+                   "--stress_weight": self.stress_weight,
                    "--magforces_weight": self.magforces_weight, "--magmom_weight": self.magmom_weight}
         bad = [f"{k} {v:g}" for k, v in weights.items() if not (math.isfinite(v) and v >= 0)]
         if bad:  # a negative weight would maximise that error, silently
             raise ValueError(f"loss weights must be finite and >= 0, got {', '.join(bad)}")
+        if self.stress_weight and (self.magmom_key or self.cuda_graphs):
+            raise ValueError("--stress_weight: stresses are not trained with magnetism (--magmom_key) or "
+                             "--cuda_graphs yet; leave one out")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -160,6 +166,9 @@ class Settings:
         if self.lr_schedule == "constant":  # more epochs continue a finished run; a cosine's curve depends on them
             d.pop("epochs")
             d.pop("lr_schedule")  # (checkpoints from before it stay resumable, as below)
+        if not self.stress_weight:  # checkpoints from before it stay resumable
+            d.pop("stress_weight")
+            d.pop("stress_key")
         for k in ("element_resolved", "spin_orbit", "ema", "valid_fraction"):
             if not d[k]:  # checkpoints from before it stay resumable (ema's: with --no_ema)
                 d.pop(k)
@@ -176,10 +185,14 @@ def _read_data(settings: Settings) -> Tuple[List[Frame], List[Frame], List[Frame
     test and validation frames needs an energy reference fitted on the training frames."""
     def read(path, limit):
         return read_frames(path, settings.energy_key, settings.forces_key, limit, settings.magmom_key,
-                           settings.magforces_key) if path else []
+                           settings.magforces_key, settings.stress_key if settings.stress_weight else None
+                           ) if path else []
 
     train, test = read(settings.train, settings.max_train), read(settings.test, settings.max_test)
     valid = read(settings.valid, settings.max_valid)
+    if settings.stress_weight and all(f.stress is None for f in train):
+        raise ValueError(f"--stress_weight: no training frame has a stress under {settings.stress_key!r} "
+                         f"(use --stress_key to name it)")
     if settings.valid_fraction is not None:
         train, valid = split_valid(train, settings.valid_fraction, settings.seed)
     missing = {int(z) for f in test + valid for z in f.atoms.numbers} - {int(z) for f in train for z in f.atoms.numbers}
@@ -452,7 +465,7 @@ def _metrics(settings: Settings, family: Family, frames, shift: Dict[int, float]
            if settings.valid_fraction is not None else {}),
         "data_sha256_16": _fingerprint_files(settings.train, settings.valid, settings.test),
         "e0_shift_ev": {str(z): v for z, v in shift.items()},
-        **{f"{prefix}_{k}": v for prefix, e in errors_by_prefix.items() for k, v in asdict(e).items()},
+        **{f"{prefix}_{k}": v for prefix, e in errors_by_prefix.items() for k, v in e.as_dict().items()},
         "changed_fraction": changed["changed"] / changed["total"],
         "changed_params": changed["changed"], "path_params": changed["total"],
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -533,8 +546,9 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     train_s, test_s, valid_s = (make_samples(family, model, f, shift) for f in (train, test, valid))
 
     patch(model)
-    de, frame_shift, df = residuals(family, model, test_s, settings, group)
-    zero_shot = {"zero_shot_test": errors(de, df), "zero_shot_no_e0_shift_test": errors(de - frame_shift, df)}
+    res = residuals(family, model, test_s, settings, group)
+    zero_shot = {"zero_shot_test": errors(res["energy"], res["forces"], res),
+                 "zero_shot_no_e0_shift_test": errors(res["energy"] - res["shift"], res["forces"])}
     base = {k: v.detach().clone() for k, v in _path_weights(model).items()}
     numbers = sorted({int(z) for frame in train for z in frame.atoms.numbers})
     model = train_magnetic(_apply_method(model, settings, family, train_s, numbers))  # the moment head trains fully
@@ -547,7 +561,7 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
         """The validation errors with the energy reference the model would be saved with now
         (its refit), as the test's after training: without it they carry the drift."""
         set_shift(valid_s, valid, _corrected(shift, _refit(family, trained, train_s, train, settings, group)))
-        return asdict(evaluate(family, trained, valid_s, settings, group))
+        return evaluate(family, trained, valid_s, settings, group).as_dict()
 
     with deferred() as signalled:
         progress = _train(_Loop(family, model, settings, group, signalled, save), train_s,

@@ -83,9 +83,12 @@ class Family:
         """``outputs`` on the inputs ``padder`` gives (per graph, then per atom, padding included)."""
         raise NotImplementedError
 
-    def outputs(self, model, batch, training: bool) -> Dict[str, torch.Tensor]:
-        """``predict``'s energy and forces by name; a family that predicts more (magnetism:
-        magnetic forces, moments) adds them."""
+    def outputs(self, model, batch, training: bool, stress: bool = False) -> Dict[str, torch.Tensor]:
+        """``predict``'s energy and forces by name; with ``stress``, each frame's stress
+        (frames, 3, 3; eV/Å^3, ASE's sign); a family that predicts more (magnetism: magnetic
+        forces, moments) adds them."""
+        if stress:
+            raise ValueError(f"{self.name} models: stresses are not computed for fine-tuning")
         energy, forces = self.predict(model, batch, training)
         return {"energy": energy, "forces": forces}
 

@@ -100,7 +100,9 @@ class MagneticFamily(Family):
         out = self.outputs(model, batch, training)
         return out["energy"], out["forces"]
 
-    def outputs(self, model, batch, training):
+    def outputs(self, model, batch, training, stress=False):
+        if stress:  # E_mag's pair terms would need their own virial
+            raise ValueError("magnetic models: stresses are not computed for fine-tuning")
         base_batch, magnetic = batch
         return self._with_magnetism(model, self.base.outputs(model.base, base_batch, training), magnetic, training)
 

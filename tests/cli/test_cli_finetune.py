@@ -141,7 +141,7 @@ def test_zero_epochs_evaluates_the_base_model(files, capsys):
 
 @pytest.mark.parametrize("n, fraction, seed", [(3, 0.34, 0), (10, 0.1, 1), (57, 0.2, 123), (5, 0.01, 7)])
 def test_valid_fraction_holds_out_the_frames_mace_does(n, fraction, seed, tmp_path):
-    from mace.data.utils import random_train_valid_split
+    random_train_valid_split = pytest.importorskip("mace.data.utils").random_train_valid_split
 
     from sparsekern.finetune.data import valid_indices
 
@@ -182,6 +182,84 @@ def test_valid_fraction_and_validation_as_the_test_sees_it(files, capsys):
         err = capsys.readouterr().err
         assert said in err and len(err.strip().splitlines()) == 1
     assert not (files / "refused").exists()
+
+
+def _with_stresses(files, tmp_path, unlabelled=()):
+    """train.xyz and test.xyz with EMT's stresses (ASE's sign, Voigt 6) under REF_stress,
+    but for the training frames ``unlabelled``."""
+    from ase.calculators.emt import EMT
+    from ase.io import read, write
+
+    paths = []
+    for name in ("train.xyz", "test.xyz"):
+        frames = read(files / name, ":")
+        for i, atoms in enumerate(frames):
+            if not (name == "train.xyz" and i in unlabelled):
+                atoms.calc = EMT()
+                atoms.info["REF_stress"] = atoms.get_stress()
+                atoms.calc = None
+        write(tmp_path / name, frames)
+        paths.append(tmp_path / name)
+    return paths
+
+
+def test_stress_loss_is_maces_on_the_labelled_frames(files, tmp_path):
+    """--stress_weight adds stress_weight * mean((S - S_ref)^2) over the frames with a
+    label, S from MACE's own model (its compute_stress); unlabelled frames add nothing."""
+    from types import SimpleNamespace
+
+    from sparsekern.finetune import evaluation
+    from sparsekern.finetune.data import read_frames
+    from sparsekern.integrations.base import family_for
+
+    train, _ = _with_stresses(files, tmp_path, unlabelled=(1,))
+    frames = read_frames(train, stress_key="REF_stress")
+    assert [f.stress is None for f in frames] == [False, True, False]
+    family = family_for(str(files / "tiny.model"))
+    model = family.load(str(files / "tiny.model"), "cpu")
+    samples = evaluation.make_samples(family, model, frames, {})
+
+    def loss(stress_weight):
+        settings = SimpleNamespace(device="cpu", energy_weight=1.0, forces_weight=100.0, stress_weight=stress_weight,
+                                   magforces_weight=0.0, magmom_weight=0.0)
+        return float(evaluation.loss(family, model, samples, settings))
+
+    batch = family.collate([s.graph for s in samples], "cpu")
+    stress = family.outputs(model, batch, False, stress=True)["stress"].detach()  # unpatched: MACE's own
+    labelled = [0, 2]
+    want = ((stress[labelled] - torch.stack([samples[i].stress for i in labelled])) ** 2).mean()
+    assert want > 0
+    sparsekern.patch(model)
+    assert loss(1000.0) - loss(0.0) == pytest.approx(1000.0 * float(want), rel=1e-9)
+
+
+def test_stress_training_reports_stress_errors(files, sparse_run, tmp_path, capsys):
+    train, test = _with_stresses(files, tmp_path)
+    out = tmp_path / "stress"
+    capsys.readouterr()
+    assert _run(files, out, "--train", str(train), "--test", str(test), "--stress_weight", "100", epochs=1) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    printed = json.loads(capsys.readouterr().out)
+    for key in ("test_stress_mae_mev_per_A3", "zero_shot_test_stress_mae_mev_per_A3"):
+        assert m[key] > 0 and printed[key] == m[key]
+    assert not any("stress" in k for k in sparse_run[1])  # no stress keys without --stress_weight
+
+    no_cell = tmp_path / "molecule.xyz"
+    from ase.io import read, write
+
+    frames = read(train, ":")
+    frames[0].pbc = False
+    write(no_cell, frames)
+    for bad, said in ((("--stress_weight", "1", "--stress_key", "PK"), "no training frame has a stress under 'PK'"),
+                      (("--stress_weight", "-1"), "loss weights must be finite and >= 0, got --stress_weight -1"),
+                      (("--stress_weight", "1", "--train", str(no_cell)),
+                       "a stress 'REF_stress' on a frame that is not periodic in 3 directions"),
+                      (("--stress_weight", "1", "--magmom_key", "m"), "stresses are not trained with magnetism")):
+        args = ("--train", str(train), "--test", str(test)) if "--train" not in bad else ("--test", str(test))
+        assert _run(files, tmp_path / "refused", *args, *bad) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "refused").exists()
 
 
 def test_fast_phase_trains_only_the_active_entries_and_resumes(files):

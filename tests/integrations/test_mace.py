@@ -97,11 +97,14 @@ def test_symmetric_contraction_grads_and_equivariance():
 
 
 def _energy_forces_grads(model, batch):
+    """Energy, forces, stress and the parameters' gradients of a loss of all three (the
+    training of forces and stresses: double backward through positions and strain)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    out = model(batch, training=True, compute_force=True)
-    loss = (out["forces"] ** 2).sum() + out["energy"].sum()
+    out = model(batch, training=True, compute_force=True, compute_stress=True)
+    assert out["stress"].abs().max() > 0
+    loss = (out["forces"] ** 2).sum() + out["energy"].sum() + 1e4 * (out["stress"] ** 2).sum()
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return out["energy"].detach(), out["forces"].detach(), grads
+    return out["energy"].detach(), out["forces"].detach(), grads, out["stress"].detach()
 
 
 def _assert_same_physics(model, batch, tol):
@@ -117,6 +120,7 @@ def _assert_same_physics(model, batch, tol):
     got = _energy_forces_grads(model, batch)
     assert rel_err(got[0], ref[0]) <= tol
     assert rel_err(got[1], ref[1]) <= tol
+    assert rel_err(got[3], ref[3]) <= tol
     for g, r in zip(got[2], ref[2]):
         assert (g is None) == (r is None)
         if g is not None:

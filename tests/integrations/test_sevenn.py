@@ -66,7 +66,8 @@ def test_sevennet0_energies_forces(sevennet):
 
 
 def test_sevennet0_force_loss_gradients(sevennet64):
-    """The force loss's parameter gradients (a double backward through the fused conv)."""
+    """The force and stress loss's parameter gradients (a double backward through the
+    fused conv)."""
     model = copy.deepcopy(sevennet64)
     model.train()  # gradients of the force loss need the graph of the forces
     for p in model.parameters():
@@ -74,8 +75,9 @@ def test_sevennet0_force_loss_gradients(sevennet64):
     atoms = _structures()[0]
 
     def grads():
-        energy, forces, _ = _predict(model, atoms)
-        loss = (forces ** 2).sum() + energy.sum()
+        energy, forces, stress = _predict(model, atoms)
+        assert stress.abs().max() > 0
+        loss = (forces ** 2).sum() + energy.sum() + 1e4 * (stress ** 2).sum()
         params = [p for p in model.parameters() if p.requires_grad]
         return forces.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
@@ -213,3 +215,23 @@ def test_fused_convolutions_share_one_flipped_graph(sevennet64):
     assert len(seen) == 2 * len(convs) > 2
     first, second = seen[:len(convs)], seen[len(convs):]
     assert all(e is first[0] for e in first) and all(e is second[0] for e in second) and first[0] is not second[0]
+
+
+def test_family_stress_is_the_calculators(sevennet):
+    """The fine-tuning family's stresses (3x3, ASE's sign) are what SevenNet's ASE
+    calculator gives, patched or not."""
+    from sevenn.calculator import SevenNetCalculator
+
+    from sparsekern.integrations.base import family_for
+
+    atoms = _silicon64()
+    atoms.set_cell(atoms.cell * np.array([1.0, 1.02, 0.99]), scale_atoms=True)  # shear-free but anisotropic
+    calc = atoms.copy()
+    calc.calc = SevenNetCalculator(model=copy.deepcopy(sevennet), device="cpu")
+    want = torch.as_tensor(calc.get_stress(voigt=False))
+    family, model = family_for("7net-0"), copy.deepcopy(sevennet)
+    for patched in (False, True):
+        if patched:
+            sparsekern.patch(model)
+        got = family.outputs(model, family.collate([family.graph(model, atoms)], "cpu"), False, stress=True)
+        assert rel_err(got["stress"][0].detach().double(), want) <= 2e-5

@@ -57,8 +57,11 @@ class MaceFamily(Family):
         return torch_geometric.Batch.from_data_list(list(graphs)).to(device)
 
     def predict(self, model, batch, training):
-        out = self.run(model, _inputs(next(model.parameters()).dtype, batch), training)
+        out = self.outputs(model, batch, training)
         return out["energy"], out["forces"]
+
+    def outputs(self, model, batch, training, stress=False):
+        return self.run(model, _inputs(next(model.parameters()).dtype, batch), training, stress)
 
     def padder(self, model):
         from .graphed import pad
@@ -73,9 +76,9 @@ class MaceFamily(Family):
 
         return padding
 
-    def run(self, model, inputs, training):
-        out = model(inputs, training=training, compute_force=True)
-        return {"energy": out["energy"], "forces": out["forces"]}
+    def run(self, model, inputs, training, stress=False):
+        out = model(inputs, training=training, compute_force=True, compute_stress=stress)
+        return {"energy": out["energy"], "forces": out["forces"], **({"stress": out["stress"]} if stress else {})}
 
     def own_e0s(self, model, zs):
         table = self.numbers(model)

@@ -64,16 +64,23 @@ class SevenNetFamily(Family):
         out = self.run(model, batch, training)
         return out["energy"], out["forces"]
 
+    def outputs(self, model, batch, training, stress=False):
+        return self.run(model, batch, training, stress)
+
     def padder(self, model):
         from .graphed import padder
 
         return padder(model)
 
-    def run(self, model, inputs, training):
+    def run(self, model, inputs, training, stress=False):
         import sevenn._keys as KEY
 
         out = model(inputs)
-        return {"energy": out[KEY.PRED_TOTAL_ENERGY], "forces": out[KEY.PRED_FORCE]}
+        res = {"energy": out[KEY.PRED_TOTAL_ENERGY], "forces": out[KEY.PRED_FORCE]}
+        if stress:  # SevenNet's: xx yy zz xy yz zx, the opposite sign of ASE's (its calculator negates it)
+            s = -out[KEY.PRED_STRESS]
+            res["stress"] = torch.stack([s[:, [0, 3, 5]], s[:, [3, 1, 4]], s[:, [5, 4, 2]]], dim=1)
+        return res
 
     def own_e0s(self, model, zs):
         from ase import Atoms

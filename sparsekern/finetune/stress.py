@@ -1,0 +1,39 @@
+"""The stress term of the fine-tuning loss and its errors (``--stress_weight``), as
+MACE's stress loss: frames without a stress label add nothing to either."""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+
+
+def wanted(batch: Sequence) -> bool:
+    """Whether the model computes stresses for ``batch``: some frame of it has a label."""
+    return any(s.stress is not None for s in batch)
+
+
+def stress_residuals(out: Dict[str, torch.Tensor], batch: Sequence) -> Dict[str, torch.Tensor]:
+    """Flat stress residuals (eV/Å^3) of the frames of ``batch`` that have a label."""
+    labelled = [i for i, s in enumerate(batch) if s.stress is not None]
+    if not labelled:
+        return {}
+    label = torch.stack([batch[i].stress for i in labelled]).to(out["stress"])
+    return {"stress": (out["stress"][labelled] - label).reshape(-1)}
+
+
+def stress_loss(out: Dict[str, torch.Tensor], batch: Sequence, settings, whole: Sequence) -> torch.Tensor:
+    """stress_weight * mean((S - S_ref)^2) over the labelled frames of ``whole``, the
+    global batch that ``batch`` is one process's share of (0 without labels)."""
+    res = stress_residuals(out, batch)
+    if not res:
+        return torch.zeros((), dtype=out["energy"].dtype, device=out["energy"].device)
+    return settings.stress_weight * res["stress"].square().sum() / (9 * sum(s.stress is not None for s in whole))
+
+
+def stress_errors(res: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """MAE / RMSE of the stress residuals, in meV/Å^3 (MACE's unit)."""
+    if "stress" not in res:
+        return {}
+    return {"stress_mae_mev_per_A3": 1e3 * float(res["stress"].abs().mean()),
+            "stress_rmse_mev_per_A3": 1e3 * float(res["stress"].square().mean().sqrt())}
