@@ -123,6 +123,30 @@ def test_sparse_mace_train_saves_plain_model_and_adapter(workdir):
     assert {"interactions_decay", "products"} <= {g["name"] for g in groups}
 
 
+def test_stresses_train_the_deltas_through_maces_stress_loss(workdir):
+    """MACE's stress loss (--loss stress) trains the deltas through the stresses: the same
+    run with --stress_weight 0 and 100 ends with different adapters."""
+    d, _ = workdir
+    frames = _frames(6, seed=20)
+    for atoms in frames:
+        atoms.calc = EMT()
+        atoms.info["REF_stress"] = atoms.get_stress()
+        atoms.calc = None
+    write(d / "stress_train.xyz", frames[:4])
+    write(d / "stress_valid.xyz", frames[4:])
+
+    def adapter(weight):
+        out = _mace_train(d, f"stress{weight}", "--train_file", "stress_train.xyz", "--valid_file", "stress_valid.xyz",
+                          "--loss", "stress", "--stress_key", "REF_stress", "--stress_weight", weight,
+                          "--sparse_density", "0.05")
+        with safe_open(str(out / f"stress{weight}.adapter.safetensors"), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    without, with_ = adapter("0"), adapter("100")
+    assert without.keys() == with_.keys()
+    assert any(not torch.equal(without[k], with_[k]) for k in without if k.endswith(".values"))
+
+
 def test_gpu_run_precompiles_on_a_copy_before_training(workdir, monkeypatch):
     """On a GPU, ``tools.train`` starts after MACE's training step and evaluation of the
     first batch ran with launches recorded (here: run for real on the CPU, in place of
