@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     if not (src / "Si_train.xyz").exists():
         parser.error(f"silicon data missing under {src}; set SPARSEKERN_DATA to the data folder")
     from .finetune.report import build_report, verdict_line, write_report
-    from .finetune.trainer import CURVES, Settings, run
+    from .finetune.trainer import CURVES, PARITY, Settings, run
 
     train = args.out / f"si_train_every{args.every}.xyz"
     try:  # bad arguments, or a checkpoint in --out from other ones: one line, no traceback
@@ -71,6 +71,7 @@ def main(argv=None) -> int:
           f"{m['peak_rss_mb']:.0f} MB")
     if m["history"]:
         print(f"learning curves: {Path(m['merged_model']).parent / CURVES}")
+    print(f"the test set's predictions before and after: {Path(m['merged_model']).parent / PARITY}")
     merged = Path(m["merged_model"])
     check = m["merged_model_check"]
     if "adapter" in m:

@@ -1,12 +1,13 @@
 """A run's learning curves as a picture (``training.png`` beside metrics.json): the
-training loss by epoch, and the validation energy and force errors by epoch beside the
-test set's before and after fine-tuning."""
+training loss by epoch, and the validation energy, force (and, with stress labels, stress)
+errors by epoch beside the test set's before and after fine-tuning."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-PANELS = (("energy_mae_mev_per_atom", "energy MAE (meV/atom)"), ("force_mae_mev_per_A", "force MAE (meV/Å)"))
+PANELS = (("energy_mae_mev_per_atom", "energy MAE (meV/atom)"), ("force_mae_mev_per_A", "force MAE (meV/Å)"),
+          ("stress_mae_mev_per_A3", "stress MAE (meV/Å^3)"))
 
 
 def plot_curves(metrics: dict, filename) -> None:
@@ -18,12 +19,13 @@ def plot_curves(metrics: dict, filename) -> None:
 
     history = metrics["history"]
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 1 + len(PANELS), figsize=(14, 4.2))
+    panels = [(key, title) for key, title in PANELS if f"test_{key}" in metrics]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.7 * (1 + len(panels)), 4.2))
     losses = [h["train_loss"] for h in history]
     axes[0].plot(epochs, losses, marker="o")
     spans_decades = min(losses) > 0 and max(losses) > 10 * min(losses)
     axes[0].set(title="training loss", xlabel="epoch", yscale="log" if spans_decades else "linear")
-    for ax, (key, title) in zip(axes[1:], PANELS):
+    for ax, (key, title) in zip(axes[1:], panels):
         valid = [(h["epoch"], h["valid"][key]) for h in history if "valid" in h]
         if valid:
             ax.plot(*zip(*valid), marker="o", label="validation")

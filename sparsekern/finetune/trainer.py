@@ -42,6 +42,7 @@ from .averaging import ParameterAverage
 from .backward import backward
 from .config import SparseConfig
 from .curves import plot_curves
+from .parity import parity_data, plot_parity
 from .data import REFIT_E0S, Frame, energy_shift, read_frames, shared_frames, split_valid, valid_indices
 from .density import calibrate_to_schedule
 from .distributed import Group, join, leave
@@ -295,6 +296,7 @@ def _fingerprint_files(*paths) -> str:
 
 LR_SCHEDULES = ("constant", "cosine")
 CURVES = "training.png"  # the learning curves, beside metrics.json
+PARITY = "parity.png"  # the test set's predictions against its labels, before and after
 
 
 def _optimizer(model, settings: Settings, by_scale: bool = True) -> torch.optim.Optimizer:
@@ -571,7 +573,8 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     shift = _corrected(shift, refit)
     for part, part_frames in ((train_s, train), (test_s, test), (valid_s, valid)):
         set_shift(part, part_frames, shift)
-    test_errors = {"test": evaluate(family, model, test_s, settings, group), **zero_shot}
+    after = residuals(family, model, test_s, settings, group)
+    test_errors = {"test": errors(after["energy"], after["forces"], after), **zero_shot}
     metrics = _metrics(settings, family, (train, valid, test), shift, model, progress, test_errors,
                        _changed_fraction(model, base))
     metrics.update(e0_refit_ev={str(z): v for z, v in refit.items()}, processes=group.size)
@@ -582,6 +585,8 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
         _save_results(family, model, settings, shift, test_s, test, metrics)
         if progress.history:
             atomic_write(out / CURVES, lambda tmp: plot_curves(metrics, tmp))
+        title = f"{settings.method} fine-tuning of {Path(settings.model).name}: the test set ({len(test)} frames)"
+        atomic_write(out / PARITY, lambda tmp: plot_parity(parity_data(test_s, res, after), title, tmp))
         metrics["files"] = _files(out, family, metrics)
         metrics["command_wall_s"] = time.perf_counter() - started
         metrics["peak_rss_mb"] = max(progress.peak_rss_mb, _peak_rss_mb())
@@ -593,8 +598,10 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
 def _files(out: Path, family: Family, metrics: dict) -> List[str]:
     """Every file the run leaves in ``out`` (the command's summary names them): the
     metrics, the checkpoint and the learning curves (neither after --epochs 0 in a new
-    folder), the adapter, the merged model and what its export wrote beside it."""
-    files = [out / "metrics.json"] + [f for f in (out / checkpoint.CHECKPOINT, out / CURVES) if f.exists()]
+    folder), the test set's parity plot, the adapter, the merged model and what its
+    export wrote beside it."""
+    files = [out / "metrics.json"] + [f for f in (out / checkpoint.CHECKPOINT, out / CURVES, out / PARITY)
+                                      if f.exists()]
     if "adapter" in metrics:
         files.append(Path(metrics["adapter"]))
     if metrics.get("merged_model"):

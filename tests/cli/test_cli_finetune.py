@@ -111,9 +111,11 @@ def test_resume_matches_an_uninterrupted_run(files, sparse_run, capsys):
     capsys.readouterr()
     assert _run(files, out, epochs=2) == 0  # resumes from epoch 1
     m = json.loads((out / "metrics.json").read_text())
-    # the summary names every file in the folder: metrics, checkpoint, learning curves, adapter, merged model
-    assert files_written(capsys.readouterr().err, out) == m["files"] and len(m["files"]) == 5
-    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the summary names every file in the folder: metrics, checkpoint, learning curves, parity plot, adapter,
+    # merged model
+    assert files_written(capsys.readouterr().err, out) == m["files"] and len(m["files"]) == 6
+    for picture in ("training.png", "parity.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [h["epoch"] for h in m["history"]] == [1, 2]
     for k in ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "changed_fraction"):
         assert m[k] == sparse_run[1][k]

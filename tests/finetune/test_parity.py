@@ -1,0 +1,24 @@
+"""The test set's parity plot: labels against predictions, before and after."""
+
+import numpy as np
+import torch
+
+from sparsekern.finetune.evaluation import Sample
+from sparsekern.finetune.parity import parity_data, plot_parity
+
+
+def test_parity_data_are_the_labels_and_the_predictions(tmp_path):
+    samples = [Sample(None, -8.0, torch.ones(2, 3), 2, stress=torch.eye(3)), Sample(None, -3.0, torch.zeros(1, 3), 1)]
+    before = {"energy": torch.tensor([0.5, -1.0]), "forces": torch.arange(9.0), "stress": torch.full((9,), 2.0)}
+    after = {k: v / 10 for k, v in before.items()}
+    data = parity_data(samples, before, after)
+    ref, zero_shot, tuned = data["energy"]
+    assert np.allclose(ref, [-4.0, -3.0]) and np.allclose(zero_shot, [-3.5, -4.0]) and np.allclose(tuned, [-3.95, -3.1])
+    ref, zero_shot, tuned = data["forces"]
+    assert np.allclose(ref, [1.0] * 6 + [0.0] * 3) and np.allclose(tuned - ref, np.arange(9.0) / 10)
+    ref, zero_shot, _ = data["stress"]  # only the labelled frame's
+    assert np.allclose(ref, np.eye(3).reshape(-1)) and np.allclose(zero_shot - ref, 2.0)
+    unlabelled = {"energy": torch.zeros(1), "forces": torch.zeros(3)}
+    assert set(parity_data(samples[1:], unlabelled, unlabelled)) == {"energy", "forces"}
+    plot_parity(data, "a title", tmp_path / "parity.png")
+    assert (tmp_path / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
