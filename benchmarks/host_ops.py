@@ -12,6 +12,11 @@ silicon atoms (its host reads patched away: integrations/sevennet/sync_free.py).
 
     TRITON_INTERPRET=1 .venv-mace/bin/python benchmarks/host_ops.py [--step]
     TRITON_INTERPRET=1 .venv-sevenn/bin/python benchmarks/host_ops.py --model 7net-0 [--step]
+
+``--host-ms``: instead, the host's time for an inference energy+forces (frozen weights, as
+ASE calculators run), MACE-MP-0 medium on one Cu atom (78 edges), real CPU tensors on one
+thread, Triton's launches stubbed (what the host does around the kernels), against e3nn's
+(MACE as built, which computes too: an upper bound of its host time); the least of 20 calls.
 """
 from __future__ import annotations
 
@@ -91,11 +96,41 @@ def _sevennet():
     return family.load("7net-0", "cpu"), batches, family.predict, "meta"
 
 
+def host_ms() -> None:
+    """``--host-ms`` (the module's docstring)."""
+    import time
+
+    from ase.build import bulk
+
+    import sparsekern
+    from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped
+
+    torch.set_num_threads(1)
+    for variant in ("e3nn", "sparsekern triton, launches stubbed"):
+        model = mace_mp0_shaped("medium", dtype=torch.float32).eval()
+        if variant != "e3nn":
+            model = sparsekern.patch(model, backend="triton")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        batch = mace_batch(model, [bulk("Cu", "fcc", a=3.6)])
+        times = []
+        for _ in range(23):
+            data = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+            t0 = time.perf_counter()
+            model(data, compute_force=True)
+            times.append(time.perf_counter() - t0)
+        print(f"{variant}: {1e3 * min(times[3:]):.2f} ms an energy+forces, "
+              f"{batch['edge_index'].shape[1]} edges")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--step", action="store_true", help="a sparse (3 %%) training step instead of energy+forces")
     ap.add_argument("--model", choices=("mace-mp0-medium", "7net-0"), default="mace-mp0-medium")
+    ap.add_argument("--host-ms", action="store_true", help="time the host path instead (MACE-MP-0 medium)")
     args = ap.parse_args()
+    if args.host_ms and (args.step or args.model != "mace-mp0-medium"):
+        ap.error("--host-ms times MACE-MP-0 medium's energy+forces: leave out --step and --model")
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -104,6 +139,8 @@ def main() -> None:
 
     # launches stubbed: the op counts do not depend on what the kernels compute
     JITFunction.run = InterpretedFunction.run = lambda self, *a, grid, warmup, **k: None
+    if args.host_ms:
+        return host_ms()
     model, batches, predict, device = (_mace if args.model == "mace-mp0-medium" else _sevennet)()
     model = sparsekern.patch(model.train(args.step), backend="triton")
     if args.step:

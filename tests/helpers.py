@@ -227,3 +227,23 @@ class AtenOps(TorchDispatchMode):
         self.n += 1
         self.names[str(func)] += 1
         return func(*args, **(kwargs or {}))
+
+
+def with_stresses(files, tmp_path, unlabelled=()):
+    """``files``' train.xyz and test.xyz (``write_tiny_mace_case``) written to ``tmp_path``
+    with EMT's stresses (ASE's sign, Voigt 6) under REF_stress, but for the training
+    frames ``unlabelled``; their paths."""
+    from ase.calculators.emt import EMT
+    from ase.io import read, write
+
+    paths = []
+    for name in ("train.xyz", "test.xyz"):
+        frames = read(files / name, ":")
+        for i, atoms in enumerate(frames):
+            if not (name == "train.xyz" and i in unlabelled):
+                atoms.calc = EMT()
+                atoms.info["REF_stress"] = atoms.get_stress()
+                atoms.calc = None
+        write(tmp_path / name, frames)
+        paths.append(tmp_path / name)
+    return paths

@@ -8,8 +8,8 @@ waits on its host: a sparse MACE-MP-0 step issues about 1,100 aten ops and their
 autograd nodes, whatever the batch's size (benchmarks/NOTES.md). A graph replays one
 shape, so each batch is padded to capacities of atoms and edges (the family's
 ``padder``: padding atoms in a graph of their own, padding edges that reach nothing
-real; the loss weighs them 0, by graph and by atom, magnetic terms included), and one
-graph is kept per number of frames, dtype and the loss's terms; a batch larger than the
+real; the loss weighs them 0, by graph and by atom, stress and magnetic terms
+included), and one graph is kept per number of frames, dtype and the loss's terms; a batch larger than the
 capacities captures anew with headroom. What the replay does not
 run is the host's part of the step: the density schedule's step count is kept here, and
 steps whose target density still moves (warmup, anneal) run eagerly, since a replay
@@ -25,6 +25,7 @@ import torch
 from ..integrations import Family, cuda_graphs
 from ..magnetism.loss import magnetic_weights
 from .density import schedule_step, set_schedule_step, steady
+from .stress import wanted as stress_wanted
 
 
 def graphed(family: Family, model: torch.nn.Module, settings) -> Optional["GraphedSteps"]:
@@ -81,8 +82,10 @@ class GraphedSteps:
         weights have changed (``cuda_graphs.State``)."""
         if any(p.requires_grad for p in self.model.parameters()):
             return None
-        out, (n, g) = self._replayed("predict", share, {}, self._predict, cuda_graphs.State(self.model))
-        return {k: (v[:g] if k == "energy" else v[:n]).clone() for k, v in out.items()}
+        stress = stress_wanted(share)
+        out, (n, g) = self._replayed("predict, stress" if stress else "predict", share, {},
+                                     lambda inputs: self._predict(inputs, stress), cuda_graphs.State(self.model))
+        return {k: (v[:g] if k in PER_GRAPH else v[:n]).clone() for k, v in out.items()}
 
     def _replayed(self, what: str, share: List, labels: dict, compute, state: Optional[cuda_graphs.State] = None
                   ) -> Tuple[dict, Tuple[int, int]]:
@@ -110,16 +113,20 @@ class GraphedSteps:
             return compute(on_device(padded(*sizes))), (n, g)
         return captured(padded(*captured.sizes)), (n, g)
 
-    def _predict(self, inputs: dict) -> dict:
-        return {k: v.detach() for k, v in self.family.run(self.model, inputs, False).items()}
+    def _predict(self, inputs: dict, stress: bool) -> dict:
+        return {k: v.detach() for k, v in self.family.run(self.model, inputs, False, stress).items()}
 
     def _compute(self, inputs: dict) -> dict:
         """The step on padded inputs: its loss and the wanted tensors' gradients (by
         position; absent: none)."""
-        out = self.family.run(self.model, {k: v for k, v in inputs.items() if not k.endswith(_LABELS)}, True)
+        stress = inputs.get(f"stress{_LABELS}")  # per graph: (weight, 9 values)
+        out = self.family.run(self.model, {k: v for k, v in inputs.items() if not k.endswith(_LABELS)}, True,
+                              stress is not None)
         per_graph = inputs["graph_labels"]  # see _labels
         residual = (out["energy"] + per_graph[1] - per_graph[2]) / per_graph[3]
         loss = (per_graph[0] * residual.square()).sum()
+        if stress is not None:
+            loss = loss + (stress[:, 0] * (out["stress"].reshape(len(stress), 9) - stress[:, 1:]).square().sum(1)).sum()
         for key in ("forces", *MAGNETIC):  # per atom: (weight, label)
             labels = inputs.get(f"{key}{_LABELS}")
             if labels is not None and key in out:
@@ -129,13 +136,15 @@ class GraphedSteps:
 
 
 _LABELS = "_labels"  # the suffix of the loss's inputs
+PER_GRAPH = ("energy", "stress")  # outputs by graph (the others by atom)
 MAGNETIC = ("magforces", "magmom")  # magnetic terms of the loss, where the samples have labels
 _BY_MODEL: "weakref.WeakKeyDictionary[torch.nn.Module, GraphedSteps]" = weakref.WeakKeyDictionary()
 
 
 def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.dtype) -> dict:
     """The loss's terms, on the host: by graph (weight, energy shift, reference energy,
-    atoms), with the padding graph's (weight 0, 1 atom); by atom (weight, label) for the
+    atoms), with the padding graph's (weight 0, 1 atom), and (weight, stress label) where
+    frames have stress labels (weight 0 for the others); by atom (weight, label) for the
     forces and each magnetic term the samples have labels for: ``evaluation.loss``'s sums
     over ``share`` divided by counts of ``whole``."""
     per_graph = torch.tensor([[settings.energy_weight * weight / len(whole)] * len(share) + [0.0],
@@ -146,6 +155,10 @@ def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.
     per_atom = {"forces": lambda s: s.forces, "magforces": lambda s: s.magforces,
                 "magmom": lambda s: s.magmom.double().norm(dim=1, keepdim=True)}
     labels = {"graph_labels": per_graph.to(dtype)}
+    if stress_wanted(share):
+        w = settings.stress_weight * weight / (9 * sum(s.stress is not None for s in whole))
+        rows = [[w, *s.stress.reshape(-1).tolist()] if s.stress is not None else [0.0] * 10 for s in share]
+        labels[f"stress{_LABELS}"] = torch.tensor(rows + [[0.0] * 10], dtype=torch.float64).to(dtype)
     for key, w in weights.items():
         label = torch.cat([per_atom[key](s) for s in share]).double()
         labels[f"{key}{_LABELS}"] = torch.cat([label.new_full((len(label), 1), w * weight), label], 1).to(dtype)
@@ -154,9 +167,11 @@ def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.
 
 def _padded_labels(labels: dict, atoms: int) -> dict:
     """The labels, the atoms' padded with zeros (weight 0) to ``atoms``."""
-    return {key: value if key == "graph_labels" else torch.cat([value, value.new_zeros(atoms - len(value),
-                                                                                        value.shape[1])])
+    return {key: value if key in _BY_GRAPH else torch.cat([value, value.new_zeros(atoms - len(value), value.shape[1])])
             for key, value in labels.items()}
+
+
+_BY_GRAPH = ("graph_labels", f"stress{_LABELS}")  # labels of the frames and the padding graph
 
 
 class _CapturedStep:

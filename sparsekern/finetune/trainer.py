@@ -121,9 +121,9 @@ class Settings:
         bad = [f"{k} {v:g}" for k, v in weights.items() if not (math.isfinite(v) and v >= 0)]
         if bad:  # a negative weight would maximise that error, silently
             raise ValueError(f"loss weights must be finite and >= 0, got {', '.join(bad)}")
-        if self.stress_weight and (self.magmom_key or self.cuda_graphs):
-            raise ValueError("--stress_weight: stresses are not trained with magnetism (--magmom_key) or "
-                             "--cuda_graphs yet; leave one out")
+        if self.stress_weight and self.magmom_key:
+            raise ValueError("--stress_weight: stresses are not trained with magnetism (--magmom_key) yet; "
+                             "leave one out")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.lr_schedule not in LR_SCHEDULES:

@@ -79,7 +79,8 @@ class Family:
         """Whether ``padder`` gives one (asked before a model is loaded)."""
         return type(self).padder is not Family.padder
 
-    def run(self, model, inputs: Dict[str, torch.Tensor], training: bool) -> Dict[str, torch.Tensor]:
+    def run(self, model, inputs: Dict[str, torch.Tensor], training: bool, stress: bool = False
+            ) -> Dict[str, torch.Tensor]:
         """``outputs`` on the inputs ``padder`` gives (per graph, then per atom, padding included)."""
         raise NotImplementedError
 

@@ -101,8 +101,7 @@ class MagneticFamily(Family):
         return out["energy"], out["forces"]
 
     def outputs(self, model, batch, training, stress=False):
-        if stress:  # E_mag's pair terms would need their own virial
-            raise ValueError("magnetic models: stresses are not computed for fine-tuning")
+        _no_stress(stress)
         base_batch, magnetic = batch
         return self._with_magnetism(model, self.base.outputs(model.base, base_batch, training), magnetic, training)
 
@@ -123,7 +122,8 @@ class MagneticFamily(Family):
 
         return padding
 
-    def run(self, model, inputs, training):
+    def run(self, model, inputs, training, stress=False):
+        _no_stress(stress)
         out = self.base.run(model.base, {k: v for k, v in inputs.items() if not k.startswith(PADDED)}, training)
         return self._with_magnetism(model, out, unpad(inputs, out["energy"].shape[0]), training)
 
@@ -179,3 +179,8 @@ def magnetic_family(base: Family, settings) -> Family:
             raise ValueError("--magforces_key, --predict_magmom and --spin_orbit need --magmom_key (the moments in)")
         return base
     return MagneticFamily(base, predict_magmom=settings.predict_magmom, spin_orbit=settings.spin_orbit)
+
+
+def _no_stress(stress: bool) -> None:
+    if stress:  # E_mag's pair terms would need their own virial
+        raise ValueError("magnetic models: stresses are not computed for fine-tuning")

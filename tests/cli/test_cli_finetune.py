@@ -186,35 +186,17 @@ def test_valid_fraction_and_validation_as_the_test_sees_it(files, capsys):
     assert not (files / "refused").exists()
 
 
-def _with_stresses(files, tmp_path, unlabelled=()):
-    """train.xyz and test.xyz with EMT's stresses (ASE's sign, Voigt 6) under REF_stress,
-    but for the training frames ``unlabelled``."""
-    from ase.calculators.emt import EMT
-    from ase.io import read, write
-
-    paths = []
-    for name in ("train.xyz", "test.xyz"):
-        frames = read(files / name, ":")
-        for i, atoms in enumerate(frames):
-            if not (name == "train.xyz" and i in unlabelled):
-                atoms.calc = EMT()
-                atoms.info["REF_stress"] = atoms.get_stress()
-                atoms.calc = None
-        write(tmp_path / name, frames)
-        paths.append(tmp_path / name)
-    return paths
-
-
 def test_stress_loss_is_maces_on_the_labelled_frames(files, tmp_path):
     """--stress_weight adds stress_weight * mean((S - S_ref)^2) over the frames with a
     label, S from MACE's own model (its compute_stress); unlabelled frames add nothing."""
     from types import SimpleNamespace
 
+    from helpers import with_stresses
     from sparsekern.finetune import evaluation
     from sparsekern.finetune.data import read_frames
     from sparsekern.integrations.base import family_for
 
-    train, _ = _with_stresses(files, tmp_path, unlabelled=(1,))
+    train, _ = with_stresses(files, tmp_path, unlabelled=(1,))
     frames = read_frames(train, stress_key="REF_stress")
     assert [f.stress is None for f in frames] == [False, True, False]
     family = family_for(str(files / "tiny.model"))
@@ -236,7 +218,9 @@ def test_stress_loss_is_maces_on_the_labelled_frames(files, tmp_path):
 
 
 def test_stress_training_reports_stress_errors(files, sparse_run, tmp_path, capsys):
-    train, test = _with_stresses(files, tmp_path)
+    from helpers import with_stresses
+
+    train, test = with_stresses(files, tmp_path)
     out = tmp_path / "stress"
     capsys.readouterr()
     assert _run(files, out, "--train", str(train), "--test", str(test), "--stress_weight", "100", epochs=1) == 0

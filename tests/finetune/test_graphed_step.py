@@ -110,6 +110,23 @@ def test_gpu_graphed_run_is_the_eager_run(monkeypatch, tmp_path, finetune_args, 
     assert result_difference(graphed, eager) <= 1e-9  # float64; summation orders differ on a GPU
 
 
+def test_graphed_stress_training_is_the_eager_one(graphs, tmp_path, finetune_args, case, result_difference):
+    """--stress_weight under --cuda_graphs: the steps and evaluations (stresses included)
+    replay what the eager run computes."""
+    from helpers import with_stresses
+
+    made, replays = graphs
+    train, test = with_stresses(case, tmp_path, unlabelled=(1,))
+    args = ("--train", str(train), "--test", str(test), "--stress_weight", "1000", "--device", "cpu")
+    eager, graphed = tmp_path / "eager", tmp_path / "graphed"
+    assert main(["finetune", *finetune_args(eager), *args]) == 0
+    assert main(["finetune", *finetune_args(graphed), *args, "--cuda_graphs"]) == 0
+    assert result_difference(graphed, eager) <= 1e-12 and replays.count("step") == 5
+    m = [json.loads((d / "metrics.json").read_text()) for d in (graphed, eager)]
+    for key in ("test_stress_mae_mev_per_A3", "zero_shot_test_stress_mae_mev_per_A3"):
+        assert m[0][key] == pytest.approx(m[1][key], rel=1e-12) and m[0][key] > 0
+
+
 def test_evaluations_follow_the_trained_weights(graphs, tmp_path, finetune_args, case, result_difference):
     """Validation every epoch: each epoch's first batch captures anew (the weights, and
     the frozen deltas' values cached from them, changed since), the others replay."""

@@ -21,7 +21,7 @@ from sparsekern.magnetism.family import MagneticFamily, train_magnetic
 from helpers import AtenOps, fake_cuda_graphs, rel_err
 
 SETTINGS = SimpleNamespace(energy_weight=1.0, forces_weight=100.0, magforces_weight=100.0, magmom_weight=1.0,
-                           device="cpu")
+                           stress_weight=1e4, device="cpu")
 
 
 def _mace():
@@ -68,9 +68,10 @@ def _magnetic(head: bool, make_base=_mace):
     return make
 
 
-def _frames(numbers, sizes, magnetic=False):
+def _frames(numbers, sizes, magnetic=False, stress=False):
     """Rattled fcc cells of ``sizes`` repeats (x), two elements, made-up labels (and
-    ``magnetic``: moments and magnetic forces)."""
+    ``magnetic``: moments and magnetic forces; ``stress``: stresses, on every frame but
+    the second)."""
     frames = []
     for i, repeat in enumerate(sizes):
         atoms = bulk("Cu", "fcc", a=3.9, cubic=True) * (repeat, 1, 1)  # 12 neighbours within 3.5 A
@@ -81,14 +82,18 @@ def _frames(numbers, sizes, magnetic=False):
         if not magnetic:
             magmom = magforces = None
         atoms.set_initial_magnetic_moments(magmom)
+        label = 0.01 * torch.randn(3, 3, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
         frames.append(Frame(atoms, energy=-3.0 * len(atoms) + 0.1 * i, forces=forces, magmom=magmom,
-                            magforces=magforces))
+                            magforces=magforces, stress=(label + label.T).numpy() if stress and i != 1 else None))
     return frames
 
 
-@pytest.mark.parametrize("make", [_mace, _sevennet, _magnetic(True), _magnetic(False), _magnetic(True, _sevennet)],
-                         ids=["mace", "sevennet", "magnetic", "magnetic-without-head", "sevennet-magnetic"])
-def test_graphed_steps_are_the_eager_steps(make, monkeypatch):
+@pytest.mark.parametrize("make, stress", [(_mace, False), (_sevennet, False), (_magnetic(True), False),
+                                          (_magnetic(False), False), (_magnetic(True, _sevennet), False),
+                                          (_mace, True), (_sevennet, True)],
+                         ids=["mace", "sevennet", "magnetic", "magnetic-without-head", "sevennet-magnetic",
+                              "mace-stress", "sevennet-stress"])
+def test_graphed_steps_are_the_eager_steps(make, stress, monkeypatch):
     fake_cuda_graphs(monkeypatch)
     captures = []
     init = graphed_step._CapturedStep.__init__
@@ -96,7 +101,7 @@ def test_graphed_steps_are_the_eager_steps(make, monkeypatch):
                         lambda self, *a: captures.append(a[2]) or init(self, *a))
     family, model, numbers = make()
     model = train_magnetic(sparsekern.prepare(sparsekern.patch(model), sparsekern.SparseConfig(density=0.1)).train())
-    frames = _frames(numbers, [1, 1, 8, 8, 2], magnetic=isinstance(family, MagneticFamily))
+    frames = _frames(numbers, [1, 1, 8, 8, 2], magnetic=isinstance(family, MagneticFamily), stress=stress)
     samples = make_samples(family, model, frames, {numbers[0]: 0.5})
     trained = [p for p in model.parameters() if p.requires_grad]
     steps = GraphedSteps(family, model, SETTINGS)
