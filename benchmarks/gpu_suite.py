@@ -205,20 +205,28 @@ REGISTRY_OP = {"conv": "conv", "skip_tp": "element_linear", "linear": "linear", 
 
 
 def auto_orders(results) -> dict:
-    """Per registry op, the back ends measured on every row, fastest total first."""
+    """Per registry op, the back ends measured on every row, fastest total first; for an
+    op measured at several numbers of atoms (``registry.SIZED_OPS``), one such order per
+    number (what ``auto`` then chooses from by each call's atoms)."""
     totals, rows = {}, {}
     for r in results:
         op = REGISTRY_OP.get(r["op"].rstrip("0123456789"))
         if op is None:
             continue
-        rows[op] = rows.get(op, 0) + 1
+        key = (op, r["nodes"])
+        rows[key] = rows.get(key, 0) + 1
         for name, ms in r["ms"].items():
             if name in registry.BACKENDS and isinstance(ms, float):
-                t = totals.setdefault(op, {}).setdefault(name, [0.0, 0])
+                t = totals.setdefault(key, {}).setdefault(name, [0.0, 0])
                 t[0] += ms
                 t[1] += 1
-    return {op: sorted((n for n, (_, k) in by.items() if k == rows[op]), key=lambda n: by[n][0])
-            for op, by in totals.items()}
+    orders = {key: sorted((n for n, (_, k) in by.items() if k == rows[key]), key=lambda n: by[n][0])
+              for key, by in totals.items()}
+    out = {}
+    for op in dict.fromkeys(op for op, _ in orders):
+        sized = {str(atoms): order for (o, atoms), order in sorted(orders.items()) if o == op}
+        out[op] = sized if len(sized) > 1 and op in registry.SIZED_OPS else sized[max(sized, key=int)]
+    return out
 
 
 def _fmt(v) -> str:

@@ -103,7 +103,7 @@ def patch(model: torch.nn.Module, backend: str = "auto", verbose: bool = False) 
                 reason = entry[1].unsupported_reason(child)
                 if reason is None:
                     new = replace(parent, name, child, entry[1])
-                    report.replaced.append((full, entry[0].__name__, type(new).__name__, new.backend))
+                    report.replaced.append((full, entry[0].__name__, type(new).__name__, new.backend_name))
                     continue
                 report.left.append((full, type(child).__name__, reason))
             before = type(child)

@@ -57,19 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--forces_key", default="REF_forces", help="force label in the frames' arrays (eV/Å)")
     p.add_argument("--stress_key", default="REF_stress",
                    help="stress label in the frames' info (eV/Å^3, ASE's sign; Voigt 6 or 9 values)")
-    p.add_argument("--magmom_key", help="magnetism: per-atom moments in the frames' arrays (μB; collinear scalars "
-                   "or 3-vectors); adds a magnetic energy E(R, m) beside the model, zero at the start")
-    p.add_argument("--magforces_key", help="magnetism: magnetic-force labels -dE/dm (eV/μB) in the frames' arrays")
-    p.add_argument("--predict_magmom", action="store_true", help="magnetism: train a head for moment magnitudes")
-    p.add_argument("--spin_orbit", action="store_true",
-                   help="magnetism: spin-orbit coupling, the magnetic energy's anisotropic pair terms "
-                        "(Dzyaloshinskii-Moriya, pseudo-dipolar) that couple the moments to the lattice; without it "
-                        "the energy is invariant under a rotation of the moments alone")
-    p.add_argument("--magforces_weight", type=float, default=100.0, help="weight of the magnetic-force error")
-    p.add_argument("--magmom_weight", type=float, default=1.0, help="weight of the moment-magnitude error")
-    p.add_argument("--magnetic_lr", type=float, default=1e-2,
-                   help="magnetism: Adam's learning rate of the moment head (the magnetic energy is fitted "
-                        "in closed form at the start and the end)")
+    _magnetic_flags(p)
     p.add_argument("--max_train", type=int, help="use the first N training frames")
     p.add_argument("--max_valid", type=int, help="use the first N validation frames")
     p.add_argument("--max_test", type=int, help="use the first N test frames")
@@ -83,6 +71,23 @@ def parser() -> argparse.ArgumentParser:
                         "one GPU each); --batch_size stays the global batch, so the result is one process's. "
                         "For several machines, run `torchrun ... -m sparsekern finetune` instead")
     return p
+
+
+def _magnetic_flags(p: argparse.ArgumentParser) -> None:
+    """Moments in, magnetic labels and the magnetic energy's options (sparsekern.magnetism)."""
+    p.add_argument("--magmom_key", help="magnetism: per-atom moments in the frames' arrays (μB; collinear scalars "
+                   "or 3-vectors); adds a magnetic energy E(R, m) beside the model, zero at the start")
+    p.add_argument("--magforces_key", help="magnetism: magnetic-force labels -dE/dm (eV/μB) in the frames' arrays")
+    p.add_argument("--predict_magmom", action="store_true", help="magnetism: train a head for moment magnitudes")
+    p.add_argument("--spin_orbit", action="store_true",
+                   help="magnetism: spin-orbit coupling, the magnetic energy's anisotropic pair terms "
+                        "(Dzyaloshinskii-Moriya, pseudo-dipolar) that couple the moments to the lattice; without it "
+                        "the energy is invariant under a rotation of the moments alone")
+    p.add_argument("--magforces_weight", type=float, default=100.0, help="weight of the magnetic-force error")
+    p.add_argument("--magmom_weight", type=float, default=1.0, help="weight of the moment-magnitude error")
+    p.add_argument("--magnetic_lr", type=float, default=1e-2,
+                   help="magnetism: Adam's learning rate of the moment head (the magnetic energy is fitted "
+                        "in closed form at the start and the end)")
 
 
 def _optimizer_flags(p: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ class SparsekernLayer(torch.nn.Module):
     computes one op (``op``, a name in ``registry.OPS``) on its descriptor ``desc``."""
 
     op: str = ""
+    sized: Optional[registry.Sized] = None  # auto's back end by the call's atoms (see use_backend)
 
     def __init__(self) -> None:
         super().__init__()
@@ -94,15 +95,21 @@ class SparsekernLayer(torch.nn.Module):
             implemented = tuple(name for name, b in registry.BACKENDS.items() if self.op in b.ops)
             raise ValueError(f"{type(self).__name__} has no {backend!r} back end; it implements {implemented}")
         registry.implementation(self.op, backend)  # imported now, not in a forward torch.compile traces
-        self.backend = backend
+        self.backend, self.sized = backend, None
         return self
 
     def use_backend(self, backend: str, device: torch.device) -> "SparsekernLayer":
-        """Run on what the registry resolves ``backend`` ("auto" or a name) to on ``device``."""
-        return self.set_backend(registry.resolve(backend, self.op, device))
+        """Run on what the registry resolves ``backend`` ("auto" or a name) to on ``device``:
+        where auto's table has an order per number of atoms, the choice for each call's."""
+        sized = registry.by_atoms(backend, self.op, device)
+        for name in () if sized is None else sized.names:
+            self.set_backend(name)  # checked, and imported now
+        self.set_backend(registry.resolve(backend, self.op, device)).sized = sized
+        return self
 
     def _run(self, *args):
-        return registry.implementation(self.op, self.backend)(self.desc, *args)
+        backend = self.backend if self.sized is None else self.sized(args[0].shape[0])  # a host-side shape
+        return registry.implementation(self.op, backend)(self.desc, *args)
 
     def _weight(self, name: str) -> torch.Tensor:
         """Parameter ``name`` (dotted), also where ``torch.func.functional_call`` swapped in
@@ -159,7 +166,12 @@ class SparsekernLayer(torch.nn.Module):
         return cached(node_attrs, ("species", num_elements), checked)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend}"
+        return f"backend={self.backend_name}"
+
+    @property
+    def backend_name(self) -> str:
+        """The back end it runs on, as said to people (by the atoms where auto's table says so)."""
+        return self.backend if self.sized is None else str(self.sized)
 
     def to_replaced(self) -> torch.nn.Module:
         """The original module, holding this layer's current parameters."""

@@ -72,7 +72,7 @@ class ChannelwiseTP(SparsekernLayer):
 
     def extra_repr(self) -> str:
         return (f"{self.irreps_in1} x {self.irreps_in2} -> {self.irreps_out}, {len(self.desc.paths)} paths, "
-                f"weight_numel={self.weight_numel}, backend={self.backend}")
+                f"weight_numel={self.weight_numel}, backend={self.backend_name}")
 
 
 def _module_w3j(module: torch.nn.Module) -> Dict[Tuple[int, int, int], torch.Tensor]:

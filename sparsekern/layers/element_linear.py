@@ -69,4 +69,4 @@ class ElementLinear(SparsekernLayer):
 
     def extra_repr(self) -> str:
         return (f"{self.irreps_in} x {self.num_elements} elements -> {self.irreps_out}, "
-                f"{self.weight_numel} weights, backend={self.backend}")
+                f"{self.weight_numel} weights, backend={self.backend_name}")

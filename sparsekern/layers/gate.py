@@ -31,4 +31,4 @@ class Gate(SparsekernLayer):
         return self._run(features)
 
     def extra_repr(self) -> str:
-        return f"{self.irreps_in} -> {self.irreps_out}, backend={self.backend}"
+        return f"{self.irreps_in} -> {self.irreps_out}, backend={self.backend_name}"

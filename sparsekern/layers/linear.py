@@ -75,4 +75,4 @@ class IrrepsLinear(SparsekernLayer):
         return y.reshape(*lead, self.desc.blocks_out.dim)
 
     def extra_repr(self) -> str:
-        return f"{self.irreps_in} -> {self.irreps_out}, {self.weight_numel} weights, backend={self.backend}"
+        return f"{self.irreps_in} -> {self.irreps_out}, {self.weight_numel} weights, backend={self.backend_name}"

@@ -42,4 +42,4 @@ class PolynomialCutoff(SparsekernLayer):
         return self._replaced
 
     def extra_repr(self) -> str:
-        return f"p={self.desc.p}, backend={self.backend}"
+        return f"p={self.desc.p}, backend={self.backend_name}"

@@ -48,4 +48,4 @@ class RadialMLP(SparsekernLayer):
         return self._run(x, [self._weight(n) for n in names], [self._delta(n) for n in names])
 
     def extra_repr(self) -> str:
-        return f"{self.hs}, backend={self.backend}"
+        return f"{self.hs}, backend={self.backend_name}"

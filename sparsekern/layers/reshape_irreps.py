@@ -40,4 +40,4 @@ class ReshapeIrreps(SparsekernLayer):
         return self._run(tensor)
 
     def extra_repr(self) -> str:
-        return f"{self.irreps}, {'ir_mul' if self.desc.ir_mul else 'mul_ir'}, backend={self.backend}"
+        return f"{self.irreps}, {'ir_mul' if self.desc.ir_mul else 'mul_ir'}, backend={self.backend_name}"

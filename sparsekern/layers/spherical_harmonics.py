@@ -44,4 +44,4 @@ class SphericalHarmonics(SparsekernLayer):
         return self._run(x)
 
     def extra_repr(self) -> str:
-        return f"{self.irreps_out}, normalize={self.desc.normalize}, backend={self.backend}"
+        return f"{self.irreps_out}, normalize={self.desc.normalize}, backend={self.backend_name}"

@@ -79,4 +79,4 @@ class SymmetricContraction(SparsekernLayer):
 
     def extra_repr(self) -> str:
         return (f"{self.irreps_in} -> {self.irreps_out}, {self.num_elements} elements, "
-                f"backend={self.backend}")
+                f"backend={self.backend_name}")

@@ -8,16 +8,20 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, FrozenSet, List
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 
 OPS = ("linear", "element_linear", "channelwise_tp", "conv", "symmetric_contraction", "radial_mlp",
        "spherical_harmonics", "polynomial_cutoff", "gate", "reshape_irreps")
 AUTO_TABLE = Path(__file__).with_name("auto.json")
+# ops whose first operand has a row per atom: their auto rows may hold an order per number
+# of atoms measured ({"300": [...], "5000": [...]}), the nearest one (in log) chosen per call
+SIZED_OPS = ("conv", "symmetric_contraction", "linear", "element_linear")
 
 
 def _triton_available(device: torch.device) -> bool:
@@ -74,22 +78,32 @@ BACKENDS: Dict[str, Backend] = {b.name: b for b in (
 CHOICES = ("auto",) + tuple(BACKENDS)  # what the command line offers
 
 
+Order = Union[List[str], Dict[str, List[str]]]  # an auto row: one order, or one per number of atoms
+
+
 @functools.lru_cache(maxsize=None)
-def _auto_table() -> Dict[str, Dict[str, List[str]]]:
+def _auto_table() -> Dict[str, Dict[str, Order]]:
     return json.loads(AUTO_TABLE.read_text())
 
 
-def update_auto_table(device_type: str, orders: Dict[str, List[str]]) -> Dict[str, List[str]]:
+def update_auto_table(device_type: str, orders: Dict[str, Order]) -> Dict[str, Order]:
     """Set what ``auto`` tries, in order, for each op in ``orders`` on ``device_type``
-    (from a benchmark's timings); torch stays the last resort. Returns the new rows."""
+    (from a benchmark's timings; for a ``SIZED_OPS`` op, one order per number of atoms
+    measured); torch stays the last resort. Returns the new rows."""
     from ..files import atomic_write
+
+    def checked(op: str, order: List[str]) -> List[str]:
+        if op not in OPS or any(name not in BACKENDS or op not in BACKENDS[name].ops for name in order):
+            raise ValueError(f"auto table: {op!r} cannot run on {order}")
+        return list(order) + ([] if "torch" in order else ["torch"])
 
     table = json.loads(AUTO_TABLE.read_text())
     rows = table.setdefault(device_type, {})
     for op, order in orders.items():
-        if op not in OPS or any(name not in BACKENDS or op not in BACKENDS[name].ops for name in order):
-            raise ValueError(f"auto table: {op!r} cannot run on {order}")
-        rows[op] = list(order) + ([] if "torch" in order else ["torch"])
+        if isinstance(order, dict) and op not in SIZED_OPS:
+            raise ValueError(f"auto table: {op!r} takes one order, not one per number of atoms")
+        rows[op] = ({str(int(atoms)): checked(op, o) for atoms, o in order.items()} if isinstance(order, dict)
+                    else checked(op, order))
     atomic_write(AUTO_TABLE, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=1) + "\n"))
     _auto_table.cache_clear()
     return rows
@@ -108,14 +122,48 @@ def check(backend: str, device: torch.device) -> None:
 
 def resolve(backend: str, op: str, device: torch.device) -> str:
     """The back end ``op`` runs on. ``auto``: the first available one in the auto table
-    for the device type (torch where the table is silent); an explicit name must be
+    for the device type (torch where the table is silent; where it has an order per
+    number of atoms, the largest's: ``by_atoms`` gives them all); an explicit name must be
     available, and an op it lacks runs on the torch reference."""
     device = torch.device(device)
     if backend == "auto":
-        order = _auto_table().get(device.type, {}).get(op, ["torch"])
-        return next(name for name in order + ["torch"] if BACKENDS[name].available(device))
+        row = _auto_table().get(device.type, {}).get(op, ["torch"])
+        return _first_available(row[max(row, key=int)] if isinstance(row, dict) else row, device)
     check(backend, device)
     return backend if op in BACKENDS[backend].ops else "torch"
+
+
+def by_atoms(backend: str, op: str, device: torch.device) -> Optional["Sized"]:
+    """What ``auto`` runs ``op`` on by the call's number of atoms, where the auto table
+    has an order per number measured; None where the choice does not depend on it."""
+    device = torch.device(device)
+    row = _auto_table().get(device.type, {}).get(op) if backend == "auto" and op in SIZED_OPS else None
+    if not isinstance(row, dict):
+        return None
+    sizes = sorted(int(atoms) for atoms in row)
+    names = [_first_available(row[str(atoms)], device) for atoms in sizes]
+    if len(set(names)) == 1:  # the same whatever the size (a back end missing here)
+        return None
+    return Sized(tuple(math.sqrt(a * b) for a, b in zip(sizes, sizes[1:])), tuple(names))
+
+
+def _first_available(order: List[str], device: torch.device) -> str:
+    return next(name for name in order + ["torch"] if BACKENDS[name].available(device))
+
+
+@dataclass(frozen=True)
+class Sized:
+    """A back end per range of atoms: ``names[i]`` up to ``bounds[i]`` (the geometric
+    mean of two sizes measured: the nearer one's choice, in log), the last above."""
+    bounds: Tuple[float, ...]
+    names: Tuple[str, ...]
+
+    def __call__(self, atoms: int) -> str:
+        return next((name for bound, name in zip(self.bounds, self.names) if atoms <= bound), self.names[-1])
+
+    def __str__(self) -> str:
+        parts = [f"{name} up to {bound:,.0f} atoms" for bound, name in zip(self.bounds, self.names)]
+        return "auto: " + ", ".join(parts + [f"{self.names[-1]} above"])
 
 
 def implementation(op: str, backend: str) -> Callable:

@@ -64,3 +64,76 @@ def test_cueq_on_a_gpu_needs_its_kernels(monkeypatch, ops_installed):
     available = registry._cueq_available.__wrapped__  # past the per-device cache
     assert available(CPU)
     assert available(torch.device("cuda")) == ops_installed
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    """The auto table as a file of the test's own, read afresh."""
+    path = tmp_path / "auto.json"
+    shutil.copy(registry.AUTO_TABLE, path)
+    monkeypatch.setattr(registry, "AUTO_TABLE", path)
+    registry._auto_table.cache_clear()
+    yield path
+    registry._auto_table.cache_clear()
+
+
+def test_auto_by_the_calls_atoms(table):
+    """A row with an order per number of atoms: each call runs on the order of the size
+    nearest its atoms in log (here up to sqrt(2 x 50) = 10 atoms, Triton), whatever the
+    layer was patched for; other ops keep one order; the layer says so."""
+    if not registry.BACKENDS["triton"].available(CPU):
+        pytest.skip("the Triton interpreter is off")
+    from sparsekern.layers import ChannelwiseConv
+    from helpers import rel_err, uvu_tp
+
+    registry.update_auto_table("cpu", {"conv": {"2": ["triton"], "50": ["torch"]}})
+    sized = registry.by_atoms("auto", "conv", CPU)
+    assert sized.bounds == pytest.approx((10.0,)) and [sized(n) for n in (1, 10, 11, 500)] == ["triton"] * 2 + [
+        "torch"] * 2
+    assert registry.resolve("auto", "conv", CPU) == "torch"  # the largest size's, without a call's atoms
+    assert registry.by_atoms("auto", "linear", CPU) is None and registry.by_atoms("torch", "conv", CPU) is None
+
+    from e3nn import o3
+
+    irreps1, irreps2 = o3.Irreps("4x0e+4x1o"), o3.Irreps("0e+1o")
+    ref = uvu_tp(irreps1, irreps2, irreps1)
+    conv = ChannelwiseConv.from_e3nn(ref).use_backend("auto", CPU)
+    assert "backend=auto: triton up to 10 atoms, torch above" in repr(conv)
+    ran = []
+    real = registry.implementation
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(registry, "implementation", lambda op, backend: ran.append(backend) or real(op, backend))
+        for nodes in (4, 30):
+            x, edges = torch.randn(nodes, irreps1.dim, dtype=torch.float64), torch.randint(0, nodes, (2, 3 * nodes))
+            sh, w = torch.randn(3 * nodes, irreps2.dim, dtype=torch.float64), torch.randn(3 * nodes, ref.weight_numel,
+                                                                                       dtype=torch.float64)
+            want = torch.zeros(nodes, ref.irreps_out.dim, dtype=torch.float64).index_add(0, edges[1],
+                                                                                        ref(x[edges[0]], sh, w))
+            assert rel_err(conv(x, sh, w, edges), want) <= 1e-12
+    assert ran == ["triton", "torch"]
+    assert conv.set_backend("torch").sized is None and "backend=torch" in repr(conv)
+    registry.update_auto_table("cpu", {"conv": {"2": ["cueq", "triton"], "50": ["triton"]}})
+    if not registry.BACKENDS["cueq"].available(CPU):  # the same back end at every size: no choice per call
+        assert registry.by_atoms("auto", "conv", CPU) is None
+    with pytest.raises(ValueError, match="takes one order, not one per number of atoms"):
+        registry.update_auto_table("cpu", {"channelwise_tp": {"2": ["triton"]}})
+
+
+def test_gpu_suite_orders_by_size():
+    """``gpu_suite.py --update-auto``: an order per number of atoms where an op was
+    measured at several, one order otherwise; back ends missing on a row are left out."""
+    pytest.importorskip("mace")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from gpu_suite import auto_orders
+
+    def row(op, nodes, **ms):
+        return {"op": op, "nodes": nodes, "ms": ms}
+
+    results = [row("conv0", 300, triton=1.0, cueq=2.0, e3nn=9.0), row("conv1", 300, triton=1.0, cueq=1.5),
+               row("conv0", 5000, triton=5.0, cueq=2.0), row("conv1", 5000, triton=5.0, cueq=3.0, torch=9.0),
+               row("products0", 5000, triton=1.0, cueq=2.0), row("linear0", 300, triton=2.0, torch=1.0)]
+    assert auto_orders(results) == {"conv": {"300": ["triton", "cueq"], "5000": ["cueq", "triton"]},
+                                    "symmetric_contraction": ["triton", "cueq"], "linear": ["torch", "triton"]}
