@@ -200,15 +200,23 @@ def evaluate(family: Family, model, samples: Sequence[Sample], settings, group: 
     return errors(res["energy"], res["forces"], res)
 
 
-def check_merged(family: Family, reference, frames: Sequence[Frame], path: Path, device: str) -> dict:
+def check_merged(family: Family, reference: Sequence[Dict[str, torch.Tensor]], frames: Sequence[Frame], path: Path,
+                 device: str) -> dict:
     """The merged file, loaded by the family's own ASE calculator, against the fine-tuned
-    model's predictions (``reference``: (energy, forces) per frame): largest energy (eV)
-    and force (eV/Å) differences."""
+    model's predictions (``reference``: ``outputs`` per frame, on the host): largest energy
+    (eV), force (eV/Å) and, where the frames have stress labels, stress (eV/Å^3) differences."""
     calc = family.calculator(path, device)
-    de = df = 0.0
-    for (energy, forces), frame in zip(reference, frames):
+    diffs = {}
+
+    def worst(key: str, value: float) -> None:
+        diffs[key] = max(diffs.get(key, 0.0), value)
+
+    for ref, frame in zip(reference, frames):
         atoms = frame.atoms.copy()
         atoms.calc = calc
-        de = max(de, abs(atoms.get_potential_energy() - float(energy[0])))
-        df = max(df, float(np.abs(atoms.get_forces() - forces.numpy()).max()))
-    return {"frames": len(frames), "max_abs_energy_diff_ev": de, "max_abs_force_diff_ev_per_A": df}
+        worst("max_abs_energy_diff_ev", abs(atoms.get_potential_energy() - float(ref["energy"][0])))
+        worst("max_abs_force_diff_ev_per_A", float(np.abs(atoms.get_forces() - ref["forces"].numpy()).max()))
+        if "stress" in ref:
+            worst("max_abs_stress_diff_ev_per_A3",
+                  float(np.abs(atoms.get_stress(voigt=False) - ref["stress"][0].numpy()).max()))
+    return {"frames": len(frames), **diffs}

@@ -47,7 +47,7 @@ from .data import REFIT_E0S, Frame, energy_shift, read_frames, shared_frames, sp
 from .density import calibrate_to_schedule
 from .distributed import Group, join, leave
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, fits_in_memory, forward,
-                         loss, make_samples, map_batches, residuals, set_shift)
+                         loss, make_samples, map_batches, outputs, residuals, set_shift)
 from .graphed_step import GraphedSteps, graphed
 from .lifecycle import merge, prepare, target_groups, to_fast, unmergeable
 from .lr_scale import by_weight_scale
@@ -490,7 +490,7 @@ def _save_results(family: Family, model, settings: Settings, shift: Dict[int, fl
         metrics.update(merged_model=None, merged_model_skipped=unmerged)
         return
     # the fine-tuned model's own predictions first: the export folds the deltas in place
-    reference = [tuple(t.detach().cpu().double() for t in forward(family, model, [x], settings.device, False))
+    reference = [{k: v.detach().cpu().double() for k, v in outputs(family, model, [x], settings.device, False).items()}
                  for x in test_s[:1]]
     merged_path = export_merged(family, model, shift, out / family.merged_filename, settings.model)
     metrics["merged_model"] = str(merged_path)

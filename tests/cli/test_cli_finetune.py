@@ -228,6 +228,7 @@ def test_stress_training_reports_stress_errors(files, sparse_run, tmp_path, caps
     printed = json.loads(capsys.readouterr().out)
     for key in ("test_stress_mae_mev_per_A3", "zero_shot_test_stress_mae_mev_per_A3"):
         assert m[key] > 0 and printed[key] == m[key]
+    assert m["merged_model_check"]["max_abs_stress_diff_ev_per_A3"] <= 1e-8  # MACE's calculator, float64
     assert not any("stress" in k for k in sparse_run[1])  # no stress keys without --stress_weight
 
     no_cell = tmp_path / "molecule.xyz"
