@@ -55,8 +55,8 @@ def parser() -> argparse.ArgumentParser:
                         "refitted to the trained model's training residuals after training")
     p.add_argument("--energy_key", default="REF_energy", help="energy label in the frames' info (eV)")
     p.add_argument("--forces_key", default="REF_forces", help="force label in the frames' arrays (eV/Å)")
-    p.add_argument("--stress_key", default="REF_stress",
-                   help="stress label in the frames' info (eV/Å^3, ASE's sign; Voigt 6 or 9 values)")
+    p.add_argument("--stress_key", help="with --stress_weight: the stress label in the frames' info (eV/Å^3, "
+                                         "ASE's sign; Voigt 6 or 9 values); default REF_stress")
     _magnetic_flags(p)
     p.add_argument("--max_train", type=int, help="use the first N training frames")
     p.add_argument("--max_valid", type=int, help="use the first N validation frames")

@@ -92,7 +92,7 @@ class Settings:
     e0s: str = "estimated"
     energy_key: str = "REF_energy"
     forces_key: str = "REF_forces"
-    stress_key: str = "REF_stress"
+    stress_key: Optional[str] = None  # with stress_weight: MACE's REF_stress unless named
     max_train: Optional[int] = None
     max_valid: Optional[int] = None
     max_test: Optional[int] = None
@@ -121,6 +121,10 @@ class Settings:
         bad = [f"{k} {v:g}" for k, v in weights.items() if not (math.isfinite(v) and v >= 0)]
         if bad:  # a negative weight would maximise that error, silently
             raise ValueError(f"loss weights must be finite and >= 0, got {', '.join(bad)}")
+        if self.stress_key is not None and not self.stress_weight:  # it would read nothing, silently
+            raise ValueError("--stress_key names the stress labels --stress_weight trains: give --stress_weight > 0")
+        if self.stress_weight and self.stress_key is None:
+            self.stress_key = "REF_stress"
         if self.stress_weight and self.magmom_key:
             raise ValueError("--stress_weight: stresses are not trained with magnetism (--magmom_key) yet; "
                              "leave one out")
@@ -186,7 +190,7 @@ def _read_data(settings: Settings) -> Tuple[List[Frame], List[Frame], List[Frame
     test and validation frames needs an energy reference fitted on the training frames."""
     def read(path, limit):
         return read_frames(path, settings.energy_key, settings.forces_key, limit, settings.magmom_key,
-                           settings.magforces_key, settings.stress_key if settings.stress_weight else None
+                           settings.magforces_key, settings.stress_key
                            ) if path else []
 
     train, test = read(settings.train, settings.max_train), read(settings.test, settings.max_test)
