@@ -42,7 +42,6 @@ from .averaging import ParameterAverage
 from .backward import backward
 from .config import SparseConfig
 from .curves import plot_curves
-from .parity import parity_data, plot_parity
 from .data import REFIT_E0S, Frame, energy_shift, read_frames, shared_frames, split_valid, valid_indices
 from .density import calibrate_to_schedule
 from .distributed import Group, join, leave
@@ -53,6 +52,7 @@ from .lifecycle import merge, prepare, target_groups, to_fast, unmergeable
 from .lr_scale import by_weight_scale
 from .magnetic_fit import fit_magnetic_energy
 from .methods import METHODS, MODES, SPARSE_LR_AT, SPARSE_MODES, default_lr
+from .parity import parity_data, plot_parity
 from .precompile import precompile_run
 from .preemption import Preempted, deferred
 from .statistics import stats
@@ -190,8 +190,7 @@ def _read_data(settings: Settings) -> Tuple[List[Frame], List[Frame], List[Frame
     test and validation frames needs an energy reference fitted on the training frames."""
     def read(path, limit):
         return read_frames(path, settings.energy_key, settings.forces_key, limit, settings.magmom_key,
-                           settings.magforces_key, settings.stress_key
-                           ) if path else []
+                           settings.magforces_key, settings.stress_key) if path else []
 
     train, test = read(settings.train, settings.max_train), read(settings.test, settings.max_test)
     valid = read(settings.valid, settings.max_valid)
