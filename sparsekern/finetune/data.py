@@ -24,15 +24,22 @@ class Frame:
     stress: Optional[np.ndarray] = None  # (3, 3) eV/Å^3, ASE's sign, with --stress_weight (where labelled)
 
 
-def _label(atoms, key: str, where: str, kind: str):
-    """MACE's lookup: ``atoms.info`` (energy) / ``atoms.arrays`` (forces); ASE moves plain
-    ``energy``/``forces`` columns into a SinglePointCalculator, so look there too."""
-    store = atoms.info if kind == "energy" else atoms.arrays
+def _lookup(atoms, key: str, kind: str):
+    """MACE's lookup: ``atoms.info`` (energy, stress) / ``atoms.arrays`` (forces); ASE moves
+    plain ``energy``/``forces``/``stress`` columns into a SinglePointCalculator, so look
+    there too. None where the frame has no such label."""
+    store = atoms.arrays if kind == "forces" else atoms.info
     if key in store:
         return store[key]
-    calc = atoms.calc
-    if calc is not None and key == kind and kind in getattr(calc, "results", {}):
-        return calc.results[kind]
+    results = getattr(atoms.calc, "results", {})
+    return results[kind] if key == kind and kind in results else None
+
+
+def _label(atoms, key: str, where: str, kind: str):
+    """``_lookup``'s label, which every frame must have."""
+    value = _lookup(atoms, key, kind)
+    if value is not None:
+        return value
     raise KeyError(f"{where}: no {kind} under key {key!r} (use --{kind}_key to name it; "
                    f"info keys: {sorted(atoms.info)}, array keys: {sorted(atoms.arrays)})")
 
@@ -72,7 +79,7 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
 def _stress(atoms, key: str, where: str) -> Optional[np.ndarray]:
     """The frame's stress label as a 3x3 tensor (eV/Å^3; given as 9 values or as ASE's
     Voigt 6, xx yy zz yz xz xy, as MACE reads ``--stress_key``); None where it has none."""
-    raw = atoms.info.get(key, getattr(atoms.calc, "results", {}).get(key) if key == "stress" else None)
+    raw = _lookup(atoms, key, "stress")
     if raw is None:
         return None
     from ase.stress import voigt_6_to_full_3x3_stress

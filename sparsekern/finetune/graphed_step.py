@@ -9,8 +9,8 @@ autograd nodes, whatever the batch's size (benchmarks/NOTES.md). A graph replays
 shape, so each batch is padded to capacities of atoms and edges (the family's
 ``padder``: padding atoms in a graph of their own, padding edges that reach nothing
 real; the loss weighs them 0, by graph and by atom, stress and magnetic terms
-included), and one graph is kept per number of frames, dtype and the loss's terms; a batch larger than the
-capacities captures anew with headroom. What the replay does not
+included), and one graph is kept per number of frames, dtype and the loss's terms; a
+batch larger than the capacities captures anew with headroom. What the replay does not
 run is the host's part of the step: the density schedule's step count is kept here, and
 steps whose target density still moves (warmup, anneal) run eagerly, since a replay
 calibrates to the density it was captured with."""
@@ -25,7 +25,7 @@ import torch
 from ..integrations import Family, cuda_graphs
 from ..magnetism.loss import magnetic_weights
 from .density import schedule_step, set_schedule_step, steady
-from .stress import wanted as stress_wanted
+from .stress import value_weight, wanted as stress_wanted
 
 
 def graphed(family: Family, model: torch.nn.Module, settings) -> Optional["GraphedSteps"]:
@@ -156,7 +156,7 @@ def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.
                 "magmom": lambda s: s.magmom.double().norm(dim=1, keepdim=True)}
     labels = {"graph_labels": per_graph.to(dtype)}
     if stress_wanted(share):
-        w = settings.stress_weight * weight / (9 * sum(s.stress is not None for s in whole))
+        w = value_weight(settings, whole) * weight
         rows = [[w, *s.stress.reshape(-1).tolist()] if s.stress is not None else [0.0] * 10 for s in share]
         labels[f"stress{_LABELS}"] = torch.tensor(rows + [[0.0] * 10], dtype=torch.float64).to(dtype)
     for key, w in weights.items():

@@ -22,13 +22,19 @@ def stress_residuals(out: Dict[str, torch.Tensor], batch: Sequence) -> Dict[str,
     return {"stress": (out["stress"][labelled] - label).reshape(-1)}
 
 
+def value_weight(settings, whole: Sequence) -> float:
+    """What a squared stress residual counts in the loss: stress_weight over the values of
+    the labelled frames of ``whole`` (the global batch a process's share is part of)."""
+    return settings.stress_weight / (9 * sum(s.stress is not None for s in whole))
+
+
 def stress_loss(out: Dict[str, torch.Tensor], batch: Sequence, settings, whole: Sequence) -> torch.Tensor:
     """stress_weight * mean((S - S_ref)^2) over the labelled frames of ``whole``, the
     global batch that ``batch`` is one process's share of (0 without labels)."""
     res = stress_residuals(out, batch)
     if not res:
         return torch.zeros((), dtype=out["energy"].dtype, device=out["energy"].device)
-    return settings.stress_weight * res["stress"].square().sum() / (9 * sum(s.stress is not None for s in whole))
+    return value_weight(settings, whole) * res["stress"].square().sum()
 
 
 def stress_errors(res: Dict[str, torch.Tensor]) -> Dict[str, float]:

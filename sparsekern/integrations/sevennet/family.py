@@ -61,7 +61,7 @@ class SevenNetFamily(Family):
         return Batch.from_data_list(list(graphs)).to(device)
 
     def predict(self, model, batch, training):
-        out = self.run(model, batch, training)
+        out = self.outputs(model, batch, training)
         return out["energy"], out["forces"]
 
     def outputs(self, model, batch, training, stress=False):
