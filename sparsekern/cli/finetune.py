@@ -31,11 +31,7 @@ def parser() -> argparse.ArgumentParser:
                     "the family's own ASE calculator.")
     p.add_argument("--model", required=True, help="7net-0 (SevenNet) or a MACE .model file")
     p.add_argument("--train", required=True, help="training frames (extended XYZ)")
-    p.add_argument("--valid", help="validation frames (reported per epoch)")
-    p.add_argument("--valid_fraction", type=float,
-                   help="instead of --valid: hold out this fraction of the training frames (after --max_train) "
-                        "for validation, the frames MACE's --valid_fraction holds out with the same --seed "
-                        "(metrics.json lists them)")
+    _validation_flags(p)
     p.add_argument("--test", required=True, help="test frames")
     p.add_argument("--method", required=True, choices=tuple(METHODS), help=choices_help(METHODS))
     p.add_argument("--out", required=True, help="output directory")
@@ -71,6 +67,20 @@ def parser() -> argparse.ArgumentParser:
                         "one GPU each); --batch_size stays the global batch, so the result is one process's. "
                         "For several machines, run `torchrun ... -m sparsekern finetune` instead")
     return p
+
+
+def _validation_flags(p: argparse.ArgumentParser) -> None:
+    """The validation frames, and what their loss decides: the result, the stop."""
+    p.add_argument("--valid", help="validation frames: their errors and loss are reported per epoch, and the epoch "
+                                   "of the lowest loss is the result (MACE's rule)")
+    p.add_argument("--valid_fraction", type=float,
+                   help="instead of --valid: hold out this fraction of the training frames (after --max_train) "
+                        "for validation, the frames MACE's --valid_fraction holds out with the same --seed "
+                        "(metrics.json lists them)")
+    p.add_argument("--patience", type=int,
+                   help="stop after this many epochs without a lower validation loss (MACE's --patience)")
+    p.add_argument("--last_epoch", action="store_true",
+                   help="the last epoch's model is the result, not the lowest validation loss's")
 
 
 def _magnetic_flags(p: argparse.ArgumentParser) -> None:
@@ -194,6 +204,11 @@ def _finetune(args) -> int:
         print(json.dumps({k: metrics[k] for k in keys}, indent=1))
         for path in metrics["files"]:  # on stderr, beside the progress bar: stdout stays JSON
             print(f"wrote: {path}", file=sys.stderr)
+        if metrics["selected_epoch"] != metrics["epochs"] or metrics.get("stopped_by_patience"):
+            stopped = f"; --patience stopped the run after epoch {metrics['epochs']}" if metrics.get(
+                "stopped_by_patience") else ""
+            print(f"the result is epoch {metrics['selected_epoch']} ({metrics['selected_by']}{stopped})",
+                  file=sys.stderr)
         if metrics.get("merged_model_skipped"):
             print(f"no merged model: {metrics['merged_model_skipped']}", file=sys.stderr)
         for split in ("test", "valid"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -33,6 +33,9 @@ class Progress:
     peak_rss_mb: float = 0.0
     fast: bool = False  # training only the active entries (``to_fast``)
     history: List[dict] = field(default_factory=list)
+    # the epoch of the lowest validation loss so far: {"epoch", "loss", "state"}, its model's
+    # state less the frozen parameters (``best_state``); None without validation
+    best: Optional[dict] = None
 
 
 def _how_to_resume(differ: dict) -> str:
@@ -72,7 +75,8 @@ def save(out: Path, identity: dict, model, optimizer, progress: Progress, shift:
     state = {"identity": identity, "epoch": progress.epoch, "step": progress.step,
              "epoch_loss": progress.epoch_loss, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "fast": progress.fast, "train_wall_s": progress.train_wall_s,
-             "peak_rss_mb": progress.peak_rss_mb, "history": progress.history, "shift": shift}
+             "peak_rss_mb": progress.peak_rss_mb, "history": progress.history, "shift": shift,
+             "best": progress.best}
     if average is not None:
         state["average"] = average.state_dict()
     atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
@@ -86,7 +90,20 @@ def restore(model, ck: dict) -> Progress:
         _restore_fast(model, ck["model"])
     model.load_state_dict(ck["model"])
     return Progress(ck["epoch"], ck.get("step", 0), ck.get("epoch_loss", 0.0), ck["train_wall_s"],
-                    ck["peak_rss_mb"], bool(ck.get("fast")), ck["history"])
+                    ck["peak_rss_mb"], bool(ck.get("fast")), ck["history"], ck.get("best"))
+
+
+def best_state(model) -> Dict[str, torch.Tensor]:
+    """What ``model`` holds besides its frozen parameters (the trained ones, buffers and
+    extra state), on the host: enough to return to it after more training."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+            for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_best(model, state: Dict[str, torch.Tensor]) -> None:
+    """Return ``model`` to a ``best_state`` of it (every key of ``state`` must be its own)."""
+    model.load_state_dict({**model.state_dict(), **state})
 
 
 def _restore_fast(model, state: dict) -> None:

@@ -1,6 +1,7 @@
 """A run's learning curves as a picture (``training.png`` beside metrics.json): the
-training loss by epoch, and the validation energy, force (and, with stress labels, stress)
-errors by epoch beside the test set's before and after fine-tuning."""
+training and validation losses by epoch, and the validation energy, force (and, with
+stress labels, stress) errors by epoch beside the test set's before and after
+fine-tuning, the latter at the epoch whose model is the result."""
 
 from __future__ import annotations
 
@@ -21,17 +22,24 @@ def plot_curves(metrics: dict, filename) -> None:
     epochs = [h["epoch"] for h in history]
     panels = [(key, title) for key, title in PANELS if f"test_{key}" in metrics]
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.7 * (1 + len(panels)), 4.2))
+    selected = metrics.get("selected_epoch", epochs[-1])
     losses = [h["train_loss"] for h in history]
-    axes[0].plot(epochs, losses, marker="o")
+    axes[0].plot(epochs, losses, marker="o", label="training")
+    valid_losses = [(h["epoch"], h["valid_loss"]) for h in history if "valid_loss" in h]
+    if valid_losses:
+        axes[0].plot(*zip(*valid_losses), marker="o", label="validation")
+        axes[0].legend(fontsize=8)
+    losses += [v for _, v in valid_losses]
     spans_decades = min(losses) > 0 and max(losses) > 10 * min(losses)
-    axes[0].set(title="training loss", xlabel="epoch", yscale="log" if spans_decades else "linear")
+    axes[0].set(title="loss", xlabel="epoch", yscale="log" if spans_decades else "linear")
     for ax, (key, title) in zip(axes[1:], panels):
         valid = [(h["epoch"], h["valid"][key]) for h in history if "valid" in h]
         if valid:
             ax.plot(*zip(*valid), marker="o", label="validation")
         ax.axhline(metrics[f"zero_shot_test_{key}"], ls="--", color="gray", label="test, zero-shot")
-        ax.plot([epochs[-1]], [metrics[f"test_{key}"]], marker="*", markersize=14, ls="", color="tab:red",
-                label="test, fine-tuned")
+        ax.plot([selected], [metrics[f"test_{key}"]], marker="*", markersize=14, ls="", color="tab:red",
+                label="test, fine-tuned" + (f" (epoch {selected}: {metrics['selected_by']})"
+                                            if selected != epochs[-1] else ""))
         ax.set(title=title, xlabel="epoch", ylim=(0, None))
         ax.legend(fontsize=8)
     for ax in axes:

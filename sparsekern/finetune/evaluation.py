@@ -200,6 +200,14 @@ def evaluate(family: Family, model, samples: Sequence[Sample], settings, group: 
     return errors(res["energy"], res["forces"], res)
 
 
+def residual_loss(res: Dict[str, torch.Tensor], settings) -> float:
+    """``loss`` of the whole set whose ``residuals`` are ``res``, as one batch: each term's
+    weight times its mean squared residual (the validation loss an epoch is judged by)."""
+    weights = {"energy": settings.energy_weight, "forces": settings.forces_weight, "stress": settings.stress_weight,
+               "magforces": settings.magforces_weight, "magmom": settings.magmom_weight}
+    return sum(w * float(res[k].square().mean()) for k, w in weights.items() if k in res)
+
+
 def check_merged(family: Family, reference: Sequence[Dict[str, torch.Tensor]], frames: Sequence[Frame], path: Path,
                  device: str) -> dict:
     """The merged file, loaded by the family's own ASE calculator, against the fine-tuned

@@ -5,9 +5,10 @@ data, epochs, batches (same shuffles), optimizer and loss, so only the method di
 
 Loss (MACE's weighted energy-forces loss): energy_weight * mean(((E - E_ref) / N)^2)
 + forces_weight * mean((F - F_ref)^2). Optimizer: Adam with amsgrad (MACE's default),
-constant learning rate; the model after the last epoch is the result (a validation
-set, if given, is only reported per epoch). Energies get a fixed per-element shift
-chosen by ``--E0s`` (see ``data.energy_shift``).
+constant learning rate. With validation frames, the result is the epoch of the lowest
+validation loss (MACE's rule; ``--last_epoch``: the last), ``--patience`` epochs without
+a lower one stop the run; otherwise the model after the last epoch is the result.
+Energies get a fixed per-element shift chosen by ``--E0s`` (see ``data.energy_shift``).
 
 Under torchrun, each process computes its share of every global batch and one
 all_reduce per step sums the gradients (``distributed``); rank 0 writes. SIGTERM or
@@ -43,10 +44,10 @@ from .backward import backward
 from .config import SparseConfig
 from .curves import plot_curves
 from .data import REFIT_E0S, Frame, energy_shift, read_frames, shared_frames, split_valid, valid_indices
-from .density import calibrate_to_schedule
+from .density import calibrate_to_schedule, steady
 from .distributed import Group, join, leave
-from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluate, fits_in_memory, forward,
-                         loss, make_samples, map_batches, outputs, residuals, set_shift)
+from .evaluation import (Sample, batches, check_elements, check_merged, errors, fits_in_memory, forward, loss,
+                         make_samples, map_batches, outputs, residual_loss, residuals, set_shift)
 from .graphed_step import GraphedSteps, graphed
 from .lifecycle import merge, prepare, target_groups, to_fast, unmergeable
 from .lr_scale import by_weight_scale
@@ -106,6 +107,8 @@ class Settings:
     magmom_weight: float = 1.0
     magnetic_lr: float = 1e-2  # Adam's learning rate of the moment head (whatever the method's)
     cuda_graphs: bool = False  # training steps replayed from CUDA graphs (graphed_step.py)
+    patience: Optional[int] = None  # epochs without a lower validation loss that stop the run
+    last_epoch: bool = False  # the last epoch is the result, not the lowest validation loss's
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -149,12 +152,7 @@ class Settings:
         if self.density_warmup + self.density_anneal > max(self.epochs, 1):
             raise ValueError(f"the density schedule (--density_warmup {self.density_warmup:g} + --density_anneal "
                              f"{self.density_anneal:g} epochs) must end within --epochs {self.epochs}")
-        if self.valid_fraction is not None and not 0.0 < self.valid_fraction < 1.0:
-            raise ValueError(f"--valid_fraction must be in (0, 1), got {self.valid_fraction}")
-        if self.valid_fraction is not None and (self.valid or self.max_valid):
-            raise ValueError("--valid_fraction holds out training frames: leave out --valid and --max_valid")
-        if any(n is not None and n < 1 for n in (self.max_train, self.max_valid, self.max_test)):
-            raise ValueError("--max_train, --max_valid and --max_test must be >= 1")
+        self._check_splits()
         try:
             device = torch.device(self.device)
         except RuntimeError as exc:
@@ -164,9 +162,24 @@ class Settings:
         if self.cuda_graphs and not cuda_graphs.replayable(device):
             raise ValueError(f"--cuda_graphs replays CUDA graphs: it needs --device cuda, got {self.device}")
 
+    def _check_splits(self) -> None:
+        """The data's splits, and what the validation loss decides."""
+        if self.valid_fraction is not None and not 0.0 < self.valid_fraction < 1.0:
+            raise ValueError(f"--valid_fraction must be in (0, 1), got {self.valid_fraction}")
+        if self.valid_fraction is not None and (self.valid or self.max_valid):
+            raise ValueError("--valid_fraction holds out training frames: leave out --valid and --max_valid")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"--patience must be >= 1 epochs, got {self.patience}")
+        for flag, given in (("--patience", self.patience is not None), ("--last_epoch", self.last_epoch)):
+            if given and not (self.valid or self.valid_fraction):  # it would do nothing, silently
+                raise ValueError(f"{flag} acts on the validation loss: give --valid or --valid_fraction")
+        if any(n is not None and n < 1 for n in (self.max_train, self.max_valid, self.max_test)):
+            raise ValueError("--max_train, --max_valid and --max_test must be >= 1")
+
     def identity(self) -> Dict[str, object]:
         d = asdict(self)
-        for k in ("out", "device", "progress", "cuda_graphs"):
+        # (the stop is decided from the checkpoint's history: more --patience continues a stopped run)
+        for k in ("out", "device", "progress", "cuda_graphs", "patience", "last_epoch"):
             d.pop(k)
         if self.lr_schedule == "constant":  # more epochs continue a finished run; a cosine's curve depends on them
             d.pop("epochs")
@@ -405,10 +418,33 @@ def _epoch(loop: _Loop, samples: Sequence[Sample], progress: checkpoint.Progress
     return progress.epoch_loss / len(samples)
 
 
+def _patience_spent(progress: checkpoint.Progress, settings: Settings) -> bool:
+    """``--patience`` epochs have passed without a lower validation loss (MACE's rule)."""
+    return (settings.patience is not None and progress.best is not None
+            and progress.epoch - progress.best["epoch"] >= settings.patience)
+
+
+def _to_train(progress: checkpoint.Progress, settings: Settings) -> bool:
+    return progress.epoch < settings.epochs and not _patience_spent(progress, settings)
+
+
+def _selected_epoch(progress: checkpoint.Progress, settings: Settings) -> int:
+    """The epoch whose model is the result: the lowest validation loss's, or the last."""
+    return progress.epoch if settings.last_epoch or progress.best is None else progress.best["epoch"]
+
+
+def _judge(model, progress: checkpoint.Progress, record: dict) -> None:
+    """Keep the evaluated model if its validation loss is the lowest so far. An epoch
+    whose density is still on its way to the target (``--density_warmup``, ``--density_anneal``)
+    is not a candidate: its model changes more weights than asked for."""
+    if steady(model) and (progress.best is None or record["valid_loss"] < progress.best["loss"]):
+        progress.best = {"epoch": record["epoch"], "loss": record["valid_loss"], "state": checkpoint.best_state(model)}
+
+
 def _train(loop: _Loop, train_s: Sequence[Sample], validate: Optional[Callable[[torch.nn.Module], dict]],
            ck: Optional[dict]) -> checkpoint.Progress:
     """The epochs (and steps) still to do, each epoch ending in ``validate`` (where there
-    are validation frames) and ``loop.save``."""
+    are validation frames) and ``loop.save``; then the model is the selected epoch's."""
     from tqdm import tqdm
 
     settings, model = loop.settings, loop.model
@@ -430,13 +466,14 @@ def _train(loop: _Loop, train_s: Sequence[Sample], validate: Optional[Callable[[
     steps_per_epoch = -(-len(train_s) // settings.batch_size)
     bar = tqdm(total=settings.epochs * steps_per_epoch, initial=progress.epoch * steps_per_epoch + progress.step,
                desc=f"{settings.method} fine-tuning", unit="step", disable=not (settings.progress and loop.group.main))
-    if progress.epoch < settings.epochs:
+    if _to_train(progress, settings):
         precompile_run(loop.family, model, list(train_s[:settings.batch_size]), settings, loop.group)
-    while progress.epoch < settings.epochs:
+    while _to_train(progress, settings):
         if settings.fast_after is not None and not progress.fast and progress.epoch >= settings.fast_after:
             to_fast(model)  # train only the active entries from here on
             loop.optimizer, progress.fast = _optimizer(model, settings), True
             loop.start_average()  # over the active entries, from where they stand
+            progress.best = None  # a model of the other form: the candidates start again
         train_loss = _epoch(loop, train_s, progress, bar)
         # the last step moved V and tau: put the density back on the schedule (the pre-hook does
         # this before each training forward, but the epoch's result is evaluated)
@@ -445,7 +482,8 @@ def _train(loop: _Loop, train_s: Sequence[Sample], validate: Optional[Callable[[
         record = {"epoch": progress.epoch, "train_loss": train_loss}
         if validate is not None:
             with loop.averaged():
-                record["valid"] = validate(model)
+                record["valid"], record["valid_loss"] = validate(model)
+                _judge(model, progress, record)
         progress.history.append(record)
         progress.peak_rss_mb = max(progress.peak_rss_mb, _peak_rss_mb())
         loop.save(model, loop.optimizer, progress, loop.average)
@@ -453,6 +491,8 @@ def _train(loop: _Loop, train_s: Sequence[Sample], validate: Optional[Callable[[
     if loop.average is not None:  # from here on (refit, test, export) the model is the average
         loop.average.copy_to_params()
         calibrate_to_schedule(model)
+    if _selected_epoch(progress, settings) != progress.epoch:
+        checkpoint.load_best(model, progress.best["state"])
     return progress
 
 
@@ -476,7 +516,17 @@ def _metrics(settings: Settings, family: Family, frames, shift: Dict[int, float]
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "model_params": sum(p.numel() for n, p in model.named_parameters() if not delta_slot.is_delta_parameter(n)),
         "epochs": progress.epoch, "wall_s": progress.train_wall_s, "history": progress.history,
+        **_selection(progress, settings),
     }
+
+
+def _selection(progress: checkpoint.Progress, settings: Settings) -> dict:
+    """Which epoch's model is the result, and why; whether --patience stopped the run."""
+    if progress.best is None:
+        return {"selected_epoch": progress.epoch, "selected_by": "last epoch"}
+    return {"selected_epoch": _selected_epoch(progress, settings),
+            "selected_by": "last epoch" if settings.last_epoch else "lowest validation loss",
+            "best_valid_loss_epoch": progress.best["epoch"], "stopped_by_patience": _patience_spent(progress, settings)}
 
 
 def _save_results(family: Family, model, settings: Settings, shift: Dict[int, float], test_s: Sequence[Sample],
@@ -562,11 +612,12 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
         if group.main:
             checkpoint.save(out, settings.identity(), trained, optimizer, progress, shift, average)
 
-    def validate(trained) -> dict:
-        """The validation errors with the energy reference the model would be saved with now
-        (its refit), as the test's after training: without it they carry the drift."""
+    def validate(trained) -> Tuple[dict, float]:
+        """The validation errors and loss with the energy reference the model would be saved
+        with now (its refit), as the test's after training: without it they carry the drift."""
         set_shift(valid_s, valid, _corrected(shift, _refit(family, trained, train_s, train, settings, group)))
-        return evaluate(family, trained, valid_s, settings, group).as_dict()
+        res = residuals(family, trained, valid_s, settings, group)
+        return errors(res["energy"], res["forces"], res).as_dict(), residual_loss(res, settings)
 
     with deferred() as signalled:
         progress = _train(_Loop(family, model, settings, group, signalled, save), train_s,

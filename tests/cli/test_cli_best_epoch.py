@@ -1,0 +1,159 @@
+"""``sparsekern finetune`` with validation frames chooses its result as MACE does: the
+epoch of the lowest validation loss (the training loss's weights over the whole set),
+``--patience`` epochs without a lower one stop the run, ``--last_epoch`` keeps the last.
+The validation frames here are labelled by the base model itself (``--E0s foundation``:
+no shift), so every epoch of training on EMT's labels moves the model away from them."""
+
+import json
+
+import pytest
+import torch
+
+from sparsekern.cli import main
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The tiny MACE case (``write_tiny_mace_case``) and valid.xyz: its test frames with
+    the base model's own energies and forces as labels."""
+    pytest.importorskip("mace")
+    from ase.io import read, write
+    from mace.calculators import MACECalculator
+
+    from helpers import write_tiny_mace_case
+
+    root = write_tiny_mace_case(tmp_path_factory.mktemp("best_epoch"), n_train=3, n_test=2)
+    frames = read(root / "test.xyz", ":")
+    calc = MACECalculator(model_paths=str(root / "tiny.model"), device="cpu", default_dtype="float64")
+    for atoms in frames:
+        atoms.calc = calc
+        atoms.info["REF_energy"], atoms.arrays["REF_forces"] = atoms.get_potential_energy(), atoms.get_forces()
+        atoms.calc = None
+    write(root / "valid.xyz", frames)
+    return root
+
+
+def _run(files, out, *extra, epochs=3, valid=True):
+    return main(["finetune", "--model", str(files / "tiny.model"), "--train", str(files / "train.xyz"),
+                 "--test", str(files / "test.xyz"), "--method", "sparse", "--epochs", str(epochs), "--lr", "0.02",
+                 "--E0s", "foundation", "--out", str(out), "--no_progress",
+                 *(("--valid", str(files / "valid.xyz")) if valid else ()), *extra])
+
+
+def _metrics(out) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _same_result(out, reference) -> None:
+    """The two runs' adapters and test errors agree (float64)."""
+    from safetensors.torch import load_file
+
+    mine, theirs = load_file(out / "adapter.safetensors"), load_file(reference / "adapter.safetensors")
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-12, atol=0)
+    m, r = _metrics(out), _metrics(reference)
+    for k in ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "changed_params"):
+        assert m[k] == pytest.approx(r[k], rel=1e-12, abs=0)
+
+
+@pytest.fixture(scope="module")
+def three_epochs(files):
+    out = files / "three"
+    assert _run(files, out) == 0
+    return out
+
+
+def test_the_lowest_validation_loss_is_the_result(files, three_epochs, capsys):
+    m = _metrics(three_epochs)
+    losses = [h["valid_loss"] for h in m["history"]]
+    assert losses == sorted(losses) and losses[0] < losses[-1]  # moving away from the validation labels
+    assert (m["selected_epoch"], m["selected_by"], m["epochs"]) == (1, "lowest validation loss", 3)
+    assert not m["stopped_by_patience"]
+    # the result is the model a one-epoch run ends with
+    assert _run(files, files / "one", epochs=1) == 0
+    _same_result(three_epochs, files / "one")
+    # the checkpoint keeps the best: a rerun resumes at epoch 3 and selects it again
+    capsys.readouterr()
+    assert _run(files, three_epochs) == 0
+    _same_result(three_epochs, files / "one")
+    assert "the result is epoch 1 (lowest validation loss)" in capsys.readouterr().err
+
+
+def test_last_epoch_keeps_the_last(files, three_epochs):
+    """--last_epoch on the finished run (no training: the checkpoint is at epoch 3) gives
+    the model of a run without validation."""
+    assert _run(files, three_epochs, "--last_epoch") == 0
+    m = _metrics(three_epochs)
+    assert (m["selected_epoch"], m["selected_by"], m["best_valid_loss_epoch"]) == (3, "last epoch", 1)
+    assert _run(files, files / "no_valid", valid=False) == 0
+    assert _metrics(files / "no_valid")["selected_by"] == "last epoch"
+    _same_result(three_epochs, files / "no_valid")
+
+
+def test_patience_stops_and_more_patience_continues(files, three_epochs, capsys):
+    out = files / "patience"
+    capsys.readouterr()
+    assert _run(files, out, "--patience", "1") == 0
+    m = _metrics(out)
+    assert (m["epochs"], m["selected_epoch"], m["stopped_by_patience"]) == (2, 1, True)
+    assert [h["epoch"] for h in m["history"]] == [1, 2]
+    assert "--patience stopped the run after epoch 2" in capsys.readouterr().err
+    _same_result(out, files / "one")
+    assert _run(files, out, "--patience", "1") == 0  # the same command: stopped, nothing more to train
+    assert _metrics(out)["epochs"] == 2
+    assert _run(files, out, "--patience", "5") == 0  # more patience: on to --epochs, as if never stopped
+    m, full = _metrics(out), _metrics(three_epochs)
+    assert m["epochs"] == 3 and not m["stopped_by_patience"]
+    assert [h["valid_loss"] for h in m["history"]] == pytest.approx([h["valid_loss"] for h in full["history"]],
+                                                                    rel=1e-12)
+
+
+@pytest.mark.parametrize("flag", [("--density_warmup", "2"), ("--fast_after", "1")])
+def test_epochs_before_the_final_form_are_not_candidates(files, flag):
+    """Under --density_warmup 2 (one step an epoch) the first epoch changes fewer weights
+    than asked for; under --fast_after 1 its model has the other form (every entry
+    trainable): a lower validation loss there is not the result."""
+    out = files / flag[0].strip("-")
+    assert _run(files, out, *flag) == 0
+    m = _metrics(out)
+    losses = [h["valid_loss"] for h in m["history"]]
+    assert losses[0] < losses[1] < losses[2]
+    assert (m["selected_epoch"], m["best_valid_loss_epoch"]) == (2, 2)
+
+
+def test_validation_loss_is_the_training_loss_of_the_whole_set(files, tmp_path):
+    """residual_loss of the validation residuals is ``loss`` over the same frames as one
+    batch, stress term included (unlabelled frames add nothing to either)."""
+    from types import SimpleNamespace
+
+    import sparsekern
+    from helpers import with_stresses
+    from sparsekern.finetune import evaluation
+    from sparsekern.finetune.data import read_frames
+    from sparsekern.integrations.base import family_for
+
+    train, _ = with_stresses(files, tmp_path, unlabelled=(1,))
+    frames = read_frames(train, stress_key="REF_stress")
+    family = family_for(str(files / "tiny.model"))
+    model = family.load(str(files / "tiny.model"), "cpu")
+    sparsekern.patch(model)
+    samples = evaluation.make_samples(family, model, frames, {13: 0.5, 29: -0.25})
+    settings = SimpleNamespace(device="cpu", energy_weight=2.0, forces_weight=100.0, stress_weight=1e3,
+                               magforces_weight=0.0, magmom_weight=0.0, batch_size=2)
+    res = evaluation.residuals(family, model, samples, settings)
+    assert set(res) == {"energy", "shift", "forces", "stress"} and res["stress"].numel() == 2 * 9
+    whole = float(evaluation.loss(family, model, samples, settings))
+    assert evaluation.residual_loss(res, settings) == pytest.approx(whole, rel=1e-12)
+    settings.stress_weight = 0.0
+    assert evaluation.residual_loss(res, settings) < whole
+
+
+def test_selection_flags_need_validation_frames(files, capsys, tmp_path):
+    for bad, said in ((("--patience", "2"), "--patience acts on the validation loss: give --valid or --valid_fraction"),
+                      (("--last_epoch",), "--last_epoch acts on the validation loss"),
+                      (("--patience", "0", "--valid_fraction", "0.5"), "--patience must be >= 1 epochs, got 0")):
+        assert _run(files, tmp_path / "refused", *bad, valid=False) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "refused").exists()
