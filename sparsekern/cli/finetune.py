@@ -32,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="7net-0 (SevenNet) or a MACE .model file")
     p.add_argument("--train", required=True, help="training frames (extended XYZ)")
     _validation_flags(p)
-    p.add_argument("--test", required=True, help="test frames")
+    p.add_argument("--test", help="test frames (without: the final errors and parity.png are the validation frames', "
+                                  "else the training frames')")
     p.add_argument("--method", required=True, choices=tuple(METHODS), help=choices_help(METHODS))
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training frames (0: evaluate only)")
@@ -196,12 +197,7 @@ def _finetune(args) -> int:
 
     metrics = run(Settings(**vars(args)))
     if _rank() == 0:
-        keys = ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "zero_shot_test_energy_mae_mev_per_atom",
-                "zero_shot_test_force_mae_mev_per_A", "changed_fraction", "trainable_params", "wall_s",
-                "peak_rss_mb")
-        keys += tuple(k for k in ("zero_shot_test_stress_mae_mev_per_A3", "test_stress_mae_mev_per_A3",
-                                  "test_magforce_mae_mev_per_muB", "test_magmom_mae_muB") if k in metrics)
-        print(json.dumps({k: metrics[k] for k in keys}, indent=1))
+        print(json.dumps({k: metrics[k] for k in _printed(metrics)}, indent=1))
         for path in metrics["files"]:  # on stderr, beside the progress bar: stdout stays JSON
             print(f"wrote: {path}", file=sys.stderr)
         if metrics["selected_epoch"] != metrics["epochs"] or metrics.get("stopped_by_patience"):
@@ -211,11 +207,27 @@ def _finetune(args) -> int:
                   file=sys.stderr)
         if metrics.get("merged_model_skipped"):
             print(f"no merged model: {metrics['merged_model_skipped']}", file=sys.stderr)
+        if metrics["evaluated_on"] != "test":
+            print(f"warning: no --test: the errors are the {_NOT_TESTED[metrics['evaluated_on']]}", file=sys.stderr)
         for split in ("test", "valid"):
             if metrics[f"{split}_frames_in_train"]:
                 print(f"warning: {metrics[f'{split}_frames_in_train']} of {metrics[f'n_{split}']} {split} frames are "
                       f"training frames too: their errors are not held-out errors", file=sys.stderr)
     return 0
+
+
+_NOT_TESTED = {"valid": "validation frames' (held out, but they chose the epoch)",
+               "train": "training frames' own (not held out)"}
+
+
+def _printed(metrics: dict) -> List[str]:
+    """The metrics printed on stdout: the evaluated set's errors before and after, the
+    changes and the costs."""
+    e = metrics["evaluated_on"]
+    keys = [f"{e}_energy_mae_mev_per_atom", f"{e}_force_mae_mev_per_A", f"zero_shot_{e}_energy_mae_mev_per_atom",
+            f"zero_shot_{e}_force_mae_mev_per_A", "changed_fraction", "trainable_params", "wall_s", "peak_rss_mb"]
+    return keys + [k for k in (f"zero_shot_{e}_stress_mae_mev_per_A3", f"{e}_stress_mae_mev_per_A3",
+                               f"{e}_magforce_mae_mev_per_muB", f"{e}_magmom_mae_muB") if k in metrics]
 
 
 def _launch(argv: List[str], args, nproc: int) -> int:

@@ -1,7 +1,8 @@
 """A run's learning curves as a picture (``training.png`` beside metrics.json): the
 training and validation losses by epoch, and the validation energy, force (and, with
-stress labels, stress) errors by epoch beside the test set's before and after
-fine-tuning, the latter at the epoch whose model is the result."""
+stress labels, stress) errors by epoch beside the evaluated set's (the test set's, else
+the validation or training set's) before and after fine-tuning, the latter at the epoch
+whose model is the result."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def plot_curves(metrics: dict, filename) -> None:
 
     history = metrics["history"]
     epochs = [h["epoch"] for h in history]
-    panels = [(key, title) for key, title in PANELS if f"test_{key}" in metrics]
+    evaluated = metrics["evaluated_on"]
+    panels = [(key, title) for key, title in PANELS if f"{evaluated}_{key}" in metrics]
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.7 * (1 + len(panels)), 4.2))
     selected = metrics.get("selected_epoch", epochs[-1])
     losses = [h["train_loss"] for h in history]
@@ -36,9 +38,9 @@ def plot_curves(metrics: dict, filename) -> None:
         valid = [(h["epoch"], h["valid"][key]) for h in history if "valid" in h]
         if valid:
             ax.plot(*zip(*valid), marker="o", label="validation")
-        ax.axhline(metrics[f"zero_shot_test_{key}"], ls="--", color="gray", label="test, zero-shot")
-        ax.plot([selected], [metrics[f"test_{key}"]], marker="*", markersize=14, ls="", color="tab:red",
-                label="test, fine-tuned" + (f" (epoch {selected}: {metrics['selected_by']})"
+        ax.axhline(metrics[f"zero_shot_{evaluated}_{key}"], ls="--", color="gray", label=f"{evaluated}, zero-shot")
+        ax.plot([selected], [metrics[f"{evaluated}_{key}"]], marker="*", markersize=14, ls="", color="tab:red",
+                label=f"{evaluated}, fine-tuned" + (f" (epoch {selected}: {metrics['selected_by']})"
                                             if selected != epochs[-1] else ""))
         ax.set(title=title, xlabel="epoch", ylim=(0, None))
         ax.legend(fontsize=8)

@@ -1,4 +1,5 @@
-"""The test set's predictions against its labels, before and after fine-tuning, as a
+"""The evaluated set's (the test set's, else the validation or training set's)
+predictions against its labels, before and after fine-tuning, as a
 picture (``parity.png`` beside metrics.json): energies per atom, force components and,
 with stress labels, stress components."""
 
@@ -17,7 +18,7 @@ UNITS = {"energy": ("energy (eV/atom)", "meV/atom"), "forces": ("force component
 def parity_data(samples: Sequence, before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]
                 ) -> Dict[str, tuple]:
     """Per quantity: (labels, zero-shot predictions, fine-tuned ones) as flat arrays, from
-    the test samples and their residuals (``evaluation.residuals``) before and after."""
+    the evaluated samples and their residuals (``evaluation.residuals``) before and after."""
     labels = {"energy": np.array([s.energy / s.natoms for s in samples]),
               "forces": torch.cat([s.forces.reshape(-1) for s in samples]).double().numpy()}
     stressed = [s.stress.reshape(-1) for s in samples if s.stress is not None]

@@ -66,7 +66,7 @@ class Settings:
 
     model: str
     train: str
-    test: str
+    test: Optional[str]  # None: the final errors are the validation frames' (else the training frames')
     method: str
     out: str
     valid: Optional[str] = None
@@ -175,6 +175,10 @@ class Settings:
                 raise ValueError(f"{flag} acts on the validation loss: give --valid or --valid_fraction")
         if any(n is not None and n < 1 for n in (self.max_train, self.max_valid, self.max_test)):
             raise ValueError("--max_train, --max_valid and --max_test must be >= 1")
+        for flag, given, needs in (("--max_valid", self.max_valid, self.valid), ("--max_test", self.max_test, self.test)):
+            if given is not None and not needs:  # it would limit nothing, silently
+                name = flag.removeprefix("--max_")
+                raise ValueError(f"{flag} limits --{name}'s frames: give --{name}")
 
     def identity(self) -> Dict[str, object]:
         d = asdict(self)
@@ -312,7 +316,10 @@ def _fingerprint_files(*paths) -> str:
 
 LR_SCHEDULES = ("constant", "cosine")
 CURVES = "training.png"  # the learning curves, beside metrics.json
-PARITY = "parity.png"  # the test set's predictions against its labels, before and after
+PARITY = "parity.png"  # the evaluated set's predictions against its labels, before and after
+# the set the final errors are taken on, by its metrics' prefix: the test frames, else the
+# validation frames, else the training frames
+EVALUATED = {"test": "test set", "valid": "validation set", "train": "training set"}
 
 
 def _optimizer(model, settings: Settings, by_scale: bool = True) -> torch.optim.Optimizer:
@@ -529,9 +536,10 @@ def _selection(progress: checkpoint.Progress, settings: Settings) -> dict:
             "best_valid_loss_epoch": progress.best["epoch"], "stopped_by_patience": _patience_spent(progress, settings)}
 
 
-def _save_results(family: Family, model, settings: Settings, shift: Dict[int, float], test_s: Sequence[Sample],
-                  test: Sequence[Frame], metrics: dict) -> None:
-    """The adapter (methods that train deltas), the merged model and its check."""
+def _save_results(family: Family, model, settings: Settings, shift: Dict[int, float], held_s: Sequence[Sample],
+                  held: Sequence[Frame], metrics: dict) -> None:
+    """The adapter (methods that train deltas), the merged model and its check (on the
+    first frame of the evaluated set: ``held_s``, ``held``)."""
     out = Path(settings.out)
     if delta_slot.has_deltas(model):
         # the shift the fine-tuned energies need beside the deltas (the merged model holds it)
@@ -544,10 +552,10 @@ def _save_results(family: Family, model, settings: Settings, shift: Dict[int, fl
         return
     # the fine-tuned model's own predictions first: the export folds the deltas in place
     reference = [{k: v.detach().cpu().double() for k, v in outputs(family, model, [x], settings.device, False).items()}
-                 for x in test_s[:1]]
+                 for x in held_s[:1]]
     merged_path = export_merged(family, model, shift, out / family.merged_filename, settings.model)
     metrics["merged_model"] = str(merged_path)
-    metrics["merged_model_check"] = check_merged(family, reference, test[:1], merged_path, settings.device)
+    metrics["merged_model_check"] = check_merged(family, reference, held[:1], merged_path, settings.device)
 
 
 def check(settings: Settings) -> Tuple[Family, Tuple[List[Frame], List[Frame], List[Frame]], Path]:
@@ -599,11 +607,12 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     shift = ({int(z): v for z, v in ck["shift"].items()} if ck is not None else _fit_shift(
         family, model, settings.e0s, make_samples(family, model, train, {}), train, settings, group))
     train_s, test_s, valid_s = (make_samples(family, model, f, shift) for f in (train, test, valid))
+    evaluated, held, held_s = _evaluated_set((train, valid, test), (train_s, valid_s, test_s))
 
     patch(model)
-    res = residuals(family, model, test_s, settings, group)
-    zero_shot = {"zero_shot_test": errors(res["energy"], res["forces"], res),
-                 "zero_shot_no_e0_shift_test": errors(res["energy"] - res["shift"], res["forces"])}
+    res = residuals(family, model, held_s, settings, group)
+    zero_shot = {f"zero_shot_{evaluated}": errors(res["energy"], res["forces"], res),
+                 f"zero_shot_no_e0_shift_{evaluated}": errors(res["energy"] - res["shift"], res["forces"])}
     base = {k: v.detach().clone() for k, v in _path_weights(model).items()}
     numbers = sorted({int(z) for frame in train for z in frame.atoms.numbers})
     model = train_magnetic(_apply_method(model, settings, family, train_s, numbers))  # the moment head trains fully
@@ -627,20 +636,21 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     shift = _corrected(shift, refit)
     for part, part_frames in ((train_s, train), (test_s, test), (valid_s, valid)):
         set_shift(part, part_frames, shift)
-    after = residuals(family, model, test_s, settings, group)
-    test_errors = {"test": errors(after["energy"], after["forces"], after), **zero_shot}
-    metrics = _metrics(settings, family, (train, valid, test), shift, model, progress, test_errors,
+    after = residuals(family, model, held_s, settings, group)
+    final_errors = {evaluated: errors(after["energy"], after["forces"], after), **zero_shot}
+    metrics = _metrics(settings, family, (train, valid, test), shift, model, progress, final_errors,
                        _changed_fraction(model, base))
-    metrics.update(e0_refit_ev={str(z): v for z, v in refit.items()}, processes=group.size)
+    metrics.update(evaluated_on=evaluated, e0_refit_ev={str(z): v for z, v in refit.items()}, processes=group.size)
     metrics.update(magnetic_counts(model))
     if magnetic_fit is not None:  # (again, on the trained base) what the cross-validation chose
         metrics["magnetic_fit"] = magnetic_fit
     if group.main:
-        _save_results(family, model, settings, shift, test_s, test, metrics)
+        _save_results(family, model, settings, shift, held_s, held, metrics)
         if progress.history:
             atomic_write(out / CURVES, lambda tmp: plot_curves(metrics, tmp))
-        title = f"{settings.method} fine-tuning of {Path(settings.model).name}: the test set ({len(test)} frames)"
-        atomic_write(out / PARITY, lambda tmp: plot_parity(parity_data(test_s, res, after), title, tmp))
+        title = (f"{settings.method} fine-tuning of {Path(settings.model).name}: the {EVALUATED[evaluated]} "
+                 f"({len(held)} frames)")
+        atomic_write(out / PARITY, lambda tmp: plot_parity(parity_data(held_s, res, after), title, tmp))
         metrics["files"] = _files(out, family, metrics)
         metrics["command_wall_s"] = time.perf_counter() - started
         metrics["peak_rss_mb"] = max(progress.peak_rss_mb, _peak_rss_mb())
@@ -649,10 +659,17 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     return metrics
 
 
+def _evaluated_set(frames, samples) -> Tuple[str, List[Frame], List[Sample]]:
+    """The set the final errors are taken on, as (its ``EVALUATED`` name, its frames, its
+    samples), of the (train, valid, test) ``frames`` and ``samples``."""
+    named = reversed(list(zip(("train", "valid", "test"), frames, samples)))  # test first
+    return next((name, f, s) for name, f, s in named if f)
+
+
 def _files(out: Path, family: Family, metrics: dict) -> List[str]:
     """Every file the run leaves in ``out`` (the command's summary names them): the
     metrics, the checkpoint and the learning curves (neither after --epochs 0 in a new
-    folder), the test set's parity plot, the adapter, the merged model and what its
+    folder), the evaluated set's parity plot, the adapter, the merged model and what its
     export wrote beside it."""
     files = [out / "metrics.json"] + [f for f in (out / checkpoint.CHECKPOINT, out / CURVES, out / PARITY)
                                       if f.exists()]

@@ -186,6 +186,46 @@ def test_valid_fraction_and_validation_as_the_test_sees_it(files, capsys):
     assert not (files / "refused").exists()
 
 
+def test_without_a_test_set_the_errors_are_the_validation_or_training_frames(files, capsys):
+    """--test is optional, as MACE's: the final errors, the parity plot and the merged
+    model's check are then the validation frames', else the training frames', and the
+    command says so."""
+    from helpers import files_written
+
+    def run(out, *extra):
+        return main(["finetune", "--model", str(files / "tiny.model"), "--train", str(files / "train.xyz"),
+                     "--method", "sparse", "--epochs", "1", "--lr", "0.02", "--out", str(out), "--no_progress",
+                     *extra])
+
+    for name, extra, n, said in (("valid", ("--valid", str(files / "test.xyz")), 1, "validation frames'"),
+                                 ("train", (), 3, "training frames' own (not held out)")):
+        out = files / f"no_test_{name}"
+        capsys.readouterr()
+        assert run(out, *extra) == 0
+        m = json.loads((out / "metrics.json").read_text())
+        printed, err = capsys.readouterr()
+        assert (m["evaluated_on"], m["n_test"], m[f"n_{name}"]) == (name, 0, n)
+        error_keys = [k for k in m if k.endswith(("_mev_per_atom", "_mev_per_A"))]
+        assert len(error_keys) == 12 and all(k.startswith((f"{name}_", f"zero_shot_{name}_",
+                                                           f"zero_shot_no_e0_shift_{name}_")) for k in error_keys)
+        for k in ("energy_mae_mev_per_atom", "force_mae_mev_per_A"):
+            assert json.loads(printed)[f"{name}_{k}"] == m[f"{name}_{k}"] > 0
+            assert m[f"zero_shot_{name}_{k}"] > 0
+            if name == "valid":  # the selected epoch's validation, as the history has it
+                assert m[f"valid_{k}"] == pytest.approx(m["history"][-1]["valid"][k], rel=1e-9)
+        assert f"warning: no --test: the errors are the {said}" in err
+        assert str(out / "parity.png") in files_written(err, out)
+        check = m["merged_model_check"]
+        assert check["frames"] == 1 and check["max_abs_force_diff_ev_per_A"] <= 1e-8
+
+    for bad, said in ((("--max_test", "1"), "--max_test limits --test's frames: give --test"),
+                      (("--max_valid", "1"), "--max_valid limits --valid's frames: give --valid")):
+        assert run(files / "refused", *bad) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
+    assert not (files / "refused").exists()
+
+
 def test_stress_loss_is_maces_on_the_labelled_frames(files, tmp_path):
     """--stress_weight adds stress_weight * mean((S - S_ref)^2) over the frames with a
     label, S from MACE's own model (its compute_stress); unlabelled frames add nothing."""
