@@ -1,13 +1,14 @@
 """An ASE calculator: a family's calculator (the merged base model) plus the magnetic
-modules. Moments in: ``atoms``' initial magnetic moments; out: energy and forces with
-E_mag's, ``magforces`` (-dE/dm, eV/μB) and, with a moment head, the predicted moments
+modules. Moments in: ``atoms``' initial magnetic moments; out: energy, forces and (cells
+periodic in 3 directions) stress with E_mag's, ``magforces`` (-dE/dm, eV/μB) and, with a moment head, the predicted moments
 (``atoms.get_magnetic_moments()``, along the input moments' directions; collinear
 input gives signed scalars)."""
 
 from __future__ import annotations
 
 import numpy as np
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from .graph import collate, magnetic_graph
 from .moments import oriented
@@ -17,7 +18,7 @@ class MagneticCalculator(Calculator):
     def __init__(self, base, energy, head=None, **kwargs):
         super().__init__(**kwargs)
         self.base, self.energy, self.head = base, energy.eval(), head
-        self.implemented_properties = ["energy", "free_energy", "forces", "magforces"] + (
+        self.implemented_properties = ["energy", "free_energy", "forces", "stress", "magforces"] + (
             ["magmoms", "magmom"] if head is not None else [])
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -26,11 +27,15 @@ class MagneticCalculator(Calculator):
         plain.calc = self.base
         device = self.energy.embed.weight.device
         batch = collate([magnetic_graph(self.atoms, self.energy.cutoff)], device)
-        e_mag, f_mag, magforces = (t.detach().cpu().double().numpy()
-                                   for t in self.energy.energy_and_forces(batch))
-        energy = plain.get_potential_energy() + float(e_mag[0])
-        self.results = {"energy": energy, "free_energy": energy, "forces": plain.get_forces() + f_mag,
-                        "magforces": magforces}
+        stress = "stress" in properties
+        if stress and not self.atoms.pbc.all():
+            raise PropertyNotImplementedError("stress: the cell is not periodic in 3 directions")
+        mag = {k: t.detach().cpu().double().numpy() for k, t in self.energy.outputs(batch, stress=stress).items()}
+        energy = plain.get_potential_energy() + float(mag["energy"][0])
+        self.results = {"energy": energy, "free_energy": energy, "forces": plain.get_forces() + mag["forces"],
+                        "magforces": mag["magforces"]}
+        if stress:
+            self.results["stress"] = full_3x3_to_voigt_6_stress(plain.get_stress(voigt=False) + mag["stress"][0])
         if self.head is not None:
             moments = oriented(self.head(self.energy, batch), batch.moments).detach().cpu().double().numpy()
             collinear = self.atoms.get_initial_magnetic_moments().ndim == 1

@@ -16,7 +16,7 @@ derivative of it is 0, so base + E_mag is the base model exactly."""
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -70,12 +70,14 @@ class MagneticEnergy(nn.Module):
         return {"cutoff": self.cutoff, "n_basis": self.n_basis, "width": self.width, "spin_orbit": self.spin_orbit,
                 "switch": self.switch}
 
-    def geometry(self, batch: MagneticBatch, positions: torch.Tensor):
+    def geometry(self, batch: MagneticBatch, positions: torch.Tensor, offsets: Optional[torch.Tensor] = None):
         """Edge vectors and lengths, the envelope, the radial basis, invariant node
-        features (n, width). Rows are gathered by ``index_select``: its gradient is one
-        ``index_add``, where indexing's is an accumulating ``index_put`` (a sort on GPUs)."""
+        features (n, width); ``offsets`` (default the batch's): the edges' cell offsets.
+        Rows are gathered by ``index_select``: its gradient is one ``index_add``, where
+        indexing's is an accumulating ``index_put`` (a sort on GPUs)."""
         i, j = batch.edges
-        vec = positions.index_select(0, j) - positions.index_select(0, i) + batch.offsets.to(positions.dtype)
+        offsets = batch.offsets if offsets is None else offsets
+        vec = positions.index_select(0, j) - positions.index_select(0, i) + offsets.to(positions.dtype)
         r = vec.norm(dim=1)
         cut = envelope(r, self.cutoff, self.switch)
         basis = radial_basis(r, self.cutoff, self.n_basis, cut)
@@ -87,9 +89,10 @@ class MagneticEnergy(nn.Module):
         """Per-atom magnetic energy (n,): the on-site terms plus half of each pair term."""
         return self._atom_energies_and_nodes(batch, positions, moments)[0]
 
-    def _atom_energies_and_nodes(self, batch: MagneticBatch, positions: torch.Tensor, moments: torch.Tensor):
+    def _atom_energies_and_nodes(self, batch: MagneticBatch, positions: torch.Tensor, moments: torch.Tensor,
+                                 offsets: Optional[torch.Tensor] = None):
         i, j = batch.edges
-        vec, r, cut, basis, node = self.geometry(batch, positions)
+        vec, r, cut, basis, node = self.geometry(batch, positions, offsets)
         ni, nj = node.index_select(0, i), node.index_select(0, j)
         coupling = self.pair(torch.cat([basis, ni + nj, ni * nj], dim=1)) * (ENERGY_SCALE * cut)[:, None]
         mi, mj = moments.index_select(0, i), moments.index_select(0, j)
@@ -113,14 +116,34 @@ class MagneticEnergy(nn.Module):
                           ) -> Tuple[torch.Tensor, ...]:
         """(energy per frame, forces -dE/dR, magnetic forces -dE/dm), and with
         ``with_nodes`` the node features too (a moment head reads them: not built twice)."""
+        out = self.outputs(batch, create_graph)
+        return tuple(out[k] for k in ("energy", "forces", "magforces") + (("node",) if with_nodes else ()))
+
+    def outputs(self, batch: MagneticBatch, create_graph: bool = False, stress: bool = False
+                ) -> Dict[str, torch.Tensor]:
+        """energy per frame, forces -dE/dR, magnetic forces -dE/dm, the node features (a
+        moment head reads them: not built twice) and, with ``stress``, the stress per
+        frame (3, 3; eV/Å^3, ASE's sign: (1/V) dE/dstrain, 0 where the frame has no
+        volume), by a symmetric strain of the positions and cell offsets (MACE's way)."""
         dtype = self.embed.weight.dtype
         positions = batch.positions.to(dtype).detach().requires_grad_(True)
         moments = batch.moments.to(dtype).detach().requires_grad_(True)
+        strain = positions.new_zeros((batch.n_frames, 3, 3), requires_grad=True) if stress else None
         with torch.enable_grad():
-            atoms, node = self._atom_energies_and_nodes(batch, positions, moments)
+            strained, offsets = positions, batch.offsets.to(dtype)
+            if stress:
+                sym = 0.5 * (strain + strain.transpose(1, 2))
+                strained = positions + torch.einsum("ni,nij->nj", positions, sym[batch.frame])
+                offsets = offsets + torch.einsum("ei,eij->ej", offsets, sym[batch.frame[batch.edges[0]]])
+            atoms, node = self._atom_energies_and_nodes(batch, strained, moments, offsets)
             energy = _per_frame(batch, atoms)
-            d_pos, d_mom = torch.autograd.grad(energy.sum(), (positions, moments), create_graph=create_graph)
-        return (energy, -d_pos, -d_mom, node) if with_nodes else (energy, -d_pos, -d_mom)
+            grads = torch.autograd.grad(energy.sum(), (positions, moments) + ((strain,) if stress else ()),
+                                        create_graph=create_graph)
+        out = {"energy": energy, "forces": -grads[0], "magforces": -grads[1], "node": node}
+        if stress:
+            volume = batch.volume.to(dtype)
+            out["stress"] = grads[2] / torch.where(volume > 0, volume, torch.inf)[:, None, None]
+        return out
 
 
 def _per_frame(batch: MagneticBatch, atoms: torch.Tensor) -> torch.Tensor:

@@ -101,9 +101,9 @@ class MagneticFamily(Family):
         return out["energy"], out["forces"]
 
     def outputs(self, model, batch, training, stress=False):
-        _no_stress(stress)
         base_batch, magnetic = batch
-        return self._with_magnetism(model, self.base.outputs(model.base, base_batch, training), magnetic, training)
+        return self._with_magnetism(model, self.base.outputs(model.base, base_batch, training, stress), magnetic,
+                                    training, stress)
 
     def pads(self):
         return self.base.pads()
@@ -123,19 +123,21 @@ class MagneticFamily(Family):
         return padding
 
     def run(self, model, inputs, training, stress=False):
-        _no_stress(stress)
+        if stress:  # a padded batch carries no cell volumes (Settings refuses this first)
+            raise ValueError("magnetic models: stresses are not computed in padded steps (--cuda_graphs)")
         out = self.base.run(model.base, {k: v for k, v in inputs.items() if not k.startswith(PADDED)}, training)
         return self._with_magnetism(model, out, unpad(inputs, out["energy"].shape[0]), training)
 
     @staticmethod
-    def _with_magnetism(model, out, magnetic, training):
-        """The base's outputs ``out`` plus E_mag's energy and forces, the magnetic forces
-        and, with a moment head, the moments, on ``magnetic`` (the same atoms and frames)."""
-        energy, forces = out["energy"], out["forces"]
-        e_mag, f_mag, magforces, node = model.energy.energy_and_forces(magnetic, create_graph=training, with_nodes=True)
-        out = {"energy": energy + e_mag.to(energy), "forces": forces + f_mag.to(forces), "magforces": magforces}
+    def _with_magnetism(model, out, magnetic, training, stress=False):
+        """The base's outputs ``out`` plus E_mag's energy, forces and (``stress``)
+        stresses, the magnetic forces and, with a moment head, the moments, on
+        ``magnetic`` (the same atoms and frames)."""
+        mag = model.energy.outputs(magnetic, create_graph=training, stress=stress)
+        summed = {k: out[k] + mag[k].to(out[k]) for k in ("energy", "forces") + (("stress",) if stress else ())}
+        out = {**summed, "magforces": mag["magforces"]}
         if model.head is not None:
-            out["magmom"] = model.head(model.energy, magnetic, node)
+            out["magmom"] = model.head(model.energy, magnetic, mag["node"])
         return out
 
     def own_e0s(self, model, zs):
@@ -180,7 +182,3 @@ def magnetic_family(base: Family, settings) -> Family:
         return base
     return MagneticFamily(base, predict_magmom=settings.predict_magmom, spin_orbit=settings.spin_orbit)
 
-
-def _no_stress(stress: bool) -> None:
-    if stress:  # E_mag's pair terms would need their own virial
-        raise ValueError("magnetic models: stresses are not computed for fine-tuning")

@@ -5,7 +5,7 @@ once per frame (like a family's graph) and collated into one batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ class MagneticGraph:
     moments: np.ndarray  # (n, 3) μB
     edges: np.ndarray  # (2, E): i, j
     offsets: np.ndarray  # (E, 3) Å: r_ij = positions[j] - positions[i] + offsets
+    volume: float = 0.0  # Å^3, the cell's where periodic in 3 directions (a stress divides by it)
 
 
 def magnetic_graph(atoms, cutoff: float, moments=None) -> MagneticGraph:
@@ -41,8 +42,9 @@ def magnetic_graph(atoms, cutoff: float, moments=None) -> MagneticGraph:
     m = atoms.get_initial_magnetic_moments() if moments is None else moments
     i, j, shift = neighbor_list("ijS", atoms, cutoff)
     offsets = shift.astype(np.float64) @ np.asarray(atoms.cell, dtype=np.float64)
+    volume = float(abs(atoms.cell.volume)) if atoms.pbc.all() else 0.0
     return MagneticGraph(np.array(atoms.positions, dtype=np.float64), np.array(atoms.numbers),
-                         as_vectors(m, len(atoms)), np.stack([i, j]), offsets)
+                         as_vectors(m, len(atoms)), np.stack([i, j]), offsets, volume)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class MagneticBatch:
     offsets: torch.Tensor
     frame: torch.Tensor  # (n,) frame index of each atom
     n_frames: int
+    volume: Optional[torch.Tensor] = None  # (n_frames,) Å^3 (not in a padded batch: no stress there)
 
 
 def collate(graphs: Sequence[MagneticGraph], device, dtype=torch.float64) -> MagneticBatch:
@@ -65,7 +68,8 @@ def collate(graphs: Sequence[MagneticGraph], device, dtype=torch.float64) -> Mag
     edges = torch.as_tensor(np.concatenate([g.edges + s for g, s in zip(graphs, starts)], axis=1), device=device)
     frame = torch.cat([torch.full((len(g.numbers),), k, dtype=torch.long) for k, g in enumerate(graphs)])
     return MagneticBatch(cat("positions").to(dtype), cat("numbers").long(), cat("moments").to(dtype),
-                         edges.long(), cat("offsets").to(dtype), frame.to(device), len(graphs))
+                         edges.long(), cat("offsets").to(dtype), frame.to(device), len(graphs),
+                         torch.tensor([g.volume for g in graphs], dtype=dtype, device=device))
 
 
 PADDED = "magnetic_"  # the prefix of a padded batch's keys among the base family's inputs

@@ -112,3 +112,35 @@ def test_magnetic_forces_are_minus_the_gradient():
         mm[k, c] -= step
         numeric = -(evaluate(module, atoms, mp)[0] - evaluate(module, atoms, mm)[0]) / (2 * step)
         assert abs(float(numeric) - float(h[k, c])) < 1e-7
+
+
+@pytest.mark.parametrize("spin_orbit", [False, True])
+def test_stress_is_the_strain_derivative(spin_orbit):
+    """E_mag's stress (1/V) dE/dstrain, by autograd through a strain of positions and cell
+    offsets, against central differences of E_mag on strained cells (moments carried
+    along unchanged), two frames in one batch; a non-periodic frame's is 0."""
+    module = random_module(spin_orbit)
+    frames = [cell_atoms(seed) for seed in (1, 2)]
+    batch = collate([magnetic_graph(a, module.cutoff, m) for a, m in frames], "cpu")
+    stress = module.outputs(batch, stress=True)["stress"].detach()
+    assert stress.shape == (2, 3, 3) and float(stress.abs().max()) > 1e-3
+    torch.testing.assert_close(stress, stress.transpose(1, 2), rtol=0, atol=1e-14)
+    h = 1e-5
+    for k, (atoms, m) in enumerate(frames):
+        want = np.zeros((3, 3))
+        for a in range(3):
+            for b in range(3):
+                energies = []
+                for sign in (1, -1):
+                    strain = np.eye(3)
+                    strain[a, b] += sign * h / 2
+                    strain[b, a] += sign * h / 2
+                    strained = atoms.copy()
+                    strained.set_cell(atoms.cell @ strain, scale_atoms=True)
+                    energies.append(float(evaluate(module, strained, m)[0]))
+                want[a, b] = (energies[0] - energies[1]) / (2 * h) / atoms.get_volume()
+        np.testing.assert_allclose(stress[k].numpy(), want, rtol=1e-7, atol=1e-9)
+    molecule, m = cell_atoms()
+    molecule.pbc = False
+    one = collate([magnetic_graph(molecule, module.cutoff, m)], "cpu")
+    assert not module.outputs(one, stress=True)["stress"].any()

@@ -113,6 +113,55 @@ def test_magnetic_finetune_metrics_and_merged_model(files, capsys):
     assert not np.allclose(calc.get_property("magforces", atoms), 0.0)  # trained: E_mag is no longer 0
 
 
+def test_magnetic_stresses_are_the_base_and_e_mag_and_train(files, tmp_path, capsys):
+    """With stress labels, a magnetic model's stress is the base model's plus E_mag's
+    (``MagneticEnergy.outputs``: its own test against the strain derivative); the run
+    trains and reports them, and the merged model's calculator gives the run's stresses."""
+    from ase.io import read, write
+    from ase.stress import full_3x3_to_voigt_6_stress
+
+    from sparsekern.integrations import family_for
+    from sparsekern.magnetism.family import MagneticFamily
+    from sparsekern.magnetism.graph import collate, magnetic_graph
+
+    family = MagneticFamily(family_for(str(files / "tiny.model")))
+    model = family.load(str(files / "tiny.model"), "cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():  # any trained state
+        for p in model.energy.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    atoms = read(files / "test.xyz", ":")
+    for a in atoms:
+        a.set_initial_magnetic_moments(a.arrays["REF_magmom"])
+    out = family.outputs(model, family.collate([family.graph(model, a) for a in atoms], "cpu"), False, stress=True)
+    base = family.base.outputs(model.base, family.base.collate([family.base.graph(model.base, a) for a in atoms],
+                                                                "cpu"), False, stress=True)["stress"]
+    mag = model.energy.outputs(collate([magnetic_graph(a, model.energy.cutoff) for a in atoms], "cpu"),
+                               stress=True)["stress"]
+    assert float(mag.abs().max()) > 1e-4
+    torch.testing.assert_close(out["stress"], base + mag, rtol=1e-12, atol=1e-15)
+
+    paths = []
+    for name in ("train.xyz", "test.xyz"):  # E_mag's stresses as the labels, as its energies are
+        frames = read(files / name, ":")
+        for a in frames:
+            batch = collate([magnetic_graph(a, 3.5, a.arrays["REF_magmom"])], "cpu")
+            a.info["REF_stress"] = full_3x3_to_voigt_6_stress(
+                _truth().outputs(batch, stress=True)["stress"][0].detach().numpy())
+        write(tmp_path / name, frames)
+        paths.append(tmp_path / name)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert _run(files, run, "--train", str(paths[0]), "--test", str(paths[1]), "--epochs", "2", "--magmom_key",
+                "REF_magmom", "--magforces_key", "REF_magforces", "--stress_weight", "100") == 0
+    m = json.loads((run / "metrics.json").read_text())
+    printed = json.loads(capsys.readouterr().out)
+    assert m["test_stress_mae_mev_per_A3"] > 0 and printed["test_stress_mae_mev_per_A3"] == m["test_stress_mae_mev_per_A3"]
+    assert m["test_stress_mae_mev_per_A3"] < m["zero_shot_test_stress_mae_mev_per_A3"]
+    # the calculator, E_mag's part included (float32 model: round-off of stresses of ~0.1 eV/Å^3)
+    assert m["merged_model_check"]["max_abs_stress_diff_ev_per_A3"] <= 1e-6
+
+
 def test_adapter_with_magnetic_modules_reproduces_the_run(files, capsys):
     """The run's adapter (the base's deltas) goes onto the base wrapped with the stored
     magnetic modules and reproduces the merged model; a plain base refuses it (in
