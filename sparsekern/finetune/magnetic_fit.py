@@ -1,6 +1,6 @@
 """The magnetic energy fitted in closed form (``magnetism/fit.py``) by the trainer, at
 the start of a run and again after the last epoch (on the trained base): the energy
-residuals of the model with E_mag at zero and the magnetic-force labels of this
+and stress residuals of the model with E_mag at zero and the magnetic-force labels of this
 process's share of the training frames, the normal equations summed over the processes
 and solved alike on each."""
 
@@ -29,11 +29,16 @@ def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, grou
                        "forces": torch.cat([s.forces for s in batch]).double() - out["forces"].detach().cpu().double()}
             if all(s.magforces is not None for s in batch):
                 targets["magforces"] = torch.cat([s.magforces for s in batch])
+            if "stress" in out:  # (some frame of the batch has a label; NaN: this one has none)
+                labels = torch.stack([s.stress if s.stress is not None else torch.full((3, 3), torch.nan)
+                                      for s in batch]).double()
+                targets["stress"] = labels - out["stress"].detach().cpu().double()
             yield family.magnetic_batch([s.graph for s in batch], settings.device), targets
 
     model.eval()
     weights = {"energy": settings.energy_weight, "forces": settings.forces_weight,
-               "magforces": settings.magforces_weight}
+               "magforces": settings.magforces_weight, "stress": settings.stress_weight}
     counts = {"energy": len(samples), "forces": 3 * sum(s.natoms for s in samples),
-              "magforces": sum(s.magforces.numel() for s in samples if s.magforces is not None)}
+              "magforces": sum(s.magforces.numel() for s in samples if s.magforces is not None),
+              "stress": 9 * sum(s.stress is not None for s in samples)}
     return solve(model.energy, group.sum(normal_equations(model.energy, parts(), counts)), weights)

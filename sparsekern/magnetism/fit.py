@@ -22,7 +22,7 @@ import torch
 from .energy import N_ELEMENTS, MagneticEnergy
 from .graph import MagneticBatch
 
-TERMS = ("energy", "forces", "magforces")  # what energy_and_forces gives, in its order
+TERMS = ("energy", "forces", "magforces", "stress")  # outputs of MagneticEnergy it fits
 
 
 def _linear_parameters(energy: MagneticEnergy) -> List[Tuple[torch.nn.Parameter, object]]:
@@ -51,15 +51,18 @@ def _assign(energy: MagneticEnergy, theta: torch.Tensor) -> None:
         offset += n
 
 
-def _columns(energy: MagneticEnergy, batch: MagneticBatch) -> Dict[str, torch.Tensor]:
-    """E_mag per frame (F, K), its forces and magnetic forces (3n, K) for each unit parameter
-    vector (E_mag is linear in them: K passes of the module give its exact design matrix)."""
+def _columns(energy: MagneticEnergy, batch: MagneticBatch, stress: bool) -> Dict[str, torch.Tensor]:
+    """E_mag per frame (F, K), its forces and magnetic forces (3n, K) and, with ``stress``,
+    its stresses (9F, K) for each unit parameter vector (E_mag is linear in them: K passes
+    of the module give its exact design matrix)."""
     k = n_linear(energy)
-    cols: Dict[str, list] = {key: [] for key in TERMS}
+    terms = TERMS if stress else TERMS[:-1]
+    cols: Dict[str, list] = {key: [] for key in terms}
     for unit in torch.eye(k, dtype=torch.float64):
         _assign(energy, unit)
-        for key, t in zip(TERMS, energy.energy_and_forces(batch)):
-            cols[key].append(t.detach().double().reshape(-1).cpu())
+        out = energy.outputs(batch, stress=stress)
+        for key in terms:
+            cols[key].append(out[key].detach().double().reshape(-1).cpu())
     _assign(energy, torch.zeros(k, dtype=torch.float64))
     return {key: torch.stack(c, 1) for key, c in cols.items()}
 
@@ -74,7 +77,8 @@ def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], counts: Dic
     columns: E_mag's linear parameters, then the per-element offsets, energy rows only)
     and y the targets: tuples (batch, {term: target}) with what E_mag should add to each
     term of ``TERMS`` that has labels: the energy residual per frame (eV), the force
-    residuals and the magnetic-force labels (n, 3). Energy rows are per atom; each term's
+    residuals, the magnetic-force labels (n, 3) and the stress residuals (F, 3, 3; NaN for
+    a frame without a label: its rows are left out). Energy rows are per atom; each term's
     rows are scaled by 1/sqrt(``counts``: its global number of entries), so that the
     solve's term weights make the training loss, and sums over processes add up. The
     force rows matter: E_mag depends on positions, and fitted to energies alone its
@@ -87,7 +91,7 @@ def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], counts: Dic
     first = 0  # the batch's first frame, counted over parts
     for batch, targets in parts:  # (made outside no_grad: the base computes forces)
         with torch.no_grad():
-            cols = _columns(energy, batch)
+            cols = _columns(energy, batch, "stress" in targets)
             frame = batch.frame.cpu()
             elements = torch.zeros(batch.n_frames, N_ELEMENTS, dtype=torch.float64)
             elements.index_put_((frame, batch.numbers.cpu()), torch.ones(len(frame), dtype=torch.float64),
@@ -97,9 +101,12 @@ def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], counts: Dic
                 x, y = cols[key], target.double().cpu().reshape(-1)
                 if key == "energy":
                     x, y, fold = torch.cat([x, elements], 1) / natoms, y / natoms[:, 0], torch.arange(batch.n_frames)
-                else:
+                else:  # rows of atom (or, stresses, frame) i: 3i, 3i+1, 3i+2 (9i, ..., 9i+8)
                     x = torch.cat([x, torch.zeros(len(x), N_ELEMENTS, dtype=torch.float64)], 1)
-                    fold = frame.repeat_interleave(len(x) // len(frame))  # rows of atom i: 3i, 3i+1, 3i+2
+                    owner = torch.arange(batch.n_frames) if key == "stress" else frame
+                    fold = owner.repeat_interleave(len(x) // len(owner))
+                labelled = y.isfinite()
+                x, y, fold = x[labelled], y[labelled], fold[labelled]
                 z = torch.cat([x, y[:, None]], 1) / max(counts[key], 1) ** 0.5
                 fold = (fold + first) % FOLDS
                 for f in range(FOLDS):

@@ -45,6 +45,30 @@ def test_fit_recovers_the_output_layers(spin_orbit, with_magforces):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max() / want.abs().max()
 
 
+@pytest.mark.parametrize("spin_orbit", [False, True])
+def test_fit_uses_the_stresses_of_the_labelled_frames(spin_orbit):
+    """16 frames' energies alone cannot fix the 39 + 3 unknowns; with the stresses of half
+    of them (the others NaN: no label) they do, and the fitted module's stresses are the
+    truth's."""
+    truth = random_module(spin_orbit)
+    with torch.no_grad():
+        truth.onsite[-1].weight[1].zero_()
+        truth.onsite[-1].bias[1] = -1.0
+    fitted = random_module(spin_orbit)
+    zero_outputs(fitted)
+    train, test = batches(truth, 2), batches(truth, 1, seed=100)
+    parts = []
+    for b in train:
+        out = {k: t.detach() for k, t in truth.outputs(b, stress=True).items()}
+        stress = out["stress"].clone()
+        stress[1::2] = torch.nan
+        parts.append((b, {"energy": out["energy"], "stress": stress}))
+    solve(fitted, normal_equations(fitted, parts, {"energy": 16, "stress": 9 * 8}), {"energy": 1.0, "stress": 1e3})
+    want, got = (m.outputs(test[0], stress=True) for m in (truth, fitted))
+    for key in ("energy", "stress", "forces"):
+        assert (got[key] - want[key]).abs().max() <= 1e-5 * want[key].abs().max(), key
+
+
 def test_fit_needs_the_zero_start():
     with pytest.raises(ValueError, match="zero start"):
         normal_equations(random_module(), [], {})
