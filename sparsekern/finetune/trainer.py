@@ -128,9 +128,6 @@ class Settings:
             raise ValueError("--stress_key names the stress labels --stress_weight trains: give --stress_weight > 0")
         if self.stress_weight and self.stress_key is None:
             self.stress_key = "REF_stress"
-        if self.stress_weight and self.magmom_key and self.cuda_graphs:
-            raise ValueError("--stress_weight: magnetic stresses are not computed in replayed steps "
-                             "(--cuda_graphs) yet; leave one out")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.lr_schedule not in LR_SCHEDULES:

@@ -123,10 +123,8 @@ class MagneticFamily(Family):
         return padding
 
     def run(self, model, inputs, training, stress=False):
-        if stress:  # a padded batch carries no cell volumes (Settings refuses this first)
-            raise ValueError("magnetic models: stresses are not computed in padded steps (--cuda_graphs)")
-        out = self.base.run(model.base, {k: v for k, v in inputs.items() if not k.startswith(PADDED)}, training)
-        return self._with_magnetism(model, out, unpad(inputs, out["energy"].shape[0]), training)
+        out = self.base.run(model.base, {k: v for k, v in inputs.items() if not k.startswith(PADDED)}, training, stress)
+        return self._with_magnetism(model, out, unpad(inputs, out["energy"].shape[0]), training, stress)
 
     @staticmethod
     def _with_magnetism(model, out, magnetic, training, stress=False):

@@ -56,7 +56,7 @@ class MagneticBatch:
     offsets: torch.Tensor
     frame: torch.Tensor  # (n,) frame index of each atom
     n_frames: int
-    volume: Optional[torch.Tensor] = None  # (n_frames,) Å^3 (not in a padded batch: no stress there)
+    volume: Optional[torch.Tensor] = None  # (n_frames,) Å^3: what a stress divides by
 
 
 def collate(graphs: Sequence[MagneticGraph], device, dtype=torch.float64) -> MagneticBatch:
@@ -80,7 +80,8 @@ def pad(batch: MagneticBatch, atoms: int, edges: int, cutoff: float) -> Dict[str
     ``magnetic_*`` beside the base family's padded ones (whose padding atoms these are,
     after the real ones): the padding atoms at the origin with zero moments in a frame of
     their own, the padding edges between the last two of them, 2 ``cutoff`` apart (zero
-    coupling and moments: nothing of theirs reaches a real atom or frame)."""
+    coupling and moments: nothing of theirs reaches a real atom or frame), that frame's
+    volume 1 (its stress is 0)."""
     n, e = batch.positions.shape[0], batch.edges.shape[1]
     if atoms < n + 2 or edges < e:
         raise ValueError(f"magnetic pad: {n} atoms (and 2 padding atoms) and {e} edges do not fit a capacity of "
@@ -92,13 +93,14 @@ def pad(batch: MagneticBatch, atoms: int, edges: int, cutoff: float) -> Dict[str
               "moments": torch.cat([batch.moments, batch.moments.new_zeros(atoms - n, 3)]),
               "edges": torch.cat([batch.edges, padding_edges(atoms - 2, edges - e, batch.edges)], 1),
               "offsets": torch.cat([batch.offsets, offsets]),
-              "frame": torch.cat([batch.frame, batch.frame.new_full((atoms - n,), batch.n_frames)])}
+              "frame": torch.cat([batch.frame, batch.frame.new_full((atoms - n,), batch.n_frames)]),
+              "volume": torch.cat([batch.volume, batch.volume.new_ones(1)])}
     return {PADDED + key: value for key, value in padded.items()}
 
 
 def unpad(inputs: Dict[str, torch.Tensor], n_frames: int) -> MagneticBatch:
     """The padded batch in ``inputs`` (:func:`pad`'s keys), of ``n_frames`` frames with the padding's."""
-    return MagneticBatch(*(inputs[PADDED + key] for key in _TENSORS), n_frames)
+    return MagneticBatch(*(inputs[PADDED + key] for key in _TENSORS), n_frames, inputs[PADDED + "volume"])
 
 
 _TENSORS = ("positions", "numbers", "moments", "edges", "offsets", "frame")

@@ -90,9 +90,9 @@ def _frames(numbers, sizes, magnetic=False, stress=False):
 
 @pytest.mark.parametrize("make, stress", [(_mace, False), (_sevennet, False), (_magnetic(True), False),
                                           (_magnetic(False), False), (_magnetic(True, _sevennet), False),
-                                          (_mace, True), (_sevennet, True)],
+                                          (_mace, True), (_sevennet, True), (_magnetic(True), True)],
                          ids=["mace", "sevennet", "magnetic", "magnetic-without-head", "sevennet-magnetic",
-                              "mace-stress", "sevennet-stress"])
+                              "mace-stress", "sevennet-stress", "magnetic-stress"])
 def test_graphed_steps_are_the_eager_steps(make, stress, monkeypatch):
     fake_cuda_graphs(monkeypatch)
     captures = []
