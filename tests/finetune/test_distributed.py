@@ -36,6 +36,30 @@ def test_two_processes_give_the_one_process_result(case, finetune_args, referenc
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
 
 
+def test_two_processes_select_the_one_process_epoch(case, finetune_args, result_difference):
+    """With validation frames the two processes keep, and end on, the epoch one process
+    does: here the first (frames labelled by the base model itself, as in
+    tests/cli/test_cli_best_epoch.py)."""
+    from ase.io import read, write
+    from mace.calculators import MACECalculator
+
+    frames = read(case / "test.xyz", ":")
+    calc = MACECalculator(model_paths=str(case / "tiny.model"), device="cpu", default_dtype="float64")
+    for atoms in frames:
+        atoms.calc = calc
+        atoms.info["REF_energy"], atoms.arrays["REF_forces"] = atoms.get_potential_energy(), atoms.get_forces()
+        atoms.calc = None
+    write(case / "base_labelled.xyz", frames)
+    extra = ("--valid", str(case / "base_labelled.xyz"), "--E0s", "foundation")
+    one, two = case / "valid_one", case / "valid_two"
+    assert main(["finetune", *finetune_args(one), *extra]) == 0
+    assert json.loads((one / "metrics.json").read_text())["selected_epoch"] == 1
+    done = _run("-m", "sparsekern", "finetune", *finetune_args(two), *extra, "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads((two / "metrics.json").read_text())["selected_epoch"] == 1
+    assert result_difference(two, one) <= 1e-12
+
+
 def test_a_signal_to_one_rank_stops_all_at_one_step_and_resumes_in_one_process(
         case, finetune_args, reference, result_difference):
     out = case / "signalled"
