@@ -247,3 +247,20 @@ def with_stresses(files, tmp_path, unlabelled=()):
         write(tmp_path / name, frames)
         paths.append(tmp_path / name)
     return paths
+
+
+def labelled_by_the_model(model, frames, out):
+    """``frames`` (an extended XYZ file) written to ``out`` with the MACE ``model`` file's
+    own energies and forces as their labels (float64): frames a fine-tuning run moves the
+    model away from, each epoch further (--E0s foundation: no shift)."""
+    from ase.io import read, write
+    from mace.calculators import MACECalculator
+
+    atoms_list = read(frames, ":")
+    calc = MACECalculator(model_paths=str(model), device="cpu", default_dtype="float64")
+    for atoms in atoms_list:
+        atoms.calc = calc
+        atoms.info["REF_energy"], atoms.arrays["REF_forces"] = atoms.get_potential_energy(), atoms.get_forces()
+        atoms.calc = None
+    write(out, atoms_list)
+    return out

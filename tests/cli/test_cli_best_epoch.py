@@ -17,19 +17,10 @@ def files(tmp_path_factory):
     """The tiny MACE case (``write_tiny_mace_case``) and valid.xyz: its test frames with
     the base model's own energies and forces as labels."""
     pytest.importorskip("mace")
-    from ase.io import read, write
-    from mace.calculators import MACECalculator
-
-    from helpers import write_tiny_mace_case
+    from helpers import labelled_by_the_model, write_tiny_mace_case
 
     root = write_tiny_mace_case(tmp_path_factory.mktemp("best_epoch"), n_train=3, n_test=2)
-    frames = read(root / "test.xyz", ":")
-    calc = MACECalculator(model_paths=str(root / "tiny.model"), device="cpu", default_dtype="float64")
-    for atoms in frames:
-        atoms.calc = calc
-        atoms.info["REF_energy"], atoms.arrays["REF_forces"] = atoms.get_potential_energy(), atoms.get_forces()
-        atoms.calc = None
-    write(root / "valid.xyz", frames)
+    labelled_by_the_model(root / "tiny.model", root / "test.xyz", root / "valid.xyz")
     return root
 
 

@@ -40,17 +40,10 @@ def test_two_processes_select_the_one_process_epoch(case, finetune_args, result_
     """With validation frames the two processes keep, and end on, the epoch one process
     does: here the first (frames labelled by the base model itself, as in
     tests/cli/test_cli_best_epoch.py)."""
-    from ase.io import read, write
-    from mace.calculators import MACECalculator
+    from helpers import labelled_by_the_model
 
-    frames = read(case / "test.xyz", ":")
-    calc = MACECalculator(model_paths=str(case / "tiny.model"), device="cpu", default_dtype="float64")
-    for atoms in frames:
-        atoms.calc = calc
-        atoms.info["REF_energy"], atoms.arrays["REF_forces"] = atoms.get_potential_energy(), atoms.get_forces()
-        atoms.calc = None
-    write(case / "base_labelled.xyz", frames)
-    extra = ("--valid", str(case / "base_labelled.xyz"), "--E0s", "foundation")
+    valid = labelled_by_the_model(case / "tiny.model", case / "test.xyz", case / "base_labelled.xyz")
+    extra = ("--valid", str(valid), "--E0s", "foundation")
     one, two = case / "valid_one", case / "valid_two"
     assert main(["finetune", *finetune_args(one), *extra]) == 0
     assert json.loads((one / "metrics.json").read_text())["selected_epoch"] == 1
