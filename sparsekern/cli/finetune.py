@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10, help="passes over the training frames (0: evaluate only)")
     _delta_flags(p)
     _optimizer_flags(p)
+    _stage_two_flags(p)
     p.add_argument("--batch_size", type=int, default=4, help="frames per optimizer step")
     p.add_argument("--seed", type=int, default=0, help="seeds the delta's start and the data order")
     p.add_argument("--energy_weight", type=float, default=1.0, help="weight of the per-atom energy error in the loss")
@@ -82,6 +83,24 @@ def _validation_flags(p: argparse.ArgumentParser) -> None:
                    help="stop after this many epochs without a lower validation loss (MACE's --patience)")
     p.add_argument("--last_epoch", action="store_true",
                    help="the last epoch's model is the result, not the lowest validation loss's")
+
+
+def _stage_two_flags(p: argparse.ArgumentParser) -> None:
+    """MACE's Stage Two (its --swa, whose names are accepted too)."""
+    p.add_argument("--stage_two", "--swa", action="store_true",
+                   help="MACE's Stage Two: from --start_stage_two on, train with its loss weights and lr, and "
+                        "select the result among its epochs")
+    p.add_argument("--start_stage_two", "--start_swa", type=int,
+                   help="epochs before Stage Two (default 3/4 of --epochs, MACE's)")
+    p.add_argument("--stage_two_energy_weight", "--swa_energy_weight", type=float,
+                   help="Stage Two's energy weight (default 1000)")
+    p.add_argument("--stage_two_forces_weight", "--swa_forces_weight", type=float,
+                   help="Stage Two's forces weight (default 100)")
+    p.add_argument("--stage_two_stress_weight", "--swa_stress_weight", type=float,
+                   help="Stage Two's stress weight (default 10 with --stress_weight)")
+    p.add_argument("--stage_two_lr", "--swa_lr", type=float,
+                   help="Stage Two's learning rate (default --lr / 10, MACE's ratio); every parameter group's "
+                        "lr is scaled by it over --lr")
 
 
 def _magnetic_flags(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ resumes mid-epoch (``preemption``)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -109,6 +110,13 @@ class Settings:
     cuda_graphs: bool = False  # training steps replayed from CUDA graphs (graphed_step.py)
     patience: Optional[int] = None  # epochs without a lower validation loss that stop the run
     last_epoch: bool = False  # the last epoch is the result, not the lowest validation loss's
+    # MACE's Stage Two (its --swa): from epoch start_stage_two on, other loss weights and lr
+    stage_two: bool = False
+    start_stage_two: Optional[int] = None  # epochs before it; default MACE's, 3/4 of --epochs
+    stage_two_energy_weight: Optional[float] = None  # defaults MACE's: 1000, 100, 10 (with stresses)
+    stage_two_forces_weight: Optional[float] = None
+    stage_two_stress_weight: Optional[float] = None
+    stage_two_lr: Optional[float] = None  # default lr / 10 (MACE's 1e-3 after 1e-2)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -150,6 +158,7 @@ class Settings:
             raise ValueError(f"the density schedule (--density_warmup {self.density_warmup:g} + --density_anneal "
                              f"{self.density_anneal:g} epochs) must end within --epochs {self.epochs}")
         self._check_splits()
+        self._check_stage_two()
         try:
             device = torch.device(self.device)
         except RuntimeError as exc:
@@ -177,6 +186,33 @@ class Settings:
                 name = flag.removeprefix("--max_")
                 raise ValueError(f"{flag} limits --{name}'s frames: give --{name}")
 
+    def _check_stage_two(self) -> None:
+        """Stage Two's flags need --stage_two; its defaults (MACE's) filled in."""
+        flags = {"--start_stage_two": self.start_stage_two, "--stage_two_energy_weight": self.stage_two_energy_weight,
+                 "--stage_two_forces_weight": self.stage_two_forces_weight,
+                 "--stage_two_stress_weight": self.stage_two_stress_weight, "--stage_two_lr": self.stage_two_lr}
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given and not self.stage_two:  # they would change nothing, silently
+            raise ValueError(f"{', '.join(given)} set Stage Two: give --stage_two")
+        if not self.stage_two:
+            return
+        if self.stage_two_stress_weight and not self.stress_weight:  # (0: the filled-in default)
+            raise ValueError("--stage_two_stress_weight weighs the stresses --stress_weight reads: give --stress_weight")
+        if self.start_stage_two is None:
+            self.start_stage_two = max(1, self.epochs // 4 * 3)
+        if not 0 <= self.start_stage_two < self.epochs:
+            raise ValueError(f"--start_stage_two must be in [0, --epochs {self.epochs}), got {self.start_stage_two}")
+        defaults = {"stage_two_energy_weight": 1000.0, "stage_two_forces_weight": 100.0,
+                    "stage_two_stress_weight": 10.0 if self.stress_weight else 0.0, "stage_two_lr": self.lr / 10}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        bad = [f"--{name} {getattr(self, name):g}" for name in defaults
+               if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0)]
+        if bad or not self.stage_two_lr > 0:
+            raise ValueError(f"Stage Two's weights must be finite and >= 0 and its lr > 0, got "
+                             f"{', '.join(bad) or f'--stage_two_lr {self.stage_two_lr:g}'}")
+
     def identity(self) -> Dict[str, object]:
         d = asdict(self)
         # (the stop is decided from the checkpoint's history: more --patience continues a stopped run)
@@ -188,6 +224,9 @@ class Settings:
         if not self.stress_weight:  # checkpoints from before it stay resumable
             d.pop("stress_weight")
             d.pop("stress_key")
+        if not self.stage_two:  # checkpoints from before it stay resumable
+            for k in [k for k in d if "stage_two" in k]:
+                d.pop(k)
         for k in ("element_resolved", "spin_orbit", "ema", "valid_fraction"):
             if not d[k]:  # checkpoints from before it stay resumable (ema's: with --no_ema)
                 d.pop(k)
@@ -329,10 +368,25 @@ def _optimizer(model, settings: Settings, by_scale: bool = True) -> torch.optim.
     return optimizer
 
 
-def _schedule(optimizer: torch.optim.Optimizer, settings: Settings, done: int, total: int) -> None:
-    """Set each group's lr for the step after ``done`` of ``total``: a function of the step
-    alone, so a resumed run continues the same curve."""
+def _stage(settings: Settings, epoch: int) -> Settings:
+    """The settings epoch ``epoch`` (from 0) trains and validates with: Stage Two's loss
+    weights from --start_stage_two on (a copy; its lr is ``_schedule``'s)."""
+    if not (settings.stage_two and epoch >= settings.start_stage_two):
+        return settings
+    staged = copy.copy(settings)  # (not replace(): the copy is not a new run's Settings to check)
+    staged.energy_weight, staged.forces_weight, staged.stress_weight = (
+        settings.stage_two_energy_weight, settings.stage_two_forces_weight, settings.stage_two_stress_weight)
+    return staged
+
+
+def _schedule(optimizer: torch.optim.Optimizer, settings: Settings, done: int, total: int, epoch: int) -> None:
+    """Set each group's lr for the step after ``done`` of ``total``, in epoch ``epoch``: a
+    function of the step alone, so a resumed run continues the same curve. Stage Two
+    scales every group's by --stage_two_lr / --lr from its first step (MACE's SWALR
+    anneals to it over one epoch)."""
     factor = 0.5 * (1 + math.cos(math.pi * done / total)) if settings.lr_schedule == "cosine" else 1.0
+    if _stage(settings, epoch) is not settings:
+        factor *= settings.stage_two_lr / settings.lr
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
 
@@ -407,7 +461,8 @@ def _epoch(loop: _Loop, samples: Sequence[Sample], progress: checkpoint.Progress
     for i, batch in enumerate(batches(samples, loop.settings.batch_size, order)):
         if i < progress.step:
             continue  # done before the run was stopped
-        _schedule(loop.optimizer, loop.settings, progress.epoch * steps + i, loop.settings.epochs * steps)
+        _schedule(loop.optimizer, loop.settings, progress.epoch * steps + i, loop.settings.epochs * steps,
+                  progress.epoch)
         step_loss, signum = _step(loop, batch, progress.epoch)
         progress.step += 1
         progress.epoch_loss += step_loss * len(batch)
@@ -445,7 +500,7 @@ def _judge(model, progress: checkpoint.Progress, record: dict) -> None:
         progress.best = {"epoch": record["epoch"], "loss": record["valid_loss"], "state": checkpoint.best_state(model)}
 
 
-def _train(loop: _Loop, train_s: Sequence[Sample], validate: Optional[Callable[[torch.nn.Module], dict]],
+def _train(loop: _Loop, train_s: Sequence[Sample], validate: Optional[Callable[[torch.nn.Module, Settings], tuple]],
            ck: Optional[dict]) -> checkpoint.Progress:
     """The epochs (and steps) still to do, each epoch ending in ``validate`` (where there
     are validation frames) and ``loop.save``; then the model is the selected epoch's."""
@@ -478,6 +533,11 @@ def _train(loop: _Loop, train_s: Sequence[Sample], validate: Optional[Callable[[
             loop.optimizer, progress.fast = _optimizer(model, settings), True
             loop.start_average()  # over the active entries, from where they stand
             progress.best = None  # a model of the other form: the candidates start again
+        loop.settings = _stage(settings, progress.epoch)
+        if loop.graphed is not None:
+            loop.graphed.settings = loop.settings  # (its replays take the loss's weights as inputs)
+        if settings.stage_two and (progress.epoch, progress.step) == (settings.start_stage_two, 0):
+            progress.best = None  # validation losses of Stage Two's weights from here (MACE resets too)
         train_loss = _epoch(loop, train_s, progress, bar)
         # the last step moved V and tau: put the density back on the schedule (the pre-hook does
         # this before each training forward, but the epoch's result is evaluated)
@@ -486,7 +546,7 @@ def _train(loop: _Loop, train_s: Sequence[Sample], validate: Optional[Callable[[
         record = {"epoch": progress.epoch, "train_loss": train_loss}
         if validate is not None:
             with loop.averaged():
-                record["valid"], record["valid_loss"] = validate(model)
+                record["valid"], record["valid_loss"] = validate(model, loop.settings)
                 _judge(model, progress, record)
         progress.history.append(record)
         progress.peak_rss_mb = max(progress.peak_rss_mb, _peak_rss_mb())
@@ -618,12 +678,12 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
         if group.main:
             checkpoint.save(out, settings.identity(), trained, optimizer, progress, shift, average)
 
-    def validate(trained) -> Tuple[dict, float]:
-        """The validation errors and loss with the energy reference the model would be saved
-        with now (its refit), as the test's after training: without it they carry the drift."""
+    def validate(trained, staged: Settings) -> Tuple[dict, float]:
+        """Validation errors and loss (``staged``'s weights) with the energy reference the model
+        would be saved with now (its refit), as the test's: without it they carry the drift."""
         set_shift(valid_s, valid, _corrected(shift, _refit(family, trained, train_s, train, settings, group)))
         res = residuals(family, trained, valid_s, settings, group)
-        return errors(res["energy"], res["forces"], res).as_dict(), residual_loss(res, settings)
+        return errors(res["energy"], res["forces"], res).as_dict(), residual_loss(res, staged)
 
     with deferred() as signalled:
         progress = _train(_Loop(family, model, settings, group, signalled, save), train_s,

@@ -274,18 +274,22 @@ def test_cosine_lr_schedule_follows_the_step():
     epochs would re-stretch the curve), not of a constant one's."""
     from sparsekern.finetune.trainer import Settings, _optimizer, _schedule
 
-    def settings(schedule, epochs=10):
+    def settings(schedule, epochs=10, **more):
         return Settings(model="7net-0", train="t", test="t", method="full", out="o", lr=0.2, lr_schedule=schedule,
-                        epochs=epochs)
+                        epochs=epochs, **more)
 
     opt = _optimizer(torch.nn.Linear(2, 2), settings("cosine"))
     lrs = []
     for done in (0, 5, 10):
-        _schedule(opt, settings("cosine"), done, 10)
+        _schedule(opt, settings("cosine"), done, 10, done)  # (a step an epoch)
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs == pytest.approx([0.2, 0.1, 0.0])
-    _schedule(opt, settings("constant"), 7, 10)
+    _schedule(opt, settings("constant"), 7, 10, 7)
     assert opt.param_groups[0]["lr"] == 0.2
+    staged = settings("cosine", stage_two=True, start_stage_two=5)  # Stage Two's lr / 10 on top of the cosine
+    for done, want in ((4, 0.2 * 0.5 * (1 + math.cos(math.pi * 0.4))), (5, 0.01)):
+        _schedule(opt, staged, done, 10, done)
+        assert opt.param_groups[0]["lr"] == pytest.approx(want)
     assert "epochs" not in settings("constant").identity() and "lr_schedule" not in settings("constant").identity()
     assert settings("cosine").identity() != settings("cosine", epochs=20).identity()
     with pytest.raises(ValueError, match="--lr_schedule"):
