@@ -484,6 +484,10 @@ def _patience_spent(progress: checkpoint.Progress, settings: Settings) -> bool:
 
 
 def _to_train(progress: checkpoint.Progress, settings: Settings) -> bool:
+    """Whether another epoch trains. Where --patience runs out before Stage Two, Stage Two
+    starts now (MACE's rule): the epochs up to its start are skipped."""
+    if settings.stage_two and progress.epoch < settings.start_stage_two and _patience_spent(progress, settings):
+        progress.epoch, progress.best = settings.start_stage_two, None
     return progress.epoch < settings.epochs and not _patience_spent(progress, settings)
 
 

@@ -100,6 +100,18 @@ def test_the_result_is_chosen_among_stage_two_epochs(files):
         assert h["valid_loss"] == pytest.approx(want, rel=1e-9)
 
 
+def test_patience_out_before_stage_two_starts_it(files):
+    """MACE's rule: where --patience runs out before Stage Two, Stage Two starts; the
+    epochs between are skipped."""
+    out = files / "patience"
+    assert _run(files, out, "--valid", str(files / "valid.xyz"), "--E0s", "foundation", "--patience", "1",
+                "--stage_two", "--start_stage_two", "3", epochs=5) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    # epoch 1 the best, epoch 2 not: Stage Two from epoch 4 (after 3), epoch 5 not better: stop
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 4, 5]
+    assert (m["selected_epoch"], m["stopped_by_patience"]) == (4, True)
+
+
 def test_stage_two_flags_are_checked(files, capsys, tmp_path):
     for bad, said in ((("--start_stage_two", "1"), "--start_stage_two set Stage Two: give --stage_two"),
                       (("--swa_lr", "0.1", "--swa_energy_weight", "3"),
