@@ -4,10 +4,12 @@ the base model's zero-shot errors are always recorded. Every method gets the sam
 data, epochs, batches (same shuffles), optimizer and loss, so only the method differs.
 
 Loss (MACE's weighted energy-forces loss): energy_weight * mean(((E - E_ref) / N)^2)
-+ forces_weight * mean((F - F_ref)^2). Optimizer: Adam with amsgrad (MACE's default),
-constant learning rate. With validation frames, the result is the epoch of the lowest
-validation loss (MACE's rule; ``--last_epoch``: the last), ``--patience`` epochs without
-a lower one stop the run; otherwise the model after the last epoch is the result.
++ forces_weight * mean((F - F_ref)^2) (+ stress and magnetic terms). Optimizer: Adam
+with amsgrad (MACE's default), constant or cosine learning rate; MACE's Stage Two
+(``--stage_two``) switches loss weights and lr for the last epochs. With validation
+frames, the result is the epoch of the lowest validation loss (MACE's rule;
+``--last_epoch``: the last), ``--patience`` epochs without a lower one stop the run;
+otherwise the model after the last epoch is the result.
 Energies get a fixed per-element shift chosen by ``--E0s`` (see ``data.energy_shift``).
 
 Under torchrun, each process computes its share of every global batch and one
