@@ -2,7 +2,7 @@
 training and validation losses by epoch, and the validation energy, force (and, with
 stress labels, stress) errors by epoch beside the evaluated set's (the test set's, else
 the validation or training set's) before and after fine-tuning, the latter at the epoch
-whose model is the result."""
+whose model is the result; a line where Stage Two starts, where it runs."""
 
 from __future__ import annotations
 
@@ -24,13 +24,12 @@ def plot_curves(metrics: dict, filename) -> None:
     evaluated = metrics["evaluated_on"]
     panels = [(key, title) for key, title in PANELS if f"{evaluated}_{key}" in metrics]
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.7 * (1 + len(panels)), 4.2))
-    selected = metrics.get("selected_epoch", epochs[-1])
+    selected = metrics["selected_epoch"]
     losses = [h["train_loss"] for h in history]
     axes[0].plot(epochs, losses, marker="o", label="training")
     valid_losses = [(h["epoch"], h["valid_loss"]) for h in history if "valid_loss" in h]
     if valid_losses:
         axes[0].plot(*zip(*valid_losses), marker="o", label="validation")
-        axes[0].legend(fontsize=8)
     losses += [v for _, v in valid_losses]
     spans_decades = min(losses) > 0 and max(losses) > 10 * min(losses)
     axes[0].set(title="loss", xlabel="epoch", yscale="log" if spans_decades else "linear")
@@ -43,8 +42,11 @@ def plot_curves(metrics: dict, filename) -> None:
                 label=f"{evaluated}, fine-tuned" + (f" (epoch {selected}: {metrics['selected_by']})"
                                             if selected != epochs[-1] else ""))
         ax.set(title=title, xlabel="epoch", ylim=(0, None))
-        ax.legend(fontsize=8)
+    settings = metrics["settings"]
     for ax in axes:
+        if settings["stage_two"]:  # its loss weights differ: the training loss jumps there
+            ax.axvline(settings["start_stage_two"] + 0.5, ls=":", color="tab:purple", label="Stage Two from here")
+        ax.legend(fontsize=8)
         ax.set_xticks(epochs if len(epochs) <= 12 else ax.get_xticks())
     fig.suptitle(f"{metrics['method']} fine-tuning of {Path(metrics['model']).name}: "
                  f"{100 * metrics['changed_fraction']:.2f} % of the path weights changed", fontsize=10)
