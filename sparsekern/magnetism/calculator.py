@@ -1,8 +1,8 @@
 """An ASE calculator: a family's calculator (the merged base model) plus the magnetic
 modules. Moments in: ``atoms``' initial magnetic moments; out: energy, forces and (cells
-periodic in 3 directions) stress with E_mag's, ``magforces`` (-dE/dm, eV/μB) and, with a moment head, the predicted moments
-(``atoms.get_magnetic_moments()``, along the input moments' directions; collinear
-input gives signed scalars)."""
+periodic in 3 directions) stress with E_mag's, ``magforces`` (-dE/dm, eV/μB) and, with a
+moment head, the predicted moments (``atoms.get_magnetic_moments()``, along the input
+moments' directions; collinear input gives signed scalars)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ once per frame (like a family's graph) and collated into one batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ class MagneticBatch:
     offsets: torch.Tensor
     frame: torch.Tensor  # (n,) frame index of each atom
     n_frames: int
-    volume: Optional[torch.Tensor] = None  # (n_frames,) Å^3: what a stress divides by
+    volume: torch.Tensor  # (n_frames,) Å^3: what a stress divides by (0: no cell)
 
 
 def collate(graphs: Sequence[MagneticGraph], device, dtype=torch.float64) -> MagneticBatch:
