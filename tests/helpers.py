@@ -229,10 +229,11 @@ class AtenOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def with_stresses(files, tmp_path, unlabelled=()):
+def with_stresses(files, tmp_path, unlabelled=(), virials: bool = False):
     """``files``' train.xyz and test.xyz (``write_tiny_mace_case``) written to ``tmp_path``
-    with EMT's stresses (ASE's sign, Voigt 6) under REF_stress, but for the training
-    frames ``unlabelled``; their paths."""
+    with EMT's stresses (ASE's sign, Voigt 6) under REF_stress, or with ``virials`` as
+    MACE's virials -S V (9 values) under REF_virials, but for the training frames
+    ``unlabelled``; their paths."""
     from ase.calculators.emt import EMT
     from ase.io import read, write
 
@@ -242,7 +243,10 @@ def with_stresses(files, tmp_path, unlabelled=()):
         for i, atoms in enumerate(frames):
             if not (name == "train.xyz" and i in unlabelled):
                 atoms.calc = EMT()
-                atoms.info["REF_stress"] = atoms.get_stress()
+                if virials:
+                    atoms.info["REF_virials"] = -atoms.get_stress(voigt=False).reshape(-1) * atoms.get_volume()
+                else:
+                    atoms.info["REF_stress"] = atoms.get_stress()
                 atoms.calc = None
         write(tmp_path / name, frames)
         paths.append(tmp_path / name)

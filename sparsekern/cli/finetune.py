@@ -29,14 +29,19 @@ def parser() -> argparse.ArgumentParser:
         description="Fine-tune a foundation model and evaluate it. Writes DIR/metrics.json, DIR/checkpoint.pt "
                     "(rerunning the same command resumes), the adapter (sparse, lora) and a merged model for "
                     "the family's own ASE calculator.")
-    p.add_argument("--model", required=True, help="7net-0 (SevenNet) or a MACE .model file")
-    p.add_argument("--train", required=True, help="training frames (extended XYZ)")
+    p.add_argument("--config", help="a YAML file of this command's options, MACE's --config: each key an option's "
+                                    "name without dashes (`train_file: data.xyz`, `swa: true`); the command line's "
+                                    "options win")
+    # MACE's names (--foundation_model, --train_file, ...) are accepted beside ours
+    p.add_argument("--model", "--foundation_model", required=True, help="7net-0 (SevenNet) or a MACE .model file")
+    p.add_argument("--train", "--train_file", required=True, help="training frames (extended XYZ)")
     _validation_flags(p)
-    p.add_argument("--test", help="test frames (without: the final errors and parity.png are the validation frames', "
-                                  "else the training frames')")
+    p.add_argument("--test", "--test_file", help="test frames (without: the final errors and parity.png are the "
+                                                 "validation frames', else the training frames')")
     p.add_argument("--method", required=True, choices=tuple(METHODS), help=choices_help(METHODS))
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the training frames (0: evaluate only)")
+    p.add_argument("--epochs", "--max_num_epochs", type=int, default=10,
+                   help="passes over the training frames (0: evaluate only)")
     _delta_flags(p)
     _optimizer_flags(p)
     _stage_two_flags(p)
@@ -55,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--forces_key", default="REF_forces", help="force label in the frames' arrays (eV/Å)")
     p.add_argument("--stress_key", help="with --stress_weight: the stress label in the frames' info (eV/Å^3, "
                                          "ASE's sign; Voigt 6 or 9 values); default REF_stress")
+    p.add_argument("--virials_key", help="with --stress_weight: MACE's virials W in the frames' info (eV; Voigt 6 "
+                                          "or 9 values), trained as the stress -W/V where a frame has no stress "
+                                          "label; default REF_virials")
     _magnetic_flags(p)
     p.add_argument("--max_train", type=int, help="use the first N training frames")
     p.add_argument("--max_valid", type=int, help="use the first N validation frames")
@@ -73,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _validation_flags(p: argparse.ArgumentParser) -> None:
     """The validation frames, and what their loss decides: the result, the stop."""
-    p.add_argument("--valid", help="validation frames: their errors and loss are reported per epoch, and the epoch "
+    p.add_argument("--valid", "--valid_file", help="validation frames: their errors and loss are reported per epoch, and the epoch "
                                    "of the lowest loss is the result (MACE's rule)")
     p.add_argument("--valid_fraction", type=float,
                    help="instead of --valid: hold out this fraction of the training frames (after --max_train) "
@@ -165,8 +173,13 @@ def _delta_flags(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .config_file import with_config
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(with_config(p, argv))
+    if vars(args).pop("config") is not None:  # an abbreviation of --config got past with_config
+        p.error("write --config in full")
     nproc = vars(args).pop("nproc")
     from ..finetune.distributed import launched_size
 

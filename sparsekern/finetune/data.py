@@ -46,10 +46,11 @@ def _label(atoms, key: str, where: str, kind: str):
 
 def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_forces",
                 limit: Optional[int] = None, magmom_key: Optional[str] = None,
-                magforces_key: Optional[str] = None, stress_key: Optional[str] = None) -> List[Frame]:
+                magforces_key: Optional[str] = None, stress_key: Optional[str] = None,
+                virials_key: Optional[str] = None) -> List[Frame]:
     """The first ``limit`` frames of an extended-XYZ file with their labels (moments and
-    magnetic forces where their keys are given; stresses, with ``stress_key``, in the frames
-    that have one)."""
+    magnetic forces where their keys are given; stresses, under ``stress_key`` or as
+    virials under ``virials_key``, in the frames that have one)."""
     from ase.io import read
 
     path = Path(path)
@@ -71,27 +72,31 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
             raise ValueError(f"{where}: forces {forces_key!r} have shape {forces.shape}, expected ({len(atoms)}, 3)")
         _check_finite_and_apart(atoms, energy, forces, where, energy_key, forces_key)
         moment_labels = read_moment_labels(atoms, where, magmom_key, magforces_key) if magmom_key else (None, None)
-        stress = _stress(atoms, stress_key, where) if stress_key else None
+        stress = _stress(atoms, stress_key, virials_key, where)
         frames.append(Frame(atoms, energy, forces, *moment_labels, stress=stress))
     return frames
 
 
-def _stress(atoms, key: str, where: str) -> Optional[np.ndarray]:
-    """The frame's stress label as a 3x3 tensor (eV/Å^3; given as 9 values or as ASE's
-    Voigt 6, xx yy zz yz xz xy, as MACE reads ``--stress_key``); None where it has none."""
-    raw = _lookup(atoms, key, "stress")
-    if raw is None:
-        return None
+def _stress(atoms, stress_key: Optional[str], virials_key: Optional[str], where: str) -> Optional[np.ndarray]:
+    """The frame's stress label as a 3x3 tensor (eV/Å^3, ASE's sign): under ``stress_key``,
+    else -W/V from MACE's virials W (eV) under ``virials_key``; None where it has neither.
+    Either given as 9 values or as ASE's Voigt 6, xx yy zz yz xz xy, as MACE reads them."""
     from ase.stress import voigt_6_to_full_3x3_stress
 
-    values = np.asarray(raw, dtype=np.float64)
-    if values.size not in (6, 9):
-        raise ValueError(f"{where}: stress {key!r} has {values.size} values, expected 6 (Voigt) or 9")
-    if not np.isfinite(values).all():
-        raise ValueError(f"{where}: stress {key!r} holds NaN or infinity")
-    if not atoms.pbc.all() or abs(atoms.cell.volume) < 1e-6:
-        raise ValueError(f"{where}: a stress {key!r} on a frame that is not periodic in 3 directions")
-    return voigt_6_to_full_3x3_stress(values) if values.size == 6 else values.reshape(3, 3)
+    for key, kind in ((stress_key, "stress"), (virials_key, "virials")):
+        raw = _lookup(atoms, key, kind) if key else None
+        if raw is None:
+            continue
+        values = np.asarray(raw, dtype=np.float64)
+        if values.size not in (6, 9):
+            raise ValueError(f"{where}: {kind} {key!r} has {values.size} values, expected 6 (Voigt) or 9")
+        if not np.isfinite(values).all():
+            raise ValueError(f"{where}: {kind} {key!r} holds NaN or infinity")
+        if not atoms.pbc.all() or abs(atoms.cell.volume) < 1e-6:
+            raise ValueError(f"{where}: {kind} {key!r} on a frame that is not periodic in 3 directions")
+        tensor = voigt_6_to_full_3x3_stress(values) if values.size == 6 else values.reshape(3, 3)
+        return tensor if kind == "stress" else -tensor / abs(atoms.cell.volume)
+    return None
 
 
 def valid_indices(n: int, fraction: float, seed: int) -> List[int]:

@@ -97,6 +97,7 @@ class Settings:
     energy_key: str = "REF_energy"
     forces_key: str = "REF_forces"
     stress_key: Optional[str] = None  # with stress_weight: MACE's REF_stress unless named
+    virials_key: Optional[str] = None  # with stress_weight: MACE's REF_virials unless named (stress -W/V)
     max_train: Optional[int] = None
     max_valid: Optional[int] = None
     max_test: Optional[int] = None
@@ -134,10 +135,7 @@ class Settings:
         bad = [f"{k} {v:g}" for k, v in weights.items() if not (math.isfinite(v) and v >= 0)]
         if bad:  # a negative weight would maximise that error, silently
             raise ValueError(f"loss weights must be finite and >= 0, got {', '.join(bad)}")
-        if self.stress_key is not None and not self.stress_weight:  # it would read nothing, silently
-            raise ValueError("--stress_key names the stress labels --stress_weight trains: give --stress_weight > 0")
-        if self.stress_weight and self.stress_key is None:
-            self.stress_key = "REF_stress"
+        self._check_stress()
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -169,6 +167,16 @@ class Settings:
             raise ValueError(f"--device {self.device}: this torch ({torch.__version__}) sees no CUDA device")
         if self.cuda_graphs and not cuda_graphs.replayable(device):
             raise ValueError(f"--cuda_graphs replays CUDA graphs: it needs --device cuda, got {self.device}")
+
+    def _check_stress(self) -> None:
+        """The stress labels' keys need --stress_weight; MACE's keys by default."""
+        named = [f for f, k in (("--stress_key", self.stress_key), ("--virials_key", self.virials_key)) if k is not None]
+        if named and not self.stress_weight:  # they would read nothing, silently
+            raise ValueError(f"{' and '.join(named)} {'name' if len(named) > 1 else 'names'} the stress labels "
+                             f"--stress_weight trains: give --stress_weight > 0")
+        if self.stress_weight:
+            self.stress_key = self.stress_key or "REF_stress"
+            self.virials_key = self.virials_key or "REF_virials"
 
     def _check_splits(self) -> None:
         """The data's splits, and what the validation loss decides."""
@@ -226,6 +234,8 @@ class Settings:
         if not self.stress_weight:  # checkpoints from before it stay resumable
             d.pop("stress_weight")
             d.pop("stress_key")
+        if d["virials_key"] in (None, "REF_virials"):  # checkpoints from before it stay resumable
+            d.pop("virials_key")
         if not self.stage_two:  # checkpoints from before it stay resumable
             for k in [k for k in d if "stage_two" in k]:
                 d.pop(k)
@@ -245,13 +255,13 @@ def _read_data(settings: Settings) -> Tuple[List[Frame], List[Frame], List[Frame
     test and validation frames needs an energy reference fitted on the training frames."""
     def read(path, limit):
         return read_frames(path, settings.energy_key, settings.forces_key, limit, settings.magmom_key,
-                           settings.magforces_key, settings.stress_key) if path else []
+                           settings.magforces_key, settings.stress_key, settings.virials_key) if path else []
 
     train, test = read(settings.train, settings.max_train), read(settings.test, settings.max_test)
     valid = read(settings.valid, settings.max_valid)
     if settings.stress_weight and all(f.stress is None for f in train):
-        raise ValueError(f"--stress_weight: no training frame has a stress under {settings.stress_key!r} "
-                         f"(use --stress_key to name it)")
+        raise ValueError(f"--stress_weight: no training frame has a stress under {settings.stress_key!r} or virials "
+                         f"under {settings.virials_key!r} (use --stress_key or --virials_key to name them)")
     if settings.valid_fraction is not None:
         train, valid = split_valid(train, settings.valid_fraction, settings.seed)
     missing = {int(z) for f in test + valid for z in f.atoms.numbers} - {int(z) for f in train for z in f.atoms.numbers}

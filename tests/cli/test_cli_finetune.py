@@ -280,7 +280,7 @@ def test_stress_training_reports_stress_errors(files, sparse_run, tmp_path, caps
     for bad, said in ((("--stress_weight", "1", "--stress_key", "PK"), "no training frame has a stress under 'PK'"),
                       (("--stress_weight", "-1"), "loss weights must be finite and >= 0, got --stress_weight -1"),
                       (("--stress_weight", "1", "--train", str(no_cell)),
-                       "a stress 'REF_stress' on a frame that is not periodic in 3 directions"),
+                       "stress 'REF_stress' on a frame that is not periodic in 3 directions"),
                       (("--stress_key", "REF_stress"), "--stress_key names the stress labels --stress_weight trains")):
         args = ("--train", str(train), "--test", str(test)) if "--train" not in bad else ("--test", str(test))
         assert _run(files, tmp_path / "refused", *args, *bad) == 2

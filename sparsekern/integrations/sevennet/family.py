@@ -6,6 +6,7 @@ import torch
 
 from ...files import atomic_write
 from ..base import Family
+from .models import calculator
 
 
 class SevenNetFamily(Family):
@@ -117,20 +118,7 @@ class SevenNetFamily(Family):
         return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
     def calculator(self, path, device):
-        return _calculator(str(path), device=device)
+        return calculator(str(path), device=device)
 
     def model_calculator(self, model, device):
-        return _calculator(model, file_type="model_instance", device=device)
-
-
-def _calculator(*args, **kwargs):
-    """SevenNetCalculator, without its advice to enable a tensor-product accelerator:
-    sparsekern hands it either a patched model (already accelerated) or the plain
-    merged model it checks on purpose."""
-    import warnings
-
-    from sevenn.calculator import SevenNetCalculator
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="No tensor product accelerator", category=UserWarning)
-        return SevenNetCalculator(*args, **kwargs)
+        return calculator(model, file_type="model_instance", device=device)

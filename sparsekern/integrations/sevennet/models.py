@@ -7,6 +7,17 @@ import torch
 
 def load_sevennet(name: str = "7net-0", device: str = "cpu") -> torch.nn.Module:
     """SevenNet model (``7net-0`` ships in the sevenn wheel)."""
+    return calculator(name, device=device).model
+
+
+def calculator(*args, **kwargs):
+    """SevenNetCalculator, without its advice to enable a tensor-product accelerator:
+    sparsekern loads the model through it to patch it, or hands it a patched model
+    (already accelerated) or the plain merged model it checks on purpose."""
+    import warnings
+
     from sevenn.calculator import SevenNetCalculator
 
-    return SevenNetCalculator(name, device=device).model
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No tensor product accelerator", category=UserWarning)
+        return SevenNetCalculator(*args, **kwargs)

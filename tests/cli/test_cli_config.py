@@ -1,0 +1,150 @@
+"""MACE's command-line conventions in ``sparsekern finetune``: a YAML ``--config``,
+MACE's option names beside ours, virial labels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sparsekern.cli import main
+from sparsekern.cli.config_file import with_config
+from sparsekern.cli.finetune import parser
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny MACE model (Al, Cu) saved as a .model file, and EMT-labelled Cu2Al2 cells."""
+    pytest.importorskip("mace")
+    from helpers import write_tiny_mace_case
+
+    root = tmp_path_factory.mktemp("config")
+    write_tiny_mace_case(root, n_train=3)
+    return root
+
+
+def _parsed(argv):
+    p = parser()
+    return vars(p.parse_args(with_config(p, argv)))
+
+
+def _yaml(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_file_and_maces_names_are_the_command_line(tmp_path):
+    """A MACE-style YAML (MACE's option names, a mapping for E0s, switches as booleans)
+    parses to what the same options on the command line parse to; the command line wins."""
+    config = _yaml(tmp_path / "c.yaml", "foundation_model: m.model\ntrain_file: t.xyz\nvalid_file: v.xyz\n"
+                                        "test_file: s.xyz\nmethod: sparse\nmax_num_epochs: 7\nlr: 1e-3\n"
+                                        "swa: true\nstart_swa: 5\nema: false\nno_progress: true\ncuda_graphs: false\n"
+                                        "E0s: {13: -3.5, 29: -4.25}\nstress_weight: 10\nvirials_key: VIR\n"
+                                        "density:\n")
+    explicit = ["--model", "m.model", "--train", "t.xyz", "--valid", "v.xyz", "--test", "s.xyz", "--method", "sparse",
+                "--epochs", "7", "--lr", "0.001", "--stage_two", "--start_stage_two", "5", "--no_ema", "--no_progress",
+                "--E0s", "{13: -3.5, 29: -4.25}", "--stress_weight", "10", "--virials_key", "VIR", "--out", "o"]
+    from_config = _parsed(["--config", config, "--out", "o"])
+    assert from_config == _parsed(explicit)
+    assert from_config["config"] is None and from_config["ema"] is False and from_config["density"] == 0.03
+    later = _parsed([f"--config={config}", "--out", "o", "--max_num_epochs", "9", "--train", "u.xyz", "--ema"])
+    assert later == {**from_config, "epochs": 9, "train": "u.xyz", "ema": True}
+
+
+def test_a_run_from_a_config_file_is_the_run_from_its_options(files, tmp_path):
+    """`finetune --config` trains and tests what the same options given one by one do."""
+    common = {"method": "sparse", "lr": 0.02, "no_progress": True, "max_num_epochs": 1}
+    paths = {"foundation_model": files / "tiny.model", "train_file": files / "train.xyz",
+             "test_file": files / "test.xyz"}
+    config = _yaml(tmp_path / "run.yaml", "".join(f"{k}: {v}\n" for k, v in {**common, **paths}.items()))
+    assert main(["finetune", "--config", config, "--out", str(tmp_path / "a")]) == 0
+    assert main(["finetune", "--model", str(paths["foundation_model"]), "--train", str(paths["train_file"]),
+                 "--test", str(paths["test_file"]), "--method", "sparse", "--lr", "0.02", "--no_progress",
+                 "--epochs", "1", "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in "ab")
+    assert a["settings"] == {**b["settings"], "out": str(tmp_path / "a")}
+    for key in ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "changed_fraction"):
+        assert a[key] == pytest.approx(b[key], rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("text, said", [
+    ("r_max: 5.0\nhidden_irreps: 128x0e\n", "no option 'r_max', 'hidden_irreps' in this command"),
+    ("model: MACE\nfoundation_model: m.model\n", "model and foundation_model set the same option: keep one"),
+    ("ema: true\nno_ema: true\n", "set the same option: keep one"),
+    ("swa: 3\n", "swa is a switch: give true or false, got 3"),
+    ("train_file: [a.xyz, b.xyz]\n", "train_file takes one value, got a list"),
+    ("- train_file\n", "expected a mapping of option names to values, got list"),
+    ("lr: [1\n", "not YAML"),
+    ("config: other.yaml\n", "no option 'config' in this command"),
+])
+def test_bad_config_files_are_refused_in_one_line(tmp_path, capsys, text, said):
+    config = _yaml(tmp_path / "bad.yaml", text)
+    with pytest.raises(SystemExit) as stop:
+        main(["finetune", "--config", config, "--method", "sparse", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--config", "missing.yaml"], "--config: file not found: missing.yaml"),
+    (["--config"], "--config needs a YAML file"),
+    (["--config", "a.yaml", "--config", "b.yaml"], "--config given twice"),
+    (["--conf", "a.yaml", "--model", "m", "--train", "t", "--method", "full"], "write --config in full"),
+])
+def test_bad_config_options_are_refused_in_one_line(tmp_path, capsys, argv, said):
+    with pytest.raises(SystemExit) as stop:
+        main(["finetune", *argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_virials_are_read_as_stresses(files, tmp_path):
+    """MACE's virials W under REF_virials read as the stress -W/V that REF_stress holds;
+    a frame with both labels takes its stress."""
+    from ase.io import read, write
+    from helpers import with_stresses
+    from sparsekern.finetune.data import read_frames
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "v").mkdir()
+    stressed, _ = with_stresses(files, tmp_path / "s")
+    virial, _ = with_stresses(files, tmp_path / "v", virials=True)
+    by_stress = read_frames(stressed, stress_key="REF_stress", virials_key="REF_virials")
+    by_virials = read_frames(virial, stress_key="REF_stress", virials_key="REF_virials")
+    for s, v in zip(by_stress, by_virials):
+        assert np.abs(s.stress).max() > 1e-4
+        np.testing.assert_allclose(v.stress, s.stress, rtol=1e-12, atol=1e-15)
+    both = read(virial, ":")
+    for atoms, frame in zip(both, by_stress):
+        atoms.info["REF_stress"] = 2 * frame.stress.reshape(-1)
+    write(tmp_path / "both.xyz", both)
+    for s, b in zip(by_stress, read_frames(tmp_path / "both.xyz", stress_key="REF_stress", virials_key="REF_virials")):
+        np.testing.assert_allclose(b.stress, 2 * s.stress, rtol=1e-12)
+
+
+def test_virial_training_is_stress_training(files, tmp_path, capsys):
+    """A run on virial labels is the run on the same frames' stresses; --virials_key
+    without --stress_weight is refused."""
+    from helpers import with_stresses
+
+    def run(folder, virials, *extra):
+        (tmp_path / folder).mkdir()
+        train, test = with_stresses(files, tmp_path / folder, unlabelled=(1,), virials=virials)
+        return main(["finetune", "--model", str(files / "tiny.model"), "--train", str(train), "--test", str(test),
+                     "--method", "sparse", "--epochs", "1", "--lr", "0.02", "--no_progress",
+                     "--out", str(tmp_path / folder / "out"), *extra])
+
+    assert run("s", False, "--stress_weight", "100") == 0
+    assert run("v", True, "--stress_weight", "100") == 0
+    s, v = (json.loads((tmp_path / x / "out" / "metrics.json").read_text()) for x in "sv")
+    assert s["test_stress_mae_mev_per_A3"] > 0
+    for key in ("test_stress_mae_mev_per_A3", "zero_shot_test_stress_mae_mev_per_A3", "test_force_mae_mev_per_A"):
+        assert v[key] == pytest.approx(s[key], rel=1e-9)
+    capsys.readouterr()
+    assert run("r", True, "--virials_key", "REF_virials") == 2
+    err = capsys.readouterr().err
+    assert "--virials_key names the stress labels --stress_weight trains" in err and len(err.strip().splitlines()) == 1
+    assert run("n", True, "--stress_weight", "1", "--virials_key", "VIR") == 2
+    assert "no training frame has a stress under 'REF_stress' or virials under 'VIR'" in capsys.readouterr().err
