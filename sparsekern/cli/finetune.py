@@ -68,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_valid", type=int, help="use the first N validation frames")
     p.add_argument("--max_test", type=int, help="use the first N test frames")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    p.add_argument("--default_dtype", choices=("float32", "float64"),
+                   help="train and save the model in this dtype (MACE's option; its training default is float64, "
+                        "mace_mp's models are float32); default the model's own")
     p.add_argument("--no_progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--cuda_graphs", action="store_true",
                    help="replay each training step's forward and backward from a CUDA graph (MACE, SevenNet; --device cuda): "

@@ -111,6 +111,7 @@ class Settings:
     magmom_weight: float = 1.0
     magnetic_lr: float = 1e-2  # Adam's learning rate of the moment head (whatever the method's)
     cuda_graphs: bool = False  # training steps replayed from CUDA graphs (graphed_step.py)
+    default_dtype: Optional[str] = None  # MACE's: train (and save) the model in this dtype; None: its own
     patience: Optional[int] = None  # epochs without a lower validation loss that stop the run
     last_epoch: bool = False  # the last epoch is the result, not the lowest validation loss's
     # MACE's Stage Two (its --swa): from epoch start_stage_two on, other loss weights and lr
@@ -136,6 +137,8 @@ class Settings:
         if bad:  # a negative weight would maximise that error, silently
             raise ValueError(f"loss weights must be finite and >= 0, got {', '.join(bad)}")
         self._check_stress()
+        if self.default_dtype not in (None, "float32", "float64"):
+            raise ValueError(f"--default_dtype must be float32 or float64, got {self.default_dtype!r}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -239,7 +242,7 @@ class Settings:
         if not self.stage_two:  # checkpoints from before it stay resumable
             for k in [k for k in d if "stage_two" in k]:
                 d.pop(k)
-        for k in ("element_resolved", "spin_orbit", "ema", "valid_fraction"):
+        for k in ("element_resolved", "spin_orbit", "ema", "valid_fraction", "default_dtype"):
             if not d[k]:  # checkpoints from before it stay resumable (ema's: with --no_ema)
                 d.pop(k)
         if not self.ema:
@@ -640,6 +643,9 @@ def check(settings: Settings) -> Tuple[Family, Tuple[List[Frame], List[Frame], L
                           f"installed in this environment")
     if settings.cuda_graphs and not family.pads():
         raise ValueError(f"--cuda_graphs: {family.name} models have no padded training step; leave it out")
+    if settings.default_dtype is not None and settings.default_dtype not in family.dtypes:
+        raise ValueError(f"--default_dtype {settings.default_dtype}: {family.name} models train in "
+                         f"{' or '.join(family.dtypes)}")
     frames = _read_data(settings)
     return family, frames, output_folder(settings.out)
 
@@ -675,6 +681,8 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     train, valid, test = frames
     ck = group.from_main(lambda: checkpoint.load(out, settings))
     model = family.load(settings.model, settings.device)
+    if settings.default_dtype is not None:
+        model = model.to(getattr(torch, settings.default_dtype))
     for group_frames, what in ((train, settings.train), (test, settings.test), (valid, settings.valid)):
         check_elements(family, model, group_frames, what)
     shift = ({int(z): v for z, v in ck["shift"].items()} if ck is not None else _fit_shift(

@@ -20,6 +20,7 @@ class Family:
     package: str  # the Python package its models need
     merged_filename: str
     spec_help: str  # what --model takes for this family
+    dtypes: Tuple[str, ...] = ("float32", "float64")  # what its models train in (--default_dtype)
 
     def claims(self, spec: str) -> bool:
         """Whether ``spec`` (a name or file given as --model) is a model of this family."""

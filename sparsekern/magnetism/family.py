@@ -62,7 +62,7 @@ class MagneticFamily(Family):
     def __init__(self, base: Family, predict_magmom: bool = False, **energy_config):
         self.base, self.predict_magmom, self.energy_config = base, predict_magmom, energy_config
         self.name, self.package, self.merged_filename = base.name, base.package, base.merged_filename
-        self.spec_help = base.spec_help
+        self.spec_help, self.dtypes = base.spec_help, base.dtypes
 
     def claims(self, spec):
         return self.base.claims(spec)

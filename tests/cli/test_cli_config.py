@@ -148,3 +148,44 @@ def test_virial_training_is_stress_training(files, tmp_path, capsys):
     assert "--virials_key names the stress labels --stress_weight trains" in err and len(err.strip().splitlines()) == 1
     assert run("n", True, "--stress_weight", "1", "--virials_key", "VIR") == 2
     assert "no training frame has a stress under 'REF_stress' or virials under 'VIR'" in capsys.readouterr().err
+
+
+def test_default_dtype_trains_and_saves_in_that_dtype(files, tmp_path):
+    """--default_dtype float32 trains the float64 tiny model in float32 and saves it so;
+    its errors are the float64 run's to float32's round-off over one epoch; a checkpoint
+    of one dtype is not resumed in the other."""
+    import torch
+
+    def run(out, *extra):
+        return main(["finetune", "--model", str(files / "tiny.model"), "--train", str(files / "train.xyz"),
+                     "--test", str(files / "test.xyz"), "--method", "sparse", "--epochs", "1", "--lr", "0.02",
+                     "--no_progress", "--out", str(out), *extra])
+
+    assert run(tmp_path / "f32", "--default_dtype", "float32") == 0
+    assert run(tmp_path / "f64") == 0
+    single, double = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in ("f32", "f64"))
+    merged = torch.load(single["merged_model"], weights_only=False)
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    assert {p.dtype for p in torch.load(double["merged_model"], weights_only=False).parameters()} == {torch.float64}
+    for key in ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A"):
+        assert single[key] == pytest.approx(double[key], rel=1e-3) and single[key] != double[key]
+    assert single["merged_model_check"]["max_abs_force_diff_ev_per_A"] <= 1e-5
+    assert run(tmp_path / "f32", "--default_dtype", "float64") == 2  # another run's checkpoint
+
+
+def test_default_dtype_refusals(tmp_path, capsys):
+    pytest.importorskip("sevenn")
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.io import write
+
+    atoms = bulk("Cu", cubic=True)
+    atoms.calc = EMT()
+    atoms.info["REF_energy"], atoms.arrays["REF_forces"] = atoms.get_potential_energy(), atoms.get_forces()
+    atoms.calc = None
+    write(tmp_path / "cu.xyz", [atoms])
+    assert main(["finetune", "--model", "7net-0", "--train", str(tmp_path / "cu.xyz"), "--method", "sparse",
+                 "--default_dtype", "float64", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--default_dtype float64: sevennet models train in float32" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -19,6 +19,7 @@ class SevenNetFamily(Family):
         return spec.startswith("7net") or spec.endswith(".pth")
 
     spec_help = "7net-0 (or another SevenNet name / .pth checkpoint)"
+    dtypes = ("float32",)  # its graphs are float32
 
     def spec_identity(self, spec):
         return spec if spec.startswith("7net") else super().spec_identity(spec)
