@@ -763,9 +763,10 @@ def _files(out: Path, family: Family, metrics: dict) -> List[str]:
 
 def export_merged(family: Family, model, shift: Dict[int, float], path: Path, spec: str) -> Path:
     """Fold the deltas (and the E0 shift) into ``model`` in place, strip sparsekern off it
-    (the family's loader must not need sparsekern) and write it in the family's format.
-    (In place, not on a deepcopy: copying e3nn's fx-compiled modules renames their
+    (the family's loader must not need sparsekern) and write it in the family's format,
+    on the CPU (MACE's --save_cpu: the file loads on a machine without the GPU it trained
+    on). (In place, not on a deepcopy: copying e3nn's fx-compiled modules renames their
     constants, and SevenNet's loader is strict.)"""
     merge(model)
-    release(model).eval()
+    release(model).eval().cpu()
     return family.export(model, shift, path, spec)

@@ -108,6 +108,8 @@ def test_gpu_graphed_run_is_the_eager_run(monkeypatch, tmp_path, finetune_args, 
     assert replays.count("step") == 5 and replays.count("predict") == 2
     assert all(isinstance(c, graphed_step._CapturedStep) for c in made[0].replays.graphs.values())
     assert result_difference(graphed, eager) <= 1e-9  # float64; summation orders differ on a GPU
+    merged = torch.load(eager / "merged.model", weights_only=False)  # saved on the CPU, as MACE's --save_cpu
+    assert {p.device.type for p in merged.parameters()} == {"cpu"}
 
 
 def test_graphed_stress_training_is_the_eager_one(graphs, tmp_path, finetune_args, case, result_difference):
