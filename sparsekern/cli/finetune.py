@@ -240,6 +240,8 @@ def _finetune(args) -> int:
                 "stopped_by_patience") else ""
             print(f"the result is epoch {metrics['selected_epoch']} ({metrics['selected_by']}{stopped})",
                   file=sys.stderr)
+        if metrics.get("valid_loss_above_zero_shot"):
+            print(f"warning: {_worse(metrics)}", file=sys.stderr)
         if metrics.get("merged_model_skipped"):
             print(f"no merged model: {metrics['merged_model_skipped']}", file=sys.stderr)
         if metrics["evaluated_on"] != "test":
@@ -249,6 +251,15 @@ def _finetune(args) -> int:
                 print(f"warning: {metrics[f'{split}_frames_in_train']} of {metrics[f'n_{split}']} {split} frames are "
                       f"training frames too: their errors are not held-out errors", file=sys.stderr)
     return 0
+
+
+def _worse(metrics: dict) -> str:
+    """What the warning says where the result validates worse than the base model."""
+    selected = metrics["selected_epoch"]
+    loss = next(h["valid_loss"] for h in metrics["history"] if h["epoch"] == selected)
+    return (f"the result's validation loss ({loss:.4g}, epoch {selected}) is above the base model's "
+            f"({metrics['zero_shot_valid_loss']:.4g}): fine-tuning made it worse on the validation frames "
+            f"(a lower --lr, fewer epochs or more training frames may help)")
 
 
 _NOT_TESTED = {"valid": "validation frames' (held out, but they chose the epoch)",

@@ -1,8 +1,9 @@
 """A run's learning curves as a picture (``training.png`` beside metrics.json): the
-training and validation losses by epoch, and the validation energy, force (and, with
-stress labels, stress) errors by epoch beside the evaluated set's (the test set's, else
-the validation or training set's) before and after fine-tuning, the latter at the epoch
-whose model is the result; a line where Stage Two starts, where it runs."""
+training and validation losses by epoch (and the base model's validation loss), and the
+validation energy, force (and, with stress labels, stress) errors by epoch beside the
+evaluated set's (the test set's, else the validation or training set's) before and after
+fine-tuning, the latter at the epoch whose model is the result; a line where Stage Two
+starts, where it runs."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def plot_curves(metrics: dict, filename) -> None:
     valid_losses = [(h["epoch"], h["valid_loss"]) for h in history if "valid_loss" in h]
     if valid_losses:
         axes[0].plot(*zip(*valid_losses), marker="o", label="validation")
+    if "zero_shot_valid_loss" in metrics:  # under the result's loss weights
+        axes[0].axhline(metrics["zero_shot_valid_loss"], ls="--", color="gray", label="validation, zero-shot")
+        losses.append(metrics["zero_shot_valid_loss"])
     losses += [v for _, v in valid_losses]
     spans_decades = min(losses) > 0 and max(losses) > 10 * min(losses)
     axes[0].set(title="loss", xlabel="epoch", yscale="log" if spans_decades else "linear")

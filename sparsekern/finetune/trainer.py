@@ -680,9 +680,7 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     """``run`` once its inputs are checked and its output folder is held."""
     train, valid, test = frames
     ck = group.from_main(lambda: checkpoint.load(out, settings))
-    model = family.load(settings.model, settings.device)
-    if settings.default_dtype is not None:
-        model = model.to(getattr(torch, settings.default_dtype))
+    model = _load(family, settings)
     for group_frames, what in ((train, settings.train), (test, settings.test), (valid, settings.valid)):
         check_elements(family, model, group_frames, what)
     shift = ({int(z): v for z, v in ck["shift"].items()} if ck is not None else _fit_shift(
@@ -694,6 +692,8 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     res = residuals(family, model, held_s, settings, group)
     zero_shot = {f"zero_shot_{evaluated}": errors(res["energy"], res["forces"], res),
                  f"zero_shot_no_e0_shift_{evaluated}": errors(res["energy"] - res["shift"], res["forces"])}
+    # (before training moves the validation frames' energy reference)
+    base_valid = res if evaluated == "valid" else residuals(family, model, valid_s, settings, group) if valid_s else None
     base = {k: v.detach().clone() for k, v in _path_weights(model).items()}
     numbers = sorted({int(z) for frame in train for z in frame.atoms.numbers})
     model = train_magnetic(_apply_method(model, settings, family, train_s, numbers))  # the moment head trains fully
@@ -723,6 +723,7 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
                        _changed_fraction(model, base))
     metrics.update(evaluated_on=evaluated, e0_refit_ev={str(z): v for z, v in refit.items()}, processes=group.size)
     metrics.update(magnetic_counts(model))
+    metrics.update(_against_the_base(metrics, base_valid, settings))
     if magnetic_fit is not None:  # (again, on the trained base) what the cross-validation chose
         metrics["magnetic_fit"] = magnetic_fit
     if group.main:
@@ -738,6 +739,23 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
         atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
     group.barrier()
     return metrics
+
+
+def _load(family: Family, settings: Settings):
+    """The model to fine-tune, in ``--default_dtype`` where given."""
+    model = family.load(settings.model, settings.device)
+    return model if settings.default_dtype is None else model.to(getattr(torch, settings.default_dtype))
+
+
+def _against_the_base(metrics: dict, base_valid: Optional[Dict[str, torch.Tensor]], settings: Settings) -> dict:
+    """The base model's validation loss (its residuals ``base_valid``) under the loss
+    weights the result was judged with (Stage Two's where it was chosen there), and whether
+    the result's is above it: fine-tuning made the model worse there (the CLI warns)."""
+    selected = next((h for h in metrics["history"] if h["epoch"] == metrics["selected_epoch"]), {})
+    if base_valid is None or "valid_loss" not in selected:
+        return {}
+    base = residual_loss(base_valid, _stage(settings, selected["epoch"] - 1))
+    return {"zero_shot_valid_loss": base, "valid_loss_above_zero_shot": selected["valid_loss"] > base}
 
 
 def _evaluated_set(frames, samples) -> Tuple[str, List[Frame], List[Sample]]:

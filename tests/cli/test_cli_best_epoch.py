@@ -148,3 +148,27 @@ def test_selection_flags_need_validation_frames(files, capsys, tmp_path):
         err = capsys.readouterr().err
         assert said in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_result_worse_than_the_base_is_named(files, three_epochs, tmp_path, capsys):
+    """metrics.json holds the base model's validation loss, the training loss's weights
+    times its zero-shot mean squares, and whether the result's is above it; the CLI warns
+    then. Here the validation labels are the base model's own: every epoch is worse."""
+    m = _metrics(three_epochs)
+    assert m["zero_shot_valid_loss"] < 1e-12 and m["valid_loss_above_zero_shot"] is True  # (labels in 8 decimals)
+    capsys.readouterr()
+    assert _run(files, three_epochs) == 0  # resumes at the end: the same verdict, said
+    err = capsys.readouterr().err
+    assert "warning: the result's validation loss (" in err and "epoch 1) is above the base model's" in err
+    # validated on EMT's labels (those of the test frames), one epoch improves on the base
+    out = tmp_path / "emt_valid"
+    assert main(["finetune", "--model", str(files / "tiny.model"), "--train", str(files / "train.xyz"),
+                 "--valid", str(files / "test.xyz"), "--method", "full", "--epochs", "1", "--out", str(out),
+                 "--no_progress"]) == 0
+    m = _metrics(out)
+    assert m["evaluated_on"] == "valid" and m["valid_loss_above_zero_shot"] is False
+    want = 1.0 * (m["zero_shot_valid_energy_rmse_mev_per_atom"] / 1e3) ** 2 + 100.0 * (
+        m["zero_shot_valid_force_rmse_mev_per_A"] / 1e3) ** 2  # the default weights
+    assert m["zero_shot_valid_loss"] == pytest.approx(want, rel=1e-12)
+    assert m["history"][0]["valid_loss"] < m["zero_shot_valid_loss"]
+    assert "is above the base model's" not in capsys.readouterr().err

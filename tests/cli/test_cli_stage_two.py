@@ -100,6 +100,21 @@ def test_the_result_is_chosen_among_stage_two_epochs(files):
         assert h["valid_loss"] == pytest.approx(want, rel=1e-9)
 
 
+def test_the_base_is_judged_with_the_results_weights(files, tmp_path):
+    """A result chosen in Stage Two is compared with the base model's validation loss
+    under Stage Two's weights (here the validation frames are the test frames: the base's
+    errors on them are the zero-shot test errors)."""
+    out = tmp_path / "staged"
+    assert _run(files, out, "--valid", str(files / "test.xyz"), "--stage_two", "--start_stage_two", "1",
+                "--stage_two_energy_weight", "7", epochs=2) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["selected_epoch"] == 2
+    want = 1e-6 * (7.0 * m["zero_shot_test_energy_rmse_mev_per_atom"] ** 2
+                   + 100.0 * m["zero_shot_test_force_rmse_mev_per_A"] ** 2)
+    assert m["zero_shot_valid_loss"] == pytest.approx(want, rel=1e-12)
+    assert m["valid_loss_above_zero_shot"] == (m["history"][1]["valid_loss"] > want)
+
+
 def test_patience_out_before_stage_two_starts_it(files):
     """MACE's rule: where --patience runs out before Stage Two, Stage Two starts; the
     epochs between are skipped."""

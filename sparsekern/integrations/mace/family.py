@@ -94,14 +94,14 @@ class MaceFamily(Family):
         return atomic_write(path, lambda tmp: torch.save(merged, tmp))
 
     def calculator(self, path, device):
-        from mace.calculators import MACECalculator
-
-        return MACECalculator(model_paths=str(path), device=device)
+        return self.model_calculator(self.load(str(path), device), device)
 
     def model_calculator(self, model, device):
         from mace.calculators import MACECalculator
 
-        return MACECalculator(models=model, device=device)
+        # the model's own dtype named: MACECalculator warns when it has to pick it
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        return MACECalculator(models=model, device=device, default_dtype=dtype)
 
 
 def _inputs(dtype: torch.dtype, batch) -> dict:
