@@ -689,11 +689,7 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     evaluated, held, held_s = _evaluated_set((train, valid, test), (train_s, valid_s, test_s))
 
     patch(model)
-    res = residuals(family, model, held_s, settings, group)
-    zero_shot = {f"zero_shot_{evaluated}": errors(res["energy"], res["forces"], res),
-                 f"zero_shot_no_e0_shift_{evaluated}": errors(res["energy"] - res["shift"], res["forces"])}
-    # (before training moves the validation frames' energy reference)
-    base_valid = res if evaluated == "valid" else residuals(family, model, valid_s, settings, group) if valid_s else None
+    res, zero_shot, base_valid = _zero_shot(family, model, (evaluated, held_s), valid_s, settings, group)
     base = {k: v.detach().clone() for k, v in _path_weights(model).items()}
     numbers = sorted({int(z) for frame in train for z in frame.atoms.numbers})
     model = train_magnetic(_apply_method(model, settings, family, train_s, numbers))  # the moment head trains fully
@@ -739,6 +735,19 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
         atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
     group.barrier()
     return metrics
+
+
+def _zero_shot(family: Family, model, held: Tuple[str, Sequence[Sample]], valid_s: Sequence[Sample],
+               settings: Settings, group: Group) -> tuple:
+    """The base model's residuals on the evaluated set (``held``: its name, its samples),
+    their errors, and its residuals on the validation frames (None without), taken before
+    training moves the latter's energy reference."""
+    evaluated, held_s = held
+    res = residuals(family, model, held_s, settings, group)
+    zero_shot = {f"zero_shot_{evaluated}": errors(res["energy"], res["forces"], res),
+                 f"zero_shot_no_e0_shift_{evaluated}": errors(res["energy"] - res["shift"], res["forces"])}
+    valid = res if evaluated == "valid" else residuals(family, model, valid_s, settings, group) if valid_s else None
+    return res, zero_shot, valid
 
 
 def _load(family: Family, settings: Settings):
