@@ -257,8 +257,8 @@ def _worse(metrics: dict) -> str:
     """What the warning says where the result validates worse than the base model."""
     selected = metrics["selected_epoch"]
     loss = next(h["valid_loss"] for h in metrics["history"] if h["epoch"] == selected)
-    return (f"the result's validation loss ({loss:.4g}, epoch {selected}) is above the base model's "
-            f"({metrics['zero_shot_valid_loss']:.4g}): fine-tuning made it worse on the validation frames "
+    return (f"the result's validation loss ({loss:.6g}, epoch {selected}) is above the base model's "
+            f"({metrics['zero_shot_valid_loss']:.6g}): fine-tuning made it worse on the validation frames "
             f"(a lower --lr, fewer epochs or more training frames may help)")
 
 

@@ -13,17 +13,6 @@ from sparsekern.cli.config_file import with_config
 from sparsekern.cli.finetune import parser
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A tiny MACE model (Al, Cu) saved as a .model file, and EMT-labelled Cu2Al2 cells."""
-    pytest.importorskip("mace")
-    from helpers import write_tiny_mace_case
-
-    root = tmp_path_factory.mktemp("config")
-    write_tiny_mace_case(root, n_train=3)
-    return root
-
-
 def _parsed(argv):
     p = parser()
     return vars(p.parse_args(with_config(p, argv)))
