@@ -44,10 +44,12 @@ def output_folder(path) -> Path:
 
 
 @contextmanager
-def exclusive(folder: Path):
+def exclusive(folder: Path, made: bool = False):
     """Hold ``folder`` for this process while the block runs (a lock file in it): a second
     run on the same folder is refused at once instead of interleaving writes. Temporary
-    files left by a killed writer (``atomic_write``'s) are removed once the lock is held."""
+    files left by a killed writer (``atomic_write``'s) are removed once the lock is held.
+    A block that fails before writing anything leaves no lock file behind, nor the folder
+    where it was ``made`` for this run."""
     import fcntl
 
     fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
@@ -63,5 +65,11 @@ def exclusive(folder: Path):
         for stale in folder.glob(".*.tmp"):
             stale.unlink()
         yield
+    except BaseException:
+        if [p.name for p in folder.iterdir()] == [".lock"]:
+            (folder / ".lock").unlink()
+            if made:
+                folder.rmdir()
+        raise
     finally:
         os.close(fd)

@@ -656,23 +656,25 @@ def run(settings: Settings) -> dict:
     share of every batch and rank 0 writes."""
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
+    made = not Path(settings.out).exists()
     family, frames, out = check(settings)
     group, device = join(settings.device)
     if torch.device(device).type == "cpu":
         keep_freed_memory()  # a step's large tensors reused, not faulted in again
     try:
-        with _held(out, group):
+        with _held(out, group, made):
             return _run(replace(settings, device=device), out, family, frames, group, started)
     finally:
         leave(group)
 
 
 @contextmanager
-def _held(out: Path, group: Group):
+def _held(out: Path, group: Group, made: bool):
     """The output folder held (``exclusive``) by rank 0, the one that reads and writes in
-    it, while the block runs; if it is taken, every rank says so."""
+    it, while the block runs; if it is taken, every rank says so. (Removed again if the
+    run ``made`` it and fails before writing in it.)"""
     with ExitStack() as stack:
-        group.from_main(lambda: stack.enter_context(exclusive(out)))
+        group.from_main(lambda: stack.enter_context(exclusive(out, made)))
         yield
 
 

@@ -395,6 +395,31 @@ def test_bad_data_and_folders_are_refused_before_slow_work(files, sparse_run, ca
         refused(out, says="is in use by another run")
 
 
+def test_a_run_that_fails_at_the_model_leaves_no_trace(files, capsys, tmp_path, monkeypatch):
+    """Refusals found once the model is loaded (an element it does not know; a foundation
+    model name that cannot be downloaded): one line, and the output folder the run made is
+    gone again; a folder that was there stays, without the run's lock file."""
+    nickel = _write_broken(files, tmp_path, "ni.xyz", lambda a: a.numbers.__setitem__(0, 28))
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "made", tmp_path / "kept"):
+        assert _run(files, out, "--train", str(nickel)) == 2
+        err = capsys.readouterr().err
+        assert "holds elements the model does not know: ['Ni']" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "made").exists() and list((tmp_path / "kept").iterdir()) == []
+
+    import mace.calculators
+
+    def offline(**kwargs):
+        raise RuntimeError("Model download failed and no local model found")
+
+    monkeypatch.setattr(mace.calculators, "mace_mp", offline)
+    assert main(["finetune", "--foundation_model", "medium", "--train", str(files / "train.xyz"), "--method", "sparse",
+                 "--out", str(tmp_path / "medium"), "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert "MACE foundation model 'medium': Model download failed" in err and "without internet, give a .model" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "medium").exists()
+
+
 def test_model_files_that_are_not_models_are_refused_before_slow_work(files, capsys, tmp_path):
     """A text file, a truncated model and a pickle of no known family: one line, exit 2,
     no output folder; a model file's family is read from its content, not its suffix."""

@@ -64,7 +64,11 @@ def load_mace(model: str, device: str = "cpu") -> torch.nn.Module:
             raise ValueError(f"could not load a MACE model from {path}: {exc}") from exc
     from mace.calculators import mace_mp
 
-    return mace_mp(model=model, device=device, return_raw_model=True)
+    try:
+        return mace_mp(model=model, device=device, return_raw_model=True)
+    except Exception as exc:  # offline, or a name mace_mp does not know
+        raise ValueError(f"MACE foundation model {model!r}: {exc} (mace_mp downloads it the first time: without "
+                         f"internet, give a .model file)") from exc
 
 
 def mace_batch(model: torch.nn.Module, atoms_list, energy_key: str = "REF_energy",
