@@ -637,6 +637,9 @@ def _save_results(family: Family, model, settings: Settings, shift: Dict[int, fl
 def check(settings: Settings) -> Tuple[Family, Tuple[List[Frame], List[Frame], List[Frame]], Path]:
     """What can be refused before the slow work: the model's family (its package), the
     data (train, valid, test) and the output folder."""
+    spec = Path(settings.model)
+    if not spec.exists() and (len(spec.parts) > 1 or spec.suffix in (".model", ".pth", ".pt")):  # a file, not a name
+        raise FileNotFoundError(f"--model {settings.model}: file not found")
     family = magnetic_family(family_for(settings.model), settings)
     if importlib.util.find_spec(family.package) is None:
         raise ImportError(f"--model {settings.model} is a {family.name} model, but {family.package} is not "

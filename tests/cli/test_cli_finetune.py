@@ -429,7 +429,8 @@ def test_model_files_that_are_not_models_are_refused_before_slow_work(files, cap
     (tmp_path / "cut.model").write_bytes((files / "tiny.model").read_bytes()[:20000])
     torch.save({"weights": torch.zeros(2)}, tmp_path / "weights.pth")
     for name, says in (("notes.txt", "is not a model file"), ("cut.model", "is not a model file"),
-                       ("weights.pth", "holds no model of a known family")):
+                       ("weights.pth", "holds no model of a known family"), ("absent.pth", "absent.pth: file not found"),
+                       ("absent.model", "absent.model: file not found")):
         assert _run(files, tmp_path / f"out_{name}", "--model", str(tmp_path / name)) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

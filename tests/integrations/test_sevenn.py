@@ -235,3 +235,17 @@ def test_family_stress_is_the_calculators(sevennet):
             sparsekern.patch(model)
         got = family.outputs(model, family.collate([family.graph(model, atoms)], "cpu"), False, stress=True)
         assert rel_err(got["stress"][0].detach().double(), want) <= 2e-5
+
+
+def test_a_model_that_cannot_be_downloaded_is_refused_in_one_line(monkeypatch):
+    import requests
+
+    from sparsekern.integrations.sevennet import models
+
+    def offline(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("Max retries exceeded\n(Failed to resolve 'github.com')")
+
+    monkeypatch.setattr(models, "calculator", offline)
+    with pytest.raises(ValueError, match="SevenNet model '7net-omni': Max retries exceeded") as refused:
+        models.load_sevennet("7net-omni")
+    assert "\n" not in str(refused.value) and "without internet, give 7net-0" in str(refused.value)

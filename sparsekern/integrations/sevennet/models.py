@@ -7,7 +7,11 @@ import torch
 
 def load_sevennet(name: str = "7net-0", device: str = "cpu") -> torch.nn.Module:
     """SevenNet model (``7net-0`` ships in the sevenn wheel)."""
-    return calculator(name, device=device).model
+    try:
+        return calculator(name, device=device).model
+    except (OSError, ValueError, RuntimeError) as exc:  # offline (requests' errors are OSErrors), or unknown
+        raise ValueError(f"SevenNet model {name!r}: {' '.join(str(exc).split())} (sevenn downloads some models the "
+                         f"first time: without internet, give 7net-0, 7net-l3i5 or a .pth checkpoint)") from exc
 
 
 def calculator(*args, **kwargs):
