@@ -29,6 +29,12 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def names_a_file(spec: str) -> bool:
+    """Whether a model given by the user (``--model``, ``--foundation_model``) is a path (a
+    folder in it, or a model file's suffix), not a name that a package downloads."""
+    return len(Path(spec).parts) > 1 or Path(spec).suffix in (".model", ".pth", ".pt")
+
+
 def output_folder(path) -> Path:
     """``path`` as a writable folder (made if missing), or a one-line error saying why not."""
     path = Path(path)

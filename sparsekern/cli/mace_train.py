@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 from typing import List, Optional
 
+from ..files import names_a_file
 from ..finetune import SparseConfig, stats
 from ..finetune.methods import MODES, SPARSE_MODES, choices_help, default_lr
 from ..host_memory import keep_freed_memory
@@ -81,6 +84,54 @@ def lr_factor(given: Optional[float], density: float, mace_lr: float) -> float:
     return given
 
 
+class FoundationUnavailable(Exception):
+    """MACE could not get the foundation model it was named (offline, an unknown name)."""
+
+
+@contextmanager
+def _foundation_errors(run_train, spec: str):
+    """MACE's loaders of named foundation models, their failure turned into one line."""
+    saved = {n: getattr(run_train, n) for n in ("mace_mp", "mace_off", "mace_omol", "mace_polar")
+             if hasattr(run_train, n)}
+
+    def guarded(load):
+        def loaded(*args, **kwargs):
+            try:
+                return load(*args, **kwargs)
+            except Exception as exc:
+                raise FoundationUnavailable(f"--foundation_model {spec}: {' '.join(str(exc).split())} (MACE "
+                                            f"downloads it the first time: without internet, give a .model file)"
+                                            ) from exc
+        return loaded
+
+    for name, load in saved.items():
+        setattr(run_train, name, guarded(load))
+    try:
+        yield
+    finally:
+        for name, load in saved.items():
+            setattr(run_train, name, load)
+
+
+def _run(run_train, args, hooks: Optional[SparseHooks]) -> int:
+    """MACE's training script on ``args`` (with ``hooks`` installed, if any)."""
+    try:
+        with _foundation_errors(run_train, args.foundation_model):
+            if hooks is None:
+                run_train.run(args)
+                return 0
+            with hooks.installed(run_train):
+                run_train.run(args)
+    except FoundationUnavailable as exc:
+        print(f"sparsekern mace-train: error: {exc}", file=sys.stderr)
+        return 2
+    if hooks.exports:
+        s = stats(hooks.model)
+        logging.info(f"sparsekern: {s['changed_params']} of {s['total_params']} path weights changed "
+                     f"({100 * s['density']:.2f} %); plain MACE model and adapter in {args.model_dir}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import mace  # noqa: F401  (also lets e3nn 0.4.4 import under torch >= 2.6)
     from mace.cli import run_train
@@ -95,11 +146,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.distributed and args.device not in ("cuda", "xpu"):
         parser.error(f"--distributed: MACE's data-parallel mode runs on GPUs only (--device cuda: NCCL, one process "
                      f"per GPU), not --device {args.device}; on CPUs use `sparsekern finetune --nproc N`")
+    if args.foundation_model and names_a_file(args.foundation_model) and not Path(args.foundation_model).is_file():
+        parser.error(f"--foundation_model {args.foundation_model}: file not found")
     if args.lora:
         if given:
             parser.error(f"--lora True runs MACE's LoRA; the sparse-delta flags {given} do not apply with it")
-        run_train.run(args)
-        return 0
+        return _run(run_train, args, None)
     if args.foundation_model is None:
         parser.error("sparse deltas fine-tune a pretrained model: give --foundation_model "
                      "(to train from scratch, use mace_run_train)")
@@ -117,10 +169,4 @@ def main(argv: Optional[List[str]] = None) -> int:
     hooks = SparseHooks(config, ours["sparse_backend"], args, factor)
     if args.device == "cpu":
         keep_freed_memory()
-    with hooks.installed(run_train):
-        run_train.run(args)
-    if hooks.exports:
-        s = stats(hooks.model)
-        logging.info(f"sparsekern: {s['changed_params']} of {s['total_params']} path weights changed "
-                     f"({100 * s['density']:.2f} %); plain MACE model and adapter in {args.model_dir}")
-    return 0
+    return _run(run_train, args, hooks)

@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import delta_slot
-from ..files import atomic_write, exclusive, output_folder
+from ..files import atomic_write, exclusive, names_a_file, output_folder
 from ..host_memory import keep_freed_memory
 from ..integrations import Family, cuda_graphs, family_for
 from ..magnetism.family import magnetic_counts, magnetic_family, parameter_groups, train_magnetic
@@ -637,8 +637,7 @@ def _save_results(family: Family, model, settings: Settings, shift: Dict[int, fl
 def check(settings: Settings) -> Tuple[Family, Tuple[List[Frame], List[Frame], List[Frame]], Path]:
     """What can be refused before the slow work: the model's family (its package), the
     data (train, valid, test) and the output folder."""
-    spec = Path(settings.model)
-    if not spec.exists() and (len(spec.parts) > 1 or spec.suffix in (".model", ".pth", ".pt")):  # a file, not a name
+    if names_a_file(settings.model) and not Path(settings.model).exists():
         raise FileNotFoundError(f"--model {settings.model}: file not found")
     family = magnetic_family(family_for(settings.model), settings)
     if importlib.util.find_spec(family.package) is None:

@@ -222,7 +222,7 @@ def test_lora_runs_mace_own_lora_and_flags_do_not_mix(workdir, capsys):
 
 
 @pytest.mark.parametrize("device, calls", [("cpu", 1), ("cuda", 0)])
-def test_cpu_runs_keep_freed_memory(monkeypatch, device, calls):
+def test_cpu_runs_keep_freed_memory(monkeypatch, device, calls, tmp_path):
     """On the CPU MACE's loop runs with freed memory kept in the process (host_memory)."""
     from mace.cli import run_train
 
@@ -231,9 +231,33 @@ def test_cpu_runs_keep_freed_memory(monkeypatch, device, calls):
     kept = []
     monkeypatch.setattr(mace_train, "keep_freed_memory", lambda: kept.append(1))
     monkeypatch.setattr(run_train, "run", lambda args: None)  # the training itself is tested above
-    assert mace_train.main(["--name", "x", "--train_file", "t.xyz", "--foundation_model", "f.model",
+    (tmp_path / "f.model").write_bytes(b"")
+    assert mace_train.main(["--name", "x", "--train_file", "t.xyz", "--foundation_model", str(tmp_path / "f.model"),
                             "--device", device]) == 0
     assert len(kept) == calls
+
+
+def test_a_foundation_model_mace_cannot_get_is_one_line(monkeypatch, capsys, tmp_path):
+    """A named foundation model MACE cannot download, and a model file that is not there:
+    one line each, exit 2; MACE's loaders are its own again afterwards."""
+    from mace.cli import run_train
+
+    from sparsekern.cli import mace_train
+
+    def offline(**kwargs):
+        raise RuntimeError("Model download failed\nand no local model found")
+
+    monkeypatch.setattr(run_train, "mace_mp", offline)
+    monkeypatch.setattr(run_train, "run", lambda args: run_train.mace_mp(model=args.foundation_model))
+    assert mace_train.main(["--name", "x", "--train_file", "t.xyz", "--foundation_model", "medium"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "sparsekern mace-train: error: --foundation_model medium: Model download failed and no local model found "
+        "(MACE downloads it the first time: without internet, give a .model file)")
+    assert run_train.mace_mp is offline
+    with pytest.raises(SystemExit) as exit_:
+        mace_train.main(["--name", "x", "--train_file", "t.xyz", "--foundation_model", str(tmp_path / "absent.model")])
+    assert exit_.value.code == 2 and "absent.model: file not found" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("freeze", [None, 6])
