@@ -125,6 +125,9 @@ class Settings:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {tuple(METHODS)}")
+        nan = [f"--{k} {v}" for k, v in asdict(self).items() if isinstance(v, float) and not math.isfinite(v)]
+        if nan:  # NaN passes every comparison's negation
+            raise ValueError(f"numbers must be finite, got {', '.join(nan)}")
         if self.lr is None:
             self.lr = default_lr(self.method, self.density, SPARSE_LR_AT[self.ema])
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:

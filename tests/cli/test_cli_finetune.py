@@ -388,6 +388,8 @@ def test_bad_data_and_folders_are_refused_before_slow_work(files, sparse_run, ca
     refused(tmp_path / "w", "--energy_weight", "-1", says="loss weights must be finite and >= 0, got --energy_weight -1")
     refused(tmp_path / "s", "--density_warmup", "1", "--density_anneal", "5", says="must end within --epochs")
     refused(tmp_path / "p", "--density_peak", "0.01", says="--density_peak must be in [--density, 1]")
+    refused(tmp_path / "nan", "--lr", "nan", "--density_warmup", "inf", says="numbers must be finite, got --density_warmup "
+                                                                            "inf, --lr nan")
     if not torch.cuda.is_available():
         refused(tmp_path / "g", "--device", "cuda", says="sees no CUDA device")
     out, _ = sparse_run
