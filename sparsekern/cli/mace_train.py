@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,8 +80,8 @@ def lr_factor(given: Optional[float], density: float, mace_lr: float) -> float:
     the measured lr for their density (MACE_SPARSE_LR_AT)."""
     if given is None:
         return default_lr("sparse", density, MACE_SPARSE_LR_AT) / mace_lr
-    if given <= 0:
-        raise ValueError(f"--sparse_lr_factor must be > 0, got {given}")
+    if not (given > 0 and math.isfinite(given)):
+        raise ValueError(f"--sparse_lr_factor must be finite and > 0, got {given}")
     return given
 
 

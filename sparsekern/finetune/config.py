@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple, Union
 
@@ -58,6 +60,8 @@ class SparseConfig:
                              f"got {self.warmup_steps} and {self.anneal_steps}")
         if self.lora_rank < 1:
             raise ValueError(f"SparseConfig: lora_rank must be >= 1, got {self.lora_rank}")
+        if not (self.init_scale > 0 and math.isfinite(self.init_scale)):  # (NaN fails every comparison)
+            raise ValueError(f"SparseConfig: init_scale must be finite and > 0, got {self.init_scale}")
         if self.element_resolved and MODES[self.mode].needs_loss:
             raise ValueError(f"SparseConfig: mode {self.mode!r} scores the shared weights, not one copy per "
                              "element: element_resolved needs str, block or lora")

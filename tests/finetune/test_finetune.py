@@ -176,6 +176,9 @@ def test_density_schedule_warms_up_then_anneals():
     assert scheduled_density(SparseConfig(density=0.03), 1) == 0.03  # default: one step at zero
     with pytest.raises(ValueError, match="peak_density"):
         SparseConfig(density=0.1, peak_density=0.05)
+    for bad in (0.0, float("nan")):
+        with pytest.raises(ValueError, match=f"init_scale must be finite and > 0, got {bad}"):
+            SparseConfig(init_scale=bad)
 
 
 @pytest.mark.parametrize("by_sort", [True, False])  # True: the GPU path, run here on the CPU

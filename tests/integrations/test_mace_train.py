@@ -201,8 +201,9 @@ def test_deltas_train_at_the_measured_lr_whatever_maces():
     assert lr_factor(None, 0.005, 0.01) == pytest.approx(100.0) and lr_factor(None, 0.001, 0.01) == pytest.approx(100.0)
     assert 30.0 < lr_factor(None, 0.01, 0.01) < 100.0
     assert lr_factor(3.0, 0.03, 0.01) == 3.0
-    with pytest.raises(ValueError, match="--sparse_lr_factor must be > 0, got -1"):
-        lr_factor(-1.0, 0.03, 0.01)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match=f"--sparse_lr_factor must be finite and > 0, got {bad}"):
+            lr_factor(bad, 0.03, 0.01)
 
 
 def test_lora_runs_mace_own_lora_and_flags_do_not_mix(workdir, capsys):
