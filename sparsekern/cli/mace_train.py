@@ -114,6 +114,18 @@ def _foundation_errors(run_train, spec: str):
             setattr(run_train, name, load)
 
 
+def _check_foundation_name(parser: argparse.ArgumentParser, spec: str, run_train) -> None:
+    """A --foundation_model that is not a file must be a name MACE's script downloads
+    (else it would torch.load the name and fail with a traceback)."""
+    if names_a_file(spec):
+        parser.error(f"--foundation_model {spec}: file not found")
+    names = [n for n in run_train.mace_mp_names if n] + list(run_train.polar_model_names) + [
+        "small_off", "medium_off", "large_off", "mace_omol"]
+    if spec not in names:
+        parser.error(f"--foundation_model {spec}: neither a file nor a name of MACE's foundation models "
+                     f"({', '.join(names)})")
+
+
 def _run(run_train, args, hooks: Optional[SparseHooks]) -> int:
     """MACE's training script on ``args`` (with ``hooks`` installed, if any)."""
     try:
@@ -147,8 +159,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.distributed and args.device not in ("cuda", "xpu"):
         parser.error(f"--distributed: MACE's data-parallel mode runs on GPUs only (--device cuda: NCCL, one process "
                      f"per GPU), not --device {args.device}; on CPUs use `sparsekern finetune --nproc N`")
-    if args.foundation_model and names_a_file(args.foundation_model) and not Path(args.foundation_model).is_file():
-        parser.error(f"--foundation_model {args.foundation_model}: file not found")
+    if args.foundation_model and not Path(args.foundation_model).is_file():
+        _check_foundation_name(parser, args.foundation_model, run_train)
     if args.lora:
         if given:
             parser.error(f"--lora True runs MACE's LoRA; the sparse-delta flags {given} do not apply with it")

@@ -256,9 +256,12 @@ def test_a_foundation_model_mace_cannot_get_is_one_line(monkeypatch, capsys, tmp
         "sparsekern mace-train: error: --foundation_model medium: Model download failed and no local model found "
         "(MACE downloads it the first time: without internet, give a .model file)")
     assert run_train.mace_mp is offline
-    with pytest.raises(SystemExit) as exit_:
-        mace_train.main(["--name", "x", "--train_file", "t.xyz", "--foundation_model", str(tmp_path / "absent.model")])
-    assert exit_.value.code == 2 and "absent.model: file not found" in capsys.readouterr().err
+    for spec, says in ((str(tmp_path / "absent.model"), "absent.model: file not found"),
+                       ("meduim", "meduim: neither a file nor a name of MACE's foundation models (small, medium,")):
+        with pytest.raises(SystemExit) as exit_:
+            mace_train.main(["--name", "x", "--train_file", "t.xyz", "--foundation_model", spec])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("freeze", [None, 6])
