@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = tools.build_default_arg_parser()
     parser.prog = "sparsekern mace-train"
+    # usage errors in one line, as the other commands' (not MACE's whole usage first)
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message} (see --help)\n")
     parser.description = ("MACE's mace_run_train with sparsity-promoting fine-tuning: the foundation model's "
                           "weights stay frozen and a sparse delta (a few % of the path weights) trains. Saves a "
                           "plain MACE .model (delta merged) and <name>.adapter.safetensors.")
