@@ -228,9 +228,12 @@ def _guarded(action: Callable[[], int], out: str) -> int:
 
 
 def _finetune(args) -> int:
+    from contextlib import redirect_stdout
+
     from ..finetune.trainer import Settings, run
 
-    metrics = run(Settings(**vars(args)))
+    with redirect_stdout(sys.stderr):  # stdout is the metrics' JSON alone (MACE prints on import)
+        metrics = run(Settings(**vars(args)))
     if _rank() == 0:
         print(json.dumps({k: metrics[k] for k in _printed(metrics)}, indent=1))
         for path in metrics["files"]:  # on stderr, beside the progress bar: stdout stays JSON

@@ -114,6 +114,20 @@ def test_resume_matches_an_uninterrupted_run(files, sparse_run, capsys):
     assert "pass --lr 0.02" in err and len(err.strip().splitlines()) == 1
 
 
+def test_stdout_is_the_metrics_json_alone(files, tmp_path):
+    """In a new process (MACE prints a line when imported), stdout parses as JSON."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "fresh"
+    run = subprocess.run([sys.executable, "-m", "sparsekern", "finetune", "--model", str(files / "tiny.model"),
+                          "--train", str(files / "train.xyz"), "--method", "sparse", "--epochs", "0",
+                          "--out", str(out), "--no_progress"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    printed, m = json.loads(run.stdout), json.loads((out / "metrics.json").read_text())
+    assert printed and all(m[k] == v for k, v in printed.items())
+
+
 def test_zero_epochs_evaluates_the_base_model(files, capsys):
     """--epochs 0 in a new folder: the test errors are the zero-shot ones, and no
     checkpoint or learning curves are written (nothing was trained)."""
