@@ -56,17 +56,8 @@ def parser() -> argparse.ArgumentParser:
                    help="foundation | estimated (least squares of the training residuals) | average | "
                         "a dict '{Z: E0}' or a .json file (MACE's meanings); estimated and average are "
                         "refitted to the trained model's training residuals after training")
-    p.add_argument("--energy_key", default="REF_energy", help="energy label in the frames' info (eV)")
-    p.add_argument("--forces_key", default="REF_forces", help="force label in the frames' arrays (eV/Å)")
-    p.add_argument("--stress_key", help="with --stress_weight: the stress label in the frames' info (eV/Å^3, "
-                                         "ASE's sign; Voigt 6 or 9 values); default REF_stress")
-    p.add_argument("--virials_key", help="with --stress_weight: MACE's virials W in the frames' info (eV; Voigt 6 "
-                                          "or 9 values), trained as the stress -W/V where a frame has no stress "
-                                          "label; default REF_virials")
+    _label_flags(p)
     _magnetic_flags(p)
-    p.add_argument("--max_train", type=int, help="use the first N training frames")
-    p.add_argument("--max_valid", type=int, help="use the first N validation frames")
-    p.add_argument("--max_test", type=int, help="use the first N test frames")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--default_dtype", choices=("float32", "float64"),
                    help="train and save the model in this dtype (MACE's option; its training default is float64, "
@@ -80,6 +71,30 @@ def parser() -> argparse.ArgumentParser:
                         "one GPU each); --batch_size stays the global batch, so the result is one process's. "
                         "For several machines, run `torchrun ... -m sparsekern finetune` instead")
     return p
+
+
+def _true(text: str) -> bool:
+    """MACE's spelling of a switch with a value (``--keep_isolated_atoms True``)."""
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return text.lower() == "true"
+
+
+def _label_flags(p: argparse.ArgumentParser) -> None:
+    """Where the frames' labels are, and which frames are read."""
+    p.add_argument("--energy_key", default="REF_energy", help="energy label in the frames' info (eV)")
+    p.add_argument("--forces_key", default="REF_forces", help="force label in the frames' arrays (eV/Å)")
+    p.add_argument("--stress_key", help="with --stress_weight: the stress label in the frames' info (eV/Å^3, "
+                                         "ASE's sign; Voigt 6 or 9 values); default REF_stress")
+    p.add_argument("--virials_key", help="with --stress_weight: MACE's virials W in the frames' info (eV; Voigt 6 "
+                                          "or 9 values), trained as the stress -W/V where a frame has no stress "
+                                          "label; default REF_virials")
+    p.add_argument("--keep_isolated_atoms", nargs="?", const=True, default=False, type=_true,
+                   help="train on MACE's isolated-atom frames too (one atom, config_type IsolatedAtom), which "
+                        "are otherwise set aside as MACE does (their energies are listed in metrics.json)")
+    p.add_argument("--max_train", type=int, help="use the first N training frames")
+    p.add_argument("--max_valid", type=int, help="use the first N validation frames")
+    p.add_argument("--max_test", type=int, help="use the first N test frames")
 
 
 def _validation_flags(p: argparse.ArgumentParser) -> None:
@@ -245,6 +260,8 @@ def _finetune(args) -> int:
                   file=sys.stderr)
         if metrics.get("valid_loss_above_zero_shot"):
             print(f"warning: {_worse(metrics)}", file=sys.stderr)
+        if metrics.get("isolated_atoms_set_aside"):
+            print(f"warning: {_isolated(metrics['isolated_atoms_set_aside'])}", file=sys.stderr)
         if metrics.get("merged_model_skipped"):
             print(f"no merged model: {metrics['merged_model_skipped']}", file=sys.stderr)
         if metrics["evaluated_on"] != "test":
@@ -263,6 +280,15 @@ def _worse(metrics: dict) -> str:
     return (f"the result's validation loss ({loss:.6g}, epoch {selected}) is above the base model's "
             f"({metrics['zero_shot_valid_loss']:.6g}): fine-tuning made it worse on the validation frames "
             f"(a lower --lr, fewer epochs or more training frames may help)")
+
+
+def _isolated(set_aside: dict) -> str:
+    """What the warning says of the isolated-atom frames set aside."""
+    counts = ", ".join(f"{len(atoms)} {split}" for split, atoms in set_aside.items())
+    e0s = {int(z): e for z, e in set_aside.get("train", {}).items() if e is not None}
+    hint = f"; their energies as the E0s: --E0s '{e0s}'" if e0s else ""
+    return (f"isolated-atom frames (MACE's IsolatedAtom) set aside, not trained or evaluated, as MACE does: {counts}"
+            f" (--keep_isolated_atoms keeps them{hint})")
 
 
 _NOT_TESTED = {"valid": "validation frames' (held out, but they chose the epoch)",

@@ -47,10 +47,14 @@ def _label(atoms, key: str, where: str, kind: str):
 def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_forces",
                 limit: Optional[int] = None, magmom_key: Optional[str] = None,
                 magforces_key: Optional[str] = None, stress_key: Optional[str] = None,
-                virials_key: Optional[str] = None) -> List[Frame]:
+                virials_key: Optional[str] = None, isolated: Optional[Dict[int, Optional[float]]] = None
+                ) -> List[Frame]:
     """The first ``limit`` frames of an extended-XYZ file with their labels (moments and
     magnetic forces where their keys are given; stresses, under ``stress_key`` or as
-    virials under ``virials_key``, in the frames that have one)."""
+    virials under ``virials_key``, in the frames that have one). Given an ``isolated``
+    dict, MACE's isolated-atom frames (one atom, ``config_type`` IsolatedAtom: a
+    reference energy, not a configuration to fit) are set aside into it, {Z: energy or
+    None}, as MACE's data loader does."""
     from ase.io import read
 
     path = Path(path)
@@ -66,6 +70,10 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
     frames = []
     for i, atoms in enumerate(images):
         where = f"{path} frame {i}"
+        if isolated is not None and len(atoms) == 1 and atoms.info.get("config_type") == "IsolatedAtom":
+            label = _lookup(atoms, energy_key, "energy")
+            isolated[int(atoms.numbers[0])] = None if label is None else float(label)
+            continue
         energy = float(_label(atoms, energy_key, where, "energy"))
         forces = np.asarray(_label(atoms, forces_key, where, "forces"), dtype=np.float64)
         if forces.shape != (len(atoms), 3):
@@ -74,6 +82,9 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
         moment_labels = read_moment_labels(atoms, where, magmom_key, magforces_key) if magmom_key else (None, None)
         stress = _stress(atoms, stress_key, virials_key, where)
         frames.append(Frame(atoms, energy, forces, *moment_labels, stress=stress))
+    if not frames:
+        raise ValueError(f"{path} holds isolated atoms only (MACE's IsolatedAtom frames, set aside; "
+                         f"--keep_isolated_atoms keeps them)")
     return frames
 
 

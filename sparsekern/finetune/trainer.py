@@ -30,7 +30,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -111,6 +111,7 @@ class Settings:
     magmom_weight: float = 1.0
     magnetic_lr: float = 1e-2  # Adam's learning rate of the moment head (whatever the method's)
     cuda_graphs: bool = False  # training steps replayed from CUDA graphs (graphed_step.py)
+    keep_isolated_atoms: bool = False  # MACE's: train on its IsolatedAtom frames too (else set aside)
     default_dtype: Optional[str] = None  # MACE's: train (and save) the model in this dtype; None: its own
     patience: Optional[int] = None  # epochs without a lower validation loss that stop the run
     last_epoch: bool = False  # the last epoch is the result, not the lowest validation loss's
@@ -245,7 +246,7 @@ class Settings:
         if not self.stage_two:  # checkpoints from before it stay resumable
             for k in [k for k in d if "stage_two" in k]:
                 d.pop(k)
-        for k in ("element_resolved", "spin_orbit", "ema", "valid_fraction", "default_dtype"):
+        for k in ("element_resolved", "spin_orbit", "ema", "valid_fraction", "default_dtype", "keep_isolated_atoms"):
             if not d[k]:  # checkpoints from before it stay resumable (ema's: with --no_ema)
                 d.pop(k)
         if not self.ema:
@@ -256,15 +257,26 @@ class Settings:
         return d
 
 
-def _read_data(settings: Settings) -> Tuple[List[Frame], List[Frame], List[Frame]]:
-    """(train, valid, test) frames, checked before the model loads: every element of the
-    test and validation frames needs an energy reference fitted on the training frames."""
-    def read(path, limit):
-        return read_frames(path, settings.energy_key, settings.forces_key, limit, settings.magmom_key,
-                           settings.magforces_key, settings.stress_key, settings.virials_key) if path else []
+class Splits(NamedTuple):
+    train: List[Frame]
+    valid: List[Frame]
+    test: List[Frame]
+    isolated: Dict[str, Dict[int, Optional[float]]]  # by split, MACE's IsolatedAtom frames set aside: {Z: energy}
 
-    train, test = read(settings.train, settings.max_train), read(settings.test, settings.max_test)
-    valid = read(settings.valid, settings.max_valid)
+
+def _read_data(settings: Settings) -> Splits:
+    """The frames, checked before the model loads: every element of the test and
+    validation frames needs an energy reference fitted on the training frames."""
+    isolated: Dict[str, Dict[int, Optional[float]]] = {"train": {}, "valid": {}, "test": {}}
+
+    def read(split, limit):
+        path = getattr(settings, split)
+        return read_frames(path, settings.energy_key, settings.forces_key, limit, settings.magmom_key,
+                           settings.magforces_key, settings.stress_key, settings.virials_key,
+                           None if settings.keep_isolated_atoms else isolated[split]) if path else []
+
+    train, test = read("train", settings.max_train), read("test", settings.max_test)
+    valid = read("valid", settings.max_valid)
     if settings.stress_weight and all(f.stress is None for f in train):
         raise ValueError(f"--stress_weight: no training frame has a stress under {settings.stress_key!r} or virials "
                          f"under {settings.virials_key!r} (use --stress_key or --virials_key to name them)")
@@ -274,7 +286,7 @@ def _read_data(settings: Settings) -> Tuple[List[Frame], List[Frame], List[Frame
     if missing:
         raise ValueError(f"test/valid data hold elements absent from the training data: {sorted(missing)} "
                          f"(their energy reference cannot be fitted)")
-    return train, valid, test
+    return Splits(train, valid, test, {split: atoms for split, atoms in isolated.items() if atoms})
 
 
 def _fit_shift(family: Family, model, spec: str, samples: Sequence[Sample], train: Sequence[Frame],
@@ -585,9 +597,11 @@ def _train(loop: _Loop, train_s: Sequence[Sample], validate: Optional[Callable[[
 def _metrics(settings: Settings, family: Family, frames, shift: Dict[int, float], model, progress,
              errors_by_prefix: Dict[str, object], changed: Dict[str, int]) -> dict:
     """metrics.json, up to the adapter and the merged model."""
-    train, valid, test = frames
+    train, valid, test, isolated = frames
     return {
         "model": settings.model, "family": family.name, "method": settings.method,
+        **({"isolated_atoms_set_aside": {split: {str(z): e for z, e in atoms.items()}
+                                         for split, atoms in isolated.items()}} if isolated else {}),
         "settings": asdict(settings),
         "n_train": len(train), "n_valid": len(valid), "n_test": len(test),
         # frames whose errors are not held out: named by the CLI
@@ -637,7 +651,7 @@ def _save_results(family: Family, model, settings: Settings, shift: Dict[int, fl
     metrics["merged_model_check"] = check_merged(family, reference, held[:1], merged_path, settings.device)
 
 
-def check(settings: Settings) -> Tuple[Family, Tuple[List[Frame], List[Frame], List[Frame]], Path]:
+def check(settings: Settings) -> Tuple[Family, Splits, Path]:
     """What can be refused before the slow work: the model's family (its package), the
     data (train, valid, test) and the output folder."""
     if names_a_file(settings.model) and not Path(settings.model).exists():
@@ -685,7 +699,7 @@ def _held(out: Path, group: Group, made: bool):
 
 def _run(settings: Settings, out: Path, family: Family, frames, group: Group, started: float) -> dict:
     """``run`` once its inputs are checked and its output folder is held."""
-    train, valid, test = frames
+    train, valid, test = frames[:3]
     ck = group.from_main(lambda: checkpoint.load(out, settings))
     model = _load(family, settings)
     for group_frames, what in ((train, settings.train), (test, settings.test), (valid, settings.valid)):
@@ -722,7 +736,7 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
         set_shift(part, part_frames, shift)
     after = residuals(family, model, held_s, settings, group)
     final_errors = {evaluated: errors(after["energy"], after["forces"], after), **zero_shot}
-    metrics = _metrics(settings, family, (train, valid, test), shift, model, progress, final_errors,
+    metrics = _metrics(settings, family, frames, shift, model, progress, final_errors,
                        _changed_fraction(model, base))
     metrics.update(evaluated_on=evaluated, e0_refit_ev={str(z): v for z, v in refit.items()}, processes=group.size)
     metrics.update(magnetic_counts(model))

@@ -30,10 +30,11 @@ def test_config_file_and_maces_names_are_the_command_line(tmp_path):
                                         "test_file: s.xyz\nmethod: sparse\nmax_num_epochs: 7\nlr: 1e-3\n"
                                         "swa: true\nstart_swa: 5\nema: false\nno_progress: true\ncuda_graphs: false\n"
                                         "E0s: {13: -3.5, 29: -4.25}\nstress_weight: 10\nvirials_key: VIR\n"
-                                        "density:\n")
+                                        "keep_isolated_atoms: true\ndensity:\n")
     explicit = ["--model", "m.model", "--train", "t.xyz", "--valid", "v.xyz", "--test", "s.xyz", "--method", "sparse",
                 "--epochs", "7", "--lr", "0.001", "--stage_two", "--start_stage_two", "5", "--no_ema", "--no_progress",
-                "--E0s", "{13: -3.5, 29: -4.25}", "--stress_weight", "10", "--virials_key", "VIR", "--out", "o"]
+                "--E0s", "{13: -3.5, 29: -4.25}", "--stress_weight", "10", "--virials_key", "VIR", "--keep_isolated_atoms",
+                "--out", "o"]
     from_config = _parsed(["--config", config, "--out", "o"])
     assert from_config == _parsed(explicit)
     assert from_config["config"] is None and from_config["ema"] is False and from_config["density"] == 0.03
@@ -178,3 +179,46 @@ def test_default_dtype_refusals(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--default_dtype float64: sevennet models train in float32" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_isolated_atoms_are_set_aside_as_mace_does(files, tmp_path, capsys):
+    """MACE's IsolatedAtom frames (energy only) in the training file are not trained: the
+    run is the run without them, metrics.json lists them, a warning gives their energies
+    as an --E0s; --keep_isolated_atoms (MACE's, also with a value) keeps them."""
+    from ase import Atoms
+    from ase.io import read, write
+
+    frames = read(files / "train.xyz", ":")
+    isolated = []
+    for z, energy in ((13, -0.25), (29, -0.5)):
+        atom = Atoms(numbers=[z], cell=[12.0] * 3, pbc=False)
+        atom.info.update(REF_energy=energy, config_type="IsolatedAtom")
+        isolated.append(atom)
+    write(tmp_path / "with_isolated.xyz", [isolated[0], *frames, isolated[1]])
+
+    def run(out, train, *extra):
+        return main(["finetune", "--model", str(files / "tiny.model"), "--train", str(train), "--test",
+                     str(files / "test.xyz"), "--method", "sparse", "--epochs", "1", "--lr", "0.02", "--no_progress",
+                     "--out", str(tmp_path / out), *extra])
+
+    capsys.readouterr()
+    assert run("with", tmp_path / "with_isolated.xyz") == 0
+    err = capsys.readouterr().err
+    assert ("warning: isolated-atom frames (MACE's IsolatedAtom) set aside, not trained or evaluated, as MACE does: "
+            "2 train (--keep_isolated_atoms keeps them; their energies as the E0s: --E0s '{13: -0.25, 29: -0.5}')"
+            in err), err
+    assert run("without", files / "train.xyz") == 0
+    w, wo = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in ("with", "without"))
+    assert w["isolated_atoms_set_aside"] == {"train": {"13": -0.25, "29": -0.5}} and w["n_train"] == 3
+    assert "isolated_atoms_set_aside" not in wo
+    for key in ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "changed_params"):
+        assert w[key] == pytest.approx(wo[key], rel=1e-12)
+    for keep in (("--keep_isolated_atoms",), ("--keep_isolated_atoms", "True")):  # kept: they need forces then
+        assert run("kept", tmp_path / "with_isolated.xyz", *keep) == 2
+        assert "frame 0: no forces under key 'REF_forces'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        run("bad", tmp_path / "with_isolated.xyz", "--keep_isolated_atoms", "maybe")
+    assert stop.value.code == 2 and "expected True or False, got 'maybe'" in capsys.readouterr().err
+    write(tmp_path / "only.xyz", isolated)
+    assert run("only", tmp_path / "only.xyz") == 2
+    assert "holds isolated atoms only" in capsys.readouterr().err
