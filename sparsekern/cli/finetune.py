@@ -33,7 +33,9 @@ def parser() -> argparse.ArgumentParser:
                                     "name without dashes (`train_file: data.xyz`, `swa: true`); the command line's "
                                     "options win")
     # MACE's names (--foundation_model, --train_file, ...) are accepted beside ours
-    p.add_argument("--model", "--foundation_model", required=True, help="7net-0 (SevenNet) or a MACE .model file")
+    p.add_argument("--model", "--foundation_model", required=True,
+                   help="7net-0 (or another SevenNet name or .pth), a MACE .model file or a mace_mp name (medium, "
+                        "...): names are downloaded the first time")
     p.add_argument("--train", "--train_file", required=True, help="training frames (extended XYZ)")
     _validation_flags(p)
     p.add_argument("--test", "--test_file", help="test frames (without: the final errors and parity.png are the "
