@@ -26,7 +26,7 @@ class OneLineErrors(argparse.ArgumentParser):
 def _usage() -> str:
     lines = ["usage: sparsekern COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "`sparsekern COMMAND --help` describes one command."]
+    lines += ["", "`sparsekern COMMAND --help` describes one command; `sparsekern --version` says which sparsekern."]
     return "\n".join(lines)
 
 
@@ -35,6 +35,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from .. import __version__
+
+        print(f"sparsekern {__version__}")
+        return 0
     if argv[0] not in COMMANDS:
         print(f"sparsekern: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2

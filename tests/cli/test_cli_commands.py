@@ -1,0 +1,19 @@
+"""``sparsekern`` itself: its commands listed, an unknown one refused, its version."""
+
+import re
+from pathlib import Path
+
+from sparsekern.cli import COMMANDS, main
+
+
+def test_usage_version_and_unknown_commands(capsys):
+    assert main([]) == 2
+    usage = capsys.readouterr().out
+    assert all(f"  {name} " in usage for name in COMMANDS)
+    assert main(["--help"]) == 0 and "sparsekern --version" in capsys.readouterr().out
+    assert main(["finetuen"]) == 2
+    assert capsys.readouterr().err.startswith("sparsekern: unknown command 'finetuen'")
+    project = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    version = re.search(r'^version = "(.+)"$', project, re.M).group(1)
+    for flag in ("--version", "-V"):
+        assert main([flag]) == 0 and capsys.readouterr().out == f"sparsekern {version}\n"
