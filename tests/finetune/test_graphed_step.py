@@ -141,4 +141,5 @@ def test_evaluations_follow_the_trained_weights(graphs, tmp_path, finetune_args,
     history = [json.loads((d / "metrics.json").read_text())["history"] for d in (graphed, eager)]
     got, want = ([v for h in run for v in h["valid"].values()] for run in history)
     assert len(got) == 8 and got == pytest.approx(want, rel=1e-12)
-    assert replays.count("predict") == 1 + 2 * 3 + 1  # zero-shot, 3 validation batches an epoch, test
+    # zero-shot test and validation (the base's loss), 3 validation batches an epoch, the test
+    assert replays.count("predict") == 1 + 3 + 2 * 3 + 1
