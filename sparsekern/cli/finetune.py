@@ -56,8 +56,9 @@ def parser() -> argparse.ArgumentParser:
                         "under --stress_key, trains them where frames have them and reports their errors")
     p.add_argument("--E0s", dest="e0s", default="estimated",
                    help="foundation | estimated (least squares of the training residuals) | average | "
-                        "a dict '{Z: E0}' or a .json file (MACE's meanings); estimated and average are "
-                        "refitted to the trained model's training residuals after training")
+                        "a dict '{Z: E0}' or a .json file (MACE's meanings) | isolated (the energies of the "
+                        "training file's IsolatedAtom frames, MACE's choice where it has them); estimated and "
+                        "average are refitted to the trained model's training residuals after training")
     _label_flags(p)
     _magnetic_flags(p)
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
@@ -101,8 +102,8 @@ def _label_flags(p: argparse.ArgumentParser) -> None:
 
 def _validation_flags(p: argparse.ArgumentParser) -> None:
     """The validation frames, and what their loss decides: the result, the stop."""
-    p.add_argument("--valid", "--valid_file", help="validation frames: their errors and loss are reported per epoch, and the epoch "
-                                   "of the lowest loss is the result (MACE's rule)")
+    p.add_argument("--valid", "--valid_file", help="validation frames: their errors and loss are reported per epoch, "
+                                                   "and the epoch of the lowest loss is the result (MACE's rule)")
     p.add_argument("--valid_fraction", type=float,
                    help="instead of --valid: hold out this fraction of the training frames (after --max_train) "
                         "for validation, the frames MACE's --valid_fraction holds out with the same --seed "
@@ -288,7 +289,7 @@ def _isolated(set_aside: dict) -> str:
     """What the warning says of the isolated-atom frames set aside."""
     counts = ", ".join(f"{len(atoms)} {split}" for split, atoms in set_aside.items())
     e0s = {int(z): e for z, e in set_aside.get("train", {}).items() if e is not None}
-    hint = f"; their energies as the E0s: --E0s '{e0s}'" if e0s else ""
+    hint = f"; their energies as the E0s: --E0s isolated, or '{e0s}'" if e0s else ""
     return (f"isolated-atom frames (MACE's IsolatedAtom) set aside, not trained or evaluated, as MACE does: {counts}"
             f" (--keep_isolated_atoms keeps them{hint})")
 

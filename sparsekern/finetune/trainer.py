@@ -267,6 +267,8 @@ class Splits(NamedTuple):
 def _read_data(settings: Settings) -> Splits:
     """The frames, checked before the model loads: every element of the test and
     validation frames needs an energy reference fitted on the training frames."""
+    if settings.e0s == "isolated" and settings.keep_isolated_atoms:
+        raise ValueError("--E0s isolated reads the isolated-atom frames set aside: leave out --keep_isolated_atoms")
     isolated: Dict[str, Dict[int, Optional[float]]] = {"train": {}, "valid": {}, "test": {}}
 
     def read(split, limit):
@@ -286,7 +288,24 @@ def _read_data(settings: Settings) -> Splits:
     if missing:
         raise ValueError(f"test/valid data hold elements absent from the training data: {sorted(missing)} "
                          f"(their energy reference cannot be fitted)")
+    if settings.e0s == "isolated":
+        _check_isolated_e0s(settings, train, isolated["train"])
     return Splits(train, valid, test, {split: atoms for split, atoms in isolated.items() if atoms})
+
+
+def _check_isolated_e0s(settings: Settings, train: Sequence[Frame], isolated: Dict[int, Optional[float]]) -> None:
+    """``--E0s isolated`` needs an isolated-atom energy for every training element."""
+    known = {z for z, energy in isolated.items() if energy is not None}
+    missing = sorted({int(z) for f in train for z in f.atoms.numbers} - known)
+    if missing:
+        raise ValueError(f"--E0s isolated: the training file has no IsolatedAtom frame with an energy for atomic "
+                         f"numbers {missing}")
+
+
+def _e0s(settings: Settings, frames: Splits) -> str:
+    """The ``--E0s`` rule ``energy_shift`` applies: ``isolated`` as the dict of the training
+    file's isolated-atom energies."""
+    return repr(frames.isolated["train"]) if settings.e0s == "isolated" else settings.e0s
 
 
 def _fit_shift(family: Family, model, spec: str, samples: Sequence[Sample], train: Sequence[Frame],
@@ -705,7 +724,7 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     for group_frames, what in ((train, settings.train), (test, settings.test), (valid, settings.valid)):
         check_elements(family, model, group_frames, what)
     shift = ({int(z): v for z, v in ck["shift"].items()} if ck is not None else _fit_shift(
-        family, model, settings.e0s, make_samples(family, model, train, {}), train, settings, group))
+        family, model, _e0s(settings, frames), make_samples(family, model, train, {}), train, settings, group))
     train_s, test_s, valid_s = (make_samples(family, model, f, shift) for f in (train, test, valid))
     evaluated, held, held_s = _evaluated_set((train, valid, test), (train_s, valid_s, test_s))
 

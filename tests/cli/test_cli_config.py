@@ -205,7 +205,8 @@ def test_isolated_atoms_are_set_aside_as_mace_does(files, tmp_path, capsys):
     assert run("with", tmp_path / "with_isolated.xyz") == 0
     err = capsys.readouterr().err
     assert ("warning: isolated-atom frames (MACE's IsolatedAtom) set aside, not trained or evaluated, as MACE does: "
-            "2 train (--keep_isolated_atoms keeps them; their energies as the E0s: --E0s '{13: -0.25, 29: -0.5}')"
+            "2 train (--keep_isolated_atoms keeps them; their energies as the E0s: --E0s isolated, or "
+            "'{13: -0.25, 29: -0.5}')"
             in err), err
     assert run("without", files / "train.xyz") == 0
     w, wo = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in ("with", "without"))
@@ -219,6 +220,20 @@ def test_isolated_atoms_are_set_aside_as_mace_does(files, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         run("bad", tmp_path / "with_isolated.xyz", "--keep_isolated_atoms", "maybe")
     assert stop.value.code == 2 and "expected True or False, got 'maybe'" in capsys.readouterr().err
+    # --E0s isolated: MACE's E0s from them, as the same dict given
+    assert run("iso", tmp_path / "with_isolated.xyz", "--E0s", "isolated") == 0
+    assert run("dict", files / "train.xyz", "--E0s", "{13: -0.25, 29: -0.5}") == 0
+    iso, given = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in ("iso", "dict"))
+    assert iso["e0_shift_ev"] == given["e0_shift_ev"] and iso["test_force_mae_mev_per_A"] == given[
+        "test_force_mae_mev_per_A"]
+    capsys.readouterr()
+    for train, extra, says in ((tmp_path / "with_isolated.xyz", ("--keep_isolated_atoms",), "leave out --keep_isol"),
+                               (files / "train.xyz", (), "no IsolatedAtom frame with an energy for atomic numbers "
+                                                        "[13, 29]")):
+        assert run("refused", train, "--E0s", "isolated", *extra) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "refused").exists()
     write(tmp_path / "only.xyz", isolated)
     assert run("only", tmp_path / "only.xyz") == 2
     assert "holds isolated atoms only" in capsys.readouterr().err
