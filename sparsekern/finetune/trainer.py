@@ -177,7 +177,8 @@ class Settings:
 
     def _check_stress(self) -> None:
         """The stress labels' keys need --stress_weight; MACE's keys by default."""
-        named = [f for f, k in (("--stress_key", self.stress_key), ("--virials_key", self.virials_key)) if k is not None]
+        keys = (("--stress_key", self.stress_key), ("--virials_key", self.virials_key))
+        named = [flag for flag, key in keys if key is not None]
         if named and not self.stress_weight:  # they would read nothing, silently
             raise ValueError(f"{' and '.join(named)} {'name' if len(named) > 1 else 'names'} the stress labels "
                              f"--stress_weight trains: give --stress_weight > 0")

@@ -67,8 +67,8 @@ def load_mace(model: str, device: str = "cpu") -> torch.nn.Module:
     try:
         return mace_mp(model=model, device=device, return_raw_model=True)
     except Exception as exc:  # offline, or a name mace_mp does not know
-        raise ValueError(f"MACE foundation model {model!r}: {' '.join(str(exc).split())} (mace_mp downloads it the first time: without "
-                         f"internet, give a .model file)") from exc
+        raise ValueError(f"MACE foundation model {model!r}: {' '.join(str(exc).split())} (mace_mp downloads it "
+                         f"the first time: without internet, give a .model file)") from exc
 
 
 def mace_batch(model: torch.nn.Module, atoms_list, energy_key: str = "REF_energy",
