@@ -86,7 +86,7 @@ def run_one(label, method, extra, files, out, args, train, test):
     argv = ["--model", "7net-0", "--train", str(files / "train.xyz"), "--test", str(files / "test.xyz"),
             "--method", method, "--out", str(out / label.replace(" ", "_")), "--epochs", str(args.epochs),
             "--lr", str(args.lr), "--batch_size", str(args.batch_size), "--energy_weight", str(args.energy_weight),
-            "--magnetic_lr", str(args.magnetic_lr), "--no_progress", *extra]
+            "--no_progress", *extra, *(["--magnetic_lr", str(args.magnetic_lr)] if "--predict_magmom" in extra else [])]
     t0 = time.perf_counter()
     settings = vars(parser().parse_args(argv))
     settings.pop("nproc")  # the command line's launcher option, not a training setting

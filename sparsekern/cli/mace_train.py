@@ -173,6 +173,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.enable_cueq or args.only_cueq or args.enable_oeq:
         parser.error("--enable_cueq/--only_cueq/--enable_oeq convert the model to other kernels; sparsekern "
                      "replaces the same layers with its own (see --sparse_backend)")
+    if ours["sparse_mode"] != "block" and ours["sparse_tile"] != _tile(parser.get_default("sparse_tile")):
+        parser.error("--sparse_tile applies to --sparse_mode block only: leave it out")  # else it changes nothing
     try:
         config = _sparse_config(ours, args.seed)
     except ValueError as exc:

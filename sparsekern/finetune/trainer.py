@@ -27,7 +27,7 @@ import math
 import resource
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -129,6 +129,7 @@ class Settings:
         nan = [f"--{k} {v}" for k, v in asdict(self).items() if isinstance(v, float) and not math.isfinite(v)]
         if nan:  # NaN passes every comparison's negation
             raise ValueError(f"numbers must be finite, got {', '.join(nan)}")
+        self._check_scoped()
         if self.lr is None:
             self.lr = default_lr(self.method, self.density, SPARSE_LR_AT[self.ema])
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -147,8 +148,6 @@ class Settings:
             raise ValueError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"--lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.fast_after is not None and self.method != "sparse":
-            raise ValueError("--fast_after applies to --method sparse only")
         if self.element_resolved and (self.method == "full" or self.mode == "saliency"):
             raise ValueError("--element_resolved applies to deltas: --method sparse (--mode str or block) or lora")
         if self.mode not in SPARSE_MODES:
@@ -174,6 +173,28 @@ class Settings:
             raise ValueError(f"--device {self.device}: this torch ({torch.__version__}) sees no CUDA device")
         if self.cuda_graphs and not cuda_graphs.replayable(device):
             raise ValueError(f"--cuda_graphs replays CUDA graphs: it needs --device cuda, got {self.device}")
+
+    def _check_scoped(self) -> None:
+        """Options that this run's method, mode or magnetism does not read must keep their
+        defaults: another value would change nothing, silently."""
+        sparse = self.method == "sparse"
+        steered = sparse and self.mode in SPARSE_MODES and MODES[self.mode].steered
+        read_by = {"density": (sparse, "--method sparse"), "mode": (sparse, "--method sparse"),
+                   "fast_after": (sparse, "--method sparse"),
+                   "tile": (sparse and self.mode == "block", "--method sparse --mode block"),
+                   "density_warmup": (steered, "--method sparse --mode str or block"),
+                   "density_peak": (steered, "--method sparse --mode str or block"),
+                   "density_anneal": (steered, "--method sparse --mode str or block"),
+                   "lora_rank": (self.method == "lora", "--method lora"),
+                   "ema_decay": (self.ema, "--ema"),
+                   "magforces_weight": (self.magforces_key is not None, "--magforces_key"),
+                   "magmom_weight": (self.predict_magmom, "--predict_magmom"),
+                   "magnetic_lr": (self.predict_magmom, "--predict_magmom")}
+        default = {f.name: f.default for f in fields(self)}
+        unread = [f"--{k} applies to {what} only" for k, (read, what) in read_by.items()
+                  if not read and getattr(self, k) != default[k]]
+        if unread:
+            raise ValueError(f"{'; '.join(unread)}: leave {'it' if len(unread) == 1 else 'them'} out")
 
     def _check_stress(self) -> None:
         """The stress labels' keys need --stress_weight; MACE's keys by default."""

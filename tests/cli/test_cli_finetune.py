@@ -411,6 +411,32 @@ def test_bad_data_and_folders_are_refused_before_slow_work(files, sparse_run, ca
         refused(out, says="is in use by another run")
 
 
+def test_options_the_run_does_not_read_are_refused(files, capsys, tmp_path):
+    """An option that another method, mode or magnetism reads would change nothing: a
+    value other than its default is refused in one line, all such options named; its
+    default passes (it is what the run does anyway)."""
+    cases = [("full", ["--density", "0.05"], "--density applies to --method sparse only: leave it out"),
+             ("lora", ["--mode", "block", "--fast_after", "1"], "--mode applies to --method sparse only; "
+              "--fast_after applies to --method sparse only: leave them out"),
+             ("sparse", ["--lora_rank", "8"], "--lora_rank applies to --method lora only"),
+             ("sparse", ["--tile", "4"], "--tile applies to --method sparse --mode block only"),
+             ("sparse", ["--mode", "saliency", "--density_warmup", "1"],
+              "--density_warmup applies to --method sparse --mode str or block only"),
+             ("sparse", ["--no_ema", "--ema_decay", "0.9"], "--ema_decay applies to --ema only"),
+             ("sparse", ["--magforces_weight", "10"], "--magforces_weight applies to --magforces_key only"),
+             ("sparse", ["--magmom_weight", "2", "--magnetic_lr", "0.1"], "--magmom_weight applies to "
+              "--predict_magmom only; --magnetic_lr applies to --predict_magmom only: leave them out")]
+    for i, (method, extra, says) in enumerate(cases):
+        assert _run(files, tmp_path / str(i), *extra, method=method) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / str(i)).exists()
+    from sparsekern.finetune.trainer import Settings
+
+    settings = Settings(model="m", train="t", test=None, method="full", out="o", density=0.03, lora_rank=4)
+    assert (settings.density, settings.lora_rank) == (0.03, 4)
+
+
 def test_a_run_that_fails_at_the_model_leaves_no_trace(files, capsys, tmp_path, monkeypatch):
     """Refusals found once the model is loaded (an element it does not know; a foundation
     model name that cannot be downloaded): one line, and the output folder the run made is

@@ -268,7 +268,7 @@ def test_default_lr_follows_the_sparse_density():
     assert lr("sparse", 0.03, ema=False) == lr("sparse", 0.2, ema=False) == pytest.approx(0.1)
     assert 0.1 < lr("sparse", 0.01, ema=False) < 0.3 and 0.2 < lr("sparse", 0.01) < 0.6
     assert lr("sparse", 0.01) == pytest.approx(0.6 * (0.2 / 0.6) ** (math.log(2) / math.log(6)))
-    assert lr("full", 0.005) == pytest.approx(3e-3) and lr("sparse", 0.005, lr=0.05) == 0.05
+    assert lr("full", 0.03) == pytest.approx(3e-3) and lr("sparse", 0.005, lr=0.05) == 0.05
 
 
 def test_cosine_lr_schedule_follows_the_step():

@@ -214,6 +214,11 @@ def test_lora_runs_mace_own_lora_and_flags_do_not_mix(workdir, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli(["mace-train", "--name", "x", "--train_file", "t.xyz", "--lora", "True", "--sparse_density", "0.1"])
     assert exit_.value.code == 2 and "--sparse_density" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # a tile without block mode would change nothing
+        cli(["mace-train", "--name", "x", "--train_file", "t.xyz", "--foundation_model", str(d / "foundation.model"),
+             "--sparse_tile", "4x4"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--sparse_tile applies to --sparse_mode block only" in err, err
     with pytest.raises(SystemExit) as exit_:
         cli(["mace-train", "--help"])
     assert exit_.value.code == 0
