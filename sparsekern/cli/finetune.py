@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test", "--test_file", help="test frames (without: the final errors and parity.png are the "
                                                  "validation frames', else the training frames')")
     p.add_argument("--method", required=True, choices=tuple(METHODS), help=choices_help(METHODS))
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", "--name", required=True, help="output directory (MACE's --name: the run's files in a "
+                                                           "folder of that name)")
     p.add_argument("--epochs", "--max_num_epochs", type=int, default=10,
                    help="passes over the training frames (0: evaluate only)")
     _delta_flags(p)
@@ -169,6 +170,9 @@ def _optimizer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no_ema", dest="ema", action="store_false",
                    help="validate, test and save the last step's parameters instead of their average")
     p.add_argument("--ema_decay", type=float, default=0.99, help="the moving average's decay")
+    p.add_argument("--amsgrad", action="store_true", default=True,
+                   help="Adam's AMSGrad variant (MACE's --amsgrad); on by default")
+    p.add_argument("--no_amsgrad", dest="amsgrad", action="store_false", help="plain Adam")
 
 
 def _delta_flags(p: argparse.ArgumentParser) -> None:

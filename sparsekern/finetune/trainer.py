@@ -5,8 +5,9 @@ data, epochs, batches (same shuffles), optimizer and loss, so only the method di
 
 Loss (MACE's weighted energy-forces loss): energy_weight * mean(((E - E_ref) / N)^2)
 + forces_weight * mean((F - F_ref)^2) (+ stress and magnetic terms). Optimizer: Adam
-with amsgrad (MACE's default), constant or cosine learning rate; MACE's Stage Two
-(``--stage_two``) switches loss weights and lr for the last epochs. With validation
+with amsgrad (MACE's default; ``--no_amsgrad``: plain Adam), constant or cosine
+learning rate; MACE's Stage Two (``--stage_two``) switches loss weights and lr for the
+last epochs. With validation
 frames, the result is the epoch of the lowest validation loss (MACE's rule;
 ``--last_epoch``: the last), ``--patience`` epochs without a lower one stop the run;
 otherwise the model after the last epoch is the result.
@@ -88,6 +89,7 @@ class Settings:
     lr_schedule: str = "constant"  # or "cosine": every group's lr decays to 0 over the run's steps
     ema: bool = True  # evaluate and save a moving average of the trained parameters (averaging.py)
     ema_decay: float = 0.99
+    amsgrad: bool = True  # Adam's AMSGrad variant (MACE's default); False: plain Adam
     batch_size: int = 4
     seed: int = 0
     energy_weight: float = 1.0
@@ -273,6 +275,8 @@ class Settings:
                 d.pop(k)
         if not self.ema:
             d.pop("ema_decay")
+        if self.amsgrad:  # checkpoints from before it stay resumable
+            d.pop("amsgrad")
         for k in ("train", "valid", "test"):  # the same file wherever the command runs from
             d[k] = str(Path(d[k]).resolve()) if d[k] else None
         d["model"] = family_for(self.model).spec_identity(self.model)
@@ -433,7 +437,7 @@ def _optimizer(model, settings: Settings, by_scale: bool = True) -> torch.optim.
     groups = parameter_groups(model, settings.magnetic_lr)
     if by_scale and settings.method == "sparse":
         groups = by_weight_scale(model, groups, settings.lr)
-    optimizer = torch.optim.Adam(groups, lr=settings.lr, amsgrad=True)
+    optimizer = torch.optim.Adam(groups, lr=settings.lr, amsgrad=settings.amsgrad)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]  # what the schedule scales (saved with the optimizer's state)
     return optimizer

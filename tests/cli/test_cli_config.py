@@ -30,16 +30,39 @@ def test_config_file_and_maces_names_are_the_command_line(tmp_path):
                                         "test_file: s.xyz\nmethod: sparse\nmax_num_epochs: 7\nlr: 1e-3\n"
                                         "swa: true\nstart_swa: 5\nema: false\nno_progress: true\ncuda_graphs: false\n"
                                         "E0s: {13: -3.5, 29: -4.25}\nstress_weight: 10\nvirials_key: VIR\n"
-                                        "keep_isolated_atoms: true\ndensity:\n")
+                                        "keep_isolated_atoms: true\ndensity:\nname: o\namsgrad: true\n")
     explicit = ["--model", "m.model", "--train", "t.xyz", "--valid", "v.xyz", "--test", "s.xyz", "--method", "sparse",
                 "--epochs", "7", "--lr", "0.001", "--stage_two", "--start_stage_two", "5", "--no_ema", "--no_progress",
                 "--E0s", "{13: -3.5, 29: -4.25}", "--stress_weight", "10", "--virials_key", "VIR", "--keep_isolated_atoms",
                 "--out", "o"]
-    from_config = _parsed(["--config", config, "--out", "o"])
+    from_config = _parsed(["--config", config])
     assert from_config == _parsed(explicit)
     assert from_config["config"] is None and from_config["ema"] is False and from_config["density"] == 0.03
+    assert from_config["amsgrad"] is True and _parsed([*explicit, "--no_amsgrad"])["amsgrad"] is False
+    assert _parsed(["--config", _yaml(tmp_path / "d.yaml", "amsgrad: false\n"), *explicit])["amsgrad"] is False
     later = _parsed([f"--config={config}", "--out", "o", "--max_num_epochs", "9", "--train", "u.xyz", "--ema"])
     assert later == {**from_config, "epochs": 9, "train": "u.xyz", "ema": True}
+
+
+def test_maces_fine_tuning_command_runs(files, tmp_path, monkeypatch):
+    """MACE's documented fine-tuning command line (its options but --scaling, which MACE
+    overrides with the foundation model's scale and shift) runs with --method added:
+    --name is the output folder; --no_amsgrad trains plain Adam, and is part of the
+    checkpoint's identity."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    mace = ["--name=MACE", f"--foundation_model={files / 'tiny.model'}", f"--train_file={files / 'train.xyz'}",
+            "--valid_fraction=0.34", f"--test_file={files / 'test.xyz'}", "--energy_weight=1.0", "--forces_weight=1.0",
+            "--E0s=average", "--lr=0.01", "--batch_size=2", "--max_num_epochs=1", "--ema", "--ema_decay=0.99",
+            "--amsgrad", "--default_dtype=float32", "--device=cpu", "--seed=3"]
+    assert main(["finetune", "--method", "sparse", "--no_progress", *mace]) == 0
+    assert main(["finetune", "--method", "sparse", "--no_progress", *mace, "--no_amsgrad"]) == 2  # another run
+    assert main(["finetune", "--method", "sparse", "--no_progress", *mace, "--no_amsgrad", "--name", "plain"]) == 0
+    for name, amsgrad in (("MACE", True), ("plain", False)):  # (a few steps of either give the same weights)
+        optimizer = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["optimizer"]
+        assert all(g["amsgrad"] == amsgrad for g in optimizer["param_groups"])
+        assert all(("max_exp_avg_sq" in state) == amsgrad for state in optimizer["state"].values())
 
 
 def test_a_run_from_a_config_file_is_the_run_from_its_options(files, tmp_path):
