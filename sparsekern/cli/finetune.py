@@ -182,7 +182,8 @@ def _delta_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--density", type=float, default=0.03, help="sparse: target fraction of path weights changed")
     p.add_argument("--mode", default="str", choices=SPARSE_MODES, help="sparse: " + choices_help(MODES, SPARSE_MODES))
     p.add_argument("--tile", type=int, default=8, help="sparse --mode block: square tile size")
-    p.add_argument("--fast_after", type=int, help="sparse: after this many epochs train only the active entries")
+    p.add_argument("--fast_after", type=int,
+                   help="sparse str/block: after this many epochs train only the active entries")
     p.add_argument("--density_warmup", type=float, default=0.0,
                    help="sparse str/block: epochs over which the density rises from 0 (the base model) to its peak "
                         "(0: one step)")

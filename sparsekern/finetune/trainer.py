@@ -182,8 +182,8 @@ class Settings:
         sparse = self.method == "sparse"
         steered = sparse and self.mode in SPARSE_MODES and MODES[self.mode].steered
         read_by = {"density": (sparse, "--method sparse"), "mode": (sparse, "--method sparse"),
-                   "fast_after": (sparse, "--method sparse"),
                    "tile": (sparse and self.mode == "block", "--method sparse --mode block"),
+                   "fast_after": (steered, "--method sparse --mode str or block"),  # (saliency's mask is fixed)
                    "density_warmup": (steered, "--method sparse --mode str or block"),
                    "density_peak": (steered, "--method sparse --mode str or block"),
                    "density_anneal": (steered, "--method sparse --mode str or block"),

@@ -417,7 +417,9 @@ def test_options_the_run_does_not_read_are_refused(files, capsys, tmp_path):
     default passes (it is what the run does anyway)."""
     cases = [("full", ["--density", "0.05"], "--density applies to --method sparse only: leave it out"),
              ("lora", ["--mode", "block", "--fast_after", "1"], "--mode applies to --method sparse only; "
-              "--fast_after applies to --method sparse only: leave them out"),
+              "--fast_after applies to --method sparse --mode str or block only: leave them out"),
+             ("sparse", ["--mode", "saliency", "--fast_after", "1"],
+              "--fast_after applies to --method sparse --mode str or block only"),
              ("sparse", ["--lora_rank", "8"], "--lora_rank applies to --method lora only"),
              ("sparse", ["--tile", "4"], "--tile applies to --method sparse --mode block only"),
              ("sparse", ["--mode", "saliency", "--density_warmup", "1"],
