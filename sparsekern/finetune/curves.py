@@ -38,7 +38,7 @@ def plot_curves(metrics: dict, filename) -> None:
     spans_decades = min(losses) > 0 and max(losses) > 10 * min(losses)
     axes[0].set(title="loss", xlabel="epoch", yscale="log" if spans_decades else "linear")
     for ax, (key, title) in zip(axes[1:], panels):
-        valid = [(h["epoch"], h["valid"][key]) for h in history if "valid" in h]
+        valid = [(h["epoch"], h["valid"][key]) for h in history if key in h.get("valid", {})]  # (stress: if labelled)
         if valid:
             ax.plot(*zip(*valid), marker="o", label="validation")
         ax.axhline(metrics[f"zero_shot_{evaluated}_{key}"], ls="--", color="gray", label=f"{evaluated}, zero-shot")

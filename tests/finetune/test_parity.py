@@ -1,4 +1,4 @@
-"""The test set's parity plot: labels against predictions, before and after."""
+"""The pictures: the test set's parity plot (labels against predictions, before and after), the learning curves."""
 
 import numpy as np
 import torch
@@ -22,3 +22,19 @@ def test_parity_data_are_the_labels_and_the_predictions(tmp_path):
     assert set(parity_data(samples[1:], unlabelled, unlabelled)) == {"energy", "forces"}
     plot_parity(data, "a title", tmp_path / "parity.png")
     assert (tmp_path / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curves_where_the_validation_frames_have_no_stresses(tmp_path):
+    """The evaluated set has stress labels and the validation frames none (a split of
+    mixed data): the stress panel shows the evaluated set's alone (it raised KeyError,
+    after training, before metrics.json was written)."""
+    from sparsekern.finetune.curves import plot_curves
+
+    errors = {"energy_mae_mev_per_atom": 2.0, "force_mae_mev_per_A": 30.0}
+    evaluated = {**errors, "stress_mae_mev_per_A3": 4.0}
+    metrics = {"history": [{"epoch": e, "train_loss": 1.0 / e, "valid_loss": 0.5 / e, "valid": errors} for e in (1, 2)],
+               "evaluated_on": "test", "selected_epoch": 2, "selected_by": "lowest validation loss",
+               "settings": {"stage_two": False}, "method": "sparse", "model": "m.model", "changed_fraction": 0.03,
+               **{f"{prefix}{k}": v for k, v in evaluated.items() for prefix in ("test_", "zero_shot_test_")}}
+    plot_curves(metrics, tmp_path / "training.png")
+    assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
