@@ -72,7 +72,8 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
         where = f"{path} frame {i}"
         if isolated is not None and len(atoms) == 1 and atoms.info.get("config_type") == "IsolatedAtom":
             label = _lookup(atoms, energy_key, "energy")
-            isolated[int(atoms.numbers[0])] = None if label is None else float(label)
+            if label is not None or int(atoms.numbers[0]) not in isolated:  # (an energy is not forgotten)
+                isolated[int(atoms.numbers[0])] = None if label is None else float(label)
             continue
         energy = float(_label(atoms, energy_key, where, "energy"))
         forces = np.asarray(_label(atoms, forces_key, where, "forces"), dtype=np.float64)

@@ -330,8 +330,10 @@ def _check_isolated_e0s(settings: Settings, train: Sequence[Frame], isolated: Di
 
 def _e0s(settings: Settings, frames: Splits) -> str:
     """The ``--E0s`` rule ``energy_shift`` applies: ``isolated`` as the dict of the training
-    file's isolated-atom energies."""
-    return repr(frames.isolated["train"]) if settings.e0s == "isolated" else settings.e0s
+    file's isolated-atom energies (those it has)."""
+    if settings.e0s != "isolated":
+        return settings.e0s
+    return repr({z: energy for z, energy in frames.isolated["train"].items() if energy is not None})
 
 
 def _fit_shift(family: Family, model, spec: str, samples: Sequence[Sample], train: Sequence[Frame],

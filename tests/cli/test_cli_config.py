@@ -249,6 +249,12 @@ def test_isolated_atoms_are_set_aside_as_mace_does(files, tmp_path, capsys):
     iso, given = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in ("iso", "dict"))
     assert iso["e0_shift_ev"] == given["e0_shift_ev"] and iso["test_force_mae_mev_per_A"] == given[
         "test_force_mae_mev_per_A"]
+    # frames without an energy (an element of no training frame; one after an energy) are not E0s
+    blank = [Atoms(numbers=[z], cell=[12.0] * 3, pbc=False, info={"config_type": "IsolatedAtom"}) for z in (28, 13)]
+    write(tmp_path / "blanks.xyz", [isolated[0], *frames, isolated[1], *blank])
+    assert run("blanks", tmp_path / "blanks.xyz", "--E0s", "isolated") == 0
+    blanks = json.loads((tmp_path / "blanks" / "metrics.json").read_text())
+    assert blanks["e0_shift_ev"] == given["e0_shift_ev"]
     capsys.readouterr()
     for train, extra, says in ((tmp_path / "with_isolated.xyz", ("--keep_isolated_atoms",), "leave out --keep_isol"),
                                (files / "train.xyz", (), "no IsolatedAtom frame with an energy for atomic numbers "
