@@ -57,8 +57,9 @@ def load(out: Path, settings) -> Optional[dict]:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise ValueError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
-    mine = settings.identity()
-    differ = {k: (ck["identity"].get(k), v) for k, v in mine.items() if ck["identity"].get(k) != v}
+    if not isinstance(ck, dict) or not {"identity", "epoch"} <= set(ck):
+        raise ValueError(f"{path} is not a sparsekern checkpoint; delete it or use another --out")
+    differ = settings.differences(ck["identity"])
     if differ:
         listed = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
         raise ValueError(f"{path} was written for different arguments ({listed}); "
