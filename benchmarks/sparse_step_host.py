@@ -48,11 +48,11 @@ def step_fn(model, batch, together: bool, introselect: bool):
     model.train()
 
     def step():
-        saved = density.prepare_values, density.kth_smallest
+        saved = density.prepare_values, density.split_point
         if not together:
             density.prepare_values = lambda deltas: None
         if not introselect:
-            density.kth_smallest = lambda values, k: torch.kthvalue(values, k).values
+            density.split_point = lambda values, k: torch.kthvalue(values, k).values
         try:
             out = model(dict(batch), compute_force=True, training=True)
             loss = out["forces"].square().mean() + out["energy"].square().mean()
@@ -60,7 +60,7 @@ def step_fn(model, batch, together: bool, introselect: bool):
             loss.backward()
             opt.step()
         finally:
-            density.prepare_values, density.kth_smallest = saved
+            density.prepare_values, density.split_point = saved
     return step
 
 

@@ -4,10 +4,15 @@ and an output folder is checked and held by one run at a time."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
+
+
+# atomic_write's temporary names: mkstemp's ".<name>.<8 random characters>.tmp"
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 def atomic_write(path, write: Callable[[str], None]) -> Path:
@@ -58,24 +63,29 @@ def exclusive(folder: Path, made: bool = False):
     where it was ``made`` for this run."""
     import fcntl
 
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    lock = folder / ".lock"
+    if lock.exists() and not lock.is_file():
+        raise ValueError(f"output folder {folder}: {lock.name} is not a file (sparsekern's lock): remove it")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError:  # (the holder's lock and folder are left as they are)
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise ValueError(f"output folder {folder} is in use by another run (pid {holder}); "
                              "wait for it to finish or choose another folder") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         for stale in folder.glob(".*.tmp"):
-            stale.unlink()
-        yield
-    except BaseException:
-        if [p.name for p in folder.iterdir()] == [".lock"]:
-            (folder / ".lock").unlink()
-            if made:
-                folder.rmdir()
-        raise
+            if _TEMPORARY.fullmatch(stale.name):  # atomic_write's names only, not the user's
+                stale.unlink()
+        try:
+            yield
+        except BaseException:
+            if [p.name for p in folder.iterdir()] == [lock.name]:
+                lock.unlink()
+                if made:
+                    folder.rmdir()
+            raise
     finally:
         os.close(fd)

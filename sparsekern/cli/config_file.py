@@ -85,4 +85,4 @@ def _tokens(parser: argparse.ArgumentParser, by_name: Dict[str, argparse.Action]
         return [opposite] if opposite is not None else []
     if isinstance(value, list):
         parser.error(f"--config {path}: {key} takes one value, got a list")
-    return [f"--{key}", str(value)]  # (a mapping as Python writes it: --E0s reads that)
+    return [f"--{key}={value}"]  # one token: a value may start with "-" (a mapping as Python writes it: --E0s reads it)

@@ -234,7 +234,7 @@ def _guarded(action: Callable[[], int], out: str) -> int:
 
     try:
         return action()
-    except (FileNotFoundError, KeyError, ValueError, FloatingPointError, MemoryError) as exc:
+    except (OSError, KeyError, ValueError, FloatingPointError, MemoryError) as exc:  # (OSError: a path unwritable)
         return _error(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
     except ImportError as exc:  # the model's family lives in another environment
         return _error(f"{exc} (MACE models need mace-torch, SevenNet models sevenn; "

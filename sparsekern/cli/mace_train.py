@@ -128,6 +128,14 @@ def _check_foundation_name(parser: argparse.ArgumentParser, spec: str, run_train
                      f"({', '.join(names)})")
 
 
+def _check_data(parser: argparse.ArgumentParser, args) -> None:
+    """The data files are there (MACE's reader would raise a traceback, after its set-up)."""
+    missing = [f"--{flag} {getattr(args, flag)}" for flag in ("train_file", "valid_file", "test_file")
+               if getattr(args, flag) and not Path(getattr(args, flag)).exists()]
+    if missing:
+        parser.error(f"data file not found: {', '.join(missing)}")
+
+
 def _run(run_train, args, hooks: Optional[SparseHooks]) -> int:
     """MACE's training script on ``args`` (with ``hooks`` installed, if any)."""
     try:
@@ -166,6 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.lora:
         if given:
             parser.error(f"--lora True runs MACE's LoRA; the sparse-delta flags {given} do not apply with it")
+        _check_data(parser, args)
         return _run(run_train, args, None)
     if args.foundation_model is None:
         parser.error("sparse deltas fine-tune a pretrained model: give --foundation_model "
@@ -183,6 +192,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         factor = lr_factor(ours["sparse_lr_factor"], config.density, args.lr)
     except ValueError as exc:
         parser.error(str(exc))
+    _check_data(parser, args)
     hooks = SparseHooks(config, ours["sparse_backend"], args, factor)
     if args.device == "cpu":
         keep_freed_memory()

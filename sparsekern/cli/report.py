@@ -30,12 +30,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "they described their weight groups")
     args = parser.parse_args(argv)
 
+    from ..files import output_folder
     from ..finetune.adapters import read_adapter
     from ..finetune.report import build_report, profile_lines, verdict_line, write_report
 
     adapter = Path(args.adapter)
     try:
         read_adapter(adapter)  # a bad file is refused before a base model loads
+        out = output_folder(args.out or adapter.parent)  # and a folder it cannot write
         base = load_base(args.model) if args.model else None
         report = build_report(adapter, base)
     except (ValueError, FileNotFoundError) as exc:
@@ -45,7 +47,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"sparsekern report: {exc} (MACE models need mace-torch, SevenNet models sevenn)", file=sys.stderr)
         return 1
     stem = adapter.name.removesuffix(".safetensors") + ".report"
-    png, js = write_report(report, args.out or adapter.parent, stem)
+    try:
+        png, js = write_report(report, out, stem)
+    except OSError as exc:
+        print(f"sparsekern report: cannot write the report into {out}: {exc}", file=sys.stderr)
+        return 1
     print(f"{report['changed_params']} of {report['total_params']} path weights changed "
           f"({100 * report['density']:.2f} %)")
     print(verdict_line(report))

@@ -141,7 +141,7 @@ def _attach_sparse(model: torch.nn.Module, path, tensors: Tensors, metadata: dic
         _split(stem, layers)  # (a clear error for an entry naming no layer)
         t, index, values = targets.get(stem), tensors.get(f"{stem}.index"), tensors.get(f"{stem}.values")
         if t is None or index is None or values is None or index.shape != values.shape \
-                or (index.numel() and int(index.max()) >= t.numel):
+                or (index.numel() and not 0 <= int(index.min()) <= int(index.max()) < t.numel):
             raise ValueError(f"adapter {path}: entry {stem!r} does not fit this model")
         base = t.layer.get_parameter(t.param)
         pairs.append((t, FixedDelta(t.groups, t.numel, index.to(base.device),

@@ -35,6 +35,13 @@ def _lookup(atoms, key: str, kind: str):
     return results[kind] if key == kind and kind in results else None
 
 
+def _number(value, what: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} is not a number: {value!r}") from None
+
+
 def _label(atoms, key: str, where: str, kind: str):
     """``_lookup``'s label, which every frame must have."""
     value = _lookup(atoms, key, kind)
@@ -75,7 +82,9 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
             if label is not None or int(atoms.numbers[0]) not in isolated:  # (an energy is not forgotten)
                 isolated[int(atoms.numbers[0])] = None if label is None else float(label)
             continue
-        energy = float(_label(atoms, energy_key, where, "energy"))
+        if len(atoms) == 0:
+            raise ValueError(f"{where}: no atoms")
+        energy = _number(_label(atoms, energy_key, where, "energy"), f"{where}: energy {energy_key!r}")
         forces = np.asarray(_label(atoms, forces_key, where, "forces"), dtype=np.float64)
         if forces.shape != (len(atoms), 3):
             raise ValueError(f"{where}: forces {forces_key!r} have shape {forces.shape}, expected ({len(atoms)}, 3)")
@@ -172,19 +181,31 @@ def _parse_e0s_dict(spec: str) -> Dict[int, float]:
     if spec.endswith(".json"):
         if not Path(spec).is_file():
             raise FileNotFoundError(f"--E0s: JSON file not found: {spec}")
-        raw = json.loads(Path(spec).read_text())
+        try:
+            raw = json.loads(Path(spec).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--E0s {spec}: not JSON ({exc})") from None
     else:
         try:
             raw = ast.literal_eval(spec)
         except (ValueError, SyntaxError) as exc:
-            raise ValueError(f"--E0s: expected foundation, estimated, average, a .json file or a dict "
+            raise ValueError(f"--E0s: expected foundation, estimated, average, isolated, a .json file or a dict "
                              f"like '{{1: -13.6, 8: -2041.8}}', got {spec!r}") from exc
     if not isinstance(raw, dict):
         raise ValueError(f"--E0s: expected a dict of atomic number -> energy, got {spec!r}")
-    return {int(k): float(v) for k, v in raw.items()}
+    try:
+        return {int(k): float(v) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"--E0s {spec}: expected atomic numbers -> energies (eV), got {raw!r}") from None
 
 
 REFIT_E0S = ("estimated", "average")  # fitted to the data: refitted after training (trainer)
+
+
+def check_e0s(spec: str) -> None:
+    """``--E0s`` read as its rule or its energies, or a one-line error (before any model loads)."""
+    if spec not in ("foundation", "isolated", *REFIT_E0S):
+        _parse_e0s_dict(spec)
 
 
 def energy_shift(spec: str, frames: Sequence[Frame], zs: Sequence[int],

@@ -119,9 +119,10 @@ def _elementwise(deltas: Sequence[ThresholdDelta]) -> List[List[ThresholdDelta]]
 
 @torch.no_grad()
 def scores_of(deltas: Sequence[ThresholdDelta]) -> torch.Tensor:
-    """The ``deltas``' scores (:meth:`ThresholdDelta.scores`) one after another, float32:
-    a fixed number of ops for all the element-wise ones (the density controller asks
-    before every training step)."""
+    """The ``deltas``' scores (:meth:`ThresholdDelta.scores`) one after another, in their
+    dtype (the threshold compares in it: float32 scores let float64 entries tied or within
+    half a float32 ulp of the k-th pass it); a fixed number of ops for all the element-wise
+    ones (the density controller asks before every training step)."""
     scores = {}
     for group in _elementwise(deltas):
         mags = torch._foreach_abs([d.v for d in group])
@@ -133,7 +134,7 @@ def scores_of(deltas: Sequence[ThresholdDelta]) -> torch.Tensor:
         if id(d) not in scores:
             mag = d._tile_magnitudes()
             scores[id(d)] = torch.log(mag.clamp_min(torch.finfo(mag.dtype).tiny)) - d.log_tau
-    return torch.cat([scores[id(d)] for d in deltas]).float()
+    return torch.cat([scores[id(d)] for d in deltas])
 
 
 def prepare_values(deltas: Sequence[ThresholdDelta]) -> None:

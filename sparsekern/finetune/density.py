@@ -46,7 +46,7 @@ def calibrate_density(model: torch.nn.Module, density: Optional[float] = None) -
     elif keep == 0:  # clear of the largest score, where exp(log) round-off could let one through
         shift = scores.max() + 1.0
     else:  # on the scores' device: no copy to the host, no sync (run before every step)
-        shift = kth_smallest(scores, scores.numel() - keep)  # `keep` scores lie above
+        shift = split_point(scores, scores.numel() - keep)  # `keep` scores lie above
     torch._foreach_copy_([d.tau_shift for d in deltas], [shift] * len(deltas))
 
 
@@ -59,8 +59,11 @@ def calibrate_to_schedule(model: torch.nn.Module) -> None:
         calibrate_density(model, scheduled_density(delta_slot.config_of(model), deltas[0].steps))
 
 
-def kth_smallest(values: torch.Tensor, k: int, by_sort: Optional[bool] = None) -> torch.Tensor:
-    """The ``k``-th smallest of the 1-d ``values`` (from 1), on their device. Off the CPU
+def split_point(values: torch.Tensor, k: int, by_sort: Optional[bool] = None) -> torch.Tensor:
+    """The midpoint of the ``k``-th and ``k + 1``-th smallest of the 1-d ``values`` (k from
+    1 to n - 1), on their device: ``k`` values lie below it and the rest above, clear of
+    both by half their gap (at the k-th itself, the exp and log round-off of the threshold
+    decided that entry's side: half the time one entry too many changed). Off the CPU
     (a GPU, or ``meta`` in the sync proxies) a full sort: CUDA's kthvalue selects with one
     thread block per slice, 18.7 ms for MACE-MP-0 medium's 4.7 M scores on an H200 (a
     fifth of a sparse step, results/gpu_suite_20261204_182714.md), where a radix sort
@@ -68,8 +71,10 @@ def kth_smallest(values: torch.Tensor, k: int, by_sort: Optional[bool] = None) -
     kthvalue takes 61 ms (2 cores, the same 4.7 M): a sparse step of H2O 132.0 -> 109.1 ms
     (benchmarks/sparse_step_host.py)."""
     if by_sort if by_sort is not None else values.device.type != "cpu":
-        return torch.sort(values).values[k - 1]
-    return torch.as_tensor(np.partition(values.detach().numpy(), k - 1)[k - 1])
+        pair = torch.sort(values).values[k - 1:k + 1]
+    else:
+        pair = torch.as_tensor(np.partition(values.detach().numpy(), (k - 1, k))[k - 1:k + 1])
+    return pair.mean()
 
 
 def _steer_density(model: torch.nn.Module, module: torch.nn.Module, args) -> None:

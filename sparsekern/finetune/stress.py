@@ -1,5 +1,8 @@
-"""The stress term of the fine-tuning loss and its errors (``--stress_weight``), as
-MACE's stress loss: frames without a stress label add nothing to either."""
+"""The stress term of the fine-tuning loss and its errors (``--stress_weight``), MACE's
+stress loss where every frame has a label. Frames without one add nothing to either,
+and the mean is over the labelled frames' values: MACE's is over all the batch's frames
+(the unlabelled at weight 0), so where a fraction p of the frames is labelled, the same
+weight counts 1/p times as much here, the same from batch to batch."""
 
 from __future__ import annotations
 

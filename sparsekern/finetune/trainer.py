@@ -47,7 +47,7 @@ from .averaging import ParameterAverage
 from .backward import backward
 from .config import SparseConfig
 from .curves import plot_curves
-from .data import REFIT_E0S, Frame, energy_shift, read_frames, shared_frames, split_valid, valid_indices
+from .data import REFIT_E0S, Frame, check_e0s, energy_shift, read_frames, shared_frames, split_valid, valid_indices
 from .density import calibrate_to_schedule, steady
 from .distributed import Group, join, leave
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, fits_in_memory, forward, loss,
@@ -61,6 +61,11 @@ from .parity import parity_data, plot_parity
 from .precompile import precompile_run
 from .preemption import Preempted, deferred
 from .statistics import stats
+
+
+# Left out of a checkpoint's identity: where the run goes and how it shows, not what it trains
+# (the stop is decided from the checkpoint's history: more --patience continues a stopped run).
+_NOT_IDENTITY = ("out", "device", "progress", "cuda_graphs", "patience", "last_epoch")
 
 
 @dataclass
@@ -144,6 +149,7 @@ class Settings:
         if bad:  # a negative weight would maximise that error, silently
             raise ValueError(f"loss weights must be finite and >= 0, got {', '.join(bad)}")
         self._check_stress()
+        check_e0s(self.e0s)
         if self.default_dtype not in (None, "float32", "float64"):
             raise ValueError(f"--default_dtype must be float32 or float64, got {self.default_dtype!r}")
         if not 0.0 < self.ema_decay < 1.0:
@@ -256,8 +262,7 @@ class Settings:
 
     def identity(self) -> Dict[str, object]:
         d = asdict(self)
-        # (the stop is decided from the checkpoint's history: more --patience continues a stopped run)
-        for k in ("out", "device", "progress", "cuda_graphs", "patience", "last_epoch"):
+        for k in _NOT_IDENTITY:
             d.pop(k)
         if self.lr_schedule == "constant":  # more epochs continue a finished run; a cosine's curve depends on them
             d.pop("epochs")
@@ -281,6 +286,16 @@ class Settings:
             d[k] = str(Path(d[k]).resolve()) if d[k] else None
         d["model"] = family_for(self.model).spec_identity(self.model)
         return d
+
+    def differences(self, theirs: dict) -> Dict[str, tuple]:
+        """Where a checkpoint's identity ``theirs`` differs from this run's: name ->
+        (the checkpoint's value, now). Both ways: an option the identity leaves out where it
+        is off (Stage Two, --valid_fraction, ...) differs where the checkpoint has it on."""
+        mine = self.identity()
+        differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        differ.update({k: (v, getattr(self, k, None)) for k, v in theirs.items()
+                       if k not in mine and k not in _NOT_IDENTITY and v != getattr(self, k, None)})
+        return differ
 
 
 class Splits(NamedTuple):
@@ -384,10 +399,12 @@ def _apply_method(model, settings: Settings, family: Family, train_s: Sequence[S
     else:
         tile = (1, 1) if mode == "str" else (settings.tile, settings.tile)
         steps = -(-len(train_s) // settings.batch_size)  # per epoch
-        config = SparseConfig(density=settings.density, mode=mode, tile=tile, seed=settings.seed,
-                              warmup_steps=max(1, round(settings.density_warmup * steps)),
-                              peak_density=settings.density_peak, anneal_steps=round(settings.density_anneal * steps),
-                              **resolved)
+        # the schedule ends where warmup + anneal epochs end (within --epochs: on target after it),
+        # the warmup a step at least
+        warmup = max(1, round(settings.density_warmup * steps))
+        anneal = max(0, round((settings.density_warmup + settings.density_anneal) * steps) - warmup)
+        config = SparseConfig(density=settings.density, mode=mode, tile=tile, seed=settings.seed, warmup_steps=warmup,
+                              peak_density=settings.density_peak, anneal_steps=anneal, **resolved)
     model.train()  # the saliency pass needs training's forces (with their graph)
     losses = [partial(loss, family, model, batch, settings) for batch in batches(train_s, settings.batch_size)]
     return prepare(model, config, losses=losses if MODES[mode].needs_loss else None)
@@ -492,13 +509,17 @@ class _Loop:
 
     @contextmanager
     def averaged(self):
-        """The model as it is evaluated: with the average (at the scheduled density) under --ema."""
+        """The model as it is evaluated: with the average (at the scheduled density) under --ema;
+        after it, the trained values' thresholds again (``to_fast`` reads them)."""
         if self.average is None:
             yield
             return
-        with self.average.applied():
+        try:
+            with self.average.applied():
+                calibrate_to_schedule(self.model)
+                yield
+        finally:
             calibrate_to_schedule(self.model)
-            yield
 
 
 def _step(loop: _Loop, batch: List[Sample], epoch: int) -> Tuple[float, int]:
@@ -564,7 +585,8 @@ def _to_train(progress: checkpoint.Progress, settings: Settings) -> bool:
     """Whether another epoch trains. Where --patience runs out before Stage Two, Stage Two
     starts now (MACE's rule): the epochs up to its start are skipped."""
     if settings.stage_two and progress.epoch < settings.start_stage_two and _patience_spent(progress, settings):
-        progress.epoch, progress.best = settings.start_stage_two, None
+        # (an epoch under way, resumed under a lower --patience, is dropped: Stage Two's first is whole)
+        progress.epoch, progress.step, progress.epoch_loss, progress.best = settings.start_stage_two, 0, 0.0, None
     return progress.epoch < settings.epochs and not _patience_spent(progress, settings)
 
 
@@ -673,7 +695,8 @@ def _selection(progress: checkpoint.Progress, settings: Settings) -> dict:
         return {"selected_epoch": progress.epoch, "selected_by": "last epoch"}
     return {"selected_epoch": _selected_epoch(progress, settings),
             "selected_by": "last epoch" if settings.last_epoch else "lowest validation loss",
-            "best_valid_loss_epoch": progress.best["epoch"], "stopped_by_patience": _patience_spent(progress, settings)}
+            "best_valid_loss_epoch": progress.best["epoch"], "stopped_by_patience": (progress.epoch < settings.epochs
+                                                             and _patience_spent(progress, settings))}
 
 
 def _save_results(family: Family, model, settings: Settings, shift: Dict[int, float], held_s: Sequence[Sample],

@@ -98,6 +98,10 @@ def test_patience_stops_and_more_patience_continues(files, three_epochs, capsys)
     assert m["epochs"] == 3 and not m["stopped_by_patience"]
     assert [h["valid_loss"] for h in m["history"]] == pytest.approx([h["valid_loss"] for h in full["history"]],
                                                                     rel=1e-12)
+    capsys.readouterr()
+    assert _run(files, files / "patience_at_the_end", "--patience", "1", epochs=2) == 0  # spent as --epochs ends
+    assert not _metrics(files / "patience_at_the_end")["stopped_by_patience"]
+    assert "--patience stopped" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", [("--density_warmup", "2"), ("--fast_after", "1")])

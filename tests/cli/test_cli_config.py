@@ -40,6 +40,7 @@ def test_config_file_and_maces_names_are_the_command_line(tmp_path):
     assert from_config["config"] is None and from_config["ema"] is False and from_config["density"] == 0.03
     assert from_config["amsgrad"] is True and _parsed([*explicit, "--no_amsgrad"])["amsgrad"] is False
     assert _parsed(["--config", _yaml(tmp_path / "d.yaml", "amsgrad: false\n"), *explicit])["amsgrad"] is False
+    assert _parsed(["--config", _yaml(tmp_path / "e.yaml", "energy_key: -E\n"), *explicit])["energy_key"] == "-E"
     later = _parsed([f"--config={config}", "--out", "o", "--max_num_epochs", "9", "--train", "u.xyz", "--ema"])
     assert later == {**from_config, "epochs": 9, "train": "u.xyz", "ema": True}
 

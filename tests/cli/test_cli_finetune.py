@@ -301,6 +301,21 @@ def test_fast_phase_trains_only_the_active_entries_and_resumes(files):
     assert 0 < m["changed_fraction"] <= 1.1 * 0.03
 
 
+def test_the_fast_phase_keeps_the_trained_values_active_entries(tmp_path):
+    """Whether or not the moving average was validated before the switch to the fast phase,
+    the entries kept are the trained values' active ones (the average's thresholds were
+    left in place: 0.03095 of the weights kept where 0.03015 were active)."""
+    from helpers import write_tiny_mace_case
+
+    files = write_tiny_mace_case(tmp_path, n_train=6)
+    kept = []
+    for name, extra in (("average", ()), ("last", ("--no_ema",))):
+        assert _run(files, tmp_path / name, "--fast_after", "2", "--valid_fraction", "0.34", "--batch_size", "2",
+                    *extra, epochs=4) == 0
+        kept.append(json.loads((tmp_path / name / "metrics.json").read_text())["changed_params"])
+    assert kept[0] == kept[1]
+
+
 def test_ema_saves_the_average_and_resumes(files, capsys):
     """The moving average is on by default: the merged model holds the average of the
     trained weights (full fine-tuning: every parameter), not the last step's (--no_ema);
@@ -395,9 +410,25 @@ def test_bad_data_and_folders_are_refused_before_slow_work(files, sparse_run, ca
     refused(tmp_path / "i", "--train", str(inf), says="forces 'REF_forces' hold NaN or infinity")
     overlap = _write_broken(files, tmp_path, "overlap.xyz", lambda a: a.positions.__setitem__(1, a.positions[0] + 0.1))
     refused(tmp_path / "o", "--train", str(overlap), says="overlapping atoms")
-    assert not any((tmp_path / name).exists() for name in "nio")
+    text = _write_broken(files, tmp_path, "text.xyz", lambda a: a.info.update(REF_energy="abc"))
+    refused(tmp_path / "t", "--train", str(text), says="frame 1: energy 'REF_energy' is not a number: 'abc'")
+    empty = _write_broken(files, tmp_path, "empty.xyz", lambda a: a.__delitem__(slice(None)))
+    refused(tmp_path / "e", "--train", str(empty), says="frame 1: no atoms")
+    (tmp_path / "e0s.json").write_text('{"Al": -3.0}')
+    refused(tmp_path / "j", "--E0s", str(tmp_path / "e0s.json"), says="expected atomic numbers -> energies (eV), got "
+                                                                      "{'Al': -3.0}")
+    (tmp_path / "e0s.json").write_text("{13: -3.0}")
+    refused(tmp_path / "j", "--E0s", str(tmp_path / "e0s.json"), says="e0s.json: not JSON (Expecting property name")
+    assert not any((tmp_path / name).exists() for name in "niotej")
     (tmp_path / "file").write_text("")
     refused(tmp_path / "file", says="is a file")
+    (tmp_path / "ck").mkdir()
+    torch.save({"weights": 1}, tmp_path / "ck" / "checkpoint.pt")
+    refused(tmp_path / "ck", says="is not a sparsekern checkpoint; delete it or use another --out")
+    (tmp_path / "lock" / ".lock").mkdir(parents=True)
+    refused(tmp_path / "lock", says=".lock is not a file (sparsekern's lock): remove it")
+    (tmp_path / "late" / "metrics.json").mkdir(parents=True)  # found only when the results are written
+    refused(tmp_path / "late", says="Is a directory")
     refused(tmp_path / "d", "--density", "0", says="--density must be in (0, 1]")
     refused(tmp_path / "w", "--energy_weight", "-1", says="loss weights must be finite and >= 0, got --energy_weight -1")
     refused(tmp_path / "s", "--density_warmup", "1", "--density_anneal", "5", says="must end within --epochs")
@@ -409,6 +440,31 @@ def test_bad_data_and_folders_are_refused_before_slow_work(files, sparse_run, ca
     out, _ = sparse_run
     with exclusive(out):  # another run holds the folder
         refused(out, says="is in use by another run")
+
+
+def test_a_checkpoint_resumes_under_its_own_options_only(files, capsys, tmp_path):
+    """An option the identity leaves out where it is off (Stage Two, --valid_fraction, a
+    cosine schedule, the moving average) differs where the checkpoint has it on: such a
+    checkpoint is not resumed by a command without it (it was, training the held-out
+    frames)."""
+    from sparsekern.finetune.trainer import Settings
+
+    base = dict(model=str(files / "tiny.model"), train=str(files / "train.xyz"), test=None, method="sparse", out="o",
+                lr=0.1)
+    on = Settings(**base, valid_fraction=0.34, stage_two=True, lr_schedule="cosine", epochs=4).identity()
+    assert Settings(**base, valid_fraction=0.34, stage_two=True, lr_schedule="cosine", epochs=4).differences(on) == {}
+    differ = Settings(**base, epochs=5).differences(on)
+    assert differ["valid_fraction"] == (0.34, None) and differ["stage_two"] == (True, False)
+    assert differ["lr_schedule"] == ("cosine", "constant") and differ["epochs"] == (4, 5)
+    assert Settings(**base, ema=False).differences(Settings(**base).identity()) == {"ema": (True, False)}
+    assert Settings(**base).differences(Settings(**base, ema=False).identity()) == {"ema": (None, True),
+                                                                                    "ema_decay": (None, 0.99)}
+    out = tmp_path / "held_out"
+    assert _run(files, out, "--valid_fraction", "0.34", epochs=1) == 0
+    capsys.readouterr()
+    assert _run(files, out, epochs=2) == 2
+    err = capsys.readouterr().err
+    assert "written for different arguments (valid_fraction: checkpoint 0.34 vs now None)" in err, err
 
 
 def test_options_the_run_does_not_read_are_refused(files, capsys, tmp_path):

@@ -189,6 +189,14 @@ def test_bad_adapter_files(base, adapters, tmp_path, atoms, capsys):
         assert cli(["report", str(bad)]) == 1
         err = capsys.readouterr().err
         assert message in err and len(err.splitlines()) == 1
+    with safe_open(str(path), framework="pt") as f:  # an index below 0 would read another entry: refused
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = next(k for k, t in tensors.items() if k.endswith(".index") and t.numel())
+    tensors[key] = tensors[key].clone()
+    tensors[key][0] = -5
+    save_file(tensors, str(tmp_path / "negative.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_adapter(copy.deepcopy(base), tmp_path / "negative.safetensors")
     # its own base cast to float32 takes it (and the float64 base a float32-made one)
     load_adapter(copy.deepcopy(base).float(), path)
     # adapters written before the fingerprint's precision was recorded hashed float64

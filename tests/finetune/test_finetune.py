@@ -182,15 +182,15 @@ def test_density_schedule_warms_up_then_anneals():
 
 
 @pytest.mark.parametrize("by_sort", [True, False])  # True: the GPU path, run here on the CPU
-def test_kth_smallest_is_the_order_statistic(by_sort):
-    from sparsekern.finetune.density import kth_smallest
+def test_split_point_is_between_the_order_statistics(by_sort):
+    from sparsekern.finetune.density import split_point
 
     g = torch.Generator().manual_seed(7)
-    values = torch.randn(1000, generator=g)
+    values = torch.randn(1000, generator=g, dtype=torch.float64)
     values[::10] = values[1::10]  # some ties
     ordered = sorted(values.tolist())
-    for k in (1, 2, 500, 999, 1000):
-        assert kth_smallest(values, k, by_sort=by_sort).item() == ordered[k - 1]
+    for k in (1, 2, 500, 998, 999):
+        assert split_point(values, k, by_sort=by_sort).item() == (ordered[k - 1] + ordered[k]) / 2
 
 
 @pytest.mark.parametrize("mode", ["str", "saliency"])

@@ -161,3 +161,5 @@ def test_old_format_adapter_needs_its_base_and_corrupt_files_fail(base, tmp_path
     assert "not a readable sparsekern adapter" in capsys.readouterr().err
     assert cli(["report", str(tmp_path / "missing.safetensors")]) == 1
     assert "adapter not found" in capsys.readouterr().err
+    assert cli(["report", str(path), "--out", str(corrupt)]) == 1  # a file, not a folder: before any work
+    assert f"output folder {corrupt} is a file" in capsys.readouterr().err

@@ -215,10 +215,15 @@ def test_lora_runs_mace_own_lora_and_flags_do_not_mix(workdir, capsys):
         cli(["mace-train", "--name", "x", "--train_file", "t.xyz", "--lora", "True", "--sparse_density", "0.1"])
     assert exit_.value.code == 2 and "--sparse_density" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:  # a tile without block mode would change nothing
-        cli(["mace-train", "--name", "x", "--train_file", "t.xyz", "--foundation_model", str(d / "foundation.model"),
-             "--sparse_tile", "4x4"])
+        cli(["mace-train", "--name", "x", "--train_file", str(d / "train.xyz"), "--foundation_model",
+             str(d / "foundation.model"), "--sparse_tile", "4x4"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--sparse_tile applies to --sparse_mode block only" in err, err
+    with pytest.raises(SystemExit) as exit_:
+        cli(["mace-train", "--name", "x", "--train_file", str(d / "nope.xyz"), "--foundation_model",
+             str(d / "foundation.model")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"data file not found: --train_file {d / 'nope.xyz'}" in err, err
     with pytest.raises(SystemExit) as exit_:
         cli(["mace-train", "--help"])
     assert exit_.value.code == 0
@@ -238,6 +243,8 @@ def test_cpu_runs_keep_freed_memory(monkeypatch, device, calls, tmp_path):
     monkeypatch.setattr(mace_train, "keep_freed_memory", lambda: kept.append(1))
     monkeypatch.setattr(run_train, "run", lambda args: None)  # the training itself is tested above
     (tmp_path / "f.model").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    Path("t.xyz").write_text("")  # (checked to exist; not read)
     assert mace_train.main(["--name", "x", "--train_file", "t.xyz", "--foundation_model", str(tmp_path / "f.model"),
                             "--device", device]) == 0
     assert len(kept) == calls
@@ -254,6 +261,8 @@ def test_a_foundation_model_mace_cannot_get_is_one_line(monkeypatch, capsys, tmp
         raise RuntimeError("Model download failed\nand no local model found")
 
     monkeypatch.setattr(run_train, "mace_mp", offline)
+    monkeypatch.chdir(tmp_path)
+    Path("t.xyz").write_text("")  # (checked to exist; not read)
     monkeypatch.setattr(run_train, "run", lambda args: run_train.mace_mp(model=args.foundation_model))
     assert mace_train.main(["--name", "x", "--train_file", "t.xyz", "--foundation_model", "medium"]) == 2
     err = capsys.readouterr().err
