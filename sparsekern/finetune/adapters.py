@@ -133,7 +133,7 @@ def _lora_entries(model: torch.nn.Module, deltas: Sequence) -> Tuple[Tensors, Di
 def _attach_sparse(model: torch.nn.Module, path, tensors: Tensors, metadata: dict, trainable: bool) -> None:
     """A FixedDelta per stored parameter (one copy per element where the adapter's
     config says element_resolved)."""
-    resolved = bool((json.loads(metadata.get("config") or "null") or {}).get("element_resolved"))
+    resolved = bool(getattr(stored_config(metadata), "element_resolved", False))
     targets = {f"{t.name}.{t.param}": t for t in delta_targets(model, SparseConfig(element_resolved=resolved))}
     layers = dict(patched_layers(model))
     pairs = []
@@ -151,9 +151,7 @@ def _attach_sparse(model: torch.nn.Module, path, tensors: Tensors, metadata: dic
 
 def _attach_lora(model: torch.nn.Module, path, tensors: Tensors, metadata: dict, trainable: bool) -> None:
     """``prepare`` with the adapter's config, then the stored factors copied in."""
-    config = SparseConfig(**{k: tuple(v) if k == "tile" and isinstance(v, list) else v
-                             for k, v in json.loads(metadata["config"]).items()})
-    prepare(model, config)
+    prepare(model, stored_config(metadata))
     expected = set(tensors)
     with torch.no_grad():
         for layer_name, _, param, delta in delta_slot.iter_deltas(model):
@@ -247,7 +245,31 @@ def read_adapter(path, formats: Sequence[str] = tuple(FORMATS)):
     if int(version) > known:
         raise ValueError(f"adapter {path} was written by a newer sparsekern ({metadata.get('sparsekern', '?')}): "
                          f"{fmt} format {version} > {known}, the newest this one reads; upgrade sparsekern")
+    _check_metadata(path, fmt, metadata)
     return tensors, metadata
+
+
+def stored_config(metadata: dict) -> Optional[SparseConfig]:
+    """The SparseConfig an adapter's metadata hold (None: none), or ValueError/TypeError."""
+    config = json.loads(metadata.get("config") or "null")
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise ValueError(f"config {config!r} is not a mapping")
+    return SparseConfig(**{k: tuple(v) if k == "tile" and isinstance(v, list) else v for k, v in config.items()})
+
+
+def _check_metadata(path, fmt: str, metadata: dict) -> None:
+    """What loading and reporting read from the metadata, or a one-line error: a config
+    SparseConfig takes (LoRA's needs one), a fingerprint dtype torch has."""
+    try:
+        if stored_config(metadata) is None and fmt == LORA_ADAPTER:
+            raise ValueError("a LoRA adapter without its config")
+        dtype = metadata.get("fingerprint_dtype", "float64")
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"fingerprint_dtype {dtype!r}")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"adapter {path}: its metadata are damaged ({exc})") from None
 
 
 def attach_adapter(model: torch.nn.Module, path, tensors: Tensors, metadata: dict, trainable: bool) -> None:

@@ -197,6 +197,18 @@ def test_bad_adapter_files(base, adapters, tmp_path, atoms, capsys):
     save_file(tensors, str(tmp_path / "negative.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="does not fit this model"):
         load_adapter(copy.deepcopy(base), tmp_path / "negative.safetensors")
+    lora = adapters["lora"]  # damaged metadata: one line from load_adapter and report alike
+    for name, metadata, says in (("noconfig", {"config": None}, "a LoRA adapter without its config"),
+                                 ("rank0", {"config": '{"mode": "lora", "lora_rank": 0}'}, "lora_rank must be >= 1"),
+                                 ("listed", {"config": "[1]"}, "is not a mapping"),
+                                 ("dtype", {"fingerprint_dtype": "bogus"}, "fingerprint_dtype 'bogus'")):
+        damaged = _rewrite(lora, tmp_path / f"{name}.safetensors", **metadata)
+        with pytest.raises(ValueError, match="its metadata are damaged"):
+            load_adapter(copy.deepcopy(base), damaged)
+        capsys.readouterr()
+        assert cli(["report", str(damaged)]) == 1
+        err = capsys.readouterr().err
+        assert says in err and len(err.splitlines()) == 1, err
     # its own base cast to float32 takes it (and the float64 base a float32-made one)
     load_adapter(copy.deepcopy(base).float(), path)
     # adapters written before the fingerprint's precision was recorded hashed float64
