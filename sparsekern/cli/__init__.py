@@ -43,8 +43,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"sparsekern: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"{__name__}.{COMMANDS[argv[0]][0]}")
-    return int(module.main(argv[1:]) or 0)
+    try:
+        module = importlib.import_module(f"{__name__}.{COMMANDS[argv[0]][0]}")
+        return int(module.main(argv[1:]) or 0)
+    except KeyboardInterrupt:  # (a run in progress says more itself: how to resume)
+        print(f"\nsparsekern {argv[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

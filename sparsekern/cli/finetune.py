@@ -245,8 +245,9 @@ def _guarded(action: Callable[[], int], out: str) -> int:
                   f"same command to resume", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"\nsparsekern finetune: interrupted; rerun the same command to resume from the last "
-              f"checkpoint in {out}", file=sys.stderr)
+        if _rank() == 0:  # (every rank gets the Ctrl-C: one says so)
+            print(f"\nsparsekern finetune: interrupted; rerun the same command to resume from the last "
+                  f"checkpoint in {out}", file=sys.stderr)
         return 130
 
 

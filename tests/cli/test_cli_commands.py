@@ -17,3 +17,15 @@ def test_usage_version_and_unknown_commands(capsys):
     version = re.search(r'^version = "(.+)"$', project, re.M).group(1)
     for flag in ("--version", "-V"):
         assert main([flag]) == 0 and capsys.readouterr().out == f"sparsekern {version}\n"
+
+
+def test_ctrl_c_before_a_run_starts_is_one_line(capsys, monkeypatch):
+    """Ctrl-C while a command is still setting up (importing, parsing): one line, exit 130."""
+    import sparsekern.cli.report as report
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "main", interrupted)
+    assert main(["report", "x.safetensors"]) == 130
+    assert capsys.readouterr().err == "\nsparsekern report: interrupted\n"
