@@ -40,11 +40,13 @@ class Progress:
 
 def _how_to_resume(differ: dict) -> str:
     """How to resume a run whose arguments ``differ`` (name -> (checkpoint's, now)) only
-    because a default changed since it started: the moving average, or the lr."""
-    if "ema" in differ and differ["ema"][0] is None:
+    in a default: one that changed since it started (the moving average, the lr), or
+    one that follows --epochs (Stage Two's start)."""
+    if "ema" in differ and differ["ema"][0] is None and set(differ) <= {"ema", "ema_decay", "lr"}:
         return " (a run started before the moving average was the default resumes with --no_ema)"
-    if "lr" in differ and differ["lr"][0] is not None:
-        return f" (to resume it, pass --lr {differ['lr'][0]:g})"
+    for name in ("lr", "start_stage_two"):
+        if set(differ) == {name} and differ[name][0] is not None:
+            return f" (to resume it, pass --{name} {differ[name][0]:g})"
     return ""
 
 

@@ -63,9 +63,10 @@ from .preemption import Preempted, deferred
 from .statistics import stats
 
 
-# Left out of a checkpoint's identity: where the run goes and how it shows, not what it trains
-# (the stop is decided from the checkpoint's history: more --patience continues a stopped run).
-_NOT_IDENTITY = ("out", "device", "progress", "cuda_graphs", "patience", "last_epoch")
+# Left out of a checkpoint's identity: where the run goes, how it shows and what it is tested
+# on, not what it trains (the stop is decided from the checkpoint's history: more --patience
+# continues a stopped run).
+_NOT_IDENTITY = ("out", "device", "progress", "cuda_graphs", "patience", "last_epoch", "test", "max_test")
 
 
 @dataclass
@@ -282,7 +283,7 @@ class Settings:
             d.pop("ema_decay")
         if self.amsgrad:  # checkpoints from before it stay resumable
             d.pop("amsgrad")
-        for k in ("train", "valid", "test"):  # the same file wherever the command runs from
+        for k in ("train", "valid"):  # the same file wherever the command runs from
             d[k] = str(Path(d[k]).resolve()) if d[k] else None
         d["model"] = family_for(self.model).spec_identity(self.model)
         return d

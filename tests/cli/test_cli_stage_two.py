@@ -142,3 +142,18 @@ def test_stage_two_flags_are_checked(files, capsys, tmp_path):
         err = capsys.readouterr().err
         assert said in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "refused").exists()
+
+
+def test_more_epochs_move_stage_twos_default_start(files, capsys, tmp_path):
+    """Stage Two's default start follows --epochs: a rerun with more epochs would train
+    another run, so it is refused, saying how to resume (its start given); a rerun with
+    another --test resumes (the test set does not change training)."""
+    out = tmp_path / "s2"
+    assert _run(files, out, "--stage_two", epochs=2) == 0
+    capsys.readouterr()
+    assert _run(files, out, "--stage_two", epochs=4) == 2
+    err = capsys.readouterr().err
+    assert "(start_stage_two: checkpoint 1 vs now 3)" in err and "(to resume it, pass --start_stage_two 1)" in err
+    assert _run(files, out, "--stage_two", "--start_stage_two", "1", "--test", str(files / "train.xyz"),
+                epochs=3) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 3
