@@ -71,8 +71,9 @@ _NOT_IDENTITY = ("out", "device", "progress", "cuda_graphs", "patience", "last_e
 
 @dataclass
 class Settings:
-    """Everything that decides the result. ``epochs``, ``out`` and ``device`` are left
-    out of a checkpoint's identity: a rerun with more epochs resumes."""
+    """Everything that decides the result. ``epochs`` (under a constant lr), the test set
+    and ``_NOT_IDENTITY``'s are left out of a checkpoint's identity: a rerun with more
+    epochs or another test set resumes."""
 
     model: str
     train: str
