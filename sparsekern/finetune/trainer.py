@@ -7,10 +7,9 @@ Loss (MACE's weighted energy-forces loss): energy_weight * mean(((E - E_ref) / N
 + forces_weight * mean((F - F_ref)^2) (+ stress and magnetic terms). Optimizer: Adam
 with amsgrad (MACE's default; ``--no_amsgrad``: plain Adam), constant or cosine
 learning rate; MACE's Stage Two (``--stage_two``) switches loss weights and lr for the
-last epochs. With validation
-frames, the result is the epoch of the lowest validation loss (MACE's rule;
-``--last_epoch``: the last), ``--patience`` epochs without a lower one stop the run;
-otherwise the model after the last epoch is the result.
+last epochs. With validation frames, the result is the epoch of the lowest validation
+loss (MACE's rule; ``--last_epoch``: the last), ``--patience`` epochs without a lower one
+stop the run; otherwise the model after the last epoch is the result.
 Energies get a fixed per-element shift chosen by ``--E0s`` (see ``data.energy_shift``).
 
 Under torchrun, each process computes its share of every global batch and one
