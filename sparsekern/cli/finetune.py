@@ -137,7 +137,8 @@ def _magnetic_flags(p: argparse.ArgumentParser) -> None:
     """Moments in, magnetic labels and the magnetic energy's options (sparsekern.magnetism)."""
     p.add_argument("--magmom_key", help="magnetism: per-atom moments in the frames' arrays (μB; collinear scalars "
                    "or 3-vectors); adds a magnetic energy E(R, m) beside the model, zero at the start")
-    p.add_argument("--magforces_key", help="magnetism: magnetic-force labels -dE/dm (eV/μB) in the frames' arrays")
+    p.add_argument("--magforces_key", help="magnetism: magnetic-force labels -dE/dm (eV/μB) in the frames' arrays "
+                   "(3-vectors, or collinear scalars: the component along collinear moments)")
     p.add_argument("--predict_magmom", action="store_true", help="magnetism: train a head for moment magnitudes")
     p.add_argument("--spin_orbit", action="store_true",
                    help="magnetism: spin-orbit coupling, the magnetic energy's anisotropic pair terms "

@@ -20,7 +20,7 @@ class Frame:
     energy: float  # eV
     forces: np.ndarray  # (n, 3) eV/Å
     magmom: Optional[np.ndarray] = None  # (n, 3) μB, with --magmom_key (also the atoms' initial moments)
-    magforces: Optional[np.ndarray] = None  # (n, 3) eV/μB, -dE/dm, with --magforces_key
+    magforces: Optional[np.ndarray] = None  # (n, 3) eV/μB, -dE/dm, with --magforces_key (NaN: unlabelled)
     stress: Optional[np.ndarray] = None  # (3, 3) eV/Å^3, ASE's sign, with --stress_weight (where labelled)
 
 

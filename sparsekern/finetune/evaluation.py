@@ -28,7 +28,7 @@ class Sample:
     natoms: int
     shift: float = 0.0  # the fixed per-element energy shift summed over the frame's atoms
     magmom: Optional[torch.Tensor] = None  # (n, 3) μB: the moment labels (with --magmom_key)
-    magforces: Optional[torch.Tensor] = None  # (n, 3) eV/μB (with --magforces_key)
+    magforces: Optional[torch.Tensor] = None  # (n, 3) eV/μB (with --magforces_key; NaN: unlabelled)
     stress: Optional[torch.Tensor] = None  # (3, 3) eV/Å^3 (with --stress_weight, where labelled)
 
 

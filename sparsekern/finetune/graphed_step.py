@@ -127,10 +127,11 @@ class GraphedSteps:
         loss = (per_graph[0] * residual.square()).sum()
         if stress is not None:
             loss = loss + (stress[:, 0] * (out["stress"].reshape(len(stress), 9) - stress[:, 1:]).square().sum(1)).sum()
-        for key in ("forces", *MAGNETIC):  # per atom: (weight, label)
+        for key in ("forces", *MAGNETIC):  # per atom: (weight, label) of each component
             labels = inputs.get(f"{key}{_LABELS}")
             if labels is not None and key in out:
-                loss = loss + (labels[:, 0] * (out[key].reshape(len(labels), -1) - labels[:, 1:]).square().sum(1)).sum()
+                weight, label = labels.chunk(2, dim=1)
+                loss = loss + (weight * (out[key].reshape(label.shape) - label).square()).sum()
         grads = torch.autograd.grad(loss, self.wanted, allow_unused=True)
         return {"loss": loss.detach(), **{i: g for i, g in enumerate(grads) if g is not None}}
 
@@ -145,7 +146,8 @@ def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.
     """The loss's terms, on the host: by graph (weight, energy shift, reference energy,
     atoms), with the padding graph's (weight 0, 1 atom), and (weight, stress label) where
     frames have stress labels (weight 0 for the others); by atom (weight, label) for the
-    forces and each magnetic term the samples have labels for: ``evaluation.loss``'s sums
+    forces and each magnetic term the samples have labels for, of each component (weight
+    0 where a collinear magnetic force leaves one unlabelled): ``evaluation.loss``'s sums
     over ``share`` divided by counts of ``whole``."""
     per_graph = torch.tensor([[settings.energy_weight * weight / len(whole)] * len(share) + [0.0],
                               [s.shift for s in share] + [0.0], [s.energy for s in share] + [0.0],
@@ -161,7 +163,8 @@ def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.
         labels[f"stress{_LABELS}"] = torch.tensor(rows + [[0.0] * 10], dtype=torch.float64).to(dtype)
     for key, w in weights.items():
         label = torch.cat([per_atom[key](s) for s in share]).double()
-        labels[f"{key}{_LABELS}"] = torch.cat([label.new_full((len(label), 1), w * weight), label], 1).to(dtype)
+        labelled = label.isfinite().double()  # (float64: weight is a float, bool * float makes float32)
+        labels[f"{key}{_LABELS}"] = torch.cat([labelled * (w * weight), label.nan_to_num(0.0)], 1).to(dtype)
     return labels
 
 

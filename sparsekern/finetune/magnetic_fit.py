@@ -12,6 +12,7 @@ import torch
 
 from ..magnetism.family import MagneticFamily
 from ..magnetism.fit import normal_equations, solve, zero_outputs
+from ..magnetism.loss import labelled_count
 from .evaluation import Sample, batches, outputs
 
 
@@ -39,6 +40,6 @@ def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, grou
     weights = {"energy": settings.energy_weight, "forces": settings.forces_weight,
                "magforces": settings.magforces_weight, "stress": settings.stress_weight}
     counts = {"energy": len(samples), "forces": 3 * sum(s.natoms for s in samples),
-              "magforces": sum(s.magforces.numel() for s in samples if s.magforces is not None),
+              "magforces": sum(labelled_count(s.magforces) for s in samples if s.magforces is not None),
               "stress": 9 * sum(s.stress is not None for s in samples)}
     return solve(model.energy, group.sum(normal_equations(model.energy, parts(), counts)), weights)

@@ -77,10 +77,11 @@ def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], counts: Dic
     columns: E_mag's linear parameters, then the per-element offsets, energy rows only)
     and y the targets: tuples (batch, {term: target}) with what E_mag should add to each
     term of ``TERMS`` that has labels: the energy residual per frame (eV), the force
-    residuals, the magnetic-force labels (n, 3) and the stress residuals (F, 3, 3; NaN for
-    a frame without a label: its rows are left out). Energy rows are per atom; each term's
-    rows are scaled by 1/sqrt(``counts``: its global number of entries), so that the
-    solve's term weights make the training loss, and sums over processes add up. The
+    residuals, the magnetic-force labels (n, 3) and the stress residuals (F, 3, 3); NaN
+    (a frame without a stress label, a component a collinear label leaves out): its
+    rows are left out. Energy rows are per atom; each term's rows are scaled by
+    1/sqrt(``counts``: its global number of labelled entries), so that the solve's term
+    weights make the training loss, and sums over processes add up. The
     force rows matter: E_mag depends on positions, and fitted to energies alone its
     random features give forces of eV/Å. Frame i (counted over ``parts``, per process)
     goes to fold i % FOLDS: the solve's cross-validation holds out whole frames."""

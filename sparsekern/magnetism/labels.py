@@ -1,5 +1,7 @@
 """Moment labels of a frame: the input moments (from an xyz key, or ASE's initial
-magnetic moments) and the magnetic-force labels, as (n, 3) arrays."""
+magnetic moments) and the magnetic-force labels, as (n, 3) arrays. Collinear magnetic
+forces label the component along the moments' axis only: the others are NaN (not
+labelled), which the loss, the errors and the magnetic fit leave out."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .graph import as_vectors
+from .graph import AXIS, as_vectors
 
 
 def read_moment_labels(atoms, where: str, magmom_key: str,
@@ -22,9 +24,13 @@ def read_moment_labels(atoms, where: str, magmom_key: str,
         return moments, None
     raw_forces = _array(atoms, magforces_key, where, "magnetic forces", "magforces")
     magforces = as_vectors(raw_forces, len(atoms), f"{where}: magnetic forces {magforces_key!r}")
-    if np.ndim(raw_forces) == 1 and np.ndim(raw) == 2:
-        raise ValueError(f"{where}: magnetic forces {magforces_key!r} are collinear scalars but moments "
-                         f"{magmom_key!r} are 3-vectors: give the magnetic forces as 3-vectors (n, 3)")
+    if np.ndim(raw_forces) == 1:
+        if np.ndim(raw) == 2:
+            raise ValueError(f"{where}: magnetic forces {magforces_key!r} are collinear scalars but moments "
+                             f"{magmom_key!r} are 3-vectors: give the magnetic forces as 3-vectors (n, 3)")
+        # a collinear calculation gives -dE/dm along the moments only: the transverse
+        # components are unknown, not 0 (with spin-orbit coupling the model's are not 0)
+        magforces[:, AXIS == 0] = np.nan
     return moments, magforces
 
 

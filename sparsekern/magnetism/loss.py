@@ -1,5 +1,6 @@
 """The magnetic terms of the fine-tuning loss and errors: magnetic forces -dE/dm
-against their labels (eV/μB), predicted moment magnitudes against the labels' (μB)."""
+against their labels (eV/μB; the components a collinear label gives, NaN the others),
+predicted moment magnitudes against the labels' (μB)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ def magnetic_residuals(out: Dict[str, torch.Tensor], batch: Sequence) -> Dict[st
     """Flat residuals of each magnetic output that has labels in every sample of ``batch``."""
     res = {}
     if "magforces" in out and all(s.magforces is not None for s in batch):
-        label = torch.cat([s.magforces for s in batch]).to(out["magforces"])
-        res["magforces"] = (out["magforces"] - label).reshape(-1)
+        label = torch.cat([s.magforces for s in batch]).reshape(-1)
+        res["magforces"] = out["magforces"].reshape(-1) - label.to(out["magforces"])
+        labelled = label.isfinite()  # (on the host: indexing by it does not sync)
+        if not labelled.all():
+            res["magforces"] = res["magforces"][labelled.nonzero()[:, 0].to(res["magforces"].device)]
     if "magmom" in out and all(s.magmom is not None for s in batch):
         label = torch.cat([s.magmom for s in batch]).to(out["magmom"]).norm(dim=1)
         res["magmom"] = out["magmom"] - label
@@ -26,11 +30,16 @@ def magnetic_weights(batch: Sequence, settings, whole: Sequence) -> Dict[str, fl
     what a squared residual of it counts in the loss."""
     weights = {}
     if batch and all(s.magforces is not None for s in batch):
-        weights["magforces"] = settings.magforces_weight / sum(s.magforces.numel() for s in whole
+        weights["magforces"] = settings.magforces_weight / sum(labelled_count(s.magforces) for s in whole
                                                                if s.magforces is not None)
     if batch and all(s.magmom is not None for s in batch):
         weights["magmom"] = settings.magmom_weight / sum(s.natoms for s in whole if s.magmom is not None)
     return weights
+
+
+def labelled_count(magforces: torch.Tensor) -> int:
+    """How many components of magnetic-force labels are labelled (collinear: 1 per atom)."""
+    return int(magforces.isfinite().sum())
 
 
 def magnetic_loss(out: Dict[str, torch.Tensor], batch: Sequence, settings, whole: Sequence) -> torch.Tensor:

@@ -273,10 +273,10 @@ def _nickel_labels(atoms, moments, spin_orbit):
 
 
 def _nickel_frames(n, seed, collinear):
-    """Rattled fcc Ni (8 atoms, one of them O, m = 0) with random moments. Collinear:
-    signed scalars under ``magmoms`` (ASE's reader moves that column into a calculator's
-    results) beside the collinear ``initial_magmoms`` that ase.build gives Ni; else
-    3-vectors as ASE's ``initial_magmoms``, magnetic forces under ``mag_forces``."""
+    """Rattled fcc Ni (8 atoms, one of them O, m = 0) with random moments and magnetic
+    forces under ``mag_forces``. Collinear: signed scalars under ``magmoms`` (ASE's reader
+    moves that column into a calculator's results) beside the collinear
+    ``initial_magmoms`` that ase.build gives Ni; else 3-vectors as ASE's ``initial_magmoms``."""
     from ase.build import bulk
 
     rng, frames = np.random.default_rng(seed), []
@@ -294,7 +294,7 @@ def _nickel_frames(n, seed, collinear):
         atoms.info["REF_energy"] = energy
         atoms.arrays["REF_forces"] = forces
         if collinear:
-            atoms.arrays["magmoms"] = m
+            atoms.arrays.update(magmoms=m, mag_forces=magforces[:, 2])
         else:
             del atoms.arrays["initial_magmoms"]
             atoms.set_initial_magnetic_moments(m)
@@ -357,6 +357,41 @@ def test_unseen_collinear_data_through_the_command_line(nickel):
     assert abs(e_turned - e) < 1e-9  # ... their common direction does not
 
 
+def test_collinear_magnetic_forces_count_once_per_atom(nickel, monkeypatch):
+    """Collinear magnetic forces (one scalar per atom, -dE/dm along the moments) are
+    errors of one component per atom: the reported error is the merged model's, along
+    the moments' axis (the other components, 0 without spin-orbit coupling, are not
+    counted as labels of 0, which made it a third of that), and ``--cuda_graphs``
+    weighs them as the eager loss does."""
+    from ase.io import read
+
+    from helpers import fake_cuda_graphs
+    from sparsekern.magnetism.calculator import load_calculator
+
+    flags = ("--magmom_key", "magmoms", "--magforces_key", "mag_forces", "--predict_magmom", "--forces_weight", "1",
+             "--device", "cpu")
+    eager, graphed = nickel / "ni_collinear_magforces", nickel / "ni_collinear_magforces_graphed"
+    assert _run_nickel(nickel, "collinear", eager, *flags) == 0
+    fake_cuda_graphs(monkeypatch)  # (not strict: rattled cells differ in their edges' plans)
+    assert _run_nickel(nickel, "collinear", graphed, *flags, "--cuda_graphs") == 0
+    m = _strict_json(eager / "metrics.json")
+    calc, errors = load_calculator(m["merged_model"], "cpu"), []
+    for atoms in read(nickel / "ni_collinear_test.xyz", ":"):
+        label = atoms.arrays["mag_forces"]
+        atoms.arrays.pop("initial_magmoms")  # (collinear: 3-vectors would not fit)
+        atoms.set_initial_magnetic_moments(np.outer(atoms.calc.results["magmoms"], [0.0, 0.0, 1.0]))
+        atoms.calc = calc
+        predicted = calc.get_property("magforces", atoms)
+        assert np.abs(predicted[:, :2]).max() < 1e-12
+        errors.append(np.abs(predicted[:, 2] - label))
+    assert m["test_magforce_mae_mev_per_muB"] == pytest.approx(1e3 * np.concatenate(errors).mean(), rel=1e-6)
+    got = _strict_json(graphed / "metrics.json")
+    keys = [k for k in m if k.startswith("test_")]
+    assert [got[k] for k in keys] == pytest.approx([m[k] for k in keys], rel=1e-12)
+    assert [h["train_loss"] for h in got["history"]] == pytest.approx([h["train_loss"] for h in m["history"]],
+                                                                      rel=1e-12)
+
+
 def test_unseen_noncollinear_data_with_spin_orbit(nickel):
     """3-vector ``initial_magmoms`` and magnetic forces of a model with a
     Dzyaloshinskii-Moriya term: ``--spin_orbit`` fits the magnetic forces well below the
@@ -409,7 +444,7 @@ def _bad(frames, case):
 BAD = [  # (case, flags, what the one-line error says)
     ("missing key", ["--magmom_key", "MAGMOM"],
      "frame 0: no moments under key 'MAGMOM' (use --magmom_key to name it; array keys: ['REF_forces', 'h', "
-     "'initial_magmoms', 'm', 'numbers', 'positions'], calculator results: ['magmoms'])"),
+     "'initial_magmoms', 'm', 'mag_forces', 'numbers', 'positions'], calculator results: ['magmoms'])"),
     ("moment shape", ["--magmom_key", "m"], "moments 'm' have shape (8, 2), expected (8,) (collinear) or (8, 3)"),
     ("some frames", ["--magmom_key", "m"], "frame 2: no moments under key 'm'"),
     ("nan", ["--magmom_key", "m"], "frame 0: moments 'm' hold NaN or infinity"),
