@@ -17,6 +17,12 @@ def load_base(spec: str):
     return family_for(spec).load(spec, "cpu")
 
 
+def _error(message) -> int:
+    """Bad input (or an unwritable folder) as the other commands say it: one line, exit 2."""
+    print(f"sparsekern report: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = OneLineErrors(
         prog="sparsekern report",
@@ -41,17 +47,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         base = load_base(args.model) if args.model else None
         report = build_report(adapter, base)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"sparsekern report: {exc}", file=sys.stderr)
-        return 1
+        return _error(exc)
     except ImportError as exc:  # the model's family lives in another environment
-        print(f"sparsekern report: {exc} (MACE models need mace-torch, SevenNet models sevenn)", file=sys.stderr)
-        return 1
+        return _error(f"{exc} (MACE models need mace-torch, SevenNet models sevenn)")
     stem = adapter.name.removesuffix(".safetensors") + ".report"
     try:
         png, js = write_report(report, out, stem)
     except OSError as exc:
-        print(f"sparsekern report: cannot write the report into {out}: {exc}", file=sys.stderr)
-        return 1
+        return _error(f"cannot write the report into {out}: {exc}")
     print(f"{report['changed_params']} of {report['total_params']} path weights changed "
           f"({100 * report['density']:.2f} %)")
     print(verdict_line(report))

@@ -186,7 +186,7 @@ def test_bad_adapter_files(base, adapters, tmp_path, atoms, capsys):
         load_adapter(copy.deepcopy(base), future)
     for bad, message in ((future, "format 7 > 3"), (truncated, "truncated")):  # the command line: one line
         capsys.readouterr()
-        assert cli(["report", str(bad)]) == 1
+        assert cli(["report", str(bad)]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.splitlines()) == 1
     with safe_open(str(path), framework="pt") as f:  # an index below 0 would read another entry: refused
@@ -206,7 +206,7 @@ def test_bad_adapter_files(base, adapters, tmp_path, atoms, capsys):
         with pytest.raises(ValueError, match="its metadata are damaged"):
             load_adapter(copy.deepcopy(base), damaged)
         capsys.readouterr()
-        assert cli(["report", str(damaged)]) == 1
+        assert cli(["report", str(damaged)]) == 2
         err = capsys.readouterr().err
         assert says in err and len(err.splitlines()) == 1, err
     # its own base cast to float32 takes it (and the float64 base a float32-made one)
@@ -237,6 +237,6 @@ def test_report_on_lora_adapters_and_a_checked_base(base, adapters, tmp_path, ca
         next(p for p in other.parameters() if p.dim() > 1).add_(1e-3)
     torch.save(other, tmp_path / "other.model")
     capsys.readouterr()
-    assert cli(["report", str(path), "--out", str(tmp_path), "--model", str(tmp_path / "other.model")]) == 1
+    assert cli(["report", str(path), "--out", str(tmp_path), "--model", str(tmp_path / "other.model")]) == 2
     err = capsys.readouterr().err
     assert "made for a different base model than the given base model" in err and len(err.splitlines()) == 1

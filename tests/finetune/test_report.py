@@ -143,7 +143,7 @@ def test_old_format_adapter_needs_its_base_and_corrupt_files_fail(base, tmp_path
     old = tmp_path / "old.safetensors"
     save_file(tensors, str(old), metadata=metadata)
 
-    assert cli(["report", str(old)]) == 1
+    assert cli(["report", str(old)]) == 2
     assert "--model BASE" in capsys.readouterr().err
     base_file = tmp_path / "base.model"
     torch.save(base, base_file)
@@ -157,9 +157,9 @@ def test_old_format_adapter_needs_its_base_and_corrupt_files_fail(base, tmp_path
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     capsys.readouterr()
-    assert cli(["report", str(corrupt)]) == 1
+    assert cli(["report", str(corrupt)]) == 2
     assert "not a readable sparsekern adapter" in capsys.readouterr().err
-    assert cli(["report", str(tmp_path / "missing.safetensors")]) == 1
-    assert "adapter not found" in capsys.readouterr().err
-    assert cli(["report", str(path), "--out", str(corrupt)]) == 1  # a file, not a folder: before any work
+    assert cli(["report", str(tmp_path / "missing.safetensors")]) == 2  # bad input: exit 2, as finetune's
+    assert capsys.readouterr().err.startswith("sparsekern report: error: adapter not found")
+    assert cli(["report", str(path), "--out", str(corrupt)]) == 2  # a file, not a folder: before any work
     assert f"output folder {corrupt} is a file" in capsys.readouterr().err

@@ -186,7 +186,7 @@ def test_adapter_with_magnetic_modules_reproduces_the_run(files, capsys):
                                          "plain base model"):
         load_adapter(family.base.load(spec, "cpu"), out / "adapter.safetensors")
     capsys.readouterr()
-    assert main(["report", str(out / "adapter.safetensors"), "--model", spec, "--out", str(files / "report")]) == 1
+    assert main(["report", str(out / "adapter.safetensors"), "--model", spec, "--out", str(files / "report")]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "made for the base model with its magnetic modules" in err
     plain = files / "plain"
