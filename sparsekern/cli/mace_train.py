@@ -128,6 +128,20 @@ def _check_foundation_name(parser: argparse.ArgumentParser, spec: str, run_train
                      f"({', '.join(names)})")
 
 
+def _check_foundation_file(parser: argparse.ArgumentParser, spec: str) -> None:
+    """A --foundation_model file must hold a MACE model (else MACE's unpickling, or its
+    use of what it unpickled, fails with a traceback after its set-up)."""
+    from ..integrations import family_for
+
+    try:
+        family = family_for(spec, "--foundation_model")
+    except ValueError as exc:
+        parser.error(str(exc))
+    if family.name != "mace":
+        parser.error(f"--foundation_model {spec} holds a {family.name} model: mace-train fine-tunes MACE models "
+                     f"(`sparsekern finetune --model {spec}` fine-tunes this one)")
+
+
 def _check_data(parser: argparse.ArgumentParser, args) -> None:
     """The data files are there (MACE's reader would raise a traceback, after its set-up)."""
     missing = [f"--{flag} {getattr(args, flag)}" for flag in ("train_file", "valid_file", "test_file")
@@ -171,6 +185,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                      f"per GPU), not --device {args.device}; on CPUs use `sparsekern finetune --nproc N`")
     if args.foundation_model and not Path(args.foundation_model).is_file():
         _check_foundation_name(parser, args.foundation_model, run_train)
+    elif args.foundation_model:
+        _check_foundation_file(parser, args.foundation_model)
     if args.lora:
         if given:
             parser.error(f"--lora True runs MACE's LoRA; the sparse-delta flags {given} do not apply with it")

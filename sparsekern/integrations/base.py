@@ -155,10 +155,10 @@ def computing_model(model) -> Tuple[Optional[torch.nn.Module], Optional[Family]]
     return None, None
 
 
-def pickled_names(path: Path) -> Optional[Set[str]]:
+def pickled_names(path: Path, flag: str = "--model") -> Optional[Set[str]]:
     """The class paths and strings in the pickle of a ``torch.save`` file, read without
     running it (None: the pre-zip format, which only torch.load reads); a one-line error
-    for a file that is not one (text, truncated)."""
+    for a file that is not one (text, truncated), naming the option ``flag`` that gave it."""
     import pickletools
     import zipfile
 
@@ -173,21 +173,22 @@ def pickled_names(path: Path) -> Optional[Set[str]]:
         with open(path, "rb") as f:
             if f.read(1) == b"\x80":  # a pickle: torch's format before 1.6
                 return None
-    raise ValueError(f"--model {path} is not a model file (not a torch.save archive, or truncated)")
+    raise ValueError(f"{flag} {path} is not a model file (not a torch.save archive, or truncated)")
 
 
-def family_for(spec: str) -> Family:
+def family_for(spec: str, flag: str = "--model") -> Family:
     """The registered family of ``spec``: for a model file, the one that recognises its
-    content (whatever its suffix), else the one that claims its name."""
-    names = pickled_names(Path(spec)) if Path(spec).is_file() else None
+    content (whatever its suffix), else the one that claims its name (errors name the
+    option ``flag`` that gave it)."""
+    names = pickled_names(Path(spec), flag) if Path(spec).is_file() else None
     if names is not None:
         found = next((f for f in _FAMILIES if f.recognises(names)), None)
         if found is None:
-            raise ValueError(f"--model {spec} holds no model of a known family; give "
+            raise ValueError(f"{flag} {spec} holds no model of a known family; give "
                              + " or ".join(f.spec_help for f in _FAMILIES))
         return found
     for family in _FAMILIES:
         if family.claims(spec):
             return family
-    raise ValueError(f"--model: cannot tell the model family of {spec!r}; give "
+    raise ValueError(f"{flag}: cannot tell the model family of {spec!r}; give "
                      + " or ".join(f.spec_help for f in _FAMILIES))

@@ -242,6 +242,7 @@ def test_cpu_runs_keep_freed_memory(monkeypatch, device, calls, tmp_path):
     kept = []
     monkeypatch.setattr(mace_train, "keep_freed_memory", lambda: kept.append(1))
     monkeypatch.setattr(run_train, "run", lambda args: None)  # the training itself is tested above
+    monkeypatch.setattr(mace_train, "_check_foundation_file", lambda parser, spec: None)  # (tested below)
     (tmp_path / "f.model").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     Path("t.xyz").write_text("")  # (checked to exist; not read)
@@ -251,8 +252,9 @@ def test_cpu_runs_keep_freed_memory(monkeypatch, device, calls, tmp_path):
 
 
 def test_a_foundation_model_mace_cannot_get_is_one_line(monkeypatch, capsys, tmp_path):
-    """A named foundation model MACE cannot download, and a model file that is not there:
-    one line each, exit 2; MACE's loaders are its own again afterwards."""
+    """A named foundation model MACE cannot download, a model file that is not there, or
+    not a model, or another family's: one line each, exit 2, before MACE's set-up; MACE's
+    loaders are its own again afterwards."""
     from mace.cli import run_train
 
     from sparsekern.cli import mace_train
@@ -270,8 +272,13 @@ def test_a_foundation_model_mace_cannot_get_is_one_line(monkeypatch, capsys, tmp
         "sparsekern mace-train: error: --foundation_model medium: Model download failed and no local model found "
         "(MACE downloads it the first time: without internet, give a .model file)")
     assert run_train.mace_mp is offline
+    Path("text.model").write_text("not a model\n")
+    torch.save({"config": {}, "model_state_dict": {}}, "7net.pth")
     for spec, says in ((str(tmp_path / "absent.model"), "absent.model: file not found"),
-                       ("meduim", "meduim: neither a file nor a name of MACE's foundation models (small, medium,")):
+                       ("meduim", "meduim: neither a file nor a name of MACE's foundation models (small, medium,"),
+                       ("text.model", "--foundation_model text.model is not a model file (not a torch.save archive"),
+                       ("7net.pth", "--foundation_model 7net.pth holds a sevennet model: mace-train fine-tunes MACE "
+                                    "models (`sparsekern finetune --model 7net.pth` fine-tunes this one)")):
         with pytest.raises(SystemExit) as exit_:
             mace_train.main(["--name", "x", "--train_file", "t.xyz", "--foundation_model", spec])
         err = capsys.readouterr().err
