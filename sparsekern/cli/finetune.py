@@ -50,11 +50,16 @@ def parser() -> argparse.ArgumentParser:
     _stage_two_flags(p)
     p.add_argument("--batch_size", type=int, default=4, help="frames per optimizer step")
     p.add_argument("--seed", type=int, default=0, help="seeds the delta's start and the data order")
-    p.add_argument("--energy_weight", type=float, default=1.0, help="weight of the per-atom energy error in the loss")
+    p.add_argument("--loss", help="MACE's loss, by the weights it implies: weighted or ef (energies and forces), "
+                                  "stress (--stress_weight 1 unless given), forces_only (--energy_weight 0); "
+                                  "default: stresses trained where --stress_weight > 0")
+    p.add_argument("--energy_weight", type=float,
+                   help="weight of the per-atom energy error in the loss (default 1, 0 with --loss forces_only)")
     p.add_argument("--forces_weight", type=float, default=100.0, help="weight of the force error in the loss")
-    p.add_argument("--stress_weight", type=float, default=0.0,
-                   help="weight of the stress error (eV/Å^3, MACE's stress loss) in the loss; > 0 reads stresses "
-                        "under --stress_key, trains them where frames have them and reports their errors")
+    p.add_argument("--stress_weight", type=float,
+                   help="weight of the stress error (eV/Å^3, MACE's stress loss) in the loss (default 0, 1 with "
+                        "--loss stress); > 0 reads stresses under --stress_key, trains them where frames have them "
+                        "and reports their errors")
     p.add_argument("--E0s", dest="e0s", default="estimated",
                    help="foundation | estimated (least squares of the training residuals) | average | "
                         "a dict '{Z: E0}' or a .json file (MACE's meanings) | isolated (the energies of the "
@@ -207,6 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(with_config(p, argv))
     if vars(args).pop("config") is not None:  # an abbreviation of --config got past with_config
         p.error("write --config in full")
+    _weights_of_loss(p, args)
     nproc = vars(args).pop("nproc")
     from ..finetune.distributed import launched_size
 
@@ -217,6 +223,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     if nproc > 1 and launched == 1:
         return _guarded(lambda: _launch(argv, args, nproc), args.out)
     return _guarded(lambda: _finetune(args), args.out)
+
+
+LOSSES = ("weighted", "ef", "stress", "forces_only")  # MACE's --loss choices that are weighted mean squares
+
+
+def _weights_of_loss(p: argparse.ArgumentParser, args) -> None:
+    """MACE's ``--loss`` turned into the loss weights it implies (MACE's defaults where
+    not given), and refused where it and a given weight disagree: the trainer's loss is
+    MACE's weighted mean squares, stresses in it where ``stress_weight`` > 0."""
+    loss = vars(args).pop("loss")
+    if loss is not None and loss not in LOSSES:
+        p.error(f"--loss {loss} is not offered: sparsekern trains MACE's weighted mean-squared losses "
+                f"({', '.join(LOSSES)}); virial labels train as stresses (--loss stress, --virials_key)")
+    if loss not in (None, "stress") and args.stress_weight:
+        p.error(f"--loss {loss} does not train stresses: --stress_weight needs --loss stress (or no --loss)")
+    if loss == "forces_only":
+        if args.energy_weight:
+            p.error("--loss forces_only trains forces alone: leave --energy_weight out")
+        if args.stage_two:  # (MACE refuses it too: Stage Two's weights are the energies')
+            p.error("--stage_two raises the energies' weight: not with --loss forces_only")
+    args.energy_weight = (0.0 if loss == "forces_only" else 1.0) if args.energy_weight is None else args.energy_weight
+    args.stress_weight = (1.0 if loss == "stress" else 0.0) if args.stress_weight is None else args.stress_weight
 
 
 def _rank() -> int:

@@ -45,6 +45,44 @@ def test_config_file_and_maces_names_are_the_command_line(tmp_path):
     assert later == {**from_config, "epochs": 9, "train": "u.xyz", "ema": True}
 
 
+_REQUIRED = ["--model", "m.model", "--train", "t.xyz", "--method", "sparse", "--out", "o"]
+
+
+def _weights(*flags):
+    from sparsekern.cli.finetune import _weights_of_loss
+
+    p = parser()
+    args = p.parse_args(with_config(p, [*_REQUIRED, *flags]))
+    _weights_of_loss(p, args)
+    return args.energy_weight, args.forces_weight, args.stress_weight
+
+
+def test_maces_loss_is_the_weights_it_implies(tmp_path):
+    """MACE's --loss (command line or config file) sets the weights MACE's loss of that
+    name has, at MACE's defaults where they are not given."""
+    assert _weights() == _weights("--loss", "weighted") == _weights("--loss", "ef") == (1.0, 100.0, 0.0)
+    assert _weights("--loss", "stress") == (1.0, 100.0, 1.0)
+    assert _weights("--loss", "stress", "--stress_weight", "10") == _weights("--stress_weight", "10") == (1, 100, 10)
+    assert _weights("--loss", "forces_only", "--forces_weight", "5") == (0.0, 5.0, 0.0)
+    assert _weights("--config", _yaml(tmp_path / "l.yaml", "loss: stress\n")) == (1.0, 100.0, 1.0)
+    assert _weights("--energy_weight", "0.5") == (0.5, 100.0, 0.0)
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--loss", "huber"], "--loss huber is not offered: sparsekern trains MACE's weighted mean-squared losses "
+                          "(weighted, ef, stress, forces_only); virial labels train as stresses"),
+    (["--loss", "weighted", "--stress_weight", "1"], "--loss weighted does not train stresses: --stress_weight "
+                                                     "needs --loss stress"),
+    (["--loss", "forces_only", "--energy_weight", "1"], "--loss forces_only trains forces alone"),
+    (["--loss", "forces_only", "--stage_two"], "--stage_two raises the energies' weight: not with --loss forces_only"),
+])
+def test_a_loss_at_odds_with_the_weights_is_refused_in_one_line(capsys, flags, said):
+    with pytest.raises(SystemExit) as stop:
+        _weights(*flags)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_maces_fine_tuning_command_runs(files, tmp_path, monkeypatch):
     """MACE's documented fine-tuning command line (its options but --scaling, which MACE
     overrides with the foundation model's scale and shift) runs with --method added:
@@ -64,6 +102,16 @@ def test_maces_fine_tuning_command_runs(files, tmp_path, monkeypatch):
         optimizer = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["optimizer"]
         assert all(g["amsgrad"] == amsgrad for g in optimizer["param_groups"])
         assert all(("max_exp_avg_sq" in state) == amsgrad for state in optimizer["state"].values())
+
+
+def test_a_forces_only_run_trains_without_the_energies(files, tmp_path):
+    """--loss forces_only: the energies out of the loss (and out of the checkpoint's
+    weights), their errors still reported."""
+    assert main(["finetune", "--model", str(files / "tiny.model"), "--train", str(files / "train.xyz"), "--test",
+                 str(files / "test.xyz"), "--method", "sparse", "--no_progress", "--epochs", "1", "--loss",
+                 "forces_only", "--out", str(tmp_path / "f")]) == 0
+    metrics = json.loads((tmp_path / "f" / "metrics.json").read_text())
+    assert metrics["settings"]["energy_weight"] == 0.0 and np.isfinite(metrics["test_energy_mae_mev_per_atom"])
 
 
 def test_a_run_from_a_config_file_is_the_run_from_its_options(files, tmp_path):
