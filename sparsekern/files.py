@@ -19,6 +19,11 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
     """``write(tmp_name)`` into a temporary file beside ``path``, then rename it over
     ``path``: readers see the old file or the new one, never half of one."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder")
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {folder} is a file, not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

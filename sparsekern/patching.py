@@ -69,6 +69,12 @@ def _converters(rules: List[PatchRule]) -> List[Tuple[type, type]]:
     return table + [pair for rule in rules for pair in rule.converters()]
 
 
+def check_module(model, what: str) -> None:
+    """A one-line TypeError where ``model`` is not a torch module (a path, a config)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{what} takes a torch.nn.Module, got {type(model).__name__} {model!r:.60}")
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -77,6 +83,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 def patch(model: torch.nn.Module, backend: str = "auto", verbose: bool = False) -> torch.nn.Module:
     """Replace known layers in place and return the same model object (patched layers
     already there move to ``backend``)."""
+    check_module(model, "patch")
     registry.check(backend, _model_device(model))
     rules = _rules()
     for rule in rules:
@@ -127,6 +134,7 @@ last_report: Optional[PatchReport] = None
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
     """Turn sparsekern layers back into the plain modules they replaced (carrying the
     current parameters) and return the same model object."""
+    check_module(model, "unpatch")
     if isinstance(model, SparsekernLayer):
         raise ValueError("unpatch takes the model that contains sparsekern layers, not a layer")
     for name, layer, _, delta in delta_slot.iter_deltas(model):

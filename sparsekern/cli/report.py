@@ -46,7 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         out = output_folder(args.out or adapter.parent)  # and a folder it cannot write
         base = load_base(args.model) if args.model else None
         report = build_report(adapter, base)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # (OSError: not found, a folder)
         return _error(exc)
     except ImportError as exc:  # the model's family lives in another environment
         return _error(f"{exc} (MACE models need mace-torch, SevenNet models sevenn)")

@@ -16,13 +16,13 @@ import json
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, NamedTuple, Optional
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
 from .. import delta_slot
 from ..integrations import family_of
-from .adapters import attach_adapter, check_base, read_adapter
+from .adapters import attach_adapter, check_adaptable, check_base, read_adapter
 from .evaluation import frozen
 
 DEFAULT = "default"
@@ -157,6 +157,9 @@ def load_adapter(model: torch.nn.Module, path, trainable: bool = False, name: st
     needed); it becomes active if no adapter is (else ``set_adapter`` activates it).
     ``trainable``: its deltas train on. Refuses a name already loaded and an adapter
     made for another base model."""
+    check_adaptable(model, "load_adapter")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"load_adapter: name must be a non-empty string, got {name!r}")
     record = delta_slot.adapters_of(model)
     if record is not None and name in record.adapters:
         raise ValueError(f"an adapter named {name!r} is already loaded (from {record.adapters[name].path}); "
@@ -229,6 +232,21 @@ def list_adapters(model: torch.nn.Module) -> List[AdapterInfo]:
     """The loaded adapters in load order, and which is active."""
     record = delta_slot.adapters_of(model) or _Record()
     return [AdapterInfo(n, n == record.active, a.format, a.path) for n, a in record.adapters.items()]
+
+
+def base_e0s(model: torch.nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(the model's per-element energy table, the base's values in it), or None where
+    no family knows the table; while an adapter's E0 shift is applied, the values from
+    before it."""
+    family = family_of(model)
+    try:
+        table = family.e0_table(model)[0] if family is not None else None
+    except (NotImplementedError, ValueError):  # a family, or a model, without one
+        return None
+    if table is None:
+        return None
+    record = delta_slot.adapters_of(model)
+    return table, record.e0_base if record is not None and record.e0_base is not None else table
 
 
 def active_e0_shift(model: torch.nn.Module) -> Dict[int, float]:

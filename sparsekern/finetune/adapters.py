@@ -13,6 +13,7 @@ carry the base's fingerprint; loading them (named, several on one base) is
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ import torch
 from .. import __version__, delta_slot
 from ..files import atomic_write
 from ..integrations import computing_model, family_of
+from ..integrations.cuda_graphs import Replays
 from ..paths import WeightGroup
-from ..patching import patch, patched_layers
+from ..patching import check_module, patch, patched_layers
 from .config import SparseConfig
 from .delta import FixedDelta
 from .lifecycle import attach_targets, delta_targets, prepare, target_groups
@@ -46,24 +48,60 @@ def group_from_dict(d: dict) -> WeightGroup:
 
 
 FINGERPRINT_DTYPE = "float32"  # the base values are hashed at this precision
+FINGERPRINT_SCOPE = "model"  # what new adapters' fingerprints cover (``fingerprint``)
 
 
-def fingerprint(model: torch.nn.Module, precision: str = FINGERPRINT_DTYPE) -> str:
-    """SHA-256 over the names, shapes and values of the base path weights rounded to
-    ``precision``: the same for a model patched or not, and for a float64 model cast to
-    float32 or back. (Adapters written before ``fingerprint_dtype`` was recorded hashed
-    the float64 values: ``check_base`` recomputes that for them.)"""
+def fingerprint(model: torch.nn.Module, precision: str = FINGERPRINT_DTYPE, scope: str = FINGERPRINT_SCOPE) -> str:
+    """SHA-256 over names, sizes and values (floating point rounded to ``precision``)
+    of the base model. ``scope`` "model": every parameter of the family's model (a
+    wrapper's modules and the deltas left out) and every buffer outside sparsekern's
+    layers (whose constants follow from the weights' shapes), the per-element energies
+    as the base holds them (an active adapter's E0 shift taken out): cutoffs, scale and
+    shift, E0s. "paths" (adapters before ``fingerprint_scope`` was recorded): the path
+    weights alone, named as in ``model``, with their shapes. The same for a model patched or not, and for a
+    float64 model cast to float32 or back. (Adapters written before ``fingerprint_dtype``
+    was recorded hashed the float64 values: ``check_base`` recomputes that for them.)"""
     if any(d.merged for *_, d in delta_slot.iter_deltas(model)):
         raise ValueError("fingerprint: the model has merged deltas; unmerge it first")
+    if not patched_layers(model):
+        model = patch(copy.deepcopy(model))
+    if scope == "paths":
+        entries = [(f"{name}.{param}", layer.get_parameter(param))
+                   for name, layer in patched_layers(model) for param in target_groups(layer)]
+    else:
+        entries = _base_entries(model)
     dtype = getattr(torch, precision)
-    params = [(f"{name}.{param}", layer.get_parameter(param))
-              for name, layer in patched_layers(model) for param in target_groups(layer)]
     h = hashlib.sha256()
-    for name, p in sorted(params, key=lambda np_: np_[0]):
+    for name, t in sorted(entries, key=lambda entry: entry[0]):
         h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(p.detach().to("cpu", dtype).contiguous().numpy().tobytes())
+        # "model": the size, not the shape (MACE keeps E0s as (heads, n) where older models hold (n,))
+        h.update(str(tuple(t.shape) if scope == "paths" else t.numel()).encode())
+        t = t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().cpu()
+        h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _base_entries(model: torch.nn.Module) -> List[Tuple[str, torch.Tensor]]:
+    """(name, tensor) of what a "model" fingerprint covers, named within the family's
+    model (so a wrapper around it, CUDA graphs' or magnetism's, changes no name)."""
+    from .adapter_set import base_e0s  # (adapter_set builds on this module)
+
+    core = computing_model(model)[0] or model
+    deltas = {id(p) for *_, d in delta_slot.iter_deltas(core) for p in d.parameters()}
+    inside = tuple(f"{name}." for name, _ in patched_layers(core))
+    e0 = base_e0s(model)  # (table, the base's values) or None
+    entries = [(n, p) for n, p in core.named_parameters() if id(p) not in deltas]
+    entries += [(n, b) for n, b in core.named_buffers() if not n.startswith(inside)]
+    return [(n, e0[1] if e0 is not None and t is e0[0] else t) for n, t in entries]
+
+
+def check_adaptable(model, what: str) -> None:
+    """One line where ``model`` is not a module, or is a CUDA-graph wrapper (whose
+    model's layers, named within it, are what adapters name)."""
+    check_module(model, what)
+    if isinstance(model.__dict__.get("replays"), Replays):
+        raise ValueError(f"{what}: {type(model).__name__} wraps the model: give its .model (the replays follow "
+                         f"the adapter)")
 
 
 def wrapper_name(model: torch.nn.Module) -> str:
@@ -88,7 +126,7 @@ def check_base(model: torch.nn.Module, path, metadata: dict, what: str = "this m
     if not patched_layers(model):
         patch(model)
     expected = metadata.get("fingerprint")
-    found = fingerprint(model, metadata.get("fingerprint_dtype", "float64"))
+    found = fingerprint(model, metadata.get("fingerprint_dtype", "float64"), metadata.get("fingerprint_scope", "paths"))
     if expected != found:
         raise ValueError(f"adapter {path} was made for a different base model than {what} "
                          f"(its base fingerprint {expected[:12] if expected else None}..., {what}'s {found[:12]}...)")
@@ -186,6 +224,11 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
     ``extra_metadata`` joins the file's metadata."""
     from safetensors.torch import save_file
 
+    check_adaptable(model, "save_adapter")
+    bad = {k: type(v).__name__ for k, v in (extra_metadata or {}).items()
+           if not (isinstance(k, str) and isinstance(v, str))}
+    if bad:
+        raise TypeError(f"save_adapter: extra_metadata maps strings to strings (safetensors' metadata), got {bad}")
     deltas = list(delta_slot.iter_deltas(model))
     if not deltas:
         raise ValueError("save_adapter: the model has no deltas (call sparsekern.prepare first)")
@@ -201,6 +244,7 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
     version = ELEMENT_RESOLVED_VERSION if any(d.elements for *_, d in deltas) else FORMATS[fmt].version
     metadata = {"format": fmt, "version": version, "sparsekern": __version__,
                 "fingerprint": fingerprint(model), "fingerprint_dtype": FINGERPRINT_DTYPE,
+                "fingerprint_scope": FINGERPRINT_SCOPE,
                 "config": json.dumps(config.to_dict() if config is not None else None), **own}
     if wrapper_name(model):
         metadata["wrapper"] = wrapper_name(model)
@@ -226,6 +270,8 @@ def read_adapter(path, formats: Sequence[str] = tuple(FORMATS)):
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"adapter {path} is a folder, not an adapter file")
     if not path.is_file():
         raise FileNotFoundError(f"adapter not found: {path}")
     try:
@@ -261,13 +307,15 @@ def stored_config(metadata: dict) -> Optional[SparseConfig]:
 
 def _check_metadata(path, fmt: str, metadata: dict) -> None:
     """What loading and reporting read from the metadata, or a one-line error: a config
-    SparseConfig takes (LoRA's needs one), a fingerprint dtype torch has."""
+    SparseConfig takes (LoRA's needs one), a fingerprint dtype torch has and a scope."""
     try:
         if stored_config(metadata) is None and fmt == LORA_ADAPTER:
             raise ValueError("a LoRA adapter without its config")
         dtype = metadata.get("fingerprint_dtype", "float64")
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"fingerprint_dtype {dtype!r}")
+        if metadata.get("fingerprint_scope", "paths") not in ("paths", "model"):
+            raise ValueError(f"fingerprint_scope {metadata['fingerprint_scope']!r}")
     except (TypeError, ValueError) as exc:
         raise ValueError(f"adapter {path}: its metadata are damaged ({exc})") from None
 

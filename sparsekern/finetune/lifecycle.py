@@ -15,7 +15,7 @@ from ..layers.base import SparsekernLayer
 from ..layers.linear import IrrepsLinear
 from ..layers.radial_mlp import RadialMLP
 from ..paths import WeightGroup
-from ..patching import patch, patched_layers
+from ..patching import check_module, patch, patched_layers
 from .config import SparseConfig
 from .delta import Delta, FixedDelta, LoRADelta, ThresholdDelta
 from .density import steer
@@ -125,6 +125,10 @@ def prepare(model: torch.nn.Module, config: Optional[SparseConfig] = None, backe
     to each path weight, and return the same model. ``losses`` (one callable per batch of
     training data, each returning the training loss) are what the "saliency" mode
     chooses its entries by."""
+    check_module(model, "prepare")
+    if config is not None and not isinstance(config, SparseConfig):
+        raise TypeError(f"prepare takes a SparseConfig, got {type(config).__name__} {config!r:.60} "
+                        f"(e.g. SparseConfig(density=0.03))")
     config = config or SparseConfig()
     if MODES[config.mode].needs_loss and losses is None:
         raise ValueError(f"prepare: mode {config.mode!r} chooses its entries from the training loss: "

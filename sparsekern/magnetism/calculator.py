@@ -47,7 +47,11 @@ class MagneticCalculator(Calculator):
 def load_calculator(path, device: str = "cpu") -> MagneticCalculator:
     """The calculator of a merged model written by a magnetic fine-tuning run (the
     family's model file; its magnetic modules beside it)."""
+    from pathlib import Path
+
     from ..integrations import family_for
     from .family import MagneticFamily
 
-    return MagneticFamily(family_for(str(path))).calculator(path, device)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"load_calculator: no model file at {path}")
+    return MagneticFamily(family_for(str(path), "load_calculator:")).calculator(path, device)

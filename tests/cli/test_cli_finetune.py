@@ -429,7 +429,7 @@ def test_bad_data_and_folders_are_refused_before_slow_work(files, sparse_run, ca
     (tmp_path / "lock" / ".lock").mkdir(parents=True)
     refused(tmp_path / "lock", says=".lock is not a file (sparsekern's lock): remove it")
     (tmp_path / "late" / "metrics.json").mkdir(parents=True)  # found only when the results are written
-    refused(tmp_path / "late", says="Is a directory")
+    refused(tmp_path / "late", says="metrics.json: it is a folder")
     refused(tmp_path / "d", "--density", "0", says="--density must be in (0, 1]")
     refused(tmp_path / "w", "--energy_weight", "-1", says="loss weights must be finite and >= 0, got --energy_weight -1")
     refused(tmp_path / "s", "--density_warmup", "1", "--density_anneal", "5", says="must end within --epochs")

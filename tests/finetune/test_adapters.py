@@ -162,6 +162,61 @@ def test_bad_names_and_states_are_one_line_errors(base, adapters):
         set_adapter(copy.deepcopy(base), "x")
 
 
+def test_bad_arguments_are_one_line_errors(base, adapters, tmp_path):
+    """Not a module, not a config, no name, a folder for a file, a CUDA-graph wrapper:
+    one line each, naming what was given."""
+    with pytest.raises(TypeError, match="patch takes a torch.nn.Module, got str 'model.model'"):
+        sparsekern.patch("model.model")
+    with pytest.raises(TypeError, match="load_adapter takes a torch.nn.Module, got str"):
+        load_adapter("model.model", adapters["str"])
+    with pytest.raises(TypeError, match=r"prepare takes a SparseConfig, got float 0.03 \(e.g. SparseConfig"):
+        sparsekern.prepare(copy.deepcopy(base), 0.03)
+    for name in (None, ""):  # (None was taken, applied nothing, and listed as active)
+        with pytest.raises(ValueError, match="load_adapter: name must be a non-empty string"):
+            load_adapter(copy.deepcopy(base), adapters["str"], name=name)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder, not an adapter file"):
+        load_adapter(copy.deepcopy(base), tmp_path / "folder")
+    model = load_adapter(copy.deepcopy(base), adapters["str"])
+    with pytest.raises(IsADirectoryError, match="it is a folder"):
+        sparsekern.save_adapter(model, tmp_path / "folder")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match="file is a file, not a folder"):
+        sparsekern.save_adapter(model, tmp_path / "file" / "a.safetensors")
+    with pytest.raises(TypeError, match=r"extra_metadata maps strings to strings .* got \{'a': 'int'\}"):
+        sparsekern.save_adapter(model, tmp_path / "a.safetensors", extra_metadata={"a": 1})
+    graphed = sparsekern.GraphedMACE(copy.deepcopy(base))
+    with pytest.raises(ValueError, match=r"GraphedMACE wraps the model: give its .model"):
+        load_adapter(graphed, adapters["str"])
+    load_adapter(graphed.model, adapters["str"])  # (as the message says)
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "a.safetensors").exists()
+
+
+def test_an_adapter_refuses_a_base_whose_constants_differ(base, adapters, atoms, tmp_path):
+    """The fingerprint covers the whole base, not the path weights alone: a base with
+    other E0s, another scale or cutoff is refused (it gave other energies silently),
+    while the base itself, cast to float32 or wrapped with magnetism's or not, loads."""
+    edits = {"E0s": lambda b: b.atomic_energies_fn.atomic_energies.add_(1.0),
+             "scale": lambda b: b.scale_shift.scale.mul_(2.0),
+             "cutoff": lambda b: b.radial_embedding.bessel_fn.r_max.fill_(4.0)}
+    for what, edit in edits.items():
+        other = copy.deepcopy(base)
+        with torch.no_grad():
+            edit(other)
+        with pytest.raises(ValueError, match="was made for a different base model"):
+            load_adapter(other, adapters["str"])
+    load_adapter(copy.deepcopy(base).float(), adapters["str"])
+    # an adapter written before the scope was recorded (the path weights alone) still loads
+    paths_only = _rewrite(adapters["str"], tmp_path / "paths.safetensors",
+                          fingerprint=fingerprint(sparsekern.patch(copy.deepcopy(base)), scope="paths"),
+                          fingerprint_scope=None)
+    assert _equal(_out(load_adapter(copy.deepcopy(base), paths_only), atoms),
+                  _out(load_adapter(copy.deepcopy(base), adapters["str"]), atoms))
+    with pytest.raises(ValueError, match="its metadata are damaged .*fingerprint_scope 'all'"):
+        load_adapter(copy.deepcopy(base), _rewrite(adapters["str"], tmp_path / "bad.safetensors",
+                                                   fingerprint_scope="all"))
+
+
 def _rewrite(path, out, **metadata):
     with safe_open(str(path), framework="pt") as f:
         meta = {**f.metadata(), **metadata}

@@ -45,6 +45,16 @@ def test_swap_in_a_running_sevennet_calculator(tmp_path):
     assert abs(e_a - e_plain - 0.5 * len(atoms)) <= 1e-4  # the shift, at float32 round-off
     assert abs(e_plain - e_base) > 1e-3  # the delta moved the energy
     assert torch.equal(model.rescale_atomic_energy.shift, base_shift)  # the base's again, bit for bit
+    # SevenNet's constants outside the path weights are the base's too: another shift,
+    # scale or convolution denominator is another base model
+    for name, edit in (("shift", lambda m: m.rescale_atomic_energy.shift.add_(1.0)),
+                       ("scale", lambda m: m.rescale_atomic_energy.scale.mul_(2.0)),
+                       ("denominator", lambda m: m._modules["0_convolution"].denominator.mul_(2.0))):
+        other = family.load("7net-0", "cpu")
+        with torch.no_grad():
+            edit(other)
+        with pytest.raises(ValueError, match="was made for a different base model"):
+            load_adapter(other, a)
 
 
 def test_calculations_run_frozen(tmp_path, monkeypatch):

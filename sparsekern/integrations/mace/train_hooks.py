@@ -197,7 +197,7 @@ class SparseHooks:
         path = atomic_write(model_dir / f"{self.args.name}.base.model", lambda tmp: torch.save(base, tmp))
         logging.info("sparsekern: the model MACE fine-tunes differs from the foundation file (element subset, E0s, "
                      "scale/shift, readouts, or buffers a newer MACE adds); the adapter applies to it, saved to "
-                     f"{path} (it also loads into the foundation where their path weights agree)")
+                     f"{path}")
         return str(path)
 
 
