@@ -18,12 +18,13 @@ calibrates to the density it was captured with."""
 from __future__ import annotations
 
 import weakref
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..integrations import Family, cuda_graphs
-from ..magnetism.loss import magnetic_weights
+from ..magnetism.loss import KEYS as MAGNETIC, magnetic_labels, magnetic_weights
 from .density import schedule_step, set_schedule_step, steady
 from .stress import value_weight, wanted as stress_wanted
 
@@ -138,7 +139,6 @@ class GraphedSteps:
 
 _LABELS = "_labels"  # the suffix of the loss's inputs
 PER_GRAPH = ("energy", "stress")  # outputs by graph (the others by atom)
-MAGNETIC = ("magforces", "magmom")  # magnetic terms of the loss, where the samples have labels
 _BY_MODEL: "weakref.WeakKeyDictionary[torch.nn.Module, GraphedSteps]" = weakref.WeakKeyDictionary()
 
 
@@ -147,15 +147,14 @@ def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.
     atoms), with the padding graph's (weight 0, 1 atom), and (weight, stress label) where
     frames have stress labels (weight 0 for the others); by atom (weight, label) for the
     forces and each magnetic term the samples have labels for, of each component (weight
-    0 where a collinear magnetic force leaves one unlabelled): ``evaluation.loss``'s sums
+    0 where ``magnetic_labels`` leave one unlabelled): ``evaluation.loss``'s sums
     over ``share`` divided by counts of ``whole``."""
     per_graph = torch.tensor([[settings.energy_weight * weight / len(whole)] * len(share) + [0.0],
                               [s.shift for s in share] + [0.0], [s.energy for s in share] + [0.0],
                               [s.natoms for s in share] + [1]], dtype=torch.float64)
     weights = {"forces": settings.forces_weight / (3 * sum(s.natoms for s in whole)),
                **magnetic_weights(share, settings, whole)}
-    per_atom = {"forces": lambda s: s.forces, "magforces": lambda s: s.magforces,
-                "magmom": lambda s: s.magmom.double().norm(dim=1, keepdim=True)}
+    per_atom = {"forces": lambda s: s.forces, **{key: partial(_per_atom, key) for key in MAGNETIC}}
     labels = {"graph_labels": per_graph.to(dtype)}
     if stress_wanted(share):
         w = value_weight(settings, whole) * weight
@@ -166,6 +165,11 @@ def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.
         labelled = label.isfinite().double()  # (float64: weight is a float, bool * float makes float32)
         labels[f"{key}{_LABELS}"] = torch.cat([labelled * (w * weight), label.nan_to_num(0.0)], 1).to(dtype)
     return labels
+
+
+def _per_atom(key: str, sample) -> torch.Tensor:
+    """A magnetic output's labels of ``sample`` by atom (NaN: not labelled)."""
+    return magnetic_labels(key, sample).reshape(sample.natoms, -1)
 
 
 def _padded_labels(labels: dict, atoms: int) -> dict:

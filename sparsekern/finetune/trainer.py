@@ -143,6 +143,8 @@ class Settings:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0 "
                              f"(got {self.epochs}, {self.batch_size}, {self.lr})")
+        if self.magnetic_lr <= 0:  # (a negative rate ascends: torch's Adam checks no group's)
+            raise ValueError(f"--magnetic_lr must be > 0, got {self.magnetic_lr:g}")
         weights = {"--energy_weight": self.energy_weight, "--forces_weight": self.forces_weight,
                    "--stress_weight": self.stress_weight,
                    "--magforces_weight": self.magforces_weight, "--magmom_weight": self.magmom_weight}
@@ -710,6 +712,7 @@ def _save_results(family: Family, model, settings: Settings, shift: Dict[int, fl
         e0 = {"e0_shift_ev": json.dumps({str(z): v for z, v in shift.items()})}
         metrics["adapter"] = str(save_adapter(model, out / "adapter.safetensors", extra_metadata=e0))
         metrics["adapter_bytes"] = Path(metrics["adapter"]).stat().st_size
+        metrics["adapter_beside"] = [str(f) for f in family.save_beside_adapter(model, Path(metrics["adapter"]))]
     unmerged = unmergeable(model)
     if unmerged:  # (element-resolved deltas) the adapter is the result
         metrics.update(merged_model=None, merged_model_skipped=unmerged)
@@ -869,12 +872,12 @@ def _evaluated_set(frames, samples) -> Tuple[str, List[Frame], List[Sample]]:
 def _files(out: Path, family: Family, metrics: dict) -> List[str]:
     """Every file the run leaves in ``out`` (the command's summary names them): the
     metrics, the checkpoint and the learning curves (neither after --epochs 0 in a new
-    folder), the evaluated set's parity plot, the adapter, the merged model and what its
-    export wrote beside it."""
+    folder), the evaluated set's parity plot, the adapter and the merged model, each with
+    what was written beside it."""
     files = [out / "metrics.json"] + [f for f in (out / checkpoint.CHECKPOINT, out / CURVES, out / PARITY)
                                       if f.exists()]
     if "adapter" in metrics:
-        files.append(Path(metrics["adapter"]))
+        files += [Path(f) for f in (metrics["adapter"], *metrics["adapter_beside"])]
     if metrics.get("merged_model"):
         files += family.exported_files(Path(metrics["merged_model"]))
     return [str(f) for f in files]

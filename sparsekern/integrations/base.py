@@ -120,6 +120,11 @@ class Family:
         """The files ``export`` wrote for the model at ``path`` (it and any beside it)."""
         return [Path(path)]
 
+    def save_beside_adapter(self, model, path: Path) -> List[Path]:
+        """Write what an adapter saved at ``path`` from ``model`` needs beside it (a
+        wrapper's own trained modules); the files written (none for a plain family)."""
+        return []
+
     def calculator(self, path: Path, device: str):
         raise NotImplementedError
 

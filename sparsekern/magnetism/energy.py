@@ -4,13 +4,17 @@
 
 J_ij = J(r_ij, z_i, z_j, env_i, env_j) (Heisenberg exchange, Gaussians in r
 times a cutoff), a_i, b_i = f(z_i, env_i) (Landau on-site terms; b >= 0 keeps E bounded
-below in |m|), env_i an invariant summary of atom i's neighbours. Every term is even in
+below in |m| where b > 0: the closed-form fit keeps b = 0, so a fitted a < 0 is not),
+env_i an invariant summary of atom i's neighbours. Every term is even in
 m (time reversal), depends on distances and m_i . m_j only (invariant under a common
 rotation of positions and moments, and under a rotation of the moments alone: no
 spin-orbit coupling), and vanishes where m_i = 0. ``spin_orbit=True`` adds the two
 lowest-order anisotropic pair terms, D_ij r^_ij . (m_i x m_j) (Dzyaloshinskii-Moriya)
 and K_ij (m_i . r^_ij)(m_j . r^_ij) (pseudo-dipolar), which couple moments to the
-lattice. The output layers start at zero: at initialisation E_mag = 0 and every
+lattice. D_ij is a true scalar of the environment, so the Dzyaloshinskii-Moriya term
+changes sign under inversion (moments are axial): the form of bonds without an inversion
+centre (interfaces, B20 crystals), which in a centrosymmetric crystal breaks its
+symmetry (Moriya's rule: D = 0 there). The output layers start at zero: at initialisation E_mag = 0 and every
 derivative of it is 0, so base + E_mag is the base model exactly."""
 
 from __future__ import annotations

@@ -149,6 +149,9 @@ class MagneticFamily(Family):
     def exported_files(self, path):
         return [*self.base.exported_files(path), sidecar(Path(path))]
 
+    def save_beside_adapter(self, model, path):
+        return [save_magnetic(model, sidecar(Path(path)))]  # (load_adapter asks for them)
+
     def calculator(self, path, device):
         from .calculator import MagneticCalculator
 

@@ -1,45 +1,60 @@
 """The magnetic terms of the fine-tuning loss and errors: magnetic forces -dE/dm
 against their labels (eV/μB; the components a collinear label gives, NaN the others),
-predicted moment magnitudes against the labels' (μB)."""
+predicted moment magnitudes against the labels' (μB; of the atoms with a moment)."""
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
 
+KEYS = ("magforces", "magmom")  # the magnetic outputs with labels
+
+
+def magnetic_labels(key: str, sample) -> Optional[torch.Tensor]:
+    """The flat labels of magnetic output ``key`` in ``sample`` (NaN: not labelled), or
+    None without labels: the magnetic forces' components, or the moments' magnitudes,
+    NaN where the moment is 0: the model's moments there are 0 whatever the head says
+    (``moments.oriented``), so there is no prediction to score or train."""
+    if key == "magforces":
+        return None if sample.magforces is None else sample.magforces.reshape(-1)
+    if sample.magmom is None:
+        return None
+    norm = sample.magmom.double().norm(dim=1)
+    return norm.where(norm > 0, torch.nan)
+
+
+def labelled_count(labels: torch.Tensor) -> int:
+    """How many of ``labels`` are labelled (not NaN)."""
+    return int(labels.isfinite().sum())
+
+
 def magnetic_residuals(out: Dict[str, torch.Tensor], batch: Sequence) -> Dict[str, torch.Tensor]:
-    """Flat residuals of each magnetic output that has labels in every sample of ``batch``."""
+    """Flat residuals of the labelled entries of each magnetic output that has labels in
+    every sample of ``batch``."""
     res = {}
-    if "magforces" in out and all(s.magforces is not None for s in batch):
-        label = torch.cat([s.magforces for s in batch]).reshape(-1)
-        res["magforces"] = out["magforces"].reshape(-1) - label.to(out["magforces"])
+    for key in KEYS:
+        labels = [magnetic_labels(key, s) for s in batch]
+        if key not in out or any(label is None for label in labels):
+            continue
+        label = torch.cat(labels)
+        r = out[key].reshape(-1) - label.to(out[key])
         labelled = label.isfinite()  # (on the host: indexing by it does not sync)
-        if not labelled.all():
-            res["magforces"] = res["magforces"][labelled.nonzero()[:, 0].to(res["magforces"].device)]
-    if "magmom" in out and all(s.magmom is not None for s in batch):
-        label = torch.cat([s.magmom for s in batch]).to(out["magmom"]).norm(dim=1)
-        res["magmom"] = out["magmom"] - label
+        res[key] = r if labelled.all() else r[labelled.nonzero()[:, 0].to(r.device)]
     return res
 
 
 def magnetic_weights(batch: Sequence, settings, whole: Sequence) -> Dict[str, float]:
     """The weight of each magnetic term whose labels every sample of ``batch`` has, over
-    its count in ``whole`` (the global batch that ``batch`` is one process's share of):
-    what a squared residual of it counts in the loss."""
+    its count of labelled entries in ``whole`` (the global batch that ``batch`` is one
+    process's share of): what a squared residual of it counts in the loss."""
     weights = {}
-    if batch and all(s.magforces is not None for s in batch):
-        weights["magforces"] = settings.magforces_weight / sum(labelled_count(s.magforces) for s in whole
-                                                               if s.magforces is not None)
-    if batch and all(s.magmom is not None for s in batch):
-        weights["magmom"] = settings.magmom_weight / sum(s.natoms for s in whole if s.magmom is not None)
+    for key, weight in (("magforces", settings.magforces_weight), ("magmom", settings.magmom_weight)):
+        if batch and all(magnetic_labels(key, s) is not None for s in batch):
+            labels = [magnetic_labels(key, s) for s in whole]
+            weights[key] = weight / max(1, sum(labelled_count(label) for label in labels if label is not None))
     return weights
-
-
-def labelled_count(magforces: torch.Tensor) -> int:
-    """How many components of magnetic-force labels are labelled (collinear: 1 per atom)."""
-    return int(magforces.isfinite().sum())
 
 
 def magnetic_loss(out: Dict[str, torch.Tensor], batch: Sequence, settings, whole: Sequence) -> torch.Tensor:

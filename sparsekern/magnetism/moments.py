@@ -40,6 +40,9 @@ def oriented(magnitudes: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return magnitudes[:, None] * unit
 
 
+RUNAWAY = 10.0  # moments that grew beyond this many times the largest start ran away
+
+
 def equilibrium_moments(energy: MagneticEnergy, batch: MagneticBatch, steps: int = 200,
                         tolerance: float = 1e-6) -> torch.Tensor:
     """The moments minimising E_mag(R, m) (the base energy does not depend on m) from
@@ -66,4 +69,9 @@ def equilibrium_moments(energy: MagneticEnergy, batch: MagneticBatch, steps: int
     finally:
         for p in energy.parameters():
             p.requires_grad_(True)
-    return torch.where(free, m, start).detach()
+    m = torch.where(free, m, start).detach()
+    if not (m.isfinite().all() and m.norm(dim=1).max() <= RUNAWAY * start.norm(dim=1).max()):
+        raise ValueError(f"equilibrium_moments: E_mag has no minimum in |m| from these moments (|m| ran to "
+                         f"{float(m.norm(dim=1).max()):.3g} μB, from {float(start.norm(dim=1).max()):.3g}): "
+                         f"its fitted on-site terms are unbounded below (a < 0 with b = 0)")
+    return m

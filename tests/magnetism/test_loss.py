@@ -53,3 +53,16 @@ def test_the_loss_of_collinear_labels_is_differentiable_where_labelled_only():
     magnetic_loss({"magforces": predicted, "energy": predicted.new_zeros(1)}, batch, settings, batch).backward()
     assert torch.isfinite(predicted.grad).all() and not predicted.grad[:, :2].any()
     assert torch.allclose(predicted.grad[:, 2], -2 * torch.as_tensor(collinear[:, 2]) / 6)
+
+
+def test_moments_are_scored_where_the_model_gives_one():
+    """An atom whose moment is 0 gets 0 from the model whatever the head says
+    (``oriented``): its magnitude is not scored, nor counted in the weight."""
+    magmom = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.6, 0.8], [0.0, 0.0, -2.0]], dtype=torch.float64)
+    batch = [SimpleNamespace(magforces=None, magmom=magmom, natoms=3)]
+    head = torch.tensor([0.7, 1.5, 1.0], dtype=torch.float64)
+    res = magnetic_residuals({"magmom": head}, batch)["magmom"]
+    assert torch.allclose(res, torch.tensor([0.5, -1.0], dtype=torch.float64))
+    settings = SimpleNamespace(magforces_weight=1.0, magmom_weight=3.0)
+    assert magnetic_weights(batch, settings, batch) == {"magmom": 1.5}
+    assert magnetic_errors({"magmom": res})["magmom_mae_muB"] == pytest.approx(0.75)

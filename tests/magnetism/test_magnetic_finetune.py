@@ -205,6 +205,41 @@ def test_adapter_with_magnetic_modules_reproduces_the_run(files, capsys):
     assert abs(float(energy[0]) - atoms.get_potential_energy()) < 1e-4
 
 
+def test_an_element_resolved_run_writes_its_magnetic_modules_beside_the_adapter(files):
+    """Element-resolved deltas leave no merged model: the adapter is the result, and the
+    magnetic modules it was trained with are written beside it (they were lost), so that
+    the base, those modules and the adapter give the run's test errors again."""
+    from ase.io import read
+
+    from sparsekern.finetune.adapters import load_adapter
+    from sparsekern.integrations import family_for
+    from sparsekern.magnetism.family import MagneticFamily, MagneticModel
+    from sparsekern.magnetism.fit import zero_outputs
+    from sparsekern.magnetism.storage import load_magnetic, sidecar
+
+    out = files / "element_resolved"
+    assert _run(files, out, "--epochs", "1", "--magmom_key", "REF_magmom", "--magforces_key", "REF_magforces",
+                "--element_resolved") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    beside = sidecar(out / "adapter.safetensors")
+    assert m["merged_model"] is None and m["adapter_beside"] == [str(beside)] and str(beside) in m["files"]
+    spec = str(files / "tiny.model")
+    family = MagneticFamily(family_for(spec))
+    model = load_adapter(MagneticModel(family.base.load(spec, "cpu"), *load_magnetic(beside, "cpu")),
+                         out / "adapter.safetensors")
+    def energy_mae():
+        errors = []
+        for atoms in read(files / "test.xyz", ":"):
+            atoms.set_initial_magnetic_moments(atoms.arrays["REF_magmom"])
+            energy = family.outputs(model, family.collate([family.graph(model, atoms)], "cpu"), False)["energy"]
+            errors.append(abs(float(energy[0]) - atoms.info["REF_energy"]) / len(atoms))
+        return 1e3 * np.mean(errors)
+
+    assert energy_mae() == pytest.approx(m["test_energy_mae_mev_per_atom"], abs=1e-3)  # (float32 round-off)
+    zero_outputs(model.energy)
+    assert abs(energy_mae() - m["test_energy_mae_mev_per_atom"]) > 1.0  # without the fitted E_mag
+
+
 def test_graphed_magnetic_run_is_the_eager_run(files, monkeypatch):
     """``--cuda_graphs`` with magnetic forces and a moment head (fake graphs on the CPU,
     strict: every NiO cell plans alike): the magnetic batch padded beside the base's, the
@@ -375,16 +410,22 @@ def test_collinear_magnetic_forces_count_once_per_atom(nickel, monkeypatch):
     fake_cuda_graphs(monkeypatch)  # (not strict: rattled cells differ in their edges' plans)
     assert _run_nickel(nickel, "collinear", graphed, *flags, "--cuda_graphs") == 0
     m = _strict_json(eager / "metrics.json")
-    calc, errors = load_calculator(m["merged_model"], "cpu"), []
+    calc, errors, moment_errors = load_calculator(m["merged_model"], "cpu"), [], []
     for atoms in read(nickel / "ni_collinear_test.xyz", ":"):
-        label = atoms.arrays["mag_forces"]
+        label, moments = atoms.arrays["mag_forces"], atoms.calc.results["magmoms"]
         atoms.arrays.pop("initial_magmoms")  # (collinear: 3-vectors would not fit)
-        atoms.set_initial_magnetic_moments(np.outer(atoms.calc.results["magmoms"], [0.0, 0.0, 1.0]))
+        atoms.set_initial_magnetic_moments(np.outer(moments, [0.0, 0.0, 1.0]))
         atoms.calc = calc
         predicted = calc.get_property("magforces", atoms)
         assert np.abs(predicted[:, :2]).max() < 1e-12
         errors.append(np.abs(predicted[:, 2] - label))
+        # the moments' error is the calculator's too, over the atoms it gives a moment (O's is 0)
+        magnetic = moments != 0
+        predicted_moments = calc.get_property("magmoms", atoms)
+        assert not predicted_moments[~magnetic].any() and (~magnetic).any()
+        moment_errors.append(np.abs(np.linalg.norm(predicted_moments[magnetic], axis=1) - np.abs(moments[magnetic])))
     assert m["test_magforce_mae_mev_per_muB"] == pytest.approx(1e3 * np.concatenate(errors).mean(), rel=1e-6)
+    assert m["test_magmom_mae_muB"] == pytest.approx(np.concatenate(moment_errors).mean(), rel=1e-6)
     got = _strict_json(graphed / "metrics.json")
     keys = [k for k in m if k.startswith("test_")]
     assert [got[k] for k in keys] == pytest.approx([m[k] for k in keys], rel=1e-12)
@@ -453,6 +494,7 @@ BAD = [  # (case, flags, what the one-line error says)
     ("collinear magforces", ["--magmom_key", "m", "--magforces_key", "h"],
      "magnetic forces 'h' are collinear scalars but moments 'm' are 3-vectors"),
     ("no moments", ["--predict_magmom"], "need --magmom_key"),
+    ("ascent", ["--magmom_key", "m", "--predict_magmom", "--magnetic_lr", "-1"], "--magnetic_lr must be > 0, got -1"),
     ("no moments", ["--spin_orbit"], "need --magmom_key"),
     ("no moments", ["--magforces_key", "h"], "need --magmom_key"),
 ]

@@ -2,6 +2,7 @@
 moment head's orientation along reference moments."""
 
 import numpy as np
+import pytest
 import torch
 from ase import Atoms
 
@@ -82,3 +83,13 @@ def test_equilibrium_keeps_non_magnetic_atoms_at_zero():
     start[1] = 0.0
     m = equilibrium_moments(module, _batch(module, start))
     assert not m[1].any() and (m[[0, 2, 3]].norm(dim=1) > 0.1).all()
+
+
+def test_an_energy_without_a_minimum_in_the_moments_is_said_not_returned():
+    """a < 0 with b = 0 (what the closed-form fit may leave): E_mag falls without bound
+    as |m| grows, and the search says so instead of returning moments that ran away."""
+    module = MagneticEnergy(cutoff=3.0, n_basis=4, width=8).double()
+    with torch.no_grad():
+        module.onsite[2].bias.copy_(torch.tensor([-0.5, 0.0]) / ENERGY_SCALE)
+    with pytest.raises(ValueError, match=r"E_mag has no minimum in \|m\| from these moments .* unbounded below"):
+        equilibrium_moments(module, _batch(module, np.random.default_rng(1).normal(0, 1, (4, 3))))
