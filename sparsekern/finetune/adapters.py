@@ -58,9 +58,10 @@ def fingerprint(model: torch.nn.Module, precision: str = FINGERPRINT_DTYPE, scop
     layers (whose constants follow from the weights' shapes), the per-element energies
     as the base holds them (an active adapter's E0 shift taken out): cutoffs, scale and
     shift, E0s. "paths" (adapters before ``fingerprint_scope`` was recorded): the path
-    weights alone, named as in ``model``, with their shapes. The same for a model patched or not, and for a
-    float64 model cast to float32 or back. (Adapters written before ``fingerprint_dtype``
-    was recorded hashed the float64 values: ``check_base`` recomputes that for them.)"""
+    weights alone, named as in ``model``, with their shapes. The same for a model
+    patched or not, and for a float64 model cast to float32 or back. (Adapters written
+    before ``fingerprint_dtype`` was recorded hashed the float64 values: ``check_base``
+    recomputes that for them.)"""
     if any(d.merged for *_, d in delta_slot.iter_deltas(model)):
         raise ValueError("fingerprint: the model has merged deltas; unmerge it first")
     if not patched_layers(model):

@@ -46,7 +46,8 @@ class Descriptor:
         key = (name, like.device, like.dtype)
         value = self._cache.get(key)
         if value is None:
-            value = self._cache[key] = _to(build(), like)
+            with torch.inference_mode(False):  # (kept for calls that may record autograd)
+                value = self._cache[key] = _to(build(), like)
         return value
 
     def weight_groups(self) -> List[WeightGroup]:

@@ -48,33 +48,46 @@ def cache_of(tensor: torch.Tensor) -> dict:
 
 
 def cached(tensor: torch.Tensor, key, build: Callable[[], T]) -> T:
-    """``build()``, once per ``tensor`` (and version) and ``key``."""
+    """``build()``, once per ``tensor`` (and version) and ``key``; built outside inference
+    mode (an inference tensor kept for later calls could not be saved for their backward)."""
     cache = cache_of(tensor)
     if key not in cache:
-        cache[key] = build()
+        with torch.inference_mode(False):
+            cache[key] = build()
     return cache[key]
+
+
+def _stamp(tensor: torch.Tensor) -> tuple:
+    """What tells a tensor's values changed: its version (in-place ops), its storage, dtype
+    and device (``.data = ...``, ``module.to()``/``.double()``, which keep the version).
+    In-place writes through ``.data`` (``p.data.copy_``) change none of them: a frozen
+    weight written so must be written in place (``p.copy_`` under no_grad) instead."""
+    return tensor._version, tensor.data_ptr(), tensor.dtype, tensor.device
 
 
 def derived(sources: Sequence[torch.Tensor], key, build: Callable[[], T]) -> T:
     """``build()`` of ``sources`` (first one the cache's key), reused while each source is
-    the same tensor at the same version and none needs a gradient: what inference derives
-    from frozen weights (a delta's value, a folded weight; MACE's calculator freezes its
-    model). Built afresh, not cached, where autograd would record it. A CUDA graph's
+    the same tensor with the same ``_stamp`` and none needs a gradient: what inference
+    derives from frozen weights (a delta's value, a folded weight; MACE's calculator
+    freezes its model). Built afresh, not cached, for weights that train, whatever the
+    grad mode: under no_grad they are still written by the optimizer, or through
+    ``.data`` (torch_ema's averages for validation), which no version counts. A CUDA graph's
     capture reuses what was built before it (and holds it: :func:`held`; a capture is
     made anew once the weights change, ``integrations.cuda_graphs.State``) but keeps
     nothing it builds: that lives in the graph's memory, written only by its replays."""
-    if torch.is_grad_enabled() and any(s.requires_grad for s in sources):
+    if any(s.requires_grad for s in sources):
         return build()
     if torch.compiler.is_compiling() or sources[0].is_inference():
         return build()
     cache = _tracked(sources[0])
-    stamp = [(weakref.ref(s), s._version) for s in sources[1:]]
+    stamp = [(weakref.ref(s), _stamp(s)) for s in sources]
     hit = cache.get(key)
     if hit is None or len(hit[0]) != len(stamp) or any(
-            ref() is not s or seen != s._version for (ref, seen), s in zip(hit[0], sources[1:])):
+            ref() is not s or seen != _stamp(s) for (ref, seen), s in zip(hit[0], sources)):
         if capturing():
             return build()
-        hit = cache[key] = (stamp, build())
+        with torch.inference_mode(False):  # (kept for calls that may record autograd)
+            hit = cache[key] = (stamp, build())
     if capturing() and _HELD:
         _HELD[-1].append(hit[1])
     return hit[1]
