@@ -13,11 +13,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
+import torch
+
 from ..files import names_a_file
 from ..finetune import SparseConfig, stats
 from ..finetune.methods import MODES, SPARSE_MODES, choices_help, default_lr
 from ..host_memory import keep_freed_memory
-from ..integrations.mace.train_hooks import SparseHooks
+from ..integrations.mace.train_hooks import Refused, SparseHooks
 from ..ops import registry
 
 SPARSE_PREFIX = "--sparse_"
@@ -159,7 +161,7 @@ def _run(run_train, args, hooks: Optional[SparseHooks]) -> int:
                 return 0
             with hooks.installed(run_train):
                 run_train.run(args)
-    except FoundationUnavailable as exc:
+    except (FoundationUnavailable, Refused) as exc:
         print(f"sparsekern mace-train: error: {exc}", file=sys.stderr)
         return 2
     if hooks.exports:
@@ -208,6 +210,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         factor = lr_factor(ours["sparse_lr_factor"], config.density, args.lr)
     except ValueError as exc:
         parser.error(str(exc))
+    try:
+        registry.check(ours["sparse_backend"], torch.device(args.device))
+    except (ValueError, RuntimeError) as exc:
+        parser.error(f"--sparse_backend: {exc}")
     _check_data(parser, args)
     hooks = SparseHooks(config, ours["sparse_backend"], args, factor)
     if args.device == "cpu":

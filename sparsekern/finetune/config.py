@@ -9,6 +9,9 @@ from typing import Optional, Tuple, Union
 from .methods import MODES
 
 
+SEEDS = 2 ** 63  # seeds torch's generators take (an int64)
+
+
 @dataclass
 class SparseConfig:
     """density: target fraction of path weights that change (0.03 = 3 %).
@@ -47,6 +50,8 @@ class SparseConfig:
             raise ValueError(f"SparseConfig: mode must be one of {tuple(MODES)}, got {self.mode!r}")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"SparseConfig: density must be in (0, 1], got {self.density}")
+        if not 0 <= self.seed < SEEDS:
+            raise ValueError(f"SparseConfig: seed must be in [0, 2**63), got {self.seed}")
         if self.tile != "path":
             tile = tuple(self.tile)
             if len(tile) != 2 or min(tile) < 1:

@@ -17,7 +17,7 @@ from ..layers.radial_mlp import RadialMLP
 from ..paths import WeightGroup
 from ..patching import check_module, patch, patched_layers
 from .config import SparseConfig
-from .delta import Delta, FixedDelta, LoRADelta, ThresholdDelta
+from .delta import Delta, FixedDelta, LoRADelta, ThresholdDelta, scores_of
 from .density import steer
 from .methods import MODES
 from .saliency import attach_salient, fisher_scores
@@ -146,9 +146,23 @@ def prepare(model: torch.nn.Module, config: Optional[SparseConfig] = None, backe
     else:
         generator, absent = torch.Generator().manual_seed(config.seed), _absent(model, config)
         attach_targets(model, [(t, _new_delta(config, t, absent, generator)) for t in targets])
+        _check_keeps_one(model, config)
     delta_slot.set_config(model, config)
     steer(model)
     return model
+
+
+def _check_keeps_one(model: torch.nn.Module, config: SparseConfig) -> None:
+    """A density that keeps no entry would train nothing and save the base as the result:
+    refused, the deltas taken off again."""
+    deltas = [d for *_, d in delta_slot.iter_deltas(model) if isinstance(d, ThresholdDelta)]
+    n = scores_of(deltas).numel() if deltas else 0
+    if deltas and round(config.density * n) == 0:
+        for _, layer, param, _ in list(delta_slot.iter_deltas(model)):
+            delta_slot.detach(layer, param)
+        what = "tiles" if config.mode == "block" else "path weights"
+        raise ValueError(f"density {config.density:g} keeps none of the model's {n} {what}: give at least "
+                         f"{1 / n:.3g} (one of them)")
 
 
 @torch.no_grad()

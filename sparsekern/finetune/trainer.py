@@ -44,7 +44,7 @@ from . import checkpoint
 from .adapters import save_adapter
 from .averaging import ParameterAverage
 from .backward import backward
-from .config import SparseConfig
+from .config import SEEDS, SparseConfig
 from .curves import plot_curves
 from .data import REFIT_E0S, Frame, check_e0s, energy_shift, read_frames, shared_frames, split_valid, valid_indices
 from .density import calibrate_to_schedule, steady
@@ -143,6 +143,8 @@ class Settings:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0 "
                              f"(got {self.epochs}, {self.batch_size}, {self.lr})")
+        if not 0 <= self.seed < SEEDS:
+            raise ValueError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.magnetic_lr <= 0:  # (a negative rate ascends: torch's Adam checks no group's)
             raise ValueError(f"--magnetic_lr must be > 0, got {self.magnetic_lr:g}")
         weights = {"--energy_weight": self.energy_weight, "--forces_weight": self.forces_weight,

@@ -438,6 +438,9 @@ def test_bad_data_and_folders_are_refused_before_slow_work(files, sparse_run, ca
                                                                             "inf, --lr nan")
     if not torch.cuda.is_available():
         refused(tmp_path / "g", "--device", "cuda", says="sees no CUDA device")
+    refused(tmp_path / "seed", "--seed", str(2 ** 70), says="--seed must be in [0, 2**63)")
+    # found once the model is loaded: a density that keeps none of its path weights trained nothing
+    refused(tmp_path / "tiny", "--density", "1e-9", says="density 1e-09 keeps none of the model's")
     out, _ = sparse_run
     with exclusive(out):  # another run holds the folder
         refused(out, says="is in use by another run")

@@ -57,15 +57,19 @@ def workdir(tmp_path_factory):
 
 
 def _mace_train(d, name, *extra):
+    run = _run_mace_train(d, name, *extra)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return d / name
+
+
+def _run_mace_train(d, name, *extra):
     args = ["--name", name, "--train_file", "train.xyz", "--valid_file", "valid.xyz",
             "--foundation_model", "foundation.model", "--foundation_model_elements", "True", "--E0s", "foundation",
             "--scaling", "no_scaling", "--max_num_epochs", "1", "--batch_size", "2", "--valid_batch_size", "2",
             "--device", "cpu", "--default_dtype", "float64", "--lr", "0.01", "--seed", "1", "--plot", "False",
             "--work_dir", str(d / name), *extra]
-    run = subprocess.run([sys.executable, "-m", "sparsekern", "mace-train", *args], cwd=d, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert run.returncode == 0, run.stderr[-3000:]
-    return d / name
+    return subprocess.run([sys.executable, "-m", "sparsekern", "mace-train", *args], cwd=d, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def test_sparse_mace_train_saves_plain_model_and_adapter(workdir):
@@ -75,7 +79,7 @@ def test_sparse_mace_train_saves_plain_model_and_adapter(workdir):
     assert model_file.is_file() and adapter.is_file()
     assert not (out / "sparse.base.model").exists()  # the foundation itself is the base
     with safe_open(str(adapter), framework="pt") as f:
-        assert f.metadata()["base_model"] == "foundation.model"
+        assert f.metadata()["base_model"] == str((d / "foundation.model").resolve())  # (not relative to the run)
 
     # a plain MACE model: no sparsekern class, hook or attribute pickled in it
     assert b"sparsekern" not in model_file.read_bytes()
@@ -224,6 +228,19 @@ def test_lora_runs_mace_own_lora_and_flags_do_not_mix(workdir, capsys):
              str(d / "foundation.model")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and f"data file not found: --train_file {d / 'nope.xyz'}" in err, err
+    for flags, says in ((["--sparse_backend", "cuda"], "--sparse_backend: backend 'cuda' is not available on cpu"),
+                        (["--sparse_seed", str(2 ** 70)], "SparseConfig: seed must be in [0, 2**63)")):
+        with pytest.raises(SystemExit) as exit_:  # before MACE's set-up (they gave its traceback after it)
+            cli(["mace-train", "--name", "x", "--train_file", str(d / "train.xyz"), "--foundation_model",
+                 str(d / "foundation.model"), "--device", "cpu", *flags])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    # a density that keeps none of the model's path weights: found once MACE built the model
+    run = _run_mace_train(d, "nothing", "--sparse_density", "1e-9")
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2 and last.startswith("sparsekern mace-train: error: density 1e-09 keeps none of the "
+                                                    "model's"), run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
     with pytest.raises(SystemExit) as exit_:
         cli(["mace-train", "--help"])
     assert exit_.value.code == 0

@@ -41,6 +41,11 @@ from ...finetune.precompile import compiles_kernels, precompile_on_copy
 from ...patching import patched_layers, release
 
 
+class Refused(Exception):
+    """Sparse fine-tuning cannot go on with the model MACE built (a density that keeps
+    none of its path weights): said in one line by ``sparsekern mace-train``."""
+
+
 class SparseHooks:
     """State shared by the wrapped functions during one ``run_train.run``."""
 
@@ -126,7 +131,10 @@ class SparseHooks:
         return result
 
     def prepare(self, model: torch.nn.Module) -> None:
-        prepare(model, self.config, backend=self.backend)
+        try:
+            prepare(model, self.config, backend=self.backend)
+        except ValueError as exc:  # (found once MACE has built the model: the earliest it can be)
+            raise Refused(str(exc)) from exc
         self.model = model
         s = stats(model)
         logging.info(f"sparsekern: {s['trainable_params']} trainable delta parameters on {s['total_params']} "
@@ -193,7 +201,7 @@ class SparseHooks:
             delta_slot.detach(layer)
         base = release(base)
         if self.foundation is not None and _same_state(base, self.foundation):
-            return str(self.args.foundation_model)
+            return str(Path(self.args.foundation_model).resolve())  # (the adapter lies in another folder)
         path = atomic_write(model_dir / f"{self.args.name}.base.model", lambda tmp: torch.save(base, tmp))
         logging.info("sparsekern: the model MACE fine-tunes differs from the foundation file (element subset, E0s, "
                      "scale/shift, readouts, or buffers a newer MACE adds); the adapter applies to it, saved to "
