@@ -6,6 +6,8 @@ moments' directions; collinear input gives signed scalars)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
@@ -47,8 +49,6 @@ class MagneticCalculator(Calculator):
 def load_calculator(path, device: str = "cpu") -> MagneticCalculator:
     """The calculator of a merged model written by a magnetic fine-tuning run (the
     family's model file; its magnetic modules beside it)."""
-    from pathlib import Path
-
     from ..integrations import family_for
     from .family import MagneticFamily
 

@@ -14,8 +14,9 @@ and K_ij (m_i . r^_ij)(m_j . r^_ij) (pseudo-dipolar), which couple moments to th
 lattice. D_ij is a true scalar of the environment, so the Dzyaloshinskii-Moriya term
 changes sign under inversion (moments are axial): the form of bonds without an inversion
 centre (interfaces, B20 crystals), which in a centrosymmetric crystal breaks its
-symmetry (Moriya's rule: D = 0 there). The output layers start at zero: at initialisation E_mag = 0 and every
-derivative of it is 0, so base + E_mag is the base model exactly."""
+symmetry (Moriya's rule: D = 0 there). The output layers start at zero: at
+initialisation E_mag = 0 and every derivative of it is 0, so base + E_mag is the base
+model exactly."""
 
 from __future__ import annotations
 

@@ -51,9 +51,9 @@ def magnetic_weights(batch: Sequence, settings, whole: Sequence) -> Dict[str, fl
     process's share of): what a squared residual of it counts in the loss."""
     weights = {}
     for key, weight in (("magforces", settings.magforces_weight), ("magmom", settings.magmom_weight)):
-        if batch and all(magnetic_labels(key, s) is not None for s in batch):
-            labels = [magnetic_labels(key, s) for s in whole]
-            weights[key] = weight / max(1, sum(labelled_count(label) for label in labels if label is not None))
+        if batch and all(getattr(s, key) is not None for s in batch):  # (KEYS are the samples' label fields)
+            weights[key] = weight / max(1, sum(labelled_count(magnetic_labels(key, s)) for s in whole
+                                               if getattr(s, key) is not None))
     return weights
 
 
