@@ -42,6 +42,8 @@ def _how_to_resume(differ: dict) -> str:
     """How to resume a run whose arguments ``differ`` (name -> (checkpoint's, now)) only
     in a default: one that changed since it started (the moving average, the lr), or
     one that follows --epochs (Stage Two's start)."""
+    if "spin_orbit_dm" in differ:
+        return " (it was started by an older version, whose --spin_orbit term was another)"
     if "ema" in differ and differ["ema"][0] is None and set(differ) <= {"ema", "ema_decay", "lr"}:
         return " (a run started before the moving average was the default resumes with --no_ema)"
     for name in ("lr", "start_stage_two"):

@@ -290,6 +290,8 @@ class Settings:
         for k in ("train", "valid"):  # the same file wherever the command runs from
             d[k] = str(Path(d[k]).resolve()) if d[k] else None
         d["model"] = family_for(self.model).spec_identity(self.model)
+        if self.spin_orbit:  # its Dzyaloshinskii-Moriya form (a run of an older version had the polar one)
+            d["spin_orbit_dm"] = "axial"
         return d
 
     def differences(self, theirs: dict) -> Dict[str, tuple]:

@@ -9,12 +9,15 @@ env_i an invariant summary of atom i's neighbours. Every term is even in
 m (time reversal), depends on distances and m_i . m_j only (invariant under a common
 rotation of positions and moments, and under a rotation of the moments alone: no
 spin-orbit coupling), and vanishes where m_i = 0. ``spin_orbit=True`` adds the two
-lowest-order anisotropic pair terms, D_ij r^_ij . (m_i x m_j) (Dzyaloshinskii-Moriya)
-and K_ij (m_i . r^_ij)(m_j . r^_ij) (pseudo-dipolar), which couple moments to the
-lattice. D_ij is a true scalar of the environment, so the Dzyaloshinskii-Moriya term
-changes sign under inversion (moments are axial): the form of bonds without an inversion
-centre (interfaces, B20 crystals), which in a centrosymmetric crystal breaks its
-symmetry (Moriya's rule: D = 0 there). The output layers start at zero: at
+lowest-order anisotropic pair terms, D_ij . (m_i x m_j) (Dzyaloshinskii-Moriya) and
+K_ij (m_i . r^_ij)(m_j . r^_ij) (pseudo-dipolar), which couple moments to the lattice.
+Moments are axial vectors, so D_ij must be one too: D_ij = c_ij r^_ij x (v_i + v_j),
+v_i = sum_k g_ik r^_ik a polar vector of atom i's neighbours (g_ik from r_ik and z_k),
+the three-site form of Fert and Levy (r_ij x r_ik) with weights that add over the
+neighbours of i and of j. It is even under inversion, vanishes where the bond's
+midpoint is an inversion centre (v_j = -v_i) and is normal to a mirror plane holding
+the bond: Moriya's rules. ``dm="polar"``, D_ij = c_ij r^_ij (magnetic modules saved
+before 2026-12-07 load with it), is odd under inversion. The output layers start at zero: at
 initialisation E_mag = 0 and every derivative of it is 0, so base + E_mag is the base
 model exactly."""
 
@@ -32,6 +35,7 @@ N_ELEMENTS = 119  # embedding rows, indexed by atomic number
 # eV: the couplings are ENERGY_SCALE x an MLP output, so O(1) weights give the meV-scale
 # exchange energies of the data and an optimizer step of ~lr moves them by ~lr x 10 meV
 ENERGY_SCALE = 0.01
+DM_FORMS = ("axial", "polar")  # the Dzyaloshinskii-Moriya vector's forms (module docstring)
 
 
 def envelope(r: torch.Tensor, cutoff: float, switch: float) -> torch.Tensor:
@@ -61,23 +65,28 @@ def _mlp(n_in: int, width: int, n_out: int) -> nn.Sequential:
 
 class MagneticEnergy(nn.Module):
     def __init__(self, cutoff: float = 5.0, n_basis: int = 8, width: int = 32, spin_orbit: bool = False,
-                 switch: float = 1.0):
+                 switch: float = 1.0, dm: str = "axial"):
         super().__init__()
-        self.cutoff, self.n_basis, self.width, self.spin_orbit = float(cutoff), n_basis, width, spin_orbit
+        if dm not in DM_FORMS:
+            raise ValueError(f"dm must be one of {DM_FORMS}, got {dm!r}")
+        self.cutoff, self.n_basis, self.width, self.spin_orbit, self.dm = float(cutoff), n_basis, width, spin_orbit, dm
         self.switch = min(float(switch), self.cutoff)
         self.embed = nn.Embedding(N_ELEMENTS, width)
         self.env = nn.Linear(n_basis, width, bias=False)
         self.node = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU())
         self.pair = _mlp(n_basis + 2 * width, width, 3 if spin_orbit else 1)
         self.onsite = _mlp(width, width, 2)
+        if spin_orbit and dm == "axial":  # g_ik of the docstring's v_i, from the edge's features
+            self.dm_weight = nn.Linear(width, 1, bias=False)
 
     def config(self) -> dict:
         return {"cutoff": self.cutoff, "n_basis": self.n_basis, "width": self.width, "spin_orbit": self.spin_orbit,
-                "switch": self.switch}
+                "switch": self.switch, "dm": self.dm}
 
     def geometry(self, batch: MagneticBatch, positions: torch.Tensor, offsets: Optional[torch.Tensor] = None):
-        """Edge vectors and lengths, the envelope, the radial basis, invariant node
-        features (n, width); ``offsets`` (default the batch's): the edges' cell offsets.
+        """Edge vectors and lengths, the envelope, the radial basis, invariant edge
+        features (E, width: of r_ij and z_j) and node features (n, width); ``offsets``
+        (default the batch's): the edges' cell offsets.
         Rows are gathered by ``index_select``: its gradient is one ``index_add``, where
         indexing's is an accumulating ``index_put`` (a sort on GPUs)."""
         i, j = batch.edges
@@ -87,8 +96,9 @@ class MagneticEnergy(nn.Module):
         cut = envelope(r, self.cutoff, self.switch)
         basis = radial_basis(r, self.cutoff, self.n_basis, cut)
         emb = self.embed(batch.numbers)
-        env = torch.zeros_like(emb).index_add_(0, i, self.env(basis) * emb.index_select(0, j))
-        return vec, r, cut, basis, self.node(torch.cat([emb, env], dim=1))
+        edge = self.env(basis) * emb.index_select(0, j)
+        env = torch.zeros_like(emb).index_add_(0, i, edge)
+        return vec, r, cut, basis, edge, self.node(torch.cat([emb, env], dim=1))
 
     def atom_energies(self, batch: MagneticBatch, positions: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
         """Per-atom magnetic energy (n,): the on-site terms plus half of each pair term."""
@@ -97,14 +107,15 @@ class MagneticEnergy(nn.Module):
     def _atom_energies_and_nodes(self, batch: MagneticBatch, positions: torch.Tensor, moments: torch.Tensor,
                                  offsets: Optional[torch.Tensor] = None):
         i, j = batch.edges
-        vec, r, cut, basis, node = self.geometry(batch, positions, offsets)
+        vec, r, cut, basis, edge, node = self.geometry(batch, positions, offsets)
         ni, nj = node.index_select(0, i), node.index_select(0, j)
         coupling = self.pair(torch.cat([basis, ni + nj, ni * nj], dim=1)) * (ENERGY_SCALE * cut)[:, None]
         mi, mj = moments.index_select(0, i), moments.index_select(0, j)
         pair = coupling[:, 0] * (mi * mj).sum(1)
         if self.spin_orbit:
             unit = vec / r[:, None]
-            pair = (pair + coupling[:, 1] * (unit * torch.linalg.cross(mi, mj)).sum(1)
+            dm = self._dm_vectors(batch.edges, unit, edge, len(node))
+            pair = (pair + coupling[:, 1] * (dm * torch.linalg.cross(mi, mj)).sum(1)
                     + coupling[:, 2] * (mi * unit).sum(1) * (mj * unit).sum(1))
         a, b = (ENERGY_SCALE * self.onsite(node)).unbind(1)
         m2 = moments.square().sum(1)
@@ -112,6 +123,15 @@ class MagneticEnergy(nn.Module):
         # passes the gradient at 0), and never negative
         onsite = a * m2 + b.clamp(min=0) * m2.square()
         return onsite + 0.5 * torch.zeros_like(onsite).index_add_(0, i, pair), node
+
+    def _dm_vectors(self, edges: torch.Tensor, unit: torch.Tensor, edge: torch.Tensor, n: int) -> torch.Tensor:
+        """D_ij / c_ij (E, 3) of the ``n`` atoms' ``edges``: r^_ij x (v_i + v_j), or r^_ij
+        where ``dm`` is "polar"."""
+        if self.dm == "polar":
+            return unit
+        i, j = edges
+        v = unit.new_zeros(n, 3).index_add_(0, i, self.dm_weight(edge) * unit)
+        return torch.linalg.cross(unit, v.index_select(0, i) + v.index_select(0, j))
 
     def forward(self, batch: MagneticBatch, positions: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
         """Energy per frame (n_frames,)."""

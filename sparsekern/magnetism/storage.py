@@ -41,11 +41,11 @@ def load_magnetic(path: Path, device: str) -> Tuple[MagneticEnergy, Optional[Mom
         metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a sparsekern magnetic-module file")
-    energy = MagneticEnergy(**json.loads(metadata["config"]))
+    energy = MagneticEnergy(**{"dm": "polar", **json.loads(metadata["config"])})  # (files before "dm": polar)
     head = MomentHead(energy.width) if metadata["head"] == "True" else None
     dtype = tensors["energy.embed.weight"].dtype
     for prefix, module in (("energy.", energy), ("head.", head)):
         if module is not None:
+            module.to(device=device, dtype=dtype)  # (first: loading into float32 would round float64 weights)
             module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-            module.to(device=device, dtype=dtype)
     return energy, head

@@ -284,8 +284,9 @@ def test_graphed_magnetic_run_is_the_eager_run(files, monkeypatch):
 
 def _nickel_labels(atoms, moments, spin_orbit):
     """Energy, forces and magnetic forces of a model independent of sparsekern's: EMT
-    plus E = sum_(i<j) J(r) m_i.m_j [+ D(r) r^_ij.(m_i x m_j)] + sum_i -0.05 |m|^2 + 0.05 |m|^4,
-    J = 0.1 (3 Å - r)^2 eV/μB^2 within 3 Å (the first shell), D = J / 2."""
+    plus E = sum_(i<j) J(r) m_i.m_j [+ D_ij.(m_i x m_j)] + sum_i -0.05 |m|^2 + 0.05 |m|^4,
+    J = 0.1 (3 Å - r)^2 eV/μB^2 within 3 Å (the first shell), D_ij = (J / 2) r^_ij x (u_i + u_j)
+    (axial: moments are), u_i = sum_(O atoms k) 4 (3 Å - r_ik)^2 r^_ik / Å^2 within 3 Å."""
     from ase.calculators.emt import EMT
     from ase.neighborlist import neighbor_list
 
@@ -298,7 +299,12 @@ def _nickel_labels(atoms, moments, spin_orbit):
     coupling = 0.1 * (3.0 - r).square()
     pair = coupling * (m[i] * m[j]).sum(1)
     if spin_orbit:
-        pair = pair + 0.5 * coupling * (vec / r[:, None] * torch.linalg.cross(m[i], m[j])).sum(1)
+        unit = vec / r[:, None]
+        oxygen = torch.as_tensor(atoms.numbers[j] == 8, dtype=torch.float64)
+        u = torch.zeros(len(atoms), 3, dtype=torch.float64).index_add(0, torch.as_tensor(i),
+                                                                      (4 * oxygen * (3.0 - r).square())[:, None] * unit)
+        dm = torch.linalg.cross(unit, u[i] + u[j])
+        pair = pair + 0.5 * coupling * (dm * torch.linalg.cross(m[i], m[j])).sum(1)
     m2 = m.square().sum(1)
     energy = 0.5 * pair.sum() + (-0.05 * m2 + 0.05 * m2.square()).sum()
     d_pos, d_m = torch.autograd.grad(energy, (pos, m))
@@ -433,13 +439,14 @@ def test_collinear_magnetic_forces_count_once_per_atom(nickel, monkeypatch):
                                                                       rel=1e-12)
 
 
-def test_unseen_noncollinear_data_with_spin_orbit(nickel):
+def test_unseen_noncollinear_data_with_spin_orbit(nickel, capsys):
     """3-vector ``initial_magmoms`` and magnetic forces of a model with a
     Dzyaloshinskii-Moriya term: ``--spin_orbit`` fits the magnetic forces well below the
     error of E_mag = 0 and the energies below the model's before fine-tuning, and the
     merged model's energy turns with the moments' common direction. Force weight 1: the
     tiny base's force errors (about 240 meV/Å, not magnetic) would otherwise decide the
-    fit of E_mag, which matches the base's force residuals (benchmarks/NOTES.md)."""
+    fit of E_mag, which matches the base's force residuals (benchmarks/NOTES.md). A
+    checkpoint of a run with the polar Dzyaloshinskii-Moriya term is refused in one line."""
     from ase.io import read
     from scipy.spatial.transform import Rotation
 
@@ -459,6 +466,15 @@ def test_unseen_noncollinear_data_with_spin_orbit(nickel):
     moments = test[0].get_initial_magnetic_moments()
     turn = Rotation.random(random_state=4).as_matrix()
     assert abs(_rotated_energy(calc, test[0], moments, turn) - _rotated_energy(calc, test[0], moments)) > 1e-6
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    del ck["identity"]["spin_orbit_dm"]  # as an older version wrote it
+    torch.save(ck, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert _run_nickel(nickel, "vector", out, "--magmom_key", "initial_magmoms", "--magforces_key", "mag_forces",
+                       "--predict_magmom", "--spin_orbit", "--forces_weight", "1", "--epochs", "2") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "spin_orbit_dm: checkpoint None vs now 'axial'" in err
+    assert "started by an older version" in err
 
 
 def _bad(frames, case):
