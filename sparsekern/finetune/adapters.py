@@ -43,6 +43,8 @@ def group_to_dict(g: WeightGroup) -> dict:
 
 
 def group_from_dict(d: dict) -> WeightGroup:
+    if len(d["shape"]) != 3:
+        raise ValueError(f"a weight group's shape has 3 entries (paths, rows, columns), got {d['shape']}")
     return WeightGroup(str(d["param"]), int(d["offset"]), tuple(int(n) for n in d["shape"]), str(d["layout"]),
                        str(d["label"]), None if d["l"] is None else int(d["l"]), bool(d["per_element"]))
 

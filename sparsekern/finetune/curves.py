@@ -45,7 +45,9 @@ def plot_curves(metrics: dict, filename) -> None:
         ax.plot([selected], [metrics[f"{evaluated}_{key}"]], marker="*", markersize=14, ls="", color="tab:red",
                 label=f"{evaluated}, fine-tuned" + (f" (epoch {selected}: {metrics['selected_by']})"
                                             if selected != epochs[-1] else ""))
-        ax.set(title=title, xlabel="epoch", ylim=(0, None))
+        # headroom of the values, not of their spread (a few epochs barely move the errors)
+        shown = [v for _, v in valid] + [metrics[f"zero_shot_{evaluated}_{key}"], metrics[f"{evaluated}_{key}"]]
+        ax.set(title=title, xlabel="epoch", ylim=(0, 1.08 * max(shown) or None))
     settings = metrics["settings"]
     for ax in axes:
         if settings["stage_two"]:  # its loss weights differ: the training loss jumps there

@@ -44,7 +44,7 @@ def plot_parity(data: Dict[str, tuple], title: str, filename) -> None:
         lo, hi = (f(np.concatenate([ref, before, after])) for f in (np.min, np.max))
         ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
         ax.set(title=UNITS[key][0], xlabel="label", ylabel="predicted")
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="best")  # (upper left hides what the model over-predicts)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(filename, format="png", dpi=110)

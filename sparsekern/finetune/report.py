@@ -42,9 +42,11 @@ def adapter_stats(path, base: Optional[torch.nn.Module] = None) -> dict:
         check_base(base, path, metadata, "the given base model")
     if "groups" in metadata:
         try:
-            groups = {stem: [group_from_dict(g) for g in gs] for stem, gs in json.loads(metadata["groups"]).items()}
-            labels: Dict[str, List[str]] = json.loads(metadata.get("element_labels", "{}"))
-        except (ValueError, KeyError, TypeError) as exc:
+            groups, labels = (json.loads(metadata.get(key, "{}")) for key in ("groups", "element_labels"))
+            if not (isinstance(groups, dict) and isinstance(labels, dict)):
+                raise TypeError("its groups and element labels must be JSON objects")
+            groups = {stem: [group_from_dict(g) for g in gs] for stem, gs in groups.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"adapter {path}: its weight-group metadata is damaged ({exc})") from None
         changed = partial(_lora_changed if metadata["format"] == LORA_ADAPTER else _sparse_changed,
                           path, tensors, metadata)
@@ -171,14 +173,17 @@ def build_report(path, base: Optional[torch.nn.Module] = None) -> dict:
     _, metadata = read_adapter(path)
     s = adapter_stats(path, base)
     verdict = d_shell_verdict(s)
-    if metadata["format"] == LORA_ADAPTER and verdict["l2_larger_share_for_transition_metals"] is not None:
-        verdict.update(l2_larger_share_for_transition_metals=None, reason=(
-            "a LoRA update B A changes every weight of each block it touches, so the share of changed weights "
-            "cannot tell (a sparse adapter can)"))
+    l2_vs_l01 = l2_against_l01(s)
+    if metadata["format"] == LORA_ADAPTER:  # neither question can be asked of it
+        l2_vs_l01 = None
+        if verdict["l2_larger_share_for_transition_metals"] is not None:
+            verdict.update(l2_larger_share_for_transition_metals=None, reason=(
+                "a LoRA update B A changes every weight of each block it touches, so the share of changed weights "
+                "cannot tell (a sparse adapter can)"))
     return {"adapter": str(path), "format": metadata.get("format"), "fingerprint": metadata.get("fingerprint"),
             "base_model": metadata.get("base_model"),
             "config": json.loads(metadata.get("config", "null")), **s, "d_shell": verdict,
-            "l_profile": l_profile(s), "transition_metals_l2_vs_l01": l2_against_l01(s)}
+            "l_profile": l_profile(s), "transition_metals_l2_vs_l01": l2_vs_l01}
 
 
 def verdict_line(report: dict) -> str:

@@ -93,10 +93,13 @@ def count_changes(entries: Iterable[Tuple[str, Sequence[WeightGroup], Optional[t
 @torch.no_grad()
 def stats(model: torch.nn.Module) -> dict:
     """How many path weights the deltas change: totals and breakdowns by layer, by
-    path, by irrep order l of the path, by element, and by element and l."""
+    path, by irrep order l of the path, by element, and by element and l. Out of the
+    weights the deltas' config lets them change (not the radial MLPs' where it leaves
+    them out), as an adapter counts them."""
     entries = []
+    config = delta_slot.config_of(model)
     for name, layer in patched_layers(model):
-        for param, groups in target_groups(layer).items():
+        for param, groups in target_groups(layer, config).items():
             delta = delta_slot.get(layer, param)  # its groups: element-resolved ones count every element's
             entries.append((name, delta.groups if delta is not None else groups, _changed_mask(delta)))
     counts = count_changes(entries, lambda count: element_labels(model, count))

@@ -1,6 +1,7 @@
 """The pictures: the test set's parity plot (labels against predictions, before and after), the learning curves."""
 
 import numpy as np
+import pytest
 import torch
 
 from sparsekern.finetune.evaluation import Sample
@@ -38,3 +39,25 @@ def test_curves_where_the_validation_frames_have_no_stresses(tmp_path):
                **{f"{prefix}{k}": v for k, v in evaluated.items() for prefix in ("test_", "zero_shot_test_")}}
     plot_curves(metrics, tmp_path / "training.png")
     assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_curves_leave_headroom_above_flat_errors(tmp_path, monkeypatch):
+    """Errors that barely move over a few epochs: each error panel's top lies clear of
+    the highest value (its autoscaled top, frozen by a bottom of 0, sat on the zero-shot
+    line and cut the fine-tuned star)."""
+    from matplotlib.figure import Figure
+
+    from sparsekern.finetune.curves import plot_curves
+
+    tops = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (tops.extend(ax.get_ylim()[1] for ax in fig.axes[1:]),
+                                                                 save(fig, *a, **k)))
+    errors = {"energy_mae_mev_per_atom": 56.53, "force_mae_mev_per_A": 120.02}
+    metrics = {"history": [{"epoch": e, "train_loss": 1.0, "valid_loss": 0.5, "valid": errors} for e in (1, 2)],
+               "evaluated_on": "test", "selected_epoch": 2, "selected_by": "lowest validation loss",
+               "settings": {"stage_two": False}, "method": "sparse", "model": "m.model", "changed_fraction": 0.03,
+               "test_energy_mae_mev_per_atom": 56.5, "zero_shot_test_energy_mae_mev_per_atom": 56.549,
+               "test_force_mae_mev_per_A": 120.0, "zero_shot_test_force_mae_mev_per_A": 120.04}
+    plot_curves(metrics, tmp_path / "training.png")
+    assert tops == [pytest.approx(1.08 * 56.549), pytest.approx(1.08 * 120.04)]

@@ -97,6 +97,34 @@ def test_report_equals_stats_and_verdict_follows_data(base, tmp_path, capsys, bo
     assert ("yes" if boost_tm else "no") in capsys.readouterr().out
 
 
+def test_report_equals_stats_without_the_radial_weights(base, tmp_path):
+    """Radial MLPs left out of the deltas (``include_radial=False``): ``stats`` counts out
+    of the weights the deltas may change, as the adapter does (it counted the radial
+    weights too: two densities for one adapter)."""
+    model = sparsekern.prepare(copy.deepcopy(base), SparseConfig(density=0.05, include_radial=False))
+    calibrate_density(model)
+    report, expected = build_report(sparsekern.save_adapter(model, tmp_path / "a.safetensors")), sparsekern.stats(model)
+    for key in BREAKDOWNS:
+        assert report[key] == expected[key], key
+    with_radial = sparsekern.stats(_adapted(base, True))
+    assert "radial" not in expected["by_l"] and "radial" in with_radial["by_l"]
+    assert expected["total_params"] == with_radial["total_params"] - with_radial["by_l"]["radial"]["total"]
+
+
+def test_lora_gets_no_l_verdict(base, tmp_path):
+    """A LoRA update changes every weight of a block it touches: neither the share
+    question nor the transition metals' l = 2 against l = 0, 1 is answered."""
+    model = sparsekern.prepare(copy.deepcopy(base), SparseConfig(mode="lora", lora_rank=2, seed=2))
+    with torch.no_grad():
+        for *_, delta in iter_deltas(model):
+            for p in delta.parameters():
+                p.copy_(torch.randn_like(p))
+    report = build_report(sparsekern.save_adapter(model, tmp_path / "lora.safetensors"))
+    assert report["changed_params"] > 0 and report["l_profile"]
+    assert report["d_shell"]["l2_larger_share_for_transition_metals"] is None
+    assert report["transition_metals_l2_vs_l01"] is None
+
+
 def test_verdict_pools_only_elements_the_update_touched(base, tmp_path):
     model = _adapted(base, True)
     symbols = [chemical_symbols[int(z)] for z in model.atomic_numbers]
@@ -163,3 +191,14 @@ def test_old_format_adapter_needs_its_base_and_corrupt_files_fail(base, tmp_path
     assert capsys.readouterr().err.startswith("sparsekern report: error: adapter not found")
     assert cli(["report", str(path), "--out", str(corrupt)]) == 2  # a file, not a folder: before any work
     assert f"output folder {corrupt} is a file" in capsys.readouterr().err
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+    groups = json.loads(metadata["groups"])
+    stem = next(iter(groups))
+    for key, value in (("groups", "[]"), ("element_labels", "[]"),
+                       ("groups", json.dumps({stem: [{**groups[stem][0], "shape": [2, 3]}]}))):
+        damaged = tmp_path / "damaged.safetensors"
+        save_file(tensors, str(damaged), metadata={**metadata, key: value})
+        assert cli(["report", str(damaged)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "weight-group metadata is damaged" in err, err
