@@ -3,6 +3,7 @@
 import collections
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,3 +269,16 @@ def labelled_by_the_model(model, frames, out):
         atoms.calc = None
     write(out, atoms_list)
     return out
+
+
+def run_python(*command):
+    """``command`` in a fresh Python importing this sparsekern, 1 thread per process."""
+    import subprocess
+    import sys
+
+    import sparsekern
+
+    root = str(Path(sparsekern.__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    return subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=600)

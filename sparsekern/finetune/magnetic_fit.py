@@ -22,8 +22,10 @@ def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, grou
         return None
     zero_outputs(model.energy)
 
-    def parts():
-        for batch in batches(group.share(samples), settings.batch_size):
+    def parts():  # this process's batches (``map_batches``' share), and where each starts
+        chunks = list(batches(samples, settings.batch_size))
+        for i in range(group.rank, len(chunks), group.size):
+            batch = chunks[i]
             out = outputs(family, model, batch, settings.device, training=False)
             reference = torch.tensor([s.energy for s in batch], dtype=torch.float64)
             targets = {"energy": reference - out["energy"].detach().cpu().double(),
@@ -34,7 +36,7 @@ def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, grou
                 labels = torch.stack([s.stress if s.stress is not None else torch.full((3, 3), torch.nan)
                                       for s in batch]).double()
                 targets["stress"] = labels - out["stress"].detach().cpu().double()
-            yield family.magnetic_batch([s.graph for s in batch], settings.device), targets
+            yield family.magnetic_batch([s.graph for s in batch], settings.device), targets, i * settings.batch_size
 
     model.eval()
     weights = {"energy": settings.energy_weight, "forces": settings.forces_weight,

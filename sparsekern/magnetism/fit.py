@@ -75,7 +75,7 @@ def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], counts: Dic
     """(FOLDS, len(TERMS), K + 1, K + 1): for each fold of frames and each term, Z^T Z with
     Z = [X y], X the design matrix of the least-squares problem over ``parts`` (its K
     columns: E_mag's linear parameters, then the per-element offsets, energy rows only)
-    and y the targets: tuples (batch, {term: target}) with what E_mag should add to each
+    and y the targets: tuples (batch, {term: target}, first) with what E_mag should add to each
     term of ``TERMS`` that has labels: the energy residual per frame (eV), the force
     residuals, the magnetic-force labels (n, 3) and the stress residuals (F, 3, 3); NaN
     (a frame without a stress label, a component a collinear label leaves out): its
@@ -83,14 +83,15 @@ def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], counts: Dic
     1/sqrt(``counts``: its global number of labelled entries), so that the solve's term
     weights make the training loss, and sums over processes add up. The
     force rows matter: E_mag depends on positions, and fitted to energies alone its
-    random features give forces of eV/Å. Frame i (counted over ``parts``, per process)
-    goes to fold i % FOLDS: the solve's cross-validation holds out whole frames."""
+    random features give forces of eV/Å. ``first`` is the global index of the batch's
+    first frame (over every process's parts), and frame i goes to fold i % FOLDS: the
+    solve's cross-validation holds out whole frames, the same folds in any number of
+    processes."""
     if any(p.abs().max() > 0 for layer in (energy.pair[-1], energy.onsite[-1]) for p in layer.parameters()):
         raise ValueError("the magnetic module's output layers must be at their zero start")
     k = n_linear(energy) + N_ELEMENTS
     system = torch.zeros(FOLDS, len(TERMS), k + 1, k + 1, dtype=torch.float64)
-    first = 0  # the batch's first frame, counted over parts
-    for batch, targets in parts:  # (made outside no_grad: the base computes forces)
+    for batch, targets, first in parts:  # (made outside no_grad: the base computes forces)
         with torch.no_grad():
             cols = _columns(energy, batch, "stress" in targets)
             frame = batch.frame.cpu()
@@ -113,7 +114,6 @@ def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], counts: Dic
                 for f in range(FOLDS):
                     rows = z[fold == f]
                     system[f, TERMS.index(key)] += rows.T @ rows
-            first += batch.n_frames
     return system
 
 

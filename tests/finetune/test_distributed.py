@@ -4,26 +4,15 @@ SIGTERM to one rank stops every rank at the same step boundary, and the run resu
 one process; ``--nproc`` out of range is one line."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import sparsekern
+from helpers import run_python as _run
 from sparsekern.cli import main
 
 HERE = Path(__file__).resolve().parent
-
-
-def _run(*command):
-    """``command`` in a fresh Python importing this sparsekern, 1 thread per process."""
-    root = str(Path(sparsekern.__file__).resolve().parents[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    return subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_two_processes_give_the_one_process_result(case, finetune_args, reference, result_difference):

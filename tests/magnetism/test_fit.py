@@ -12,6 +12,12 @@ from sparsekern.magnetism.graph import collate, magnetic_graph
 from test_energy_symmetry import cell_atoms, random_module
 
 
+def numbered(parts):
+    """(batch, targets, index of its first frame) of each (batch, targets) of one process."""
+    starts = np.cumsum([0] + [b.n_frames for b, _ in parts])
+    return [(b, targets, int(first)) for (b, targets), first in zip(parts, starts)]
+
+
 def batches(module, n_batches, size=8, seed=0):
     """Batches of random cells with random moments (5 atoms, Ni, O and Fe)."""
     rng = np.random.default_rng(seed)
@@ -38,7 +44,7 @@ def test_fit_recovers_the_output_layers(spin_orbit, with_magforces):
         shift = torch.zeros_like(e).index_add_(0, b.frame, offsets[b.numbers])
         parts.append((b, {"energy": e + shift, "forces": f, **({"magforces": h} if with_magforces else {})}))
     n = sum(b.moments.numel() for b in train)
-    solve(fitted, normal_equations(fitted, parts, {"energy": 6 * 8, "forces": n, "magforces": n}),
+    solve(fitted, normal_equations(fitted, numbered(parts), {"energy": 6 * 8, "forces": n, "magforces": n}),
           {"energy": 1.0, "forces": 10.0, "magforces": 100.0})
     for want, got in zip(truth.energy_and_forces(test[0]), fitted.energy_and_forces(test[0])):
         # not to round-off: the ridge GCV picks biases near-collinear features a little
@@ -63,10 +69,24 @@ def test_fit_uses_the_stresses_of_the_labelled_frames(spin_orbit):
         stress = out["stress"].clone()
         stress[1::2] = torch.nan
         parts.append((b, {"energy": out["energy"], "stress": stress}))
-    solve(fitted, normal_equations(fitted, parts, {"energy": 16, "stress": 9 * 8}), {"energy": 1.0, "stress": 1e3})
+    solve(fitted, normal_equations(fitted, numbered(parts), {"energy": 16, "stress": 9 * 8}), {"energy": 1.0, "stress": 1e3})
     want, got = (m.outputs(test[0], stress=True) for m in (truth, fitted))
     for key in ("energy", "stress", "forces"):
         assert (got[key] - want[key]).abs().max() <= 1e-5 * want[key].abs().max(), key
+
+
+def test_folds_are_one_process_s_in_any_number_of_processes():
+    """Two processes, each with every other batch: their normal equations sum to one
+    process's (the folds follow the frames' global index; counted per process, they
+    differed and the fit chose another ridge)."""
+    module = random_module()
+    truth = random_module(seed=1)
+    zero_outputs(module)
+    parts = [(b, {"energy": truth(b, b.positions, b.moments).detach()}) for b in batches(module, 3, size=3)]
+    one = normal_equations(module, numbered(parts), {"energy": 9})
+    two = sum(normal_equations(module, numbered(parts)[rank::2], {"energy": 9}) for rank in (0, 1))
+    assert one[:, 0].abs().sum(dim=(1, 2)).min() > 0  # every fold holds frames
+    torch.testing.assert_close(two, one, rtol=1e-13, atol=0)
 
 
 def test_fit_needs_the_zero_start():
@@ -89,12 +109,12 @@ def test_fit_keeps_zero_where_the_moments_explain_nothing():
         noise = 1e-3 * natoms * torch.randn(b.n_frames, generator=g, dtype=torch.float64)
         parts.append((b, {"energy": -3.0 * natoms + noise, "forces": torch.zeros(len(b.frame), 3, dtype=torch.float64)}))
     n = sum(len(b.frame) for b in train)
-    choice = solve(module, normal_equations(module, parts, {"energy": 48, "forces": 3 * n}),
+    choice = solve(module, normal_equations(module, numbered(parts), {"energy": 48, "forces": 3 * n}),
                    {"energy": 1.0, "forces": 100.0})
     assert choice["ridge"] is None and choice["held_out_loss_without"] > 0
     assert all(not p.any() for layer in (module.pair[-1], module.onsite[-1]) for p in layer.parameters())
     one = batches(module, 1, size=1)[0]
     e, f, h = (t.detach() for t in random_module().energy_and_forces(one))
-    choice = solve(module, normal_equations(module, [(one, {"energy": e, "magforces": h})], {"energy": 1, "magforces": 3}),
+    choice = solve(module, normal_equations(module, [(one, {"energy": e, "magforces": h}, 0)], {"energy": 1, "magforces": 3}),
                    {"energy": 1.0, "magforces": 100.0})
     assert choice["ridge"] is None and choice["held_out_loss"] is None
