@@ -259,10 +259,13 @@ def _error(message) -> int:
 
 def _guarded(action: Callable[[], int], out: str) -> int:
     """``action()``'s exit code, with a one-line message for what the user can fix."""
+    from ..finetune.distributed import FromMain
     from ..finetune.preemption import Preempted
 
     try:
         return action()
+    except FromMain as exc:  # every rank has it: rank 0 says it
+        return _error(exc) if _rank() == 0 else 2
     except (OSError, KeyError, ValueError, FloatingPointError, MemoryError) as exc:  # (OSError: a path unwritable)
         return _error(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
     except ImportError as exc:  # the model's family lives in another environment
@@ -278,6 +281,20 @@ def _guarded(action: Callable[[], int], out: str) -> int:
             print(f"\nsparsekern finetune: interrupted; rerun the same command to resume from the last "
                   f"checkpoint in {out}", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if not _in_collective(exc):
+            raise
+        return _error("another process of the run stopped, so this one stops too (its message says why)")
+
+
+def _in_collective(exc: BaseException) -> bool:
+    """Raised by a torch.distributed collective in a run of several processes: a peer
+    that failed (its own message says why) closed its connection."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = os.path.join("torch", "distributed", "")
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and tb is not None and where in tb.tb_frame.f_code.co_filename
 
 
 def _finetune(args) -> int:
@@ -357,6 +374,7 @@ def _launch(argv: List[str], args, nproc: int) -> int:
     from ..files import exclusive
     from ..finetune.trainer import Settings, check
 
+    made = not Path(args.out).exists()
     with exclusive(check(Settings(**vars(args)))[2]):
         pass  # another run holds the folder: say so now
     # the workers import the sparsekern this process runs, wherever they start
@@ -364,6 +382,9 @@ def _launch(argv: List[str], args, nproc: int) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     # torchrun's default is 1 thread per worker (and a warning); share the cores instead
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # a signalled worker finishes its step and writes the checkpoint: torchrun's 30 s before
+    # SIGKILL is shorter than a step of a large model on CPU
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
     for name in list(logging.root.manager.loggerDict):  # each elastic module sets its own level
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)  # the workers say what went wrong
@@ -375,7 +396,18 @@ def _launch(argv: List[str], args, nproc: int) -> int:
         code = exc.get_first_failure()[1].exitcode
         if code < 0:  # killed by a signal before it could say anything
             _error(f"a worker was killed by signal {-code}; rerun the same command to resume")
-        return code if code >= 0 else 128 - code
+        return _unmade(args.out, made, code if code >= 0 else 128 - code)
     except SignalException as exc:  # this launcher was signalled; torchrun passed it on to the workers
-        return 128 + int(exc.sigval)
+        return _unmade(args.out, made, 128 + int(exc.sigval))
     return 0
+
+
+def _unmade(out: str, made: bool, code: int) -> int:
+    """``code``, the folder ``out`` removed if this launcher ``made`` it and the workers
+    failed before writing in it."""
+    if made:
+        try:
+            Path(out).rmdir()
+        except OSError:  # (it holds a checkpoint or more: kept)
+            pass
+    return code

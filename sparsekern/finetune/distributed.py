@@ -19,6 +19,11 @@ import torch
 import torch.distributed as dist
 
 
+class FromMain(ValueError):
+    """Rank 0's ValueError, raised on every rank by ``Group.from_main``: rank 0 alone
+    reports it."""
+
+
 @dataclass(frozen=True)
 class Group:
     """This process's place among those training together (one process: rank 0 of 1)."""
@@ -45,11 +50,14 @@ class Group:
         if self.size > 1:
             for value in model.state_dict().values():
                 if torch.is_tensor(value):  # (extra states are host values, equal by construction)
-                    dist.broadcast(value, src=0)
+                    dense = value.contiguous()  # (NCCL broadcasts contiguous tensors only: e3nn's
+                    dist.broadcast(dense, src=0)  # constants can be views)
+                    if dense is not value:
+                        value.copy_(dense)
 
     def from_main(self, work: Callable[[], Any]) -> Any:
         """``work()`` done by rank 0 alone, its result on every rank, or its ValueError
-        raised on every rank (rank 0 alone reads and writes the output folder)."""
+        raised on every rank as ``FromMain`` (rank 0 alone reads and writes the output folder)."""
         result, error = None, ""
         if self.main:
             try:
@@ -61,7 +69,7 @@ class Group:
             dist.broadcast_object_list(box, src=0)
             result, error = box
         if error:
-            raise ValueError(error)
+            raise FromMain(error)
         return result
 
     def gather(self, items: dict) -> dict:

@@ -756,6 +756,7 @@ def run(settings: Settings) -> dict:
     made = not Path(settings.out).exists()
     family, frames, out = check(settings)
     group, device = join(settings.device)
+    made = any(group.gather({group.rank: made}).values())  # (another rank may have made it first)
     if torch.device(device).type == "cpu":
         keep_freed_memory()  # a step's large tensors reused, not faulted in again
     try:
@@ -780,8 +781,8 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     train, valid, test = frames[:3]
     ck = group.from_main(lambda: checkpoint.load(out, settings))
     model = _load(family, settings)
-    for group_frames, what in ((train, settings.train), (test, settings.test), (valid, settings.valid)):
-        check_elements(family, model, group_frames, what)
+    group.from_main(lambda: [check_elements(family, model, group_frames, what) for group_frames, what in (
+        (train, settings.train), (test, settings.test), (valid, settings.valid))])  # (said once)
     shift = ({int(z): v for z, v in ck["shift"].items()} if ck is not None else _fit_shift(
         family, model, _e0s(settings, frames), make_samples(family, model, train, {}), train, settings, group))
     train_s, test_s, valid_s = (make_samples(family, model, f, shift) for f in (train, test, valid))

@@ -87,3 +87,42 @@ def test_evaluation_is_sharded_and_kept_in_order():
     out = map_batches(lambda b: done.append(b) or b, list(range(9)), 2, RankOneOfTwo(rank=1, size=2))
     assert done == [[2, 3], [6, 7]]
     assert out == [["rank 0"], [2, 3], ["rank 0"], [6, 7], ["rank 0"]]
+
+
+def test_an_input_error_found_in_the_workers_is_said_once_and_leaves_no_folder(case, finetune_args):
+    """Training frames with an element the model lacks, found once the workers load the
+    model: rank 0 says so, once, and the folder the launcher made is gone again (each
+    rank said it, and the folder stayed, empty)."""
+    from ase.io import read, write
+
+    frames = read(case / "train.xyz", ":")
+    frames[1].numbers[0] = 1
+    write(case / "train_h.xyz", frames)
+    out = case / "with_h"
+    args = finetune_args(out)
+    args[args.index("--train") + 1] = str(case / "train_h.xyz")
+    done = _run("-m", "sparsekern", "finetune", *args, "--nproc", "2")
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert done.returncode == 2 and errors == [
+        f"sparsekern finetune (rank 0): error: {case / 'train_h.xyz'} holds elements the model does not know: ['H']"]
+    assert not out.exists()
+
+
+def test_a_peer_s_failure_is_one_line(monkeypatch, capsys):
+    """A collective that fails because another process stopped (its connection closed):
+    one line, not torch.distributed's traceback; other RuntimeErrors keep theirs."""
+    from sparsekern.cli.finetune import _guarded
+
+    def collective():  # raised from a torch.distributed file, as gloo's closed connection is
+        exec(compile("raise RuntimeError('Connection closed by peer')", "/x/torch/distributed/c10d.py", "exec"))
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert _guarded(collective, "out") == 2
+    assert capsys.readouterr().err == ("sparsekern finetune (rank 1): error: another process of the run stopped, so "
+                                       "this one stops too (its message says why)\n")
+    with pytest.raises(RuntimeError, match="a bug"):
+        _guarded(lambda: exec("raise RuntimeError('a bug')"), "out")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="Connection closed"):  # (one process: no peer to blame)
+        _guarded(collective, "out")
