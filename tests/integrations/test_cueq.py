@@ -179,6 +179,34 @@ def test_converted_model(atoms, layout, fused, correlation):
     _compare(_evaluate(model, batch), ref, model)
 
 
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+def test_unpatch_gives_the_cuequivariance_model_back(atoms, layout):
+    """patch turns a cuequivariance model into e3nn layers; unpatch builds the
+    cuequivariance model again: its modules, config, state-dict keys and shapes, and
+    energies and forces (it stayed an e3nn model); trained weights go with it."""
+    model = run_e3nn_to_cueq(mace_mp0_shaped("small", **dict(SMALL, correlation=2)), device="cpu", layout=layout)
+    kinds = sorted(type(m).__name__ for m in model.modules())
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    batch = _batch(model, atoms)
+    ref = _evaluate(model, batch)
+    radial = model.interactions[0].conv_tp_weights.layer0.weight
+    sparsekern.patch(model)
+    with torch.no_grad():  # training moves a weight of a cuet.Linear
+        model.interactions[1].linear.weight.mul_(1.5)
+    moved = _evaluate(model, batch)
+    sparsekern.unpatch(model)
+    assert cueq.is_cueq_model(model) and model.interactions[0].cueq_config.layout_str == layout
+    assert sorted(type(m).__name__ for m in model.modules()) == kinds
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    assert model.interactions[0].conv_tp_weights.layer0.weight is radial  # same Parameter object
+    energy, forces, _ = _evaluate(model, batch)
+    _assert_close(energy, moved[0], "energy")
+    _assert_close(forces, moved[1], "forces")
+    assert abs(float(moved[0].sum() - ref[0].sum())) > 1e-6
+    sparsekern.patch(model)  # and again
+    _compare(_evaluate(model, batch), moved)
+
+
 def test_calculator_keeps_working(atoms):
     from mace.calculators import MACECalculator
 

@@ -1,5 +1,5 @@
 """MACE (mace-torch): models converted to cuequivariance are turned back into e3nn
-layers before patching, MACE's symmetric contraction, polynomial cutoff and
+layers before patching (and into cuequivariance again after unpatching), MACE's symmetric contraction, polynomial cutoff and
 ``reshape_irreps`` get sparsekern's, and the interaction blocks' ``conv_tp`` becomes
 the fused convolution (MACE's ``conv_fusion`` contract). mace-torch is imported only
 when a MACE model is met."""
@@ -26,9 +26,6 @@ def _converters():
     return [(MaceSC, SymmetricContraction), (MaceCutoff, PolynomialCutoff), (reshape_irreps, ReshapeIrreps)]
 
 
-def _before_patch(model: torch.nn.Module) -> None:
-    if cueq.is_cueq_model(model):
-        cueq.to_e3nn_in_place(model)
 
 
 def _fuse_conv(parent: torch.nn.Module, name: str) -> bool:
@@ -46,5 +43,5 @@ def _unfuse_conv(parent: torch.nn.Module) -> None:
         del parent.conv_fusion
 
 
-register(PatchRule("mace", _converters, _before_patch, _fuse_conv, _unfuse_conv))
+register(PatchRule("mace", _converters, cueq.patch_in_e3nn, _fuse_conv, _unfuse_conv, cueq.back_to_cueq))
 register_family(MaceFamily())

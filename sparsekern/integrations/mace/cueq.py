@@ -5,7 +5,9 @@ cuet.FullyConnectedTensorProduct, cuet.SymmetricContraction, cuet.TransposeIrrep
 in the 'mul_ir' or 'ir_mul' layout. sparsekern replaces e3nn layers, so such a model is
 first turned back into the equivalent e3nn-layer MACE model, in place, with MACE's own
 converter (``mace.cli.convert_cueq_e3nn``): the weights are moved, not refitted, and
-the reduced-CG symmetric-contraction weights are mapped back with MACE's projection."""
+the reduced-CG symmetric-contraction weights are mapped back with MACE's projection.
+``patch`` records the model's cuequivariance config, and ``unpatch`` builds the
+cuequivariance model again with it (``mace.cli.convert_e3nn_cueq``'s weight transfer)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from ...layers.base import SparsekernLayer, match_float_dtype, set_parameter
 _CUEQ_PACKAGE = "cuequivariance_torch"
 # Attributes that describe the cuequivariance set-up; dropped if only the old object has them.
 _CUEQ_ONLY_ATTRIBUTES = ("cueq_config", "conv_fusion")
+_CUEQ_SOURCE = "_sparsekern_cueq_config"  # on a model patch turned into e3nn layers: its config
 
 
 def _is_cueq_module(module: torch.nn.Module) -> bool:
@@ -77,6 +80,42 @@ def to_e3nn_in_place(model: torch.nn.Module) -> torch.nn.Module:
     _keep_parameter_objects(model, new)
     _move_into(model, new)
     return model
+
+
+def patch_in_e3nn(model: torch.nn.Module) -> None:
+    """``to_e3nn_in_place``, for ``patch``: the model's cuequivariance config kept for
+    ``back_to_cueq``."""
+    if is_cueq_model(model):
+        config = next((m.cueq_config for m in model.modules() if getattr(m, "cueq_config", None) is not None), None)
+        to_e3nn_in_place(model)
+        model.__dict__[_CUEQ_SOURCE] = config
+
+
+def back_to_cueq(model: torch.nn.Module) -> None:
+    """After ``unpatch``: a model ``patch_in_e3nn`` turned into e3nn layers built again
+    with its cuequivariance config, in place (the e3nn model's weights, its parameters'
+    requires_grad, and the Parameter objects where name and shape agree)."""
+    if _CUEQ_SOURCE not in model.__dict__:
+        return
+    import mace.cli.convert_e3nn_cueq as convert_e3nn_cueq
+    from mace.tools.scripts_utils import extract_config_mace_model
+
+    cueq_config = model.__dict__.pop(_CUEQ_SOURCE)
+    ref = next(iter(model.parameters()))
+    previous_dtype = torch.get_default_dtype()  # MACE builds in the default dtype
+    try:
+        torch.set_default_dtype(ref.dtype)
+        config = {**extract_config_mace_model(model), "cueq_config": cueq_config}
+        new = type(model)(**config).to(ref.device)
+        convert_e3nn_cueq.transfer_weights(model, new, len(config["hidden_irreps"].slices()) - 1,
+                                           config["correlation"], config["num_interactions"],
+                                           config.get("use_reduced_cg", True),
+                                           config.get("keep_last_layer_irreps", False))
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    _check_transfer(new, model)  # (symmetric: the cuequivariance side first)
+    _keep_parameter_objects(model, new)
+    _move_into(model, new)
 
 
 def _check_convertible(model: torch.nn.Module) -> None:
