@@ -9,12 +9,19 @@ from typing import List, Optional
 from . import OneLineErrors
 
 
-def load_base(spec: str):
+def load_base(spec: str, adapter: Path, metadata: dict):
     """The base model ``--model`` names (its family told from the name first, so a
-    mistake is found before the slow load)."""
+    mistake is found before the slow load), with the magnetic modules the run wrote
+    beside ``adapter`` where it was made with them."""
     from ..integrations import family_for
 
-    return family_for(spec).load(spec, "cpu")
+    base = family_for(spec).load(spec, "cpu")
+    if metadata.get("wrapper") == "magnetic":
+        from ..magnetism.family import MagneticModel
+        from ..magnetism.storage import load_magnetic, sidecar
+
+        base = MagneticModel(base, *load_magnetic(sidecar(adapter), "cpu"))
+    return base
 
 
 def _error(message) -> int:
@@ -42,9 +49,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     adapter = Path(args.adapter)
     try:
-        read_adapter(adapter)  # a bad file is refused before a base model loads
+        _, metadata = read_adapter(adapter)  # a bad file is refused before a base model loads
         out = output_folder(args.out or adapter.parent)  # and a folder it cannot write
-        base = load_base(args.model) if args.model else None
+        base = load_base(args.model, adapter, metadata) if args.model else None
         report = build_report(adapter, base)
     except (ValueError, OSError) as exc:  # (OSError: not found, a folder)
         return _error(exc)
@@ -60,5 +67,5 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(verdict_line(report))
     for line in profile_lines(report):  # per element, the update by l
         print(line)
-    print(f"wrote {png} and {js}")
+    print(f"wrote {png} and {js}", file=sys.stderr)  # (as finetune's: stdout holds the results)
     return 0

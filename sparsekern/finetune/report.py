@@ -133,6 +133,8 @@ def d_shell_verdict(s: dict) -> dict:
     if not s["by_element_l"]:
         answer, why = None, ("the model has no element-indexed path weights (SevenNet-0's only per-element "
                              "weights are its l = 0 embedding): the per-element question cannot be asked of it")
+    elif not tm["elements"] and not other["elements"]:
+        answer, why = None, "the update changed no per-element weights"
     elif not tm["elements"] or not other["elements"]:
         answer, why = None, "the update changed no per-element weights of " + (
             "transition metals" if not tm["elements"] else "non-transition-metal elements")

@@ -152,6 +152,14 @@ def test_verdict_pools_only_elements_the_update_touched(base, tmp_path):
     assert verdict["l2_larger_share_for_transition_metals"] is None
     assert "changed no per-element weights of transition metals" in verdict["reason"]
 
+    with torch.no_grad():  # nothing touched at all: it says so, not that the transition metals were missed
+        for *_, delta in iter_deltas(model):
+            delta.v.zero_()
+    calibrate_density(model)
+    verdict = build_report(sparsekern.save_adapter(model, tmp_path / "c.safetensors"))["d_shell"]
+    assert verdict["l2_larger_share_for_transition_metals"] is None
+    assert verdict["reason"] == "the update changed no per-element weights"
+
 
 def test_verdict_on_a_model_without_element_indexed_weights():
     """SevenNet-0's only per-element weights are the l = 0 embedding: no verdict, and the

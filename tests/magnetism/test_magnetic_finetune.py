@@ -194,9 +194,10 @@ def test_magnetic_stresses_are_the_base_and_e_mag_and_train(files, tmp_path, cap
 
 def test_adapter_with_magnetic_modules_reproduces_the_run(files, capsys):
     """The run's adapter (the base's deltas) goes onto the base wrapped with the stored
-    magnetic modules and reproduces the merged model; a plain base refuses it (in
-    ``sparsekern report --model`` too), and a base with magnetic modules refuses a plain
-    run's adapter."""
+    magnetic modules and reproduces the merged model; a plain base refuses it, and a base
+    with magnetic modules refuses a plain run's adapter. ``sparsekern report --model``
+    checks it against the base with the modules written beside it (it refused: the
+    command had no way to give them), and says so where they are missing."""
     from ase.io import read
 
     from sparsekern.finetune.adapters import load_adapter
@@ -215,10 +216,19 @@ def test_adapter_with_magnetic_modules_reproduces_the_run(files, capsys):
     with pytest.raises(ValueError, match="made for the base model with its magnetic modules, but this model is a "
                                          "plain base model"):
         load_adapter(family.base.load(spec, "cpu"), out / "adapter.safetensors")
+    # report --model: the base with the magnetic modules beside the adapter, checked against it
+    assert main(["report", str(out / "adapter.safetensors"), "--model", spec, "--out", str(files / "report")]) == 0
+    checked = json.loads((files / "report" / "adapter.report.json").read_text())
+    assert main(["report", str(out / "adapter.safetensors"), "--out", str(files / "report_alone")]) == 0
+    alone = json.loads((files / "report_alone" / "adapter.report.json").read_text())
+    assert checked["changed_params"] == alone["changed_params"] > 0 and checked["by_path"] == alone["by_path"]
+    moved = files / "moved"
+    moved.mkdir(exist_ok=True)
+    (moved / "adapter.safetensors").write_bytes((out / "adapter.safetensors").read_bytes())
     capsys.readouterr()
-    assert main(["report", str(out / "adapter.safetensors"), "--model", spec, "--out", str(files / "report")]) == 2
+    assert main(["report", str(moved / "adapter.safetensors"), "--model", spec, "--out", str(moved)]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "made for the base model with its magnetic modules" in err
+    assert len(err.splitlines()) == 1 and "no magnetic modules at" in err
     plain = files / "plain"
     assert _run(files, plain, "--epochs", "1") == 0
     with pytest.raises(ValueError, match="made for a plain base model, but this model is the base model with its "
