@@ -51,9 +51,15 @@ def group_from_dict(d: dict) -> WeightGroup:
 
 FINGERPRINT_DTYPE = "float32"  # the base values are hashed at this precision
 FINGERPRINT_SCOPE = "model"  # what new adapters' fingerprints cover (``fingerprint``)
+# Weights a cuEquivariance round trip moves by round-off (MACE's symmetric contraction,
+# through its reduced-CG projection and back: a float32 value in ~1e4 flips when rounded):
+# new adapters hash their names and sizes, and hold a sketch of their values (``sketch``)
+SKETCHED = ".symmetric_contractions."
+SKETCH_PROJECTIONS, SKETCH_RTOL = 3, 1e-5
 
 
-def fingerprint(model: torch.nn.Module, precision: str = FINGERPRINT_DTYPE, scope: str = FINGERPRINT_SCOPE) -> str:
+def fingerprint(model: torch.nn.Module, precision: str = FINGERPRINT_DTYPE, scope: str = FINGERPRINT_SCOPE,
+                sketched: bool = True) -> str:
     """SHA-256 over names, sizes and values (floating point rounded to ``precision``)
     of the base model. ``scope`` "model": every parameter of the family's model (a
     wrapper's modules and the deltas left out) and every buffer outside sparsekern's
@@ -61,9 +67,43 @@ def fingerprint(model: torch.nn.Module, precision: str = FINGERPRINT_DTYPE, scop
     as the base holds them (an active adapter's E0 shift taken out): cutoffs, scale and
     shift, E0s. "paths" (adapters before ``fingerprint_scope`` was recorded): the path
     weights alone, named as in ``model``, with their shapes. The same for a model
-    patched or not, and for a float64 model cast to float32 or back. (Adapters written
-    before ``fingerprint_dtype`` was recorded hashed the float64 values: ``check_base``
-    recomputes that for them.)"""
+    patched or not, and for a float64 model cast to float32 or back. ``sketched``: the
+    values of the ``SKETCHED`` weights left to ``sketch`` (adapters that hold one). (Adapters
+    written before ``fingerprint_dtype`` was recorded hashed the float64 values:
+    ``check_base`` recomputes that for them.)"""
+    dtype = getattr(torch, precision)
+    h = hashlib.sha256()
+    for name, t in _fingerprinted(model, scope):
+        h.update(name.encode())
+        # "model": the size, not the shape (MACE keeps E0s as (heads, n) where older models hold (n,))
+        h.update(str(tuple(t.shape) if scope == "paths" else t.numel()).encode())
+        if sketched and SKETCHED in name:
+            continue
+        t = t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().cpu()
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def sketch(model: torch.nn.Module) -> Dict[str, List[float]]:
+    """Of each ``SKETCHED`` weight of the base: its norm and its projections on
+    ``SKETCH_PROJECTIONS`` random unit vectors (seeded), in float64."""
+    out = {}
+    for name, t in _fingerprinted(model, FINGERPRINT_SCOPE):
+        if SKETCHED in name:
+            v = t.detach().to("cpu", torch.float64).reshape(-1)
+            r = torch.randn(SKETCH_PROJECTIONS, v.numel(), generator=torch.Generator().manual_seed(0),
+                            dtype=torch.float64)
+            out[name] = [float(v.norm()), *(r / r.norm(dim=1, keepdim=True) @ v).tolist()]
+    return out
+
+
+def _sketches_agree(theirs: Dict[str, List[float]], mine: Dict[str, List[float]]) -> bool:
+    return theirs.keys() == mine.keys() and all(
+        abs(a - b) <= SKETCH_RTOL * theirs[k][0] for k in theirs for a, b in zip(theirs[k], mine[k]))
+
+
+def _fingerprinted(model: torch.nn.Module, scope: str) -> List[Tuple[str, torch.Tensor]]:
+    """(name, tensor) of what a fingerprint of ``scope`` covers, by name."""
     if any(d.merged for *_, d in delta_slot.iter_deltas(model)):
         raise ValueError("fingerprint: the model has merged deltas; unmerge it first")
     if not patched_layers(model):
@@ -73,15 +113,7 @@ def fingerprint(model: torch.nn.Module, precision: str = FINGERPRINT_DTYPE, scop
                    for name, layer in patched_layers(model) for param in target_groups(layer)]
     else:
         entries = _base_entries(model)
-    dtype = getattr(torch, precision)
-    h = hashlib.sha256()
-    for name, t in sorted(entries, key=lambda entry: entry[0]):
-        h.update(name.encode())
-        # "model": the size, not the shape (MACE keeps E0s as (heads, n) where older models hold (n,))
-        h.update(str(tuple(t.shape) if scope == "paths" else t.numel()).encode())
-        t = t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().cpu()
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return sorted(entries, key=lambda entry: entry[0])
 
 
 def _base_entries(model: torch.nn.Module) -> List[Tuple[str, torch.Tensor]]:
@@ -128,9 +160,11 @@ def check_base(model: torch.nn.Module, path, metadata: dict, what: str = "this m
                          + (f" (load it with the {made_for} modules the run wrote beside it)" if made_for else ""))
     if not patched_layers(model):
         patch(model)
-    expected = metadata.get("fingerprint")
-    found = fingerprint(model, metadata.get("fingerprint_dtype", "float64"), metadata.get("fingerprint_scope", "paths"))
-    if expected != found:
+    expected, sketched = metadata.get("fingerprint"), "fingerprint_sketch" in metadata
+    found = fingerprint(model, metadata.get("fingerprint_dtype", "float64"), metadata.get("fingerprint_scope", "paths"),
+                        sketched)
+    if expected != found or (sketched and not _sketches_agree(json.loads(metadata["fingerprint_sketch"]),
+                                                              sketch(model))):
         raise ValueError(f"adapter {path} was made for a different base model than {what} "
                          f"(its base fingerprint {expected[:12] if expected else None}..., {what}'s {found[:12]}...)")
 
@@ -247,7 +281,7 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
     version = ELEMENT_RESOLVED_VERSION if any(d.elements for *_, d in deltas) else FORMATS[fmt].version
     metadata = {"format": fmt, "version": version, "sparsekern": __version__,
                 "fingerprint": fingerprint(model), "fingerprint_dtype": FINGERPRINT_DTYPE,
-                "fingerprint_scope": FINGERPRINT_SCOPE,
+                "fingerprint_scope": FINGERPRINT_SCOPE, "fingerprint_sketch": json.dumps(sketch(model)),
                 "config": json.dumps(config.to_dict() if config is not None else None), **own}
     if wrapper_name(model):
         metadata["wrapper"] = wrapper_name(model)
@@ -319,6 +353,12 @@ def _check_metadata(path, fmt: str, metadata: dict) -> None:
             raise ValueError(f"fingerprint_dtype {dtype!r}")
         if metadata.get("fingerprint_scope", "paths") not in ("paths", "model"):
             raise ValueError(f"fingerprint_scope {metadata['fingerprint_scope']!r}")
+        if "fingerprint_sketch" in metadata:
+            drawn = json.loads(metadata["fingerprint_sketch"])
+            if not (isinstance(drawn, dict) and all(
+                    isinstance(v, list) and len(v) == 1 + SKETCH_PROJECTIONS
+                    and all(isinstance(x, (int, float)) for x in v) for v in drawn.values())):
+                raise ValueError("fingerprint_sketch is not a sketch of the base's weights")
     except (TypeError, ValueError) as exc:
         raise ValueError(f"adapter {path}: its metadata are damaged ({exc})") from None
 

@@ -237,3 +237,36 @@ def test_errors_and_no_op():
     assert not cueq.is_cueq_model(None)
     plain = torch.nn.Linear(2, 2)
     assert cueq.to_e3nn_in_place(plain) is plain
+
+
+def test_a_float64_adapter_loads_onto_the_float32_cuequivariance_base(atoms, tmp_path):
+    """An adapter trained on the float64 e3nn model goes onto that model cast to float32
+    and converted to cuEquivariance (for speed): patch turns it back into e3nn layers,
+    which moves the contraction's weights by float32 round-off, and the fingerprint
+    allows that (it refused the base); a base with another contraction weight is refused."""
+    import copy
+
+    from sparsekern.finetune import SparseConfig, calibrate_density, iter_deltas
+
+    base = mace_mp0_shaped("small", **dict(SMALL, hidden_irreps=o3.Irreps("8x0e+8x1o"), max_ell=2, correlation=2,
+                                           radial_MLP=[8], MLP_irreps=o3.Irreps("4x0e")))  # (l = 1: a projection)
+    trained = sparsekern.prepare(copy.deepcopy(base), SparseConfig(density=0.05, seed=1))
+    with torch.no_grad():  # a trained state
+        for *_, delta in iter_deltas(trained):
+            delta.v.normal_(0, 1e-2, generator=torch.Generator().manual_seed(2))
+    calibrate_density(trained)
+    trained.eval()
+    path = sparsekern.save_adapter(trained, tmp_path / "a.safetensors")
+    energy = _evaluate(trained, _batch(trained, atoms))[0]
+    fast = run_e3nn_to_cueq(copy.deepcopy(base).float(), device="cpu", layout="ir_mul")
+    sparsekern.load_adapter(fast, path)
+    fast.eval()
+    got = _evaluate(fast, _batch(fast, atoms))[0].double()
+    assert float((got - energy).abs().max()) <= 1e-5 * float(energy.abs().max())  # float32
+
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other.products[0].symmetric_contractions.contractions[0].weights_max.mul_(1.001)
+    other = run_e3nn_to_cueq(other.float(), device="cpu", layout="ir_mul")
+    with pytest.raises(ValueError, match="was made for a different base model"):
+        sparsekern.load_adapter(other, path)
