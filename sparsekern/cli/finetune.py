@@ -370,12 +370,18 @@ def _launch(argv: List[str], args, nproc: int) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    import torch
+
     import sparsekern
     from ..files import exclusive
+    from ..finetune.distributed import check_gpus
     from ..finetune.trainer import Settings, check
 
     made = not Path(args.out).exists()
-    with exclusive(check(Settings(**vars(args)))[2]):
+    settings = Settings(**vars(args))  # (--device checked first)
+    if torch.device(settings.device).type == "cuda":
+        check_gpus(settings.device, nproc)
+    with exclusive(check(settings)[2]):
         pass  # another run holds the folder: say so now
     # the workers import the sparsekern this process runs, wherever they start
     root = str(Path(sparsekern.__file__).resolve().parents[1])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -132,6 +132,7 @@ def join(device: str) -> Tuple[Group, str]:
     if size == 1:
         return Group(), device
     if torch.device(device).type == "cuda":
+        check_gpus(device)
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
             raise ValueError(f"--device {device}: local rank {local} needs GPU {local}, but this machine shows "
@@ -143,6 +144,17 @@ def join(device: str) -> Tuple[Group, str]:
     if not dist.is_initialized():
         dist.init_process_group(backend)
     return Group(dist.get_rank(), dist.get_world_size()), device
+
+
+def check_gpus(device: str, processes: Optional[int] = None) -> None:
+    """Several processes on CUDA take one GPU each, that of their local rank: refuse a
+    ``device`` that names one GPU, or more ``processes`` (on this machine) than it has GPUs."""
+    if torch.device(device).index is not None:
+        raise ValueError(f"--device {device} names one GPU, but each process takes the GPU of its local rank: "
+                         "give --device cuda")
+    if processes is not None and processes > torch.cuda.device_count():
+        raise ValueError(f"{processes} processes need {processes} GPUs (one each), but this machine shows "
+                         f"{torch.cuda.device_count()}")
 
 
 def leave(group: Group) -> None:

@@ -126,3 +126,18 @@ def test_a_peer_s_failure_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(RuntimeError, match="Connection closed"):  # (one process: no peer to blame)
         _guarded(collective, "out")
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:1", "--device cuda:1 names one GPU, but each process takes the GPU of its local rank: give --device cuda"),
+    ("cuda", "3 processes need 3 GPUs (one each), but this machine shows 2")])
+def test_gpus_for_nproc_are_checked_before_the_workers_start(case, finetune_args, capsys, monkeypatch, device,
+                                                               message):
+    """One GPU per process, by local rank: a device naming one GPU, or more processes than
+    GPUs, is refused by the launcher in one line (the workers found it, each saying so)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    out = case / "gpus"
+    assert main(["finetune", *finetune_args(out), "--device", device, "--nproc", "3"]) == 2
+    assert capsys.readouterr().err == f"sparsekern finetune: error: {message}\n"
+    assert not out.exists()
