@@ -23,6 +23,7 @@ def plot_curves(metrics: dict, filename) -> None:
     history = metrics["history"]
     epochs = [h["epoch"] for h in history]
     evaluated = metrics["evaluated_on"]
+    named = {"valid": "validation", "train": "training"}.get(evaluated, evaluated)  # (the legend's words)
     panels = [(key, title) for key, title in PANELS if f"{evaluated}_{key}" in metrics]
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.7 * (1 + len(panels)), 4.2))
     selected = metrics["selected_epoch"]
@@ -41,9 +42,9 @@ def plot_curves(metrics: dict, filename) -> None:
         valid = [(h["epoch"], h["valid"][key]) for h in history if key in h.get("valid", {})]  # (stress: if labelled)
         if valid:
             ax.plot(*zip(*valid), marker="o", label="validation")
-        ax.axhline(metrics[f"zero_shot_{evaluated}_{key}"], ls="--", color="gray", label=f"{evaluated}, zero-shot")
+        ax.axhline(metrics[f"zero_shot_{evaluated}_{key}"], ls="--", color="gray", label=f"{named}, zero-shot")
         ax.plot([selected], [metrics[f"{evaluated}_{key}"]], marker="*", markersize=14, ls="", color="tab:red",
-                label=f"{evaluated}, fine-tuned" + (f" (epoch {selected}: {metrics['selected_by']})"
+                label=f"{named}, fine-tuned" + (f" (epoch {selected}: {metrics['selected_by']})"
                                             if selected != epochs[-1] else ""))
         # headroom of the values, not of their spread (a few epochs barely move the errors)
         shown = [v for _, v in valid] + [metrics[f"zero_shot_{evaluated}_{key}"], metrics[f"{evaluated}_{key}"]]

@@ -44,20 +44,26 @@ def test_curves_where_the_validation_frames_have_no_stresses(tmp_path):
 def test_curves_leave_headroom_above_flat_errors(tmp_path, monkeypatch):
     """Errors that barely move over a few epochs: each error panel's top lies clear of
     the highest value (its autoscaled top, frozen by a bottom of 0, sat on the zero-shot
-    line and cut the fine-tuned star)."""
+    line and cut the fine-tuned star); the legend names the evaluated set in words."""
     from matplotlib.figure import Figure
 
     from sparsekern.finetune.curves import plot_curves
 
-    tops = []
+    tops, labels = [], []
     save = Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (tops.extend(ax.get_ylim()[1] for ax in fig.axes[1:]),
-                                                                 save(fig, *a, **k)))
+
+    def seen(fig, *args, **kwargs):
+        tops.extend(ax.get_ylim()[1] for ax in fig.axes[1:])
+        labels.extend(t.get_text() for t in fig.axes[1].get_legend().get_texts())
+        save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", seen)
     errors = {"energy_mae_mev_per_atom": 56.53, "force_mae_mev_per_A": 120.02}
     metrics = {"history": [{"epoch": e, "train_loss": 1.0, "valid_loss": 0.5, "valid": errors} for e in (1, 2)],
-               "evaluated_on": "test", "selected_epoch": 2, "selected_by": "lowest validation loss",
+               "evaluated_on": "valid", "selected_epoch": 2, "selected_by": "lowest validation loss",
                "settings": {"stage_two": False}, "method": "sparse", "model": "m.model", "changed_fraction": 0.03,
-               "test_energy_mae_mev_per_atom": 56.5, "zero_shot_test_energy_mae_mev_per_atom": 56.549,
-               "test_force_mae_mev_per_A": 120.0, "zero_shot_test_force_mae_mev_per_A": 120.04}
+               "valid_energy_mae_mev_per_atom": 56.5, "zero_shot_valid_energy_mae_mev_per_atom": 56.549,
+               "valid_force_mae_mev_per_A": 120.0, "zero_shot_valid_force_mae_mev_per_A": 120.04}
     plot_curves(metrics, tmp_path / "training.png")
     assert tops == [pytest.approx(1.08 * 56.549), pytest.approx(1.08 * 120.04)]
+    assert "validation, zero-shot" in labels  # (the legend's words, not metrics.json's prefixes)
