@@ -38,7 +38,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_cases  # noqa: E402
 import gpu_e2e  # noqa: E402
@@ -148,6 +149,7 @@ def precompile_cases(size: str, cases: dict, checks: list) -> None:
         checks.append({"case": size, "check": "precompile", "error": repr(exc)[:1000]})
         return
     print(f"[{size}] {n} Triton kernel specialisations compiled in {time.time() - t0:.0f} s", flush=True)
+    checks.append({"case": size, "check": "precompile", "specs": n, "s": round(time.time() - t0, 1)})
 
 
 def bench_kernels(model, size, n_nodes, n_edges, ops, args, ceil, results, checks, profiles):
@@ -297,6 +299,21 @@ def print_floors(gbps: float, gflops: float) -> None:
                   f"{f['bytes'] / gbps / 1e3:.1f} | {f['flops'] / gflops / 1e3:.1f} |")
 
 
+def provenance() -> dict:
+    """The tree the run measured (its git revision, and whether it had changes) and the
+    cuda rows ``auto`` read at its start (the end-to-end rows' ``auto`` back ends)."""
+    import subprocess
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        except OSError:
+            return None
+
+    return {"git": git("rev-parse", "HEAD"), "git_changes": git("status", "--porcelain", "--untracked-files=no"),
+            "auto_table_cuda": json.loads(registry.AUTO_TABLE.read_text()).get("cuda")}
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -362,7 +379,8 @@ def main():
             "date": now.isoformat(timespec="seconds"), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "cuda": torch.version.cuda, "warmup": args.warmup,
             "reps": args.reps, "command": " ".join(sys.argv),
-            "model": "tiny smoke model" if args.cpu_smoke else "MACE-MP-0-medium shape, random weights"}
+            "model": "tiny smoke model" if args.cpu_smoke else "MACE-MP-0-medium shape, random weights",
+            **provenance()}
     results, checks, profiles = [], [], []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -372,6 +390,11 @@ def main():
         write_atomic(stem.with_suffix(".json"), json.dumps({"meta": meta, "results": results, "checks": checks,
                                                             "profiles": profiles}, indent=1))
         write_atomic(stem.with_suffix(".md"), markdown(meta, results, checks, profiles))
+
+    def update_auto():  # after each kernel size: a run the device tool stops keeps what it measured
+        if args.update_auto and DEV == "cuda":
+            source = f"{meta['device']}, {meta['date']}: {meta['command']} ({stem.name}.md)"
+            print(f"auto table: {registry.update_auto_table('cuda', auto_orders(results), source)}", flush=True)
 
     meta["ceilings"] = ceilings(args)
     print(json.dumps(meta), flush=True)
@@ -385,6 +408,7 @@ def main():
         print(f"== suite: kernels {size}", flush=True)
         bench_kernels(model, size, n_nodes, n_edges, ops, args, meta["ceilings"], results, checks, profiles)
         save()
+        update_auto()
     for i, n_atoms in enumerate(e2e_atoms):
         e2e_args = argparse.Namespace(warmup=min(args.warmup, 2), reps=min(args.reps, 5))
         print(f"== suite: end to end, {n_atoms} atoms", flush=True)
@@ -406,9 +430,8 @@ def main():
         print(f"== suite: kernels {size}", flush=True)
         bench_kernels(model, size, n_nodes, n_edges, ops, args, meta["ceilings"], results, checks, profiles)
         save()
+        update_auto()
     save()
-    if args.update_auto and DEV == "cuda":
-        print(f"auto table: {registry.update_auto_table('cuda', auto_orders(results))}")
     print(markdown(meta, results, checks, profiles))
     print(f"wrote {stem}.json and {stem}.md")
 

@@ -19,8 +19,13 @@
 # 3. runs the suite (benchmarks/gpu_suite.py: kernels, parity, end to end; TESTS_S seconds
 #    kept back), then the GPU-marked tests, then the pytest-benchmark microbenchmarks of the
 #    small system, each inside the time left;
-# 4. copies JSON + markdown to $OUT (when set) and benchmarks/results/, and the auto table
-#    rewritten from this run's timings (SUITE_ARGS defaults to --update-auto).
+# 4. writes everything straight into $OUT (when set; else benchmarks/results/), as it goes, so
+#    that a call the device tool stops still brings back what it measured: the suite's JSON
+#    and markdown, this script's whole output (run_gpu_*.log), the GPU tests' log, the
+#    microbenchmarks' JSON, OpenEquivariance's build log, and the auto table where the suite
+#    rewrote it from this run's timings (SUITE_ARGS defaults to --update-auto).
+#    RUN_GPU_BUDGET_S (default 570) is the call's time: the suite, tests and microbenchmarks
+#    fit in it (two calls of one session: NOTES.md, "The next GPU run", gives each its own).
 #
 # --cpu-smoke: the same steps on this CPU machine with TRITON_INTERPRET=1 and tiny shapes
 # (no install, no build: checks the script, measures nothing).
@@ -29,9 +34,9 @@ cd "$(dirname "$0")/.."
 START=$(date +%s)
 BUDGET=${RUN_GPU_BUDGET_S:-570}  # the device tool stops a command at 600 s
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
-OUTDIR=${OUT:-}
-RES=benchmarks/results
+RES=${OUT:-benchmarks/results}  # (the device tool brings back at most 8 files from $OUT)
 mkdir -p "$RES"
+stamp=$(date -u +%Y%m%d_%H%M%S)
 PY=${PYTHON:-python3}
 mode=${1:-}
 SITE=build/gpu-site  # under build/, which git ignores: it stays on a warm machine between calls
@@ -80,7 +85,7 @@ install_oeq() {  # unpacked outside the path; its extension built in the backgro
   log "OpenEquivariance: building its extension in the background"
   (PYTHONPATH="$SPARSEKERN_OEQ_SITE${PYTHONPATH:+:$PYTHONPATH}" timeout 400 $PY -c \
     "import openequivariance as o; print('oeq extension built:', o.BUILT_EXTENSION, o.BUILT_EXTENSION_ERROR)" \
-    > "$RES/oeq_build_$(date -u +%Y%m%d_%H%M%S).log" 2>&1 &)
+    > "$RES/oeq_build_$stamp.log" 2>&1 &)
 }
 
 install_wheels() {
@@ -114,6 +119,8 @@ if [ "$mode" = "--cpu-smoke" ]; then
   exit 0
 fi
 
+exec > >(tee -a "$RES/run_gpu_$stamp.log") 2>&1  # the whole output, kept as it goes
+mkdir -p build && cp sparsekern/ops/auto.json build/auto.before.json
 install_wheels || { log "wheel install failed"; exit 1; }
 export PYTHONPATH="$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
 install_oeq || log "OpenEquivariance unpack failed (its rows will say so)"
@@ -127,17 +134,21 @@ log "build: pip install -e . (CUDA extension)"
 $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . 2>&1 | tail -20
 $PY -c "import sparsekern.ops.cuda.element_linear as c; print('cuda extension available:', c.available())" || true
 
-stamp=$(date -u +%Y%m%d_%H%M%S)
 log "suite (time left $(left) s)"
 export PYTHONUNBUFFERED=1
 suite_s=$(( $(left) - ${TESTS_S:-150} )); [ $suite_s -lt 60 ] && suite_s=60
-timeout $suite_s $PY benchmarks/gpu_suite.py --out "$RES" ${SUITE_ARGS---update-auto} 2>&1 | tail -80
+timeout $suite_s $PY benchmarks/gpu_suite.py --out "$RES" ${SUITE_ARGS---update-auto}
 log "suite exit $?"
+cmp -s sparsekern/ops/auto.json build/auto.before.json || cp sparsekern/ops/auto.json "$RES/auto.json"
 
 # the kernels' tests first: the time left may stop the rest (whole fine-tuning runs)
-[ "${TESTS_S:-150}" -gt 0 ] && log "GPU tests" && timeout $(( $(left) - 30 )) $PY -m pytest tests/ops \
-  $(ls -d tests/*/ | grep -v '^tests/ops/$') tests/test_*.py -m gpu -q -p no:cacheprovider --maxfail=5 --durations=8 \
-  2>&1 | tee "$RES/gpu_tests_$stamp.log" | tail -15
+if [ "${TESTS_S:-150}" -gt 0 ]; then
+  log "GPU tests"
+  { echo "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null), $(date -u -Iseconds), git $(git \
+      rev-parse --short HEAD 2>/dev/null): pytest -m gpu (run_gpu.sh, SUITE_ARGS=${SUITE_ARGS---update-auto})"
+    timeout $(( $(left) - 30 )) $PY -m pytest tests/ops $(ls -d tests/*/ | grep -v '^tests/ops/$') tests/test_*.py \
+      -m gpu -q -p no:cacheprovider --maxfail=5 --durations=8 2>&1; } | tee "$RES/gpu_tests_$stamp.log" | tail -15
+fi
 
 if [ "$(left)" -gt 60 ]; then
   log "pytest-benchmark, small system (time left $(left) s)"
@@ -145,10 +156,4 @@ if [ "$(left)" -gt 60 ]; then
     --benchmark-json="$RES/kernels_bench_$stamp.json" --benchmark-columns=median,min,max,rounds 2>&1 | tail -40
 fi
 
-if [ -n "$OUTDIR" ]; then  # the device tool brings back at most 8 files: the newest of each kind
-  for pat in "gpu_suite_*.json" "gpu_suite_*.md" "kernels_bench_*.json" "gpu_tests_*.log" "oeq_build_*.log"; do
-    f=$(ls -t $RES/$pat 2>/dev/null | head -1); [ -n "$f" ] && cp "$f" "$OUTDIR/"
-  done
-  cp sparsekern/ops/auto.json "$OUTDIR/auto.json"
-fi
 log "done"

@@ -49,6 +49,7 @@ def test_kernel(benchmark, size, op, backend, mode):
         pytest.skip(f"{op} {backend}: {b}")
     f, inputs = b
     benchmark.group = f"{size} {op} {mode}"
+    benchmark.extra_info["device"] = torch.cuda.get_device_name()  # (the JSON's machine info is the host's)
 
     def step():
         run_mode(f, inputs, mode)

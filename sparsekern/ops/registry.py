@@ -86,24 +86,34 @@ def _auto_table() -> Dict[str, Dict[str, Order]]:
     return json.loads(AUTO_TABLE.read_text())
 
 
-def update_auto_table(device_type: str, orders: Dict[str, Order]) -> Dict[str, Order]:
+def update_auto_table(device_type: str, orders: Dict[str, Order], source: str = "") -> Dict[str, Order]:
     """Set what ``auto`` tries, in order, for each op in ``orders`` on ``device_type``
     (from a benchmark's timings; for a ``SIZED_OPS`` op, one order per number of atoms
-    measured); torch stays the last resort. Returns the new rows."""
+    measured); torch stays the last resort, and a back end the old order lists but the
+    run did not time keeps its place (the suite does not time the CUDA element linear).
+    ``source`` (the run) heads the list of runs under "rewritten". Returns the new rows."""
     from ..files import atomic_write
 
-    def checked(op: str, order: List[str]) -> List[str]:
+    def checked(op: str, order: List[str], old) -> List[str]:
         if op not in OPS or any(name not in BACKENDS or op not in BACKENDS[name].ops for name in order):
             raise ValueError(f"auto table: {op!r} cannot run on {order}")
-        return list(order) + ([] if "torch" in order else ["torch"])
+        order = list(order)
+        for i, name in enumerate(old if isinstance(old, list) else []):
+            if name not in order and name != "torch":
+                order.insert(min(i, len(order)), name)
+        return order + ([] if "torch" in order else ["torch"])
 
     table = json.loads(AUTO_TABLE.read_text())
     rows = table.setdefault(device_type, {})
     for op, order in orders.items():
         if isinstance(order, dict) and op not in SIZED_OPS:
             raise ValueError(f"auto table: {op!r} takes one order, not one per number of atoms")
-        rows[op] = ({str(int(atoms)): checked(op, o) for atoms, o in order.items()} if isinstance(order, dict)
-                    else checked(op, order))
+        old = rows.get(op)
+        rows[op] = ({str(int(atoms)): checked(op, o, old.get(str(int(atoms))) if isinstance(old, dict) else None)
+                     for atoms, o in order.items()} if isinstance(order, dict) else checked(op, order, old))
+    if source:
+        runs = table.setdefault("rewritten", {})
+        runs[device_type] = [source] + runs.get(device_type, [])
     atomic_write(AUTO_TABLE, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=1) + "\n"))
     _auto_table.cache_clear()
     return rows

@@ -39,9 +39,13 @@ def test_benchmarks_rewrite_the_auto_table(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "AUTO_TABLE", table)
     registry._auto_table.cache_clear()
     try:
-        rows = registry.update_auto_table("cuda", {"conv": ["torch", "triton"], "linear": ["triton"]})
+        rows = registry.update_auto_table("cuda", {"conv": ["torch", "triton"], "linear": ["triton"]}, "run A")
         assert rows["conv"] == ["torch", "triton"] and rows["linear"] == ["triton", "torch"]
         assert json.loads(table.read_text())["cuda"]["element_linear"] == ["cuda", "triton", "torch"]
+        # a run that did not time the CUDA element linear keeps it where it was (it dropped it)
+        rows = registry.update_auto_table("cuda", {"element_linear": ["torch", "triton"]}, "run B")
+        assert rows["element_linear"] == ["cuda", "torch", "triton"]
+        assert json.loads(table.read_text())["rewritten"]["cuda"][:2] == ["run B", "run A"]
         assert registry._auto_table()["cuda"]["conv"] == ["torch", "triton"]
         with pytest.raises(ValueError, match="cannot run on"):
             registry.update_auto_table("cuda", {"radial_mlp": ["triton"]})
