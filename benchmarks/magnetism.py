@@ -80,7 +80,7 @@ def predicted_energies(metrics: dict, frames, magnetic: bool):
 def run_one(label, method, extra, files, out, args, train, test):
     from scipy.stats import spearmanr
 
-    from sparsekern.cli.finetune import parser
+    from sparsekern.cli.finetune import training_settings
     from sparsekern.finetune.trainer import Settings, run
 
     argv = ["--model", "7net-0", "--train", str(files / "train.xyz"), "--test", str(files / "test.xyz"),
@@ -88,9 +88,7 @@ def run_one(label, method, extra, files, out, args, train, test):
             "--lr", str(args.lr), "--batch_size", str(args.batch_size), "--energy_weight", str(args.energy_weight),
             "--no_progress", *extra, *(["--magnetic_lr", str(args.magnetic_lr)] if "--predict_magmom" in extra else [])]
     t0 = time.perf_counter()
-    settings = vars(parser().parse_args(argv))
-    settings.pop("nproc")  # the command line's launcher option, not a training setting
-    m = run(Settings(**settings))
+    m = run(Settings(**training_settings(argv)))
     predicted = predicted_energies(m, test, "--magmom_key" in extra)
     reference = np.array([a.info["REF_energy"] for a in test])
     on_train = np.abs(predicted_energies(m, train, "--magmom_key" in extra) - [a.info["REF_energy"] for a in train])

@@ -205,14 +205,8 @@ def _delta_flags(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .config_file import with_config
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = parser()
-    args = p.parse_args(with_config(p, argv))
-    if vars(args).pop("config") is not None:  # an abbreviation of --config got past with_config
-        p.error("write --config in full")
-    _weights_of_loss(p, args)
+    args = _parsed(argv)
     nproc = vars(args).pop("nproc")
     from ..finetune.distributed import launched_size
 
@@ -223,6 +217,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     if nproc > 1 and launched == 1:
         return _guarded(lambda: _launch(argv, args, nproc), args.out)
     return _guarded(lambda: _finetune(args), args.out)
+
+
+def _parsed(argv: List[str]) -> argparse.Namespace:
+    from .config_file import with_config
+
+    p = parser()
+    args = p.parse_args(with_config(p, argv))
+    if vars(args).pop("config") is not None:  # an abbreviation of --config got past with_config
+        p.error("write --config in full")
+    _weights_of_loss(p, args)
+    return args
+
+
+def training_settings(argv: List[str]) -> dict:
+    """The trainer's settings (``trainer.Settings``' fields) of a command line, as the
+    command reads it (a --config file, --loss), less the launcher's --nproc: what a
+    script passes to ``trainer.run``."""
+    args = vars(_parsed(argv))
+    args.pop("nproc")
+    return args
 
 
 LOSSES = ("weighted", "ef", "stress", "forces_only")  # MACE's --loss choices that are weighted mean squares

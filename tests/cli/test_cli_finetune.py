@@ -671,3 +671,16 @@ def test_lora_adapter_holds_the_factors_and_round_trips(files, tmp_path):
         next(p for p in other.parameters() if p.dim() > 1).add_(1.0)
     with pytest.raises(ValueError, match="different base model"):
         load_adapter(other, path)
+
+
+def test_training_settings_are_the_trainer_s():
+    """What scripts (benchmarks/magnetism.py) pass to ``trainer.run``: a command line read as
+    the command reads it, --loss turned into weights, without --config or --nproc (the
+    script passed the parser's namespace, which gained both, and broke)."""
+    from sparsekern.cli.finetune import training_settings
+    from sparsekern.finetune.trainer import Settings
+
+    settings = training_settings(["--model", "m.model", "--train", "t.xyz", "--out", "o", "--method", "sparse",
+                                  "--loss", "forces_only"])
+    assert not {"config", "nproc", "loss"} & set(settings)
+    assert Settings(**settings).energy_weight == 0.0
