@@ -81,9 +81,14 @@ class Group:
         return {k: v for box in boxes for k, v in box.items()}
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` summed over the ranks (the same result on every rank)."""
+        """``tensor`` summed over the ranks (the same result on every rank), in place."""
         if self.size > 1:
-            dist.all_reduce(tensor)
+            if dist.get_backend() == "nccl" and not tensor.is_cuda:  # (NCCL reduces GPU tensors only)
+                moved = tensor.cuda()
+                dist.all_reduce(moved)
+                tensor.copy_(moved)
+            else:
+                dist.all_reduce(tensor)
         return tensor
 
     def reduce_step(self, params: Sequence[torch.nn.Parameter], loss: float, signal: int) -> Tuple[float, int]:

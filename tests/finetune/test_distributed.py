@@ -141,3 +141,19 @@ def test_gpus_for_nproc_are_checked_before_the_workers_start(case, finetune_args
     assert main(["finetune", *finetune_args(out), "--device", device, "--nproc", "3"]) == 2
     assert capsys.readouterr().err == f"sparsekern finetune: error: {message}\n"
     assert not out.exists()
+
+
+def test_sums_of_host_tensors_go_through_the_gpu_under_nccl(monkeypatch):
+    """NCCL reduces GPU tensors only: a host tensor (the magnetic fit's normal equations)
+    is summed on the GPU and copied back in place (NCCL raised on it)."""
+    import torch.distributed as dist
+
+    from sparsekern.finetune.distributed import Group
+
+    reduced = []
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self: self.clone())  # (no GPU here: a copy stands in)
+    monkeypatch.setattr(dist, "all_reduce", lambda t: reduced.append(t) or t.mul_(2))
+    host = torch.ones(3, dtype=torch.float64)
+    assert Group(rank=0, size=2).sum(host) is host and host.tolist() == [2.0, 2.0, 2.0]
+    assert len(reduced) == 1 and reduced[0] is not host
