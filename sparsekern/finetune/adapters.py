@@ -135,8 +135,11 @@ def check_adaptable(model, what: str) -> None:
     model's layers, named within it, are what adapters name)."""
     check_module(model, what)
     if isinstance(model.__dict__.get("replays"), Replays):
-        raise ValueError(f"{what}: {type(model).__name__} wraps the model: give its .model (the replays follow "
-                         f"the adapter)")
+        if isinstance(getattr(model, "model", None), torch.nn.Module):
+            raise ValueError(f"{what}: {type(model).__name__} wraps the model: give its .model (the replays follow "
+                             f"the adapter)")
+        raise ValueError(f"{what}: {type(model).__name__} replays the model's CUDA graphs: load and save adapters "
+                         f"before it captures them")
 
 
 def wrapper_name(model: torch.nn.Module) -> str:

@@ -129,6 +129,17 @@ def test_calculator_takes_it():
     assert np.abs(s1 - s0).max() <= 1e-5 * np.abs(s0).max()
 
 
+def test_adapters_are_loaded_before_the_capture(sevennet):
+    """GraphedSevenNet is the model itself (its class swapped), with no .model to give:
+    load_adapter and save_adapter say to use them before wrapping it."""
+    graphed = GraphedSevenNet(copy.deepcopy(sevennet))
+    for call in (lambda: sparsekern.save_adapter(graphed, "never.safetensors"),
+                 lambda: sparsekern.load_adapter(graphed, "never.safetensors")):
+        with pytest.raises(ValueError, match="GraphedSevenNet replays the model's CUDA graphs: load and save "
+                                             "adapters before it captures them"):
+            call()
+
+
 def test_training_runs_the_model_itself(sevennet):
     model = GraphedSevenNet(copy.deepcopy(sevennet)).train()
     model.set_is_batch_data(True)

@@ -249,3 +249,16 @@ def test_a_model_that_cannot_be_downloaded_is_refused_in_one_line(monkeypatch):
     with pytest.raises(ValueError, match="SevenNet model '7net-omni': Max retries exceeded") as refused:
         models.load_sevennet("7net-omni")
     assert "\n" not in str(refused.value) and "without internet, give 7net-0" in str(refused.value)
+
+
+def test_sevennet_names_as_sevenn_takes_them_and_multi_fidelity_in_one_line():
+    """sevenn takes SevenNet-0 in any case: so does the family; a multi-fidelity model
+    (a modality per frame, which sparsekern does not choose) is refused as such, not as a
+    download that failed."""
+    from sparsekern.integrations import family_for
+    from sparsekern.integrations.sevennet import models
+
+    assert family_for("SevenNet-0").name == family_for("7NET-0").name == "sevennet"
+    with pytest.raises(ValueError, match=r"'7net-mf-0' is multi-fidelity \(modal argument missing") as refused:
+        models.load_sevennet("7net-mf-0")
+    assert "without internet" not in str(refused.value)

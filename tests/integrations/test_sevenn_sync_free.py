@@ -100,3 +100,16 @@ def test_patch_and_unpatch_keep_the_state(sevennet):
     assert "z_to_onehot_tensor" not in dict(model.named_buffers())
     assert torch.equal(model.z_to_onehot_tensor, sevennet.z_to_onehot_tensor)
     assert list(model.state_dict()) == keys
+
+
+def test_one_uncollated_graph_in_batch_mode(sevennet):
+    """One uncollated graph (its atom count 0-d) with a batch vector, the model in batch
+    mode: SevenNet's readouts take it, and so do sparsekern's (they read the count's
+    length and raised IndexError)."""
+    graph = FAMILY.graph(sevennet, _structures()[0])
+    graph[KEY.BATCH] = torch.zeros(graph[KEY.POS].shape[0], dtype=torch.long)
+    assert graph[KEY.NUM_ATOMS].dim() == 0
+    sevennet.set_is_batch_data(True)
+    want = sevennet(copy.deepcopy(graph))[KEY.PRED_TOTAL_ENERGY].detach()
+    got = sparsekern.patch(copy.deepcopy(sevennet))(copy.deepcopy(graph))[KEY.PRED_TOTAL_ENERGY].detach()
+    assert got.shape == want.shape == (1,) and torch.allclose(got, want, rtol=1e-6)

@@ -9,20 +9,25 @@ from ..base import Family
 from .models import calculator
 
 
+def _named(spec: str) -> bool:
+    return spec.lower().startswith(("7net", "sevennet"))
+
+
 class SevenNetFamily(Family):
     name = "sevennet"
     package = "sevenn"
     merged_filename = "merged_sevennet.pth"
 
     def claims(self, spec):
-        """``7net-*`` names and SevenNet checkpoints (``.pth``)."""
-        return spec.startswith("7net") or spec.endswith(".pth")
+        """``7net-*`` names (``SevenNet-*``, any case, as sevenn takes them) and SevenNet
+        checkpoints (``.pth``)."""
+        return _named(spec) or spec.endswith(".pth")
 
     spec_help = "7net-0 (or another SevenNet name / .pth checkpoint)"
     dtypes = ("float32",)  # its graphs are float32
 
     def spec_identity(self, spec):
-        return spec if spec.startswith("7net") else super().spec_identity(spec)
+        return spec if _named(spec) else super().spec_identity(spec)
 
     def recognises(self, names):
         """A SevenNet checkpoint is a dict of its config and the model's state."""

@@ -9,7 +9,13 @@ def load_sevennet(name: str = "7net-0", device: str = "cpu") -> torch.nn.Module:
     """SevenNet model (``7net-0`` ships in the sevenn wheel)."""
     try:
         return calculator(name, device=device).model
-    except (OSError, ValueError, RuntimeError) as exc:  # offline (requests' errors are OSErrors), or unknown
+    except ValueError as exc:
+        if "modal" in str(exc):  # multi-fidelity: each frame's modality goes into its graph
+            raise ValueError(f"SevenNet model {name!r} is multi-fidelity ({' '.join(str(exc).split())}): sparsekern "
+                             "does not choose a modality yet; give a single-fidelity model (7net-0, 7net-l3i5, "
+                             "a .pth checkpoint)") from exc
+        raise ValueError(f"SevenNet model {name!r}: {' '.join(str(exc).split())}") from exc
+    except (OSError, RuntimeError) as exc:  # offline (requests' errors are OSErrors)
         raise ValueError(f"SevenNet model {name!r}: {' '.join(str(exc).split())} (sevenn downloads some models the "
                          f"first time: without internet, give 7net-0, 7net-l3i5 or a .pth checkpoint)") from exc
 

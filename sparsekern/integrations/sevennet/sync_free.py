@@ -30,7 +30,7 @@ def _atoms(data) -> int:
 
 
 def _graphs(data) -> int:
-    return data[KEY.NUM_ATOMS].shape[0]
+    return data[KEY.NUM_ATOMS].reshape(-1).shape[0]  # (one uncollated graph holds a 0-d count)
 
 
 def _summed(rows: int, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
