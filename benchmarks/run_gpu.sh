@@ -84,7 +84,8 @@ install_oeq() {  # unpacked outside the path; its extension built in the backgro
   export SPARSEKERN_OEQ_SITE="$PWD/build/oeq-site" TORCH_EXTENSIONS_DIR="$PWD/build/torch-extensions"
   log "OpenEquivariance: building its extension in the background"
   (PYTHONPATH="$SPARSEKERN_OEQ_SITE${PYTHONPATH:+:$PYTHONPATH}" timeout 400 $PY -c \
-    "import openequivariance as o; print('oeq imported; extension:', getattr(o, 'BUILT_EXTENSION', 'not reported'), getattr(o, 'BUILT_EXTENSION_ERROR', ''))" \
+    "import openequivariance as o; print('oeq imported; extension:', getattr(o, 'BUILT_EXTENSION', '?'),
+          getattr(o, 'BUILT_EXTENSION_ERROR', ''))" \
     > "$RES/oeq_build_$stamp.log" 2>&1 &)
 }
 

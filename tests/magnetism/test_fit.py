@@ -69,7 +69,8 @@ def test_fit_uses_the_stresses_of_the_labelled_frames(spin_orbit):
         stress = out["stress"].clone()
         stress[1::2] = torch.nan
         parts.append((b, {"energy": out["energy"], "stress": stress}))
-    solve(fitted, normal_equations(fitted, numbered(parts), {"energy": 16, "stress": 9 * 8}), {"energy": 1.0, "stress": 1e3})
+    solve(fitted, normal_equations(fitted, numbered(parts), {"energy": 16, "stress": 9 * 8}),
+          {"energy": 1.0, "stress": 1e3})
     want, got = (m.outputs(test[0], stress=True) for m in (truth, fitted))
     for key in ("energy", "stress", "forces"):
         assert (got[key] - want[key]).abs().max() <= 1e-5 * want[key].abs().max(), key
@@ -115,6 +116,6 @@ def test_fit_keeps_zero_where_the_moments_explain_nothing():
     assert all(not p.any() for layer in (module.pair[-1], module.onsite[-1]) for p in layer.parameters())
     one = batches(module, 1, size=1)[0]
     e, f, h = (t.detach() for t in random_module().energy_and_forces(one))
-    choice = solve(module, normal_equations(module, [(one, {"energy": e, "magforces": h}, 0)], {"energy": 1, "magforces": 3}),
-                   {"energy": 1.0, "magforces": 100.0})
+    choice = solve(module, normal_equations(module, [(one, {"energy": e, "magforces": h}, 0)],
+                                            {"energy": 1, "magforces": 3}), {"energy": 1.0, "magforces": 100.0})
     assert choice["ridge"] is None and choice["held_out_loss"] is None

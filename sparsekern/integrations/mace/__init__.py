@@ -1,8 +1,8 @@
 """MACE (mace-torch): models converted to cuequivariance are turned back into e3nn
-layers before patching (and into cuequivariance again after unpatching), MACE's symmetric contraction, polynomial cutoff and
-``reshape_irreps`` get sparsekern's, and the interaction blocks' ``conv_tp`` becomes
-the fused convolution (MACE's ``conv_fusion`` contract). mace-torch is imported only
-when a MACE model is met."""
+layers before patching (and into cuequivariance again after unpatching), MACE's
+symmetric contraction, polynomial cutoff and ``reshape_irreps`` get sparsekern's, and
+the interaction blocks' ``conv_tp`` becomes the fused convolution (MACE's
+``conv_fusion`` contract). mace-torch is imported only when a MACE model is met."""
 
 from __future__ import annotations
 
