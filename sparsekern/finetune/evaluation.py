@@ -7,7 +7,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -82,12 +82,17 @@ def batches(samples: Sequence[Sample], size: int, order: Optional[torch.Tensor] 
         yield [samples[j] for j in idx[i:i + size]]
 
 
+def shared_batches(samples: Sequence[Sample], size: int, group: Group = Group()) -> List[Tuple[int, list]]:
+    """(index, batch) of this rank's batches of ``samples``: every ``group.size``-th."""
+    chunks = list(batches(samples, size))
+    return [(i, chunks[i]) for i in range(group.rank, len(chunks), group.size)]
+
+
 def map_batches(fn, samples: Sequence[Sample], size: int, group: Group = Group()) -> list:
     """``fn(batch)`` of every batch of ``samples``, in batch order, on every rank; each
-    rank computes every ``group.size``-th batch (evaluation is sharded as training is)."""
-    chunks = list(batches(samples, size))
-    done = group.gather({i: fn(chunks[i]) for i in range(group.rank, len(chunks), group.size)})
-    return [done[i] for i in range(len(chunks))]
+    rank computes its ``shared_batches`` (evaluation is sharded as training is)."""
+    done = group.gather({i: fn(batch) for i, batch in shared_batches(samples, size, group)})
+    return [done[i] for i in range(len(done))]
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import torch
 from ..magnetism.family import MagneticFamily
 from ..magnetism.fit import normal_equations, solve, zero_outputs
 from ..magnetism.loss import labelled_count
-from .evaluation import Sample, batches, outputs
+from .evaluation import Sample, outputs, shared_batches
 
 
 def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, group) -> Optional[dict]:
@@ -22,10 +22,8 @@ def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, grou
         return None
     zero_outputs(model.energy)
 
-    def parts():  # this process's batches (``map_batches``' share), and where each starts
-        chunks = list(batches(samples, settings.batch_size))
-        for i in range(group.rank, len(chunks), group.size):
-            batch = chunks[i]
+    def parts():  # this process's batches, and where each starts
+        for i, batch in shared_batches(samples, settings.batch_size, group):
             out = outputs(family, model, batch, settings.device, training=False)
             reference = torch.tensor([s.energy for s in batch], dtype=torch.float64)
             targets = {"energy": reference - out["energy"].detach().cpu().double(),

@@ -38,6 +38,7 @@ from .. import delta_slot
 from ..files import atomic_write, exclusive, names_a_file, output_folder
 from ..host_memory import keep_freed_memory
 from ..integrations import Family, cuda_graphs, family_for
+from ..magnetism.energy import DM_FORMS
 from ..magnetism.family import magnetic_counts, magnetic_family, parameter_groups, train_magnetic
 from ..patching import patch, patched_layers, release
 from . import checkpoint
@@ -291,7 +292,7 @@ class Settings:
             d[k] = str(Path(d[k]).resolve()) if d[k] else None
         d["model"] = family_for(self.model).spec_identity(self.model)
         if self.spin_orbit:  # its Dzyaloshinskii-Moriya form (a run of an older version had the polar one)
-            d["spin_orbit_dm"] = "axial"
+            d["spin_orbit_dm"] = DM_FORMS[0]
         return d
 
     def differences(self, theirs: dict) -> Dict[str, tuple]:

@@ -256,7 +256,8 @@ def test_bad_adapter_files(base, adapters, tmp_path, atoms, capsys):
     for name, metadata, says in (("noconfig", {"config": None}, "a LoRA adapter without its config"),
                                  ("rank0", {"config": '{"mode": "lora", "lora_rank": 0}'}, "lora_rank must be >= 1"),
                                  ("listed", {"config": "[1]"}, "is not a mapping"),
-                                 ("dtype", {"fingerprint_dtype": "bogus"}, "fingerprint_dtype 'bogus'")):
+                                 ("dtype", {"fingerprint_dtype": "bogus"}, "fingerprint_dtype 'bogus'"),
+                                 ("sketch", {"fingerprint_sketch": '{"w": [1.0]}'}, "fingerprint_sketch is not")):
         damaged = _rewrite(lora, tmp_path / f"{name}.safetensors", **metadata)
         with pytest.raises(ValueError, match="its metadata are damaged"):
             load_adapter(copy.deepcopy(base), damaged)
