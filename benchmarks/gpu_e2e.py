@@ -107,7 +107,7 @@ def _graphed_step_fn(model, atoms, dev: str) -> Callable[[], None]:
 
     family = MaceFamily()
     sample = Sample(family.graph(model, atoms), 0.0, torch.zeros(len(atoms), 3), len(atoms))
-    steps = GraphedSteps(family, model, SimpleNamespace(energy_weight=1.0, forces_weight=100.0))
+    steps = GraphedSteps(family, model, SimpleNamespace(energy_weight=1.0, forces_weight=100.0, loss="weighted"))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-6)
 

@@ -50,16 +50,7 @@ def parser() -> argparse.ArgumentParser:
     _stage_two_flags(p)
     p.add_argument("--batch_size", type=int, default=4, help="frames per optimizer step")
     p.add_argument("--seed", type=int, default=0, help="seeds the delta's start and the data order")
-    p.add_argument("--loss", help="MACE's loss, by the weights it implies: weighted or ef (energies and forces), "
-                                  "stress (--stress_weight 1 unless given), forces_only (--energy_weight 0); "
-                                  "default: stresses trained where --stress_weight > 0")
-    p.add_argument("--energy_weight", type=float,
-                   help="weight of the per-atom energy error in the loss (default 1, 0 with --loss forces_only)")
-    p.add_argument("--forces_weight", type=float, default=100.0, help="weight of the force error in the loss")
-    p.add_argument("--stress_weight", type=float,
-                   help="weight of the stress error (eV/Å^3, MACE's stress loss) in the loss (default 0, 1 with "
-                        "--loss stress); > 0 reads stresses under --stress_key, trains them where frames have them "
-                        "and reports their errors")
+    _loss_flags(p)
     p.add_argument("--E0s", dest="e0s", default="estimated",
                    help="foundation | estimated (least squares of the training residuals) | average | "
                         "a dict '{Z: E0}' or a .json file (MACE's meanings) | isolated (the energies of the "
@@ -181,6 +172,24 @@ def _optimizer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no_amsgrad", dest="amsgrad", action="store_false", help="plain Adam")
 
 
+def _loss_flags(p: argparse.ArgumentParser) -> None:
+    """MACE's loss: its name, its weights, Huber's delta."""
+    p.add_argument("--loss", help="MACE's loss: mean squares, by the weights they imply: weighted or ef (energies "
+                                  "and forces), stress (--stress_weight 1 unless given), forces_only (--energy_weight "
+                                  "0); or Huber's (huber; universal: the forces' delta smaller where |F_ref| >= 100 "
+                                  "eV/Å), stresses in it with --stress_weight (MACE's 1 is not implied: frames "
+                                  "without a stress label would train their stress to 0 in MACE); default: mean "
+                                  "squares, stresses trained where --stress_weight > 0")
+    p.add_argument("--huber_delta", type=float, help="the delta of --loss huber and universal (default 0.01, MACE's)")
+    p.add_argument("--energy_weight", type=float,
+                   help="weight of the per-atom energy error in the loss (default 1, 0 with --loss forces_only)")
+    p.add_argument("--forces_weight", type=float, default=100.0, help="weight of the force error in the loss")
+    p.add_argument("--stress_weight", type=float,
+                   help="weight of the stress error (eV/Å^3, MACE's stress loss) in the loss (default 0, 1 with "
+                        "--loss stress); > 0 reads stresses under --stress_key, trains them where frames have them "
+                        "and reports their errors")
+
+
 def _delta_flags(p: argparse.ArgumentParser) -> None:
     """The flags of the delta methods (sparse, lora)."""
     from ..finetune.methods import MODES, SPARSE_MODES, choices_help
@@ -239,19 +248,23 @@ def training_settings(argv: List[str]) -> dict:
     return args
 
 
-LOSSES = ("weighted", "ef", "stress", "forces_only")  # MACE's --loss choices that are weighted mean squares
+LOSSES = ("weighted", "ef", "stress", "forces_only", "huber", "universal")  # MACE's --loss choices offered
+_WITH_STRESS = (None, "stress", "huber", "universal")  # (MACE's Huber losses have its stress term)
 
 
 def _weights_of_loss(p: argparse.ArgumentParser, args) -> None:
-    """MACE's ``--loss`` turned into the loss weights it implies (MACE's defaults where
-    not given), and refused where it and a given weight disagree: the trainer's loss is
-    MACE's weighted mean squares, stresses in it where ``stress_weight`` > 0."""
-    loss = vars(args).pop("loss")
+    """MACE's ``--loss`` turned into the trainer's penalty and the loss weights it implies
+    (MACE's defaults where not given), and refused where it and a given weight disagree:
+    stresses in the loss where ``stress_weight`` > 0."""
+    from ..finetune.penalty import PENALTIES
+
+    loss = args.loss
     if loss is not None and loss not in LOSSES:
-        p.error(f"--loss {loss} is not offered: sparsekern trains MACE's weighted mean-squared losses "
-                f"({', '.join(LOSSES)}); virial labels train as stresses (--loss stress, --virials_key)")
-    if loss not in (None, "stress") and args.stress_weight:
-        p.error(f"--loss {loss} does not train stresses: --stress_weight needs --loss stress (or no --loss)")
+        p.error(f"--loss {loss} is not offered: sparsekern trains MACE's {', '.join(LOSSES)} losses; "
+                f"virial labels train as stresses (--loss stress, --virials_key)")
+    if loss not in _WITH_STRESS and args.stress_weight:
+        p.error(f"--loss {loss} does not train stresses: --stress_weight needs --loss stress, huber or universal "
+                f"(or no --loss)")
     if loss == "forces_only":
         if args.energy_weight:
             p.error("--loss forces_only trains forces alone: leave --energy_weight out")
@@ -259,6 +272,7 @@ def _weights_of_loss(p: argparse.ArgumentParser, args) -> None:
             p.error("--stage_two raises the energies' weight: not with --loss forces_only")
     args.energy_weight = (0.0 if loss == "forces_only" else 1.0) if args.energy_weight is None else args.energy_weight
     args.stress_weight = (1.0 if loss == "stress" else 0.0) if args.stress_weight is None else args.stress_weight
+    args.loss = loss if loss in PENALTIES else "weighted"
 
 
 def _rank() -> int:

@@ -17,6 +17,7 @@ from ..magnetism.loss import magnetic_errors, magnetic_loss, magnetic_residuals
 from .data import Frame
 from .distributed import Group
 from .graphed_step import GraphedSteps, graphed
+from .penalty import delta, force_delta, penalty
 from .stress import stress_errors, stress_loss, stress_residuals, wanted
 
 
@@ -155,23 +156,31 @@ def _targets(batch: List[Sample], like: torch.Tensor):
 
 
 def loss(family: Family, model, batch: List[Sample], settings, whole: Optional[List[Sample]] = None) -> torch.Tensor:
-    """MACE's weighted energy-forces loss (``settings``: the trainer's Settings), plus the
-    stress and magnetic terms where the samples have labels. With ``whole``, a global batch that
-    ``batch`` is one process's share of: this share's part of the whole's loss (sums over
-    ``batch`` divided by counts of ``whole``), so that the parts add up to the loss of ``whole``."""
+    """MACE's weighted energy-forces loss (``settings``: the trainer's Settings; mean
+    squares or Huber's, ``penalty``), plus the stress and magnetic terms where the samples
+    have labels. With ``whole``, a global batch that ``batch`` is one process's share of:
+    this share's part of the whole's loss (sums over ``batch`` divided by counts of
+    ``whole``), so that the parts add up to the loss of ``whole``."""
     whole = batch if whole is None else whole
     out = outputs(family, model, batch, settings.device, training=True)
     energy, forces = out["energy"], out["forces"]
     e, n, f = _targets(batch, energy)
-    return (settings.energy_weight * ((energy - e) / n).square().sum() / len(whole)
-            + settings.forces_weight * (forces - f).square().sum() / (3 * sum(s.natoms for s in whole))
-            + stress_loss(out, batch, settings, whole) + magnetic_loss(out, batch, settings, whole))
+
+    def per_entry(residual):
+        return penalty(residual, delta(settings))
+
+    return (settings.energy_weight * per_entry((energy - e) / n).sum() / len(whole)
+            + settings.forces_weight * penalty(forces - f, force_delta(settings, f)).sum()
+            / (3 * sum(s.natoms for s in whole))
+            + stress_loss(out, batch, settings, whole, per_entry)
+            + magnetic_loss(out, batch, settings, whole, per_entry))
 
 
 def residuals(family: Family, model, samples: Sequence[Sample], settings,
               group: Group = Group()) -> Dict[str, torch.Tensor]:
     """Per frame (E - E_ref) / N and its energy shift per atom; all force residuals; the
-    stress and magnetic residuals where the family predicts them and the samples have labels."""
+    stress and magnetic residuals where the family predicts them and the samples have labels;
+    under ``--loss universal``, the forces' Huber deltas (``forces_delta``)."""
     model.eval()
 
     graphs = graphed(family, model, settings)
@@ -182,6 +191,8 @@ def residuals(family: Family, model, samples: Sequence[Sample], settings,
         part = {"energy": ((out["energy"].detach() - e) / n).cpu().double(),
                 "shift": torch.tensor([s.shift / s.natoms for s in batch], dtype=torch.float64),
                 "forces": (out["forces"].detach() - f).cpu().double().reshape(-1)}
+        if settings.loss == "universal":  # its forces' deltas follow the labels
+            part["forces_delta"] = force_delta(settings, f).cpu().double().reshape(-1)
         more = {**stress_residuals(out, batch), **magnetic_residuals(out, batch)}
         part.update({k: r.detach().cpu().double() for k, r in more.items()})
         return part
@@ -207,10 +218,11 @@ def evaluate(family: Family, model, samples: Sequence[Sample], settings, group: 
 
 def residual_loss(res: Dict[str, torch.Tensor], settings) -> float:
     """``loss`` of the whole set whose ``residuals`` are ``res``, as one batch: each term's
-    weight times its mean squared residual (the validation loss an epoch is judged by)."""
+    weight times its mean penalty (the validation loss an epoch is judged by)."""
     weights = {"energy": settings.energy_weight, "forces": settings.forces_weight, "stress": settings.stress_weight,
                "magforces": settings.magforces_weight, "magmom": settings.magmom_weight}
-    return sum(w * float(res[k].square().mean()) for k, w in weights.items() if k in res)
+    return sum(w * float(penalty(res[k], res.get(f"{k}_delta", delta(settings))).mean())
+               for k, w in weights.items() if k in res)
 
 
 def check_merged(family: Family, reference: Sequence[Dict[str, torch.Tensor]], frames: Sequence[Frame], path: Path,

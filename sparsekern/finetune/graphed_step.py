@@ -26,6 +26,7 @@ import torch
 from ..integrations import Family, cuda_graphs
 from ..magnetism.loss import KEYS as MAGNETIC, magnetic_labels, magnetic_weights
 from .density import schedule_step, set_schedule_step, steady
+from .penalty import delta, force_delta, penalty
 from .stress import value_weight, wanted as stress_wanted
 
 
@@ -125,14 +126,17 @@ class GraphedSteps:
                               stress is not None)
         per_graph = inputs["graph_labels"]  # see _labels
         residual = (out["energy"] + per_graph[1] - per_graph[2]) / per_graph[3]
-        loss = (per_graph[0] * residual.square()).sum()
+        huber = delta(self.settings)
+        loss = (per_graph[0] * penalty(residual, huber)).sum()
         if stress is not None:
-            loss = loss + (stress[:, 0] * (out["stress"].reshape(len(stress), 9) - stress[:, 1:]).square().sum(1)).sum()
+            residual = out["stress"].reshape(len(stress), 9) - stress[:, 1:]
+            loss = loss + (stress[:, 0] * penalty(residual, huber).sum(1)).sum()
         for key in ("forces", *MAGNETIC):  # per atom: (weight, label) of each component
             labels = inputs.get(f"{key}{_LABELS}")
             if labels is not None and key in out:
                 weight, label = labels.chunk(2, dim=1)
-                loss = loss + (weight * (out[key].reshape(label.shape) - label).square()).sum()
+                residual = out[key].reshape(label.shape) - label
+                loss = loss + (weight * penalty(residual, inputs.get(f"{key}_delta{_LABELS}", huber))).sum()
         grads = torch.autograd.grad(loss, self.wanted, allow_unused=True)
         return {"loss": loss.detach(), **{i: g for i, g in enumerate(grads) if g is not None}}
 
@@ -164,6 +168,9 @@ def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.
         label = torch.cat([per_atom[key](s) for s in share]).double()
         labelled = label.isfinite().double()  # (float64: weight is a float, bool * float makes float32)
         labels[f"{key}{_LABELS}"] = torch.cat([labelled * (w * weight), label.nan_to_num(0.0)], 1).to(dtype)
+    if settings.loss == "universal":  # the forces' Huber deltas by component (padding atoms: 0)
+        deltas = [force_delta(settings, s.forces.double()) for s in share]
+        labels[f"forces_delta{_LABELS}"] = torch.cat(deltas).to(dtype)
     return labels
 
 

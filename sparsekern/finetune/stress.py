@@ -6,7 +6,7 @@ weight counts 1/p times as much here, the same from batch to batch."""
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Callable, Dict, Sequence
 
 import torch
 
@@ -31,13 +31,14 @@ def value_weight(settings, whole: Sequence) -> float:
     return settings.stress_weight / (9 * sum(s.stress is not None for s in whole))
 
 
-def stress_loss(out: Dict[str, torch.Tensor], batch: Sequence, settings, whole: Sequence) -> torch.Tensor:
-    """stress_weight * mean((S - S_ref)^2) over the labelled frames of ``whole``, the
+def stress_loss(out: Dict[str, torch.Tensor], batch: Sequence, settings, whole: Sequence,
+                penalty: Callable[[torch.Tensor], torch.Tensor] = torch.square) -> torch.Tensor:
+    """stress_weight * mean(penalty(S - S_ref)) over the labelled frames of ``whole``, the
     global batch that ``batch`` is one process's share of (0 without labels)."""
     res = stress_residuals(out, batch)
     if not res:
         return torch.zeros((), dtype=out["energy"].dtype, device=out["energy"].device)
-    return value_weight(settings, whole) * res["stress"].square().sum()
+    return value_weight(settings, whole) * penalty(res["stress"]).sum()
 
 
 def stress_errors(res: Dict[str, torch.Tensor]) -> Dict[str, float]:

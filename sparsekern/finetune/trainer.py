@@ -58,6 +58,7 @@ from .lr_scale import by_weight_scale
 from .magnetic_fit import fit_magnetic_energy
 from .methods import METHODS, MODES, SPARSE_LR_AT, SPARSE_MODES, default_lr
 from .parity import parity_data, plot_parity
+from .penalty import HUBER_DELTA, PENALTIES
 from .precompile import precompile_run
 from .preemption import Preempted, deferred
 from .statistics import stats
@@ -99,6 +100,8 @@ class Settings:
     amsgrad: bool = True  # Adam's AMSGrad variant (MACE's default); False: plain Adam
     batch_size: int = 4
     seed: int = 0
+    loss: str = "weighted"  # each residual's penalty (penalty.PENALTIES): its square, or MACE's Huber's
+    huber_delta: Optional[float] = None  # with a Huber loss (default MACE's 0.01)
     energy_weight: float = 1.0
     forces_weight: float = 100.0
     stress_weight: float = 0.0  # > 0: stresses (eV/Å^3) of the frames labelled under stress_key in the loss
@@ -155,6 +158,7 @@ class Settings:
         if bad:  # a negative weight would maximise that error, silently
             raise ValueError(f"loss weights must be finite and >= 0, got {', '.join(bad)}")
         self._check_stress()
+        self._check_loss()
         check_e0s(self.e0s)
         if self.default_dtype not in (None, "float32", "float64"):
             raise ValueError(f"--default_dtype must be float32 or float64, got {self.default_dtype!r}")
@@ -220,6 +224,18 @@ class Settings:
         if self.stress_weight:
             self.stress_key = self.stress_key or "REF_stress"
             self.virials_key = self.virials_key or "REF_virials"
+
+    def _check_loss(self) -> None:
+        if self.loss not in PENALTIES:
+            raise ValueError(f"--loss must be one of {PENALTIES} (or MACE's ef, stress, forces_only on the "
+                             f"command line), got {self.loss!r}")
+        if self.loss == "weighted":
+            if self.huber_delta is not None:  # it would change nothing, silently
+                raise ValueError("--huber_delta is the delta of --loss huber or universal")
+        elif self.huber_delta is None:
+            self.huber_delta = HUBER_DELTA
+        elif not self.huber_delta > 0:
+            raise ValueError(f"--huber_delta must be > 0, got {self.huber_delta:g}")
 
     def _check_splits(self) -> None:
         """The data's splits, and what the validation loss decides."""
@@ -288,6 +304,9 @@ class Settings:
             d.pop("ema_decay")
         if self.amsgrad:  # checkpoints from before it stay resumable
             d.pop("amsgrad")
+        if self.loss == "weighted":  # checkpoints from before it stay resumable
+            d.pop("loss")
+            d.pop("huber_delta")
         for k in ("train", "valid"):  # the same file wherever the command runs from
             d[k] = str(Path(d[k]).resolve()) if d[k] else None
         d["model"] = family_for(self.model).spec_identity(self.model)

@@ -154,11 +154,8 @@ class SparsekernLayer(torch.nn.Module):
             if not torch.compiler.is_compiling() and node_attrs.shape[0]:
                 ones = node_attrs.sum(-1) == 1
                 binary = ((node_attrs == 0) | (node_attrs == 1)).all(-1)
-                message = f"{name}: node_attrs must be one-hot (one 1 per row, zeros elsewhere)"
-                if node_attrs.device.type != "cpu":  # checked on the device: no host sync per layer
-                    torch._assert_async((ones & binary).all(), message)
-                elif not bool((ones & binary).all()):
-                    raise ValueError(message)
+                refuse_unless((ones & binary).all(), f"{name}: node_attrs must be one-hot (one 1 per row, zeros "
+                                                     f"elsewhere)")
             return node_attrs.argmax(-1)
 
         # once per graph: every layer (and the per-element ops' plans, kept with the
@@ -186,6 +183,15 @@ class SparsekernLayer(torch.nn.Module):
             orig.to(device=ref.device)
             match_float_dtype(orig, ref.dtype)
         return orig
+
+
+def refuse_unless(ok: torch.Tensor, message: str) -> None:
+    """A ValueError of ``message`` unless ``ok`` (a 0-d bool tensor) holds; on a device,
+    checked there (a device-side assert: no host sync per layer)."""
+    if ok.device.type != "cpu":
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message)
 
 
 def set_parameter(module: torch.nn.Module, path: str, param: torch.nn.Parameter) -> None:

@@ -11,7 +11,8 @@ from e3nn import o3
 
 from ..ops.descriptors import TPDesc
 from ..paths import Path
-from .base import SparsekernLayer
+from ..ops.tensor_cache import cached
+from .base import SparsekernLayer, refuse_unless
 
 
 class ChannelwiseTP(SparsekernLayer):
@@ -101,4 +102,15 @@ class ChannelwiseConv(ChannelwiseTP):
         if edge_index.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"ChannelwiseConv: edge_index must be an integer tensor, got {edge_index.dtype}")
         self._check(node_feats, edge_attrs, tp_weights, n)
+        cached(edge_index, ("in range", n), lambda: _check_in_range(edge_index, n))  # once per graph
         return self._run(node_feats, edge_attrs, tp_weights, edge_index)
+
+
+def _check_in_range(edge_index: torch.Tensor, n: int) -> bool:
+    """Refuse node indices outside [0, n): the fused kernels would read past the node
+    features or drop the edge."""
+    if edge_index.shape[1] and not torch.compiler.is_compiling():
+        low, high = edge_index.aminmax()
+        refuse_unless((low >= 0) & (high < n),
+                      f"ChannelwiseConv: edge_index must hold node indices in [0, {n}), the rows of node_feats")
+    return True

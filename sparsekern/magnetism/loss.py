@@ -4,7 +4,7 @@ predicted moment magnitudes against the labels' (μB; of the atoms with a moment
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -57,11 +57,13 @@ def magnetic_weights(batch: Sequence, settings, whole: Sequence) -> Dict[str, fl
     return weights
 
 
-def magnetic_loss(out: Dict[str, torch.Tensor], batch: Sequence, settings, whole: Sequence) -> torch.Tensor:
-    """magforces_weight * mean(dH^2) + magmom_weight * mean(d|m|^2) (0 without labels), the
+def magnetic_loss(out: Dict[str, torch.Tensor], batch: Sequence, settings, whole: Sequence,
+                  penalty: Callable[[torch.Tensor], torch.Tensor] = torch.square) -> torch.Tensor:
+    """magforces_weight * mean(penalty(dH)) + magmom_weight * mean(penalty(d|m|)) (0
+    without labels; the penalty of each residual: its square, or the run's Huber's), the
     means over ``whole``, the global batch that ``batch`` is one process's share of."""
     weights = magnetic_weights(batch, settings, whole)
-    terms = [weights[k] * r.square().sum() for k, r in magnetic_residuals(out, batch).items()]
+    terms = [weights[k] * penalty(r).sum() for k, r in magnetic_residuals(out, batch).items()]
     return sum(terms, torch.zeros((), dtype=out["energy"].dtype, device=out["energy"].device))
 
 

@@ -2,7 +2,10 @@
 the nodes' elements and their tiles from node_attrs), kept with that tensor: built by the
 first layer that needs it and reused by every later layer and pass of the same graph,
 so that a model's forward and backward plan each graph once. An entry goes with its
-tensor (a weak key) and is dropped when the tensor changes in place (its version).
+tensor (a weak key) and is dropped when the tensor changes in place (its version). A
+write that bypasses the version (through ``.data``, or a numpy array the tensor shares
+memory with) is not seen: a driver that refills one neighbour-list buffer must write it
+with torch's in-place ops (``edge_index.copy_(new)``), or pass a new tensor.
 Values must not reference their key tensor, or the entry would keep it alive.
 :func:`derived` keeps, the same way, what is derived from frozen weights."""
 

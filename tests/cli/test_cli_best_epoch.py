@@ -117,33 +117,6 @@ def test_epochs_before_the_final_form_are_not_candidates(files, flag):
     assert (m["selected_epoch"], m["best_valid_loss_epoch"]) == (2, 2)
 
 
-def test_validation_loss_is_the_training_loss_of_the_whole_set(files, tmp_path):
-    """residual_loss of the validation residuals is ``loss`` over the same frames as one
-    batch, stress term included (unlabelled frames add nothing to either)."""
-    from types import SimpleNamespace
-
-    import sparsekern
-    from helpers import with_stresses
-    from sparsekern.finetune import evaluation
-    from sparsekern.finetune.data import read_frames
-    from sparsekern.integrations.base import family_for
-
-    train, _ = with_stresses(files, tmp_path, unlabelled=(1,))
-    frames = read_frames(train, stress_key="REF_stress")
-    family = family_for(str(files / "tiny.model"))
-    model = family.load(str(files / "tiny.model"), "cpu")
-    sparsekern.patch(model)
-    samples = evaluation.make_samples(family, model, frames, {13: 0.5, 29: -0.25})
-    settings = SimpleNamespace(device="cpu", energy_weight=2.0, forces_weight=100.0, stress_weight=1e3,
-                               magforces_weight=0.0, magmom_weight=0.0, batch_size=2)
-    res = evaluation.residuals(family, model, samples, settings)
-    assert set(res) == {"energy", "shift", "forces", "stress"} and res["stress"].numel() == 2 * 9
-    whole = float(evaluation.loss(family, model, samples, settings))
-    assert evaluation.residual_loss(res, settings) == pytest.approx(whole, rel=1e-12)
-    settings.stress_weight = 0.0
-    assert evaluation.residual_loss(res, settings) < whole
-
-
 def test_selection_flags_need_validation_frames(files, capsys, tmp_path):
     for bad, said in ((("--patience", "2"), "--patience acts on the validation loss: give --valid or --valid_fraction"),
                       (("--last_epoch",), "--last_epoch acts on the validation loss"),

@@ -48,12 +48,17 @@ def test_config_file_and_maces_names_are_the_command_line(tmp_path):
 _REQUIRED = ["--model", "m.model", "--train", "t.xyz", "--method", "sparse", "--out", "o"]
 
 
-def _weights(*flags):
+def _loss_args(*flags):
     from sparsekern.cli.finetune import _weights_of_loss
 
     p = parser()
     args = p.parse_args(with_config(p, [*_REQUIRED, *flags]))
     _weights_of_loss(p, args)
+    return args
+
+
+def _weights(*flags):
+    args = _loss_args(*flags)
     return args.energy_weight, args.forces_weight, args.stress_weight
 
 
@@ -66,11 +71,19 @@ def test_maces_loss_is_the_weights_it_implies(tmp_path):
     assert _weights("--loss", "forces_only", "--forces_weight", "5") == (0.0, 5.0, 0.0)
     assert _weights("--config", _yaml(tmp_path / "l.yaml", "loss: stress\n")) == (1.0, 100.0, 1.0)
     assert _weights("--energy_weight", "0.5") == (0.5, 100.0, 0.0)
+    assert _weights("--loss", "huber") == _weights("--loss", "universal") == (1.0, 100.0, 0.0)
+    assert _weights("--loss", "universal", "--stress_weight", "10") == (1.0, 100.0, 10.0)
+    # the trainer's penalty: mean squares but for MACE's Huber losses
+    assert [_loss_args(*f).loss for f in ((), ("--loss", "ef"), ("--loss", "stress"), ("--loss", "forces_only"),
+                                          ("--loss", "huber"), ("--loss", "universal"))] == [
+        "weighted", "weighted", "weighted", "weighted", "huber", "universal"]
 
 
 @pytest.mark.parametrize("flags, said", [
-    (["--loss", "huber"], "--loss huber is not offered: sparsekern trains MACE's weighted mean-squared losses "
-                          "(weighted, ef, stress, forces_only); virial labels train as stresses"),
+    (["--loss", "virials"], "--loss virials is not offered: sparsekern trains MACE's weighted, ef, stress, "
+                            "forces_only, huber, universal losses; virial labels train as stresses"),
+    (["--loss", "ef", "--stress_weight", "1"], "--loss ef does not train stresses: --stress_weight needs --loss "
+                                               "stress, huber or universal"),
     (["--loss", "weighted", "--stress_weight", "1"], "--loss weighted does not train stresses: --stress_weight "
                                                      "needs --loss stress"),
     (["--loss", "forces_only", "--energy_weight", "1"], "--loss forces_only trains forces alone"),

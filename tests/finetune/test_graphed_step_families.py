@@ -21,7 +21,7 @@ from sparsekern.magnetism.family import MagneticFamily, train_magnetic
 from helpers import AtenOps, fake_cuda_graphs, rel_err
 
 SETTINGS = SimpleNamespace(energy_weight=1.0, forces_weight=100.0, magforces_weight=100.0, magmom_weight=1.0,
-                           stress_weight=1e4, device="cpu")
+                           stress_weight=1e4, device="cpu", loss="weighted", huber_delta=None)
 
 
 def _mace():
@@ -88,13 +88,19 @@ def _frames(numbers, sizes, magnetic=False, stress=False):
     return frames
 
 
-@pytest.mark.parametrize("make, stress", [(_mace, False), (_sevennet, False), (_magnetic(True), False),
-                                          (_magnetic(False), False), (_magnetic(True, _sevennet), False),
-                                          (_mace, True), (_sevennet, True), (_magnetic(True), True)],
-                         ids=["mace", "sevennet", "magnetic", "magnetic-without-head", "sevennet-magnetic",
-                              "mace-stress", "sevennet-stress", "magnetic-stress"])
-def test_graphed_steps_are_the_eager_steps(make, stress, monkeypatch):
+@pytest.mark.parametrize("make, stress, loss", [
+    (_mace, False, "weighted"), (_sevennet, False, "weighted"), (_magnetic(True), False, "weighted"),
+    (_magnetic(False), False, "weighted"), (_magnetic(True, _sevennet), False, "weighted"),
+    (_mace, True, "universal"), (_sevennet, True, "weighted"), (_magnetic(True), True, "huber")],
+    ids=["mace", "sevennet", "magnetic", "magnetic-without-head", "sevennet-magnetic", "mace-stress-universal",
+         "sevennet-stress", "magnetic-stress-huber"])
+def test_graphed_steps_are_the_eager_steps(make, stress, loss, monkeypatch):
+    """(Under MACE's Huber losses, at a delta both branches meet; universal's forces past
+    100, 200 and 300 eV/Å on three atoms.)"""
     fake_cuda_graphs(monkeypatch)
+    if loss != "weighted":
+        monkeypatch.setattr(SETTINGS, "loss", loss)
+        monkeypatch.setattr(SETTINGS, "huber_delta", 0.5)
     captures = []
     init = graphed_step._CapturedStep.__init__
     monkeypatch.setattr(graphed_step._CapturedStep, "__init__",
@@ -102,6 +108,8 @@ def test_graphed_steps_are_the_eager_steps(make, stress, monkeypatch):
     family, model, numbers = make()
     model = train_magnetic(sparsekern.prepare(sparsekern.patch(model), sparsekern.SparseConfig(density=0.1)).train())
     frames = _frames(numbers, [1, 1, 8, 8, 2], magnetic=isinstance(family, MagneticFamily), stress=stress)
+    if loss == "universal":
+        frames[2].forces[:3, 0] += [150.0, 250.0, 350.0]
     samples = make_samples(family, model, frames, {numbers[0]: 0.5})
     trained = [p for p in model.parameters() if p.requires_grad]
     steps = GraphedSteps(family, model, SETTINGS)

@@ -384,12 +384,26 @@ def test_errors_name_the_problem():
         conv(nodes, sh, w[:, :1], torch.zeros(2, 5, dtype=torch.long))
     with pytest.raises(TypeError, match="integer"):
         conv(nodes, sh, w, torch.zeros(2, 5))
+    for backend in ("torch", "triton"):  # (the fused kernels would read past the nodes or drop the edge)
+        conv.set_backend(backend)
+        for bad in ((0, 3), (0, -1), (1000, 1)):  # a receiver past the nodes, a negative one, a sender
+            edges = torch.tensor([[0, 1, 2, 0, bad[0]], [1, 2, 0, 0, bad[1]]])
+            with pytest.raises(ValueError, match=r"edge_index must hold node indices in \[0, 3\)"):
+                conv(nodes, sh, w, edges)
     with pytest.raises(ValueError, match="has no 'cuda' back end"):
         lin.set_backend("cuda")
     with pytest.raises(ValueError, match="not one block of scalars"):
         ElementLinear.from_e3nn(o3.FullyConnectedTensorProduct("2x0e", "1x1o", "2x1o"))
     with pytest.raises(ValueError, match="per-edge external weights"):
         ChannelwiseTP.from_e3nn(o3.FullyConnectedTensorProduct("2x0e", "1x0e", "2x0e"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_element_linear_without_nodes_is_in_the_graph(backend):
+    """No node: an empty output that autograd still differentiates (zero weight gradient), as e3nn's."""
+    el = ElementLinear("4x0e+3x1o", 3, "5x0e+2x1o").double().set_backend(backend)
+    y = el(torch.zeros(0, 13, dtype=torch.float64, requires_grad=True), one_hot(0, 3))
+    assert y.shape == (0, 11) and not torch.autograd.grad(y.sum(), el.weight)[0].any()
 
 
 def test_cat_differentiated_twice_without_zero_fills():

@@ -16,6 +16,7 @@ from typing import Dict
 import torch
 
 from ...layers.base import SparsekernLayer, match_float_dtype, set_parameter
+from .models import default_dtype
 
 _CUEQ_PACKAGE = "cuequivariance_torch"
 # Attributes that describe the cuequivariance set-up; dropped if only the old object has them.
@@ -61,15 +62,13 @@ def to_e3nn_in_place(model: torch.nn.Module) -> torch.nn.Module:
     if ref is None:
         raise TypeError(f"{type(model).__name__} has no parameters; not a MACE model")
     device, dtype = ref.device, ref.dtype
-    previous_dtype = torch.get_default_dtype()  # MACE's converter sets it globally
     try:
-        new = convert_cueq_e3nn.run(model, device=str(device), return_model=True)
+        with default_dtype():  # MACE's converter sets it globally
+            new = convert_cueq_e3nn.run(model, device=str(device), return_model=True)
     except Exception as exc:
         raise RuntimeError(
             f"sparsekern.cueq: MACE's convert_cueq_e3nn failed on this {type(model).__name__}: "
             f"{type(exc).__name__}: {exc}") from exc
-    finally:
-        torch.set_default_dtype(previous_dtype)
 
     leftovers = sorted({type(m).__name__ for m in new.modules() if _is_cueq_module(m)})
     if leftovers:
@@ -102,17 +101,13 @@ def back_to_cueq(model: torch.nn.Module) -> None:
 
     cueq_config = model.__dict__.pop(_CUEQ_SOURCE)
     ref = next(iter(model.parameters()))
-    previous_dtype = torch.get_default_dtype()  # MACE builds in the default dtype
-    try:
-        torch.set_default_dtype(ref.dtype)
+    with default_dtype(ref.dtype):  # MACE builds in the default dtype
         config = {**extract_config_mace_model(model), "cueq_config": cueq_config}
         new = type(model)(**config).to(ref.device)
         convert_e3nn_cueq.transfer_weights(model, new, len(config["hidden_irreps"].slices()) - 1,
                                            config["correlation"], config["num_interactions"],
                                            config.get("use_reduced_cg", True),
                                            config.get("keep_last_layer_irreps", False))
-    finally:
-        torch.set_default_dtype(previous_dtype)
     _check_transfer(new, model)  # (symmetric: the cuequivariance side first)
     _keep_parameter_objects(model, new)
     _move_into(model, new)

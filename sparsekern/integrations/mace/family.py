@@ -47,9 +47,12 @@ class MaceFamily(Family):
         from mace import data as mace_data
         from mace.tools import utils
 
+        from .models import default_dtype
+
         z_table = utils.AtomicNumberTable(self.numbers(model))
         config = mace_data.config_from_atoms(atoms, key_specification=mace_data.KeySpecification())
-        return mace_data.AtomicData.from_config(config, z_table=z_table, cutoff=float(model.r_max), heads=None)
+        with default_dtype(next(model.parameters()).dtype):  # (else positions rounded to the default's)
+            return mace_data.AtomicData.from_config(config, z_table=z_table, cutoff=float(model.r_max), heads=None)
 
     def collate(self, graphs, device):
         from mace.tools import torch_geometric

@@ -4,10 +4,24 @@ cannot be downloaded everywhere."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
+
+@contextmanager
+def default_dtype(dtype: Optional[torch.dtype] = None) -> Iterator[None]:
+    """torch's default dtype set to ``dtype`` within (MACE builds models and graphs in
+    it; None: left as it is) and put back after, whatever the body set."""
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype or previous)
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
 
 # MACE-MP-0 architectures (mace_mp's small / medium / large).
 MP0_HIDDEN_IRREPS = {
@@ -26,9 +40,7 @@ def mace_mp0_shaped(size: str = "medium", seed: int = 0, dtype: torch.dtype = to
 
     if size not in MP0_HIDDEN_IRREPS:
         raise ValueError(f"unknown MACE-MP-0 size {size!r}; expected one of {sorted(MP0_HIDDEN_IRREPS)}")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
+    with default_dtype(dtype):
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         config = dict(
@@ -43,10 +55,7 @@ def mace_mp0_shaped(size: str = "medium", seed: int = 0, dtype: torch.dtype = to
             atomic_inter_scale=0.8, atomic_inter_shift=0.1, use_reduced_cg=use_reduced_cg,
         )
         config.update(overrides)
-        model = ScaleShiftMACE(**config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model
+        return ScaleShiftMACE(**config)
 
 
 def load_mace(model: str, device: str = "cpu") -> torch.nn.Module:
@@ -80,9 +89,10 @@ def mace_batch(model: torch.nn.Module, atoms_list, energy_key: str = "REF_energy
     z_table = utils.AtomicNumberTable([int(z) for z in model.atomic_numbers])
     keys = mace_data.KeySpecification(info_keys={"energy": energy_key}, arrays_keys={"forces": forces_key})
     configs = [mace_data.config_from_atoms(a, key_specification=keys) for a in atoms_list]
-    data = [mace_data.AtomicData.from_config(c, z_table=z_table, cutoff=float(model.r_max), heads=None)
-            for c in configs]
-    loader = torch_geometric.dataloader.DataLoader(data, batch_size=len(data), shuffle=False)
     dtype = next(model.parameters()).dtype
+    with default_dtype(dtype):  # (MACE's graphs are in the default dtype: positions rounded otherwise)
+        data = [mace_data.AtomicData.from_config(c, z_table=z_table, cutoff=float(model.r_max), heads=None)
+                for c in configs]
+    loader = torch_geometric.dataloader.DataLoader(data, batch_size=len(data), shuffle=False)
     batch = next(iter(loader)).to_dict()
     return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}

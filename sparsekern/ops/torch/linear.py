@@ -57,7 +57,7 @@ def _element_linear(desc: LinearDesc, x: torch.Tensor, species: torch.Tensor, we
         # zero-filled tensor per element of the table)
         w_el = w.index_select(0, present_index).unbind(0)
         blocks = [torch.mm(xz, wz) for xz, wz in zip(xi.split([c * d for c in sizes], 0), w_el)]
-        yi = torch.cat(blocks, 0) if blocks else xi.new_zeros(0, p.mul_out)
+        yi = torch.cat(blocks, 0) if blocks else xi @ w[0]  # (no node: an empty product, in the graph)
         out.add(p.i_out, yi.view(n, d, p.mul_out).transpose(1, 2).reshape(n, p.mul_out * d))
     ys = out.cat(x)
     return torch.empty_like(ys).index_copy(0, order, ys) if n else ys
