@@ -3,7 +3,7 @@ fine-tuned on the accuracy benchmark's aspirin training frames (the first 50 of
 revised_aspirin/train.xyz) and scored on revised_aspirin/valid.xyz (50 other frames).
 Each method gets a grid of learning rates, everything else as in benchmarks/accuracy.py;
 the learning rate with the lowest validation force MAE is the method's pick (the loss
-weighs forces 100:1). The picks are sparsekern.finetune.trainer.DEFAULT_LR. Results go
+weighs forces 100:1). The picks set sparsekern.finetune.methods' defaults. Results go
 to benchmarks/results/lr_sweep_<date>.{json,md}.
 
     .venv-sevenn/bin/python benchmarks/lr_sweep.py              # about 40 min on 2 cores
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from accuracy import ROOT, atomic_text, machine, run_one, write_split
 
-from sparsekern.finetune.methods import DEFAULT_LR
+from sparsekern.finetune.methods import default_lr
 from sparsekern.locations import data_dir
 
 GRID = {"full": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "lora": [3e-3, 1e-2, 3e-2, 1e-1, 3e-1], "sparse": [1e-2, 3e-2, 1e-1, 3e-1]}
@@ -42,7 +42,8 @@ def markdown(result: dict) -> str:
                      f"{r['energy_mae_mev_per_atom']:.2f} | {r['wall_s']:.0f} |")
     lines += ["", f"Zero-shot: force MAE {result['zero_shot_force_mae_mev_per_A']:.1f} meV/Å, energy MAE "
               f"{result['zero_shot_energy_mae_mev_per_atom']:.2f} meV/atom (after the fitted E0 shift).",
-              "", f"Defaults in sparsekern.finetune.trainer.DEFAULT_LR when this ran: {result['defaults']}.", ""]
+              "", f"The trainer's default lr for these runs (sparsekern.finetune.methods.default_lr, at this density, "
+                  f"with the moving average) when this ran: {result['defaults']}.", ""]
     edge = [m for m, lr in result["picks"].items() if lr in (GRID[m][0], GRID[m][-1])]
     if edge:
         lines += [f"The pick sits at the edge of the grid for {', '.join(edge)}: widen the grid before trusting it.", ""]
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
                            "seed": args.seed, "n_train": first["n_train"], "n_valid": first["n_test"]},
               "zero_shot_force_mae_mev_per_A": first["zero_shot_test_force_mae_mev_per_A"],
               "zero_shot_energy_mae_mev_per_atom": first["zero_shot_test_energy_mae_mev_per_atom"],
-              "rows": rows, "picks": picks, "defaults": DEFAULT_LR, "runs": runs}
+              "rows": rows, "picks": picks, "runs": runs,
+              "defaults": {m: default_lr(m, args.density) for m in sorted(picks)}}
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"lr_sweep_{date}"
     atomic_text(stem.with_suffix(".json"), json.dumps(result, indent=1))

@@ -245,7 +245,8 @@ def markdown(report: dict, args) -> str:
              "model, the pt_head row is the replay head. "
              f"Test: {args.n_test} aspirin test frames; forgetting: {args.n_forget} test frames each of "
              f"{', '.join(FORGET)}. E (offset): energy MAE after removing the model's mean per-atom energy "
-             "error on the 50 training frames (the E0s, fitted on other molecules, leave an offset).", "",
+             f"error on the {args.n_train} training frames (the E0s, fitted on other molecules, leave an offset).",
+             "",
              "| method | aspirin E meV/atom | E (offset) | aspirin F meV/Å | "
              + " | ".join(f"{m} F meV/Å" for m in FORGET) + " | wall s |",
              "|---|---|---|---|" + "---|" * len(FORGET) + "---|"]

@@ -211,8 +211,8 @@ def main() -> int:
     if args.lr_follows_density:
         schedule = trainer._schedule
 
-        def schedule_by_density(optimizer, settings, done, total):
-            schedule(optimizer, settings, done, total)
+        def schedule_by_density(optimizer, settings, done, total, epoch):
+            schedule(optimizer, settings, done, total, epoch)
             now = scheduled_density(delta_slot.config_of(prepared[0]), done)
             table = SPARSE_LR_AT[settings.ema]  # as the trainer's default
             factor = default_lr("sparse", max(now, settings.density), table) / default_lr("sparse", settings.density, table)

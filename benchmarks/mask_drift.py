@@ -42,6 +42,7 @@ def main() -> None:
     def active():
         return torch.cat([(d().detach() != 0).reshape(-1) for *_, d in delta_slot.iter_deltas(model)])
 
+    calibrate_density(model)  # (prepared, the model is the base: density 0 until the first step)
     start = active()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr, amsgrad=True)
     target = torch.randn(len(atoms), 3, dtype=torch.float64)
