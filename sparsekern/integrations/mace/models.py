@@ -11,6 +11,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+
 @contextmanager
 def default_dtype(dtype: Optional[torch.dtype] = None) -> Iterator[None]:
     """torch's default dtype set to ``dtype`` within (MACE builds models and graphs in
