@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 import torch
 
 from .. import delta_slot
-from ..integrations import family_of
+from ..integrations import computing_at, family_of
 from .adapters import attach_adapter, check_adaptable, check_base, read_adapter
 from .evaluation import frozen
 
@@ -46,6 +46,7 @@ class _Adapter:
     slots: List[_Slot]
     config: object  # the model's fine-tuning settings while it is active (LoRA's)
     e0_shift: Dict[int, float]
+    modal: Optional[str]  # the modality it was trained at (a multi-fidelity SevenNet's): its E0 shift's
 
 
 @dataclass
@@ -105,14 +106,16 @@ def _e0_shift(metadata: dict, path) -> Dict[int, float]:
     return {z: v for z, v in shift.items() if v != 0.0}
 
 
-def _check_shift(model: torch.nn.Module, shift: Dict[int, float], path) -> None:
-    """The model can take the adapter's E0 shift (checked before anything is attached)."""
+def _check_shift(model: torch.nn.Module, shift: Dict[int, float], modal: Optional[str], path) -> None:
+    """The model can take the adapter's E0 shift, at its ``modal`` (checked before
+    anything is attached)."""
     if not shift:
         return
     family = family_of(model)
     if family is None:
         raise ValueError(f"adapter {path} carries a per-element energy shift, and sparsekern does not know "
                          f"where this model ({type(model).__name__}) keeps its per-element energies")
+    family = computing_at(family, model, modal, f"adapter {path}: its modal")
     missing = sorted(set(shift) - set(family.e0_table(model)[1]))
     if missing:
         raise ValueError(f"adapter {path} shifts the energies of atomic numbers {missing}, which this model lacks")
@@ -125,7 +128,7 @@ def _deactivate(model: torch.nn.Module, record: _Record) -> None:
         delta_slot.detach(slot.layer, slot.param)
     if record.e0_base is not None:
         with torch.no_grad():
-            family_of(model).e0_table(model)[0].copy_(record.e0_base)
+            _e0_whole(model, record.adapters[record.active].modal).copy_(record.e0_base)
         record.e0_base = None
     delta_slot.set_config(model, None)
     record.active = None
@@ -138,11 +141,17 @@ def _activate(model: torch.nn.Module, record: _Record, name: str) -> None:
             slot.delta.to(device=slot.base.device, dtype=slot.base.dtype)  # the model moved since: once
         delta_slot.attach(slot.layer, slot.param, slot.delta)
     if adapter.e0_shift:
-        family = family_of(model)
-        record.e0_base = family.e0_table(model)[0].detach().clone()
-        family.fold_shift(model, adapter.e0_shift)  # the same additions as the merged model's export
+        record.e0_base = _e0_whole(model, adapter.modal).detach().clone()
+        family_of(model).at_fidelity(adapter.modal).fold_shift(model, adapter.e0_shift)  # as the merged model's
     delta_slot.set_config(model, adapter.config)
     record.active = name
+
+
+def _e0_whole(model: torch.nn.Module, modal: Optional[str]) -> torch.Tensor:
+    """The tensor holding ``model``'s per-element energies at ``modal``: the family's table,
+    or the tensor it is a row of (a multi-fidelity model's, one row per modality)."""
+    table = family_of(model).at_fidelity(modal).e0_table(model)[0]
+    return table if table._base is None else table._base
 
 
 def _notify(record: _Record) -> None:
@@ -165,18 +174,19 @@ def load_adapter(model: torch.nn.Module, path, trainable: bool = False, name: st
         raise ValueError(f"an adapter named {name!r} is already loaded (from {record.adapters[name].path}); "
                          "delete_adapter it first or give another name")
     tensors, metadata = read_adapter(path)
-    shift = _e0_shift(metadata, path)
+    shift, modal = _e0_shift(metadata, path), metadata.get("modal")
     record = _record(model)
     _check_slots(model, record, "load_adapter")
     check_base(model, path, metadata)
-    _check_shift(model, shift, path)
+    _check_shift(model, shift, modal, path)
     previous = record.active
     _deactivate(model, record)  # the new adapter attaches into empty slots
     try:
         attach_adapter(model, path, tensors, metadata, trainable)
         slots = [_Slot(layer, param, delta, layer.get_parameter(param), next(delta.parameters()))
                  for _, layer, param, delta in delta_slot.iter_deltas(model)]
-        record.adapters[name] = _Adapter(str(path), metadata["format"], slots, delta_slot.config_of(model), shift)
+        record.adapters[name] = _Adapter(str(path), metadata["format"], slots, delta_slot.config_of(model), shift,
+                                         modal)
     finally:
         for _, layer, param, _ in list(delta_slot.iter_deltas(model)):
             delta_slot.detach(layer, param)
@@ -238,31 +248,45 @@ def base_e0s(model: torch.nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tenso
     """(the model's per-element energy table, the base's values in it), or None where
     no family knows the table; while an adapter's E0 shift is applied, the values from
     before it."""
-    family = family_of(model)
-    try:
-        table = family.e0_table(model)[0] if family is not None else None
-    except (NotImplementedError, ValueError):  # a family, or a model, without one
+    if family_of(model) is None:
         return None
-    if table is None:
+    active = _active(model)
+    try:
+        table = _e0_whole(model, active.modal if active is not None else None)
+    except (NotImplementedError, ValueError):  # a family, or a model, without one (or not at one modality)
         return None
     record = delta_slot.adapters_of(model)
     return table, record.e0_base if record is not None and record.e0_base is not None else table
 
 
-def active_e0_shift(model: torch.nn.Module) -> Dict[int, float]:
-    """The per-element energy shift the active adapter applies (eV by atomic number)."""
+def active_metadata(model: torch.nn.Module) -> Dict[str, str]:
+    """What the active adapter adds to the model, as an adapter file's metadata: its
+    per-element energy shift (the model's energies hold it) and the modality it was
+    trained at; so an adapter saved from the model keeps them."""
+    active = _active(model)
+    if active is None:
+        return {}
+    shift = {"e0_shift_ev": json.dumps({str(z): v for z, v in active.e0_shift.items()})} if active.e0_shift else {}
+    return {**shift, "modal": active.modal} if active.modal else shift
+
+
+def _active(model: torch.nn.Module) -> Optional[_Adapter]:
     record = delta_slot.adapters_of(model)
-    return dict(record.adapters[record.active].e0_shift) if record is not None and record.active else {}
+    return record.adapters[record.active] if record is not None and record.active else None
 
 
-def adapter_calculator(model: torch.nn.Module, device: str = "cpu"):
+def adapter_calculator(model: torch.nn.Module, device: str = "cpu", modal: Optional[str] = None):
     """The model family's own ASE calculator on ``model`` itself: it computes with the
     active adapter, and forgets its cached results whenever the adapter changes. Each
-    of its calculations runs with the model's parameters frozen, as they were after."""
+    of its calculations runs with the model's parameters frozen, as they were after.
+    A multi-fidelity SevenNet computes at ``modal``, by default the modality the adapter
+    active now was trained at."""
     family = family_of(model)
     if family is None:
         raise ValueError(f"adapter_calculator: sparsekern knows no ASE calculator for a {type(model).__name__}")
-    calc = family.model_calculator(model, device)
+    active = _active(model)
+    modal = modal if modal is not None or active is None else active.modal
+    calc = computing_at(family, model, modal, "adapter_calculator: modal").model_calculator(model, device)
     calc.calculate = _frozen_during(model, calc.calculate)
     _record(model).listeners.append(weakref.WeakMethod(calc.reset))
     return calc

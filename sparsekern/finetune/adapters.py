@@ -264,6 +264,8 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
     ``extra_metadata`` joins the file's metadata."""
     from safetensors.torch import save_file
 
+    from .adapter_set import active_metadata  # (adapter_set builds on this module)
+
     check_adaptable(model, "save_adapter")
     bad = {k: type(v).__name__ for k, v in (extra_metadata or {}).items()
            if not (isinstance(k, str) and isinstance(v, str))}
@@ -291,17 +293,10 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
     clash = set(metadata) & set(extra_metadata or {})
     if clash:
         raise ValueError(f"save_adapter: extra_metadata may not set the adapter's own keys {sorted(clash)}")
-    metadata.update({**_active_e0_shift(model), **(extra_metadata or {})})
+    metadata.update({**active_metadata(model), **(extra_metadata or {})})
     return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def _active_e0_shift(model: torch.nn.Module) -> Dict[str, str]:
-    """The E0 shift of the active named adapter, as metadata: the model's per-element
-    energies hold it, so an adapter saved from the model keeps it."""
-    from .adapter_set import active_e0_shift  # (adapter_set builds on this module)
-
-    shift = active_e0_shift(model)
-    return {"e0_shift_ev": json.dumps({str(z): v for z, v in shift.items()})} if shift else {}
 
 
 def read_adapter(path, formats: Sequence[str] = tuple(FORMATS)):

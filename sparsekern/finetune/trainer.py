@@ -37,7 +37,7 @@ import torch
 from .. import delta_slot
 from ..files import atomic_write, exclusive, names_a_file, output_folder
 from ..host_memory import keep_freed_memory
-from ..integrations import Family, cuda_graphs, family_for
+from ..integrations import Family, computing_at, cuda_graphs, family_for
 from ..magnetism.energy import DM_FORMS
 from ..magnetism.family import magnetic_counts, magnetic_family, parameter_groups, train_magnetic
 from ..patching import patch, patched_layers, release
@@ -125,6 +125,7 @@ class Settings:
     cuda_graphs: bool = False  # training steps replayed from CUDA graphs (graphed_step.py)
     keep_isolated_atoms: bool = False  # MACE's: train on its IsolatedAtom frames too (else set aside)
     default_dtype: Optional[str] = None  # MACE's: train (and save) the model in this dtype; None: its own
+    modal: Optional[str] = None  # a multi-fidelity SevenNet's modality: the one trained and predicted
     patience: Optional[int] = None  # epochs without a lower validation loss that stop the run
     last_epoch: bool = False  # the last epoch is the result, not the lowest validation loss's
     # MACE's Stage Two (its --swa): from epoch start_stage_two on, other loss weights and lr
@@ -297,7 +298,8 @@ class Settings:
         if not self.stage_two:  # checkpoints from before it stay resumable
             for k in [k for k in d if "stage_two" in k]:
                 d.pop(k)
-        for k in ("element_resolved", "spin_orbit", "ema", "valid_fraction", "default_dtype", "keep_isolated_atoms"):
+        for k in ("element_resolved", "spin_orbit", "ema", "valid_fraction", "default_dtype", "keep_isolated_atoms",
+                  "modal"):
             if not d[k]:  # checkpoints from before it stay resumable (ema's: with --no_ema)
                 d.pop(k)
         if not self.ema:
@@ -734,6 +736,7 @@ def _save_results(family: Family, model, settings: Settings, shift: Dict[int, fl
     if delta_slot.has_deltas(model):
         # the shift the fine-tuned energies need beside the deltas (the merged model holds it)
         e0 = {"e0_shift_ev": json.dumps({str(z): v for z, v in shift.items()})}
+        e0.update({"modal": settings.modal} if settings.modal else {})  # (the shift is that modality's)
         metrics["adapter"] = str(save_adapter(model, out / "adapter.safetensors", extra_metadata=e0))
         metrics["adapter_bytes"] = Path(metrics["adapter"]).stat().st_size
         metrics["adapter_beside"] = [str(f) for f in family.save_beside_adapter(model, Path(metrics["adapter"]))]
@@ -754,12 +757,14 @@ def check(settings: Settings) -> Tuple[Family, Splits, Path]:
     data (train, valid, test) and the output folder."""
     if names_a_file(settings.model) and not Path(settings.model).exists():
         raise FileNotFoundError(f"--model {settings.model}: file not found")
-    family = magnetic_family(family_for(settings.model), settings)
+    family = family_for(settings.model)
     if importlib.util.find_spec(family.package) is None:
         raise ImportError(f"--model {settings.model} is a {family.name} model, but {family.package} is not "
                           f"installed in this environment")
+    family = magnetic_family(computing_at(family, settings.model, settings.modal, "--modal"), settings)
     if settings.cuda_graphs and not family.pads():
-        raise ValueError(f"--cuda_graphs: {family.name} models have no padded training step; leave it out")
+        kind = f"multi-fidelity {family.name}" if settings.modal else family.name
+        raise ValueError(f"--cuda_graphs: {kind} models have no padded training step; leave it out")
     if settings.default_dtype is not None and settings.default_dtype not in family.dtypes:
         raise ValueError(f"--default_dtype {settings.default_dtype}: {family.name} models train in "
                          f"{' or '.join(family.dtypes)}")

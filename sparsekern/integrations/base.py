@@ -21,6 +21,7 @@ class Family:
     merged_filename: str
     spec_help: str  # what --model takes for this family
     dtypes: Tuple[str, ...] = ("float32", "float64")  # what its models train in (--default_dtype)
+    modal: Optional[str] = None  # the fidelity its multi-fidelity models compute at (``at_fidelity``)
 
     def claims(self, spec: str) -> bool:
         """Whether ``spec`` (a name or file given as --model) is a model of this family."""
@@ -29,6 +30,18 @@ class Family:
     def spec_identity(self, spec: str) -> str:
         """``spec`` as a checkpoint records it: a file by its absolute path."""
         return str(Path(spec).resolve()) if Path(spec).exists() else spec
+
+    def fidelities(self, source) -> List[str]:
+        """The fidelities (modalities) of a multi-fidelity model, ``source`` a spec (as
+        --model takes it) or a loaded model, sorted; [] for a model of one."""
+        return []
+
+    def at_fidelity(self, modal: Optional[str]) -> "Family":
+        """This family computing its models at fidelity ``modal`` (None: models of one);
+        checked by ``computing_at``."""
+        if modal is not None:
+            raise ValueError(f"modal {modal!r}: {self.name} models have one fidelity")
+        return self
 
     def recognises(self, names: Set[str]) -> bool:
         """Whether a model file whose pickle holds ``names`` (``pickled_names``) is one of
@@ -132,6 +145,19 @@ class Family:
         """The family's ASE calculator on ``model`` itself (patched, with adapters), not
         on a file: it computes with whatever adapter is active."""
         raise NotImplementedError
+
+
+def computing_at(family: Family, source, modal: Optional[str], flag: str) -> Family:
+    """``family`` computing ``source`` (``Family.fidelities``) at fidelity ``modal``, which
+    ``flag`` gave: refused in one line unless ``source`` has that fidelity, or has one and
+    ``modal`` is None."""
+    known = family.fidelities(source)
+    if modal is None and known:
+        raise ValueError(f"{flag}: the model is multi-fidelity; name its modality, one of {', '.join(known)}")
+    if modal is not None and modal not in known:
+        raise ValueError(f"{flag} {modal}: " + (f"the model's modalities are {', '.join(known)}" if known else
+                                                "the model has one fidelity (no modalities); leave it out"))
+    return family.at_fidelity(modal)
 
 
 _FAMILIES: List[Family] = []

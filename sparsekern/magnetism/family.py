@@ -6,10 +6,10 @@ adds the magnetic forces -dE/dm and the predicted moments."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Dict, Optional
 
-import torch
 from torch import nn
 
 from ..integrations import Family, family_of, register_family
@@ -168,8 +168,16 @@ class _Wrapped(Family):
     def owns(self, model):
         return isinstance(model, MagneticModel) and family_of(model.base) is not None
 
+    def fidelities(self, model):
+        return family_of(model.base).fidelities(model.base)
+
+    def at_fidelity(self, modal):
+        wrapped = copy.copy(self)
+        wrapped.modal = modal
+        return wrapped
+
     def e0_table(self, model):
-        return family_of(model.base).e0_table(model.base)
+        return family_of(model.base).at_fidelity(self.modal).e0_table(model.base)
 
 
 register_family(_Wrapped(), wrapper=True)

@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 from typing import Optional, Tuple
 
-import torch
-
 from ..files import atomic_write
 from .energy import MagneticEnergy
 from .moments import MomentHead

@@ -381,7 +381,9 @@ def test_bad_inputs_are_refused_clearly(files, sparse_run, capsys, tmp_path):
     assert "--lr_schedule: invalid choice: 'linear'" in err and len(err.strip().splitlines()) == 1
     assert _run(files, tmp_path / "f", "--ema", "--ema_decay", "1.5") == 2
     assert "--ema_decay must be in (0, 1), got 1.5" in capsys.readouterr().err
-    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
+    assert _run(files, tmp_path / "g", "--modal", "PBE") == 2
+    assert "--modal PBE: the model has one fidelity (no modalities); leave it out" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "defg")
     out, _ = sparse_run  # a checkpoint for other arguments
     assert _run(files, out, "--density", "0.05") == 2
     assert "written for different arguments (density: checkpoint 0.03 vs now 0.05)" in capsys.readouterr().err

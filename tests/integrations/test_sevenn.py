@@ -239,26 +239,31 @@ def test_family_stress_is_the_calculators(sevennet):
 
 def test_a_model_that_cannot_be_downloaded_is_refused_in_one_line(monkeypatch):
     import requests
+    from sevenn import util
 
     from sparsekern.integrations.sevennet import models
 
     def offline(*args, **kwargs):
         raise requests.exceptions.ConnectionError("Max retries exceeded\n(Failed to resolve 'github.com')")
 
-    monkeypatch.setattr(models, "calculator", offline)
-    with pytest.raises(ValueError, match="SevenNet model '7net-omni': Max retries exceeded") as refused:
-        models.load_sevennet("7net-omni")
-    assert "\n" not in str(refused.value) and "without internet, give 7net-0" in str(refused.value)
+    monkeypatch.setattr(util, "load_checkpoint", offline)
+    for load in (models.load_sevennet, models.modalities):
+        with pytest.raises(ValueError, match="SevenNet model '7net-omni': Max retries exceeded") as refused:
+            load("7net-omni")
+        assert "\n" not in str(refused.value) and "without internet, give 7net-0" in str(refused.value)
 
 
-def test_sevennet_names_as_sevenn_takes_them_and_multi_fidelity_in_one_line():
+def test_sevennet_names_as_sevenn_takes_them_and_multi_fidelity_models_load():
     """sevenn takes SevenNet-0 in any case: so does the family; a multi-fidelity model
-    (a modality per frame, which sparsekern does not choose) is refused as such, not as a
-    download that failed."""
+    loads (each graph names its modality), its modalities read from its checkpoint or the
+    model; an unknown name is refused in one line."""
     from sparsekern.integrations import family_for
     from sparsekern.integrations.sevennet import models
 
-    assert family_for("SevenNet-0").name == family_for("7NET-0").name == "sevennet"
-    with pytest.raises(ValueError, match=r"'7net-mf-0' is multi-fidelity \(modal argument missing") as refused:
-        models.load_sevennet("7net-mf-0")
-    assert "without internet" not in str(refused.value)
+    family = family_for("SevenNet-0")
+    assert family.name == family_for("7NET-0").name == "sevennet"
+    assert family.fidelities("7net-mf-0") == family.fidelities(models.load_sevennet("7net-mf-0")) == ["PBE", "R2SCAN"]
+    assert family.fidelities("7net-0") == family.fidelities(models.load_sevennet("7net-0")) == []
+    with pytest.raises(ValueError, match="SevenNet model '7net-nope': Given 7net-nope does not exist") as refused:
+        models.load_sevennet("7net-nope")
+    assert "\n" not in str(refused.value) and "without internet" not in str(refused.value)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ...files import atomic_write
 from ..base import Family
-from .models import calculator
+from .models import calculator, modalities
 
 
 def _named(spec: str) -> bool:
@@ -28,6 +30,19 @@ class SevenNetFamily(Family):
 
     def spec_identity(self, spec):
         return spec if _named(spec) else super().spec_identity(spec)
+
+    def fidelities(self, source):
+        """A multi-fidelity model's modalities (``7net-mf-0``: PBE, R2SCAN)."""
+        return modalities(source) if isinstance(source, str) else sorted(source.modal_map or {})
+
+    def at_fidelity(self, modal):
+        """Each graph names ``modal`` (``KEY.DATA_MODALITY``: the model maps it, one per graph
+        in a batch); the calculators compute at it; the E0s are its row of the model's."""
+        if modal is None:
+            return self
+        family = copy.copy(self)
+        family.modal = modal
+        return family
 
     def recognises(self, names):
         """A SevenNet checkpoint is a dict of its config and the model's state."""
@@ -59,7 +74,12 @@ class SevenNetFamily(Family):
         from sevenn.atom_graph_data import AtomGraphData
         from sevenn.train.dataload import unlabeled_atoms_to_graph
 
-        return AtomGraphData.from_numpy_dict(unlabeled_atoms_to_graph(atoms, float(model.cutoff)))
+        graph = AtomGraphData.from_numpy_dict(unlabeled_atoms_to_graph(atoms, float(model.cutoff)))
+        if self.modal is not None:
+            import sevenn._keys as KEY
+
+            graph[KEY.DATA_MODALITY] = self.modal
+        return graph
 
     def collate(self, graphs, device):
         from torch_geometric.data import Batch
@@ -73,6 +93,9 @@ class SevenNetFamily(Family):
 
     def outputs(self, model, batch, training, stress=False):
         return self.run(model, batch, training, stress)
+
+    def pads(self):
+        return self.modal is None  # (the padded inputs carry no modality)
 
     def padder(self, model):
         from .graphed import padder
@@ -104,9 +127,14 @@ class SevenNetFamily(Family):
 
     def e0_table(self, model):
         rescale = model._modules.get("rescale_atomic_energy")
-        if rescale is None or not hasattr(rescale, "shift") or rescale.shift.dim() != 1:
+        if rescale is None or not hasattr(rescale, "shift") or rescale.shift.dim() not in (1, 2):
             raise ValueError("SevenNet: the model has no species-wise energy shift to fold the E0s into")
-        return rescale.shift, self.element_index(model)
+        if rescale.shift.dim() == 1:
+            return rescale.shift, self.element_index(model)
+        if self.modal is None:  # (a multi-fidelity model's E0s are per modality)
+            raise ValueError(f"SevenNet: the model's per-element energies are per modality "
+                             f"({', '.join(self.fidelities(model))}); name one")
+        return rescale.shift[model.modal_map[self.modal]], self.element_index(model)
 
     def export(self, merged, shift, path, spec):
         import sevenn
@@ -124,7 +152,7 @@ class SevenNetFamily(Family):
         return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
     def calculator(self, path, device):
-        return calculator(str(path), device=device)
+        return calculator(str(path), device=device, modal=self.modal)
 
     def model_calculator(self, model, device):
-        return calculator(model, file_type="model_instance", device=device)
+        return calculator(model, file_type="model_instance", device=device, modal=self.modal)

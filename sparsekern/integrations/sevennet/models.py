@@ -1,33 +1,55 @@
-"""SevenNet models (``7net-0`` and ``7net-l3i5`` ship in the sevenn wheel)."""
+"""SevenNet models (``7net-0``, ``7net-l3i5`` and the multi-fidelity ``7net-mf-0`` ship in
+the sevenn wheel)."""
 
 from __future__ import annotations
+
+from typing import List
 
 import torch
 
 
 def load_sevennet(name: str = "7net-0", device: str = "cpu") -> torch.nn.Module:
-    """SevenNet model (``7net-0`` ships in the sevenn wheel)."""
+    """SevenNet model ``name`` (a name or a .pth checkpoint), as ``SevenNetCalculator``
+    loads it. A multi-fidelity model computes at the modality each graph names
+    (``KEY.DATA_MODALITY``; ``modalities``)."""
+    model = checkpoint(name).build_model()
+    model.set_is_batch_data(False)
+    return model.to(device).eval()
+
+
+def modalities(name: str) -> List[str]:
+    """The modalities (fidelities) of SevenNet model ``name``, sorted; [] for a model of one."""
+    import sevenn._keys as KEY
+
+    return sorted(checkpoint(name).config.get(KEY.MODAL_MAP) or {})
+
+
+def checkpoint(name: str):
+    """sevenn's checkpoint of ``name``, or a one-line error."""
+    from sevenn import util
+
     try:
-        return calculator(name, device=device).model
+        return util.load_checkpoint(name)
     except ValueError as exc:
-        if "modal" in str(exc):  # multi-fidelity: each frame's modality goes into its graph
-            raise ValueError(f"SevenNet model {name!r} is multi-fidelity ({' '.join(str(exc).split())}): sparsekern "
-                             "does not choose a modality yet; give a single-fidelity model (7net-0, 7net-l3i5, "
-                             "a .pth checkpoint)") from exc
         raise ValueError(f"SevenNet model {name!r}: {' '.join(str(exc).split())}") from exc
     except (OSError, RuntimeError) as exc:  # offline (requests' errors are OSErrors)
         raise ValueError(f"SevenNet model {name!r}: {' '.join(str(exc).split())} (sevenn downloads some models the "
-                         f"first time: without internet, give 7net-0, 7net-l3i5 or a .pth checkpoint)") from exc
+                         f"first time: without internet, give 7net-0, 7net-l3i5, 7net-mf-0 or a .pth checkpoint)"
+                         ) from exc
 
 
 def calculator(*args, **kwargs):
     """SevenNetCalculator, without its advice to enable a tensor-product accelerator:
-    sparsekern loads the model through it to patch it, or hands it a patched model
-    (already accelerated) or the plain merged model it checks on purpose."""
+    sparsekern hands it a patched model (already accelerated) or the plain merged model
+    it checks on purpose. Its refusals (a multi-fidelity model without its ``modal``, or
+    with one it lacks) in one line."""
     import warnings
 
     from sevenn.calculator import SevenNetCalculator
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No tensor product accelerator", category=UserWarning)
-        return SevenNetCalculator(*args, **kwargs)
+        try:
+            return SevenNetCalculator(*args, **kwargs)
+        except ValueError as exc:
+            raise ValueError(f"SevenNetCalculator: {' '.join(str(exc).split())}") from exc
