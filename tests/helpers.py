@@ -174,19 +174,24 @@ def triton_device() -> str:
     return "cpu"
 
 
-def write_tiny_mace_case(root, n_train: int, n_test: int = 1):
-    """A tiny MACE model (Al, Cu; float64) saved as ``root/tiny.model``, and EMT-labelled,
-    rattled Cu2Al2 cells in ``root/train.xyz`` and ``root/test.xyz``: a fine-tuning run
-    of a few seconds. Returns ``root``."""
+def write_tiny_mace_case(root, n_train: int, n_test: int = 1, heads=None):
+    """A tiny MACE model (Al, Cu; float64; with ``heads``, one readout, scale, shift and
+    E0s per head) saved as ``root/tiny.model``, and EMT-labelled, rattled Cu2Al2 cells in
+    ``root/train.xyz`` and ``root/test.xyz``: a fine-tuning run of a few seconds. Returns
+    ``root``."""
     from ase.build import bulk
     from ase.calculators.emt import EMT
     from ase.io import write
 
     from sparsekern.integrations.mace.models import mace_mp0_shaped
 
+    per_head = {} if heads is None else dict(
+        heads=list(heads), atomic_energies=[[-3.0 + 0.5 * h, -4.0 + 0.25 * h] for h in range(len(heads))],
+        atomic_inter_scale=[0.8 + 0.1 * h for h in range(len(heads))],
+        atomic_inter_shift=[0.1 * h for h in range(len(heads))])
     model = mace_mp0_shaped("small", seed=1, num_elements=2, atomic_numbers=[13, 29], max_ell=2, correlation=2,
                             hidden_irreps=o3.Irreps("8x0e+8x1o"), r_max=3.5, radial_MLP=[8, 8], num_bessel=4,
-                            atomic_energies=[-3.0, -4.0])
+                            **{"atomic_energies": [-3.0, -4.0], **per_head})
     torch.save(model, root / "tiny.model")
     frames = []
     for i in range(n_train + n_test):

@@ -36,8 +36,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "--foundation_model", required=True,
                    help="7net-0 (or another SevenNet name or .pth), a MACE .model file or a mace_mp name (medium, "
                         "...): names are downloaded the first time")
-    p.add_argument("--modal", help="a multi-fidelity SevenNet's modality (fidelity) to fine-tune, as "
-                                   "SevenNetCalculator(modal=...) names it: PBE or R2SCAN for 7net-mf-0")
+    p.add_argument("--modal", "--head", help="the fidelity your labels are, for a model of several: a multi-fidelity "
+                                             "SevenNet's modality (SevenNetCalculator(modal=...): PBE or R2SCAN for "
+                                             "7net-mf-0), a multi-head MACE's head (MACECalculator(head=...))")
     p.add_argument("--train", "--train_file", required=True, help="training frames (extended XYZ)")
     _validation_flags(p)
     p.add_argument("--test", "--test_file", help="test frames (without: the final errors and parity.png are the "

@@ -46,7 +46,7 @@ class _Adapter:
     slots: List[_Slot]
     config: object  # the model's fine-tuning settings while it is active (LoRA's)
     e0_shift: Dict[int, float]
-    modal: Optional[str]  # the modality it was trained at (a multi-fidelity SevenNet's): its E0 shift's
+    modal: Optional[str]  # the fidelity it was trained at (a SevenNet's modality, a MACE's head): its E0 shift's
 
 
 @dataclass
@@ -149,7 +149,7 @@ def _activate(model: torch.nn.Module, record: _Record, name: str) -> None:
 
 def _e0_whole(model: torch.nn.Module, modal: Optional[str]) -> torch.Tensor:
     """The tensor holding ``model``'s per-element energies at ``modal``: the family's table,
-    or the tensor it is a row of (a multi-fidelity model's, one row per modality)."""
+    or the tensor it is a row of (one row per fidelity)."""
     table = family_of(model).at_fidelity(modal).e0_table(model)[0]
     return table if table._base is None else table._base
 
@@ -253,7 +253,7 @@ def base_e0s(model: torch.nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tenso
     active = _active(model)
     try:
         table = _e0_whole(model, active.modal if active is not None else None)
-    except (NotImplementedError, ValueError):  # a family, or a model, without one (or not at one modality)
+    except (NotImplementedError, ValueError):  # a family, or a model, without one (or not at one fidelity)
         return None
     record = delta_slot.adapters_of(model)
     return table, record.e0_base if record is not None and record.e0_base is not None else table
@@ -261,7 +261,7 @@ def base_e0s(model: torch.nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tenso
 
 def active_metadata(model: torch.nn.Module) -> Dict[str, str]:
     """What the active adapter adds to the model, as an adapter file's metadata: its
-    per-element energy shift (the model's energies hold it) and the modality it was
+    per-element energy shift (the model's energies hold it) and the fidelity it was
     trained at; so an adapter saved from the model keeps them."""
     active = _active(model)
     if active is None:
@@ -279,8 +279,8 @@ def adapter_calculator(model: torch.nn.Module, device: str = "cpu", modal: Optio
     """The model family's own ASE calculator on ``model`` itself: it computes with the
     active adapter, and forgets its cached results whenever the adapter changes. Each
     of its calculations runs with the model's parameters frozen, as they were after.
-    A multi-fidelity SevenNet computes at ``modal``, by default the modality the adapter
-    active now was trained at."""
+    A model of several fidelities (a SevenNet's modalities, a MACE's heads) computes at
+    ``modal``, by default the one the adapter active now was trained at."""
     family = family_of(model)
     if family is None:
         raise ValueError(f"adapter_calculator: sparsekern knows no ASE calculator for a {type(model).__name__}")

@@ -125,7 +125,7 @@ class Settings:
     cuda_graphs: bool = False  # training steps replayed from CUDA graphs (graphed_step.py)
     keep_isolated_atoms: bool = False  # MACE's: train on its IsolatedAtom frames too (else set aside)
     default_dtype: Optional[str] = None  # MACE's: train (and save) the model in this dtype; None: its own
-    modal: Optional[str] = None  # a multi-fidelity SevenNet's modality: the one trained and predicted
+    modal: Optional[str] = None  # the fidelity trained and predicted: a SevenNet's modality, a MACE's head
     patience: Optional[int] = None  # epochs without a lower validation loss that stop the run
     last_epoch: bool = False  # the last epoch is the result, not the lowest validation loss's
     # MACE's Stage Two (its --swa): from epoch start_stage_two on, other loss weights and lr
@@ -736,7 +736,7 @@ def _save_results(family: Family, model, settings: Settings, shift: Dict[int, fl
     if delta_slot.has_deltas(model):
         # the shift the fine-tuned energies need beside the deltas (the merged model holds it)
         e0 = {"e0_shift_ev": json.dumps({str(z): v for z, v in shift.items()})}
-        e0.update({"modal": settings.modal} if settings.modal else {})  # (the shift is that modality's)
+        e0.update({"modal": settings.modal} if settings.modal else {})  # (the shift is that fidelity's)
         metrics["adapter"] = str(save_adapter(model, out / "adapter.safetensors", extra_metadata=e0))
         metrics["adapter_bytes"] = Path(metrics["adapter"]).stat().st_size
         metrics["adapter_beside"] = [str(f) for f in family.save_beside_adapter(model, Path(metrics["adapter"]))]
@@ -761,7 +761,7 @@ def check(settings: Settings) -> Tuple[Family, Splits, Path]:
     if importlib.util.find_spec(family.package) is None:
         raise ImportError(f"--model {settings.model} is a {family.name} model, but {family.package} is not "
                           f"installed in this environment")
-    family = magnetic_family(computing_at(family, settings.model, settings.modal, "--modal"), settings)
+    family = magnetic_family(computing_at(family, settings.model, settings.modal, "--modal/--head"), settings)
     if settings.cuda_graphs and not family.pads():
         kind = f"multi-fidelity {family.name}" if settings.modal else family.name
         raise ValueError(f"--cuda_graphs: {kind} models have no padded training step; leave it out")

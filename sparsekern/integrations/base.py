@@ -6,6 +6,7 @@ live in different environments)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -32,16 +33,20 @@ class Family:
         return str(Path(spec).resolve()) if Path(spec).exists() else spec
 
     def fidelities(self, source) -> List[str]:
-        """The fidelities (modalities) of a multi-fidelity model, ``source`` a spec (as
-        --model takes it) or a loaded model, sorted; [] for a model of one."""
+        """The fidelities of a model of several (a multi-fidelity SevenNet's modalities, a
+        multi-head MACE's heads), ``source`` a spec (as --model takes it) or a loaded
+        model, sorted; [] for a model of one."""
         return []
 
     def at_fidelity(self, modal: Optional[str]) -> "Family":
-        """This family computing its models at fidelity ``modal`` (None: models of one);
-        checked by ``computing_at``."""
-        if modal is not None:
-            raise ValueError(f"modal {modal!r}: {self.name} models have one fidelity")
-        return self
+        """A copy of this family computing its models at fidelity ``modal`` (None: this
+        family, for models of one): its graphs name it, its calculators compute at it and
+        ``e0_table`` is its row. Checked against the model by ``computing_at``."""
+        if modal is None:
+            return self
+        family = copy.copy(self)
+        family.modal = modal
+        return family
 
     def recognises(self, names: Set[str]) -> bool:
         """Whether a model file whose pickle holds ``names`` (``pickled_names``) is one of
@@ -153,10 +158,10 @@ def computing_at(family: Family, source, modal: Optional[str], flag: str) -> Fam
     ``modal`` is None."""
     known = family.fidelities(source)
     if modal is None and known:
-        raise ValueError(f"{flag}: the model is multi-fidelity; name its modality, one of {', '.join(known)}")
+        raise ValueError(f"{flag}: the model has several fidelities ({', '.join(known)}); name one")
     if modal is not None and modal not in known:
-        raise ValueError(f"{flag} {modal}: " + (f"the model's modalities are {', '.join(known)}" if known else
-                                                "the model has one fidelity (no modalities); leave it out"))
+        raise ValueError(f"{flag} {modal}: " + (f"the model's fidelities are {', '.join(known)}" if known else
+                                                "the model has one fidelity; leave it out"))
     return family.at_fidelity(modal)
 
 

@@ -6,7 +6,6 @@ adds the magnetic forces -dE/dm and the predicted moments."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -170,11 +169,6 @@ class _Wrapped(Family):
 
     def fidelities(self, model):
         return family_of(model.base).fidelities(model.base)
-
-    def at_fidelity(self, modal):
-        wrapped = copy.copy(self)
-        wrapped.modal = modal
-        return wrapped
 
     def e0_table(self, model):
         return family_of(model.base).at_fidelity(self.modal).e0_table(model.base)

@@ -382,7 +382,7 @@ def test_bad_inputs_are_refused_clearly(files, sparse_run, capsys, tmp_path):
     assert _run(files, tmp_path / "f", "--ema", "--ema_decay", "1.5") == 2
     assert "--ema_decay must be in (0, 1), got 1.5" in capsys.readouterr().err
     assert _run(files, tmp_path / "g", "--modal", "PBE") == 2
-    assert "--modal PBE: the model has one fidelity (no modalities); leave it out" in capsys.readouterr().err
+    assert "--modal/--head PBE: the model has one fidelity; leave it out" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "defg")
     out, _ = sparse_run  # a checkpoint for other arguments
     assert _run(files, out, "--density", "0.05") == 2

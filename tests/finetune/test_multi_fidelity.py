@@ -1,24 +1,21 @@
-"""A multi-fidelity SevenNet (``7net-mf-0``, in the sevenn wheel: PBE and R2SCAN) fine-tuned
-at one modality (``--modal``): each graph names it, the E0 shift goes into that modality's
-row of the model's per-element energies only, the adapter records it, and the merged
-file and the adapter compute alike at either modality. Everything else is refused in one
-line."""
+"""Models of several fidelities fine-tuned at one (``--modal`` / ``--head``): a
+multi-fidelity SevenNet (``7net-mf-0``, in the sevenn wheel: PBE and R2SCAN) and a
+multi-head MACE. Each graph names the fidelity, the E0 shift goes into its row of the
+model's per-element energies only, the adapter records it, and the merged file and the
+adapter compute alike at every fidelity. Everything else is refused in one line."""
 
 import json
 
 import pytest
 import torch
+from ase.io import read, write
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-pytest.importorskip("sevenn")
-from ase.io import read, write  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from sparsekern.cli import main  # noqa: E402
-from sparsekern.finetune import adapter_calculator, disable_adapter, load_adapter  # noqa: E402
-from sparsekern.finetune.trainer import Settings, check  # noqa: E402
-from sparsekern.integrations.sevennet.models import calculator, load_sevennet  # noqa: E402
-from sparsekern.locations import data_dir  # noqa: E402
+from sparsekern.cli import main
+from sparsekern.finetune import adapter_calculator, disable_adapter, load_adapter
+from sparsekern.finetune.trainer import Settings, check
+from sparsekern.locations import data_dir
 
 
 def _finetune(frames, out, *extra):
@@ -29,6 +26,7 @@ def _finetune(frames, out, *extra):
 
 @pytest.fixture(scope="module")
 def frames(tmp_path_factory):
+    pytest.importorskip("sevenn")
     si = data_dir() / "si_mlearn" / "Si_train.xyz"
     if not si.exists():
         pytest.skip(f"real data missing: {si}")
@@ -52,12 +50,18 @@ def _energy_forces(calc, atoms):
     return atoms.get_potential_energy(), atoms.get_forces()
 
 
+def _metadata(adapter):
+    with safe_open(adapter, "pt") as f:
+        return f.metadata()
+
+
 def test_a_run_at_one_modality_shifts_its_e0s_only_and_adapter_and_merged_file_agree(frames, pbe_run):
+    from sparsekern.integrations.sevennet.models import calculator, load_sevennet
+
     out, metrics = pbe_run
     check = metrics["merged_model_check"]  # the merged file in SevenNetCalculator(modal="PBE")
     assert check["max_abs_energy_diff_ev"] <= 1e-4 and check["max_abs_force_diff_ev_per_A"] <= 1e-4
-    with safe_open(out / "adapter.safetensors", "pt") as f:
-        metadata = f.metadata()
+    metadata = _metadata(out / "adapter.safetensors")
     assert metadata["modal"] == "PBE"
     shift = json.loads(metadata["e0_shift_ev"])["14"]
     assert abs(shift) > 1e-3  # (the test frame is 8 atoms: a shift in the wrong row shows)
@@ -80,8 +84,10 @@ def test_a_run_at_one_modality_shifts_its_e0s_only_and_adapter_and_merged_file_a
 
 
 def test_modalities_are_refused_in_one_line(frames, pbe_run, tmp_path, capsys):
-    refusals = {("--modal", "HSE"): "--modal HSE: the model's modalities are PBE, R2SCAN",
-                (): "--modal: the model is multi-fidelity; name its modality, one of PBE, R2SCAN"}
+    from sparsekern.integrations.sevennet.models import load_sevennet
+
+    refusals = {("--modal", "HSE"): "--modal/--head HSE: the model's fidelities are PBE, R2SCAN",
+                (): "--modal/--head: the model has several fidelities (PBE, R2SCAN); name one"}
     for i, (extra, message) in enumerate(refusals.items()):
         assert _finetune(frames, tmp_path / str(i), *extra) == 2
         err = capsys.readouterr().err
@@ -89,7 +95,7 @@ def test_modalities_are_refused_in_one_line(frames, pbe_run, tmp_path, capsys):
         assert not (tmp_path / str(i)).exists()
     assert main(["finetune", "--model", "7net-0", "--modal", "PBE", "--train", str(frames / "train.xyz"),
                  "--method", "sparse", "--out", str(tmp_path / "single")]) == 2
-    assert "--modal PBE: the model has one fidelity (no modalities); leave it out" in capsys.readouterr().err
+    assert "--modal/--head PBE: the model has one fidelity; leave it out" in capsys.readouterr().err
     graphed = Settings(model="7net-mf-0", modal="PBE", train=str(frames / "train.xyz"), test=None, method="sparse",
                        out=str(tmp_path / "graphed"))
     graphed.cuda_graphs = True  # (the settings refuse it on a CPU first)
@@ -99,10 +105,49 @@ def test_modalities_are_refused_in_one_line(frames, pbe_run, tmp_path, capsys):
     assert _finetune(frames, out, "--modal", "R2SCAN") == 2
     assert "written for different arguments (modal: checkpoint 'PBE' vs now 'R2SCAN')" in capsys.readouterr().err
 
-    with safe_open(out / "adapter.safetensors", "pt") as f:
-        metadata = f.metadata()
+    metadata = _metadata(out / "adapter.safetensors")
     save_file(load_file(out / "adapter.safetensors"), tmp_path / "hse.safetensors", {**metadata, "modal": "HSE"})
-    with pytest.raises(ValueError, match="hse.safetensors: its modal HSE: the model's modalities are PBE, R2SCAN"):
+    with pytest.raises(ValueError, match="hse.safetensors: its modal HSE: the model's fidelities are PBE, R2SCAN"):
         load_adapter(load_sevennet("7net-mf-0"), tmp_path / "hse.safetensors")
-    with pytest.raises(ValueError, match="adapter_calculator: modal: the model is multi-fidelity; name its modality"):
+    with pytest.raises(ValueError, match=r"adapter_calculator: modal: the model has several fidelities \(PBE, R2SCAN"):
         adapter_calculator(load_sevennet("7net-mf-0"))
+
+
+def test_a_multi_head_mace_trains_at_its_head(tmp_path, capsys):
+    """The same for MACE's heads (per-head readouts, scales, shifts and E0s), in float64."""
+    pytest.importorskip("mace")
+    from mace.calculators import MACECalculator
+
+    from helpers import write_tiny_mace_case
+
+    write_tiny_mace_case(tmp_path, n_train=3, heads=["pbe", "r2scan"])
+
+    def finetune(out, *extra):
+        return main(["finetune", "--model", str(tmp_path / "tiny.model"), "--train", str(tmp_path / "train.xyz"),
+                     "--test", str(tmp_path / "test.xyz"), "--method", "sparse", "--epochs", "1", "--lr", "0.02",
+                     "--out", str(tmp_path / out), "--no_progress", *extra])
+
+    assert finetune("none") == 2 and not (tmp_path / "none").exists()
+    assert "--modal/--head: the model has several fidelities (pbe, r2scan); name one" in capsys.readouterr().err
+    assert finetune("r2scan", "--head", "r2scan") == 0
+    out = tmp_path / "r2scan"
+    metrics = json.loads((out / "metrics.json").read_text())
+    check = metrics["merged_model_check"]  # the merged file in MACECalculator(head="r2scan")
+    assert check["max_abs_energy_diff_ev"] <= 1e-10 and check["max_abs_force_diff_ev_per_A"] <= 1e-10
+    metadata = _metadata(out / "adapter.safetensors")
+    shift = {int(z): v for z, v in json.loads(metadata["e0_shift_ev"]).items()}
+    assert metadata["modal"] == "r2scan" and shift
+
+    base = torch.load(tmp_path / "tiny.model", weights_only=False)
+    merged = torch.load(out / "merged.model", weights_only=False)
+    moved = merged.atomic_energies_fn.atomic_energies - base.atomic_energies_fn.atomic_energies
+    assert torch.count_nonzero(moved[0]) == 0  # pbe's row
+    assert torch.allclose(moved[1], torch.tensor([shift.get(13, 0.0), shift.get(29, 0.0)], dtype=moved.dtype))
+
+    atoms = read(tmp_path / "test.xyz")
+    load_adapter(base, out / "adapter.safetensors")
+    for head, calc in (("r2scan", adapter_calculator(base)), ("pbe", adapter_calculator(base, modal="pbe"))):
+        energy, forces = _energy_forces(calc, atoms)
+        from_file = MACECalculator(model_paths=str(out / "merged.model"), head=head, default_dtype="float64")
+        energy_file, forces_file = _energy_forces(from_file, atoms)
+        assert abs(energy - energy_file) <= 1e-10 and abs(forces - forces_file).max() <= 1e-10, head

@@ -22,6 +22,11 @@ class MaceFamily(Family):
         return (spec.endswith(".model") or spec in ("small", "medium", "large") or spec.startswith("mace")
                 or (Path(spec).is_file() and not spec.endswith(".pth")) or spec in _foundation_names())
 
+    def fidelities(self, source):
+        """A multi-head model's heads (its per-head readouts, scales, shifts and E0s)."""
+        heads = list(getattr(self.load(source, "cpu") if isinstance(source, str) else source, "heads", None) or [])
+        return sorted(heads) if len(heads) > 1 else []
+
     def recognises(self, names):
         """A pickled MACE model names MACE's classes."""
         return any(n.startswith("mace.") for n in names)
@@ -44,6 +49,7 @@ class MaceFamily(Family):
         return inputs["node_attrs"].argmax(-1)  # one-hot over the model's atomic numbers
 
     def graph(self, model, atoms):
+        """With a head, the graph names it (its index in the model's heads)."""
         from mace import data as mace_data
         from mace.tools import utils
 
@@ -51,8 +57,11 @@ class MaceFamily(Family):
 
         z_table = utils.AtomicNumberTable(self.numbers(model))
         config = mace_data.config_from_atoms(atoms, key_specification=mace_data.KeySpecification())
+        heads = None
+        if self.modal is not None:
+            config.head, heads = self.modal, list(model.heads)
         with default_dtype(next(model.parameters()).dtype):  # (else positions rounded to the default's)
-            return mace_data.AtomicData.from_config(config, z_table=z_table, cutoff=float(model.r_max), heads=None)
+            return mace_data.AtomicData.from_config(config, z_table=z_table, cutoff=float(model.r_max), heads=heads)
 
     def collate(self, graphs, device):
         from mace.tools import torch_geometric
@@ -84,13 +93,18 @@ class MaceFamily(Family):
         return {"energy": out["energy"], "forces": out["forces"], **({"stress": out["stress"]} if stress else {})}
 
     def own_e0s(self, model, zs):
-        table = self.numbers(model)
-        e0 = model.atomic_energies_fn.atomic_energies
-        e0 = e0 if e0.dim() == 1 else e0[0]  # multi-head models: the first head
-        return {int(z): float(e0[table.index(int(z))]) for z in zs}
+        e0, index = self.e0_table(model)
+        e0 = e0 if e0.dim() == 1 else e0[0]  # (a model of one head may keep them as (1, n))
+        return {int(z): float(e0[index[int(z)]]) for z in zs}
 
     def e0_table(self, model):
-        return model.atomic_energies_fn.atomic_energies, self.element_index(model)
+        e0 = model.atomic_energies_fn.atomic_energies
+        heads = self.fidelities(model)
+        if not heads:
+            return e0, self.element_index(model)
+        if self.modal is None:
+            raise ValueError(f"MACE: the model's per-element energies are per head ({', '.join(heads)}); name one")
+        return e0[list(model.heads).index(self.modal)], self.element_index(model)
 
     def export(self, merged, shift, path, spec):
         self.fold_shift(merged, shift)
@@ -104,7 +118,8 @@ class MaceFamily(Family):
 
         # the model's own dtype named: MACECalculator warns when it has to pick it
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        return MACECalculator(models=model, device=device, default_dtype=dtype)
+        head = {"head": self.modal} if self.modal is not None else {}
+        return MACECalculator(models=model, device=device, default_dtype=dtype, **head)
 
 
 def _inputs(dtype: torch.dtype, batch) -> dict:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ...files import atomic_write
@@ -35,15 +33,6 @@ class SevenNetFamily(Family):
         """A multi-fidelity model's modalities (``7net-mf-0``: PBE, R2SCAN)."""
         return modalities(source) if isinstance(source, str) else sorted(source.modal_map or {})
 
-    def at_fidelity(self, modal):
-        """Each graph names ``modal`` (``KEY.DATA_MODALITY``: the model maps it, one per graph
-        in a batch); the calculators compute at it; the E0s are its row of the model's."""
-        if modal is None:
-            return self
-        family = copy.copy(self)
-        family.modal = modal
-        return family
-
     def recognises(self, names):
         """A SevenNet checkpoint is a dict of its config and the model's state."""
         return {"config", "model_state_dict"} <= names or any(n.startswith("sevenn.") for n in names)
@@ -71,6 +60,8 @@ class SevenNetFamily(Family):
         return table[inputs[model.key_atomic_numbers]]
 
     def graph(self, model, atoms):
+        """With a modality, the graph names it (``KEY.DATA_MODALITY``: the model maps it, one
+        per graph in a batch)."""
         from sevenn.atom_graph_data import AtomGraphData
         from sevenn.train.dataload import unlabeled_atoms_to_graph
 
