@@ -107,15 +107,16 @@ def _e0_shift(metadata: dict, path) -> Dict[int, float]:
 
 
 def _check_shift(model: torch.nn.Module, shift: Dict[int, float], modal: Optional[str], path) -> None:
-    """The model can take the adapter's E0 shift, at its ``modal`` (checked before
-    anything is attached)."""
+    """The model has the adapter's fidelity ``modal`` and can take its E0 shift there
+    (checked before anything is attached)."""
+    family = family_of(model)
+    if family is not None and (shift or modal is not None):
+        family = computing_at(family, model, modal, f"adapter {path}: its modal")
     if not shift:
         return
-    family = family_of(model)
     if family is None:
         raise ValueError(f"adapter {path} carries a per-element energy shift, and sparsekern does not know "
                          f"where this model ({type(model).__name__}) keeps its per-element energies")
-    family = computing_at(family, model, modal, f"adapter {path}: its modal")
     missing = sorted(set(shift) - set(family.e0_table(model)[1]))
     if missing:
         raise ValueError(f"adapter {path} shifts the energies of atomic numbers {missing}, which this model lacks")
@@ -280,16 +281,30 @@ def adapter_calculator(model: torch.nn.Module, device: str = "cpu", modal: Optio
     active adapter, and forgets its cached results whenever the adapter changes. Each
     of its calculations runs with the model's parameters frozen, as they were after.
     A model of several fidelities (a SevenNet's modalities, a MACE's heads) computes at
-    ``modal``, by default the one the adapter active now was trained at."""
+    ``modal``, by default the one the adapter active now was trained at (a calculation
+    after a swap to an adapter of another one is refused)."""
     family = family_of(model)
     if family is None:
         raise ValueError(f"adapter_calculator: sparsekern knows no ASE calculator for a {type(model).__name__}")
     active = _active(model)
-    modal = modal if modal is not None or active is None else active.modal
-    calc = computing_at(family, model, modal, "adapter_calculator: modal").model_calculator(model, device)
-    calc.calculate = _frozen_during(model, calc.calculate)
+    trained = active.modal if modal is None and active is not None else None
+    calc = computing_at(family, model, modal or trained, "adapter_calculator: modal").model_calculator(model, device)
+    calc.calculate = _frozen_during(model, _at_fidelity(model, trained, calc.calculate) if trained else calc.calculate)
     _record(model).listeners.append(weakref.WeakMethod(calc.reset))
     return calc
+
+
+def _at_fidelity(model: torch.nn.Module, modal: str, calculate):
+    """``calculate``, refused while the active adapter was trained at another fidelity
+    than ``modal`` (the calculator's, from the adapter active when it was made)."""
+    def run(*args, **kwargs):
+        active = _active(model)
+        if active is not None and active.modal not in (None, modal):
+            raise ValueError(f"adapter_calculator: this calculator computes at modal {modal}, and the active adapter "
+                             f"({active.path}) was trained at {active.modal}: make another, or pass modal=")
+        return calculate(*args, **kwargs)
+
+    return run
 
 
 def _frozen_during(model: torch.nn.Module, calculate):

@@ -763,8 +763,7 @@ def check(settings: Settings) -> Tuple[Family, Splits, Path]:
                           f"installed in this environment")
     family = magnetic_family(computing_at(family, settings.model, settings.modal, "--modal/--head"), settings)
     if settings.cuda_graphs and not family.pads():
-        kind = f"multi-fidelity {family.name}" if settings.modal else family.name
-        raise ValueError(f"--cuda_graphs: {kind} models have no padded training step; leave it out")
+        raise ValueError(f"--cuda_graphs: {family.name} models have no padded training step; leave it out")
     if settings.default_dtype is not None and settings.default_dtype not in family.dtypes:
         raise ValueError(f"--default_dtype {settings.default_dtype}: {family.name} models train in "
                          f"{' or '.join(family.dtypes)}")

@@ -7,6 +7,7 @@ moments' directions; collinear input gives signed scalars)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
@@ -46,12 +47,14 @@ class MagneticCalculator(Calculator):
             self.results["magmom"] = float(total[2]) if collinear else float(np.linalg.norm(total))
 
 
-def load_calculator(path, device: str = "cpu") -> MagneticCalculator:
+def load_calculator(path, device: str = "cpu", modal: Optional[str] = None) -> MagneticCalculator:
     """The calculator of a merged model written by a magnetic fine-tuning run (the
-    family's model file; its magnetic modules beside it)."""
-    from ..integrations import family_for
+    family's model file; its magnetic modules beside it), at fidelity ``modal`` for a
+    model of several (the run's --modal / --head)."""
+    from ..integrations import computing_at, family_for
     from .family import MagneticFamily
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"load_calculator: no model file at {path}")
-    return MagneticFamily(family_for(str(path), "load_calculator:")).calculator(path, device)
+    family = computing_at(family_for(str(path), "load_calculator:"), str(path), modal, "load_calculator: modal")
+    return MagneticFamily(family).calculator(path, device)

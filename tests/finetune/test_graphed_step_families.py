@@ -35,8 +35,9 @@ def _mace():
     return MaceFamily(), model, (13, 29)
 
 
-def _sevennet():
-    """SevenNet-0 in float64, its graphs too (``graph`` builds them in float32)."""
+def _sevennet(name="7net-0", modal=None):
+    """SevenNet-0 (or ``name`` at ``modal``) in float64, its graphs too (``graph`` builds
+    them in float32)."""
     pytest.importorskip("sevenn")
     from helpers import sevennet_float64
     from sparsekern.integrations.sevennet.family import SevenNetFamily
@@ -49,8 +50,13 @@ def _sevennet():
                     graph[key] = graph[key].double()
             return graph
 
-    family = Float64()
-    return family, sevennet_float64(family.load("7net-0", "cpu")), (14, 8)
+    family = Float64().at_fidelity(modal)
+    return family, sevennet_float64(family.load(name, "cpu")), (14, 8)
+
+
+def _multi_fidelity():
+    """7net-mf-0 at PBE: each graph's modality index an input of the padded step."""
+    return _sevennet("7net-mf-0", "PBE")
 
 
 def _magnetic(head: bool, make_base=_mace):
@@ -91,9 +97,9 @@ def _frames(numbers, sizes, magnetic=False, stress=False):
 @pytest.mark.parametrize("make, stress, loss", [
     (_mace, False, "weighted"), (_sevennet, False, "weighted"), (_magnetic(True), False, "weighted"),
     (_magnetic(False), False, "weighted"), (_magnetic(True, _sevennet), False, "weighted"),
-    (_mace, True, "universal"), (_sevennet, True, "weighted"), (_magnetic(True), True, "huber")],
+    (_mace, True, "universal"), (_multi_fidelity, True, "weighted"), (_magnetic(True), True, "huber")],
     ids=["mace", "sevennet", "magnetic", "magnetic-without-head", "sevennet-magnetic", "mace-stress-universal",
-         "sevennet-stress", "magnetic-stress-huber"])
+         "sevennet-multi-fidelity-stress", "magnetic-stress-huber"])
 def test_graphed_steps_are_the_eager_steps(make, stress, loss, monkeypatch):
     """(Under MACE's Huber losses, at a delta both branches meet; universal's forces past
     100, 200 and 300 eV/Å on three atoms.)"""

@@ -13,8 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sparsekern.cli import main
-from sparsekern.finetune import adapter_calculator, disable_adapter, load_adapter
-from sparsekern.finetune.trainer import Settings, check
+from sparsekern.finetune import adapter_calculator, disable_adapter, load_adapter, set_adapter
 from sparsekern.locations import data_dir
 
 
@@ -82,6 +81,16 @@ def test_a_run_at_one_modality_shifts_its_e0s_only_and_adapter_and_merged_file_a
     with disable_adapter(base):
         assert torch.equal(base.rescale_atomic_energy.shift, load_sevennet("7net-mf-0").rescale_atomic_energy.shift)
 
+    # a calculator made at the active adapter's modality refuses to compute after a swap to
+    # an adapter of another (its deltas at the first one's modality: a wrong energy)
+    calc = adapter_calculator(base)
+    save_file(load_file(out / "adapter.safetensors"), out / "r2scan.safetensors", {**metadata, "modal": "R2SCAN"})
+    load_adapter(base, out / "r2scan.safetensors", name="r2scan")
+    set_adapter(base, "r2scan")
+    with pytest.raises(ValueError, match="computes at modal PBE, and the active adapter .* was trained at R2SCAN"):
+        _energy_forces(calc, atoms)
+    _energy_forces(adapter_calculator(base), atoms)
+
 
 def test_modalities_are_refused_in_one_line(frames, pbe_run, tmp_path, capsys):
     from sparsekern.integrations.sevennet.models import load_sevennet
@@ -96,17 +105,13 @@ def test_modalities_are_refused_in_one_line(frames, pbe_run, tmp_path, capsys):
     assert main(["finetune", "--model", "7net-0", "--modal", "PBE", "--train", str(frames / "train.xyz"),
                  "--method", "sparse", "--out", str(tmp_path / "single")]) == 2
     assert "--modal/--head PBE: the model has one fidelity; leave it out" in capsys.readouterr().err
-    graphed = Settings(model="7net-mf-0", modal="PBE", train=str(frames / "train.xyz"), test=None, method="sparse",
-                       out=str(tmp_path / "graphed"))
-    graphed.cuda_graphs = True  # (the settings refuse it on a CPU first)
-    with pytest.raises(ValueError, match="--cuda_graphs: multi-fidelity sevennet models have no padded training step"):
-        check(graphed)
     out, _ = pbe_run
     assert _finetune(frames, out, "--modal", "R2SCAN") == 2
     assert "written for different arguments (modal: checkpoint 'PBE' vs now 'R2SCAN')" in capsys.readouterr().err
 
     metadata = _metadata(out / "adapter.safetensors")
-    save_file(load_file(out / "adapter.safetensors"), tmp_path / "hse.safetensors", {**metadata, "modal": "HSE"})
+    unshifted = {**metadata, "modal": "HSE", "e0_shift_ev": "{}"}  # (the modality checked, shift or not)
+    save_file(load_file(out / "adapter.safetensors"), tmp_path / "hse.safetensors", unshifted)
     with pytest.raises(ValueError, match="hse.safetensors: its modal HSE: the model's fidelities are PBE, R2SCAN"):
         load_adapter(load_sevennet("7net-mf-0"), tmp_path / "hse.safetensors")
     with pytest.raises(ValueError, match=r"adapter_calculator: modal: the model has several fidelities \(PBE, R2SCAN"):
@@ -151,3 +156,34 @@ def test_a_multi_head_mace_trains_at_its_head(tmp_path, capsys):
         from_file = MACECalculator(model_paths=str(out / "merged.model"), head=head, default_dtype="float64")
         energy_file, forces_file = _energy_forces(from_file, atoms)
         assert abs(energy - energy_file) <= 1e-10 and abs(forces - forces_file).max() <= 1e-10, head
+
+
+def test_a_magnetic_run_at_a_head_is_loaded_at_it(tmp_path, capsys):
+    """``load_calculator`` takes the run's head: at it, the test frame's energy error is
+    the run's (and at another head it is not); without one, refused in one line."""
+    pytest.importorskip("mace")
+    import numpy as np
+
+    from helpers import write_tiny_mace_case
+    from sparsekern.magnetism.calculator import load_calculator
+
+    write_tiny_mace_case(tmp_path, n_train=3, heads=["pbe", "r2scan"])
+    for name in ("train", "test"):
+        frames = read(tmp_path / f"{name}.xyz", ":")
+        for i, atoms in enumerate(frames):
+            atoms.set_initial_magnetic_moments(np.where(atoms.numbers == 29, 0.5 + 0.1 * i, 0.0))
+        write(tmp_path / f"{name}.xyz", frames)
+    out = tmp_path / "out"
+    assert main(["finetune", "--model", str(tmp_path / "tiny.model"), "--train", str(tmp_path / "train.xyz"),
+                 "--test", str(tmp_path / "test.xyz"), "--method", "sparse", "--epochs", "1", "--lr", "0.02",
+                 "--head", "r2scan", "--magmom_key", "initial_magmoms", "--out", str(out), "--no_progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    with pytest.raises(ValueError, match=r"load_calculator: modal: the model has several fidelities \(pbe, r2scan\)"):
+        load_calculator(out / "merged.model")
+    atoms = read(tmp_path / "test.xyz")
+    errors = {}
+    for head in ("pbe", "r2scan"):
+        energy, _ = _energy_forces(load_calculator(out / "merged.model", modal=head), atoms)
+        errors[head] = 1e3 * abs(energy - atoms.info["REF_energy"]) / len(atoms)
+    assert abs(errors["r2scan"] - metrics["test_energy_mae_mev_per_atom"]) <= 1e-6
+    assert abs(errors["pbe"] - metrics["test_energy_mae_mev_per_atom"]) > 1.0

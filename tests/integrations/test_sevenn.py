@@ -253,10 +253,10 @@ def test_a_model_that_cannot_be_downloaded_is_refused_in_one_line(monkeypatch):
         assert "\n" not in str(refused.value) and "without internet, give 7net-0" in str(refused.value)
 
 
-def test_sevennet_names_as_sevenn_takes_them_and_multi_fidelity_models_load():
+def test_sevennet_names_as_sevenn_takes_them_and_multi_fidelity_models_load(tmp_path):
     """sevenn takes SevenNet-0 in any case: so does the family; a multi-fidelity model
     loads (each graph names its modality), its modalities read from its checkpoint or the
-    model; an unknown name is refused in one line."""
+    model; an unknown name and a file that is no checkpoint are refused in one line."""
     from sparsekern.integrations import family_for
     from sparsekern.integrations.sevennet import models
 
@@ -267,3 +267,8 @@ def test_sevennet_names_as_sevenn_takes_them_and_multi_fidelity_models_load():
     with pytest.raises(ValueError, match="SevenNet model '7net-nope': Given 7net-nope does not exist") as refused:
         models.load_sevennet("7net-nope")
     assert "\n" not in str(refused.value) and "without internet" not in str(refused.value)
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    for load in (models.load_sevennet, models.modalities):  # (sevenn reads the file at its first use)
+        with pytest.raises(ValueError, match="text.pth': invalid load key") as refused:
+            load(str(tmp_path / "text.pth"))
+        assert "without internet" not in str(refused.value)

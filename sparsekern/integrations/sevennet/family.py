@@ -85,9 +85,6 @@ class SevenNetFamily(Family):
     def outputs(self, model, batch, training, stress=False):
         return self.run(model, batch, training, stress)
 
-    def pads(self):
-        return self.modal is None  # (the padded inputs carry no modality)
-
     def padder(self, model):
         from .graphed import padder
 
@@ -96,7 +93,10 @@ class SevenNetFamily(Family):
     def run(self, model, inputs, training, stress=False):
         import sevenn._keys as KEY
 
-        out = model(inputs)
+        from .graphed import modality_given
+
+        with modality_given(model, inputs):  # (padded inputs carry each graph's modality index)
+            out = model(inputs)
         res = {"energy": out[KEY.PRED_TOTAL_ENERGY], "forces": out[KEY.PRED_FORCE]}
         if stress:  # SevenNet's: xx yy zz xy yz zx, the opposite sign of ASE's (its calculator negates it)
             s = -out[KEY.PRED_STRESS]

@@ -9,8 +9,9 @@ graphs. One graph per (atoms, graphs, batched, dtype, edge capacity).
 
 SevenNet's calculator takes only SevenNet's own model class, so ``GraphedSevenNet(model)``
 turns ``model`` itself into one (its class swapped, as patching works in place) and
-returns it. A multi-fidelity model (its modality read from each call's data) is
-refused. Training runs eagerly, and so does a call whose capture fails (said once in a
+returns it. A multi-fidelity model's calls name their modality (``KEY.DATA_MODALITY``,
+as its calculator's ``modal`` does): mapped to its index before the graph, which takes
+the index as an input. Training runs eagerly, and so does a call whose capture fails (said once in a
 warning); every call on the CPU runs padded, eagerly (how the tests check the padding).
 Replayed results are copies, detached: no gradient reaches the parameters through a
 replay."""
@@ -18,7 +19,8 @@ replay."""
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from contextlib import contextmanager
+from typing import Dict, Optional
 
 import torch
 from sevenn import _keys as KEY
@@ -47,9 +49,6 @@ class GraphedSevenNet(AtomGraphSequential):
             return super().__new__(cls)
         if type(model) not in (AtomGraphSequential, cls):
             raise TypeError(f"GraphedSevenNet takes a SevenNet AtomGraphSequential, got {type(model).__name__}")
-        if model.eval_modal_map:
-            raise ValueError(f"GraphedSevenNet: a multi-fidelity model (modalities {sorted(model.modal_map)}) reads "
-                             "its modality from each call's data; not supported")
         model.__class__ = cls
         return model
 
@@ -63,10 +62,10 @@ class GraphedSevenNet(AtomGraphSequential):
             return super().forward(data)
         batched = self.is_batch_data
         missing = [k for k in (KEY.EDGE_IDX, KEY.EDGE_VEC, KEY.POS, *_GRAPH_KEYS) + ((KEY.BATCH,) if batched else ())
-                   if k not in data]
+                   + ((KEY.DATA_MODALITY,) if self.eval_modal_map else ()) if k not in data]
         if missing:
             raise ValueError(f"GraphedSevenNet: the input lacks {missing} (a SevenNet AtomGraphData has them)")
-        inputs = _inputs(data, batched)
+        inputs = _inputs(data, batched, self.modal_map if self.eval_modal_map else None)
         n, g, e = inputs[KEY.POS].shape[0], inputs[KEY.NUM_ATOMS].shape[0], inputs[KEY.EDGE_IDX].shape[1]
         pad = functools.partial(_pad, cutoff=self.cutoff)
         if not cuda_graphs.replayable(inputs[KEY.POS].device):
@@ -87,15 +86,37 @@ class GraphedSevenNet(AtomGraphSequential):
         caller = self.is_batch_data
         self.set_is_batch_data(True)
         try:
-            return super().forward(padded)
+            with modality_given(self, padded):
+                return super().forward(padded)
         finally:
             self.set_is_batch_data(caller)
 
 
-def _inputs(data, batched: bool) -> dict:
+@contextmanager
+def modality_given(model: AtomGraphSequential, inputs):
+    """A multi-fidelity ``model``'s forward on ``inputs`` that carry each graph's modality
+    index already (``_inputs``'): the model does not map names to it again."""
+    mapped = model.eval_modal_map
+    model.eval_modal_map = mapped and KEY.MODAL_TYPE not in inputs
+    try:
+        yield
+    finally:
+        model.eval_modal_map = mapped
+
+
+def _inputs(data, batched: bool, modal_map: Optional[Dict[str, int]]) -> dict:
     """The call's inputs of its graph, batched: a single structure's graph keys as one
-    graph's (its atoms' graph index, all 0, is left to :func:`_pad`: a capture keeps it)."""
+    graph's (its atoms' graph index, all 0, is left to :func:`_pad`: a capture keeps it);
+    with a multi-fidelity model's ``modal_map``, each graph's modality index."""
     inputs = {k: data[k] for k in _INPUTS if k in data}
+    if modal_map is not None:
+        named = data[KEY.DATA_MODALITY]
+        named = [named] if isinstance(named, str) else list(named)
+        unknown = sorted(set(named) - set(modal_map))
+        if unknown:
+            raise ValueError(f"GraphedSevenNet: modality {unknown[0]!r} is not one of the model's "
+                             f"({', '.join(sorted(modal_map))})")
+        inputs[KEY.MODAL_TYPE] = torch.tensor([modal_map[m] for m in named], device=inputs[KEY.POS].device)
     if not batched:
         for key in _GRAPH_KEYS:
             inputs[key] = inputs[key].reshape(1)
@@ -126,6 +147,8 @@ def _pad(inputs: dict, edges: int, cutoff: float, atoms: Optional[int] = None) -
             extra = value.new_full((1,), k)
         elif key == KEY.CELL_VOLUME:
             extra = value.new_ones(1)
+        elif key == KEY.MODAL_TYPE:
+            extra = value[:1]  # the first graph's: one the model knows
         elif key == KEY.EDGE_IDX:
             extra = cuda_graphs.padding_edges(atoms - 2, edges - e, value)
         else:  # the edge vectors: at the cutoff
@@ -139,9 +162,10 @@ def padder(model: AtomGraphSequential):
     """The family's ``padder`` (``integrations.base.Family``): a collated batch's sizes
     and its inputs padded to capacities, for a training step's CUDA graph."""
     cutoff = float(model.cutoff)
+    modal_map = dict(model.modal_map) if model.eval_modal_map else None
 
     def padding(batch):
-        inputs = _inputs(batch, batched=True)
+        inputs = _inputs(batch, True, modal_map)
         sizes = inputs[KEY.POS].shape[0], inputs[KEY.NUM_ATOMS].shape[0], inputs[KEY.EDGE_IDX].shape[1]
         return sizes, lambda atoms, edges: _pad(inputs, edges, cutoff, atoms)
 

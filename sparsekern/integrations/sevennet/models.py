@@ -3,6 +3,7 @@ the sevenn wheel)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List
 
 import torch
@@ -25,17 +26,19 @@ def modalities(name: str) -> List[str]:
 
 
 def checkpoint(name: str):
-    """sevenn's checkpoint of ``name``, or a one-line error."""
+    """sevenn's checkpoint of ``name``, read (sevenn reads the file at its first use), or
+    a one-line error."""
     from sevenn import util
 
     try:
-        return util.load_checkpoint(name)
-    except ValueError as exc:
-        raise ValueError(f"SevenNet model {name!r}: {' '.join(str(exc).split())}") from exc
-    except (OSError, RuntimeError) as exc:  # offline (requests' errors are OSErrors)
-        raise ValueError(f"SevenNet model {name!r}: {' '.join(str(exc).split())} (sevenn downloads some models the "
-                         f"first time: without internet, give 7net-0, 7net-l3i5, 7net-mf-0 or a .pth checkpoint)"
-                         ) from exc
+        loaded = util.load_checkpoint(name)
+        loaded.config  # noqa: B018  (reads the file: a damaged one fails here)
+        return loaded
+    except Exception as exc:  # a name sevenn lacks, a download that failed, a damaged or foreign file
+        offline = isinstance(exc, OSError) and not Path(name).exists()  # (requests' errors are OSErrors)
+        advice = (" (sevenn downloads some models the first time: without internet, give 7net-0, 7net-l3i5, "
+                  "7net-mf-0 or a .pth checkpoint)") if offline else ""
+        raise ValueError(f"SevenNet model {name!r}: {' '.join(str(exc).split())}{advice}") from exc
 
 
 def calculator(*args, **kwargs):
