@@ -761,7 +761,7 @@ def check(settings: Settings) -> Tuple[Family, Splits, Path]:
     if importlib.util.find_spec(family.package) is None:
         raise ImportError(f"--model {settings.model} is a {family.name} model, but {family.package} is not "
                           f"installed in this environment")
-    family = magnetic_family(computing_at(family, settings.model, settings.modal, "--modal/--head"), settings)
+    family = magnetic_family(family, settings)
     if settings.cuda_graphs and not family.pads():
         raise ValueError(f"--cuda_graphs: {family.name} models have no padded training step; leave it out")
     if settings.default_dtype is not None and settings.default_dtype not in family.dtypes:
@@ -805,6 +805,7 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     train, valid, test = frames[:3]
     ck = group.from_main(lambda: checkpoint.load(out, settings))
     model = _load(family, settings)
+    family = computing_at(family, model, settings.modal, "--modal/--head")  # (read from the model: loaded once)
     group.from_main(lambda: [check_elements(family, model, group_frames, what) for group_frames, what in (
         (train, settings.train), (test, settings.test), (valid, settings.valid))])  # (said once)
     shift = ({int(z): v for z, v in ck["shift"].items()} if ck is not None else _fit_shift(

@@ -75,6 +75,15 @@ class MagneticFamily(Family):
     def load(self, spec, device):
         return self.wrap(self.base.load(spec, device))
 
+    def fidelities(self, source):
+        return self.base.fidelities(source if isinstance(source, str) else source.base)
+
+    def at_fidelity(self, modal):
+        family = super().at_fidelity(modal)
+        if family is not self:
+            family.base = self.base.at_fidelity(modal)
+        return family
+
     def wrap(self, base: nn.Module) -> MagneticModel:
         """The magnetic modules (new: zero energy) beside the family's model ``base``."""
         like = next(base.parameters())  # the magnetic modules compute in the base's dtype, on its device

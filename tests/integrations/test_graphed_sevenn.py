@@ -169,6 +169,10 @@ def test_bad_input_is_one_line(sevennet, multi_fidelity):
     del data[KEY.CELL_VOLUME]
     with pytest.raises(ValueError, match=r"GraphedSevenNet: the input lacks \['cell_volume'\]"):
         model(data)
+    deployed = copy.deepcopy(multi_fidelity)
+    deployed.prepare_modal_deploy("PBE")
+    with pytest.raises(ValueError, match=r"GraphedSevenNet: the model was deployed at one modality \(sevenn's"):
+        GraphedSevenNet(deployed)
     model = GraphedSevenNet(copy.deepcopy(multi_fidelity))
     model.set_is_batch_data(True)
     data = _inputs(model, True)[0]

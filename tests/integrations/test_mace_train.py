@@ -346,3 +346,24 @@ def test_optimizer_groups_hold_deltas_in_their_base_weights_group(workdir, freez
     stats = sparsekern.stats(model)
     changed = {k for k, v in stats["by_layer"].items() if v["changed"]}
     assert changed and (freeze is None or all(k.startswith("readouts.") for k in changed))
+
+
+def test_one_head_of_a_multi_head_foundation_is_the_saved_base(workdir):
+    """MACE keeps one head of a multi-head foundation (``--foundation_head``): the adapter
+    applies to that model, saved beside it, not to the file (which it would not load on)."""
+    d, _ = workdir
+    two_heads = mace_mp0_shaped("small", seed=5, num_elements=2, atomic_numbers=[13, 29],
+                                hidden_irreps=o3.Irreps("4x0e+4x1o"), max_ell=1, correlation=2, radial_MLP=[8],
+                                r_max=4.0, heads=["pbe", "r2scan"], atomic_energies=[[-3.0, -4.0], [-2.5, -3.5]],
+                                atomic_inter_scale=[1.0, 1.0], atomic_inter_shift=[0.0, 0.0])
+    torch.save(two_heads, d / "two_heads.model")
+    out = _mace_train(d, "head", "--foundation_model", "two_heads.model", "--foundation_head", "r2scan",
+                      "--multiheads_finetuning", "False")
+    adapter, base = out / "head.adapter.safetensors", out / "head.base.model"
+    with safe_open(str(adapter), framework="pt") as f:
+        assert f.metadata()["base_model"] == str(base)
+    tuned = torch.load(out / "head.model", weights_only=False)
+    adapted = sparsekern.load_adapter(torch.load(base, weights_only=False), adapter)
+    atoms = _frames(1, seed=41)[0]
+    want, got = (m(mace_batch(m, [atoms]), compute_force=True)["energy"] for m in (tuned, adapted))
+    assert rel_err(got, want) <= 1e-12

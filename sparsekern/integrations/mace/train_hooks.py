@@ -52,15 +52,20 @@ class SparseHooks:
     def __init__(self, config, backend: str, args, lr_factor: float = 1.0) -> None:
         self.config, self.backend, self.args, self.lr_factor = config, backend, args, lr_factor
         self.foundation: Optional[torch.nn.Module] = None
+        self.heads_cut = False  # MACE kept one head of a multi-head foundation: the file is not the base
         self.model: Optional[torch.nn.Module] = None
         self.exports = 0
         self.base_model: Optional[str] = None  # what the adapter applies to
 
     @contextmanager
     def installed(self, run_train):
-        names = ("configure_model", "get_params_options", "deepcopy")
+        names = ("configure_model", "get_params_options", "deepcopy", "remove_pt_head")
         saved = {n: getattr(run_train, n) for n in names}
-        configure, options = saved["configure_model"], saved["get_params_options"]
+        configure, options, cut = saved["configure_model"], saved["get_params_options"], saved["remove_pt_head"]
+
+        def remove_pt_head(*a, **k):
+            self.heads_cut = True
+            return cut(*a, **k)
 
         def configure_model(*a, **k):
             self.foundation = a[3] if len(a) > 3 else k.get("model_foundation")
@@ -86,8 +91,8 @@ class SparseHooks:
             trained = [p for g in optimizer.param_groups for p in g["params"]]
             return take_step(model, into_trained(loss_fn, trained), batch, optimizer, *a, **k)
 
-        run_train.configure_model, run_train.get_params_options, run_train.deepcopy = (
-            configure_model, get_params_options, deepcopy)
+        run_train.configure_model, run_train.get_params_options, run_train.deepcopy, run_train.remove_pt_head = (
+            configure_model, get_params_options, deepcopy, remove_pt_head)
         tools.train, steps.take_step = train_after_precompile, take_step_into_trained
         try:
             yield self
@@ -200,12 +205,12 @@ class SparseHooks:
         for _, layer in patched_layers(base):
             delta_slot.detach(layer)
         base = release(base)
-        if self.foundation is not None and _same_state(base, self.foundation):
+        if self.foundation is not None and not self.heads_cut and _same_state(base, self.foundation):
             return str(Path(self.args.foundation_model).resolve())  # (the adapter lies in another folder)
         path = atomic_write(model_dir / f"{self.args.name}.base.model", lambda tmp: torch.save(base, tmp))
         logging.info("sparsekern: the model MACE fine-tunes differs from the foundation file (element subset, E0s, "
-                     "scale/shift, readouts, or buffers a newer MACE adds); the adapter applies to it, saved to "
-                     f"{path}")
+                     "scale/shift, readouts, one head of several, or buffers a newer MACE adds); the adapter applies "
+                     f"to it, saved to {path}")
         return str(path)
 
 

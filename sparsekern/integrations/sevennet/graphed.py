@@ -49,6 +49,9 @@ class GraphedSevenNet(AtomGraphSequential):
             return super().__new__(cls)
         if type(model) not in (AtomGraphSequential, cls):
             raise TypeError(f"GraphedSevenNet takes a SevenNet AtomGraphSequential, got {type(model).__name__}")
+        if "modal_input_prepare" in model._modules:
+            raise ValueError("GraphedSevenNet: the model was deployed at one modality (sevenn's prepare_modal_deploy), "
+                             "which runs one graph at a time; give the model before it (each call names its modality)")
         model.__class__ = cls
         return model
 
