@@ -19,10 +19,14 @@ from .moments import oriented
 
 class MagneticCalculator(Calculator):
     def __init__(self, base, energy, head=None, **kwargs):
+        self.base, self.energy, self.head = base, energy.eval(), head  # (before Calculator's reset: ours reads base)
         super().__init__(**kwargs)
-        self.base, self.energy, self.head = base, energy.eval(), head
         self.implemented_properties = ["energy", "free_energy", "forces", "stress", "magforces"] + (
             ["magmoms", "magmom"] if head is not None else [])
+
+    def reset(self):
+        super().reset()
+        self.base.reset()  # (its results are of the same atoms: an adapter swap must drop them too)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

@@ -182,6 +182,14 @@ class _Wrapped(Family):
     def e0_table(self, model):
         return family_of(model.base).at_fidelity(self.modal).e0_table(model.base)
 
+    def model_calculator(self, model, device):
+        """The base family's calculator on the base model, with the model's magnetic
+        modules (``adapter_calculator`` on a model with them)."""
+        from .calculator import MagneticCalculator
+
+        base = family_of(model.base).at_fidelity(self.modal).model_calculator(model.base, device)
+        return MagneticCalculator(base, model.energy, model.head)
+
 
 register_family(_Wrapped(), wrapper=True)
 

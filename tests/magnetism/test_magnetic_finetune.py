@@ -200,6 +200,7 @@ def test_adapter_with_magnetic_modules_reproduces_the_run(files, capsys):
     command had no way to give them), and says so where they are missing."""
     from ase.io import read
 
+    from sparsekern.finetune import adapter_calculator, disable_adapter
     from sparsekern.finetune.adapters import load_adapter
     from sparsekern.integrations import family_for
     from sparsekern.magnetism.calculator import load_calculator
@@ -243,6 +244,10 @@ def test_adapter_with_magnetic_modules_reproduces_the_run(files, capsys):
     assert any(abs(v) > 1e-3 for v in m["e0_shift_ev"].values())  # load_adapter applied it to the base
     atoms.calc = load_calculator(m["merged_model"], "cpu")
     assert abs(float(energy[0]) - atoms.get_potential_energy()) < 1e-4
+    atoms.calc = adapter_calculator(model)  # the model itself, its magnetic modules beside the base's calculator
+    assert abs(float(energy[0]) - atoms.get_potential_energy()) < 1e-10 and atoms.calc.get_property("magforces").any()
+    with disable_adapter(model):  # the swap drops the base calculator's results too
+        assert abs(float(energy[0]) - atoms.get_potential_energy()) > 1e-6
 
 
 def test_an_element_resolved_run_writes_its_magnetic_modules_beside_the_adapter(files):
