@@ -94,8 +94,9 @@ def _label_flags(p: argparse.ArgumentParser) -> None:
                                           "label; default REF_virials")
     p.add_argument("--keep_isolated_atoms", nargs="?", const=True, default=False, type=_true,
                    help="train on MACE's isolated-atom frames too (one atom, config_type IsolatedAtom), which "
-                        "are otherwise set aside as MACE does (their energies are listed in metrics.json)")
-    p.add_argument("--max_train", type=int, help="use the first N training frames")
+                        "are otherwise set aside, from the training file as MACE does, from validation and test "
+                        "files too (MACE evaluates those); their energies are listed in metrics.json")
+    p.add_argument("--max_train", type=int, help="use the first N training frames (isolated atoms not counted)")
     p.add_argument("--max_valid", type=int, help="use the first N validation frames")
     p.add_argument("--max_test", type=int, help="use the first N test frames")
 
@@ -373,8 +374,8 @@ def _isolated(set_aside: dict) -> str:
     counts = ", ".join(f"{len(atoms)} {split}" for split, atoms in set_aside.items())
     e0s = {int(z): e for z, e in set_aside.get("train", {}).items() if e is not None}
     hint = f"; their energies as the E0s: --E0s isolated, or '{e0s}'" if e0s else ""
-    return (f"isolated-atom frames (MACE's IsolatedAtom) set aside, not trained or evaluated, as MACE does: {counts}"
-            f" (--keep_isolated_atoms keeps them{hint})")
+    return (f"isolated-atom frames (MACE's IsolatedAtom) set aside, not trained or evaluated: {counts} (MACE sets "
+            f"aside the training file's; --keep_isolated_atoms keeps them{hint})")
 
 
 _NOT_TESTED = {"valid": "validation frames' (held out, but they chose the epoch)",

@@ -42,6 +42,35 @@ def _number(value, what: str) -> float:
         raise ValueError(f"{what} is not a number: {value!r}") from None
 
 
+def _finite(value, what: str) -> float:
+    number = _number(value, what)
+    if not np.isfinite(number):
+        raise ValueError(f"{what} is {number}: not a finite number")
+    return number
+
+
+def _check_weights(atoms, where: str) -> None:
+    """MACE's per-frame weights (``config_weight``, ``config_<label>_weight``) are not
+    read: a frame weighted other than 1 is refused rather than trained at weight 1."""
+    weighted = {k: v for k, v in atoms.info.items() if k == "config_weight"
+                or (k.startswith("config_") and k.endswith("_weight"))}
+    odd = {k: v for k, v in weighted.items() if not isinstance(v, (int, float)) or float(v) != 1.0}
+    if odd:
+        key, value = next(iter(odd.items()))
+        raise ValueError(f"{where}: {key}={value}: per-frame weights are not read by sparsekern finetune (every frame "
+                         f"and label weighs 1); remove them, or train with sparsekern mace-train (MACE's pipeline)")
+
+
+def _check_cell(atoms, where: str) -> None:
+    """A periodic direction needs a cell vector, and a cell periodic in all three a volume
+    (else the neighbour list fails later, naming no frame)."""
+    lengths = np.linalg.norm(atoms.cell.array, axis=1)
+    if any(p and length < 1e-6 for p, length in zip(atoms.pbc, lengths)) or (
+            atoms.pbc.all() and abs(atoms.cell.volume) < 1e-6):
+        raise ValueError(f"{where}: periodic (pbc {atoms.pbc.tolist()}) with a degenerate cell "
+                         f"{atoms.cell.array.tolist()}")
+
+
 def _label(atoms, key: str, where: str, kind: str):
     """``_lookup``'s label, which every frame must have."""
     value = _lookup(atoms, key, kind)
@@ -56,7 +85,7 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
                 magforces_key: Optional[str] = None, stress_key: Optional[str] = None,
                 virials_key: Optional[str] = None, isolated: Optional[Dict[int, Optional[float]]] = None
                 ) -> List[Frame]:
-    """The first ``limit`` frames of an extended-XYZ file with their labels (moments and
+    """The first ``limit`` configurations of an extended-XYZ file with their labels (moments and
     magnetic forces where their keys are given; stresses, under ``stress_key`` or as
     virials under ``virials_key``, in the frames that have one). Given an ``isolated``
     dict, MACE's isolated-atom frames (one atom, ``config_type`` IsolatedAtom: a
@@ -67,9 +96,8 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    index = ":" if limit is None else f":{int(limit)}"
     try:
-        images = read(path, index=index)
+        images = read(path, index=":")  # (all: ``limit`` counts the configurations, not isolated atoms)
     except Exception as exc:
         raise ValueError(f"could not read {path} as extended XYZ: {exc}") from exc
     if not images:
@@ -80,10 +108,14 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
         if isolated is not None and len(atoms) == 1 and atoms.info.get("config_type") == "IsolatedAtom":
             label = _lookup(atoms, energy_key, "energy")
             if label is not None or int(atoms.numbers[0]) not in isolated:  # (an energy is not forgotten)
-                isolated[int(atoms.numbers[0])] = None if label is None else float(label)
+                isolated[int(atoms.numbers[0])] = None if label is None else _finite(label, f"{where}: energy")
             continue
+        if limit is not None and len(frames) == limit:
+            continue  # (the isolated atoms further on are still read)
         if len(atoms) == 0:
             raise ValueError(f"{where}: no atoms")
+        _check_weights(atoms, where)
+        _check_cell(atoms, where)
         energy = _number(_label(atoms, energy_key, where, "energy"), f"{where}: energy {energy_key!r}")
         forces = np.asarray(_label(atoms, forces_key, where, "forces"), dtype=np.float64)
         if forces.shape != (len(atoms), 3):
@@ -108,7 +140,10 @@ def _stress(atoms, stress_key: Optional[str], virials_key: Optional[str], where:
         raw = _lookup(atoms, key, kind) if key else None
         if raw is None:
             continue
-        values = np.asarray(raw, dtype=np.float64)
+        try:
+            values = np.asarray(raw, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: {kind} {key!r} is not numbers: {raw!r}") from None
         if values.size not in (6, 9):
             raise ValueError(f"{where}: {kind} {key!r} has {values.size} values, expected 6 (Voigt) or 9")
         if not np.isfinite(values).all():
@@ -194,9 +229,12 @@ def _parse_e0s_dict(spec: str) -> Dict[int, float]:
     if not isinstance(raw, dict):
         raise ValueError(f"--E0s: expected a dict of atomic number -> energy, got {spec!r}")
     try:
-        return {int(k): float(v) for k, v in raw.items()}
+        e0s = {int(k): float(v) for k, v in raw.items()}
     except (TypeError, ValueError):
         raise ValueError(f"--E0s {spec}: expected atomic numbers -> energies (eV), got {raw!r}") from None
+    if not all(np.isfinite(v) for v in e0s.values()):
+        raise ValueError(f"--E0s {spec}: energies must be finite numbers, got {raw!r}")
+    return e0s
 
 
 REFIT_E0S = ("estimated", "average")  # fitted to the data: refitted after training (trainer)

@@ -349,11 +349,12 @@ def _read_data(settings: Settings) -> Splits:
 
     train, test = read("train", settings.max_train), read("test", settings.max_test)
     valid = read("valid", settings.max_valid)
-    if settings.stress_weight and all(f.stress is None for f in train):
-        raise ValueError(f"--stress_weight: no training frame has a stress under {settings.stress_key!r} or virials "
-                         f"under {settings.virials_key!r} (use --stress_key or --virials_key to name them)")
     if settings.valid_fraction is not None:
         train, valid = split_valid(train, settings.valid_fraction, settings.seed)
+    if settings.stress_weight and all(f.stress is None for f in train):
+        held = " (--valid_fraction held out those that have one)" if any(f.stress is not None for f in valid) else ""
+        raise ValueError(f"--stress_weight: no training frame has a stress under {settings.stress_key!r} or virials "
+                         f"under {settings.virials_key!r}{held} (use --stress_key or --virials_key to name them)")
     missing = {int(z) for f in test + valid for z in f.atoms.numbers} - {int(z) for f in train for z in f.atoms.numbers}
     if missing:
         raise ValueError(f"test/valid data hold elements absent from the training data: {sorted(missing)} "

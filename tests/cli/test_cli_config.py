@@ -289,9 +289,9 @@ def test_isolated_atoms_are_set_aside_as_mace_does(files, tmp_path, capsys):
     capsys.readouterr()
     assert run("with", tmp_path / "with_isolated.xyz") == 0
     err = capsys.readouterr().err
-    assert ("warning: isolated-atom frames (MACE's IsolatedAtom) set aside, not trained or evaluated, as MACE does: "
-            "2 train (--keep_isolated_atoms keeps them; their energies as the E0s: --E0s isolated, or "
-            "'{13: -0.25, 29: -0.5}')"
+    assert ("warning: isolated-atom frames (MACE's IsolatedAtom) set aside, not trained or evaluated: 2 train (MACE "
+            "sets aside the training file's; --keep_isolated_atoms keeps them; their energies as the E0s: --E0s "
+            "isolated, or '{13: -0.25, 29: -0.5}')"
             in err), err
     assert run("without", files / "train.xyz") == 0
     w, wo = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in ("with", "without"))
@@ -328,3 +328,11 @@ def test_isolated_atoms_are_set_aside_as_mace_does(files, tmp_path, capsys):
     write(tmp_path / "only.xyz", isolated)
     assert run("only", tmp_path / "only.xyz") == 2
     assert "holds isolated atoms only" in capsys.readouterr().err
+    # --max_train counts configurations (isolated atoms before and after them are still read)
+    assert run("two", tmp_path / "with_isolated.xyz", "--max_train", "2", "--E0s", "isolated") == 0
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["n_train"] == 2 and two["isolated_atoms_set_aside"] == {"train": {"13": -0.25, "29": -0.5}}
+    isolated[1].info["REF_energy"] = float("nan")
+    write(tmp_path / "nan.xyz", [*frames, isolated[1]])
+    assert run("nan", tmp_path / "nan.xyz") == 2
+    assert "nan.xyz frame 3: energy is nan: not a finite number" in capsys.readouterr().err

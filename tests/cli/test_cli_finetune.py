@@ -422,7 +422,20 @@ def test_bad_data_and_folders_are_refused_before_slow_work(files, sparse_run, ca
                                                                       "{'Al': -3.0}")
     (tmp_path / "e0s.json").write_text("{13: -3.0}")
     refused(tmp_path / "j", "--E0s", str(tmp_path / "e0s.json"), says="e0s.json: not JSON (Expecting property name")
-    assert not any((tmp_path / name).exists() for name in "niotej")
+    refused(tmp_path / "j", "--E0s", "{13: 1e999, 29: -4.0}", says="energies must be finite numbers")
+    weighted = _write_broken(files, tmp_path, "weighted.xyz", lambda a: a.info.update(config_energy_weight=0.0))
+    refused(tmp_path / "c", "--train", str(weighted), says="frame 1: config_energy_weight=0.0: per-frame weights are "
+                                                            "not read")
+    flat = _write_broken(files, tmp_path, "flat.xyz", lambda a: a.cell.__setitem__(2, [0.0, 0.0, 0.0]))
+    refused(tmp_path / "f", "--train", str(flat), says="frame 1: periodic (pbc [True, True, True]) with a degenerate")
+    stress = _write_broken(files, tmp_path, "stress.xyz", lambda a: a.info.update(REF_stress="abc"))
+    refused(tmp_path / "r", "--train", str(stress), "--stress_weight", "1", says="frame 1: stress 'REF_stress' is not "
+                                                                                  "numbers: 'abc'")
+    # the only stress label held out by --valid_fraction (its frame 1 of 3 at seed 0): refused, not trained without
+    one = _write_broken(files, tmp_path, "one.xyz", lambda a: a.info.update(REF_stress=np.zeros(6)))
+    refused(tmp_path / "v", "--train", str(one), "--stress_weight", "1", "--valid_fraction", "0.34",
+            says="(--valid_fraction held out those that have one)")
+    assert not any((tmp_path / name).exists() for name in "niotejcfrv")
     (tmp_path / "file").write_text("")
     refused(tmp_path / "file", says="is a file")
     (tmp_path / "ck").mkdir()
