@@ -181,7 +181,8 @@ def test_gpu_run_precompiles_on_a_copy_before_training(workdir, monkeypatch):
     monkeypatch.setattr("sparsekern.integrations.mace.train_hooks.compiles_kernels", lambda device: True)
     monkeypatch.setattr("sparsekern.ops.triton.precompile.precompile", fake_precompile)
     tools = types.SimpleNamespace(train=lambda **k: trained.append(k))
-    run_train = types.SimpleNamespace(configure_model=None, get_params_options=None, deepcopy=None, tools=tools)
+    run_train = types.SimpleNamespace(configure_model=None, get_params_options=None, deepcopy=None, remove_pt_head=None,
+                                      tools=tools)
     hooks = SparseHooks(sparsekern.SparseConfig(density=0.05), "torch", None)
     hooks.model = model
     state = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
