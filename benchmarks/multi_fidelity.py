@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import record  # noqa: E402  (benchmarks/record.py)
 
-from sparsekern.locations import data_dir  # noqa: E402
+from sparsekern.demo import silicon, write_silicon  # noqa: E402
+from sparsekern.finetune.trainer import Settings, run  # noqa: E402
 
 RUNS = (("7net-0", None), ("7net-mf-0", "PBE"), ("7net-mf-0", "R2SCAN"))
 ERRORS = ("energy_mae_mev_per_atom", "force_mae_mev_per_A")
@@ -30,21 +31,12 @@ def main(argv=None) -> int:
     parser.add_argument("--every", type=int, default=8, help="train on every N-th frame of Si_train.xyz")
     parser.add_argument("--out", type=Path, default=Path("/tmp/multi_fidelity"))
     args = parser.parse_args(argv)
-    src = data_dir() / "si_mlearn"
-    if not (src / "Si_train.xyz").exists():
-        parser.error(f"silicon data missing under {src}; set SPARSEKERN_DATA to the data folder")
-    from ase.io import read, write
-
-    from sparsekern.finetune.trainer import Settings, run
-
-    train = args.out / f"si_train_every{args.every}.xyz"
-    if not train.exists():
-        train.parent.mkdir(parents=True, exist_ok=True)
-        write(train, read(src / "Si_train.xyz", index=f"::{args.every}"))
+    train, test = silicon(parser, args.out, args.every)
+    write_silicon(train, args.every)
     rows = []
     for model, modal in RUNS:
         name = model + (f"_{modal}" if modal else "")
-        m = run(Settings(model=model, modal=modal, train=str(train), test=str(src / "Si_test.xyz"), method="sparse",
+        m = run(Settings(model=model, modal=modal, train=str(train), test=str(test), method="sparse",
                          epochs=args.epochs, energy_weight=100.0, out=str(args.out / name), progress=False))
         rows.append({"model": model, "modal": modal, "changed_fraction": m["changed_fraction"],
                      "wall_s": m["wall_s"], **{f"zero_shot_{k}": m[f"zero_shot_test_{k}"] for k in ERRORS},

@@ -21,18 +21,29 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Tuple
 
 from .finetune.methods import METHODS, choices_help
 from .locations import data_dir
 
 
-def _split(src: Path, dst: Path, step: int) -> Path:
+def silicon(parser: argparse.ArgumentParser, out: Path, every: int) -> Tuple[Path, Path]:
+    """(the demo's training file, every ``every``-th frame of si_mlearn's Si_train.xyz
+    under ``out``, which ``write_silicon`` writes; its test file, Si_test.xyz), or the
+    parser's error where the data are missing."""
+    src = data_dir() / "si_mlearn"
+    if not (src / "Si_train.xyz").exists():
+        parser.error(f"silicon data missing under {src}; set SPARSEKERN_DATA to the data folder")
+    return out / f"si_train_every{every}.xyz", src / "Si_test.xyz"
+
+
+def write_silicon(train: Path, every: int) -> None:
+    """Write the demo's training file ``train`` (``silicon``'s), once."""
     from ase.io import read, write
 
-    if not dst.exists():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        write(dst, read(src, index=f"::{step}"))
-    return dst
+    if not train.exists():
+        train.parent.mkdir(parents=True, exist_ok=True)
+        write(train, read(data_dir() / "si_mlearn" / "Si_train.xyz", index=f"::{every}"))
 
 
 def main(argv=None) -> int:
@@ -45,18 +56,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     args = parser.parse_args(argv)
 
-    src = data_dir() / "si_mlearn"
-    if not (src / "Si_train.xyz").exists():
-        parser.error(f"silicon data missing under {src}; set SPARSEKERN_DATA to the data folder")
+    train, test = silicon(parser, args.out, args.every)
     from .finetune.report import build_report, verdict_line, write_report
     from .finetune.trainer import CURVES, PARITY, Settings, run
 
-    train = args.out / f"si_train_every{args.every}.xyz"
     try:  # bad arguments, or a checkpoint in --out from other ones: one line, no traceback
-        settings = Settings(model="7net-0", train=str(train), test=str(src / "Si_test.xyz"), method=args.method,
+        settings = Settings(model="7net-0", train=str(train), test=str(test), method=args.method,
                             density=args.density, epochs=args.epochs, energy_weight=args.energy_weight,
                             out=str(args.out / args.method))  # checked before anything is written
-        _split(src / "Si_train.xyz", train, args.every)
+        write_silicon(train, args.every)
         m = run(settings)
     except ValueError as exc:
         parser.exit(2, f"sparsekern.demo: error: {exc}\n")
