@@ -32,15 +32,20 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/multi_fidelity"))
     args = parser.parse_args(argv)
     train, test = silicon(parser, args.out, args.every)
-    write_silicon(train, args.every)
-    rows = []
-    for model, modal in RUNS:
-        name = model + (f"_{modal}" if modal else "")
-        m = run(Settings(model=model, modal=modal, train=str(train), test=str(test), method="sparse",
-                         epochs=args.epochs, energy_weight=100.0, out=str(args.out / name), progress=False))
-        rows.append({"model": model, "modal": modal, "changed_fraction": m["changed_fraction"],
-                     "wall_s": m["wall_s"], **{f"zero_shot_{k}": m[f"zero_shot_test_{k}"] for k in ERRORS},
-                     **{k: m[f"test_{k}"] for k in ERRORS}})
+    try:  # every run's arguments checked before anything is written: one line, no traceback
+        runs = [(model, modal, Settings(model=model, modal=modal, train=str(train), test=str(test), method="sparse",
+                                        epochs=args.epochs, energy_weight=100.0, progress=False,
+                                        out=str(args.out / (model + (f"_{modal}" if modal else "")))))
+                for model, modal in RUNS]
+        write_silicon(train, args.every)
+        rows = []
+        for model, modal, settings in runs:
+            m = run(settings)
+            rows.append({"model": model, "modal": modal, "changed_fraction": m["changed_fraction"],
+                         "wall_s": m["wall_s"], **{f"zero_shot_{k}": m[f"zero_shot_test_{k}"] for k in ERRORS},
+                         **{k: m[f"test_{k}"] for k in ERRORS}})
+    except (ValueError, FileNotFoundError) as exc:
+        parser.exit(2, f"multi_fidelity.py: error: {exc}\n")
     print(f"{'model':<20}{'zero-shot E / F':>22}{'fine-tuned E / F':>24}   (meV/atom / meV/A, Si_test)")
     for r in rows:
         label = r["model"] + (f" at {r['modal']}" if r["modal"] else "")

@@ -34,6 +34,8 @@ def silicon(parser: argparse.ArgumentParser, out: Path, every: int) -> Tuple[Pat
     src = data_dir() / "si_mlearn"
     if not (src / "Si_train.xyz").exists():
         parser.error(f"silicon data missing under {src}; set SPARSEKERN_DATA to the data folder")
+    if every < 1:
+        parser.error(f"--every must be >= 1, got {every}")
     return out / f"si_train_every{every}.xyz", src / "Si_test.xyz"
 
 
