@@ -52,13 +52,12 @@ def _finite(value, what: str) -> float:
 def _check_weights(atoms, where: str) -> None:
     """MACE's per-frame weights (``config_weight``, ``config_<label>_weight``) are not
     read: a frame weighted other than 1 is refused rather than trained at weight 1."""
-    weighted = {k: v for k, v in atoms.info.items() if k == "config_weight"
-                or (k.startswith("config_") and k.endswith("_weight"))}
-    odd = {k: v for k, v in weighted.items() if not isinstance(v, (int, float)) or float(v) != 1.0}
-    if odd:
-        key, value = next(iter(odd.items()))
-        raise ValueError(f"{where}: {key}={value}: per-frame weights are not read by sparsekern finetune (every frame "
-                         f"and label weighs 1); remove them, or train with sparsekern mace-train (MACE's pipeline)")
+    for key, value in atoms.info.items():
+        weight = key.startswith("config_") and key.endswith("_weight")  # (config_weight too)
+        if weight and not (isinstance(value, (int, float)) and float(value) == 1.0):
+            raise ValueError(f"{where}: {key}={value}: per-frame weights are not read by sparsekern finetune (every "
+                             f"frame and label weighs 1); remove them, or train with sparsekern mace-train (MACE's "
+                             f"pipeline)")
 
 
 def _check_cell(atoms, where: str) -> None:

@@ -180,15 +180,18 @@ class _Wrapped(Family):
         return family_of(model.base).fidelities(model.base)
 
     def e0_table(self, model):
-        return family_of(model.base).at_fidelity(self.modal).e0_table(model.base)
+        return self._base(model).e0_table(model.base)
 
     def model_calculator(self, model, device):
         """The base family's calculator on the base model, with the model's magnetic
         modules (``adapter_calculator`` on a model with them)."""
         from .calculator import MagneticCalculator
 
-        base = family_of(model.base).at_fidelity(self.modal).model_calculator(model.base, device)
-        return MagneticCalculator(base, model.energy, model.head)
+        return MagneticCalculator(self._base(model).model_calculator(model.base, device), model.energy, model.head)
+
+    def _base(self, model) -> Family:
+        """The family of ``model``'s base, at this one's fidelity."""
+        return family_of(model.base).at_fidelity(self.modal)
 
 
 register_family(_Wrapped(), wrapper=True)
