@@ -133,7 +133,7 @@ def module_only(train, test, steps: int, lr: float, energy_weight: float, magfor
     n = len(train[0])
     if lstsq:  # (no base model here, so no force rows)
         parts = [(g, {"energy": torch.tensor([e - e_train.mean()]),
-                      "magforces": torch.as_tensor(a.arrays["REF_magforces"])}, k)
+                      "magforces": torch.as_tensor(a.arrays["REF_magforces"])}, k, {})
                  for k, (g, e, a) in enumerate(zip(graphs[0], e_train, train))]
         solve(module, normal_equations(module, parts, {"energy": len(train), "magforces": 3 * n * len(train)}),
               {"energy": energy_weight, "magforces": magforces_weight})

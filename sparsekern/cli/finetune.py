@@ -188,6 +188,11 @@ def _loss_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--energy_weight", type=float,
                    help="weight of the per-atom energy error in the loss (default 1, 0 with --loss forces_only)")
     p.add_argument("--forces_weight", type=float, default=100.0, help="weight of the force error in the loss")
+    p.add_argument("--config_type_weights",
+                   help="MACE's per-frame weights: a dict '{config_type: weight}' (frames without a config_type are "
+                        "Default's), times each frame's config_weight; config_<label>_weight in a frame's info "
+                        "weighs one label (energy, forces, stress, virials, magforces, magmom). The loss counts "
+                        "weight x error; the errors leave out what weighs 0")
     p.add_argument("--stress_weight", type=float,
                    help="weight of the stress error (eV/Å^3, MACE's stress loss) in the loss (default 0, 1 with "
                         "--loss stress); > 0 reads stresses under --stress_key, trains them where frames have them "
@@ -237,8 +242,7 @@ def _parsed(argv: List[str]) -> argparse.Namespace:
 
     p = parser()
     args = p.parse_args(with_config(p, argv))
-    if vars(args).pop("config") is not None:  # an abbreviation of --config got past with_config
-        p.error("write --config in full")
+    vars(args).pop("config")  # (read by with_config; its abbreviations are ambiguous: --config_type_weights)
     _weights_of_loss(p, args)
     return args
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import ast
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -22,6 +22,7 @@ class Frame:
     magmom: Optional[np.ndarray] = None  # (n, 3) μB, with --magmom_key (also the atoms' initial moments)
     magforces: Optional[np.ndarray] = None  # (n, 3) eV/μB, -dE/dm, with --magforces_key (NaN: unlabelled)
     stress: Optional[np.ndarray] = None  # (3, 3) eV/Å^3, ASE's sign, with --stress_weight (where labelled)
+    weights: Dict[str, float] = field(default_factory=dict)  # MACE's per-frame weights by label (absent: 1)
 
 
 def _lookup(atoms, key: str, kind: str):
@@ -49,15 +50,56 @@ def _finite(value, what: str) -> float:
     return number
 
 
-def _check_weights(atoms, where: str) -> None:
-    """MACE's per-frame weights (``config_weight``, ``config_<label>_weight``) are not
-    read: a frame weighted other than 1 is refused rather than trained at weight 1."""
-    for key, value in atoms.info.items():
-        weight = key.startswith("config_") and key.endswith("_weight")  # (config_weight too)
-        if weight and not (isinstance(value, (int, float)) and float(value) == 1.0):
-            raise ValueError(f"{where}: {key}={value}: per-frame weights are not read by sparsekern finetune (every "
-                             f"frame and label weighs 1); remove them, or train with sparsekern mace-train (MACE's "
-                             f"pipeline)")
+LABELS = ("energy", "forces", "stress", "magforces", "magmom")  # what the loss trains, each weighed by frame
+
+
+def type_weights(spec: Optional[str]) -> Dict[str, float]:
+    """MACE's ``--config_type_weights``, a dict '{config_type: weight}' (None: every type 1),
+    or a one-line error."""
+    if spec is None:
+        return {}
+    try:
+        raw = ast.literal_eval(spec)
+    except (ValueError, SyntaxError):
+        raw = None
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and _plain_number(v) and np.isfinite(v) and v >= 0
+                                            for k, v in raw.items()):
+        raise ValueError(f"--config_type_weights: expected a dict of config_type -> weight >= 0, like "
+                         f"'{{\"Default\": 1.0, \"surface\": 10.0}}', got {spec!r}")
+    return {k: float(v) for k, v in raw.items()}
+
+
+def _plain_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def config_type(atoms) -> str:
+    """MACE's ``config_type`` of a frame (Default where it has none; as text: extended XYZ
+    reads ``config_type=1`` as a number)."""
+    return str(atoms.info.get("config_type", "Default"))
+
+
+def _weights(atoms, where: str, by_type: Dict[str, float], stress_kind: Optional[str]) -> Dict[str, float]:
+    """MACE's per-frame weights of each label the loss trains, those other than 1: the
+    frame's (``config_weight`` times ``by_type``'s weight of its ``config_type``) times the
+    label's (``config_<label>_weight``; a stress read as virials: ``config_virials_weight``)."""
+    def weight(key: str) -> float:
+        value = atoms.info.get(key, 1.0)
+        if not (_plain_number(value) and np.isfinite(value) and value >= 0):
+            shown = repr(value) if isinstance(value, str) else value
+            raise ValueError(f"{where}: {key}={shown}: a weight must be a finite number >= 0")
+        return float(value)
+
+    read = {"config_weight", *(f"config_{label}_weight" for label in (*LABELS, "virials"))}
+    unread = [f"{k}={v}" for k, v in atoms.info.items() if k.startswith("config_") and k.endswith("_weight")
+              and k not in read and not (_plain_number(v) and v == 1)]
+    if unread:
+        raise ValueError(f"{where}: {', '.join(unread)}: weighs no label sparsekern trains (config_weight, "
+                         f"config_<label>_weight of {', '.join((*LABELS, 'virials'))})")
+    frame = weight("config_weight") * by_type.get(config_type(atoms), 1.0)
+    weights = {label: frame * weight(f"config_{(stress_kind or label) if label == 'stress' else label}_weight")
+               for label in LABELS}
+    return {label: w for label, w in weights.items() if w != 1.0}
 
 
 def _check_cell(atoms, where: str) -> None:
@@ -82,14 +124,15 @@ def _label(atoms, key: str, where: str, kind: str):
 def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_forces",
                 limit: Optional[int] = None, magmom_key: Optional[str] = None,
                 magforces_key: Optional[str] = None, stress_key: Optional[str] = None,
-                virials_key: Optional[str] = None, isolated: Optional[Dict[int, Optional[float]]] = None
-                ) -> List[Frame]:
+                virials_key: Optional[str] = None, isolated: Optional[Dict[int, Optional[float]]] = None,
+                by_type: Optional[Dict[str, float]] = None) -> List[Frame]:
     """The first ``limit`` configurations of an extended-XYZ file with their labels (moments and
     magnetic forces where their keys are given; stresses, under ``stress_key`` or as
     virials under ``virials_key``, in the frames that have one). Given an ``isolated``
     dict, MACE's isolated-atom frames (one atom, ``config_type`` IsolatedAtom: a
     reference energy, not a configuration to fit) are set aside into it, {Z: energy or
-    None}, as MACE's data loader does."""
+    None}, as MACE's data loader does. Each frame's weights are MACE's (``_weights``;
+    ``by_type``: ``--config_type_weights``)."""
     from ase.io import read
 
     path = Path(path)
@@ -113,7 +156,6 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
             continue  # (the isolated atoms further on are still read)
         if len(atoms) == 0:
             raise ValueError(f"{where}: no atoms")
-        _check_weights(atoms, where)
         _check_cell(atoms, where)
         energy = _number(_label(atoms, energy_key, where, "energy"), f"{where}: energy {energy_key!r}")
         forces = np.asarray(_label(atoms, forces_key, where, "forces"), dtype=np.float64)
@@ -121,17 +163,20 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
             raise ValueError(f"{where}: forces {forces_key!r} have shape {forces.shape}, expected ({len(atoms)}, 3)")
         _check_finite_and_apart(atoms, energy, forces, where, energy_key, forces_key)
         moment_labels = read_moment_labels(atoms, where, magmom_key, magforces_key) if magmom_key else (None, None)
-        stress = _stress(atoms, stress_key, virials_key, where)
-        frames.append(Frame(atoms, energy, forces, *moment_labels, stress=stress))
+        stress, kind = _stress(atoms, stress_key, virials_key, where)
+        frames.append(Frame(atoms, energy, forces, *moment_labels, stress=stress,
+                            weights=_weights(atoms, where, by_type or {}, kind)))
     if not frames:
         raise ValueError(f"{path} holds isolated atoms only (MACE's IsolatedAtom frames, set aside; "
                          f"--keep_isolated_atoms keeps them)")
     return frames
 
 
-def _stress(atoms, stress_key: Optional[str], virials_key: Optional[str], where: str) -> Optional[np.ndarray]:
+def _stress(atoms, stress_key: Optional[str], virials_key: Optional[str], where: str
+            ) -> Tuple[Optional[np.ndarray], Optional[str]]:
     """The frame's stress label as a 3x3 tensor (eV/Å^3, ASE's sign): under ``stress_key``,
     else -W/V from MACE's virials W (eV) under ``virials_key``; None where it has neither.
+    Also which it was read as (stress, virials).
     Either given as 9 values or as ASE's Voigt 6, xx yy zz yz xz xy, as MACE reads them."""
     from ase.stress import voigt_6_to_full_3x3_stress
 
@@ -150,8 +195,8 @@ def _stress(atoms, stress_key: Optional[str], virials_key: Optional[str], where:
         if not atoms.pbc.all() or abs(atoms.cell.volume) < 1e-6:
             raise ValueError(f"{where}: {kind} {key!r} on a frame that is not periodic in 3 directions")
         tensor = voigt_6_to_full_3x3_stress(values) if values.size == 6 else values.reshape(3, 3)
-        return tensor if kind == "stress" else -tensor / abs(atoms.cell.volume)
-    return None
+        return (tensor if kind == "stress" else -tensor / abs(atoms.cell.volume)), kind
+    return None, None
 
 
 def valid_indices(n: int, fraction: float, seed: int) -> List[int]:
@@ -205,10 +250,12 @@ def composition(frames: Sequence[Frame], zs: Sequence[int]) -> np.ndarray:
     return np.array([[np.count_nonzero(f.atoms.numbers == z) for z in zs] for f in frames], dtype=np.float64)
 
 
-def _lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _lstsq(a: np.ndarray, b: np.ndarray, weights: np.ndarray) -> np.ndarray:
     # minimum-norm solution, as MACE: with a single composition (one molecule) only the
-    # total per molecule is determined, and that is all the energies need
-    return np.linalg.lstsq(a, b, rcond=None)[0]
+    # total per molecule is determined, and that is all the energies need; each frame's
+    # row weighed as the loss weighs its energy
+    root = np.sqrt(weights)
+    return np.linalg.lstsq(a * root[:, None], b * root, rcond=None)[0]
 
 
 def _parse_e0s_dict(spec: str) -> Dict[int, float]:
@@ -258,16 +305,18 @@ def energy_shift(spec: str, frames: Sequence[Frame], zs: Sequence[int],
     - ``average``: least squares of the training energies themselves (MACE's
       ``compute_average_E0s``), which replace the model's isolated-atom energies;
     - a dict or ``.json`` file {Z: E0}: these replace the model's isolated-atom energies.
-    For the replacing options the shift is new E0 - the model's own E0 (``model_e0s``)."""
+    For the replacing options the shift is new E0 - the model's own E0 (``model_e0s``).
+    The fits weigh each frame as the loss weighs its energy (MACE's are unweighted)."""
     zs = [int(z) for z in zs]
     if spec == "foundation":
         return {z: 0.0 for z in zs}
     energies = np.array([f.energy for f in frames])
+    weights = np.array([f.weights.get("energy", 1.0) for f in frames])
     if spec == "estimated":
-        coef = _lstsq(composition(frames, zs), energies - predict_energies())
+        coef = _lstsq(composition(frames, zs), energies - predict_energies(), weights)
         return {z: float(c) for z, c in zip(zs, coef)}
     if spec == "average":
-        new = dict(zip(zs, (float(c) for c in _lstsq(composition(frames, zs), energies))))
+        new = dict(zip(zs, (float(c) for c in _lstsq(composition(frames, zs), energies, weights))))
     else:
         new = _parse_e0s_dict(spec)
         missing = [z for z in zs if z not in new]

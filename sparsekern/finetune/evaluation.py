@@ -5,7 +5,7 @@ the check of a merged model in its family's own ASE calculator."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -14,11 +14,12 @@ import torch
 
 from ..integrations import Family
 from ..magnetism.loss import magnetic_errors, magnetic_loss, magnetic_residuals
-from .data import Frame
+from .data import LABELS, Frame
 from .distributed import Group
 from .graphed_step import GraphedSteps, graphed
 from .penalty import delta, force_delta, penalty
 from .stress import stress_errors, stress_loss, stress_residuals, wanted
+from .weights import residual_weights, scored, weighing, weighted
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Sample:
     magmom: Optional[torch.Tensor] = None  # (n, 3) μB: the moment labels (with --magmom_key)
     magforces: Optional[torch.Tensor] = None  # (n, 3) eV/μB (with --magforces_key; NaN: unlabelled)
     stress: Optional[torch.Tensor] = None  # (3, 3) eV/Å^3 (with --stress_weight, where labelled)
+    weights: Dict[str, float] = field(default_factory=dict)  # MACE's per-frame weights by label (Frame.weights)
 
 
 @dataclass
@@ -56,7 +58,8 @@ def make_samples(family: Family, model, frames: Sequence[Frame], shift: Dict[int
         return None if a is None else torch.as_tensor(a)
 
     samples = [Sample(family.graph(model, f.atoms), f.energy, torch.as_tensor(f.forces), len(f.atoms),
-                      magmom=tensor(f.magmom), magforces=tensor(f.magforces), stress=tensor(f.stress)) for f in frames]
+                      magmom=tensor(f.magmom), magforces=tensor(f.magforces), stress=tensor(f.stress),
+                      weights=f.weights) for f in frames]
     set_shift(samples, frames, shift)
     return samples
 
@@ -158,19 +161,21 @@ def _targets(batch: List[Sample], like: torch.Tensor):
 def loss(family: Family, model, batch: List[Sample], settings, whole: Optional[List[Sample]] = None) -> torch.Tensor:
     """MACE's weighted energy-forces loss (``settings``: the trainer's Settings; mean
     squares or Huber's, ``penalty``), plus the stress and magnetic terms where the samples
-    have labels. With ``whole``, a global batch that ``batch`` is one process's share of:
-    this share's part of the whole's loss (sums over ``batch`` divided by counts of
-    ``whole``), so that the parts add up to the loss of ``whole``."""
+    have labels, each entry at its frame's weight (``weights.py``). With ``whole``, a
+    global batch that ``batch`` is one process's share of: this share's part of the
+    whole's loss (sums over ``batch`` divided by counts of ``whole``), so that the parts
+    add up to the loss of ``whole``."""
     whole = batch if whole is None else whole
     out = outputs(family, model, batch, settings.device, training=True)
     energy, forces = out["energy"], out["forces"]
     e, n, f = _targets(batch, energy)
+    weigh = weighing(batch)
 
-    def per_entry(residual):
-        return penalty(residual, delta(settings))
+    def per_entry(key, residual):
+        return weigh(key, penalty(residual, delta(settings)))
 
-    return (settings.energy_weight * per_entry((energy - e) / n).sum() / len(whole)
-            + settings.forces_weight * penalty(forces - f, force_delta(settings, f)).sum()
+    return (settings.energy_weight * per_entry("energy", (energy - e) / n).sum() / len(whole)
+            + settings.forces_weight * weigh("forces", penalty(forces - f, force_delta(settings, f))).sum()
             / (3 * sum(s.natoms for s in whole))
             + stress_loss(out, batch, settings, whole, per_entry)
             + magnetic_loss(out, batch, settings, whole, per_entry))
@@ -180,10 +185,12 @@ def residuals(family: Family, model, samples: Sequence[Sample], settings,
               group: Group = Group()) -> Dict[str, torch.Tensor]:
     """Per frame (E - E_ref) / N and its energy shift per atom; all force residuals; the
     stress and magnetic residuals where the family predicts them and the samples have labels;
-    under ``--loss universal``, the forces' Huber deltas (``forces_delta``)."""
+    under ``--loss universal``, the forces' Huber deltas (``forces_delta``); with per-frame
+    weights, each residual's (``{key}_weights``)."""
     model.eval()
 
     graphs = graphed(family, model, settings)
+    by_weight = weighted(samples)
 
     def one(batch):
         out = outputs(family, model, batch, settings.device, False, graphs)
@@ -195,6 +202,8 @@ def residuals(family: Family, model, samples: Sequence[Sample], settings,
             part["forces_delta"] = force_delta(settings, f).cpu().double().reshape(-1)
         more = {**stress_residuals(out, batch), **magnetic_residuals(out, batch)}
         part.update({k: r.detach().cpu().double() for k, r in more.items()})
+        if by_weight:
+            part.update(residual_weights(batch, [k for k in part if k in LABELS]))
         return part
 
     with frozen(model):
@@ -202,18 +211,24 @@ def residuals(family: Family, model, samples: Sequence[Sample], settings,
     return {k: torch.cat([p[k] for p in parts if k in p]) for k in dict.fromkeys(k for p in parts for k in p)}
 
 
-def errors(de: torch.Tensor, df: torch.Tensor, res: Optional[Dict[str, torch.Tensor]] = None) -> Errors:
-    """The errors of energy residuals ``de`` (per atom), force residuals ``df`` and the
-    stress and magnetic ones in ``res`` (``residuals``)."""
-    res = res or {}
+def errors(res: Dict[str, torch.Tensor]) -> Errors:
+    """The errors of the ``residuals`` ``res``: energies (per atom), forces, and the stress
+    and magnetic ones where there are; the entries of weight 0 left out (MACE's metrics)."""
+    res = scored(res)
+    de, df = res["energy"], res["forces"]
     return Errors(1e3 * float(de.abs().mean()), 1e3 * float(de.square().mean().sqrt()),
                   1e3 * float(df.abs().mean()), 1e3 * float(df.square().mean().sqrt()),
                   **stress_errors(res), **magnetic_errors(res))
 
 
 def evaluate(family: Family, model, samples: Sequence[Sample], settings, group: Group = Group()) -> Errors:
-    res = residuals(family, model, samples, settings, group)
-    return errors(res["energy"], res["forces"], res)
+    return errors(residuals(family, model, samples, settings, group))
+
+
+def unshifted(res: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The energy and force residuals of ``res`` without the energy shift."""
+    kept = {k: v for k, v in res.items() if k.startswith(("energy", "forces"))}
+    return {**kept, "energy": res["energy"] - res["shift"]}
 
 
 def residual_loss(res: Dict[str, torch.Tensor], settings) -> float:
@@ -221,8 +236,8 @@ def residual_loss(res: Dict[str, torch.Tensor], settings) -> float:
     weight times its mean penalty (the validation loss an epoch is judged by)."""
     weights = {"energy": settings.energy_weight, "forces": settings.forces_weight, "stress": settings.stress_weight,
                "magforces": settings.magforces_weight, "magmom": settings.magmom_weight}
-    return sum(w * float(penalty(res[k], res.get(f"{k}_delta", delta(settings))).mean())
-               for k, w in weights.items() if k in res)
+    return sum(w * float((res.get(f"{k}_weights", 1.0) * penalty(res[k], res.get(f"{k}_delta", delta(settings))))
+                         .mean()) for k, w in weights.items() if k in res)
 
 
 def check_merged(family: Family, reference: Sequence[Dict[str, torch.Tensor]], frames: Sequence[Frame], path: Path,

@@ -28,6 +28,7 @@ from ..magnetism.loss import KEYS as MAGNETIC, magnetic_labels, magnetic_weights
 from .density import schedule_step, set_schedule_step, steady
 from .penalty import delta, force_delta, penalty
 from .stress import value_weight, wanted as stress_wanted
+from .weights import entry_weights, weighted
 
 
 def graphed(family: Family, model: torch.nn.Module, settings) -> Optional["GraphedSteps"]:
@@ -151,9 +152,10 @@ def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.
     atoms), with the padding graph's (weight 0, 1 atom), and (weight, stress label) where
     frames have stress labels (weight 0 for the others); by atom (weight, label) for the
     forces and each magnetic term the samples have labels for, of each component (weight
-    0 where ``magnetic_labels`` leave one unlabelled): ``evaluation.loss``'s sums
-    over ``share`` divided by counts of ``whole``."""
-    per_graph = torch.tensor([[settings.energy_weight * weight / len(whole)] * len(share) + [0.0],
+    0 where ``magnetic_labels`` leave one unlabelled), each at its frame's weight:
+    ``evaluation.loss``'s sums over ``share`` divided by counts of ``whole``."""
+    per_graph = torch.tensor([[settings.energy_weight * weight / len(whole) * s.weights.get("energy", 1.0)
+                               for s in share] + [0.0],
                               [s.shift for s in share] + [0.0], [s.energy for s in share] + [0.0],
                               [s.natoms for s in share] + [1]], dtype=torch.float64)
     weights = {"forces": settings.forces_weight / (3 * sum(s.natoms for s in whole)),
@@ -162,11 +164,14 @@ def _labels(share: List, whole: Sequence, weight: float, settings, dtype: torch.
     labels = {"graph_labels": per_graph.to(dtype)}
     if stress_wanted(share):
         w = value_weight(settings, whole) * weight
-        rows = [[w, *s.stress.reshape(-1).tolist()] if s.stress is not None else [0.0] * 10 for s in share]
+        rows = [[w * s.weights.get("stress", 1.0), *s.stress.reshape(-1).tolist()] if s.stress is not None
+                else [0.0] * 10 for s in share]
         labels[f"stress{_LABELS}"] = torch.tensor(rows + [[0.0] * 10], dtype=torch.float64).to(dtype)
     for key, w in weights.items():
         label = torch.cat([per_atom[key](s) for s in share]).double()
         labelled = label.isfinite().double()  # (float64: weight is a float, bool * float makes float32)
+        if weighted(share):
+            labelled = labelled * entry_weights(share, key, labelled=False).reshape(label.shape)
         labels[f"{key}{_LABELS}"] = torch.cat([labelled * (w * weight), label.nan_to_num(0.0)], 1).to(dtype)
     if settings.loss == "universal":  # the forces' Huber deltas by component (padding atoms: 0)
         deltas = [force_delta(settings, s.forces.double()) for s in share]

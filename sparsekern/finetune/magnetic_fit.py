@@ -1,8 +1,8 @@
 """The magnetic energy fitted in closed form (``magnetism/fit.py``) by the trainer, at
 the start of a run and again after the last epoch (on the trained base): the energy
 and stress residuals of the model with E_mag at zero and the magnetic-force labels of this
-process's share of the training frames, the normal equations summed over the processes
-and solved alike on each."""
+process's share of the training frames (at their weights), the normal equations summed
+over the processes and solved alike on each."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ..magnetism.family import MagneticFamily
 from ..magnetism.fit import normal_equations, solve, zero_outputs
 from ..magnetism.loss import labelled_count
 from .evaluation import Sample, outputs, shared_batches
+from .weights import entry_weights, weighted
 
 
 def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, group) -> Optional[dict]:
@@ -34,7 +35,9 @@ def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, grou
                 labels = torch.stack([s.stress if s.stress is not None else torch.full((3, 3), torch.nan)
                                       for s in batch]).double()
                 targets["stress"] = labels - out["stress"].detach().cpu().double()
-            yield family.magnetic_batch([s.graph for s in batch], settings.device), targets, i * settings.batch_size
+            weights = {k: entry_weights(batch, k, labelled=False) for k in targets} if weighted(batch) else {}
+            graphs = family.magnetic_batch([s.graph for s in batch], settings.device)
+            yield graphs, targets, i * settings.batch_size, weights
 
     model.eval()
     weights = {"energy": settings.energy_weight, "forces": settings.forces_weight,

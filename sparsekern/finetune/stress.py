@@ -32,13 +32,13 @@ def value_weight(settings, whole: Sequence) -> float:
 
 
 def stress_loss(out: Dict[str, torch.Tensor], batch: Sequence, settings, whole: Sequence,
-                penalty: Callable[[torch.Tensor], torch.Tensor] = torch.square) -> torch.Tensor:
-    """stress_weight * mean(penalty(S - S_ref)) over the labelled frames of ``whole``, the
-    global batch that ``batch`` is one process's share of (0 without labels)."""
+                penalty: Callable[[str, torch.Tensor], torch.Tensor] = lambda key, r: r.square()) -> torch.Tensor:
+    """stress_weight * mean(penalty("stress", S - S_ref)) over the labelled frames of
+    ``whole``, the global batch that ``batch`` is one process's share of (0 without labels)."""
     res = stress_residuals(out, batch)
     if not res:
         return torch.zeros((), dtype=out["energy"].dtype, device=out["energy"].device)
-    return value_weight(settings, whole) * penalty(res["stress"]).sum()
+    return value_weight(settings, whole) * penalty("stress", res["stress"]).sum()
 
 
 def stress_errors(res: Dict[str, torch.Tensor]) -> Dict[str, float]:

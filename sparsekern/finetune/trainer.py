@@ -47,11 +47,12 @@ from .averaging import ParameterAverage
 from .backward import backward
 from .config import SEEDS, SparseConfig
 from .curves import plot_curves
-from .data import REFIT_E0S, Frame, check_e0s, energy_shift, read_frames, shared_frames, split_valid, valid_indices
+from .data import (REFIT_E0S, Frame, check_e0s, config_type, energy_shift, read_frames, shared_frames, split_valid,
+                   type_weights, valid_indices)
 from .density import calibrate_to_schedule, steady
 from .distributed import Group, join, leave
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, fits_in_memory, forward, loss,
-                         make_samples, map_batches, outputs, residual_loss, residuals, set_shift)
+                         make_samples, map_batches, outputs, residual_loss, residuals, set_shift, unshifted)
 from .graphed_step import GraphedSteps, graphed
 from .lifecycle import merge, prepare, target_groups, to_fast, unmergeable
 from .lr_scale import by_weight_scale
@@ -105,6 +106,7 @@ class Settings:
     energy_weight: float = 1.0
     forces_weight: float = 100.0
     stress_weight: float = 0.0  # > 0: stresses (eV/Å^3) of the frames labelled under stress_key in the loss
+    config_type_weights: Optional[str] = None  # MACE's '{config_type: weight}', times each frame's config_weight
     e0s: str = "estimated"
     energy_key: str = "REF_energy"
     forces_key: str = "REF_forces"
@@ -160,6 +162,8 @@ class Settings:
             raise ValueError(f"loss weights must be finite and >= 0, got {', '.join(bad)}")
         self._check_stress()
         self._check_loss()
+        by_type = {t: w for t, w in sorted(type_weights(self.config_type_weights).items()) if w != 1.0}
+        self.config_type_weights = repr(by_type) if by_type else None  # (MACE's default '{"Default": 1.0}': None)
         check_e0s(self.e0s)
         if self.default_dtype not in (None, "float32", "float64"):
             raise ValueError(f"--default_dtype must be float32 or float64, got {self.default_dtype!r}")
@@ -299,7 +303,7 @@ class Settings:
             for k in [k for k in d if "stage_two" in k]:
                 d.pop(k)
         for k in ("element_resolved", "spin_orbit", "ema", "valid_fraction", "default_dtype", "keep_isolated_atoms",
-                  "modal"):
+                  "modal", "config_type_weights"):
             if not d[k]:  # checkpoints from before it stay resumable (ema's: with --no_ema)
                 d.pop(k)
         if not self.ema:
@@ -340,15 +344,17 @@ def _read_data(settings: Settings) -> Splits:
     if settings.e0s == "isolated" and settings.keep_isolated_atoms:
         raise ValueError("--E0s isolated reads the isolated-atom frames set aside: leave out --keep_isolated_atoms")
     isolated: Dict[str, Dict[int, Optional[float]]] = {"train": {}, "valid": {}, "test": {}}
+    by_type = type_weights(settings.config_type_weights)
 
     def read(split, limit):
         path = getattr(settings, split)
         return read_frames(path, settings.energy_key, settings.forces_key, limit, settings.magmom_key,
                            settings.magforces_key, settings.stress_key, settings.virials_key,
-                           None if settings.keep_isolated_atoms else isolated[split]) if path else []
+                           None if settings.keep_isolated_atoms else isolated[split], by_type) if path else []
 
     train, test = read("train", settings.max_train), read("test", settings.max_test)
     valid = read("valid", settings.max_valid)
+    _check_types(by_type, train + valid + test)
     if settings.valid_fraction is not None:
         train, valid = split_valid(train, settings.valid_fraction, settings.seed)
     if settings.stress_weight and all(f.stress is None for f in train):
@@ -362,6 +368,16 @@ def _read_data(settings: Settings) -> Splits:
     if settings.e0s == "isolated":
         _check_isolated_e0s(settings, train, isolated["train"])
     return Splits(train, valid, test, {split: atoms for split, atoms in isolated.items() if atoms})
+
+
+def _check_types(by_type: Dict[str, float], frames: Sequence[Frame]) -> None:
+    """A config_type ``--config_type_weights`` weighs (other than 1) that no frame has is a
+    misspelling, not a choice: refused, naming those there are."""
+    present = {config_type(f.atoms) for f in frames}
+    absent = sorted(t for t, w in by_type.items() if w != 1.0 and t not in present)
+    if absent:
+        raise ValueError(f"--config_type_weights: no frame has config_type {', '.join(map(repr, absent))} (the "
+                         f"frames' config_types: {', '.join(map(repr, sorted(present)))})")
 
 
 def _check_isolated_e0s(settings: Settings, train: Sequence[Frame], isolated: Dict[int, Optional[float]]) -> None:
@@ -829,7 +845,7 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
         would be saved with now (its refit), as the test's: without it they carry the drift."""
         set_shift(valid_s, valid, _corrected(shift, _refit(family, trained, train_s, train, settings, group)))
         res = residuals(family, trained, valid_s, settings, group)
-        return errors(res["energy"], res["forces"], res).as_dict(), residual_loss(res, staged)
+        return errors(res).as_dict(), residual_loss(res, staged)
 
     with deferred() as signalled:
         progress = _train(_Loop(family, model, settings, group, signalled, save), train_s,
@@ -840,7 +856,7 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
     for part, part_frames in ((train_s, train), (test_s, test), (valid_s, valid)):
         set_shift(part, part_frames, shift)
     after = residuals(family, model, held_s, settings, group)
-    final_errors = {evaluated: errors(after["energy"], after["forces"], after), **zero_shot}
+    final_errors = {evaluated: errors(after), **zero_shot}
     metrics = _metrics(settings, family, frames, shift, model, progress, final_errors,
                        _changed_fraction(model, base))
     metrics.update(evaluated_on=evaluated, e0_refit_ev={str(z): v for z, v in refit.items()}, processes=group.size)
@@ -870,8 +886,8 @@ def _zero_shot(family: Family, model, held: Tuple[str, Sequence[Sample]], valid_
     training moves the latter's energy reference."""
     evaluated, held_s = held
     res = residuals(family, model, held_s, settings, group)
-    zero_shot = {f"zero_shot_{evaluated}": errors(res["energy"], res["forces"], res),
-                 f"zero_shot_no_e0_shift_{evaluated}": errors(res["energy"] - res["shift"], res["forces"])}
+    zero_shot = {f"zero_shot_{evaluated}": errors(res),
+                 f"zero_shot_no_e0_shift_{evaluated}": errors(unshifted(res))}
     valid = res if evaluated == "valid" else residuals(family, model, valid_s, settings, group) if valid_s else None
     return res, zero_shot, valid
 

@@ -75,14 +75,15 @@ def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], counts: Dic
     """(FOLDS, len(TERMS), K + 1, K + 1): for each fold of frames and each term, Z^T Z with
     Z = [X y], X the design matrix of the least-squares problem over ``parts`` (its K
     columns: E_mag's linear parameters, then the per-element offsets, energy rows only)
-    and y the targets: tuples (batch, {term: target}, first) with what E_mag should add to each
-    term of ``TERMS`` that has labels: the energy residual per frame (eV), the force
-    residuals, the magnetic-force labels (n, 3) and the stress residuals (F, 3, 3); NaN
-    (a frame without a stress label, a component a collinear label leaves out): its
-    rows are left out. Energy rows are per atom; each term's rows are scaled by
-    1/sqrt(``counts``: its global number of labelled entries), so that the solve's term
-    weights make the training loss, and sums over processes add up. The
-    force rows matter: E_mag depends on positions, and fitted to energies alone its
+    and y the targets: tuples (batch, {term: target}, first, {term: weights}) with what
+    E_mag should add to each term of ``TERMS`` that has labels: the energy residual per
+    frame (eV), the force residuals, the magnetic-force labels (n, 3) and the stress
+    residuals (F, 3, 3); NaN (a frame without a stress label, a component a collinear
+    label leaves out): its rows are left out. Energy rows are per atom; each row is
+    scaled by the square root of its weight (the flat target's entry's; a term without
+    weights: 1) and by 1/sqrt(``counts``: its term's global number of labelled entries),
+    so that the solve's term weights make the training loss, and sums over processes add
+    up. The force rows matter: E_mag depends on positions, and fitted to energies alone its
     random features give forces of eV/Å. ``first`` is the global index of the batch's
     first frame (over every process's parts), and frame i goes to fold i % FOLDS: the
     solve's cross-validation holds out whole frames, the same folds in any number of
@@ -91,7 +92,7 @@ def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], counts: Dic
         raise ValueError("the magnetic module's output layers must be at their zero start")
     k = n_linear(energy) + N_ELEMENTS
     system = torch.zeros(FOLDS, len(TERMS), k + 1, k + 1, dtype=torch.float64)
-    for batch, targets, first in parts:  # (made outside no_grad: the base computes forces)
+    for batch, targets, first, weights in parts:  # (made outside no_grad: the base computes forces)
         with torch.no_grad():
             cols = _columns(energy, batch, "stress" in targets)
             frame = batch.frame.cpu()
@@ -110,6 +111,8 @@ def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], counts: Dic
                 labelled = y.isfinite()
                 x, y, fold = x[labelled], y[labelled], fold[labelled]
                 z = torch.cat([x, y[:, None]], 1) / max(counts[key], 1) ** 0.5
+                if key in weights:
+                    z = z * weights[key].double().cpu()[labelled].sqrt()[:, None]
                 fold = (fold + first) % FOLDS
                 for f in range(FOLDS):
                     rows = z[fold == f]

@@ -58,12 +58,13 @@ def magnetic_weights(batch: Sequence, settings, whole: Sequence) -> Dict[str, fl
 
 
 def magnetic_loss(out: Dict[str, torch.Tensor], batch: Sequence, settings, whole: Sequence,
-                  penalty: Callable[[torch.Tensor], torch.Tensor] = torch.square) -> torch.Tensor:
-    """magforces_weight * mean(penalty(dH)) + magmom_weight * mean(penalty(d|m|)) (0
-    without labels; the penalty of each residual: its square, or the run's Huber's), the
-    means over ``whole``, the global batch that ``batch`` is one process's share of."""
+                  penalty: Callable[[str, torch.Tensor], torch.Tensor] = lambda key, r: r.square()) -> torch.Tensor:
+    """magforces_weight * mean(penalty("magforces", dH)) + magmom_weight *
+    mean(penalty("magmom", d|m|)) (0 without labels; the penalty of each residual: its
+    square, or the run's Huber's, at its weight), the means over ``whole``, the global
+    batch that ``batch`` is one process's share of."""
     weights = magnetic_weights(batch, settings, whole)
-    terms = [weights[k] * penalty(r).sum() for k, r in magnetic_residuals(out, batch).items()]
+    terms = [weights[k] * penalty(k, r).sum() for k, r in magnetic_residuals(out, batch).items()]
     return sum(terms, torch.zeros((), dtype=out["energy"].dtype, device=out["energy"].device))
 
 

@@ -166,7 +166,8 @@ def test_bad_config_files_are_refused_in_one_line(tmp_path, capsys, text, said):
     (["--config", "missing.yaml"], "--config: file not found: missing.yaml"),
     (["--config"], "--config needs a YAML file"),
     (["--config", "a.yaml", "--config", "b.yaml"], "--config given twice"),
-    (["--conf", "a.yaml", "--model", "m", "--train", "t", "--method", "full"], "write --config in full"),
+    (["--conf", "a.yaml", "--model", "m", "--train", "t", "--method", "full"],
+     "ambiguous option: --conf could match --config, --config_type_weights"),
 ])
 def test_bad_config_options_are_refused_in_one_line(tmp_path, capsys, argv, said):
     with pytest.raises(SystemExit) as stop:

@@ -423,9 +423,6 @@ def test_bad_data_and_folders_are_refused_before_slow_work(files, sparse_run, ca
     (tmp_path / "e0s.json").write_text("{13: -3.0}")
     refused(tmp_path / "j", "--E0s", str(tmp_path / "e0s.json"), says="e0s.json: not JSON (Expecting property name")
     refused(tmp_path / "j", "--E0s", "{13: 1e999, 29: -4.0}", says="energies must be finite numbers")
-    weighted = _write_broken(files, tmp_path, "weighted.xyz", lambda a: a.info.update(config_energy_weight=0.0))
-    refused(tmp_path / "c", "--train", str(weighted), says="frame 1: config_energy_weight=0.0: per-frame weights are "
-                                                            "not read")
     flat = _write_broken(files, tmp_path, "flat.xyz", lambda a: a.cell.__setitem__(2, [0.0, 0.0, 0.0]))
     refused(tmp_path / "f", "--train", str(flat), says="frame 1: periodic (pbc [True, True, True]) with a degenerate")
     stress = _write_broken(files, tmp_path, "stress.xyz", lambda a: a.info.update(REF_stress="abc"))

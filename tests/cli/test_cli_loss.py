@@ -112,23 +112,89 @@ def test_the_huber_losses_are_maces(labelled, loss):
     assert float(evaluation.loss(family, model, samples, _settings("weighted", energy_weight=2.0)).detach()) > 2 * got
 
 
+FRAME_WEIGHTS = {"config_weight": [2.0, 1.0, 0.7], "config_type": ["surface", "Default", "bulk"],
+                 "config_energy_weight": [1.0, 0.0, 1.0], "config_forces_weight": [1.0, 3.0, 1.0],
+                 "config_stress_weight": [1.0, 1.0, 0.5]}  # by training frame; --config_type_weights below
+TYPE_WEIGHTS = {"surface": 1.5, "Default": 1.0}
+
+
+def _weigh(path):
+    """The frames of ``path`` rewritten with FRAME_WEIGHTS."""
+    from ase.io import read, write
+
+    frames = read(path, ":")
+    for i, atoms in enumerate(frames):
+        atoms.info.update({k: v[i] for k, v in FRAME_WEIGHTS.items()})
+    write(path, frames)
+    return path
+
+
+def test_the_weighted_loss_is_maces_with_its_per_frame_weights(files, tmp_path):
+    """MACE's config_weight, config_type weights and per-label weights read from the file:
+    evaluation.loss is MACE's WeightedEnergyForcesStressLoss of MACE's own predictions
+    with MACE's weights (every frame with a stress label)."""
+    pytest.importorskip("mace")
+    from mace.modules.loss import WeightedEnergyForcesStressLoss
+
+    from helpers import with_stresses
+    from sparsekern.finetune import evaluation
+    from sparsekern.finetune.data import read_frames
+    from sparsekern.integrations.base import family_for
+
+    train = _weigh(with_stresses(files, tmp_path)[0])
+    family = family_for(str(files / "tiny.model"))
+    model = family.load(str(files / "tiny.model"), "cpu")
+    frames = read_frames(train, stress_key="REF_stress", by_type=TYPE_WEIGHTS)
+    assert [f.weights for f in frames] == [{"energy": 3.0, "forces": 3.0, "stress": 3.0, "magforces": 3.0,
+                                            "magmom": 3.0}, {"energy": 0.0, "forces": 3.0},
+                                           {"energy": 0.7, "forces": 0.7, "stress": 0.35, "magforces": 0.7,
+                                            "magmom": 0.7}]
+    samples = evaluation.make_samples(family, model, frames, {})
+    pred = {k: v.detach() for k, v in family.outputs(model, family.collate([s.graph for s in samples], "cpu"), False,
+                                                     stress=True).items()}
+    ref = _MaceBatch(energy=torch.tensor([s.energy for s in samples], dtype=torch.float64),
+                     forces=torch.cat([s.forces for s in samples]), stress=torch.stack([s.stress for s in samples]),
+                     ptr=torch.tensor([0, *torch.tensor([s.natoms for s in samples]).cumsum(0).tolist()]))
+    ref.update({k: torch.tensor(v, dtype=torch.float64) for k, v in (
+        ("weight", [3.0, 1.0, 0.7]), ("energy_weight", [1.0, 0.0, 1.0]), ("forces_weight", [1.0, 3.0, 1.0]),
+        ("stress_weight", [1.0, 1.0, 0.5]))})
+    want = WeightedEnergyForcesStressLoss(energy_weight=2.0, forces_weight=100.0, stress_weight=10.0)(ref, pred)
+    sparsekern.patch(model)
+    got = evaluation.loss(family, model, samples, _settings("weighted", energy_weight=2.0)).detach()
+    assert float(got) == pytest.approx(float(want), rel=1e-10)
+    for s in samples:
+        s.weights = {}
+    unweighted = evaluation.loss(family, model, samples, _settings("weighted", energy_weight=2.0)).detach()
+    assert abs(float(unweighted) / float(got) - 1) > 0.05
+
+
 @pytest.mark.parametrize("loss", ["weighted", "huber", "universal"])
-def test_validation_loss_is_the_training_loss_of_the_whole_set(files, tmp_path, loss):
+@pytest.mark.parametrize("weights", [False, True], ids=["unweighted", "weighted"])
+def test_validation_loss_is_the_training_loss_of_the_whole_set(files, tmp_path, loss, weights):
     """residual_loss of the residuals is ``loss`` over the same frames as one batch, stress
     term included (an unlabelled frame adds nothing to either), under each penalty
-    (universal's deltas travel with the residuals)."""
+    (universal's deltas travel with the residuals), per-frame weights too (travelling
+    with the residuals as well)."""
     from sparsekern.finetune import evaluation
 
     family, model, samples = _samples(files, tmp_path, unlabelled=(1,), shift={13: 0.5, 29: -0.25})
+    if weights:
+        samples[0].weights, samples[2].weights = {"energy": 2.0, "forces": 0.5, "stress": 3.0}, {"stress": 0.0}
     sparsekern.patch(model)
     settings = _settings(loss, None if loss == "weighted" else 0.05, energy_weight=2.0, stress_weight=1e3)
     res = evaluation.residuals(family, model, samples, settings)
-    assert set(res) == {"energy", "shift", "forces", "stress", *(["forces_delta"] if loss == "universal" else [])}
+    weighted = ["energy_weights", "forces_weights", "stress_weights"] if weights else []
+    assert set(res) == {"energy", "shift", "forces", "stress", *(["forces_delta"] if loss == "universal" else []),
+                        *weighted}
     assert res["stress"].numel() == 2 * 9
     whole = float(evaluation.loss(family, model, samples, settings).detach())
     assert evaluation.residual_loss(res, settings) == pytest.approx(whole, rel=1e-12)
     settings.stress_weight = 0.0
     assert evaluation.residual_loss(res, settings) < whole
+    errors = evaluation.errors(res)
+    scored = res["stress"][:9] if weights else res["stress"]  # (weight 0: left out)
+    assert errors.stress_mae_mev_per_A3 == pytest.approx(1e3 * float(scored.abs().mean()), rel=1e-14)
+    assert errors.energy_mae_mev_per_atom == pytest.approx(1e3 * float(res["energy"].abs().mean()), rel=1e-14)
 
 
 def _run(files, out, *extra):

@@ -74,10 +74,14 @@ def _magnetic(head: bool, make_base=_mace):
     return make
 
 
-def _frames(numbers, sizes, magnetic=False, stress=False):
+WEIGHTS = {0: {"energy": 2.0, "forces": 0.5}, 2: {"stress": 3.0, "magforces": 0.0, "magmom": 4.0},
+           3: {"energy": 0.0, "forces": 1.5, "magforces": 2.0}}  # MACE's per-frame weights of some frames
+
+
+def _frames(numbers, sizes, magnetic=False, stress=False, weights=False):
     """Rattled fcc cells of ``sizes`` repeats (x), two elements, made-up labels (and
     ``magnetic``: moments and magnetic forces; ``stress``: stresses, on every frame but
-    the second)."""
+    the second; ``weights``: WEIGHTS)."""
     frames = []
     for i, repeat in enumerate(sizes):
         atoms = bulk("Cu", "fcc", a=3.9, cubic=True) * (repeat, 1, 1)  # 12 neighbours within 3.5 A
@@ -90,7 +94,8 @@ def _frames(numbers, sizes, magnetic=False, stress=False):
         atoms.set_initial_magnetic_moments(magmom)
         label = 0.01 * torch.randn(3, 3, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
         frames.append(Frame(atoms, energy=-3.0 * len(atoms) + 0.1 * i, forces=forces, magmom=magmom,
-                            magforces=magforces, stress=(label + label.T).numpy() if stress and i != 1 else None))
+                            magforces=magforces, stress=(label + label.T).numpy() if stress and i != 1 else None,
+                            weights=WEIGHTS.get(i, {}) if weights else {}))
     return frames
 
 
@@ -99,10 +104,11 @@ def _frames(numbers, sizes, magnetic=False, stress=False):
     (_magnetic(False), False, "weighted"), (_magnetic(True, _sevennet), False, "weighted"),
     (_mace, True, "universal"), (_multi_fidelity, True, "weighted"), (_magnetic(True), True, "huber")],
     ids=["mace", "sevennet", "magnetic", "magnetic-without-head", "sevennet-magnetic", "mace-stress-universal",
-         "sevennet-multi-fidelity-stress", "magnetic-stress-huber"])
+         "sevennet-multi-fidelity-stress", "magnetic-stress-huber-weighted"])
 def test_graphed_steps_are_the_eager_steps(make, stress, loss, monkeypatch):
     """(Under MACE's Huber losses, at a delta both branches meet; universal's forces past
-    100, 200 and 300 eV/Å on three atoms.)"""
+    100, 200 and 300 eV/Å on three atoms; the magnetic Huber case with per-frame weights
+    on every label.)"""
     fake_cuda_graphs(monkeypatch)
     if loss != "weighted":
         monkeypatch.setattr(SETTINGS, "loss", loss)
@@ -113,7 +119,8 @@ def test_graphed_steps_are_the_eager_steps(make, stress, loss, monkeypatch):
                         lambda self, *a: captures.append(a[2]) or init(self, *a))
     family, model, numbers = make()
     model = train_magnetic(sparsekern.prepare(sparsekern.patch(model), sparsekern.SparseConfig(density=0.1)).train())
-    frames = _frames(numbers, [1, 1, 8, 8, 2], magnetic=isinstance(family, MagneticFamily), stress=stress)
+    frames = _frames(numbers, [1, 1, 8, 8, 2], magnetic=isinstance(family, MagneticFamily), stress=stress,
+                     weights=loss == "huber")
     if loss == "universal":
         frames[2].forces[:3, 0] += [150.0, 250.0, 350.0]
     samples = make_samples(family, model, frames, {numbers[0]: 0.5})

@@ -13,9 +13,9 @@ from test_energy_symmetry import cell_atoms, random_module
 
 
 def numbered(parts):
-    """(batch, targets, index of its first frame) of each (batch, targets) of one process."""
+    """(batch, targets, index of its first frame, no weights) of each (batch, targets) of one process."""
     starts = np.cumsum([0] + [b.n_frames for b, _ in parts])
-    return [(b, targets, int(first)) for (b, targets), first in zip(parts, starts)]
+    return [(b, targets, int(first), {}) for (b, targets), first in zip(parts, starts)]
 
 
 def batches(module, n_batches, size=8, seed=0):
@@ -116,6 +116,28 @@ def test_fit_keeps_zero_where_the_moments_explain_nothing():
     assert all(not p.any() for layer in (module.pair[-1], module.onsite[-1]) for p in layer.parameters())
     one = batches(module, 1, size=1)[0]
     e, f, h = (t.detach() for t in random_module().energy_and_forces(one))
-    choice = solve(module, normal_equations(module, [(one, {"energy": e, "magforces": h}, 0)],
+    choice = solve(module, normal_equations(module, [(one, {"energy": e, "magforces": h}, 0, {})],
                                             {"energy": 1, "magforces": 3}), {"energy": 1.0, "magforces": 100.0})
     assert choice["ridge"] is None and choice["held_out_loss"] is None
+
+
+def test_the_fit_weighs_its_rows_as_the_loss_weighs_them():
+    """normal_equations: a weight-0 entry is an unlabelled one (left out), weights of 4 a
+    system four times as large."""
+    module, truth = random_module(), random_module(seed=1)
+    zero_outputs(module)
+    (b,) = batches(module, 1, size=3)
+    e, f, h = (t.detach() for t in truth.energy_and_forces(b))
+    counts = {"energy": 3, "forces": f.numel(), "magforces": h.numel()}
+    targets = {"energy": e, "forces": f, "magforces": h}
+    plain = normal_equations(module, [(b, targets, 0, {})], counts)
+    fours = {k: torch.full((v.numel(),), 4.0, dtype=torch.float64) for k, v in targets.items()}
+    torch.testing.assert_close(normal_equations(module, [(b, targets, 0, fours)], counts), 4 * plain, rtol=1e-12,
+                               atol=0)
+    zero = torch.ones(f.numel(), dtype=torch.float64)
+    zero[:6] = 0.0
+    nan = f.clone().reshape(-1)
+    nan[:6] = torch.nan
+    torch.testing.assert_close(normal_equations(module, [(b, targets, 0, {"forces": zero})], counts),
+                               normal_equations(module, [(b, {**targets, "forces": nan.reshape(f.shape)}, 0, {})],
+                                                counts), rtol=1e-12, atol=0)

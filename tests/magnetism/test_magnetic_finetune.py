@@ -572,3 +572,26 @@ def test_bad_magnetic_input_is_refused_in_one_line_before_any_work(nickel, tmp_p
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("sparsekern finetune: error: ") and message in err, err
     assert not out.exists()  # refused before the output folder (or anything in it)
+
+
+def test_labels_that_weigh_0_change_nothing(files, tmp_path):
+    """A training frame at config_weight 0: its labels, true or 50 eV and 100 times off,
+    leave the run as it was (the E0 fit, the magnetic energy's fit, the loss)."""
+    from ase.io import read, write
+
+    runs = []
+    for off in (False, True):
+        frames = read(files / "train.xyz", ":")
+        frames[1].info["config_weight"] = 0.0
+        if off:
+            frames[1].info["REF_energy"] += 50.0
+            for key in ("REF_forces", "REF_magforces"):
+                frames[1].arrays[key] *= 100.0
+        write(tmp_path / f"train_{off}.xyz", frames)
+        out = tmp_path / f"run_{off}"
+        assert _run(files, out, "--train", str(tmp_path / f"train_{off}.xyz"), "--epochs", "1", "--magmom_key",
+                    "REF_magmom", "--magforces_key", "REF_magforces", "--predict_magmom") == 0
+        runs.append(json.loads((out / "metrics.json").read_text()))
+    tested = [k for k in runs[0] if k.startswith("test_")]
+    assert len(tested) >= 6 and [runs[0][k] for k in tested] == [runs[1][k] for k in tested]
+    assert runs[0]["magnetic_fit"] == runs[1]["magnetic_fit"]
