@@ -8,6 +8,8 @@ import argparse
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .mace_options import refusal
+
 
 def with_config(parser: argparse.ArgumentParser, argv: List[str]) -> List[str]:
     """``argv`` with the options of its ``--config`` file (if any) put before the rest,
@@ -21,8 +23,9 @@ def with_config(parser: argparse.ArgumentParser, argv: List[str]) -> List[str]:
                                            if s.startswith("--")}
     unknown = [k for k in options if k not in by_name or k in ("config", "help")]
     if unknown:
-        parser.error(f"--config {path}: no option {', '.join(map(repr, unknown))} in this command (its options are "
-                     f"in --help; MACE's full set of options runs under `sparsekern mace-train`)")
+        parser.error(f"--config {path}: " + refusal([f"--{k}" for k in unknown]).replace(
+            "unrecognized arguments: ", "no option ") + " in this command (MACE's full set of options runs under "
+            "`sparsekern mace-train`)")
     for dest in {by_name[k].dest for k in options}:
         twice = [k for k in options if by_name[k].dest == dest]
         if len(twice) > 1:  # one would win, silently

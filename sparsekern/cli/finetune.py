@@ -26,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = OneLineErrors(
         prog="sparsekern finetune", formatter_class=_DefaultsShown,
+        allow_abbrev=False,  # (MACE's --lora is refused as such, not read as --lora_rank)
         description="Fine-tune a foundation model and evaluate it. Writes DIR/metrics.json, DIR/checkpoint.pt "
                     "(rerunning the same command resumes), the adapter (sparse, lora) and a merged model for "
                     "the family's own ASE calculator.")
@@ -52,6 +53,9 @@ def parser() -> argparse.ArgumentParser:
     _optimizer_flags(p)
     _stage_two_flags(p)
     p.add_argument("--batch_size", type=int, default=4, help="frames per optimizer step")
+    p.add_argument("--valid_batch_size", type=int,
+                   help="frames per evaluation batch (validation, test; default --batch_size): memory only, the "
+                        "errors do not depend on it")
     p.add_argument("--seed", type=int, default=0, help="seeds the delta's start and the data order")
     _loss_flags(p)
     p.add_argument("--E0s", dest="e0s", default="estimated",
@@ -239,10 +243,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _parsed(argv: List[str]) -> argparse.Namespace:
     from .config_file import with_config
+    from .mace_options import MACE_ARCHITECTURES, refusal
 
     p = parser()
-    args = p.parse_args(with_config(p, argv))
-    vars(args).pop("config")  # (read by with_config; its abbreviations are ambiguous: --config_type_weights)
+    args, unrecognized = p.parse_known_args(with_config(p, argv))
+    if unrecognized:
+        p.error(refusal(unrecognized))
+    if args.model in MACE_ARCHITECTURES and not Path(args.model).exists():
+        p.error(f"--model {args.model} names MACE's architecture (MACE's --model); here --model (--foundation_model) "
+                f"is the model fine-tuned, whose architecture is kept: leave MACE's --model out")
+    vars(args).pop("config")  # (read by with_config)
     _weights_of_loss(p, args)
     return args
 

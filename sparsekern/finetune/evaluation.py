@@ -186,7 +186,8 @@ def residuals(family: Family, model, samples: Sequence[Sample], settings,
     """Per frame (E - E_ref) / N and its energy shift per atom; all force residuals; the
     stress and magnetic residuals where the family predicts them and the samples have labels;
     under ``--loss universal``, the forces' Huber deltas (``forces_delta``); with per-frame
-    weights, each residual's (``{key}_weights``)."""
+    weights, each residual's (``{key}_weights``). In batches of ``valid_batch_size`` frames
+    (None: ``batch_size``)."""
     model.eval()
 
     graphs = graphed(family, model, settings)
@@ -207,7 +208,7 @@ def residuals(family: Family, model, samples: Sequence[Sample], settings,
         return part
 
     with frozen(model):
-        parts = map_batches(one, samples, settings.batch_size, group)
+        parts = map_batches(one, samples, settings.valid_batch_size or settings.batch_size, group)
     return {k: torch.cat([p[k] for p in parts if k in p]) for k in dict.fromkeys(k for p in parts for k in p)}
 
 

@@ -68,7 +68,8 @@ from .statistics import stats
 # Left out of a checkpoint's identity: where the run goes, how it shows and what it is tested
 # on, not what it trains (the stop is decided from the checkpoint's history: more --patience
 # continues a stopped run).
-_NOT_IDENTITY = ("out", "device", "progress", "cuda_graphs", "patience", "last_epoch", "test", "max_test")
+_NOT_IDENTITY = ("out", "device", "progress", "cuda_graphs", "patience", "last_epoch", "test", "max_test",
+                 "valid_batch_size")
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Settings:
     ema_decay: float = 0.99
     amsgrad: bool = True  # Adam's AMSGrad variant (MACE's default); False: plain Adam
     batch_size: int = 4
+    valid_batch_size: Optional[int] = None  # frames per evaluation batch (None: batch_size); memory only
     seed: int = 0
     loss: str = "weighted"  # each residual's penalty (penalty.PENALTIES): its square, or MACE's Huber's
     huber_delta: Optional[float] = None  # with a Huber loss (default MACE's 0.01)
@@ -150,6 +152,8 @@ class Settings:
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"need epochs >= 0, batch_size >= 1 and lr > 0 "
                              f"(got {self.epochs}, {self.batch_size}, {self.lr})")
+        if self.valid_batch_size is not None and self.valid_batch_size < 1:
+            raise ValueError(f"--valid_batch_size must be >= 1, got {self.valid_batch_size}")
         if not 0 <= self.seed < SEEDS:
             raise ValueError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.magnetic_lr <= 0:  # (a negative rate ascends: torch's Adam checks no group's)

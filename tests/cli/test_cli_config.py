@@ -117,6 +117,23 @@ def test_maces_fine_tuning_command_runs(files, tmp_path, monkeypatch):
         assert all(("max_exp_avg_sq" in state) == amsgrad for state in optimizer["state"].values())
 
 
+def test_valid_batch_size_batches_the_evaluations_only(files, tmp_path):
+    """MACE's --valid_batch_size: the validation and test errors of batches of 1 frame are
+    those of one batch, and a run resumes under another value."""
+    run = ["finetune", "--model", str(files / "tiny.model"), "--train", str(files / "train.xyz"), "--valid",
+           str(files / "train.xyz"), "--test", str(files / "test.xyz"), "--method", "sparse", "--no_progress"]
+    assert main([*run, "--epochs", "1", "--out", str(tmp_path / "a")]) == 0
+    assert main([*run, "--epochs", "1", "--out", str(tmp_path / "b"), "--valid_batch_size", "1"]) == 0
+    a, b = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in "ab")
+    errors = [k for k in a if k.startswith(("test_", "zero_shot_")) and isinstance(a[k], float)]
+    assert len(errors) >= 8 and all(b[k] == pytest.approx(a[k], rel=1e-12) for k in errors)
+    (first_a,), (first_b,) = a["history"], b["history"]
+    assert first_b["valid_loss"] == pytest.approx(first_a["valid_loss"], rel=1e-12)
+    assert all(first_b["valid"][k] == pytest.approx(v, rel=1e-12) for k, v in first_a["valid"].items())
+    assert main([*run, "--epochs", "2", "--out", str(tmp_path / "a"), "--valid_batch_size", "1"]) == 0  # resumed
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["epochs"] == 2
+
+
 def test_a_forces_only_run_trains_without_the_energies(files, tmp_path):
     """--loss forces_only: the energies out of the loss (and out of the checkpoint's
     weights), their errors still reported."""
@@ -144,14 +161,19 @@ def test_a_run_from_a_config_file_is_the_run_from_its_options(files, tmp_path):
 
 
 @pytest.mark.parametrize("text, said", [
-    ("r_max: 5.0\nhidden_irreps: 128x0e\n", "no option 'r_max', 'hidden_irreps' in this command"),
+    ("r_max: 5.0\nhidden_irreps: 128x0e\n", "MACE's --r_max: a fine-tuned foundation model keeps its architecture and "
+                                            "statistics (MACE's too); MACE's --hidden_irreps: a fine-tuned foundation "
+                                            "model keeps its architecture and statistics (MACE's too): leave them out"),
+    ("scaling: rms_forces_scaling\nmy_option: 1\n", "MACE's --scaling: a fine-tuned foundation model keeps its "
+                                                   "architecture and statistics (MACE's too); no option --my_option "
+                                                   "in this command"),
     ("model: MACE\nfoundation_model: m.model\n", "model and foundation_model set the same option: keep one"),
     ("ema: true\nno_ema: true\n", "set the same option: keep one"),
     ("swa: 3\n", "swa is a switch: give true or false, got 3"),
     ("train_file: [a.xyz, b.xyz]\n", "train_file takes one value, got a list"),
     ("- train_file\n", "expected a mapping of option names to values, got list"),
     ("lr: [1\n", "not YAML"),
-    ("config: other.yaml\n", "no option 'config' in this command"),
+    ("config: other.yaml\n", "no option --config in this command"),
 ])
 def test_bad_config_files_are_refused_in_one_line(tmp_path, capsys, text, said):
     config = _yaml(tmp_path / "bad.yaml", text)
@@ -166,14 +188,29 @@ def test_bad_config_files_are_refused_in_one_line(tmp_path, capsys, text, said):
     (["--config", "missing.yaml"], "--config: file not found: missing.yaml"),
     (["--config"], "--config needs a YAML file"),
     (["--config", "a.yaml", "--config", "b.yaml"], "--config given twice"),
-    (["--conf", "a.yaml", "--model", "m", "--train", "t", "--method", "full"],
-     "ambiguous option: --conf could match --config, --config_type_weights"),
+    (["--conf", "a.yaml", "--model", "m", "--train", "t", "--method", "full"], "unrecognized arguments: --conf a.yaml"),
+    (["--model", "m", "--train", "t", "--method", "full", "--scaling", "rms_forces_scaling"],
+     "MACE's --scaling: a fine-tuned foundation model keeps its architecture and statistics (MACE's too): leave it "
+     "out"),
+    (["--model", "m", "--train", "t", "--method", "lora", "--lora", "--lora_rank", "8"],  # (not read as --lora_rank)
+     "MACE's --lora: LoRA is --method lora here (its rank: --lora_rank): leave it out"),
+    (["--model", "m", "--train", "t", "--method", "full", "--restart_latest", "--save_cpu", "--my_option", "3"],
+     "MACE's --restart_latest: a rerun of the same command always resumes from DIR/checkpoint.pt; MACE's --save_cpu: "
+     "the merged model is always saved on the CPU; unrecognized arguments: --my_option 3"),
+    (["--foundation_model", "m.model", "--model", "ScaleShiftMACE", "--train", "t", "--method", "full"],
+     "--model ScaleShiftMACE names MACE's architecture (MACE's --model); here --model (--foundation_model) is the "
+     "model fine-tuned, whose architecture is kept: leave MACE's --model out"),
+    (["--model", "m", "--train", "t", "--method", "full", "--valid_batch_size", "0"],
+     "--valid_batch_size must be >= 1, got 0"),
 ])
-def test_bad_config_options_are_refused_in_one_line(tmp_path, capsys, argv, said):
-    with pytest.raises(SystemExit) as stop:
-        main(["finetune", *argv, "--out", str(tmp_path / "out")])
+def test_bad_options_and_maces_others_are_refused_in_one_line(tmp_path, capsys, argv, said):
+    try:
+        code = main(["finetune", *argv, "--out", str(tmp_path / "out")])
+    except SystemExit as stop:  # (the parser's refusals)
+        code = stop.code
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_virials_are_read_as_stresses(files, tmp_path):

@@ -16,9 +16,9 @@ from sparsekern.finetune.penalty import force_delta, penalty
 
 
 def _settings(loss, huber_delta=None, **weights):
-    return SimpleNamespace(device="cpu", loss=loss, huber_delta=huber_delta, batch_size=2, magforces_weight=0.0,
-                           magmom_weight=0.0, **{"energy_weight": 1.0, "forces_weight": 100.0, "stress_weight": 10.0,
-                                                 **weights})
+    return SimpleNamespace(device="cpu", loss=loss, huber_delta=huber_delta, batch_size=2, valid_batch_size=None,
+                           magforces_weight=0.0, magmom_weight=0.0,
+                           **{"energy_weight": 1.0, "forces_weight": 100.0, "stress_weight": 10.0, **weights})
 
 
 def test_the_penalty_is_torchs_huber_and_its_derivatives():

@@ -105,7 +105,7 @@ def test_evaluation_runs_frozen(monkeypatch):
     monkeypatch.setattr(family, "outputs", lambda *a: seen.append(any(p.requires_grad for p in model.parameters()))
                         or outputs(*a))
     errors = evaluation.evaluate(family, model, evaluation.make_samples(family, model, frames, {}),
-                                 SimpleNamespace(device="cpu", batch_size=2, loss="weighted"))
+                                 SimpleNamespace(device="cpu", batch_size=2, valid_batch_size=None, loss="weighted"))
     assert errors.force_mae_mev_per_A > 0
     assert seen == [False, False]  # two batches, both frozen
     assert [p.requires_grad for p in model.parameters()] == trainable
