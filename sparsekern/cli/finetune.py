@@ -400,10 +400,10 @@ def _printed(metrics: dict) -> List[str]:
     """The metrics printed on stdout: the evaluated set's errors before and after, the
     changes and the costs."""
     e = metrics["evaluated_on"]
-    keys = [f"{e}_energy_mae_mev_per_atom", f"{e}_force_mae_mev_per_A", f"zero_shot_{e}_energy_mae_mev_per_atom",
-            f"zero_shot_{e}_force_mae_mev_per_A", "changed_fraction", "trainable_params", "wall_s", "peak_rss_mb"]
-    return keys + [k for k in (f"zero_shot_{e}_stress_mae_mev_per_A3", f"{e}_stress_mae_mev_per_A3",
-                               f"{e}_magforce_mae_mev_per_muB", f"{e}_magmom_mae_muB") if k in metrics]
+    errors = [f"{e}_energy_mae_mev_per_atom", f"{e}_force_mae_mev_per_A", f"zero_shot_{e}_energy_mae_mev_per_atom",
+              f"zero_shot_{e}_force_mae_mev_per_A", f"zero_shot_{e}_stress_mae_mev_per_A3",
+              f"{e}_stress_mae_mev_per_A3", f"{e}_magforce_mae_mev_per_muB", f"{e}_magmom_mae_muB"]
+    return [k for k in errors if k in metrics] + ["changed_fraction", "trainable_params", "wall_s", "peak_rss_mb"]
 
 
 def _launch(argv: List[str], args, nproc: int) -> int:

@@ -54,19 +54,20 @@ LABELS = ("energy", "forces", "stress", "magforces", "magmom")  # what the loss 
 
 
 def type_weights(spec: Optional[str]) -> Dict[str, float]:
-    """MACE's ``--config_type_weights``, a dict '{config_type: weight}' (None: every type 1),
-    or a one-line error."""
+    """MACE's ``--config_type_weights``, a dict '{config_type: weight}' (None: every type 1;
+    a type given as a number is its text, as ``config_type``), or a one-line error."""
     if spec is None:
         return {}
     try:
         raw = ast.literal_eval(spec)
-    except (ValueError, SyntaxError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # (TypeError: '{[1]: 2}')
         raw = None
-    if not isinstance(raw, dict) or not all(isinstance(k, str) and _plain_number(v) and np.isfinite(v) and v >= 0
-                                            for k, v in raw.items()):
+    if not isinstance(raw, dict) or not all(
+            (isinstance(k, str) or _plain_number(k)) and _plain_number(v) and np.isfinite(v) and v >= 0
+            for k, v in raw.items()):
         raise ValueError(f"--config_type_weights: expected a dict of config_type -> weight >= 0, like "
                          f"'{{\"Default\": 1.0, \"surface\": 10.0}}', got {spec!r}")
-    return {k: float(v) for k, v in raw.items()}
+    return {str(k): float(v) for k, v in raw.items()}
 
 
 def _plain_number(value) -> bool:
@@ -284,6 +285,20 @@ def _parse_e0s_dict(spec: str) -> Dict[int, float]:
 
 
 REFIT_E0S = ("estimated", "average")  # fitted to the data: refitted after training (trainer)
+
+
+def check_e0_fit(spec: str, frames: Sequence[Frame]) -> None:
+    """``--E0s average`` replaces each training element's E0 by a fit to the energies that
+    weigh > 0: an element in none of them would get 0 (the minimum-norm fit), so it is
+    refused. (``estimated`` fits a correction: such an element keeps the model's E0.)"""
+    if spec != "average":
+        return
+    weighed = {int(z) for f in frames if f.weights.get("energy", 1.0) > 0 for z in f.atoms.numbers}
+    missing = sorted({int(z) for f in frames for z in f.atoms.numbers} - weighed)
+    if missing:
+        raise ValueError(f"--E0s average: every training energy holding atomic numbers {missing} weighs 0 (the "
+                         f"frames' config weights), so their E0s cannot be fitted: give them (--E0s '{{Z: E0}}') "
+                         f"or use --E0s estimated")
 
 
 def check_e0s(spec: str) -> None:

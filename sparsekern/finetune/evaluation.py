@@ -37,10 +37,10 @@ class Sample:
 
 @dataclass
 class Errors:
-    energy_mae_mev_per_atom: float
-    energy_rmse_mev_per_atom: float
-    force_mae_mev_per_A: float
-    force_rmse_mev_per_A: float
+    energy_mae_mev_per_atom: Optional[float] = None  # (None where every energy weighs 0)
+    energy_rmse_mev_per_atom: Optional[float] = None
+    force_mae_mev_per_A: Optional[float] = None
+    force_rmse_mev_per_A: Optional[float] = None
     stress_mae_mev_per_A3: Optional[float] = None  # with stress labels
     stress_rmse_mev_per_A3: Optional[float] = None
     magforce_mae_mev_per_muB: Optional[float] = None  # with magnetic-force labels
@@ -214,12 +214,15 @@ def residuals(family: Family, model, samples: Sequence[Sample], settings,
 
 def errors(res: Dict[str, torch.Tensor]) -> Errors:
     """The errors of the ``residuals`` ``res``: energies (per atom), forces, and the stress
-    and magnetic ones where there are; the entries of weight 0 left out (MACE's metrics)."""
+    and magnetic ones where there are; the entries of weight 0 left out (MACE's metrics),
+    and so the errors of a label whose every entry weighs 0."""
     res = scored(res)
-    de, df = res["energy"], res["forces"]
-    return Errors(1e3 * float(de.abs().mean()), 1e3 * float(de.square().mean().sqrt()),
-                  1e3 * float(df.abs().mean()), 1e3 * float(df.square().mean().sqrt()),
-                  **stress_errors(res), **magnetic_errors(res))
+    found = {}
+    for key, name in (("energy", "energy_{}_mev_per_atom"), ("forces", "force_{}_mev_per_A")):
+        if key in res:
+            found[name.format("mae")] = 1e3 * float(res[key].abs().mean())
+            found[name.format("rmse")] = 1e3 * float(res[key].square().mean().sqrt())
+    return Errors(**found, **stress_errors(res), **magnetic_errors(res))
 
 
 def evaluate(family: Family, model, samples: Sequence[Sample], settings, group: Group = Group()) -> Errors:

@@ -18,13 +18,20 @@ UNITS = {"energy": ("energy (eV/atom)", "meV/atom"), "forces": ("force component
 def parity_data(samples: Sequence, before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]
                 ) -> Dict[str, tuple]:
     """Per quantity: (labels, zero-shot predictions, fine-tuned ones) as flat arrays, from
-    the evaluated samples and their residuals (``evaluation.residuals``) before and after."""
+    the evaluated samples and their residuals (``evaluation.residuals``) before and after;
+    as the errors count them, without the entries that weigh 0 (a quantity with no other
+    entries: left out)."""
     labels = {"energy": np.array([s.energy / s.natoms for s in samples]),
               "forces": torch.cat([s.forces.reshape(-1) for s in samples]).double().numpy()}
     stressed = [s.stress.reshape(-1) for s in samples if s.stress is not None]
     if stressed and "stress" in before:
         labels["stress"] = torch.cat(stressed).double().numpy()
-    return {k: (ref, ref + before[k].numpy(), ref + after[k].numpy()) for k, ref in labels.items()}
+    data = {}
+    for k, ref in labels.items():
+        kept = (before[f"{k}_weights"] > 0).numpy() if f"{k}_weights" in before else np.ones(len(ref), dtype=bool)
+        if kept.any():
+            data[k] = (ref[kept], (ref + before[k].numpy())[kept], (ref + after[k].numpy())[kept])
+    return data
 
 
 def plot_parity(data: Dict[str, tuple], title: str, filename) -> None:

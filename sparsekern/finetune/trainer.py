@@ -47,8 +47,8 @@ from .averaging import ParameterAverage
 from .backward import backward
 from .config import SEEDS, SparseConfig
 from .curves import plot_curves
-from .data import (REFIT_E0S, Frame, check_e0s, config_type, energy_shift, read_frames, shared_frames, split_valid,
-                   type_weights, valid_indices)
+from .data import (REFIT_E0S, Frame, check_e0_fit, check_e0s, config_type, energy_shift, read_frames, shared_frames,
+                   split_valid, type_weights, valid_indices)
 from .density import calibrate_to_schedule, steady
 from .distributed import Group, join, leave
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, fits_in_memory, forward, loss,
@@ -358,7 +358,7 @@ def _read_data(settings: Settings) -> Splits:
 
     train, test = read("train", settings.max_train), read("test", settings.max_test)
     valid = read("valid", settings.max_valid)
-    _check_types(by_type, train + valid + test)
+    _check_types(by_type, train + valid + test, set_aside=any(isolated.values()))
     if settings.valid_fraction is not None:
         train, valid = split_valid(train, settings.valid_fraction, settings.seed)
     if settings.stress_weight and all(f.stress is None for f in train):
@@ -371,13 +371,15 @@ def _read_data(settings: Settings) -> Splits:
                          f"(their energy reference cannot be fitted)")
     if settings.e0s == "isolated":
         _check_isolated_e0s(settings, train, isolated["train"])
+    check_e0_fit(settings.e0s, train)
     return Splits(train, valid, test, {split: atoms for split, atoms in isolated.items() if atoms})
 
 
-def _check_types(by_type: Dict[str, float], frames: Sequence[Frame]) -> None:
+def _check_types(by_type: Dict[str, float], frames: Sequence[Frame], set_aside: bool) -> None:
     """A config_type ``--config_type_weights`` weighs (other than 1) that no frame has is a
-    misspelling, not a choice: refused, naming those there are."""
-    present = {config_type(f.atoms) for f in frames}
+    misspelling, not a choice: refused, naming those there are (``set_aside``: MACE's
+    IsolatedAtom frames too)."""
+    present = {config_type(f.atoms) for f in frames} | ({"IsolatedAtom"} if set_aside else set())
     absent = sorted(t for t, w in by_type.items() if w != 1.0 and t not in present)
     if absent:
         raise ValueError(f"--config_type_weights: no frame has config_type {', '.join(map(repr, absent))} (the "

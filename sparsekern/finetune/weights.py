@@ -57,5 +57,7 @@ def residual_weights(batch: Sequence, keys: Sequence[str]) -> Dict[str, torch.Te
 
 
 def scored(res: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The residuals ``res`` that the errors count: those of weight > 0."""
-    return {k: v[res[f"{k}_weights"] > 0] if f"{k}_weights" in res else v for k, v in res.items()}
+    """The residuals ``res`` that the errors count: those of weight > 0 (a label none of
+    whose entries weighs more: left out, as MACE's metrics leave it)."""
+    kept = {k: v[res[f"{k}_weights"] > 0] if f"{k}_weights" in res else v for k, v in res.items()}
+    return {k: v for k, v in kept.items() if v.numel()}

@@ -53,6 +53,7 @@ def test_weights_are_read_as_mace_reads_them(files, tmp_path):
     ({}, ("--config_type_weights", "{'Default': -1}"), "--config_type_weights: expected a dict"),
     ({"config_type": "slab"}, ("--config_type_weights", "{'slba': 2.0}"),
      "--config_type_weights: no frame has config_type 'slba' (the frames' config_types: 'Default', 'slab')"),
+    ({}, ("--config_type_weights", "{[1]: 2.0}"), "--config_type_weights: expected a dict"),
 ])
 def test_bad_weights_are_refused_in_one_line(files, tmp_path, capsys, info, flags, says):
     train = _weighted_file(files, tmp_path, "bad.xyz", **{k: [None, v, None] for k, v in info.items()})
@@ -130,3 +131,50 @@ def test_the_e0_fits_weigh_frames_as_the_loss_does():
         assert shift(heavy) == pytest.approx(shift(kept + [frame("Al3Cu", -14.0)] * 4), abs=1e-12)
         assert shift(heavy) != pytest.approx(shift(kept + [frame("Al3Cu", -14.0)]), abs=1e-6)
 
+
+
+def test_a_label_that_weighs_0_everywhere_has_no_errors(files, tmp_path):
+    """A test file whose energies all weigh 0: no energy errors in metrics.json (strict
+    JSON: no NaN), the forces' as before, parity.png without the energy panel's points."""
+    test = _weighted_file(files, tmp_path, "t.xyz", config_energy_weight=[0.0, 0.0, 0.0])
+    out = tmp_path / "out"
+    assert main(["finetune", "--model", str(files / "tiny.model"), "--train", str(files / "train.xyz"), "--test",
+                 str(test), "--method", "sparse", "--epochs", "1", "--out", str(out), "--no_progress"]) == 0
+
+    def strict(constant):
+        raise AssertionError(f"{constant} in metrics.json")
+
+    m = json.loads((out / "metrics.json").read_text(), parse_constant=strict)
+    assert not [k for k in m if "energy_mae" in k or "energy_rmse" in k]
+    assert m["test_force_mae_mev_per_A"] > 0 and m["zero_shot_test_force_mae_mev_per_A"] > 0
+    assert (out / "parity.png").stat().st_size > 0
+
+
+def test_e0s_average_needs_an_energy_of_weight_above_0_per_element(files, tmp_path, capsys):
+    train = _weighted_file(files, tmp_path, "w.xyz", config_energy_weight=[0.0, 0.0, 0.0])
+    assert _run(files, tmp_path / "out", train, "--E0s", "average") == 2
+    err = capsys.readouterr().err
+    assert "--E0s average: every training energy holding atomic numbers [13, 29] weighs 0" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert _run(files, tmp_path / "estimated", train, "--epochs", "0") == 0  # (estimated: the model's E0s kept)
+
+
+def test_types_are_mace_s_isolated_atoms_and_numbers_included(files, tmp_path):
+    """--config_type_weights may weigh MACE's IsolatedAtom frames (set aside, yet present)
+    and name a config_type written as a number."""
+    from ase import Atoms
+    from ase.io import read, write
+
+    frames = read(files / "train.xyz", ":")
+    for atoms in frames:
+        atoms.info["config_type"] = 1
+    atom = Atoms("Al", cell=[10.0] * 3, info={"config_type": "IsolatedAtom", "REF_energy": -3.0})
+    write(tmp_path / "i.xyz", [atom] + frames)
+    assert _run(files, tmp_path / "out", tmp_path / "i.xyz", "--epochs", "0", "--config_type_weights",
+                "{'IsolatedAtom': 0.0, 1: 2.0}") == 0
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["settings"]["config_type_weights"] == "{'1': 2.0, 'IsolatedAtom': 0.0}"
+    from sparsekern.finetune.data import read_frames, type_weights
+
+    read = read_frames(tmp_path / "i.xyz", isolated={}, by_type=type_weights("{1: 2.0}"))
+    assert [f.weights["energy"] for f in read] == [2.0] * len(frames)
