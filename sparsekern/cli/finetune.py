@@ -183,12 +183,18 @@ def _optimizer_flags(p: argparse.ArgumentParser) -> None:
 def _loss_flags(p: argparse.ArgumentParser) -> None:
     """MACE's loss: its name, its weights, Huber's delta."""
     p.add_argument("--loss", help="MACE's loss: mean squares, by the weights they imply: weighted or ef (energies "
-                                  "and forces), stress (--stress_weight 1 unless given), forces_only (--energy_weight "
+                                  "and forces), stress (--stress_weight 1 unless given), virials (MACE's virials per "
+                                  "atom, --virials_weight 1 unless given), forces_only (--energy_weight "
                                   "0); or Huber's (huber; universal: the forces' delta smaller where |F_ref| >= 100 "
                                   "eV/Å), stresses in it with --stress_weight (MACE's 1 is not implied: frames "
                                   "without a stress label would train their stress to 0 in MACE); default: mean "
                                   "squares, stresses trained where --stress_weight > 0")
     p.add_argument("--huber_delta", type=float, help="the delta of --loss huber and universal (default 0.01, MACE's)")
+    p.add_argument("--virials_weight", type=float,
+                   help="with --loss virials: the weight of MACE's virials term, the error of the virials per atom "
+                        "W/N = -S V/N (eV) of the frames with a stress or virials label (default 1)")
+    p.add_argument("--stage_two_virials_weight", "--swa_virials_weight", type=float,
+                   help="with --loss virials: Stage Two's virials weight (default 10)")
     p.add_argument("--energy_weight", type=float,
                    help="weight of the per-atom energy error in the loss (default 1, 0 with --loss forces_only)")
     p.add_argument("--forces_weight", type=float, default=100.0, help="weight of the force error in the loss")
@@ -266,8 +272,8 @@ def training_settings(argv: List[str]) -> dict:
     return args
 
 
-LOSSES = ("weighted", "ef", "stress", "forces_only", "huber", "universal")  # MACE's --loss choices offered
-_WITH_STRESS = (None, "stress", "huber", "universal")  # (MACE's Huber losses have its stress term)
+LOSSES = ("weighted", "ef", "stress", "virials", "forces_only", "huber", "universal")  # MACE's --loss choices offered
+_WITH_STRESS = (None, "stress", "virials", "huber", "universal")  # (MACE's Huber losses have its stress term)
 
 
 def _weights_of_loss(p: argparse.ArgumentParser, args) -> None:
@@ -278,8 +284,8 @@ def _weights_of_loss(p: argparse.ArgumentParser, args) -> None:
 
     loss = args.loss
     if loss is not None and loss not in LOSSES:
-        p.error(f"--loss {loss} is not offered: sparsekern trains MACE's {', '.join(LOSSES)} losses; "
-                f"virial labels train as stresses (--loss stress, --virials_key)")
+        p.error(f"--loss {loss} is not offered: sparsekern trains MACE's {', '.join(LOSSES)} losses")
+    _virials_of_loss(p, args)
     if loss not in _WITH_STRESS and args.stress_weight:
         p.error(f"--loss {loss} does not train stresses: --stress_weight needs --loss stress, huber or universal "
                 f"(or no --loss)")
@@ -291,6 +297,27 @@ def _weights_of_loss(p: argparse.ArgumentParser, args) -> None:
     args.energy_weight = (0.0 if loss == "forces_only" else 1.0) if args.energy_weight is None else args.energy_weight
     args.stress_weight = (1.0 if loss == "stress" else 0.0) if args.stress_weight is None else args.stress_weight
     args.loss = loss if loss in PENALTIES else "weighted"
+
+
+def _virials_of_loss(p: argparse.ArgumentParser, args) -> None:
+    """MACE's ``--loss virials``: the stress term as its virials per atom (``virials``), at
+    ``--virials_weight`` (MACE's 1) and Stage Two's ``--stage_two_virials_weight`` (10)."""
+    weights = (("--virials_weight", args.virials_weight), ("--stage_two_virials_weight", args.stage_two_virials_weight))
+    given = [flag for flag, value in weights if value is not None]
+    args.virials = args.loss == "virials"
+    if not args.virials:
+        if given:  # they would change nothing, silently
+            p.error(f"{' and '.join(given)} weigh MACE's virials term: give --loss virials (stresses: --stress_weight)")
+    else:
+        stress_flags = [flag for flag, value in (("--stress_weight", args.stress_weight),
+                                                ("--stage_two_stress_weight", args.stage_two_stress_weight))
+                        if value is not None]
+        if stress_flags:
+            p.error(f"--loss virials weighs the virials: {' and '.join(stress_flags)} -> --virials_weight, "
+                    f"--stage_two_virials_weight")
+        args.stress_weight = 1.0 if args.virials_weight is None else args.virials_weight
+        args.stage_two_stress_weight = args.stage_two_virials_weight
+    del args.virials_weight, args.stage_two_virials_weight
 
 
 def _rank() -> int:

@@ -48,8 +48,6 @@ _REASONS: Dict[str, str] = {
     "freeze": "--method sparse and lora train a few weights of every layer, full all of them",
     "heads": "one data set per run; of a multi-head foundation model, one head trains: --head NAME",
     "foundation_head": "the head trained is --head NAME here",
-    **dict.fromkeys(("virials_weight", "swa_virials_weight", "stage_two_virials_weight"),
-                    "virial labels train as stresses: --stress_weight (--virials_key)"),
     "dry_run": "--epochs 0 evaluates the model without training it",
 }
 

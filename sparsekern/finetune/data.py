@@ -80,10 +80,13 @@ def config_type(atoms) -> str:
     return str(atoms.info.get("config_type", "Default"))
 
 
-def _weights(atoms, where: str, by_type: Dict[str, float], stress_kind: Optional[str]) -> Dict[str, float]:
+def _weights(atoms, where: str, by_type: Dict[str, float], stress_kind: Optional[str], virials: bool
+             ) -> Dict[str, float]:
     """MACE's per-frame weights of each label the loss trains, those other than 1: the
     frame's (``config_weight`` times ``by_type``'s weight of its ``config_type``) times the
-    label's (``config_<label>_weight``; a stress read as virials: ``config_virials_weight``)."""
+    label's (``config_<label>_weight``; a stress read as virials: ``config_virials_weight``).
+    Under MACE's virials loss (``virials``) the stress's times (V/N)^2: its term counts the
+    virials per atom, (W - W_ref) / N = -(S - S_ref) V / N."""
     def weight(key: str) -> float:
         value = atoms.info.get(key, 1.0)
         if not (_plain_number(value) and np.isfinite(value) and value >= 0):
@@ -100,6 +103,8 @@ def _weights(atoms, where: str, by_type: Dict[str, float], stress_kind: Optional
     frame = weight("config_weight") * by_type.get(config_type(atoms), 1.0)
     weights = {label: frame * weight(f"config_{(stress_kind or label) if label == 'stress' else label}_weight")
                for label in LABELS}
+    if virials and stress_kind:
+        weights["stress"] *= (abs(atoms.cell.volume) / len(atoms)) ** 2
     return {label: w for label, w in weights.items() if w != 1.0}
 
 
@@ -126,14 +131,14 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
                 limit: Optional[int] = None, magmom_key: Optional[str] = None,
                 magforces_key: Optional[str] = None, stress_key: Optional[str] = None,
                 virials_key: Optional[str] = None, isolated: Optional[Dict[int, Optional[float]]] = None,
-                by_type: Optional[Dict[str, float]] = None) -> List[Frame]:
+                by_type: Optional[Dict[str, float]] = None, virials: bool = False) -> List[Frame]:
     """The first ``limit`` configurations of an extended-XYZ file with their labels (moments and
     magnetic forces where their keys are given; stresses, under ``stress_key`` or as
     virials under ``virials_key``, in the frames that have one). Given an ``isolated``
     dict, MACE's isolated-atom frames (one atom, ``config_type`` IsolatedAtom: a
     reference energy, not a configuration to fit) are set aside into it, {Z: energy or
     None}, as MACE's data loader does. Each frame's weights are MACE's (``_weights``;
-    ``by_type``: ``--config_type_weights``)."""
+    ``by_type``: ``--config_type_weights``; ``virials``: ``--loss virials``)."""
     from ase.io import read
 
     path = Path(path)
@@ -166,7 +171,7 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
         moment_labels = read_moment_labels(atoms, where, magmom_key, magforces_key) if magmom_key else (None, None)
         stress, kind = _stress(atoms, stress_key, virials_key, where)
         frames.append(Frame(atoms, energy, forces, *moment_labels, stress=stress,
-                            weights=_weights(atoms, where, by_type or {}, kind)))
+                            weights=_weights(atoms, where, by_type or {}, kind, virials)))
     if not frames:
         raise ValueError(f"{path} holds isolated atoms only (MACE's IsolatedAtom frames, set aside; "
                          f"--keep_isolated_atoms keeps them)")

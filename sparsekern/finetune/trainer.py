@@ -108,6 +108,7 @@ class Settings:
     energy_weight: float = 1.0
     forces_weight: float = 100.0
     stress_weight: float = 0.0  # > 0: stresses (eV/Å^3) of the frames labelled under stress_key in the loss
+    virials: bool = False  # MACE's --loss virials: the stress term as virials per atom (stress residuals x V/N)
     config_type_weights: Optional[str] = None  # MACE's '{config_type: weight}', times each frame's config_weight
     e0s: str = "estimated"
     energy_key: str = "REF_energy"
@@ -230,6 +231,8 @@ class Settings:
         if named and not self.stress_weight:  # they would read nothing, silently
             raise ValueError(f"{' and '.join(named)} {'name' if len(named) > 1 else 'names'} the stress labels "
                              f"--stress_weight trains: give --stress_weight > 0")
+        if self.virials and not self.stress_weight:
+            raise ValueError("--loss virials with --virials_weight 0 trains no virials: leave out --loss virials")
         if self.stress_weight:
             self.stress_key = self.stress_key or "REF_stress"
             self.virials_key = self.virials_key or "REF_virials"
@@ -307,7 +310,7 @@ class Settings:
             for k in [k for k in d if "stage_two" in k]:
                 d.pop(k)
         for k in ("element_resolved", "spin_orbit", "ema", "valid_fraction", "default_dtype", "keep_isolated_atoms",
-                  "modal", "config_type_weights"):
+                  "modal", "config_type_weights", "virials"):
             if not d[k]:  # checkpoints from before it stay resumable (ema's: with --no_ema)
                 d.pop(k)
         if not self.ema:
@@ -354,7 +357,8 @@ def _read_data(settings: Settings) -> Splits:
         path = getattr(settings, split)
         return read_frames(path, settings.energy_key, settings.forces_key, limit, settings.magmom_key,
                            settings.magforces_key, settings.stress_key, settings.virials_key,
-                           None if settings.keep_isolated_atoms else isolated[split], by_type) if path else []
+                           None if settings.keep_isolated_atoms else isolated[split], by_type,
+                           settings.virials) if path else []
 
     train, test = read("train", settings.max_train), read("test", settings.max_test)
     valid = read("valid", settings.max_valid)

@@ -73,6 +73,11 @@ def test_maces_loss_is_the_weights_it_implies(tmp_path):
     assert _weights("--energy_weight", "0.5") == (0.5, 100.0, 0.0)
     assert _weights("--loss", "huber") == _weights("--loss", "universal") == (1.0, 100.0, 0.0)
     assert _weights("--loss", "universal", "--stress_weight", "10") == (1.0, 100.0, 10.0)
+    # MACE's virials loss: the stress term as virials per atom, at --virials_weight (MACE's 1)
+    virials = _loss_args("--loss", "virials", "--stage_two", "--stage_two_virials_weight", "20")
+    assert (virials.virials, virials.stress_weight, virials.stage_two_stress_weight) == (True, 1.0, 20.0)
+    assert _weights("--loss", "virials", "--virials_weight", "3") == (1.0, 100.0, 3.0)
+    assert not _loss_args("--loss", "stress").virials
     # the trainer's penalty: mean squares but for MACE's Huber losses
     assert [_loss_args(*f).loss for f in ((), ("--loss", "ef"), ("--loss", "stress"), ("--loss", "forces_only"),
                                           ("--loss", "huber"), ("--loss", "universal"))] == [
@@ -80,8 +85,12 @@ def test_maces_loss_is_the_weights_it_implies(tmp_path):
 
 
 @pytest.mark.parametrize("flags, said", [
-    (["--loss", "virials"], "--loss virials is not offered: sparsekern trains MACE's weighted, ef, stress, "
-                            "forces_only, huber, universal losses; virial labels train as stresses"),
+    (["--loss", "dipole"], "--loss dipole is not offered: sparsekern trains MACE's weighted, ef, stress, virials, "
+                           "forces_only, huber, universal losses"),
+    (["--virials_weight", "2"], "--virials_weight weigh MACE's virials term: give --loss virials"),
+    (["--loss", "stress", "--swa_virials_weight", "2"], "--stage_two_virials_weight weigh MACE's virials term"),
+    (["--loss", "virials", "--stress_weight", "1"], "--loss virials weighs the virials: --stress_weight -> "
+                                                    "--virials_weight"),
     (["--loss", "ef", "--stress_weight", "1"], "--loss ef does not train stresses: --stress_weight needs --loss "
                                                "stress, huber or universal"),
     (["--loss", "weighted", "--stress_weight", "1"], "--loss weighted does not train stresses: --stress_weight "

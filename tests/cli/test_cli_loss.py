@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from ase.stress import voigt_6_to_full_3x3_stress
 
 import sparsekern
 from sparsekern.cli import main
@@ -168,6 +169,46 @@ def test_the_weighted_loss_is_maces_with_its_per_frame_weights(files, tmp_path):
     assert abs(float(unweighted) / float(got) - 1) > 0.05
 
 
+def test_the_virials_loss_is_maces(files, tmp_path):
+    """--loss virials: evaluation.loss is MACE's WeightedEnergyForcesVirialsLoss of MACE's
+    own predictions (its virials -S V), per-frame weights included, every frame labelled
+    (half as stresses, half as virials)."""
+    pytest.importorskip("mace")
+    from ase.io import read, write
+    from mace.modules.loss import WeightedEnergyForcesVirialsLoss
+
+    from helpers import with_stresses
+    from sparsekern.finetune import evaluation
+    from sparsekern.finetune.data import read_frames
+    from sparsekern.integrations.base import family_for
+
+    train = _weigh(with_stresses(files, tmp_path)[0])
+    frames = read(train, ":")
+    stress = frames[1].info.pop("REF_stress")  # frame 1's label as MACE's virials W = -S V
+    frames[1].info["REF_virials"] = -voigt_6_to_full_3x3_stress(stress).reshape(-1) * frames[1].get_volume()
+    frames[1].info["config_virials_weight"] = frames[1].info.pop("config_stress_weight")
+    write(train, frames)
+    family = family_for(str(files / "tiny.model"))
+    model = family.load(str(files / "tiny.model"), "cpu")
+    samples = evaluation.make_samples(family, model, read_frames(train, stress_key="REF_stress", virials_key=
+                                                                 "REF_virials", by_type=TYPE_WEIGHTS, virials=True), {})
+    pred = {k: v.detach() for k, v in family.outputs(model, family.collate([s.graph for s in samples], "cpu"), False,
+                                                     stress=True).items()}
+    volume = torch.tensor([a.get_volume() for a in frames], dtype=torch.float64).view(-1, 1, 1)
+    pred["virials"] = -pred["stress"] * volume
+    ref = _MaceBatch(energy=torch.tensor([s.energy for s in samples], dtype=torch.float64),
+                     forces=torch.cat([s.forces for s in samples]),
+                     virials=-torch.stack([s.stress for s in samples]) * volume,
+                     ptr=torch.tensor([0, *torch.tensor([s.natoms for s in samples]).cumsum(0).tolist()]))
+    ref.update({k: torch.tensor(v, dtype=torch.float64) for k, v in (
+        ("weight", [3.0, 1.0, 0.7]), ("energy_weight", [1.0, 0.0, 1.0]), ("forces_weight", [1.0, 3.0, 1.0]),
+        ("virials_weight", [1.0, 1.0, 0.5]))})
+    want = WeightedEnergyForcesVirialsLoss(energy_weight=2.0, forces_weight=100.0, virials_weight=10.0)(ref, pred)
+    sparsekern.patch(model)
+    got = evaluation.loss(family, model, samples, _settings("weighted", energy_weight=2.0)).detach()
+    assert float(got) == pytest.approx(float(want), rel=1e-10)
+
+
 @pytest.mark.parametrize("loss", ["weighted", "huber", "universal"])
 @pytest.mark.parametrize("weights", [False, True], ids=["unweighted", "weighted"])
 def test_validation_loss_is_the_training_loss_of_the_whole_set(files, tmp_path, loss, weights):
@@ -202,6 +243,17 @@ def _run(files, out, *extra):
                  "--method", "sparse", "--epochs", "1", "--out", str(out), "--no_progress", *extra])
 
 
+def test_a_virials_run_trains_and_records_it(files, tmp_path):
+    from helpers import with_stresses
+
+    train, test = with_stresses(files, tmp_path, virials=True)
+    out = tmp_path / "virials"
+    assert _run(files, out, "--train", str(train), "--test", str(test), "--loss", "virials") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["settings"]["virials"], m["settings"]["stress_weight"], m["settings"]["loss"]) == (True, 1.0, "weighted")
+    assert m["test_stress_mae_mev_per_A3"] > 0
+
+
 def test_a_huber_run_resumes_only_under_its_loss(files, capsys):
     out = files / "huber"
     assert _run(files, out, "--loss", "huber", "--huber_delta", "0.05") == 0
@@ -219,7 +271,8 @@ def test_a_huber_run_resumes_only_under_its_loss(files, capsys):
     (["--loss", "stress", "--huber_delta", "0.1"], "--huber_delta is the delta of --loss huber or universal"),
     (["--loss", "huber", "--huber_delta", "0"], "--huber_delta must be > 0, got 0"),
     (["--loss", "universal", "--huber_delta", "-1"], "--huber_delta must be > 0, got -1"),
-    (["--loss", "virials"], "--loss virials is not offered"),
+    (["--loss", "dipole"], "--loss dipole is not offered"),
+    (["--loss", "virials", "--virials_weight", "0"], "--loss virials with --virials_weight 0 trains no virials"),
 ])
 def test_a_delta_that_changes_nothing_is_refused_in_one_line(files, capsys, flags, said):
     try:
