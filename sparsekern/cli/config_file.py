@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .mace_options import refusal
+from .mace_options import architecture_refusal, reason, refusal
 
 
 def with_config(parser: argparse.ArgumentParser, argv: List[str]) -> List[str]:
@@ -22,10 +22,14 @@ def with_config(parser: argparse.ArgumentParser, argv: List[str]) -> List[str]:
     by_name: Dict[str, argparse.Action] = {s[2:]: a for a in parser._actions for s in a.option_strings
                                            if s.startswith("--")}
     unknown = [k for k in options if k not in by_name or k in ("config", "help")]
-    if unknown:
-        parser.error(f"--config {path}: " + refusal([f"--{k}" for k in unknown]).replace(
-            "unrecognized arguments: ", "no option ") + " in this command (MACE's full set of options runs under "
-            "`sparsekern mace-train`)")
+    message = refusal([f"--{k}={options[k]}" if reason(k) else f"--{k}" for k in unknown],
+                      "this command has no option") if unknown else None
+    if message:
+        parser.error(f"--config {path}: {message} (MACE's full set of options runs under `sparsekern mace-train`)")
+    options = {k: v for k, v in options.items() if k not in unknown}  # (MACE's, stating what finetune does)
+    model = architecture_refusal(options.get("model"))
+    if model and not Path(str(options["model"])).exists():
+        parser.error(f"--config {path}: {model}")
     for dest in {by_name[k].dest for k in options}:
         twice = [k for k in options if by_name[k].dest == dest]
         if len(twice) > 1:  # one would win, silently

@@ -249,18 +249,26 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _parsed(argv: List[str]) -> argparse.Namespace:
     from .config_file import with_config
-    from .mace_options import MACE_ARCHITECTURES, refusal
+    from .mace_options import architecture_refusal, refusal
 
     p = parser()
-    args, unrecognized = p.parse_known_args(with_config(p, argv))
-    if unrecognized:
-        p.error(refusal(unrecognized))
-    if args.model in MACE_ARCHITECTURES and not Path(args.model).exists():
-        p.error(f"--model {args.model} names MACE's architecture (MACE's --model); here --model (--foundation_model) "
-                f"is the model fine-tuned, whose architecture is kept: leave MACE's --model out")
+    tokens = with_config(p, argv)
+    args, unrecognized = p.parse_known_args(tokens)
+    message = refusal(unrecognized) if unrecognized else None
+    if message:
+        p.error(message)
+    for model in _models(tokens):  # (each --model: after --foundation_model or before it)
+        if architecture_refusal(model) and not Path(model).exists():
+            p.error(architecture_refusal(model))
     vars(args).pop("config")  # (read by with_config)
     _weights_of_loss(p, args)
     return args
+
+
+def _models(tokens: List[str]) -> List[str]:
+    """The values of every ``--model`` among the command line's ``tokens``."""
+    given = [t.partition("=")[2] for t in tokens if t.startswith("--model=")]
+    return given + [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--model"]
 
 
 def training_settings(argv: List[str]) -> dict:

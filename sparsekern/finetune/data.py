@@ -169,7 +169,7 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
             raise ValueError(f"{where}: forces {forces_key!r} have shape {forces.shape}, expected ({len(atoms)}, 3)")
         _check_finite_and_apart(atoms, energy, forces, where, energy_key, forces_key)
         moment_labels = read_moment_labels(atoms, where, magmom_key, magforces_key) if magmom_key else (None, None)
-        stress, kind = _stress(atoms, stress_key, virials_key, where)
+        stress, kind = _stress(atoms, stress_key, virials_key, where, virials)
         frames.append(Frame(atoms, energy, forces, *moment_labels, stress=stress,
                             weights=_weights(atoms, where, by_type or {}, kind, virials)))
     if not frames:
@@ -178,15 +178,17 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
     return frames
 
 
-def _stress(atoms, stress_key: Optional[str], virials_key: Optional[str], where: str
+def _stress(atoms, stress_key: Optional[str], virials_key: Optional[str], where: str, virials: bool = False
             ) -> Tuple[Optional[np.ndarray], Optional[str]]:
     """The frame's stress label as a 3x3 tensor (eV/Å^3, ASE's sign): under ``stress_key``,
-    else -W/V from MACE's virials W (eV) under ``virials_key``; None where it has neither.
+    else -W/V from MACE's virials W (eV) under ``virials_key`` (under MACE's virials loss,
+    ``virials``: the virials first, as MACE's reads them); None where it has neither.
     Also which it was read as (stress, virials).
     Either given as 9 values or as ASE's Voigt 6, xx yy zz yz xz xy, as MACE reads them."""
     from ase.stress import voigt_6_to_full_3x3_stress
 
-    for key, kind in ((stress_key, "stress"), (virials_key, "virials")):
+    keys = ((stress_key, "stress"), (virials_key, "virials"))
+    for key, kind in (keys[::-1] if virials else keys):
         raw = _lookup(atoms, key, kind) if key else None
         if raw is None:
             continue

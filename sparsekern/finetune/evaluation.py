@@ -92,6 +92,11 @@ def shared_batches(samples: Sequence[Sample], size: int, group: Group = Group())
     return [(i, chunks[i]) for i in range(group.rank, len(chunks), group.size)]
 
 
+def evaluation_size(settings) -> int:
+    """Frames per evaluation batch: ``--valid_batch_size``, else ``--batch_size``."""
+    return settings.valid_batch_size or settings.batch_size
+
+
 def map_batches(fn, samples: Sequence[Sample], size: int, group: Group = Group()) -> list:
     """``fn(batch)`` of every batch of ``samples``, in batch order, on every rank; each
     rank computes its ``shared_batches`` (evaluation is sharded as training is)."""
@@ -116,9 +121,10 @@ def frozen(model: torch.nn.Module):
 
 
 @contextmanager
-def fits_in_memory(batch: List[Sample], what: str):
+def fits_in_memory(batch: List[Sample], what: str, size_flag: str = "--batch_size"):
     """A batch too large for the device's memory (or the host's) as one line that says
-    how large it is, in place of the allocator's traceback."""
+    how large it is and which option (``size_flag``) makes it smaller, in place of the
+    allocator's traceback."""
     try:
         yield
     except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -127,7 +133,7 @@ def fits_in_memory(batch: List[Sample], what: str):
             raise
         atoms = [s.natoms for s in batch]
         raise MemoryError(f"{what} of {len(batch)} frame(s), {sum(atoms)} atoms (the largest {max(atoms)}), does not "
-                          f"fit in memory ({str(exc).splitlines()[0][:120]}); use a smaller --batch_size, smaller "
+                          f"fit in memory ({str(exc).splitlines()[0][:120]}); use a smaller {size_flag}, smaller "
                           f"frames or a device with more memory") from None
 
 
@@ -136,7 +142,8 @@ def outputs(family: Family, model, batch: List[Sample], device: str, training: b
     """The family's outputs by name (energy per frame with its shift, forces, stresses
     where the batch has stress labels, and what else the family predicts: magnetic forces,
     moments); an evaluation batch replayed from ``graphs`` where it can be."""
-    with fits_in_memory(batch, "a training batch" if training else "an evaluation batch"):
+    with fits_in_memory(batch, "a training batch" if training else "an evaluation batch",
+                        "--batch_size" if training else "--valid_batch_size"):
         out = None if graphs is None or training else graphs.predict(batch)
         if out is None:
             out = family.outputs(model, family.collate([s.graph for s in batch], device), training, wanted(batch))
@@ -186,8 +193,7 @@ def residuals(family: Family, model, samples: Sequence[Sample], settings,
     """Per frame (E - E_ref) / N and its energy shift per atom; all force residuals; the
     stress and magnetic residuals where the family predicts them and the samples have labels;
     under ``--loss universal``, the forces' Huber deltas (``forces_delta``); with per-frame
-    weights, each residual's (``{key}_weights``). In batches of ``valid_batch_size`` frames
-    (None: ``batch_size``)."""
+    weights, each residual's (``{key}_weights``). In batches of ``evaluation_size``."""
     model.eval()
 
     graphs = graphed(family, model, settings)
@@ -208,7 +214,7 @@ def residuals(family: Family, model, samples: Sequence[Sample], settings,
         return part
 
     with frozen(model):
-        parts = map_batches(one, samples, settings.valid_batch_size or settings.batch_size, group)
+        parts = map_batches(one, samples, evaluation_size(settings), group)
     return {k: torch.cat([p[k] for p in parts if k in p]) for k in dict.fromkeys(k for p in parts for k in p)}
 
 

@@ -13,7 +13,7 @@ import torch
 from ..magnetism.family import MagneticFamily
 from ..magnetism.fit import normal_equations, solve, zero_outputs
 from ..magnetism.loss import labelled_count
-from .evaluation import Sample, outputs, shared_batches
+from .evaluation import Sample, evaluation_size, outputs, shared_batches
 from .weights import entry_weights, weighted
 
 
@@ -24,7 +24,7 @@ def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, grou
     zero_outputs(model.energy)
 
     def parts():  # this process's batches, and where each starts
-        for i, batch in shared_batches(samples, settings.batch_size, group):
+        for i, batch in shared_batches(samples, evaluation_size(settings), group):
             out = outputs(family, model, batch, settings.device, training=False)
             reference = torch.tensor([s.energy for s in batch], dtype=torch.float64)
             targets = {"energy": reference - out["energy"].detach().cpu().double(),
@@ -37,7 +37,7 @@ def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, grou
                 targets["stress"] = labels - out["stress"].detach().cpu().double()
             weights = {k: entry_weights(batch, k, labelled=False) for k in targets} if weighted(batch) else {}
             graphs = family.magnetic_batch([s.graph for s in batch], settings.device)
-            yield graphs, targets, i * settings.batch_size, weights
+            yield graphs, targets, i * evaluation_size(settings), weights
 
     model.eval()
     weights = {"energy": settings.energy_weight, "forces": settings.forces_weight,

@@ -51,8 +51,9 @@ from .data import (REFIT_E0S, Frame, check_e0_fit, check_e0s, config_type, energ
                    split_valid, type_weights, valid_indices)
 from .density import calibrate_to_schedule, steady
 from .distributed import Group, join, leave
-from .evaluation import (Sample, batches, check_elements, check_merged, errors, fits_in_memory, forward, loss,
-                         make_samples, map_batches, outputs, residual_loss, residuals, set_shift, unshifted)
+from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluation_size, fits_in_memory,
+                         forward, loss, make_samples, map_batches, outputs, residual_loss, residuals, set_shift,
+                         unshifted)
 from .graphed_step import GraphedSteps, graphed
 from .lifecycle import merge, prepare, target_groups, to_fast, unmergeable
 from .lr_scale import by_weight_scale
@@ -70,6 +71,9 @@ from .statistics import stats
 # continues a stopped run).
 _NOT_IDENTITY = ("out", "device", "progress", "cuda_graphs", "patience", "last_epoch", "test", "max_test",
                  "valid_batch_size")
+
+
+_VIRIAL_FLAGS = {"stress_weight": "--virials_weight", "stage_two_stress_weight": "--stage_two_virials_weight"}
 
 
 @dataclass
@@ -160,7 +164,7 @@ class Settings:
         if self.magnetic_lr <= 0:  # (a negative rate ascends: torch's Adam checks no group's)
             raise ValueError(f"--magnetic_lr must be > 0, got {self.magnetic_lr:g}")
         weights = {"--energy_weight": self.energy_weight, "--forces_weight": self.forces_weight,
-                   "--stress_weight": self.stress_weight,
+                   self.flag("stress_weight"): self.stress_weight,
                    "--magforces_weight": self.magforces_weight, "--magmom_weight": self.magmom_weight}
         bad = [f"{k} {v:g}" for k, v in weights.items() if not (math.isfinite(v) and v >= 0)]
         if bad:  # a negative weight would maximise that error, silently
@@ -228,11 +232,12 @@ class Settings:
         """The stress labels' keys need --stress_weight; MACE's keys by default."""
         keys = (("--stress_key", self.stress_key), ("--virials_key", self.virials_key))
         named = [flag for flag, key in keys if key is not None]
+        if self.virials and not self.stress_weight:
+            raise ValueError("--loss virials needs --virials_weight > 0 (it reads the stress and virials labels; "
+                             "Stage Two's weight applies after it), got 0")
         if named and not self.stress_weight:  # they would read nothing, silently
             raise ValueError(f"{' and '.join(named)} {'name' if len(named) > 1 else 'names'} the stress labels "
                              f"--stress_weight trains: give --stress_weight > 0")
-        if self.virials and not self.stress_weight:
-            raise ValueError("--loss virials with --virials_weight 0 trains no virials: leave out --loss virials")
         if self.stress_weight:
             self.stress_key = self.stress_key or "REF_stress"
             self.virials_key = self.virials_key or "REF_virials"
@@ -278,7 +283,8 @@ class Settings:
         if not self.stage_two:
             return
         if self.stage_two_stress_weight and not self.stress_weight:  # (0: the filled-in default)
-            raise ValueError("--stage_two_stress_weight weighs the stresses --stress_weight reads: give --stress_weight")
+            raise ValueError(f"{self.flag('stage_two_stress_weight')} weighs the stresses {self.flag('stress_weight')} "
+                             f"reads: give {self.flag('stress_weight')}")
         if self.start_stage_two is None:
             self.start_stage_two = max(1, self.epochs // 4 * 3)
         if not 0 <= self.start_stage_two < self.epochs:
@@ -288,11 +294,16 @@ class Settings:
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        bad = [f"--{name} {getattr(self, name):g}" for name in defaults
+        bad = [f"{self.flag(name)} {getattr(self, name):g}" for name in defaults
                if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0)]
         if bad or not self.stage_two_lr > 0:
             raise ValueError(f"Stage Two's weights must be finite and >= 0 and its lr > 0, got "
                              f"{', '.join(bad) or f'--stage_two_lr {self.stage_two_lr:g}'}")
+
+    def flag(self, name: str) -> str:
+        """The command-line option of setting ``name`` (under --loss virials the stress
+        weights are the virials')."""
+        return _VIRIAL_FLAGS[name] if self.virials and name in _VIRIAL_FLAGS else f"--{name}"
 
     def identity(self) -> Dict[str, object]:
         d = asdict(self)
@@ -367,8 +378,9 @@ def _read_data(settings: Settings) -> Splits:
         train, valid = split_valid(train, settings.valid_fraction, settings.seed)
     if settings.stress_weight and all(f.stress is None for f in train):
         held = " (--valid_fraction held out those that have one)" if any(f.stress is not None for f in valid) else ""
-        raise ValueError(f"--stress_weight: no training frame has a stress under {settings.stress_key!r} or virials "
-                         f"under {settings.virials_key!r}{held} (use --stress_key or --virials_key to name them)")
+        raise ValueError(f"{settings.flag('stress_weight')}: no training frame has a stress under "
+                         f"{settings.stress_key!r} or virials under {settings.virials_key!r}{held} (use --stress_key "
+                         f"or --virials_key to name them)")
     missing = {int(z) for f in test + valid for z in f.atoms.numbers} - {int(z) for f in train for z in f.atoms.numbers}
     if missing:
         raise ValueError(f"test/valid data hold elements absent from the training data: {sorted(missing)} "
@@ -416,7 +428,7 @@ def _fit_shift(family: Family, model, spec: str, samples: Sequence[Sample], trai
 
     def predict_energies():
         energies = map_batches(lambda batch: forward(family, model, batch, settings.device, False)[0].detach()
-                               .cpu().double(), samples, settings.batch_size, group)
+                               .cpu().double(), samples, evaluation_size(settings), group)
         return torch.cat(energies).numpy()
 
     return energy_shift(spec, train, zs, lambda z: family.own_e0s(model, z), predict_energies)

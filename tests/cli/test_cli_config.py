@@ -107,7 +107,8 @@ def test_a_loss_at_odds_with_the_weights_is_refused_in_one_line(capsys, flags, s
 
 def test_maces_fine_tuning_command_runs(files, tmp_path, monkeypatch):
     """MACE's documented fine-tuning command line (its options but --scaling, which MACE
-    overrides with the foundation model's scale and shift) runs with --method added:
+    overrides with the foundation model's scale and shift; with those options of the
+    naive fine-tuning command whose values state what sparsekern does) runs with --method added:
     --name is the output folder; --no_amsgrad trains plain Adam, and is part of the
     checkpoint's identity."""
     import torch
@@ -116,7 +117,10 @@ def test_maces_fine_tuning_command_runs(files, tmp_path, monkeypatch):
     mace = ["--name=MACE", f"--foundation_model={files / 'tiny.model'}", f"--train_file={files / 'train.xyz'}",
             "--valid_fraction=0.34", f"--test_file={files / 'test.xyz'}", "--energy_weight=1.0", "--forces_weight=1.0",
             "--E0s=average", "--lr=0.01", "--batch_size=2", "--max_num_epochs=1", "--ema", "--ema_decay=0.99",
-            "--amsgrad", "--default_dtype=float32", "--device=cpu", "--seed=3"]
+            "--amsgrad", "--default_dtype=float32", "--device=cpu", "--seed=3",
+            # the naive fine-tuning command's (mace-docs) that state what sparsekern does
+            "--multiheads_finetuning=False", "--weight_decay=0.0", "--save_cpu", "--restart_latest",
+            "--eval_interval", "1"]
     assert main(["finetune", "--method", "sparse", "--no_progress", *mace]) == 0
     assert main(["finetune", "--method", "sparse", "--no_progress", *mace, "--no_amsgrad"]) == 2  # another run
     assert main(["finetune", "--method", "sparse", "--no_progress", *mace, "--no_amsgrad", "--name", "plain"]) == 0
@@ -174,15 +178,18 @@ def test_a_run_from_a_config_file_is_the_run_from_its_options(files, tmp_path):
                                             "statistics (MACE's too); MACE's --hidden_irreps: a fine-tuned foundation "
                                             "model keeps its architecture and statistics (MACE's too): leave them out"),
     ("scaling: rms_forces_scaling\nmy_option: 1\n", "MACE's --scaling: a fine-tuned foundation model keeps its "
-                                                   "architecture and statistics (MACE's too); no option --my_option "
-                                                   "in this command"),
-    ("model: MACE\nfoundation_model: m.model\n", "model and foundation_model set the same option: keep one"),
+                                                   "architecture and statistics (MACE's too); this command has "
+                                                   "no option --my_option"),
+    ("model: MACE\nfoundation_model: m.model\n", "--model MACE names MACE's architecture (MACE's --model)"),
+    ("train: a.xyz\ntrain_file: a.xyz\n", "train and train_file set the same option: keep one"),
+    ("multiheads_finetuning: true\n", "MACE's --multiheads_finetuning: replay fine-tuning on the foundation's "
+                                     "training data is not offered"),
     ("ema: true\nno_ema: true\n", "set the same option: keep one"),
     ("swa: 3\n", "swa is a switch: give true or false, got 3"),
     ("train_file: [a.xyz, b.xyz]\n", "train_file takes one value, got a list"),
     ("- train_file\n", "expected a mapping of option names to values, got list"),
     ("lr: [1\n", "not YAML"),
-    ("config: other.yaml\n", "no option --config in this command"),
+    ("config: other.yaml\n", "this command has no option --config"),
 ])
 def test_bad_config_files_are_refused_in_one_line(tmp_path, capsys, text, said):
     config = _yaml(tmp_path / "bad.yaml", text)
@@ -203,12 +210,19 @@ def test_bad_config_files_are_refused_in_one_line(tmp_path, capsys, text, said):
      "out"),
     (["--model", "m", "--train", "t", "--method", "lora", "--lora", "--lora_rank", "8"],  # (not read as --lora_rank)
      "MACE's --lora: LoRA is --method lora here (its rank: --lora_rank): leave it out"),
-    (["--model", "m", "--train", "t", "--method", "full", "--restart_latest", "--save_cpu", "--my_option", "3"],
-     "MACE's --restart_latest: a rerun of the same command always resumes from DIR/checkpoint.pt; MACE's --save_cpu: "
-     "the merged model is always saved on the CPU; unrecognized arguments: --my_option 3"),
-    (["--foundation_model", "m.model", "--model", "ScaleShiftMACE", "--train", "t", "--method", "full"],
+    (["--model", "m", "--train", "t", "--method", "full", "--restart_latest", "--clip_grad", "10", "--my_option", "3"],
+     "MACE's --clip_grad: the optimizer is Adam (--amsgrad, --no_amsgrad) at --lr under --lr_schedule constant or "
+     "cosine, without weight decay or clipping; unrecognized arguments: --my_option 3"),
+    (["--model", "ScaleShiftMACE", "--foundation_model", "m.model", "--train", "t", "--method", "full"],
      "--model ScaleShiftMACE names MACE's architecture (MACE's --model); here --model (--foundation_model) is the "
      "model fine-tuned, whose architecture is kept: leave MACE's --model out"),
+    (["--model", "m", "--train", "t", "--method", "full", "--mean", "-1.5", "--std=2"],
+     "MACE's --mean: a fine-tuned foundation model keeps its architecture and statistics (MACE's too); MACE's --std: "
+     "a fine-tuned foundation model keeps its architecture and statistics (MACE's too): leave them out"),
+    (["--model", "m", "--train", "t", "--method", "full", "--multiheads_finetuning", "True"],
+     "MACE's --multiheads_finetuning: replay fine-tuning on the foundation's training data is not offered"),
+    (["--model", "m", "--train", "t", "--method", "full", "--loss", "virials", "--virials_weight", "-1"],
+     "loss weights must be finite and >= 0, got --virials_weight -1"),
     (["--model", "m", "--train", "t", "--method", "full", "--valid_batch_size", "0"],
      "--valid_batch_size must be >= 1, got 0"),
 ])
@@ -383,3 +397,39 @@ def test_isolated_atoms_are_set_aside_as_mace_does(files, tmp_path, capsys):
     write(tmp_path / "nan.xyz", [*frames, isolated[1]])
     assert run("nan", tmp_path / "nan.xyz") == 2
     assert "nan.xyz frame 3: energy is nan: not a finite number" in capsys.readouterr().err
+
+
+def test_every_option_of_maces_is_taken_or_refused_with_a_reason():
+    """Each of MACE's training options is one of finetune's (by its MACE name) or has a
+    reason in mace_options (a MACE update that adds options fails here first)."""
+    pytest.importorskip("mace")
+    from mace.tools.arg_parser import build_default_arg_parser
+
+    from sparsekern.cli.mace_options import reason
+
+    mace = {s[2:] for a in build_default_arg_parser()._actions for s in a.option_strings if s.startswith("--")}
+    ours = {s[2:] for a in parser()._actions for s in a.option_strings if s.startswith("--")}
+    assert sorted(k for k in mace - ours if not reason(k)) == []
+
+
+def test_the_virials_loss_reads_the_virials_first(files, tmp_path):
+    """A frame with a stress and a virials label: --loss virials trains its virials (at
+    config_virials_weight), as MACE's virials loss does; the stress loss its stress."""
+    from ase.io import read, write
+    from helpers import with_stresses
+    from sparsekern.finetune.data import read_frames
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "v").mkdir()
+    stressed, _ = with_stresses(files, tmp_path / "s")
+    virial, _ = with_stresses(files, tmp_path / "v", virials=True)
+    both = read(virial, ":")
+    for atoms, label in zip(both, read(stressed, ":")):
+        atoms.info.update(REF_stress=2 * label.info["REF_stress"], config_stress_weight=0.0, config_virials_weight=0.5)
+    write(tmp_path / "both.xyz", both)
+    keys = dict(stress_key="REF_stress", virials_key="REF_virials")
+    as_stress, as_virials = (read_frames(tmp_path / "both.xyz", **keys, virials=v) for v in (False, True))
+    for s, v, atoms in zip(as_stress, as_virials, both):
+        np.testing.assert_allclose(s.stress, 2 * v.stress, rtol=1e-12)
+        assert s.weights["stress"] == 0.0
+        assert v.weights["stress"] == pytest.approx(0.5 * (atoms.get_volume() / len(atoms)) ** 2, rel=1e-12)

@@ -593,6 +593,15 @@ def test_divergence_and_interrupts_end_cleanly(files, capsys, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "a training batch of 3 frame(s), 12 atoms (the largest 4), does not fit in memory" in err, err
     assert "--batch_size" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    from sparsekern.integrations.base import family_for
+
+    def oom_outputs(*a, **k):  # an evaluation batch: its own option makes it smaller
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(type(family_for(str(files / "tiny.model"))), "outputs", oom_outputs)
+    assert _run(files, tmp_path / "oom_eval", "--valid_batch_size", "2", epochs=0) == 2
+    err = capsys.readouterr().err
+    assert "an evaluation batch of 2 frame(s)" in err and "use a smaller --valid_batch_size" in err, err
 
     def interrupted(settings):
         raise KeyboardInterrupt

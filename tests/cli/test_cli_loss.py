@@ -272,7 +272,7 @@ def test_a_huber_run_resumes_only_under_its_loss(files, capsys):
     (["--loss", "huber", "--huber_delta", "0"], "--huber_delta must be > 0, got 0"),
     (["--loss", "universal", "--huber_delta", "-1"], "--huber_delta must be > 0, got -1"),
     (["--loss", "dipole"], "--loss dipole is not offered"),
-    (["--loss", "virials", "--virials_weight", "0"], "--loss virials with --virials_weight 0 trains no virials"),
+    (["--loss", "virials", "--virials_weight", "0"], "--loss virials needs --virials_weight > 0"),
 ])
 def test_a_delta_that_changes_nothing_is_refused_in_one_line(files, capsys, flags, said):
     try:
