@@ -130,6 +130,25 @@ def _weigh(path):
     return path
 
 
+def _weighted_batch(samples, third: str, label: torch.Tensor) -> "_MaceBatch":
+    """What MACE's loss modules read of ``samples`` read with FRAME_WEIGHTS and TYPE_WEIGHTS:
+    energies, forces, ``third`` (stress or virials) ``label``, and MACE's weights."""
+    ref = _MaceBatch(energy=torch.tensor([s.energy for s in samples], dtype=torch.float64),
+                     forces=torch.cat([s.forces for s in samples]), **{third: label},
+                     ptr=torch.tensor([0, *torch.tensor([s.natoms for s in samples]).cumsum(0).tolist()]))
+    ref.update({k: torch.tensor(v, dtype=torch.float64) for k, v in (
+        ("weight", [3.0, 1.0, 0.7]), ("energy_weight", [1.0, 0.0, 1.0]), ("forces_weight", [1.0, 3.0, 1.0]),
+        (f"{third}_weight", [1.0, 1.0, 0.5]))})
+    return ref
+
+
+def _patched_loss(family, model, samples) -> torch.Tensor:
+    from sparsekern.finetune import evaluation
+
+    sparsekern.patch(model)
+    return evaluation.loss(family, model, samples, _settings("weighted", energy_weight=2.0)).detach()
+
+
 def test_the_weighted_loss_is_maces_with_its_per_frame_weights(files, tmp_path):
     """MACE's config_weight, config_type weights and per-label weights read from the file:
     evaluation.loss is MACE's WeightedEnergyForcesStressLoss of MACE's own predictions
@@ -153,15 +172,9 @@ def test_the_weighted_loss_is_maces_with_its_per_frame_weights(files, tmp_path):
     samples = evaluation.make_samples(family, model, frames, {})
     pred = {k: v.detach() for k, v in family.outputs(model, family.collate([s.graph for s in samples], "cpu"), False,
                                                      stress=True).items()}
-    ref = _MaceBatch(energy=torch.tensor([s.energy for s in samples], dtype=torch.float64),
-                     forces=torch.cat([s.forces for s in samples]), stress=torch.stack([s.stress for s in samples]),
-                     ptr=torch.tensor([0, *torch.tensor([s.natoms for s in samples]).cumsum(0).tolist()]))
-    ref.update({k: torch.tensor(v, dtype=torch.float64) for k, v in (
-        ("weight", [3.0, 1.0, 0.7]), ("energy_weight", [1.0, 0.0, 1.0]), ("forces_weight", [1.0, 3.0, 1.0]),
-        ("stress_weight", [1.0, 1.0, 0.5]))})
+    ref = _weighted_batch(samples, "stress", torch.stack([s.stress for s in samples]))
     want = WeightedEnergyForcesStressLoss(energy_weight=2.0, forces_weight=100.0, stress_weight=10.0)(ref, pred)
-    sparsekern.patch(model)
-    got = evaluation.loss(family, model, samples, _settings("weighted", energy_weight=2.0)).detach()
+    got = _patched_loss(family, model, samples)
     assert float(got) == pytest.approx(float(want), rel=1e-10)
     for s in samples:
         s.weights = {}
@@ -196,17 +209,9 @@ def test_the_virials_loss_is_maces(files, tmp_path):
                                                      stress=True).items()}
     volume = torch.tensor([a.get_volume() for a in frames], dtype=torch.float64).view(-1, 1, 1)
     pred["virials"] = -pred["stress"] * volume
-    ref = _MaceBatch(energy=torch.tensor([s.energy for s in samples], dtype=torch.float64),
-                     forces=torch.cat([s.forces for s in samples]),
-                     virials=-torch.stack([s.stress for s in samples]) * volume,
-                     ptr=torch.tensor([0, *torch.tensor([s.natoms for s in samples]).cumsum(0).tolist()]))
-    ref.update({k: torch.tensor(v, dtype=torch.float64) for k, v in (
-        ("weight", [3.0, 1.0, 0.7]), ("energy_weight", [1.0, 0.0, 1.0]), ("forces_weight", [1.0, 3.0, 1.0]),
-        ("virials_weight", [1.0, 1.0, 0.5]))})
+    ref = _weighted_batch(samples, "virials", -torch.stack([s.stress for s in samples]) * volume)
     want = WeightedEnergyForcesVirialsLoss(energy_weight=2.0, forces_weight=100.0, virials_weight=10.0)(ref, pred)
-    sparsekern.patch(model)
-    got = evaluation.loss(family, model, samples, _settings("weighted", energy_weight=2.0)).detach()
-    assert float(got) == pytest.approx(float(want), rel=1e-10)
+    assert float(_patched_loss(family, model, samples)) == pytest.approx(float(want), rel=1e-10)
 
 
 @pytest.mark.parametrize("loss", ["weighted", "huber", "universal"])
