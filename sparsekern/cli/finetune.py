@@ -54,8 +54,8 @@ def parser() -> argparse.ArgumentParser:
     _stage_two_flags(p)
     p.add_argument("--batch_size", type=int, default=4, help="frames per optimizer step")
     p.add_argument("--valid_batch_size", type=int,
-                   help="frames per evaluation batch (validation, test; default --batch_size): memory only, the "
-                        "errors do not depend on it")
+                   help="frames per evaluation batch (validation, test, the E0 and magnetic fits' predictions; "
+                        "default --batch_size): memory only, the errors do not depend on it")
     p.add_argument("--seed", type=int, default=0, help="seeds the delta's start and the data order")
     _loss_flags(p)
     p.add_argument("--E0s", dest="e0s", default="estimated",
