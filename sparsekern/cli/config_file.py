@@ -28,7 +28,7 @@ def with_config(parser: argparse.ArgumentParser, argv: List[str]) -> List[str]:
         parser.error(f"--config {path}: {message} (MACE's full set of options runs under `sparsekern mace-train`)")
     options = {k: v for k, v in options.items() if k not in unknown}  # (MACE's, stating what finetune does)
     model = architecture_refusal(options.get("model"))
-    if model and not Path(str(options["model"])).exists():
+    if model:
         parser.error(f"--config {path}: {model}")
     for dest in {by_name[k].dest for k in options}:
         twice = [k for k in options if by_name[k].dest == dest]

@@ -258,7 +258,7 @@ def _parsed(argv: List[str]) -> argparse.Namespace:
     if message:
         p.error(message)
     for model in _models(tokens):  # (each --model: after --foundation_model or before it)
-        if architecture_refusal(model) and not Path(model).exists():
+        if architecture_refusal(model):
             p.error(architecture_refusal(model))
     vars(args).pop("config")  # (read by with_config)
     _weights_of_loss(p, args)

@@ -7,6 +7,7 @@ whole set runs under ``sparsekern mace-train``."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 # MACE's --model values: its architectures (here --model is --foundation_model)
@@ -141,8 +142,9 @@ def refusal(unrecognized: List[str], unknown: str = "unrecognized arguments:") -
 
 
 def architecture_refusal(value) -> Optional[str]:
-    """The error for MACE's ``--model`` (an architecture) where --model is the model fine-tuned."""
-    if str(value) not in MACE_ARCHITECTURES:
+    """The error for MACE's ``--model`` (an architecture) where --model is the model
+    fine-tuned; None for any other value (a file of that name too)."""
+    if str(value) not in MACE_ARCHITECTURES or Path(str(value)).exists():
         return None
     return (f"--model {value} names MACE's architecture (MACE's --model); here --model (--foundation_model) is the "
             f"model fine-tuned, whose architecture is kept: leave MACE's --model out")
