@@ -55,7 +55,8 @@ def main(argv=None) -> int:
 
     from ase.io import read, write
 
-    from sparsekern.finetune.trainer import Settings, run
+    from sparsekern.finetune.settings import Settings
+    from sparsekern.finetune.trainer import run
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

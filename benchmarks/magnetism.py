@@ -81,7 +81,8 @@ def run_one(label, method, extra, files, out, args, train, test):
     from scipy.stats import spearmanr
 
     from sparsekern.cli.finetune import training_settings
-    from sparsekern.finetune.trainer import Settings, run
+    from sparsekern.finetune.settings import Settings
+    from sparsekern.finetune.trainer import run
 
     argv = ["--model", "7net-0", "--train", str(files / "train.xyz"), "--test", str(files / "test.xyz"),
             "--method", method, "--out", str(out / label.replace(" ", "_")), "--epochs", str(args.epochs),

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import record  # noqa: E402  (benchmarks/record.py)
 
 from sparsekern.demo import silicon, write_silicon  # noqa: E402
-from sparsekern.finetune.trainer import Settings, run  # noqa: E402
+from sparsekern.finetune.settings import Settings  # noqa: E402
+from sparsekern.finetune.trainer import run  # noqa: E402
 
 RUNS = (("7net-0", None), ("7net-mf-0", "PBE"), ("7net-mf-0", "R2SCAN"))
 ERRORS = ("energy_mae_mev_per_atom", "force_mae_mev_per_A")

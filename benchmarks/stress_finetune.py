@@ -107,7 +107,8 @@ def main(argv=None) -> int:
 
     from ase.io import write
 
-    from sparsekern.finetune.trainer import Settings, run
+    from sparsekern.finetune.settings import Settings
+    from sparsekern.finetune.trainer import run
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -60,7 +60,8 @@ def main(argv=None) -> int:
 
     train, test = silicon(parser, args.out, args.every)
     from .finetune.report import build_report, verdict_line, write_report
-    from .finetune.trainer import CURVES, PARITY, Settings, run
+    from .finetune.settings import Settings
+    from .finetune.trainer import CURVES, PARITY, run
 
     try:  # bad arguments, or a checkpoint in --out from other ones: one line, no traceback
         settings = Settings(model="7net-0", train=str(train), test=str(test), method=args.method,

@@ -51,11 +51,12 @@ def test_environment_settings_left_alone():
 def test_trainer_keeps_freed_memory_on_cpu(monkeypatch, tmp_path):
     """The trainer sets it once it knows the device, before the run's work (stopped there)."""
     from sparsekern.finetune import trainer
+    from sparsekern.finetune.settings import Settings
 
     calls = []
     monkeypatch.setattr(trainer, "keep_freed_memory", lambda: calls.append(1))
     monkeypatch.setattr(trainer, "_held", lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
     monkeypatch.setattr(trainer, "check", lambda s: (None, None, tmp_path))
     with pytest.raises(RuntimeError, match="stop"):
-        trainer.run(trainer.Settings(model="7net-0", train="t.xyz", test="t.xyz", method="sparse", out=str(tmp_path)))
+        trainer.run(Settings(model="7net-0", train="t.xyz", test="t.xyz", method="sparse", out=str(tmp_path)))
     assert calls == [1]

@@ -158,7 +158,7 @@ def _magnetic_flags(p: argparse.ArgumentParser) -> None:
 def _optimizer_flags(p: argparse.ArgumentParser) -> None:
     """Adam's learning rate, its schedule and the parameters' moving average."""
     from ..finetune.methods import METHODS, SPARSE_LR_AT
-    from ..finetune.trainer import LR_SCHEDULES
+    from ..finetune.settings import LR_SCHEDULES
 
     p.add_argument("--lr", type=float,
                    help="Adam's learning rate (default per method: "
@@ -272,7 +272,7 @@ def _models(tokens: List[str]) -> List[str]:
 
 
 def training_settings(argv: List[str]) -> dict:
-    """The trainer's settings (``trainer.Settings``' fields) of a command line, as the
+    """The trainer's settings (``settings.Settings``' fields) of a command line, as the
     command reads it (a --config file, --loss), less the launcher's --nproc: what a
     script passes to ``trainer.run``."""
     args = vars(_parsed(argv))
@@ -381,7 +381,8 @@ def _in_collective(exc: BaseException) -> bool:
 def _finetune(args) -> int:
     from contextlib import redirect_stdout
 
-    from ..finetune.trainer import Settings, run
+    from ..finetune.settings import Settings
+    from ..finetune.trainer import run
 
     with redirect_stdout(sys.stderr):  # stdout is the metrics' JSON alone (MACE prints on import)
         metrics = run(Settings(**vars(args)))
@@ -456,7 +457,8 @@ def _launch(argv: List[str], args, nproc: int) -> int:
     import sparsekern
     from ..files import exclusive
     from ..finetune.distributed import check_gpus
-    from ..finetune.trainer import Settings, check
+    from ..finetune.settings import Settings
+    from ..finetune.trainer import check
 
     made = not Path(args.out).exists()
     settings = Settings(**vars(args))  # (--device checked first)

@@ -463,7 +463,7 @@ def test_a_checkpoint_resumes_under_its_own_options_only(files, capsys, tmp_path
     cosine schedule, the moving average) differs where the checkpoint has it on: such a
     checkpoint is not resumed by a command without it (it was, training the held-out
     frames)."""
-    from sparsekern.finetune.trainer import Settings
+    from sparsekern.finetune.settings import Settings
 
     base = dict(model=str(files / "tiny.model"), train=str(files / "train.xyz"), test=None, method="sparse", out="o",
                 lr=0.1)
@@ -505,7 +505,7 @@ def test_options_the_run_does_not_read_are_refused(files, capsys, tmp_path):
         err = capsys.readouterr().err
         assert says in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / str(i)).exists()
-    from sparsekern.finetune.trainer import Settings
+    from sparsekern.finetune.settings import Settings
 
     settings = Settings(model="m", train="t", test=None, method="full", out="o", density=0.03, lora_rank=4)
     assert (settings.density, settings.lora_rank) == (0.03, 4)
@@ -699,7 +699,7 @@ def test_training_settings_are_the_trainer_s():
     the command reads it, --loss turned into weights and a penalty, without --config or --nproc (the
     script passed the parser's namespace, which gained both, and broke)."""
     from sparsekern.cli.finetune import training_settings
-    from sparsekern.finetune.trainer import Settings
+    from sparsekern.finetune.settings import Settings
 
     settings = training_settings(["--model", "m.model", "--train", "t.xyz", "--out", "o", "--method", "sparse",
                                   "--loss", "forces_only"])

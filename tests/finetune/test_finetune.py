@@ -199,7 +199,8 @@ def test_sparse_lr_follows_the_weight_scale(base, mode):
     over the deltas' (upper) median; the thresholds, LoRA and full fine-tuning keep the
     one lr."""
     from sparsekern import delta_slot
-    from sparsekern.finetune.trainer import Settings, _optimizer
+    from sparsekern.finetune.settings import Settings
+    from sparsekern.finetune.trainer import _optimizer
 
     model = copy.deepcopy(base)
     losses = _saliency_losses(model, mace_batch(base, _structures())) if mode == "saliency" else None
@@ -257,7 +258,7 @@ def test_default_lr_follows_the_sparse_density():
     """The measured picks at 3 % and 0.5 % (0.2 and 0.6 with the moving average, 0.1 and
     0.3 without), log-interpolated between, held beyond them; other methods keep theirs;
     an explicit lr wins."""
-    from sparsekern.finetune.trainer import Settings
+    from sparsekern.finetune.settings import Settings
 
     def lr(method, density, **kw):
         return Settings(model="m", train="t", test="t", method=method, out="o", density=density, **kw).lr
@@ -275,7 +276,8 @@ def test_cosine_lr_schedule_follows_the_step():
     """Every group's lr is its own base lr times the cosine of the step alone (a resumed
     run continues the curve); the run's length is part of a cosine run's identity (more
     epochs would re-stretch the curve), not of a constant one's."""
-    from sparsekern.finetune.trainer import Settings, _optimizer, _schedule
+    from sparsekern.finetune.settings import Settings
+    from sparsekern.finetune.trainer import _optimizer, _schedule
 
     def settings(schedule, epochs=10, **more):
         return Settings(model="7net-0", train="t", test="t", method="full", out="o", lr=0.2, lr_schedule=schedule,

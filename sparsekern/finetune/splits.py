@@ -1,0 +1,79 @@
+"""A run's frames by split (training, validation, test), read and checked before the
+model loads, and MACE's isolated-atom frames set aside."""
+
+from __future__ import annotations
+
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+from .data import Frame, check_e0_fit, config_type, read_frames, split_valid, type_weights
+from .settings import Settings
+
+
+class Splits(NamedTuple):
+    train: List[Frame]
+    valid: List[Frame]
+    test: List[Frame]
+    isolated: Dict[str, Dict[int, Optional[float]]]  # by split, MACE's IsolatedAtom frames set aside: {Z: energy}
+
+
+def read_splits(settings: Settings) -> Splits:
+    """The frames, checked before the model loads: every element of the test and
+    validation frames needs an energy reference fitted on the training frames."""
+    if settings.e0s == "isolated" and settings.keep_isolated_atoms:
+        raise ValueError("--E0s isolated reads the isolated-atom frames set aside: leave out --keep_isolated_atoms")
+    isolated: Dict[str, Dict[int, Optional[float]]] = {"train": {}, "valid": {}, "test": {}}
+    by_type = type_weights(settings.config_type_weights)
+
+    def read(split, limit):
+        path = getattr(settings, split)
+        return read_frames(path, settings.energy_key, settings.forces_key, limit, settings.magmom_key,
+                           settings.magforces_key, settings.stress_key, settings.virials_key,
+                           None if settings.keep_isolated_atoms else isolated[split], by_type,
+                           settings.virials) if path else []
+
+    train, test = read("train", settings.max_train), read("test", settings.max_test)
+    valid = read("valid", settings.max_valid)
+    _check_types(by_type, train + valid + test, set_aside=any(isolated.values()))
+    if settings.valid_fraction is not None:
+        train, valid = split_valid(train, settings.valid_fraction, settings.seed)
+    if settings.stress_weight and all(f.stress is None for f in train):
+        held = " (--valid_fraction held out those that have one)" if any(f.stress is not None for f in valid) else ""
+        raise ValueError(f"{settings.flag('stress_weight')}: no training frame has a stress under "
+                         f"{settings.stress_key!r} or virials under {settings.virials_key!r}{held} (use --stress_key "
+                         f"or --virials_key to name them)")
+    missing = {int(z) for f in test + valid for z in f.atoms.numbers} - {int(z) for f in train for z in f.atoms.numbers}
+    if missing:
+        raise ValueError(f"test/valid data hold elements absent from the training data: {sorted(missing)} "
+                         f"(their energy reference cannot be fitted)")
+    if settings.e0s == "isolated":
+        _check_isolated_e0s(settings, train, isolated["train"])
+    check_e0_fit(settings.e0s, train)
+    return Splits(train, valid, test, {split: atoms for split, atoms in isolated.items() if atoms})
+
+
+def _check_types(by_type: Dict[str, float], frames: Sequence[Frame], set_aside: bool) -> None:
+    """A config_type ``--config_type_weights`` weighs (other than 1) that no frame has is a
+    misspelling, not a choice: refused, naming those there are (``set_aside``: MACE's
+    IsolatedAtom frames too)."""
+    present = {config_type(f.atoms) for f in frames} | ({"IsolatedAtom"} if set_aside else set())
+    absent = sorted(t for t, w in by_type.items() if w != 1.0 and t not in present)
+    if absent:
+        raise ValueError(f"--config_type_weights: no frame has config_type {', '.join(map(repr, absent))} (the "
+                         f"frames' config_types: {', '.join(map(repr, sorted(present)))})")
+
+
+def _check_isolated_e0s(settings: Settings, train: Sequence[Frame], isolated: Dict[int, Optional[float]]) -> None:
+    """``--E0s isolated`` needs an isolated-atom energy for every training element."""
+    known = {z for z, energy in isolated.items() if energy is not None}
+    missing = sorted({int(z) for f in train for z in f.atoms.numbers} - known)
+    if missing:
+        raise ValueError(f"--E0s isolated: the training file has no IsolatedAtom frame with an energy for atomic "
+                         f"numbers {missing}")
+
+
+def e0s_rule(settings: Settings, frames: Splits) -> str:
+    """The ``--E0s`` rule ``energy_shift`` applies: ``isolated`` as the dict of the training
+    file's isolated-atom energies (those it has)."""
+    if settings.e0s != "isolated":
+        return settings.e0s
+    return repr({z: energy for z, energy in frames.isolated["train"].items() if energy is not None})
