@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -80,6 +80,12 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _children(parent: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Module]]:
+    """Every (name, child), a child held under several names once for each
+    (``named_children`` gives it once: the other names would keep the e3nn module)."""
+    return ((name, child) for name, child in parent._modules.items() if child is not None)
+
+
 def patch(model: torch.nn.Module, backend: str = "auto", verbose: bool = False) -> torch.nn.Module:
     """Replace known layers in place and return the same model object (patched layers
     already there move to ``backend``)."""
@@ -99,9 +105,17 @@ def patch(model: torch.nn.Module, backend: str = "auto", verbose: bool = False) 
         setattr(parent, name, new)
         return new
 
+    replaced: Dict[int, Tuple[str, SparsekernLayer]] = {}  # a module used under several names: one layer
+
     def visit(parent: torch.nn.Module, prefix: str) -> None:
-        for name, child in list(parent.named_children()):
+        for name, child in list(_children(parent)):
             full = f"{prefix}{name}"
+            if id(child) in replaced:
+                first, new = replaced[id(child)]
+                setattr(parent, name, new)
+                report.replaced.append((full, type(child).__name__, f"{type(new).__name__} (= {first})",
+                                        new.backend_name))
+                continue
             if isinstance(child, SparsekernLayer):
                 child.use_backend(backend, device)
                 continue
@@ -110,6 +124,7 @@ def patch(model: torch.nn.Module, backend: str = "auto", verbose: bool = False) 
                 reason = entry[1].unsupported_reason(child)
                 if reason is None:
                     new = replace(parent, name, child, entry[1])
+                    replaced[id(child)] = (full, new)
                     report.replaced.append((full, entry[0].__name__, type(new).__name__, new.backend_name))
                     continue
                 report.left.append((full, type(child).__name__, reason))
@@ -120,6 +135,9 @@ def patch(model: torch.nn.Module, backend: str = "auto", verbose: bool = False) 
                 why = "no sparsekern equivalent" if type(child) is before else "its own parameters kept, its product fused"
                 report.left.append((full, before.__name__, why))
 
+    if any(type(model) is cls for cls, _ in table):  # (patch swaps submodules: the model object stays)
+        report.left.append(("(the model)", type(model).__name__, "a layer itself, not a model holding it: "
+                            "patch a module that contains it (torch.nn.Sequential(layer))"))
     visit(model, "")
     global last_report
     last_report = report
@@ -143,7 +161,7 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
                              "sparsekern.merge(model) first (or save_adapter), or they would be lost")
 
     def visit(parent: torch.nn.Module) -> None:
-        for name, child in list(parent.named_children()):
+        for name, child in list(_children(parent)):
             if isinstance(child, SparsekernLayer):
                 setattr(parent, name, child.to_replaced())
                 if getattr(child, "fused_conv", False):

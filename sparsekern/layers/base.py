@@ -35,6 +35,20 @@ class SparsekernLayer(torch.nn.Module):
         else:
             super().__setattr__(name, value)
 
+    def _apply(self, fn, recurse: bool = True):
+        # the replaced module follows the layer's moves and casts (``.to``, ``.double()``):
+        # its constants are what unpatch gives back and its ``output_mask`` what models read
+        super()._apply(fn, recurse)
+        if self._replaced is not None:
+            self._replaced._apply(fn)  # (our shared parameters are converted already: a no-op for them)
+        return self
+
+    @property
+    def output_mask(self) -> torch.Tensor:
+        """The replaced e3nn module's ``output_mask`` (the output components a path
+        reaches), which models read (e3nn's ``gate_points`` networks)."""
+        return self._replaced.output_mask
+
     def _state_of_replaced(self, prefix: str) -> dict:
         """The replaced module's state entries this layer (and its submodules) does not
         hold: e3nn's ``output_mask``, an empty ``bias``, constants of the architecture."""
@@ -142,13 +156,29 @@ class SparsekernLayer(torch.nn.Module):
         if other.device != ref.device:
             raise ValueError(f"{type(self).__name__}: {what} is on {other.device}, expected {ref.device}")
 
+    def _by_element(self, run, x: torch.Tensor, node_attrs: torch.Tensor, num_elements: int) -> torch.Tensor:
+        """``run(x, species)``: the op of each node's element. Where the attributes need a
+        gradient, e3nn's product as it is, linear in them: sum_z node_attrs[n, z]
+        run(x[n], z), every element's output computed (the per-element ops hold the
+        attributes constant: their gradient would be lost)."""
+        if not (node_attrs.requires_grad and torch.is_grad_enabled()):
+            return run(x, self._species(node_attrs, num_elements))
+        self._check_attrs(node_attrs, num_elements)
+        n = x.shape[0]
+        every = torch.arange(num_elements, device=x.device).repeat(n)
+        y = run(x.repeat_interleave(num_elements, 0), every)
+        return torch.einsum("nz,nz...->n...", node_attrs.to(y.dtype), y.reshape(n, num_elements, *y.shape[1:]))
+
+    def _check_attrs(self, node_attrs: torch.Tensor, num_elements: int) -> None:
+        if node_attrs.dim() != 2 or node_attrs.shape[1] != num_elements:
+            raise ValueError(f"{type(self).__name__}: node_attrs must have shape (num_nodes, {num_elements}), "
+                             f"got {tuple(node_attrs.shape)}")
+
     def _species(self, node_attrs: torch.Tensor, num_elements: int) -> torch.Tensor:
         """Element index per node; refuses attributes that are not one-hot, since the
         per-element ops would silently differ from e3nn's product with them."""
         name = type(self).__name__
-        if node_attrs.dim() != 2 or node_attrs.shape[1] != num_elements:
-            raise ValueError(f"{name}: node_attrs must have shape (num_nodes, {num_elements}), "
-                             f"got {tuple(node_attrs.shape)}")
+        self._check_attrs(node_attrs, num_elements)
 
         def checked():
             if not torch.compiler.is_compiling() and node_attrs.shape[0]:

@@ -29,13 +29,14 @@ class ChannelwiseTP(SparsekernLayer):
 
     @classmethod
     def unsupported_reason(cls, module: torch.nn.Module) -> Optional[str]:
-        if module.internal_weights or module.shared_weights:
-            return "internal or shared weights (expected per-edge external weights)"
         for ins in module.instructions:
             if ins.connection_mode != "uvu" or not ins.has_weight:
-                return f"instruction mode {ins.connection_mode!r} (only weighted 'uvu' is supported)"
+                unweighted = "" if ins.has_weight else " without weights"
+                return f"instruction mode {ins.connection_mode!r}{unweighted} (only weighted 'uvu' is supported)"
             if o3.Irreps(module.irreps_in2)[ins.i_in2].mul != 1:
                 return "second operand with multiplicity > 1"
+        if module.internal_weights or module.shared_weights:
+            return "internal or shared weights (expected per-edge external weights)"
         return None
 
     def _init_from(self, ref) -> None:

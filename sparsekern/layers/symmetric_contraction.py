@@ -71,11 +71,11 @@ class SymmetricContraction(SparsekernLayer):
         self._check_same(self.contractions[0].weights_max, x, "x")
         if node_attrs.shape[0] != x.shape[0]:
             raise ValueError(f"SymmetricContraction: {x.shape[0]} nodes in x but {node_attrs.shape[0]} in node_attrs")
-        species = self._species(node_attrs, self.num_elements)
         names = self._names()
         weights = [[self._weight(name) for name in names_j] for names_j in names]
         deltas = [[self._delta(name) for name in names_j] for names_j in names]
-        return self._run(x, species, weights, deltas)
+        return self._by_element(lambda x, species: self._run(x, species, weights, deltas), x, node_attrs,
+                                self.num_elements)
 
     def extra_repr(self) -> str:
         return (f"{self.irreps_in} -> {self.irreps_out}, {self.num_elements} elements, "

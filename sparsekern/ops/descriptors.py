@@ -190,16 +190,14 @@ class RadialDesc(Descriptor):
         that makes the network silu(...silu(x (s_0 W_0))...) (s_{L-1} W_{L-1}): e3nn's
         1 / sqrt(h_in var_in) times the previous layer's output factor cst sqrt(var_out)
         (and the last layer's var_out); None otherwise."""
+        *hidden, (last_act, var_in, var_out) = self.layers
+        if last_act is not None or not all(is_silu(act) for act, _, _ in hidden):
+            return None  # (a hidden layer without an activation is linear: not silu's network)
         scales, k = [], 1.0
-        for h_in, (act, var_in, var_out) in zip(self.hs, self.layers):
-            if act is None:
-                scales.append(k / (h_in * var_in / var_out) ** 0.5)
-                continue
-            if not is_silu(act):
-                return None
-            scales.append(k / (h_in * var_in) ** 0.5)
-            k = (1.0 if act._is_id else act.cst) * var_out ** 0.5
-        return tuple(scales) if self.layers[-1][0] is None else None
+        for h_in, (act, h_var_in, h_var_out) in zip(self.hs, hidden):
+            scales.append(k / (h_in * h_var_in) ** 0.5)
+            k = (1.0 if act._is_id else act.cst) * h_var_out ** 0.5
+        return (*scales, k / (self.hs[-2] * var_in / var_out) ** 0.5)
 
 
 @dataclass(eq=False)

@@ -97,11 +97,12 @@ def test_fused_conv_matches_gather_tp_scatter(dtype):
     assert out.shape == (n, ref.irreps_out.dim) and not out.any()
 
 
-@pytest.mark.parametrize("act", ["silu", "tanh"])  # SiLU: the fused Functions; other activations: e3nn's ops
+# SiLU: the fused Functions; other activations, or none (e3nn's default: a linear network): e3nn's ops
+@pytest.mark.parametrize("act", ["silu", "tanh", None])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_radial_mlp_matches_e3nn(dtype, act):
     torch.manual_seed(0)
-    ref = FullyConnectedNet([8, 32, 32, 20], getattr(torch.nn.functional, act)).to(dtype)
+    ref = FullyConnectedNet([8, 32, 32, 20], act and getattr(torch.nn.functional, act)).to(dtype)
     ours = RadialMLP.from_e3nn(ref)
     assert (ours.desc.silu_scales is None) == (act != "silu")
     x = torch.randn(11, 8, dtype=dtype)
@@ -183,6 +184,13 @@ def test_element_linear_grads():
     attrs = one_hot(5, 3)
     _check_grads(lambda x, w: torch.func.functional_call(layer, {"weight": w}, (x, attrs)),
                  (x, layer.weight.detach().clone().requires_grad_()))
+    # attributes that need a gradient: e3nn's product, linear in them (one-hot or not)
+    _check_grads(layer, (x, attrs.clone().requires_grad_()))
+    ref = layer.to_replaced()
+    for a in (attrs, torch.rand(5, 3, dtype=torch.float64)):
+        a = a.clone().requires_grad_()
+        grads = [torch.autograd.grad(m(x, a).pow(2).sum(), (x, a)) for m in (ref, layer)]
+        assert all(rel_err(b, e) <= 1e-12 for e, b in zip(*grads))
 
 
 def test_channelwise_conv_grads():
@@ -394,8 +402,10 @@ def test_errors_name_the_problem():
         lin.set_backend("cuda")
     with pytest.raises(ValueError, match="not one block of scalars"):
         ElementLinear.from_e3nn(o3.FullyConnectedTensorProduct("2x0e", "1x1o", "2x1o"))
-    with pytest.raises(ValueError, match="per-edge external weights"):
+    with pytest.raises(ValueError, match="instruction mode 'uvw'"):
         ChannelwiseTP.from_e3nn(o3.FullyConnectedTensorProduct("2x0e", "1x0e", "2x0e"))
+    with pytest.raises(ValueError, match="per-edge external weights"):
+        ChannelwiseTP.from_e3nn(o3.TensorProduct("2x0e", "1x0e", "2x0e", [(0, 0, 0, "uvu", True)]))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
