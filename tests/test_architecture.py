@@ -112,6 +112,22 @@ def test_model_families_stay_in_their_folders():
     assert not grep(r"^\s*(from|import) (mace|sevenn)\b", lambda rel: part(rel) not in ("integrations", "cli"))
 
 
+# names the pages give that belong to other packages (torch, e3nn, MACE)
+_OTHERS = {"GraphModule", "allow_in_graph", "extract_model", "simplify"}
+
+
+@pytest.mark.parametrize("page", ["ARCHITECTURE.md", "README.md"])
+def test_the_pages_name_what_exists(page):
+    """Every code name a page gives (`name`, `module.name`, `call(...)`) is a word of the
+    source: a function renamed leaves no stale name behind."""
+    root = PACKAGE.parent
+    source = "\n".join(p.read_text() for d in ("sparsekern", "tests", "benchmarks") for p in (root / d).rglob("*.py"))
+    words = set(re.findall(r"\w+", source))
+    names = {tok.split("(")[0].split(".")[-1] for tok in re.findall(r"`([^`\n]*)`", (root / page).read_text())
+             if re.fullmatch(r"[A-Za-z_][\w.]*(\(.*\))?", tok)}
+    assert not sorted(n for n in names if n and n not in words and n not in _OTHERS)
+
+
 @pytest.mark.parametrize("module", [f"sparsekern.ops.{name}" for name in registry.BACKENDS]
                          + ["sparsekern.layers", "sparsekern.patching"])
 def test_importing_a_kernel_does_not_import_finetune(module):

@@ -398,7 +398,8 @@ def _finetune(args) -> int:
         if metrics.get("valid_loss_above_zero_shot"):
             print(f"warning: {_worse(metrics)}", file=sys.stderr)
         if metrics.get("isolated_atoms_set_aside"):
-            print(f"warning: {_isolated(metrics['isolated_atoms_set_aside'])}", file=sys.stderr)
+            print(f"warning: {_isolated(metrics['isolated_atoms_set_aside'], metrics['settings']['e0s'])}",
+                  file=sys.stderr)
         if metrics.get("merged_model_skipped"):
             print(f"no merged model: {metrics['merged_model_skipped']}", file=sys.stderr)
         if metrics["evaluated_on"] != "test":
@@ -419,11 +420,12 @@ def _worse(metrics: dict) -> str:
             f"(a lower --lr, fewer epochs or more training frames may help)")
 
 
-def _isolated(set_aside: dict) -> str:
-    """What the warning says of the isolated-atom frames set aside."""
+def _isolated(set_aside: dict, e0s_given: str) -> str:
+    """What the warning says of the isolated-atom frames set aside (and how their energies
+    would be the E0s, unless they are)."""
     counts = ", ".join(f"{len(atoms)} {split}" for split, atoms in set_aside.items())
     e0s = {int(z): e for z, e in set_aside.get("train", {}).items() if e is not None}
-    hint = f"; their energies as the E0s: --E0s isolated, or '{e0s}'" if e0s else ""
+    hint = f"; their energies as the E0s: --E0s isolated, or '{e0s}'" if e0s and e0s_given != "isolated" else ""
     return (f"isolated-atom frames (MACE's IsolatedAtom) set aside, not trained or evaluated: {counts} (MACE sets "
             f"aside the training file's; --keep_isolated_atoms keeps them{hint})")
 

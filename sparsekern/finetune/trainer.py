@@ -407,7 +407,8 @@ def _selection(progress: checkpoint.Progress, settings: Settings) -> dict:
     if progress.best is None:
         return {"selected_epoch": progress.epoch, "selected_by": "last epoch"}
     return {"selected_epoch": _selected_epoch(progress, settings),
-            "selected_by": "last epoch" if settings.last_epoch else "lowest validation loss",
+            "selected_by": "last epoch" if settings.last_epoch else "lowest validation loss" + (
+                " of Stage Two's epochs" if settings.stage_two else ""),
             "best_valid_loss_epoch": progress.best["epoch"], "stopped_by_patience": (progress.epoch < settings.epochs
                                                              and _patience_spent(progress, settings))}
 

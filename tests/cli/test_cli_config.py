@@ -367,7 +367,9 @@ def test_isolated_atoms_are_set_aside_as_mace_does(files, tmp_path, capsys):
         run("bad", tmp_path / "with_isolated.xyz", "--keep_isolated_atoms", "maybe")
     assert stop.value.code == 2 and "expected True or False, got 'maybe'" in capsys.readouterr().err
     # --E0s isolated: MACE's E0s from them, as the same dict given
+    capsys.readouterr()
     assert run("iso", tmp_path / "with_isolated.xyz", "--E0s", "isolated") == 0
+    assert "--keep_isolated_atoms keeps them)" in capsys.readouterr().err  # (no hint to do what it does)
     assert run("dict", files / "train.xyz", "--E0s", "{13: -0.25, 29: -0.5}") == 0
     iso, given = (json.loads((tmp_path / x / "metrics.json").read_text()) for x in ("iso", "dict"))
     assert iso["e0_shift_ev"] == given["e0_shift_ev"] and iso["test_force_mae_mev_per_A"] == given[

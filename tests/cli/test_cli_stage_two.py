@@ -90,6 +90,7 @@ def test_the_result_is_chosen_among_stage_two_epochs(files):
     losses = [h["valid_loss"] for h in m["history"]]
     assert losses[0] < losses[1] < losses[2]
     assert (m["selected_epoch"], m["best_valid_loss_epoch"]) == (2, 2)
+    assert m["selected_by"] == "lowest validation loss of Stage Two's epochs"
     plain = files / "valid_plain"
     assert _run(files, plain, "--valid", str(files / "valid.xyz"), "--E0s", "foundation", epochs=1) == 0
     first = json.loads((plain / "metrics.json").read_text())["history"][0]
