@@ -10,6 +10,7 @@ import logging
 import math
 import sys
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sparsekern kernel back end")
     group.add_argument("--sparse_seed", type=int, default=None, help="seed of the delta's start (None: MACE's --seed)")
     return parser
+
+
+def _default(parser: argparse.ArgumentParser, dest: str):
+    """An option's default as parsed (argparse converts a default given as text)."""
+    action = next(a for a in parser._actions if a.dest == dest)
+    return action.type(action.default) if isinstance(action.default, str) and action.type else action.default
 
 
 def _sparse_config(ours: dict, seed: int) -> SparseConfig:
@@ -144,10 +151,17 @@ def _check_foundation_file(parser: argparse.ArgumentParser, spec: str) -> None:
                      f"(`sparsekern finetune --model {spec}` fine-tunes this one)")
 
 
+# --pt_train_file's names of the replay data MACE downloads
+_PT_DATA = ("mp", "omat", "matpes_pbe", "matpes_r2scan")
+
+
 def _check_data(parser: argparse.ArgumentParser, args) -> None:
     """The data files are there (MACE's reader would raise a traceback, after its set-up)."""
-    missing = [f"--{flag} {getattr(args, flag)}" for flag in ("train_file", "valid_file", "test_file")
-               if getattr(args, flag) and not Path(getattr(args, flag)).exists()]
+    files = {flag: getattr(args, flag) for flag in ("train_file", "valid_file", "test_file", "pt_train_file",
+                                                    "pt_valid_file")}
+    if files["pt_train_file"] in _PT_DATA:
+        del files["pt_train_file"]
+    missing = [f"--{flag} {path}" for flag, path in files.items() if path and not Path(path).exists()]
     if missing:
         parser.error(f"data file not found: {', '.join(missing)}")
 
@@ -181,7 +195,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ours = {k: v for k, v in vars(args).items() if k.startswith("sparse_")}
     for key in ours:
         delattr(args, key)  # MACE's code sees its own arguments only
-    given = sorted({a.split("=")[0] for a in argv if a.startswith(SPARSE_PREFIX)})
+    # given on the command line, or in a --config file (where only a value other than the default tells)
+    given = sorted({a.split("=")[0] for a in argv if a.startswith(SPARSE_PREFIX)}
+                   | {f"--{k}" for k, v in ours.items() if v != _default(parser, k)})
     if args.distributed and args.device not in ("cuda", "xpu"):
         parser.error(f"--distributed: MACE's data-parallel mode runs on GPUs only (--device cuda: NCCL, one process "
                      f"per GPU), not --device {args.device}; on CPUs use `sparsekern finetune --nproc N`")
@@ -200,14 +216,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.enable_cueq or args.only_cueq or args.enable_oeq:
         parser.error("--enable_cueq/--only_cueq/--enable_oeq convert the model to other kernels; sparsekern "
                      "replaces the same layers with its own (see --sparse_backend)")
-    if ours["sparse_mode"] != "block" and ours["sparse_tile"] != _tile(parser.get_default("sparse_tile")):
+    if ours["sparse_mode"] != "block" and ours["sparse_tile"] != _default(parser, "sparse_tile"):
         parser.error("--sparse_tile applies to --sparse_mode block only: leave it out")  # else it changes nothing
     try:
         config = _sparse_config(ours, args.seed)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.max_num_epochs < 1:  # (MACE's script fails after its set-up, saving no model)
+        parser.error(f"--max_num_epochs must be >= 1, got {args.max_num_epochs}")
+    # MACE's lr as its script sets it (replay fine-tuning lowers it), given when its options are built
+    factor = partial(lr_factor, ours["sparse_lr_factor"], config.density)
     try:
-        factor = lr_factor(ours["sparse_lr_factor"], config.density, args.lr)
+        factor(args.lr)
     except ValueError as exc:
         parser.error(str(exc))
     try:

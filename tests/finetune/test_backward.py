@@ -82,7 +82,7 @@ def test_mace_take_step_goes_into_the_optimizers_tensors(base):
 
     want, positions = one_step(take_step)
     run_train = types.SimpleNamespace(configure_model=None, get_params_options=None, deepcopy=None, remove_pt_head=None,
-                                      tools=types.SimpleNamespace(train=None))
+                                      get_swa=None, tools=types.SimpleNamespace(train=None))
     with SparseHooks(sparsekern.SparseConfig(density=0.3), "torch", None).installed(run_train):
         assert steps.take_step is not take_step
         got, none = one_step(steps.take_step)

@@ -182,7 +182,7 @@ def test_gpu_run_precompiles_on_a_copy_before_training(workdir, monkeypatch):
     monkeypatch.setattr("sparsekern.ops.triton.precompile.precompile", fake_precompile)
     tools = types.SimpleNamespace(train=lambda **k: trained.append(k))
     run_train = types.SimpleNamespace(configure_model=None, get_params_options=None, deepcopy=None, remove_pt_head=None,
-                                      tools=tools)
+                                      get_swa=None, tools=tools)
     hooks = SparseHooks(sparsekern.SparseConfig(density=0.05), "torch", None)
     hooks.model = model
     state = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
@@ -319,7 +319,7 @@ def test_optimizer_groups_hold_deltas_in_their_base_weights_group(workdir, freez
     argv = ["--name", "x", "--train_file", "t.xyz"] + ([] if freeze is None else ["--freeze", str(freeze)])
     args = build_default_arg_parser().parse_args(argv)
     model = copy.deepcopy(foundation)
-    hooks = SparseHooks(sparsekern.SparseConfig(density=0.05), "auto", args, lr_factor=3.0)
+    hooks = SparseHooks(sparsekern.SparseConfig(density=0.05), "auto", args, lr_factor=lambda lr: 3.0)
     groups = hooks.params_options(get_params_options, args, model)["params"]
     factors = entry_lr_factors(model)
 
@@ -359,12 +359,61 @@ def test_one_head_of_a_multi_head_foundation_is_the_saved_base(workdir):
                                 atomic_inter_scale=[1.0, 1.0], atomic_inter_shift=[0.0, 0.0])
     torch.save(two_heads, d / "two_heads.model")
     out = _mace_train(d, "head", "--foundation_model", "two_heads.model", "--foundation_head", "r2scan",
-                      "--multiheads_finetuning", "False")
+                      "--multiheads_finetuning", "False", "--model_dir", "head")  # (relative to the run's folder)
     adapter, base = out / "head.adapter.safetensors", out / "head.base.model"
     with safe_open(str(adapter), framework="pt") as f:
-        assert f.metadata()["base_model"] == str(base)
+        assert f.metadata()["base_model"] == str(base.resolve())  # (read from the adapter's folder)
     tuned = torch.load(out / "head.model", weights_only=False)
     adapted = sparsekern.load_adapter(torch.load(base, weights_only=False), adapter)
     atoms = _frames(1, seed=41)[0]
     want, got = (m(mace_batch(m, [atoms]), compute_force=True)["energy"] for m in (tuned, adapted))
     assert rel_err(got, want) <= 1e-12
+
+
+def _lrs(out, name):
+    ckpt = torch.load(sorted((out / "checkpoints").glob(f"{name}*.pt"))[-1], weights_only=False)
+    return ckpt["optimizer"]["param_groups"]
+
+
+def test_replay_fine_tuning_trains_the_deltas_at_their_lr(workdir):
+    """MACE's replay fine-tuning lowers its lr to 1e-4 inside its script: the deltas still
+    train at the measured lr of their density (0.3 at 5 %), not 1e-4 x the factor for 0.01."""
+    d, _ = workdir
+    out = _mace_train(d, "replay", "--sparse_density", "0.05", "--multiheads_finetuning", "True",
+                      "--pt_train_file", "valid.xyz")
+    thresholds = [g["lr"] for g in _lrs(out, "replay") if g["name"].endswith("_thresholds")]
+    assert thresholds and all(lr == pytest.approx(0.3, rel=1e-12) for lr in thresholds)
+
+
+def test_stage_two_lowers_every_group_s_lr_as_mace_lowers_its_own(workdir):
+    """Stage Two (--swa) takes each group to --swa_lr / --lr times its own lr (one --swa_lr
+    for all would drop the deltas' lr 300x); where it never starts (--start_swa at
+    --max_num_epochs, MACE saves stage one twice) no Stage Two adapter is written."""
+    d, _ = workdir
+    out = _mace_train(d, "swa", "--sparse_density", "0.05", "--swa", "--start_swa", "1", "--swa_lr", "0.002",
+                      "--max_num_epochs", "2")
+    groups = _lrs(out, "swa")
+    assert len({g["initial_lr"] for g in groups}) > 1
+    for g in groups:
+        assert g["swa_lr"] == pytest.approx(g["initial_lr"] * 0.002 / 0.01, rel=1e-12)
+    assert (out / "swa_stagetwo.adapter.safetensors").is_file()
+    out = _mace_train(d, "noswa", "--swa", "--start_swa", "1")
+    assert (out / "noswa.adapter.safetensors").is_file() and not list(out.glob("*stagetwo*"))
+
+
+def test_refused_before_mace_starts(workdir, capsys):
+    """One line, exit 2, before MACE's set-up: sparse options in a --config file beside
+    --lora True (they would change nothing), a replay file that is not there, 0 epochs."""
+    d, _ = workdir
+    (d / "lora.yaml").write_text("lora: True\nsparse_density: 0.005\n")
+    common = ["mace-train", "--name", "x", "--train_file", str(d / "train.xyz"), "--foundation_model",
+              str(d / "foundation.model")]
+    for extra, says in ((["--config", str(d / "lora.yaml")], "the sparse-delta flags ['--sparse_density'] do not "
+                                                             "apply"),
+                        (["--multiheads_finetuning", "True", "--pt_train_file", str(d / "nope.xyz")],
+                         f"data file not found: --pt_train_file {d / 'nope.xyz'}"),
+                        (["--max_num_epochs", "0"], "--max_num_epochs must be >= 1, got 0")):
+        with pytest.raises(SystemExit) as exit_:
+            cli([*common, *extra])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err

@@ -1,5 +1,5 @@
 """Sparse deltas inside MACE's own training script (``mace.cli.run_train.run`` of
-mace-torch 0.3.16). Five functions it calls are wrapped while it runs:
+mace-torch 0.3.16). Six functions it calls are wrapped while it runs:
 
 - ``configure_model``: remembers the foundation model it is given;
 - ``get_params_options``: the model arrives with the foundation weights loaded and
@@ -8,8 +8,10 @@ mace-torch 0.3.16). Five functions it calls are wrapped while it runs:
   options of the group of the base weight it changes (so MACE's learning-rate factors
   and its weight decay, a pull towards the foundation, apply as to that weight), in a
   group of its own whose lr also follows that weight's scale (``finetune.lr_scale``, as
-  in ``sparsekern finetune``; stage two's SWA sets one lr for all), thresholds in
-  groups of their own without decay;
+  in ``sparsekern finetune``), thresholds in groups of their own without decay;
+- ``get_swa``: Stage Two's scheduler (torch's SWALR) takes each group to --swa_lr / --lr
+  times its own lr (MACE's drop; one --swa_lr for every group would undo the deltas'
+  factor and scales); which of the saved models is Stage Two's is its list's;
 - ``tools.train``: on a GPU, the Triton kernels of a training step and an evaluation
   are compiled at once before it starts (``finetune.precompile``);
 - ``take_step``: its loss's ``backward()`` goes into the optimizer's tensors alone, not
@@ -27,7 +29,7 @@ import importlib
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -49,8 +51,10 @@ class Refused(Exception):
 class SparseHooks:
     """State shared by the wrapped functions during one ``run_train.run``."""
 
-    def __init__(self, config, backend: str, args, lr_factor: float = 1.0) -> None:
+    def __init__(self, config, backend: str, args, lr_factor: Callable[[float], float] = lambda lr: 1.0) -> None:
         self.config, self.backend, self.args, self.lr_factor = config, backend, args, lr_factor
+        self.mace_lr: Optional[float] = None  # MACE's lr where it builds the optimizer (replay lowers it)
+        self.stages = [False]  # run_train's: whether each model it saves is Stage Two's
         self.foundation: Optional[torch.nn.Module] = None
         self.heads_cut = False  # MACE kept one head of a multi-head foundation: the file is not the base
         self.model: Optional[torch.nn.Module] = None
@@ -59,9 +63,13 @@ class SparseHooks:
 
     @contextmanager
     def installed(self, run_train):
-        names = ("configure_model", "get_params_options", "deepcopy", "remove_pt_head")
+        names = ("configure_model", "get_params_options", "deepcopy", "remove_pt_head", "get_swa")
         saved = {n: getattr(run_train, n) for n in names}
         configure, options, cut = saved["configure_model"], saved["get_params_options"], saved["remove_pt_head"]
+
+        def get_swa(*a, **k):
+            swa, self.stages = self.stage_two(saved["get_swa"], *a, **k)
+            return swa, self.stages
 
         def remove_pt_head(*a, **k):
             self.heads_cut = True
@@ -93,6 +101,7 @@ class SparseHooks:
 
         run_train.configure_model, run_train.get_params_options, run_train.deepcopy, run_train.remove_pt_head = (
             configure_model, get_params_options, deepcopy, remove_pt_head)
+        run_train.get_swa = get_swa
         tools.train, steps.take_step = train_after_precompile, take_step_into_trained
         try:
             yield self
@@ -131,9 +140,26 @@ class SparseHooks:
         result = options(args, model)  # --freeze freezes modules here, their deltas included
         self.drop_frozen_deltas(model)
         result["params"] = by_weight_scale(model, self.regroup(result["params"], model), result["lr"])
+        self.mace_lr = result["lr"]
+        factor = self.lr_factor(self.mace_lr)
         for g in result["params"]:
-            g["lr"] = g.get("lr", result["lr"]) * self.lr_factor
+            g["lr"] = g.get("lr", result["lr"]) * factor
         return result
+
+    def stage_two(self, get_swa, *a, **k):
+        """MACE's ``get_swa`` with its SWALR given one --swa_lr per group: --swa_lr / --lr
+        times the group's lr."""
+        utils = importlib.import_module("mace.tools.scripts_utils")
+        swalr = utils.SWALR
+
+        def per_group(optimizer, swa_lr, **kw):
+            return swalr(optimizer, swa_lr=[g["lr"] * swa_lr / self.mace_lr for g in optimizer.param_groups], **kw)
+
+        utils.SWALR = per_group
+        try:
+            return get_swa(*a, **k)
+        finally:
+            utils.SWALR = swalr
 
     def prepare(self, model: torch.nn.Module) -> None:
         try:
@@ -187,7 +213,7 @@ class SparseHooks:
         """The plain MACE model to save (delta merged); writes the adapter beside it."""
         calibrate_to_schedule(model)  # the saved (e.g. EMA-averaged) deltas, at the scheduled density
         model_dir = Path(self.args.model_dir)
-        stage = "" if self.exports == 0 else "_stagetwo"  # run_train saves stage one, then stage two
+        stage = "_stagetwo" if self.stages[min(self.exports, len(self.stages) - 1)] else ""
         self.exports += 1
         if self.base_model is None:
             self.base_model = self._base_file(model, model_dir)
@@ -211,7 +237,7 @@ class SparseHooks:
         logging.info("sparsekern: the model MACE fine-tunes differs from the foundation file (element subset, E0s, "
                      "scale/shift, readouts, one head of several, or buffers a newer MACE adds); the adapter applies "
                      f"to it, saved to {path}")
-        return str(path)
+        return str(Path(path).resolve())  # (read from the adapter's folder, a relative one would not be found)
 
 
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
