@@ -9,7 +9,9 @@ of H, C, O other than aspirin. It is then tuned on 50 aspirin frames, each metho
 - lora: MACE's ``--lora True --lora_rank 4``;
 - multihead: MACE's replay fine-tuning (``--multiheads_finetuning True --pt_train_file``),
   replaying 10 pretraining frames per molecule;
-- sparse 3 % / 0.5 %: ``python -m sparsekern mace-train ... --sparse_density``.
+- sparse 3 % / 0.5 %: ``python -m sparsekern mace-train ... --sparse_density``;
+- sparse 3 % + replay: the sparse delta under MACE's replay fine-tuning (the same flags as
+  multihead's).
 
 Every model (and the zero-shot foundation) is scored on aspirin test frames and, for
 forgetting, on test frames of two pretraining molecules.
@@ -57,7 +59,15 @@ METHODS = {  # method -> (module run, its own flags)
     "multihead replay": ("mace.cli.run_train", ["--multiheads_finetuning", "True", "--force_mh_ft_lr", "True"]),
     "sparse 3 %": ("sparsekern", ["mace-train", "--sparse_density", "0.03"]),
     "sparse 0.5 %": ("sparsekern", ["mace-train", "--sparse_density", "0.005"]),
+    "sparse 3 % + replay": ("sparsekern", ["mace-train", "--sparse_density", "0.03", "--multiheads_finetuning",
+                                           "True", "--force_mh_ft_lr", "True"]),
 }
+
+
+def replays(method: str) -> bool:
+    """Whether ``method`` is MACE's replay fine-tuning (a pt_head beside the tuned one)."""
+    own = METHODS[method][1]
+    return "--multiheads_finetuning" in own and own[own.index("--multiheads_finetuning") + 1] == "True"
 
 
 def write_frames(path: Path, sources) -> Path:
@@ -181,7 +191,7 @@ def main() -> None:
     pre = run_once(pt_name, train_cmd("mace.cli.run_train", arch, pt_name, pt_train, pt_valid, args, args.pretrain_batch_size),
                    w / pt_name, threads=1)
     if "error" in pre:
-        sys.exit(f"pretraining failed:\n" + "\n".join(pre["log_tail"]))
+        sys.exit("pretraining failed:\n" + "\n".join(pre["log_tail"]))
     foundation = pre["model"]
 
     # Fine-tuning: the foundation's E0s kept (--E0s foundation; 'average' is refused for
@@ -193,9 +203,9 @@ def main() -> None:
     for method in args.methods:
         module, own = METHODS[method]
         extra = list(own)
-        if method == "multihead replay":
+        if replays(method):
             extra += ["--pt_train_file", str(replay), "--pt_valid_file", str(pt_valid)]
-        name = "ft_" + method.replace(" %", "pct").replace(" ", "_").replace(".", "p")
+        name = "ft_" + method.replace(" %", "pct").replace(" + ", "_").replace(" ", "_").replace(".", "p")
         if module == "sparsekern" and args.sparse_lr_factor is not None:
             extra += ["--sparse_lr_factor", str(args.sparse_lr_factor)]
             name += f"_lrx{args.sparse_lr_factor:g}"  # a sweep of the factor keeps each run
@@ -214,7 +224,7 @@ def main() -> None:
             continue
         cache = Path(rec["model"]).parent.parent / f"scores_t{args.n_test}_f{args.n_forget}.json"
         if not cache.exists():
-            heads = ["Default", "pt_head"] if method == "multihead replay" else ["Default"]
+            heads = ["Default", "pt_head"] if method != "zero-shot" and replays(method) else ["Default"]
             write_text(cache, json.dumps({h: score(rec["model"], test, h, args.dtype, train_frames) for h in heads}))
         for head, s in json.loads(cache.read_text()).items():
             label = method if head == "Default" else f"{method} (pt_head)"
@@ -240,9 +250,9 @@ def markdown(report: dict, args) -> str:
              f"{', '.join(PRETRAIN)} (wall {report['pretraining'].get('wall_s')} s, 1 thread). "
              f"Fine-tuning: first {args.n_train} frames of rMD17 aspirin train, {args.epochs} epochs, lr 0.01, "
              f"batch {args.batch_size}, E0s of the foundation; sparse deltas at {sparse_lr}; "
-             f"multihead replays {args.replay_per_molecule} pretraining frames per molecule each epoch (so more "
-             "steps per epoch) and MACE switches it to its universal (Huber) loss; its Default head is the tuned "
-             "model, the pt_head row is the replay head. "
+             f"the replay methods replay {args.replay_per_molecule} pretraining frames per molecule each epoch "
+             "(so more steps per epoch) and MACE switches them to its universal (Huber) loss; their Default head is "
+             "the tuned model, the pt_head row the replay head. "
              f"Test: {args.n_test} aspirin test frames; forgetting: {args.n_forget} test frames each of "
              f"{', '.join(FORGET)}. E (offset): energy MAE after removing the model's mean per-atom energy "
              f"error on the {args.n_train} training frames (the E0s, fitted on other molecules, leave an offset).",
