@@ -10,6 +10,7 @@ import torch
 
 from .. import delta_slot
 from ..ops import registry
+from ..ops.grads import needed, track
 from ..ops.tensor_cache import cached, derived
 from ..paths import WeightGroup
 
@@ -157,17 +158,14 @@ class SparsekernLayer(torch.nn.Module):
             raise ValueError(f"{type(self).__name__}: {what} is on {other.device}, expected {ref.device}")
 
     def _by_element(self, run, x: torch.Tensor, node_attrs: torch.Tensor, num_elements: int) -> torch.Tensor:
-        """``run(x, species)``: the op of each node's element. Where the attributes need a
-        gradient, e3nn's product as it is, linear in them: sum_z node_attrs[n, z]
-        run(x[n], z), every element's output computed (the per-element ops hold the
-        attributes constant: their gradient would be lost)."""
-        if not (node_attrs.requires_grad and torch.is_grad_enabled()):
-            return run(x, self._species(node_attrs, num_elements))
-        self._check_attrs(node_attrs, num_elements)
-        n = x.shape[0]
-        every = torch.arange(num_elements, device=x.device).repeat(n)
-        y = run(x.repeat_interleave(num_elements, 0), every)
-        return torch.einsum("nz,nz...->n...", node_attrs.to(y.dtype), y.reshape(n, num_elements, *y.shape[1:]))
+        """``run(x, species)``: the op of each node's element (one-hot attributes). The
+        per-element ops hold the attributes constant; where they need a gradient (eager),
+        a zero is added whose gradient is e3nn's, computed only by a pass that asks for it
+        (MACE marks them in its compile route and dipole models, and never asks)."""
+        y = run(x, self._species(node_attrs, num_elements))
+        if node_attrs.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            y = y + _AttributesGradient.apply(node_attrs, y, run, x)
+        return y
 
     def _check_attrs(self, node_attrs: torch.Tensor, num_elements: int) -> None:
         if node_attrs.dim() != 2 or node_attrs.shape[1] != num_elements:
@@ -213,6 +211,32 @@ class SparsekernLayer(torch.nn.Module):
             orig.to(device=ref.device)
             match_float_dtype(orig, ref.dtype)
         return orig
+
+
+class _AttributesGradient(torch.autograd.Function):
+    """Zero, shaped as ``like``, whose gradient with respect to the one-hot node
+    attributes is e3nn's (its products are linear in them): d y[n] / d attrs[n, z] =
+    run(x[n], z), the node's output had it been element z, every element computed by one
+    ``run`` on x repeated. Computed only where the running pass uses it; with
+    ``create_graph`` it is differentiable in x and the weights. (Second derivatives
+    through x's gradient, d(forces)/d(attrs), hold the attributes constant.)"""
+
+    @staticmethod
+    def forward(ctx, attrs, like, run, x):
+        track(ctx, attrs, like, run, x)
+        ctx.run = run
+        ctx.save_for_backward(attrs, x)
+        return torch.zeros_like(like)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not needed(ctx, 0):
+            return None, None, None, None
+        attrs, x = ctx.saved_tensors
+        n, elements = attrs.shape
+        every = torch.arange(elements, device=x.device).repeat(n)
+        y = ctx.run(x.repeat_interleave(elements, 0), every).reshape(n, elements, -1)
+        return torch.einsum("nzk,nk->nz", y, grad.reshape(n, -1)).to(attrs.dtype), None, None, None
 
 
 def refuse_unless(ok: torch.Tensor, message: str) -> None:

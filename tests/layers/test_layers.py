@@ -184,13 +184,21 @@ def test_element_linear_grads():
     attrs = one_hot(5, 3)
     _check_grads(lambda x, w: torch.func.functional_call(layer, {"weight": w}, (x, attrs)),
                  (x, layer.weight.detach().clone().requires_grad_()))
-    # attributes that need a gradient: e3nn's product, linear in them (one-hot or not)
-    _check_grads(layer, (x, attrs.clone().requires_grad_()))
-    ref = layer.to_replaced()
-    for a in (attrs, torch.rand(5, 3, dtype=torch.float64)):
-        a = a.clone().requires_grad_()
-        grads = [torch.autograd.grad(m(x, a).pow(2).sum(), (x, a)) for m in (ref, layer)]
-        assert all(rel_err(b, e) <= 1e-12 for e, b in zip(*grads))
+
+    # attributes that need a gradient get e3nn's (its product is linear in them), and its
+    # derivatives in x; a pass that does not ask for it (MACE marks them, never asks)
+    # computes nothing more than without it
+    ref, a = layer.to_replaced(), attrs.clone().requires_grad_()
+    grads = [torch.autograd.grad(m(x, a).pow(2).sum(), (x, a), create_graph=True) for m in (ref, layer)]
+    assert all(rel_err(b, e) <= 1e-12 for e, b in zip(*grads))
+    mixed = [torch.autograd.grad(g[1].pow(2).sum(), x)[0] for g in grads]
+    assert rel_err(mixed[1], mixed[0]) <= 1e-12
+    rows, run = [], layer._run
+    layer._run = lambda x, *rest: rows.append(x.shape[0]) or run(x, *rest)
+    torch.autograd.grad(layer(x, a).pow(2).sum(), x)
+    assert rows == [5]
+    torch.autograd.grad(layer(x, a).pow(2).sum(), a)
+    assert rows == [5, 5, 15]  # (every element's output, in the pass that asks)
 
 
 def test_channelwise_conv_grads():
