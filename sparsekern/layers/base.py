@@ -4,6 +4,7 @@ way back to the module it replaced."""
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
@@ -233,10 +234,10 @@ class _AttributesGradient(torch.autograd.Function):
         if not needed(ctx, 0):
             return None, None, None, None
         attrs, x = ctx.saved_tensors
-        n, elements = attrs.shape
+        (n, elements), k = attrs.shape, math.prod(grad.shape[1:])
         every = torch.arange(elements, device=x.device).repeat(n)
-        y = ctx.run(x.repeat_interleave(elements, 0), every).reshape(n, elements, -1)
-        return torch.einsum("nzk,nk->nz", y, grad.reshape(n, -1)).to(attrs.dtype), None, None, None
+        y = ctx.run(x.repeat_interleave(elements, 0), every).reshape(n, elements, k)
+        return torch.einsum("nzk,nk->nz", y, grad.reshape(n, k)).to(attrs.dtype), None, None, None
 
 
 def refuse_unless(ok: torch.Tensor, message: str) -> None:

@@ -43,7 +43,9 @@ def test_symmetric_contraction_matches_mace(irreps_in, irreps_out, correlation, 
     x = torch.randn(11, ir.count((0, 1)), sum(i.dim for _, i in ir), dtype=dtype)
     attrs = one_hot(11, n_el, dtype)
     assert rel_err(ours(x, attrs), ref(x, attrs)) <= TOL[dtype]
-    assert ours(x[:0], attrs[:0]).shape == (0, o3.Irreps(irreps_out).dim)
+    empty = x[:0].clone().requires_grad_(True)
+    y = ours(empty, attrs[:0])  # in the graph: zero gradients
+    assert y.shape == (0, o3.Irreps(irreps_out).dim) and torch.autograd.grad(y.sum(), empty)[0].shape == empty.shape
 
 
 @pytest.mark.parametrize("use_reduced_cg", [False, True])

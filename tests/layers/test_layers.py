@@ -422,6 +422,8 @@ def test_element_linear_without_nodes_is_in_the_graph(backend):
     el = ElementLinear("4x0e+3x1o", 3, "5x0e+2x1o").double().set_backend(backend)
     y = el(torch.zeros(0, 13, dtype=torch.float64, requires_grad=True), one_hot(0, 3))
     assert y.shape == (0, 11) and not torch.autograd.grad(y.sum(), el.weight)[0].any()
+    attrs = one_hot(0, 3).requires_grad_(True)  # (their gradient asked for)
+    assert torch.autograd.grad(el(torch.zeros(0, 13, dtype=torch.float64), attrs).sum(), attrs)[0].shape == (0, 3)
 
 
 def test_cat_differentiated_twice_without_zero_fills():

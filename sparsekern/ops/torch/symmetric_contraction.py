@@ -31,8 +31,8 @@ def symmetric_contraction(desc: ContractionDesc, x: torch.Tensor, species: torch
 def _contract(desc: ContractionDesc, x: torch.Tensor, species: torch.Tensor, *flat: torch.Tensor) -> torch.Tensor:
     """The contraction with the weights W + dW of every output's degrees in one list."""
     n = x.shape[0]
-    if n == 0:
-        return x.new_zeros(0, desc.blocks_out.dim)
+    if n == 0:  # (in the graph of its inputs, as an empty product is: zero gradients)
+        return x.new_zeros(0, desc.blocks_out.dim) + sum(t.sum() for t in (x, *flat)) * 0
     tables = desc.const("monomials", x, desc.tables)
     order = torch.argsort(species, stable=True)
     counts = torch.bincount(species, minlength=desc.num_elements).tolist()
