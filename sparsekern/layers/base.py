@@ -223,11 +223,15 @@ class _AttributesGradient(torch.autograd.Function):
     through x's gradient, d(forces)/d(attrs), hold the attributes constant.)"""
 
     @staticmethod
-    def forward(ctx, attrs, like, run, x):
-        track(ctx, attrs, like, run, x)
+    def forward(attrs, like, run, x):
+        return torch.zeros_like(like)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # (apart from forward: torch.func's transforms need it)
+        attrs, _, run, x = inputs
+        track(ctx, *inputs)
         ctx.run = run
         ctx.save_for_backward(attrs, x)
-        return torch.zeros_like(like)
 
     @staticmethod
     def backward(ctx, grad):

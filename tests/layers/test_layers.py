@@ -193,6 +193,8 @@ def test_element_linear_grads():
     assert all(rel_err(b, e) <= 1e-12 for e, b in zip(*grads))
     mixed = [torch.autograd.grad(g[1].pow(2).sum(), x)[0] for g in grads]
     assert rel_err(mixed[1], mixed[0]) <= 1e-12
+    jacobians = [torch.func.jacrev(lambda a: m(x.detach(), a).pow(2).sum())(attrs) for m in (ref, layer)]
+    assert rel_err(jacobians[1], jacobians[0]) <= 1e-12  # (torch.func's transforms too)
     rows, run = [], layer._run
     layer._run = lambda x, *rest: rows.append(x.shape[0]) or run(x, *rest)
     torch.autograd.grad(layer(x, a).pow(2).sum(), x)
