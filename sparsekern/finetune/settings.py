@@ -221,7 +221,8 @@ class Settings:
                 raise ValueError(f"{flag} acts on the validation loss: give --valid or --valid_fraction")
         if any(n is not None and n < 1 for n in (self.max_train, self.max_valid, self.max_test)):
             raise ValueError("--max_train, --max_valid and --max_test must be >= 1")
-        for flag, given, needs in (("--max_valid", self.max_valid, self.valid), ("--max_test", self.max_test, self.test)):
+        for flag, given, needs in (("--max_valid", self.max_valid, self.valid),
+                                   ("--max_test", self.max_test, self.test)):
             if given is not None and not needs:  # it would limit nothing, silently
                 name = flag.removeprefix("--max_")
                 raise ValueError(f"{flag} limits --{name}'s frames: give --{name}")
