@@ -173,6 +173,27 @@ def test_mp0_shaped_models(size):
     _assert_same_physics(model, batch, 1e-10)
 
 
+def test_attributes_gradient_is_mace_s_and_invariant():
+    """A whole MACE with node_attrs needing a gradient (an alchemical derivative): dE/d(attrs)
+    is MACE's, and unchanged by a rotation with inversion of the atoms."""
+    ref = mace_mp0_shaped("small", seed=6, num_elements=10)
+    model = sparsekern.patch(copy.deepcopy(ref), backend="torch")
+    cluster = _crystal(seed=7, elements=(1, 6, 8))
+    cluster.pbc, cluster.cell = False, None
+
+    def gradient(m, positions):
+        cluster.positions = positions
+        batch = mace_batch(m, [cluster])
+        attrs = batch["node_attrs"].requires_grad_(True)
+        return torch.autograd.grad(m(batch, compute_force=False)["energy"].sum(), attrs)[0]
+
+    positions = cluster.positions.copy()
+    want = gradient(ref, positions)
+    assert want.abs().max() > 0 and rel_err(gradient(model, positions), want) <= 1e-12
+    turned = positions @ random_o3(seed=8).numpy().T
+    assert rel_err(gradient(model, turned), want) <= 1e-10
+
+
 def test_float32_model_moved_to_float64():
     """mace_mp(default_dtype='float64') builds in float32 and calls .double()."""
     model = mace_mp0_shaped("small", seed=3, dtype=torch.float32, num_elements=10).double()
