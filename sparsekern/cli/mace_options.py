@@ -17,8 +17,8 @@ _KEPT = "a fine-tuned foundation model keeps its architecture and statistics (MA
 _OPTIMIZER = ("the optimizer is Adam (--amsgrad, --no_amsgrad) at --lr under --lr_schedule constant or cosine, "
               "without weight decay or clipping")
 _OUT = "every file of the run goes into --out/--name"
-_REPLAY = ("replay fine-tuning on the foundation's training data is not offered: a sparse delta changes a few % of "
-           "the weights and keeps the rest")
+_REPLAY = ("replay fine-tuning on the foundation's training data is not offered here: `sparsekern mace-train` runs "
+           "MACE's, with the sparse delta")
 _LABELS = ("dipoles, polarizabilities, charges and spins are not trained here (energies, forces, stresses and "
            "magnetic labels are)")
 _CURVES = "metrics.json and training.png hold the learning curves"

@@ -99,9 +99,8 @@ class SparseHooks:
             trained = [p for g in optimizer.param_groups for p in g["params"]]
             return take_step(model, into_trained(loss_fn, trained), batch, optimizer, *a, **k)
 
-        run_train.configure_model, run_train.get_params_options, run_train.deepcopy, run_train.remove_pt_head = (
-            configure_model, get_params_options, deepcopy, remove_pt_head)
-        run_train.get_swa = get_swa
+        (run_train.configure_model, run_train.get_params_options, run_train.deepcopy, run_train.remove_pt_head,
+         run_train.get_swa) = (configure_model, get_params_options, deepcopy, remove_pt_head, get_swa)
         tools.train, steps.take_step = train_after_precompile, take_step_into_trained
         try:
             yield self
