@@ -16,7 +16,7 @@ of H, C, O other than aspirin. It is then tuned on 50 aspirin frames, each metho
 Every model (and the zero-shot foundation) is scored on aspirin test frames and, for
 forgetting, on test frames of two pretraining molecules.
 
-    .venv-mace/bin/python benchmarks/mace_finetune.py [--workdir /tmp/mace_finetune] [--jobs 2]
+    .venv-mace/bin/python benchmarks/mace_finetune.py [--workdir /tmp/mace_finetune] [--jobs 2] [--finetune_dtype float64]
 
 Finished runs (a ``run.json`` beside the model) are read back, not rerun. Writes
 benchmarks/results/mace_finetune_<date>.{md,json}.
@@ -99,10 +99,10 @@ def run_once(name: str, cmd: list, out: Path, threads: int) -> dict:
     return rec
 
 
-def train_cmd(module: str, extra: list, name: str, train: Path, valid: Path, args, batch: int) -> list:
+def train_cmd(module: str, extra: list, name: str, train: Path, valid: Path, args, batch: int, dtype: str) -> list:
     return [sys.executable, "-m", module, *extra, "--name", name, "--train_file", str(train),
             "--valid_file", str(valid), *KEYS, "--batch_size", str(batch), "--valid_batch_size", "20",
-            "--device", "cpu", "--default_dtype", args.dtype, "--seed", str(args.seed),
+            "--device", "cpu", "--default_dtype", dtype, "--seed", str(args.seed),
             "--model_dir", "checkpoints_dir", "--checkpoints_dir", "checkpoints_dir", "--log_dir", "logs",
             "--results_dir", "results", "--work_dir", "."]
 
@@ -161,7 +161,8 @@ def main() -> None:
     p.add_argument("--replay_per_molecule", type=int, default=10)
     p.add_argument("--sparse_lr_factor", type=float, help="default: mace-train's (the lr by density)")
     p.add_argument("--batch_size", type=int, default=5)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="the pretraining's")
+    p.add_argument("--finetune_dtype", choices=("float32", "float64"), help="the fine-tuning runs' (default: --dtype)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="fine-tuning processes at once (one thread each)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -186,10 +187,11 @@ def main() -> None:
     arch = ["--model", "MACE", "--hidden_irreps", "32x0e+32x1o", "--max_L", "1", "--correlation", "2",
             "--r_max", "5.0", "--num_interactions", "2", "--E0s", "average", "--lr", "0.01",
             "--max_num_epochs", str(args.pretrain_epochs)]
-    pt_name = f"foundation_e{args.pretrain_epochs}"
+    pt_name = f"foundation_e{args.pretrain_epochs}" + ("" if args.dtype == "float32" else f"_{args.dtype}")
     # One thread: two OpenMP threads on the 2 shared cores ran an epoch ~10x slower (spinning).
-    pre = run_once(pt_name, train_cmd("mace.cli.run_train", arch, pt_name, pt_train, pt_valid, args, args.pretrain_batch_size),
-                   w / pt_name, threads=1)
+    pt_cmd = train_cmd("mace.cli.run_train", arch, pt_name, pt_train, pt_valid, args, args.pretrain_batch_size,
+                       args.dtype)
+    pre = run_once(pt_name, pt_cmd, w / pt_name, threads=1)
     if "error" in pre:
         sys.exit("pretraining failed:\n" + "\n".join(pre["log_tail"]))
     foundation = pre["model"]
@@ -198,7 +200,9 @@ def main() -> None:
     # multihead), architecture and r_max read from the foundation by MACE itself.
     common = ["--foundation_model", foundation, "--E0s", "foundation", "--lr", "0.01",
               "--max_num_epochs", str(args.epochs)]
-    tag = f"{pt_name}_n{args.n_train}_e{args.epochs}" + (f"_seed{args.seed}" if args.seed else "")  # one foundation
+    ft_dtype = args.finetune_dtype or args.dtype
+    tag = (f"{pt_name}_n{args.n_train}_e{args.epochs}" + (f"_seed{args.seed}" if args.seed else "")  # one foundation
+           + ("" if ft_dtype == args.dtype else f"_{ft_dtype}"))
     jobs = {}
     for method in args.methods:
         module, own = METHODS[method]
@@ -209,7 +213,8 @@ def main() -> None:
         if module == "sparsekern" and args.sparse_lr_factor is not None:
             extra += ["--sparse_lr_factor", str(args.sparse_lr_factor)]
             name += f"_lrx{args.sparse_lr_factor:g}"  # a sweep of the factor keeps each run
-        jobs[method] = (name, train_cmd(module, extra + common, name, ft_train, ft_valid, args, args.batch_size), w / tag / name)
+        cmd = train_cmd(module, extra + common, name, ft_train, ft_valid, args, args.batch_size, ft_dtype)
+        jobs[method] = (name, cmd, w / tag / name)
     with ThreadPoolExecutor(args.jobs) as pool:
         runs = dict(zip(jobs, pool.map(lambda j: run_once(*j, threads=1), jobs.values())))
 
@@ -225,7 +230,8 @@ def main() -> None:
         cache = Path(rec["model"]).parent.parent / f"scores_t{args.n_test}_f{args.n_forget}.json"
         if not cache.exists():
             heads = ["Default", "pt_head"] if method != "zero-shot" and replays(method) else ["Default"]
-            write_text(cache, json.dumps({h: score(rec["model"], test, h, args.dtype, train_frames) for h in heads}))
+            dtype = args.dtype if method == "zero-shot" else ft_dtype
+            write_text(cache, json.dumps({h: score(rec["model"], test, h, dtype, train_frames) for h in heads}))
         for head, s in json.loads(cache.read_text()).items():
             label = method if head == "Default" else f"{method} (pt_head)"
             rows.append({"method": label, "wall_s": None if method == "zero-shot" else rec["wall_s"], **s})
@@ -248,7 +254,8 @@ def markdown(report: dict, args) -> str:
              f"Foundation: MACE 32x0e+32x1o, max_L 1, correlation 2, 2 layers, r_max 5, {args.dtype}, "
              f"E0s average, {args.pretrain_epochs} epochs on the 100 train frames of each of "
              f"{', '.join(PRETRAIN)} (wall {report['pretraining'].get('wall_s')} s, 1 thread). "
-             f"Fine-tuning: first {args.n_train} frames of rMD17 aspirin train, {args.epochs} epochs, lr 0.01, "
+             f"Fine-tuning ({args.finetune_dtype or args.dtype}): first {args.n_train} frames of rMD17 aspirin train, "
+             f"{args.epochs} epochs, lr 0.01, "
              f"batch {args.batch_size}, E0s of the foundation; sparse deltas at {sparse_lr}; "
              f"the replay methods replay {args.replay_per_molecule} pretraining frames per molecule each epoch "
              "(so more steps per epoch) and MACE switches them to its universal (Huber) loss; their Default head is "
