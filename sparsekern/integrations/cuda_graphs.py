@@ -109,11 +109,37 @@ class State:
     __hash__ = None
 
 
-def padding_edges(n: int, k: int, like: torch.Tensor) -> torch.Tensor:
-    """``k`` edges (senders; receivers) between the padding atoms ``n`` and ``n + 1``, in
-    turn each way, as ``like``'s dtype and device."""
-    senders = n + torch.arange(k, device=like.device, dtype=like.dtype) % 2
-    return torch.stack([senders, 2 * n + 1 - senders])
+def padding_atoms(atoms: int, edges: int, capacity: int) -> int:
+    """The padding atoms of a call of ``atoms`` atoms and ``edges`` edges padded to
+    ``capacity`` edges: two, or as many pairs as give each padding atom about four times
+    the real atoms' mean degree (a few per cent more atoms). A program of the conv's
+    kernels loops over the largest degree among its atoms: with every padding edge on two
+    atoms (as before), one program looped over half of them where the others looped over
+    tens of edges."""
+    mean = max(edges / max(atoms, 1), 1.0)
+    return max(2, 2 * math.ceil((capacity - edges) / (8 * mean)))
+
+
+def padding_positions(atoms: int, distance: float, like: torch.Tensor) -> torch.Tensor:
+    """The positions of ``atoms`` padding atoms, as ``like``'s dtype and device: the two of
+    each pair of :func:`padding_edges` ``distance`` apart along x, a last unpaired one at
+    the origin."""
+    positions = like.new_zeros(atoms, 3)
+    positions[1:2 * (atoms // 2):2, 0] = distance
+    return positions
+
+
+def padding_edges(first: int, atoms: int, k: int, like: torch.Tensor) -> torch.Tensor:
+    """``k`` edges (senders; receivers) within the pairs (``first`` + 2j, ``first`` + 2j + 1)
+    of ``atoms`` padding atoms, edge t in pair t mod pairs, in turn each way: each padding
+    atom sends and receives about k / atoms of them (as ``like``'s dtype and device)."""
+    pairs = atoms // 2
+    if pairs == 0:
+        raise ValueError(f"padding edges need two padding atoms at least, got {atoms}")
+    t = torch.arange(k, device=like.device, dtype=like.dtype)
+    way = (t // pairs) % 2
+    senders = first + 2 * (t % pairs) + way
+    return torch.stack([senders, senders + 1 - 2 * way])
 
 
 class Captured:

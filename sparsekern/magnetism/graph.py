@@ -79,7 +79,7 @@ def pad(batch: MagneticBatch, atoms: int, edges: int, cutoff: float) -> Dict[str
     """``batch`` padded to ``atoms`` atoms and ``edges`` edges, as inputs keyed
     ``magnetic_*`` beside the base family's padded ones (whose padding atoms these are,
     after the real ones): the padding atoms at the origin with zero moments in a frame of
-    their own, the padding edges between the last two of them, 2 ``cutoff`` apart (zero
+    their own, the padding edges within their pairs, 2 ``cutoff`` long (zero
     coupling and moments: nothing of theirs reaches a real atom or frame), that frame's
     volume 1 (its stress is 0)."""
     n, e = batch.positions.shape[0], batch.edges.shape[1]
@@ -91,7 +91,7 @@ def pad(batch: MagneticBatch, atoms: int, edges: int, cutoff: float) -> Dict[str
     padded = {"positions": torch.cat([batch.positions, batch.positions.new_zeros(atoms - n, 3)]),
               "numbers": torch.cat([batch.numbers, batch.numbers.new_zeros(atoms - n)]),
               "moments": torch.cat([batch.moments, batch.moments.new_zeros(atoms - n, 3)]),
-              "edges": torch.cat([batch.edges, padding_edges(atoms - 2, edges - e, batch.edges)], 1),
+              "edges": torch.cat([batch.edges, padding_edges(n, atoms - n, edges - e, batch.edges)], 1),
               "offsets": torch.cat([batch.offsets, offsets]),
               "frame": torch.cat([batch.frame, batch.frame.new_full((atoms - n,), batch.n_frames)]),
               "volume": torch.cat([batch.volume, batch.volume.new_ones(1)])}

@@ -32,12 +32,15 @@ def _structures():
     return [crystal, molecule("H2O")]
 
 
-@pytest.mark.parametrize("stress", [False, True])
-def test_padded_call_is_the_models(stress):
+@pytest.mark.parametrize("stress,headroom", [(False, 0.1), (True, 0.1), (True, 3.0)])
+def test_padded_call_is_the_models(stress, headroom):
     model = _model()
     batch = mace_batch(model, _structures())
+    n, e = batch["positions"].shape[0], batch["edge_index"].shape[1]
+    padding = cuda_graphs.padding_atoms(n, e, cuda_graphs.capacity(e, headroom))
+    assert (padding == 2) == (headroom < 1)  # one pair of padding atoms, or more
     want = model(dict(batch), compute_force=True, compute_stress=stress)
-    got = GraphedMACE(model)(dict(batch), compute_force=True, compute_stress=stress)
+    got = GraphedMACE(model, headroom)(dict(batch), compute_force=True, compute_stress=stress)
     keys = ["energy", "node_energy", "forces"] + (["stress"] if stress else [])
     for k in keys:
         assert got[k].shape == want[k].shape and rel_err(got[k], want[k]) <= 1e-12, k

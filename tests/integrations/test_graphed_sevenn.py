@@ -66,12 +66,13 @@ def _check(got, want):
         assert g.shape == w.shape and rel_err(g, w) <= 1e-12, k
 
 
-@pytest.mark.parametrize("batched", [False, True])
-@pytest.mark.parametrize("model", ["sevennet", "multi_fidelity"])
-def test_padded_call_is_the_models(model, batched, request):
+@pytest.mark.parametrize("model,batched,headroom", [("sevennet", False, 0.1), ("sevennet", True, 0.1),
+                                                    ("sevennet", True, 3.0), ("multi_fidelity", False, 0.1),
+                                                    ("multi_fidelity", True, 0.1)])
+def test_padded_call_is_the_models(model, batched, headroom, request):
     plain = copy.deepcopy(request.getfixturevalue(model))
     plain.set_is_batch_data(batched)
-    graphed = GraphedSevenNet(copy.deepcopy(plain))
+    graphed = GraphedSevenNet(copy.deepcopy(plain), headroom)  # 3.0: more than one pair of padding atoms
     assert isinstance(graphed, AtomGraphSequential) and graphed.is_batch_data == batched
     for data in _inputs(plain, batched):
         want = _results(plain, copy.deepcopy(data))

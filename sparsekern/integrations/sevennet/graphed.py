@@ -2,8 +2,8 @@
 (:mod:`..cuda_graphs` says why). A patched SevenNet reads nothing back to the
 host (:mod:`.sync_free`), so its energy, forces and stress can be captured. Each call
 runs batched (its structures' graphs, one for the calculator's single structure) and
-padded to an edge capacity: two padding atoms of the call's first atom's element in a
-graph of their own, and padding edges between them of length the cutoff (where
+padded to an edge capacity: padding atoms of the call's first atom's element in a
+graph of their own, and padding edges within their pairs, of length the cutoff (where
 SevenNet's XPLOR envelope and its slope are zero); nothing reaches the real atoms or
 graphs. One graph per (atoms, graphs, batched, dtype, edge capacity).
 
@@ -18,7 +18,6 @@ replay."""
 
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager
 from typing import Dict, Optional
 
@@ -70,17 +69,21 @@ class GraphedSevenNet(AtomGraphSequential):
             raise ValueError(f"GraphedSevenNet: the input lacks {missing} (a SevenNet AtomGraphData has them)")
         inputs = _inputs(data, batched, self.modal_map if self.eval_modal_map else None)
         n, g, e = inputs[KEY.POS].shape[0], inputs[KEY.NUM_ATOMS].shape[0], inputs[KEY.EDGE_IDX].shape[1]
-        pad = functools.partial(_pad, cutoff=self.cutoff)
+
+        def pad(inputs, edges):  # the padding atoms of this call's edges
+            return _pad(inputs, edges, self.cutoff, n + cuda_graphs.padding_atoms(n, e, edges))
+
         if not cuda_graphs.replayable(inputs[KEY.POS].device):
-            out = self._padded_forward(pad(inputs, cuda_graphs.capacity(e, self.replays.headroom)))
+            padded = pad(inputs, cuda_graphs.capacity(e, self.replays.headroom))
+            out = self._padded_forward(padded)
         else:
             key = (n, g, batched, inputs[KEY.POS].dtype)
             captured = self.replays.get(key, (e,), lambda edges, pool: cuda_graphs.Captured(
                 self._padded_forward, pad, inputs, edges[0], _EDGE_DIMS, pool), cuda_graphs.State(self))
             if captured is None:
                 return super().forward(data)
-            out = captured(inputs)
-        for key, value in _real(out, n, g, e, batched).items():
+            out, padded = captured(inputs), captured.static
+        for key, value in _real(out, n, g, e, batched, padded[KEY.POS].shape[0]).items():
             data[key] = value  # as SevenNet's forward: written into its input, which it returns
         return data
 
@@ -127,8 +130,9 @@ def _inputs(data, batched: bool, modal_map: Optional[Dict[str, int]]) -> dict:
 
 
 def _pad(inputs: dict, edges: int, cutoff: float, atoms: Optional[int] = None) -> dict:
-    """``inputs`` with the padding graph: two atoms (or up to ``atoms`` atoms in all), the
-    last two joined by the padding edges, ``edges`` edges in all."""
+    """``inputs`` with the padding graph: two atoms (or up to ``atoms`` atoms in all),
+    joined in pairs by the padding edges (``cuda_graphs.padding_edges``), ``edges``
+    edges in all."""
     n, g, e = inputs[KEY.POS].shape[0], inputs[KEY.NUM_ATOMS].shape[0], inputs[KEY.EDGE_IDX].shape[1]
     atoms = n + 2 if atoms is None else atoms
     if edges < e or atoms < n + 2:
@@ -142,8 +146,7 @@ def _pad(inputs: dict, edges: int, cutoff: float, atoms: Optional[int] = None) -
         if key == KEY.BATCH:
             extra = value.new_full((k,), g)
         elif key == KEY.POS:
-            extra = value.new_zeros(k, 3)
-            extra[-1, 0] = cutoff
+            extra = cuda_graphs.padding_positions(k, cutoff, value)
         elif key in _ATOM_KEYS:
             extra = value[:1].expand(k, *value.shape[1:])  # the first atom's element: one the model knows
         elif key == KEY.NUM_ATOMS:
@@ -153,7 +156,7 @@ def _pad(inputs: dict, edges: int, cutoff: float, atoms: Optional[int] = None) -
         elif key == KEY.MODAL_TYPE:
             extra = value[:1]  # the first graph's: one the model knows
         elif key == KEY.EDGE_IDX:
-            extra = cuda_graphs.padding_edges(atoms - 2, edges - e, value)
+            extra = cuda_graphs.padding_edges(n, k, edges - e, value)
         else:  # the edge vectors: at the cutoff
             extra = value.new_zeros(edges - e, 3)
             extra[:, 0] = cutoff
@@ -175,9 +178,10 @@ def padder(model: AtomGraphSequential):
     return padding
 
 
-def _real(out: dict, n: int, g: int, e: int, batched: bool) -> dict:
+def _real(out: dict, n: int, g: int, e: int, batched: bool, atoms: int) -> dict:
     """The model's outputs (its inputs stay the caller's) for the real graphs, atoms and
-    edges, copied and detached; a single structure's per-graph outputs as its own."""
+    edges (``atoms``: the padded call's), copied and detached; a single structure's
+    per-graph outputs as its own."""
     real = {}
     for key, value in out.items():
         if key in _INPUTS or not torch.is_tensor(value) or value.dim() == 0:
@@ -186,7 +190,7 @@ def _real(out: dict, n: int, g: int, e: int, batched: bool) -> dict:
             value = value[:g] if batched else value[0]
         elif key in _PER_EDGE:
             value = value[:e]
-        elif value.shape[0] == n + 2:
+        elif value.shape[0] == atoms:
             value = value[:n]
         else:
             continue
