@@ -202,3 +202,29 @@ def test_gpu_mp0_sized():
     got = torch.autograd.grad(y.square().sum(), [x, delta_slot.get(layer, "weight").values])
     want = torch.autograd.grad(ref.square().sum(), [x64, delta_slot.get(ref_layer, "weight").values])
     assert all(rel_err(a.double(), b) <= 1e-5 for a, b in zip(got, want))
+
+
+
+def _x_gradient(y, x):
+    return torch.autograd.grad(y.sum(), x)[0] if y.requires_grad else torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("irreps_in,irreps_out", [("2x0e", "2x0e+40x1o"), ("2x0e+40x1o", "2x0e"), ("3x1o", "2x2e")])
+def test_blocks_no_path_reaches_are_zeros(irreps_in, irreps_out):
+    """A block wider than every path's (or with no path at all) is zeros in the output and
+    in x's gradient: its columns past the paths' widest were left as the allocation found
+    them (the grid covered the paths' widths only). NaN-filled buffers of the sizes are
+    freed first, so that memory left unwritten shows."""
+    torch.manual_seed(0)
+    layer = IrrepsLinear(o3.Irreps(irreps_in), o3.Irreps(irreps_out)).to(DEVICE, torch.float64)
+    x = torch.randn(5, layer.irreps_in.dim, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    layer.backend = "torch"
+    want = layer(x)
+    want_gx = _x_gradient(want, x)
+    layer.backend = "triton"
+    for _ in range(3):
+        for dim in (layer.irreps_in.dim, layer.irreps_out.dim):
+            torch.full((5, dim), float("nan"), device=DEVICE, dtype=torch.float64)
+        y = layer(x)
+        assert torch.allclose(y, want, rtol=1e-12, atol=1e-15)
+        assert torch.allclose(_x_gradient(y, x), want_gx, rtol=1e-12, atol=1e-15)

@@ -242,7 +242,7 @@ class _Tables(NamedTuple):
     paths: torch.Tensor  # (paths, _COLS), rows grouped by destination block
     scales: torch.Tensor  # (paths,) each row's scale
     max_k: int  # widest source mul
-    max_n: int  # widest destination mul
+    max_n: int  # widest destination block (a block no path reaches is stored too: zeros)
     perm: Optional[torch.Tensor]  # the source features' component-major columns (None: all scalars)
 
 
@@ -274,7 +274,7 @@ def _tables(desc: LinearDesc, like: torch.Tensor, tr: bool, T: int) -> _Tables:
         return _Tables(torch.tensor(groups, dtype=torch.int32).view(-1, 5),
                        torch.tensor([rows[i] for i in order], dtype=torch.int32).view(-1, _COLS),
                        torch.tensor([desc.paths[i].scale for i in order], dtype=torch.float64),
-                       max((r[2] for r in rows), default=0), max((r[3] for r in rows), default=0),
+                       max((r[2] for r in rows), default=0), max(dst.muls, default=0),
                        permutation(zip(src.offsets, src.dims, src.muls), src.dim, like.device))
     return desc.const(("triton_linear", tr, T), like, build)
 
