@@ -78,14 +78,21 @@ def test_unpatch_after_a_cast_of_layers_without_parameters():
     assert {b.dtype for b in model.buffers()} == {torch.float64}
 
 
-@pytest.mark.parametrize("case", ["layer", "norm"])
+@pytest.mark.parametrize("case", ["layer", "norm", "features"])
 def test_the_report_says_what_is_left_and_why(case):
     if case == "layer":  # patch swaps a model's submodules: the model object itself stays
         sparsekern.patch(o3.Linear("2x0e", "2x0e"))
         assert sparsekern.patching.last_report.left == [
             ("(the model)", "Linear", "a layer itself, not a model holding it: patch a module that contains it "
                                       "(torch.nn.Sequential(layer))")]
-    else:  # o3.Norm's product has no weights at all
+    elif case == "norm":  # o3.Norm's product has no weights at all
         sparsekern.patch(torch.nn.Sequential(o3.Norm("2x1o")))
         (name, cls, why), = sparsekern.patching.last_report.left
         assert (name, cls) == ("0.tp", "TensorProduct") and why.startswith("instruction mode 'uuu' without weights")
+    else:  # e3nn keeps f_in / f_out in the weight's shape only: the layer was replaced, then failed
+        lin = o3.Linear("2x0e+1x1o", "3x0e+1x1o", f_in=2, f_out=3)
+        model = torch.nn.Sequential(lin)
+        x = torch.randn(4, 2, 5)
+        sparsekern.patch(model)
+        assert sparsekern.patching.last_report.left == [("0", "Linear", "f_in/f_out feature dimensions")]
+        assert model[0] is lin and model(x).shape == (4, 3, 6)

@@ -29,7 +29,7 @@ class IrrepsLinear(SparsekernLayer):
     def unsupported_reason(cls, module: o3.Linear) -> Optional[str]:
         if not module.internal_weights or not module.shared_weights:
             return "external or per-sample weights"
-        if getattr(module, "f_in", None) is not None or getattr(module, "f_out", None) is not None:
+        if module.weight.dim() > 1 or module.bias.dim() > 1:  # (e3nn keeps f_in / f_out in their shapes only)
             return "f_in/f_out feature dimensions"
         return None
 

@@ -298,10 +298,12 @@ def test_fused_conv_plans_a_graph_once(monkeypatch):
     assert rel_err(conv(x1, x2, w, edge_index), expected) <= TOL[torch.float64] and len(built) == 2
 
 
-def test_fused_conv_output_block_without_paths():
+@pytest.mark.parametrize("irreps1", ["2x0e+1x1o", "2x0e+1x1o+0x3o"])
+def test_fused_conv_output_block_without_paths(irreps1):
     """An output block no path writes is zeros, also where the nodes fall into several
-    in-degree groups (each group's rows, not the graph's)."""
-    irreps1, irreps2, irreps_out = o3.Irreps("2x0e+1x1o"), o3.Irreps("1x0e+1x1o"), o3.Irreps("2x0e+1x1o+3x2e")
+    in-degree groups (each group's rows, not the graph's); an input block of multiplicity
+    0 is no error."""
+    irreps1, irreps2, irreps_out = o3.Irreps(irreps1), o3.Irreps("1x0e+1x1o"), o3.Irreps("2x0e+1x1o+3x2e")
     ref = o3.TensorProduct(irreps1, irreps2, irreps_out, [(0, 0, 0, "uvu", True), (1, 0, 1, "uvu", True)],
                            shared_weights=False, internal_weights=False).double()
     conv = ChannelwiseConv.from_e3nn(ref)

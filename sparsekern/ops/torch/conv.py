@@ -89,7 +89,7 @@ def conv(desc: TPDesc, node_feats: torch.Tensor, edge_attrs: torch.Tensor, tp_we
     # product already in the (e, i, u) order the batched product reads, and each block's
     # gradient is scattered into it, not concatenated at the edges' size first
     b1 = desc.blocks_in1
-    x1_t = [b.reshape(-1, mul, d).transpose(1, 2).reshape(b.shape[0], -1)
+    x1_t = [b.reshape(b.shape[0], mul, d).transpose(1, 2).reshape(b.shape[0], mul * d)
             for b, mul, d in zip(node_feats.split(b1.sizes, dim=1), b1.muls, b1.dims)]
     sizes = [rows * width for rows, width in slots.shapes]
     parts = zip(*(_pieces(t, sizes) for t in (w, x2, sender.index_select(0, slots.index))), slots.shapes)
