@@ -219,8 +219,9 @@ class _AttributesGradient(torch.autograd.Function):
     attributes is e3nn's (its products are linear in them): d y[n] / d attrs[n, z] =
     run(x[n], z), the node's output had it been element z, every element computed by one
     ``run`` on x repeated. Computed only where the running pass uses it; with
-    ``create_graph`` it is differentiable in x and the weights. (Second derivatives
-    through x's gradient, d(forces)/d(attrs), hold the attributes constant.)"""
+    ``create_graph`` it is differentiable in x and the weights, and x's gradient gets a
+    zero of its own whose gradient with respect to the attributes is e3nn's
+    (:class:`_AttributesGradientOfX`: d(forces)/d(attrs))."""
 
     @staticmethod
     def forward(attrs, like, run, x):
@@ -235,13 +236,52 @@ class _AttributesGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        attrs, x = ctx.saved_tensors
+        gx = None
+        if torch.is_grad_enabled() and needed(ctx, 3):  # create_graph: x's gradient may be differentiated
+            gx = _AttributesGradientOfX.apply(attrs, x, grad, ctx.run)
+        if not needed(ctx, 0):
+            return None, None, None, gx
+        (n, elements), k = attrs.shape, math.prod(grad.shape[1:])
+        y = ctx.run(*_every_element(x, elements)).reshape(n, elements, k)
+        return torch.einsum("nzk,nk->nz", y, grad.reshape(n, k)).to(attrs.dtype), None, None, gx
+
+
+class _AttributesGradientOfX(torch.autograd.Function):
+    """Zero, shaped as x, added to x's gradient (``grad`` the output's) by
+    :class:`_AttributesGradient`: its gradient with respect to the attributes is e3nn's
+    d(x's gradient)/d attrs[n, z] = the node's x-gradient had it been element z, computed
+    only where the running pass uses it (x's gradient of every element by one ``run``)."""
+
+    @staticmethod
+    def forward(attrs, x, grad, run):
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        attrs, x, grad, run = inputs
+        track(ctx, *inputs)
+        ctx.run = run
+        ctx.save_for_backward(attrs, x, grad)
+
+    @staticmethod
+    def backward(ctx, w):
         if not needed(ctx, 0):
             return None, None, None, None
-        attrs, x = ctx.saved_tensors
-        (n, elements), k = attrs.shape, math.prod(grad.shape[1:])
-        every = torch.arange(elements, device=x.device).repeat(n)
-        y = ctx.run(x.repeat_interleave(elements, 0), every).reshape(n, elements, k)
-        return torch.einsum("nzk,nk->nz", y, grad.reshape(n, k)).to(attrs.dtype), None, None, None
+        attrs, x, grad = ctx.saved_tensors
+        (n, elements), create = attrs.shape, torch.is_grad_enabled()
+        with torch.enable_grad():
+            xs, every = _every_element(x.detach().requires_grad_() if not x.requires_grad else x, elements)
+            y = ctx.run(xs, every)
+            gx, = torch.autograd.grad(y, xs, grad.repeat_interleave(elements, 0).reshape(y.shape), create_graph=create)
+        gx = gx.reshape(n, elements, -1)
+        return torch.einsum("nzk,nk->nz", gx, w.reshape(n, -1)).to(attrs.dtype), None, None, None
+
+
+def _every_element(x: torch.Tensor, elements: int):
+    """x's rows repeated for every element, and the elements: a run gives each node's
+    output had it been each element."""
+    return x.repeat_interleave(elements, 0), torch.arange(elements, device=x.device).repeat(x.shape[0])
 
 
 def refuse_unless(ok: torch.Tensor, message: str) -> None:

@@ -109,8 +109,10 @@ def test_symmetric_contraction_differentiates_the_attributes():
     grads = [torch.autograd.grad(m(x, attrs).pow(2).sum(), (x, attrs), create_graph=True) for m in (ref, layer)]
     for a, b in zip(*grads):
         assert rel_err(b, a) <= 1e-12
-    mixed = [torch.autograd.grad(g[1].pow(2).sum(), x)[0] for g in grads]
+    mixed = [torch.autograd.grad(g[1].pow(2).sum(), x, retain_graph=True)[0] for g in grads]
     assert rel_err(mixed[1], mixed[0]) <= 1e-12
+    through_x = [torch.autograd.grad(g[0].pow(2).sum(), attrs)[0] for g in grads]  # d(forces)/d(attrs)'s kind
+    assert through_x[0].abs().max() > 0 and rel_err(through_x[1], through_x[0]) <= 1e-12
 
 
 def _energy_forces_grads(model, batch):
@@ -175,7 +177,8 @@ def test_mp0_shaped_models(size):
 
 def test_attributes_gradient_is_mace_s_and_invariant():
     """A whole MACE with node_attrs needing a gradient (an alchemical derivative): dE/d(attrs)
-    is MACE's, and unchanged by a rotation with inversion of the atoms."""
+    and d|forces|^2/d(attrs) are MACE's, and dE/d(attrs) is unchanged by a rotation with
+    inversion of the atoms."""
     ref = mace_mp0_shaped("small", seed=6, num_elements=10)
     model = sparsekern.patch(copy.deepcopy(ref), backend="torch")
     cluster = _crystal(seed=7, elements=(1, 6, 8))
@@ -187,9 +190,16 @@ def test_attributes_gradient_is_mace_s_and_invariant():
         attrs = batch["node_attrs"].requires_grad_(True)
         return torch.autograd.grad(m(batch, compute_force=False)["energy"].sum(), attrs)[0]
 
+    def through_forces(m):  # d|forces|^2 / d(attrs): through the forces' graph
+        batch = mace_batch(m, [cluster])
+        attrs = batch["node_attrs"].requires_grad_(True)
+        forces = m(batch, training=True, compute_force=True)["forces"]
+        return torch.autograd.grad(forces.pow(2).sum(), attrs)[0]
+
     positions = cluster.positions.copy()
     want = gradient(ref, positions)
     assert want.abs().max() > 0 and rel_err(gradient(model, positions), want) <= 1e-12
+    assert rel_err(through_forces(model), through_forces(ref)) <= 1e-12
     turned = positions @ random_o3(seed=8).numpy().T
     assert rel_err(gradient(model, turned), want) <= 1e-10
 

@@ -191,16 +191,19 @@ def test_element_linear_grads():
     ref, a = layer.to_replaced(), attrs.clone().requires_grad_()
     grads = [torch.autograd.grad(m(x, a).pow(2).sum(), (x, a), create_graph=True) for m in (ref, layer)]
     assert all(rel_err(b, e) <= 1e-12 for e, b in zip(*grads))
-    mixed = [torch.autograd.grad(g[1].pow(2).sum(), x)[0] for g in grads]
+    mixed = [torch.autograd.grad(g[1].pow(2).sum(), x, retain_graph=True)[0] for g in grads]
     assert rel_err(mixed[1], mixed[0]) <= 1e-12
+    through_x = [torch.autograd.grad(g[0].pow(2).sum(), a)[0] for g in grads]  # d(forces)/d(attrs)'s kind
+    assert through_x[0].abs().max() > 0 and rel_err(through_x[1], through_x[0]) <= 1e-12
     jacobians = [torch.func.jacrev(lambda a: m(x.detach(), a).pow(2).sum())(attrs) for m in (ref, layer)]
     assert rel_err(jacobians[1], jacobians[0]) <= 1e-12  # (torch.func's transforms too)
     rows, run = [], layer._run
     layer._run = lambda x, *rest: rows.append(x.shape[0]) or run(x, *rest)
     torch.autograd.grad(layer(x, a).pow(2).sum(), x)
-    assert rows == [5]
+    torch.autograd.grad(layer(x, a).pow(2).sum(), x, create_graph=True)
+    assert rows == [5, 5]
     torch.autograd.grad(layer(x, a).pow(2).sum(), a)
-    assert rows == [5, 5, 15]  # (every element's output, in the pass that asks)
+    assert rows == [5, 5, 5, 15]  # (every element's output, in the pass that asks)
 
 
 def test_channelwise_conv_grads():
