@@ -203,6 +203,21 @@ def test_no_host_sync_on_meta(layers, launches, upto):
 
 
 @pytest.mark.parametrize("upto", PASSES)
+def test_cuda_element_linear_without_host_sync(layers, launches, monkeypatch, upto):
+    """The CUDA extension's element linear (its launch stubbed: no GPU here), with and
+    without a delta: no pass syncs (its weight gradient read the elements' counts back)."""
+    from sparsekern.ops.cuda import element_linear as cuda
+
+    monkeypatch.setattr(cuda, "_C", object())
+    monkeypatch.setattr(cuda, "_check", lambda *args: None)
+    monkeypatch.setattr(cuda, "_launch", lambda x, w, s, a: x.new_empty(x.shape[0], w.shape[2], x.shape[2]))
+    for delta in (False, True):
+        layer = copy.deepcopy(layers["ElementLinear", delta]).set_backend("cuda")
+        assert _first_sync(layer, upto) is None
+    assert upto == "fwd" or "_wgrad_kernel" in launches
+
+
+@pytest.mark.parametrize("upto", PASSES)
 def test_launch_and_op_budget(layers, launches, upto):
     """Launches: one per forward for the linears (grouped over paths), conv and contraction."""
     for (kind, delta), layer in layers.items():

@@ -6,12 +6,14 @@ without a GPU, :func:`available` returns False and the registry never picks this
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
+from e3nn import o3
 
 from ...delta_slot import effective
-from ...paths import OutputSlots
+from ...paths import OutputSlots, Path
 from ..descriptors import LinearDesc
 from ..grads import needed, track
 
@@ -61,6 +63,8 @@ def _check(x, weight, species) -> None:
                          f"{x.shape[1]} in dim 1 to match x shape {tuple(x.shape)}")
     if weight.shape[0] == 0 and x.shape[0] > 0:
         raise ValueError("element_linear: weight has n_el=0 elements but x has nodes")
+    if x.shape[2] % 2 == 0:
+        raise ValueError(f"element_linear: x's last dimension must be an irrep's 2l + 1, got {x.shape[2]}")
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, species: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -80,18 +84,26 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, species: torch.Tensor, alpha:
     return y
 
 
+@functools.lru_cache(maxsize=None)
+def _one_path(mul_in: int, mul_out: int, d: int, n_el: int, alpha: float) -> LinearDesc:
+    """The element-indexed linear mul_in x l -> mul_out x l (d = 2l + 1) of one path."""
+    irreps_in, irreps_out = (o3.Irreps([(mul, ((d - 1) // 2, 1))]) for mul in (mul_in, mul_out))
+    return LinearDesc(irreps_in, irreps_out, (Path(0, 0, mul_in, mul_out, alpha, 0),), n_el, "grc",
+                      n_el * mul_in * mul_out)
+
+
 def _grad_weight(x, gy, species, n_el: int, alpha: float) -> torch.Tensor:
-    """dL/dW[z] = alpha * sum_{n: species[n]=z} x_n @ gy_n^T, in differentiable torch ops."""
-    mul_in, mul_out = x.shape[1], gy.shape[1]
-    counts = torch.bincount(species, minlength=n_el).tolist()  # the one host sync
-    if len(counts) > n_el:
-        raise ValueError(f"element_linear: species contains values >= n_el={n_el}")
-    order = torch.argsort(species)
-    xs = x.index_select(0, order).split(counts)
-    gs = gy.index_select(0, order).split(counts)
-    blocks = [torch.einsum("num,nvm->uv", xz, gz) if c else x.new_zeros(mul_in, mul_out)
-              for xz, gz, c in zip(xs, gs, counts)]
-    return alpha * torch.stack(blocks)
+    """dL/dW[z] = alpha * sum_{n: species[n]=z} x_n @ gy_n^T: Triton's weight-gradient
+    kernel on the path as an element linear of its own, since grouping the nodes by element
+    for a loop over elements here read their counts back (a host sync: a training step
+    could not be captured in a CUDA graph). Differentiable to any order."""
+    from ..triton.element_linear import weight_gradient
+
+    n, mul_in, d = x.shape
+    mul_out = gy.shape[1]
+    grad = weight_gradient(_one_path(mul_in, mul_out, d, n_el, alpha), species, x.reshape(n, mul_in * d),
+                           gy.reshape(n, mul_out * d))
+    return grad.view(n_el, mul_in, mul_out)
 
 
 class _ElementLinear(torch.autograd.Function):
@@ -119,7 +131,7 @@ def element_matmul(x: torch.Tensor, weight: torch.Tensor, species: torch.Tensor,
                    alpha: float = 1.0) -> torch.Tensor:
     """y[n, v, m] = alpha * sum_u x[n, u, m] * weight[species[n], u, v] on CUDA.
 
-    x: (N, mul_in, d) float32/float64, any strides; weight: (n_el, mul_in, mul_out), same dtype;
+    x: (N, mul_in, d) float32/float64 (d an irrep's 2l + 1), any strides; weight: (n_el, mul_in, mul_out), same dtype;
     species: int64 (N,) with values in [0, n_el) (not range-checked in the forward, to avoid a
     host sync, like torch indexing). Returns (N, mul_out, d). Differentiable to any order in x and
     weight.

@@ -424,6 +424,14 @@ def grouped_linear(x: torch.Tensor, plan: ElementRows, desc: LinearDesc, weight:
     return _Lin.apply(x, weight, vals, call, False)
 
 
+def weight_gradient(desc: LinearDesc, species: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The flat W0 gradient of ``desc``'s element-indexed linear from its input features a
+    (N, irreps_in.dim) and its output's gradient b (N, irreps_out.dim): the nodes grouped
+    by element on the device (no host sync); differentiable to any order."""
+    plan = cached(species, ("element_rows", desc.num_elements), lambda: ElementRows.build(species, desc.num_elements))
+    return _WGrad.apply(a, b, _Call(desc, plan, None, 0, 0), False)
+
+
 def _blocks(desc: LinearDesc, delta: Optional[torch.Tensor]):
     """W0 + dW is formed tile by tile from the delta's active 16x16 blocks, never materialised."""
     if delta is None:
