@@ -32,6 +32,11 @@ from torch import nn
 from .graph import MagneticBatch
 
 N_ELEMENTS = 119  # embedding rows, indexed by atomic number
+# The magnetic modules' dtype, whatever the base model's: the output layers fitted in
+# closed form hold large weights whose terms cancel, and in float32 E_mag lost three
+# digits (a review's run: its energy jittered apart from its forces, and an NVE run of a
+# float32 SevenNet with them drifted far more than without).
+MAGNETIC_DTYPE = torch.float64
 # eV: the couplings are ENERGY_SCALE x an MLP output, so O(1) weights give the meV-scale
 # exchange energies of the data and an optimizer step of ~lr moves them by ~lr x 10 meV
 ENERGY_SCALE = 0.01

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 from torch import nn
 
 from ..integrations import Family, family_of, register_family
-from .energy import MagneticEnergy
+from .energy import MAGNETIC_DTYPE, MagneticEnergy
 from .graph import PADDED, collate, magnetic_graph, pad, unpad
 from .moments import MomentHead
 from .storage import load_magnetic, save_magnetic, sidecar
@@ -86,9 +86,9 @@ class MagneticFamily(Family):
 
     def wrap(self, base: nn.Module) -> MagneticModel:
         """The magnetic modules (new: zero energy) beside the family's model ``base``."""
-        like = next(base.parameters())  # the magnetic modules compute in the base's dtype, on its device
-        energy = MagneticEnergy(**self.energy_config).to(device=like.device, dtype=like.dtype)
-        head = MomentHead(energy.width).to(device=like.device, dtype=like.dtype) if self.predict_magmom else None
+        device = next(base.parameters()).device  # (MAGNETIC_DTYPE whatever the base's dtype)
+        energy = MagneticEnergy(**self.energy_config).to(device=device, dtype=MAGNETIC_DTYPE)
+        head = MomentHead(energy.width).to(device=device, dtype=MAGNETIC_DTYPE) if self.predict_magmom else None
         return MagneticModel(base, energy, head).eval()
 
     def numbers(self, model):

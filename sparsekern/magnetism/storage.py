@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from ..files import atomic_write
-from .energy import MagneticEnergy
+from .energy import MAGNETIC_DTYPE, MagneticEnergy
 from .moments import MomentHead
 
 FORMAT = "sparsekern-magnetic"
@@ -41,9 +41,8 @@ def load_magnetic(path: Path, device: str) -> Tuple[MagneticEnergy, Optional[Mom
         raise ValueError(f"{path} is not a sparsekern magnetic-module file")
     energy = MagneticEnergy(**{"dm": "polar", **json.loads(metadata["config"])})  # (files before "dm": polar)
     head = MomentHead(energy.width) if metadata["head"] == "True" else None
-    dtype = tensors["energy.embed.weight"].dtype
     for prefix, module in (("energy.", energy), ("head.", head)):
-        if module is not None:
-            module.to(device=device, dtype=dtype)  # (first: loading into float32 would round float64 weights)
+        if module is not None:  # (a file of float32 weights, from before, is raised exactly)
+            module.to(device=device, dtype=MAGNETIC_DTYPE)
             module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
     return energy, head

@@ -143,6 +143,33 @@ def test_magnetic_finetune_metrics_and_merged_model(files, capsys):
     assert not np.allclose(calc.get_property("magforces", atoms), 0.0)  # trained: E_mag is no longer 0
 
 
+def test_magnetic_modules_are_float64_beside_a_float32_base(files, tmp_path):
+    """The closed-form fit's output layers hold large weights whose terms cancel: the
+    magnetic modules train, are saved and load in float64 whatever the base's dtype, and
+    E_mag's energy is consistent with its forces to float64 round-off."""
+    from ase.io import read
+
+    from sparsekern.magnetism.calculator import load_calculator
+    from sparsekern.magnetism.graph import collate, magnetic_graph
+
+    out = tmp_path / "f32"
+    assert _run(files, out, "--epochs", "1", "--magmom_key", "REF_magmom", "--magforces_key", "REF_magforces",
+                "--default_dtype", "float32") == 0
+    calc = load_calculator(json.loads((out / "metrics.json").read_text())["merged_model"], "cpu")
+    assert {p.dtype for p in calc.energy.parameters()} == {torch.float64}
+    atoms = read(files / "test.xyz", "0")
+    atoms.set_initial_magnetic_moments(atoms.arrays["REF_magmom"])
+
+    def e_mag(shift):
+        moved = atoms.copy()
+        moved.positions[0, 0] += shift
+        return calc.energy.outputs(collate([magnetic_graph(moved, calc.energy.cutoff)], "cpu"))
+
+    h, force = 1e-4, e_mag(0.0)["forces"][0, 0].detach()
+    assert e_mag(0.0)["energy"].abs().sum() > 0
+    assert float((e_mag(h)["energy"] - e_mag(-h)["energy"]).detach().sum() / (2 * h) + force) == pytest.approx(0, abs=1e-6)
+
+
 def test_magnetic_stresses_are_the_base_and_e_mag_and_train(files, tmp_path, capsys):
     """With stress labels, a magnetic model's stress is the base model's plus E_mag's
     (``MagneticEnergy.outputs``: its own test against the strain derivative); the run
