@@ -23,6 +23,15 @@ class MagneticModel(nn.Module):
         super().__init__()
         self.base, self.energy, self.head = base, energy, head
 
+    def _apply(self, fn, recurse=True):
+        """Moves and casts reach the base; the magnetic modules are moved only: they stay
+        ``MAGNETIC_DTYPE`` (``--default_dtype float32`` cast them with the base)."""
+        self.base._apply(fn, recurse)
+        for module in (self.energy, self.head):
+            if module is not None:
+                module._apply(lambda t: t.to(fn(t.new_empty(0)).device), recurse)
+        return self
+
 
 def magnetic_parameters(model: nn.Module):
     """The magnetic modules' parameters (none for a model without them)."""

@@ -149,13 +149,19 @@ def test_magnetic_modules_are_float64_beside_a_float32_base(files, tmp_path):
     E_mag's energy is consistent with its forces to float64 round-off."""
     from ase.io import read
 
+    from safetensors import safe_open
+
     from sparsekern.magnetism.calculator import load_calculator
     from sparsekern.magnetism.graph import collate, magnetic_graph
+    from sparsekern.magnetism.storage import sidecar
 
     out = tmp_path / "f32"
     assert _run(files, out, "--epochs", "1", "--magmom_key", "REF_magmom", "--magforces_key", "REF_magforces",
                 "--default_dtype", "float32") == 0
-    calc = load_calculator(json.loads((out / "metrics.json").read_text())["merged_model"], "cpu")
+    merged = json.loads((out / "metrics.json").read_text())["merged_model"]
+    with safe_open(str(sidecar(Path(merged))), "pt") as f:  # as the run trained and saved them
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float64}
+    calc = load_calculator(merged, "cpu")
     assert {p.dtype for p in calc.energy.parameters()} == {torch.float64}
     atoms = read(files / "test.xyz", "0")
     atoms.set_initial_magnetic_moments(atoms.arrays["REF_magmom"])
