@@ -5,7 +5,7 @@ way back to the module it replaced."""
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -158,14 +158,16 @@ class SparsekernLayer(torch.nn.Module):
         if other.device != ref.device:
             raise ValueError(f"{type(self).__name__}: {what} is on {other.device}, expected {ref.device}")
 
-    def _by_element(self, run, x: torch.Tensor, node_attrs: torch.Tensor, num_elements: int) -> torch.Tensor:
-        """``run(x, species)``: the op of each node's element (one-hot attributes). The
-        per-element ops hold the attributes constant; where they need a gradient (eager),
-        a zero is added whose gradient is e3nn's, computed only by a pass that asks for it
-        (MACE marks them in its compile route and dipole models, and never asks)."""
+    def _by_element(self, run, x: torch.Tensor, node_attrs: torch.Tensor, num_elements: int,
+                    params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``run(x, species)``: the op of each node's element (one-hot attributes), reading
+        the tensors ``params`` (its weights, as this call has them). The per-element ops
+        hold the attributes constant; where they need a gradient (eager), a zero is added
+        whose gradient is e3nn's, computed only by a pass that asks for it (MACE marks them
+        in its compile route and dipole models, and never asks)."""
         y = run(x, self._species(node_attrs, num_elements))
         if node_attrs.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            y = y + _AttributesGradient.apply(node_attrs, y, run, x)
+            y = y + _AttributesGradient.apply(node_attrs, y, run, x, *params)
         return y
 
     def _check_attrs(self, node_attrs: torch.Tensor, num_elements: int) -> None:
@@ -219,63 +221,78 @@ class _AttributesGradient(torch.autograd.Function):
     attributes is e3nn's (its products are linear in them): d y[n] / d attrs[n, z] =
     run(x[n], z), the node's output had it been element z, every element computed by one
     ``run`` on x repeated. Computed only where the running pass uses it; with
-    ``create_graph`` it is differentiable in x and the weights, and x's gradient gets a
-    zero of its own whose gradient with respect to the attributes is e3nn's
-    (:class:`_AttributesGradientOfX`: d(forces)/d(attrs))."""
+    ``create_graph`` it is differentiable in x and the weights, and the gradients of x and
+    of the tensors ``run`` reads get zeros of their own whose gradients with respect to the
+    attributes are e3nn's (:class:`_AttributesGradientOf`: d(forces)/d(attrs) among them)."""
 
     @staticmethod
-    def forward(attrs, like, run, x):
+    def forward(attrs, like, run, x, *params):
         return torch.zeros_like(like)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # (apart from forward: torch.func's transforms need it)
-        attrs, _, run, x = inputs
+        attrs, _, run, *tensors = inputs
         track(ctx, *inputs)
         ctx.run = run
-        ctx.save_for_backward(attrs, x)
+        ctx.save_for_backward(attrs, *tensors)
 
     @staticmethod
     def backward(ctx, grad):
-        attrs, x = ctx.saved_tensors
-        gx = None
-        if torch.is_grad_enabled() and needed(ctx, 3):  # create_graph: x's gradient may be differentiated
-            gx = _AttributesGradientOfX.apply(attrs, x, grad, ctx.run)
+        attrs, x, *params = ctx.saved_tensors
+        create = torch.is_grad_enabled()  # create_graph: the inputs' gradients may be differentiated
+        inputs = [_AttributesGradientOf.apply(attrs, grad, ctx.run, i, x, *params) if create and needed(ctx, 3 + i)
+                  else None for i in range(1 + len(params))]
         if not needed(ctx, 0):
-            return None, None, None, gx
+            return None, None, None, *inputs
         (n, elements), k = attrs.shape, math.prod(grad.shape[1:])
         y = ctx.run(*_every_element(x, elements)).reshape(n, elements, k)
-        return torch.einsum("nzk,nk->nz", y, grad.reshape(n, k)).to(attrs.dtype), None, None, gx
+        return torch.einsum("nzk,nk->nz", y, grad.reshape(n, k)).to(attrs.dtype), None, None, *inputs
 
 
-class _AttributesGradientOfX(torch.autograd.Function):
-    """Zero, shaped as x, added to x's gradient (``grad`` the output's) by
-    :class:`_AttributesGradient`: its gradient with respect to the attributes is e3nn's
-    d(x's gradient)/d attrs[n, z] = the node's x-gradient had it been element z, computed
-    only where the running pass uses it (x's gradient of every element by one ``run``)."""
+class _AttributesGradientOf(torch.autograd.Function):
+    """Zero, shaped as input ``i`` of the op (x, then the tensors ``run`` reads), added to
+    that input's gradient (``grad`` the output's) by :class:`_AttributesGradient`: its
+    gradient with respect to the attributes is e3nn's, d(the input's gradient)/d attrs[n, z]
+    = node n's part of the gradient had it been element z. Computed only where the running
+    pass uses it, every element by one ``run``: for x, its gradient row by row; for a weight
+    (summed over the rows), the product of each row's derivative with the incoming gradient,
+    by differentiating the rows' vector-Jacobian product once more."""
 
     @staticmethod
-    def forward(attrs, x, grad, run):
-        return torch.zeros_like(x)
+    def forward(attrs, grad, run, i, x, *params):
+        return torch.zeros_like((x, *params)[i])
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        attrs, x, grad, run = inputs
+        attrs, grad, run, i, *tensors = inputs
         track(ctx, *inputs)
-        ctx.run = run
-        ctx.save_for_backward(attrs, x, grad)
+        ctx.run, ctx.i = run, i
+        ctx.save_for_backward(attrs, grad, *tensors)
 
     @staticmethod
     def backward(ctx, w):
+        attrs, grad, x, *params = ctx.saved_tensors
+        none = (None,) * (5 + len(params))
         if not needed(ctx, 0):
-            return None, None, None, None
-        attrs, x, grad = ctx.saved_tensors
+            return none
+        target = (x, *params)[ctx.i]
+        if not target.requires_grad:  # (its gradient was asked for: a torch.func transform's tensor)
+            raise NotImplementedError("a gradient differentiated by the node attributes under torch.func: not "
+                                      "supported (torch.autograd.grad computes it)")
         (n, elements), create = attrs.shape, torch.is_grad_enabled()
         with torch.enable_grad():
-            xs, every = _every_element(x.detach().requires_grad_() if not x.requires_grad else x, elements)
+            xs, every = _every_element(x, elements)
             y = ctx.run(xs, every)
-            gx, = torch.autograd.grad(y, xs, grad.repeat_interleave(elements, 0).reshape(y.shape), create_graph=create)
-        gx = gx.reshape(n, elements, -1)
-        return torch.einsum("nzk,nk->nz", gx, w.reshape(n, -1)).to(attrs.dtype), None, None, None
+            g = grad.repeat_interleave(elements, 0).reshape(y.shape)
+            if ctx.i == 0:  # x's rows are the nodes': their gradients apart
+                rows, = torch.autograd.grad(y, xs, g, create_graph=create)
+                part = rows.reshape(n, elements, -1) * w.reshape(n, 1, -1)
+            else:  # d/du <J^T u, w> = J w, row by row, then against g
+                u = torch.zeros_like(y, requires_grad=True)
+                vjp, = torch.autograd.grad(y, target, u, create_graph=True)
+                jvp, = torch.autograd.grad((vjp * w).sum(), u, create_graph=create)
+                part = (jvp * g).reshape(n, elements, -1)
+        return (part.sum(-1).to(attrs.dtype),) + none[1:]
 
 
 def _every_element(x: torch.Tensor, elements: int):

@@ -64,9 +64,9 @@ class ElementLinear(SparsekernLayer):
             raise ValueError(f"ElementLinear: node_attrs on {node_attrs.device}, x on {x.device}")
         if node_attrs.shape[0] != x.shape[0]:
             raise ValueError(f"ElementLinear: {x.shape[0]} nodes in x but {node_attrs.shape[0]} in node_attrs")
-        delta = self._delta("weight")
-        return self._by_element(lambda x, species: self._run(x, species, self.weight, delta), x, node_attrs,
-                                self.num_elements)
+        weight, delta = self._weight("weight"), self._delta("weight")  # (as this call has them: functional_call)
+        return self._by_element(lambda x, species: self._run(x, species, weight, delta), x, node_attrs,
+                                self.num_elements, [t for t in (weight, delta) if t is not None])
 
     def extra_repr(self) -> str:
         return (f"{self.irreps_in} x {self.num_elements} elements -> {self.irreps_out}, "

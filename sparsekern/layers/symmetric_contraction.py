@@ -74,8 +74,9 @@ class SymmetricContraction(SparsekernLayer):
         names = self._names()
         weights = [[self._weight(name) for name in names_j] for names_j in names]
         deltas = [[self._delta(name) for name in names_j] for names_j in names]
+        used = [t for row in weights + deltas for t in row if t is not None]
         return self._by_element(lambda x, species: self._run(x, species, weights, deltas), x, node_attrs,
-                                self.num_elements)
+                                self.num_elements, used)
 
     def extra_repr(self) -> str:
         return (f"{self.irreps_in} -> {self.irreps_out}, {self.num_elements} elements, "

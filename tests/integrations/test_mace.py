@@ -111,8 +111,14 @@ def test_symmetric_contraction_differentiates_the_attributes():
         assert rel_err(b, a) <= 1e-12
     mixed = [torch.autograd.grad(g[1].pow(2).sum(), x, retain_graph=True)[0] for g in grads]
     assert rel_err(mixed[1], mixed[0]) <= 1e-12
-    through_x = [torch.autograd.grad(g[0].pow(2).sum(), attrs)[0] for g in grads]  # d(forces)/d(attrs)'s kind
-    assert through_x[0].abs().max() > 0 and rel_err(through_x[1], through_x[0]) <= 1e-12
+    through_x = [torch.autograd.grad(g[0].pow(2).sum(), attrs, retain_graph=True)[0] for g in grads]
+    assert through_x[0].abs().max() > 0 and rel_err(through_x[1], through_x[0]) <= 1e-12  # d(forces)/d(attrs)'s kind
+    weights = [list(m.parameters()) for m in (ref, layer)]
+    assert [w.shape for w in weights[0]] == [w.shape for w in weights[1]]
+    u = [torch.randn_like(w) for w in weights[0]]
+    through_w = [torch.autograd.grad(sum((g * v).sum() for g, v in zip(torch.autograd.grad(
+        m(x, attrs).pow(2).sum(), ws, create_graph=True), u)), attrs)[0] for m, ws in zip((ref, layer), weights)]
+    assert through_w[0].abs().max() > 0 and rel_err(through_w[1], through_w[0]) <= 1e-12
 
 
 def _energy_forces_grads(model, batch):
