@@ -44,8 +44,9 @@ class IrrepsLinear(SparsekernLayer):
         offset = bias_offset = 0
         for ins in ref.instructions:
             if ins.i_in == -1:
-                bias_paths.append((ins.i_out, bias_offset))
-                bias_offset += self.irreps_out[ins.i_out].dim
+                if self.irreps_out[ins.i_out].dim:  # (a block of multiplicity 0 has no bias: e3nn's is empty)
+                    bias_paths.append((ins.i_out, bias_offset))
+                    bias_offset += self.irreps_out[ins.i_out].dim
                 continue
             mul_in, mul_out = self.irreps_in[ins.i_in].mul, self.irreps_out[ins.i_out].mul
             if mul_in * mul_out == 0:
@@ -61,7 +62,7 @@ class IrrepsLinear(SparsekernLayer):
         if self.weight is not None:
             self._check_same(self.weight, x, "x")
         lead = x.shape[:-1]
-        x = x.reshape(-1, dim_in)
+        x = x.reshape(lead.numel(), dim_in)
         resolved = delta_slot.element_resolved(self, "weight")
         y = self._run(x, self.weight, self.bias, None if resolved else self._delta("weight"))
         if resolved is not None:  # y = x W0 + x dW[z]: the element linear's op on the delta alone
