@@ -100,7 +100,9 @@ class GraphedSteps:
         first = next(self.model.parameters())
         device, dtype = first.device, first.dtype
         (n, g, *edges), pad = self.padding(self.family.collate([s.graph for s in share], "cpu"))
-        sizes = (n + 2, *edges)  # atoms (two padding atoms at least), then edges of each list
+        # atoms (with the padding atoms the first list's padding edges spread over), then edges of each list
+        sizes = (n + cuda_graphs.padding_atoms(n, edges[0], cuda_graphs.capacity(edges[0], self.replays.headroom)),
+                 *edges)
 
         def padded(atoms: int, *edges: int) -> dict:
             return {**pad(atoms, *edges), **_padded_labels(labels, atoms)}

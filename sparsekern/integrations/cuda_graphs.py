@@ -115,9 +115,11 @@ def padding_atoms(atoms: int, edges: int, capacity: int) -> int:
     the real atoms' mean degree (a few per cent more atoms). A program of the conv's
     kernels loops over the largest degree among its atoms: with every padding edge on two
     atoms (as before), one program looped over half of them where the others looped over
-    tens of edges."""
+    tens of edges. One more where the padded atoms would number the padded edges: outputs
+    not known by name are told apart by their lengths."""
     mean = max(edges / max(atoms, 1), 1.0)
-    return max(2, 2 * math.ceil((capacity - edges) / (8 * mean)))
+    padding = max(2, 2 * math.ceil((capacity - edges) / (8 * mean)))
+    return padding + (atoms + padding == capacity)
 
 
 def padding_positions(atoms: int, distance: float, like: torch.Tensor) -> torch.Tensor:

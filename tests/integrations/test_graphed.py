@@ -46,6 +46,22 @@ def test_padded_call_is_the_models(stress, headroom):
         assert got[k].shape == want[k].shape and rel_err(got[k], want[k]) <= 1e-12, k
 
 
+def test_outputs_placed_by_length_when_atoms_would_number_the_edges():
+    """MACE's per-edge ``edge_forces`` is placed by its length: 48 atoms with 4 edges (a
+    capacity of 64) would have 62 + 2 = 64 padded atoms, one more keeps them apart."""
+    from ase import Atoms
+
+    model = _model()
+    pos = [[0, 0, 0], [0.74, 0, 0], [0, 20, 0], [0.74, 20, 0]] + [[20.0 * (i + 1), 40.0, 0] for i in range(44)]
+    batch = mace_batch(model, [Atoms("H48", positions=pos)])
+    n, e = batch["positions"].shape[0], batch["edge_index"].shape[1]
+    assert (n, e, cuda_graphs.capacity(e, 0.1)) == (48, 4, 64) and cuda_graphs.padding_atoms(n, e, 64) == 17
+    want = model(dict(batch), compute_force=True, compute_edge_forces=True)
+    got = GraphedMACE(model)(dict(batch), compute_force=True, compute_edge_forces=True)
+    for k in ("forces", "edge_forces"):
+        assert got[k].shape == want[k].shape and rel_err(got[k], want[k]) <= 1e-12, k
+
+
 def test_calculator_with_a_patched_model():
     """MACE's calculator takes the wrapper (attributes read through); a patched model
     (Triton back end, interpreted here) gives the plain calculator's results."""
