@@ -8,6 +8,7 @@ import math
 from typing import List, Optional, Sequence
 
 import torch
+from torch.autograd import forward_ad
 
 from .. import delta_slot
 from ..ops import registry
@@ -166,8 +167,14 @@ class SparsekernLayer(torch.nn.Module):
         whose gradient is e3nn's, computed only by a pass that asks for it (MACE marks them
         in its compile route and dipole models, and never asks)."""
         y = run(x, self._species(node_attrs, num_elements))
-        if node_attrs.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            return y
+        if node_attrs.requires_grad and torch.is_grad_enabled():
             y = y + _AttributesGradient.apply(node_attrs, y, run, x, *params)
+        primal, tangent = forward_ad.unpack_dual(node_attrs)
+        if tangent is not None:  # forward mode (torch.func.jvp, jacfwd): a zero whose tangent is e3nn's
+            every = run(*_every_element(x, num_elements)).reshape(x.shape[0], num_elements, -1)
+            y = y + torch.einsum("nz,nzk->nk", node_attrs - primal, every).reshape(y.shape)
         return y
 
     def _check_attrs(self, node_attrs: torch.Tensor, num_elements: int) -> None:

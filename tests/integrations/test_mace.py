@@ -119,6 +119,9 @@ def test_symmetric_contraction_differentiates_the_attributes():
     through_w = [torch.autograd.grad(sum((g * v).sum() for g, v in zip(torch.autograd.grad(
         m(x, attrs).pow(2).sum(), ws, create_graph=True), u)), attrs)[0] for m, ws in zip((ref, layer), weights)]
     assert through_w[0].abs().max() > 0 and rel_err(through_w[1], through_w[0]) <= 1e-12
+    forward = [torch.func.jvp(lambda a: m(x.detach(), a), (attrs.detach(),), (torch.ones_like(attrs),))[1]
+               for m in (ref, layer)]  # forward mode
+    assert forward[0].abs().max() > 0 and rel_err(forward[1], forward[0]) <= 1e-12
 
 
 def _energy_forces_grads(model, batch):

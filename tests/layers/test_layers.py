@@ -207,8 +207,9 @@ def test_element_linear_grads():
     given = [torch.autograd.grad(torch.func.functional_call(m, {"weight": w2}, (x, a)).pow(2).sum(), a)[0]
              for m in (ref, layer)]
     assert rel_err(given[1], given[0]) <= 1e-12
-    jacobians = [torch.func.jacrev(lambda a: m(x.detach(), a).pow(2).sum())(attrs) for m in (ref, layer)]
-    assert rel_err(jacobians[1], jacobians[0]) <= 1e-12  # (torch.func's transforms too)
+    for transform in (torch.func.jacrev, torch.func.jacfwd):  # (torch.func's transforms too, forward mode too)
+        jacobians = [transform(lambda a: m(x.detach(), a).pow(2).sum())(attrs) for m in (ref, layer)]
+        assert jacobians[0].abs().max() > 0 and rel_err(jacobians[1], jacobians[0]) <= 1e-12
     with pytest.raises(NotImplementedError, match="a gradient differentiated by the node attributes under torch.func"):
         torch.func.jacrev(lambda a: torch.func.grad(lambda x: layer(x, a).pow(2).sum())(x.detach()))(attrs)
     rows, run = [], layer._run
