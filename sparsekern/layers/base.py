@@ -4,6 +4,7 @@ way back to the module it replaced."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import List, Optional, Sequence
 
@@ -126,7 +127,8 @@ class SparsekernLayer(torch.nn.Module):
 
     def _run(self, *args):
         backend = self.backend if self.sized is None else self.sized(args[0].shape[0])  # a host-side shape
-        return registry.implementation(self.op, backend)(self.desc, *args)
+        with on_its_device(args[0]):
+            return registry.implementation(self.op, backend)(self.desc, *args)
 
     def _weight(self, name: str) -> torch.Tensor:
         """Parameter ``name`` (dotted), also where ``torch.func.functional_call`` swapped in
@@ -306,6 +308,16 @@ def _every_element(x: torch.Tensor, elements: int):
     """x's rows repeated for every element, and the elements: a run gives each node's
     output had it been each element."""
     return x.repeat_interleave(elements, 0), torch.arange(elements, device=x.device).repeat(x.shape[0])
+
+
+def on_its_device(t: torch.Tensor):
+    """``t``'s CUDA device made the current one for a call where another is: Triton launches
+    on the current device (its ``runtime/jit.py`` reads ``get_current_device()``), not on
+    the tensors' (torch's own ops guard their device), so a model on ``cuda:1`` with device
+    0 current would launch there. Backward passes run on autograd's thread of the device."""
+    if t.device.type == "cuda" and not torch.compiler.is_compiling() and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def refuse_unless(ok: torch.Tensor, message: str) -> None:

@@ -11,7 +11,7 @@ from .. import delta_slot
 from ..ops import registry
 from ..ops.descriptors import LinearDesc
 from ..paths import Path
-from .base import SparsekernLayer
+from .base import SparsekernLayer, on_its_device
 
 
 class IrrepsLinear(SparsekernLayer):
@@ -71,8 +71,9 @@ class IrrepsLinear(SparsekernLayer):
                 raise ValueError(f"IrrepsLinear: an element-resolved delta needs one element per row of x: "
                                  f"{x.shape[0]} rows, {species.shape[0]} node species")
             backend = registry.resolve(self.backend, "element_linear", x.device)
-            y = y + registry.implementation("element_linear", backend)(self.desc.per_element(elements), x, species,
-                                                                       delta, None)
+            with on_its_device(x):
+                y = y + registry.implementation("element_linear", backend)(self.desc.per_element(elements), x,
+                                                                           species, delta, None)
         return y.reshape(*lead, self.desc.blocks_out.dim)
 
     def extra_repr(self) -> str:

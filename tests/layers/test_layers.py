@@ -2,9 +2,11 @@
 float32, gradcheck and gradgradcheck, equivariance under rotation + inversion,
 zero rows, and clear errors on bad input."""
 
+import contextlib
 import copy
 import itertools
 import random
+import types
 
 import pytest
 import torch
@@ -466,3 +468,23 @@ def test_cat_differentiated_twice_without_zero_fills():
         return ops.n
 
     assert double_backward_ops(cat) < double_backward_ops(torch.cat)
+
+
+def test_ops_run_with_their_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device, not the tensors': a layer's op runs with
+    its first operand's device made current where another is (no GPU here: the device
+    calls are recorded, and tensors stand in by their device)."""
+    from sparsekern.layers import base
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: entered.append(d) or contextlib.nullcontext())
+    for device in ("cuda:1", "cuda:0", "cpu"):
+        with base.on_its_device(types.SimpleNamespace(device=torch.device(device))):
+            pass
+    assert entered == [torch.device("cuda:1")]
+    seen = []
+    monkeypatch.setattr(base, "on_its_device", lambda t: seen.append(t) or contextlib.nullcontext())
+    layer, x = IrrepsLinear("2x0e", "2x0e"), torch.randn(3, 2)
+    layer(x)
+    assert len(seen) == 1 and torch.equal(seen[0], x)  # (x, as rows)
