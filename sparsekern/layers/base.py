@@ -175,7 +175,7 @@ class SparsekernLayer(torch.nn.Module):
             y = y + _AttributesGradient.apply(node_attrs, y, run, x, *params)
         primal, tangent = forward_ad.unpack_dual(node_attrs)
         if tangent is not None:  # forward mode (torch.func.jvp, jacfwd): a zero whose tangent is e3nn's
-            every = run(*_every_element(x, num_elements)).reshape(x.shape[0], num_elements, -1)
+            every = _every_output(run, x, num_elements)
             y = y + torch.einsum("nz,nzk->nk", node_attrs - primal, every).reshape(y.shape)
         return y
 
@@ -253,9 +253,8 @@ class _AttributesGradient(torch.autograd.Function):
                   else None for i in range(1 + len(params))]
         if not needed(ctx, 0):
             return None, None, None, *inputs
-        (n, elements), k = attrs.shape, math.prod(grad.shape[1:])
-        y = ctx.run(*_every_element(x, elements)).reshape(n, elements, k)
-        return torch.einsum("nzk,nk->nz", y, grad.reshape(n, k)).to(attrs.dtype), None, None, *inputs
+        y = _every_output(ctx.run, x, attrs.shape[1])
+        return torch.einsum("nzk,nk->nz", y, grad.reshape(y.shape[0], y.shape[2])).to(attrs.dtype), None, None, *inputs
 
 
 class _AttributesGradientOf(torch.autograd.Function):
@@ -308,6 +307,12 @@ def _every_element(x: torch.Tensor, elements: int):
     """x's rows repeated for every element, and the elements: a run gives each node's
     output had it been each element."""
     return x.repeat_interleave(elements, 0), torch.arange(elements, device=x.device).repeat(x.shape[0])
+
+
+def _every_output(run, x: torch.Tensor, elements: int) -> torch.Tensor:
+    """(nodes, elements, outputs): each node's output had it been each element, one ``run``."""
+    out = run(*_every_element(x, elements))
+    return out.reshape(x.shape[0], elements, math.prod(out.shape[1:]))  # (also without nodes)
 
 
 def on_its_device(t: torch.Tensor):

@@ -424,11 +424,16 @@ def grouped_linear(x: torch.Tensor, plan: ElementRows, desc: LinearDesc, weight:
     return _Lin.apply(x, weight, vals, call, False)
 
 
+def _plan(species: torch.Tensor, n_el: int) -> ElementRows:
+    """The call's node tiles by element, once per species tensor (every layer and pass shares them)."""
+    return cached(species, ("element_rows", n_el), lambda: ElementRows.build(species, n_el))
+
+
 def weight_gradient(desc: LinearDesc, species: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The flat W0 gradient of ``desc``'s element-indexed linear from its input features a
     (N, irreps_in.dim) and its output's gradient b (N, irreps_out.dim): the nodes grouped
     by element on the device (no host sync); differentiable to any order."""
-    plan = cached(species, ("element_rows", desc.num_elements), lambda: ElementRows.build(species, desc.num_elements))
+    plan = _plan(species, desc.num_elements)
     return _WGrad.apply(a, b, _Call(desc, plan, None, 0, 0), False)
 
 
@@ -443,7 +448,7 @@ def _blocks(desc: LinearDesc, delta: Optional[torch.Tensor]):
 def element_linear(desc: LinearDesc, x: torch.Tensor, species: torch.Tensor, weight: torch.Tensor,
                    delta: Optional[torch.Tensor]) -> torch.Tensor:
     """The element-indexed linear: x (N, irreps_in.dim) -> (N, irreps_out.dim)."""
-    plan = cached(species, ("element_rows", desc.num_elements), lambda: ElementRows.build(species, desc.num_elements))
+    plan = _plan(species, desc.num_elements)
     return grouped_linear(x, plan, desc, weight, _blocks(desc, delta))
 
 
