@@ -186,8 +186,8 @@ def test_mp0_shaped_models(size):
 
 def test_attributes_gradient_is_mace_s_and_invariant():
     """A whole MACE with node_attrs needing a gradient (an alchemical derivative): dE/d(attrs)
-    and d|forces|^2/d(attrs) are MACE's, and dE/d(attrs) is unchanged by a rotation with
-    inversion of the atoms."""
+    and d|forces|^2/d(attrs) are MACE's, and both are unchanged by a rotation with inversion
+    of the atoms."""
     ref = mace_mp0_shaped("small", seed=6, num_elements=10)
     model = sparsekern.patch(copy.deepcopy(ref), backend="torch")
     cluster = _crystal(seed=7, elements=(1, 6, 8))
@@ -208,9 +208,11 @@ def test_attributes_gradient_is_mace_s_and_invariant():
     positions = cluster.positions.copy()
     want = gradient(ref, positions)
     assert want.abs().max() > 0 and rel_err(gradient(model, positions), want) <= 1e-12
-    assert rel_err(through_forces(model), through_forces(ref)) <= 1e-12
+    want_forces = through_forces(ref)
+    assert rel_err(through_forces(model), want_forces) <= 1e-12
     turned = positions @ random_o3(seed=8).numpy().T
     assert rel_err(gradient(model, turned), want) <= 1e-10
+    assert rel_err(through_forces(model), want_forces) <= 1e-10  # (at the turned positions: invariant)
 
 
 def test_float32_model_moved_to_float64():

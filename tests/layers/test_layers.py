@@ -187,8 +187,9 @@ def test_element_linear_grads():
     layer = ElementLinear("2x0e+2x1o", 3, "2x0e+1x1o").double()
     x = torch.randn(5, layer.irreps_in.dim, dtype=torch.float64, requires_grad=True)
     attrs = one_hot(5, 3)
-    _check_grads(lambda x, w: torch.func.functional_call(layer, {"weight": w}, (x, attrs)),
-                 (x, layer.weight.detach().clone().requires_grad_()))
+    for a in (attrs, attrs.clone().requires_grad_()):  # (with the attributes' zeros in the graph too)
+        _check_grads(lambda x, w: torch.func.functional_call(layer, {"weight": w}, (x, a)),
+                     (x, layer.weight.detach().clone().requires_grad_()))
 
     # attributes that need a gradient get e3nn's (its product is linear in them), and its
     # derivatives in x; a pass that does not ask for it (MACE marks them, never asks)
