@@ -558,8 +558,11 @@ def _grads_raw(form: ConvForm, a, b, w, g, graph: Graph, need_b: bool, need_w: b
     has_a2 = dbl is not None and dbl[0] is not None
     # with 64 channels a tile, 253 registers on sm_90 (Triton 3.7.1); the double backward
     # with a2 at 32 spills at 8 warps (128 registers), hence 16, and 4 warps: at 8,
-    # Triton 3.6.0 (the GPU image's) spilled 8 B in one of SevenNet-0's forms
-    bu = _block_u(form, 16 if has_a2 else 32)
+    # Triton 3.6.0 (the GPU image's) spilled 8 B in one of SevenNet-0's forms. float64
+    # values take two registers: with an l = 2 input (MACE-MP-0 large), 32 channels spill
+    # in the edge loop (tests/ops/test_gpu_proxy_aot.py)
+    wide = form.dtype == torch.float64 and max(form.paths[ts[0]][1] for ts in form.a_groups) >= 5
+    bu = _block_u(form, 16 if has_a2 or wide else 32)
     n_ct = triton.cdiv(form.max_mul, bu)
     gbp = a.new_empty(E, n_ct * form.sum_db) if need_b else None
     order, start, peer = _ordering(graph.transposed.receivers, graph)  # the edges by sender

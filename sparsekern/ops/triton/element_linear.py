@@ -351,11 +351,13 @@ def _wgrad_raw(call: _Call, a: torch.Tensor, b: torch.Tensor, delta: bool) -> to
     sorted_ = plan.order is not None
     use_dot = size >= 16
     bq = 32 if use_dot else max(1, min(32, 512 // (size * size)))
+    # float64 products over 4 warps spill on sm_90 (ptxas keeps 80-96 registers), over 8 not
+    warps = 8 if a.dtype == torch.float64 else 4
     _wgrad_kernel[(tiles.shape[0],)](a, b, out, tab.paths, tab.scales, tiles, call.slot if delta else a,
                                      plan.order if sorted_ else a, plan.seg if sorted_ else a,
                                      plan.n, *a.stride(), *b.stride(),
                                      DELTA=delta, SORTED=sorted_, TU=size, TV=size, BQ=bq,
-                                     USE_DOT=use_dot, F32=a.dtype == torch.float32, num_stages=1)
+                                     USE_DOT=use_dot, F32=a.dtype == torch.float32, num_warps=warps, num_stages=1)
     return out
 
 
