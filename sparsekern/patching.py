@@ -23,8 +23,9 @@ from .ops import registry
 class PatchRule:
     """What a model family adds to patching: more (module class, layer class) pairs; a
     step before patching (e.g. turning a converted model back into e3nn layers) and one
-    after unpatching (undoing what the first changed, if anything); and where a
-    ``conv_tp`` becomes the fused convolution, with its undoing."""
+    after unpatching (undoing what the first changed, if anything); where a
+    ``conv_tp`` becomes the fused convolution, with its undoing; and modules to leave whole,
+    layers inside them included (the family's own code reads them: the reason, or None)."""
 
     name: str
     converters: Callable[[], List[Tuple[type, type]]] = lambda: []
@@ -32,6 +33,7 @@ class PatchRule:
     fuse_conv: Callable[[torch.nn.Module, str], bool] = lambda parent, name: False
     unfuse_conv: Callable[[torch.nn.Module], None] = lambda parent: None
     after_unpatch: Callable[[torch.nn.Module], None] = lambda model: None
+    left_whole: Callable[[torch.nn.Module], Optional[str]] = lambda module: None
 
 
 _RULES: List[PatchRule] = []
@@ -97,19 +99,17 @@ def patch(model: torch.nn.Module, backend: str = "auto", verbose: bool = False) 
     device = _model_device(model)
     table = _converters(rules)
     report = PatchReport()
-
-    def replace(parent: torch.nn.Module, name: str, child: torch.nn.Module, new_cls: type) -> SparsekernLayer:
-        fused = new_cls is ChannelwiseTP and any(rule.fuse_conv(parent, name) for rule in rules)
-        new = (ChannelwiseConv if fused else new_cls).from_e3nn(child).use_backend(backend, device)
-        new.fused_conv = fused
-        setattr(parent, name, new)
-        return new
-
     replaced: Dict[int, Tuple[str, SparsekernLayer]] = {}  # a module used under several names: one layer
+    swapped: List[Tuple[torch.nn.Module, str, torch.nn.Module]] = []  # (parent, name, what was there)
 
     def visit(parent: torch.nn.Module, prefix: str) -> None:
         for name, child in list(_children(parent)):
             full = f"{prefix}{name}"
+            whole = next(filter(None, (rule.left_whole(child) for rule in rules)), None)
+            if whole:
+                report.left.append((full, type(child).__name__, whole))
+                continue
+            swapped.append((parent, name, child))
             if id(child) in replaced:
                 first, new = replaced[id(child)]
                 setattr(parent, name, new)
@@ -123,7 +123,7 @@ def patch(model: torch.nn.Module, backend: str = "auto", verbose: bool = False) 
             if entry is not None:
                 reason = entry[1].unsupported_reason(child)
                 if reason is None:
-                    new = replace(parent, name, child, entry[1])
+                    new = _replace(parent, name, child, entry[1], rules, (backend, device))
                     replaced[id(child)] = (full, new)
                     report.replaced.append((full, entry[0].__name__, type(new).__name__, new.backend_name))
                     continue
@@ -136,14 +136,40 @@ def patch(model: torch.nn.Module, backend: str = "auto", verbose: bool = False) 
                 report.left.append((full, before.__name__, why))
 
     if any(type(model) is cls for cls, _ in table):  # (patch swaps submodules: the model object stays)
-        report.left.append(("(the model)", type(model).__name__, "a layer itself, not a model holding it: "
-                            "patch a module that contains it (torch.nn.Sequential(layer))"))
-    visit(model, "")
+        report.left.append(("(the model)", type(model).__name__, _A_LAYER))
+    try:
+        visit(model, "")
+    except Exception:
+        _put_back(swapped, rules)
+        raise
     global last_report
     last_report = report
     if verbose:
         print(report)
     return model
+
+
+_A_LAYER = "a layer itself, not a model holding it: patch a module that contains it (torch.nn.Sequential(layer))"
+
+
+def _replace(parent: torch.nn.Module, name: str, child: torch.nn.Module, new_cls: type, rules: List[PatchRule],
+             on: Tuple[str, torch.device]) -> SparsekernLayer:
+    """``child``, ``parent``'s ``name``, replaced by a ``new_cls`` on back end and device ``on``."""
+    fused = new_cls is ChannelwiseTP and any(rule.fuse_conv(parent, name) for rule in rules)
+    new = (ChannelwiseConv if fused else new_cls).from_e3nn(child).use_backend(*on)
+    new.fused_conv = fused
+    setattr(parent, name, new)
+    return new
+
+
+def _put_back(swapped: List[Tuple[torch.nn.Module, str, torch.nn.Module]], rules: List[PatchRule]) -> None:
+    """The model as it was before a patch that failed part way, not half patched."""
+    for parent, name, child in reversed(swapped):
+        if getattr(parent, name) is not child:
+            if getattr(getattr(parent, name), "fused_conv", False):
+                for rule in rules:
+                    rule.unfuse_conv(parent)
+            setattr(parent, name, child)
 
 
 last_report: Optional[PatchReport] = None

@@ -78,7 +78,7 @@ def test_unpatch_after_a_cast_of_layers_without_parameters():
     assert {b.dtype for b in model.buffers()} == {torch.float64}
 
 
-@pytest.mark.parametrize("case", ["layer", "norm", "features"])
+@pytest.mark.parametrize("case", ["layer", "norm", "features", "no path"])
 def test_the_report_says_what_is_left_and_why(case):
     if case == "layer":  # patch swaps a model's submodules: the model object itself stays
         sparsekern.patch(o3.Linear("2x0e", "2x0e"))
@@ -89,10 +89,40 @@ def test_the_report_says_what_is_left_and_why(case):
         sparsekern.patch(torch.nn.Sequential(o3.Norm("2x1o")))
         (name, cls, why), = sparsekern.patching.last_report.left
         assert (name, cls) == ("0.tp", "TensorProduct") and why.startswith("instruction mode 'uuu' without weights")
-    else:  # e3nn keeps f_in / f_out in the weight's shape only: the layer was replaced, then failed
+    elif case == "features":  # e3nn keeps f_in / f_out in the weight's shape only: the layer was replaced, then failed
         lin = o3.Linear("2x0e+1x1o", "3x0e+1x1o", f_in=2, f_out=3)
         model = torch.nn.Sequential(lin)
         x = torch.randn(4, 2, 5)
         sparsekern.patch(model)
         assert sparsekern.patching.last_report.left == [("0", "Linear", "f_in/f_out feature dimensions")]
         assert model[0] is lin and model(x).shape == (4, 3, 6)
+    elif case == "no path":  # e3nn then reads no input, whatever its width (MACE's dipole readout gives it none)
+        lin = o3.Linear("16x0e", "1x1o")
+        model = torch.nn.Sequential(lin)
+        sparsekern.patch(model)
+        why = "no path from its input: its output is constant"
+        assert sparsekern.patching.last_report.left == [("0", "Linear", why)]
+        assert model[0] is lin and not model(torch.randn(4, 0)).any()
+
+
+def test_a_patch_that_fails_leaves_the_model_as_it_was(monkeypatch):
+    """A layer that fails to build after others were replaced: every module is put back."""
+    from sparsekern.layers import ChannelwiseTP
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"lin": o3.Linear("2x0e+1x1o", "3x0e+1x1o"), "tp": _external_weights_tp()})
+    before = dict(model.named_modules())
+
+    def broken(cls, module):
+        raise RuntimeError("cannot build")
+    monkeypatch.setattr(ChannelwiseTP, "from_e3nn", classmethod(broken))
+    with pytest.raises(RuntimeError, match="cannot build"):
+        sparsekern.patch(model, backend="torch")
+    assert dict(model.named_modules()) == before
+
+
+def test_torchscript_of_a_patched_model_says_why_it_cannot():
+    model = torch.nn.Sequential(o3.Linear("2x0e+1x1o", "3x0e+1x1o"))
+    sparsekern.patch(model, backend="torch")
+    with pytest.raises(TypeError, match="sparsekern layers are not TorchScript; script the model unpatched"):
+        torch.jit.script(model)

@@ -26,6 +26,11 @@ class SparsekernLayer(torch.nn.Module):
     op: str = ""
     sized: Optional[registry.Sized] = None  # auto's back end by the call's atoms (see use_backend)
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` asks this first: say why, rather than fail deep in its parser."""
+        raise TypeError(f"{type(self).__name__}: sparsekern layers are not TorchScript; script the model "
+                        "unpatched (sparsekern.unpatch(model), after merging any delta)")
+
     def __init__(self) -> None:
         super().__init__()
         self.backend = "torch"

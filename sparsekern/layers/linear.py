@@ -31,6 +31,8 @@ class IrrepsLinear(SparsekernLayer):
             return "external or per-sample weights"
         if module.weight.dim() > 1 or module.bias.dim() > 1:  # (e3nn keeps f_in / f_out in their shapes only)
             return "f_in/f_out feature dimensions"
+        if module.weight_numel == 0:  # (e3nn reads no input then, whatever its width: MACE's empty dipole gate)
+            return "no path from its input: its output is constant"
         return None
 
     def _init_from(self, ref: o3.Linear) -> None:

@@ -4,6 +4,8 @@ column block per tensor-product path."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..ops.descriptors import RadialDesc
@@ -29,6 +31,13 @@ class RadialMLP(SparsekernLayer):
 
         super().__init__()
         self._init_from(FullyConnectedNet(hs, act))
+
+    @classmethod
+    def unsupported_reason(cls, module) -> Optional[str]:
+        from e3nn.nn._fc import _Layer
+
+        odd = [type(layer).__name__ for layer in module.children() if type(layer) is not _Layer]
+        return f"layers that are not e3nn's ({', '.join(odd)})" if odd else None
 
     def _init_from(self, ref) -> None:
         self.hs = list(ref.hs)

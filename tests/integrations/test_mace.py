@@ -279,3 +279,50 @@ def test_patch_report_and_pickle(capsys):
         sparsekern.patch(model, backend="fastest")
     with pytest.raises(RuntimeError, match="not available"):
         sparsekern.patch(model, backend="cuda")
+
+
+def test_dipole_model_with_mace_s_default_mlp_irreps():
+    """AtomicDipolesMACE at mace_run_train's default --MLP_irreps 16x0e: its dipole
+    readout's gate is empty and its last linear, which has no path, is given a width-0
+    input (e3nn reads none): that linear is left, with its reason, and the dipoles are e3nn's."""
+    from mace import modules
+
+    from sparsekern.integrations.mace.models import default_dtype
+
+    with default_dtype(torch.float64):
+        torch.manual_seed(0)
+        model = modules.AtomicDipolesMACE(
+            r_max=3.0, num_bessel=4, num_polynomial_cutoff=5, max_ell=2,
+            interaction_cls=modules.RealAgnosticResidualInteractionBlock,
+            interaction_cls_first=modules.RealAgnosticInteractionBlock, num_interactions=2, num_elements=2,
+            hidden_irreps=o3.Irreps("4x0e+4x1o"), MLP_irreps=o3.Irreps("16x0e"), avg_num_neighbors=3.0,
+            atomic_numbers=[1, 8], correlation=2, gate=torch.nn.functional.silu, atomic_energies=None)
+    from ase import Atoms
+
+    batch = mace_batch(model, [Atoms("OHH", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]])])
+    want = model(dict(batch))["dipole"]
+    sparsekern.patch(model, backend="torch")
+    left = [why for *_, why in sparsekern.patching.last_report.left]
+    assert "no path from its input: its output is constant" in left
+    assert rel_err(model(dict(batch))["dipole"], want) <= 1e-12 and want.abs().max() > 0
+
+
+def test_mace_lora_wrappers_are_left_whole():
+    """A model with MACE's own LoRA (mace_run_train --lora): its wrappers read the e3nn
+    layers they hold (their .instructions, .weight), so they are left whole, with the
+    reason, and the rest is patched: energies and forces are MACE's, with and without
+    gradients (the wrappers merge their weights under no_grad)."""
+    from mace.modules.lora import inject_LoRAs
+
+    model = mace_mp0_shaped("small", seed=1)
+    inject_LoRAs(model, rank=2)
+    batch = mace_batch(model, [_crystal(seed=2)])
+    want = model(dict(batch), training=True, compute_force=True)
+    sparsekern.patch(model, backend="torch")
+    left = [why for *_, why in sparsekern.patching.last_report.left if why.startswith("MACE's LoRA wrapper")]
+    assert left and sparsekern.patched_layers(model)
+    got = model(dict(batch), training=True, compute_force=True)
+    assert rel_err(got["forces"], want["forces"]) <= 1e-10 and rel_err(got["energy"], want["energy"]) <= 1e-12
+    model.eval()
+    with torch.no_grad():
+        assert rel_err(model(dict(batch), compute_force=False)["energy"], want["energy"]) <= 1e-12

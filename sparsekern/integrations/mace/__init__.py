@@ -6,6 +6,8 @@ the interaction blocks' ``conv_tp`` becomes the fused convolution (MACE's
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ...patching import PatchRule, register
@@ -43,5 +45,13 @@ def _unfuse_conv(parent: torch.nn.Module) -> None:
         del parent.conv_fusion
 
 
-register(PatchRule("mace", _converters, cueq.patch_in_e3nn, _fuse_conv, _unfuse_conv, cueq.back_to_cueq))
+def _left_whole(module: torch.nn.Module) -> Optional[str]:
+    """MACE's LoRA wrappers read the e3nn layers they hold (``.instructions``, ``.weight``)."""
+    if type(module).__module__ == "mace.modules.lora":
+        return "MACE's LoRA wrapper reads the e3nn layer inside: merge it first (mace.modules.lora.merge_lora_weights)"
+    return None
+
+
+register(PatchRule("mace", _converters, cueq.patch_in_e3nn, _fuse_conv, _unfuse_conv, cueq.back_to_cueq,
+                   _left_whole))
 register_family(MaceFamily())
