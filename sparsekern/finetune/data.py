@@ -131,14 +131,16 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
                 limit: Optional[int] = None, magmom_key: Optional[str] = None,
                 magforces_key: Optional[str] = None, stress_key: Optional[str] = None,
                 virials_key: Optional[str] = None, isolated: Optional[Dict[int, Optional[float]]] = None,
-                by_type: Optional[Dict[str, float]] = None, virials: bool = False) -> List[Frame]:
+                by_type: Optional[Dict[str, float]] = None, virials: bool = False,
+                spin_orbit: bool = False) -> List[Frame]:
     """The first ``limit`` configurations of an extended-XYZ file with their labels (moments and
     magnetic forces where their keys are given; stresses, under ``stress_key`` or as
     virials under ``virials_key``, in the frames that have one). Given an ``isolated``
     dict, MACE's isolated-atom frames (one atom, ``config_type`` IsolatedAtom: a
     reference energy, not a configuration to fit) are set aside into it, {Z: energy or
     None}, as MACE's data loader does. Each frame's weights are MACE's (``_weights``;
-    ``by_type``: ``--config_type_weights``; ``virials``: ``--loss virials``)."""
+    ``by_type``: ``--config_type_weights``; ``virials``: ``--loss virials``). ``spin_orbit``:
+    the moments must be 3-vectors (``read_moment_labels``)."""
     from ase.io import read
 
     path = Path(path)
@@ -168,7 +170,8 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
         if forces.shape != (len(atoms), 3):
             raise ValueError(f"{where}: forces {forces_key!r} have shape {forces.shape}, expected ({len(atoms)}, 3)")
         _check_finite_and_apart(atoms, energy, forces, where, energy_key, forces_key)
-        moment_labels = read_moment_labels(atoms, where, magmom_key, magforces_key) if magmom_key else (None, None)
+        moment_labels = (read_moment_labels(atoms, where, magmom_key, magforces_key, spin_orbit) if magmom_key
+                         else (None, None))
         stress, kind = _stress(atoms, stress_key, virials_key, where, virials)
         frames.append(Frame(atoms, energy, forces, *moment_labels, stress=stress,
                             weights=_weights(atoms, where, by_type or {}, kind, virials)))

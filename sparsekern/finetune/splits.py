@@ -29,7 +29,7 @@ def read_splits(settings: Settings) -> Splits:
         return read_frames(path, settings.energy_key, settings.forces_key, limit, settings.magmom_key,
                            settings.magforces_key, settings.stress_key, settings.virials_key,
                            None if settings.keep_isolated_atoms else isolated[split], by_type,
-                           settings.virials) if path else []
+                           settings.virials, settings.spin_orbit) if path else []
 
     train, test = read("train", settings.max_train), read("test", settings.max_test)
     valid = read("valid", settings.max_valid)

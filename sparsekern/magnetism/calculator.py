@@ -2,7 +2,9 @@
 modules. Moments in: ``atoms``' initial magnetic moments; out: energy, forces and (cells
 periodic in 3 directions) stress with E_mag's, ``magforces`` (-dE/dm, eV/μB) and, with a
 moment head, the predicted moments (``atoms.get_magnetic_moments()``, along the input
-moments' directions; collinear input gives signed scalars)."""
+moments' directions). Collinear input (scalars, moments along z) gives signed scalars for
+both, the component along the moments (without spin-orbit terms, which refuse collinear
+moments, -dE/dm has no other)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from .graph import collate, magnetic_graph
+from .labels import check_spin_axis
 from .moments import oriented
 
 
@@ -30,6 +33,9 @@ class MagneticCalculator(Calculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
+        collinear = self.atoms.get_initial_magnetic_moments().ndim == 1
+        if self.energy.spin_orbit:
+            check_spin_axis(self.atoms.get_initial_magnetic_moments(), "MagneticCalculator: the initial moments")
         plain = self.atoms.copy()
         plain.calc = self.base
         device = self.energy.embed.weight.device
@@ -40,12 +46,11 @@ class MagneticCalculator(Calculator):
         mag = {k: t.detach().cpu().double().numpy() for k, t in self.energy.outputs(batch, stress=stress).items()}
         energy = plain.get_potential_energy() + float(mag["energy"][0])
         self.results = {"energy": energy, "free_energy": energy, "forces": plain.get_forces() + mag["forces"],
-                        "magforces": mag["magforces"]}
+                        "magforces": mag["magforces"][:, 2] if collinear else mag["magforces"]}
         if stress:
             self.results["stress"] = full_3x3_to_voigt_6_stress(plain.get_stress(voigt=False) + mag["stress"][0])
         if self.head is not None:
             moments = oriented(self.head(self.energy, batch), batch.moments).detach().cpu().double().numpy()
-            collinear = self.atoms.get_initial_magnetic_moments().ndim == 1
             self.results["magmoms"] = moments[:, 2] if collinear else moments
             total = moments.sum(0)
             self.results["magmom"] = float(total[2]) if collinear else float(np.linalg.norm(total))

@@ -4,7 +4,8 @@
 
 J_ij = J(r_ij, z_i, z_j, env_i, env_j) (Heisenberg exchange, Gaussians in r
 times a cutoff), a_i, b_i = f(z_i, env_i) (Landau on-site terms; b >= 0 keeps E bounded
-below in |m| where b > 0: the closed-form fit keeps b = 0, so a fitted a < 0 is not),
+below in |m| where b > 0; the closed-form fit fits b's constant part, >= 0: where it is 0,
+E_mag is quadratic in m, its minimum in m is m = 0 or there is none),
 env_i an invariant summary of atom i's neighbours. Every term is even in
 m (time reversal), depends on distances and m_i . m_j only (invariant under a common
 rotation of positions and moments, and under a rotation of the moments alone: no
@@ -122,12 +123,17 @@ class MagneticEnergy(nn.Module):
             dm = self._dm_vectors(batch.edges, unit, edge, len(node))
             pair = (pair + coupling[:, 1] * (dm * torch.linalg.cross(mi, mj)).sum(1)
                     + coupling[:, 2] * (mi * unit).sum(1) * (mj * unit).sum(1))
-        a, b = (ENERGY_SCALE * self.onsite(node)).unbind(1)
+        a, b = self.landau(node)
         m2 = moments.square().sum(1)
-        # clamp, not softplus: b is exactly 0 at the start yet trainable (the clamp
-        # passes the gradient at 0), and never negative
-        onsite = a * m2 + b.clamp(min=0) * m2.square()
+        onsite = a * m2 + b * m2.square()
         return onsite + 0.5 * torch.zeros_like(onsite).index_add_(0, i, pair), node
+
+    def landau(self, node: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The on-site a_i and b_i (n,) of atoms with ``node`` features (``geometry``'s
+        last). b is clamped, not a softplus: exactly 0 at the start yet trainable (the
+        clamp passes the gradient at 0), and never negative."""
+        a, b = (ENERGY_SCALE * self.onsite(node)).unbind(1)
+        return a, b.clamp(min=0)
 
     def _dm_vectors(self, edges: torch.Tensor, unit: torch.Tensor, edge: torch.Tensor, n: int) -> torch.Tensor:
         """D_ij / c_ij (E, 3) of the ``n`` atoms' ``edges``: r^_ij x (v_i + v_j), or r^_ij
@@ -141,6 +147,15 @@ class MagneticEnergy(nn.Module):
     def forward(self, batch: MagneticBatch, positions: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
         """Energy per frame (n_frames,)."""
         return _per_frame(batch, self.atom_energies(batch, positions, moments))
+
+    def strained(self, batch: MagneticBatch, strain: torch.Tensor) -> torch.Tensor:
+        """Energy per frame of the batch's positions and cell offsets strained by ``strain``
+        (3, 3), with the frames' own neighbours."""
+        dtype = self.embed.weight.dtype
+        stretch = (torch.eye(3, dtype=dtype) + strain.to(dtype)).to(batch.positions.device)
+        atoms, _ = self._atom_energies_and_nodes(batch, batch.positions.to(dtype) @ stretch, batch.moments.to(dtype),
+                                                 batch.offsets.to(dtype) @ stretch)
+        return _per_frame(batch, atoms)
 
     def energy_and_forces(self, batch: MagneticBatch, create_graph: bool = False, with_nodes: bool = False
                           ) -> Tuple[torch.Tensor, ...]:

@@ -1,12 +1,20 @@
 """The magnetic energy fitted in closed form. E_mag is linear in the parameters of its
-output layers (the pair couplings' last layer and the Landau a term's row; b stays 0),
-and so are its forces and magnetic forces: with the hidden layers at their random start,
+output layers (the pair couplings' last layer, the Landau a term's row and b's constant
+part, which is bound to b >= 0: where the unbounded solution has b < 0, b = 0 and the rest
+is solved again), and so are its forces and magnetic forces: with the hidden layers at their random start,
 fitting those parameters to the energy and force residuals and the magnetic forces is a
 linear least-squares problem (random features). The trainer solves it instead of
 training the module with the optimizer: the Heisenberg energies of a spin configuration
 are large and nearly cancel between the couplings and the on-site terms, which Adam,
 moving each parameter by ~lr per step, finds slowly (benchmarks/NOTES.md, NiO), and once
 the fit holds them, small steps on the hidden layers undo it.
+
+A prior keeps the volume and shape dependence the base model has: E_mag's change under a few
+small strains of each periodic frame (``STRAINS``, its own neighbours), per atom, is fitted to 0
+at the energies' weight. Without it nothing constrains that dependence where the
+training frames share one cell: with |m| near constant, the on-site terms of the
+environment act as a free potential, and a review's fit on FCC Fe at one lattice constant
+changed the energy by -0.2 eV/atom at 2 % strain, and a cell relaxation ran away.
 
 The normal equations are sums over frames (and over processes), kept per fold of frames
 and per term; per-element energy offsets are fitted beside the couplings and dropped
@@ -22,13 +30,19 @@ import torch
 from .energy import N_ELEMENTS, MagneticEnergy
 from .graph import MagneticBatch
 
-TERMS = ("energy", "forces", "magforces", "stress")  # outputs of MagneticEnergy it fits
+TERMS = ("energy", "forces", "magforces", "stress", "strain")  # outputs of MagneticEnergy it fits; the prior
+_E = torch.eye(3, dtype=torch.float64)
+# the prior's strains: 2 % compression and expansion, uniaxial along x, y, z, and shears
+STRAINS = [0.02 * _E, -0.02 * _E] + [0.02 * torch.outer(_E[i], _E[i]) for i in range(3)] + [
+    0.01 * (torch.outer(_E[i], _E[j]) + torch.outer(_E[j], _E[i])) for i, j in ((0, 1), (1, 2), (2, 0))]
 
 
 def _linear_parameters(energy: MagneticEnergy) -> List[Tuple[torch.nn.Parameter, object]]:
-    """(parameter, index) of each block E_mag is linear in."""
+    """(parameter, index) of each block E_mag is linear in; the last, b's constant part,
+    only where it is >= 0 (E_mag clamps b there)."""
     pair, onsite = energy.pair[-1], energy.onsite[-1]
-    return [(pair.weight, slice(None)), (pair.bias, slice(None)), (onsite.weight, 0), (onsite.bias, 0)]
+    return [(pair.weight, slice(None)), (pair.bias, slice(None)), (onsite.weight, 0), (onsite.bias, 0),
+            (onsite.bias, 1)]
 
 
 def zero_outputs(energy: MagneticEnergy) -> None:
@@ -51,16 +65,20 @@ def _assign(energy: MagneticEnergy, theta: torch.Tensor) -> None:
         offset += n
 
 
-def _columns(energy: MagneticEnergy, batch: MagneticBatch, stress: bool) -> Dict[str, torch.Tensor]:
+def _columns(energy: MagneticEnergy, batch: MagneticBatch, stress: bool, prior: bool) -> Dict[str, torch.Tensor]:
     """E_mag per frame (F, K), its forces and magnetic forces (3n, K) and, with ``stress``,
-    its stresses (9F, K) for each unit parameter vector (E_mag is linear in them: K passes
-    of the module give its exact design matrix)."""
+    its stresses (9F, K), with ``prior`` its change under each of ``STRAINS`` per frame
+    (S F, K), for each unit parameter vector (E_mag is linear in them: K passes of the
+    module give its exact design matrix)."""
     k = n_linear(energy)
-    terms = TERMS if stress else TERMS[:-1]
+    terms = [t for t in TERMS if (t != "stress" or stress) and (t != "strain" or prior)]
     cols: Dict[str, list] = {key: [] for key in terms}
     for unit in torch.eye(k, dtype=torch.float64):
         _assign(energy, unit)
         out = energy.outputs(batch, stress=stress)
+        if prior:
+            with torch.no_grad():
+                out["strain"] = torch.cat([energy.strained(batch, s) - out["energy"] for s in STRAINS])
         for key in terms:
             cols[key].append(out[key].detach().double().reshape(-1).cpu())
     _assign(energy, torch.zeros(k, dtype=torch.float64))
@@ -83,7 +101,9 @@ def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], counts: Dic
     scaled by the square root of its weight (the flat target's entry's; a term without
     weights: 1) and by 1/sqrt(``counts``: its term's global number of labelled entries),
     so that the solve's term weights make the training loss, and sums over processes add
-    up. The force rows matter: E_mag depends on positions, and fitted to energies alone its
+    up (with ``counts["strain"]``, the frames times ``len(STRAINS)``, the strain prior's rows
+    too, made here for the periodic frames). The force rows matter: E_mag depends on
+    positions, and fitted to energies alone its
     random features give forces of eV/Å. ``first`` is the global index of the batch's
     first frame (over every process's parts), and frame i goes to fold i % FOLDS: the
     solve's cross-validation holds out whole frames, the same folds in any number of
@@ -94,16 +114,20 @@ def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], counts: Dic
     system = torch.zeros(FOLDS, len(TERMS), k + 1, k + 1, dtype=torch.float64)
     for batch, targets, first, weights in parts:  # (made outside no_grad: the base computes forces)
         with torch.no_grad():
-            cols = _columns(energy, batch, "stress" in targets)
+            cols = _columns(energy, batch, "stress" in targets, "strain" in counts)
             frame = batch.frame.cpu()
             elements = torch.zeros(batch.n_frames, N_ELEMENTS, dtype=torch.float64)
             elements.index_put_((frame, batch.numbers.cpu()), torch.ones(len(frame), dtype=torch.float64),
                                 accumulate=True)
             natoms = elements.sum(1, keepdim=True)
-            for key, target in targets.items():
+            periodic = batch.volume.cpu() > 0  # the prior's frames: E_mag's change under STRAINS to 0
+            prior = {"strain": torch.where(periodic, 0.0, torch.nan).double().repeat(len(STRAINS))}
+            for key, target in {**targets, **(prior if "strain" in counts else {})}.items():
                 x, y = cols[key], target.double().cpu().reshape(-1)
-                if key == "energy":
-                    x, y, fold = torch.cat([x, elements], 1) / natoms, y / natoms[:, 0], torch.arange(batch.n_frames)
+                if key in ("energy", "strain"):  # per atom; the strains' rows by strain, then frame
+                    per = natoms.repeat(len(x) // batch.n_frames, 1)
+                    x = torch.cat([x, elements.repeat(len(x) // batch.n_frames, 1) * (key == "energy")], 1) / per
+                    y, fold = y / per[:, 0], torch.arange(batch.n_frames).repeat(len(x) // batch.n_frames)
                 else:  # rows of atom (or, stresses, frame) i: 3i, 3i+1, 3i+2 (9i, ..., 9i+8)
                     x = torch.cat([x, torch.zeros(len(x), N_ELEMENTS, dtype=torch.float64)], 1)
                     owner = torch.arange(batch.n_frames) if key == "stress" else frame
@@ -123,9 +147,16 @@ def normal_equations(energy: MagneticEnergy, parts: Iterable[tuple], counts: Dic
 class _Problem:
     """The weighted problem of a set of folds, with the offsets projected out (fitted
     without penalty) and the rest scaled to unit diagonal and diagonalised once, so that
-    every ridge and force target costs a matrix-vector product."""
+    every ridge and force target costs a matrix-vector product. The last of E_mag's
+    parameters, b's constant part, is bound to >= 0: a convex problem with one bound,
+    whose solution, where the unbounded one breaks it, has the bound active (the problem
+    with that parameter at 0, ``_Problem`` of the rest, made on first use)."""
 
-    def __init__(self, system: torch.Tensor, weights: torch.Tensor, k: int):
+    def __init__(self, system: torch.Tensor, weights: torch.Tensor, k: int, bounded: bool = True):
+        self.system, self.weights, self.bounded, self._at_bound = system, weights, bounded, None
+        if not bounded:  # b's constant part fixed at 0: its row and column out
+            keep = [c for c in range(system.shape[-1]) if c != k - 1]
+            system, k = system[..., keep, :][..., keep], k - 1
         a = _weighted(system, weights)
         forces = system[TERMS.index("forces")] * weights[TERMS.index("forces")]
         self.k, self.g = k, a[:-1, :-1]
@@ -139,13 +170,20 @@ class _Problem:
         self.b = {"residual": a[:-1, -1], "zero": a[:-1, -1] - forces[:-1, -1]}  # forces' target: residual or 0
 
     def fit(self, ridge: float, target: str) -> torch.Tensor:
-        """The solution (E_mag's parameters, then the offsets) at a relative ridge."""
+        """The solution (E_mag's parameters, then the offsets) at a relative ridge, b's
+        constant part >= 0."""
         k, b = self.k, self.b[target]
         cross = self.g[:k, k:]
         rhs = (b[:k] - cross @ self.offsets @ b[k:]) / self.scale
         lam = ridge * self.eig.max().clamp(min=1e-300)
         theta = (self.vec @ ((self.vec.T @ rhs) / (self.eig + lam))) / self.scale
-        return torch.cat([theta, self.offsets @ (b[k:] - cross.T @ theta)])
+        if not self.bounded:
+            return torch.cat([theta, theta.new_zeros(1), self.offsets @ (b[k:] - cross.T @ theta)])
+        if theta[-1] >= 0:
+            return torch.cat([theta, self.offsets @ (b[k:] - cross.T @ theta)])
+        if self._at_bound is None:
+            self._at_bound = _Problem(self.system, self.weights, k, bounded=False)
+        return self._at_bound.fit(ridge, target)
 
     def offsets_only(self) -> torch.Tensor:
         b = self.b["residual"]

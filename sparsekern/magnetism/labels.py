@@ -12,11 +12,14 @@ import numpy as np
 from .graph import AXIS, as_vectors
 
 
-def read_moment_labels(atoms, where: str, magmom_key: str,
-                       magforces_key: Optional[str]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def read_moment_labels(atoms, where: str, magmom_key: str, magforces_key: Optional[str],
+                       spin_orbit: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(moments, magnetic forces or None) of ``atoms``; the moments also become its
-    initial magnetic moments (what graphs and calculators read)."""
+    initial magnetic moments (what graphs and calculators read). ``spin_orbit``: E_mag
+    has spin-orbit terms, which need 3-vector moments (:func:`check_spin_axis`)."""
     raw = _array(atoms, magmom_key, where, "moments", "magmom")
+    if spin_orbit:
+        check_spin_axis(raw, f"{where}: moments {magmom_key!r}")
     moments = as_vectors(raw, len(atoms), f"{where}: moments {magmom_key!r}")
     atoms.arrays.pop("initial_magmoms", None)  # a collinear column there would refuse 3-vectors
     atoms.set_initial_magnetic_moments(moments)
@@ -32,6 +35,16 @@ def read_moment_labels(atoms, where: str, magmom_key: str,
         # components are unknown, not 0 (with spin-orbit coupling the model's are not 0)
         magforces[:, AXIS == 0] = np.nan
     return moments, magforces
+
+
+def check_spin_axis(moments, what: str) -> None:
+    """Refuse collinear moments (scalars) for a module with spin-orbit terms: a collinear
+    calculation has no spin-orbit coupling and its moments no direction in the crystal,
+    so those terms would be fitted to the lab's z axis (the energy would then change when
+    the crystal is rotated under the same collinear moments)."""
+    if np.ndim(moments) == 1:
+        raise ValueError(f"{what} are collinear scalars, but --spin_orbit's terms couple the moments' directions "
+                         f"to the lattice: give 3-vector moments (n, 3) from a non-collinear calculation")
 
 
 def _array(atoms, key: str, where: str, what: str, flag: str) -> np.ndarray:

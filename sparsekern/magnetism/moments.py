@@ -48,10 +48,17 @@ def equilibrium_moments(energy: MagneticEnergy, batch: MagneticBatch, steps: int
     """The moments minimising E_mag(R, m) (the base energy does not depend on m) from
     ``batch.moments`` as the start, by LBFGS at fixed positions: where the learned energy
     holds the data's physics, the self-consistent moments (magnetic forces -dE/dm = 0).
-    Atoms that start at m = 0 stay there (non-magnetic atoms, as the data treat them)."""
+    Atoms that start at m = 0 stay there (non-magnetic atoms, as the data treat them).
+    Refused where b = 0 on every atom that moves: E_mag is then quadratic in m (every pair
+    term is bilinear), E(cm) = c^2 E(m), so its only minimum is m = 0, or there is none."""
     dtype = energy.embed.weight.dtype
     positions, start = batch.positions.to(dtype), batch.moments.to(dtype)
     free = (start != 0).any(dim=1, keepdim=True)
+    with torch.no_grad():
+        _, b = energy.landau(energy.geometry(batch, positions)[-1])
+    if free.any() and not b[free[:, 0]].any():
+        raise ValueError("equilibrium_moments: E_mag is quadratic in the moments (its Landau b is 0 on every "
+                         "magnetic atom: the fit found no quartic term in the data), so its only minimum is m = 0")
     m = start.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([m], lr=1.0, max_iter=steps, tolerance_grad=tolerance,
                                   tolerance_change=1e-14, line_search_fn="strong_wolfe")

@@ -27,15 +27,18 @@ def batches(module, n_batches, size=8, seed=0):
 
 
 @pytest.mark.parametrize("spin_orbit", [False, True])
-@pytest.mark.parametrize("with_magforces", [False, True])
-def test_fit_recovers_the_output_layers(spin_orbit, with_magforces):
+@pytest.mark.parametrize("with_magforces,landau_b", [(False, 0.7), (True, 0.7), (True, -1.0)])
+def test_fit_recovers_the_output_layers(spin_orbit, with_magforces, landau_b):
+    """Landau b constant (its row's weights 0, which the fit leaves out): 0.7, fitted
+    with the rest, or -1, which E_mag clamps to 0: the bound b >= 0 holds, and the rest
+    is fitted at b = 0."""
     truth = random_module(spin_orbit)
-    with torch.no_grad():  # Landau b at 0 (outside the linear fit): its row's weights and bias
+    with torch.no_grad():
         truth.onsite[-1].weight[1].zero_()
-        truth.onsite[-1].bias[1] = -1.0
+        truth.onsite[-1].bias[1] = landau_b
     fitted = random_module(spin_orbit)  # same hidden layers (same seed) ...
     zero_outputs(fitted)  # ... output layers at the zero start
-    train, test = batches(truth, 6), batches(truth, 1, seed=100)  # 48 frames: more than 39 unknowns
+    train, test = batches(truth, 6), batches(truth, 1, seed=100)  # 48 frames: more than 40 unknowns
     offsets = torch.zeros(119, dtype=torch.float64)
     offsets[[28, 8, 26]] = torch.tensor([-5.5, -3.25, -8.0], dtype=torch.float64)  # per-element energies the base got wrong
     parts = []
@@ -49,6 +52,7 @@ def test_fit_recovers_the_output_layers(spin_orbit, with_magforces):
     for want, got in zip(truth.energy_and_forces(test[0]), fitted.energy_and_forces(test[0])):
         # not to round-off: the ridge GCV picks biases near-collinear features a little
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max() / want.abs().max()
+    assert float(fitted.onsite[-1].bias[1]) == pytest.approx(max(landau_b, 0.0), abs=1e-4)
 
 
 @pytest.mark.parametrize("spin_orbit", [False, True])
@@ -88,6 +92,33 @@ def test_folds_are_one_process_s_in_any_number_of_processes():
     two = sum(normal_equations(module, numbered(parts)[rank::2], {"energy": 9}) for rank in (0, 1))
     assert one[:, 0].abs().sum(dim=(1, 2)).min() > 0  # every fold holds frames
     torch.testing.assert_close(two, one, rtol=1e-13, atol=0)
+
+
+def test_strain_prior_rows_are_e_mag_s_change_under_the_strains():
+    """The prior's term of the normal equations, at any parameters, is the mean square of
+    E_mag's change per atom under each of STRAINS over the periodic frames (a molecule
+    in the batch adds none), over counts["strain"]."""
+    from ase import Atoms
+
+    from sparsekern.magnetism.fit import STRAINS, TERMS, _assign, n_linear
+
+    module = random_module()
+    zero_outputs(module)
+    rng = np.random.default_rng(3)
+    molecule = Atoms(numbers=[28, 8], positions=[[0, 0, 0], [0, 0, 1.8]])
+    graphs = [magnetic_graph(a, module.cutoff, m) for a, m in map(cell_atoms, range(3))]
+    graphs.append(magnetic_graph(molecule, module.cutoff, rng.normal(size=(2, 3))))
+    batch = collate(graphs, "cpu")
+    system = normal_equations(module, numbered([(batch, {})]), {"strain": 7})
+    theta = torch.randn(n_linear(module), dtype=torch.float64)
+    phi = torch.cat([theta, torch.zeros(system.shape[-1] - 1 - len(theta), dtype=torch.float64)])
+    _assign(module, theta)
+    with torch.no_grad():
+        e = module(batch, batch.positions, batch.moments)
+        natoms = torch.bincount(batch.frame).double()
+        want = sum(float((((module.strained(batch, s) - e) / natoms)[:3] ** 2).sum()) for s in STRAINS) / 7
+    got = float(phi @ system[:, TERMS.index("strain")].sum(0)[:-1, :-1] @ phi)
+    assert got == pytest.approx(want, rel=1e-10) and want > 0
 
 
 def test_fit_needs_the_zero_start():

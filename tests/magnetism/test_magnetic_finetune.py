@@ -503,6 +503,12 @@ def test_collinear_magnetic_forces_count_once_per_atom(nickel, monkeypatch):
         predicted = calc.get_property("magforces", atoms)
         assert np.abs(predicted[:, :2]).max() < 1e-12
         errors.append(np.abs(predicted[:, 2] - label))
+        collinear = atoms.copy()  # the same moments as scalars: the same numbers, as scalars
+        collinear.arrays.pop("initial_magmoms")
+        collinear.set_initial_magnetic_moments(moments)
+        collinear.calc = calc
+        assert np.array_equal(calc.get_property("magforces", collinear), predicted[:, 2])
+        assert np.array_equal(calc.get_property("magmoms", collinear), calc.get_property("magmoms", atoms)[:, 2])
         # the moments' error is the calculator's too, over the atoms it gives a moment (O's is 0)
         magnetic = moments != 0
         predicted_moments = calc.get_property("magmoms", atoms)
@@ -544,6 +550,12 @@ def test_unseen_noncollinear_data_with_spin_orbit(nickel, capsys):
     moments = test[0].get_initial_magnetic_moments()
     turn = Rotation.random(random_state=4).as_matrix()
     assert abs(_rotated_energy(calc, test[0], moments, turn) - _rotated_energy(calc, test[0], moments)) > 1e-6
+    collinear = test[0].copy()  # (scalars: no axis for its spin-orbit terms)
+    collinear.arrays.pop("initial_magmoms")
+    collinear.set_initial_magnetic_moments(moments[:, 2])
+    collinear.calc = calc
+    with pytest.raises(ValueError, match="initial moments are collinear scalars, but --spin_orbit"):
+        collinear.get_potential_energy()
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     del ck["identity"]["spin_orbit_dm"]  # as an older version wrote it
     torch.save(ck, out / "checkpoint.pt")
@@ -590,6 +602,8 @@ BAD = [  # (case, flags, what the one-line error says)
     ("no moments", ["--predict_magmom"], "need --magmom_key"),
     ("ascent", ["--magmom_key", "m", "--predict_magmom", "--magnetic_lr", "-1"], "--magnetic_lr must be > 0, got -1"),
     ("no moments", ["--spin_orbit"], "need --magmom_key"),
+    ("collinear moments", ["--magmom_key", "m", "--spin_orbit"],
+     "frame 0: moments 'm' are collinear scalars, but --spin_orbit's terms couple the moments' directions"),
     ("no moments", ["--magforces_key", "h"], "need --magmom_key"),
 ]
 

@@ -86,10 +86,26 @@ def test_equilibrium_keeps_non_magnetic_atoms_at_zero():
 
 
 def test_an_energy_without_a_minimum_in_the_moments_is_said_not_returned():
-    """a < 0 with b = 0 (what the closed-form fit may leave): E_mag falls without bound
-    as |m| grows, and the search says so instead of returning moments that ran away."""
+    """a < 0 with b = 0 on two of the four atoms: E_mag falls without bound as their |m|
+    grows, and the search says so instead of returning moments that ran away."""
     module = MagneticEnergy(cutoff=3.0, n_basis=4, width=8).double()
-    with torch.no_grad():
+    batch = _batch(module, np.random.default_rng(1).normal(0, 1, (4, 3)))
+    node = module.geometry(batch, batch.positions)[-1].detach()
+    with torch.no_grad():  # b's row on the output layer's input: b = 1, 0 (clamped), 1, 0 on the four atoms
+        hidden = module.onsite[:2](node)
+        module.onsite[2].weight[1] = torch.linalg.lstsq(hidden, torch.tensor([1.0, -1.0, 1.0, -1.0]).double()).solution
         module.onsite[2].bias.copy_(torch.tensor([-0.5, 0.0]) / ENERGY_SCALE)
+    assert module.landau(node)[1].ne(0).tolist() == [True, False, True, False]
     with pytest.raises(ValueError, match=r"E_mag has no minimum in \|m\| from these moments .* unbounded below"):
+        equilibrium_moments(module, batch)
+
+
+@pytest.mark.parametrize("a", [-0.5, 0.5])
+def test_an_energy_quadratic_in_the_moments_is_refused(a):
+    """b = 0 on every atom (a fit that found no quartic term): E(cm) = c^2 E(m), whose
+    only minimum is m = 0 (a > 0: LBFGS would return moments collapsed to 0) or none."""
+    module = _with_exchange()
+    with torch.no_grad():
+        module.onsite[2].bias.copy_(torch.tensor([a, 0.0]) / ENERGY_SCALE)
+    with pytest.raises(ValueError, match="E_mag is quadratic in the moments .* its only minimum is m = 0"):
         equilibrium_moments(module, _batch(module, np.random.default_rng(1).normal(0, 1, (4, 3))))
