@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from contextlib import contextmanager
 from functools import partial
@@ -198,6 +199,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     # given on the command line, or in a --config file (where only a value other than the default tells)
     given = sorted({a.split("=")[0] for a in argv if a.startswith(SPARSE_PREFIX)}
                    | {f"--{k}" for k, v in ours.items() if v != _default(parser, k)})
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.distributed:
+        parser.error(f"started as one of {os.environ['WORLD_SIZE']} processes (torchrun) without --distributed: each "
+                     f"would train the whole run into the same files; add --distributed --launcher torchrun "
+                     f"(GPUs), or on CPUs use `sparsekern finetune --nproc N`")
     if args.distributed and args.device not in ("cuda", "xpu"):
         parser.error(f"--distributed: MACE's data-parallel mode runs on GPUs only (--device cuda: NCCL, one process "
                      f"per GPU), not --device {args.device}; on CPUs use `sparsekern finetune --nproc N`")

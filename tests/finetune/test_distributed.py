@@ -73,6 +73,17 @@ def test_mace_train_distributed_on_cpu_is_refused_clearly(capsys):
     assert exit_.value.code == 2 and "MACE's data-parallel mode runs on GPUs only" in capsys.readouterr().err
 
 
+def test_mace_train_under_torchrun_without_distributed_is_refused(capsys, monkeypatch):
+    """torchrun's processes without --distributed would each train the whole run into the
+    same files (one read a checkpoint another was writing): refused in one line."""
+    pytest.importorskip("mace")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_:
+        main(["mace-train", "--name", "x", "--train_file", "t.xyz", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "started as one of 2 processes (torchrun) without --distributed" in err
+
+
 def test_evaluation_is_sharded_and_kept_in_order():
     """Each rank evaluates every size-th batch; every rank gets all results in batch order."""
     from sparsekern.finetune.distributed import Group
