@@ -413,7 +413,38 @@ def test_refused_before_mace_starts(workdir, capsys):
                         (["--multiheads_finetuning", "True", "--pt_train_file", str(d / "nope.xyz")],
                          f"data file not found: --pt_train_file {d / 'nope.xyz'}"),
                         (["--max_num_epochs", "0"], "--max_num_epochs must be >= 1, got 0")):
-        with pytest.raises(SystemExit) as exit_:
-            cli([*common, *extra])
-        err = capsys.readouterr().err
-        assert exit_.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+        _refused(cli, [*common, *extra], says, capsys)
+
+
+def _refused(cli, argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_data_mace_would_train_on_or_fail_late_are_refused_before_it_starts(workdir, capsys, tmp_path):
+    """sparsekern's reader on MACE's files, under its keys (NaN labels trained a model of NaN,
+    saved with exit code 0); a folder without data, an empty file, an element the foundation
+    lacks and a device torch cannot use (tracebacks after MACE's set-up): one line, exit 2."""
+    d, _ = workdir
+    frames = _frames(3)
+    frames[1].info["REF_energy"] = float("nan")
+    write(tmp_path / "nan.xyz", frames)
+    frames = _frames(3)
+    frames[2].numbers[0] = 28
+    write(tmp_path / "ni.xyz", frames)
+    (tmp_path / "empty.xyz").write_text("")
+    (tmp_path / "folder").mkdir()
+    common = ["mace-train", "--name", "x", "--foundation_model", str(d / "foundation.model"), "--work_dir",
+              str(tmp_path / "work")]
+    cases = [(["--train_file", str(tmp_path / "nan.xyz")], "nan.xyz frame 1: energy 'REF_energy' hold NaN"),
+             (["--train_file", str(d / "train.xyz"), "--valid_file", str(tmp_path / "nan.xyz")], "nan.xyz frame 1"),
+             (["--train_file", str(tmp_path / "folder")], "is a folder without data files MACE reads"),
+             (["--train_file", str(tmp_path / "empty.xyz")], "empty.xyz"),
+             (["--train_file", str(tmp_path / "ni.xyz")], "ni.xyz holds elements the model does not know: ['Ni']")]
+    if not torch.cuda.is_available():
+        cases.append((["--train_file", str(d / "train.xyz"), "--device", "cuda"], "--device cuda: this torch"))
+    for extra, says in cases:
+        _refused(cli, [*common, *extra], says, capsys)
+    assert not (tmp_path / "work").exists()
