@@ -316,7 +316,7 @@ class Settings:
             d.pop("huber_delta")
         for k in ("train", "valid"):  # the same file wherever the command runs from, and what it holds
             d[k] = str(Path(d[k]).resolve()) if d[k] else None
-            if d[k]:  # (an edited file is other data: a rerun must not resume on it)
+            if d[k] and Path(d[k]).is_file():  # (an edited file is other data: a rerun must not resume on it)
                 d[k + CONTENT] = self._content(k)
         d["model"] = family_for(self.model).spec_identity(self.model)
         if self.spin_orbit:  # its Dzyaloshinskii-Moriya form (a run of an older version had the polar one)

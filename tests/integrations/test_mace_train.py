@@ -261,9 +261,10 @@ def test_cpu_runs_keep_freed_memory(monkeypatch, device, calls, tmp_path):
     monkeypatch.setattr(mace_train, "keep_freed_memory", lambda: kept.append(1))
     monkeypatch.setattr(run_train, "run", lambda args: None)  # the training itself is tested above
     monkeypatch.setattr(mace_train, "_check_foundation_file", lambda parser, spec: None)  # (tested below)
+    monkeypatch.setattr(mace_train, "_check_data", lambda parser, args: None)  # (tested below)
+    monkeypatch.setattr(mace_train, "usable_device", torch.device)  # (a "cuda" run on this machine)
     (tmp_path / "f.model").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
-    Path("t.xyz").write_text("")  # (checked to exist; not read)
     assert mace_train.main(["--name", "x", "--train_file", "t.xyz", "--foundation_model", str(tmp_path / "f.model"),
                             "--device", device]) == 0
     assert len(kept) == calls
@@ -282,7 +283,7 @@ def test_a_foundation_model_mace_cannot_get_is_one_line(monkeypatch, capsys, tmp
 
     monkeypatch.setattr(run_train, "mace_mp", offline)
     monkeypatch.chdir(tmp_path)
-    Path("t.xyz").write_text("")  # (checked to exist; not read)
+    write("t.xyz", _frames(1))
     monkeypatch.setattr(run_train, "run", lambda args: run_train.mace_mp(model=args.foundation_model))
     assert mace_train.main(["--name", "x", "--train_file", "t.xyz", "--foundation_model", "medium"]) == 2
     err = capsys.readouterr().err
