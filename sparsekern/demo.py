@@ -40,12 +40,15 @@ def silicon(parser: argparse.ArgumentParser, out: Path, every: int) -> Tuple[Pat
 
 
 def write_silicon(train: Path, every: int) -> None:
-    """Write the demo's training file ``train`` (``silicon``'s), once."""
+    """Write the demo's training file ``train`` (``silicon``'s), once and whole (a killed
+    write leaves no part of it to be taken for the whole next time)."""
     from ase.io import read, write
 
+    from .files import atomic_write
+
     if not train.exists():
-        train.parent.mkdir(parents=True, exist_ok=True)
-        write(train, read(data_dir() / "si_mlearn" / "Si_train.xyz", index=f"::{every}"))
+        frames = read(data_dir() / "si_mlearn" / "Si_train.xyz", index=f"::{every}")
+        atomic_write(train, lambda tmp: write(tmp, frames, format="extxyz"))
 
 
 def main(argv=None) -> int:
@@ -59,18 +62,34 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     train, test = silicon(parser, args.out, args.every)
-    from .finetune.report import build_report, verdict_line, write_report
-    from .finetune.settings import Settings
-    from .finetune.trainer import CURVES, PARITY, run
+    from .cli.finetune import _guarded
 
-    try:  # bad arguments, or a checkpoint in --out from other ones: one line, no traceback
-        settings = Settings(model="7net-0", train=str(train), test=str(test), method=args.method,
-                            density=args.density, epochs=args.epochs, energy_weight=args.energy_weight,
-                            out=str(args.out / args.method))  # checked before anything is written
-        write_silicon(train, args.every)
-        m = run(settings)
-    except ValueError as exc:
-        parser.exit(2, f"sparsekern.demo: error: {exc}\n")
+    # bad arguments, a checkpoint in --out from other ones, no sevenn: one line, as finetune says it
+    code = _guarded(lambda: _demo(args, train, test), str(args.out / args.method), prog="sparsekern.demo")
+    if code:
+        parser.exit(code)
+    return 0
+
+
+def _demo(args, train: Path, test: Path) -> int:
+    """The run, each check before anything is written, and what it prints."""
+    from .files import check_output_folder
+    from .finetune.settings import Settings
+    from .finetune.trainer import check_model, run
+
+    settings = Settings(model="7net-0", train=str(train), test=str(test), method=args.method, density=args.density,
+                        epochs=args.epochs, energy_weight=args.energy_weight, out=str(args.out / args.method))
+    check_output_folder(settings.out)  # (--out not a file: the training file goes there first)
+    check_model(settings)  # (sevenn installed)
+    write_silicon(train, args.every)
+    _print_results(args, run(settings))
+    return 0
+
+
+def _print_results(args, m: dict) -> None:
+    from .finetune.report import build_report, verdict_line, write_report
+    from .finetune.trainer import CURVES, PARITY
+
     print(f"\nSevenNet-0 on silicon: {m['n_train']} training frames, {m['n_test']} test frames (Si_test.xyz), "
           f"{m['epochs']} epochs, method {args.method}, lr {m['settings']['lr']:g}, loss weights energy "
           f"{m['settings']['energy_weight']:g} forces {m['settings']['forces_weight']:g}")
@@ -94,7 +113,6 @@ def main(argv=None) -> int:
         report = build_report(m["adapter"])
         png, _ = write_report(report, merged.parent, "adapter.report")
         print(f"where the update went: {png} ({verdict_line(report)})")
-    return 0
 
 
 if __name__ == "__main__":

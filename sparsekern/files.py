@@ -17,7 +17,9 @@ _TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 def atomic_write(path, write: Callable[[str], None]) -> Path:
     """``write(tmp_name)`` into a temporary file beside ``path``, then rename it over
-    ``path``: readers see the old file or the new one, never half of one."""
+    ``path``: readers see the old file or the new one, never half of one, also after a
+    crash (the data reach the disk before the rename). A failed write (a full disk:
+    torch.save raises RuntimeError) is an OSError naming ``path``; ``path`` is untouched."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder")
@@ -28,7 +30,12 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+            _sync(tmp)
+        except (OSError, RuntimeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
+            raise OSError(f"cannot write {path}: {reason} (disk full?)") from exc
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # the mode open() would give, not mkstemp's 0600
@@ -36,7 +43,20 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    try:  # the rename itself on disk (where the OS lets a folder be opened and synced)
+        _sync(path.parent)
+    except OSError:
+        pass
     return path
+
+
+def _sync(path) -> None:
+    """``path``'s data (a file's, a folder's entries) flushed to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def names_a_file(spec: str) -> bool:
@@ -45,11 +65,21 @@ def names_a_file(spec: str) -> bool:
     return len(Path(spec).parts) > 1 or Path(spec).suffix in (".model", ".pth", ".pt")
 
 
-def output_folder(path) -> Path:
-    """``path`` as a writable folder (made if missing), or a one-line error saying why not."""
+def check_output_folder(path) -> Path:
+    """``path`` where an output folder can be: not a file, nor below one. Nothing is made
+    (a run checks this before its slow work, and makes the folder once it writes)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"output folder {path} is a file")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(f"output folder {path} cannot be made: {above} is a file")
+    return path
+
+
+def output_folder(path) -> Path:
+    """``path`` as a writable folder (made if missing), or a one-line error saying why not."""
+    path = check_output_folder(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -40,3 +40,36 @@ def test_a_lock_that_is_a_folder_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="is not a file"):
         with exclusive(tmp_path):
             pass
+
+
+def test_a_failed_write_is_one_oserror_and_keeps_the_previous_file(tmp_path):
+    """torch.save on a full disk raises RuntimeError: an OSError naming the file, the
+    previous file whole, no temporary file left."""
+    path = tmp_path / "checkpoint.pt"
+    atomic_write(path, lambda tmp: open(tmp, "w").write("previous"))
+
+    def full_disk(tmp):
+        open(tmp, "w").write("half")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    with pytest.raises(OSError, match=f"cannot write {path}: .*unexpected pos 64 vs 0 \\(disk full\\?\\)"):
+        atomic_write(path, full_disk)
+    assert path.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_the_data_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """A crash after the rename cannot leave an empty file in place of the previous one:
+    the temporary file is synced before it replaces ``path``, the folder after."""
+    import os
+
+    import sparsekern.files as files
+
+    calls = []
+    sync, replace = os.fsync, os.replace
+    monkeypatch.setattr(files.os, "fsync", lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or sync(fd))
+    monkeypatch.setattr(files.os, "replace", lambda a, b: calls.append(("replace", str(b))) or replace(a, b))
+    path = atomic_write(tmp_path / "metrics.json", lambda tmp: open(tmp, "w").write("{}"))
+    assert [c[0] for c in calls] == ["fsync", "replace", "fsync"]
+    assert calls[0][1].startswith(str(tmp_path / ".metrics.json.")) and calls[2][1] == str(tmp_path)
+    assert path.read_text() == "{}"

@@ -332,40 +332,44 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _error(message) -> int:
+PROG = "sparsekern finetune"
+
+
+def _error(message, prog: str = PROG) -> int:
     where = f" (rank {_rank()})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    print(f"sparsekern finetune{where}: error: {message}", file=sys.stderr)
+    print(f"{prog}{where}: error: {message}", file=sys.stderr)
     return 2
 
 
-def _guarded(action: Callable[[], int], out: str) -> int:
-    """``action()``'s exit code, with a one-line message for what the user can fix."""
+def _guarded(action: Callable[[], int], out: str, prog: str = PROG) -> int:
+    """``action()``'s exit code, with a one-line message for what the user can fix
+    (``prog``: the command that says it)."""
     from ..finetune.distributed import FromMain
     from ..finetune.preemption import Preempted
 
     try:
         return action()
     except FromMain as exc:  # every rank has it: rank 0 says it
-        return _error(exc) if _rank() == 0 else 2
+        return _error(exc, prog) if _rank() == 0 else 2
     except (OSError, KeyError, ValueError, FloatingPointError, MemoryError) as exc:  # (OSError: a path unwritable)
-        return _error(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)
+        return _error(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc, prog)
     except ImportError as exc:  # the model's family lives in another environment
         return _error(f"{exc} (MACE models need mace-torch, SevenNet models sevenn; "
-                      "the Makefile's .venv-mace and .venv-sevenn have them)")
+                      "the Makefile's .venv-mace and .venv-sevenn have them)", prog)
     except Preempted as exc:  # every rank stops at the same step; rank 0 says so
         if _rank() == 0:
-            print(f"sparsekern finetune: {exc}; checkpoint written to {Path(out) / 'checkpoint.pt'}; rerun the "
+            print(f"{prog}: {exc}; checkpoint written to {Path(out) / 'checkpoint.pt'}; rerun the "
                   f"same command to resume", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         if _rank() == 0:  # (every rank gets the Ctrl-C: one says so)
-            print(f"\nsparsekern finetune: interrupted; rerun the same command to resume from the last "
+            print(f"\n{prog}: interrupted; rerun the same command to resume from the last "
                   f"checkpoint in {out}", file=sys.stderr)
         return 130
     except RuntimeError as exc:
         if not _in_collective(exc):
             raise
-        return _error("another process of the run stopped, so this one stops too (its message says why)")
+        return _error("another process of the run stopped, so this one stops too (its message says why)", prog)
 
 
 def _in_collective(exc: BaseException) -> bool:

@@ -15,11 +15,10 @@ from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
 from ..files import names_a_file
 from ..finetune import SparseConfig, stats
 from ..finetune.methods import MODES, SPARSE_MODES, choices_help, default_lr
+from ..finetune.settings import usable_device
 from ..host_memory import keep_freed_memory
 from ..integrations.mace.train_hooks import Refused, SparseHooks
 from ..ops import registry
@@ -154,10 +153,15 @@ def _check_foundation_file(parser: argparse.ArgumentParser, spec: str) -> None:
 
 # --pt_train_file's names of the replay data MACE downloads
 _PT_DATA = ("mp", "omat", "matpes_pbe", "matpes_r2scan")
+# what MACE reads other than extended XYZ: these files, or a folder of them (scripts_utils.check_path_ase_read)
+_MACE_BINARY_DATA = (".h5", ".hdf5", ".lmdb", ".aselmdb", ".mdb")
 
 
 def _check_data(parser: argparse.ArgumentParser, args) -> None:
-    """The data files are there (MACE's reader would raise a traceback, after its set-up)."""
+    """The data files are there (MACE's reader would raise a traceback, after its set-up),
+    and the extended-XYZ ones pass sparsekern's reader (labels under MACE's keys finite and
+    within physical bounds, atoms apart, elements the foundation model has): MACE would
+    train a model of NaN on them, or fail after its set-up."""
     files = {flag: getattr(args, flag) for flag in ("train_file", "valid_file", "test_file", "pt_train_file",
                                                     "pt_valid_file")}
     if files["pt_train_file"] in _PT_DATA:
@@ -165,6 +169,44 @@ def _check_data(parser: argparse.ArgumentParser, args) -> None:
     missing = [f"--{flag} {path}" for flag, path in files.items() if path and not Path(path).exists()]
     if missing:
         parser.error(f"data file not found: {', '.join(missing)}")
+    foundation = _foundation_elements(args.foundation_model)
+    for flag in ("train_file", "valid_file", "test_file"):
+        try:
+            _check_file(f"--{flag}", files[flag], args, foundation)
+        except (OSError, KeyError, ValueError) as exc:
+            parser.error(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+
+
+def _foundation_elements(spec: Optional[str]):
+    """(family, model) of a --foundation_model file, whose elements the data must hold
+    (MACE 0.3.16 has no option to add elements to a foundation); None for a name MACE
+    downloads (its elements are known once it has)."""
+    if not spec or not Path(spec).is_file():
+        return None
+    from ..integrations import family_for
+
+    family = family_for(spec, "--foundation_model")
+    return family, family.load(spec, "cpu")
+
+
+def _check_file(flag: str, path: Optional[str], args, foundation) -> None:
+    """One data file MACE is given (``flag``), as ``_check_data`` says."""
+    from ..finetune.data import read_frames
+    from ..finetune.evaluation import check_elements
+
+    if not path:
+        return
+    if Path(path).is_dir():
+        if not any(f.suffix in _MACE_BINARY_DATA for f in Path(path).iterdir()):
+            raise ValueError(f"{flag} {path} is a folder without data files MACE reads "
+                             f"({', '.join('*' + s for s in _MACE_BINARY_DATA)})")
+        return
+    if Path(path).suffix in _MACE_BINARY_DATA:
+        return
+    frames = read_frames(path, args.energy_key, args.forces_key, stress_key=args.stress_key,
+                         virials_key=args.virials_key, isolated={})  # (MACE sets its isolated atoms aside too)
+    if foundation is not None:
+        check_elements(*foundation, frames, f"{flag} {path}")
 
 
 def _run(run_train, args, hooks: Optional[SparseHooks]) -> int:
@@ -210,6 +252,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         _check_foundation_name(parser, args.foundation_model, run_train)
     elif args.foundation_model:
         _check_foundation_file(parser, args.foundation_model)
+    try:
+        device = usable_device(args.device)  # (Settings' check: MACE's would fail after its set-up)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.lora:
         if given:
             parser.error(f"--lora True runs MACE's LoRA; the sparse-delta flags {given} do not apply with it")
@@ -236,7 +282,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        registry.check(ours["sparse_backend"], torch.device(args.device))
+        registry.check(ours["sparse_backend"], device)
     except (ValueError, RuntimeError) as exc:
         parser.error(f"--sparse_backend: {exc}")
     _check_data(parser, args)

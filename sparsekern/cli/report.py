@@ -43,16 +43,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "they described their weight groups")
     args = parser.parse_args(argv)
 
-    from ..files import output_folder
+    from ..files import check_output_folder, output_folder
     from ..finetune.adapters import read_adapter
     from ..finetune.report import build_report, profile_lines, verdict_line, write_report
 
     adapter = Path(args.adapter)
     try:
         _, metadata = read_adapter(adapter)  # a bad file is refused before a base model loads
-        out = output_folder(args.out or adapter.parent)  # and a folder it cannot write
+        check_output_folder(args.out or adapter.parent)  # and a folder it cannot be (made once there is a report)
         base = load_base(args.model, adapter, metadata) if args.model else None
         report = build_report(adapter, base)
+        out = output_folder(args.out or adapter.parent)
     except (ValueError, OSError) as exc:  # (OSError: not found, a folder)
         return _error(exc)
     except ImportError as exc:  # the model's family lives in another environment

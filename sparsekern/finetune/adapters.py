@@ -208,6 +208,22 @@ def _lora_entries(model: torch.nn.Module, deltas: Sequence) -> Tuple[Tensors, Di
     return tensors, _describe(model, deltas)
 
 
+def _not_finite(tensors: Tensors) -> List[str]:
+    """The names of ``tensors`` holding NaN or infinity."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_entries(path, tensors: Tensors, stem: str = "", index: Optional[torch.Tensor] = None) -> None:
+    """Stored entries as sparsekern writes them, or a one-line error naming the tensor:
+    finite values, and ``stem``'s ``index`` strictly increasing (each weight once; a
+    repeat would be counted twice or overwritten, silently)."""
+    if index is not None and index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+        raise ValueError(f"adapter {path}: the indices of {stem!r} are not strictly increasing (damaged file)")
+    bad = _not_finite(tensors)
+    if bad:
+        raise ValueError(f"adapter {path}: {bad[0]!r} holds NaN or infinity (damaged file)")
+
+
 def _attach_sparse(model: torch.nn.Module, path, tensors: Tensors, metadata: dict, trainable: bool) -> None:
     """A FixedDelta per stored parameter (one copy per element where the adapter's
     config says element_resolved)."""
@@ -221,6 +237,7 @@ def _attach_sparse(model: torch.nn.Module, path, tensors: Tensors, metadata: dic
         if t is None or index is None or values is None or index.shape != values.shape \
                 or (index.numel() and not 0 <= int(index.min()) <= int(index.max()) < t.numel):
             raise ValueError(f"adapter {path}: entry {stem!r} does not fit this model")
+        check_entries(path, {f"{stem}.values": values}, stem, index)
         base = t.layer.get_parameter(t.param)
         pairs.append((t, FixedDelta(t.groups, t.numel, index.to(base.device),
                                     values.to(device=base.device, dtype=base.dtype), trainable, t.elements)))
@@ -238,6 +255,7 @@ def _attach_lora(model: torch.nn.Module, path, tensors: Tensors, metadata: dict,
                     key = f"{layer_name}.{param}.{i}.{name}"
                     if key not in tensors or tensors[key].shape != p.shape:
                         raise ValueError(f"LoRA adapter {path}: entry {key!r} missing or does not fit this model")
+                    check_entries(path, {key: tensors[key]})
                     p.copy_(tensors[key])
                     p.requires_grad_(trainable)
                     expected.discard(key)
@@ -282,6 +300,9 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
     fmt = formats.pop()
     with torch.no_grad():
         tensors, own = FORMATS[fmt].entries(model, deltas)
+    bad = _not_finite(tensors)
+    if bad:  # (a diverged run's): an adapter of NaN would load and compute NaN
+        raise ValueError(f"save_adapter: the deltas hold NaN or infinity ({', '.join(bad[:3])}); no adapter written")
     config = delta_slot.config_of(model)
     version = ELEMENT_RESOLVED_VERSION if any(d.elements for *_, d in deltas) else FORMATS[fmt].version
     metadata = {"format": fmt, "version": version, "sparsekern": __version__,
@@ -295,8 +316,6 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
         raise ValueError(f"save_adapter: extra_metadata may not set the adapter's own keys {sorted(clash)}")
     metadata.update({**active_metadata(model), **(extra_metadata or {})})
     return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
 
 
 def read_adapter(path, formats: Sequence[str] = tuple(FORMATS)):

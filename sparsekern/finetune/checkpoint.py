@@ -17,6 +17,7 @@ from .. import delta_slot
 from ..files import atomic_write
 from .delta import FixedDelta
 from .lifecycle import to_fast
+from .settings import CONTENT
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -52,6 +53,14 @@ def _how_to_resume(differ: dict) -> str:
     return ""
 
 
+def _difference(name: str, theirs, now, settings) -> str:
+    """One difference of a checkpoint's identity from this run's, as the refusal lists it."""
+    if name.endswith(CONTENT) and theirs is not None and now is not None:  # (the same file, edited)
+        split = name.removesuffix(CONTENT)
+        return f"{split}: the file {getattr(settings, split)} changed since (content sha256 {theirs} vs now {now})"
+    return f"{name}: checkpoint {theirs!r} vs now {now!r}"
+
+
 def load(out: Path, settings) -> Optional[dict]:
     """The checkpoint in ``out``, if any, checked against ``settings`` (the trainer's)."""
     path = out / CHECKPOINT
@@ -65,7 +74,7 @@ def load(out: Path, settings) -> Optional[dict]:
         raise ValueError(f"{path} is not a sparsekern checkpoint; delete it or use another --out")
     differ = settings.differences(ck["identity"])
     if differ:
-        listed = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
+        listed = ", ".join(_difference(k, a, b, settings) for k, (a, b) in differ.items())
         raise ValueError(f"{path} was written for different arguments ({listed}); "
                          f"use another --out or delete the checkpoint to start over{_how_to_resume(differ)}")
     step = ck.get("step", 0)

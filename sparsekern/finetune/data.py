@@ -4,6 +4,7 @@ per-element energy references (E0s) chosen the way MACE's ``--E0s`` chooses them
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +28,12 @@ class Frame:
 
 def _lookup(atoms, key: str, kind: str):
     """MACE's lookup: ``atoms.info`` (energy, stress) / ``atoms.arrays`` (forces); ASE moves
-    plain ``energy``/``forces``/``stress`` columns into a SinglePointCalculator, so look
-    there too. None where the frame has no such label."""
+    its properties' columns (``energy``, ``free_energy``, ``forces``, ``stress``...) into a
+    SinglePointCalculator, so look there too. None where the frame has no such label."""
     store = atoms.arrays if kind == "forces" else atoms.info
     if key in store:
         return store[key]
-    results = getattr(atoms.calc, "results", {})
-    return results[kind] if key == kind and kind in results else None
+    return getattr(atoms.calc, "results", {}).get(key)  # (any of ASE's properties: free_energy too)
 
 
 def _number(value, what: str) -> float:
@@ -144,6 +144,8 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
     from ase.io import read
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"data file {path} is a folder, not an extended-XYZ file")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     try:
@@ -206,7 +208,9 @@ def _stress(atoms, stress_key: Optional[str], virials_key: Optional[str], where:
         if not atoms.pbc.all() or abs(atoms.cell.volume) < 1e-6:
             raise ValueError(f"{where}: {kind} {key!r} on a frame that is not periodic in 3 directions")
         tensor = voigt_6_to_full_3x3_stress(values) if values.size == 6 else values.reshape(3, 3)
-        return (tensor if kind == "stress" else -tensor / abs(atoms.cell.volume)), kind
+        stress = tensor if kind == "stress" else -tensor / abs(atoms.cell.volume)
+        _check_bound(np.abs(stress).max(), MAX_STRESS, where, f"{kind} {key!r}", "eV/Å^3 (a component of the stress)")
+        return stress, kind
     return None, None
 
 
@@ -227,6 +231,15 @@ def split_valid(train: Sequence[Frame], fraction: float, seed: int) -> tuple:
     return [train[i] for i in kept], [train[i] for i in held]
 
 
+def data_sha256_16(*paths) -> str:
+    """The first 16 hex digits of the SHA-256 of the files' contents, in order (None: skipped)."""
+    h = hashlib.sha256()
+    for p in paths:
+        if p:
+            h.update(Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _identity(frame: Frame) -> bytes:
     atoms = frame.atoms
     return b"".join(np.ascontiguousarray(a).tobytes() for a in (atoms.numbers, atoms.positions, atoms.cell.array))
@@ -239,18 +252,34 @@ def shared_frames(frames: Sequence[Frame], train: Sequence[Frame]) -> int:
 
 
 MIN_DISTANCE = 0.3  # Å: closer atoms are a broken frame, not chemistry (H2's bond is 0.74 Å)
+# Labels beyond these are broken (a unit or parsing error), not physics: they would pass as
+# finite and diverge the loss minutes later. Generous: the largest DFT labels are ~1e3 times
+# smaller (an energy per atom ~ -1e3 eV with core electrons, forces of ~1e2 eV/Å in close
+# collisions, stresses of ~1 eV/Å^3 = 160 GPa at extreme compression).
+MAX_ENERGY_PER_ATOM = 1e4  # eV
+MAX_FORCE = 1e4  # eV/Å, any component
+MAX_STRESS = 1e3  # eV/Å^3, any component
+
+
+def _check_bound(size: float, bound: float, where: str, what: str, unit: str) -> None:
+    if size > bound:
+        raise ValueError(f"{where}: {what} beyond physical bounds: {size:.3g} {unit} (more than {bound:g}; "
+                         f"a broken label?)")
 
 
 def _check_finite_and_apart(atoms, energy: float, forces: np.ndarray, where: str, energy_key: str,
                             forces_key: str) -> None:
-    """NaN or infinite labels or positions train a model of NaN; overlapping atoms give
-    energies no model should fit. Both are refused before any slow work."""
+    """NaN or infinite labels or positions train a model of NaN, labels beyond physical
+    bounds diverge it; overlapping atoms give energies no model should fit. All are
+    refused before any slow work."""
     from ase.neighborlist import neighbor_list
 
     for what, values in ((f"energy {energy_key!r}", energy), (f"forces {forces_key!r}", forces),
                          ("positions", atoms.positions)):
         if not np.isfinite(values).all():
             raise ValueError(f"{where}: {what} hold NaN or infinity")
+    _check_bound(abs(energy) / len(atoms), MAX_ENERGY_PER_ATOM, where, f"energy {energy_key!r}", "eV per atom")
+    _check_bound(np.abs(forces).max(), MAX_FORCE, where, f"forces {forces_key!r}", "eV/Å (a component)")
     close = neighbor_list("d", atoms, MIN_DISTANCE)
     if close.size:
         raise ValueError(f"{where}: atoms {close.min():.3f} Å apart (closer than {MIN_DISTANCE} Å): overlapping atoms")

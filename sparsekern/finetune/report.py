@@ -14,7 +14,7 @@ import torch
 
 from ..files import atomic_write
 from .adapter_set import load_adapter
-from .adapters import check_base, group_from_dict, read_adapter
+from .adapters import check_base, check_entries, group_from_dict, read_adapter
 from .config import SparseConfig
 from .methods import LORA_ADAPTER
 from .statistics import count_changes, stats
@@ -76,6 +76,8 @@ def _sparse_changed(path, tensors, metadata, stem, gs, numel) -> torch.Tensor:
         raise ValueError(f"adapter {path}: weight groups of {stem!r} but no stored entries (damaged file)")
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= numel):
         raise ValueError(f"adapter {path}: indices of {stem!r} fall outside its weight groups (damaged file)")
+    values = tensors.get(f"{stem}.values")
+    check_entries(path, {} if values is None else {f"{stem}.values": values}, stem, index)
     mask = torch.zeros(numel, dtype=torch.bool)
     mask[index.long()] = True
     return mask
@@ -92,6 +94,7 @@ def _lora_changed(path, tensors, metadata, stem, gs, numel) -> torch.Tensor:
                 or (a.shape[0], a.shape[1], b.shape[2]) != g.shape:
             raise ValueError(f"adapter {path}: the factors of {stem!r} block {i} are missing or do not fit "
                              "(damaged file)")
+        check_entries(path, {f"{stem}.{i}.a": a, f"{stem}.{i}.b": b})
         g.view(mask).copy_(torch.bmm(a, b) * scale != 0)
     return mask
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..integrations import cuda_graphs, family_for
 from ..magnetism.energy import DM_FORMS
 from .config import SEEDS
-from .data import check_e0s, type_weights
+from .data import check_e0s, data_sha256_16, type_weights
 from .methods import METHODS, MODES, SPARSE_LR_AT, SPARSE_MODES, default_lr
 from .penalty import HUBER_DELTA, PENALTIES
 
@@ -27,7 +27,20 @@ _NOT_IDENTITY = ("out", "device", "progress", "cuda_graphs", "patience", "last_e
                  "valid_batch_size")
 
 
+CONTENT = "_sha256_16"  # an identity's key of a data file's content hash: the file's (train, valid) + CONTENT
+
 _VIRIAL_FLAGS = {"stress_weight": "--virials_weight", "stage_two_stress_weight": "--stage_two_virials_weight"}
+
+
+def usable_device(spec: str) -> torch.device:
+    """``--device``'s torch device, or a one-line error where torch cannot use it here."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {spec!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: this torch ({torch.__version__}) sees no CUDA device")
+    return device
 
 
 @dataclass
@@ -106,6 +119,8 @@ class Settings:
         if nan:  # NaN passes every comparison's negation
             raise ValueError(f"numbers must be finite, got {', '.join(nan)}")
         self._check_scoped()
+        if not 0.0 < self.density <= 1.0:  # (before the default lr, which takes its log)
+            raise ValueError(f"--density must be in (0, 1], got {self.density}")
         if self.lr is None:
             self.lr = default_lr(self.method, self.density, SPARSE_LR_AT[self.ema])
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -123,6 +138,7 @@ class Settings:
         bad = [f"{k} {v:g}" for k, v in weights.items() if not (math.isfinite(v) and v >= 0)]
         if bad:  # a negative weight would maximise that error, silently
             raise ValueError(f"loss weights must be finite and >= 0, got {', '.join(bad)}")
+        self._check_some_weight()
         self._check_stress()
         self._check_loss()
         by_type = {t: w for t, w in sorted(type_weights(self.config_type_weights).items()) if w != 1.0}
@@ -140,8 +156,6 @@ class Settings:
             raise ValueError(f"--mode must be {' or '.join(SPARSE_MODES)}, got {self.mode!r}")
         if self.tile < 1 or self.lora_rank < 1:
             raise ValueError(f"--tile and --lora_rank must be >= 1, got {self.tile} and {self.lora_rank}")
-        if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"--density must be in (0, 1], got {self.density}")
         if self.density_peak is not None and not self.density <= self.density_peak <= 1.0:
             raise ValueError(f"--density_peak must be in [--density, 1], got {self.density_peak}")
         if self.density_warmup < 0 or self.density_anneal < 0:
@@ -151,12 +165,7 @@ class Settings:
                              f"{self.density_anneal:g} epochs) must end within --epochs {self.epochs}")
         self._check_splits()
         self._check_stage_two()
-        try:
-            device = torch.device(self.device)
-        except RuntimeError as exc:
-            raise ValueError(f"--device {self.device!r}: {exc}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device}: this torch ({torch.__version__}) sees no CUDA device")
+        device = usable_device(self.device)
         if self.cuda_graphs and not cuda_graphs.replayable(device):
             raise ValueError(f"--cuda_graphs replays CUDA graphs: it needs --device cuda, got {self.device}")
 
@@ -254,6 +263,25 @@ class Settings:
         if bad or not self.stage_two_lr > 0:
             raise ValueError(f"Stage Two's weights must be finite and >= 0 and its lr > 0, got "
                              f"{', '.join(bad) or f'--stage_two_lr {self.stage_two_lr:g}'}")
+        self._check_some_weight(stage_two=True)
+
+    def loss_weights(self, stage_two: bool = False) -> Dict[str, Tuple[str, float]]:
+        """label -> (its weight's option, the weight) of each label the loss reads
+        (``stage_two``: under Stage Two's weights)."""
+        names = {"energy": "energy_weight", "forces": "forces_weight", "stress": "stress_weight"}
+        if stage_two:
+            names = {label: f"stage_two_{name}" for label, name in names.items()}
+        names.update({"magforces": "magforces_weight"} if self.magforces_key else {})
+        names.update({"magmom": "magmom_weight"} if self.predict_magmom else {})
+        return {label: (self.flag(name), getattr(self, name)) for label, name in names.items()}
+
+    def _check_some_weight(self, stage_two: bool = False) -> None:
+        """A loss whose every weight is 0 trains nothing: the base would be saved as the
+        fine-tuned model."""
+        weights = self.loss_weights(stage_two).values()
+        if not any(w for _, w in weights):
+            raise ValueError(f"every loss weight is 0 ({', '.join(f'{flag} {w:g}' for flag, w in weights)}): the run "
+                             f"would train nothing")
 
     def flag(self, name: str) -> str:
         """The command-line option of setting ``name`` (under --loss virials the stress
@@ -286,19 +314,30 @@ class Settings:
         if self.loss == "weighted":  # checkpoints from before it stay resumable
             d.pop("loss")
             d.pop("huber_delta")
-        for k in ("train", "valid"):  # the same file wherever the command runs from
+        for k in ("train", "valid"):  # the same file wherever the command runs from, and what it holds
             d[k] = str(Path(d[k]).resolve()) if d[k] else None
+            if d[k] and Path(d[k]).is_file():  # (an edited file is other data: a rerun must not resume on it)
+                d[k + CONTENT] = self._content(k)
         d["model"] = family_for(self.model).spec_identity(self.model)
         if self.spin_orbit:  # its Dzyaloshinskii-Moriya form (a run of an older version had the polar one)
             d["spin_orbit_dm"] = DM_FORMS[0]
         return d
+
+    def _content(self, split: str) -> str:
+        """The content hash of a split's file, read once (as the run reads it, not as it is
+        by the last checkpoint's write)."""
+        key = f"_{split}{CONTENT}"
+        if key not in self.__dict__:
+            self.__dict__[key] = data_sha256_16(getattr(self, split))
+        return self.__dict__[key]
 
     def differences(self, theirs: dict) -> Dict[str, tuple]:
         """Where a checkpoint's identity ``theirs`` differs from this run's: name ->
         (the checkpoint's value, now). Both ways: an option the identity leaves out where it
         is off (Stage Two, --valid_fraction, ...) differs where the checkpoint has it on."""
         mine = self.identity()
-        differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        differ = {k: (theirs.get(k), v) for k, v in mine.items()
+                  if theirs.get(k) != v and (k in theirs or not k.endswith(CONTENT))}  # (older: no content hash)
         differ.update({k: (v, getattr(self, k, None)) for k, v in theirs.items()
                        if k not in mine and k not in _NOT_IDENTITY and v != getattr(self, k, None)})
         return differ

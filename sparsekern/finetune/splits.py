@@ -45,6 +45,7 @@ def read_splits(settings: Settings) -> Splits:
     if missing:
         raise ValueError(f"test/valid data hold elements absent from the training data: {sorted(missing)} "
                          f"(their energy reference cannot be fitted)")
+    _check_weighed(settings, train)
     if settings.e0s == "isolated":
         _check_isolated_e0s(settings, train, isolated["train"])
     check_e0_fit(settings.e0s, train)
@@ -60,6 +61,18 @@ def _check_types(by_type: Dict[str, float], frames: Sequence[Frame], set_aside: 
     if absent:
         raise ValueError(f"--config_type_weights: no frame has config_type {', '.join(map(repr, absent))} (the "
                          f"frames' config_types: {', '.join(map(repr, sorted(present)))})")
+
+
+def _check_weighed(settings: Settings, train: Sequence[Frame]) -> None:
+    """Some training label the loss trains must weigh > 0 (the frames' weights and
+    --config_type_weights): else the loss is 0 and the base is saved as the fine-tuned model."""
+    trained = {label for stage in {False, settings.stage_two}
+               for label, (_, weight) in settings.loss_weights(stage).items() if weight > 0}
+    if not any(f.weights.get(label, 1.0) > 0 and (label != "stress" or f.stress is not None)
+               for f in train for label in trained):
+        raise ValueError(f"every training frame weighs 0 in the loss (its config_weight, config_<label>_weight and "
+                         f"--config_type_weights; labels trained: {', '.join(sorted(trained))}): the run would "
+                         f"train nothing")
 
 
 def _check_isolated_e0s(settings: Settings, train: Sequence[Frame], isolated: Dict[int, Optional[float]]) -> None:

@@ -20,7 +20,6 @@ resumes mid-epoch (``preemption``)."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import json
 import math
@@ -46,7 +45,7 @@ from .averaging import ParameterAverage
 from .backward import backward
 from .config import SparseConfig
 from .curves import plot_curves
-from .data import REFIT_E0S, Frame, energy_shift, shared_frames, valid_indices
+from .data import REFIT_E0S, Frame, data_sha256_16, energy_shift, shared_frames, valid_indices
 from .density import calibrate_to_schedule, steady
 from .distributed import Group, join, leave
 from .evaluation import (Sample, batches, check_elements, check_merged, errors, evaluation_size, fits_in_memory,
@@ -150,14 +149,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _fingerprint_files(*paths) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        if p:
-            h.update(Path(p).read_bytes())
-    return h.hexdigest()[:16]
-
-
 CURVES = "training.png"  # the learning curves, beside metrics.json
 PARITY = "parity.png"  # the evaluated set's predictions against its labels, before and after
 # the set the final errors are taken on, by its metrics' prefix: the test frames, else the
@@ -252,8 +243,9 @@ def _step(loop: _Loop, batch: List[Sample], epoch: int) -> Tuple[float, int]:
             backward(step_loss, params)
     total, signum = loop.group.reduce_step(params, float(step_loss.detach()), loop.signalled())
     if not math.isfinite(total):
+        kept = "; the last checkpoint is kept" if (Path(loop.settings.out) / checkpoint.CHECKPOINT).exists() else ""
         raise FloatingPointError(f"the loss is {total} in epoch {epoch + 1}: training diverged "
-                                 f"(try a lower --lr; the last checkpoint is kept)")
+                                 f"(try a lower --lr{kept})")
     loop.optimizer.step()
     if loop.average is not None:
         loop.average.update()
@@ -376,6 +368,21 @@ def _train(loop: _Loop, train_s: Sequence[Sample], validate: Optional[Callable[[
     return progress
 
 
+def _train_deferred(loop_with: Callable[[Callable[[], int]], _Loop], train_s: Sequence[Sample], validate,
+                    ck: Optional[dict]) -> checkpoint.Progress:
+    """``_train`` with SIGTERM and SIGINT deferred to step boundaries (``loop_with(signalled)``
+    its loop). One received after the last step (in the last epoch's validation or checkpoint
+    write) stops the run too, not dropped: that epoch's checkpoint is on disk, so a rerun
+    goes on from there."""
+    with deferred() as signalled:
+        loop = loop_with(signalled)
+        progress = _train(loop, train_s, validate, ck)
+    signum = max(loop.group.gather({loop.group.rank: signalled()}).values())  # (every rank stops alike)
+    if signum:
+        raise Preempted(signum, f"the end of epoch {progress.epoch}")
+    return progress
+
+
 def _metrics(settings: Settings, family: Family, frames, shift: Dict[int, float], model, progress,
              errors_by_prefix: Dict[str, object], changed: Dict[str, int]) -> dict:
     """metrics.json, up to the adapter and the merged model."""
@@ -390,7 +397,7 @@ def _metrics(settings: Settings, family: Family, frames, shift: Dict[int, float]
         "test_frames_in_train": shared_frames(test, train), "valid_frames_in_train": shared_frames(valid, train),
         **({"valid_indices_in_train": valid_indices(len(train) + len(valid), settings.valid_fraction, settings.seed)}
            if settings.valid_fraction is not None else {}),
-        "data_sha256_16": _fingerprint_files(settings.train, settings.valid, settings.test),
+        "data_sha256_16": data_sha256_16(settings.train, settings.valid, settings.test),
         "e0_shift_ev": {str(z): v for z, v in shift.items()},
         **{f"{prefix}_{k}": v for prefix, e in errors_by_prefix.items() for k, v in e.as_dict().items()},
         "changed_fraction": changed["changed"] / changed["total"],
@@ -440,6 +447,13 @@ def _save_results(family: Family, model, settings: Settings, shift: Dict[int, fl
 def check(settings: Settings) -> Tuple[Family, Splits, Path]:
     """What can be refused before the slow work: the model's family (its package), the
     data (train, valid, test) and the output folder."""
+    family = check_model(settings)
+    frames = read_splits(settings)
+    return family, frames, output_folder(settings.out)
+
+
+def check_model(settings: Settings) -> Family:
+    """The model's family, where it can run here (its package installed) as ``settings`` ask."""
     if names_a_file(settings.model) and not Path(settings.model).exists():
         raise FileNotFoundError(f"--model {settings.model}: file not found")
     family = family_for(settings.model)
@@ -452,8 +466,7 @@ def check(settings: Settings) -> Tuple[Family, Splits, Path]:
     if settings.default_dtype is not None and settings.default_dtype not in family.dtypes:
         raise ValueError(f"--default_dtype {settings.default_dtype}: {family.name} models train in "
                          f"{' or '.join(family.dtypes)}")
-    frames = read_splits(settings)
-    return family, frames, output_folder(settings.out)
+    return family
 
 
 def run(settings: Settings) -> dict:
@@ -515,9 +528,8 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
         res = residuals(family, trained, valid_s, settings, group)
         return errors(res).as_dict(), residual_loss(res, staged)
 
-    with deferred() as signalled:
-        progress = _train(_Loop(family, model, settings, group, signalled, save), train_s,
-                          validate if valid_s else None, ck)
+    progress = _train_deferred(lambda signalled: _Loop(family, model, settings, group, signalled, save), train_s,
+                               validate if valid_s else None, ck)
     magnetic_fit = fit_magnetic_energy(family, model, train_s, settings, group) if progress.epoch > 0 else None
     refit = _refit(family, model, train_s, train, settings, group)
     shift = _corrected(shift, refit)

@@ -458,6 +458,82 @@ def test_bad_data_and_folders_are_refused_before_slow_work(files, sparse_run, ca
         refused(out, says="is in use by another run")
 
 
+@pytest.mark.parametrize("extra, says", [
+    (["--density", "0"], "--density must be in (0, 1], got 0.0"),  # (not the default lr's "math domain error")
+    (["--density", "-1"], "--density must be in (0, 1], got -1.0"),
+    (["--energy_weight", "0", "--forces_weight", "0"], "every loss weight is 0 (--energy_weight 0, --forces_weight 0"),
+    (["--stage_two", "--stage_two_energy_weight", "0", "--stage_two_forces_weight", "0", "--epochs", "2"],
+     "every loss weight is 0 (--stage_two_energy_weight 0, --stage_two_forces_weight 0"),
+])
+def test_settings_are_refused_before_anything_loads(tmp_path, capsys, extra, says):
+    """Without --lr (the default lr takes the density's log), before the model or data are read."""
+    assert main(["finetune", "--model", str(tmp_path / "absent.model"), "--train", str(tmp_path / "absent.xyz"),
+                 "--method", "sparse", "--out", str(tmp_path / "out"), "--no_progress", *extra]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_beyond_physical_bounds_are_refused_at_read_time(files, capsys, tmp_path):
+    """Finite but absurd labels would diverge the loss after the slow work: refused at
+    read time naming the file, the frame and the label; a folder is not "not found"."""
+    def big(kind):
+        def broken(a):
+            if kind == "energy":
+                a.info["REF_energy"] = 1e30
+            elif kind == "forces":
+                a.arrays["REF_forces"][0, 1] = -1e30
+            else:
+                a.info["REF_stress"] = np.array([1e40, 0, 0, 0, 0, 0])
+        return broken
+
+    cases = (("energy", [], "energy 'REF_energy' beyond physical bounds: 2.5e+29 eV per atom"),
+             ("forces", [], "forces 'REF_forces' beyond physical bounds: 1e+30 eV/Å"),
+             ("stress", ["--stress_weight", "1"], "stress 'REF_stress' beyond physical bounds: 1e+40"))
+    for kind, extra, says in cases:
+        path = _write_broken(files, tmp_path, f"{kind}.xyz", big(kind))
+        assert _run(files, tmp_path / kind, "--train", str(path), *extra) == 2
+        err = capsys.readouterr().err
+        assert f"{path} frame 1: {says}" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / kind).exists()
+    (tmp_path / "folder").mkdir()
+    assert _run(files, tmp_path / "f", "--train", str(tmp_path / "folder")) == 2
+    assert f"data file {tmp_path / 'folder'} is a folder" in capsys.readouterr().err
+
+
+def test_any_property_ase_moved_into_its_calculator_is_read(files, tmp_path):
+    """ASE moves ``free_energy=`` (as it does ``energy=``) into the frame's calculator."""
+    from ase.io import read, write
+
+    from sparsekern.finetune.data import read_frames
+
+    frames = read(files / "train.xyz", ":")
+    for a in frames:
+        a.info["free_energy"] = a.info.pop("REF_energy") - 1.0
+    write(tmp_path / "free.xyz", frames)
+    assert "free_energy" not in read(tmp_path / "free.xyz").info  # (where ASE put it)
+    read_back = read_frames(tmp_path / "free.xyz", energy_key="free_energy")
+    assert [f.energy for f in read_back] == [a.info["free_energy"] for a in frames]
+
+
+def test_an_edited_training_file_is_not_resumed(files, capsys, tmp_path):
+    """The data's content is in the checkpoint's identity: a rerun on an edited file is
+    refused in one line naming it (it resumed, silently training on other data)."""
+    from ase.io import read, write
+
+    train = tmp_path / "train.xyz"
+    train.write_bytes((files / "train.xyz").read_bytes())
+    out = tmp_path / "out"
+    assert _run(files, out, "--train", str(train), epochs=1) == 0
+    frames = read(train, ":")
+    frames[0].info["REF_energy"] += 0.01
+    write(train, frames)
+    capsys.readouterr()
+    assert _run(files, out, "--train", str(train), epochs=2) == 2
+    err = capsys.readouterr().err
+    assert f"(train: the file {train} changed since (content sha256" in err and len(err.strip().splitlines()) == 1
+
+
 def test_a_checkpoint_resumes_under_its_own_options_only(files, capsys, tmp_path):
     """An option the identity leaves out where it is off (Stage Two, --valid_fraction, a
     cosine schedule, the moving average) differs where the checkpoint has it on: such a
@@ -574,9 +650,14 @@ def test_a_model_of_a_family_not_installed_is_refused_before_slow_work(files, ca
 def test_divergence_and_interrupts_end_cleanly(files, capsys, tmp_path, monkeypatch):
     from sparsekern.finetune import trainer
 
+    assert _run(files, tmp_path / "late_nan", epochs=1) == 0
+    capsys.readouterr()
     monkeypatch.setattr(trainer, "loss", lambda *a: torch.tensor(float("nan"), requires_grad=True))
     assert _run(files, tmp_path / "nan", epochs=1) == 2
-    assert "training diverged (try a lower --lr" in capsys.readouterr().err
+    err = capsys.readouterr().err  # (no checkpoint was written before: none is said to be kept)
+    assert "training diverged (try a lower --lr)" in err and "checkpoint" not in err, err
+    assert _run(files, tmp_path / "late_nan", epochs=2) == 2
+    assert "training diverged (try a lower --lr; the last checkpoint is kept)" in capsys.readouterr().err
 
     class OutOfMemory(torch.autograd.Function):  # what the CPU allocator raises in a backward
         forward = staticmethod(lambda ctx, x: x.clone())
@@ -666,6 +747,30 @@ def test_demo_runs_end_to_end(tmp_path, monkeypatch, capsys):
         demo.main(["--energy_weight", "-1", "--out", str(tmp_path / "bad")])
     assert stop.value.code == 2 and "loss weights must be finite and >= 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_demo_refuses_in_one_line_before_writing(tmp_path, monkeypatch, capsys):
+    """An --out that is a file, or no sevenn: one line, exit 2, nothing written (the
+    demo's training file was written first, then a traceback)."""
+    import importlib.util
+
+    from sparsekern import demo
+
+    (tmp_path / "data" / "si_mlearn").mkdir(parents=True)
+    (tmp_path / "data" / "si_mlearn" / "Si_train.xyz").write_text("")  # (not read before the checks)
+    monkeypatch.setenv("SPARSEKERN_DATA", str(tmp_path / "data"))
+    (tmp_path / "file").write_text("")
+    cases = [(tmp_path / "file", "output folder {out}/sparse cannot be made: {out} is a file")]
+    if importlib.util.find_spec("sevenn") is None:
+        cases.append((tmp_path / "demo", "is a sevennet model, but sevenn is not installed"))
+    for out, says in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            demo.main(["--out", str(out)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and says.format(out=out) in err and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("sparsekern.demo: error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "file"] and (tmp_path / "file").read_text() == ""
 
 
 def test_lora_adapter_holds_the_factors_and_round_trips(files, tmp_path):

@@ -54,6 +54,8 @@ def test_weights_are_read_as_mace_reads_them(files, tmp_path):
     ({"config_type": "slab"}, ("--config_type_weights", "{'slba': 2.0}"),
      "--config_type_weights: no frame has config_type 'slba' (the frames' config_types: 'Default', 'slab')"),
     ({}, ("--config_type_weights", "{[1]: 2.0}"), "--config_type_weights: expected a dict"),
+    # every frame weighing 0: a loss of 0 would save the base as the fine-tuned model
+    ({}, ("--config_type_weights", "{'Default': 0}"), "every training frame weighs 0 in the loss"),
 ])
 def test_bad_weights_are_refused_in_one_line(files, tmp_path, capsys, info, flags, says):
     train = _weighted_file(files, tmp_path, "bad.xyz", **{k: [None, v, None] for k, v in info.items()})

@@ -293,6 +293,44 @@ def test_report_on_lora_adapters_and_a_checked_base(base, adapters, tmp_path, ca
         next(p for p in other.parameters() if p.dim() > 1).add_(1e-3)
     torch.save(other, tmp_path / "other.model")
     capsys.readouterr()
-    assert cli(["report", str(path), "--out", str(tmp_path), "--model", str(tmp_path / "other.model")]) == 2
+    never = tmp_path / "never"  # (refused before the output folder is made)
+    assert cli(["report", str(path), "--out", str(never), "--model", str(tmp_path / "other.model")]) == 2
     err = capsys.readouterr().err
     assert "made for a different base model than the given base model" in err and len(err.splitlines()) == 1
+    assert not never.exists()
+
+
+def test_corrupt_entries_and_deltas_of_nan_are_refused(base, adapters, tmp_path, capsys):
+    """Repeated or unsorted indices (a weight counted twice) and values of NaN: one line
+    naming the tensor from load_adapter and report alike; save_adapter writes no adapter
+    of NaN (a diverged run's)."""
+    def damaged(mode, name, change):
+        with safe_open(str(adapters[mode]), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        key = next(k for k, t in tensors.items() if k.endswith((".index", ".a")) and t.numel() > 1)
+        key = key if change != "nan" or mode == "lora" else key.replace(".index", ".values")
+        tensors[key] = tensors[key].clone()
+        if change == "nan":
+            tensors[key].view(-1)[1] = float("nan")
+        else:
+            tensors[key][1] = tensors[key][0]
+        save_file(tensors, str(tmp_path / name), metadata=meta)
+        return tmp_path / name, key
+
+    for mode, name, change, says in (("str", "repeated.safetensors", "repeat", "are not strictly increasing"),
+                                     ("str", "nan.safetensors", "nan", "holds NaN or infinity"),
+                                     ("lora", "lora_nan.safetensors", "nan", "holds NaN or infinity")):
+        path, key = damaged(mode, name, change)
+        with pytest.raises(ValueError, match=says) as refused:
+            load_adapter(copy.deepcopy(base), path)
+        assert key.rsplit(".", 1)[0] in str(refused.value)
+        capsys.readouterr()
+        assert cli(["report", str(path), "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and key.rsplit(".", 1)[0] in err and len(err.splitlines()) == 1, err
+    model = sparsekern.prepare(copy.deepcopy(base), CONFIGS["lora"])
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+    with pytest.raises(ValueError, match="save_adapter: the deltas hold NaN or infinity"):
+        sparsekern.save_adapter(model, tmp_path / "diverged.safetensors")
+    assert not (tmp_path / "diverged.safetensors").exists()

@@ -36,3 +36,28 @@ def test_signals_stop_at_a_step_boundary_and_the_rerun_finishes_as_uninterrupted
     monkeypatch.undo()
     assert main(["finetune", *finetune_args(out)]) == 0
     assert result_difference(out, reference) == 0.0
+
+
+def test_a_signal_after_the_last_step_stops_the_run_too(finetune_args, reference, result_difference, monkeypatch,
+                                                        capsys, tmp_path):
+    """SIGTERM while the last epoch's checkpoint is written (after the last step: no step
+    checks it) stops the run with its code, not dropped; the rerun finishes as uninterrupted."""
+    import os
+
+    from sparsekern.finetune import checkpoint
+
+    out, save = tmp_path / "run", checkpoint.save
+
+    def save_then_signal(out_, identity, model, optimizer, progress, *a):
+        save(out_, identity, model, optimizer, progress, *a)
+        if progress.epoch == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(checkpoint, "save", save_then_signal)
+    assert main(["finetune", *finetune_args(out)]) == 143
+    assert capsys.readouterr().err == (f"sparsekern finetune: stopped by SIGTERM at the end of epoch 2; checkpoint "
+                                       f"written to {out / 'checkpoint.pt'}; rerun the same command to resume\n")
+    assert not (out / "metrics.json").exists()
+    monkeypatch.undo()
+    assert main(["finetune", *finetune_args(out)]) == 0
+    assert result_difference(out, reference) == 0.0

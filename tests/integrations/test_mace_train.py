@@ -261,9 +261,10 @@ def test_cpu_runs_keep_freed_memory(monkeypatch, device, calls, tmp_path):
     monkeypatch.setattr(mace_train, "keep_freed_memory", lambda: kept.append(1))
     monkeypatch.setattr(run_train, "run", lambda args: None)  # the training itself is tested above
     monkeypatch.setattr(mace_train, "_check_foundation_file", lambda parser, spec: None)  # (tested below)
+    monkeypatch.setattr(mace_train, "_check_data", lambda parser, args: None)  # (tested below)
+    monkeypatch.setattr(mace_train, "usable_device", torch.device)  # (a "cuda" run on this machine)
     (tmp_path / "f.model").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
-    Path("t.xyz").write_text("")  # (checked to exist; not read)
     assert mace_train.main(["--name", "x", "--train_file", "t.xyz", "--foundation_model", str(tmp_path / "f.model"),
                             "--device", device]) == 0
     assert len(kept) == calls
@@ -282,7 +283,7 @@ def test_a_foundation_model_mace_cannot_get_is_one_line(monkeypatch, capsys, tmp
 
     monkeypatch.setattr(run_train, "mace_mp", offline)
     monkeypatch.chdir(tmp_path)
-    Path("t.xyz").write_text("")  # (checked to exist; not read)
+    write("t.xyz", _frames(1))
     monkeypatch.setattr(run_train, "run", lambda args: run_train.mace_mp(model=args.foundation_model))
     assert mace_train.main(["--name", "x", "--train_file", "t.xyz", "--foundation_model", "medium"]) == 2
     err = capsys.readouterr().err
@@ -413,7 +414,38 @@ def test_refused_before_mace_starts(workdir, capsys):
                         (["--multiheads_finetuning", "True", "--pt_train_file", str(d / "nope.xyz")],
                          f"data file not found: --pt_train_file {d / 'nope.xyz'}"),
                         (["--max_num_epochs", "0"], "--max_num_epochs must be >= 1, got 0")):
-        with pytest.raises(SystemExit) as exit_:
-            cli([*common, *extra])
-        err = capsys.readouterr().err
-        assert exit_.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+        _refused(cli, [*common, *extra], says, capsys)
+
+
+def _refused(cli, argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_data_mace_would_train_on_or_fail_late_are_refused_before_it_starts(workdir, capsys, tmp_path):
+    """sparsekern's reader on MACE's files, under its keys (NaN labels trained a model of NaN,
+    saved with exit code 0); a folder without data, an empty file, an element the foundation
+    lacks and a device torch cannot use (tracebacks after MACE's set-up): one line, exit 2."""
+    d, _ = workdir
+    frames = _frames(3)
+    frames[1].info["REF_energy"] = float("nan")
+    write(tmp_path / "nan.xyz", frames)
+    frames = _frames(3)
+    frames[2].numbers[0] = 28
+    write(tmp_path / "ni.xyz", frames)
+    (tmp_path / "empty.xyz").write_text("")
+    (tmp_path / "folder").mkdir()
+    common = ["mace-train", "--name", "x", "--foundation_model", str(d / "foundation.model"), "--work_dir",
+              str(tmp_path / "work")]
+    cases = [(["--train_file", str(tmp_path / "nan.xyz")], "nan.xyz frame 1: energy 'REF_energy' hold NaN"),
+             (["--train_file", str(d / "train.xyz"), "--valid_file", str(tmp_path / "nan.xyz")], "nan.xyz frame 1"),
+             (["--train_file", str(tmp_path / "folder")], "is a folder without data files MACE reads"),
+             (["--train_file", str(tmp_path / "empty.xyz")], "empty.xyz"),
+             (["--train_file", str(tmp_path / "ni.xyz")], "ni.xyz holds elements the model does not know: ['Ni']")]
+    if not torch.cuda.is_available():
+        cases.append((["--train_file", str(d / "train.xyz"), "--device", "cuda"], "--device cuda: this torch"))
+    for extra, says in cases:
+        _refused(cli, [*common, *extra], says, capsys)
+    assert not (tmp_path / "work").exists()

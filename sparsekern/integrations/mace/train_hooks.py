@@ -45,7 +45,8 @@ from ...patching import patched_layers, release
 
 class Refused(Exception):
     """Sparse fine-tuning cannot go on with the model MACE built (a density that keeps
-    none of its path weights): said in one line by ``sparsekern mace-train``."""
+    none of its path weights) or save what it trained (deltas of NaN): said in one line by
+    ``sparsekern mace-train``."""
 
 
 class SparseHooks:
@@ -217,7 +218,10 @@ class SparseHooks:
         if self.base_model is None:
             self.base_model = self._base_file(model, model_dir)
         adapter = model_dir / f"{self.args.name}{stage}.adapter.safetensors"
-        save_adapter(model, adapter, extra_metadata={"base_model": self.base_model})
+        try:
+            save_adapter(model, adapter, extra_metadata={"base_model": self.base_model})
+        except ValueError as exc:  # (deltas of NaN: training diverged) said in one line, no model saved
+            raise Refused(str(exc)) from exc
         logging.info(f"sparsekern: saved the adapter to {adapter} (it applies to {self.base_model})")
         merged = copy.deepcopy(model)
         merge(merged)
