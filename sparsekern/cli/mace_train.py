@@ -228,6 +228,17 @@ def _run(run_train, args, hooks: Optional[SparseHooks]) -> int:
     return 0
 
 
+def _check_processes(parser: argparse.ArgumentParser, args) -> None:
+    """MACE's data-parallel mode: on GPUs only, and asked for where torchrun started several processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.distributed:
+        parser.error(f"started as one of {os.environ['WORLD_SIZE']} processes (torchrun) without --distributed: each "
+                     f"would train the whole run into the same files; add --distributed --launcher torchrun "
+                     f"(GPUs), or on CPUs use `sparsekern finetune --nproc N`")
+    if args.distributed and args.device not in ("cuda", "xpu"):
+        parser.error(f"--distributed: MACE's data-parallel mode runs on GPUs only (--device cuda: NCCL, one process "
+                     f"per GPU), not --device {args.device}; on CPUs use `sparsekern finetune --nproc N`")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import mace  # noqa: F401  (also lets e3nn 0.4.4 import under torch >= 2.6)
     from mace.cli import run_train
@@ -241,13 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # given on the command line, or in a --config file (where only a value other than the default tells)
     given = sorted({a.split("=")[0] for a in argv if a.startswith(SPARSE_PREFIX)}
                    | {f"--{k}" for k, v in ours.items() if v != _default(parser, k)})
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.distributed:
-        parser.error(f"started as one of {os.environ['WORLD_SIZE']} processes (torchrun) without --distributed: each "
-                     f"would train the whole run into the same files; add --distributed --launcher torchrun "
-                     f"(GPUs), or on CPUs use `sparsekern finetune --nproc N`")
-    if args.distributed and args.device not in ("cuda", "xpu"):
-        parser.error(f"--distributed: MACE's data-parallel mode runs on GPUs only (--device cuda: NCCL, one process "
-                     f"per GPU), not --device {args.device}; on CPUs use `sparsekern finetune --nproc N`")
+    _check_processes(parser, args)
     if args.foundation_model and not Path(args.foundation_model).is_file():
         _check_foundation_name(parser, args.foundation_model, run_train)
     elif args.foundation_model:
