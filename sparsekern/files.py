@@ -3,6 +3,7 @@ and an output folder is checked and held by one run at a time."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -34,8 +35,7 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
             write(tmp)
             _sync(tmp)
         except (OSError, RuntimeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
-            raise OSError(f"cannot write {path}: {reason} (disk full?)") from exc
+            raise OSError(f"cannot write {path}: {_why(exc)}") from exc
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # the mode open() would give, not mkstemp's 0600
@@ -48,6 +48,16 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
     except OSError:
         pass
     return path
+
+
+def _why(exc: Exception) -> str:
+    """A failed write's reason, with the full disk named where that is the cause:
+    torch.save's RuntimeError then says only "unexpected pos" (other errors, say a model
+    that cannot be serialised, are not blamed on the disk)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the disk"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
+    return reason + (" (disk full?)" if "unexpected pos" in reason else "")
 
 
 def _sync(path) -> None:

@@ -57,6 +57,19 @@ def test_a_failed_write_is_one_oserror_and_keeps_the_previous_file(tmp_path):
     assert path.read_text() == "previous" and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+def test_a_failed_write_names_the_disk_only_where_it_is_the_cause(tmp_path):
+    import errno
+
+    def fails(exc):
+        def write(tmp):
+            raise exc
+        return write
+    with pytest.raises(OSError, match=r"cannot write .*: no space left on the disk$"):
+        atomic_write(tmp_path / "a", fails(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(OSError, match=r"cannot write .*: Could not export Python function call 'f'$"):
+        atomic_write(tmp_path / "b", fails(RuntimeError("Could not export Python function call 'f'")))
+
+
 def test_the_data_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     """A crash after the rename cannot leave an empty file in place of the previous one:
     the temporary file is synced before it replaces ``path``, the folder after."""
