@@ -94,6 +94,7 @@ def patch(model: torch.nn.Module, backend: str = "auto", verbose: bool = False) 
     check_module(model, "patch")
     registry.check(backend, _model_device(model))
     rules = _rules()
+    fresh = not any(isinstance(m, SparsekernLayer) for m in model.modules())
     for rule in rules:
         rule.before_patch(model)
     device = _model_device(model)
@@ -140,7 +141,7 @@ def patch(model: torch.nn.Module, backend: str = "auto", verbose: bool = False) 
     try:
         visit(model, "")
     except Exception:
-        _put_back(swapped, rules)
+        _put_back(swapped, rules, model if fresh else None)
         raise
     global last_report
     last_report = report
@@ -156,20 +157,31 @@ def _replace(parent: torch.nn.Module, name: str, child: torch.nn.Module, new_cls
              on: Tuple[str, torch.device]) -> SparsekernLayer:
     """``child``, ``parent``'s ``name``, replaced by a ``new_cls`` on back end and device ``on``."""
     fused = new_cls is ChannelwiseTP and any(rule.fuse_conv(parent, name) for rule in rules)
-    new = (ChannelwiseConv if fused else new_cls).from_e3nn(child).use_backend(*on)
+    try:
+        new = (ChannelwiseConv if fused else new_cls).from_e3nn(child).use_backend(*on)
+    except Exception:  # (the parent fused, its conv not: unfused again)
+        if fused:
+            for rule in rules:
+                rule.unfuse_conv(parent)
+        raise
     new.fused_conv = fused
     setattr(parent, name, new)
     return new
 
 
-def _put_back(swapped: List[Tuple[torch.nn.Module, str, torch.nn.Module]], rules: List[PatchRule]) -> None:
-    """The model as it was before a patch that failed part way, not half patched."""
+def _put_back(swapped: List[Tuple[torch.nn.Module, str, torch.nn.Module]], rules: List[PatchRule],
+              fresh: Optional[torch.nn.Module]) -> None:
+    """The model as it was before a patch that failed part way, not half patched; the
+    ``fresh`` model (none of whose layers was patched before) also without what the rules'
+    ``before_patch`` changed."""
     for parent, name, child in reversed(swapped):
         if getattr(parent, name) is not child:
             if getattr(getattr(parent, name), "fused_conv", False):
                 for rule in rules:
                     rule.unfuse_conv(parent)
             setattr(parent, name, child)
+    for rule in rules if fresh is not None else ():
+        rule.after_unpatch(fresh)
 
 
 last_report: Optional[PatchReport] = None

@@ -23,18 +23,19 @@ residuals, are chosen by cross-validation over the frames (or E_mag stays 0)."""
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from .energy import N_ELEMENTS, MagneticEnergy
-from .graph import MagneticBatch
+from .graph import SKIN, MagneticBatch
 
 TERMS = ("energy", "forces", "magforces", "stress", "strain")  # outputs of MagneticEnergy it fits; the prior
 _E = torch.eye(3, dtype=torch.float64)
+_S = 1.0 - SKIN  # 2 %: no strain compresses a distance by more (the graphs' neighbours reach that far)
 # the prior's strains: 2 % compression and expansion, uniaxial along x, y, z, and shears
-STRAINS = [0.02 * _E, -0.02 * _E] + [0.02 * torch.outer(_E[i], _E[i]) for i in range(3)] + [
-    0.01 * (torch.outer(_E[i], _E[j]) + torch.outer(_E[j], _E[i])) for i, j in ((0, 1), (1, 2), (2, 0))]
+STRAINS = [_S * _E, -_S * _E] + [_S * torch.outer(_E[i], _E[i]) for i in range(3)] + [
+    _S / 2 * (torch.outer(_E[i], _E[j]) + torch.outer(_E[j], _E[i])) for i, j in ((0, 1), (1, 2), (2, 0))]
 
 
 def _linear_parameters(energy: MagneticEnergy) -> List[Tuple[torch.nn.Parameter, object]]:
@@ -169,13 +170,14 @@ class _Problem:
         self.eig = self.eig.clamp(min=0)
         self.b = {"residual": a[:-1, -1], "zero": a[:-1, -1] - forces[:-1, -1]}  # forces' target: residual or 0
 
-    def fit(self, ridge: float, target: str) -> torch.Tensor:
+    def fit(self, ridge: float, target: str, lam: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The solution (E_mag's parameters, then the offsets) at a relative ridge, b's
-        constant part >= 0."""
+        constant part >= 0 (``lam``: the absolute penalty, the whole problem's where b is
+        at its bound: the same objective, its parameter fixed)."""
         k, b = self.k, self.b[target]
         cross = self.g[:k, k:]
         rhs = (b[:k] - cross @ self.offsets @ b[k:]) / self.scale
-        lam = ridge * self.eig.max().clamp(min=1e-300)
+        lam = ridge * self.eig.max().clamp(min=1e-300) if lam is None else lam
         theta = (self.vec @ ((self.vec.T @ rhs) / (self.eig + lam))) / self.scale
         if not self.bounded:
             return torch.cat([theta, theta.new_zeros(1), self.offsets @ (b[k:] - cross.T @ theta)])
@@ -183,7 +185,7 @@ class _Problem:
             return torch.cat([theta, self.offsets @ (b[k:] - cross.T @ theta)])
         if self._at_bound is None:
             self._at_bound = _Problem(self.system, self.weights, k, bounded=False)
-        return self._at_bound.fit(ridge, target)
+        return self._at_bound.fit(ridge, target, lam)
 
     def offsets_only(self) -> torch.Tensor:
         b = self.b["residual"]

@@ -13,6 +13,10 @@ import torch
 from ..integrations.cuda_graphs import padding_edges
 
 AXIS = np.array([0.0, 0.0, 1.0])  # collinear moments are moments along this axis
+# Neighbours are listed up to cutoff / SKIN: the fit's strain prior compresses each frame by up
+# to 2 % (fit.STRAINS) with its own neighbours, and pairs that then come within the cutoff
+# must be there. Beyond the cutoff every term of E_mag is exactly 0 (the envelope).
+SKIN = 0.98
 
 
 def as_vectors(moments, natoms: int, what: str = "moments") -> np.ndarray:
@@ -40,7 +44,7 @@ def magnetic_graph(atoms, cutoff: float, moments=None) -> MagneticGraph:
     from ase.neighborlist import neighbor_list
 
     m = atoms.get_initial_magnetic_moments() if moments is None else moments
-    i, j, shift = neighbor_list("ijS", atoms, cutoff)
+    i, j, shift = neighbor_list("ijS", atoms, cutoff / SKIN)
     offsets = shift.astype(np.float64) @ np.asarray(atoms.cell, dtype=np.float64)
     volume = float(abs(atoms.cell.volume)) if atoms.pbc.all() else 0.0
     return MagneticGraph(np.array(atoms.positions, dtype=np.float64), np.array(atoms.numbers),

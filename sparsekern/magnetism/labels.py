@@ -41,8 +41,9 @@ def check_spin_axis(moments, what: str) -> None:
     """Refuse collinear moments (scalars) for a module with spin-orbit terms: a collinear
     calculation has no spin-orbit coupling and its moments no direction in the crystal,
     so those terms would be fitted to the lab's z axis (the energy would then change when
-    the crystal is rotated under the same collinear moments)."""
-    if np.ndim(moments) == 1:
+    the crystal is rotated under the same collinear moments). No moments at all (ASE's
+    zeros) are no magnetism, not collinear moments."""
+    if np.ndim(moments) == 1 and np.any(moments):
         raise ValueError(f"{what} are collinear scalars, but --spin_orbit's terms couple the moments' directions "
                          f"to the lattice: give 3-vector moments (n, 3) from a non-collinear calculation")
 

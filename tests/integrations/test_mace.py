@@ -326,3 +326,22 @@ def test_mace_lora_wrappers_are_left_whole():
     model.eval()
     with torch.no_grad():
         assert rel_err(model(dict(batch), compute_force=False)["energy"], want["energy"]) <= 1e-12
+
+
+def test_a_failed_patch_leaves_the_interaction_blocks_unfused(monkeypatch):
+    """The fused conv fails to build after its block took MACE's conv_fusion: the block
+    is unfused again, and the model runs as before."""
+    from sparsekern.layers import ChannelwiseConv
+
+    model = mace_mp0_shaped("small", seed=1)
+    batch = mace_batch(model, [_crystal(seed=2)])
+    want = model(dict(batch), compute_force=False)["energy"]
+    types = [type(m) for m in model.modules()]
+
+    def broken(cls, module):
+        raise RuntimeError("cannot build")
+    monkeypatch.setattr(ChannelwiseConv, "from_e3nn", classmethod(broken))
+    with pytest.raises(RuntimeError, match="cannot build"):
+        sparsekern.patch(model, backend="torch")
+    assert [type(m) for m in model.modules()] == types and not any(hasattr(m, "conv_fusion") for m in model.modules())
+    assert torch.equal(model(dict(batch), compute_force=False)["energy"], want)

@@ -272,3 +272,21 @@ def test_sevennet_names_as_sevenn_takes_them_and_multi_fidelity_models_load(tmp_
         with pytest.raises(ValueError, match="text.pth': invalid load key") as refused:
             load(str(tmp_path / "text.pth"))
         assert "without internet" not in str(refused.value)
+
+
+def test_a_failed_patch_leaves_sevennet_as_it_was(monkeypatch):
+    """SevenNet's sync-free reductions and fused convolution classes (the rule's
+    before_patch and fuse_conv) are undone when a layer fails to build part way."""
+    model = load_sevennet("7net-0")
+    atoms = _structures()[0]
+    want = _physics(model, atoms)
+    types = [type(m) for m in model.modules()]
+
+    def broken(cls, module):
+        raise RuntimeError("cannot build")
+    monkeypatch.setattr(ChannelwiseConv, "from_e3nn", classmethod(broken))
+    with pytest.raises(RuntimeError, match="cannot build"):
+        sparsekern.patch(model, backend="torch")
+    assert [type(m) for m in model.modules()] == types
+    got = _physics(model, atoms)  # (SevenNet's own forces vary at float32 round-off from call to call)
+    assert got[0] == want[0] and rel_err(torch.as_tensor(got[1]), torch.as_tensor(want[1])) <= TOL[torch.float32]

@@ -215,3 +215,39 @@ def test_a_file_from_before_the_axial_form_loads_with_the_polar_one(tmp_path):
     torch.testing.assert_close(evaluate(loaded, atoms, m)[0], evaluate(module, atoms, m)[0], rtol=1e-13, atol=0)
     with pytest.raises(ValueError, match="dm must be one of"):
         MagneticEnergy(dm="vector")
+
+
+def test_compressed_frames_have_the_neighbours_that_come_within_the_cutoff():
+    """The strain prior compresses each frame by up to 2 % with its own neighbours: the
+    pairs just beyond the cutoff that then come within it are in the graph (fcc Fe at
+    a = 3.55 A: the second shell at 3.55, a 3.5 A cutoff), so the strained energy is that
+    of the strained frame's own graph."""
+    from ase.build import bulk
+
+    module = random_module(cutoff=3.5)
+    atoms = bulk("Fe", "fcc", a=3.55, cubic=True)
+    atoms.rattle(0.01, seed=0)
+    moments = np.random.default_rng(0).normal(size=(len(atoms), 3))
+    batch = collate([magnetic_graph(atoms, module.cutoff, moments)], "cpu")
+    squeezed = atoms.copy()
+    squeezed.set_cell(atoms.cell * 0.98, scale_atoms=True)
+    own = collate([magnetic_graph(squeezed, module.cutoff, moments)], "cpu")
+    with torch.no_grad():
+        want = module(own, own.positions, own.moments)
+        got = module.strained(batch, -0.02 * torch.eye(3, dtype=torch.float64))
+    assert float(abs(got - want)) <= 1e-12 * float(abs(want))
+
+
+def test_a_spin_orbit_calculator_takes_atoms_without_moments():
+    """ASE's moments of a structure that has none are zeros (n,): no magnetism, not
+    collinear moments, so E_mag (0 at m = 0) adds nothing."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from sparsekern.magnetism.calculator import MagneticCalculator
+
+    atoms = bulk("Cu", "fcc", a=3.6).repeat(2)
+    atoms.calc = MagneticCalculator(EMT(), random_module(spin_orbit=True))
+    plain = atoms.copy()
+    plain.calc = EMT()
+    assert atoms.get_potential_energy() == pytest.approx(plain.get_potential_energy(), abs=1e-12)

@@ -121,6 +121,39 @@ def test_strain_prior_rows_are_e_mag_s_change_under_the_strains():
     assert got == pytest.approx(want, rel=1e-10) and want > 0
 
 
+def test_at_the_bound_the_same_objective_is_minimised():
+    """Where the unbounded solution has b < 0, the solution has b = 0 and minimises the
+    same penalised objective over the other parameters (its gradient 0 there, and >= 0 in
+    b: raising b would not lower it), the penalty the whole problem's."""
+    from sparsekern.magnetism.fit import _Problem
+
+    truth = random_module()
+    with torch.no_grad():
+        truth.onsite[-1].weight[1].zero_()
+        truth.onsite[-1].bias[1] = -1.0  # (clamped to 0 in truth; an unbounded fit goes below)
+        truth.onsite[-1].bias[0] = -30.0
+    fitted = random_module()
+    zero_outputs(fitted)
+    parts = [(b, {k: t.detach() for k, t in zip(("energy", "forces", "magforces"), truth.energy_and_forces(b))})
+             for b in batches(truth, 2)]
+    n = sum(b.moments.numel() for b, _ in parts)
+    system = normal_equations(fitted, numbered(parts), {"energy": 16, "forces": n, "magforces": n}).sum(0)
+    w = torch.tensor([1.0, 1.0, 100.0, 0.0, 0.0], dtype=torch.float64)
+    k = len(system[0]) - 1 - 119
+    full = _Problem(system, w, k)
+    unbounded = _Problem(system, w, k)
+    unbounded.bounded = False
+    ridge = 1e-3
+    theta = full.fit(ridge, "residual")[:k]
+    assert theta[-1] == 0
+    g, o = full.g, full.offsets
+    cross = g[:k, k:]
+    gram, rhs = g[:k, :k] - cross @ o @ cross.T, full.b["residual"][:k] - cross @ o @ full.b["residual"][k:]
+    lam = ridge * full.eig.max()
+    grad = 2 * (gram @ theta - rhs) + 2 * lam * full.scale ** 2 * theta
+    assert grad[:-1].abs().max() <= 1e-9 * rhs.abs().max() and grad[-1] >= 0
+
+
 def test_fit_needs_the_zero_start():
     with pytest.raises(ValueError, match="zero start"):
         normal_equations(random_module(), [], {})
