@@ -57,6 +57,21 @@ def uvu_tp(irreps1, irreps2, target, dtype=torch.float64, built_in=torch.float32
     return tp.to(dtype)
 
 
+def patch_failing_at(monkeypatch, model: torch.nn.Module, layer_cls: type) -> list:
+    """``sparsekern.patch(model)`` with every ``layer_cls`` failing to build (a
+    RuntimeError, which patch passes on); returns the model's module types from before."""
+    import sparsekern
+
+    types = [type(m) for m in model.modules()]
+
+    def broken(cls, module):
+        raise RuntimeError("cannot build")
+    monkeypatch.setattr(layer_cls, "from_e3nn", classmethod(broken))
+    with pytest.raises(RuntimeError, match="cannot build"):
+        sparsekern.patch(model, backend="torch")
+    return types
+
+
 def one_hot(n: int, num_elements: int, dtype=torch.float64, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     z = torch.randint(0, num_elements, (n,), generator=g)

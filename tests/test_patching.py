@@ -10,7 +10,7 @@ from e3nn import o3
 
 import sparsekern
 from sparsekern.layers import IrrepsLinear
-from helpers import rel_err
+from helpers import patch_failing_at, rel_err
 
 
 def _energy_forces(net, pos):
@@ -112,12 +112,7 @@ def test_a_patch_that_fails_leaves_the_model_as_it_was(monkeypatch):
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"lin": o3.Linear("2x0e+1x1o", "3x0e+1x1o"), "tp": _external_weights_tp()})
     before = dict(model.named_modules())
-
-    def broken(cls, module):
-        raise RuntimeError("cannot build")
-    monkeypatch.setattr(ChannelwiseTP, "from_e3nn", classmethod(broken))
-    with pytest.raises(RuntimeError, match="cannot build"):
-        sparsekern.patch(model, backend="torch")
+    patch_failing_at(monkeypatch, model, ChannelwiseTP)
     assert dict(model.named_modules()) == before
 
 

@@ -18,7 +18,7 @@ import sparsekern  # noqa: E402
 from sparsekern.layers import SparsekernLayer, SymmetricContraction  # noqa: E402
 from sparsekern.locations import data_dir, models_dir  # noqa: E402
 from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped  # noqa: E402
-from helpers import TOL, one_hot, random_o3, rel_err  # noqa: E402
+from helpers import TOL, one_hot, patch_failing_at, random_o3, rel_err  # noqa: E402
 
 SC_CASES = [("4x0e+4x1o+4x2e+4x3o", "4x0e+4x1o", 3, 3), ("5x0e+5x1o", "5x0e", 2, 1),
             ("3x0e+3x1o+3x2e", "3x0e+3x1o+3x2e", 3, 2)]
@@ -336,12 +336,6 @@ def test_a_failed_patch_leaves_the_interaction_blocks_unfused(monkeypatch):
     model = mace_mp0_shaped("small", seed=1)
     batch = mace_batch(model, [_crystal(seed=2)])
     want = model(dict(batch), compute_force=False)["energy"]
-    types = [type(m) for m in model.modules()]
-
-    def broken(cls, module):
-        raise RuntimeError("cannot build")
-    monkeypatch.setattr(ChannelwiseConv, "from_e3nn", classmethod(broken))
-    with pytest.raises(RuntimeError, match="cannot build"):
-        sparsekern.patch(model, backend="torch")
+    types = patch_failing_at(monkeypatch, model, ChannelwiseConv)
     assert [type(m) for m in model.modules()] == types and not any(hasattr(m, "conv_fusion") for m in model.modules())
     assert torch.equal(model(dict(batch), compute_force=False)["energy"], want)
