@@ -97,12 +97,12 @@ def test_the_report_says_what_is_left_and_why(case):
         assert sparsekern.patching.last_report.left == [("0", "Linear", "f_in/f_out feature dimensions")]
         assert model[0] is lin and model(x).shape == (4, 3, 6)
     elif case == "no path":  # e3nn then reads no input, whatever its width (MACE's dipole readout gives it none)
-        lin = o3.Linear("16x0e", "1x1o")
-        model = torch.nn.Sequential(lin)
-        sparsekern.patch(model)
-        why = "no path from its input: its output is constant"
-        assert sparsekern.patching.last_report.left == [("0", "Linear", why)]
-        assert model[0] is lin and not model(torch.randn(4, 0)).any()
+        for lin in (o3.Linear("16x0e", "1x1o"), o3.Linear("0x1o", "2x0e+1x1o")):  # (the second: no input at all)
+            model = torch.nn.Sequential(lin)
+            sparsekern.patch(model)
+            why = "no path from its input: its output is constant"
+            assert sparsekern.patching.last_report.left == [("0", "Linear", why)]
+            assert model[0] is lin and not model(torch.randn(4, 0)).any()
 
 
 def test_a_patch_that_fails_leaves_the_model_as_it_was(monkeypatch):
