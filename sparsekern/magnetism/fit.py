@@ -14,7 +14,7 @@ small strains of each periodic frame (``STRAINS``, its own neighbours), per atom
 at the energies' weight. Without it nothing constrains that dependence where the
 training frames share one cell: with |m| near constant, the on-site terms of the
 environment act as a free potential, and a review's fit on FCC Fe at one lattice constant
-changed the energy by -0.2 eV/atom at 2 % strain, and a cell relaxation ran away.
+changed the energy by far more at 2 % strain than the data's spread (benchmarks/magnetic_eos.py).
 
 The normal equations are sums over frames (and over processes), kept per fold of frames
 and per term; per-element energy offsets are fitted beside the couplings and dropped
