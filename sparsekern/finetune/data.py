@@ -174,6 +174,7 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
         _check_finite_and_apart(atoms, energy, forces, where, energy_key, forces_key)
         moment_labels = (read_moment_labels(atoms, where, magmom_key, magforces_key, spin_orbit) if magmom_key
                          else (None, None))
+        _check_moment_bounds(*moment_labels, where, magmom_key, magforces_key)
         stress, kind = _stress(atoms, stress_key, virials_key, where, virials)
         frames.append(Frame(atoms, energy, forces, *moment_labels, stress=stress,
                             weights=_weights(atoms, where, by_type or {}, kind, virials)))
@@ -259,12 +260,25 @@ MIN_DISTANCE = 0.3  # Å: closer atoms are a broken frame, not chemistry (H2's b
 MAX_ENERGY_PER_ATOM = 1e4  # eV
 MAX_FORCE = 1e4  # eV/Å, any component
 MAX_STRESS = 1e3  # eV/Å^3, any component
+MAX_MOMENT = 1e2  # μB, any component (the largest atomic moments, of the heavy rare earths, are ~10 μB)
+MAX_MAGFORCE = 1e4  # eV/μB, any component (-dE/dm: ~0.01-1 eV/μB in DFT)
 
 
 def _check_bound(size: float, bound: float, where: str, what: str, unit: str) -> None:
     if size > bound:
         raise ValueError(f"{where}: {what} beyond physical bounds: {size:.3g} {unit} (more than {bound:g}; "
                          f"a broken label?)")
+
+
+def _check_moment_bounds(moments: Optional[np.ndarray], magforces: Optional[np.ndarray], where: str,
+                         magmom_key: Optional[str], magforces_key: Optional[str]) -> None:
+    """Moment and magnetic-force labels (finite, ``read_moment_labels`` checked that;
+    collinear magnetic forces NaN across the axis) within physical bounds."""
+    if moments is not None and len(moments):
+        _check_bound(np.abs(moments).max(), MAX_MOMENT, where, f"moments {magmom_key!r}", "μB (a component)")
+    if magforces is not None and len(magforces):
+        _check_bound(np.nanmax(np.abs(magforces)), MAX_MAGFORCE, where, f"magnetic forces {magforces_key!r}",
+                     "eV/μB (a component)")
 
 
 def _check_finite_and_apart(atoms, energy: float, forces: np.ndarray, where: str, energy_key: str,

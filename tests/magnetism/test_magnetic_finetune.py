@@ -578,6 +578,10 @@ def _bad(frames, case):
             del a.arrays["m"]
         elif case == "nan":
             a.arrays["m"][3] = np.nan
+        elif case == "moment bound":
+            a.arrays["m"][2] = 1e20
+        elif case == "magforce bound":
+            a.arrays["h"][1, 2] = -1e30
         elif case == "moment shape":
             a.arrays["m"] = np.outer(m, [1.0, 1.0])
         elif case == "magforce shape":
@@ -595,6 +599,9 @@ BAD = [  # (case, flags, what the one-line error says)
     ("moment shape", ["--magmom_key", "m"], "moments 'm' have shape (8, 2), expected (8,) (collinear) or (8, 3)"),
     ("some frames", ["--magmom_key", "m"], "frame 2: no moments under key 'm'"),
     ("nan", ["--magmom_key", "m"], "frame 0: moments 'm' hold NaN or infinity"),
+    ("moment bound", ["--magmom_key", "m"], "frame 0: moments 'm' beyond physical bounds: 1e+20 μB"),
+    ("magforce bound", ["--magmom_key", "m", "--magforces_key", "h"],
+     "frame 0: magnetic forces 'h' beyond physical bounds: 1e+30 eV/μB"),
     ("magforce shape", ["--magmom_key", "m", "--magforces_key", "h"],
      "magnetic forces 'h' have shape (8, 2), expected (8,) (collinear) or (8, 3)"),
     ("collinear magforces", ["--magmom_key", "m", "--magforces_key", "h"],
