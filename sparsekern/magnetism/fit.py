@@ -69,21 +69,43 @@ def _assign(energy: MagneticEnergy, theta: torch.Tensor) -> None:
 def _columns(energy: MagneticEnergy, batch: MagneticBatch, stress: bool, prior: bool) -> Dict[str, torch.Tensor]:
     """E_mag per frame (F, K), its forces and magnetic forces (3n, K) and, with ``stress``,
     its stresses (9F, K), with ``prior`` its change under each of ``STRAINS`` per frame
-    (S F, K), for each unit parameter vector (E_mag is linear in them: K passes of the
-    module give its exact design matrix)."""
+    (S F, K): for each unit parameter vector (E_mag is linear in them: K passes of the
+    module give its exact design matrix), the prior's from one pass per strain."""
     k = n_linear(energy)
-    terms = [t for t in TERMS if (t != "stress" or stress) and (t != "strain" or prior)]
+    terms = [t for t in TERMS if t not in ("strain", "stress") or (t == "stress" and stress)]
     cols: Dict[str, list] = {key: [] for key in terms}
     for unit in torch.eye(k, dtype=torch.float64):
         _assign(energy, unit)
         out = energy.outputs(batch, stress=stress)
-        if prior:
-            with torch.no_grad():
-                out["strain"] = torch.cat([energy.strained(batch, s) - out["energy"] for s in STRAINS])
         for key in terms:
             cols[key].append(out[key].detach().double().reshape(-1).cpu())
     _assign(energy, torch.zeros(k, dtype=torch.float64))
-    return {key: torch.stack(c, 1) for key, c in cols.items()}
+    out = {key: torch.stack(c, 1) for key, c in cols.items()}
+    if prior:
+        out["strain"] = torch.cat([_energy_columns(energy, batch, s) for s in STRAINS]) - out["energy"].repeat(
+            len(STRAINS), 1)
+    return out
+
+
+def _energy_columns(energy: MagneticEnergy, batch: MagneticBatch, strain: torch.Tensor) -> torch.Tensor:
+    """(F, K): the strained energy per frame's derivatives in E_mag's linear parameters,
+    at the zero start (E_mag is linear in them, so these are its columns; b's clamp at 0
+    passes its gradient): one pass and one batched backward, where the unit vectors take K
+    passes, each building the geometry and node features again."""
+    params = [p for p, _ in _linear_parameters(energy)]
+    frozen = [p for p in set(params) if not p.requires_grad]  # (the trainer fits a frozen module)
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            e = energy.strained(batch, strain)
+            grads = torch.autograd.grad(e, params, torch.eye(len(e), dtype=e.dtype, device=e.device),
+                                        is_grads_batched=True)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    return torch.cat([g[:, i].reshape(len(e), -1) for g, (_, i) in zip(grads, _linear_parameters(energy))],
+                     1).double().cpu()
 
 
 FOLDS = 5  # frame i of the fit's parts is in fold i % FOLDS
