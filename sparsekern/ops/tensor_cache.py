@@ -80,7 +80,7 @@ def derived(sources: Sequence[torch.Tensor], key, build: Callable[[], T]) -> T:
     nothing it builds: that lives in the graph's memory, written only by its replays."""
     if any(s.requires_grad for s in sources):
         return build()
-    if torch.compiler.is_compiling() or sources[0].is_inference():
+    if torch.compiler.is_compiling() or any(s.is_inference() for s in sources):
         return build()
     cache = _tracked(sources[0])
     stamp = [(weakref.ref(s), _stamp(s)) for s in sources]

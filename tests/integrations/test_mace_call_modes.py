@@ -51,6 +51,25 @@ def test_inference_mode_first_then_autograd():
     got["forces"].square().sum().backward()  # (double backward through what was kept)
 
 
+def test_a_model_prepared_for_fine_tuning_under_inference_mode():
+    """Frozen base weights beside trainable deltas: what the layers derive from both
+    (the delta's value is an inference tensor there) is built afresh, as under no_grad."""
+    from sparsekern.finetune import SparseConfig
+
+    plain = _model()
+    batch = _batch(plain)
+    model = sparsekern.prepare(sparsekern.patch(copy.deepcopy(plain), backend="torch"), SparseConfig(density=0.05))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+        want = _call(model, batch, training=False, compute_force=False)["energy"]
+    with torch.inference_mode():
+        got = _call(model, batch, training=False, compute_force=False)["energy"]
+    assert torch.allclose(got, want, rtol=1e-12, atol=0) and not torch.allclose(want, _call(
+        plain, batch, training=False, compute_force=False)["energy"].detach(), rtol=1e-9, atol=0)
+
+
 def test_ema_weights_swapped_in_through_data_and_back():
     """torch_ema's ``average_parameters`` writes the weights through ``.data`` (no
     version counted): a no_grad validation with the averages, then the live weights."""
