@@ -25,6 +25,7 @@ class SparsekernLayer(torch.nn.Module):
 
     op: str = ""
     sized: Optional[registry.Sized] = None  # auto's back end by the call's atoms (see use_backend)
+    requested_backend = "torch"  # what use_backend was asked for ("auto" or a name)
 
     def __prepare_scriptable__(self):
         """``torch.jit.script`` asks this first: say why, rather than fail deep in its parser."""
@@ -118,7 +119,7 @@ class SparsekernLayer(torch.nn.Module):
             implemented = tuple(name for name, b in registry.BACKENDS.items() if self.op in b.ops)
             raise ValueError(f"{type(self).__name__} has no {backend!r} back end; it implements {implemented}")
         registry.implementation(self.op, backend)  # imported now, not in a forward torch.compile traces
-        self.backend, self.sized = backend, None
+        self.backend, self.requested_backend, self.sized = backend, backend, None
         return self
 
     def use_backend(self, backend: str, device: torch.device) -> "SparsekernLayer":
@@ -128,6 +129,7 @@ class SparsekernLayer(torch.nn.Module):
         for name in () if sized is None else sized.names:
             self.set_backend(name)  # checked, and imported now
         self.set_backend(registry.resolve(backend, self.op, device)).sized = sized
+        self.requested_backend = backend  # (an op beside this layer's, an element-resolved delta's, resolves it)
         return self
 
     def _run(self, *args):

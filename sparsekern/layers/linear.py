@@ -72,7 +72,7 @@ class IrrepsLinear(SparsekernLayer):
             if species.shape != x.shape[:1]:
                 raise ValueError(f"IrrepsLinear: an element-resolved delta needs one element per row of x: "
                                  f"{x.shape[0]} rows, {species.shape[0]} node species")
-            backend = registry.resolve(self.backend, "element_linear", x.device)
+            backend = registry.resolve(self.requested_backend, "element_linear", x.device)
             with on_its_device(x):
                 y = y + registry.implementation("element_linear", backend)(self.desc.per_element(elements), x,
                                                                            species, delta, None)

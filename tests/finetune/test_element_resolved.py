@@ -194,3 +194,26 @@ def test_sevennet0_element_resolved(tmp_path):
     path = save_adapter(model, tmp_path / "a.safetensors")
     fresh = load_adapter(family.load("7net-0", "cpu"), path)
     assert same(predict(fresh), changed) and not same(changed, ref)
+
+
+def test_auto_runs_the_delta_on_the_element_linear_s_own_row(monkeypatch):
+    """auto's rows for the irrep linear and the element linear differ (on GPUs torch's
+    GEMMs for the one, the CUDA or Triton kernel for the other): the delta's op follows
+    its own row, not the back end the layer's op resolved to (torch's element linear
+    reads its element counts back to the host)."""
+    pytest.importorskip("triton")
+    from sparsekern.ops import registry
+
+    layer, _, species = _resolved_layer(2)
+    x = torch.randn(len(species), IN.dim, dtype=torch.float64)
+    want = layer(x)
+    monkeypatch.setattr(registry, "_auto_table", lambda: {"cpu": {"linear": ["torch"],
+                                                                   "element_linear": ["triton", "torch"]}})
+    ran = []
+    for name in ("torch", "triton"):
+        fn = registry.implementation("element_linear", name)
+        monkeypatch.setitem(registry._IMPLEMENTATIONS, ("element_linear", name),
+                            lambda *a, fn=fn, name=name: ran.append(name) or fn(*a))
+    layer.use_backend("auto", torch.device("cpu"))
+    assert layer.backend == "torch"
+    assert rel_err(layer(x), want) <= TOL[torch.float64] and ran == ["triton"]

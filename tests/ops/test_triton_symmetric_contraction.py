@@ -160,6 +160,21 @@ def test_zero_nodes_noncontiguous_and_absent_element():
     assert rel_err(gw, torch.autograd.grad((want ** 2).sum(), [w])[0]) <= 1e-12
 
 
+def test_species_of_any_stride():
+    """The op's species operand as a column of a wider tensor (stride 2), as torch's takes it."""
+    from sparsekern.ops.torch.symmetric_contraction import symmetric_contraction as by_torch
+    from sparsekern.ops.triton.symmetric_contraction import symmetric_contraction as by_triton
+
+    layer = make_layer("2x0e+2x1o", "2x0e", 2, torch.float64)
+    weights = [[layer._weight(n) for n in names] for names in layer._names()]
+    deltas = [[None] * len(w) for w in weights]
+    x, _ = node_inputs(layer, torch.float64)
+    species = torch.stack([torch.tensor(SPECIES), torch.tensor(SPECIES[::-1])], 1).to(DEVICE)[:, 0]
+    assert species.stride() == (2,)
+    want = by_torch(layer.desc, x, species, weights, deltas)
+    assert rel_err(by_triton(layer.desc, x, species, weights, deltas), want) <= 1e-12
+
+
 @pytest.mark.parametrize("species", [[1], [0] * 37 + [2]], ids=["one node", "element over 3 node tiles"])
 def test_per_element_sums_to_second_order(species):
     """The weight gradient sums each element's nodes in one program: one node, and an

@@ -225,6 +225,8 @@ class SpeciesOrder:
 
     @staticmethod
     def build(species: torch.Tensor, n_el: int) -> "SpeciesOrder":
+        species = species.contiguous()  # (the kernels read it at stride 1)
+
         def sort():
             values, order = torch.sort(species, stable=True)
             return _Sorting(order, values, n_el)
