@@ -1,6 +1,7 @@
 """``ops/triton/precompile.py``: the kernels a model launches, compiled in parallel
 processes for a GPU target, are exactly the ones its launches then look up (every
-specialisation a cache hit), and recording leaves the launcher as it was.
+specialisation a cache hit), that a batch of other node and edge counts launches the same
+specialisations, and that recording leaves the launcher as it was.
 
 Triton's real front end is needed (not the interpreter conftest.py selects), so the check
 runs this file as a script in a subprocess without TRITON_INTERPRET, for sm_90 on the CPU,
@@ -18,9 +19,10 @@ import pytest
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _passes(device="cpu"):
-    """A small MACE-shaped conv and irrep linear, forward and backward (on the CPU: the
-    launches recorded, never run)."""
+def _passes(device="cpu", n=5, e=12):
+    """A small MACE-shaped conv and irrep linear, forward and backward, with node
+    features that need a gradient and (as MACE's first layer) without: ``n`` nodes, ``e``
+    edges (on the CPU: the launches recorded, never run)."""
     import dataclasses
 
     import torch
@@ -36,15 +38,15 @@ def _passes(device="cpu"):
                             (1, 1, 3, "uvu", True)]).set_backend("triton")
     lin = IrrepsLinear("16x0e+16x1o+16x1o", "16x0e+16x1o").set_backend("triton")
     conv, lin = conv.to(device), lin.to(device)
-    n, e = 5, 12
     x = torch.randn(n, conv.irreps_in1.dim, device=device, requires_grad=True)
-    sh = torch.randn(e, conv.irreps_in2.dim, device=device)
+    sh = torch.randn(e, conv.irreps_in2.dim, device=device, requires_grad=True)
     w = torch.randn(e, conv.weight_numel, device=device, requires_grad=True)
     edge_index = torch.randint(0, n, (2, e), device=device)
     h = torch.randn(n, lin.irreps_in.dim, device=device, requires_grad=True)
 
     def run():
         conv(x, sh, w, edge_index).sum().backward()
+        conv(x.detach(), sh, w, edge_index).sum().backward()
         lin(h).sum().backward()
     return run
 
@@ -67,8 +69,15 @@ def main() -> None:
     knobs.compilation.listener = lambda cache_hit, **_: hits.append(cache_hit)
     for spec in specs:
         triton.compile(spec.source(), target=target, options=spec.options)
+    with recording() as other:  # another batch: odd counts (the edges' second row at another alignment)
+        _passes(n=7, e=13)()
+    same = {_key(s) for s in specs} == {_key(s) for s in specialisations(other, target)}
     print(json.dumps(dict(kernels=sorted({s.name for s in specs}), compiled=n, specs=len(specs), hits=hits,
-                          launcher_restored=JITFunction.run is launcher)))
+                          launcher_restored=JITFunction.run is launcher, other_sizes_same=same)))
+
+
+def _key(spec) -> str:
+    return repr((spec.name, spec.signature, sorted(spec.bound_constexprs.items()), spec.attrs))
 
 
 @pytest.mark.gpu_proxy
@@ -81,9 +90,9 @@ def test_precompiled_kernels_are_cache_hits():
         out = json.loads(run.stdout.strip().splitlines()[-1])
         assert len(os.listdir(cache)) >= out["specs"]  # each compiled once, by a worker
     print(out)
-    assert {"_conv_kernel", "_grads_kernel", "_lin_kernel", "_wgrad_kernel"} <= set(out["kernels"]), out
+    assert {"_conv_kernel", "_edge_kernel", "_grads_kernel", "_lin_kernel", "_wgrad_kernel"} <= set(out["kernels"]), out
     assert out["compiled"] == out["specs"] and out["hits"] == [True] * out["specs"], out
-    assert out["launcher_restored"], out
+    assert out["launcher_restored"] and out["other_sizes_same"], out
 
 
 @pytest.mark.gpu

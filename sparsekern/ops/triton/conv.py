@@ -166,7 +166,7 @@ def _conv_source(form: "ConvForm") -> str:
     return "\n".join(lines) + "\n"
 
 
-_EDGE_HEAD = """@triton.jit(do_not_specialize=["E"])
+_EDGE_HEAD = """@triton.jit(do_not_specialize=["E"], do_not_specialize_on_alignment=["dst_ptr"])
 def _edge_kernel(a_ptr, b_ptr, w_ptr, g_ptr, gb_ptr, gw_ptr, src_ptr, dst_ptr,
                  E, sa0, sa1, sb0, sb1, sw0, sw1, sg0, sg1, sgb0, sgw0,
                  BLOCK_E: tl.constexpr, BLOCK_U: tl.constexpr, NEED_GB: tl.constexpr, NEED_GW: tl.constexpr):
