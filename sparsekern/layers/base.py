@@ -26,6 +26,7 @@ class SparsekernLayer(torch.nn.Module):
     op: str = ""
     sized: Optional[registry.Sized] = None  # auto's back end by the call's atoms (see use_backend)
     requested_backend = "torch"  # what use_backend was asked for ("auto" or a name)
+    resolved_on: Optional[str] = None  # the device type it resolved that for
 
     def __prepare_scriptable__(self):
         """``torch.jit.script`` asks this first: say why, rather than fail deep in its parser."""
@@ -124,15 +125,20 @@ class SparsekernLayer(torch.nn.Module):
 
     def use_backend(self, backend: str, device: torch.device) -> "SparsekernLayer":
         """Run on what the registry resolves ``backend`` ("auto" or a name) to on ``device``:
-        where auto's table has an order per number of atoms, the choice for each call's."""
+        where auto's table has an order per number of atoms, the choice for each call's;
+        "auto" is resolved again for a call on another device type (a model patched on the
+        CPU, then moved to a GPU)."""
         sized = registry.by_atoms(backend, self.op, device)
         for name in () if sized is None else sized.names:
             self.set_backend(name)  # checked, and imported now
         self.set_backend(registry.resolve(backend, self.op, device)).sized = sized
-        self.requested_backend = backend  # (an op beside this layer's, an element-resolved delta's, resolves it)
+        # (an op beside this layer's, an element-resolved delta's, resolves it too)
+        self.requested_backend, self.resolved_on = backend, torch.device(device).type
         return self
 
     def _run(self, *args):
+        if self.requested_backend == "auto" and args[0].device.type != self.resolved_on:
+            self.use_backend("auto", args[0].device)
         backend = self.backend if self.sized is None else self.sized(args[0].shape[0])  # a host-side shape
         with on_its_device(args[0]):
             return registry.implementation(self.op, backend)(self.desc, *args)

@@ -1,4 +1,4 @@
-"""Which input gradients a custom autograd Function's backward must compute.
+"""Which input gradients a custom autograd Function's backward must compute, and their sums.
 
 ``ctx.needs_input_grad`` is fixed at forward time: every weight (a Parameter) is marked,
 so energy + forces, which asks autograd for the positions' gradient alone, would still
@@ -28,3 +28,8 @@ def needed(ctx, i: int) -> bool:
         return node is None or torch._C._will_engine_execute_node(node)
     except RuntimeError:  # backward called outside the autograd engine: compute it
         return True
+
+
+def summed(a, b):
+    """a + b of two gradients either of which may be None (not computed)."""
+    return b if a is None else a if b is None else a + b

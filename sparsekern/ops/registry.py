@@ -36,8 +36,8 @@ def _triton_available(device: torch.device) -> bool:
 
 
 def _cuda_available(device: torch.device) -> bool:
-    """A CUDA device and the compiled extension."""
-    if device.type != "cuda":
+    """A CUDA device, the compiled extension, and Triton (the weight gradient is Triton's)."""
+    if device.type != "cuda" or not _triton_available(device):
         return False
     from .cuda import element_linear
 
@@ -71,7 +71,7 @@ BACKENDS: Dict[str, Backend] = {b.name: b for b in (
                                        "reshape_irreps"},
             _triton_available, "a GPU, or TRITON_INTERPRET=1 on CPU"),
     Backend("cuda", frozenset({"element_linear"}), _cuda_available,
-            "a GPU and the compiled extension sparsekern._C"),
+            "a GPU, the compiled extension sparsekern._C and Triton"),
     Backend("cueq", frozenset({"channelwise_tp", "conv", "symmetric_contraction"}), _cueq_available,
             "the package cuequivariance_torch, and cuequivariance-ops-torch on GPUs"),
 )}
@@ -109,14 +109,23 @@ def update_auto_table(device_type: str, orders: Dict[str, Order], source: str = 
         if isinstance(order, dict) and op not in SIZED_OPS:
             raise ValueError(f"auto table: {op!r} takes one order, not one per number of atoms")
         old = rows.get(op)
-        rows[op] = ({str(int(atoms)): checked(op, o, old.get(str(int(atoms))) if isinstance(old, dict) else None)
-                     for atoms, o in order.items()} if isinstance(order, dict) else checked(op, order, old))
+        rows[op] = ({str(int(atoms)): checked(op, o, _replaced(old, int(atoms))) for atoms, o in order.items()}
+                    if isinstance(order, dict) else checked(op, order, _replaced(old, None)))
     if source:
         runs = table.setdefault("rewritten", {})
         runs[device_type] = [source] + runs.get(device_type, [])
     atomic_write(AUTO_TABLE, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=1) + "\n"))
     _auto_table.cache_clear()
     return rows
+
+
+def _replaced(old: Optional[Order], atoms: Optional[int]) -> Optional[List[str]]:
+    """The old order a new one at ``atoms`` (None: one order for every size) replaces:
+    the old row's nearest size's (in log), its largest's for one order."""
+    if not isinstance(old, dict):
+        return old
+    sizes = [int(a) for a in old]
+    return old[str(max(sizes) if atoms is None else min(sizes, key=lambda a: abs(math.log(a / atoms))))]
 
 
 def check(backend: str, device: torch.device) -> None:

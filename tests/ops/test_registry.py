@@ -1,5 +1,6 @@
 """The back-end registry: names, availability, what ``auto`` picks and its table."""
 
+import copy
 import json
 import shutil
 
@@ -40,13 +41,22 @@ def test_benchmarks_rewrite_the_auto_table(tmp_path, monkeypatch):
     registry._auto_table.cache_clear()
     try:
         rows = registry.update_auto_table("cuda", {"conv": ["torch", "triton"], "linear": ["triton"]}, "run A")
-        assert rows["conv"] == ["torch", "triton"] and rows["linear"] == ["triton", "torch"]
+        # (cuEquivariance, which the run did not time, keeps its place in the largest size's order)
+        assert rows["conv"] == ["cueq", "torch", "triton"] and rows["linear"] == ["triton", "torch"]
         assert json.loads(table.read_text())["cuda"]["element_linear"] == ["cuda", "triton", "torch"]
         # a run that did not time the CUDA element linear keeps it where it was (it dropped it)
         rows = registry.update_auto_table("cuda", {"element_linear": ["torch", "triton"]}, "run B")
         assert rows["element_linear"] == ["cuda", "torch", "triton"]
         assert json.loads(table.read_text())["rewritten"]["cuda"][:2] == ["run B", "run A"]
-        assert registry._auto_table()["cuda"]["conv"] == ["torch", "triton"]
+        assert registry._auto_table()["cuda"]["conv"] == ["cueq", "torch", "triton"]
+        # one order becoming one per size, a new size, and back: untimed back ends keep their places
+        rows = registry.update_auto_table("cuda", {"element_linear": {"300": ["triton", "torch"],
+                                                                      "5000": ["torch", "triton"]}})
+        assert rows["element_linear"] == {"300": ["cuda", "triton", "torch"], "5000": ["cuda", "torch", "triton"]}
+        rows = registry.update_auto_table("cuda", {"element_linear": {"50000": ["triton", "torch"]}})
+        assert rows["element_linear"] == {"50000": ["cuda", "triton", "torch"]}
+        rows = registry.update_auto_table("cuda", {"element_linear": ["torch", "triton"]})
+        assert rows["element_linear"] == ["cuda", "torch", "triton"]
         with pytest.raises(ValueError, match="cannot run on"):
             registry.update_auto_table("cuda", {"radial_mlp": ["triton"]})
     finally:
@@ -141,3 +151,36 @@ def test_gpu_suite_orders_by_size():
                row("products0", 5000, triton=1.0, cueq=2.0), row("linear0", 300, triton=2.0, torch=1.0)]
     assert auto_orders(results) == {"conv": {"300": ["triton", "cueq"], "5000": ["cueq", "triton"]},
                                     "symmetric_contraction": ["triton", "cueq"], "linear": ["torch", "triton"]}
+
+
+def test_the_cuda_element_linear_needs_triton_too(monkeypatch):
+    """Its weight gradient is Triton's kernel: without Triton the back end is not available."""
+    import sys
+
+    from sparsekern.ops.cuda import element_linear
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(element_linear, "available", lambda: True)
+    gpu = torch.device("cuda")
+    assert registry._cuda_available(gpu)
+    monkeypatch.setitem(sys.modules, "triton", None)  # (import triton raises ImportError)
+    assert not registry._cuda_available(gpu)
+
+
+def test_auto_follows_a_layer_to_another_device(monkeypatch):
+    """A model patched on the CPU and moved to a GPU (here: meta) runs what auto picks
+    there, not the CPU's choice; and back."""
+    from sparsekern.layers import IrrepsLinear
+
+    monkeypatch.setattr(registry, "_auto_table", lambda: {"cpu": {}, "meta": {"linear": ["triton", "torch"]}})
+    layer = IrrepsLinear("3x0e+2x1o", "2x0e+1x1o").use_backend("auto", CPU)
+    assert layer.backend == "torch"
+    ran = []
+    monkeypatch.setitem(registry._IMPLEMENTATIONS, ("linear", "triton"),
+                        lambda desc, x, *a: ran.append(x.device.type) or x.new_zeros(len(x), desc.blocks_out.dim))
+    moved = copy.deepcopy(layer).to("meta")
+    moved(torch.randn(4, 9, device="meta"))
+    assert moved.backend == "triton" and ran == ["meta"]
+    layer.use_backend("auto", torch.device("meta"))(torch.randn(4, 9))  # (resolved there, called here)
+    assert layer.backend == "torch" and ran == ["meta"]

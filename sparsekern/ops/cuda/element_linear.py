@@ -116,8 +116,8 @@ class _ElementLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        # Built from element_matmul itself and plain torch ops, so with create_graph=True the
-        # backward is again differentiable (double backward for forces -> stress/Hessians).
+        # Built from element_matmul itself and Triton's weight gradient, each differentiable, so
+        # with create_graph=True the backward is again differentiable (forces -> stress/Hessians).
         x, weight, species = ctx.saved_tensors
         gx = gw = None
         if needed(ctx, 0):

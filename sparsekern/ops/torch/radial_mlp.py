@@ -15,7 +15,7 @@ from torch.nn.functional import silu
 
 from ...delta_slot import effective
 from ..descriptors import RadialDesc
-from ..grads import needed, track
+from ..grads import needed, summed, track
 from ..tensor_cache import derived
 from .silu import silu_grad, silu_second
 
@@ -137,9 +137,9 @@ class _MLPGrad(torch.autograd.Function):
                 if nv[l]:
                     gv[l] = A.t().mm(gs[l])
             if cot[1 + l] is not None:
-                adj_g = _add(adj_g, a_prev.mm(cot[1 + l]))
+                adj_g = summed(adj_g, a_prev.mm(cot[1 + l]))
                 if l:
-                    adj_a[l - 1] = _add(adj_a[l - 1], gs[l].mm(cot[1 + l].t()))
+                    adj_a[l - 1] = summed(adj_a[l - 1], gs[l].mm(cot[1 + l].t()))
                 elif nx:
                     adj_x = gs[0].mm(cot[1].t())
             if l == L - 1:
@@ -153,20 +153,16 @@ class _MLPGrad(torch.autograd.Function):
         for l in range(L - 2, -1, -1):
             if dz is not None:  # z_{l+1} = a_l V_{l+1}
                 if nv[l + 1]:
-                    gv[l + 1] = _add(gv[l + 1], acts[l].t().mm(dz))
-                adj_a[l] = _add(adj_a[l], dz.mm(vs[l + 1].t()))
+                    gv[l + 1] = summed(gv[l + 1], acts[l].t().mm(dz))
+                adj_a[l] = summed(adj_a[l], dz.mm(vs[l + 1].t()))
             dz = adj_z[l]
             if adj_a[l] is not None:
-                dz = _add(dz, silu_grad(adj_a[l], zs[l]))
+                dz = summed(dz, silu_grad(adj_a[l], zs[l]))
         if dz is not None:  # z_0 = x V_0
             if nv[0]:
-                gv[0] = _add(gv[0], x.t().mm(dz))
+                gv[0] = summed(gv[0], x.t().mm(dz))
             if nx:
-                adj_x = _add(adj_x, dz.mm(vs[0].t()))
+                adj_x = summed(adj_x, dz.mm(vs[0].t()))
         out[1] = adj_x
         out[4:] = gv
         return tuple(out)
-
-
-def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return b if a is None else a if b is None else a + b

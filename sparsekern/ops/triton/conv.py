@@ -11,7 +11,7 @@ kernel without atomics: the edges are ordered by receiver once per graph
 (:class:`Segments`, cached per ``edge_index``), each program owns a tile of receivers and
 one output irrep and stores every output element once (deterministic).
 
-Both kernels are generated per form (:mod:`.generated`): offsets, multiplicities and the
+The kernels are generated per form (:mod:`.generated`): offsets, multiplicities and the
 coefficients are literals in the source, so each operand component is loaded once per
 edge and path and every output component of the irrep is accumulated in the same pass
 (a table-driven kernel re-read w and a per coefficient and per output component, and
@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ..descriptors import TPDesc
-from ..grads import needed, track
+from ..grads import needed, summed, track
 from ..tensor_cache import cache_of
 from .component_major import component_major, permutation
 from .generated import jit, literal
@@ -100,13 +100,13 @@ def _conv_kernel(a_ptr, b_ptr, w_ptr, b2_ptr, w2_ptr, a2_ptr, out_ptr, peer_ptr,
 """
 
 
-def _slot_loop(peer: str, peer_ptr: str) -> List[str]:
+def _slot_loop(peer: str) -> List[str]:
     """The head of a loop over a tile's edge slots, BLOCK_S at a time: (me, e64, peer)
     of the slots in hand, the next slots' loaded at the top of the body (prefetched: in
     flight while this body's gathers and products run, so an iteration waits on one
     level of loads, the gathers, not on the edge ids first); the body ends with
     :func:`_slot_next`."""
-    args = f"order_ptr, {peer_ptr}, row, n, mn, first, deg, {{}}, IDENTITY, BLOCK_S"
+    args = "order_ptr, peer_ptr, row, n, mn, first, deg, {}, IDENTITY, BLOCK_S"
     return [f"        me, e64, {peer} = _slot_edges({args.format('0')})",
             "        for s0 in range(0, width, BLOCK_S):",
             f"            me_next, e64_next, {peer}_next = _slot_edges({args.format('s0 + BLOCK_S')})",
@@ -139,7 +139,7 @@ def _conv_source(form: "ConvForm") -> str:
         for t in ts:  # a loop over the edges per path: only one path's operands are live
             a_off, _, b_off, _, w_off, _, _, mul = form.paths[t]
             ents = form.entries[t]
-            lines += _slot_loop("s", "peer_ptr")
+            lines += _slot_loop("s")
             for w_, b_, y, sw, sb in (("w", "b", "y", "sw", "sb"), ("w2", "b2", "z", "sw2", "sb2")):
                 if w_ == "w2":
                     lines.append("            if TWO:")
@@ -270,7 +270,7 @@ def _grads_path_lines(form: "ConvForm", t: int, dt: str) -> List[str]:
     """The fused backward's loop over the edge slots for path t."""
     a_off, _, b_off, d_b, w_off, o_off, _, mul = form.paths[t]
     ents = [(i, j, k, form.rounded(c)) for i, j, k, c in form.entries[t]]
-    lines = _slot_loop("r", "peer_ptr") + [
+    lines = _slot_loop("r") + [
         f"            w = tl.load(w_ptr + e64[:, None] * sw0 + ({w_off} + u)[None, :].to(tl.int64) * sw1,"
         " mask=mask, other=0.0)"]
     lines += [f"            y{j} = tl.load(b_ptr + e64 * sb0 + {b_off + j} * sb1, mask=me, other=0.0)"
@@ -601,10 +601,6 @@ def _fused_second(need, Gb, Gw) -> bool:
     return not torch.is_grad_enabled() and Gb is not None and Gw is not None and need[3] and (need[1] or need[2])
 
 
-def _add(x, y):
-    return y if x is None else (x if y is None else x + y)
-
-
 def _conv_vjp(form, graph, a, b, w, g, need):
     """(ga, gb, gw): the conv's gradients for output gradient g, those in ``need``
     (a, b, w) computed, the others None. All three from one fused launch; a alone by
@@ -652,7 +648,7 @@ class _Conv(torch.autograd.Function):
         gb2 = gw2 = None
         if b2 is not None:  # the second product's share (its a gradient added to the first's)
             ga2, gb2, gw2 = _conv_vjp(ctx.form, ctx.graph, a, b2, w2, g, [needed(ctx, i) for i in (0, 5, 6)])
-            ga = _add(ga, ga2)
+            ga = summed(ga, ga2)
         return (ga, gb, gw, None, None, gb2, gw2)[:len(ctx.needs_input_grad)]
 
 
@@ -712,7 +708,7 @@ class _Grads(torch.autograd.Function):
         da, db, dw, dg = _edge_vjp(form, graph, a, b, w, g, Gb, Gw, need)
         if Ga is not None:  # ga = conv(g, b, w) of the transposed form and graph
             tg, tb, tw = _conv_vjp(form.transposed, graph.transposed, g, b, w, Ga, (need[3], need[1], need[2]))
-            db, dw, dg = _add(db, tb), _add(dw, tw), _add(dg, tg)
+            db, dw, dg = summed(db, tb), summed(dw, tw), summed(dg, tg)
         return da, db, dw, dg, None, None, None, None
 
 

@@ -13,9 +13,9 @@ the flat weight in the descriptor's layout. dW is given by the delta's tiles
 (:func:`sparsekern.delta_slot.active_blocks`): ``slot`` (n_tiles,) int32, every path's
 (n_el, ceil(mul_in/T), ceil(mul_out/T)) tiles in path order, -1 inactive, else a row of
 ``values`` (n_tiles, T, T). W0 + dW is formed tile by tile in registers, never in memory.
-Nodes are sorted by element once per call (:class:`ElementRows`; with one element they
-stay in order and nothing is built), so each node tile has one element's weights. The
-kernels read their feature operands component-major (:mod:`.component_major`), so that a
+Nodes are sorted by element once per graph (:class:`ElementRows`, cached with the species;
+with one element they stay in order and nothing is built), so each node tile has one
+element's weights. The kernels read their feature operands component-major (:mod:`.component_major`), so that a
 warp's load of one component's channels is contiguous; outputs are stored in e3nn's layout.
 
 Derivatives stay in the family: the gradient wrt x is the same launch with the table
@@ -40,6 +40,7 @@ from ..descriptors import LinearDesc
 from ..grads import needed, track
 from ..tensor_cache import cached, derived
 from .component_major import component_major, permutation
+from .species_order import element_sort
 
 _BN = 32  # nodes per tile
 _BM = 32  # rows ((node, m) pairs) per step
@@ -220,10 +221,9 @@ class ElementRows:
         n = species.shape[0]
         if n_el == 1:
             return ElementRows.in_order(n)
-        order = torch.argsort(species, stable=True)
-        # not bincount: its output size depends on the data (a host sync)
-        counts = species.new_zeros(n_el).index_add_(0, species, torch.ones_like(species))
-        seg = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        sort = element_sort(species, n_el)  # (the contraction's too)
+        order, seg = sort.order, sort.start.long()
+        counts = seg[1:] - seg[:-1]
         ntile = (counts + _BN - 1) // _BN
         tcum = ntile.cumsum(0)
         t = torch.arange(triton.cdiv(n, _BN) + n_el, device=species.device)

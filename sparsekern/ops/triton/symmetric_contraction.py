@@ -40,7 +40,8 @@ import triton.language as tl
 from ...delta_slot import effective
 from ..descriptors import ContractionDesc
 from ..grads import needed, track
-from ..tensor_cache import cached, derived
+from ..tensor_cache import derived
+from .species_order import ElementSort, element_sort
 
 _BT = 4  # table entries per step on a GPU (8 spilled 328 B on sm_90 under Triton 3.6)
 _BT_INTERPRETED = 256  # the CPU interpreter pays per op, not per element
@@ -202,36 +203,15 @@ class Form:
 
 
 @dataclass(eq=False)
-class _Sorting:
-    """Nodes sorted by element (device ops only), kept with the species tensor (so it
-    must not hold it): every contraction and pass of a graph shares one."""
-    order: torch.Tensor  # (N,)
-    sorted: torch.Tensor  # (N,) species[order]
-    n_el: int
-
-    @functools.cached_property
-    def start(self) -> torch.Tensor:
-        """(n_el + 1,): element z owns ``order[start[z]:start[z + 1]]`` (built on first use:
-        only a per-element output needs it)."""
-        elements = torch.arange(self.n_el + 1, device=self.sorted.device, dtype=self.sorted.dtype)
-        return torch.searchsorted(self.sorted, elements, out_int32=True)
-
-
-@dataclass(eq=False)
 class SpeciesOrder:
     """The nodes' elements and their sorting."""
     species: torch.Tensor  # (N,)
-    sorting: _Sorting
+    sorting: ElementSort
 
     @staticmethod
     def build(species: torch.Tensor, n_el: int) -> "SpeciesOrder":
         species = species.contiguous()  # (the kernels read it at stride 1)
-
-        def sort():
-            values, order = torch.sort(species, stable=True)
-            return _Sorting(order, values, n_el)
-
-        return SpeciesOrder(species, cached(species, ("species_order", n_el), sort))
+        return SpeciesOrder(species, element_sort(species, n_el))
 
     order = property(lambda self: self.sorting.order)
     n_el = property(lambda self: self.sorting.n_el)
