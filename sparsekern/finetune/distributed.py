@@ -72,6 +72,29 @@ class Group:
             raise FromMain(error)
         return result
 
+    def everywhere(self, work: Callable[[], Any]) -> Any:
+        """``work()`` on every rank (the same work: reading the run's inputs); where it
+        raises on any rank, every rank stops, and one says why: rank 0 re-raises its own
+        error, else the first failing rank's message is raised as ``FromMain``."""
+        result, error = None, None
+        try:
+            result = work()
+        except (ValueError, KeyError, OSError, ImportError) as exc:
+            if self.size == 1:
+                raise
+            error = exc
+        if self.size == 1:
+            return result
+        said = [None] * self.size
+        dist.all_gather_object(said, None if error is None else (
+            error.args[0] if isinstance(error, KeyError) and error.args else str(error)))
+        first = next((message for message in said if message is not None), None)
+        if first is None:
+            return result
+        if self.main and error is not None:
+            raise error
+        raise FromMain(first)
+
     def gather(self, items: dict) -> dict:
         """The union of every rank's ``items`` (keys disjoint across ranks), on every rank."""
         if self.size == 1:

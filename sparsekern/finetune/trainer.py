@@ -476,12 +476,12 @@ def run(settings: Settings) -> dict:
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     made = not Path(settings.out).exists()
-    family, frames, out = check(settings)
     group, device = join(settings.device)
-    made = any(group.gather({group.rank: made}).values())  # (another rank may have made it first)
-    if torch.device(device).type == "cpu":
-        keep_freed_memory()  # a step's large tensors reused, not faulted in again
     try:
+        family, frames, out = group.everywhere(lambda: check(settings))  # (every rank reads them: one says why not)
+        made = any(group.gather({group.rank: made}).values())  # (another rank may have made it first)
+        if torch.device(device).type == "cpu":
+            keep_freed_memory()  # a step's large tensors reused, not faulted in again
         with _held(out, group, made):
             return _run(replace(settings, device=device), out, family, frames, group, started)
     finally:

@@ -119,6 +119,25 @@ def test_an_input_error_found_in_the_workers_is_said_once_and_leaves_no_folder(c
     assert not out.exists()
 
 
+def test_bad_input_under_torchrun_is_said_once(case, finetune_args):
+    """torchrun's own launcher (no --nproc): every rank reads the data and finds the same
+    NaN label; one says so (each did)."""
+    from ase.io import read, write
+
+    frames = read(case / "train.xyz", ":")
+    frames[1].info["REF_energy"] = float("nan")
+    write(case / "train_nan.xyz", frames)
+    out = case / "nan_torchrun"
+    args = finetune_args(out)
+    args[args.index("--train") + 1] = str(case / "train_nan.xyz")
+    done = _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sparsekern",
+                "finetune", *args)
+    errors = [line for line in done.stderr.splitlines() if ": error: " in line]
+    assert done.returncode != 0 and len(errors) == 1, done.stderr[-4000:]
+    assert errors[0].startswith("sparsekern finetune (rank 0): error: ") and "frame 1: energy" in errors[0], errors
+    assert not out.exists()
+
+
 def test_a_peer_s_failure_is_one_line(monkeypatch, capsys):
     """A collective that fails because another process stopped (its connection closed):
     one line, not torch.distributed's traceback; other RuntimeErrors keep theirs."""
