@@ -254,10 +254,11 @@ def shared_frames(frames: Sequence[Frame], train: Sequence[Frame]) -> int:
 
 MIN_DISTANCE = 0.3  # Å: closer atoms are a broken frame, not chemistry (H2's bond is 0.74 Å)
 # Labels beyond these are broken (a unit or parsing error), not physics: they would pass as
-# finite and diverge the loss minutes later. Generous: the largest DFT labels are ~1e3 times
-# smaller (an energy per atom ~ -1e3 eV with core electrons, forces of ~1e2 eV/Å in close
-# collisions, stresses of ~1 eV/Å^3 = 160 GPa at extreme compression).
-MAX_ENERGY_PER_ATOM = 1e4  # eV
+# finite and diverge the loss minutes later. Generous: the largest DFT labels are ~10 times
+# smaller or less (all-electron total energies per atom: Te -1.8e5 eV, U -7.6e5 eV, the
+# heaviest elements ~ -1.5e6 eV; forces of ~1e2 eV/Å in close collisions, stresses of
+# ~1 eV/Å^3 = 160 GPa at extreme compression).
+MAX_ENERGY_PER_ATOM = 1e7  # eV
 MAX_FORCE = 1e4  # eV/Å, any component
 MAX_STRESS = 1e3  # eV/Å^3, any component
 MAX_MOMENT = 1e2  # μB, any component (the largest atomic moments, of the heavy rare earths, are ~10 μB)

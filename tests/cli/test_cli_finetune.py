@@ -501,6 +501,18 @@ def test_labels_beyond_physical_bounds_are_refused_at_read_time(files, capsys, t
     assert f"data file {tmp_path / 'folder'} is a folder" in capsys.readouterr().err
 
 
+def test_all_electron_energies_are_within_the_bounds(files, tmp_path):
+    """Total energies with core electrons: a heavy element's is ~1e5-1e6 eV per atom (Te
+    about -1.8e5), not a broken label."""
+    from sparsekern.finetune.data import read_frames
+
+    def all_electron(a):
+        a.info["REF_energy"] -= 1.8e5 * len(a)
+
+    path = _write_broken(files, tmp_path, "all_electron.xyz", all_electron)
+    assert read_frames(path)[1].energy < -1e5 * len(read_frames(path)[1].atoms)
+
+
 def test_any_property_ase_moved_into_its_calculator_is_read(files, tmp_path):
     """ASE moves ``free_energy=`` (as it does ``energy=``) into the frame's calculator."""
     from ase.io import read, write
