@@ -204,7 +204,7 @@ def _check_file(flag: str, path: Optional[str], args, foundation) -> None:
     if Path(path).suffix in _MACE_BINARY_DATA:
         return
     frames = read_frames(path, args.energy_key, args.forces_key, stress_key=args.stress_key,
-                         virials_key=args.virials_key, isolated={})  # (MACE sets its isolated atoms aside too)
+                         virials_key=args.virials_key, isolated={}, partial=True)  # (as MACE reads them)
     if foundation is not None:
         check_elements(*foundation, frames, f"{flag} {path}")
 

@@ -118,11 +118,17 @@ def _check_cell(atoms, where: str) -> None:
                          f"{atoms.cell.array.tolist()}")
 
 
-def _label(atoms, key: str, where: str, kind: str):
-    """``_lookup``'s label, which every frame must have."""
+def _label(atoms, key: str, where: str, kind: str, images: Sequence, partial: bool):
+    """``_lookup``'s label, which every frame must have; with ``partial``, where a frame
+    has none, MACE's placeholder (0) and the label's weight 0 (MACE's data loader's way)."""
     value = _lookup(atoms, key, kind)
     if value is not None:
-        return value
+        return value, False
+    if partial:
+        return (np.zeros((len(atoms), 3)) if kind == "forces" else 0.0), True
+    if any(_lookup(other, key, kind) is not None for other in images):
+        raise KeyError(f"{where}: no {kind} under key {key!r}, which other frames have: sparsekern finetune "
+                       f"trains frames with every label (mace-train, as MACE, gives a missing label weight 0)")
     raise KeyError(f"{where}: no {kind} under key {key!r} (use --{kind}_key to name it; "
                    f"info keys: {sorted(atoms.info)}, array keys: {sorted(atoms.arrays)})")
 
@@ -132,7 +138,7 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
                 magforces_key: Optional[str] = None, stress_key: Optional[str] = None,
                 virials_key: Optional[str] = None, isolated: Optional[Dict[int, Optional[float]]] = None,
                 by_type: Optional[Dict[str, float]] = None, virials: bool = False,
-                spin_orbit: bool = False) -> List[Frame]:
+                spin_orbit: bool = False, partial: bool = False) -> List[Frame]:
     """The first ``limit`` configurations of an extended-XYZ file with their labels (moments and
     magnetic forces where their keys are given; stresses, under ``stress_key`` or as
     virials under ``virials_key``, in the frames that have one). Given an ``isolated``
@@ -140,7 +146,8 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
     reference energy, not a configuration to fit) are set aside into it, {Z: energy or
     None}, as MACE's data loader does. Each frame's weights are MACE's (``_weights``;
     ``by_type``: ``--config_type_weights``; ``virials``: ``--loss virials``). ``spin_orbit``:
-    the moments must be 3-vectors (``read_moment_labels``)."""
+    the moments must be 3-vectors (``read_moment_labels``). ``partial``: a frame may lack its
+    energy or forces (as MACE reads them: weight 0), else every frame needs both."""
     from ase.io import read
 
     path = Path(path)
@@ -167,8 +174,9 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
         if len(atoms) == 0:
             raise ValueError(f"{where}: no atoms")
         _check_cell(atoms, where)
-        energy = _number(_label(atoms, energy_key, where, "energy"), f"{where}: energy {energy_key!r}")
-        forces = np.asarray(_label(atoms, forces_key, where, "forces"), dtype=np.float64)
+        (energy, no_energy), (forces, no_forces) = (_label(atoms, key, where, kind, images, partial) for key, kind in (
+            (energy_key, "energy"), (forces_key, "forces")))
+        energy, forces = _number(energy, f"{where}: energy {energy_key!r}"), np.asarray(forces, dtype=np.float64)
         if forces.shape != (len(atoms), 3):
             raise ValueError(f"{where}: forces {forces_key!r} have shape {forces.shape}, expected ({len(atoms)}, 3)")
         _check_finite_and_apart(atoms, energy, forces, where, energy_key, forces_key)
@@ -176,8 +184,9 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
                          else (None, None))
         _check_moment_bounds(*moment_labels, where, magmom_key, magforces_key)
         stress, kind = _stress(atoms, stress_key, virials_key, where, virials)
-        frames.append(Frame(atoms, energy, forces, *moment_labels, stress=stress,
-                            weights=_weights(atoms, where, by_type or {}, kind, virials)))
+        weights = _weights(atoms, where, by_type or {}, kind, virials)
+        weights.update({label: 0.0 for label, missing in (("energy", no_energy), ("forces", no_forces)) if missing})
+        frames.append(Frame(atoms, energy, forces, *moment_labels, stress=stress, weights=weights))
     if not frames:
         raise ValueError(f"{path} holds isolated atoms only (MACE's IsolatedAtom frames, set aside; "
                          f"--keep_isolated_atoms keeps them)")

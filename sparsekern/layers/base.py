@@ -137,8 +137,8 @@ class SparsekernLayer(torch.nn.Module):
         return self
 
     def _run(self, *args):
-        if self.requested_backend == "auto" and args[0].device.type != self.resolved_on:
-            self.use_backend("auto", args[0].device)
+        if registry.per_device(self.requested_backend) and args[0].device.type != self.resolved_on:
+            self.use_backend(self.requested_backend, args[0].device)
         backend = self.backend if self.sized is None else self.sized(args[0].shape[0])  # a host-side shape
         with on_its_device(args[0]):
             return registry.implementation(self.op, backend)(self.desc, *args)

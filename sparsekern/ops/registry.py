@@ -152,6 +152,11 @@ def resolve(backend: str, op: str, device: torch.device) -> str:
     return backend if op in BACKENDS[backend].ops else "torch"
 
 
+def per_device(backend: str) -> bool:
+    """Whether what ``backend`` runs depends on the device: ``auto``, whose table is per device type."""
+    return backend == "auto"
+
+
 def by_atoms(backend: str, op: str, device: torch.device) -> Optional["Sized"]:
     """What ``auto`` runs ``op`` on by the call's number of atoms, where the auto table
     has an order per number measured; None where the choice does not depend on it."""

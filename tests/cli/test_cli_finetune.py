@@ -501,6 +501,15 @@ def test_labels_beyond_physical_bounds_are_refused_at_read_time(files, capsys, t
     assert f"data file {tmp_path / 'folder'} is a folder" in capsys.readouterr().err
 
 
+def test_a_frame_without_a_label_the_others_have_is_named(files, capsys, tmp_path):
+    """Not "use --forces_key": the key is right for the other frames."""
+    path = _write_broken(files, tmp_path, "no_forces.xyz", lambda a: a.arrays.pop("REF_forces"))
+    assert _run(files, tmp_path / "out", "--train", str(path)) == 2
+    err = capsys.readouterr().err
+    assert (f"{path} frame 1: no forces under key 'REF_forces', which other frames have" in err
+            and len(err.strip().splitlines()) == 1), err
+
+
 def test_all_electron_energies_are_within_the_bounds(files, tmp_path):
     """Total energies with core electrons: a heavy element's is ~1e5-1e6 eV per atom (Te
     about -1.8e5), not a broken label."""

@@ -449,3 +449,27 @@ def test_data_mace_would_train_on_or_fail_late_are_refused_before_it_starts(work
     for extra, says in cases:
         _refused(cli, [*common, *extra], says, capsys)
     assert not (tmp_path / "work").exists()
+
+
+def test_frames_without_some_labels_pass_as_mace_reads_them(workdir, tmp_path):
+    """MACE trains frames lacking their energy or forces (that label at weight 0): the
+    check before it starts lets them through, and still reads the labels they have."""
+    import argparse
+
+    from sparsekern.cli.mace_train import _check_data
+
+    d, _ = workdir
+    frames = _frames(3)
+    del frames[1].arrays["REF_forces"]
+    del frames[2].info["REF_energy"]
+    write(tmp_path / "partial.xyz", frames)
+    parser = argparse.ArgumentParser()
+    args = argparse.Namespace(train_file=str(tmp_path / "partial.xyz"), valid_file=None, test_file=None,
+                              pt_train_file=None, pt_valid_file=None, foundation_model=str(d / "foundation.model"),
+                              energy_key="REF_energy", forces_key="REF_forces", stress_key="REF_stress",
+                              virials_key="REF_virials")
+    _check_data(parser, args)
+    frames[0].info["REF_energy"] = float("nan")
+    write(tmp_path / "partial.xyz", frames)
+    with pytest.raises(SystemExit):
+        _check_data(parser, args)
