@@ -79,9 +79,12 @@ def split_point(values: torch.Tensor, k: int, by_sort: Optional[bool] = None) ->
 
 def _steer_density(model: torch.nn.Module, module: torch.nn.Module, args) -> None:
     """Forward pre-hook of ``model``'s computing module: in training, recalibrate before
-    the step uses the thresholds, then compute their values together."""
+    the step uses the thresholds, then compute their values together. Training: the
+    model in training mode, autograd on and the deltas trainable (a calculator's call,
+    such as MACE's, which leaves the model in training mode but freezes its parameters, is
+    not a step)."""
     deltas = _thresholded(model)
-    if model.training and torch.is_grad_enabled() and deltas:
+    if model.training and torch.is_grad_enabled() and deltas and deltas[0].v.requires_grad:
         calibrate_density(model, scheduled_density(delta_slot.config_of(model), deltas[0].steps))
         for d in deltas:
             d.steps += 1

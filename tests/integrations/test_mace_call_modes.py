@@ -70,6 +70,26 @@ def test_a_model_prepared_for_fine_tuning_under_inference_mode():
         plain, batch, training=False, compute_force=False)["energy"].detach(), rtol=1e-9, atol=0)
 
 
+def test_a_prepared_model_in_mace_s_calculator_is_not_trained_by_its_calls():
+    """MACE's calculator leaves the model in training mode (and freezes its parameters):
+    its calls are not training steps, so the density controller leaves the deltas as
+    they are (it switched on the delta's random start at the first call)."""
+    from ase.build import molecule
+    from mace.calculators import MACECalculator
+
+    from sparsekern.finetune import SparseConfig, stats
+
+    model = sparsekern.prepare(sparsekern.patch(_model()), SparseConfig(density=0.05))
+    calc = MACECalculator(models=model, device="cpu", default_dtype="float64")
+    atoms = molecule("CO2")
+    energies = []
+    for _ in range(3):
+        atoms.calc = calc
+        energies.append(atoms.get_potential_energy())
+        calc.reset()
+    assert energies[0] == energies[1] == energies[2] and stats(model)["density"] == 0.0
+
+
 def test_ema_weights_swapped_in_through_data_and_back():
     """torch_ema's ``average_parameters`` writes the weights through ``.data`` (no
     version counted): a no_grad validation with the averages, then the live weights."""
