@@ -236,6 +236,30 @@ def test_bad_options_and_maces_others_are_refused_in_one_line(tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
+# MACE's options at the value that states what finetune does anyway (MACE's defaults)
+_STATING = {"compute_forces": True, "plot": True, "lora": False, "distributed": False, "enable_cueq": False,
+            "wandb": False}
+
+
+def test_maces_options_stating_what_finetune_does_are_accepted(tmp_path, capsys):
+    """Those options at that value are accepted, from a --config file (YAML's booleans)
+    and on the command line (MACE's str2bool words), and change nothing; the other value
+    is refused in one line with its reason."""
+    from sparsekern.cli.finetune import _parsed as finetune_parsed
+    from sparsekern.cli.mace_options import reason
+
+    plain = finetune_parsed(_REQUIRED)
+    config = _yaml(tmp_path / "stating.yaml", "".join(f"{k}: {v}\n" for k, v in _STATING.items()))
+    assert finetune_parsed(["--config", config, *_REQUIRED]) == plain
+    words = ["--compute_forces", "True", "--plot=yes", "--lora", "false", "--enable_cueq", "F", "--wandb=0"]
+    assert finetune_parsed([*_REQUIRED, *words]) == plain
+    for key, value in _STATING.items():
+        with pytest.raises(SystemExit):
+            finetune_parsed(["--config", _yaml(tmp_path / f"{key}.yaml", f"{key}: {not value}\n"), *_REQUIRED])
+        err = capsys.readouterr().err
+        assert f"MACE's --{key}: {reason(key)}: leave it out" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_virials_are_read_as_stresses(files, tmp_path):
     """MACE's virials W under REF_virials read as the stress -W/V that REF_stress holds;
     a frame with both labels takes its stress."""
