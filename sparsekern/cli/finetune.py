@@ -100,7 +100,8 @@ def _label_flags(p: argparse.ArgumentParser) -> None:
                    help="train on MACE's isolated-atom frames too (one atom, config_type IsolatedAtom), which "
                         "are otherwise set aside, from the training file as MACE does, from validation and test "
                         "files too (MACE evaluates those); their energies are listed in metrics.json")
-    p.add_argument("--max_train", type=int, help="use the first N training frames (isolated atoms not counted)")
+    p.add_argument("--max_train", type=int,
+                   help="use the first N training frames (isolated atoms set aside not counted)")
     p.add_argument("--max_valid", type=int, help="use the first N validation frames")
     p.add_argument("--max_test", type=int, help="use the first N test frames")
 

@@ -143,7 +143,7 @@ class Settings:
         self._check_loss()
         by_type = {t: w for t, w in sorted(type_weights(self.config_type_weights).items()) if w != 1.0}
         self.config_type_weights = repr(by_type) if by_type else None  # (MACE's default '{"Default": 1.0}': None)
-        check_e0s(self.e0s)
+        self.e0s = check_e0s(self.e0s)
         if self.default_dtype not in (None, "float32", "float64"):
             raise ValueError(f"--default_dtype must be float32 or float64, got {self.default_dtype!r}")
         if not 0.0 < self.ema_decay < 1.0:

@@ -386,7 +386,7 @@ def _train_deferred(loop_with: Callable[[Callable[[], int]], _Loop], train_s: Se
 def _metrics(settings: Settings, family: Family, frames, shift: Dict[int, float], model, progress,
              errors_by_prefix: Dict[str, object], changed: Dict[str, int]) -> dict:
     """metrics.json, up to the adapter and the merged model."""
-    train, valid, test, isolated = frames
+    train, valid, test, isolated = frames[:4]
     return {
         "model": settings.model, "family": family.name, "method": settings.method,
         **({"isolated_atoms_set_aside": {split: {str(z): e for z, e in atoms.items()}

@@ -404,13 +404,18 @@ def test_isolated_atoms_are_set_aside_as_mace_does(files, tmp_path, capsys):
     assert run("blanks", tmp_path / "blanks.xyz", "--E0s", "isolated") == 0
     blanks = json.loads((tmp_path / "blanks" / "metrics.json").read_text())
     assert blanks["e0_shift_ev"] == given["e0_shift_ev"]
+    # with --keep_isolated_atoms too, as MACE: their energies the E0s, and they train
+    for atom in isolated:
+        atom.arrays["REF_forces"] = np.zeros((1, 3))
+    write(tmp_path / "kept.xyz", [isolated[0], *frames, isolated[1]])
+    assert run("kept_iso", tmp_path / "kept.xyz", "--E0s", "isolated", "--keep_isolated_atoms") == 0
+    kept = json.loads((tmp_path / "kept_iso" / "metrics.json").read_text())
+    assert kept["n_train"] == 5 and "isolated_atoms_set_aside" not in kept
+    assert kept["e0_shift_ev"] == given["e0_shift_ev"]
     capsys.readouterr()
-    for train, extra, says in ((tmp_path / "with_isolated.xyz", ("--keep_isolated_atoms",), "leave out --keep_isol"),
-                               (files / "train.xyz", (), "no IsolatedAtom frame with an energy for atomic numbers "
-                                                        "[13, 29]")):
-        assert run("refused", train, "--E0s", "isolated", *extra) == 2
-        err = capsys.readouterr().err
-        assert says in err and len(err.strip().splitlines()) == 1, err
+    assert run("refused", files / "train.xyz", "--E0s", "isolated") == 2
+    err = capsys.readouterr().err
+    assert "no IsolatedAtom frame with an energy for atomic numbers [13, 29]" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "refused").exists()
     write(tmp_path / "only.xyz", isolated)
     assert run("only", tmp_path / "only.xyz") == 2
@@ -423,6 +428,16 @@ def test_isolated_atoms_are_set_aside_as_mace_does(files, tmp_path, capsys):
     write(tmp_path / "nan.xyz", [*frames, isolated[1]])
     assert run("nan", tmp_path / "nan.xyz") == 2
     assert "nan.xyz frame 3: energy is nan: not a finite number" in capsys.readouterr().err
+
+
+def test_e0s_keywords_are_read_in_any_case():
+    """MACE lowercases --E0s's keywords (--E0s Foundation, AVERAGE); a dict is read as given."""
+    from sparsekern.cli.finetune import training_settings
+    from sparsekern.finetune.settings import Settings
+
+    for given, read in (("Foundation", "foundation"), ("AVERAGE", "average"), ("Estimated", "estimated"),
+                        ("Isolated", "isolated"), ("{13: -3.5}", "{13: -3.5}")):
+        assert Settings(**training_settings([*_REQUIRED, "--E0s", given])).e0s == read
 
 
 def test_every_option_of_maces_is_taken_or_refused_with_a_reason():
