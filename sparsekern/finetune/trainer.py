@@ -616,6 +616,7 @@ def export_merged(family: Family, model, shift: Dict[int, float], path: Path, sp
     on the CPU (MACE's --save_cpu: the file loads on a machine without the GPU it trained
     on). (In place, not on a deepcopy: copying e3nn's fx-compiled modules renames their
     constants, and SevenNet's loader is strict.)"""
-    merge(model)
+    if delta_slot.has_deltas(model):  # (full fine-tuning trained the weights themselves)
+        merge(model)
     release(model).eval().cpu()
     return family.export(model, shift, path, spec)
