@@ -251,6 +251,10 @@ class Settings:
                              f"reads: give {self.flag('stress_weight')}")
         if self.start_stage_two is None:
             self.start_stage_two = max(1, self.epochs // 4 * 3)
+            if self.start_stage_two >= self.epochs:  # (the user gave no start: say what the default did)
+                other = " (or --start_stage_two 0)" if self.epochs else ""
+                raise ValueError(f"--stage_two starts after 3/4 of --epochs (at least 1 epoch), and --epochs "
+                                 f"{self.epochs} leaves no epoch for it: give --epochs 2 or more{other}")
         if not 0 <= self.start_stage_two < self.epochs:
             raise ValueError(f"--start_stage_two must be in [0, --epochs {self.epochs}), got {self.start_stage_two}")
         defaults = {"stage_two_energy_weight": 1000.0, "stage_two_forces_weight": 100.0,
