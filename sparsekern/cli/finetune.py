@@ -359,18 +359,25 @@ def _guarded(action: Callable[[], int], out: str, prog: str = PROG) -> int:
                       "the Makefile's .venv-mace and .venv-sevenn have them)", prog)
     except Preempted as exc:  # every rank stops at the same step; rank 0 says so
         if _rank() == 0:
-            print(f"{prog}: {exc}; checkpoint written to {Path(out) / 'checkpoint.pt'}; rerun the "
+            print(f"{prog}: {exc}; checkpoint written to {_checkpoint(out)}; rerun the "
                   f"same command to resume", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         if _rank() == 0:  # (every rank gets the Ctrl-C: one says so)
-            print(f"\n{prog}: interrupted; rerun the same command to resume from the last "
-                  f"checkpoint in {out}", file=sys.stderr)
+            then = (f"rerun the same command to resume from the last checkpoint in {out}" if _checkpoint(out).is_file()
+                    else "no checkpoint was written yet: a rerun starts over")
+            print(f"\n{prog}: interrupted; {then}", file=sys.stderr)
         return 130
     except RuntimeError as exc:
         if not _in_collective(exc):
             raise
         return _error("another process of the run stopped, so this one stops too (its message says why)", prog)
+
+
+def _checkpoint(out: str) -> Path:
+    from ..finetune.checkpoint import CHECKPOINT
+
+    return Path(out) / CHECKPOINT
 
 
 def _in_collective(exc: BaseException) -> bool:

@@ -724,8 +724,13 @@ def test_divergence_and_interrupts_end_cleanly(files, capsys, tmp_path, monkeypa
 
     monkeypatch.setattr(trainer, "run", interrupted)
     assert _run(files, tmp_path / "stop") == 130
+    err = capsys.readouterr().err  # (before any checkpoint: nothing to resume from)
+    assert "interrupted; no checkpoint was written yet: a rerun starts over" in err and "Traceback" not in err
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "checkpoint.pt").write_bytes(b"")
+    assert _run(files, tmp_path / "stopped") == 130
     err = capsys.readouterr().err
-    assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
+    assert "interrupted; rerun the same command to resume from the last checkpoint in" in err, err
 
 
 def test_sevennet0_sparse_on_silicon(tmp_path):
