@@ -261,9 +261,25 @@ def _parsed(argv: List[str]) -> argparse.Namespace:
     for model in _models(tokens):  # (each --model: after --foundation_model or before it)
         if architecture_refusal(model):
             p.error(architecture_refusal(model))
+    both = _both_ways(p, argv)
+    if both:  # argparse would keep the last one, silently
+        p.error(f"{both} set the same option both ways: keep one")
     vars(args).pop("config")  # (read by with_config)
     _weights_of_loss(p, args)
     return args
+
+
+def _both_ways(p: argparse.ArgumentParser, argv: List[str]) -> Optional[str]:
+    """A switch and its opposite (--ema and --no_ema) both on the command line ``argv``
+    (a --config file's value yields to either, as the command line wins), or None."""
+    given = set(argv[:argv.index("--")] if "--" in argv else argv)
+    by_dest: dict = {}
+    for action in p._actions:
+        if action.nargs == 0 and isinstance(action.const, bool):  # (store_true, store_false)
+            for option in set(action.option_strings) & given:
+                by_dest.setdefault(action.dest, {})[action.const] = option
+    pairs = [f"{ways[True]} and {ways[False]}" for ways in by_dest.values() if len(ways) == 2]
+    return pairs[0] if pairs else None
 
 
 def _models(tokens: List[str]) -> List[str]:

@@ -122,8 +122,9 @@ def test_maces_fine_tuning_command_runs(files, tmp_path, monkeypatch):
             "--multiheads_finetuning=False", "--weight_decay=0.0", "--save_cpu", "--restart_latest",
             "--eval_interval", "1"]
     assert main(["finetune", "--method", "sparse", "--no_progress", *mace]) == 0
-    assert main(["finetune", "--method", "sparse", "--no_progress", *mace, "--no_amsgrad"]) == 2  # another run
-    assert main(["finetune", "--method", "sparse", "--no_progress", *mace, "--no_amsgrad", "--name", "plain"]) == 0
+    plain = [a for a in mace if a != "--amsgrad"]  # (--amsgrad and --no_amsgrad together are refused)
+    assert main(["finetune", "--method", "sparse", "--no_progress", *plain, "--no_amsgrad"]) == 2  # another run
+    assert main(["finetune", "--method", "sparse", "--no_progress", *plain, "--no_amsgrad", "--name", "plain"]) == 0
     for name, amsgrad in (("MACE", True), ("plain", False)):  # (a few steps of either give the same weights)
         optimizer = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["optimizer"]
         assert all(g["amsgrad"] == amsgrad for g in optimizer["param_groups"])
@@ -225,6 +226,10 @@ def test_bad_config_files_are_refused_in_one_line(tmp_path, capsys, text, said):
      "loss weights must be finite and >= 0, got --virials_weight -1"),
     (["--model", "m", "--train", "t", "--method", "full", "--valid_batch_size", "0"],
      "--valid_batch_size must be >= 1, got 0"),
+    (["--model", "m", "--train", "t", "--method", "full", "--ema", "--no_ema"],  # (the last one won, silently)
+     "--ema and --no_ema set the same option both ways: keep one"),
+    (["--model", "m", "--train", "t", "--method", "full", "--no_amsgrad", "--swa", "--amsgrad"],
+     "--amsgrad and --no_amsgrad set the same option both ways: keep one"),
 ])
 def test_bad_options_and_maces_others_are_refused_in_one_line(tmp_path, capsys, argv, said):
     try:
@@ -258,6 +263,17 @@ def test_maces_options_stating_what_finetune_does_are_accepted(tmp_path, capsys)
             finetune_parsed(["--config", _yaml(tmp_path / f"{key}.yaml", f"{key}: {not value}\n"), *_REQUIRED])
         err = capsys.readouterr().err
         assert f"MACE's --{key}: {reason(key)}: leave it out" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_command_line_overrides_a_config_files_switch(tmp_path):
+    """A switch in the --config file and its opposite on the command line: the command
+    line wins (only both on the command line are refused)."""
+    from sparsekern.cli.finetune import _parsed as finetune_parsed
+
+    for text, flag, dest, value in (("ema: false\n", "--ema", "ema", True), ("ema: true\n", "--no_ema", "ema", False),
+                                    ("no_amsgrad: true\n", "--amsgrad", "amsgrad", True)):
+        config = _yaml(tmp_path / "switch.yaml", text)
+        assert getattr(finetune_parsed(["--config", config, *_REQUIRED, flag]), dest) is value
 
 
 def test_virials_are_read_as_stresses(files, tmp_path):
