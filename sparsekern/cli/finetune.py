@@ -100,7 +100,8 @@ def _label_flags(p: argparse.ArgumentParser) -> None:
                    help="train on MACE's isolated-atom frames too (one atom, config_type IsolatedAtom), which "
                         "are otherwise set aside, from the training file as MACE does, from validation and test "
                         "files too (MACE evaluates those); their energies are listed in metrics.json")
-    p.add_argument("--max_train", type=int, help="use the first N training frames (isolated atoms not counted)")
+    p.add_argument("--max_train", type=int,
+                   help="use the first N training frames (isolated atoms set aside not counted)")
     p.add_argument("--max_valid", type=int, help="use the first N validation frames")
     p.add_argument("--max_test", type=int, help="use the first N test frames")
 
@@ -260,9 +261,25 @@ def _parsed(argv: List[str]) -> argparse.Namespace:
     for model in _models(tokens):  # (each --model: after --foundation_model or before it)
         if architecture_refusal(model):
             p.error(architecture_refusal(model))
+    both = _both_ways(p, argv)
+    if both:  # argparse would keep the last one, silently
+        p.error(f"{both} set the same option both ways: keep one")
     vars(args).pop("config")  # (read by with_config)
     _weights_of_loss(p, args)
     return args
+
+
+def _both_ways(p: argparse.ArgumentParser, argv: List[str]) -> Optional[str]:
+    """A switch and its opposite (--ema and --no_ema) both on the command line ``argv``
+    (a --config file's value yields to either, as the command line wins), or None."""
+    given = set(argv[:argv.index("--")] if "--" in argv else argv)
+    by_dest: dict = {}
+    for action in p._actions:
+        if action.nargs == 0 and isinstance(action.const, bool):  # (store_true, store_false)
+            for option in set(action.option_strings) & given:
+                by_dest.setdefault(action.dest, {})[action.const] = option
+    pairs = [f"{ways[True]} and {ways[False]}" for ways in by_dest.values() if len(ways) == 2]
+    return pairs[0] if pairs else None
 
 
 def _models(tokens: List[str]) -> List[str]:
@@ -358,18 +375,25 @@ def _guarded(action: Callable[[], int], out: str, prog: str = PROG) -> int:
                       "the Makefile's .venv-mace and .venv-sevenn have them)", prog)
     except Preempted as exc:  # every rank stops at the same step; rank 0 says so
         if _rank() == 0:
-            print(f"{prog}: {exc}; checkpoint written to {Path(out) / 'checkpoint.pt'}; rerun the "
+            print(f"{prog}: {exc}; checkpoint written to {_checkpoint(out)}; rerun the "
                   f"same command to resume", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         if _rank() == 0:  # (every rank gets the Ctrl-C: one says so)
-            print(f"\n{prog}: interrupted; rerun the same command to resume from the last "
-                  f"checkpoint in {out}", file=sys.stderr)
+            then = (f"rerun the same command to resume from the last checkpoint in {out}" if _checkpoint(out).is_file()
+                    else "no checkpoint was written yet: a rerun starts over")
+            print(f"\n{prog}: interrupted; {then}", file=sys.stderr)
         return 130
     except RuntimeError as exc:
         if not _in_collective(exc):
             raise
         return _error("another process of the run stopped, so this one stops too (its message says why)", prog)
+
+
+def _checkpoint(out: str) -> Path:
+    from ..finetune.checkpoint import CHECKPOINT
+
+    return Path(out) / CHECKPOINT
 
 
 def _in_collective(exc: BaseException) -> bool:

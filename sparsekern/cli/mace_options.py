@@ -93,9 +93,14 @@ def _equal(number: float) -> Callable[[List[str]], bool]:
 
 
 # MACE's options given the value that states what sparsekern does: accepted as they are
+# (MACE's store_true switches, --distributed and the like, state it as false in a --config file)
 _STATED: Dict[str, Callable[[List[str]], bool]] = {
     "save_cpu": _switch(True), "restart_latest": _switch(True), "multiheads_finetuning": _switch(False),
-    "foundation_model_elements": _switch(True), "weight_decay": _equal(0.0), "eval_interval": _equal(1.0)}
+    "foundation_model_elements": _switch(True), "weight_decay": _equal(0.0), "eval_interval": _equal(1.0),
+    "compute_forces": _switch(True), "plot": _switch(True),
+    **dict.fromkeys(("lora", "distributed", "enable_cueq", "only_cueq", "enable_oeq", "wandb", "plot_interaction_e",
+                     "dry_run", "keep_checkpoints", "save_all_checkpoints", "pseudolabel_replay",
+                     "compute_atomic_dipole", "compute_polarizability"), _switch(False))}
 
 
 def reason(option: str) -> Optional[str]:

@@ -271,6 +271,16 @@ def active_metadata(model: torch.nn.Module) -> Dict[str, str]:
     return {**shift, "modal": active.modal} if active.modal else shift
 
 
+def no_deltas(model: torch.nn.Module, what: str) -> str:
+    """Why ``what`` (merge, save_adapter) finds no deltas on ``model``: its adapters are
+    loaded but none is active, or it has none."""
+    record = delta_slot.adapters_of(model)
+    if record is not None and record.adapters and record.active is None:
+        loaded = ", ".join(repr(n) for n in record.adapters)
+        return f"{what}: no adapter is active (loaded: {loaded}): activate one with set_adapter(model, name)"
+    return f"{what}: the model has no deltas (call sparsekern.prepare or load_adapter first)"
+
+
 def _active(model: torch.nn.Module) -> Optional[_Adapter]:
     record = delta_slot.adapters_of(model)
     return record.adapters[record.active] if record is not None and record.active else None

@@ -282,7 +282,7 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
     ``extra_metadata`` joins the file's metadata."""
     from safetensors.torch import save_file
 
-    from .adapter_set import active_metadata  # (adapter_set builds on this module)
+    from .adapter_set import active_metadata, no_deltas  # (adapter_set builds on this module)
 
     check_adaptable(model, "save_adapter")
     bad = {k: type(v).__name__ for k, v in (extra_metadata or {}).items()
@@ -291,7 +291,7 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
         raise TypeError(f"save_adapter: extra_metadata maps strings to strings (safetensors' metadata), got {bad}")
     deltas = list(delta_slot.iter_deltas(model))
     if not deltas:
-        raise ValueError("save_adapter: the model has no deltas (call sparsekern.prepare first)")
+        raise ValueError(no_deltas(model, "save_adapter"))
     if any(d.merged for *_, d in deltas):
         raise ValueError("save_adapter: unmerge the model first (merged deltas are folded into W0)")
     formats = {adapter_format(d) for *_, d in deltas}

@@ -7,9 +7,10 @@ processes); a rerun of the same command resumes from it. Written whole or not at
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -20,6 +21,7 @@ from .lifecycle import to_fast
 from .settings import CONTENT
 
 CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"  # a run's results: its identity and the files it wrote
 
 
 @dataclass
@@ -53,12 +55,17 @@ def _how_to_resume(differ: dict) -> str:
     return ""
 
 
-def _difference(name: str, theirs, now, settings) -> str:
-    """One difference of a checkpoint's identity from this run's, as the refusal lists it."""
+def _difference(name: str, theirs, now, settings, source: str) -> str:
+    """One difference of ``source``'s (a checkpoint's, metrics.json's) identity from this
+    run's, as the refusal lists it."""
     if name.endswith(CONTENT) and theirs is not None and now is not None:  # (the same file, edited)
         split = name.removesuffix(CONTENT)
         return f"{split}: the file {getattr(settings, split)} changed since (content sha256 {theirs} vs now {now})"
-    return f"{name}: checkpoint {theirs!r} vs now {now!r}"
+    return f"{name}: {source} {theirs!r} vs now {now!r}"
+
+
+def _listed(differ: dict, settings, source: str) -> str:
+    return ", ".join(_difference(k, a, b, settings, source) for k, (a, b) in differ.items())
 
 
 def load(out: Path, settings) -> Optional[dict]:
@@ -74,14 +81,35 @@ def load(out: Path, settings) -> Optional[dict]:
         raise ValueError(f"{path} is not a sparsekern checkpoint; delete it or use another --out")
     differ = settings.differences(ck["identity"])
     if differ:
-        listed = ", ".join(_difference(k, a, b, settings) for k, (a, b) in differ.items())
-        raise ValueError(f"{path} was written for different arguments ({listed}); "
-                         f"use another --out or delete the checkpoint to start over{_how_to_resume(differ)}")
+        raise ValueError(f"{path} was written for different arguments ({_listed(differ, settings, 'checkpoint')}); "
+                         f"use another --out or delete the checkpoint (and the run's results beside it) to start "
+                         f"over{_how_to_resume(differ)}")
     step = ck.get("step", 0)
     if ck["epoch"] + (step > 0) > settings.epochs:
         where = f"epoch {ck['epoch'] + 1}, step {step}" if step else f"epoch {ck['epoch']}"
         raise ValueError(f"{path} is already at {where}, beyond --epochs {settings.epochs}")
     return ck
+
+
+def check_results(out: Path, settings, names: Sequence[str]) -> None:
+    """A fresh run (no checkpoint in ``out``) where a run's results are (``names``, and the
+    files its metrics.json lists): the rerun of that run's command rewrites them; another
+    command is refused, rather than leave that run's files beside its own as if they were
+    its own, or overwrite them."""
+    try:
+        metrics = json.loads((out / METRICS).read_text())
+    except (OSError, ValueError):  # (none, or not a run's)
+        metrics = {}
+    metrics = metrics if isinstance(metrics, dict) else {}
+    listed = {Path(f).name for f in metrics.get("files", ()) if isinstance(f, str)}
+    present = sorted(n for n in {*names, *listed} if (out / n).is_file())
+    identity = metrics.get("identity")
+    differ = settings.differences(identity) if isinstance(identity, dict) else None
+    if not present or differ == {}:
+        return
+    why = f"written for different arguments: {_listed(differ, settings, METRICS)}" if differ else "arguments unknown"
+    raise ValueError(f"output folder {out} holds another run's results ({', '.join(present)}; {why}) and no "
+                     f"checkpoint to resume from: use another --out or delete them to start over")
 
 
 def save(out: Path, identity: dict, model, optimizer, progress: Progress, shift: dict, average=None) -> None:

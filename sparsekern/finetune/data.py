@@ -80,6 +80,11 @@ def config_type(atoms) -> str:
     return str(atoms.info.get("config_type", "Default"))
 
 
+def is_isolated(atoms) -> bool:
+    """MACE's isolated-atom frame: one atom, config_type IsolatedAtom (its energy an E0)."""
+    return len(atoms) == 1 and atoms.info.get("config_type") == "IsolatedAtom"
+
+
 def _weights(atoms, where: str, by_type: Dict[str, float], stress_kind: Optional[str], virials: bool
              ) -> Dict[str, float]:
     """MACE's per-frame weights of each label the loss trains, those other than 1: the
@@ -164,7 +169,7 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
     frames = []
     for i, atoms in enumerate(images):
         where = f"{path} frame {i}"
-        if isolated is not None and len(atoms) == 1 and atoms.info.get("config_type") == "IsolatedAtom":
+        if isolated is not None and is_isolated(atoms):
             label = _lookup(atoms, energy_key, "energy")
             if label is not None or int(atoms.numbers[0]) not in isolated:  # (an energy is not forgotten)
                 isolated[int(atoms.numbers[0])] = None if label is None else _finite(label, f"{where}: energy")
@@ -364,10 +369,13 @@ def check_e0_fit(spec: str, frames: Sequence[Frame]) -> None:
                          f"or use --E0s estimated")
 
 
-def check_e0s(spec: str) -> None:
-    """``--E0s`` read as its rule or its energies, or a one-line error (before any model loads)."""
-    if spec not in ("foundation", "isolated", *REFIT_E0S):
-        _parse_e0s_dict(spec)
+def check_e0s(spec: str) -> str:
+    """``--E0s`` as its rule (a keyword in any case: MACE lowercases them) or its energies,
+    or a one-line error (before any model loads)."""
+    if spec.lower() in ("foundation", "isolated", *REFIT_E0S):
+        return spec.lower()
+    _parse_e0s_dict(spec)
+    return spec
 
 
 def energy_shift(spec: str, frames: Sequence[Frame], zs: Sequence[int],

@@ -181,7 +181,13 @@ def to_fast(model: torch.nn.Module) -> torch.nn.Module:
 def merge(model: torch.nn.Module) -> torch.nn.Module:
     """Fold each delta into its base weight in place (for inference or export). The
     changed entries' old values are kept, so ``unmerge`` restores W0 bit for bit.
-    Element-resolved deltas are refused (nothing is folded then): see ``unmergeable``."""
+    Element-resolved deltas are refused (nothing is folded then): see ``unmergeable``;
+    so is a model without deltas (none attached, or no adapter active), which would
+    stay the base model without a word."""
+    from .adapter_set import no_deltas  # (adapter_set builds on this module)
+
+    if not delta_slot.has_deltas(model):
+        raise ValueError(no_deltas(model, "merge"))
     reason = unmergeable(model)
     if reason:
         raise ValueError(f"merge: {reason}")

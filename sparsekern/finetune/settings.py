@@ -143,7 +143,7 @@ class Settings:
         self._check_loss()
         by_type = {t: w for t, w in sorted(type_weights(self.config_type_weights).items()) if w != 1.0}
         self.config_type_weights = repr(by_type) if by_type else None  # (MACE's default '{"Default": 1.0}': None)
-        check_e0s(self.e0s)
+        self.e0s = check_e0s(self.e0s)
         if self.default_dtype not in (None, "float32", "float64"):
             raise ValueError(f"--default_dtype must be float32 or float64, got {self.default_dtype!r}")
         if not 0.0 < self.ema_decay < 1.0:
@@ -251,6 +251,10 @@ class Settings:
                              f"reads: give {self.flag('stress_weight')}")
         if self.start_stage_two is None:
             self.start_stage_two = max(1, self.epochs // 4 * 3)
+            if self.start_stage_two >= self.epochs:  # (the user gave no start: say what the default did)
+                other = " (or --start_stage_two 0)" if self.epochs else ""
+                raise ValueError(f"--stage_two starts after 3/4 of --epochs (at least 1 epoch), and --epochs "
+                                 f"{self.epochs} leaves no epoch for it: give --epochs 2 or more{other}")
         if not 0 <= self.start_stage_two < self.epochs:
             raise ValueError(f"--start_stage_two must be in [0, --epochs {self.epochs}), got {self.start_stage_two}")
         defaults = {"stage_two_energy_weight": 1000.0, "stage_two_forces_weight": 100.0,

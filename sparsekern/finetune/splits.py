@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
-from .data import Frame, check_e0_fit, config_type, read_frames, split_valid, type_weights
+from .data import Frame, check_e0_fit, config_type, is_isolated, read_frames, split_valid, type_weights
 from .settings import Settings
 
 
@@ -14,13 +14,12 @@ class Splits(NamedTuple):
     valid: List[Frame]
     test: List[Frame]
     isolated: Dict[str, Dict[int, Optional[float]]]  # by split, MACE's IsolatedAtom frames set aside: {Z: energy}
+    isolated_e0s: Dict[int, float]  # --E0s isolated's: the training file's isolated atoms' (set aside or kept)
 
 
 def read_splits(settings: Settings) -> Splits:
     """The frames, checked before the model loads: every element of the test and
     validation frames needs an energy reference fitted on the training frames."""
-    if settings.e0s == "isolated" and settings.keep_isolated_atoms:
-        raise ValueError("--E0s isolated reads the isolated-atom frames set aside: leave out --keep_isolated_atoms")
     isolated: Dict[str, Dict[int, Optional[float]]] = {"train": {}, "valid": {}, "test": {}}
     by_type = type_weights(settings.config_type_weights)
 
@@ -33,6 +32,9 @@ def read_splits(settings: Settings) -> Splits:
 
     train, test = read("train", settings.max_train), read("test", settings.max_test)
     valid = read("valid", settings.max_valid)
+    # MACE's E0s from the whole training file (before --valid_fraction), its isolated atoms kept in training or not
+    e0s = ({int(f.atoms.numbers[0]): f.energy for f in train if is_isolated(f.atoms)} if settings.keep_isolated_atoms
+           else {z: e for z, e in isolated["train"].items() if e is not None})
     _check_types(by_type, train + valid + test, set_aside=any(isolated.values()))
     if settings.valid_fraction is not None:
         train, valid = split_valid(train, settings.valid_fraction, settings.seed)
@@ -47,9 +49,9 @@ def read_splits(settings: Settings) -> Splits:
                          f"(their energy reference cannot be fitted)")
     _check_weighed(settings, train)
     if settings.e0s == "isolated":
-        _check_isolated_e0s(settings, train, isolated["train"])
+        _check_isolated_e0s(train, e0s)
     check_e0_fit(settings.e0s, train)
-    return Splits(train, valid, test, {split: atoms for split, atoms in isolated.items() if atoms})
+    return Splits(train, valid, test, {split: atoms for split, atoms in isolated.items() if atoms}, e0s)
 
 
 def _check_types(by_type: Dict[str, float], frames: Sequence[Frame], set_aside: bool) -> None:
@@ -75,10 +77,9 @@ def _check_weighed(settings: Settings, train: Sequence[Frame]) -> None:
                          f"train nothing")
 
 
-def _check_isolated_e0s(settings: Settings, train: Sequence[Frame], isolated: Dict[int, Optional[float]]) -> None:
+def _check_isolated_e0s(train: Sequence[Frame], e0s: Dict[int, float]) -> None:
     """``--E0s isolated`` needs an isolated-atom energy for every training element."""
-    known = {z for z, energy in isolated.items() if energy is not None}
-    missing = sorted({int(z) for f in train for z in f.atoms.numbers} - known)
+    missing = sorted({int(z) for f in train for z in f.atoms.numbers} - set(e0s))
     if missing:
         raise ValueError(f"--E0s isolated: the training file has no IsolatedAtom frame with an energy for atomic "
                          f"numbers {missing}")
@@ -89,4 +90,4 @@ def e0s_rule(settings: Settings, frames: Splits) -> str:
     file's isolated-atom energies (those it has)."""
     if settings.e0s != "isolated":
         return settings.e0s
-    return repr({z: energy for z, energy in frames.isolated["train"].items() if energy is not None})
+    return repr(frames.isolated_e0s)

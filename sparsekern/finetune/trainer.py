@@ -151,6 +151,7 @@ def _peak_rss_mb() -> float:
 
 CURVES = "training.png"  # the learning curves, beside metrics.json
 PARITY = "parity.png"  # the evaluated set's predictions against its labels, before and after
+ADAPTER = "adapter.safetensors"
 # the set the final errors are taken on, by its metrics' prefix: the test frames, else the
 # validation frames, else the training frames
 EVALUATED = {"test": "test set", "valid": "validation set", "train": "training set"}
@@ -386,12 +387,12 @@ def _train_deferred(loop_with: Callable[[Callable[[], int]], _Loop], train_s: Se
 def _metrics(settings: Settings, family: Family, frames, shift: Dict[int, float], model, progress,
              errors_by_prefix: Dict[str, object], changed: Dict[str, int]) -> dict:
     """metrics.json, up to the adapter and the merged model."""
-    train, valid, test, isolated = frames
+    train, valid, test, isolated = frames[:4]
     return {
         "model": settings.model, "family": family.name, "method": settings.method,
         **({"isolated_atoms_set_aside": {split: {str(z): e for z, e in atoms.items()}
                                          for split, atoms in isolated.items()}} if isolated else {}),
-        "settings": asdict(settings),
+        "settings": asdict(settings), "identity": settings.identity(),  # (what a rerun in the folder is checked by)
         "n_train": len(train), "n_valid": len(valid), "n_test": len(test),
         # frames whose errors are not held out: named by the CLI
         "test_frames_in_train": shared_frames(test, train), "valid_frames_in_train": shared_frames(valid, train),
@@ -429,7 +430,7 @@ def _save_results(family: Family, model, settings: Settings, shift: Dict[int, fl
         # the shift the fine-tuned energies need beside the deltas (the merged model holds it)
         e0 = {"e0_shift_ev": json.dumps({str(z): v for z, v in shift.items()})}
         e0.update({"modal": settings.modal} if settings.modal else {})  # (the shift is that fidelity's)
-        metrics["adapter"] = str(save_adapter(model, out / "adapter.safetensors", extra_metadata=e0))
+        metrics["adapter"] = str(save_adapter(model, out / ADAPTER, extra_metadata=e0))
         metrics["adapter_bytes"] = Path(metrics["adapter"]).stat().st_size
         metrics["adapter_beside"] = [str(f) for f in family.save_beside_adapter(model, Path(metrics["adapter"]))]
     unmerged = unmergeable(model)
@@ -501,7 +502,7 @@ def _held(out: Path, group: Group, made: bool):
 def _run(settings: Settings, out: Path, family: Family, frames, group: Group, started: float) -> dict:
     """``run`` once its inputs are checked and its output folder is held."""
     train, valid, test = frames[:3]
-    ck = group.from_main(lambda: checkpoint.load(out, settings))
+    ck = group.from_main(lambda: _resumed(out, settings, family))
     model = _load(family, settings)
     family = computing_at(family, model, settings.modal, "--modal/--head")  # (read from the model: loaded once)
     group.from_main(lambda: [check_elements(family, model, group_frames, what) for group_frames, what in (
@@ -546,17 +547,34 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
         metrics["magnetic_fit"] = magnetic_fit
     if group.main:
         _save_results(family, model, settings, shift, held_s, held, metrics)
-        if progress.history:
-            atomic_write(out / CURVES, lambda tmp: plot_curves(metrics, tmp))
+        _write_curves(out, metrics)
         title = (f"{settings.method} fine-tuning of {Path(settings.model).name}: the {EVALUATED[evaluated]} "
                  f"({len(held)} frames)")
         atomic_write(out / PARITY, lambda tmp: plot_parity(parity_data(held_s, res, after), title, tmp))
         metrics["files"] = _files(out, family, metrics)
         metrics["command_wall_s"] = time.perf_counter() - started
         metrics["peak_rss_mb"] = max(progress.peak_rss_mb, _peak_rss_mb())
-        atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
+        atomic_write(out / checkpoint.METRICS, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=1)))
     group.barrier()
     return metrics
+
+
+def _write_curves(out: Path, metrics: dict) -> None:
+    """The learning curves, where the run has epochs; else none (those there are of a run
+    of these arguments whose checkpoint was deleted: not this run's)."""
+    if metrics["history"]:
+        atomic_write(out / CURVES, lambda tmp: plot_curves(metrics, tmp))
+    else:
+        (out / CURVES).unlink(missing_ok=True)
+
+
+def _resumed(out: Path, settings: Settings, family: Family) -> Optional[dict]:
+    """The checkpoint this run resumes from; None for a fresh run, which another run's
+    results in ``out`` refuse (``checkpoint.check_results``)."""
+    ck = checkpoint.load(out, settings)
+    if ck is None:
+        checkpoint.check_results(out, settings, (checkpoint.METRICS, CURVES, PARITY, ADAPTER, family.merged_filename))
+    return ck
 
 
 def _zero_shot(family: Family, model, held: Tuple[str, Sequence[Sample]], valid_s: Sequence[Sample],
@@ -597,12 +615,12 @@ def _evaluated_set(frames, samples) -> Tuple[str, List[Frame], List[Sample]]:
 
 
 def _files(out: Path, family: Family, metrics: dict) -> List[str]:
-    """Every file the run leaves in ``out`` (the command's summary names them): the
+    """Every file the run wrote in ``out`` (the command's summary names them): the
     metrics, the checkpoint and the learning curves (neither after --epochs 0 in a new
     folder), the evaluated set's parity plot, the adapter and the merged model, each with
     what was written beside it."""
-    files = [out / "metrics.json"] + [f for f in (out / checkpoint.CHECKPOINT, out / CURVES, out / PARITY)
-                                      if f.exists()]
+    files = [out / checkpoint.METRICS] + [f for f in (out / checkpoint.CHECKPOINT,) if f.exists()]
+    files += ([out / CURVES] if metrics["history"] else []) + [out / PARITY]
     if "adapter" in metrics:
         files += [Path(f) for f in (metrics["adapter"], *metrics["adapter_beside"])]
     if metrics.get("merged_model"):
@@ -616,6 +634,7 @@ def export_merged(family: Family, model, shift: Dict[int, float], path: Path, sp
     on the CPU (MACE's --save_cpu: the file loads on a machine without the GPU it trained
     on). (In place, not on a deepcopy: copying e3nn's fx-compiled modules renames their
     constants, and SevenNet's loader is strict.)"""
-    merge(model)
+    if delta_slot.has_deltas(model):  # (full fine-tuning trained the weights themselves)
+        merge(model)
     release(model).eval().cpu()
     return family.export(model, shift, path, spec)

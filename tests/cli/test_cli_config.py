@@ -122,8 +122,9 @@ def test_maces_fine_tuning_command_runs(files, tmp_path, monkeypatch):
             "--multiheads_finetuning=False", "--weight_decay=0.0", "--save_cpu", "--restart_latest",
             "--eval_interval", "1"]
     assert main(["finetune", "--method", "sparse", "--no_progress", *mace]) == 0
-    assert main(["finetune", "--method", "sparse", "--no_progress", *mace, "--no_amsgrad"]) == 2  # another run
-    assert main(["finetune", "--method", "sparse", "--no_progress", *mace, "--no_amsgrad", "--name", "plain"]) == 0
+    plain = [a for a in mace if a != "--amsgrad"]  # (--amsgrad and --no_amsgrad together are refused)
+    assert main(["finetune", "--method", "sparse", "--no_progress", *plain, "--no_amsgrad"]) == 2  # another run
+    assert main(["finetune", "--method", "sparse", "--no_progress", *plain, "--no_amsgrad", "--name", "plain"]) == 0
     for name, amsgrad in (("MACE", True), ("plain", False)):  # (a few steps of either give the same weights)
         optimizer = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["optimizer"]
         assert all(g["amsgrad"] == amsgrad for g in optimizer["param_groups"])
@@ -225,6 +226,10 @@ def test_bad_config_files_are_refused_in_one_line(tmp_path, capsys, text, said):
      "loss weights must be finite and >= 0, got --virials_weight -1"),
     (["--model", "m", "--train", "t", "--method", "full", "--valid_batch_size", "0"],
      "--valid_batch_size must be >= 1, got 0"),
+    (["--model", "m", "--train", "t", "--method", "full", "--ema", "--no_ema"],  # (the last one won, silently)
+     "--ema and --no_ema set the same option both ways: keep one"),
+    (["--model", "m", "--train", "t", "--method", "full", "--no_amsgrad", "--swa", "--amsgrad"],
+     "--amsgrad and --no_amsgrad set the same option both ways: keep one"),
 ])
 def test_bad_options_and_maces_others_are_refused_in_one_line(tmp_path, capsys, argv, said):
     try:
@@ -234,6 +239,41 @@ def test_bad_options_and_maces_others_are_refused_in_one_line(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+# MACE's options at the value that states what finetune does anyway (MACE's defaults)
+_STATING = {"compute_forces": True, "plot": True, "lora": False, "distributed": False, "enable_cueq": False,
+            "wandb": False}
+
+
+def test_maces_options_stating_what_finetune_does_are_accepted(tmp_path, capsys):
+    """Those options at that value are accepted, from a --config file (YAML's booleans)
+    and on the command line (MACE's str2bool words), and change nothing; the other value
+    is refused in one line with its reason."""
+    from sparsekern.cli.finetune import _parsed as finetune_parsed
+    from sparsekern.cli.mace_options import reason
+
+    plain = finetune_parsed(_REQUIRED)
+    config = _yaml(tmp_path / "stating.yaml", "".join(f"{k}: {v}\n" for k, v in _STATING.items()))
+    assert finetune_parsed(["--config", config, *_REQUIRED]) == plain
+    words = ["--compute_forces", "True", "--plot=yes", "--lora", "false", "--enable_cueq", "F", "--wandb=0"]
+    assert finetune_parsed([*_REQUIRED, *words]) == plain
+    for key, value in _STATING.items():
+        with pytest.raises(SystemExit):
+            finetune_parsed(["--config", _yaml(tmp_path / f"{key}.yaml", f"{key}: {not value}\n"), *_REQUIRED])
+        err = capsys.readouterr().err
+        assert f"MACE's --{key}: {reason(key)}: leave it out" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_command_line_overrides_a_config_files_switch(tmp_path):
+    """A switch in the --config file and its opposite on the command line: the command
+    line wins (only both on the command line are refused)."""
+    from sparsekern.cli.finetune import _parsed as finetune_parsed
+
+    for text, flag, dest, value in (("ema: false\n", "--ema", "ema", True), ("ema: true\n", "--no_ema", "ema", False),
+                                    ("no_amsgrad: true\n", "--amsgrad", "amsgrad", True)):
+        config = _yaml(tmp_path / "switch.yaml", text)
+        assert getattr(finetune_parsed(["--config", config, *_REQUIRED, flag]), dest) is value
 
 
 def test_virials_are_read_as_stresses(files, tmp_path):
@@ -380,13 +420,18 @@ def test_isolated_atoms_are_set_aside_as_mace_does(files, tmp_path, capsys):
     assert run("blanks", tmp_path / "blanks.xyz", "--E0s", "isolated") == 0
     blanks = json.loads((tmp_path / "blanks" / "metrics.json").read_text())
     assert blanks["e0_shift_ev"] == given["e0_shift_ev"]
+    # with --keep_isolated_atoms too, as MACE: their energies the E0s, and they train
+    for atom in isolated:
+        atom.arrays["REF_forces"] = np.zeros((1, 3))
+    write(tmp_path / "kept.xyz", [isolated[0], *frames, isolated[1]])
+    assert run("kept_iso", tmp_path / "kept.xyz", "--E0s", "isolated", "--keep_isolated_atoms") == 0
+    kept = json.loads((tmp_path / "kept_iso" / "metrics.json").read_text())
+    assert kept["n_train"] == 5 and "isolated_atoms_set_aside" not in kept
+    assert kept["e0_shift_ev"] == given["e0_shift_ev"]
     capsys.readouterr()
-    for train, extra, says in ((tmp_path / "with_isolated.xyz", ("--keep_isolated_atoms",), "leave out --keep_isol"),
-                               (files / "train.xyz", (), "no IsolatedAtom frame with an energy for atomic numbers "
-                                                        "[13, 29]")):
-        assert run("refused", train, "--E0s", "isolated", *extra) == 2
-        err = capsys.readouterr().err
-        assert says in err and len(err.strip().splitlines()) == 1, err
+    assert run("refused", files / "train.xyz", "--E0s", "isolated") == 2
+    err = capsys.readouterr().err
+    assert "no IsolatedAtom frame with an energy for atomic numbers [13, 29]" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "refused").exists()
     write(tmp_path / "only.xyz", isolated)
     assert run("only", tmp_path / "only.xyz") == 2
@@ -399,6 +444,16 @@ def test_isolated_atoms_are_set_aside_as_mace_does(files, tmp_path, capsys):
     write(tmp_path / "nan.xyz", [*frames, isolated[1]])
     assert run("nan", tmp_path / "nan.xyz") == 2
     assert "nan.xyz frame 3: energy is nan: not a finite number" in capsys.readouterr().err
+
+
+def test_e0s_keywords_are_read_in_any_case():
+    """MACE lowercases --E0s's keywords (--E0s Foundation, AVERAGE); a dict is read as given."""
+    from sparsekern.cli.finetune import training_settings
+    from sparsekern.finetune.settings import Settings
+
+    for given, read in (("Foundation", "foundation"), ("AVERAGE", "average"), ("Estimated", "estimated"),
+                        ("Isolated", "isolated"), ("{13: -3.5}", "{13: -3.5}")):
+        assert Settings(**training_settings([*_REQUIRED, "--E0s", given])).e0s == read
 
 
 def test_every_option_of_maces_is_taken_or_refused_with_a_reason():

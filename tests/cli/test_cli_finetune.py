@@ -144,6 +144,41 @@ def test_zero_epochs_evaluates_the_base_model(files, capsys):
     assert not any(name in p for p in listed for name in ("training.png", "checkpoint.pt")), listed
 
 
+def test_a_folder_of_another_runs_results_is_refused(files, tmp_path, capsys):
+    """A fresh run (no checkpoint) where another command's results are is refused in one
+    line, the files left as they are; the same command again (its checkpoint deleted)
+    rewrites them, and names only the files it wrote (no learning curves after --epochs 0:
+    the earlier run's are gone)."""
+    from helpers import files_written
+
+    out = tmp_path / "stale"
+    assert _run(files, out, epochs=1) == 0
+    (out / "checkpoint.pt").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert _run(files, out, method="full", epochs=0) == 2
+    err = capsys.readouterr().err
+    assert (f"output folder {out} holds another run's results (adapter.safetensors, merged.model, metrics.json, "
+            f"parity.png, training.png; written for different arguments: method: metrics.json 'sparse' vs now 'full') "
+            f"and no checkpoint to resume from: use another --out or delete them to start over") in err, err
+    assert len(err.strip().splitlines()) == 1 and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    metrics = json.loads((out / "metrics.json").read_text())
+    del metrics["identity"]  # (as an older sparsekern wrote it)
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    assert _run(files, out, epochs=0) == 2
+    assert "holds another run's results (adapter.safetensors, " in capsys.readouterr().err
+    (out / "metrics.json").unlink()
+    assert _run(files, out, epochs=0) == 2 and "; arguments unknown) and no checkpoint" in capsys.readouterr().err
+    for name in ("adapter.safetensors", "merged.model", "parity.png", "training.png"):  # (as it says)
+        (out / name).unlink()
+    assert _run(files, out, epochs=1) == 0
+    (out / "checkpoint.pt").unlink()
+    capsys.readouterr()
+    assert _run(files, out, epochs=0) == 0  # the same command (the epochs continue a run): its files rewritten
+    listed = files_written(capsys.readouterr().err, out)
+    assert json.loads((out / "metrics.json").read_text())["files"] == listed and len(listed) == 4
+
+
 @pytest.mark.parametrize("n, fraction, seed", [(3, 0.34, 0), (10, 0.1, 1), (57, 0.2, 123), (5, 0.01, 7)])
 def test_valid_fraction_holds_out_the_frames_mace_does(n, fraction, seed, tmp_path):
     random_train_valid_split = pytest.importorskip("mace.data.utils").random_train_valid_split
@@ -710,8 +745,13 @@ def test_divergence_and_interrupts_end_cleanly(files, capsys, tmp_path, monkeypa
 
     monkeypatch.setattr(trainer, "run", interrupted)
     assert _run(files, tmp_path / "stop") == 130
+    err = capsys.readouterr().err  # (before any checkpoint: nothing to resume from)
+    assert "interrupted; no checkpoint was written yet: a rerun starts over" in err and "Traceback" not in err
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "checkpoint.pt").write_bytes(b"")
+    assert _run(files, tmp_path / "stopped") == 130
     err = capsys.readouterr().err
-    assert "interrupted; rerun the same command to resume" in err and "Traceback" not in err
+    assert "interrupted; rerun the same command to resume from the last checkpoint in" in err, err
 
 
 def test_sevennet0_sparse_on_silicon(tmp_path):

@@ -134,6 +134,11 @@ def test_stage_two_flags_are_checked(files, capsys, tmp_path):
                       (("--swa_lr", "0.1", "--swa_energy_weight", "3"),
                        "--stage_two_energy_weight, --stage_two_lr set Stage Two: give --stage_two"),
                       (("--stage_two", "--start_stage_two", "3"), "--start_stage_two must be in [0, --epochs 3), got 3"),
+                      # (no start given: the default's, not a value the user never gave)
+                      (("--swa", "--epochs", "0"), "--stage_two starts after 3/4 of --epochs (at least 1 epoch), and "
+                                                   "--epochs 0 leaves no epoch for it: give --epochs 2 or more"),
+                      (("--swa", "--epochs", "1"), "--epochs 1 leaves no epoch for it: give --epochs 2 or more (or "
+                                                   "--start_stage_two 0)"),
                       (("--stage_two", "--stage_two_stress_weight", "1"),
                        "--stage_two_stress_weight weighs the stresses --stress_weight reads"),
                       (("--stage_two", "--stage_two_forces_weight", "-1"),

@@ -162,6 +162,30 @@ def test_bad_names_and_states_are_one_line_errors(base, adapters):
         set_adapter(copy.deepcopy(base), "x")
 
 
+def test_merge_and_save_without_an_active_delta_say_why(base, adapters, tmp_path):
+    """merge and save_adapter with nothing to fold or save (a plain base; adapters loaded
+    but none active) refuse in one line, naming set_adapter where adapters are loaded,
+    and leave the model as it was."""
+    plain = copy.deepcopy(base)
+    for call in (sparsekern.merge, lambda m: sparsekern.save_adapter(m, tmp_path / "a.safetensors")):
+        with pytest.raises(ValueError, match="the model has no deltas"):
+            call(plain)
+    model = load_adapter(copy.deepcopy(base), adapters["str"], name="x")
+    load_adapter(model, adapters["lora"], name="y")
+    set_adapter(model, "y")
+    delete_adapter(model, "y")
+    said = r"no adapter is active \(loaded: 'x'\): activate one with set_adapter\(model, name\)"
+    with pytest.raises(ValueError, match="merge: " + said):
+        sparsekern.merge(model)
+    with pytest.raises(ValueError, match="save_adapter: " + said):
+        sparsekern.save_adapter(model, tmp_path / "a.safetensors")
+    with disable_adapter(model), pytest.raises(ValueError, match="merge: " + said):
+        sparsekern.merge(model)
+    set_adapter(model, "x")  # (as the message says)
+    sparsekern.unmerge(sparsekern.merge(model))
+    assert not (tmp_path / "a.safetensors").exists()
+
+
 def test_bad_arguments_are_one_line_errors(base, adapters, tmp_path):
     """Not a module, not a config, no name, a folder for a file, a CUDA-graph wrapper:
     one line each, naming what was given."""
