@@ -20,7 +20,7 @@ import sparsekern  # noqa: E402
 from sparsekern.cli import main as cli  # noqa: E402
 from sparsekern.finetune.report import build_report  # noqa: E402
 from sparsekern.finetune import (SparseConfig, adapter_calculator, calibrate_density, delete_adapter,  # noqa: E402
-                                 disable_adapter, fingerprint, iter_deltas, list_adapters, load_adapter, set_adapter)
+                                 disable_adapter, fingerprint, list_adapters, load_adapter, set_adapter)
 from sparsekern.integrations.mace.models import mace_batch, mace_mp0_shaped  # noqa: E402
 
 SHIFT = {"1": 0.5, "26": -0.25}  # eV per atom of H and of Fe
