@@ -129,6 +129,8 @@ def _label(atoms, key: str, where: str, kind: str, images: Sequence, partial: bo
     value = _lookup(atoms, key, kind)
     if value is not None:
         return value, False
+    if kind == "forces" and len(atoms) == 1:  # (an isolated atom's file often has none)
+        return np.zeros((1, 3)), False  # one atom (a cell's images move with it): its force is 0, exactly
     if partial:
         return (np.zeros((len(atoms), 3)) if kind == "forces" else 0.0), True
     if any(_lookup(other, key, kind) is not None for other in images):

@@ -400,9 +400,9 @@ def test_isolated_atoms_are_set_aside_as_mace_does(files, tmp_path, capsys):
     assert "isolated_atoms_set_aside" not in wo
     for key in ("test_energy_mae_mev_per_atom", "test_force_mae_mev_per_A", "changed_params"):
         assert w[key] == pytest.approx(wo[key], rel=1e-12)
-    for keep in (("--keep_isolated_atoms",), ("--keep_isolated_atoms", "True")):  # kept: they need forces then
-        assert run("kept", tmp_path / "with_isolated.xyz", *keep) == 2
-        assert "frame 0: no forces under key 'REF_forces'" in capsys.readouterr().err
+    for k, keep in enumerate((("--keep_isolated_atoms",), ("--keep_isolated_atoms", "True"))):
+        assert run(f"kept{k}", tmp_path / "with_isolated.xyz", *keep) == 0  # (a lone atom's force: 0)
+        assert json.loads((tmp_path / f"kept{k}" / "metrics.json").read_text())["n_train"] == 5
     with pytest.raises(SystemExit) as stop:
         run("bad", tmp_path / "with_isolated.xyz", "--keep_isolated_atoms", "maybe")
     assert stop.value.code == 2 and "expected True or False, got 'maybe'" in capsys.readouterr().err
@@ -421,10 +421,7 @@ def test_isolated_atoms_are_set_aside_as_mace_does(files, tmp_path, capsys):
     blanks = json.loads((tmp_path / "blanks" / "metrics.json").read_text())
     assert blanks["e0_shift_ev"] == given["e0_shift_ev"]
     # with --keep_isolated_atoms too, as MACE: their energies the E0s, and they train
-    for atom in isolated:
-        atom.arrays["REF_forces"] = np.zeros((1, 3))
-    write(tmp_path / "kept.xyz", [isolated[0], *frames, isolated[1]])
-    assert run("kept_iso", tmp_path / "kept.xyz", "--E0s", "isolated", "--keep_isolated_atoms") == 0
+    assert run("kept_iso", tmp_path / "with_isolated.xyz", "--E0s", "isolated", "--keep_isolated_atoms") == 0
     kept = json.loads((tmp_path / "kept_iso" / "metrics.json").read_text())
     assert kept["n_train"] == 5 and "isolated_atoms_set_aside" not in kept
     assert kept["e0_shift_ev"] == given["e0_shift_ev"]
