@@ -181,8 +181,8 @@ def read_frames(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
         if len(atoms) == 0:
             raise ValueError(f"{where}: no atoms")
         _check_cell(atoms, where)
-        (energy, no_energy), (forces, no_forces) = (_label(atoms, key, where, kind, images, partial) for key, kind in (
-            (energy_key, "energy"), (forces_key, "forces")))
+        energy, no_energy = _label(atoms, energy_key, where, "energy", images, partial)
+        forces, no_forces = _label(atoms, forces_key, where, "forces", images, partial)
         energy, forces = _number(energy, f"{where}: energy {energy_key!r}"), np.asarray(forces, dtype=np.float64)
         if forces.shape != (len(atoms), 3):
             raise ValueError(f"{where}: forces {forces_key!r} have shape {forces.shape}, expected ({len(atoms)}, 3)")

@@ -76,15 +76,13 @@ class Group:
         """``work()`` on every rank (the same work: reading the run's inputs); where it
         raises on any rank, every rank stops, and one says why: rank 0 re-raises its own
         error, else the first failing rank's message is raised as ``FromMain``."""
+        if self.size == 1:
+            return work()
         result, error = None, None
         try:
             result = work()
         except (ValueError, KeyError, OSError, ImportError) as exc:
-            if self.size == 1:
-                raise
             error = exc
-        if self.size == 1:
-            return result
         said = [None] * self.size
         dist.all_gather_object(said, None if error is None else (
             error.args[0] if isinstance(error, KeyError) and error.args else str(error)))

@@ -92,7 +92,8 @@ def _energy_columns(energy: MagneticEnergy, batch: MagneticBatch, strain: torch.
     at the zero start (E_mag is linear in them, so these are its columns; b's clamp at 0
     passes its gradient): one pass and one batched backward, where the unit vectors take K
     passes, each building the geometry and node features again."""
-    params = [p for p, _ in _linear_parameters(energy)]
+    linear = _linear_parameters(energy)
+    params = [p for p, _ in linear]
     frozen = [p for p in set(params) if not p.requires_grad]  # (the trainer fits a frozen module)
     try:
         for p in frozen:
@@ -104,7 +105,7 @@ def _energy_columns(energy: MagneticEnergy, batch: MagneticBatch, strain: torch.
     finally:
         for p in frozen:
             p.requires_grad_(False)
-    return torch.cat([g[:, i].reshape(len(e), -1) for g, (_, i) in zip(grads, _linear_parameters(energy))],
+    return torch.cat([g[:, i].reshape(len(e), -1) for g, (_, i) in zip(grads, linear)],
                      1).double().cpu()
 
 

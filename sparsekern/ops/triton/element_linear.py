@@ -15,8 +15,9 @@ the flat weight in the descriptor's layout. dW is given by the delta's tiles
 ``values`` (n_tiles, T, T). W0 + dW is formed tile by tile in registers, never in memory.
 Nodes are sorted by element once per graph (:class:`ElementRows`, cached with the species;
 with one element they stay in order and nothing is built), so each node tile has one
-element's weights. The kernels read their feature operands component-major (:mod:`.component_major`), so that a
-warp's load of one component's channels is contiguous; outputs are stored in e3nn's layout.
+element's weights. The kernels read their feature operands component-major
+(:mod:`.component_major`), so that a warp's load of one component's channels is
+contiguous; outputs are stored in e3nn's layout.
 
 Derivatives stay in the family: the gradient wrt x is the same launch with the table
 transposed (paths grouped by input block, W0 and the tiles read transposed); the
