@@ -229,7 +229,7 @@ def _delta_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--element_resolved", action="store_true",
                    help="sparse (str, block), lora: the weights shared across elements (irrep linears) get one "
                         "delta per element, W[z] = W0 + dW[z], the training data's elements starting nonzero; "
-                        "--density counts every element's entries. No merged model then (the adapter is the result)")
+                        "--density counts their copies. No merged model then (the adapter is the result)")
     p.add_argument("--lora_rank", type=int, default=4, help="lora: rank per path block")
 
 

@@ -26,10 +26,13 @@ class SparseConfig:
     anneal_steps.
     element_resolved: the weights shared across elements (the irrep linears but the
     one-hot embedding) get one delta per element of the model, W[z] = W0 + dW[z], applied
-    by the node's element; density counts every element's entries. elements: with it, the
-    atomic numbers whose per-element deltas (these and those of the model's own
-    per-element weights) start nonzero (the training data's; None: all): the others
-    start at exactly zero, get no gradient and stay zero."""
+    by the node's element. elements: the atomic numbers whose per-element deltas (those
+    of the model's own per-element weights, such as MACE's contraction, and the
+    element-resolved ones) can change (the training data's; None: all). The others
+    start at exactly zero, get no gradient and stay zero, and density counts the rest:
+    a foundation model of 89 elements tuned on 2 would otherwise spend its budget on
+    entries no data reaches (random starts the threshold keeps, or, element-resolved, a
+    dense update of the 2 elements' copies)."""
 
     density: float = 0.03
     mode: str = "str"
@@ -70,15 +73,14 @@ class SparseConfig:
             raise ValueError(f"SparseConfig: mode {self.mode!r} scores the shared weights, not one copy per "
                              "element: element_resolved needs str, block or lora")
         if self.elements is not None:
-            if not self.element_resolved:
-                raise ValueError("SparseConfig: elements applies to element-resolved deltas (element_resolved=True)")
             self.elements = tuple(sorted({int(z) for z in self.elements}))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["tile"] = list(self.tile) if self.tile != "path" else "path"
-        if self.element_resolved:
-            d["elements"] = list(self.elements) if self.elements is not None else None
-        else:  # what older sparsekern wrote: they read adapters without element-resolved deltas
-            del d["element_resolved"], d["elements"]
+        d["elements"] = list(self.elements) if self.elements is not None else None
+        if not self.element_resolved:  # what older sparsekern wrote
+            del d["element_resolved"]
+        if self.elements is None:
+            del d["elements"]
         return d

@@ -27,7 +27,10 @@ class ThresholdDelta(Delta):
     soft threshold V_b max(1 - tau / rms(V_b), 0) over tiles, or whole paths).
     tau = exp(log_tau + tau_shift): log_tau is learned per parameter, tau_shift is set
     by the density controller for the whole model, so the allocation across layers is
-    learned while the total density stays on target."""
+    learned while the total density stays on target. ``pinned``: entries held at exactly
+    zero (those of elements absent from the training data), which density does not count."""
+
+    pinned = 0  # (class default: deltas pickled before it existed)
 
     def __init__(self, groups, numel: int, base: torch.Tensor, tile, init_scale: float,
                  generator: torch.Generator, elements: int = 0) -> None:
@@ -41,7 +44,7 @@ class ThresholdDelta(Delta):
         self.steps = 0  # training forwards so far: where the density schedule is (a host int, no sync)
         self._pending = None  # (value, stamp) from prepare_values, for the coming forward
 
-    _pending = None  # (class default: deltas pickled before it existed)
+    _pending = None
 
     def __getstate__(self):  # a prepared value holds an autograd graph: not copied, not saved
         return {**super().__getstate__(), "_pending": None}
@@ -72,13 +75,15 @@ class ThresholdDelta(Delta):
         return (r, c) if self.tile == "path" else (min(self.tile[0], r), min(self.tile[1], c))
 
     def _tile_rms(self, vg: torch.Tensor, tr: int, tc: int) -> torch.Tensor:
-        """RMS of each (tr, tc) tile of a (G, R, C) view (ragged edge tiles counted right)."""
+        """RMS of each (tr, tc) tile of a (G, R, C) view (ragged edge tiles counted right),
+        at least sqrt(tiny): an all-zero tile (an absent element's, pinned) would give the
+        square root's infinite slope times 0, a NaN gradient."""
         g, r, c = vg.shape
         pr, pc = (-r) % tr, (-c) % tc
         sq = torch.nn.functional.pad(vg * vg, (0, pc, 0, pr)).view(g, (r + pr) // tr, tr, (c + pc) // tc, tc)
         ones = torch.nn.functional.pad(torch.ones(r, c, dtype=vg.dtype, device=vg.device), (0, pc, 0, pr))
         count = ones.view((r + pr) // tr, tr, (c + pc) // tc, tc).sum((1, 3))
-        return (sq.sum((2, 4)) / count).sqrt()
+        return (sq.sum((2, 4)) / count).clamp_min(torch.finfo(vg.dtype).tiny).sqrt()
 
     def _expand(self, per_tile: torch.Tensor, tr: int, tc: int, r: int, c: int) -> torch.Tensor:
         return per_tile.repeat_interleave(tr, 1).repeat_interleave(tc, 2)[:, :r, :c]
@@ -89,7 +94,7 @@ class ThresholdDelta(Delta):
             vg = g.view(self.v)
             tr, tc = self._tiles(g)
             rms = self._tile_rms(vg, tr, tc)
-            factor = torch.relu(1 - tau / rms.clamp_min(torch.finfo(rms.dtype).tiny))
+            factor = torch.relu(1 - tau / rms)
             pieces.append(g.flatten(vg * self._expand(factor, tr, tc, g.shape[1], g.shape[2])))
         return _assemble(self.groups, pieces, self.v, self.numel)
 
@@ -135,6 +140,11 @@ def scores_of(deltas: Sequence[ThresholdDelta]) -> torch.Tensor:
             mag = d._tile_magnitudes()
             scores[id(d)] = torch.log(mag.clamp_min(torch.finfo(mag.dtype).tiny)) - d.log_tau
     return torch.cat([scores[id(d)] for d in deltas])
+
+
+def counted(deltas: Sequence[ThresholdDelta]) -> int:
+    """How many of the ``deltas``' scores density counts: all but the pinned entries."""
+    return sum(d.numel - d.pinned for d in deltas)
 
 
 def prepare_values(deltas: Sequence[ThresholdDelta]) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from .. import delta_slot
 from ..integrations import computing_model
-from .delta import ThresholdDelta, prepare_values, scores_of
+from .delta import ThresholdDelta, counted, prepare_values, scores_of
 from .methods import MODES
 
 
@@ -33,14 +33,15 @@ def scheduled_density(config, step: int) -> float:
 @torch.no_grad()
 def calibrate_density(model: torch.nn.Module, density: Optional[float] = None) -> None:
     """Set every unmerged ThresholdDelta's tau_shift so that the fraction ``density``
-    (default: the config's target) of all their weights changes. A model without any
+    (default: the config's target) of their weights changes (of those counted: not the
+    entries pinned at zero). A model without any
     (full fine-tuning, LoRA, fast mode) is left as it is."""
     deltas = _thresholded(model)
     if not deltas:
         return
     density = density if density is not None else delta_slot.config_of(model).density
-    scores = scores_of(deltas)
-    keep = int(round(density * scores.numel()))
+    scores = scores_of(deltas)  # (pinned entries' scores lie below every other's)
+    keep = int(round(density * counted(deltas)))
     if keep >= scores.numel():
         shift = scores.min() - 1.0
     elif keep == 0:  # clear of the largest score, where exp(log) round-off could let one through

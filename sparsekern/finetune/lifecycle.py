@@ -17,7 +17,7 @@ from ..layers.radial_mlp import RadialMLP
 from ..paths import WeightGroup
 from ..patching import check_module, patch, patched_layers
 from .config import SparseConfig
-from .delta import Delta, FixedDelta, LoRADelta, ThresholdDelta, scores_of
+from .delta import Delta, FixedDelta, LoRADelta, ThresholdDelta, counted
 from .density import steer
 from .methods import MODES
 from .saliency import attach_salient, fisher_scores
@@ -104,12 +104,14 @@ def _new_delta(config: SparseConfig, t: Target, absent: List[int], generator: to
         for g in t.groups if absent else ():
             if g.per_element:  # (element-resolved, and the model's own per-element weights)
                 g.view(delta.v)[torch.tensor(absent, device=base.device)] = 0
+                delta.pinned += len(absent) * g.shape[1] * g.shape[2]
     return delta
 
 
-def _absent(model: torch.nn.Module, config: SparseConfig) -> List[int]:
-    """Element indices of the model's elements outside ``config.elements``."""
-    if not config.element_resolved or config.elements is None:
+def absent_elements(model: torch.nn.Module, config: Optional[SparseConfig]) -> List[int]:
+    """Element indices (the axis of per-element weights) of the model's elements outside
+    ``config.elements``: their entries are pinned at zero."""
+    if config is None or config.elements is None:
         return []
     core, family = computing_model(model)
     index = family.element_index(core)
@@ -139,12 +141,12 @@ def prepare(model: torch.nn.Module, config: Optional[SparseConfig] = None, backe
         raise ValueError("prepare: the model already has sparse deltas (load_adapter or prepare was called)")
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = delta_targets(model, config)
+    targets, absent = delta_targets(model, config), absent_elements(model, config)
     if MODES[config.mode].needs_loss:
         plain = [(t.layer, t.param, t.groups) for t in targets]
-        attach_salient(plain, fisher_scores(plain, losses), config.density)
+        attach_salient(plain, fisher_scores(plain, losses), config.density, absent)
     else:
-        generator, absent = torch.Generator().manual_seed(config.seed), _absent(model, config)
+        generator = torch.Generator().manual_seed(config.seed)
         attach_targets(model, [(t, _new_delta(config, t, absent, generator)) for t in targets])
         _check_keeps_one(model, config)
     delta_slot.set_config(model, config)
@@ -156,7 +158,7 @@ def _check_keeps_one(model: torch.nn.Module, config: SparseConfig) -> None:
     """A density that keeps no entry would train nothing and save the base as the result:
     refused, the deltas taken off again."""
     deltas = [d for *_, d in delta_slot.iter_deltas(model) if isinstance(d, ThresholdDelta)]
-    n = scores_of(deltas).numel() if deltas else 0
+    n = counted(deltas)
     if deltas and round(config.density * n) == 0:
         for _, layer, param, _ in list(delta_slot.iter_deltas(model)):
             delta_slot.detach(layer, param)

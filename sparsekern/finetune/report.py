@@ -17,7 +17,7 @@ from .adapter_set import load_adapter
 from .adapters import check_base, check_entries, group_from_dict, read_adapter
 from .config import SparseConfig
 from .methods import LORA_ADAPTER
-from .statistics import count_changes, stats
+from .statistics import absent_labels, count_changes, stats
 
 # d-block, groups 3-12: Sc-Zn, Y-Cd, La, Hf-Hg, Ac, Rf-Cn.
 TRANSITION_METALS = frozenset(
@@ -46,11 +46,12 @@ def adapter_stats(path, base: Optional[torch.nn.Module] = None) -> dict:
             if not (isinstance(groups, dict) and isinstance(labels, dict)):
                 raise TypeError("its groups and element labels must be JSON objects")
             groups = {stem: [group_from_dict(g) for g in gs] for stem, gs in groups.items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            absent = absent_labels((json.loads(metadata.get("config") or "null") or {}).get("elements"))
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             raise ValueError(f"adapter {path}: its weight-group metadata is damaged ({exc})") from None
         changed = partial(_lora_changed if metadata["format"] == LORA_ADAPTER else _sparse_changed,
                           path, tensors, metadata)
-        return count_changes(_entries(path, groups, changed), _labeller(labels))
+        return count_changes(_entries(path, groups, changed), _labeller(labels), absent)
     if base is None:
         raise ValueError(f"adapter {path} does not describe its weight groups (written by an older sparsekern): "
                          "give its base model (--model BASE) to report on it")

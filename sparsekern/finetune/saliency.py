@@ -9,7 +9,7 @@ moves"); at very low densities which entries change matters most."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Tuple
+from typing import Callable, Iterable, List, Sequence, Tuple
 
 import torch
 
@@ -44,11 +44,13 @@ def fisher_scores(targets: List[Tuple[torch.nn.Module, str, List[WeightGroup]]],
 
 
 def attach_salient(targets: List[Tuple[torch.nn.Module, str, List[WeightGroup]]], scores: List[torch.Tensor],
-                   density: float) -> None:
+                   density: float, absent: Sequence[int] = ()) -> None:
     """Attach to each target a zero-valued trainable FixedDelta on its entries among the
-    ``density`` fraction with the highest score over all targets."""
-    flat = torch.cat(scores)
-    keep = max(1, int(round(density * flat.numel())))
+    ``density`` fraction with the highest score over all targets, leaving out (never
+    chosen, not counted) the entries of per-element weights of the ``absent`` elements."""
+    masks = [_reachable(groups, absent) for _, _, groups in targets]
+    flat = torch.cat([torch.where(m, s, -torch.inf) for m, s in zip(masks, scores)])
+    keep = max(1, int(round(density * sum(int(m.sum()) for m in masks))))
     chosen = torch.zeros(flat.numel(), dtype=torch.bool)
     chosen[torch.topk(flat, keep, sorted=False).indices] = True
     start = 0
@@ -60,3 +62,15 @@ def attach_salient(targets: List[Tuple[torch.nn.Module, str, List[WeightGroup]]]
         base = layer.get_parameter(param)
         values = base.new_zeros(index.numel())
         delta_slot.attach(layer, param, FixedDelta(groups, base.numel(), index.to(base.device), values))
+
+
+def _reachable(groups: Sequence[WeightGroup], absent: Sequence[int]) -> torch.Tensor:
+    """Which entries of ``groups`` (in group order, flattened as ``fisher_scores``'s) are
+    not of the ``absent`` elements."""
+    parts = []
+    for g in groups:
+        mask = torch.ones(g.shape, dtype=torch.bool)
+        if g.per_element:
+            mask[list(absent)] = False
+        parts.append(g.flatten(mask))
+    return torch.cat(parts)

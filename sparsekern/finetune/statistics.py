@@ -4,7 +4,7 @@ shares with ``report`` (which reads the weight groups from an adapter instead)."
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -41,11 +41,24 @@ def _changed_mask(delta: Optional[Delta]) -> Optional[torch.Tensor]:
     return delta().view(-1) != 0
 
 
+def absent_labels(elements: Optional[Iterable[int]]) -> FrozenSet[str]:
+    """The chemical symbols of the elements outside ``elements`` (a config's: the training
+    data's atomic numbers), whose per-element entries are pinned at zero; none for None."""
+    from ase.data import chemical_symbols
+
+    if elements is None:
+        return frozenset()
+    if not all(isinstance(z, int) and 0 < z < len(chemical_symbols) for z in elements):
+        raise ValueError(f"elements must be atomic numbers, got {elements!r:.60}")
+    return frozenset(chemical_symbols[1:]) - {chemical_symbols[z] for z in elements}
+
+
 def count_changes(entries: Iterable[Tuple[str, Sequence[WeightGroup], Optional[torch.Tensor]]],
-                  labels_for: Callable[[int], List[str]]) -> dict:
+                  labels_for: Callable[[int], List[str]], absent: Collection[str] = ()) -> dict:
     """The counting behind ``stats`` (and ``report``, which reads the groups from an
     adapter): ``entries`` holds (layer name, the weight groups of one parameter, flat
-    changed mask or None); ``labels_for(G)`` names the G elements of per-element groups."""
+    changed mask or None); ``labels_for(G)`` names the G elements of per-element groups,
+    whose rows of the ``absent`` elements (``absent_labels``) are pinned and not counted."""
     layers: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
     by_path: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
     by_l: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
@@ -55,19 +68,20 @@ def count_changes(entries: Iterable[Tuple[str, Sequence[WeightGroup], Optional[t
         seen: Dict[str, int] = defaultdict(int)
         for g in groups:
             nz = g.view(flat) if flat is not None else None
-            n_changed = int(nz.sum()) if nz is not None else 0
+            per = nz.sum((1, 2)).tolist() if nz is not None else [0] * g.shape[0]
+            labels = labels_for(g.shape[0]) if g.per_element else [""]
+            rows = [(label, int(c)) for label, c in zip(labels, per) if label not in absent]
             key = "radial" if g.l is None else str(g.l)
             seen[g.label] += 1  # e.g. several 0e inputs of one linear: number the repeats
             path = f"{name}.{g.param} {g.label}" + (f" ({seen[g.label]})" if seen[g.label] > 1 else "")
             for counter in (layers[name], by_path[path], by_l[key]):
-                counter[0] += g.numel
-                counter[1] += n_changed
+                counter[0] += len(rows) * g.shape[1] * g.shape[2]
+                counter[1] += sum(c for _, c in rows)
             if g.per_element:
-                per = nz.sum((1, 2)).tolist() if nz is not None else [0] * g.shape[0]
-                for label, c in zip(labels_for(g.shape[0]), per):
+                for label, c in rows:
                     for counter in (by_element[label], by_element_l[label][key]):
                         counter[0] += g.shape[1] * g.shape[2]
-                        counter[1] += int(c)
+                        counter[1] += c
     by_layer = {k: v for k, v in layers.items() if v[0]}
     total = sum(t for t, _ in by_layer.values())
     changed = sum(c for _, c in by_layer.values())
@@ -95,14 +109,16 @@ def stats(model: torch.nn.Module) -> dict:
     """How many path weights the deltas change: totals and breakdowns by layer, by
     path, by irrep order l of the path, by element, and by element and l. Out of the
     weights the deltas' config lets them change (not the radial MLPs' where it leaves
-    them out), as an adapter counts them."""
+    them out, nor the per-element ones of elements outside its ``elements``), as an
+    adapter counts them."""
     entries = []
     config = delta_slot.config_of(model)
+    absent = absent_labels(config.elements if config is not None else None)
     for name, layer in patched_layers(model):
         for param, groups in target_groups(layer, config).items():
-            delta = delta_slot.get(layer, param)  # its groups: element-resolved ones count every element's
+            delta = delta_slot.get(layer, param)  # its groups: element-resolved ones have every element's
             entries.append((name, delta.groups if delta is not None else groups, _changed_mask(delta)))
-    counts = count_changes(entries, lambda count: element_labels(model, count))
+    counts = count_changes(entries, lambda count: element_labels(model, count), absent)
     return {
         **counts,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -133,16 +133,20 @@ def test_mace_prepared_is_base_then_adapter_round_trips(case, tmp_path):
     assert "\n" not in str(err.value) and not any(d.merged for *_, d in iter_deltas(fresh))
 
 
-def test_mace_stats_count_every_element(case):
+def test_mace_stats_count_the_training_data_s_elements(case):
+    every = sparsekern.prepare(torch.load(case / "tiny.model", weights_only=False),
+                               SparseConfig(element_resolved=True))
+    shared = sum(layer.weight_numel for _, layer, _, d in iter_deltas(every) if d.elements)
+    others = sum(d.numel for *_, d in iter_deltas(every) if not d.elements)
+    assert stats(every)["total_params"] == 2 * shared + others  # both elements' copies of each shared weight
     model = sparsekern.prepare(torch.load(case / "tiny.model", weights_only=False),
                                SparseConfig(element_resolved=True, elements=[29]))
     _all_active(model, randomize=False)  # Al's entries start at exactly zero
     s = stats(model)
-    shared = sum(layer.weight_numel for _, layer, _, d in iter_deltas(model) if d.elements)
-    others = sum(d.numel for *_, d in iter_deltas(model) if not d.elements)
-    assert s["total_params"] == 2 * shared + others  # both elements' copies of each shared weight
-    assert set(s["by_element"]) == {"Al", "Cu"}
-    assert s["by_element"]["Al"]["changed"] == 0 < s["by_element"]["Cu"]["changed"]  # Al started at zero
+    resolved, own = (sum(d.pinned for *_, d in iter_deltas(model) if bool(d.elements) == r) for r in (True, False))
+    assert resolved == shared and own > 0  # Al's copies, and its rows of the model's own per-element weights
+    assert s["total_params"] == shared + others - own
+    assert set(s["by_element"]) == {"Cu"} and s["by_element"]["Cu"]["changed"] > 0  # Al pinned, not counted
     assert s["by_element_l"]["Cu"]["1"]["changed"] > 0
 
 
@@ -190,7 +194,7 @@ def test_sevennet0_element_resolved(tmp_path):
             d.tau_shift.fill_(-30.0)  # every nonzero entry (Ni's and O's) active
     changed = predict(model)
     s = stats(model)
-    assert {e for e, v in s["by_element"].items() if v["changed"]} == {"Ni", "O"} and len(s["by_element"]) == 89
+    assert {e for e, v in s["by_element"].items() if v["changed"]} == set(s["by_element"]) == {"Ni", "O"}
     path = save_adapter(model, tmp_path / "a.safetensors")
     fresh = load_adapter(family.load("7net-0", "cpu"), path)
     assert same(predict(fresh), changed) and not same(changed, ref)

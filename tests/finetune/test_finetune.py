@@ -166,6 +166,35 @@ def test_prepared_model_is_the_base_model(base, mode):
     assert sparsekern.stats(model)["changed_params"] > 0
 
 
+@pytest.mark.parametrize("mode", ["str", "block", "saliency"])
+def test_absent_elements_stay_at_the_base_and_are_not_counted(base, mode):
+    """The per-element weights (MACE's contraction, skip) of elements outside
+    ``SparseConfig.elements`` stay the base's whatever the data, and the density counts
+    the rest: a review's foundation model tuned on one of its elements kept random
+    starts of the others, 17 % of its changes."""
+    from sparsekern.finetune.lifecycle import absent_elements
+
+    batch = mace_batch(base, _structures())  # (all four elements: their gradients are not zero)
+    model = copy.deepcopy(base)
+    losses = _saliency_losses(model, batch) if mode == "saliency" else None
+    config = SparseConfig(mode=mode, density=0.05, tile=(2, 2), elements=[2, 3])
+    _train(sparsekern.prepare(model, config, losses=losses), batch)
+    absent = absent_elements(model, config)
+    assert len(absent) == 2
+    per_element = 0
+    for _, layer, _, d in iter_deltas(model):
+        dense = d().detach().view(-1)
+        for g in d.groups:
+            if g.per_element:
+                per_element += 1
+                assert not g.view(dense)[absent].any()
+    s = sparsekern.stats(model)
+    assert per_element and set(s["by_element"]) == {"He", "Li"}
+    every = sparsekern.stats(sparsekern.prepare(copy.deepcopy(base), SparseConfig(mode="str")))
+    assert s["total_params"] < every["total_params"]
+    assert abs(s["density"] - 0.05) <= (1 / s["total_params"] if mode == "saliency" else 0.1 * 0.05)  # (one step on)
+
+
 def test_density_schedule_warms_up_then_anneals():
     from sparsekern.finetune.density import scheduled_density
 
