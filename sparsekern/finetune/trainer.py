@@ -580,13 +580,16 @@ def _resumed(out: Path, settings: Settings, family: Family) -> Optional[dict]:
 def _zero_shot(family: Family, model, held: Tuple[str, Sequence[Sample]], valid_s: Sequence[Sample],
                settings: Settings, group: Group) -> tuple:
     """The base model's residuals on the evaluated set (``held``: its name, its samples),
-    their errors, and its residuals on the validation frames (None without), taken before
-    training moves the latter's energy reference."""
+    their errors and those on the validation frames, and its residuals on the validation
+    frames (None without), taken before training moves the latter's energy reference.
+    (A resumed run takes them again on the base: it is loaded before the checkpoint.)"""
     evaluated, held_s = held
     res = residuals(family, model, held_s, settings, group)
     zero_shot = {f"zero_shot_{evaluated}": errors(res),
                  f"zero_shot_no_e0_shift_{evaluated}": errors(unshifted(res))}
     valid = res if evaluated == "valid" else residuals(family, model, valid_s, settings, group) if valid_s else None
+    if valid is not None:  # what the validation curves are measured against (training.png)
+        zero_shot["zero_shot_valid"] = errors(valid)
     return res, zero_shot, valid
 
 

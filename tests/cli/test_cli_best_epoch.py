@@ -137,6 +137,10 @@ def test_a_result_worse_than_the_base_is_named(files, three_epochs, tmp_path, ca
     assert _run(files, three_epochs) == 0  # resumes at the end: the same verdict, said
     err = capsys.readouterr().err
     assert "warning: the result's validation loss (" in err and "epoch 1) is above the base model's" in err
+    # the base model's validation errors (the curves' baseline), again the base's after the resume, not the result's
+    m = _metrics(three_epochs)
+    for key in ("energy_mae_mev_per_atom", "force_mae_mev_per_A"):
+        assert m[f"zero_shot_valid_{key}"] < 1e-4 < min(h["valid"][key] for h in m["history"])
     # validated on EMT's labels (those of the test frames), one epoch improves on the base
     out = tmp_path / "emt_valid"
     assert main(["finetune", "--model", str(files / "tiny.model"), "--train", str(files / "train.xyz"),
