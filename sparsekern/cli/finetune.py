@@ -425,6 +425,11 @@ def _finetune(args) -> int:
                   file=sys.stderr)
         if metrics.get("valid_loss_above_zero_shot"):
             print(f"warning: {_worse(metrics)}", file=sys.stderr)
+        if metrics.get("worse_than_zero_shot"):
+            print(f"warning: {_worse_errors(metrics)}", file=sys.stderr)
+        if metrics.get("training_loss_diverged"):
+            print(f"warning: the training loss diverged: {metrics['training_loss_diverged']} (a lower --lr may help)",
+                  file=sys.stderr)
         if metrics.get("isolated_atoms_set_aside"):
             print(f"warning: {_isolated(metrics['isolated_atoms_set_aside'], metrics['settings']['e0s'])}",
                   file=sys.stderr)
@@ -446,6 +451,18 @@ def _worse(metrics: dict) -> str:
     return (f"the result's validation loss ({loss:.6g}, epoch {selected}) is above the base model's "
             f"({metrics['zero_shot_valid_loss']:.6g}): fine-tuning made it worse on the validation frames "
             f"(a lower --lr, fewer epochs or more training frames may help)")
+
+
+def _worse_errors(metrics: dict) -> str:
+    """What the warning says where the result's errors of trained terms on the evaluated set
+    are above the base model's (the figures metrics.json reports)."""
+    from ..finetune.trainer import EVALUATED
+
+    e = metrics["evaluated_on"]
+    worse = ", ".join(f"{k} {metrics[f'zero_shot_{e}_{k}']:.4g} -> {metrics[f'{e}_{k}']:.4g}"
+                      for k in metrics["worse_than_zero_shot"])
+    return (f"fine-tuning made the {EVALUATED[e]}'s errors worse than the base model's ({worse}; zero-shot -> "
+            f"fine-tuned): a lower --lr, fewer epochs or more training frames may help")
 
 
 def _isolated(set_aside: dict, e0s_given: str) -> str:

@@ -1,9 +1,9 @@
 """A run's learning curves as a picture (``training.png`` beside metrics.json): the
 training and validation losses by epoch (and the base model's validation loss), and the
-validation energy, force (and, with stress labels, stress) errors by epoch beside the
-evaluated set's (the test set's, else the validation or training set's) before and after
-fine-tuning, the latter at the epoch whose model is the result; a line where Stage Two
-starts, where it runs."""
+validation energy, force (and, with stress labels, stress) errors by epoch beside the base
+model's validation errors and the evaluated set's (the test set's, else the validation or
+training set's) before and after fine-tuning, the latter at the epoch whose model is the
+result; a line where Stage Two starts, where it runs."""
 
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ def plot_curves(metrics: dict, filename) -> None:
     axes[0].plot(epochs, losses, marker="o", label="training")
     valid_losses = [(h["epoch"], h["valid_loss"]) for h in history if "valid_loss" in h]
     if valid_losses:
-        axes[0].plot(*zip(*valid_losses), marker="o", label="validation")
-    if "zero_shot_valid_loss" in metrics:  # under the result's loss weights
-        axes[0].axhline(metrics["zero_shot_valid_loss"], ls="--", color="gray", label="validation, zero-shot")
+        line, = axes[0].plot(*zip(*valid_losses), marker="o", label="validation")
+    if "zero_shot_valid_loss" in metrics:  # under the result's loss weights (dashed, as in the error panels)
+        axes[0].axhline(metrics["zero_shot_valid_loss"], ls="--", color=line.get_color(), label="validation, zero-shot")
         losses.append(metrics["zero_shot_valid_loss"])
     losses += [v for _, v in valid_losses]
     spans_decades = min(losses) > 0 and max(losses) > 10 * min(losses)
@@ -41,13 +41,18 @@ def plot_curves(metrics: dict, filename) -> None:
     for ax, (key, title) in zip(axes[1:], panels):
         valid = [(h["epoch"], h["valid"][key]) for h in history if key in h.get("valid", {})]  # (stress: if labelled)
         if valid:
-            ax.plot(*zip(*valid), marker="o", label="validation")
+            line, = ax.plot(*zip(*valid), marker="o", label="validation")
+        # the validation errors' own baseline: the test set's is another set's, not what they improve on
+        base_valid = metrics.get(f"zero_shot_valid_{key}") if valid and evaluated != "valid" else None
+        if base_valid is not None:
+            ax.axhline(base_valid, ls="--", color=line.get_color(), label="validation, zero-shot")
         ax.axhline(metrics[f"zero_shot_{evaluated}_{key}"], ls="--", color="gray", label=f"{named}, zero-shot")
         ax.plot([selected], [metrics[f"{evaluated}_{key}"]], marker="*", markersize=14, ls="", color="tab:red",
                 label=f"{named}, fine-tuned" + (f" (epoch {selected}: {metrics['selected_by']})"
                                             if selected != epochs[-1] else ""))
         # headroom of the values, not of their spread (a few epochs barely move the errors)
         shown = [v for _, v in valid] + [metrics[f"zero_shot_{evaluated}_{key}"], metrics[f"{evaluated}_{key}"]]
+        shown += [base_valid] if base_valid is not None else []
         ax.set(title=title, xlabel="epoch", ylim=(0, 1.08 * max(shown) or None))
     settings = metrics["settings"]
     for ax in axes:

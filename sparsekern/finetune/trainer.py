@@ -170,12 +170,16 @@ def _optimizer(model, settings: Settings, by_scale: bool = True) -> torch.optim.
 def _stage(settings: Settings, epoch: int) -> Settings:
     """The settings epoch ``epoch`` (from 0) trains and validates with: Stage Two's loss
     weights from --start_stage_two on (a copy; its lr is ``_schedule``'s)."""
-    if not (settings.stage_two and epoch >= settings.start_stage_two):
+    if not _in_stage_two(settings, epoch):
         return settings
     staged = copy.copy(settings)  # (not replace(): the copy is not a new run's Settings to check)
     staged.energy_weight, staged.forces_weight, staged.stress_weight = (
         settings.stage_two_energy_weight, settings.stage_two_forces_weight, settings.stage_two_stress_weight)
     return staged
+
+
+def _in_stage_two(settings: Settings, epoch: int) -> bool:
+    return settings.stage_two and epoch >= settings.start_stage_two
 
 
 def _schedule(optimizer: torch.optim.Optimizer, settings: Settings, done: int, total: int, epoch: int) -> None:
@@ -542,7 +546,7 @@ def _run(settings: Settings, out: Path, family: Family, frames, group: Group, st
                        _changed_fraction(model, base))
     metrics.update(evaluated_on=evaluated, e0_refit_ev={str(z): v for z, v in refit.items()}, processes=group.size)
     metrics.update(magnetic_counts(model))
-    metrics.update(_against_the_base(metrics, base_valid, settings))
+    metrics.update(_against_the_base(metrics, base_valid, settings), **_against_zero_shot(metrics, settings))
     if magnetic_fit is not None:  # (again, on the trained base) what the cross-validation chose
         metrics["magnetic_fit"] = magnetic_fit
     if group.main:
@@ -580,13 +584,16 @@ def _resumed(out: Path, settings: Settings, family: Family) -> Optional[dict]:
 def _zero_shot(family: Family, model, held: Tuple[str, Sequence[Sample]], valid_s: Sequence[Sample],
                settings: Settings, group: Group) -> tuple:
     """The base model's residuals on the evaluated set (``held``: its name, its samples),
-    their errors, and its residuals on the validation frames (None without), taken before
-    training moves the latter's energy reference."""
+    their errors and those on the validation frames, and its residuals on the validation
+    frames (None without), taken before training moves the latter's energy reference.
+    (A resumed run takes them again on the base: it is loaded before the checkpoint.)"""
     evaluated, held_s = held
     res = residuals(family, model, held_s, settings, group)
     zero_shot = {f"zero_shot_{evaluated}": errors(res),
                  f"zero_shot_no_e0_shift_{evaluated}": errors(unshifted(res))}
     valid = res if evaluated == "valid" else residuals(family, model, valid_s, settings, group) if valid_s else None
+    if valid is not None:  # what the validation curves are measured against (training.png)
+        zero_shot["zero_shot_valid"] = errors(valid)
     return res, zero_shot, valid
 
 
@@ -605,6 +612,41 @@ def _against_the_base(metrics: dict, base_valid: Optional[Dict[str, torch.Tensor
         return {}
     base = residual_loss(base_valid, _stage(settings, selected["epoch"] - 1))
     return {"zero_shot_valid_loss": base, "valid_loss_above_zero_shot": selected["valid_loss"] > base}
+
+
+# the loss weight (Settings' field) that trains each error of metrics.json
+TRAINED_BY = {"energy_mae_mev_per_atom": "energy_weight", "force_mae_mev_per_A": "forces_weight",
+              "stress_mae_mev_per_A3": "stress_weight", "magforce_mae_mev_per_muB": "magforces_weight",
+              "magmom_mae_muB": "magmom_weight"}
+DIVERGED = 10  # a last epoch's mean training loss over this times its stage's first epoch's: diverged
+
+
+def _against_zero_shot(metrics: dict, settings: Settings) -> dict:
+    """Where the run made the model worse, for the CLI's warnings (none without an epoch):
+    the evaluated set's errors of the trained terms (a loss weight > 0 in either stage) above
+    the base model's, the reported figures both (the fine-tuned energies after the E0 refit,
+    the base's with the shift it was evaluated with); and, where the training loss diverged,
+    how (``_divergence``). A run without validation frames has no other sign of either."""
+    if not metrics["history"]:
+        return {}
+    e, stages = metrics["evaluated_on"], (settings, _stage(settings, settings.epochs - 1))
+    worse = [k for k, weight in TRAINED_BY.items() if any(getattr(s, weight) > 0 for s in stages)
+             and {f"{e}_{k}", f"zero_shot_{e}_{k}"} <= metrics.keys()
+             and metrics[f"{e}_{k}"] > metrics[f"zero_shot_{e}_{k}"]]
+    return {"worse_than_zero_shot": worse, "training_loss_diverged": _divergence(metrics["history"], settings)}
+
+
+def _divergence(history: List[dict], settings: Settings) -> Optional[str]:
+    """Why the training loss diverged: its last epoch's mean above ``DIVERGED`` times that
+    of the first epoch of the same loss weights (Stage Two's start changes them: its jump
+    is not divergence); None where it did not. (A non-finite loss stops the run: ``_step``.)"""
+    last = history[-1]
+    first = next(h for h in history if _in_stage_two(settings, h["epoch"] - 1) == _in_stage_two(
+        settings, last["epoch"] - 1))
+    if last["train_loss"] <= DIVERGED * first["train_loss"]:
+        return None
+    return (f"epoch {last['epoch']}'s mean training loss ({last['train_loss']:.4g}) is over {DIVERGED}x "
+            f"epoch {first['epoch']}'s ({first['train_loss']:.4g})")
 
 
 def _evaluated_set(frames, samples) -> Tuple[str, List[Frame], List[Sample]]:

@@ -137,6 +137,10 @@ def test_a_result_worse_than_the_base_is_named(files, three_epochs, tmp_path, ca
     assert _run(files, three_epochs) == 0  # resumes at the end: the same verdict, said
     err = capsys.readouterr().err
     assert "warning: the result's validation loss (" in err and "epoch 1) is above the base model's" in err
+    # the base model's validation errors (the curves' baseline), again the base's after the resume, not the result's
+    m = _metrics(three_epochs)
+    for key in ("energy_mae_mev_per_atom", "force_mae_mev_per_A"):
+        assert m[f"zero_shot_valid_{key}"] < 1e-4 < min(h["valid"][key] for h in m["history"])
     # validated on EMT's labels (those of the test frames), one epoch improves on the base
     out = tmp_path / "emt_valid"
     assert main(["finetune", "--model", str(files / "tiny.model"), "--train", str(files / "train.xyz"),
@@ -149,3 +153,29 @@ def test_a_result_worse_than_the_base_is_named(files, three_epochs, tmp_path, ca
     assert m["zero_shot_valid_loss"] == pytest.approx(want, rel=1e-12)
     assert m["history"][0]["valid_loss"] < m["zero_shot_valid_loss"]
     assert "is above the base model's" not in capsys.readouterr().err
+
+
+def test_a_result_worse_than_the_base_is_named_without_validation(files, tmp_path, capsys, monkeypatch):
+    """Without validation frames, the evaluated set's errors of the trained terms above the
+    base model's and a diverged training loss are each named in metrics.json and a warning
+    line (the exit code stays 0). Tested on the base model's own labels, with the energies
+    weighed 0: the forces are worse, the energies are not trained. The training loss here
+    is made to jump 1000x in the second epoch."""
+    from sparsekern.finetune import trainer
+
+    epoch = trainer._epoch
+    monkeypatch.setattr(trainer, "_epoch", lambda loop, s, progress, bar: epoch(loop, s, progress, bar) * (
+        1e3 if progress.epoch else 1))
+    out = tmp_path / "worse"
+    capsys.readouterr()
+    assert _run(files, out, "--test", str(files / "valid.xyz"), "--energy_weight", "0", epochs=2, valid=False) == 0
+    m, err = _metrics(out), capsys.readouterr().err
+    assert m["worse_than_zero_shot"] == ["force_mae_mev_per_A"]
+    assert m["test_energy_mae_mev_per_atom"] > m["zero_shot_test_energy_mae_mev_per_atom"]  # (untrained: unnamed)
+    assert ("warning: fine-tuning made the test set's errors worse than the base model's (force_mae_mev_per_A "
+            f"{m['zero_shot_test_force_mae_mev_per_A']:.4g} -> {m['test_force_mae_mev_per_A']:.4g}; zero-shot -> "
+            "fine-tuned)") in err
+    losses = [h["train_loss"] for h in m["history"]]
+    assert m["training_loss_diverged"] == (f"epoch 2's mean training loss ({losses[1]:.4g}) is over 10x epoch 1's "
+                                           f"({losses[0]:.4g})")
+    assert f"warning: the training loss diverged: {m['training_loss_diverged']} (a lower --lr may help)" in err

@@ -163,3 +163,20 @@ def test_more_epochs_move_stage_twos_default_start(files, capsys, tmp_path):
     assert _run(files, out, "--stage_two", "--start_stage_two", "1", "--test", str(files / "train.xyz"),
                 epochs=3) == 0
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_stage_two_s_jump_in_the_training_loss_is_no_divergence():
+    """The training loss diverged where its last epoch's mean is over 10x the first's of
+    the same loss weights: Stage Two's weights (here from the third epoch) raise it at
+    once, and that jump is not divergence; a rise within Stage Two is."""
+    from types import SimpleNamespace
+
+    from sparsekern.finetune.trainer import _divergence
+
+    settings = SimpleNamespace(stage_two=True, start_stage_two=2)
+    history = [{"epoch": e, "train_loss": loss} for e, loss in enumerate((1.0, 0.5, 40.0, 30.0), start=1)]
+    assert _divergence(history, settings) is None
+    history.append({"epoch": 5, "train_loss": 401.0})
+    assert _divergence(history, settings) == "epoch 5's mean training loss (401) is over 10x epoch 3's (40)"
+    assert _divergence(history[:4], SimpleNamespace(stage_two=False, start_stage_two=None)) == (
+        "epoch 4's mean training loss (30) is over 10x epoch 1's (1)")

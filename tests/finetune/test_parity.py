@@ -41,23 +41,27 @@ def test_curves_where_the_validation_frames_have_no_stresses(tmp_path):
     assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_curves_leave_headroom_above_flat_errors(tmp_path, monkeypatch):
-    """Errors that barely move over a few epochs: each error panel's top lies clear of
-    the highest value (its autoscaled top, frozen by a bottom of 0, sat on the zero-shot
-    line and cut the fine-tuned star); the legend names the evaluated set in words."""
+@pytest.fixture
+def saved(monkeypatch):
+    """The figures saved while the test runs (their axes kept past plt.close)."""
     from matplotlib.figure import Figure
 
-    from sparsekern.finetune.curves import plot_curves
-
-    tops, labels = [], []
-    save = Figure.savefig
+    figures, save = [], Figure.savefig
 
     def seen(fig, *args, **kwargs):
-        tops.extend(ax.get_ylim()[1] for ax in fig.axes[1:])
-        labels.extend(t.get_text() for t in fig.axes[1].get_legend().get_texts())
+        figures.append(fig)
         save(fig, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", seen)
+    return figures
+
+
+def test_curves_leave_headroom_above_flat_errors(tmp_path, saved):
+    """Errors that barely move over a few epochs: each error panel's top lies clear of
+    the highest value (its autoscaled top, frozen by a bottom of 0, sat on the zero-shot
+    line and cut the fine-tuned star); the legend names the evaluated set in words."""
+    from sparsekern.finetune.curves import plot_curves
+
     errors = {"energy_mae_mev_per_atom": 56.53, "force_mae_mev_per_A": 120.02}
     metrics = {"history": [{"epoch": e, "train_loss": 1.0, "valid_loss": 0.5, "valid": errors} for e in (1, 2)],
                "evaluated_on": "valid", "selected_epoch": 2, "selected_by": "lowest validation loss",
@@ -65,5 +69,29 @@ def test_curves_leave_headroom_above_flat_errors(tmp_path, monkeypatch):
                "valid_energy_mae_mev_per_atom": 56.5, "zero_shot_valid_energy_mae_mev_per_atom": 56.549,
                "valid_force_mae_mev_per_A": 120.0, "zero_shot_valid_force_mae_mev_per_A": 120.04}
     plot_curves(metrics, tmp_path / "training.png")
-    assert tops == [pytest.approx(1.08 * 56.549), pytest.approx(1.08 * 120.04)]
-    assert "validation, zero-shot" in labels  # (the legend's words, not metrics.json's prefixes)
+    assert [ax.get_ylim()[1] for ax in saved[0].axes[1:]] == [pytest.approx(1.08 * 56.549),
+                                                              pytest.approx(1.08 * 120.04)]
+    labels = [t.get_text() for t in saved[0].axes[1].get_legend().get_texts()]
+    assert labels.count("validation, zero-shot") == 1  # (the legend's words, not metrics.json's prefixes)
+
+
+def test_curves_set_the_validation_errors_beside_the_base_models(tmp_path, saved):
+    """With test frames, each error panel draws the base model's validation errors (the
+    validation curve's baseline) beside the test set's zero-shot line: against the latter
+    alone, validation errors above the base's (here every epoch's) looked like gains."""
+    from sparsekern.finetune.curves import plot_curves
+
+    base = {"energy_mae_mev_per_atom": 10.1, "force_mae_mev_per_A": 52.9, "stress_mae_mev_per_A3": 1.5}
+    history = [{"epoch": e, "train_loss": 1.0, "valid_loss": 0.5, "valid": {k: v + e for k, v in base.items()}}
+               for e in (1, 2)]
+    metrics = {"history": history, "evaluated_on": "test", "selected_epoch": 2, "selected_by": "lowest validation loss",
+               "settings": {"stage_two": False}, "method": "sparse", "model": "m.model", "changed_fraction": 0.03,
+               **{f"zero_shot_valid_{k}": v for k, v in base.items()},
+               **{f"{prefix}{k}": 8 * v for k, v in base.items() for prefix in ("test_", "zero_shot_test_")}}
+    plot_curves(metrics, tmp_path / "training.png")
+    panels = saved[0].axes[1:]
+    assert len(panels) == len(base)
+    for ax, (key, want) in zip(panels, base.items()):
+        lines = {line.get_label(): line.get_ydata() for line in ax.get_lines()}
+        assert list(lines["validation, zero-shot"]) == [want, want], key
+        assert list(lines["test, zero-shot"]) == [8 * want] * 2, key
