@@ -33,7 +33,8 @@ def plot_curves(metrics: dict, filename) -> None:
     if valid_losses:
         line, = axes[0].plot(*zip(*valid_losses), marker="o", label="validation")
     if "zero_shot_valid_loss" in metrics:  # under the result's loss weights (dashed, as in the error panels)
-        axes[0].axhline(metrics["zero_shot_valid_loss"], ls="--", color=line.get_color(), label="validation, zero-shot")
+        axes[0].axhline(metrics["zero_shot_valid_loss"], ls="--", color=line.get_color() if valid_losses else "gray",
+                        label="validation, zero-shot")
         losses.append(metrics["zero_shot_valid_loss"])
     losses += [v for _, v in valid_losses]
     spans_decades = min(losses) > 0 and max(losses) > 10 * min(losses)
