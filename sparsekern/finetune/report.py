@@ -106,6 +106,12 @@ def _labeller(labels: Dict[str, List[str]]) -> Callable[[int], List[str]]:
     return labels_for
 
 
+def _compare(a: float, b: float) -> tuple:
+    """Is ``a`` larger than ``b``: (True, "yes"), (False, "no"), or (None, "equal") for a
+    tie (neither is larger; "no" would say the other one is)."""
+    return (None, "equal") if a == b else (a > b, "yes" if a > b else "no")
+
+
 def d_shell_verdict(s: dict) -> dict:
     """Do l = 2 paths take a larger share of the update for transition metals (TM)?
     Pooled over the per-element weights of each set of elements: ``l2_density`` =
@@ -133,21 +139,22 @@ def d_shell_verdict(s: dict) -> dict:
         sets[name] = {**p, "l2_share": p["l2_changed"] / p["changed"] if p["changed"] else None,
                       "l2_density": p["l2_changed"] / p["l2_total"] if p["l2_total"] else None}
     tm, other = sets["transition_metals"], sets["other_elements"]
+    answer, word = None, "undetermined"
     if not s["by_element_l"]:
-        answer, why = None, ("the model has no element-indexed path weights (SevenNet-0's only per-element "
-                             "weights are its l = 0 embedding): the per-element question cannot be asked of it")
+        why = ("the model has no element-indexed path weights (SevenNet-0's only per-element "
+               "weights are its l = 0 embedding): the per-element question cannot be asked of it")
     elif not tm["elements"] and not other["elements"]:
-        answer, why = None, "the update changed no per-element weights"
+        why = "the update changed no per-element weights"
     elif not tm["elements"] or not other["elements"]:
-        answer, why = None, "the update changed no per-element weights of " + (
+        why = "the update changed no per-element weights of " + (
             "transition metals" if not tm["elements"] else "non-transition-metal elements")
     elif not tm["l2_total"] or not other["l2_total"]:
-        answer, why = None, "the model has no per-element l = 2 paths"
+        why = "the model has no per-element l = 2 paths"
     else:
-        answer = tm["l2_density"] > other["l2_density"]
+        answer, word = _compare(tm["l2_density"], other["l2_density"])
         why = (f"{100 * tm['l2_density']:.2f} % of the transition metals' per-element l = 2 weights changed, "
                f"{100 * other['l2_density']:.2f} % of the other elements'")
-    return {"l2_larger_share_for_transition_metals": answer, "reason": why, **sets}
+    return {"l2_larger_share_for_transition_metals": answer, "answer": word, "reason": why, **sets}
 
 
 def l_profile(s: dict) -> Dict[str, Dict[str, dict]]:
@@ -170,8 +177,8 @@ def l2_against_l01(s: dict) -> Optional[dict]:
     l01 = [sum(by_l[l][k] for by_l in tm for l in ("0", "1") if l in by_l) for k in ("changed", "total")]
     if not l2[1] or not l01[1]:
         return None
-    return {"l2_density": l2[0] / l2[1], "l01_density": l01[0] / l01[1],
-            "l2_larger": l2[0] / l2[1] > l01[0] / l01[1]}
+    larger, word = _compare(l2[0] / l2[1], l01[0] / l01[1])
+    return {"l2_density": l2[0] / l2[1], "l01_density": l01[0] / l01[1], "l2_larger": larger, "answer": word}
 
 
 def build_report(path, base: Optional[torch.nn.Module] = None) -> dict:
@@ -182,7 +189,7 @@ def build_report(path, base: Optional[torch.nn.Module] = None) -> dict:
     if metadata["format"] == LORA_ADAPTER:  # neither question can be asked of it
         l2_vs_l01 = None
         if verdict["l2_larger_share_for_transition_metals"] is not None:
-            verdict.update(l2_larger_share_for_transition_metals=None, reason=(
+            verdict.update(l2_larger_share_for_transition_metals=None, answer="undetermined", reason=(
                 "a LoRA update B A changes every weight of each block it touches, so the share of changed weights "
                 "cannot tell (a sparse adapter can)"))
     return {"adapter": str(path), "format": metadata.get("format"), "fingerprint": metadata.get("fingerprint"),
@@ -193,8 +200,7 @@ def build_report(path, base: Optional[torch.nn.Module] = None) -> dict:
 
 def verdict_line(report: dict) -> str:
     v = report["d_shell"]
-    answer = {True: "yes", False: "no", None: "undetermined"}[v["l2_larger_share_for_transition_metals"]]
-    return f"l = 2 paths take a larger share of the update for transition metals: {answer} ({v['reason']})"
+    return f"l = 2 paths take a larger share of the update for transition metals: {v['answer']} ({v['reason']})"
 
 
 def profile_lines(report: dict) -> List[str]:
@@ -206,7 +212,7 @@ def profile_lines(report: dict) -> List[str]:
     tm = report["transition_metals_l2_vs_l01"]
     if tm is not None:
         lines.append(f"transition metals: l = 2 {100 * tm['l2_density']:.2f} % changed, l = 0, 1 "
-                     f"{100 * tm['l01_density']:.2f} %: l = 2 larger: {'yes' if tm['l2_larger'] else 'no'}")
+                     f"{100 * tm['l01_density']:.2f} %: l = 2 larger: {tm['answer']}")
     return lines
 
 

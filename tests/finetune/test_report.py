@@ -19,7 +19,8 @@ from safetensors.torch import save_file  # noqa: E402
 import sparsekern  # noqa: E402
 from sparsekern.cli import main as cli  # noqa: E402
 from sparsekern.finetune import SparseConfig, calibrate_density, iter_deltas  # noqa: E402
-from sparsekern.finetune.report import build_report, d_shell_verdict  # noqa: E402
+from sparsekern.finetune.report import (build_report, d_shell_verdict, l2_against_l01, l_profile,  # noqa: E402
+                                        profile_lines, verdict_line)
 from sparsekern.integrations.mace.models import mace_mp0_shaped  # noqa: E402
 
 TM = {"Fe", "Ni"}
@@ -167,6 +168,19 @@ def test_verdict_on_a_model_without_element_indexed_weights():
     verdict = d_shell_verdict({"by_element_l": {}})
     assert verdict["l2_larger_share_for_transition_metals"] is None
     assert "no element-indexed path weights" in verdict["reason"]
+
+
+def test_a_tie_is_equal_not_no():
+    """Every per-element weight changed (an element-resolved run at 100 %): neither the
+    transition metals' l = 2 nor their l = 0, 1 is larger, and the report says "equal"."""
+    full = {l: {"changed": n, "total": n, "density": 1.0} for l, n in (("0", 8), ("1", 4), ("2", 2))}
+    s = {"by_element_l": {"Ni": full, "O": full}}
+    verdict, tm = d_shell_verdict(s), l2_against_l01(s)
+    assert verdict["l2_larger_share_for_transition_metals"] is None and verdict["answer"] == "equal"
+    assert tm["l2_larger"] is None and tm["answer"] == "equal"
+    report = {"d_shell": verdict, "l_profile": l_profile(s), "transition_metals_l2_vs_l01": tm}
+    assert "transition metals: equal (100.00 %" in verdict_line(report)
+    assert profile_lines(report)[-1].endswith("l = 2 larger: equal")
 
 
 def test_old_format_adapter_needs_its_base_and_corrupt_files_fail(base, tmp_path, capsys):
