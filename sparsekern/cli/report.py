@@ -45,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from ..files import check_output_folder, output_folder
     from ..finetune.adapters import read_adapter
-    from ..finetune.report import build_report, profile_lines, verdict_line, write_report
+    from ..finetune.report import build_report, profile_lines, summary_line, verdict_line, write_report
 
     adapter = Path(args.adapter)
     try:
@@ -63,8 +63,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         png, js = write_report(report, out, stem)
     except OSError as exc:
         return _error(f"cannot write the report into {out}: {exc}")
-    print(f"{report['changed_params']} of {report['total_params']} path weights changed "
-          f"({100 * report['density']:.2f} %)")
+    print(summary_line(report))
     print(verdict_line(report))
     for line in profile_lines(report):  # per element, the update by l
         print(line)

@@ -12,9 +12,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, names_a_file
 from .adapter_set import load_adapter
-from .adapters import check_base, check_entries, group_from_dict, read_adapter
+from .adapters import check_base, check_entries, group_from_dict, read_adapter, stored_config
 from .config import SparseConfig
 from .methods import LORA_ADAPTER
 from .statistics import count_changes, stats
@@ -192,10 +192,34 @@ def build_report(path, base: Optional[torch.nn.Module] = None) -> dict:
             verdict.update(l2_larger_share_for_transition_metals=None, answer="undetermined", reason=(
                 "a LoRA update B A changes every weight of each block it touches, so the share of changed weights "
                 "cannot tell (a sparse adapter can)"))
-    return {"adapter": str(path), "format": metadata.get("format"), "fingerprint": metadata.get("fingerprint"),
-            "base_model": metadata.get("base_model"),
+    return {"adapter": str(path), "format": metadata.get("format"), "method": method_of(metadata),
+            "fingerprint": metadata.get("fingerprint"), "base_model": metadata.get("base_model"),
+            "modal": metadata.get("modal"),
             "config": json.loads(metadata.get("config", "null")), **s, "d_shell": verdict,
             "l_profile": l_profile(s), "transition_metals_l2_vs_l01": l2_vs_l01}
+
+
+def method_of(metadata: dict) -> str:
+    """The method the adapter holds: sparse (its mode) or LoRA (its rank), and whether its
+    deltas are element-resolved."""
+    config = stored_config(metadata)  # (None: a sparse adapter of an old sparsekern)
+    lora = metadata["format"] == LORA_ADAPTER
+    details = [] if config is None else [f"rank {config.lora_rank}" if lora else config.mode] + (
+        ["element-resolved"] if config.element_resolved else [])
+    return ("LoRA" if lora else "sparse") + (f" ({', '.join(details)})" if details else "")
+
+
+def title(report: dict) -> str:
+    """Which adapter the report describes: its method, file, base model and fidelity."""
+    base, adapter = report["base_model"], Path(report["adapter"])
+    return (f"{report['method']} adapter {adapter.parent.name}/{adapter.name}"
+            + (f" of {Path(base).name if names_a_file(base) else base}" if base else "")
+            + (f", modal {report['modal']}" if report["modal"] else ""))
+
+
+def summary_line(report: dict) -> str:
+    return (f"{title(report)}: {report['changed_params']} of {report['total_params']} path weights changed "
+            f"({100 * report['density']:.2f} %)")
 
 
 def verdict_line(report: dict) -> str:
@@ -254,9 +278,7 @@ def _plot(report: dict, filename: str) -> None:
     colors = ["tab:red" if is_transition_metal(e) else "tab:blue" for e in elements]
     bars(axes[1, 1], elements, "by element (per-element weights; red: transition metals)", colors,
          label_every=max(1, len(elements) // 60))
-    fig.suptitle(f"{Path(report['adapter']).name}: {report['changed_params']} of {report['total_params']} "
-                 f"path weights changed ({100 * report['density']:.2f} %)\n"
-                 + textwrap.fill(verdict_line(report), 180), fontsize=9)
+    fig.suptitle(summary_line(report) + "\n" + textwrap.fill(verdict_line(report), 180), fontsize=9)
     fig.tight_layout()
     fig.savefig(filename, format="png", dpi=110)
     plt.close(fig)

@@ -20,7 +20,7 @@ import sparsekern  # noqa: E402
 from sparsekern.cli import main as cli  # noqa: E402
 from sparsekern.finetune import SparseConfig, calibrate_density, iter_deltas  # noqa: E402
 from sparsekern.finetune.report import (build_report, d_shell_verdict, l2_against_l01, l_profile,  # noqa: E402
-                                        profile_lines, verdict_line)
+                                        profile_lines, summary_line, verdict_line, write_report)
 from sparsekern.integrations.mace.models import mace_mp0_shaped  # noqa: E402
 
 TM = {"Fe", "Ni"}
@@ -181,6 +181,34 @@ def test_a_tie_is_equal_not_no():
     report = {"d_shell": verdict, "l_profile": l_profile(s), "transition_metals_l2_vs_l01": tm}
     assert "transition metals: equal (100.00 %" in verdict_line(report)
     assert profile_lines(report)[-1].endswith("l = 2 larger: equal")
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures saved while the test runs (their titles and panels stay readable)."""
+    from matplotlib.figure import Figure
+
+    saved, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), savefig(fig, *a, **k))[1])
+    return saved
+
+
+def test_report_names_method_base_model_and_modal(base, tmp_path, figures):
+    """The text, the JSON and the PNG's title say sparse or LoRA, of which base model, at
+    which fidelity (a multi-fidelity model's --modal, stored in the adapter)."""
+    sparse = sparsekern.save_adapter(_adapted(base, True), tmp_path / "sparse" / "adapter.safetensors",
+                                     extra_metadata={"base_model": "/runs/7net-mf-0.pth", "modal": "PBE"})
+    lora = sparsekern.prepare(copy.deepcopy(base), SparseConfig(mode="lora", lora_rank=2))
+    lora = sparsekern.save_adapter(lora, tmp_path / "lora" / "adapter.safetensors")
+    for path, method, line in ((sparse, "sparse (str)", "sparse (str) adapter sparse/adapter.safetensors of "
+                                                          "7net-mf-0.pth, modal PBE: "),
+                               (lora, "LoRA (rank 2)", "LoRA (rank 2) adapter lora/adapter.safetensors: ")):
+        report = build_report(path)
+        assert report["method"] == method and summary_line(report).startswith(line)
+        write_report(report, tmp_path / "out" / method[:4], "adapter.report")
+        assert figures[-1].get_suptitle().startswith(line)
+    assert (report["modal"], report["base_model"]) == (None, None)  # (an adapter saved without them)
+    assert json.loads((tmp_path / "out" / "spar" / "adapter.report.json").read_text())["modal"] == "PBE"
 
 
 def test_old_format_adapter_needs_its_base_and_corrupt_files_fail(base, tmp_path, capsys):
