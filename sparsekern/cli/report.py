@@ -64,6 +64,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:
         return _error(f"cannot write the report into {out}: {exc}")
     print(summary_line(report))
+    if report["note"]:
+        print(report["note"])
     print(verdict_line(report))
     for line in profile_lines(report):  # per element, the update by l
         print(line)

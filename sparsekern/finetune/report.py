@@ -112,7 +112,7 @@ def _compare(a: float, b: float) -> tuple:
     return (None, "equal") if a == b else (a > b, "yes" if a > b else "no")
 
 
-def d_shell_verdict(s: dict) -> dict:
+def d_shell_verdict(s: dict, model: Optional[str] = None) -> dict:
     """Do l = 2 paths take a larger share of the update for transition metals (TM)?
     Pooled over the per-element weights of each set of elements: ``l2_density`` =
     changed / total l = 2 weights decides (it compares like with like: every element
@@ -120,7 +120,7 @@ def d_shell_verdict(s: dict) -> dict:
     weights is reported too, but a set with few changes makes it noisy. Only elements
     the update touched (any of their per-element weights changed) are pooled: a
     foundation model knows ~90 elements, a fine-tuning set holds a few, and the weights
-    of absent elements get no gradient."""
+    of absent elements get no gradient. ``model``: the base model's name, for the reason."""
     pooled = {True: {"l2_changed": 0, "l2_total": 0, "changed": 0, "total": 0, "elements": []},
               False: {"l2_changed": 0, "l2_total": 0, "changed": 0, "total": 0, "elements": []}}
     for element, by_l in s["by_element_l"].items():
@@ -140,9 +140,9 @@ def d_shell_verdict(s: dict) -> dict:
                       "l2_density": p["l2_changed"] / p["l2_total"] if p["l2_total"] else None}
     tm, other = sets["transition_metals"], sets["other_elements"]
     answer, word = None, "undetermined"
-    if not s["by_element_l"]:
-        why = ("the model has no element-indexed path weights (SevenNet-0's only per-element "
-               "weights are its l = 0 embedding): the per-element question cannot be asked of it")
+    if not s["by_element_l"]:  # (a SevenNet: every MACE has per-element symmetric-contraction weights)
+        why = (f"the model{f' ({model})' if model else ''} has no element-indexed path weights (a SevenNet's only "
+               "per-element weights are its l = 0 embedding): the per-element question cannot be asked of it")
     elif not tm["elements"] and not other["elements"]:
         why = "the update changed no per-element weights"
     elif not tm["elements"] or not other["elements"]:
@@ -181,10 +181,15 @@ def l2_against_l01(s: dict) -> Optional[dict]:
     return {"l2_density": l2[0] / l2[1], "l01_density": l01[0] / l01[1], "l2_larger": larger, "answer": word}
 
 
+# (a LoRA report's densities are 100 % wherever it reaches: this says why)
+LORA_NOTE = ("a LoRA update B A is dense by construction: it changes every weight of each block it reaches, so "
+             "its densities say which blocks those are, not where the update is large")
+
+
 def build_report(path, base: Optional[torch.nn.Module] = None) -> dict:
     _, metadata = read_adapter(path)
     s = adapter_stats(path, base)
-    verdict = d_shell_verdict(s)
+    verdict = d_shell_verdict(s, model_name(metadata.get("base_model")))
     l2_vs_l01 = l2_against_l01(s)
     if metadata["format"] == LORA_ADAPTER:  # neither question can be asked of it
         l2_vs_l01 = None
@@ -194,7 +199,7 @@ def build_report(path, base: Optional[torch.nn.Module] = None) -> dict:
                 "cannot tell (a sparse adapter can)"))
     return {"adapter": str(path), "format": metadata.get("format"), "method": method_of(metadata),
             "fingerprint": metadata.get("fingerprint"), "base_model": metadata.get("base_model"),
-            "modal": metadata.get("modal"),
+            "modal": metadata.get("modal"), "note": LORA_NOTE if metadata["format"] == LORA_ADAPTER else None,
             "config": json.loads(metadata.get("config", "null")), **s, "d_shell": verdict,
             "l_profile": l_profile(s), "transition_metals_l2_vs_l01": l2_vs_l01}
 
@@ -209,11 +214,15 @@ def method_of(metadata: dict) -> str:
     return ("LoRA" if lora else "sparse") + (f" ({', '.join(details)})" if details else "")
 
 
+def model_name(base: Optional[str]) -> Optional[str]:
+    """The base model as the titles name it: a file by its name, a package's model as named."""
+    return Path(base).name if base and names_a_file(base) else base
+
+
 def title(report: dict) -> str:
     """Which adapter the report describes: its method, file, base model and fidelity."""
-    base, adapter = report["base_model"], Path(report["adapter"])
-    return (f"{report['method']} adapter {adapter.parent.name}/{adapter.name}"
-            + (f" of {Path(base).name if names_a_file(base) else base}" if base else "")
+    base, adapter = model_name(report["base_model"]), Path(report["adapter"])
+    return (f"{report['method']} adapter {adapter.parent.name}/{adapter.name}" + (f" of {base}" if base else "")
             + (f", modal {report['modal']}" if report["modal"] else ""))
 
 
@@ -278,7 +287,8 @@ def _plot(report: dict, filename: str) -> None:
     colors = ["tab:red" if is_transition_metal(e) else "tab:blue" for e in elements]
     bars(axes[1, 1], elements, "by element (per-element weights; red: transition metals)", colors,
          label_every=max(1, len(elements) // 60))
-    fig.suptitle(summary_line(report) + "\n" + textwrap.fill(verdict_line(report), 180), fontsize=9)
+    lines = [summary_line(report), report["note"], verdict_line(report)]
+    fig.suptitle("\n".join(textwrap.fill(line, 180) for line in lines if line), fontsize=9)
     fig.tight_layout()
     fig.savefig(filename, format="png", dpi=110)
     plt.close(fig)

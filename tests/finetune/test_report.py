@@ -124,6 +124,7 @@ def test_lora_gets_no_l_verdict(base, tmp_path):
     assert report["changed_params"] > 0 and report["l_profile"]
     assert report["d_shell"]["l2_larger_share_for_transition_metals"] is None
     assert report["transition_metals_l2_vs_l01"] is None
+    assert "dense by construction" in report["note"]  # (why its densities read 100 %)
 
 
 def test_verdict_pools_only_elements_the_update_touched(base, tmp_path):
@@ -163,11 +164,13 @@ def test_verdict_pools_only_elements_the_update_touched(base, tmp_path):
 
 
 def test_verdict_on_a_model_without_element_indexed_weights():
-    """SevenNet-0's only per-element weights are the l = 0 embedding: no verdict, and the
-    reason says so (not that the update missed the transition metals)."""
-    verdict = d_shell_verdict({"by_element_l": {}})
+    """A SevenNet's only per-element weights are the l = 0 embedding: no verdict, and the
+    reason says so (not that the update missed the transition metals), naming the model
+    the adapter was made for (not always SevenNet-0)."""
+    verdict = d_shell_verdict({"by_element_l": {}}, "7net-mf-0")
     assert verdict["l2_larger_share_for_transition_metals"] is None
-    assert "no element-indexed path weights" in verdict["reason"]
+    assert "the model (7net-mf-0) has no element-indexed path weights" in verdict["reason"]
+    assert "SevenNet-0" not in verdict["reason"]
 
 
 def test_a_tie_is_equal_not_no():
@@ -207,6 +210,7 @@ def test_report_names_method_base_model_and_modal(base, tmp_path, figures):
         assert report["method"] == method and summary_line(report).startswith(line)
         write_report(report, tmp_path / "out" / method[:4], "adapter.report")
         assert figures[-1].get_suptitle().startswith(line)
+        assert ("dense by construction" in figures[-1].get_suptitle()) is (method[0] == "L")
     assert (report["modal"], report["base_model"]) == (None, None)  # (an adapter saved without them)
     assert json.loads((tmp_path / "out" / "spar" / "adapter.report.json").read_text())["modal"] == "PBE"
 
@@ -231,6 +235,13 @@ def test_old_format_adapter_needs_its_base_and_corrupt_files_fail(base, tmp_path
     from_adapter = json.loads((tmp_path / "new.report.json").read_text())
     for key in BREAKDOWNS + ("d_shell",):
         assert from_base[key] == from_adapter[key], key
+
+    merged = tmp_path / "merged.model"  # a model, not its adapter: say which file to give
+    torch.save(base, merged)
+    capsys.readouterr()
+    assert cli(["report", str(merged)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "is a model, not a sparsekern adapter: give the adapter file" in err
 
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
