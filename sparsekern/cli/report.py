@@ -45,12 +45,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from ..files import check_output_folder, output_folder
     from ..finetune.adapters import read_adapter
-    from ..finetune.report import build_report, profile_lines, summary_line, verdict_line, write_report
+    from ..finetune.report import (adapter_identity, build_report, check_replaceable, profile_lines, summary_line,
+                                   verdict_line, write_report)
 
     adapter = Path(args.adapter)
+    stem = adapter.name.removesuffix(".safetensors") + ".report"
     try:
         _, metadata = read_adapter(adapter)  # a bad file is refused before a base model loads
         check_output_folder(args.out or adapter.parent)  # and a folder it cannot be (made once there is a report)
+        check_replaceable(args.out or adapter.parent, stem, adapter_identity(adapter))  # (another adapter's report)
         base = load_base(args.model, adapter, metadata) if args.model else None
         report = build_report(adapter, base)
         out = output_folder(args.out or adapter.parent)
@@ -58,9 +61,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _error(exc)
     except ImportError as exc:  # the model's family lives in another environment
         return _error(f"{exc} (MACE models need mace-torch, SevenNet models sevenn)")
-    stem = adapter.name.removesuffix(".safetensors") + ".report"
     try:
         png, js = write_report(report, out, stem)
+    except ValueError as exc:  # (another adapter's report, written there since the check)
+        return _error(exc)
     except OSError as exc:
         return _error(f"cannot write the report into {out}: {exc}")
     print(summary_line(report))

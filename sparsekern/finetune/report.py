@@ -4,6 +4,7 @@ metals than for the other elements (the paper's signature)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import textwrap
 from functools import partial
@@ -197,7 +198,7 @@ def build_report(path, base: Optional[torch.nn.Module] = None) -> dict:
             verdict.update(l2_larger_share_for_transition_metals=None, answer="undetermined", reason=(
                 "a LoRA update B A changes every weight of each block it touches, so the share of changed weights "
                 "cannot tell (a sparse adapter can)"))
-    return {"adapter": str(path), "format": metadata.get("format"), "method": method_of(metadata),
+    return {**adapter_identity(path), "format": metadata.get("format"), "method": method_of(metadata),
             "fingerprint": metadata.get("fingerprint"), "base_model": metadata.get("base_model"),
             "modal": metadata.get("modal"), "note": LORA_NOTE if metadata["format"] == LORA_ADAPTER else None,
             "config": json.loads(metadata.get("config", "null")), **s, "d_shell": verdict,
@@ -249,9 +250,36 @@ def profile_lines(report: dict) -> List[str]:
     return lines
 
 
+def adapter_identity(path) -> dict:
+    """What a report records of the adapter it describes (every run names its adapter
+    adapter.safetensors): its resolved path and its content's SHA-256."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"adapter": str(Path(path).resolve()), "adapter_sha256": digest}
+
+
+def check_replaceable(out_dir, stem: str, identity: dict) -> None:
+    """Refuse (one line) to replace another adapter's report: an existing ``stem``.json in
+    ``out_dir`` is rewritten only for the adapter it describes (``adapter_identity``: the
+    same file, or its content moved) or, from before reports recorded that, beside it."""
+    existing = Path(out_dir) / f"{stem}.json"
+    if not existing.exists():
+        return
+    try:
+        old = json.loads(existing.read_text())
+        described = old["adapter"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{existing} exists and is not a sparsekern report: choose another --out") from None
+    same = described == identity["adapter"] or old.get("adapter_sha256") == identity["adapter_sha256"]
+    if not same and ("adapter_sha256" in old or existing.parent.resolve() != Path(identity["adapter"]).parent):
+        raise ValueError(f"{existing} is the report of another adapter ({described}): choose another --out")
+
+
 def write_report(report: dict, out_dir, stem: str) -> tuple:
-    """``stem``.json and ``stem``.png in ``out_dir``, each written atomically."""
+    """``stem``.json and ``stem``.png in ``out_dir``, each written atomically; another
+    adapter's report there is refused (``check_replaceable``)."""
     out_dir = Path(out_dir)
+    check_replaceable(out_dir, stem, report)
     text = json.dumps(report, indent=1) + "\n"
     json_path = atomic_write(out_dir / f"{stem}.json", lambda tmp: Path(tmp).write_text(text))
     png_path = atomic_write(out_dir / f"{stem}.png", lambda tmp: _plot(report, tmp))

@@ -215,6 +215,42 @@ def test_report_names_method_base_model_and_modal(base, tmp_path, figures):
     assert json.loads((tmp_path / "out" / "spar" / "adapter.report.json").read_text())["modal"] == "PBE"
 
 
+def test_another_adapters_report_is_not_replaced(base, tmp_path, capsys):
+    """Every run names its adapter adapter.safetensors: a report in --out is rewritten for
+    the adapter it describes (the same file, or the same content moved) and refused, in
+    one line and before the base model loads, for another one."""
+    sparse = sparsekern.save_adapter(_adapted(base, True), tmp_path / "sparse" / "adapter.safetensors")
+    lora = sparsekern.prepare(copy.deepcopy(base), SparseConfig(mode="lora", lora_rank=2))
+    lora = sparsekern.save_adapter(lora, tmp_path / "lora" / "adapter.safetensors")
+    out = tmp_path / "R"
+    js = out / "adapter.report.json"
+    assert cli(["report", str(sparse), "--out", str(out)]) == 0
+    kept = js.read_text()
+    assert json.loads(kept)["adapter"] == str(sparse.resolve())
+    capsys.readouterr()
+    assert cli(["report", str(lora), "--out", str(out), "--model", str(tmp_path / "missing.model")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"sparsekern report: error: {js} is the report of another adapter ({sparse.resolve()}): "
+                   "choose another --out\n")
+    assert js.read_text() == kept
+    moved = tmp_path / "moved" / "adapter.safetensors"
+    moved.parent.mkdir()
+    moved.write_bytes(sparse.read_bytes())
+    for same in (sparse, moved):  # its own report: rewritten
+        assert cli(["report", str(same), "--out", str(out)]) == 0
+    with pytest.raises(ValueError, match="report of another adapter"):  # the library call checks too
+        write_report(build_report(lora), out, "adapter.report")
+
+    old = {k: v for k, v in json.loads(kept).items() if k != "adapter_sha256"}  # a report of an older sparsekern
+    for folder, code in ((sparse.parent, 0), (out, 2)):  # beside its adapter: its report; elsewhere: unknown
+        (folder / "adapter.report.json").write_text(json.dumps({**old, "adapter": "sparse/adapter.safetensors"}))
+        assert cli(["report", str(sparse), "--out", str(folder)]) == code
+    js.write_text("[1, 2]")
+    capsys.readouterr()
+    assert cli(["report", str(sparse), "--out", str(out)]) == 2
+    assert f"{js} exists and is not a sparsekern report: choose another --out" in capsys.readouterr().err
+
+
 def test_old_format_adapter_needs_its_base_and_corrupt_files_fail(base, tmp_path, capsys):
     model = _adapted(base, True)
     path = sparsekern.save_adapter(model, tmp_path / "new.safetensors")
