@@ -292,31 +292,84 @@ def _plot(report: dict, filename: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(14, 11))
-
-    def bars(ax, table, title, colors=None, label_every=1):
-        ax.set_title(title)
-        names = list(table)
-        if not names:
-            ax.set_axis_off()
-            ax.text(0.5, 0.5, "no such weights in this model", ha="center", va="center", transform=ax.transAxes)
-            return
-        values = [100 * table[n]["density"] for n in names]
-        ax.bar(range(len(names)), values, color=colors or "tab:blue")
-        ticks = list(range(0, len(names), label_every))
-        ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90 if max(map(len, names)) > 6 else 0, fontsize=7)
-        ax.set_ylabel("changed weights (%)")
-
-    bars(axes[0, 0], report["by_layer"], "by layer")
+    fig = plt.figure(figsize=(20, 13))
+    grid = fig.add_gridspec(2, 3)
+    _bars(fig.add_subplot(grid[0, 0]), report["by_layer"], "by layer")
     paths = report["by_path"]
-    bars(axes[0, 1], paths, f"by path ({len(paths)} paths)", label_every=max(1, len(paths) // 40))
-    bars(axes[1, 0], report["by_l"], "by irrep order l of the path")
-    elements = report["by_element"]
-    colors = ["tab:red" if is_transition_metal(e) else "tab:blue" for e in elements]
-    bars(axes[1, 1], elements, "by element (per-element weights; red: transition metals)", colors,
-         label_every=max(1, len(elements) // 60))
+    _bars(fig.add_subplot(grid[0, 1:]), paths, f"by path ({len(paths)} paths)", label_every=max(1, len(paths) // 60))
+    _bars(fig.add_subplot(grid[1, 0]), report["by_l"], "by irrep order l of the path")
+    _element_bars(fig.add_subplot(grid[1, 1]), report["by_element"])
+    _element_l_map(fig.add_subplot(grid[1, 2]), report)
     lines = [summary_line(report), report["note"], verdict_line(report)]
-    fig.suptitle("\n".join(textwrap.fill(line, 180) for line in lines if line), fontsize=9)
+    fig.suptitle("\n".join(textwrap.fill(line, 200) for line in lines if line), fontsize=10)
     fig.tight_layout()
     fig.savefig(filename, format="png", dpi=110)
     plt.close(fig)
+
+
+def _count(n: int) -> str:
+    """512, 40.9k, 52.3M: how many weights a bar counts, in its label."""
+    for size, unit in ((1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def _bars(ax, table: dict, title: str, colors=None, label_every: int = 1,
+          empty: str = "no such weights in this model") -> None:
+    """The density of each entry of ``table``, labelled with how many weights it counts
+    (an 18 % bar may be a layer of 512 weights)."""
+    ax.set_title(title, fontsize=10)
+    names = list(table)
+    if not names:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+        return
+    values = [100 * table[n]["density"] for n in names]
+    ax.bar(range(len(names)), values, color=colors or "tab:blue")
+    ticks = list(range(0, len(names), label_every))
+    labels = [f"{names[i]} ({_count(table[names[i]]['total'])})" for i in ticks]
+    ax.set_xticks(ticks, labels, rotation=90 if sum(map(len, labels)) > 60 else 0, fontsize=7)
+    # from 0 (an update of nothing: not -0.04 %), with room above the tallest bar
+    ax.set(ylabel="changed weights (%)", ylim=(0, 1.05 * max(values) or 1))
+    ax.set_xlabel("(in brackets: how many weights)", fontsize=8)
+
+
+def _element_bars(ax, elements: dict) -> None:
+    """The elements whose per-element weights the update changed (a foundation model
+    knows ~90, a fine-tuning set holds a few): how many others there are, in the title."""
+    touched = {e: v for e, v in elements.items() if v["changed"]}
+    hidden = len(elements) - len(touched)
+    title = "by element (per-element weights; red: transition metals)" + (
+        f"\n{hidden} unchanged element{'s' if hidden > 1 else ''} not shown" if hidden and touched else "")
+    _bars(ax, touched, title, ["tab:red" if is_transition_metal(e) else "tab:blue" for e in touched],
+          empty=f"no per-element weight changed ({len(elements)} elements)" if elements else
+          "no per-element weights in this model")
+
+
+def _element_l_map(ax, report: dict) -> None:
+    """Density by element the update touched (rows) and irrep order l (columns), written in
+    each cell: where the update went within each element (transition metals: l = 2?)."""
+    import numpy as np
+
+    profile = report["l_profile"]
+    ax.set_title("by element and l (per-element weights the update touched)", fontsize=10)
+    if not profile:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no per-element weight changed" if report["by_element_l"] else
+                "no element-indexed path weights in this model", ha="center", va="center", transform=ax.transAxes)
+        return
+    orders = [l for l in report["by_l"] if any(l in by_l for by_l in profile.values())]
+    cells = np.array([[100 * by_l[l]["density"] if l in by_l else np.nan for l in orders] for by_l in profile.values()])
+    image = ax.imshow(cells, cmap="viridis", vmin=0, aspect="auto")
+    ax.figure.colorbar(image, ax=ax, label="changed weights (%)")
+    ax.set_xticks(range(len(orders)), [l if l == "radial" else f"l = {l}" for l in orders])
+    ax.set_yticks(range(len(profile)), list(profile), fontsize=8 if len(profile) <= 30 else 5)
+    for label, element in zip(ax.get_yticklabels(), profile):
+        label.set_color("tab:red" if is_transition_metal(element) else "black")
+    if cells.size <= 300:  # (more cells than that: too small to write in)
+        for (i, j), v in np.ndenumerate(cells):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f} %", ha="center", va="center", fontsize=8,
+                        color="white" if v < 0.6 * np.nanmax(cells) else "black")
+    ax.set(xlabel="irrep order l of the path", ylabel="element (red: transition metals)")

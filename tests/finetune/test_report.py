@@ -20,7 +20,8 @@ import sparsekern  # noqa: E402
 from sparsekern.cli import main as cli  # noqa: E402
 from sparsekern.finetune import SparseConfig, calibrate_density, iter_deltas  # noqa: E402
 from sparsekern.finetune.report import (build_report, d_shell_verdict, l2_against_l01, l_profile,  # noqa: E402
-                                        profile_lines, summary_line, verdict_line, write_report)
+                                        _count, profile_lines, summary_line, verdict_line,
+                                        write_report)
 from sparsekern.integrations.mace.models import mace_mp0_shaped  # noqa: E402
 
 TM = {"Fe", "Ni"}
@@ -249,6 +250,48 @@ def test_another_adapters_report_is_not_replaced(base, tmp_path, capsys):
     capsys.readouterr()
     assert cli(["report", str(sparse), "--out", str(out)]) == 2
     assert f"{js} exists and is not a sparsekern report: choose another --out" in capsys.readouterr().err
+
+
+def _panels(fig) -> dict:
+    return {ax.get_title().split("\n")[0]: ax for ax in fig.axes if ax.get_title()}
+
+
+def test_report_png_panels(base, tmp_path, figures):
+    """The PNG shows the density by element and l (what the transition-metal question
+    reads), only the elements the update touched (a foundation model knows ~90), how many
+    weights each bar counts, and densities from 0 (an all-zero update: not -0.04 %)."""
+    model = _adapted(base, True)
+    symbols = [chemical_symbols[int(z)] for z in model.atomic_numbers]
+    with torch.no_grad():
+        for *_, delta in iter_deltas(model):
+            for g in delta.groups:
+                if g.per_element:
+                    g.view(delta.v.data)[symbols.index("H")] = 0  # H left as it was
+    calibrate_density(model)
+    report = build_report(sparsekern.save_adapter(model, tmp_path / "a.safetensors"))
+    write_report(report, tmp_path, "a.report")
+    panels = _panels(figures[-1])
+    cells = panels["by element and l (per-element weights the update touched)"]
+    assert [t.get_text() for t in cells.get_yticklabels()] == list(report["l_profile"]) == ["O", "Fe", "Ni"]
+    orders = [t.get_text() for t in cells.get_xticklabels()]
+    assert orders == ["l = 0", "l = 2"]  # (the orders of its per-element weights)
+    expected = [[100 * by_l[l[4:]]["density"] for l in orders] for by_l in report["l_profile"].values()]
+    assert cells.images[0].get_array().tolist() == expected
+    elements = panels["by element (per-element weights; red: transition metals)"]
+    assert "1 unchanged element not shown" in elements.get_title()
+    total = report["by_element"]["O"]["total"]
+    assert [t.get_text() for t in elements.get_xticklabels()] == [f"{e} ({total})" for e in ("O", "Fe", "Ni")]
+    assert [t.get_text() for t in panels["by irrep order l of the path"].get_xticklabels()] == [
+        f"{l} ({report['by_l'][l]['total']})" for l in report["by_l"]]
+    assert [_count(n) for n in (512, 40_912, 52_302_016)] == ["512", "40.9k", "52.3M"]  # (larger layers' labels)
+
+    with torch.no_grad():  # nothing changed (--epochs 0)
+        for *_, delta in iter_deltas(model):
+            delta.v.zero_()
+    calibrate_density(model)
+    write_report(build_report(sparsekern.save_adapter(model, tmp_path / "a.safetensors")), tmp_path, "a.report")
+    bars = [ax for ax in figures[-1].axes if ax.patches]
+    assert len(bars) == 3 and all(ax.get_ylim() == (0, 1) for ax in bars)
 
 
 def test_old_format_adapter_needs_its_base_and_corrupt_files_fail(base, tmp_path, capsys):
