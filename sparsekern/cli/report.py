@@ -36,7 +36,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         description="Density of an adapter's update by layer, path, irrep order l and element (a PNG and a "
                     "JSON), and whether l = 2 paths take a larger share of it for transition metals.")
     parser.add_argument("adapter", help="adapter file (.safetensors) written by sparsekern")
-    parser.add_argument("--out", default=None, help="output folder (default: the adapter's folder)")
+    parser.add_argument("--out", default=None, help="output folder (default: the adapter's folder; another adapter's "
+                        "report there is refused)")
     parser.add_argument("--model", default=None,
                         help="base model (a MACE .model file, a MACE foundation name, or 7net-0): the adapter is "
                              "checked against it (made for it, or an error); needed for adapters written before "
