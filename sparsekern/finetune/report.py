@@ -194,7 +194,7 @@ def build_report(path, base: Optional[torch.nn.Module] = None) -> dict:
     l2_vs_l01 = l2_against_l01(s)
     if metadata["format"] == LORA_ADAPTER:  # neither question can be asked of it
         l2_vs_l01 = None
-        if verdict["l2_larger_share_for_transition_metals"] is not None:
+        if verdict["answer"] != "undetermined":  # (its densities compared: 100 % against 100 %, "equal")
             verdict.update(l2_larger_share_for_transition_metals=None, answer="undetermined", reason=(
                 "a LoRA update B A changes every weight of each block it touches, so the share of changed weights "
                 "cannot tell (a sparse adapter can)"))

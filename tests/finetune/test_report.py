@@ -124,6 +124,7 @@ def test_lora_gets_no_l_verdict(base, tmp_path):
     report = build_report(sparsekern.save_adapter(model, tmp_path / "lora.safetensors"))
     assert report["changed_params"] > 0 and report["l_profile"]
     assert report["d_shell"]["l2_larger_share_for_transition_metals"] is None
+    assert report["d_shell"]["answer"] == "undetermined" and "LoRA update" in report["d_shell"]["reason"]
     assert report["transition_metals_l2_vs_l01"] is None
     assert "dense by construction" in report["note"]  # (why its densities read 100 %)
 
