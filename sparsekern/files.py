@@ -69,10 +69,13 @@ def _sync(path) -> None:
         os.close(fd)
 
 
+MODEL_SUFFIXES = (".model", ".pth", ".pt")  # MACE's and SevenNet's model files (torch.save)
+
+
 def names_a_file(spec: str) -> bool:
     """Whether a model given by the user (``--model``, ``--foundation_model``) is a path (a
     folder in it, or a model file's suffix), not a name that a package downloads."""
-    return len(Path(spec).parts) > 1 or Path(spec).suffix in (".model", ".pth", ".pt")
+    return len(Path(spec).parts) > 1 or Path(spec).suffix in MODEL_SUFFIXES
 
 
 def check_output_folder(path) -> Path:

@@ -36,7 +36,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         description="Density of an adapter's update by layer, path, irrep order l and element (a PNG and a "
                     "JSON), and whether l = 2 paths take a larger share of it for transition metals.")
     parser.add_argument("adapter", help="adapter file (.safetensors) written by sparsekern")
-    parser.add_argument("--out", default=None, help="output folder (default: the adapter's folder)")
+    parser.add_argument("--out", default=None, help="output folder (default: the adapter's folder; another adapter's "
+                        "report there is refused)")
     parser.add_argument("--model", default=None,
                         help="base model (a MACE .model file, a MACE foundation name, or 7net-0): the adapter is "
                              "checked against it (made for it, or an error); needed for adapters written before "
@@ -45,12 +46,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from ..files import check_output_folder, output_folder
     from ..finetune.adapters import read_adapter
-    from ..finetune.report import build_report, profile_lines, verdict_line, write_report
+    from ..finetune.report import (adapter_identity, build_report, check_replaceable, profile_lines, summary_line,
+                                   verdict_line, write_report)
 
     adapter = Path(args.adapter)
+    stem = adapter.name.removesuffix(".safetensors") + ".report"
     try:
         _, metadata = read_adapter(adapter)  # a bad file is refused before a base model loads
         check_output_folder(args.out or adapter.parent)  # and a folder it cannot be (made once there is a report)
+        check_replaceable(args.out or adapter.parent, stem, adapter_identity(adapter))  # (another adapter's report)
         base = load_base(args.model, adapter, metadata) if args.model else None
         report = build_report(adapter, base)
         out = output_folder(args.out or adapter.parent)
@@ -58,13 +62,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _error(exc)
     except ImportError as exc:  # the model's family lives in another environment
         return _error(f"{exc} (MACE models need mace-torch, SevenNet models sevenn)")
-    stem = adapter.name.removesuffix(".safetensors") + ".report"
     try:
         png, js = write_report(report, out, stem)
+    except ValueError as exc:  # (another adapter's report, written there since the check)
+        return _error(exc)
     except OSError as exc:
         return _error(f"cannot write the report into {out}: {exc}")
-    print(f"{report['changed_params']} of {report['total_params']} path weights changed "
-          f"({100 * report['density']:.2f} %)")
+    print(summary_line(report))
+    if report["note"]:
+        print(report["note"])
     print(verdict_line(report))
     for line in profile_lines(report):  # per element, the update by l
         print(line)

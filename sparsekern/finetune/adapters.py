@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import __version__, delta_slot
-from ..files import atomic_write
+from ..files import MODEL_SUFFIXES, atomic_write
 from ..integrations import computing_model, family_of
 from ..integrations.cuda_graphs import Replays
 from ..paths import WeightGroup
@@ -333,6 +333,9 @@ def read_adapter(path, formats: Sequence[str] = tuple(FORMATS)):
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
+        if path.suffix in MODEL_SUFFIXES:  # (a merged model: its adapter lies beside it)
+            raise ValueError(f"{path} is a model, not a sparsekern adapter: give the adapter file "
+                             "(adapter.safetensors) instead") from None
         raise ValueError(f"{path} is not a readable sparsekern adapter (corrupt, truncated or another format): "
                          f"{exc}") from None
     fmt = metadata.get("format")

@@ -38,7 +38,8 @@ def plot_curves(metrics: dict, filename) -> None:
         losses.append(metrics["zero_shot_valid_loss"])
     losses += [v for _, v in valid_losses]
     spans_decades = min(losses) > 0 and max(losses) > 10 * min(losses)
-    axes[0].set(title="loss", xlabel="epoch", yscale="log" if spans_decades else "linear")
+    axes[0].set(title="loss", xlabel="epoch", ylabel="loss (weighted sum of the error terms)",
+                yscale="log" if spans_decades else "linear")
     for ax, (key, title) in zip(axes[1:], panels):
         valid = [(h["epoch"], h["valid"][key]) for h in history if key in h.get("valid", {})]  # (stress: if labelled)
         if valid:

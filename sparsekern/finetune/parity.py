@@ -41,6 +41,7 @@ def plot_parity(data: Dict[str, tuple], title: str, filename) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(data), figsize=(4.6 * len(data), 4.4), squeeze=False)
     for ax, (key, (ref, before, after)) in zip(axes[0], data.items()):
@@ -51,6 +52,8 @@ def plot_parity(data: Dict[str, tuple], title: str, filename) -> None:
         lo, hi = (f(np.concatenate([ref, before, after])) for f in (np.min, np.max))
         ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
         ax.set(title=UNITS[key][0], xlabel="label", ylabel="predicted")
+        for axis in (ax.xaxis, ax.yaxis):  # (energies close together have long labels: six ran into each other)
+            axis.set_major_locator(MaxNLocator(4))
         ax.legend(fontsize=8, loc="best")  # (upper left hides what the model over-predicts)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -434,6 +434,7 @@ def _save_results(family: Family, model, settings: Settings, shift: Dict[int, fl
         # the shift the fine-tuned energies need beside the deltas (the merged model holds it)
         e0 = {"e0_shift_ev": json.dumps({str(z): v for z, v in shift.items()})}
         e0.update({"modal": settings.modal} if settings.modal else {})  # (the shift is that fidelity's)
+        e0["base_model"] = str(Path(settings.model).resolve()) if names_a_file(settings.model) else settings.model
         metrics["adapter"] = str(save_adapter(model, out / ADAPTER, extra_metadata=e0))
         metrics["adapter_bytes"] = Path(metrics["adapter"]).stat().st_size
         metrics["adapter_beside"] = [str(f) for f in family.save_beside_adapter(model, Path(metrics["adapter"]))]

@@ -163,7 +163,12 @@ def test_finetune_element_resolved_end_to_end(case, tmp_path, capsys):
     assert main(["report", str(out / "adapter.safetensors")]) == 0
     report = json.loads((out / "adapter.report.json").read_text())
     assert set(report["l_profile"]) <= {"Al", "Cu"} and report["l_profile"]
-    assert "no merged model" in capsys.readouterr().err
+    # which model and method it describes: the run's --model (resolved, a file), sparse and element-resolved
+    assert report["base_model"] == str((case / "tiny.model").resolve())
+    assert report["method"] == "sparse (str, element-resolved)"
+    out_text, err = capsys.readouterr()
+    assert "sparse (str, element-resolved) adapter out/adapter.safetensors of tiny.model: " in out_text
+    assert "no merged model" in err
 
 
 # ---- SevenNet-0 (sevenn venv): its 89 elements, float32 ----

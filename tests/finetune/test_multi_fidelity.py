@@ -118,6 +118,20 @@ def test_modalities_are_refused_in_one_line(frames, pbe_run, tmp_path, capsys):
         adapter_calculator(load_sevennet("7net-mf-0"))
 
 
+def test_the_report_names_the_model_and_its_modality(pbe_run, capsys):
+    """``sparsekern report`` of the run's adapter says which model and fidelity it
+    describes, and names 7net-mf-0 (not SevenNet-0) where the l = 2 question cannot be
+    asked."""
+    out, _ = pbe_run
+    capsys.readouterr()
+    assert main(["report", str(out / "adapter.safetensors")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("sparse (str) adapter pbe/adapter.safetensors of 7net-mf-0, modal PBE: ")
+    assert "the model (7net-mf-0) has no element-indexed path weights" in text and "SevenNet-0" not in text
+    report = json.loads((out / "adapter.report.json").read_text())
+    assert (report["base_model"], report["modal"], report["method"]) == ("7net-mf-0", "PBE", "sparse (str)")
+
+
 def test_a_multi_head_mace_trains_at_its_head(tmp_path, capsys):
     """The same for MACE's heads (per-head readouts, scales, shifts and E0s), in float64."""
     pytest.importorskip("mace")

@@ -25,6 +25,31 @@ def test_parity_data_are_the_labels_and_the_predictions(tmp_path):
     assert (tmp_path / "parity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _saved_figures(monkeypatch) -> list:
+    from matplotlib.figure import Figure
+
+    saved, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), save(fig, *a, **k))[1])
+    return saved
+
+
+def test_parity_tick_labels_do_not_overlap(tmp_path, monkeypatch):
+    """Energies per atom that differ in the fourth decimal (a NiO test set: -5.1969 to
+    -5.1958 eV/atom): the tick labels stay apart (six of them ran into each other)."""
+    figures = _saved_figures(monkeypatch)
+    ref = np.array([-5.19692, -5.19641, -5.19613, -5.19577])
+    data = {"energy": (ref, ref - 5e-4 + np.array([3e-4, -2e-4, 0, 1e-4]), ref - 6e-4),
+            "forces": (np.linspace(-0.4, 0.6, 50), np.linspace(-0.4, 0.6, 50) * 0.9, np.linspace(-0.4, 0.6, 50))}
+    plot_parity(data, "a title", tmp_path / "parity.png")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figures[-1]).get_renderer()  # (closed once saved)
+    for ax in figures[-1].axes:
+        boxes = sorted((t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()),
+                       key=lambda b: b.x0)
+        assert len(boxes) >= 3 and all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:])), ax.get_title()
+
+
 def test_curves_where_the_validation_frames_have_no_stresses(tmp_path):
     """The evaluated set has stress labels and the validation frames none (a split of
     mixed data): the stress panel shows the evaluated set's alone (it raised KeyError,
@@ -59,7 +84,8 @@ def saved(monkeypatch):
 def test_curves_leave_headroom_above_flat_errors(tmp_path, saved):
     """Errors that barely move over a few epochs: each error panel's top lies clear of
     the highest value (its autoscaled top, frozen by a bottom of 0, sat on the zero-shot
-    line and cut the fine-tuned star); the legend names the evaluated set in words."""
+    line and cut the fine-tuned star); the legend names the evaluated set in words; the
+    loss panel's y-axis says it is the loss."""
     from sparsekern.finetune.curves import plot_curves
 
     errors = {"energy_mae_mev_per_atom": 56.53, "force_mae_mev_per_A": 120.02}
@@ -73,6 +99,7 @@ def test_curves_leave_headroom_above_flat_errors(tmp_path, saved):
                                                               pytest.approx(1.08 * 120.04)]
     labels = [t.get_text() for t in saved[0].axes[1].get_legend().get_texts()]
     assert labels.count("validation, zero-shot") == 1  # (the legend's words, not metrics.json's prefixes)
+    assert saved[0].axes[0].get_ylabel().startswith("loss")  # (the loss panel's axis said nothing)
 
 
 def test_curves_set_the_validation_errors_beside_the_base_models(tmp_path, saved):
