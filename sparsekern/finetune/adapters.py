@@ -149,6 +149,20 @@ def wrapper_name(model: torch.nn.Module) -> str:
     return family.name if inner is not None and inner is not model and family is not None else ""
 
 
+def wrapper_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over the names and float64 values of a wrapper's own modules (magnetism's:
+    those an adapter of it is loaded beside), the family's model and the deltas left out."""
+    core = computing_model(model)[0]
+    inside = {id(t) for t in (*core.parameters(), *core.buffers())} | {
+        id(p) for *_, d in delta_slot.iter_deltas(model) for p in d.parameters()}
+    h = hashlib.sha256()
+    for name, t in sorted((*model.named_parameters(), *model.named_buffers()), key=lambda entry: entry[0]):
+        if id(t) not in inside:
+            h.update(name.encode())
+            h.update((t.detach().to("cpu", torch.float64) if t.is_floating_point() else t.detach().cpu()).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _kind(wrapper: str) -> str:
     return f"the base model with its {wrapper} modules" if wrapper else "a plain base model"
 
@@ -161,6 +175,9 @@ def check_base(model: torch.nn.Module, path, metadata: dict, what: str = "this m
     if made_for != found_kind:
         raise ValueError(f"adapter {path} was made for {_kind(made_for)}, but {what} is {_kind(found_kind)}"
                          + (f" (load it with the {made_for} modules the run wrote beside it)" if made_for else ""))
+    if made_for and metadata.get("wrapper_fingerprint", wrapper_fingerprint(model)) != wrapper_fingerprint(model):
+        raise ValueError(f"adapter {path} was made with other {made_for} modules than {what}'s (load it with those "
+                         f"the run wrote beside it)")
     if not patched_layers(model):
         patch(model)
     expected, sketched = metadata.get("fingerprint"), "fingerprint_sketch" in metadata
@@ -310,7 +327,7 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
                 "fingerprint_scope": FINGERPRINT_SCOPE, "fingerprint_sketch": json.dumps(sketch(model)),
                 "config": json.dumps(config.to_dict() if config is not None else None), **own}
     if wrapper_name(model):
-        metadata["wrapper"] = wrapper_name(model)
+        metadata.update(wrapper=wrapper_name(model), wrapper_fingerprint=wrapper_fingerprint(model))
     clash = set(metadata) & set(extra_metadata or {})
     if clash:
         raise ValueError(f"save_adapter: extra_metadata may not set the adapter's own keys {sorted(clash)}")

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..magnetism.family import MagneticFamily
-from ..magnetism.fit import STRAINS, normal_equations, solve, zero_outputs
+from ..magnetism.fit import normal_equations, prior_rows, prior_weight, solve, zero_outputs
 from ..magnetism.loss import labelled_count
 from .evaluation import Sample, evaluation_size, outputs, shared_batches
 from .weights import entry_weights, weighted
@@ -40,11 +40,10 @@ def fit_magnetic_energy(family, model, samples: Sequence[Sample], settings, grou
             yield graphs, targets, i * evaluation_size(settings), weights
 
     model.eval()
-    # the strain prior (magnetism/fit.py) at the energies' weight
     weights = {"energy": settings.energy_weight, "forces": settings.forces_weight,
-               "magforces": settings.magforces_weight, "stress": settings.stress_weight,
-               "strain": settings.energy_weight}
+               "magforces": settings.magforces_weight, "stress": settings.stress_weight}
     counts = {"energy": len(samples), "forces": 3 * sum(s.natoms for s in samples),
               "magforces": sum(labelled_count(s.magforces) for s in samples if s.magforces is not None),
-              "stress": 9 * sum(s.stress is not None for s in samples), "strain": len(STRAINS) * len(samples)}
+              "stress": 9 * sum(s.stress is not None for s in samples), "strain": prior_rows(len(samples))}
+    weights["strain"] = prior_weight(weights)
     return solve(model.energy, group.sum(normal_equations(model.energy, parts(), counts)), weights)

@@ -43,6 +43,9 @@ def read_splits(settings: Settings) -> Splits:
         raise ValueError(f"{settings.flag('stress_weight')}: no training frame has a stress under "
                          f"{settings.stress_key!r} or virials under {settings.virials_key!r}{held} (use --stress_key "
                          f"or --virials_key to name them)")
+    if settings.magmom_key and not any(f.magmom.any() for f in train):
+        raise ValueError(f"--magmom_key {settings.magmom_key!r}: every training frame's moments are 0, where the "
+                         f"magnetic energy and its derivatives vanish: nothing magnetic to fit")
     missing = {int(z) for f in test + valid for z in f.atoms.numbers} - {int(z) for f in train for z in f.atoms.numbers}
     if missing:
         raise ValueError(f"test/valid data hold elements absent from the training data: {sorted(missing)} "

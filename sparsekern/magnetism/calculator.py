@@ -8,6 +8,7 @@ moments, -dE/dm has no other)."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +35,10 @@ class MagneticCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         collinear = self.atoms.get_initial_magnetic_moments().ndim == 1
+        if not self.atoms.get_initial_magnetic_moments().any():
+            warnings.warn("MagneticCalculator: the atoms' initial magnetic moments are all 0, where the magnetic "
+                          "energy vanishes: this is the base model's energy (set the moments with "
+                          "atoms.set_initial_magnetic_moments)", stacklevel=2)
         if self.energy.spin_orbit:
             check_spin_axis(self.atoms.get_initial_magnetic_moments(), "MagneticCalculator: the initial moments")
         plain = self.atoms.copy()

@@ -240,7 +240,8 @@ def test_compressed_frames_have_the_neighbours_that_come_within_the_cutoff():
 
 def test_a_spin_orbit_calculator_takes_atoms_without_moments():
     """ASE's moments of a structure that has none are zeros (n,): no magnetism, not
-    collinear moments, so E_mag (0 at m = 0) adds nothing."""
+    collinear moments, so E_mag (0 at m = 0) adds nothing, and a warning says so (a
+    user who forgot the moments gets the base model's energy)."""
     from ase.build import bulk
     from ase.calculators.emt import EMT
 
@@ -250,4 +251,6 @@ def test_a_spin_orbit_calculator_takes_atoms_without_moments():
     atoms.calc = MagneticCalculator(EMT(), random_module(spin_orbit=True))
     plain = atoms.copy()
     plain.calc = EMT()
-    assert atoms.get_potential_energy() == pytest.approx(plain.get_potential_energy(), abs=1e-12)
+    with pytest.warns(UserWarning, match="initial magnetic moments are all 0.*the base model's energy"):
+        energy = atoms.get_potential_energy()
+    assert energy == pytest.approx(plain.get_potential_energy(), abs=1e-12)

@@ -97,10 +97,10 @@ def test_folds_are_one_process_s_in_any_number_of_processes():
 def test_strain_prior_rows_are_e_mag_s_change_under_the_strains():
     """The prior's term of the normal equations, at any parameters, is the mean square of
     E_mag's change per atom under each of STRAINS over the periodic frames (a molecule
-    in the batch adds none), over counts["strain"]."""
+    in the batch adds none), with their moments and turned parallel, over counts["strain"]."""
     from ase import Atoms
 
-    from sparsekern.magnetism.fit import STRAINS, TERMS, _assign, n_linear
+    from sparsekern.magnetism.fit import STRAINS, TERMS, _assign, ferromagnetic, n_linear
 
     module = random_module()
     zero_outputs(module)
@@ -113,10 +113,12 @@ def test_strain_prior_rows_are_e_mag_s_change_under_the_strains():
     theta = torch.randn(n_linear(module), dtype=torch.float64)
     phi = torch.cat([theta, torch.zeros(system.shape[-1] - 1 - len(theta), dtype=torch.float64)])
     _assign(module, theta)
+    aligned = ferromagnetic(batch)
+    assert torch.allclose(aligned.moments.norm(dim=1), batch.moments.norm(dim=1)) and (aligned.moments[:, :2] == 0).all()
     with torch.no_grad():
-        e = module(batch, batch.positions, batch.moments)
         natoms = torch.bincount(batch.frame).double()
-        want = sum(float((((module.strained(batch, s) - e) / natoms)[:3] ** 2).sum()) for s in STRAINS) / 7
+        want = sum(float((((module.strained(b, s) - module(b, b.positions, b.moments)) / natoms)[:3] ** 2).sum())
+                   for b in (batch, aligned) for s in STRAINS) / 7
     got = float(phi @ system[:, TERMS.index("strain")].sum(0)[:-1, :-1] @ phi)
     assert got == pytest.approx(want, rel=1e-10) and want > 0
 

@@ -227,8 +227,8 @@ def test_magnetic_stresses_are_the_base_and_e_mag_and_train(files, tmp_path, cap
 
 def test_adapter_with_magnetic_modules_reproduces_the_run(files, capsys):
     """The run's adapter (the base's deltas) goes onto the base wrapped with the stored
-    magnetic modules and reproduces the merged model; a plain base refuses it, and a base
-    with magnetic modules refuses a plain run's adapter. ``sparsekern report --model``
+    magnetic modules and reproduces the merged model; a plain base refuses it, so do
+    other magnetic modules, and a base with magnetic modules refuses a plain run's adapter. ``sparsekern report --model``
     checks it against the base with the modules written beside it (it refused: the
     command had no way to give them), and says so where they are missing."""
     from ase.io import read
@@ -268,8 +268,13 @@ def test_adapter_with_magnetic_modules_reproduces_the_run(files, capsys):
     with pytest.raises(ValueError, match="made for a plain base model, but this model is the base model with its "
                                          "magnetic modules"):
         load_adapter(family.load(spec, "cpu"), plain / "adapter.safetensors")
-    model = MagneticModel(family.base.load(spec, "cpu"), *load_magnetic(next(out.glob("*.magnetic.safetensors")),
-                                                                        "cpu"))
+    stored = next(out.glob("*.magnetic.safetensors"))
+    other = MagneticModel(family.base.load(spec, "cpu"), *load_magnetic(stored, "cpu"))
+    with torch.no_grad():
+        other.energy.onsite[-1].bias.add_(1e-3)  # another run's modules
+    with pytest.raises(ValueError, match="was made with other magnetic modules than this model's"):
+        load_adapter(other, out / "adapter.safetensors")
+    model = MagneticModel(family.base.load(spec, "cpu"), *load_magnetic(stored, "cpu"))
     load_adapter(model, out / "adapter.safetensors")
     atoms = read(files / "test.xyz", "0")
     atoms.set_initial_magnetic_moments(atoms.arrays["REF_magmom"])
@@ -588,6 +593,8 @@ def _bad(frames, case):
             a.arrays["h"] = a.arrays["h"][:, :2].copy()
         elif case == "collinear magforces":
             a.arrays["m"], a.arrays["h"] = np.outer(m, [0.0, 0.6, 0.8]), 0.1 * m
+        elif case == "all zero":
+            a.arrays["m"] = np.zeros_like(m)
         broken.append(a)
     return broken
 
@@ -612,6 +619,8 @@ BAD = [  # (case, flags, what the one-line error says)
     ("collinear moments", ["--magmom_key", "m", "--spin_orbit"],
      "frame 0: moments 'm' are collinear scalars, but --spin_orbit's terms couple the moments' directions"),
     ("no moments", ["--magforces_key", "h"], "need --magmom_key"),
+    ("all zero", ["--magmom_key", "m", "--predict_magmom"],
+     "--magmom_key 'm': every training frame's moments are 0, where the magnetic energy and its derivatives vanish"),
 ]
 
 
