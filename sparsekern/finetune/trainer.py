@@ -428,7 +428,19 @@ def _selection(progress: checkpoint.Progress, settings: Settings) -> dict:
 def _save_results(family: Family, model, settings: Settings, shift: Dict[int, float], held_s: Sequence[Sample],
                   held: Sequence[Frame], metrics: dict) -> None:
     """The adapter (methods that train deltas), the merged model and its check (on the
-    first frame of the evaluated set: ``held_s``, ``held``)."""
+    first frame of the evaluated set: ``held_s``, ``held``); where writing fails, the
+    adapter's files go again (a rerun would take a lone adapter for another run's)."""
+    try:
+        _save_adapter_and_merged(family, model, settings, shift, held_s, held, metrics)
+    except BaseException:
+        for f in [metrics.get("adapter"), *metrics.get("adapter_beside", [])]:
+            if f:
+                Path(f).unlink(missing_ok=True)
+        raise
+
+
+def _save_adapter_and_merged(family: Family, model, settings: Settings, shift: Dict[int, float],
+                             held_s: Sequence[Sample], held: Sequence[Frame], metrics: dict) -> None:
     out = Path(settings.out)
     if delta_slot.has_deltas(model):
         # the shift the fine-tuned energies need beside the deltas (the merged model holds it)

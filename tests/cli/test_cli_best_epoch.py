@@ -179,3 +179,23 @@ def test_a_result_worse_than_the_base_is_named_without_validation(files, tmp_pat
     assert m["training_loss_diverged"] == (f"epoch 2's mean training loss ({losses[1]:.4g}) is over 10x epoch 1's "
                                            f"({losses[0]:.4g})")
     assert f"warning: the training loss diverged: {m['training_loss_diverged']} (a lower --lr may help)" in err
+
+
+def test_a_failed_export_leaves_no_lone_adapter_and_the_rerun_finishes(files, tmp_path, monkeypatch, capsys):
+    """Writing the merged model failed after the adapter was written (a review: a SevenNet
+    checkpoint of older names): the adapter went too, so the rerun of the same command
+    resumes from the checkpoint and finishes (a lone adapter was taken for another run's)."""
+    from sparsekern.integrations.mace.family import MaceFamily
+
+    out = tmp_path / "out"
+
+    def broken(*args, **kwargs):
+        raise ValueError("export failed")
+
+    with monkeypatch.context() as m:
+        m.setattr(MaceFamily, "export", broken)
+        assert _run(files, out, epochs=1, valid=False) == 2
+    assert "export failed" in capsys.readouterr().err
+    assert not (out / "adapter.safetensors").exists() and not (out / "metrics.json").exists()
+    assert _run(files, out, epochs=1, valid=False) == 0
+    assert (out / "adapter.safetensors").exists() and _metrics(out)["merged_model"]

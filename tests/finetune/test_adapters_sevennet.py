@@ -109,3 +109,20 @@ def test_evaluation_runs_frozen(monkeypatch):
     assert errors.force_mae_mev_per_A > 0
     assert seen == [False, False]  # two batches, both frozen
     assert [p.requires_grad for p in model.parameters()] == trainable
+
+
+def test_a_checkpoint_of_older_names_exports(tmp_path):
+    """7net-0_22May2024 stores its weights under names sevenn renames as it loads: the
+    merged model is written against those (the export refused it after the whole run)."""
+    from sevenn.calculator import SevenNetCalculator
+
+    family = family_for("7net-0_22May2024")
+    model = sparsekern.patch(family.load("7net-0_22May2024", "cpu"))
+    path = family.export(model, {}, tmp_path / "merged.pth", "7net-0_22May2024")
+    atoms = bulk("Si", "diamond", a=5.43) * (2, 1, 1)
+    atoms.rattle(0.05, seed=0)
+    energies = []
+    for spec in ("7net-0_22May2024", str(path)):
+        atoms.calc = SevenNetCalculator(spec, device="cpu")
+        energies.append(atoms.get_potential_energy())
+    assert energies[1] == pytest.approx(energies[0], abs=1e-4)

@@ -132,9 +132,11 @@ class SevenNetFamily(Family):
         from sevenn import util
 
         self.fold_shift(merged, shift)
-        checkpoint = util.load_checkpoint(spec).get_checkpoint_dict()
-        state = merged.state_dict()
-        if set(state) != set(checkpoint["model_state_dict"]):
+        stored = util.load_checkpoint(spec)
+        checkpoint, state = stored.get_checkpoint_dict(), merged.state_dict()
+        # (against the model sevenn builds from it: an older checkpoint's names, such as
+        # 7net-0_22May2024's, are renamed as it loads)
+        if set(state) != set(stored.build_model().state_dict()):
             raise ValueError("SevenNet export: the fine-tuned model's parameters do not match the base checkpoint's")
         checkpoint.update(model_state_dict=state, optimizer_state_dict={}, scheduler_state_dict={})
         # the state is in this sevenn's layout: an older version tag would make the loader
