@@ -430,6 +430,9 @@ def _finetune(args) -> int:
         if metrics.get("training_loss_diverged"):
             print(f"warning: the training loss diverged: {metrics['training_loss_diverged']} (a lower --lr may help)",
                   file=sys.stderr)
+        if metrics.get("untrained_elements"):
+            print(f"warning: the test/validation frames hold atomic numbers {metrics['untrained_elements']} that no "
+                  f"training frame holds: their energies keep the base model's per-element reference", file=sys.stderr)
         if metrics.get("isolated_atoms_set_aside"):
             print(f"warning: {_isolated(metrics['isolated_atoms_set_aside'], metrics['settings']['e0s'])}",
                   file=sys.stderr)

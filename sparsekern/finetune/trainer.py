@@ -60,7 +60,7 @@ from .parity import parity_data, plot_parity
 from .precompile import precompile_run
 from .preemption import Preempted, deferred
 from .settings import Settings
-from .splits import Splits, e0s_rule, read_splits
+from .splits import Splits, e0s_rule, read_splits, untrained_elements
 from .statistics import stats
 
 
@@ -398,6 +398,7 @@ def _metrics(settings: Settings, family: Family, frames, shift: Dict[int, float]
                                          for split, atoms in isolated.items()}} if isolated else {}),
         "settings": asdict(settings), "identity": settings.identity(),  # (what a rerun in the folder is checked by)
         "n_train": len(train), "n_valid": len(valid), "n_test": len(test),
+        "untrained_elements": untrained_elements(train, [*valid, *test]),
         # frames whose errors are not held out: named by the CLI
         "test_frames_in_train": shared_frames(test, train), "valid_frames_in_train": shared_frames(valid, train),
         **({"valid_indices_in_train": valid_indices(len(train) + len(valid), settings.valid_fraction, settings.seed)}

@@ -199,3 +199,22 @@ def test_a_failed_export_leaves_no_lone_adapter_and_the_rerun_finishes(files, tm
     assert not (out / "adapter.safetensors").exists() and not (out / "metrics.json").exists()
     assert _run(files, out, epochs=1, valid=False) == 0
     assert (out / "adapter.safetensors").exists() and _metrics(out)["merged_model"]
+
+
+def test_test_elements_the_training_lacks_keep_the_base_reference(files, tmp_path, capsys):
+    """Test frames may hold an element the training frames lack (tune on one material,
+    look at another): they are evaluated, their energies at the base's reference, and a
+    warning names the element (it was refused)."""
+    from ase.io import read, write
+
+    train = read(files / "train.xyz", ":")
+    for a in train:
+        a.numbers[:] = 29  # Cu only (the labels stay: a smoke test of the split)
+    write(tmp_path / "cu.xyz", train)
+    out = tmp_path / "out"
+    assert main(["finetune", "--model", str(files / "tiny.model"), "--train", str(tmp_path / "cu.xyz"),
+                 "--test", str(files / "test.xyz"), "--method", "sparse", "--epochs", "1", "--E0s", "foundation",
+                 "--out", str(out), "--no_progress"]) == 0
+    assert "test/validation frames hold atomic numbers [13] that no training frame holds" in capsys.readouterr().err
+    m = _metrics(out)
+    assert m["untrained_elements"] == [13] and m["test_energy_mae_mev_per_atom"] >= 0
