@@ -30,6 +30,7 @@ from ..paths import WeightGroup
 from ..patching import check_module, patch, patched_layers
 from .config import SparseConfig
 from .delta import FixedDelta
+from .density import settle
 from .lifecycle import attach_targets, delta_targets, prepare, target_groups
 from .methods import LORA_ADAPTER, SPARSE_ADAPTER, adapter_format
 from .statistics import element_labels
@@ -159,7 +160,8 @@ def wrapper_fingerprint(model: torch.nn.Module) -> str:
     for name, t in sorted((*model.named_parameters(), *model.named_buffers()), key=lambda entry: entry[0]):
         if id(t) not in inside:
             h.update(name.encode())
-            h.update((t.detach().to("cpu", torch.float64) if t.is_floating_point() else t.detach().cpu()).numpy().tobytes())
+            t = t.detach().to("cpu", torch.float64) if t.is_floating_point() else t.detach().cpu()
+            h.update(t.numpy().tobytes())
     return h.hexdigest()
 
 
@@ -306,6 +308,7 @@ def save_adapter(model: torch.nn.Module, path, extra_metadata: Optional[Dict[str
            if not (isinstance(k, str) and isinstance(v, str))}
     if bad:
         raise TypeError(f"save_adapter: extra_metadata maps strings to strings (safetensors' metadata), got {bad}")
+    settle(model)  # (after a user's optimizer step the thresholds are off the density's target)
     deltas = list(delta_slot.iter_deltas(model))
     if not deltas:
         raise ValueError(no_deltas(model, "save_adapter"))

@@ -49,6 +49,7 @@ def calibrate_density(model: torch.nn.Module, density: Optional[float] = None) -
     else:  # on the scores' device: no copy to the host, no sync (run before every step)
         shift = split_point(scores, scores.numel() - keep)  # `keep` scores lie above
     torch._foreach_copy_([d.tau_shift for d in deltas], [shift] * len(deltas))
+    deltas[0]._settled = _stamp(deltas)
 
 
 def calibrate_to_schedule(model: torch.nn.Module) -> None:
@@ -58,6 +59,25 @@ def calibrate_to_schedule(model: torch.nn.Module) -> None:
     deltas = _thresholded(model)
     if deltas:
         calibrate_density(model, scheduled_density(delta_slot.config_of(model), deltas[0].steps))
+
+
+def settle(model: torch.nn.Module) -> None:
+    """:func:`calibrate_to_schedule` where a delta's values or thresholds changed since the
+    density was last set: the forward that sets it comes before its optimizer step, so a
+    user's training loop left the model off target (about 1.5x the density) for what
+    came next. Run before a model's forward that is not a training step, and by
+    ``save_adapter``, ``merge`` and ``stats``."""
+    deltas = _thresholded(model)
+    if not deltas or torch.compiler.is_compiling() or (
+            torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return
+    if getattr(deltas[0], "_settled", None) != _stamp(deltas):
+        calibrate_to_schedule(model)
+
+
+def _stamp(deltas) -> tuple:
+    """What the density was set from: the deltas' values and thresholds, by version."""
+    return tuple(t._version for d in deltas for t in (d.v, d.log_tau))
 
 
 def split_point(values: torch.Tensor, k: int, by_sort: Optional[bool] = None) -> torch.Tensor:
@@ -91,6 +111,8 @@ def _steer_density(model: torch.nn.Module, module: torch.nn.Module, args) -> Non
             d.steps += 1
         if not torch.compiler.is_compiling():  # (its stamps read data pointers; compiled, one at a time)
             prepare_values(deltas)
+    else:
+        settle(model)
 
 
 def schedule_step(model: torch.nn.Module) -> int:

@@ -18,7 +18,7 @@ from ..paths import WeightGroup
 from ..patching import check_module, patch, patched_layers
 from .config import SparseConfig
 from .delta import Delta, FixedDelta, LoRADelta, ThresholdDelta, counted
-from .density import steer
+from .density import settle, steer
 from .methods import MODES
 from .saliency import attach_salient, fisher_scores
 
@@ -193,6 +193,7 @@ def merge(model: torch.nn.Module) -> torch.nn.Module:
     reason = unmergeable(model)
     if reason:
         raise ValueError(f"merge: {reason}")
+    settle(model)  # (after a user's optimizer step the thresholds are off the density's target)
     for _, layer, param, delta in delta_slot.iter_deltas(model):
         if delta.merged:
             continue

@@ -13,6 +13,7 @@ from ..delta_slot import Delta
 from ..integrations import computing_model
 from ..paths import WeightGroup
 from ..patching import patched_layers
+from .density import settle
 from .lifecycle import target_groups
 
 
@@ -111,6 +112,7 @@ def stats(model: torch.nn.Module) -> dict:
     weights the deltas' config lets them change (not the radial MLPs' where it leaves
     them out, nor the per-element ones of elements outside its ``elements``), as an
     adapter counts them."""
+    settle(model)  # (after a user's optimizer step the thresholds are off the density's target)
     entries = []
     config = delta_slot.config_of(model)
     absent = absent_labels(config.elements if config is not None else None)

@@ -114,7 +114,8 @@ def test_strain_prior_rows_are_e_mag_s_change_under_the_strains():
     phi = torch.cat([theta, torch.zeros(system.shape[-1] - 1 - len(theta), dtype=torch.float64)])
     _assign(module, theta)
     aligned = ferromagnetic(batch)
-    assert torch.allclose(aligned.moments.norm(dim=1), batch.moments.norm(dim=1)) and (aligned.moments[:, :2] == 0).all()
+    assert torch.allclose(aligned.moments.norm(dim=1), batch.moments.norm(dim=1))
+    assert (aligned.moments[:, :2] == 0).all()
     with torch.no_grad():
         natoms = torch.bincount(batch.frame).double()
         want = sum(float((((module.strained(b, s) - module(b, b.positions, b.moments)) / natoms)[:3] ** 2).sum())

@@ -228,9 +228,10 @@ def test_magnetic_stresses_are_the_base_and_e_mag_and_train(files, tmp_path, cap
 def test_adapter_with_magnetic_modules_reproduces_the_run(files, capsys):
     """The run's adapter (the base's deltas) goes onto the base wrapped with the stored
     magnetic modules and reproduces the merged model; a plain base refuses it, so do
-    other magnetic modules, and a base with magnetic modules refuses a plain run's adapter. ``sparsekern report --model``
-    checks it against the base with the modules written beside it (it refused: the
-    command had no way to give them), and says so where they are missing."""
+    other magnetic modules, and a base with magnetic modules refuses a plain run's adapter.
+    ``sparsekern report --model`` checks it against the base with the modules written
+    beside it (it refused: the command had no way to give them), and says so where they
+    are missing."""
     from ase.io import read
 
     from sparsekern.finetune import adapter_calculator, disable_adapter
