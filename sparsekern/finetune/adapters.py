@@ -177,7 +177,7 @@ def check_base(model: torch.nn.Module, path, metadata: dict, what: str = "this m
     if made_for != found_kind:
         raise ValueError(f"adapter {path} was made for {_kind(made_for)}, but {what} is {_kind(found_kind)}"
                          + (f" (load it with the {made_for} modules the run wrote beside it)" if made_for else ""))
-    if made_for and metadata.get("wrapper_fingerprint", wrapper_fingerprint(model)) != wrapper_fingerprint(model):
+    if made_for and metadata.get("wrapper_fingerprint") not in (None, wrapper_fingerprint(model)):
         raise ValueError(f"adapter {path} was made with other {made_for} modules than {what}'s (load it with those "
                          f"the run wrote beside it)")
     if not patched_layers(model):

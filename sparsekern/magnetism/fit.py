@@ -11,8 +11,8 @@ the fit holds them, small steps on the hidden layers undo it.
 
 A prior keeps the volume and shape dependence the base model has: E_mag's change under a few
 small strains of each periodic frame (``STRAINS``, its own neighbours), per atom, is fitted to 0,
-with the frame's moments and with them all turned parallel (``ferromagnetic``), at a weight
-above every term's (``PRIOR``). Without it nothing constrains that dependence where the
+with the frame's moments and with them all turned parallel (``ferromagnetic``), at the
+largest term's weight (``PRIOR``). Without it nothing constrains that dependence where the
 training frames share one cell: with |m| near constant, the on-site terms of the
 environment act as a free potential, and a review's fit on FCC Fe at one lattice constant
 changed the energy by far more at 2 % strain than the data's spread (benchmarks/magnetic_eos.py).
