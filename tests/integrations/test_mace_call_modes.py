@@ -53,21 +53,31 @@ def test_inference_mode_first_then_autograd():
 
 def test_a_model_prepared_for_fine_tuning_under_inference_mode():
     """Frozen base weights beside trainable deltas: what the layers derive from both
-    (the delta's value is an inference tensor there) is built afresh, as under no_grad."""
+    (the delta's value is an inference tensor there) is built afresh, as under no_grad;
+    the density, set again where the deltas moved, is set alike under inference_mode."""
     from sparsekern.finetune import SparseConfig
+    from sparsekern.finetune.density import set_schedule_step
 
     plain = _model()
     batch = _batch(plain)
-    model = sparsekern.prepare(sparsekern.patch(copy.deepcopy(plain), backend="torch"), SparseConfig(density=0.05))
+    models = []
+    for _ in range(2):
+        model = sparsekern.prepare(sparsekern.patch(copy.deepcopy(plain), backend="torch"), SparseConfig(density=0.05))
+        set_schedule_step(model, 1)  # past the first step: at the target density
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.01 * torch.randn_like(p))
+        models.append(model)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.01 * torch.randn_like(p))
-        want = _call(model, batch, training=False, compute_force=False)["energy"]
-    with torch.inference_mode():
-        got = _call(model, batch, training=False, compute_force=False)["energy"]
-    assert torch.allclose(got, want, rtol=1e-12, atol=0) and not torch.allclose(want, _call(
-        plain, batch, training=False, compute_force=False)["energy"].detach(), rtol=1e-9, atol=0)
+        want = _call(models[0], batch, training=False, compute_force=False)["energy"]
+    for model in models:
+        with torch.inference_mode():
+            got = _call(model, batch, training=False, compute_force=False)["energy"]
+        assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    assert not torch.allclose(want, _call(plain, batch, training=False, compute_force=False)["energy"].detach(),
+                              rtol=1e-9, atol=0)
 
 
 def test_a_prepared_model_in_mace_s_calculator_is_not_trained_by_its_calls():
