@@ -106,7 +106,7 @@ def _apply_method(model, settings: Settings, family: Family, train_s: Sequence[S
             p.requires_grad_(True)
         return model
     mode = settings.mode if settings.mode in modes else modes[0]
-    resolved = dict(elements=tuple(numbers), **({"element_resolved": True} if settings.element_resolved else {}))
+    resolved = dict(elements=tuple(numbers), element_resolved=settings.element_resolved)
     if mode == "lora":
         config = SparseConfig(mode="lora", lora_rank=settings.lora_rank, seed=settings.seed, **resolved)
     else:
